@@ -1,0 +1,295 @@
+//! Per-proxy snapshot cache with content-derived versions and encoded-once resources.
+//!
+//! Adapters hand the cache already-encoded resources; the cache does not know which data plane
+//! they are for. A resource's version is a hash of its bytes and a type's version is a hash of its
+//! names and resource versions, so the same configuration gets the same versions in every
+//! controller replica and across restarts: a reconnecting proxy that already has them gets nothing
+//! resent. Streams learn about new snapshots through a `watch` channel, which coalesces bursts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// A resource type URL (`type.googleapis.com/envoy.config.cluster.v3.Cluster`, …).
+pub type TypeUrl = &'static str;
+
+/// Content hash used for every version: 16 hex digits of XXH3-64.
+pub fn content_version(parts: &[&[u8]]) -> Arc<str> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for part in parts {
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    Arc::from(format!("{:016x}", hasher.digest()))
+}
+
+/// One encoded resource, shared by reference between snapshots and streams.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: Arc<str>,
+    pub version: Arc<str>,
+    /// The serialized message (what goes into `Any.value`).
+    pub body: Bytes,
+}
+
+impl Resource {
+    pub fn new(name: impl Into<Arc<str>>, body: impl Into<Bytes>) -> Self {
+        let body = body.into();
+        Resource { name: name.into(), version: content_version(&[&body]), body }
+    }
+}
+
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Resource({} @ {}, {} bytes)", self.name, self.version, self.body.len())
+    }
+}
+
+/// All resources of one type for one proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeSnapshot {
+    version: Arc<str>,
+    resources: BTreeMap<Arc<str>, Arc<Resource>>,
+}
+
+impl TypeSnapshot {
+    pub fn new(resources: impl IntoIterator<Item = Resource>) -> Self {
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> =
+            resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
+        let version = Self::version_of(resources.values().map(|r| &**r));
+        TypeSnapshot { version, resources }
+    }
+
+    /// The version of a set of resources: what a state-of-the-world response carrying exactly
+    /// them is labelled with.
+    pub fn version_of<'a>(resources: impl Iterator<Item = &'a Resource>) -> Arc<str> {
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for r in resources {
+            parts.push(r.name.as_bytes());
+            parts.push(r.version.as_bytes());
+        }
+        content_version(&parts)
+    }
+
+    pub fn version(&self) -> &Arc<str> {
+        &self.version
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        self.resources.get(name)
+    }
+
+    pub fn resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.resources.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.resources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.resources.is_empty()
+    }
+}
+
+/// Everything one proxy should have, per type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    types: BTreeMap<TypeUrl, TypeSnapshot>,
+}
+
+impl Snapshot {
+    pub fn new(types: impl IntoIterator<Item = (TypeUrl, Vec<Resource>)>) -> Self {
+        Snapshot { types: types.into_iter().map(|(t, rs)| (t, TypeSnapshot::new(rs))).collect() }
+    }
+
+    /// Resources of `type_url`; an empty set for a type the adapter did not produce.
+    pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
+        self.types.get(type_url)
+    }
+
+    pub fn versions(&self) -> BTreeMap<TypeUrl, Arc<str>> {
+        self.types.iter().map(|(t, s)| (*t, s.version.clone())).collect()
+    }
+}
+
+/// Identifies one proxy: its UUID from the node id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ProxyKey(pub Arc<str>);
+
+impl fmt::Display for ProxyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a stream reports back about one type, for `/debug` and `fsm proxy status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncEvent {
+    Sent { version: Arc<str>, nonce: Arc<str> },
+    Acked { version: Arc<str> },
+    Nacked { version: Arc<str>, error: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TypeStatus {
+    /// Version of the whole type in the proxy's current snapshot.
+    pub snapshot_version: Option<Arc<str>>,
+    pub sent_version: Option<Arc<str>>,
+    pub acked_version: Option<Arc<str>>,
+    pub nacked_version: Option<Arc<str>>,
+    pub last_nack_error: Option<String>,
+    pub responses_sent: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub connected_streams: usize,
+    pub types: BTreeMap<TypeUrl, TypeStatus>,
+}
+
+struct Entry {
+    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    status: ProxyStatus,
+}
+
+impl Entry {
+    fn new() -> Self {
+        Entry { snapshot: watch::Sender::new(None), status: ProxyStatus::default() }
+    }
+}
+
+/// The per-proxy snapshot store shared by the controller (writer) and the ADS streams (readers).
+#[derive(Default)]
+pub struct SnapshotCache {
+    entries: RwLock<HashMap<ProxyKey, Entry>>,
+}
+
+impl SnapshotCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores a proxy's snapshot and wakes its streams. Returns false, and wakes nobody, when the
+    /// content is unchanged.
+    pub fn set(&self, key: &ProxyKey, snapshot: Snapshot) -> bool {
+        let mut entries = self.entries.write();
+        let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
+        let versions = snapshot.versions();
+        let snapshot = Arc::new(snapshot);
+        let changed = entry.snapshot.send_if_modified(|current| {
+            if current.as_deref() == Some(&*snapshot) {
+                return false;
+            }
+            *current = Some(snapshot.clone());
+            true
+        });
+        for (type_url, status) in entry.status.types.iter_mut() {
+            status.snapshot_version = versions.get(type_url).cloned();
+        }
+        for (type_url, version) in versions {
+            entry.status.types.entry(type_url).or_default().snapshot_version = Some(version);
+        }
+        changed
+    }
+
+    pub fn get(&self, key: &ProxyKey) -> Option<Arc<Snapshot>> {
+        self.entries.read().get(key).and_then(|e| e.snapshot.borrow().clone())
+    }
+
+    /// A receiver that sees the proxy's current snapshot and every later one.
+    pub fn subscribe(&self, key: &ProxyKey) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        let mut entries = self.entries.write();
+        let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
+        entry.status.connected_streams += 1;
+        entry.snapshot.subscribe()
+    }
+
+    /// Called when a stream of the proxy ends; forgets the proxy once no stream is left.
+    pub fn unsubscribe(&self, key: &ProxyKey) {
+        let mut entries = self.entries.write();
+        if let Some(entry) = entries.get_mut(key) {
+            entry.status.connected_streams = entry.status.connected_streams.saturating_sub(1);
+            if entry.status.connected_streams == 0 {
+                entries.remove(key);
+            }
+        }
+    }
+
+    /// Proxies with at least one open stream.
+    pub fn connected(&self) -> Vec<ProxyKey> {
+        let mut keys: Vec<ProxyKey> =
+            self.entries.read().iter().filter(|(_, e)| e.status.connected_streams > 0).map(|(k, _)| k.clone()).collect();
+        keys.sort();
+        keys
+    }
+
+    pub fn record(&self, key: &ProxyKey, type_url: TypeUrl, event: SyncEvent) {
+        let mut entries = self.entries.write();
+        let Some(entry) = entries.get_mut(key) else { return };
+        let status = entry.status.types.entry(type_url).or_default();
+        match event {
+            SyncEvent::Sent { version, .. } => {
+                status.sent_version = Some(version);
+                status.responses_sent += 1;
+            }
+            SyncEvent::Acked { version } => {
+                status.acked_version = Some(version);
+            }
+            SyncEvent::Nacked { version, error } => {
+                status.nacked_version = Some(version);
+                status.last_nack_error = Some(error);
+            }
+        }
+    }
+
+    pub fn status(&self) -> BTreeMap<ProxyKey, ProxyStatus> {
+        self.entries.read().iter().map(|(k, e)| (k.clone(), e.status.clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: TypeUrl = "type.example/T";
+
+    fn snap(body: &'static [u8]) -> Snapshot {
+        Snapshot::new([(T, vec![Resource::new("a", body)])])
+    }
+
+    #[test]
+    fn versions_are_content_derived() {
+        assert_eq!(snap(b"x"), snap(b"x"));
+        assert_eq!(snap(b"x").versions(), snap(b"x").versions());
+        assert_ne!(snap(b"x").versions(), snap(b"y").versions());
+        let renamed = Snapshot::new([(T, vec![Resource::new("b", &b"x"[..])])]);
+        assert_ne!(snap(b"x").versions(), renamed.versions(), "the name is part of the type version");
+    }
+
+    #[tokio::test]
+    async fn set_wakes_subscribers_only_on_change() {
+        let cache = SnapshotCache::new();
+        let key = ProxyKey("p".into());
+        let mut rx = cache.subscribe(&key);
+        assert!(cache.set(&key, snap(b"x")));
+        assert!(rx.has_changed().expect("open"));
+        rx.borrow_and_update();
+        assert!(!cache.set(&key, snap(b"x")));
+        assert!(!rx.has_changed().expect("open"));
+        assert_eq!(cache.connected(), vec![key.clone()]);
+        cache.record(&key, T, SyncEvent::Acked { version: "v".into() });
+        assert_eq!(cache.status()[&key].types[T].acked_version.as_deref(), Some("v"));
+        cache.unsubscribe(&key);
+        assert!(cache.connected().is_empty());
+        assert!(cache.get(&key).is_none(), "a disconnected proxy is forgotten");
+    }
+}

@@ -1,0 +1,29 @@
+//! Typed, indexed store of the mesh objects the compiler reads.
+//!
+//! Sources (the manifest directory today, Kubernetes watchers later) turn the outside world into
+//! [`MeshObject`]s and feed them to [`Catalog::apply`] / [`Catalog::delete`]. The catalog keeps the
+//! indexes the compiler needs (pods by proxy UUID and by IP, endpoint slices by service) and
+//! answers the compiler's questions; it never does I/O.
+
+mod decode;
+mod event;
+mod mesh_config;
+mod object;
+mod store;
+
+pub use decode::{DecodeError, decode_manifests, parse_duration};
+pub use event::CatalogEvent;
+pub use mesh_config::{MeshConfig, MeshConfigSpec};
+pub use object::{Kind, MeshObject, ObjectKey};
+pub use store::{Catalog, CatalogSettings, ResolvedEndpoint};
+
+/// Namespace label that puts a namespace under a mesh's control.
+pub const MONITORED_BY_LABEL: &str = "flomesh.io/monitored-by";
+/// Pod/namespace annotation that turns sidecar injection on or off.
+pub const SIDECAR_INJECTION_ANNOTATION: &str = "flomesh.io/sidecar-injection";
+/// Pod label carrying the proxy UUID that appears in the proxy's node id.
+pub const PROXY_UUID_LABEL: &str = "fsm-proxy-uuid";
+/// EndpointSlice label naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The one MeshConfig the control plane reads.
+pub const MESH_CONFIG_NAME: &str = "fsm-mesh-config";

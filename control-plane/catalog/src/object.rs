@@ -1,0 +1,97 @@
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Serialize;
+
+use crate::MeshConfig;
+
+/// The kinds of object the mesh reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    Service,
+    Endpoints,
+    EndpointSlice,
+    Pod,
+    ServiceAccount,
+    MeshConfig,
+}
+
+impl Kind {
+    pub fn is_namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Identifies one object: kind, namespace (empty for cluster-scoped kinds) and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// One mesh object, in the same Kubernetes types a cluster source would deliver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MeshObject {
+    Namespace(Namespace),
+    Service(Service),
+    Endpoints(Endpoints),
+    EndpointSlice(EndpointSlice),
+    Pod(Pod),
+    ServiceAccount(ServiceAccount),
+    MeshConfig(MeshConfig),
+}
+
+impl MeshObject {
+    pub fn kind(&self) -> Kind {
+        match self {
+            MeshObject::Namespace(_) => Kind::Namespace,
+            MeshObject::Service(_) => Kind::Service,
+            MeshObject::Endpoints(_) => Kind::Endpoints,
+            MeshObject::EndpointSlice(_) => Kind::EndpointSlice,
+            MeshObject::Pod(_) => Kind::Pod,
+            MeshObject::ServiceAccount(_) => Kind::ServiceAccount,
+            MeshObject::MeshConfig(_) => Kind::MeshConfig,
+        }
+    }
+
+    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            MeshObject::Namespace(o) => &o.metadata,
+            MeshObject::Service(o) => &o.metadata,
+            MeshObject::Endpoints(o) => &o.metadata,
+            MeshObject::EndpointSlice(o) => &o.metadata,
+            MeshObject::Pod(o) => &o.metadata,
+            MeshObject::ServiceAccount(o) => &o.metadata,
+            MeshObject::MeshConfig(o) => &o.metadata,
+        }
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let meta = self.metadata();
+        let kind = self.kind();
+        ObjectKey {
+            kind,
+            namespace: if kind.is_namespaced() { meta.namespace.clone().unwrap_or_default() } else { String::new() },
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::{
+    CatalogEvent, Kind, MESH_CONFIG_NAME, MONITORED_BY_LABEL, MeshConfig, MeshObject, ObjectKey, PROXY_UUID_LABEL,
+    SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION,
+};
+
+/// Settings of the control plane that decide which objects belong to the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogSettings {
+    /// Namespaces labelled `flomesh.io/monitored-by=<mesh_name>` are part of the mesh.
+    pub mesh_name: String,
+    /// Where `fsm-mesh-config` lives.
+    pub fsm_namespace: String,
+}
+
+impl Default for CatalogSettings {
+    fn default() -> Self {
+        CatalogSettings { mesh_name: "fsm".into(), fsm_namespace: "fsm-system".into() }
+    }
+}
+
+type NsName = (String, String);
+
+/// The current mesh objects and the indexes the compiler needs.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    settings: CatalogSettings,
+    namespaces: BTreeMap<String, Namespace>,
+    services: BTreeMap<NsName, Service>,
+    endpoints: BTreeMap<NsName, Endpoints>,
+    slices: BTreeMap<NsName, EndpointSlice>,
+    pods: BTreeMap<NsName, Pod>,
+    service_accounts: BTreeSet<NsName>,
+    mesh_config: Option<MeshConfig>,
+    /// Objects of a relist in progress (between `Init` and `InitDone`).
+    relist: Option<Vec<MeshObject>>,
+    pods_by_uuid: HashMap<String, NsName>,
+    pods_by_ip: HashMap<IpAddr, NsName>,
+    /// (namespace, service name) → names of its EndpointSlices.
+    slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
+}
+
+/// One address a service port resolves to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResolvedEndpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The pod behind the address, when the catalog knows it.
+    pub pod: Option<NsName>,
+}
+
+fn ns_name(key: &ObjectKey) -> NsName {
+    (key.namespace.clone(), key.name.clone())
+}
+
+impl Catalog {
+    pub fn new(settings: CatalogSettings) -> Self {
+        Catalog { settings, ..Default::default() }
+    }
+
+    pub fn settings(&self) -> &CatalogSettings {
+        &self.settings
+    }
+
+    /// Applies one source event. Returns whether the mesh changed.
+    pub fn handle(&mut self, event: CatalogEvent) -> bool {
+        match event {
+            CatalogEvent::Init => {
+                self.relist = Some(Vec::new());
+                false
+            }
+            CatalogEvent::InitApply(object) => match &mut self.relist {
+                Some(buffer) => {
+                    buffer.push(object);
+                    false
+                }
+                None => self.apply(object),
+            },
+            CatalogEvent::InitDone => {
+                let listed = self.relist.take().unwrap_or_default();
+                let keep: BTreeSet<ObjectKey> = listed.iter().map(MeshObject::key).collect();
+                let stale: Vec<ObjectKey> = self.keys().filter(|k| !keep.contains(k)).collect();
+                let mut changed = false;
+                for key in stale {
+                    changed |= self.delete(&key);
+                }
+                for object in listed {
+                    changed |= self.apply(object);
+                }
+                changed
+            }
+            CatalogEvent::Apply(object) => self.apply(object),
+            CatalogEvent::Delete(key) => self.delete(&key),
+        }
+    }
+
+    /// Keys of every stored object.
+    pub fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        let key = |kind, (namespace, name): &NsName| ObjectKey { kind, namespace: namespace.clone(), name: name.clone() };
+        self.namespaces
+            .keys()
+            .map(|name| ObjectKey { kind: Kind::Namespace, namespace: String::new(), name: name.clone() })
+            .chain(self.services.keys().map(move |id| key(Kind::Service, id)))
+            .chain(self.endpoints.keys().map(move |id| key(Kind::Endpoints, id)))
+            .chain(self.slices.keys().map(move |id| key(Kind::EndpointSlice, id)))
+            .chain(self.pods.keys().map(move |id| key(Kind::Pod, id)))
+            .chain(self.service_accounts.iter().map(move |id| key(Kind::ServiceAccount, id)))
+            .chain(self.mesh_config.iter().map(|mc| MeshObject::MeshConfig(mc.clone()).key()))
+    }
+
+    /// Inserts or replaces an object. Returns whether anything changed.
+    pub fn apply(&mut self, object: MeshObject) -> bool {
+        let key = object.key();
+        if self.get(&key).as_ref() == Some(&object) {
+            return false;
+        }
+        self.delete(&key);
+        let id = ns_name(&key);
+        match object {
+            MeshObject::Namespace(o) => {
+                self.namespaces.insert(key.name, o);
+            }
+            MeshObject::Service(o) => {
+                self.services.insert(id, o);
+            }
+            MeshObject::Endpoints(o) => {
+                self.endpoints.insert(id, o);
+            }
+            MeshObject::EndpointSlice(o) => {
+                if let Some(service) = o.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                    self.slices_by_service.entry((id.0.clone(), service.clone())).or_default().insert(id.1.clone());
+                }
+                self.slices.insert(id, o);
+            }
+            MeshObject::Pod(o) => {
+                if let Some(uuid) = o.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL)) {
+                    self.pods_by_uuid.insert(uuid.clone(), id.clone());
+                }
+                if let Some(ip) = pod_ip(&o) {
+                    self.pods_by_ip.insert(ip, id.clone());
+                }
+                self.pods.insert(id, o);
+            }
+            MeshObject::ServiceAccount(_) => {
+                self.service_accounts.insert(id);
+            }
+            MeshObject::MeshConfig(o) => {
+                self.mesh_config = Some(o);
+            }
+        }
+        true
+    }
+
+    /// Removes an object. Returns whether it was present.
+    pub fn delete(&mut self, key: &ObjectKey) -> bool {
+        let id = ns_name(key);
+        match key.kind {
+            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Service => self.services.remove(&id).is_some(),
+            Kind::Endpoints => self.endpoints.remove(&id).is_some(),
+            Kind::EndpointSlice => {
+                let Some(old) = self.slices.remove(&id) else { return false };
+                if let Some(service) = old.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                    let index_key = (id.0.clone(), service.clone());
+                    if let Some(names) = self.slices_by_service.get_mut(&index_key) {
+                        names.remove(&id.1);
+                        if names.is_empty() {
+                            self.slices_by_service.remove(&index_key);
+                        }
+                    }
+                }
+                true
+            }
+            Kind::Pod => {
+                let Some(old) = self.pods.remove(&id) else { return false };
+                if let Some(uuid) = old.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL))
+                    && self.pods_by_uuid.get(uuid) == Some(&id)
+                {
+                    self.pods_by_uuid.remove(uuid);
+                }
+                if let Some(ip) = pod_ip(&old)
+                    && self.pods_by_ip.get(&ip) == Some(&id)
+                {
+                    self.pods_by_ip.remove(&ip);
+                }
+                true
+            }
+            Kind::ServiceAccount => self.service_accounts.remove(&id),
+            Kind::MeshConfig => {
+                let matches = self.mesh_config.as_ref().map(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace)).unwrap_or(false);
+                matches && self.mesh_config.take().is_some()
+            }
+        }
+    }
+
+    /// The object currently stored under `key`.
+    pub fn get(&self, key: &ObjectKey) -> Option<MeshObject> {
+        let id = ns_name(key);
+        match key.kind {
+            Kind::Namespace => self.namespaces.get(&key.name).cloned().map(MeshObject::Namespace),
+            Kind::Service => self.services.get(&id).cloned().map(MeshObject::Service),
+            Kind::Endpoints => self.endpoints.get(&id).cloned().map(MeshObject::Endpoints),
+            Kind::EndpointSlice => self.slices.get(&id).cloned().map(MeshObject::EndpointSlice),
+            Kind::Pod => self.pods.get(&id).cloned().map(MeshObject::Pod),
+            Kind::ServiceAccount => self.service_accounts.contains(&id).then(|| {
+                MeshObject::ServiceAccount(k8s_openapi::api::core::v1::ServiceAccount {
+                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                        name: Some(id.1.clone()),
+                        namespace: Some(id.0.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+            }),
+            Kind::MeshConfig => self
+                .mesh_config
+                .clone()
+                .filter(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace))
+                .map(MeshObject::MeshConfig),
+        }
+    }
+
+    /// The effective MeshConfig: `fsm-mesh-config` in the control-plane namespace, or FSM's
+    /// defaults when it is absent.
+    pub fn mesh_config(&self) -> MeshConfig {
+        self.mesh_config
+            .as_ref()
+            .filter(|mc| {
+                mc.metadata.namespace.as_deref() == Some(self.settings.fsm_namespace.as_str())
+                    && mc.metadata.name.as_deref() == Some(MESH_CONFIG_NAME)
+            })
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether the namespace is labelled `flomesh.io/monitored-by=<mesh-name>`.
+    pub fn is_monitored(&self, namespace: &str) -> bool {
+        self.namespaces
+            .get(namespace)
+            .and_then(|ns| ns.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(MONITORED_BY_LABEL))
+            .is_some_and(|mesh| *mesh == self.settings.mesh_name)
+    }
+
+    /// Whether the pod runs a sidecar: it is in a monitored namespace and injection is not
+    /// disabled on the pod or (without a pod annotation) on its namespace.
+    pub fn pod_has_sidecar(&self, namespace: &str, name: &str) -> bool {
+        let Some(pod) = self.pods.get(&(namespace.to_string(), name.to_string())) else { return false };
+        if !self.is_monitored(namespace) || pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+            return false;
+        }
+        let annotation = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+            meta.annotations.as_ref().and_then(|a| a.get(SIDECAR_INJECTION_ANNOTATION)).cloned()
+        };
+        let pod_setting = annotation(&pod.metadata);
+        let ns_setting = self.namespaces.get(namespace).and_then(|ns| annotation(&ns.metadata));
+        pod_setting.or(ns_setting).is_none_or(|v| v != "disabled")
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// The pod carrying label `fsm-proxy-uuid=<uuid>`.
+    pub fn pod_by_proxy_uuid(&self, uuid: &str) -> Option<&Pod> {
+        self.pods_by_uuid.get(uuid).and_then(|id| self.pods.get(id))
+    }
+
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods_by_ip.get(&ip).and_then(|id| self.pods.get(id))
+    }
+
+    /// Services of monitored namespaces, sorted by namespace and name.
+    pub fn mesh_services(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().filter(|((ns, _), _)| self.is_monitored(ns)).map(|(_, svc)| svc)
+    }
+
+    /// Services in the pod's namespace whose selector matches the pod's labels.
+    pub fn services_selecting(&self, pod: &Pod) -> Vec<&Service> {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        self.services
+            .range((namespace.clone(), String::new())..)
+            .take_while(|((ns, _), _)| *ns == namespace)
+            .filter_map(|(_, svc)| {
+                let selector = svc.spec.as_ref()?.selector.as_ref()?;
+                (!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))).then_some(svc)
+            })
+            .collect()
+    }
+
+    /// Ready addresses of one service port: from its EndpointSlices when it has any, otherwise
+    /// from its Endpoints object.
+    pub fn endpoints_of(&self, service: &Service, port: &ServicePort) -> Vec<ResolvedEndpoint> {
+        let namespace = service.metadata.namespace.clone().unwrap_or_default();
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let port_name = port.name.clone().unwrap_or_default();
+        let mut out = BTreeSet::new();
+        if let Some(slice_names) = self.slices_by_service.get(&(namespace.clone(), name.clone())) {
+            for slice_name in slice_names {
+                let Some(slice) = self.slices.get(&(namespace.clone(), slice_name.clone())) else { continue };
+                let Some(number) = slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                for endpoint in &slice.endpoints {
+                    if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                        continue;
+                    }
+                    for addr in &endpoint.addresses {
+                        if let Ok(ip) = addr.parse() {
+                            out.insert(self.resolved(ip, number));
+                        }
+                    }
+                }
+            }
+        } else if let Some(endpoints) = self.endpoints.get(&(namespace, name)) {
+            for subset in endpoints.subsets.iter().flatten() {
+                let Some(number) = subset
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                    .and_then(|p| u16::try_from(p.port).ok())
+                else {
+                    continue;
+                };
+                for addr in subset.addresses.iter().flatten() {
+                    if let Ok(ip) = addr.ip.parse() {
+                        out.insert(self.resolved(ip, number));
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn resolved(&self, ip: IpAddr, port: u16) -> ResolvedEndpoint {
+        ResolvedEndpoint { ip, port, pod: self.pods_by_ip.get(&ip).cloned() }
+    }
+
+    /// Resolves a Service port's `targetPort` against a pod's named container ports.
+    pub fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
+        match &port.target_port {
+            None => u16::try_from(port.port).ok(),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            Some(IntOrString::String(name)) => pod
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok()),
+        }
+    }
+
+    /// Counts per kind, for the debug endpoint and logs.
+    pub fn counts(&self) -> BTreeMap<Kind, usize> {
+        BTreeMap::from([
+            (Kind::Namespace, self.namespaces.len()),
+            (Kind::Service, self.services.len()),
+            (Kind::Endpoints, self.endpoints.len()),
+            (Kind::EndpointSlice, self.slices.len()),
+            (Kind::Pod, self.pods.len()),
+            (Kind::ServiceAccount, self.service_accounts.len()),
+            (Kind::MeshConfig, usize::from(self.mesh_config.is_some())),
+        ])
+    }
+}
+
+fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode_manifests;
+
+    const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: app, labels: {flomesh.io/monitored-by: fsm}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: app}
+spec:
+  selector: {app: httpbin}
+  ports: [{name: http, port: 14001, targetPort: web}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: httpbin-abc, namespace: app, labels: {kubernetes.io/service-name: httpbin}}
+addressType: IPv4
+ports: [{name: http, port: 14001}]
+endpoints:
+- addresses: ["127.0.1.1"]
+- addresses: ["127.0.1.2"]
+  conditions: {ready: false}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-1, namespace: app, labels: {app: httpbin, fsm-proxy-uuid: u-1}}
+spec:
+  serviceAccountName: httpbin
+  containers: [{name: c, ports: [{name: web, containerPort: 14001}]}]
+status: {podIP: 127.0.1.1}
+"#;
+
+    fn catalog() -> Catalog {
+        let (objects, errors) = decode_manifests("t.yaml", MANIFEST);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut catalog = Catalog::new(CatalogSettings::default());
+        for o in objects {
+            assert!(catalog.apply(o));
+        }
+        catalog
+    }
+
+    #[test]
+    fn indexes_answer_the_compilers_questions() {
+        let catalog = catalog();
+        assert!(catalog.is_monitored("app"));
+        assert!(!catalog.is_monitored("other"));
+        let pod = catalog.pod_by_proxy_uuid("u-1").expect("pod by uuid");
+        assert!(catalog.pod_has_sidecar("app", "httpbin-1"));
+        let services = catalog.services_selecting(pod);
+        assert_eq!(services.len(), 1);
+        let port = &services[0].spec.as_ref().expect("spec").ports.as_ref().expect("ports")[0];
+        assert_eq!(Catalog::target_port(port, pod), Some(14001));
+        let eps = catalog.endpoints_of(services[0], port);
+        assert_eq!(eps.len(), 1, "not-ready endpoints are skipped");
+        assert_eq!(eps[0].pod, Some(("app".into(), "httpbin-1".into())));
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_delete_cleans_indexes() {
+        let mut catalog = catalog();
+        let pod = MeshObject::Pod(catalog.pod("app", "httpbin-1").expect("pod").clone());
+        assert!(!catalog.apply(pod.clone()), "same object twice is no change");
+        assert!(catalog.delete(&pod.key()));
+        assert!(catalog.pod_by_proxy_uuid("u-1").is_none());
+        assert!(catalog.pod_by_ip("127.0.1.1".parse().expect("ip")).is_none());
+        let slice = ObjectKey { kind: Kind::EndpointSlice, namespace: "app".into(), name: "httpbin-abc".into() };
+        assert!(catalog.delete(&slice));
+        assert!(!catalog.delete(&slice));
+    }
+
+    #[test]
+    fn relist_swaps_atomically_and_drops_missing_objects() {
+        let mut catalog = catalog();
+        let before = catalog.keys().count();
+        let (objects, _) = decode_manifests("t.yaml", MANIFEST);
+        assert!(!catalog.handle(CatalogEvent::Init));
+        let mut kept = 0;
+        for o in objects.into_iter().filter(|o| o.kind() != Kind::Pod) {
+            kept += 1;
+            assert!(!catalog.handle(CatalogEvent::InitApply(o)), "buffered until InitDone");
+        }
+        assert_eq!(catalog.keys().count(), before, "nothing changes before InitDone");
+        assert!(catalog.handle(CatalogEvent::InitDone));
+        assert_eq!(catalog.keys().count(), kept);
+        assert!(catalog.pod_by_proxy_uuid("u-1").is_none());
+        assert!(!catalog.handle(CatalogEvent::Init));
+        assert!(catalog.handle(CatalogEvent::InitDone), "an empty relist empties the catalog");
+        assert_eq!(catalog.keys().count(), 0);
+    }
+}

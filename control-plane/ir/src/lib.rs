@@ -1,0 +1,426 @@
+//! Data-plane-neutral per-proxy configuration (the mesh IR).
+//!
+//! The compiler produces one [`ProxyIr`] per proxy; each adapter (Envoy today, the native sidecar
+//! and Pipy later) turns it into its own resources. Nothing here knows about any data plane. The IR
+//! is serde data so it is both a golden output of the compiler and a golden input of the adapters.
+//! Every collection is sorted so that the same catalog gives byte-identical IR.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Ports the sidecar owns inside a pod (FSM's reserved ports).
+pub mod ports {
+    pub const ADMIN: u16 = 15000;
+    pub const OUTBOUND: u16 = 15001;
+    pub const INBOUND: u16 = 15003;
+    pub const PROMETHEUS: u16 = 15010;
+}
+
+/// Everything one proxy needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyIr {
+    pub proxy: ProxyInfo,
+    pub mesh: MeshSettings,
+    /// Traffic arriving at this proxy's pod, one entry per application (target) port.
+    pub inbound: Vec<InboundPort>,
+    /// Services this proxy may call, one entry per service port.
+    pub outbound: Vec<OutboundService>,
+    /// Every upstream cluster referenced by inbound or outbound routes.
+    pub clusters: Vec<Cluster>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyInfo {
+    pub uuid: String,
+    pub identity: ServiceIdentity,
+    pub pod: String,
+    pub namespace: String,
+    pub pod_ip: IpAddr,
+}
+
+/// Mesh-wide settings that shape every proxy's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSettings {
+    pub permissive_traffic_policy_mode: bool,
+    pub enable_egress: bool,
+    pub trust_domain: String,
+}
+
+/// `<sa>.<ns>`; its certificate CN is `<sa>.<ns>.<trust-domain>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceIdentity {
+    pub service_account: String,
+    pub namespace: String,
+}
+
+impl ServiceIdentity {
+    pub fn common_name(&self, trust_domain: &str) -> String {
+        format!("{}.{}.{}", self.service_account, self.namespace, trust_domain)
+    }
+}
+
+impl fmt::Display for ServiceIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.service_account, self.namespace)
+    }
+}
+
+/// A Kubernetes Service reference.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceRef {
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How a port's bytes are understood, from the Service port's `appProtocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Http,
+    Grpc,
+    Tcp,
+    TcpServerFirst,
+}
+
+impl Protocol {
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Grpc)
+    }
+}
+
+/// Cluster names follow FSM: `ns/svc|port` outbound, `ns/svc|port|local` inbound.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ClusterName(pub String);
+
+impl ClusterName {
+    pub fn outbound(service: &ServiceRef, port: u16) -> Self {
+        ClusterName(format!("{service}|{port}"))
+    }
+    pub fn local(service: &ServiceRef, port: u16) -> Self {
+        ClusterName(format!("{service}|{port}|local"))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClusterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Traffic to one application port of this proxy's pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundPort {
+    /// The container port the application listens on.
+    pub target_port: u16,
+    pub protocol: Protocol,
+    /// Services that expose this port (usually one).
+    pub services: Vec<InboundService>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InboundService {
+    pub service: ServiceRef,
+    pub port: u16,
+    /// Host names (and `host:port` forms) clients use for this service.
+    pub hosts: Vec<String>,
+    /// L7 routes for HTTP ports; empty for TCP.
+    pub routes: Vec<HttpRoute>,
+    /// Who may open TCP connections (for TCP ports).
+    pub allowed: AllowedSources,
+    pub local_cluster: ClusterName,
+}
+
+/// One service port this proxy may reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundService {
+    pub service: ServiceRef,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// `DestinationIPRanges`: the ClusterIP(s) of the service as `/32` (or `/128`).
+    pub destination_ip_ranges: Vec<String>,
+    /// FSM's `HttpHostPort2Service` keys: `svc`, `svc.ns`, … each also with `:port`.
+    pub hosts: Vec<String>,
+    /// L7 routes (HTTP ports).
+    pub routes: Vec<HttpRoute>,
+    /// Weighted backends for TCP ports.
+    pub tcp_backends: Vec<WeightedCluster>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub matches: RouteMatch,
+    pub backends: Vec<WeightedCluster>,
+    pub allowed: AllowedSources,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    /// Empty means any method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    /// RE2-compatible regular expression matched against the whole path.
+    Regex(String),
+}
+
+impl Default for PathMatch {
+    /// FSM's permissive wildcard route `.*`.
+    fn default() -> Self {
+        PathMatch::Regex(".*".to_string())
+    }
+}
+
+/// Which clients an inbound route or port admits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AllowedSources {
+    /// Permissive mode: any client.
+    Any,
+    /// Only these identities; empty denies everyone (SMI mode without a matching TrafficTarget).
+    Identities(Vec<ServiceIdentity>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedCluster {
+    pub cluster: ClusterName,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    pub retry_on: Vec<String>,
+    pub num_retries: u32,
+    pub per_try_timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cluster {
+    pub name: ClusterName,
+    pub kind: ClusterKind,
+    pub service: ServiceRef,
+    pub protocol: Protocol,
+    pub endpoints: Vec<Endpoint>,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClusterKind {
+    /// To a service's endpoints, through their sidecars when they are meshed.
+    Outbound,
+    /// From this proxy to the application in its own pod.
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The endpoint's pod runs a sidecar: traffic must enter through that sidecar's inbound
+    /// listener rather than reach the application directly.
+    pub meshed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<ServiceIdentity>,
+}
+
+/// An IR that cannot be turned into data-plane resources.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IrError {
+    #[error("route references unknown cluster {0}")]
+    UnknownCluster(ClusterName),
+    #[error("duplicate cluster {0}")]
+    DuplicateCluster(ClusterName),
+    #[error("{0} has weighted backends whose weights sum to 0")]
+    ZeroWeights(String),
+    #[error("outbound {service}|{port}: {reason}")]
+    InvalidOutbound {
+        service: ServiceRef,
+        port: u16,
+        reason: &'static str,
+    },
+}
+
+impl ProxyIr {
+    /// Checks the invariants adapters rely on: every referenced cluster exists exactly once and
+    /// every set of weighted backends can carry traffic.
+    pub fn validate(&self) -> Result<(), IrError> {
+        let mut names = std::collections::BTreeSet::new();
+        for cluster in &self.clusters {
+            if !names.insert(&cluster.name) {
+                return Err(IrError::DuplicateCluster(cluster.name.clone()));
+            }
+        }
+        let check = |owner: String, backends: &[WeightedCluster]| -> Result<(), IrError> {
+            for backend in backends {
+                if !names.contains(&backend.cluster) {
+                    return Err(IrError::UnknownCluster(backend.cluster.clone()));
+                }
+            }
+            if !backends.is_empty() && backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
+                return Err(IrError::ZeroWeights(owner));
+            }
+            Ok(())
+        };
+        for out in &self.outbound {
+            if out.protocol.is_http() {
+                if out.routes.is_empty() {
+                    return Err(IrError::InvalidOutbound {
+                        service: out.service.clone(),
+                        port: out.port,
+                        reason: "HTTP port without routes",
+                    });
+                }
+            } else if out.tcp_backends.is_empty() {
+                return Err(IrError::InvalidOutbound {
+                    service: out.service.clone(),
+                    port: out.port,
+                    reason: "TCP port without backends",
+                });
+            }
+            for route in &out.routes {
+                check(format!("route of {}|{}", out.service, out.port), &route.backends)?;
+            }
+            check(format!("{}|{}", out.service, out.port), &out.tcp_backends)?;
+        }
+        for port in &self.inbound {
+            for svc in &port.services {
+                if !names.contains(&svc.local_cluster) {
+                    return Err(IrError::UnknownCluster(svc.local_cluster.clone()));
+                }
+                for route in &svc.routes {
+                    check(format!("inbound route of {}|{}", svc.service, svc.port), &route.backends)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> ServiceRef {
+        ServiceRef { namespace: "app".into(), name: "httpbin".into() }
+    }
+
+    fn ir(clusters: Vec<Cluster>, backends: Vec<WeightedCluster>) -> ProxyIr {
+        ProxyIr {
+            proxy: ProxyInfo {
+                uuid: "u".into(),
+                identity: ServiceIdentity { service_account: "sa".into(), namespace: "app".into() },
+                pod: "p".into(),
+                namespace: "app".into(),
+                pod_ip: "127.0.0.1".parse().expect("ip"),
+            },
+            mesh: MeshSettings { permissive_traffic_policy_mode: true, enable_egress: false, trust_domain: "cluster.local".into() },
+            inbound: vec![],
+            outbound: vec![OutboundService {
+                service: svc(),
+                port: 14001,
+                protocol: Protocol::Tcp,
+                destination_ip_ranges: vec![],
+                hosts: vec![],
+                routes: vec![],
+                tcp_backends: backends,
+            }],
+            clusters,
+        }
+    }
+
+    fn cluster(name: &str) -> Cluster {
+        Cluster {
+            name: ClusterName(name.into()),
+            kind: ClusterKind::Outbound,
+            service: svc(),
+            protocol: Protocol::Tcp,
+            endpoints: vec![],
+            connect_timeout_ms: 1000,
+        }
+    }
+
+    fn backend(name: &str, weight: u32) -> WeightedCluster {
+        WeightedCluster { cluster: ClusterName(name.into()), weight }
+    }
+
+    #[test]
+    fn cluster_names_follow_fsm() {
+        assert_eq!(ClusterName::outbound(&svc(), 14001).as_str(), "app/httpbin|14001");
+        assert_eq!(ClusterName::local(&svc(), 14001).as_str(), "app/httpbin|14001|local");
+        assert_eq!(svc().fqdn(), "httpbin.app.svc.cluster.local");
+    }
+
+    #[test]
+    fn validate_table() {
+        let cases: Vec<(&str, ProxyIr, Result<(), IrError>)> = vec![
+            ("valid", ir(vec![cluster("a")], vec![backend("a", 100)]), Ok(())),
+            (
+                "unknown cluster",
+                ir(vec![cluster("a")], vec![backend("b", 100)]),
+                Err(IrError::UnknownCluster(ClusterName("b".into()))),
+            ),
+            (
+                "duplicate cluster",
+                ir(vec![cluster("a"), cluster("a")], vec![backend("a", 1)]),
+                Err(IrError::DuplicateCluster(ClusterName("a".into()))),
+            ),
+            (
+                "zero weights",
+                ir(vec![cluster("a")], vec![backend("a", 0)]),
+                Err(IrError::ZeroWeights("app/httpbin|14001".into())),
+            ),
+            (
+                "tcp without backends",
+                ir(vec![cluster("a")], vec![]),
+                Err(IrError::InvalidOutbound { service: svc(), port: 14001, reason: "TCP port without backends" }),
+            ),
+        ];
+        for (name, ir, expected) in cases {
+            assert_eq!(ir.validate(), expected, "{name}");
+        }
+    }
+}
