@@ -1,1 +1,320 @@
-//! placeholder
+//! Pure compiler from catalog and proxy to the per-proxy mesh IR.
+//!
+//! [`compile`] is a deterministic function of a [`Catalog`] and a [`ProxyRef`]: no I/O, no clock,
+//! no randomness, every collection sorted. It covers permissive traffic mode today: every meshed
+//! service can reach every other one, HTTP ports get L7 routes and TCP ports plain TCP proxying.
+//! In SMI mode (permissive off) inbound traffic is denied until SMI policies allow it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use fsm_catalog::Catalog;
+use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_ir::{
+    AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort, InboundService, MeshSettings,
+    OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch, ServiceIdentity, ServiceRef, WeightedCluster,
+};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+
+/// Trust domain of service identities and certificates.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+/// How long a proxy waits for a TCP connection to an upstream.
+const CONNECT_TIMEOUT_MS: u64 = 1000;
+
+/// The proxy to compile for, as identified by its node id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyRef {
+    pub uuid: String,
+    pub service_account: String,
+    pub namespace: String,
+}
+
+/// Why a proxy cannot be programmed at all.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("no pod carries label fsm-proxy-uuid={uuid}")]
+    PodNotFound { uuid: String },
+    #[error("pod {namespace}/{pod} runs as service account {actual:?} but the proxy's node id says {claimed:?}")]
+    ServiceAccountMismatch { namespace: String, pod: String, claimed: String, actual: String },
+    #[error("pod {namespace}/{pod} is in namespace {namespace} but the proxy's node id says {claimed:?}")]
+    NamespaceMismatch { namespace: String, pod: String, claimed: String },
+    #[error("pod {namespace}/{pod} has no status.podIP yet")]
+    NoPodIp { namespace: String, pod: String },
+    #[error("pod {namespace}/{pod} is not part of mesh: namespace not monitored or sidecar injection disabled")]
+    NotMeshed { namespace: String, pod: String },
+}
+
+impl HasErrCode for CompileError {
+    fn err_code(&self) -> ErrCode {
+        match self {
+            CompileError::PodNotFound { .. } => ErrCode::E5002,
+            CompileError::ServiceAccountMismatch { .. } | CompileError::NamespaceMismatch { .. } => ErrCode::E5010,
+            CompileError::NoPodIp { .. } | CompileError::NotMeshed { .. } => ErrCode::E5007,
+        }
+    }
+}
+
+/// A problem that leaves part of the configuration out but does not stop the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub code: ErrCode,
+    pub message: String,
+}
+
+/// The IR of one proxy and what had to be left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub ir: ProxyIr,
+    pub warnings: Vec<Warning>,
+}
+
+/// Compiles the configuration of one proxy.
+pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileError> {
+    let pod = catalog.pod_by_proxy_uuid(&proxy.uuid).ok_or_else(|| CompileError::PodNotFound { uuid: proxy.uuid.clone() })?;
+    let pod_namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    if pod_namespace != proxy.namespace {
+        return Err(CompileError::NamespaceMismatch { namespace: pod_namespace, pod: pod_name, claimed: proxy.namespace.clone() });
+    }
+    let service_account = pod_service_account(pod);
+    if service_account != proxy.service_account {
+        return Err(CompileError::ServiceAccountMismatch {
+            namespace: pod_namespace,
+            pod: pod_name,
+            claimed: proxy.service_account.clone(),
+            actual: service_account,
+        });
+    }
+    if !catalog.pod_has_sidecar(&pod_namespace, &pod_name) {
+        return Err(CompileError::NotMeshed { namespace: pod_namespace, pod: pod_name });
+    }
+    let pod_ip: IpAddr = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| CompileError::NoPodIp { namespace: pod_namespace.clone(), pod: pod_name.clone() })?;
+
+    let mesh_config = catalog.mesh_config();
+    let mesh = MeshSettings {
+        permissive_traffic_policy_mode: mesh_config.spec.traffic.enable_permissive_traffic_policy_mode,
+        enable_egress: mesh_config.spec.traffic.enable_egress,
+        trust_domain: TRUST_DOMAIN.to_string(),
+    };
+    let mut compiler = Compiler { catalog, mesh: &mesh, clusters: BTreeMap::new(), warnings: Vec::new() };
+    let outbound = compiler.outbound();
+    let inbound = compiler.inbound(pod, pod_ip);
+    let ir = ProxyIr {
+        proxy: ProxyInfo {
+            uuid: proxy.uuid.clone(),
+            identity: ServiceIdentity { service_account: proxy.service_account.clone(), namespace: pod_namespace.clone() },
+            pod: pod_name,
+            namespace: pod_namespace,
+            pod_ip,
+        },
+        mesh: mesh.clone(),
+        inbound,
+        outbound,
+        clusters: compiler.clusters.into_values().collect(),
+    };
+    let mut warnings = compiler.warnings;
+    // Outbound and inbound look at the same ports: report each problem once.
+    warnings.sort_by(|a, b| (a.code, &a.message).cmp(&(b.code, &b.message)));
+    warnings.dedup();
+    Ok(Compiled { ir, warnings })
+}
+
+fn pod_service_account(pod: &Pod) -> String {
+    pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".to_string())
+}
+
+struct Compiler<'a> {
+    catalog: &'a Catalog,
+    mesh: &'a MeshSettings,
+    clusters: BTreeMap<ClusterName, Cluster>,
+    warnings: Vec<Warning>,
+}
+
+impl Compiler<'_> {
+    fn outbound(&mut self) -> Vec<OutboundService> {
+        let mut out = Vec::new();
+        for svc in self.catalog.mesh_services() {
+            let Some(spec) = &svc.spec else { continue };
+            if spec.type_.as_deref() == Some("ExternalName") {
+                continue;
+            }
+            let service = service_ref(svc);
+            let cluster_ips: Vec<IpAddr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse().ok())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for port in spec.ports.iter().flatten() {
+                let Ok(number) = u16::try_from(port.port) else { continue };
+                let protocol = self.protocol(&service, port);
+                let cluster = ClusterName::outbound(&service, number);
+                let endpoints = self.endpoints(svc, port);
+                if endpoints.is_empty() {
+                    self.warn(ErrCode::E3000, format!("service {service} port {number} has no ready endpoints"));
+                }
+                self.clusters.insert(
+                    cluster.clone(),
+                    Cluster {
+                        name: cluster.clone(),
+                        kind: ClusterKind::Outbound,
+                        service: service.clone(),
+                        protocol,
+                        endpoints,
+                        connect_timeout_ms: CONNECT_TIMEOUT_MS,
+                    },
+                );
+                let backends = vec![WeightedCluster { cluster, weight: 100 }];
+                let mut hosts = host_aliases(&service, number);
+                hosts.extend(cluster_ips.iter().map(|ip| socket_host(*ip, number)));
+                out.push(OutboundService {
+                    service: service.clone(),
+                    port: number,
+                    protocol,
+                    destination_ip_ranges: cluster_ips.iter().map(|ip| host_range(*ip)).collect(),
+                    hosts,
+                    routes: if protocol.is_http() { vec![wildcard_route(backends.clone(), AllowedSources::Any)] } else { vec![] },
+                    tcp_backends: if protocol.is_http() { vec![] } else { backends },
+                });
+            }
+        }
+        out
+    }
+
+    fn inbound(&mut self, pod: &Pod, pod_ip: IpAddr) -> Vec<InboundPort> {
+        let allowed = if self.mesh.permissive_traffic_policy_mode {
+            AllowedSources::Any
+        } else {
+            // SMI mode with no SMI policy compiled yet: deny everything, as FSM does.
+            AllowedSources::Identities(vec![])
+        };
+        let mut ports: BTreeMap<u16, InboundPort> = BTreeMap::new();
+        for svc in self.catalog.services_selecting(pod) {
+            let service = service_ref(svc);
+            for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+                let Ok(number) = u16::try_from(port.port) else { continue };
+                let Some(target_port) = Catalog::target_port(port, pod) else {
+                    self.warn(ErrCode::E5021, format!("service {service} port {number}: targetPort {:?} does not name a port of the pod", port.target_port));
+                    continue;
+                };
+                let protocol = self.protocol(&service, port);
+                let local_cluster = ClusterName::local(&service, number);
+                self.clusters.insert(
+                    local_cluster.clone(),
+                    Cluster {
+                        name: local_cluster.clone(),
+                        kind: ClusterKind::Local,
+                        service: service.clone(),
+                        protocol,
+                        endpoints: vec![Endpoint { ip: pod_ip, port: target_port, meshed: false, identity: None }],
+                        connect_timeout_ms: CONNECT_TIMEOUT_MS,
+                    },
+                );
+                let entry = ports.entry(target_port).or_insert_with(|| InboundPort { target_port, protocol, services: vec![] });
+                if entry.protocol != protocol {
+                    self.warn(
+                        ErrCode::E5020,
+                        format!("service {service} port {number} declares {protocol:?} for target port {target_port}, already used as {:?}; keeping {:?}", entry.protocol, entry.protocol),
+                    );
+                }
+                let routes = if entry.protocol.is_http() {
+                    vec![wildcard_route(vec![WeightedCluster { cluster: local_cluster.clone(), weight: 100 }], allowed.clone())]
+                } else {
+                    vec![]
+                };
+                entry.services.push(InboundService {
+                    service: service.clone(),
+                    port: number,
+                    hosts: host_aliases(&service, number),
+                    routes,
+                    allowed: allowed.clone(),
+                    local_cluster,
+                });
+            }
+        }
+        ports.into_values().collect()
+    }
+
+    fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+        self.catalog
+            .endpoints_of(svc, port)
+            .into_iter()
+            .map(|ep| {
+                let pod = ep.pod.as_ref().and_then(|(ns, name)| self.catalog.pod(ns, name).map(|p| (ns, name, p)));
+                Endpoint {
+                    ip: ep.ip,
+                    port: ep.port,
+                    meshed: pod.is_some_and(|(ns, name, _)| self.catalog.pod_has_sidecar(ns, name)),
+                    identity: pod.map(|(ns, _, p)| ServiceIdentity { service_account: pod_service_account(p), namespace: ns.clone() }),
+                }
+            })
+            .collect()
+    }
+
+    /// `appProtocol` first, then the port name's prefix (`http-web`, `tcp-db`), then HTTP.
+    fn protocol(&mut self, service: &ServiceRef, port: &ServicePort) -> Protocol {
+        let declared = port.app_protocol.clone().or_else(|| {
+            let name = port.name.as_deref()?;
+            let prefix = name.split('-').next()?;
+            ["http", "grpc", "tcp"].contains(&prefix).then(|| prefix.to_string())
+        });
+        match declared.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("http") => Protocol::Http,
+            Some("grpc") => Protocol::Grpc,
+            Some("tcp") => Protocol::Tcp,
+            Some("tcp-server-first") => Protocol::TcpServerFirst,
+            Some(other) => {
+                self.warn(ErrCode::E5020, format!("service {service} port {}: appProtocol {other:?} is not supported; proxying as tcp", port.port));
+                Protocol::Tcp
+            }
+        }
+    }
+
+    fn warn(&mut self, code: ErrCode, message: String) {
+        self.warnings.push(Warning { code, message });
+    }
+}
+
+fn service_ref(svc: &Service) -> ServiceRef {
+    ServiceRef { namespace: svc.metadata.namespace.clone().unwrap_or_default(), name: svc.metadata.name.clone().unwrap_or_default() }
+}
+
+fn wildcard_route(backends: Vec<WeightedCluster>, allowed: AllowedSources) -> HttpRoute {
+    HttpRoute { matches: RouteMatch::default(), backends, allowed, timeout_ms: None, retry: None }
+}
+
+/// FSM's `HttpHostPort2Service` keys: `svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster`,
+/// `svc.ns.svc.cluster.local`, then each again with `:port`.
+pub fn host_aliases(service: &ServiceRef, port: u16) -> Vec<String> {
+    let names = [
+        service.name.clone(),
+        format!("{}.{}", service.name, service.namespace),
+        format!("{}.{}.svc", service.name, service.namespace),
+        format!("{}.{}.svc.cluster", service.name, service.namespace),
+        service.fqdn(),
+    ];
+    let with_port: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
+    names.into_iter().chain(with_port).collect()
+}
+
+fn host_range(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => format!("{ip}/32"),
+        IpAddr::V6(_) => format!("{ip}/128"),
+    }
+}
+
+fn socket_host(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(_) => format!("{ip}:{port}"),
+        IpAddr::V6(_) => format!("[{ip}]:{port}"),
+    }
+}

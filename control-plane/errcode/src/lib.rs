@@ -21,10 +21,12 @@ pub enum ErrCode {
     E5006,
     E5007,
     E5009,
+    E5010,
     E5011,
     E5013,
     E5014,
     E5020,
+    E5021,
 }
 
 impl ErrCode {
@@ -41,10 +43,12 @@ impl ErrCode {
         ErrCode::E5006,
         ErrCode::E5007,
         ErrCode::E5009,
+        ErrCode::E5010,
         ErrCode::E5011,
         ErrCode::E5013,
         ErrCode::E5014,
         ErrCode::E5020,
+        ErrCode::E5021,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,10 +65,12 @@ impl ErrCode {
             ErrCode::E5006 => "E5006",
             ErrCode::E5007 => "E5007",
             ErrCode::E5009 => "E5009",
+            ErrCode::E5010 => "E5010",
             ErrCode::E5011 => "E5011",
             ErrCode::E5013 => "E5013",
             ErrCode::E5014 => "E5014",
             ErrCode::E5020 => "E5020",
+            ErrCode::E5021 => "E5021",
         }
     }
 
@@ -89,6 +95,9 @@ impl ErrCode {
             ErrCode::E5006 => "The DiscoveryResponse configured by ADS failed to send to the Pipy proxy.",
             ErrCode::E5007 => "The resources to be included in the DiscoveryResponse could not be generated.",
             ErrCode::E5009 => "The Aggregate Discovery Server (ADS) created by the FSM controller failed to start.",
+            ErrCode::E5010 => {
+                "The ServiceAccount referenced in the NodeID does not match the ServiceAccount specified in the proxy certificate. The proxy was not allowed to be a part of the mesh."
+            }
             ErrCode::E5011 => {
                 "The gRPC stream was closed by the proxy and no DiscoveryRequests can be received. The Stream Agreggated Resource server was terminated for the specified proxy."
             }
@@ -97,6 +106,7 @@ impl ErrCode {
             ErrCode::E5020 => {
                 "The application protocol specified for a port is not supported for ingress traffic. The XDS filter chain for ingress traffic to the port was not created."
             }
+            ErrCode::E5021 => "An XDS filter chain could not be constructed for ingress.",
         }
     }
 }

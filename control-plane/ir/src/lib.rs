@@ -54,6 +54,7 @@ pub struct MeshSettings {
 
 /// `<sa>.<ns>`; its certificate CN is `<sa>.<ns>.<trust-domain>`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ServiceIdentity {
     pub service_account: String,
     pub namespace: String,

