@@ -13,9 +13,17 @@ use crate::{ManagedProcess, binary};
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts `fsm-demo-app` serving HTTP on `http` and the line echo on `tcp`, and waits until every
-/// address accepts connections.
-pub async fn start_demo_app(name: &str, http: &[SocketAddr], tcp: &[SocketAddr], log_dir: &Path) -> Result<ManagedProcess> {
+/// What `fsm-demo-app` logs once every listener is bound.
+pub const READY_LINE: &str = ": ready on all addresses";
+
+/// Starts `fsm-demo-app` serving HTTP on `http` and the line echo on `tcp`, and waits until it has
+/// bound every address.
+pub async fn start_demo_app(
+    name: &str,
+    http: &[SocketAddr],
+    tcp: &[SocketAddr],
+    log_dir: &Path,
+) -> Result<ManagedProcess> {
     let mut command = Command::new(binary("fsm-demo-app")?);
     command.arg("--name").arg(name);
     for addr in http {
@@ -25,9 +33,7 @@ pub async fn start_demo_app(name: &str, http: &[SocketAddr], tcp: &[SocketAddr],
         command.arg("--tcp").arg(addr.to_string());
     }
     let mut process = ManagedProcess::spawn(&format!("app-{name}"), command, log_dir)?;
-    for addr in http.iter().chain(tcp) {
-        process.wait_for_tcp(*addr, START_TIMEOUT).await?;
-    }
+    process.wait_for_log(READY_LINE, START_TIMEOUT).await?;
     Ok(process)
 }
 
@@ -35,11 +41,26 @@ pub async fn start_demo_app(name: &str, http: &[SocketAddr], tcp: &[SocketAddr],
 /// Service marks `appProtocol: tcp`, HTTP on the others. Pods without ports (clients) get none.
 pub async fn start_demo_apps(catalog: &Catalog, log_dir: &Path) -> Result<Vec<ManagedProcess>> {
     let mut apps = Vec::new();
-    for pod in mesh_pods(catalog).into_iter().filter(|p| !p.ports.is_empty()) {
+    for pod in mesh_pods(catalog)
+        .into_iter()
+        .filter(|p| !p.ports.is_empty())
+    {
         let addrs = |protocol| -> Vec<SocketAddr> {
-            pod.ports.iter().filter(|p| p.protocol == protocol).map(|p| SocketAddr::new(pod.ip, p.port)).collect()
+            pod.ports
+                .iter()
+                .filter(|p| p.protocol == protocol)
+                .map(|p| SocketAddr::new(pod.ip, p.port))
+                .collect()
         };
-        apps.push(start_demo_app(&pod.name, &addrs(AppProtocol::Http), &addrs(AppProtocol::Tcp), log_dir).await?);
+        apps.push(
+            start_demo_app(
+                &pod.name,
+                &addrs(AppProtocol::Http),
+                &addrs(AppProtocol::Tcp),
+                log_dir,
+            )
+            .await?,
+        );
     }
     Ok(apps)
 }

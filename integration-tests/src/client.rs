@@ -22,7 +22,9 @@ pub struct HttpReply {
 
 impl HttpReply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     /// Which demo app answered (its `x-served-by` header).
@@ -31,14 +33,19 @@ impl HttpReply {
     }
 
     pub fn json(&self) -> Result<serde_json::Value> {
-        serde_json::from_str(&self.body).with_context(|| format!("response body is not JSON: {}", self.body))
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("response body is not JSON: {}", self.body))
     }
 }
 
 /// A client that ignores `HTTP_PROXY` and friends from the environment: tests address sidecars
 /// directly, and a developer's proxy settings must not reroute them.
 pub(crate) fn plain_client() -> Result<reqwest::Client> {
-    reqwest::Client::builder().no_proxy().timeout(REQUEST_TIMEOUT).build().context("building HTTP client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .context("building HTTP client")
 }
 
 /// GET `path` through the sidecar listener at `via`, as an app in explicit mode does: the TCP
@@ -56,21 +63,38 @@ pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<Htt
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in response.headers() {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        headers.entry(name.as_str().to_string()).and_modify(|v| *v = format!("{v}, {value}")).or_insert(value);
+        headers
+            .entry(name.as_str().to_string())
+            .and_modify(|v| *v = format!("{v}, {value}"))
+            .or_insert(value);
     }
-    let body = response.text().await.with_context(|| format!("reading body of GET {url} (Host: {host})"))?;
-    Ok(HttpReply { status, headers, body })
+    let body = response
+        .text()
+        .await
+        .with_context(|| format!("reading body of GET {url} (Host: {host})"))?;
+    Ok(HttpReply {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Sends one line to `addr` and returns the first line that comes back, without its newline.
 pub async fn tcp_roundtrip(addr: SocketAddr, line: &str) -> Result<String> {
     let exchange = async {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
         let (read, mut write) = stream.into_split();
-        write.write_all(format!("{line}\n").as_bytes()).await.with_context(|| format!("writing to {addr}"))?;
+        write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .with_context(|| format!("writing to {addr}"))?;
         let mut reply = String::new();
-        let read_bytes =
-            BufReader::new(read).read_line(&mut reply).await.with_context(|| format!("reading from {addr}"))?;
+        let read_bytes = BufReader::new(read)
+            .read_line(&mut reply)
+            .await
+            .with_context(|| format!("reading from {addr}"))?;
         if read_bytes == 0 {
             return Err(anyhow!("{addr} closed the connection without answering"));
         }

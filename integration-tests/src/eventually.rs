@@ -27,7 +27,9 @@ where
             Err(_) => anyhow!("attempt still running at the deadline"),
         };
         if Instant::now() + RETRY_INTERVAL >= deadline {
-            return Err(error.context(format!("still failing after {timeout:?} ({attempts} attempts)")));
+            return Err(error.context(format!(
+                "still failing after {timeout:?} ({attempts} attempts)"
+            )));
         }
         tokio::time::sleep(RETRY_INTERVAL).await;
     }
@@ -44,7 +46,11 @@ mod tests {
         let calls = AtomicU32::new(0);
         let value = eventually(Duration::from_secs(5), || async {
             let n = calls.fetch_add(1, Ordering::SeqCst);
-            if n < 3 { Err(anyhow!("not yet")) } else { Ok(n) }
+            if n < 3 {
+                Err(anyhow!("not yet"))
+            } else {
+                Ok(n)
+            }
         })
         .await
         .expect("converges");
@@ -53,8 +59,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_with_the_last_error() {
-        let err = eventually(Duration::from_secs(1), || async { Err::<(), _>(anyhow!("never")) }).await.expect_err("times out");
+        let err = eventually(Duration::from_secs(1), || async {
+            Err::<(), _>(anyhow!("never"))
+        })
+        .await
+        .expect_err("times out");
         let text = format!("{err:#}");
-        assert!(text.contains("never") && text.contains("still failing after 1s"), "{text}");
+        assert!(
+            text.contains("never") && text.contains("still failing after 1s"),
+            "{text}"
+        );
     }
 }

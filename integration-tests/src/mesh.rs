@@ -51,7 +51,10 @@ impl MeshPod {
     /// the control plane finds the pod.
     pub fn node_id(&self) -> Option<String> {
         let uuid = self.proxy_uuid.as_deref()?;
-        Some(format!("{uuid}.sidecar.{}.{}", self.service_account, self.namespace))
+        Some(format!(
+            "{uuid}.sidecar.{}.{}",
+            self.service_account, self.namespace
+        ))
     }
 
     /// Envoy `node.cluster`: `<service account>.<namespace>`.
@@ -86,13 +89,17 @@ pub fn load_catalog(dir: &Path, settings: CatalogSettings) -> Result<Catalog> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading manifest directory {}", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext == "yaml" || ext == "yml")
+        })
         .collect();
     files.sort();
     let mut catalog = Catalog::new(settings);
     let mut problems = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
         let (objects, errors) = decode_manifests(&file.display().to_string(), &text);
         problems.extend(errors.iter().map(ToString::to_string));
         for object in objects {
@@ -100,7 +107,11 @@ pub fn load_catalog(dir: &Path, settings: CatalogSettings) -> Result<Catalog> {
         }
     }
     if !problems.is_empty() {
-        bail!("manifests in {} do not decode:\n{}", dir.display(), problems.join("\n"));
+        bail!(
+            "manifests in {} do not decode:\n{}",
+            dir.display(),
+            problems.join("\n")
+        );
     }
     Ok(catalog)
 }
@@ -120,8 +131,15 @@ pub fn mesh_pods(catalog: &Catalog) -> Vec<MeshPod> {
 fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &Pod) -> Option<MeshPod> {
     let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
     let spec = pod.spec.as_ref();
-    let service_account = spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".to_string());
-    let proxy_uuid = pod.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL)).cloned();
+    let service_account = spec
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_string());
+    let proxy_uuid = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PROXY_UUID_LABEL))
+        .cloned();
     let services = catalog.services_selecting(pod);
     let mut ports: Vec<AppPort> = spec
         .into_iter()
@@ -134,8 +152,19 @@ fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &Pod) -> Opt
                 .iter()
                 .flat_map(|svc| svc.spec.iter().flat_map(|s| s.ports.iter().flatten()))
                 .filter(|sp| Catalog::target_port(sp, pod) == Some(port))
-                .any(|sp| sp.app_protocol.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("tcp")));
-            Some(AppPort { port, protocol: if is_tcp { AppProtocol::Tcp } else { AppProtocol::Http } })
+                .any(|sp| {
+                    sp.app_protocol
+                        .as_deref()
+                        .is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
+                });
+            Some(AppPort {
+                port,
+                protocol: if is_tcp {
+                    AppProtocol::Tcp
+                } else {
+                    AppProtocol::Http
+                },
+            })
         })
         .collect();
     ports.sort();
@@ -157,22 +186,52 @@ mod tests {
 
     #[test]
     fn reads_the_demo_mesh() {
-        let catalog = load_catalog(&crate::repo_root().join("examples/demo"), CatalogSettings::default()).expect("demo manifests");
+        let catalog = load_catalog(
+            &crate::repo_root().join("examples/demo"),
+            CatalogSettings::default(),
+        )
+        .expect("demo manifests");
         let pods = mesh_pods(&catalog);
-        let summary: Vec<(String, String, bool, Vec<AppPort>)> =
-            pods.iter().map(|p| (p.id(), p.ip.to_string(), p.has_sidecar, p.ports.clone())).collect();
-        let http = |port| AppPort { port, protocol: AppProtocol::Http };
+        let summary: Vec<(String, String, bool, Vec<AppPort>)> = pods
+            .iter()
+            .map(|p| (p.id(), p.ip.to_string(), p.has_sidecar, p.ports.clone()))
+            .collect();
+        let http = |port| AppPort {
+            port,
+            protocol: AppProtocol::Http,
+        };
         assert_eq!(
             summary,
             vec![
                 ("demo/curl".into(), "127.0.10.10".into(), true, vec![]),
-                ("demo/httpbin-v1".into(), "127.0.10.1".into(), true, vec![http(14001)]),
-                ("demo/httpbin-v2".into(), "127.0.10.2".into(), true, vec![http(14001)]),
-                ("demo/tcp-echo-1".into(), "127.0.10.3".into(), true, vec![AppPort { port: 9000, protocol: AppProtocol::Tcp }]),
+                (
+                    "demo/httpbin-v1".into(),
+                    "127.0.10.1".into(),
+                    true,
+                    vec![http(14001)]
+                ),
+                (
+                    "demo/httpbin-v2".into(),
+                    "127.0.10.2".into(),
+                    true,
+                    vec![http(14001)]
+                ),
+                (
+                    "demo/tcp-echo-1".into(),
+                    "127.0.10.3".into(),
+                    true,
+                    vec![AppPort {
+                        port: 9000,
+                        protocol: AppProtocol::Tcp
+                    }]
+                ),
             ]
         );
         let curl = &pods[0];
-        assert_eq!(curl.node_id().as_deref(), Some("6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo"));
+        assert_eq!(
+            curl.node_id().as_deref(),
+            Some("6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo")
+        );
         assert_eq!(curl.node_cluster(), "curl.demo");
         assert_eq!(curl.outbound_addr().to_string(), "127.0.10.10:15001");
     }

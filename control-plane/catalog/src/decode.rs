@@ -29,7 +29,11 @@ pub struct DecodeError {
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{} (document {})", self.file, self.line, self.document)?;
+        write!(
+            f,
+            "{}:{} (document {})",
+            self.file, self.line, self.document
+        )?;
         if let Some(object) = &self.object {
             write!(f, " {object}")?;
         }
@@ -89,7 +93,11 @@ fn decode_value(value: Value) -> Result<Option<MeshObject>, Failure> {
     let Value::Object(map) = &value else {
         return Err((None, None, "document is not a mapping".to_string()));
     };
-    let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_string();
+    let api_version = map
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let Some(kind_name) = map.get("kind").and_then(Value::as_str).map(str::to_string) else {
         return Err((None, Some("kind".into()), "missing kind".into()));
     };
@@ -102,12 +110,25 @@ fn decode_value(value: Value) -> Result<Option<MeshObject>, Failure> {
         ("", "Pod") => Kind::Pod,
         ("", "ServiceAccount") => Kind::ServiceAccount,
         ("config.flomesh.io", "MeshConfig") => Kind::MeshConfig,
-        ("", "List") => return Err((None, Some("kind".into()), "List documents are not supported; use one document per object".into())),
+        ("", "List") => {
+            return Err((
+                None,
+                Some("kind".into()),
+                "List documents are not supported; use one document per object".into(),
+            ));
+        }
         _ => return Ok(None),
     };
     let meta = map.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or_default().to_string();
-    let namespace = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).map(str::to_string);
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let label = match (&namespace, kind.is_namespaced()) {
         (Some(ns), true) => format!("{kind_name} {ns}/{name}"),
         _ => format!("{kind_name} {name}"),
@@ -118,7 +139,11 @@ fn decode_value(value: Value) -> Result<Option<MeshObject>, Failure> {
     }
     let typed = |e: serde_path_to_error::Error<serde_json::Error>| {
         let path = e.path().to_string();
-        (object.clone(), (path != ".").then_some(path), e.into_inner().to_string())
+        (
+            object.clone(),
+            (path != ".").then_some(path),
+            e.into_inner().to_string(),
+        )
     };
     let mut decoded = match kind {
         Kind::Namespace => MeshObject::Namespace(typed_from(value).map_err(typed)?),
@@ -134,7 +159,9 @@ fn decode_value(value: Value) -> Result<Option<MeshObject>, Failure> {
     Ok(Some(decoded))
 }
 
-fn typed_from<T: DeserializeOwned>(value: Value) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+fn typed_from<T: DeserializeOwned>(
+    value: Value,
+) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
     serde_path_to_error::deserialize(value)
 }
 
@@ -157,9 +184,20 @@ fn validate(object: &MeshObject) -> Result<(), (String, String)> {
     let port_ok = |port: i32| (1..=65535).contains(&port);
     match object {
         MeshObject::Service(svc) => {
-            for (i, port) in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).enumerate() {
+            for (i, port) in svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .enumerate()
+            {
                 if !port_ok(port.port) {
-                    return Err((format!("spec.ports[{i}].port"), format!("Invalid value: {}: must be between 1 and 65535, inclusive", port.port)));
+                    return Err((
+                        format!("spec.ports[{i}].port"),
+                        format!(
+                            "Invalid value: {}: must be between 1 and 65535, inclusive",
+                            port.port
+                        ),
+                    ));
                 }
             }
             if let Some(ip) = svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref())
@@ -167,26 +205,41 @@ fn validate(object: &MeshObject) -> Result<(), (String, String)> {
                 && !ip.is_empty()
                 && ip.parse::<IpAddr>().is_err()
             {
-                return Err(("spec.clusterIP".into(), format!("Invalid value: {ip:?}: must be a valid IP address")));
+                return Err((
+                    "spec.clusterIP".into(),
+                    format!("Invalid value: {ip:?}: must be a valid IP address"),
+                ));
             }
         }
         MeshObject::Pod(pod) => {
             if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref())
                 && ip.parse::<IpAddr>().is_err()
             {
-                return Err(("status.podIP".into(), format!("Invalid value: {ip:?}: must be a valid IP address")));
+                return Err((
+                    "status.podIP".into(),
+                    format!("Invalid value: {ip:?}: must be a valid IP address"),
+                ));
             }
         }
         MeshObject::Endpoints(ep) => {
             for (i, subset) in ep.subsets.iter().flatten().enumerate() {
                 for (j, addr) in subset.addresses.iter().flatten().enumerate() {
                     if addr.ip.parse::<IpAddr>().is_err() {
-                        return Err((format!("subsets[{i}].addresses[{j}].ip"), format!("Invalid value: {:?}: must be a valid IP address", addr.ip)));
+                        return Err((
+                            format!("subsets[{i}].addresses[{j}].ip"),
+                            format!("Invalid value: {:?}: must be a valid IP address", addr.ip),
+                        ));
                     }
                 }
                 for (j, port) in subset.ports.iter().flatten().enumerate() {
                     if !port_ok(port.port) {
-                        return Err((format!("subsets[{i}].ports[{j}].port"), format!("Invalid value: {}: must be between 1 and 65535, inclusive", port.port)));
+                        return Err((
+                            format!("subsets[{i}].ports[{j}].port"),
+                            format!(
+                                "Invalid value: {}: must be between 1 and 65535, inclusive",
+                                port.port
+                            ),
+                        ));
                     }
                 }
             }
@@ -195,7 +248,10 @@ fn validate(object: &MeshObject) -> Result<(), (String, String)> {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 for (j, addr) in endpoint.addresses.iter().enumerate() {
                     if addr.parse::<IpAddr>().is_err() {
-                        return Err((format!("endpoints[{i}].addresses[{j}]"), format!("Invalid value: {addr:?}: must be a valid IP address")));
+                        return Err((
+                            format!("endpoints[{i}].addresses[{j}]"),
+                            format!("Invalid value: {addr:?}: must be a valid IP address"),
+                        ));
                     }
                 }
             }
@@ -203,18 +259,31 @@ fn validate(object: &MeshObject) -> Result<(), (String, String)> {
                 if let Some(p) = port.port
                     && !port_ok(p)
                 {
-                    return Err((format!("ports[{i}].port"), format!("Invalid value: {p}: must be between 1 and 65535, inclusive")));
+                    return Err((
+                        format!("ports[{i}].port"),
+                        format!("Invalid value: {p}: must be between 1 and 65535, inclusive"),
+                    ));
                 }
             }
         }
         MeshObject::MeshConfig(mc) => {
             let name = mc.metadata.name.as_deref().unwrap_or_default();
             if name != MESH_CONFIG_NAME {
-                return Err(("metadata.name".into(), format!("Invalid value: {name:?}: the control plane reads only the MeshConfig named {MESH_CONFIG_NAME:?}")));
+                return Err((
+                    "metadata.name".into(),
+                    format!(
+                        "Invalid value: {name:?}: the control plane reads only the MeshConfig named {MESH_CONFIG_NAME:?}"
+                    ),
+                ));
             }
             let validity = &mc.spec.certificate.service_cert_validity_duration;
             if parse_duration(validity).is_none() {
-                return Err(("spec.certificate.serviceCertValidityDuration".into(), format!("Invalid value: {validity:?}: must be a duration such as \"24h\" or \"90m\"")));
+                return Err((
+                    "spec.certificate.serviceCertValidityDuration".into(),
+                    format!(
+                        "Invalid value: {validity:?}: must be a duration such as \"24h\" or \"90m\""
+                    ),
+                ));
             }
         }
         MeshObject::Namespace(_) | MeshObject::ServiceAccount(_) => {}
@@ -230,10 +299,14 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
     }
     let mut total = std::time::Duration::ZERO;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
         let (number, tail) = rest.split_at(digits);
         let value: f64 = number.parse().ok()?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let seconds = match unit {
             "h" => 3600.0,
@@ -256,7 +329,8 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut offset = 0;
     for (number, line) in text.split_inclusive('\n').enumerate() {
         let trimmed = line.trim_end();
-        let is_separator = trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---\t");
+        let is_separator =
+            trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---\t");
         if is_separator {
             docs.push((start_line, &text[start..offset]));
             start = offset + line.len();
@@ -265,7 +339,10 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
         offset += line.len();
     }
     docs.push((start_line, &text[start..]));
-    docs.retain(|(_, doc)| doc.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')));
+    docs.retain(|(_, doc)| {
+        doc.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
     docs
 }
 
@@ -282,10 +359,17 @@ mod tests {
         assert_eq!(errors.len(), 2);
         assert_eq!(errors[0].document, 1);
         assert_eq!(errors[0].line, 6);
-        assert!(errors[0].message.contains("malformed YAML"), "{}", errors[0]);
+        assert!(
+            errors[0].message.contains("malformed YAML"),
+            "{}",
+            errors[0]
+        );
         assert_eq!(errors[1].object.as_deref(), Some("Service a/s"));
         assert_eq!(errors[1].field.as_deref(), Some("spec.ports[0].port"));
-        assert_eq!(errors[1].to_string(), "m.yaml:8 (document 2) Service a/s: field spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive");
+        assert_eq!(
+            errors[1].to_string(),
+            "m.yaml:8 (document 2) Service a/s: field spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive"
+        );
     }
 
     #[test]
@@ -293,9 +377,19 @@ mod tests {
         let text = "apiVersion: config.flomesh.io/v1alpha3\nkind: MeshConfig\nmetadata:\n  name: fsm-mesh-config\n  namespace: fsm-system\nspec:\n  traffic:\n    enableEgress: \"no\"\n";
         let (objects, errors) = decode_manifests("mc.yaml", text);
         assert!(objects.is_empty());
-        assert_eq!(errors[0].object.as_deref(), Some("MeshConfig fsm-system/fsm-mesh-config"));
-        assert_eq!(errors[0].field.as_deref(), Some("spec.traffic.enableEgress"));
-        assert!(errors[0].message.contains("expected a boolean"), "{}", errors[0].message);
+        assert_eq!(
+            errors[0].object.as_deref(),
+            Some("MeshConfig fsm-system/fsm-mesh-config")
+        );
+        assert_eq!(
+            errors[0].field.as_deref(),
+            Some("spec.traffic.enableEgress")
+        );
+        assert!(
+            errors[0].message.contains("expected a boolean"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]
@@ -303,7 +397,9 @@ mod tests {
         let text = "apiVersion: config.flomesh.io/v1alpha3\nkind: MeshConfig\nmetadata:\n  name: fsm-mesh-config\n  namespace: fsm-system\n";
         let (objects, errors) = decode_manifests("mc.yaml", text);
         assert!(errors.is_empty());
-        let MeshObject::MeshConfig(mc) = &objects[0] else { panic!("not a MeshConfig") };
+        let MeshObject::MeshConfig(mc) = &objects[0] else {
+            panic!("not a MeshConfig")
+        };
         assert!(!mc.spec.traffic.enable_permissive_traffic_policy_mode);
         assert_eq!(mc.spec.certificate.service_cert_validity_duration, "24h");
         assert_eq!(mc.spec.sidecar.log_level, "error");
@@ -311,7 +407,10 @@ mod tests {
 
     #[test]
     fn unknown_kinds_are_ignored_and_missing_names_rejected() {
-        let (objects, errors) = decode_manifests("x.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\napiVersion: v1\nkind: Pod\nmetadata: {}\n");
+        let (objects, errors) = decode_manifests(
+            "x.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n---\napiVersion: v1\nkind: Pod\nmetadata: {}\n",
+        );
         assert!(objects.is_empty());
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field.as_deref(), Some("metadata.name"));
@@ -319,9 +418,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("24h"), Some(std::time::Duration::from_secs(86400)));
-        assert_eq!(parse_duration("1h30m"), Some(std::time::Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(std::time::Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("24h"),
+            Some(std::time::Duration::from_secs(86400))
+        );
+        assert_eq!(
+            parse_duration("1h30m"),
+            Some(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("500ms"),
+            Some(std::time::Duration::from_millis(500))
+        );
         assert_eq!(parse_duration("soon"), None);
         assert_eq!(parse_duration(""), None);
     }

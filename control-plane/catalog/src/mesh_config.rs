@@ -52,7 +52,9 @@ pub struct CertificateSpec {
 
 impl Default for CertificateSpec {
     fn default() -> Self {
-        CertificateSpec { service_cert_validity_duration: default_cert_validity() }
+        CertificateSpec {
+            service_cert_validity_duration: default_cert_validity(),
+        }
     }
 }
 
@@ -69,7 +71,9 @@ pub struct SidecarSpec {
 
 impl Default for SidecarSpec {
     fn default() -> Self {
-        SidecarSpec { log_level: default_log_level() }
+        SidecarSpec {
+            log_level: default_log_level(),
+        }
     }
 }
 

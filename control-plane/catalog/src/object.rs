@@ -49,6 +49,9 @@ impl fmt::Display for ObjectKey {
 }
 
 /// One mesh object, in the same Kubernetes types a cluster source would deliver.
+// Objects pass through once on their way into the catalog's maps; boxing the large Pod variant
+// would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum MeshObject {
     Namespace(Namespace),
@@ -90,7 +93,11 @@ impl MeshObject {
         let kind = self.kind();
         ObjectKey {
             kind,
-            namespace: if kind.is_namespaced() { meta.namespace.clone().unwrap_or_default() } else { String::new() },
+            namespace: if kind.is_namespaced() {
+                meta.namespace.clone().unwrap_or_default()
+            } else {
+                String::new()
+            },
             name: meta.name.clone().unwrap_or_default(),
         }
     }

@@ -6,8 +6,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::{
-    CatalogEvent, Kind, MESH_CONFIG_NAME, MONITORED_BY_LABEL, MeshConfig, MeshObject, ObjectKey, PROXY_UUID_LABEL,
-    SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION,
+    CatalogEvent, Kind, MESH_CONFIG_NAME, MONITORED_BY_LABEL, MeshConfig, MeshObject, ObjectKey,
+    PROXY_UUID_LABEL, SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION,
 };
 
 /// Settings of the control plane that decide which objects belong to the mesh.
@@ -21,7 +21,10 @@ pub struct CatalogSettings {
 
 impl Default for CatalogSettings {
     fn default() -> Self {
-        CatalogSettings { mesh_name: "fsm".into(), fsm_namespace: "fsm-system".into() }
+        CatalogSettings {
+            mesh_name: "fsm".into(),
+            fsm_namespace: "fsm-system".into(),
+        }
     }
 }
 
@@ -61,7 +64,10 @@ fn ns_name(key: &ObjectKey) -> NsName {
 
 impl Catalog {
     pub fn new(settings: CatalogSettings) -> Self {
-        Catalog { settings, ..Default::default() }
+        Catalog {
+            settings,
+            ..Default::default()
+        }
     }
 
     pub fn settings(&self) -> &CatalogSettings {
@@ -102,16 +108,40 @@ impl Catalog {
 
     /// Keys of every stored object.
     pub fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
-        let key = |kind, (namespace, name): &NsName| ObjectKey { kind, namespace: namespace.clone(), name: name.clone() };
+        let key = |kind, (namespace, name): &NsName| ObjectKey {
+            kind,
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
         self.namespaces
             .keys()
-            .map(|name| ObjectKey { kind: Kind::Namespace, namespace: String::new(), name: name.clone() })
+            .map(|name| ObjectKey {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: name.clone(),
+            })
             .chain(self.services.keys().map(move |id| key(Kind::Service, id)))
-            .chain(self.endpoints.keys().map(move |id| key(Kind::Endpoints, id)))
-            .chain(self.slices.keys().map(move |id| key(Kind::EndpointSlice, id)))
+            .chain(
+                self.endpoints
+                    .keys()
+                    .map(move |id| key(Kind::Endpoints, id)),
+            )
+            .chain(
+                self.slices
+                    .keys()
+                    .map(move |id| key(Kind::EndpointSlice, id)),
+            )
             .chain(self.pods.keys().map(move |id| key(Kind::Pod, id)))
-            .chain(self.service_accounts.iter().map(move |id| key(Kind::ServiceAccount, id)))
-            .chain(self.mesh_config.iter().map(|mc| MeshObject::MeshConfig(mc.clone()).key()))
+            .chain(
+                self.service_accounts
+                    .iter()
+                    .map(move |id| key(Kind::ServiceAccount, id)),
+            )
+            .chain(
+                self.mesh_config
+                    .iter()
+                    .map(|mc| MeshObject::MeshConfig(mc.clone()).key()),
+            )
     }
 
     /// Inserts or replaces an object. Returns whether anything changed.
@@ -133,13 +163,26 @@ impl Catalog {
                 self.endpoints.insert(id, o);
             }
             MeshObject::EndpointSlice(o) => {
-                if let Some(service) = o.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
-                    self.slices_by_service.entry((id.0.clone(), service.clone())).or_default().insert(id.1.clone());
+                if let Some(service) = o
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                {
+                    self.slices_by_service
+                        .entry((id.0.clone(), service.clone()))
+                        .or_default()
+                        .insert(id.1.clone());
                 }
                 self.slices.insert(id, o);
             }
             MeshObject::Pod(o) => {
-                if let Some(uuid) = o.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL)) {
+                if let Some(uuid) = o
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(PROXY_UUID_LABEL))
+                {
                     self.pods_by_uuid.insert(uuid.clone(), id.clone());
                 }
                 if let Some(ip) = pod_ip(&o) {
@@ -165,8 +208,15 @@ impl Catalog {
             Kind::Service => self.services.remove(&id).is_some(),
             Kind::Endpoints => self.endpoints.remove(&id).is_some(),
             Kind::EndpointSlice => {
-                let Some(old) = self.slices.remove(&id) else { return false };
-                if let Some(service) = old.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                let Some(old) = self.slices.remove(&id) else {
+                    return false;
+                };
+                if let Some(service) = old
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                {
                     let index_key = (id.0.clone(), service.clone());
                     if let Some(names) = self.slices_by_service.get_mut(&index_key) {
                         names.remove(&id.1);
@@ -178,8 +228,14 @@ impl Catalog {
                 true
             }
             Kind::Pod => {
-                let Some(old) = self.pods.remove(&id) else { return false };
-                if let Some(uuid) = old.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL))
+                let Some(old) = self.pods.remove(&id) else {
+                    return false;
+                };
+                if let Some(uuid) = old
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(PROXY_UUID_LABEL))
                     && self.pods_by_uuid.get(uuid) == Some(&id)
                 {
                     self.pods_by_uuid.remove(uuid);
@@ -193,7 +249,11 @@ impl Catalog {
             }
             Kind::ServiceAccount => self.service_accounts.remove(&id),
             Kind::MeshConfig => {
-                let matches = self.mesh_config.as_ref().map(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace)).unwrap_or(false);
+                let matches = self
+                    .mesh_config
+                    .as_ref()
+                    .map(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace))
+                    .unwrap_or(false);
                 matches && self.mesh_config.take().is_some()
             }
         }
@@ -203,7 +263,11 @@ impl Catalog {
     pub fn get(&self, key: &ObjectKey) -> Option<MeshObject> {
         let id = ns_name(key);
         match key.kind {
-            Kind::Namespace => self.namespaces.get(&key.name).cloned().map(MeshObject::Namespace),
+            Kind::Namespace => self
+                .namespaces
+                .get(&key.name)
+                .cloned()
+                .map(MeshObject::Namespace),
             Kind::Service => self.services.get(&id).cloned().map(MeshObject::Service),
             Kind::Endpoints => self.endpoints.get(&id).cloned().map(MeshObject::Endpoints),
             Kind::EndpointSlice => self.slices.get(&id).cloned().map(MeshObject::EndpointSlice),
@@ -251,15 +315,29 @@ impl Catalog {
     /// Whether the pod runs a sidecar: it is in a monitored namespace and injection is not
     /// disabled on the pod or (without a pod annotation) on its namespace.
     pub fn pod_has_sidecar(&self, namespace: &str, name: &str) -> bool {
-        let Some(pod) = self.pods.get(&(namespace.to_string(), name.to_string())) else { return false };
-        if !self.is_monitored(namespace) || pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false) {
+        let Some(pod) = self.pods.get(&(namespace.to_string(), name.to_string())) else {
+            return false;
+        };
+        if !self.is_monitored(namespace)
+            || pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false)
+        {
             return false;
         }
         let annotation = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            meta.annotations.as_ref().and_then(|a| a.get(SIDECAR_INJECTION_ANNOTATION)).cloned()
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(SIDECAR_INJECTION_ANNOTATION))
+                .cloned()
         };
         let pod_setting = annotation(&pod.metadata);
-        let ns_setting = self.namespaces.get(namespace).and_then(|ns| annotation(&ns.metadata));
+        let ns_setting = self
+            .namespaces
+            .get(namespace)
+            .and_then(|ns| annotation(&ns.metadata));
         pod_setting.or(ns_setting).is_none_or(|v| v != "disabled")
     }
 
@@ -278,7 +356,10 @@ impl Catalog {
 
     /// Services of monitored namespaces, sorted by namespace and name.
     pub fn mesh_services(&self) -> impl Iterator<Item = &Service> {
-        self.services.iter().filter(|((ns, _), _)| self.is_monitored(ns)).map(|(_, svc)| svc)
+        self.services
+            .iter()
+            .filter(|((ns, _), _)| self.is_monitored(ns))
+            .map(|(_, svc)| svc)
     }
 
     /// Services in the pod's namespace whose selector matches the pod's labels.
@@ -290,7 +371,8 @@ impl Catalog {
             .take_while(|((ns, _), _)| *ns == namespace)
             .filter_map(|(_, svc)| {
                 let selector = svc.spec.as_ref()?.selector.as_ref()?;
-                (!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))).then_some(svc)
+                (!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                    .then_some(svc)
             })
             .collect()
     }
@@ -302,9 +384,14 @@ impl Catalog {
         let name = service.metadata.name.clone().unwrap_or_default();
         let port_name = port.name.clone().unwrap_or_default();
         let mut out = BTreeSet::new();
-        if let Some(slice_names) = self.slices_by_service.get(&(namespace.clone(), name.clone())) {
+        if let Some(slice_names) = self
+            .slices_by_service
+            .get(&(namespace.clone(), name.clone()))
+        {
             for slice_name in slice_names {
-                let Some(slice) = self.slices.get(&(namespace.clone(), slice_name.clone())) else { continue };
+                let Some(slice) = self.slices.get(&(namespace.clone(), slice_name.clone())) else {
+                    continue;
+                };
                 let Some(number) = slice
                     .ports
                     .iter()
@@ -348,7 +435,11 @@ impl Catalog {
     }
 
     fn resolved(&self, ip: IpAddr, port: u16) -> ResolvedEndpoint {
-        ResolvedEndpoint { ip, port, pod: self.pods_by_ip.get(&ip).cloned() }
+        ResolvedEndpoint {
+            ip,
+            port,
+            pod: self.pods_by_ip.get(&ip).cloned(),
+        }
     }
 
     /// Resolves a Service port's `targetPort` against a pod's named container ports.
@@ -444,7 +535,13 @@ status: {podIP: 127.0.1.1}
         assert!(catalog.pod_has_sidecar("app", "httpbin-1"));
         let services = catalog.services_selecting(pod);
         assert_eq!(services.len(), 1);
-        let port = &services[0].spec.as_ref().expect("spec").ports.as_ref().expect("ports")[0];
+        let port = &services[0]
+            .spec
+            .as_ref()
+            .expect("spec")
+            .ports
+            .as_ref()
+            .expect("ports")[0];
         assert_eq!(Catalog::target_port(port, pod), Some(14001));
         let eps = catalog.endpoints_of(services[0], port);
         assert_eq!(eps.len(), 1, "not-ready endpoints are skipped");
@@ -455,11 +552,22 @@ status: {podIP: 127.0.1.1}
     fn apply_is_idempotent_and_delete_cleans_indexes() {
         let mut catalog = catalog();
         let pod = MeshObject::Pod(catalog.pod("app", "httpbin-1").expect("pod").clone());
-        assert!(!catalog.apply(pod.clone()), "same object twice is no change");
+        assert!(
+            !catalog.apply(pod.clone()),
+            "same object twice is no change"
+        );
         assert!(catalog.delete(&pod.key()));
         assert!(catalog.pod_by_proxy_uuid("u-1").is_none());
-        assert!(catalog.pod_by_ip("127.0.1.1".parse().expect("ip")).is_none());
-        let slice = ObjectKey { kind: Kind::EndpointSlice, namespace: "app".into(), name: "httpbin-abc".into() };
+        assert!(
+            catalog
+                .pod_by_ip("127.0.1.1".parse().expect("ip"))
+                .is_none()
+        );
+        let slice = ObjectKey {
+            kind: Kind::EndpointSlice,
+            namespace: "app".into(),
+            name: "httpbin-abc".into(),
+        };
         assert!(catalog.delete(&slice));
         assert!(!catalog.delete(&slice));
     }
@@ -473,14 +581,24 @@ status: {podIP: 127.0.1.1}
         let mut kept = 0;
         for o in objects.into_iter().filter(|o| o.kind() != Kind::Pod) {
             kept += 1;
-            assert!(!catalog.handle(CatalogEvent::InitApply(o)), "buffered until InitDone");
+            assert!(
+                !catalog.handle(CatalogEvent::InitApply(o)),
+                "buffered until InitDone"
+            );
         }
-        assert_eq!(catalog.keys().count(), before, "nothing changes before InitDone");
+        assert_eq!(
+            catalog.keys().count(),
+            before,
+            "nothing changes before InitDone"
+        );
         assert!(catalog.handle(CatalogEvent::InitDone));
         assert_eq!(catalog.keys().count(), kept);
         assert!(catalog.pod_by_proxy_uuid("u-1").is_none());
         assert!(!catalog.handle(CatalogEvent::Init));
-        assert!(catalog.handle(CatalogEvent::InitDone), "an empty relist empties the catalog");
+        assert!(
+            catalog.handle(CatalogEvent::InitDone),
+            "an empty relist empties the catalog"
+        );
         assert_eq!(catalog.keys().count(), 0);
     }
 }

@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use fsm_catalog::Catalog;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
-    AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort, InboundService, MeshSettings,
-    OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch, ServiceIdentity, ServiceRef, WeightedCluster,
+    AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
+    InboundService, MeshSettings, OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch,
+    ServiceIdentity, ServiceRef, WeightedCluster,
 };
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 
@@ -34,13 +35,28 @@ pub struct ProxyRef {
 pub enum CompileError {
     #[error("no pod carries label fsm-proxy-uuid={uuid}")]
     PodNotFound { uuid: String },
-    #[error("pod {namespace}/{pod} runs as service account {actual:?} but the proxy's node id says {claimed:?}")]
-    ServiceAccountMismatch { namespace: String, pod: String, claimed: String, actual: String },
-    #[error("pod {namespace}/{pod} is in namespace {namespace} but the proxy's node id says {claimed:?}")]
-    NamespaceMismatch { namespace: String, pod: String, claimed: String },
+    #[error(
+        "pod {namespace}/{pod} runs as service account {actual:?} but the proxy's node id says {claimed:?}"
+    )]
+    ServiceAccountMismatch {
+        namespace: String,
+        pod: String,
+        claimed: String,
+        actual: String,
+    },
+    #[error(
+        "pod {namespace}/{pod} is in namespace {namespace} but the proxy's node id says {claimed:?}"
+    )]
+    NamespaceMismatch {
+        namespace: String,
+        pod: String,
+        claimed: String,
+    },
     #[error("pod {namespace}/{pod} has no status.podIP yet")]
     NoPodIp { namespace: String, pod: String },
-    #[error("pod {namespace}/{pod} is not part of mesh: namespace not monitored or sidecar injection disabled")]
+    #[error(
+        "pod {namespace}/{pod} is not part of mesh: namespace not monitored or sidecar injection disabled"
+    )]
     NotMeshed { namespace: String, pod: String },
 }
 
@@ -48,7 +64,8 @@ impl HasErrCode for CompileError {
     fn err_code(&self) -> ErrCode {
         match self {
             CompileError::PodNotFound { .. } => ErrCode::E5002,
-            CompileError::ServiceAccountMismatch { .. } | CompileError::NamespaceMismatch { .. } => ErrCode::E5010,
+            CompileError::ServiceAccountMismatch { .. }
+            | CompileError::NamespaceMismatch { .. } => ErrCode::E5010,
             CompileError::NoPodIp { .. } | CompileError::NotMeshed { .. } => ErrCode::E5007,
         }
     }
@@ -70,11 +87,19 @@ pub struct Compiled {
 
 /// Compiles the configuration of one proxy.
 pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileError> {
-    let pod = catalog.pod_by_proxy_uuid(&proxy.uuid).ok_or_else(|| CompileError::PodNotFound { uuid: proxy.uuid.clone() })?;
+    let pod = catalog
+        .pod_by_proxy_uuid(&proxy.uuid)
+        .ok_or_else(|| CompileError::PodNotFound {
+            uuid: proxy.uuid.clone(),
+        })?;
     let pod_namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
     if pod_namespace != proxy.namespace {
-        return Err(CompileError::NamespaceMismatch { namespace: pod_namespace, pod: pod_name, claimed: proxy.namespace.clone() });
+        return Err(CompileError::NamespaceMismatch {
+            namespace: pod_namespace,
+            pod: pod_name,
+            claimed: proxy.namespace.clone(),
+        });
     }
     let service_account = pod_service_account(pod);
     if service_account != proxy.service_account {
@@ -86,28 +111,45 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         });
     }
     if !catalog.pod_has_sidecar(&pod_namespace, &pod_name) {
-        return Err(CompileError::NotMeshed { namespace: pod_namespace, pod: pod_name });
+        return Err(CompileError::NotMeshed {
+            namespace: pod_namespace,
+            pod: pod_name,
+        });
     }
     let pod_ip: IpAddr = pod
         .status
         .as_ref()
         .and_then(|s| s.pod_ip.as_deref())
         .and_then(|ip| ip.parse().ok())
-        .ok_or_else(|| CompileError::NoPodIp { namespace: pod_namespace.clone(), pod: pod_name.clone() })?;
+        .ok_or_else(|| CompileError::NoPodIp {
+            namespace: pod_namespace.clone(),
+            pod: pod_name.clone(),
+        })?;
 
     let mesh_config = catalog.mesh_config();
     let mesh = MeshSettings {
-        permissive_traffic_policy_mode: mesh_config.spec.traffic.enable_permissive_traffic_policy_mode,
+        permissive_traffic_policy_mode: mesh_config
+            .spec
+            .traffic
+            .enable_permissive_traffic_policy_mode,
         enable_egress: mesh_config.spec.traffic.enable_egress,
         trust_domain: TRUST_DOMAIN.to_string(),
     };
-    let mut compiler = Compiler { catalog, mesh: &mesh, clusters: BTreeMap::new(), warnings: Vec::new() };
+    let mut compiler = Compiler {
+        catalog,
+        mesh: &mesh,
+        clusters: BTreeMap::new(),
+        warnings: Vec::new(),
+    };
     let outbound = compiler.outbound();
     let inbound = compiler.inbound(pod, pod_ip);
     let ir = ProxyIr {
         proxy: ProxyInfo {
             uuid: proxy.uuid.clone(),
-            identity: ServiceIdentity { service_account: proxy.service_account.clone(), namespace: pod_namespace.clone() },
+            identity: ServiceIdentity {
+                service_account: proxy.service_account.clone(),
+                namespace: pod_namespace.clone(),
+            },
             pod: pod_name,
             namespace: pod_namespace,
             pod_ip,
@@ -125,7 +167,10 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
 }
 
 fn pod_service_account(pod: &Pod) -> String {
-    pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".to_string())
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_string())
 }
 
 struct Compiler<'a> {
@@ -154,12 +199,17 @@ impl Compiler<'_> {
                 .into_iter()
                 .collect();
             for port in spec.ports.iter().flatten() {
-                let Ok(number) = u16::try_from(port.port) else { continue };
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
                 let protocol = self.protocol(&service, port);
                 let cluster = ClusterName::outbound(&service, number);
                 let endpoints = self.endpoints(svc, port);
                 if endpoints.is_empty() {
-                    self.warn(ErrCode::E3000, format!("service {service} port {number} has no ready endpoints"));
+                    self.warn(
+                        ErrCode::E3000,
+                        format!("service {service} port {number} has no ready endpoints"),
+                    );
                 }
                 self.clusters.insert(
                     cluster.clone(),
@@ -172,7 +222,10 @@ impl Compiler<'_> {
                         connect_timeout_ms: CONNECT_TIMEOUT_MS,
                     },
                 );
-                let backends = vec![WeightedCluster { cluster, weight: 100 }];
+                let backends = vec![WeightedCluster {
+                    cluster,
+                    weight: 100,
+                }];
                 let mut hosts = host_aliases(&service, number);
                 hosts.extend(cluster_ips.iter().map(|ip| socket_host(*ip, number)));
                 out.push(OutboundService {
@@ -181,7 +234,11 @@ impl Compiler<'_> {
                     protocol,
                     destination_ip_ranges: cluster_ips.iter().map(|ip| host_range(*ip)).collect(),
                     hosts,
-                    routes: if protocol.is_http() { vec![wildcard_route(backends.clone(), AllowedSources::Any)] } else { vec![] },
+                    routes: if protocol.is_http() {
+                        vec![wildcard_route(backends.clone(), AllowedSources::Any)]
+                    } else {
+                        vec![]
+                    },
                     tcp_backends: if protocol.is_http() { vec![] } else { backends },
                 });
             }
@@ -200,7 +257,9 @@ impl Compiler<'_> {
         for svc in self.catalog.services_selecting(pod) {
             let service = service_ref(svc);
             for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
-                let Ok(number) = u16::try_from(port.port) else { continue };
+                let Ok(number) = u16::try_from(port.port) else {
+                    continue;
+                };
                 let Some(target_port) = Catalog::target_port(port, pod) else {
                     self.warn(ErrCode::E5021, format!("service {service} port {number}: targetPort {:?} does not name a port of the pod", port.target_port));
                     continue;
@@ -214,11 +273,20 @@ impl Compiler<'_> {
                         kind: ClusterKind::Local,
                         service: service.clone(),
                         protocol,
-                        endpoints: vec![Endpoint { ip: pod_ip, port: target_port, meshed: false, identity: None }],
+                        endpoints: vec![Endpoint {
+                            ip: pod_ip,
+                            port: target_port,
+                            meshed: false,
+                            identity: None,
+                        }],
                         connect_timeout_ms: CONNECT_TIMEOUT_MS,
                     },
                 );
-                let entry = ports.entry(target_port).or_insert_with(|| InboundPort { target_port, protocol, services: vec![] });
+                let entry = ports.entry(target_port).or_insert_with(|| InboundPort {
+                    target_port,
+                    protocol,
+                    services: vec![],
+                });
                 if entry.protocol != protocol {
                     self.warn(
                         ErrCode::E5020,
@@ -226,7 +294,13 @@ impl Compiler<'_> {
                     );
                 }
                 let routes = if entry.protocol.is_http() {
-                    vec![wildcard_route(vec![WeightedCluster { cluster: local_cluster.clone(), weight: 100 }], allowed.clone())]
+                    vec![wildcard_route(
+                        vec![WeightedCluster {
+                            cluster: local_cluster.clone(),
+                            weight: 100,
+                        }],
+                        allowed.clone(),
+                    )]
                 } else {
                     vec![]
                 };
@@ -248,12 +322,18 @@ impl Compiler<'_> {
             .endpoints_of(svc, port)
             .into_iter()
             .map(|ep| {
-                let pod = ep.pod.as_ref().and_then(|(ns, name)| self.catalog.pod(ns, name).map(|p| (ns, name, p)));
+                let pod = ep
+                    .pod
+                    .as_ref()
+                    .and_then(|(ns, name)| self.catalog.pod(ns, name).map(|p| (ns, name, p)));
                 Endpoint {
                     ip: ep.ip,
                     port: ep.port,
                     meshed: pod.is_some_and(|(ns, name, _)| self.catalog.pod_has_sidecar(ns, name)),
-                    identity: pod.map(|(ns, _, p)| ServiceIdentity { service_account: pod_service_account(p), namespace: ns.clone() }),
+                    identity: pod.map(|(ns, _, p)| ServiceIdentity {
+                        service_account: pod_service_account(p),
+                        namespace: ns.clone(),
+                    }),
                 }
             })
             .collect()
@@ -264,7 +344,9 @@ impl Compiler<'_> {
         let declared = port.app_protocol.clone().or_else(|| {
             let name = port.name.as_deref()?;
             let prefix = name.split('-').next()?;
-            ["http", "grpc", "tcp"].contains(&prefix).then(|| prefix.to_string())
+            ["http", "grpc", "tcp"]
+                .contains(&prefix)
+                .then(|| prefix.to_string())
         });
         match declared.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("http") => Protocol::Http,
@@ -284,11 +366,20 @@ impl Compiler<'_> {
 }
 
 fn service_ref(svc: &Service) -> ServiceRef {
-    ServiceRef { namespace: svc.metadata.namespace.clone().unwrap_or_default(), name: svc.metadata.name.clone().unwrap_or_default() }
+    ServiceRef {
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+    }
 }
 
 fn wildcard_route(backends: Vec<WeightedCluster>, allowed: AllowedSources) -> HttpRoute {
-    HttpRoute { matches: RouteMatch::default(), backends, allowed, timeout_ms: None, retry: None }
+    HttpRoute {
+        matches: RouteMatch::default(),
+        backends,
+        allowed,
+        timeout_ms: None,
+        retry: None,
+    }
 }
 
 /// FSM's `HttpHostPort2Service` keys: `svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster`,

@@ -20,18 +20,40 @@ struct Output<'a> {
 fn render(input: &str) -> Result<BTreeMap<String, String>, String> {
     let (objects, errors) = decode_manifests("in.yaml", input);
     if !errors.is_empty() {
-        return Err(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+        return Err(errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"));
     }
     let mut catalog = Catalog::new(CatalogSettings::default());
     let mut proxies = Vec::new();
     for object in objects {
         if let MeshObject::Pod(pod) = &object
-            && let Some(uuid) = pod.metadata.labels.as_ref().and_then(|l| l.get(PROXY_UUID_LABEL))
+            && let Some(uuid) = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(PROXY_UUID_LABEL))
         {
             let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-            let file = format!("out.{namespace}.{}.yaml", pod.metadata.name.clone().unwrap_or_default());
-            let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or("default".into());
-            proxies.push((file, ProxyRef { uuid: uuid.clone(), service_account, namespace }));
+            let file = format!(
+                "out.{namespace}.{}.yaml",
+                pod.metadata.name.clone().unwrap_or_default()
+            );
+            let service_account = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or("default".into());
+            proxies.push((
+                file,
+                ProxyRef {
+                    uuid: uuid.clone(),
+                    service_account,
+                    namespace,
+                },
+            ));
         }
         catalog.apply(object);
     }
@@ -40,20 +62,39 @@ fn render(input: &str) -> Result<BTreeMap<String, String>, String> {
         let compiled = compile(&catalog, &proxy);
         let output = match &compiled {
             Ok(c) => {
-                c.ir.validate().map_err(|e| format!("{file}: compiler produced invalid IR: {e}"))?;
-                let warnings = c.warnings.iter().map(|w| format!("{}: {}", w.code, w.message)).collect();
-                Output { error: None, warnings, ir: Some(&c.ir) }
+                c.ir.validate()
+                    .map_err(|e| format!("{file}: compiler produced invalid IR: {e}"))?;
+                let warnings = c
+                    .warnings
+                    .iter()
+                    .map(|w| format!("{}: {}", w.code, w.message))
+                    .collect();
+                Output {
+                    error: None,
+                    warnings,
+                    ir: Some(&c.ir),
+                }
             }
-            Err(e) => Output { error: Some(format!("{}: {e}", e.err_code())), warnings: vec![], ir: None },
+            Err(e) => Output {
+                error: Some(format!("{}: {e}", e.err_code())),
+                warnings: vec![],
+                ir: None,
+            },
         };
         let again = compile(&catalog, &proxy);
         assert_eq!(compiled, again, "compile must be deterministic");
-        outputs.insert(file, serde_yaml_ng::to_string(&output).map_err(|e| e.to_string())?);
+        outputs.insert(
+            file,
+            serde_yaml_ng::to_string(&output).map_err(|e| e.to_string())?,
+        );
     }
     Ok(outputs)
 }
 
 #[test]
 fn golden_cases() {
-    fsm_golden::run(&Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata"), render);
+    fsm_golden::run(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata"),
+        render,
+    );
 }

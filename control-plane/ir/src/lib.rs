@@ -62,7 +62,10 @@ pub struct ServiceIdentity {
 
 impl ServiceIdentity {
     pub fn common_name(&self, trust_domain: &str) -> String {
-        format!("{}.{}.{}", self.service_account, self.namespace, trust_domain)
+        format!(
+            "{}.{}.{}",
+            self.service_account, self.namespace, trust_domain
+        )
     }
 }
 
@@ -301,7 +304,9 @@ impl ProxyIr {
                     return Err(IrError::UnknownCluster(backend.cluster.clone()));
                 }
             }
-            if !backends.is_empty() && backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0 {
+            if !backends.is_empty()
+                && backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() == 0
+            {
                 return Err(IrError::ZeroWeights(owner));
             }
             Ok(())
@@ -323,7 +328,10 @@ impl ProxyIr {
                 });
             }
             for route in &out.routes {
-                check(format!("route of {}|{}", out.service, out.port), &route.backends)?;
+                check(
+                    format!("route of {}|{}", out.service, out.port),
+                    &route.backends,
+                )?;
             }
             check(format!("{}|{}", out.service, out.port), &out.tcp_backends)?;
         }
@@ -333,7 +341,10 @@ impl ProxyIr {
                     return Err(IrError::UnknownCluster(svc.local_cluster.clone()));
                 }
                 for route in &svc.routes {
-                    check(format!("inbound route of {}|{}", svc.service, svc.port), &route.backends)?;
+                    check(
+                        format!("inbound route of {}|{}", svc.service, svc.port),
+                        &route.backends,
+                    )?;
                 }
             }
         }
@@ -346,19 +357,29 @@ mod tests {
     use super::*;
 
     fn svc() -> ServiceRef {
-        ServiceRef { namespace: "app".into(), name: "httpbin".into() }
+        ServiceRef {
+            namespace: "app".into(),
+            name: "httpbin".into(),
+        }
     }
 
     fn ir(clusters: Vec<Cluster>, backends: Vec<WeightedCluster>) -> ProxyIr {
         ProxyIr {
             proxy: ProxyInfo {
                 uuid: "u".into(),
-                identity: ServiceIdentity { service_account: "sa".into(), namespace: "app".into() },
+                identity: ServiceIdentity {
+                    service_account: "sa".into(),
+                    namespace: "app".into(),
+                },
                 pod: "p".into(),
                 namespace: "app".into(),
                 pod_ip: "127.0.0.1".parse().expect("ip"),
             },
-            mesh: MeshSettings { permissive_traffic_policy_mode: true, enable_egress: false, trust_domain: "cluster.local".into() },
+            mesh: MeshSettings {
+                permissive_traffic_policy_mode: true,
+                enable_egress: false,
+                trust_domain: "cluster.local".into(),
+            },
             inbound: vec![],
             outbound: vec![OutboundService {
                 service: svc(),
@@ -385,20 +406,33 @@ mod tests {
     }
 
     fn backend(name: &str, weight: u32) -> WeightedCluster {
-        WeightedCluster { cluster: ClusterName(name.into()), weight }
+        WeightedCluster {
+            cluster: ClusterName(name.into()),
+            weight,
+        }
     }
 
     #[test]
     fn cluster_names_follow_fsm() {
-        assert_eq!(ClusterName::outbound(&svc(), 14001).as_str(), "app/httpbin|14001");
-        assert_eq!(ClusterName::local(&svc(), 14001).as_str(), "app/httpbin|14001|local");
+        assert_eq!(
+            ClusterName::outbound(&svc(), 14001).as_str(),
+            "app/httpbin|14001"
+        );
+        assert_eq!(
+            ClusterName::local(&svc(), 14001).as_str(),
+            "app/httpbin|14001|local"
+        );
         assert_eq!(svc().fqdn(), "httpbin.app.svc.cluster.local");
     }
 
     #[test]
     fn validate_table() {
         let cases: Vec<(&str, ProxyIr, Result<(), IrError>)> = vec![
-            ("valid", ir(vec![cluster("a")], vec![backend("a", 100)]), Ok(())),
+            (
+                "valid",
+                ir(vec![cluster("a")], vec![backend("a", 100)]),
+                Ok(()),
+            ),
             (
                 "unknown cluster",
                 ir(vec![cluster("a")], vec![backend("b", 100)]),
@@ -417,7 +451,11 @@ mod tests {
             (
                 "tcp without backends",
                 ir(vec![cluster("a")], vec![]),
-                Err(IrError::InvalidOutbound { service: svc(), port: 14001, reason: "TCP port without backends" }),
+                Err(IrError::InvalidOutbound {
+                    service: svc(),
+                    port: 14001,
+                    reason: "TCP port without backends",
+                }),
             ),
         ];
         for (name, ir, expected) in cases {

@@ -98,7 +98,11 @@ impl fmt::Display for ProxyKind {
 
 impl DataPlane {
     fn from_user_agent(name: &str) -> Self {
-        if name == "envoy" { DataPlane::Envoy } else { DataPlane::Other(name.to_owned()) }
+        if name == "envoy" {
+            DataPlane::Envoy
+        } else {
+            DataPlane::Other(name.to_owned())
+        }
     }
 }
 
@@ -114,26 +118,46 @@ impl ProxyNode {
         let id = || node_id.to_owned();
         let parts: Vec<&str> = node_id.splitn(5, '.').collect();
         let [uuid, kind, service_account, namespace, rest @ ..] = parts.as_slice() else {
-            return Err(NodeError::TooFewParts { id: id(), parts: node_id.split('.').count() });
+            return Err(NodeError::TooFewParts {
+                id: id(),
+                parts: node_id.split('.').count(),
+            });
         };
         if !is_uuid(uuid) {
-            return Err(NodeError::InvalidUuid { id: id(), uuid: (*uuid).to_owned() });
+            return Err(NodeError::InvalidUuid {
+                id: id(),
+                uuid: (*uuid).to_owned(),
+            });
         }
         let kind = match *kind {
             "sidecar" => ProxyKind::Sidecar,
             "gateway" => ProxyKind::Gateway,
-            other => return Err(NodeError::InvalidKind { id: id(), kind: other.to_owned() }),
+            other => {
+                return Err(NodeError::InvalidKind {
+                    id: id(),
+                    kind: other.to_owned(),
+                });
+            }
         };
         if !is_dns_label(service_account) {
-            return Err(NodeError::InvalidServiceAccount { id: id(), service_account: (*service_account).to_owned() });
+            return Err(NodeError::InvalidServiceAccount {
+                id: id(),
+                service_account: (*service_account).to_owned(),
+            });
         }
         if !is_dns_label(namespace) {
-            return Err(NodeError::InvalidNamespace { id: id(), namespace: (*namespace).to_owned() });
+            return Err(NodeError::InvalidNamespace {
+                id: id(),
+                namespace: (*namespace).to_owned(),
+            });
         }
         if let Some(trust_domain) = rest.first()
             && trust_domain.split('.').any(str::is_empty)
         {
-            return Err(NodeError::InvalidTrustDomain { id: id(), trust_domain: (*trust_domain).to_owned() });
+            return Err(NodeError::InvalidTrustDomain {
+                id: id(),
+                trust_domain: (*trust_domain).to_owned(),
+            });
         }
         Ok(ProxyNode {
             uuid: (*uuid).to_owned(),
@@ -159,7 +183,10 @@ impl ProxyNode {
 fn is_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -167,7 +194,10 @@ fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     match (bytes.first(), bytes.last()) {
         (Some(&first), Some(&last)) => {
-            bytes.len() <= 63 && alnum(first) && alnum(last) && bytes.iter().all(|&b| alnum(b) || b == b'-')
+            bytes.len() <= 63
+                && alnum(first)
+                && alnum(last)
+                && bytes.iter().all(|&b| alnum(b) || b == b'-')
         }
         _ => false,
     }
@@ -186,15 +216,46 @@ mod tests {
     #[test]
     fn valid_ids() {
         let cases: &[(&str, &str, ProxyKind, &str, &str)] = &[
-            ("plain sidecar", "sidecar.bookbuyer.bookstore", ProxyKind::Sidecar, "bookbuyer", "bookstore"),
-            ("trust domain", "sidecar.bookbuyer.bookstore.cluster.local", ProxyKind::Sidecar, "bookbuyer", "bookstore"),
-            ("gateway", "gateway.fsm-ingress.fsm-system", ProxyKind::Gateway, "fsm-ingress", "fsm-system"),
-            ("one-part trust domain", "sidecar.a.b.example", ProxyKind::Sidecar, "a", "b"),
-            ("digits", "sidecar.0sa9.1ns2", ProxyKind::Sidecar, "0sa9", "1ns2"),
+            (
+                "plain sidecar",
+                "sidecar.bookbuyer.bookstore",
+                ProxyKind::Sidecar,
+                "bookbuyer",
+                "bookstore",
+            ),
+            (
+                "trust domain",
+                "sidecar.bookbuyer.bookstore.cluster.local",
+                ProxyKind::Sidecar,
+                "bookbuyer",
+                "bookstore",
+            ),
+            (
+                "gateway",
+                "gateway.fsm-ingress.fsm-system",
+                ProxyKind::Gateway,
+                "fsm-ingress",
+                "fsm-system",
+            ),
+            (
+                "one-part trust domain",
+                "sidecar.a.b.example",
+                ProxyKind::Sidecar,
+                "a",
+                "b",
+            ),
+            (
+                "digits",
+                "sidecar.0sa9.1ns2",
+                ProxyKind::Sidecar,
+                "0sa9",
+                "1ns2",
+            ),
         ];
         for (name, rest, kind, sa, ns) in cases {
             let node_id = id(rest);
-            let node = ProxyNode::parse(&node_id, "envoy").unwrap_or_else(|e| panic!("{name}: {e}"));
+            let node =
+                ProxyNode::parse(&node_id, "envoy").unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(node.uuid, UUID, "{name}");
             assert_eq!(node.kind, *kind, "{name}");
             assert_eq!(node.service_account, *sa, "{name}");
@@ -218,26 +279,81 @@ mod tests {
         let cases: Vec<(&str, String, &str)> = vec![
             ("empty", String::new(), "1 dot-separated parts"),
             ("three parts", id("sidecar.sa"), "3 dot-separated parts"),
-            ("not a uuid", "proxy-1.sidecar.sa.ns".into(), "proxy UUID \"proxy-1\""),
-            ("uuid bad group length", "0f9e3a5-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.sa.ns".into(), "proxy UUID"),
-            ("uuid non hex", "0f9e3a5g-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.sa.ns".into(), "proxy UUID"),
-            ("uuid extra group", "0f9e3a52-2d4b-4c64-9a39-0c6f-fd1b6a5.sidecar.sa.ns".into(), "proxy UUID"),
+            (
+                "not a uuid",
+                "proxy-1.sidecar.sa.ns".into(),
+                "proxy UUID \"proxy-1\"",
+            ),
+            (
+                "uuid bad group length",
+                "0f9e3a5-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.sa.ns".into(),
+                "proxy UUID",
+            ),
+            (
+                "uuid non hex",
+                "0f9e3a5g-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.sa.ns".into(),
+                "proxy UUID",
+            ),
+            (
+                "uuid extra group",
+                "0f9e3a52-2d4b-4c64-9a39-0c6f-fd1b6a5.sidecar.sa.ns".into(),
+                "proxy UUID",
+            ),
             ("kind", id("pipy.sa.ns"), "proxy kind \"pipy\""),
-            ("kind is case sensitive", id("Sidecar.sa.ns"), "proxy kind \"Sidecar\""),
-            ("empty service account", id("sidecar..ns"), "service account \"\""),
-            ("uppercase service account", id("sidecar.Book.ns"), "service account \"Book\""),
-            ("service account leading dash", id("sidecar.-sa.ns"), "service account \"-sa\""),
-            ("service account too long", id(&format!("sidecar.{long}.ns")), "service account"),
+            (
+                "kind is case sensitive",
+                id("Sidecar.sa.ns"),
+                "proxy kind \"Sidecar\"",
+            ),
+            (
+                "empty service account",
+                id("sidecar..ns"),
+                "service account \"\"",
+            ),
+            (
+                "uppercase service account",
+                id("sidecar.Book.ns"),
+                "service account \"Book\"",
+            ),
+            (
+                "service account leading dash",
+                id("sidecar.-sa.ns"),
+                "service account \"-sa\"",
+            ),
+            (
+                "service account too long",
+                id(&format!("sidecar.{long}.ns")),
+                "service account",
+            ),
             ("empty namespace", id("sidecar.sa."), "namespace \"\""),
-            ("namespace trailing dash", id("sidecar.sa.ns-"), "namespace \"ns-\""),
-            ("namespace underscore", id("sidecar.sa.n_s"), "namespace \"n_s\""),
-            ("empty trust domain part", id("sidecar.sa.ns.cluster..local"), "trust domain \"cluster..local\""),
-            ("trailing dot", id("sidecar.sa.ns.cluster.local."), "trust domain"),
+            (
+                "namespace trailing dash",
+                id("sidecar.sa.ns-"),
+                "namespace \"ns-\"",
+            ),
+            (
+                "namespace underscore",
+                id("sidecar.sa.n_s"),
+                "namespace \"n_s\"",
+            ),
+            (
+                "empty trust domain part",
+                id("sidecar.sa.ns.cluster..local"),
+                "trust domain \"cluster..local\"",
+            ),
+            (
+                "trailing dot",
+                id("sidecar.sa.ns.cluster.local."),
+                "trust domain",
+            ),
         ];
         for (name, node_id, needle) in cases {
             let err = ProxyNode::parse(&node_id, "envoy").expect_err(name);
             let message = err.to_string();
-            assert!(message.contains(needle), "{name}: {message:?} should contain {needle:?}");
+            assert!(
+                message.contains(needle),
+                "{name}: {message:?} should contain {needle:?}"
+            );
             assert_eq!(err.err_code(), ErrCode::E5001, "{name}");
         }
     }
@@ -250,8 +366,16 @@ mod tests {
             ("fsm-sidecar", DataPlane::Other("fsm-sidecar".into())),
             ("", DataPlane::Other(String::new())),
         ] {
-            let node = Node { id: node_id.clone(), user_agent_name: agent.into(), ..Node::default() };
-            assert_eq!(ProxyNode::from_node(&node).expect("valid").data_plane, expected, "{agent:?}");
+            let node = Node {
+                id: node_id.clone(),
+                user_agent_name: agent.into(),
+                ..Node::default()
+            };
+            assert_eq!(
+                ProxyNode::from_node(&node).expect("valid").data_plane,
+                expected,
+                "{agent:?}"
+            );
         }
     }
 }

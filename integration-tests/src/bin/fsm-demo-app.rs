@@ -4,6 +4,7 @@
 //! tests and the demo can see which backend a request reached without pulling images.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -35,23 +36,47 @@ struct Args {
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
-    let args = Args::parse();
-    anyhow::ensure!(!args.http.is_empty() || !args.tcp.is_empty(), "nothing to serve: give at least one --http or --tcp address");
+async fn main() -> ExitCode {
+    // One plain line instead of anyhow's report: the harness quotes the log tail, and an inherited
+    // RUST_BACKTRACE would bury the cause under a backtrace.
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fsm-demo-app: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    anyhow::ensure!(
+        !args.http.is_empty() || !args.tcp.is_empty(),
+        "nothing to serve: give at least one --http or --tcp address"
+    );
     let name: Arc<str> = Arc::from(args.name.as_str());
     let mut servers = JoinSet::new();
     for addr in args.http {
         // Bind before spawning so a taken address fails the process at once, not silently later.
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding HTTP {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding HTTP {addr}"))?;
         eprintln!("{name}: HTTP on {addr}");
         let router = Router::new().fallback(echo).with_state(name.clone());
-        servers.spawn(async move { axum::serve(listener, router).await.with_context(|| format!("serving HTTP on {addr}")) });
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .with_context(|| format!("serving HTTP on {addr}"))
+        });
     }
     for addr in args.tcp {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding TCP {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP {addr}"))?;
         eprintln!("{name}: TCP echo on {addr}");
         servers.spawn(serve_tcp(listener, name.clone()));
     }
+    // The harness waits for this line (fsm_integration_tests::apps::READY_LINE).
+    eprintln!("{name}: ready on all addresses");
     // The servers run forever; the first one to stop ends the process with its error.
     match servers.join_next().await {
         Some(Ok(result)) => result,
@@ -74,9 +99,16 @@ async fn echo(
         .unwrap_or(StatusCode::OK);
     let header_map: serde_json::Map<String, serde_json::Value> = headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            )
+        })
         .collect();
-    let host = headers.get(axum::http::header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+    let host = headers
+        .get(axum::http::header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
     let body = serde_json::json!({
         "server": &*name,
         "method": method.as_str(),
@@ -93,7 +125,10 @@ async fn echo(
 
 async fn serve_tcp(listener: TcpListener, name: Arc<str>) -> Result<()> {
     loop {
-        let (stream, peer) = listener.accept().await.context("accepting TCP connection")?;
+        let (stream, peer) = listener
+            .accept()
+            .await
+            .context("accepting TCP connection")?;
         let name = name.clone();
         tokio::spawn(async move {
             if let Err(err) = echo_lines(stream, &name).await {
@@ -107,7 +142,9 @@ async fn echo_lines(stream: TcpStream, name: &str) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
-        write.write_all(format!("{name}: {line}\n").as_bytes()).await?;
+        write
+            .write_all(format!("{name}: {line}\n").as_bytes())
+            .await?;
     }
     Ok(())
 }

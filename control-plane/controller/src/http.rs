@@ -1,0 +1,68 @@
+//! The control plane's HTTP port (FSM's 9091): health, Prometheus metrics and debug views.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use fsm_cache::SnapshotCache;
+use fsm_sources::manifest::ManifestSource;
+
+use crate::runner;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<SnapshotCache>,
+    pub runner: Arc<runner::State>,
+    pub source: Arc<ManifestSource>,
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/health/alive", get(|| async { "alive" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/debug/proxies", get(proxies))
+        .route("/debug/config", get(config))
+        .route("/debug/problems", get(problems))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.runner.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading")
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    match prometheus::TextEncoder::new().encode_to_string(&prometheus::gather()) {
+        Ok(text) => (StatusCode::OK, text),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Per proxy and type: the snapshot version, and what was sent, ACKed and NACKed.
+async fn proxies(State(state): State<AppState>) -> impl IntoResponse {
+    Json(state.cache.status())
+}
+
+/// Per proxy: node id, pod, and why its configuration is missing or partial.
+async fn config(State(state): State<AppState>) -> impl IntoResponse {
+    Json(state.runner.proxies())
+}
+
+/// Manifest documents that were skipped, with file, document, object and field.
+async fn problems(State(state): State<AppState>) -> impl IntoResponse {
+    Json(
+        state
+            .source
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+    )
+}

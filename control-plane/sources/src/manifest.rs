@@ -1,0 +1,974 @@
+//! The manifest directory: the embedded default source.
+//!
+//! Every `*.yaml` / `*.yml` file under the directory (recursively, in path order) is decoded with
+//! [`decode_manifests`]. Hidden files and directories (names starting with `.`, which also covers
+//! editor files such as `.#x.yaml` and `.x.yaml.swp`) and backup files (`x~`, `#x#`) are skipped;
+//! symlinked files are followed, symlinked directories are not (they could loop). Kubernetes
+//! ConfigMap volumes work as they are: their files are top-level symlinks into a hidden directory
+//! that is swapped atomically on update.
+//!
+//! The directory is loaded once as a list (`Init`, `InitApply`…, `InitDone`), then watched with the
+//! platform's event-driven watcher (a 500 ms poll only if that cannot be set up). A burst of file
+//! system events is debounced (50 ms of quiet, at most 1 s) into one rescan, so editors that write
+//! through a temporary file and a rename are seen once, complete. A rescan re-decodes only the files
+//! whose content hash changed and emits only the differences: `Apply` for new or changed objects,
+//! `Delete` for objects no file defines any more.
+//!
+//! # Rules
+//!
+//! * **The last good configuration keeps serving.** A file with decode problems keeps every object
+//!   it previously defined that it no longer yields: the missing object may well be the document
+//!   that just became malformed. Such objects are deleted only once the file decodes cleanly
+//!   without them, or the file is removed. The same holds for a file that cannot be read, for files
+//!   under a directory that cannot be read, and for the whole directory if it becomes unreadable.
+//! * **Later files win.** When two files define the same object, the one later in path order wins
+//!   (a warning names both). If it leaves that file, the remaining definition is applied again
+//!   rather than the object being deleted.
+//! * **Problems are reported once.** Each new problem is logged (`code = "E3002"`) and counted in
+//!   the error metric once; rescans that find the same problem again stay quiet. All current
+//!   problems are available from [`ManifestSource::problems`].
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::ffi::OsStr;
+use std::hash::Hasher;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsm_catalog::{CatalogEvent, DecodeError, MeshObject, ObjectKey, decode_manifests};
+use fsm_errcode::ErrCode;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Editors write a file in several steps; a rescan waits for this much silence.
+const QUIET: Duration = Duration::from_millis(50);
+/// A file rewritten continuously must still be picked up eventually.
+const MAX_DELAY: Duration = Duration::from_secs(1);
+/// Used only when the event-driven watcher cannot be set up (e.g. inotify limits exhausted).
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why the manifest source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read manifest directory {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("manifest path {} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("cannot watch manifest directory {}: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// A watched directory of Kubernetes manifests. Dropping it stops the watch.
+#[must_use = "dropping the ManifestSource stops watching the directory"]
+#[derive(Debug)]
+pub struct ManifestSource {
+    problems: Arc<Mutex<Vec<DecodeError>>>,
+    task: JoinHandle<()>,
+}
+
+impl ManifestSource {
+    /// Loads `dir` once, sending `Init`, `InitApply` for every object and `InitDone` before
+    /// returning, then keeps watching it and sends `Apply` / `Delete` for every change.
+    ///
+    /// Fails if `dir` or any directory under it cannot be read, or if it cannot be watched.
+    /// Watching stops when the `ManifestSource` is dropped or the receiver of `events` is closed.
+    pub async fn spawn(
+        dir: PathBuf,
+        events: UnboundedSender<CatalogEvent>,
+    ) -> Result<ManifestSource, SourceError> {
+        Self::spawn_with(dir, events, Backend::EventDriven).await
+    }
+
+    async fn spawn_with(
+        dir: PathBuf,
+        events: UnboundedSender<CatalogEvent>,
+        backend: Backend,
+    ) -> Result<ManifestSource, SourceError> {
+        let metadata =
+            tokio::fs::metadata(&dir)
+                .await
+                .map_err(|source| SourceError::Unreadable {
+                    path: dir.clone(),
+                    source,
+                })?;
+        if !metadata.is_dir() {
+            return Err(SourceError::NotADirectory { path: dir });
+        }
+        let wake = Arc::new(Notify::new());
+        let root = dir.clone();
+        let setup_wake = Arc::clone(&wake);
+        // Setting up a recursive watch walks the tree, so it runs off the executor with the load.
+        // Watching starts before the first scan so that nothing written in between is missed.
+        let setup = tokio::task::spawn_blocking(move || {
+            let watcher = start_watcher(&root, setup_wake, backend)?;
+            let (state, initial) = State::load(root)?;
+            Ok::<_, SourceError>((watcher, state, initial))
+        });
+        let (watcher, state, initial) = match setup.await {
+            Ok(result) => result?,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(err) => {
+                return Err(SourceError::Unreadable {
+                    path: dir,
+                    source: io::Error::other(err),
+                });
+            }
+        };
+        tracing::info!(
+            dir = %dir.display(),
+            files = state.files.len(),
+            objects = state.published.len(),
+            problems = state.problems.len(),
+            "loaded manifest directory"
+        );
+        for event in initial {
+            // A closed receiver ends the watch task right away; nothing else to do here.
+            let _ = events.send(event);
+        }
+        let problems = Arc::new(Mutex::new(state.problems.clone()));
+        let task = tokio::spawn(watch(state, wake, events, Arc::clone(&problems), watcher));
+        Ok(ManifestSource { problems, task })
+    }
+
+    /// Current problems (unreadable files and directories, documents that failed to decode), in
+    /// path order, for the debug endpoint.
+    pub fn problems(&self) -> Vec<DecodeError> {
+        self.problems.lock().clone()
+    }
+}
+
+impl Drop for ManifestSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Owns the watcher so that it lives exactly as long as the task.
+async fn watch(
+    mut state: State,
+    wake: Arc<Notify>,
+    events: UnboundedSender<CatalogEvent>,
+    problems: Arc<Mutex<Vec<DecodeError>>>,
+    _watcher: Box<dyn Watcher + Send>,
+) {
+    loop {
+        tokio::select! {
+            () = wake.notified() => {}
+            () = events.closed() => return,
+        }
+        debounce(&wake).await;
+        let rescan = tokio::task::spawn_blocking(move || {
+            let batch = state.rescan();
+            (state, batch)
+        });
+        let batch = match rescan.await {
+            Ok((returned, batch)) => {
+                state = returned;
+                batch
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "manifest rescan failed; no longer watching the directory");
+                return;
+            }
+        };
+        for event in batch {
+            if events.send(event).is_err() {
+                return;
+            }
+        }
+        // Published after the events so that whoever sees the problems also has the events.
+        *problems.lock() = state.problems.clone();
+    }
+}
+
+/// Waits until the file system has been quiet for [`QUIET`], or [`MAX_DELAY`] has passed.
+async fn debounce(wake: &Notify) {
+    let deadline = Instant::now() + MAX_DELAY;
+    loop {
+        let quiet_until = (Instant::now() + QUIET).min(deadline);
+        if tokio::time::timeout_at(quiet_until, wake.notified())
+            .await
+            .is_err()
+            || Instant::now() >= deadline
+        {
+            return;
+        }
+    }
+}
+
+/// Which notify backend to try first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// The platform's event-driven watcher, falling back to polling if it cannot be set up.
+    EventDriven,
+    /// Lets tests exercise the fallback.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Poll,
+}
+
+fn start_watcher(
+    dir: &Path,
+    wake: Arc<Notify>,
+    backend: Backend,
+) -> Result<Box<dyn Watcher + Send>, SourceError> {
+    let handler = move |result: notify::Result<notify::Event>| match result {
+        Ok(event) if is_noise(&event.kind) => {}
+        Ok(_) => wake.notify_one(),
+        Err(err) => {
+            // Typically an overflowed event queue: events were lost, so look at everything again.
+            tracing::warn!(error = %err, "manifest watcher error; rescanning");
+            wake.notify_one();
+        }
+    };
+    let config = notify::Config::default().with_follow_symlinks(false);
+    if backend == Backend::EventDriven {
+        let recommended =
+            notify::RecommendedWatcher::new(handler.clone(), config).and_then(|mut watcher| {
+                watcher.watch(dir, RecursiveMode::Recursive)?;
+                Ok(watcher)
+            });
+        match recommended {
+            Ok(watcher) => return Ok(Box::new(watcher)),
+            Err(err) => tracing::warn!(
+                dir = %dir.display(),
+                error = %err,
+                interval_ms = POLL_INTERVAL.as_millis(),
+                "event-driven watch unavailable; polling the manifest directory instead"
+            ),
+        }
+    }
+    let watch_error = |source| SourceError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut watcher = notify::PollWatcher::new(handler, config.with_poll_interval(POLL_INTERVAL))
+        .map_err(watch_error)?;
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .map_err(watch_error)?;
+    Ok(Box::new(watcher))
+}
+
+/// Opening and reading files (our own scans included) changes nothing; a write-close does.
+fn is_noise(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
+/// Names never treated as manifests nor descended into.
+fn is_ignored(name: &OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with('.') || name.starts_with('#') || name.ends_with('~')
+}
+
+fn is_manifest(name: &OsStr) -> bool {
+    Path::new(name)
+        .extension()
+        .and_then(OsStr::to_str)
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("yaml") || ext.eq_ignore_ascii_case("yml"))
+}
+
+fn content_hash(bytes: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    hasher.write(bytes);
+    hasher.finish()
+}
+
+/// A problem that concerns a whole file or directory rather than one document.
+fn path_problem(path: &Path, message: String) -> DecodeError {
+    DecodeError {
+        file: path.display().to_string(),
+        document: 0,
+        line: 1,
+        object: None,
+        field: None,
+        message,
+    }
+}
+
+/// What one file currently contributes.
+#[derive(Debug)]
+struct FileState {
+    /// `None` when the file could not be read, so that the next scan always retries it.
+    hash: Option<u64>,
+    /// Includes the objects kept from earlier versions while the file has problems.
+    objects: BTreeMap<ObjectKey, MeshObject>,
+    problems: Vec<DecodeError>,
+}
+
+impl FileState {
+    fn decode(path: &Path, bytes: Vec<u8>, hash: u64, previous: Option<FileState>) -> FileState {
+        let file = path.display().to_string();
+        let (decoded, problems) = match String::from_utf8(bytes) {
+            Ok(text) => decode_manifests(&file, &text),
+            Err(_) => (
+                Vec::new(),
+                vec![path_problem(path, "file is not valid UTF-8".to_string())],
+            ),
+        };
+        let mut objects = BTreeMap::new();
+        for object in decoded {
+            let key = object.key();
+            if objects.insert(key.clone(), object).is_some() {
+                tracing::warn!(file, object = %key, "object defined twice in the same file; the later document wins");
+            }
+        }
+        if !problems.is_empty()
+            && let Some(previous) = previous
+        {
+            for (key, object) in previous.objects {
+                if let Entry::Vacant(slot) = objects.entry(key) {
+                    tracing::info!(file, object = %slot.key(), "file has problems; keeping the last good version of the object");
+                    slot.insert(object);
+                }
+            }
+        }
+        FileState {
+            hash: Some(hash),
+            objects,
+            problems,
+        }
+    }
+}
+
+/// Everything the watch task knows about the directory. Only ever touched by one thread at a time
+/// (it moves into the blocking pool for each scan).
+#[derive(Debug)]
+struct State {
+    root: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// What the catalog has been told.
+    published: BTreeMap<ObjectKey, MeshObject>,
+    problems: Vec<DecodeError>,
+    /// Objects defined by more than one file, with those files in path order.
+    duplicates: BTreeMap<ObjectKey, Vec<PathBuf>>,
+    /// How many problems have been logged and counted so far.
+    reported: usize,
+}
+
+impl State {
+    fn load(root: PathBuf) -> Result<(State, Vec<CatalogEvent>), SourceError> {
+        let mut state = State {
+            root,
+            files: BTreeMap::new(),
+            published: BTreeMap::new(),
+            problems: Vec::new(),
+            duplicates: BTreeMap::new(),
+            reported: 0,
+        };
+        let unreadable = state.scan().map_err(|source| SourceError::Unreadable {
+            path: state.root.clone(),
+            source,
+        })?;
+        if let Some((path, source)) = unreadable.into_iter().next() {
+            return Err(SourceError::Unreadable { path, source });
+        }
+        let effective = state.settle(&[]);
+        let mut events = Vec::with_capacity(effective.len() + 2);
+        events.push(CatalogEvent::Init);
+        events.extend(effective.values().cloned().map(CatalogEvent::InitApply));
+        events.push(CatalogEvent::InitDone);
+        state.published = effective;
+        Ok((state, events))
+    }
+
+    /// Re-reads the directory and returns the events that bring the catalog up to date.
+    fn rescan(&mut self) -> Vec<CatalogEvent> {
+        let unreadable = match self.scan() {
+            Ok(unreadable) => unreadable,
+            Err(err) => {
+                tracing::warn!(
+                    dir = %self.root.display(),
+                    error = %err,
+                    "cannot read manifest directory; keeping the last configuration"
+                );
+                return Vec::new();
+            }
+        };
+        let effective = self.settle(&unreadable);
+        let mut events: Vec<CatalogEvent> = effective
+            .iter()
+            .filter(|(key, object)| self.published.get(*key) != Some(*object))
+            .map(|(_, object)| CatalogEvent::Apply(object.clone()))
+            .collect();
+        // Reverse key order removes dependents (services, pods) before their namespace.
+        events.extend(
+            self.published
+                .keys()
+                .rev()
+                .filter(|key| !effective.contains_key(*key))
+                .map(|key| CatalogEvent::Delete(key.clone())),
+        );
+        tracing::debug!(dir = %self.root.display(), changes = events.len(), "rescanned manifest directory");
+        self.published = effective;
+        events
+    }
+
+    /// Brings `files` up to date with the disk. Returns the directories below the root that could
+    /// not be read (their files are kept as they were); fails only if the root cannot be read.
+    fn scan(&mut self) -> io::Result<Vec<(PathBuf, io::Error)>> {
+        let mut listed = Vec::new();
+        let mut unreadable = Vec::new();
+        walk(read_dir_sorted(&self.root)?, &mut listed, &mut unreadable);
+
+        let mut previous = std::mem::take(&mut self.files);
+        for path in listed {
+            let before = previous.remove(&path);
+            let now = match std::fs::read(&path) {
+                Ok(bytes) => {
+                    let hash = content_hash(&bytes);
+                    match before {
+                        Some(before) if before.hash == Some(hash) => before,
+                        before => FileState::decode(&path, bytes, hash, before),
+                    }
+                }
+                // Removed between listing and reading: treat it as removed.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => FileState {
+                    hash: None,
+                    objects: before.map(|before| before.objects).unwrap_or_default(),
+                    problems: vec![path_problem(&path, format!("cannot read file: {err}"))],
+                },
+            };
+            self.files.insert(path, now);
+        }
+        // Files no longer listed are gone, unless they sit under a directory we could not list.
+        for (path, before) in previous {
+            if unreadable.iter().any(|(dir, _)| path.starts_with(dir)) {
+                self.files.insert(path, before);
+            }
+        }
+        Ok(unreadable)
+    }
+
+    /// Reports new problems and merges the files (later paths win) into the effective set.
+    fn settle(&mut self, unreadable: &[(PathBuf, io::Error)]) -> BTreeMap<ObjectKey, MeshObject> {
+        let mut problems: Vec<DecodeError> = unreadable
+            .iter()
+            .map(|(dir, err)| path_problem(dir, format!("cannot read directory: {err}")))
+            .collect();
+        problems.extend(
+            self.files
+                .values()
+                .flat_map(|file| file.problems.iter().cloned()),
+        );
+        for problem in problems
+            .iter()
+            .filter(|problem| !self.problems.contains(problem))
+        {
+            report(problem);
+            self.reported += 1;
+        }
+        for problem in self
+            .problems
+            .iter()
+            .filter(|problem| !problems.contains(problem))
+        {
+            tracing::info!(
+                file = problem.file.as_str(),
+                document = problem.document,
+                "manifest problem resolved: {problem}"
+            );
+        }
+        self.problems = problems;
+
+        let mut effective = BTreeMap::new();
+        let mut definers: BTreeMap<ObjectKey, Vec<PathBuf>> = BTreeMap::new();
+        for (path, file) in &self.files {
+            for (key, object) in &file.objects {
+                effective.insert(key.clone(), object.clone());
+                definers.entry(key.clone()).or_default().push(path.clone());
+            }
+        }
+        definers.retain(|_, paths| paths.len() > 1);
+        for (key, paths) in &definers {
+            if self.duplicates.get(key) != Some(paths) {
+                let winner = paths
+                    .last()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    object = %key,
+                    files = ?paths,
+                    winner,
+                    "object defined in more than one manifest file; the file later in path order wins"
+                );
+            }
+        }
+        self.duplicates = definers;
+        effective
+    }
+}
+
+fn report(problem: &DecodeError) {
+    tracing::warn!(
+        code = ErrCode::E3002.as_str(),
+        file = problem.file.as_str(),
+        document = problem.document,
+        line = problem.line,
+        object = problem.object.as_deref().unwrap_or(""),
+        field = problem.field.as_deref().unwrap_or(""),
+        "ignoring invalid manifest; objects it defined before keep serving: {problem}"
+    );
+    fsm_errcode::count(ErrCode::E3002);
+}
+
+fn read_dir_sorted(dir: &Path) -> io::Result<Vec<std::fs::DirEntry>> {
+    let mut entries = std::fs::read_dir(dir)?.collect::<io::Result<Vec<_>>>()?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    Ok(entries)
+}
+
+fn walk(
+    entries: Vec<std::fs::DirEntry>,
+    files: &mut Vec<PathBuf>,
+    unreadable: &mut Vec<(PathBuf, io::Error)>,
+) {
+    for entry in entries {
+        let name = entry.file_name();
+        if is_ignored(&name) {
+            continue;
+        }
+        let path = entry.path();
+        // Fails only if the entry vanished since it was listed.
+        let Ok(file_type) = entry.file_type() else {
+            continue;
+        };
+        if file_type.is_dir() {
+            match read_dir_sorted(&path) {
+                Ok(children) => walk(children, files, unreadable),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => unreadable.push((path, err)),
+            }
+        } else if is_manifest(&name)
+            && (file_type.is_file() || (file_type.is_symlink() && path.is_file()))
+        {
+            files.push(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsm_catalog::Kind;
+    use tokio::sync::mpsc::error::TryRecvError;
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: app\n";
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn service(name: &str, port: u32) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: app\nspec:\n  ports:\n  - port: {port}\n"
+        )
+    }
+
+    fn namespace_with_label(value: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: app\n  labels:\n    from: {value}\n"
+        )
+    }
+
+    fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    fn port_of(object: &MeshObject) -> i32 {
+        let MeshObject::Service(svc) = object else {
+            panic!("not a Service: {object:?}")
+        };
+        svc.spec
+            .as_ref()
+            .and_then(|spec| spec.ports.as_ref())
+            .and_then(|ports| ports.first())
+            .map(|p| p.port)
+            .unwrap_or(-1)
+    }
+
+    fn label_of(object: &MeshObject) -> Option<String> {
+        let MeshObject::Namespace(ns) = object else {
+            panic!("not a Namespace: {object:?}")
+        };
+        ns.metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get("from").cloned())
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create dir");
+        }
+        std::fs::write(path, text).expect("write manifest");
+    }
+
+    struct Harness {
+        dir: tempfile::TempDir,
+        source: ManifestSource,
+        events: UnboundedReceiver<CatalogEvent>,
+    }
+
+    impl Harness {
+        /// Starts a source over `files` and returns it with the objects of its initial list.
+        async fn start(files: &[(&str, &str)]) -> (Harness, Vec<MeshObject>) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            for (name, text) in files {
+                write(dir.path(), name, text);
+            }
+            let (tx, mut events) = unbounded_channel();
+            let source = ManifestSource::spawn(dir.path().to_path_buf(), tx)
+                .await
+                .expect("spawn");
+            assert_eq!(events.try_recv().expect("Init"), CatalogEvent::Init);
+            let mut listed = Vec::new();
+            loop {
+                match events
+                    .try_recv()
+                    .expect("initial list is sent before spawn returns")
+                {
+                    CatalogEvent::InitApply(object) => listed.push(object),
+                    CatalogEvent::InitDone => break,
+                    other => panic!("unexpected event in the initial list: {other:?}"),
+                }
+            }
+            (
+                Harness {
+                    dir,
+                    source,
+                    events,
+                },
+                listed,
+            )
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        async fn next(&mut self) -> CatalogEvent {
+            tokio::time::timeout(WAIT, self.events.recv())
+                .await
+                .expect("timed out waiting for an event")
+                .expect("channel closed")
+        }
+
+        /// A rescan sends its whole batch at once, so once its first event has arrived anything
+        /// else it produced is already queued.
+        fn assert_idle(&mut self) {
+            match self.events.try_recv() {
+                Err(TryRecvError::Empty) => {}
+                other => panic!("unexpected extra event: {other:?}"),
+            }
+        }
+
+        async fn wait_for_problems(
+            &self,
+            want: impl Fn(&[DecodeError]) -> bool,
+        ) -> Vec<DecodeError> {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let problems = self.source.problems();
+                if want(&problems) {
+                    return problems;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting for problems; have {problems:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn initial_load_lists_every_manifest_and_skips_the_rest() {
+        let (h, listed) = Harness::start(&[
+            ("a.yaml", NAMESPACE),
+            ("sub/b.yml", &service("s", 80)),
+            (".#a.yaml", &service("hidden", 80)),
+            ("a.yaml~", &service("backup", 80)),
+            (".a.yaml.swp", &service("swap", 80)),
+            (".git/c.yaml", &service("git", 80)),
+            ("notes.txt", &service("text", 80)),
+        ])
+        .await;
+        let keys: Vec<ObjectKey> = listed.iter().map(MeshObject::key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                key(Kind::Namespace, "", "app"),
+                key(Kind::Service, "app", "s")
+            ]
+        );
+        assert!(h.source.problems().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("nope");
+        let (tx, _rx) = unbounded_channel();
+        let err = ManifestSource::spawn(missing.clone(), tx)
+            .await
+            .expect_err("must fail");
+        assert!(
+            matches!(err, SourceError::Unreadable { ref path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+
+        let file = dir.path().join("file.yaml");
+        write(dir.path(), "file.yaml", NAMESPACE);
+        let (tx, _rx) = unbounded_channel();
+        let err = ManifestSource::spawn(file, tx)
+            .await
+            .expect_err("must fail");
+        assert!(matches!(err, SourceError::NotADirectory { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn editing_a_file_applies_only_the_changed_object() {
+        let text = format!(
+            "{NAMESPACE}---\n{}---\n{}",
+            service("s", 80),
+            service("t", 80)
+        );
+        let (mut h, listed) = Harness::start(&[("app.yaml", &text)]).await;
+        assert_eq!(listed.len(), 3);
+
+        let text = format!(
+            "{NAMESPACE}---\n{}---\n{}",
+            service("s", 8080),
+            service("t", 80)
+        );
+        write(h.path(), "app.yaml", &text);
+        match h.next().await {
+            CatalogEvent::Apply(object) => {
+                assert_eq!(object.key(), key(Kind::Service, "app", "s"));
+                assert_eq!(port_of(&object), 8080);
+            }
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn removing_a_document_deletes_its_object() {
+        let text = format!("{NAMESPACE}---\n{}", service("s", 80));
+        let (mut h, _) = Harness::start(&[("app.yaml", &text)]).await;
+
+        write(h.path(), "app.yaml", NAMESPACE);
+        assert_eq!(
+            h.next().await,
+            CatalogEvent::Delete(key(Kind::Service, "app", "s"))
+        );
+        h.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_file_deletes_its_objects() {
+        let (mut h, _) =
+            Harness::start(&[("ns.yaml", NAMESPACE), ("svc.yaml", &service("s", 80))]).await;
+
+        std::fs::remove_file(h.path().join("svc.yaml")).expect("remove");
+        assert_eq!(
+            h.next().await,
+            CatalogEvent::Delete(key(Kind::Service, "app", "s"))
+        );
+        h.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn new_files_are_applied_including_renamed_and_nested_ones() {
+        let (mut h, _) = Harness::start(&[("ns.yaml", NAMESPACE)]).await;
+
+        write(h.path(), "svc.yaml", &service("s", 80));
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(object.key(), key(Kind::Service, "app", "s")),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+
+        // Editors and `kubectl`-style tools write a hidden temporary file and rename it in place.
+        write(h.path(), ".svc2.yaml.tmp", &service("t", 80));
+        std::fs::rename(h.path().join(".svc2.yaml.tmp"), h.path().join("svc2.yaml"))
+            .expect("rename");
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(object.key(), key(Kind::Service, "app", "t")),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+
+        write(h.path(), "deeper/still/svc3.yaml", &service("u", 80));
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(object.key(), key(Kind::Service, "app", "u")),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn a_malformed_document_is_reported_and_the_others_load() {
+        let text = format!("{NAMESPACE}---\nkind: [unclosed\n---\n{}", service("s", 80));
+        let (h, listed) = Harness::start(&[("app.yaml", &text)]).await;
+        let keys: Vec<ObjectKey> = listed.iter().map(MeshObject::key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                key(Kind::Namespace, "", "app"),
+                key(Kind::Service, "app", "s")
+            ]
+        );
+        let problems = h.source.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].file.ends_with("app.yaml"), "{}", problems[0]);
+        assert_eq!(problems[0].document, 1);
+        assert!(
+            problems[0].message.contains("malformed YAML"),
+            "{}",
+            problems[0]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_document_turned_malformed_keeps_its_object_until_fixed() {
+        let good = format!("{NAMESPACE}---\n{}", service("s", 80));
+        let (mut h, _) = Harness::start(&[("app.yaml", &good)]).await;
+
+        let broken = format!("{NAMESPACE}---\napiVersion: v1\nkind: Service\nmetadata: [oops\n");
+        write(h.path(), "app.yaml", &broken);
+        let problems = h.wait_for_problems(|p| !p.is_empty()).await;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].document, 1);
+        h.assert_idle();
+
+        write(
+            h.path(),
+            "app.yaml",
+            &format!("{NAMESPACE}---\n{}", service("s", 81)),
+        );
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(port_of(&object), 81),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+        h.wait_for_problems(<[DecodeError]>::is_empty).await;
+    }
+
+    #[tokio::test]
+    async fn kept_objects_go_once_the_file_is_clean_without_them() {
+        let good = format!("{NAMESPACE}---\n{}", service("s", 80));
+        let (mut h, _) = Harness::start(&[("app.yaml", &good)]).await;
+
+        write(
+            h.path(),
+            "app.yaml",
+            &format!("{NAMESPACE}---\nkind: [unclosed\n"),
+        );
+        h.wait_for_problems(|p| !p.is_empty()).await;
+        h.assert_idle();
+
+        write(h.path(), "app.yaml", NAMESPACE);
+        assert_eq!(
+            h.next().await,
+            CatalogEvent::Delete(key(Kind::Service, "app", "s"))
+        );
+        h.assert_idle();
+        h.wait_for_problems(<[DecodeError]>::is_empty).await;
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_falls_back_to_the_remaining_definition() {
+        let (mut h, listed) = Harness::start(&[
+            ("a.yaml", &namespace_with_label("a")),
+            ("b.yaml", &namespace_with_label("b")),
+        ])
+        .await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            label_of(&listed[0]).as_deref(),
+            Some("b"),
+            "the later file wins"
+        );
+
+        write(h.path(), "b.yaml", "");
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(label_of(&object).as_deref(), Some("a")),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        h.assert_idle();
+
+        std::fs::remove_file(h.path().join("a.yaml")).expect("remove");
+        assert_eq!(
+            h.next().await,
+            CatalogEvent::Delete(key(Kind::Namespace, "", "app"))
+        );
+        h.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn the_poll_fallback_sees_changes_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "ns.yaml", NAMESPACE);
+        let (tx, mut events) = unbounded_channel();
+        let _source = ManifestSource::spawn_with(dir.path().to_path_buf(), tx, Backend::Poll)
+            .await
+            .expect("spawn");
+        let initial: Vec<CatalogEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        assert_eq!(initial.len(), 3, "{initial:?}");
+
+        write(dir.path(), "svc.yaml", &service("s", 80));
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("timed out waiting for an event")
+            .expect("channel closed");
+        let CatalogEvent::Apply(object) = event else {
+            panic!("expected Apply, got {event:?}")
+        };
+        assert_eq!(object.key(), key(Kind::Service, "app", "s"));
+    }
+
+    #[test]
+    fn unchanged_problems_are_reported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bad = format!("{NAMESPACE}---\n{}", service("s", 70000));
+        write(dir.path(), "bad.yaml", &bad);
+        let (mut state, _) = State::load(dir.path().to_path_buf()).expect("load");
+        assert_eq!(state.reported, 1);
+
+        assert!(state.rescan().is_empty());
+        write(dir.path(), "other.yaml", "# nothing yet\n");
+        assert!(state.rescan().is_empty());
+        // New content, same problem.
+        write(
+            dir.path(),
+            "bad.yaml",
+            &format!("{bad}# trailing comment\n"),
+        );
+        assert!(state.rescan().is_empty());
+        assert_eq!(state.reported, 1);
+        assert_eq!(state.problems.len(), 1);
+
+        write(dir.path(), "other.yaml", &service("t", 0));
+        assert!(state.rescan().is_empty());
+        assert_eq!(state.reported, 2);
+    }
+}

@@ -1,0 +1,365 @@
+//! The xDS stream rules as synchronous state machines: no sockets, no tokio.
+//!
+//! [`SotwStream`] (state of the world) and [`DeltaStream`] (incremental) each take the proxy's
+//! requests, with its current snapshot, and "snapshot changed" notifications, and return the
+//! [`Response`]s to send plus [`Event`]s (ACK, NACK, stale) for the server to record. The rules
+//! they share:
+//!
+//! - A type is only ever sent after the proxy requested it, and only on change: versions are
+//!   content hashes, so "changed" is a string comparison.
+//! - Nonces are unique per stream; a request whose nonce is not the last one sent for its type is
+//!   stale and ignored entirely (a newer response is already on its way).
+//! - A NACKed version is parked, never resent: only a snapshot with a different version goes out.
+//!   Resending a rejected configuration in a loop is what go-control-plane does and what we avoid.
+//! - When one snapshot change touches several types, responses go out CDS, EDS, LDS, RDS, SDS
+//!   (Envoy's make-before-break order), then other types alphabetically.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use fsm_cache::{Resource, Snapshot, SyncEvent, TypeUrl};
+use fsm_errcode::{ErrCode, HasErrCode};
+
+mod delta;
+mod sotw;
+
+pub use delta::DeltaStream;
+pub use sotw::SotwStream;
+
+pub const CLUSTER: TypeUrl = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: TypeUrl = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: TypeUrl = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: TypeUrl = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: TypeUrl = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The Envoy types in the order their responses must go out.
+pub const ENVOY_TYPES: [TypeUrl; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
+
+/// The short name used in logs and metric labels: `CDS`, `EDS`, `LDS`, `RDS`, `SDS`, or for any
+/// other type the part of its URL after the last `/`.
+pub fn short_name(type_url: &str) -> &str {
+    match type_url {
+        CLUSTER => "CDS",
+        ENDPOINT => "EDS",
+        LISTENER => "LDS",
+        ROUTE => "RDS",
+        SECRET => "SDS",
+        other => other.rsplit('/').next().unwrap_or(other),
+    }
+}
+
+/// A state-of-the-world request, converted from the wire `DiscoveryRequest`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SotwRequest {
+    pub type_url: String,
+    pub version_info: String,
+    pub resource_names: Vec<String>,
+    pub response_nonce: String,
+    /// The message of `error_detail`: present means NACK.
+    pub error_detail: Option<String>,
+}
+
+/// An incremental request, converted from the wire `DeltaDiscoveryRequest`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaRequest {
+    pub type_url: String,
+    pub subscribe: Vec<String>,
+    pub unsubscribe: Vec<String>,
+    pub initial_resource_versions: BTreeMap<String, String>,
+    pub response_nonce: String,
+    pub error_detail: Option<String>,
+}
+
+/// One response to send. For state of the world `version` labels the whole response and
+/// `removed` is empty; for delta `version` is the type's snapshot version
+/// (`system_version_info`) and each resource carries its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub type_url: TypeUrl,
+    pub version: Arc<str>,
+    pub nonce: Arc<str>,
+    pub resources: Vec<Arc<Resource>>,
+    pub removed: Vec<Arc<str>>,
+}
+
+/// What the proxy told us about a response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Ack {
+        type_url: TypeUrl,
+        version: Arc<str>,
+    },
+    Nack {
+        type_url: TypeUrl,
+        version: Arc<str>,
+        error: String,
+    },
+    /// A request answering an older response; ignored.
+    Stale { type_url: TypeUrl, nonce: String },
+}
+
+/// The result of one step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// The type a request was resolved to (`None` for a snapshot change).
+    pub type_url: Option<TypeUrl>,
+    pub responses: Vec<Response>,
+    pub events: Vec<Event>,
+}
+
+/// A request the stream cannot serve; the stream goes on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("unknown type URL {0:?} in request")]
+    UnknownType(String),
+}
+
+/// One input of a stream state machine.
+#[derive(Clone, Debug)]
+pub enum Input<'a, R> {
+    /// A request, with the proxy's snapshot at the time (`None` before the controller made one).
+    Request(R, Option<&'a Snapshot>),
+    /// The proxy's snapshot changed.
+    SnapshotChanged(&'a Snapshot),
+}
+
+/// The per-stream protocol, so the server runs both flavours with one loop.
+pub trait XdsStream: Default + Send + 'static {
+    type Request;
+
+    fn on_request(
+        &mut self,
+        request: Self::Request,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Output, ProtocolError>;
+
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Output;
+
+    fn step(&mut self, input: Input<'_, Self::Request>) -> Result<Output, ProtocolError> {
+        match input {
+            Input::Request(request, snapshot) => self.on_request(request, snapshot),
+            Input::SnapshotChanged(snapshot) => Ok(self.on_snapshot(snapshot)),
+        }
+    }
+}
+
+// === Event ===
+
+impl Event {
+    pub fn type_url(&self) -> TypeUrl {
+        match self {
+            Event::Ack { type_url, .. }
+            | Event::Nack { type_url, .. }
+            | Event::Stale { type_url, .. } => type_url,
+        }
+    }
+
+    /// What the snapshot cache records for this event, if anything.
+    pub fn sync_event(&self) -> Option<SyncEvent> {
+        match self {
+            Event::Ack { version, .. } => Some(SyncEvent::Acked {
+                version: version.clone(),
+            }),
+            Event::Nack { version, error, .. } => Some(SyncEvent::Nacked {
+                version: version.clone(),
+                error: error.clone(),
+            }),
+            Event::Stale { .. } => None,
+        }
+    }
+}
+
+// === ProtocolError ===
+
+impl HasErrCode for ProtocolError {
+    fn err_code(&self) -> ErrCode {
+        match self {
+            ProtocolError::UnknownType(_) => ErrCode::E5013,
+        }
+    }
+}
+
+// === Shared machinery ===
+
+/// A type URL ordered for sending: the Envoy types first in their fixed order, then the others
+/// alphabetically. Keying the per-type state by it makes every iteration come out in send order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ordered(TypeUrl);
+
+impl Ordered {
+    fn rank(self) -> usize {
+        ENVOY_TYPES
+            .iter()
+            .position(|t| *t == self.0)
+            .unwrap_or(ENVOY_TYPES.len())
+    }
+}
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.rank(), self.0).cmp(&(other.rank(), other.0))
+    }
+}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Per-stream nonce counter. Plain decimal: nonces only need to be unique within a stream.
+#[derive(Debug, Default)]
+struct Nonces(u64);
+
+impl Nonces {
+    fn next(&mut self) -> Arc<str> {
+        self.0 += 1;
+        Arc::from(self.0.to_string())
+    }
+}
+
+impl fmt::Display for Ordered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(short_name(self.0))
+    }
+}
+
+/// Maps a requested type URL onto the `'static` one the snapshot uses: an Envoy type, one of the
+/// stream's extra types, one already requested on the stream, or one the snapshot carries.
+fn resolve<S>(
+    type_url: &str,
+    extra: &'static [TypeUrl],
+    requested: &BTreeMap<Ordered, S>,
+    snapshot: Option<&Snapshot>,
+) -> Result<TypeUrl, ProtocolError> {
+    ENVOY_TYPES
+        .iter()
+        .chain(extra)
+        .copied()
+        .chain(requested.keys().map(|t| t.0))
+        .find(|t| *t == type_url)
+        .or_else(|| snapshot.and_then(|s| s.versions().into_keys().find(|t| *t == type_url)))
+        .ok_or_else(|| ProtocolError::UnknownType(type_url.to_owned()))
+}
+
+/// The version of an empty set, for a type the snapshot does not carry.
+fn empty_version() -> Arc<str> {
+    fsm_cache::TypeSnapshot::version_of(std::iter::empty())
+}
+
+#[cfg(test)]
+mod test_support {
+    use super::*;
+
+    /// A snapshot from `(type, [(name, body)])`; equal bodies give equal resource versions.
+    pub fn snap(types: &[(TypeUrl, &[(&str, &'static str)])]) -> Snapshot {
+        Snapshot::new(types.iter().map(|(type_url, resources)| {
+            (
+                *type_url,
+                resources
+                    .iter()
+                    .map(|(name, body)| Resource::new(*name, body.as_bytes()))
+                    .collect(),
+            )
+        }))
+    }
+
+    /// `ack CDS; nack EDS; stale LDS; CDS[a,b]; EDS[c] -[d]`: events first, then responses with
+    /// their resource names and, when any, removed names.
+    pub fn render(out: &Output) -> String {
+        let events = out.events.iter().map(|e| {
+            let kind = match e {
+                Event::Ack { .. } => "ack",
+                Event::Nack { .. } => "nack",
+                Event::Stale { .. } => "stale",
+            };
+            format!("{kind} {}", short_name(e.type_url()))
+        });
+        let responses = out.responses.iter().map(|r| {
+            let names: Vec<&str> = r.resources.iter().map(|r| &*r.name).collect();
+            let mut line = format!("{}[{}]", short_name(r.type_url), names.join(","));
+            if !r.removed.is_empty() {
+                let removed: Vec<&str> = r.removed.iter().map(|n| &**n).collect();
+                line.push_str(&format!(" -[{}]", removed.join(",")));
+            }
+            line
+        });
+        events.chain(responses).collect::<Vec<_>>().join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names() {
+        for (url, short) in [
+            (CLUSTER, "CDS"),
+            (ENDPOINT, "EDS"),
+            (LISTENER, "LDS"),
+            (ROUTE, "RDS"),
+            (SECRET, "SDS"),
+            (
+                "type.googleapis.com/fsm.dataplane.v1.Inbound",
+                "fsm.dataplane.v1.Inbound",
+            ),
+            ("no-slash", "no-slash"),
+        ] {
+            assert_eq!(short_name(url), short);
+        }
+    }
+
+    #[test]
+    fn envoy_types_sort_first_in_fixed_order_then_alphabetically() {
+        let mut types: Vec<Ordered> = [
+            "type.example/b",
+            SECRET,
+            ROUTE,
+            "type.example/a",
+            LISTENER,
+            ENDPOINT,
+            CLUSTER,
+        ]
+        .map(Ordered)
+        .to_vec();
+        types.sort();
+        let sorted: Vec<TypeUrl> = types.into_iter().map(|t| t.0).collect();
+        assert_eq!(
+            sorted,
+            vec![
+                CLUSTER,
+                ENDPOINT,
+                LISTENER,
+                ROUTE,
+                SECRET,
+                "type.example/a",
+                "type.example/b"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_e5013() {
+        let err =
+            resolve::<()>("type.example/nope", &[], &BTreeMap::new(), None).expect_err("unknown");
+        assert_eq!(err.err_code(), ErrCode::E5013);
+        assert!(err.to_string().contains("type.example/nope"));
+        let snapshot = Snapshot::new([("type.example/yes", vec![])]);
+        assert_eq!(
+            resolve::<()>("type.example/yes", &[], &BTreeMap::new(), Some(&snapshot)),
+            Ok("type.example/yes")
+        );
+        assert_eq!(
+            resolve::<()>(
+                "type.example/x",
+                &["type.example/x"],
+                &BTreeMap::new(),
+                None
+            ),
+            Ok("type.example/x")
+        );
+    }
+}

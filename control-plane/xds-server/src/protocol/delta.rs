@@ -1,0 +1,580 @@
+//! Incremental (delta) ADS: only resources whose version differs from the client's go out, and
+//! names the client has that no longer exist are listed as removed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use fsm_cache::{Resource, Snapshot, TypeSnapshot, TypeUrl};
+
+use super::{
+    DeltaRequest, Event, Nonces, Ordered, Output, ProtocolError, Response, XdsStream,
+    empty_version, resolve,
+};
+
+/// The state of one delta stream.
+#[derive(Debug, Default)]
+pub struct DeltaStream {
+    extra_types: &'static [TypeUrl],
+    nonces: Nonces,
+    types: BTreeMap<Ordered, TypeState>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<Arc<str>>,
+    /// What the client has, name → version: seeded from its initial versions, updated when we
+    /// send (optimistically: a NACK does not tell which resources the client kept).
+    client: BTreeMap<Arc<str>, Arc<str>>,
+    /// Versions the client rejected, name → version, never sent again.
+    nacked: BTreeMap<Arc<str>, Arc<str>>,
+    last_nonce: Option<Arc<str>>,
+    /// `system_version_info` of the last response, what an ACK or NACK refers to.
+    sent_version: Option<Arc<str>>,
+    /// The resources of the last response, parked per resource if it is NACKed.
+    in_flight: Vec<(Arc<str>, Arc<str>)>,
+}
+
+// === TypeState ===
+
+impl TypeState {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    fn apply_subscriptions(&mut self, subscribe: Vec<String>, unsubscribe: Vec<String>) {
+        for name in subscribe {
+            if name == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(Arc::from(name));
+            }
+        }
+        for name in unsubscribe {
+            if name == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(name.as_str());
+            }
+        }
+        // Forget what the client dropped with its unsubscriptions, so a later subscription to the
+        // same name sends it again. Rejected versions stay parked: resubscribing must not bring
+        // them back.
+        let (wildcard, names) = (self.wildcard, &self.names);
+        self.client
+            .retain(|name, _| wildcard || names.contains(name));
+    }
+
+    fn is_new(&self, resource: &Resource) -> bool {
+        self.client.get(&resource.name) != Some(&resource.version)
+            && self.nacked.get(&resource.name) != Some(&resource.version)
+    }
+}
+
+// === DeltaStream ===
+
+impl DeltaStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also accept these type URLs before any snapshot carries them.
+    pub fn with_type_urls(mut self, extra: &'static [TypeUrl]) -> Self {
+        self.extra_types = extra;
+        self
+    }
+
+    pub fn is_requested(&self, type_url: TypeUrl) -> bool {
+        self.types.contains_key(&Ordered(type_url))
+    }
+}
+
+impl XdsStream for DeltaStream {
+    type Request = DeltaRequest;
+
+    fn on_request(
+        &mut self,
+        request: DeltaRequest,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Output, ProtocolError> {
+        let type_url = resolve(&request.type_url, self.extra_types, &self.types, snapshot)?;
+        let key = Ordered(type_url);
+        let mut out = Output {
+            type_url: Some(type_url),
+            ..Output::default()
+        };
+        let stale =
+            |out: &mut Output, nonce: String| out.events.push(Event::Stale { type_url, nonce });
+
+        let state = match self.types.get_mut(&key) {
+            None => {
+                // We never sent this type on this stream, so any nonce is from another stream.
+                if !request.response_nonce.is_empty() {
+                    stale(&mut out, request.response_nonce);
+                    return Ok(out);
+                }
+                let wildcard =
+                    request.subscribe.is_empty() || request.subscribe.iter().any(|n| n == "*");
+                let client = request
+                    .initial_resource_versions
+                    .into_iter()
+                    .map(|(name, version)| (Arc::from(name), Arc::from(version)))
+                    .collect();
+                self.types.entry(key).or_insert(TypeState {
+                    wildcard,
+                    client,
+                    ..TypeState::default()
+                })
+            }
+            Some(state) => {
+                if !request.response_nonce.is_empty() {
+                    if state.last_nonce.as_deref() != Some(&*request.response_nonce) {
+                        stale(&mut out, request.response_nonce);
+                        return Ok(out);
+                    }
+                    let in_flight = std::mem::take(&mut state.in_flight);
+                    if let Some(version) = state.sent_version.clone() {
+                        match request.error_detail {
+                            Some(error) => {
+                                state.nacked.extend(in_flight);
+                                out.events.push(Event::Nack {
+                                    type_url,
+                                    version,
+                                    error,
+                                });
+                            }
+                            None => out.events.push(Event::Ack { type_url, version }),
+                        }
+                    }
+                }
+                state
+            }
+        };
+        state.apply_subscriptions(request.subscribe, request.unsubscribe);
+        if let Some(snapshot) = snapshot {
+            out.responses
+                .extend(respond(&mut self.nonces, type_url, state, snapshot));
+        }
+        Ok(out)
+    }
+
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Output {
+        let responses = self
+            .types
+            .iter_mut()
+            .filter_map(|(key, state)| respond(&mut self.nonces, key.0, state, snapshot))
+            .collect();
+        Output {
+            type_url: None,
+            responses,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// The resources the client lacks or has in another version, and the names it has that are gone.
+fn respond(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    snapshot: &Snapshot,
+) -> Option<Response> {
+    let types = snapshot.get(type_url);
+    let lookup = |name: &str| types.and_then(|t| t.get(name));
+    let resources: Vec<Arc<Resource>> = if state.wildcard {
+        // Explicit names are covered by the wildcard, so this sees every wanted resource once.
+        types
+            .into_iter()
+            .flat_map(TypeSnapshot::resources)
+            .filter(|r| state.is_new(r))
+            .cloned()
+            .collect()
+    } else {
+        state
+            .names
+            .iter()
+            .filter_map(|n| lookup(n))
+            .filter(|r| state.is_new(r))
+            .cloned()
+            .collect()
+    };
+    let removed: Vec<Arc<str>> = state
+        .client
+        .keys()
+        .filter(|name| state.wants(name) && lookup(name).is_none())
+        .cloned()
+        .collect();
+    // A rejected version that is no longer current can never match again.
+    state
+        .nacked
+        .retain(|name, version| lookup(name).is_some_and(|r| r.version == *version));
+    if resources.is_empty() && removed.is_empty() {
+        return None;
+    }
+
+    for name in &removed {
+        state.client.remove(name);
+    }
+    state.in_flight = resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    state.client.extend(state.in_flight.iter().cloned());
+    let version = types.map_or_else(empty_version, |t| t.version().clone());
+    let nonce = nonces.next();
+    state.sent_version = Some(version.clone());
+    state.last_nonce = Some(nonce.clone());
+    Some(Response {
+        type_url,
+        version,
+        nonce,
+        resources,
+        removed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use test_case::test_case;
+
+    use super::super::test_support::{render, snap};
+    use super::super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, short_name};
+    use super::*;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Nonce {
+        /// A request that answers no response: first for its type, or a subscription change.
+        None,
+        Last,
+        Stale,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Req {
+            ty: TypeUrl,
+            subscribe: &'static str,
+            unsubscribe: &'static str,
+            /// `name=version` pairs; a version of `@` means the resource's version in `v1()`.
+            initial: &'static str,
+            nonce: Nonce,
+            error: Option<&'static str>,
+        },
+        Snap(Snapshot),
+    }
+
+    fn initial(ty: TypeUrl, subscribe: &'static str) -> Step {
+        Step::Req {
+            ty,
+            subscribe,
+            unsubscribe: "",
+            initial: "",
+            nonce: Nonce::None,
+            error: None,
+        }
+    }
+
+    fn resume(ty: TypeUrl, subscribe: &'static str, initial: &'static str) -> Step {
+        Step::Req {
+            ty,
+            subscribe,
+            unsubscribe: "",
+            initial,
+            nonce: Nonce::None,
+            error: None,
+        }
+    }
+
+    fn ack(ty: TypeUrl) -> Step {
+        Step::Req {
+            ty,
+            subscribe: "",
+            unsubscribe: "",
+            initial: "",
+            nonce: Nonce::Last,
+            error: None,
+        }
+    }
+
+    fn nack(ty: TypeUrl) -> Step {
+        Step::Req {
+            ty,
+            subscribe: "",
+            unsubscribe: "",
+            initial: "",
+            nonce: Nonce::Last,
+            error: Some("rejected"),
+        }
+    }
+
+    /// A subscription change, answering no response (as Envoy sends them).
+    fn change(ty: TypeUrl, subscribe: &'static str, unsubscribe: &'static str) -> Step {
+        Step::Req {
+            ty,
+            subscribe,
+            unsubscribe,
+            initial: "",
+            nonce: Nonce::None,
+            error: None,
+        }
+    }
+
+    fn stale(ty: TypeUrl, subscribe: &'static str) -> Step {
+        Step::Req {
+            ty,
+            subscribe,
+            unsubscribe: "",
+            initial: "",
+            nonce: Nonce::Stale,
+            error: None,
+        }
+    }
+
+    fn run(script: Vec<(Step, &str)>) {
+        let mut stream = DeltaStream::new();
+        let mut snapshot: Option<Snapshot> = None;
+        let mut last_nonce: BTreeMap<TypeUrl, Arc<str>> = BTreeMap::new();
+        let mut nonces = BTreeSet::new();
+        for (i, (step, expected)) in script.into_iter().enumerate() {
+            let (out, current) = match step {
+                Step::Req {
+                    ty,
+                    subscribe,
+                    unsubscribe,
+                    initial,
+                    nonce,
+                    error,
+                } => {
+                    let split =
+                        |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+                    let initial_resource_versions = initial
+                        .split_whitespace()
+                        .filter_map(|pair| pair.split_once('='))
+                        .map(|(name, version)| {
+                            let version = match version {
+                                "@" => v1()
+                                    .get(ty)
+                                    .and_then(|t| t.get(name))
+                                    .map(|r| r.version.to_string()),
+                                other => Some(other.to_owned()),
+                            };
+                            (name.to_owned(), version.unwrap_or_default())
+                        })
+                        .collect();
+                    let response_nonce = match nonce {
+                        Nonce::None => String::new(),
+                        Nonce::Last => last_nonce
+                            .get(ty)
+                            .map(|n| n.to_string())
+                            .unwrap_or_default(),
+                        Nonce::Stale => "stale".into(),
+                    };
+                    let request = DeltaRequest {
+                        type_url: ty.to_owned(),
+                        subscribe: split(subscribe),
+                        unsubscribe: split(unsubscribe),
+                        initial_resource_versions,
+                        response_nonce,
+                        error_detail: error.map(str::to_owned),
+                    };
+                    (
+                        stream
+                            .on_request(request, snapshot.as_ref())
+                            .expect("known type"),
+                        snapshot.clone(),
+                    )
+                }
+                Step::Snap(new) => {
+                    let out = stream.on_snapshot(&new);
+                    snapshot = Some(new);
+                    (out, snapshot.clone())
+                }
+            };
+            for r in &out.responses {
+                assert!(
+                    stream.is_requested(r.type_url),
+                    "step {i}: {} sent unrequested",
+                    short_name(r.type_url)
+                );
+                let current = current.as_ref().and_then(|s| s.get(r.type_url));
+                assert_eq!(
+                    r.version,
+                    current.map_or_else(empty_version, |t| t.version().clone()),
+                    "step {i}"
+                );
+                assert!(
+                    nonces.insert(r.nonce.clone()),
+                    "step {i}: nonce {} reused",
+                    r.nonce
+                );
+                last_nonce.insert(r.type_url, r.nonce.clone());
+            }
+            assert_eq!(render(&out), expected, "step {i}");
+        }
+    }
+
+    fn v1() -> Snapshot {
+        snap(&[
+            (CLUSTER, &[("c1", "1"), ("c2", "1")]),
+            (ENDPOINT, &[("c1", "1"), ("c2", "1")]),
+        ])
+    }
+
+    fn all_types(body: &'static str) -> Snapshot {
+        snap(&[
+            (SECRET, &[("s", body)]),
+            (ROUTE, &[("r", body)]),
+            ("type.example/b", &[("b", body)]),
+            (LISTENER, &[("l", body)]),
+            ("type.example/a", &[("a", body)]),
+            (ENDPOINT, &[("e", body)]),
+            (CLUSTER, &[("c", body)]),
+        ])
+    }
+
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (ack(CLUSTER), "ack CDS"),
+        (Step::Snap(v1()), ""),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "2"), ("c2", "1")])])), "CDS[c1]"),
+    ] ; "wildcard sends only what changed")]
+    #[test_case(vec![
+        (initial(CLUSTER, "*"), ""),
+        (Step::Snap(v1()), "CDS[c1,c2]"),
+    ] ; "star is wildcard and waits for the first snapshot")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c2", "1"), ("c3", "1")])])), "CDS[c3] -[c1]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1")])])), "CDS[] -[c2,c3]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), ""),
+    ] ; "removals of resources and of the whole type")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(CLUSTER, "", "c1=@ c2=@"), ""),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "1"), ("c2", "2")])])), "CDS[c2]"),
+    ] ; "initial versions that match send nothing")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(CLUSTER, "", "c1=@ c2=old gone=old"), "CDS[c2] -[gone]"),
+    ] ; "initial versions that differ resend and remove")]
+    #[test_case(vec![
+        (resume(ENDPOINT, "c1", "c1=@ c2=@"), ""),
+        (Step::Snap(v1()), ""),
+    ] ; "initial versions before the first snapshot")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1 missing"), "EDS[c1]"),
+        (ack(ENDPOINT), "ack EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1"), ("c2", "2")])])), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1"), ("missing", "1")])])), "EDS[missing]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c2", "2")])])), "EDS[] -[c1,missing]"),
+    ] ; "explicit names only see their names")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (change(ENDPOINT, "c2", ""), "EDS[c2]"),
+        (change(ENDPOINT, "", "c1"), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1")])])), ""),
+        (change(ENDPOINT, "c1", ""), "EDS[c1]"),
+    ] ; "subscribe and unsubscribe")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (change(ENDPOINT, "*", ""), "EDS[c2]"),
+        (change(ENDPOINT, "", "*"), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "2")])])), "EDS[c1]"),
+    ] ; "switching to and from wildcard")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (ack(CLUSTER), "ack CDS"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "2"), ("c2", "2")])])), "CDS[c1,c2]"),
+        (nack(CLUSTER), "nack CDS"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "2"), ("c2", "2"), ("c3", "1")])])), "CDS[c3]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "3"), ("c2", "2"), ("c3", "1")])])), "CDS[c1]"),
+        (ack(CLUSTER), "ack CDS"),
+    ] ; "nack parks the rejected versions")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), "EDS[c1]"),
+        (nack(ENDPOINT), "nack EDS"),
+        (change(ENDPOINT, "", "c1"), ""),
+        (change(ENDPOINT, "c1", ""), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "3")])])), "EDS[c1]"),
+    ] ; "a rejected version stays parked across resubscription")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "2"), ("c2", "1")])])), "CDS[c1]"),
+        (stale(CLUSTER, "x"), "stale CDS"),
+        (ack(CLUSTER), "ack CDS"),
+    ] ; "stale nonce is ignored")]
+    #[test_case(vec![
+        (Step::Snap(all_types("1")), ""),
+        (initial("type.example/b", ""), "b[b]"),
+        (initial(SECRET, "s"), "SDS[s]"),
+        (initial(ROUTE, "r"), "RDS[r]"),
+        (initial(ENDPOINT, "e"), "EDS[e]"),
+        (initial("type.example/a", ""), "a[a]"),
+        (initial(LISTENER, ""), "LDS[l]"),
+        (initial(CLUSTER, ""), "CDS[c]"),
+        (Step::Snap(all_types("2")), "CDS[c]; EDS[e]; LDS[l]; RDS[r]; SDS[s]; a[a]; b[b]"),
+    ] ; "one change to several types goes out in order")]
+    fn delta(script: Vec<(Step, &str)>) {
+        run(script);
+    }
+
+    #[test]
+    fn versions_in_events_and_responses() {
+        let mut stream = DeltaStream::new();
+        let s1 = v1();
+        let request = DeltaRequest {
+            type_url: CLUSTER.into(),
+            ..DeltaRequest::default()
+        };
+        let out = stream.on_request(request, Some(&s1)).expect("known");
+        let sent = &out.responses[0];
+        assert_eq!(
+            &sent.version,
+            s1.get(CLUSTER).expect("cds").version(),
+            "system version = type version"
+        );
+        let c1 = s1.get(CLUSTER).and_then(|t| t.get("c1")).expect("c1");
+        assert_eq!(
+            sent.resources[0].version, c1.version,
+            "each resource keeps its own version"
+        );
+        let nack = DeltaRequest {
+            type_url: CLUSTER.into(),
+            response_nonce: sent.nonce.to_string(),
+            error_detail: Some("bad".into()),
+            ..DeltaRequest::default()
+        };
+        let out2 = stream.on_request(nack, Some(&s1)).expect("known");
+        assert_eq!(
+            out2.events,
+            vec![Event::Nack {
+                type_url: CLUSTER,
+                version: sent.version.clone(),
+                error: "bad".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        let mut stream = DeltaStream::new();
+        let request = DeltaRequest {
+            type_url: "type.example/unknown".into(),
+            ..DeltaRequest::default()
+        };
+        assert!(matches!(
+            stream.on_request(request, Some(&v1())),
+            Err(ProtocolError::UnknownType(_))
+        ));
+        assert!(!stream.is_requested("type.example/unknown"));
+    }
+}

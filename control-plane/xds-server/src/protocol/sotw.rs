@@ -1,0 +1,630 @@
+//! State-of-the-world ADS: every response carries the full subscribed set of its type.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use fsm_cache::{Resource, Snapshot, TypeSnapshot, TypeUrl};
+
+use super::{
+    Event, Nonces, Ordered, Output, ProtocolError, Response, SotwRequest, XdsStream, empty_version,
+    resolve,
+};
+
+/// The state of one state-of-the-world stream.
+#[derive(Debug, Default)]
+pub struct SotwStream {
+    extra_types: &'static [TypeUrl],
+    nonces: Nonces,
+    types: BTreeMap<Ordered, TypeState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Subscription {
+    Wildcard,
+    Names(BTreeSet<String>),
+}
+
+#[derive(Debug)]
+struct TypeState {
+    subscription: Subscription,
+    last_nonce: Option<Arc<str>>,
+    /// The version the proxy has or is being sent: our last response, or on a fresh stream the
+    /// version the proxy reported (so a reconnect does not resend what it already has).
+    sent_version: Option<Arc<str>>,
+    /// The last NACKed version, never sent again.
+    parked: Option<Arc<str>>,
+}
+
+// === Subscription ===
+
+impl Subscription {
+    /// Empty names mean wildcard on a type's first request and keep a wildcard one wildcard;
+    /// after explicit names they mean "none" (Envoy's EDS/RDS with nothing left to watch).
+    fn from_names(names: &[String], previous: Option<&Subscription>) -> Self {
+        if names.iter().any(|n| n == "*") {
+            return Subscription::Wildcard;
+        }
+        match previous {
+            None | Some(Subscription::Wildcard) if names.is_empty() => Subscription::Wildcard,
+            _ => Subscription::Names(names.iter().cloned().collect()),
+        }
+    }
+}
+
+// === SotwStream ===
+
+impl SotwStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also accept these type URLs before any snapshot carries them (native data-plane types a
+    /// proxy may ask for before its first snapshot exists).
+    pub fn with_type_urls(mut self, extra: &'static [TypeUrl]) -> Self {
+        self.extra_types = extra;
+        self
+    }
+
+    /// Whether `type_url` has been requested on this stream.
+    pub fn is_requested(&self, type_url: TypeUrl) -> bool {
+        self.types.contains_key(&Ordered(type_url))
+    }
+}
+
+impl XdsStream for SotwStream {
+    type Request = SotwRequest;
+
+    fn on_request(
+        &mut self,
+        request: SotwRequest,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Output, ProtocolError> {
+        let type_url = resolve(&request.type_url, self.extra_types, &self.types, snapshot)?;
+        let key = Ordered(type_url);
+        let mut out = Output {
+            type_url: Some(type_url),
+            ..Output::default()
+        };
+
+        if request.response_nonce.is_empty() {
+            // A first request (or a fresh start for the type): take the proxy's word for what it has.
+            let sent_version =
+                (!request.version_info.is_empty()).then(|| Arc::from(request.version_info));
+            let subscription = Subscription::from_names(&request.resource_names, None);
+            match self.types.get_mut(&key) {
+                Some(state) => {
+                    state.subscription = subscription;
+                    state.sent_version = sent_version;
+                }
+                None => {
+                    self.types.insert(
+                        key,
+                        TypeState {
+                            subscription,
+                            last_nonce: None,
+                            sent_version,
+                            parked: None,
+                        },
+                    );
+                }
+            }
+        } else {
+            let Some(state) = self
+                .types
+                .get_mut(&key)
+                .filter(|s| s.last_nonce.as_deref() == Some(&*request.response_nonce))
+            else {
+                out.events.push(Event::Stale {
+                    type_url,
+                    nonce: request.response_nonce,
+                });
+                return Ok(out);
+            };
+            match request.error_detail {
+                Some(error) => {
+                    if let Some(version) = state.sent_version.clone() {
+                        state.parked = Some(version.clone());
+                        out.events.push(Event::Nack {
+                            type_url,
+                            version,
+                            error,
+                        });
+                    }
+                }
+                None => out.events.push(Event::Ack {
+                    type_url,
+                    version: Arc::from(request.version_info),
+                }),
+            }
+            let subscription =
+                Subscription::from_names(&request.resource_names, Some(&state.subscription));
+            if subscription == state.subscription {
+                return Ok(out);
+            }
+            state.subscription = subscription;
+        }
+
+        if let Some(snapshot) = snapshot
+            && let Some(state) = self.types.get_mut(&key)
+        {
+            out.responses
+                .extend(respond(&mut self.nonces, type_url, state, snapshot));
+        }
+        Ok(out)
+    }
+
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Output {
+        let responses = self
+            .types
+            .iter_mut()
+            .filter_map(|(key, state)| respond(&mut self.nonces, key.0, state, snapshot))
+            .collect();
+        Output {
+            type_url: None,
+            responses,
+            events: Vec::new(),
+        }
+    }
+}
+
+/// The response for one type, if the proxy's subscription now has a version it has neither got
+/// nor rejected.
+fn respond(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    snapshot: &Snapshot,
+) -> Option<Response> {
+    let types = snapshot.get(type_url);
+    let (version, resources) = match &state.subscription {
+        Subscription::Wildcard => {
+            let version = types.map_or_else(empty_version, |t| t.version().clone());
+            if is_known(state, &version) {
+                return None;
+            }
+            (
+                version,
+                types
+                    .map(|t| t.resources().cloned().collect())
+                    .unwrap_or_default(),
+            )
+        }
+        Subscription::Names(names) => {
+            let resources: Vec<Arc<Resource>> = names
+                .iter()
+                .filter_map(|n| types.and_then(|t| t.get(n)))
+                .cloned()
+                .collect();
+            let version = TypeSnapshot::version_of(resources.iter().map(|r| &**r));
+            if is_known(state, &version) {
+                return None;
+            }
+            (version, resources)
+        }
+    };
+    let nonce = nonces.next();
+    state.sent_version = Some(version.clone());
+    state.last_nonce = Some(nonce.clone());
+    Some(Response {
+        type_url,
+        version,
+        nonce,
+        resources,
+        removed: Vec::new(),
+    })
+}
+
+fn is_known(state: &TypeState, version: &Arc<str>) -> bool {
+    state.sent_version.as_ref() == Some(version) || state.parked.as_ref() == Some(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use test_case::test_case;
+
+    use super::super::test_support::{render, snap};
+    use super::super::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, short_name};
+    use super::*;
+
+    /// Where a request's `version_info` or nonce comes from.
+    #[derive(Clone, Copy, Debug)]
+    enum From {
+        Empty,
+        /// The last response received for the type.
+        Last,
+        Lit(&'static str),
+        /// The current snapshot's version of the type (a proxy resuming after reconnect).
+        TypeVersion,
+        /// The type's version in the given snapshot.
+        VersionIn(fn() -> Snapshot),
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Req {
+            ty: TypeUrl,
+            names: &'static str,
+            version: From,
+            nonce: From,
+            error: Option<&'static str>,
+        },
+        Snap(Snapshot),
+    }
+
+    fn initial(ty: TypeUrl, names: &'static str) -> Step {
+        Step::Req {
+            ty,
+            names,
+            version: From::Empty,
+            nonce: From::Empty,
+            error: None,
+        }
+    }
+
+    fn resume(ty: TypeUrl, names: &'static str, version: From) -> Step {
+        Step::Req {
+            ty,
+            names,
+            version,
+            nonce: From::Empty,
+            error: None,
+        }
+    }
+
+    fn ack(ty: TypeUrl, names: &'static str) -> Step {
+        Step::Req {
+            ty,
+            names,
+            version: From::Last,
+            nonce: From::Last,
+            error: None,
+        }
+    }
+
+    fn nack(ty: TypeUrl, names: &'static str) -> Step {
+        // A NACK carries the last accepted version; tests do not track it, so send none.
+        Step::Req {
+            ty,
+            names,
+            version: From::Empty,
+            nonce: From::Last,
+            error: Some("rejected"),
+        }
+    }
+
+    fn stale(ty: TypeUrl, names: &'static str) -> Step {
+        Step::Req {
+            ty,
+            names,
+            version: From::Empty,
+            nonce: From::Lit("stale"),
+            error: None,
+        }
+    }
+
+    /// Runs the script, checking each step's rendered output and the invariants every response
+    /// must keep (version is `version_of` its resources, nonces unique, types only after request).
+    fn run(script: Vec<(Step, &str)>) {
+        let mut stream = SotwStream::new();
+        let mut snapshot: Option<Snapshot> = None;
+        let mut last: BTreeMap<TypeUrl, (Arc<str>, Arc<str>)> = BTreeMap::new();
+        let mut nonces = BTreeSet::new();
+        for (i, (step, expected)) in script.into_iter().enumerate() {
+            let out = match step {
+                Step::Req {
+                    ty,
+                    names,
+                    version,
+                    nonce,
+                    error,
+                } => {
+                    let pick =
+                        |from: From, field: fn(&(Arc<str>, Arc<str>)) -> &Arc<str>| match from {
+                            From::Empty => String::new(),
+                            From::Last => last
+                                .get(ty)
+                                .map(|l| field(l).to_string())
+                                .unwrap_or_default(),
+                            From::Lit(s) => s.to_owned(),
+                            From::TypeVersion => snapshot
+                                .as_ref()
+                                .and_then(|s| s.get(ty))
+                                .map(|t| t.version().to_string())
+                                .unwrap_or_default(),
+                            From::VersionIn(make) => make()
+                                .get(ty)
+                                .map(|t| t.version().to_string())
+                                .unwrap_or_default(),
+                        };
+                    let request = SotwRequest {
+                        type_url: ty.to_owned(),
+                        version_info: pick(version, |l| &l.0),
+                        resource_names: names.split_whitespace().map(str::to_owned).collect(),
+                        response_nonce: pick(nonce, |l| &l.1),
+                        error_detail: error.map(str::to_owned),
+                    };
+                    stream
+                        .on_request(request, snapshot.as_ref())
+                        .expect("known type")
+                }
+                Step::Snap(new) => {
+                    let out = stream.on_snapshot(&new);
+                    snapshot = Some(new);
+                    out
+                }
+            };
+            for r in &out.responses {
+                assert!(
+                    stream.is_requested(r.type_url),
+                    "step {i}: {} sent unrequested",
+                    short_name(r.type_url)
+                );
+                assert_eq!(
+                    r.version,
+                    TypeSnapshot::version_of(r.resources.iter().map(|r| &**r)),
+                    "step {i}"
+                );
+                assert!(r.removed.is_empty());
+                assert!(
+                    nonces.insert(r.nonce.clone()),
+                    "step {i}: nonce {} reused",
+                    r.nonce
+                );
+                last.insert(r.type_url, (r.version.clone(), r.nonce.clone()));
+            }
+            assert_eq!(render(&out), expected, "step {i}");
+        }
+    }
+
+    fn v1() -> Snapshot {
+        snap(&[
+            (CLUSTER, &[("c1", "1"), ("c2", "1")]),
+            (ENDPOINT, &[("c1", "1"), ("c2", "1")]),
+        ])
+    }
+
+    fn v2() -> Snapshot {
+        snap(&[
+            (CLUSTER, &[("c1", "2"), ("c2", "1")]),
+            (ENDPOINT, &[("c1", "1"), ("c2", "2")]),
+        ])
+    }
+
+    fn all_types(body: &'static str) -> Snapshot {
+        snap(&[
+            (SECRET, &[("s", body)]),
+            (ROUTE, &[("r", body)]),
+            ("type.example/zz", &[("z", body)]),
+            (LISTENER, &[("l", body)]),
+            ("type.example/aa", &[("a", body)]),
+            (ENDPOINT, &[("e", body)]),
+            (CLUSTER, &[("c", body)]),
+        ])
+    }
+
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+    ] ; "wildcard request then ack")]
+    #[test_case(vec![
+        (initial(CLUSTER, ""), ""),
+        (Step::Snap(v1()), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+        (Step::Snap(v1()), ""),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+    ] ; "request before first snapshot waits for it")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (Step::Snap(v2()), ""),
+    ] ; "nothing is sent before a request")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "1"), ("c2", "1")]), (ENDPOINT, &[("c1", "9")])])), ""),
+    ] ; "a change to another type sends nothing")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (nack(CLUSTER, ""), "nack CDS"),
+        (Step::Snap(v1()), ""),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+    ] ; "nack parks the version until a different one exists")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+        (nack(CLUSTER, ""), "nack CDS"),
+        (Step::Snap(v1()), "CDS[c1,c2]"),
+        (Step::Snap(v2()), ""),
+    ] ; "going back to the accepted version is sent, the parked one is not")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+        (nack(CLUSTER, ""), "nack CDS"),
+        (stale(CLUSTER, ""), "stale CDS"),
+    ] ; "requests for old nonces are stale")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (stale(ENDPOINT, "c1 c2"), "stale EDS"),
+        (ack(ENDPOINT, "c1"), "ack EDS"),
+    ] ; "a stale request does not change the subscription")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(CLUSTER, "", From::TypeVersion), ""),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+    ] ; "resume with the current version sends nothing")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(CLUSTER, "", From::Lit("0123456789abcdef")), "CDS[c1,c2]"),
+    ] ; "resume with another version resends")]
+    #[test_case(vec![
+        (resume(CLUSTER, "", From::VersionIn(v1)), ""),
+        (Step::Snap(v1()), ""),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+    ] ; "resume before the first snapshot compares when it arrives")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c2 missing"), "EDS[c2]"),
+        (ack(ENDPOINT, "c2 missing"), "ack EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1")])])), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1"), ("missing", "1")])])), "EDS[c2,missing]"),
+    ] ; "named subscription only sees its names")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (ack(ENDPOINT, "c1 c2"), "ack EDS; EDS[c1,c2]"),
+        (ack(ENDPOINT, "c2"), "ack EDS; EDS[c2]"),
+        (ack(ENDPOINT, "c2"), "ack EDS"),
+        (ack(ENDPOINT, ""), "ack EDS; EDS[]"),
+    ] ; "subscription changes on ack send the new subset")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (nack(ENDPOINT, "c1 c2"), "nack EDS; EDS[c1,c2]"),
+    ] ; "subscription change on nack sends the new subset")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (nack(ENDPOINT, "c1"), "nack EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1"), ("c2", "7")])])), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), "EDS[c1]"),
+    ] ; "nack of a named subset parks it")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1")])])), "CDS[]"),
+    ] ; "a type missing from the snapshot is sent empty")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, "*"), "CDS[c1,c2]"),
+        (ack(CLUSTER, ""), "ack CDS"),
+        (Step::Snap(v2()), "CDS[c1,c2]"),
+    ] ; "star is wildcard and empty names keep it")]
+    #[test_case(vec![
+        (Step::Snap(all_types("1")), ""),
+        (initial(SECRET, "s"), "SDS[s]"),
+        (initial("type.example/zz", ""), "zz[z]"),
+        (initial(ROUTE, "r"), "RDS[r]"),
+        (initial("type.example/aa", ""), "aa[a]"),
+        (initial(LISTENER, ""), "LDS[l]"),
+        (initial(ENDPOINT, "e"), "EDS[e]"),
+        (initial(CLUSTER, ""), "CDS[c]"),
+        (Step::Snap(all_types("2")), "CDS[c]; EDS[e]; LDS[l]; RDS[r]; SDS[s]; aa[a]; zz[z]"),
+    ] ; "one change to several types goes out in order")]
+    #[test_case(vec![
+        (Step::Snap(all_types("1")), ""),
+        (initial(LISTENER, ""), "LDS[l]"),
+        (initial(CLUSTER, ""), "CDS[c]"),
+        (Step::Snap(all_types("2")), "CDS[c]; LDS[l]"),
+    ] ; "ordering only covers requested types")]
+    fn sotw(script: Vec<(Step, &str)>) {
+        run(script);
+    }
+
+    #[test]
+    fn ack_and_nack_carry_the_right_versions() {
+        let mut stream = SotwStream::new();
+        let s1 = v1();
+        let out = stream
+            .on_request(
+                SotwRequest {
+                    type_url: CLUSTER.into(),
+                    ..SotwRequest::default()
+                },
+                Some(&s1),
+            )
+            .expect("known");
+        let sent = &out.responses[0];
+        assert_eq!(
+            sent.version,
+            s1.get(CLUSTER).expect("cds").version().clone(),
+            "wildcard = type version"
+        );
+        assert_eq!(&*sent.nonce, "1");
+        let nack = SotwRequest {
+            type_url: CLUSTER.into(),
+            version_info: "previous".into(),
+            response_nonce: sent.nonce.to_string(),
+            error_detail: Some("bad cluster".into()),
+            ..SotwRequest::default()
+        };
+        let out = stream.on_request(nack, Some(&s1)).expect("known");
+        assert_eq!(
+            out.events,
+            vec![Event::Nack {
+                type_url: CLUSTER,
+                version: sent.version.clone(),
+                error: "bad cluster".into()
+            }],
+            "the NACKed version is the one sent, not the proxy's version_info"
+        );
+        let s2 = v2();
+        let out = stream.on_snapshot(&s2);
+        let ack = SotwRequest {
+            type_url: CLUSTER.into(),
+            version_info: out.responses[0].version.to_string(),
+            response_nonce: out.responses[0].nonce.to_string(),
+            ..SotwRequest::default()
+        };
+        let out2 = stream.on_request(ack, Some(&s2)).expect("known");
+        assert_eq!(
+            out2.events,
+            vec![Event::Ack {
+                type_url: CLUSTER,
+                version: out.responses[0].version.clone()
+            }]
+        );
+        assert_eq!(&*out.responses[0].nonce, "2");
+    }
+
+    #[test]
+    fn unknown_type_is_an_error_and_leaves_the_stream_usable() {
+        let mut stream = SotwStream::new();
+        let s1 = v1();
+        let unknown = SotwRequest {
+            type_url: "type.example/unknown".into(),
+            ..SotwRequest::default()
+        };
+        assert_eq!(
+            stream.on_request(unknown, Some(&s1)),
+            Err(ProtocolError::UnknownType("type.example/unknown".into()))
+        );
+        let cds = SotwRequest {
+            type_url: CLUSTER.into(),
+            ..SotwRequest::default()
+        };
+        assert_eq!(
+            stream
+                .on_request(cds, Some(&s1))
+                .expect("known")
+                .responses
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn extra_types_are_accepted_before_any_snapshot() {
+        const NATIVE: &[TypeUrl] = &["type.googleapis.com/fsm.dataplane.v1.Inbound"];
+        let mut stream = SotwStream::new().with_type_urls(NATIVE);
+        let request = SotwRequest {
+            type_url: NATIVE[0].into(),
+            ..SotwRequest::default()
+        };
+        assert_eq!(
+            stream.on_request(request, None),
+            Ok(Output {
+                type_url: Some(NATIVE[0]),
+                ..Output::default()
+            })
+        );
+        let out = stream.on_snapshot(&snap(&[(NATIVE[0], &[("in", "1")])]));
+        assert_eq!(render(&out), "fsm.dataplane.v1.Inbound[in]");
+    }
+}

@@ -1,0 +1,485 @@
+//! The ADS gRPC service: one task per stream drives a [`protocol`](crate::protocol) state machine
+//! from the proxy's requests and its snapshot in the cache.
+//!
+//! Both flavours (state of the world and delta) run the same loop; [`Wire`] is the only part that
+//! knows their message types.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as WireResource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc;
+use fsm_cache::{ProxyKey, Snapshot, SnapshotCache, SyncEvent, TypeUrl};
+use fsm_errcode::{ErrCode, HasErrCode};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status, Streaming};
+use tracing::Instrument;
+
+use crate::metrics::metrics;
+use crate::node::{NodeError, ProxyNode};
+use crate::protocol::{
+    DeltaRequest, DeltaStream, Event, Output, Response, SotwRequest, SotwStream, XdsStream,
+    short_name,
+};
+
+/// Generous on purpose: a large mesh's CDS or EDS response can be tens of MiB, and a refused
+/// message would leave the proxy without configuration.
+const MAX_MESSAGE_SIZE: usize = 64 << 20;
+
+/// Responses queued per stream before the stream's task waits for the proxy to read; keeps a slow
+/// proxy from holding many snapshots' worth of responses in memory.
+const RESPONSE_QUEUE: usize = 8;
+
+/// What the controller learns about proxies coming and going, so it can compute a snapshot for a
+/// new proxy and forget a gone one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyEvent {
+    Connected(ProxyNode),
+    Disconnected(ProxyKey),
+}
+
+/// The Aggregated Discovery Service over the snapshot cache.
+#[derive(Clone)]
+pub struct AdsServer {
+    inner: Arc<Inner>,
+    extra_types: &'static [TypeUrl],
+}
+
+struct Inner {
+    cache: Arc<SnapshotCache>,
+    events: mpsc::UnboundedSender<ProxyEvent>,
+    /// Proxy UUIDs that have connected before, for `fsm_proxy_reconnect_count`. It grows with the
+    /// number of distinct proxies ever seen, a few dozen bytes each.
+    seen: Mutex<HashSet<String>>,
+}
+
+// === AdsServer ===
+
+impl AdsServer {
+    pub fn new(cache: Arc<SnapshotCache>, events: mpsc::UnboundedSender<ProxyEvent>) -> Self {
+        let inner = Inner {
+            cache,
+            events,
+            seen: Mutex::new(HashSet::new()),
+        };
+        AdsServer {
+            inner: Arc::new(inner),
+            extra_types: &[],
+        }
+    }
+
+    /// Type URLs beyond Envoy's five that proxies may request before their first snapshot
+    /// carries them (native data-plane types).
+    pub fn with_type_urls(mut self, extra: &'static [TypeUrl]) -> Self {
+        self.extra_types = extra;
+        self
+    }
+
+    /// The tonic service, ready for `tonic::transport::Server::add_service`.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    fn spawn<W: Wire>(
+        &self,
+        incoming: Streaming<W::Req>,
+    ) -> ReceiverStream<Result<W::Resp, Status>> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let machine = W::machine(self.extra_types);
+        tokio::spawn(serve_stream::<W>(self.inner.clone(), machine, incoming, tx));
+        ReceiverStream::new(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(tonic::Response::new(
+            self.spawn::<Sotw>(request.into_inner()),
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(tonic::Response::new(
+            self.spawn::<Delta>(request.into_inner()),
+        ))
+    }
+}
+
+// === Wire ===
+
+/// One ADS flavour's messages and state machine.
+trait Wire: 'static {
+    const NAME: &'static str;
+    type Req: Send + 'static;
+    type Resp: Send + 'static;
+    type Machine: XdsStream;
+
+    fn machine(extra_types: &'static [TypeUrl]) -> Self::Machine;
+    fn node(request: &Self::Req) -> Option<&Node>;
+    fn convert(request: Self::Req) -> <Self::Machine as XdsStream>::Request;
+    fn encode(response: &Response) -> Self::Resp;
+}
+
+struct Sotw;
+struct Delta;
+
+impl Wire for Sotw {
+    const NAME: &'static str = "sotw";
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    type Machine = SotwStream;
+
+    fn machine(extra_types: &'static [TypeUrl]) -> SotwStream {
+        SotwStream::new().with_type_urls(extra_types)
+    }
+
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn convert(request: DiscoveryRequest) -> SotwRequest {
+        SotwRequest {
+            type_url: request.type_url,
+            version_info: request.version_info,
+            resource_names: request.resource_names,
+            response_nonce: request.response_nonce,
+            error_detail: request.error_detail.map(nack_message),
+        }
+    }
+
+    fn encode(response: &Response) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: response.version.to_string(),
+            resources: response
+                .resources
+                .iter()
+                .map(|r| any(response.type_url, r))
+                .collect(),
+            type_url: response.type_url.to_owned(),
+            nonce: response.nonce.to_string(),
+            ..DiscoveryResponse::default()
+        }
+    }
+}
+
+impl Wire for Delta {
+    const NAME: &'static str = "delta";
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    type Machine = DeltaStream;
+
+    fn machine(extra_types: &'static [TypeUrl]) -> DeltaStream {
+        DeltaStream::new().with_type_urls(extra_types)
+    }
+
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn convert(request: DeltaDiscoveryRequest) -> DeltaRequest {
+        DeltaRequest {
+            type_url: request.type_url,
+            subscribe: request.resource_names_subscribe,
+            unsubscribe: request.resource_names_unsubscribe,
+            initial_resource_versions: request.initial_resource_versions.into_iter().collect(),
+            response_nonce: request.response_nonce,
+            error_detail: request.error_detail.map(nack_message),
+        }
+    }
+
+    fn encode(response: &Response) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: response.version.to_string(),
+            resources: response
+                .resources
+                .iter()
+                .map(|r| WireResource {
+                    name: r.name.to_string(),
+                    version: r.version.to_string(),
+                    resource: Some(any(response.type_url, r)),
+                    ..WireResource::default()
+                })
+                .collect(),
+            type_url: response.type_url.to_owned(),
+            removed_resources: response.removed.iter().map(|n| n.to_string()).collect(),
+            nonce: response.nonce.to_string(),
+            ..DeltaDiscoveryResponse::default()
+        }
+    }
+}
+
+fn any(type_url: TypeUrl, resource: &fsm_cache::Resource) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: resource.body.to_vec(),
+    }
+}
+
+/// A NACK's reason; Envoy always sets a message, but the status alone still means NACK.
+fn nack_message(status: rpc::Status) -> String {
+    if status.message.is_empty() {
+        format!("rejected with status code {}", status.code)
+    } else {
+        status.message
+    }
+}
+
+// === The stream ===
+
+async fn serve_stream<W: Wire>(
+    inner: Arc<Inner>,
+    machine: W::Machine,
+    mut incoming: Streaming<W::Req>,
+    tx: mpsc::Sender<Result<W::Resp, Status>>,
+) {
+    let first = match incoming.message().await {
+        Ok(Some(request)) => request,
+        Ok(None) => return,
+        Err(status) => {
+            tracing::debug!(flavor = W::NAME, %status, "ADS stream failed before its first request");
+            return;
+        }
+    };
+    let node = match W::node(&first)
+        .ok_or(NodeError::MissingNode)
+        .and_then(ProxyNode::from_node)
+    {
+        Ok(node) => node,
+        Err(error) => {
+            let code = error.err_code();
+            tracing::warn!(code = %code, flavor = W::NAME, %error, "refusing ADS stream");
+            fsm_errcode::count(code);
+            // The proxy may already be gone; there is nobody else to tell.
+            let _ = tx
+                .send(Err(Status::invalid_argument(format!("{code}: {error}"))))
+                .await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("ads", proxy = %node.uuid, flavor = W::NAME);
+    let session = Session::<W>::open(inner, machine, node, tx);
+    session.run(first, incoming).instrument(span).await;
+}
+
+/// One proxy's stream, from its parsed first request until it ends; dropping it unregisters the
+/// proxy, so cleanup also happens when the task is cancelled.
+struct Session<W: Wire> {
+    inner: Arc<Inner>,
+    key: ProxyKey,
+    uuid: String,
+    identity: String,
+    tx: mpsc::Sender<Result<W::Resp, Status>>,
+    machine: W::Machine,
+    watch: watch::Receiver<Option<Arc<Snapshot>>>,
+    snapshot: Option<Arc<Snapshot>>,
+}
+
+/// The proxy is gone; the stream ends.
+struct Closed;
+
+impl<W: Wire> Session<W> {
+    fn open(
+        inner: Arc<Inner>,
+        machine: W::Machine,
+        node: ProxyNode,
+        tx: mpsc::Sender<Result<W::Resp, Status>>,
+    ) -> Self {
+        let m = metrics();
+        m.proxy_connect_count.inc();
+        if !inner.seen.lock().insert(node.uuid.clone()) {
+            m.proxy_reconnect_count.inc();
+        }
+        let key = node.key();
+        let mut watch = inner.cache.subscribe(&key);
+        let snapshot = watch.borrow_and_update().clone();
+        tracing::info!(
+            proxy = %node.uuid,
+            kind = %node.kind,
+            identity = %node.identity(),
+            data_plane = ?node.data_plane,
+            flavor = W::NAME,
+            "proxy connected"
+        );
+        let (uuid, identity) = (node.uuid.clone(), node.identity());
+        // The controller may have shut down; the stream still serves what the cache holds.
+        let _ = inner.events.send(ProxyEvent::Connected(node));
+        Session {
+            inner,
+            key,
+            uuid,
+            identity,
+            tx,
+            machine,
+            watch,
+            snapshot,
+        }
+    }
+
+    async fn run(mut self, first: W::Req, mut incoming: Streaming<W::Req>) {
+        if self.on_request(first).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                request = incoming.message() => match request {
+                    Ok(Some(request)) => {
+                        if self.on_request(request).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::debug!(proxy = %self.uuid, "proxy closed the stream");
+                        return;
+                    }
+                    Err(status) => {
+                        let code = ErrCode::E5011;
+                        tracing::info!(code = %code, proxy = %self.uuid, %status, "ADS stream ended with an error");
+                        fsm_errcode::count(code);
+                        return;
+                    }
+                },
+                changed = self.watch.changed() => {
+                    if changed.is_err() {
+                        // Only happens if the cache dropped the proxy's entry under us; ending the
+                        // stream makes the proxy reconnect and subscribe afresh.
+                        tracing::warn!(proxy = %self.uuid, "snapshot cache entry vanished; closing the stream");
+                        return;
+                    }
+                    self.snapshot = self.watch.borrow_and_update().clone();
+                    if let Some(snapshot) = self.snapshot.clone() {
+                        let output = self.machine.on_snapshot(&snapshot);
+                        if self.apply(output).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                () = self.tx.closed() => {
+                    tracing::debug!(proxy = %self.uuid, "proxy stopped reading responses");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn on_request(&mut self, request: W::Req) -> Result<(), Closed> {
+        let output = self
+            .machine
+            .on_request(W::convert(request), self.snapshot.as_deref());
+        let m = metrics();
+        match output {
+            Ok(output) => {
+                // Labelled only once resolved: an unknown type is an arbitrary client string.
+                if let Some(type_url) = output.type_url {
+                    m.proxy_xds_request_count
+                        .with_label_values(&[&self.uuid, &self.identity, short_name(type_url)])
+                        .inc();
+                }
+                self.apply(output).await
+            }
+            Err(error) => {
+                let code = error.err_code();
+                tracing::warn!(code = %code, proxy = %self.uuid, %error, "ignoring request");
+                fsm_errcode::count(code);
+                Ok(())
+            }
+        }
+    }
+
+    async fn apply(&mut self, output: Output) -> Result<(), Closed> {
+        for event in &output.events {
+            let type_url = event.type_url();
+            let short = short_name(type_url);
+            match event {
+                Event::Ack { version, .. } => {
+                    tracing::debug!(proxy = %self.uuid, r#type = short, %version, "ACK");
+                }
+                Event::Nack { version, error, .. } => {
+                    tracing::warn!(proxy = %self.uuid, r#type = short, %version, %error, "NACK; version parked");
+                }
+                Event::Stale { nonce, .. } => {
+                    tracing::debug!(proxy = %self.uuid, r#type = short, %nonce, "ignoring request for an old nonce");
+                }
+            }
+            if let Some(sync) = event.sync_event() {
+                self.inner.cache.record(&self.key, type_url, sync);
+            }
+        }
+        for response in output.responses {
+            self.send(response).await?;
+        }
+        Ok(())
+    }
+
+    /// The one place a response leaves for the proxy.
+    async fn send(&mut self, response: Response) -> Result<(), Closed> {
+        let short = short_name(response.type_url);
+        let labels = [self.uuid.as_str(), self.identity.as_str(), short];
+        let message = W::encode(&response);
+        let m = metrics();
+        if self.tx.send(Ok(message)).await.is_err() {
+            m.proxy_response_send_error_count
+                .with_label_values(&labels)
+                .inc();
+            let code = ErrCode::E5006;
+            tracing::info!(code = %code, proxy = %self.uuid, r#type = short, version = %response.version, "proxy gone before a response could be sent");
+            fsm_errcode::count(code);
+            return Err(Closed);
+        }
+        m.proxy_response_send_success_count
+            .with_label_values(&labels)
+            .inc();
+        tracing::debug!(
+            proxy = %self.uuid,
+            r#type = short,
+            version = %response.version,
+            nonce = %response.nonce,
+            resources = response.resources.len(),
+            removed = response.removed.len(),
+            "sent"
+        );
+        let Response {
+            type_url,
+            version,
+            nonce,
+            ..
+        } = response;
+        self.inner
+            .cache
+            .record(&self.key, type_url, SyncEvent::Sent { version, nonce });
+        Ok(())
+    }
+}
+
+impl<W: Wire> Drop for Session<W> {
+    fn drop(&mut self) {
+        metrics().proxy_connect_count.dec();
+        self.inner.cache.unsubscribe(&self.key);
+        tracing::info!(proxy = %self.uuid, "proxy disconnected");
+        let _ = self
+            .inner
+            .events
+            .send(ProxyEvent::Disconnected(self.key.clone()));
+    }
+}

@@ -1,0 +1,432 @@
+//! `make demo`: the demo mesh on one machine — control plane, workloads and real Envoy sidecars
+//! on loopback addresses — followed by a traffic check.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use fsm_catalog::CatalogSettings;
+use fsm_integration_tests::envoy::SidecarConfig;
+use fsm_integration_tests::{
+    AdsMode, Controller, ControllerOptions, Envoy, ManagedProcess, MeshPod, eventually,
+    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
+    start_envoy, tcp_roundtrip,
+};
+
+/// Runs the FSM demo mesh locally and sends traffic through it.
+///
+/// Copies the demo manifests to WORK_DIR/manifests, starts fsm-controller on them, one
+/// fsm-demo-app per pod with ports and one Envoy sidecar per meshed pod (each on the pod's
+/// 127.0.10.x address), then sends HTTP and TCP traffic from the client pod's sidecar. Without
+/// --once it keeps running until Ctrl-C; edit WORK_DIR/manifests to change the mesh live.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Run the traffic check once and exit 0 (passed) or 1 (failed); for tests and CI.
+    #[arg(long)]
+    once: bool,
+    /// Manifests to copy into the working directory [default: examples/demo].
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Working directory for the manifest copy and the logs; wiped on start [default: .demo].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// ADS flavour the sidecars speak.
+    #[arg(long, value_enum, default_value_t = AdsMode::Sotw)]
+    ads_mode: AdsMode,
+    /// Pod that sends the traffic, as namespace/name.
+    #[arg(long, default_value = "demo/curl")]
+    client: String,
+    /// Host header of the HTTP check: the service and port to reach.
+    #[arg(long, default_value = "httpbin.demo:14001")]
+    http_host: String,
+    /// Number of HTTP requests to send.
+    #[arg(long, default_value_t = 10)]
+    requests: usize,
+    /// Service port of the TCP check, reached at <client pod IP>:<port>; 0 skips the check.
+    #[arg(long, default_value_t = 9000)]
+    tcp_port: u16,
+    /// Where the controller serves ADS; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:15128", value_name = "ADDR")]
+    ads_listen: SocketAddr,
+    /// Where the controller serves health, /metrics and /debug; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:9091", value_name = "ADDR")]
+    http_listen: SocketAddr,
+    /// Seconds to wait for each stage (controller ready, sidecars configured, first response).
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+/// Everything started; dropping it stops all processes.
+struct Mesh {
+    controller: Controller,
+    _apps: Vec<ManagedProcess>,
+    sidecars: Vec<(MeshPod, Envoy)>,
+    manifest_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("\nfsm-demo failed: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool> {
+    let root = repo_root();
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| root.join(".demo"));
+    let source = args
+        .manifests
+        .clone()
+        .unwrap_or_else(|| root.join("examples/demo"));
+    let timeout = Duration::from_secs(args.timeout);
+
+    let mesh = start_mesh(&args, &source, &work_dir, timeout).await?;
+    let passed = traffic_check(&args, &mesh, timeout).await;
+    print_proxies(&mesh).await;
+
+    if args.once {
+        println!(
+            "\n{}",
+            if passed {
+                "demo check PASSED"
+            } else {
+                "demo check FAILED"
+            }
+        );
+        if !passed {
+            println!("logs: {}", mesh.log_dir.display());
+        }
+        return Ok(passed);
+    }
+    print_hints(&args, &mesh);
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("\nstopping the mesh");
+    Ok(passed)
+}
+
+async fn start_mesh(
+    args: &Args,
+    source: &Path,
+    work_dir: &Path,
+    timeout: Duration,
+) -> Result<Mesh> {
+    let manifest_dir = work_dir.join("manifests");
+    let log_dir = work_dir.join("logs");
+    // A fresh copy each run: the demo must start from the known mesh, whatever was edited last time.
+    for dir in [&manifest_dir, &log_dir] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+    }
+    copy_manifests(source, &manifest_dir)?;
+    step(
+        1,
+        &format!(
+            "manifests copied from {} to {}",
+            source.display(),
+            manifest_dir.display()
+        ),
+    );
+
+    let catalog = load_catalog(&manifest_dir, CatalogSettings::default())?;
+    let pods = mesh_pods(&catalog);
+    let fixed = |addr: SocketAddr| (addr.port() != 0).then_some(addr);
+    let options = ControllerOptions {
+        ads_addr: fixed(args.ads_listen),
+        http_addr: fixed(args.http_listen),
+        ..Default::default()
+    };
+    let controller = start_controller(&manifest_dir, &log_dir, &options).await?;
+    step(
+        2,
+        &format!(
+            "fsm-controller ready: ADS {}, HTTP http://{}",
+            controller.ads_addr, controller.http_addr
+        ),
+    );
+
+    let apps = start_demo_apps(&catalog, &log_dir).await?;
+    for pod in pods.iter().filter(|p| !p.ports.is_empty()) {
+        let ports: Vec<String> = pod
+            .ports
+            .iter()
+            .map(|p| format!("{}/{:?}", p.port, p.protocol).to_lowercase())
+            .collect();
+        detail(&format!(
+            "app {:<22} {:<14} {}",
+            pod.id(),
+            pod.ip,
+            ports.join(" ")
+        ));
+    }
+    step(3, &format!("{} demo apps listening", apps.len()));
+
+    let mut sidecars = Vec::new();
+    for pod in pods.into_iter().filter(|p| p.has_sidecar) {
+        let config = SidecarConfig::for_pod(&pod, controller.ads_addr, args.ads_mode)?;
+        let envoy = start_envoy(&config, &log_dir).await?;
+        sidecars.push((pod, envoy));
+    }
+    step(
+        4,
+        &format!(
+            "{} Envoy sidecars started ({:?} ADS), waiting for their first configuration",
+            sidecars.len(),
+            args.ads_mode
+        ),
+    );
+    for (pod, envoy) in &mut sidecars {
+        envoy
+            .wait_ready(timeout)
+            .await
+            .with_context(|| format!("sidecar of {} never became ready", pod.id()))?;
+        detail(&format!(
+            "sidecar {:<18} admin http://{}  outbound {}",
+            pod.id(),
+            pod.admin_addr(),
+            pod.outbound_addr()
+        ));
+    }
+    step(5, "all sidecars configured (LIVE)");
+    Ok(Mesh {
+        controller,
+        _apps: apps,
+        sidecars,
+        manifest_dir,
+        log_dir,
+    })
+}
+
+fn copy_manifests(source: &Path, target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
+    let entries =
+        std::fs::read_dir(source).with_context(|| format!("reading {}", source.display()))?;
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("listing {}", source.display()))?
+            .path();
+        if path.is_file()
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, target.join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sends the traffic and prints what happened; true when every check passed.
+async fn traffic_check(args: &Args, mesh: &Mesh, timeout: Duration) -> bool {
+    println!("\ntraffic from {}:", args.client);
+    let Some(client) = mesh
+        .sidecars
+        .iter()
+        .map(|(pod, _)| pod)
+        .find(|pod| pod.id() == args.client)
+    else {
+        println!("  FAIL no meshed pod {} in the manifests", args.client);
+        return false;
+    };
+    let http_ok = http_check(args, client, timeout).await;
+    let tcp_ok = if args.tcp_port == 0 {
+        true
+    } else {
+        tcp_check(args, client, timeout).await
+    };
+    println!("\nsummary:");
+    println!(
+        "  HTTP {} via {}: {}",
+        args.http_host,
+        client.outbound_addr(),
+        verdict(http_ok)
+    );
+    if args.tcp_port != 0 {
+        println!(
+            "  TCP  via {}:{}: {}",
+            client.ip,
+            args.tcp_port,
+            verdict(tcp_ok)
+        );
+    }
+    http_ok && tcp_ok
+}
+
+async fn http_check(args: &Args, client: &MeshPod, timeout: Duration) -> bool {
+    let via = client.outbound_addr();
+    println!(
+        "  HTTP GET http://{}/get (Host: {}) x{}",
+        via, args.http_host, args.requests
+    );
+    // Routes may land a moment after the listener; only the first request gets a grace period.
+    let first = eventually(timeout, || async {
+        let reply = http_get_via(via, &args.http_host, "/get").await?;
+        if reply.status != 200 {
+            bail!("status {}: {}", reply.status, reply.body.trim());
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(err) = first {
+        println!("  FAIL no successful response within {timeout:?}: {err:#}");
+        return false;
+    }
+    let mut backends: BTreeMap<String, usize> = BTreeMap::new();
+    let mut all_ok = true;
+    for i in 1..=args.requests {
+        match http_get_via(via, &args.http_host, "/get").await {
+            Ok(reply) => {
+                let backend = reply.served_by().unwrap_or("?").to_string();
+                println!("    #{i:<2} {} served by {backend}", reply.status);
+                all_ok &= reply.status == 200 && reply.served_by().is_some();
+                *backends.entry(backend).or_default() += 1;
+            }
+            Err(err) => {
+                println!("    #{i:<2} error: {err:#}");
+                all_ok = false;
+            }
+        }
+    }
+    let spread: Vec<String> = backends
+        .iter()
+        .map(|(name, n)| format!("{name} x{n}"))
+        .collect();
+    println!("  backends: {}", spread.join(", "));
+    all_ok
+}
+
+async fn tcp_check(args: &Args, client: &MeshPod, timeout: Duration) -> bool {
+    let addr = SocketAddr::new(client.ip, args.tcp_port);
+    let line = "hello from fsm-demo";
+    println!("  TCP {addr} <- {line:?}");
+    let reply = eventually(timeout, || async {
+        let reply = tcp_roundtrip(addr, line).await?;
+        if !reply.ends_with(line) {
+            bail!("unexpected reply {reply:?}");
+        }
+        Ok(reply)
+    })
+    .await;
+    match reply {
+        Ok(reply) => {
+            println!("  TCP {addr} -> {reply:?}");
+            true
+        }
+        Err(err) => {
+            println!("  FAIL {err:#}");
+            false
+        }
+    }
+}
+
+/// The controller's view of each sidecar's versions: what it has, sent, and what was acked.
+async fn print_proxies(mesh: &Mesh) {
+    println!(
+        "\nxDS versions (GET http://{}/debug/proxies):",
+        mesh.controller.http_addr
+    );
+    let proxies = match mesh.controller.debug_proxies().await {
+        Ok(proxies) => proxies,
+        Err(err) => {
+            println!("  unavailable: {err:#}");
+            return;
+        }
+    };
+    let pod_of = |uuid: &str| {
+        mesh.sidecars
+            .iter()
+            .find(|(pod, _)| pod.proxy_uuid.as_deref() == Some(uuid))
+            .map(|(pod, _)| pod.id())
+            .unwrap_or_else(|| uuid.to_string())
+    };
+    let short = |v: &Option<String>| match v {
+        Some(v) if v.len() > 12 => format!(
+            "{}…",
+            &v[..v.char_indices().nth(12).map(|(i, _)| i).unwrap_or(v.len())]
+        ),
+        Some(v) => v.clone(),
+        None => "-".to_string(),
+    };
+    println!(
+        "  {:<18} {:<8} {:<14} {:<14} {:<14} {:<14} {:>5}",
+        "proxy", "type", "snapshot", "sent", "acked", "nacked", "sent#"
+    );
+    for (uuid, proxy) in &proxies {
+        for (type_url, t) in &proxy.types {
+            let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+            println!(
+                "  {:<18} {:<8} {:<14} {:<14} {:<14} {:<14} {:>5}",
+                pod_of(uuid),
+                kind,
+                short(&t.snapshot_version),
+                short(&t.sent_version),
+                short(&t.acked_version),
+                short(&t.nacked_version),
+                t.responses_sent
+            );
+            if let Some(error) = &t.last_nack_error {
+                println!("    last NACK: {error}");
+            }
+        }
+    }
+}
+
+fn print_hints(args: &Args, mesh: &Mesh) {
+    let client = mesh
+        .sidecars
+        .iter()
+        .map(|(pod, _)| pod)
+        .find(|pod| pod.id() == args.client);
+    println!("\nthe mesh is running; Ctrl-C stops it.");
+    println!("  logs:        {}", mesh.log_dir.display());
+    println!(
+        "  manifests:   {}  (edit or add files: the mesh updates live)",
+        mesh.manifest_dir.display()
+    );
+    println!(
+        "  controller:  http://{}/debug/proxies  http://{}/metrics",
+        mesh.controller.http_addr, mesh.controller.http_addr
+    );
+    if let Some(client) = client {
+        println!(
+            "  try:         curl -H 'Host: {}' http://{}/get",
+            args.http_host,
+            client.outbound_addr()
+        );
+        if args.tcp_port != 0 {
+            println!(
+                "               echo hi | nc -q1 {} {}",
+                client.ip, args.tcp_port
+            );
+        }
+        println!(
+            "  Envoy admin: curl http://{}/config_dump",
+            client.admin_addr()
+        );
+    }
+}
+
+fn step(n: usize, text: &str) {
+    println!("[{n}/5] {text}");
+}
+
+fn detail(text: &str) {
+    println!("      {text}");
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "FAILED" }
+}

@@ -1,0 +1,148 @@
+//! The control plane under test: `fsm-controller` on a manifest directory, on free loopback ports.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::{ManagedProcess, binary, free_port};
+
+/// How long a fresh controller may take to load the manifests and answer `/health/ready`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Optional controller flags; `None` keeps the controller's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ControllerOptions {
+    /// Fixed ADS address; a free loopback port when `None`.
+    pub ads_addr: Option<SocketAddr>,
+    /// Fixed HTTP (health, metrics, debug) address; a free loopback port when `None`.
+    pub http_addr: Option<SocketAddr>,
+    pub mesh_name: Option<String>,
+    pub fsm_namespace: Option<String>,
+    /// Extra arguments appended verbatim, for flags the harness does not know yet.
+    pub extra_args: Vec<String>,
+}
+
+/// A running `fsm-controller`; killed on drop.
+#[derive(Debug)]
+pub struct Controller {
+    pub process: ManagedProcess,
+    pub ads_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+}
+
+/// One proxy's entry in `/debug/proxies`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyDebug {
+    pub connected_streams: u64,
+    /// Keyed by type URL.
+    pub types: BTreeMap<String, TypeDebug>,
+}
+
+/// Versions of one resource type for one proxy, as the controller tracks them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TypeDebug {
+    pub snapshot_version: Option<String>,
+    pub sent_version: Option<String>,
+    pub acked_version: Option<String>,
+    pub nacked_version: Option<String>,
+    pub last_nack_error: Option<String>,
+    pub responses_sent: u64,
+}
+
+impl TypeDebug {
+    /// The proxy has acknowledged the latest snapshot and rejected nothing since.
+    pub fn is_in_sync(&self) -> bool {
+        self.snapshot_version.is_some()
+            && self.acked_version == self.snapshot_version
+            && self.nacked_version.is_none()
+    }
+}
+
+// === Controller ===
+
+impl Controller {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
+    }
+
+    async fn get(&self, path: &str) -> Result<String> {
+        let url = self.url(path);
+        let response = crate::client::plain_client()?
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("reading GET {url}"))?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {}", body.trim());
+        }
+        Ok(body)
+    }
+
+    /// `/debug/proxies`, keyed by proxy UUID.
+    pub async fn debug_proxies(&self) -> Result<BTreeMap<String, ProxyDebug>> {
+        let body = self.get("/debug/proxies").await?;
+        serde_json::from_str(&body).with_context(|| format!("decoding /debug/proxies: {body}"))
+    }
+
+    /// `/metrics` in Prometheus text format.
+    pub async fn metrics(&self) -> Result<String> {
+        self.get("/metrics").await
+    }
+}
+
+// === free functions ===
+
+/// Starts `fsm-controller --manifest-dir <dir>` with ADS and HTTP on free loopback ports (unless
+/// `options` fixes them) and waits for `/health/ready`.
+pub async fn start_controller(
+    manifest_dir: &Path,
+    log_dir: &Path,
+    options: &ControllerOptions,
+) -> Result<Controller> {
+    let free =
+        || -> Result<SocketAddr> { Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))) };
+    let ads_addr = match options.ads_addr {
+        Some(addr) => addr,
+        None => free()?,
+    };
+    let http_addr = match options.http_addr {
+        Some(addr) => addr,
+        None => free()?,
+    };
+    let mut command = Command::new(binary("fsm-controller")?);
+    command
+        .arg("--manifest-dir")
+        .arg(manifest_dir)
+        .arg("--ads-listen")
+        .arg(ads_addr.to_string())
+        .arg("--http-listen")
+        .arg(http_addr.to_string());
+    if let Some(mesh) = &options.mesh_name {
+        command.arg("--mesh-name").arg(mesh);
+    }
+    if let Some(namespace) = &options.fsm_namespace {
+        command.arg("--fsm-namespace").arg(namespace);
+    }
+    command.args(&options.extra_args);
+    let mut process = ManagedProcess::spawn("fsm-controller", command, log_dir)?;
+    process
+        .wait_for_http_ok(&format!("http://{http_addr}/health/ready"), READY_TIMEOUT)
+        .await?;
+    Ok(Controller {
+        process,
+        ads_addr,
+        http_addr,
+    })
+}

@@ -1,0 +1,210 @@
+//! Real Envoy sidecars, bootstrapped the way FSM's injector does it: identity in the node, one
+//! static cluster for the control plane, everything else over ADS.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::mesh::MeshPod;
+use crate::{ManagedProcess, envoy_binary};
+
+/// The static cluster name the ADS config points at.
+pub const CONTROLLER_CLUSTER: &str = "fsm-controller";
+
+/// Which flavour of ADS the sidecar speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdsMode {
+    /// State of the world (`api_type: GRPC`).
+    #[default]
+    Sotw,
+    /// Incremental (`api_type: DELTA_GRPC`).
+    Delta,
+}
+
+impl AdsMode {
+    pub fn api_type(self) -> &'static str {
+        match self {
+            AdsMode::Sotw => "GRPC",
+            AdsMode::Delta => "DELTA_GRPC",
+        }
+    }
+}
+
+/// Everything that differs between two sidecars' bootstraps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarConfig {
+    /// Names the log and bootstrap files (`envoy-<name>.log`).
+    pub name: String,
+    pub node_id: String,
+    pub node_cluster: String,
+    pub admin: SocketAddr,
+    pub ads: SocketAddr,
+    pub ads_mode: AdsMode,
+}
+
+impl SidecarConfig {
+    /// The sidecar of a meshed pod, with FSM's node identity and admin on the pod address.
+    pub fn for_pod(pod: &MeshPod, ads: SocketAddr, ads_mode: AdsMode) -> Result<Self> {
+        let Some(node_id) = pod.node_id() else {
+            bail!(
+                "pod {} has no {} label, so it cannot have a sidecar",
+                pod.id(),
+                fsm_catalog::PROXY_UUID_LABEL
+            );
+        };
+        Ok(SidecarConfig {
+            name: format!("{}-{}", pod.namespace, pod.name),
+            node_id,
+            node_cluster: pod.node_cluster(),
+            admin: pod.admin_addr(),
+            ads,
+            ads_mode,
+        })
+    }
+}
+
+/// A running Envoy; killed on drop.
+#[derive(Debug)]
+pub struct Envoy {
+    pub process: ManagedProcess,
+    pub config: SidecarConfig,
+}
+
+// === Envoy ===
+
+impl Envoy {
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.config.admin)
+    }
+
+    /// GET an admin path such as `/config_dump` or `/stats`, requiring 2xx.
+    pub async fn admin_get(&self, path: &str) -> Result<String> {
+        let url = self.admin_url(path);
+        let response = crate::client::plain_client()?
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("reading GET {url}"))?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {}", body.trim());
+        }
+        Ok(body)
+    }
+
+    /// Waits until the admin `/ready` says LIVE, which Envoy reports only after its first CDS and
+    /// LDS responses are applied; fails early if Envoy exits (e.g. on a rejected bootstrap).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let url = self.admin_url("/ready");
+        self.process.wait_for_http_ok(&url, timeout).await
+    }
+}
+
+// === free functions ===
+
+/// The bootstrap YAML for one sidecar.
+pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
+    let socket = |addr: SocketAddr| serde_json::json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}});
+    let bootstrap = serde_json::json!({
+        "node": {"id": config.node_id, "cluster": config.node_cluster},
+        "admin": {"address": socket(config.admin)},
+        "static_resources": {"clusters": [{
+            "name": CONTROLLER_CLUSTER,
+            "type": "STATIC",
+            // Short, so a sidecar started before the controller reconnects quickly.
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": CONTROLLER_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(config.ads)}}]}],
+            },
+            // gRPC needs HTTP/2 to the control plane.
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                },
+            },
+        }]},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": config.ads_mode.api_type(),
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROLLER_CLUSTER}}],
+                "set_node_on_first_message_only": true,
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+    });
+    // JSON is valid YAML; the fallback only matters if serde_yaml_ng ever refuses plain JSON data.
+    serde_yaml_ng::to_string(&bootstrap).unwrap_or_else(|_| bootstrap.to_string())
+}
+
+/// A base id no other Envoy of this or a concurrent test process uses, so instances never share
+/// hot-restart state even where hot restart is left enabled.
+fn next_base_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    (std::process::id() % 100_000) * 64 + NEXT.fetch_add(1, Ordering::Relaxed) % 64
+}
+
+/// Starts Envoy with `config`, writing the bootstrap beside its log, and waits until its admin
+/// port accepts connections. Use [`Envoy::wait_ready`] to wait for the first configuration.
+pub async fn start_envoy(config: &SidecarConfig, log_dir: &Path) -> Result<Envoy> {
+    std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let bootstrap_path = log_dir.join(format!("envoy-{}.bootstrap.yaml", config.name));
+    std::fs::write(&bootstrap_path, envoy_bootstrap(config))
+        .with_context(|| format!("writing {}", bootstrap_path.display()))?;
+    let mut command = Command::new(envoy_binary()?);
+    command
+        .arg("--config-path")
+        .arg(&bootstrap_path)
+        .args([
+            "--disable-hot-restart",
+            "--base-id",
+            &next_base_id().to_string(),
+        ])
+        // One worker: a test mesh has several sidecars and CI has two cores.
+        .args(["--concurrency", "1"])
+        // Reject unknown fields, so a typo in pushed config fails loudly instead of being ignored.
+        .arg("--reject-unknown-dynamic-fields");
+    let mut process = ManagedProcess::spawn(&format!("envoy-{}", config.name), command, log_dir)?;
+    process
+        .wait_for_tcp(config.admin, Duration::from_secs(20))
+        .await?;
+    Ok(Envoy {
+        process,
+        config: config.clone(),
+    })
+}
+
+/// Runs `envoy --mode validate` on a bootstrap, returning Envoy's complaint when it rejects it.
+pub async fn validate_bootstrap(yaml: &str) -> Result<()> {
+    let output = tokio::process::Command::new(envoy_binary()?)
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "--config-yaml",
+            yaml,
+        ])
+        .output()
+        .await
+        .context("running envoy --mode validate")?;
+    if !output.status.success() {
+        bail!(
+            "envoy rejected the bootstrap ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! The sidecar bootstrap against the real Envoy binary (`make envoy` installs it).
+
+use fsm_integration_tests::envoy::SidecarConfig;
+use fsm_integration_tests::{AdsMode, envoy_bootstrap, validate_bootstrap};
+
+fn config(ads_mode: AdsMode) -> SidecarConfig {
+    SidecarConfig {
+        name: "demo-curl".into(),
+        node_id: "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo".into(),
+        node_cluster: "curl.demo".into(),
+        admin: "127.0.10.10:15000".parse().expect("addr"),
+        ads: "127.0.0.1:15128".parse().expect("addr"),
+        ads_mode,
+    }
+}
+
+#[tokio::test]
+async fn envoy_accepts_the_bootstrap_in_both_ads_modes() {
+    for mode in [AdsMode::Sotw, AdsMode::Delta] {
+        let yaml = envoy_bootstrap(&config(mode));
+        assert!(yaml.contains(mode.api_type()), "{yaml}");
+        validate_bootstrap(&yaml)
+            .await
+            .unwrap_or_else(|err| panic!("{mode:?}: {err:#}"));
+    }
+}
+
+#[tokio::test]
+async fn envoy_rejects_a_broken_bootstrap() {
+    let yaml = envoy_bootstrap(&config(AdsMode::Sotw)).replace("STATIC", "NOT_A_TYPE");
+    validate_bootstrap(&yaml)
+        .await
+        .expect_err("invalid cluster type must be rejected");
+}
