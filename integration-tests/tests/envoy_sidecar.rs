@@ -2,8 +2,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use fsm_integration_tests::envoy::SidecarConfig;
-use fsm_integration_tests::{AdsMode, free_port, start_envoy};
+use fsm_integration_tests::{AdsMode, SidecarConfig, free_port, start_envoy};
 
 #[tokio::test]
 async fn sidecar_starts_with_fsm_identity_and_waits_for_ads() {

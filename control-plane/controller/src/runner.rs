@@ -79,11 +79,10 @@ impl Runner {
                 Some(event) = catalog_rx.recv() => {
                     let mut changed = self.apply(event);
                     let deadline = tokio::time::Instant::now() + MAX_DELAY;
-                    loop {
-                        match tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET), catalog_rx.recv()).await {
-                            Ok(Some(event)) => changed |= self.apply(event),
-                            Ok(None) | Err(_) => break,
-                        }
+                    while let Ok(Some(event)) =
+                        tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET), catalog_rx.recv()).await
+                    {
+                        changed |= self.apply(event);
                     }
                     if changed && self.catalog_ready {
                         self.publish_all();

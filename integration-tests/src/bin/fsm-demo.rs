@@ -10,11 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fsm_catalog::CatalogSettings;
-use fsm_integration_tests::envoy::SidecarConfig;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, ManagedProcess, MeshPod, eventually,
-    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
-    start_envoy, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, Envoy, ManagedProcess, MeshPod, SidecarConfig,
+    eventually, http_get_via, load_catalog, mesh_pods, repo_root, start_controller,
+    start_demo_apps, start_envoy, tcp_roundtrip,
 };
 
 /// Runs the FSM demo mesh locally and sends traffic through it.
@@ -32,7 +31,7 @@ struct Args {
     /// Manifests to copy into the working directory [default: examples/demo].
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
-    /// Working directory for the manifest copy and the logs; wiped on start [default: .demo].
+    /// Working directory; its manifests/ and logs/ are replaced on every start [default: .demo].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
     /// ADS flavour the sidecars speak.
@@ -93,8 +92,9 @@ async fn run(args: Args) -> Result<bool> {
     let timeout = Duration::from_secs(args.timeout);
 
     let mesh = start_mesh(&args, &source, &work_dir, timeout).await?;
-    let passed = traffic_check(&args, &mesh, timeout).await;
-    print_proxies(&mesh).await;
+    let traffic_ok = traffic_check(&args, &mesh, timeout).await;
+    let sync_ok = print_proxies(&mesh, timeout).await;
+    let passed = traffic_ok && sync_ok;
 
     if args.once {
         println!(
@@ -111,9 +111,7 @@ async fn run(args: Args) -> Result<bool> {
         return Ok(passed);
     }
     print_hints(&args, &mesh);
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    wait_for_stop_signal().await?;
     println!("\nstopping the mesh");
     Ok(passed)
 }
@@ -332,18 +330,47 @@ async fn tcp_check(args: &Args, client: &MeshPod, timeout: Duration) -> bool {
     }
 }
 
-/// The controller's view of each sidecar's versions: what it has, sent, and what was acked.
-async fn print_proxies(mesh: &Mesh) {
+/// Prints the controller's view of each sidecar's versions (latest, sent, ACKed, NACKed); true
+/// when every sidecar has ACKed its latest snapshot of every type and NACKed nothing.
+async fn print_proxies(mesh: &Mesh, timeout: Duration) -> bool {
     println!(
         "\nxDS versions (GET http://{}/debug/proxies):",
         mesh.controller.http_addr
     );
-    let proxies = match mesh.controller.debug_proxies().await {
-        Ok(proxies) => proxies,
-        Err(err) => {
-            println!("  unavailable: {err:#}");
-            return;
+    let expected: Vec<String> = mesh
+        .sidecars
+        .iter()
+        .filter_map(|(pod, _)| pod.proxy_uuid.clone())
+        .collect();
+    // ACKs trail the traffic check by at most a round trip; wait for them instead of racing.
+    let synced = eventually(timeout, || async {
+        let proxies = mesh.controller.debug_proxies().await?;
+        let lagging: Vec<&String> = expected
+            .iter()
+            .filter(|uuid| {
+                proxies
+                    .get(*uuid)
+                    .is_none_or(|p| p.types.is_empty() || !p.types.values().all(|t| t.is_in_sync()))
+            })
+            .collect();
+        if !lagging.is_empty() {
+            bail!("not in sync: {lagging:?}");
         }
+        Ok(proxies)
+    })
+    .await;
+    let (proxies, in_sync) = match synced {
+        Ok(proxies) => (proxies, true),
+        Err(err) => match mesh.controller.debug_proxies().await {
+            Ok(proxies) => {
+                println!("  FAIL {err:#}");
+                (proxies, false)
+            }
+            Err(err) => {
+                println!("  unavailable: {err:#}");
+                return false;
+            }
+        },
     };
     let pod_of = |uuid: &str| {
         mesh.sidecars
@@ -361,14 +388,14 @@ async fn print_proxies(mesh: &Mesh) {
         None => "-".to_string(),
     };
     println!(
-        "  {:<18} {:<8} {:<14} {:<14} {:<14} {:<14} {:>5}",
+        "  {:<18} {:<21} {:<14} {:<14} {:<14} {:<14} {:>5}",
         "proxy", "type", "snapshot", "sent", "acked", "nacked", "sent#"
     );
     for (uuid, proxy) in &proxies {
         for (type_url, t) in &proxy.types {
             let kind = type_url.rsplit('.').next().unwrap_or(type_url);
             println!(
-                "  {:<18} {:<8} {:<14} {:<14} {:<14} {:<14} {:>5}",
+                "  {:<18} {:<21} {:<14} {:<14} {:<14} {:<14} {:>5}",
                 pod_of(uuid),
                 kind,
                 short(&t.snapshot_version),
@@ -382,6 +409,11 @@ async fn print_proxies(mesh: &Mesh) {
             }
         }
     }
+    println!(
+        "  every sidecar ACKed its latest configuration: {}",
+        verdict(in_sync)
+    );
+    in_sync
 }
 
 fn print_hints(args: &Args, mesh: &Mesh) {
@@ -417,6 +449,20 @@ fn print_hints(args: &Args, mesh: &Mesh) {
             client.admin_addr()
         );
     }
+}
+
+/// Ctrl-C, and also SIGTERM and SIGHUP: any of them must end in the drops that stop the
+/// children, or the sidecars would keep the demo addresses busy.
+async fn wait_for_stop_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+        _ = terminate.recv() => {}
+        _ = hangup.recv() => {}
+    }
+    Ok(())
 }
 
 fn step(n: usize, text: &str) {

@@ -33,6 +33,9 @@ struct TypeState {
     sent_version: Option<Arc<str>>,
     /// The resources of the last response, parked per resource if it is NACKed.
     in_flight: Vec<(Arc<str>, Arc<str>)>,
+    /// A fresh wildcard subscription (no initial versions) is answered even when the type is
+    /// empty: Envoy holds its initialization until the first CDS/LDS response arrives.
+    answer_empty: bool,
 }
 
 // === TypeState ===
@@ -115,13 +118,14 @@ impl XdsStream for DeltaStream {
                 }
                 let wildcard =
                     request.subscribe.is_empty() || request.subscribe.iter().any(|n| n == "*");
-                let client = request
+                let client: BTreeMap<Arc<str>, Arc<str>> = request
                     .initial_resource_versions
                     .into_iter()
                     .map(|(name, version)| (Arc::from(name), Arc::from(version)))
                     .collect();
                 self.types.entry(key).or_insert(TypeState {
                     wildcard,
+                    answer_empty: wildcard && client.is_empty(),
                     client,
                     ..TypeState::default()
                 })
@@ -208,7 +212,7 @@ fn respond(
     state
         .nacked
         .retain(|name, version| lookup(name).is_some_and(|r| r.version == *version));
-    if resources.is_empty() && removed.is_empty() {
+    if resources.is_empty() && removed.is_empty() && !state.answer_empty {
         return None;
     }
 
@@ -224,6 +228,7 @@ fn respond(
     let nonce = nonces.next();
     state.sent_version = Some(version.clone());
     state.last_nonce = Some(nonce.clone());
+    state.answer_empty = false;
     Some(Response {
         type_url,
         version,
@@ -443,6 +448,27 @@ mod tests {
         (initial(CLUSTER, "*"), ""),
         (Step::Snap(v1()), "CDS[c1,c2]"),
     ] ; "star is wildcard and waits for the first snapshot")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(LISTENER, ""), "LDS[]"),
+        (ack(LISTENER), "ack LDS"),
+        (Step::Snap(v1()), ""),
+        (Step::Snap(snap(&[(LISTENER, &[("l", "1")])])), "LDS[l]"),
+    ] ; "a fresh wildcard on an empty type gets one empty answer")]
+    #[test_case(vec![
+        (initial(LISTENER, ""), ""),
+        (Step::Snap(v1()), "LDS[]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "1")])])), ""),
+    ] ; "the empty answer waits for the first snapshot")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(LISTENER, "", "l=old"), "LDS[] -[l]"),
+        (Step::Snap(v1()), ""),
+    ] ; "a resumed wildcard is only answered on difference")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(SECRET, "s"), ""),
+    ] ; "explicit names on an empty type get no answer")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
         (initial(CLUSTER, ""), "CDS[c1,c2]"),

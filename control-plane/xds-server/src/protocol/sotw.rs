@@ -307,7 +307,8 @@ mod tests {
     fn run(script: Vec<(Step, &str)>) {
         let mut stream = SotwStream::new();
         let mut snapshot: Option<Snapshot> = None;
-        let mut last: BTreeMap<TypeUrl, (Arc<str>, Arc<str>)> = BTreeMap::new();
+        // Per type: [version, nonce] of the last response.
+        let mut last: BTreeMap<TypeUrl, [Arc<str>; 2]> = BTreeMap::new();
         let mut nonces = BTreeSet::new();
         for (i, (step, expected)) in script.into_iter().enumerate() {
             let out = match step {
@@ -318,29 +319,28 @@ mod tests {
                     nonce,
                     error,
                 } => {
-                    let pick =
-                        |from: From, field: fn(&(Arc<str>, Arc<str>)) -> &Arc<str>| match from {
-                            From::Empty => String::new(),
-                            From::Last => last
-                                .get(ty)
-                                .map(|l| field(l).to_string())
-                                .unwrap_or_default(),
-                            From::Lit(s) => s.to_owned(),
-                            From::TypeVersion => snapshot
-                                .as_ref()
-                                .and_then(|s| s.get(ty))
-                                .map(|t| t.version().to_string())
-                                .unwrap_or_default(),
-                            From::VersionIn(make) => make()
-                                .get(ty)
-                                .map(|t| t.version().to_string())
-                                .unwrap_or_default(),
-                        };
+                    let pick = |from: From, field: usize| match from {
+                        From::Empty => String::new(),
+                        From::Last => last
+                            .get(ty)
+                            .map(|l| l[field].to_string())
+                            .unwrap_or_default(),
+                        From::Lit(s) => s.to_owned(),
+                        From::TypeVersion => snapshot
+                            .as_ref()
+                            .and_then(|s| s.get(ty))
+                            .map(|t| t.version().to_string())
+                            .unwrap_or_default(),
+                        From::VersionIn(make) => make()
+                            .get(ty)
+                            .map(|t| t.version().to_string())
+                            .unwrap_or_default(),
+                    };
                     let request = SotwRequest {
                         type_url: ty.to_owned(),
-                        version_info: pick(version, |l| &l.0),
+                        version_info: pick(version, 0),
                         resource_names: names.split_whitespace().map(str::to_owned).collect(),
-                        response_nonce: pick(nonce, |l| &l.1),
+                        response_nonce: pick(nonce, 1),
                         error_detail: error.map(str::to_owned),
                     };
                     stream
@@ -370,7 +370,7 @@ mod tests {
                     "step {i}: nonce {} reused",
                     r.nonce
                 );
-                last.insert(r.type_url, (r.version.clone(), r.nonce.clone()));
+                last.insert(r.type_url, [r.version.clone(), r.nonce.clone()]);
             }
             assert_eq!(render(&out), expected, "step {i}");
         }

@@ -1,0 +1,53 @@
+//! `make demo` as a test: the demo mesh on `examples/demo` with real sidecars must carry HTTP and
+//! TCP and end with every sidecar in sync. Uses the demo's `127.0.10.x` addresses, so it fails
+//! while a `make demo` is running on the same machine.
+
+use std::process::Command;
+
+use fsm_integration_tests::AdsMode;
+
+fn run_demo_once(mode: AdsMode) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let mode_arg = match mode {
+        AdsMode::Sotw => "sotw",
+        AdsMode::Delta => "delta",
+    };
+    let output = Command::new(env!("CARGO_BIN_EXE_fsm-demo"))
+        .args([
+            "--once",
+            "--ads-mode",
+            mode_arg,
+            "--ads-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--work-dir")
+        .arg(work.path())
+        .output()
+        .expect("fsm-demo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "fsm-demo --once ({mode_arg}) failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("demo check PASSED"), "{stdout}");
+    for backend in ["httpbin-v1", "httpbin-v2"] {
+        assert!(
+            stdout.contains(&format!("served by {backend}")),
+            "{backend} never answered:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("tcp-echo-1: hello from fsm-demo"),
+        "{stdout}"
+    );
+}
+
+// One test for both modes: they share the demo's fixed pod addresses, so they must not overlap.
+#[test]
+fn demo_passes_with_sotw_and_delta_ads() {
+    run_demo_once(AdsMode::Sotw);
+    run_demo_once(AdsMode::Delta);
+}

@@ -1,0 +1,372 @@
+//! The walking skeleton end to end: fsm-controller on a manifest directory, demo workloads on their
+//! own loopback addresses and real Envoy 1.40 sidecars bootstrapped with nothing but the ADS
+//! address. Run once over state-of-the-world ADS and once over delta ADS, each on its own
+//! 127.0.<subnet>.x addresses so both can run at the same time.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fsm_catalog::CatalogSettings;
+use fsm_integration_tests::{
+    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, eventually,
+    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
+    start_envoy, tcp_roundtrip,
+};
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const CONVERGE: Duration = Duration::from_secs(20);
+const HTTPBIN: &str = "httpbin.demo:14001";
+const V1_ENDPOINT: &str =
+    "  - ip: 127.0.10.1\n    targetRef: {kind: Pod, name: httpbin-v1, namespace: demo}\n";
+const V2_ENDPOINT: &str =
+    "  - ip: 127.0.10.2\n    targetRef: {kind: Pod, name: httpbin-v2, namespace: demo}\n";
+
+/// Copies examples/demo with every 127.0.10.x address moved to 127.0.<subnet>.x.
+fn demo_manifests(dir: &Path, subnet: u8) -> Result<PathBuf> {
+    let out = dir.join("manifests");
+    std::fs::create_dir_all(&out)?;
+    let examples = repo_root().join("examples/demo");
+    for entry in
+        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
+    {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            out.join(path.file_name().context("file name")?),
+            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
+        )?;
+    }
+    Ok(out)
+}
+
+fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    ensure!(
+        text.contains(from),
+        "{} does not contain {from:?}",
+        path.display()
+    );
+    // Write-then-rename, as editors do, so the watcher never sees a half-written file.
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text.replacen(from, to, 1))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let reply = http_get_via(via, HTTPBIN, "/get").await?;
+        ensure!(
+            reply.status == 200,
+            "status {} body {}",
+            reply.status,
+            reply.body
+        );
+        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
+    }
+    Ok(seen)
+}
+
+fn uuid_of(pod: &MeshPod) -> String {
+    pod.node_id()
+        .and_then(|id| id.split('.').next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The version Envoy reports for its dynamic clusters and listeners.
+async fn envoy_versions(envoy: &Envoy) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    let dump: serde_json::Value = serde_json::from_str(&envoy.admin_get("/config_dump").await?)?;
+    let mut clusters = BTreeSet::new();
+    let mut listeners = BTreeSet::new();
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for c in config["dynamic_active_clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            clusters.insert(c["version_info"].as_str().unwrap_or_default().to_string());
+        }
+        for l in config["dynamic_listeners"].as_array().into_iter().flatten() {
+            listeners.insert(
+                l["active_state"]["version_info"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    Ok((clusters, listeners))
+}
+
+async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>> {
+    let proxies = controller.debug_proxies().await?;
+    let eds = proxies
+        .get(uuid)
+        .and_then(|p| p.types.get(EDS))
+        .cloned()
+        .unwrap_or_default();
+    Ok(if eds.is_in_sync() {
+        eds.acked_version
+    } else {
+        None
+    })
+}
+
+async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let manifests = demo_manifests(work.path(), subnet)?;
+    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
+    let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
+    let _apps = start_demo_apps(&catalog, &logs).await?;
+    let pods: Vec<MeshPod> = mesh_pods(&catalog)
+        .into_iter()
+        .filter(|p| p.node_id().is_some())
+        .collect();
+    let mut envoys = Vec::new();
+    for pod in &pods {
+        let mut envoy = start_envoy(
+            &SidecarConfig::for_pod(pod, controller.ads_addr, mode)?,
+            &logs,
+        )
+        .await?;
+        envoy
+            .wait_ready(CONVERGE)
+            .await
+            .with_context(|| format!("sidecar of {}", pod.id()))?;
+        envoys.push((pod.clone(), envoy));
+    }
+    let curl = pods
+        .iter()
+        .find(|p| p.name == "curl")
+        .context("curl pod")?
+        .clone();
+    let server = |name: &str| {
+        envoys
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, e)| e)
+            .context("sidecar")
+    };
+
+    // 1. HTTP crosses client sidecar -> server sidecar -> app, round-robin over both versions.
+    let seen = eventually(CONVERGE, || backends(curl.outbound_addr(), 6)).await?;
+    ensure!(
+        seen == BTreeSet::from(["httpbin-v1".into(), "httpbin-v2".into()]),
+        "backends {seen:?}"
+    );
+    for name in ["httpbin-v1", "httpbin-v2"] {
+        let stats = server(name)?
+            .admin_get("/stats?filter=upstream_rq_total")
+            .await?;
+        let served: u64 = stats
+            .lines()
+            .find(|l| l.starts_with("cluster.demo/httpbin|14001|local.upstream_rq_total:"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .context("no local-cluster counter on the server sidecar")?;
+        ensure!(
+            served > 0,
+            "{name}'s sidecar forwarded no request to its app: {stats}"
+        );
+    }
+
+    // 2. TCP through both sidecars (CONNECT tunnel between them).
+    let tcp_addr = SocketAddr::new(curl.ip, 9000);
+    let echoed = eventually(CONVERGE, || tcp_roundtrip(tcp_addr, "ping")).await?;
+    ensure!(echoed == "tcp-echo-1: ping", "echo {echoed:?}");
+
+    // 3. Envoy holds exactly the versions the controller reports as ACKed.
+    for (pod, envoy) in &envoys {
+        let uuid = uuid_of(pod);
+        eventually(CONVERGE, || async {
+            let status = controller
+                .debug_proxies()
+                .await?
+                .get(&uuid)
+                .cloned()
+                .context("proxy not in /debug/proxies")?;
+            for type_url in [CDS, EDS, LDS] {
+                let t = status
+                    .types
+                    .get(type_url)
+                    .with_context(|| format!("{type_url} not tracked"))?;
+                ensure!(t.is_in_sync(), "{} {type_url} not in sync: {t:?}", pod.id());
+            }
+            if mode == AdsMode::Sotw {
+                let (clusters, listeners) = envoy_versions(envoy).await?;
+                ensure!(
+                    clusters
+                        == BTreeSet::from([status.types[CDS]
+                            .acked_version
+                            .clone()
+                            .unwrap_or_default()]),
+                    "clusters {clusters:?} vs {:?}",
+                    status.types[CDS]
+                );
+                ensure!(
+                    listeners
+                        == BTreeSet::from([status.types[LDS]
+                            .acked_version
+                            .clone()
+                            .unwrap_or_default()]),
+                    "listeners {listeners:?} vs {:?}",
+                    status.types[LDS]
+                );
+            }
+            Ok(())
+        })
+        .await?;
+    }
+
+    // 4. Manifest edits change behaviour: an endpoint leaves, comes back; time each edit to ACK.
+    let httpbin_file = manifests.join("20-httpbin.yaml");
+    let v1_line = V1_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
+    let v2_line = V2_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
+    let curl_uuid = uuid_of(&curl);
+    let mut latencies = Vec::new();
+    for round in 0..20 {
+        let before = eds_acked(&controller, &curl_uuid).await?;
+        let started = Instant::now();
+        if round % 2 == 0 {
+            edit(&httpbin_file, &v2_line, "")?;
+        } else {
+            edit(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
+        }
+        let acked = async {
+            loop {
+                if let Some(now) = eds_acked(&controller, &curl_uuid).await?
+                    && Some(&now) != before.as_ref()
+                {
+                    return anyhow::Ok(now);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(CONVERGE, acked)
+            .await
+            .context("EDS not re-ACKed in time")??;
+        latencies.push(started.elapsed());
+        eventually(CONVERGE, || async {
+            let now = eds_acked(&controller, &curl_uuid).await?;
+            let status = controller
+                .debug_proxies()
+                .await?
+                .get(&curl_uuid)
+                .and_then(|p| p.types.get(EDS).cloned());
+            ensure!(
+                now.is_some() && now != before,
+                "EDS not yet re-ACKed (before {before:?}): {status:?}"
+            );
+            Ok(())
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "round {round}; controller log:\n{}",
+                controller.process.log_tail(15)
+            )
+        })?;
+        let expected: BTreeSet<String> = if round % 2 == 0 {
+            BTreeSet::from(["httpbin-v1".into()])
+        } else {
+            BTreeSet::from(["httpbin-v1".into(), "httpbin-v2".into()])
+        };
+        let seen = eventually(CONVERGE, || async {
+            let seen = backends(curl.outbound_addr(), 6).await?;
+            ensure!(seen == expected, "backends {seen:?}, want {expected:?}");
+            Ok(seen)
+        })
+        .await?;
+        ensure!(seen == expected);
+    }
+    latencies.sort();
+    eprintln!(
+        "[{mode:?}] manifest edit -> Envoy EDS ACK over {} edits: median {:?}, min {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[0],
+        latencies[latencies.len() - 1]
+    );
+
+    // 5. A malformed document is reported and skipped; the mesh keeps serving.
+    std::fs::write(
+        manifests.join("40-broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n  namespace: demo\nspec:\n  ports:\n  - port: 99999\n",
+    )?;
+    let problems = eventually(CONVERGE, || async {
+        let body = reqwest::get(controller.url("/debug/problems"))
+            .await?
+            .text()
+            .await?;
+        ensure!(
+            body.contains("40-broken.yaml") && body.contains("spec.ports[0].port"),
+            "problems: {body}"
+        );
+        Ok(body)
+    })
+    .await?;
+    ensure!(problems.contains("Service demo/broken"), "{problems}");
+    ensure!(!backends(curl.outbound_addr(), 2).await?.is_empty());
+
+    // 6. A removed service disappears from the sidecars: its TCP listener closes.
+    std::fs::remove_file(manifests.join("30-tcp-echo.yaml"))?;
+    eventually(CONVERGE, || async {
+        match tcp_roundtrip(tcp_addr, "ping").await {
+            Ok(reply) => bail!("tcp-echo still reachable: {reply:?}"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await?;
+    let (_, curl_envoy) = envoys
+        .iter()
+        .find(|(p, _)| p.name == "curl")
+        .context("curl sidecar")?;
+    eventually(CONVERGE, || async {
+        let dump: serde_json::Value =
+            serde_json::from_str(&curl_envoy.admin_get("/config_dump").await?)?;
+        let active: Vec<String> = dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                c["dynamic_active_clusters"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_string))
+            .collect();
+        ensure!(
+            active.iter().any(|n| n == "demo/httpbin|14001"),
+            "httpbin cluster missing: {active:?}"
+        );
+        ensure!(
+            !active.iter().any(|n| n == "demo/tcp-echo|9000"),
+            "tcp-echo cluster still active: {active:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mesh_over_sotw_ads() {
+    if let Err(err) = run_mesh(AdsMode::Sotw, 11).await {
+        panic!("{err:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mesh_over_delta_ads() {
+    if let Err(err) = run_mesh(AdsMode::Delta, 12).await {
+        panic!("{err:#}");
+    }
+}
