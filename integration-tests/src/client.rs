@@ -104,3 +104,21 @@ pub async fn tcp_roundtrip(addr: SocketAddr, line: &str) -> Result<String> {
         .await
         .map_err(|_| anyhow!("no answer from {addr} within {REQUEST_TIMEOUT:?}"))?
 }
+
+/// GETs `url` and returns the body, failing on a non-2xx status with the body in the error.
+pub async fn get_text(url: &str) -> Result<String> {
+    let response = plain_client()?
+        .get(url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .with_context(|| format!("reading GET {url}"))?;
+    if !status.is_success() {
+        anyhow::bail!("GET {url}: {status}: {}", body.trim());
+    }
+    Ok(body)
+}

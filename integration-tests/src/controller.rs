@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::{ManagedProcess, binary, free_port};
@@ -73,21 +73,7 @@ impl Controller {
     }
 
     async fn get(&self, path: &str) -> Result<String> {
-        let url = self.url(path);
-        let response = crate::client::plain_client()?
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .with_context(|| format!("reading GET {url}"))?;
-        if !status.is_success() {
-            bail!("GET {url}: {status}: {}", body.trim());
-        }
-        Ok(body)
+        crate::client::get_text(&self.url(path)).await
     }
 
     /// `/debug/proxies`, keyed by proxy UUID.

@@ -83,21 +83,7 @@ impl Envoy {
 
     /// GET an admin path such as `/config_dump` or `/stats`, requiring 2xx.
     pub async fn admin_get(&self, path: &str) -> Result<String> {
-        let url = self.admin_url(path);
-        let response = crate::client::plain_client()?
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?;
-        let status = response.status();
-        let body = response
-            .text()
-            .await
-            .with_context(|| format!("reading GET {url}"))?;
-        if !status.is_success() {
-            bail!("GET {url}: {status}: {}", body.trim());
-        }
-        Ok(body)
+        crate::client::get_text(&self.admin_url(path)).await
     }
 
     /// Waits until the admin `/ready` says LIVE, which Envoy reports only after its first CDS and

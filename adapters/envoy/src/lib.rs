@@ -353,6 +353,25 @@ fn is_denied(allowed: &AllowedSources) -> bool {
     matches!(allowed, AllowedSources::Identities(ids) if ids.is_empty())
 }
 
+/// A header whose whole value must match `regex`.
+fn regex_header(name: &str, regex: &str) -> route::HeaderMatcher {
+    route::HeaderMatcher {
+        name: name.into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            matcher::StringMatcher {
+                match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
+                    matcher::RegexMatcher {
+                        regex: regex.into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 fn http_route(r: &HttpRoute, upgrade: Option<route::route_action::UpgradeConfig>) -> route::Route {
     let path_specifier = match &r.matches.path {
         PathMatch::Exact(p) => route::route_match::PathSpecifier::Path(p.clone()),
@@ -369,38 +388,10 @@ fn http_route(r: &HttpRoute, upgrade: Option<route::route_action::UpgradeConfig>
         .matches
         .headers
         .iter()
-        .map(|(name, value)| route::HeaderMatcher {
-            name: name.clone(),
-            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
-                matcher::StringMatcher {
-                    match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
-                        matcher::RegexMatcher {
-                            regex: value.clone(),
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        })
+        .map(|(name, value)| regex_header(name, value))
         .collect();
     if !r.matches.methods.is_empty() && !r.matches.methods.iter().any(|m| m == "*") {
-        headers.push(route::HeaderMatcher {
-            name: ":method".into(),
-            header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
-                matcher::StringMatcher {
-                    match_pattern: Some(matcher::string_matcher::MatchPattern::SafeRegex(
-                        matcher::RegexMatcher {
-                            regex: r.matches.methods.join("|"),
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
-        });
+        headers.push(regex_header(":method", &r.matches.methods.join("|")));
     }
     let action = if is_denied(&r.allowed) {
         denied()
