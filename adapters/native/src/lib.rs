@@ -1,0 +1,1 @@
+//! Native adapter: mesh IR to fsm.dataplane.v1 resources for fsm-sidecar
