@@ -12,7 +12,7 @@ mod object;
 mod store;
 
 pub use decode::{DecodeError, decode_manifests, parse_duration};
-pub use event::CatalogEvent;
+pub use event::{CatalogEvent, Scope};
 pub use mesh_config::{MeshConfig, MeshConfigSpec};
 pub use object::{Kind, MeshObject, ObjectKey};
 pub use store::{Catalog, CatalogSettings, ResolvedEndpoint};

@@ -1,10 +1,14 @@
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodStatus, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::MeshConfig;
+
+/// Annotation `kubectl apply` stores the whole previous object in.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// The kinds of object the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -76,7 +80,52 @@ impl MeshObject {
         }
     }
 
-    fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    /// Drops what the API server changes without the mesh caring (resource versions, managed
+    /// fields, timestamps, `kubectl apply` bookkeeping, status the compiler never reads), so that
+    /// a status-only update or a relist compares equal to what the catalog holds and triggers no
+    /// recomputation, and the catalog does not keep the bulk of large objects in memory.
+    pub fn normalized(mut self) -> Self {
+        let meta = self.metadata_mut();
+        meta.resource_version = None;
+        meta.managed_fields = None;
+        meta.creation_timestamp = None;
+        meta.generation = None;
+        meta.uid = None;
+        if let Some(annotations) = &mut meta.annotations {
+            annotations.remove(LAST_APPLIED_ANNOTATION);
+            if annotations.is_empty() {
+                meta.annotations = None;
+            }
+        }
+        match &mut self {
+            MeshObject::Namespace(o) => o.status = None,
+            MeshObject::Service(o) => o.status = None,
+            MeshObject::Pod(o) => {
+                // The pod's addresses are the only status the mesh reads.
+                o.status = o.status.take().map(|status| PodStatus {
+                    pod_ip: status.pod_ip,
+                    pod_ips: status.pod_ips,
+                    ..Default::default()
+                });
+            }
+            _ => {}
+        }
+        self
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            MeshObject::Namespace(o) => &mut o.metadata,
+            MeshObject::Service(o) => &mut o.metadata,
+            MeshObject::Endpoints(o) => &mut o.metadata,
+            MeshObject::EndpointSlice(o) => &mut o.metadata,
+            MeshObject::Pod(o) => &mut o.metadata,
+            MeshObject::ServiceAccount(o) => &mut o.metadata,
+            MeshObject::MeshConfig(o) => &mut o.metadata,
+        }
+    }
+
+    fn metadata(&self) -> &ObjectMeta {
         match self {
             MeshObject::Namespace(o) => &o.metadata,
             MeshObject::Service(o) => &o.metadata,

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::{
     CatalogEvent, Kind, MESH_CONFIG_NAME, MONITORED_BY_LABEL, MeshConfig, MeshObject, ObjectKey,
-    PROXY_UUID_LABEL, SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION,
+    PROXY_UUID_LABEL, SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION, Scope,
 };
 
 /// Settings of the control plane that decide which objects belong to the mesh.
@@ -41,8 +41,8 @@ pub struct Catalog {
     pods: BTreeMap<NsName, Pod>,
     service_accounts: BTreeSet<NsName>,
     mesh_config: Option<MeshConfig>,
-    /// Objects of a relist in progress (between `Init` and `InitDone`).
-    relist: Option<Vec<MeshObject>>,
+    /// Objects of the relists in progress (between `Init` and `InitDone`), by scope.
+    relists: BTreeMap<Scope, Vec<MeshObject>>,
     pods_by_uuid: HashMap<String, NsName>,
     pods_by_ip: HashMap<IpAddr, NsName>,
     /// (namespace, service name) → names of its EndpointSlices.
@@ -77,21 +77,32 @@ impl Catalog {
     /// Applies one source event. Returns whether the mesh changed.
     pub fn handle(&mut self, event: CatalogEvent) -> bool {
         match event {
-            CatalogEvent::Init => {
-                self.relist = Some(Vec::new());
+            CatalogEvent::Init(scope) => {
+                self.relists.insert(scope, Vec::new());
                 false
             }
-            CatalogEvent::InitApply(object) => match &mut self.relist {
-                Some(buffer) => {
-                    buffer.push(object);
-                    false
+            CatalogEvent::InitApply(object) => {
+                let kind = object.kind();
+                let scope = if self.relists.contains_key(&Scope::Kind(kind)) {
+                    Scope::Kind(kind)
+                } else {
+                    Scope::All
+                };
+                match self.relists.get_mut(&scope) {
+                    Some(buffer) => {
+                        buffer.push(object);
+                        false
+                    }
+                    None => self.apply(object),
                 }
-                None => self.apply(object),
-            },
-            CatalogEvent::InitDone => {
-                let listed = self.relist.take().unwrap_or_default();
+            }
+            CatalogEvent::InitDone(scope) => {
+                let listed = self.relists.remove(&scope).unwrap_or_default();
                 let keep: BTreeSet<ObjectKey> = listed.iter().map(MeshObject::key).collect();
-                let stale: Vec<ObjectKey> = self.keys().filter(|k| !keep.contains(k)).collect();
+                let stale: Vec<ObjectKey> = self
+                    .keys()
+                    .filter(|k| scope.covers(k.kind) && !keep.contains(k))
+                    .collect();
                 let mut changed = false;
                 for key in stale {
                     changed |= self.delete(&key);
@@ -101,6 +112,7 @@ impl Catalog {
                 }
                 changed
             }
+            CatalogEvent::Synced => false,
             CatalogEvent::Apply(object) => self.apply(object),
             CatalogEvent::Delete(key) => self.delete(&key),
         }
@@ -146,6 +158,7 @@ impl Catalog {
 
     /// Inserts or replaces an object. Returns whether anything changed.
     pub fn apply(&mut self, object: MeshObject) -> bool {
+        let object = object.normalized();
         let key = object.key();
         if self.get(&key).as_ref() == Some(&object) {
             return false;
@@ -577,7 +590,7 @@ status: {podIP: 127.0.1.1}
         let mut catalog = catalog();
         let before = catalog.keys().count();
         let (objects, _) = decode_manifests("t.yaml", MANIFEST);
-        assert!(!catalog.handle(CatalogEvent::Init));
+        assert!(!catalog.handle(CatalogEvent::Init(Scope::All)));
         let mut kept = 0;
         for o in objects.into_iter().filter(|o| o.kind() != Kind::Pod) {
             kept += 1;
@@ -591,12 +604,12 @@ status: {podIP: 127.0.1.1}
             before,
             "nothing changes before InitDone"
         );
-        assert!(catalog.handle(CatalogEvent::InitDone));
+        assert!(catalog.handle(CatalogEvent::InitDone(Scope::All)));
         assert_eq!(catalog.keys().count(), kept);
         assert!(catalog.pod_by_proxy_uuid("u-1").is_none());
-        assert!(!catalog.handle(CatalogEvent::Init));
+        assert!(!catalog.handle(CatalogEvent::Init(Scope::All)));
         assert!(
-            catalog.handle(CatalogEvent::InitDone),
+            catalog.handle(CatalogEvent::InitDone(Scope::All)),
             "an empty relist empties the catalog"
         );
         assert_eq!(catalog.keys().count(), 0);

@@ -7,15 +7,15 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use fsm_cache::SnapshotCache;
-use fsm_sources::manifest::ManifestSource;
 
 use crate::runner;
+use crate::source::Source;
 
 #[derive(Clone)]
 pub struct AppState {
     pub cache: Arc<SnapshotCache>,
     pub runner: Arc<runner::State>,
-    pub source: Arc<ManifestSource>,
+    pub source: Arc<Source>,
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
@@ -26,6 +26,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/debug/proxies", get(proxies))
         .route("/debug/config", get(config))
         .route("/debug/problems", get(problems))
+        .route("/debug/source", get(source))
         .with_state(state);
     axum::serve(listener, app).await
 }
@@ -55,14 +56,12 @@ async fn config(State(state): State<AppState>) -> impl IntoResponse {
     Json(state.runner.proxies())
 }
 
-/// Manifest documents that were skipped, with file, document, object and field.
+/// Objects that were rejected, each naming the object and field with its FSM error code.
 async fn problems(State(state): State<AppState>) -> impl IntoResponse {
-    Json(
-        state
-            .source
-            .problems()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>(),
-    )
+    Json(state.source.problems())
+}
+
+/// Where objects come from and, for a cluster, the state of each kind's watch.
+async fn source(State(state): State<AppState>) -> impl IntoResponse {
+    Json(state.source.status())
 }

@@ -2,6 +2,7 @@
 
 mod http;
 mod runner;
+mod source;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,15 +17,22 @@ use tokio::sync::mpsc;
 /// The FSM-compatible control plane: watches mesh objects, computes each sidecar's configuration
 /// and streams it to Envoy sidecars over ADS (state-of-the-world and delta xDS).
 ///
-/// Without a cluster it reads a directory of ordinary Kubernetes YAML manifests (Namespaces,
-/// Services, Endpoints/EndpointSlices, Pods, ServiceAccounts and the `fsm-mesh-config`
-/// MeshConfig) and follows edits to it live.
+/// Where the mesh objects come from (Namespaces, Services, Endpoints/EndpointSlices, Pods,
+/// ServiceAccounts, the `fsm-mesh-config` MeshConfig, SMI and FSM policies), in this order:
+///
+///   --manifest-dir DIR   no cluster: a directory of ordinary Kubernetes YAML manifests, watched
+///                        for edits (the embedded default used by `make demo`);
+///   --kubeconfig FILE    a cluster reached through a kubeconfig file (its current context);
+///   neither              in a pod: the cluster's in-cluster service-account configuration.
 #[derive(Debug, Parser)]
-#[command(name = "fsm-controller", version)]
+#[command(name = "fsm-controller", version, verbatim_doc_comment)]
 struct Args {
-    /// Directory of Kubernetes YAML manifests to serve (watched recursively for changes).
-    #[arg(long, env = "FSM_MANIFEST_DIR")]
-    manifest_dir: PathBuf,
+    /// Serve the manifests in this directory instead of a cluster (watched recursively).
+    #[arg(long, env = "FSM_MANIFEST_DIR", conflicts_with = "kubeconfig")]
+    manifest_dir: Option<PathBuf>,
+    /// Watch the cluster of this kubeconfig file's current context.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// Address of the ADS gRPC server that sidecars connect to.
     #[arg(long, default_value = "127.0.0.1:15128")]
     ads_listen: SocketAddr,
@@ -71,15 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let cache = Arc::new(fsm_cache::SnapshotCache::new());
     let (catalog_tx, catalog_rx) = mpsc::unbounded_channel();
     let (proxy_tx, proxy_rx) = mpsc::unbounded_channel();
-    let source =
-        fsm_sources::manifest::ManifestSource::spawn(args.manifest_dir.clone(), catalog_tx)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot read manifest directory {}",
-                    args.manifest_dir.display()
-                )
-            })?;
+    let source = start_source(&args, catalog_tx).await?;
     let state = Arc::new(runner::State::default());
 
     let ads = fsm_xds_server::AdsServer::new(cache.clone(), proxy_tx).into_service();
@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
-    tracing::info!(ads = %args.ads_listen, http = %args.http_listen, manifests = %args.manifest_dir.display(), mesh = %args.mesh_name, "fsm-controller starting");
+    tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, "fsm-controller starting");
 
     let ads_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -118,4 +118,56 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
     Ok(())
+}
+
+/// Picks the source as `--help` describes.
+async fn start_source(
+    args: &Args,
+    events: mpsc::UnboundedSender<fsm_catalog::CatalogEvent>,
+) -> anyhow::Result<source::Source> {
+    if let Some(dir) = &args.manifest_dir {
+        let manifests = fsm_sources::ManifestSource::spawn(dir.clone(), events)
+            .await
+            .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+        return Ok(source::Source::Manifests {
+            dir: dir.clone(),
+            source: manifests,
+        });
+    }
+    let (config, origin) = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).with_context(|| {
+                format!(
+                    "{}: cannot read kubeconfig {}",
+                    ErrCode::E1000,
+                    path.display()
+                )
+            })?;
+            let config = kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| {
+                format!("{}: unusable kubeconfig {}", ErrCode::E1000, path.display())
+            })?;
+            (config, format!("kubeconfig {}", path.display()))
+        }
+        None => {
+            let config = kube::Config::incluster().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: no source of mesh objects: not running in a pod ({e}); pass --manifest-dir DIR to serve manifests without a cluster, or --kubeconfig FILE to watch a cluster",
+                    ErrCode::E1000
+                )
+            })?;
+            (config, "in-cluster configuration".to_string())
+        }
+    };
+    let cluster = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)
+        .with_context(|| format!("cannot create a Kubernetes client for {cluster}"))?;
+    Ok(source::Source::Kube {
+        origin: format!("{cluster} ({origin})"),
+        source: fsm_sources::KubeSource::spawn(client, events),
+    })
 }

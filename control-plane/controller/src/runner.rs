@@ -95,9 +95,9 @@ impl Runner {
     }
 
     fn apply(&mut self, event: CatalogEvent) -> bool {
-        let init_done = matches!(event, CatalogEvent::InitDone);
+        let synced = matches!(event, CatalogEvent::Synced);
         let changed = self.catalog.handle(event);
-        if init_done && !self.catalog_ready {
+        if synced && !self.catalog_ready {
             self.catalog_ready = true;
             self.state.ready.store(true, Ordering::Release);
             tracing::info!(objects = ?self.catalog.counts(), "catalog loaded");

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fsm_catalog::{CatalogEvent, DecodeError, MeshObject, ObjectKey, decode_manifests};
+use fsm_catalog::{CatalogEvent, DecodeError, MeshObject, ObjectKey, Scope, decode_manifests};
 use fsm_errcode::ErrCode;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -77,7 +77,7 @@ pub struct ManifestSource {
 }
 
 impl ManifestSource {
-    /// Loads `dir` once, sending `Init`, `InitApply` for every object and `InitDone` before
+    /// Loads `dir` once, sending `Init`, `InitApply` for every object, `InitDone` and `Synced` before
     /// returning, then keeps watching it and sends `Apply` / `Delete` for every change.
     ///
     /// Fails if `dir` or any directory under it cannot be read, or if it cannot be watched.
@@ -373,10 +373,11 @@ impl State {
             return Err(SourceError::Unreadable { path, source });
         }
         let effective = state.settle(&[]);
-        let mut events = Vec::with_capacity(effective.len() + 2);
-        events.push(CatalogEvent::Init);
+        let mut events = Vec::with_capacity(effective.len() + 3);
+        events.push(CatalogEvent::Init(Scope::All));
         events.extend(effective.values().cloned().map(CatalogEvent::InitApply));
-        events.push(CatalogEvent::InitDone);
+        events.push(CatalogEvent::InitDone(Scope::All));
+        events.push(CatalogEvent::Synced);
         state.published = effective;
         Ok((state, events))
     }
@@ -634,7 +635,10 @@ mod tests {
             let source = ManifestSource::spawn(dir.path().to_path_buf(), tx)
                 .await
                 .expect("spawn");
-            assert_eq!(events.try_recv().expect("Init"), CatalogEvent::Init);
+            assert_eq!(
+                events.try_recv().expect("Init"),
+                CatalogEvent::Init(Scope::All)
+            );
             let mut listed = Vec::new();
             loop {
                 match events
@@ -642,10 +646,15 @@ mod tests {
                     .expect("initial list is sent before spawn returns")
                 {
                     CatalogEvent::InitApply(object) => listed.push(object),
-                    CatalogEvent::InitDone => break,
+                    CatalogEvent::InitDone(Scope::All) => break,
                     other => panic!("unexpected event in the initial list: {other:?}"),
                 }
             }
+            assert_eq!(
+                events.try_recv().expect("Synced"),
+                CatalogEvent::Synced,
+                "the initial list is followed by Synced"
+            );
             (
                 Harness {
                     dir,
@@ -933,7 +942,11 @@ mod tests {
             .await
             .expect("spawn");
         let initial: Vec<CatalogEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
-        assert_eq!(initial.len(), 3, "{initial:?}");
+        assert_eq!(
+            initial.len(),
+            4,
+            "Init, one object, InitDone, Synced: {initial:?}"
+        );
 
         write(dir.path(), "svc.yaml", &service("s", 80));
         let event = tokio::time::timeout(WAIT, events.recv())

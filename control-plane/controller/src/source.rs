@@ -1,0 +1,46 @@
+//! The source the controller was started with, as the HTTP endpoints see it.
+
+use std::path::PathBuf;
+
+use fsm_sources::{KubeSource, ManifestSource};
+use serde_json::{Value, json};
+
+pub enum Source {
+    Manifests {
+        dir: PathBuf,
+        source: ManifestSource,
+    },
+    Kube {
+        origin: String,
+        source: KubeSource,
+    },
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Manifests { dir, .. } => format!("manifests in {}", dir.display()),
+            Source::Kube { origin, .. } => format!("cluster {origin}"),
+        }
+    }
+
+    /// Objects the source skipped, each naming the object and field with its FSM error code.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            Source::Manifests { source, .. } => {
+                source.problems().iter().map(ToString::to_string).collect()
+            }
+            // The API server validates objects against their schemas before the watch sees them.
+            Source::Kube { .. } => Vec::new(),
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        match self {
+            Source::Manifests { dir, .. } => json!({"manifestDir": dir}),
+            Source::Kube { origin, source } => {
+                json!({"cluster": origin, "watches": source.status()})
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The Kubernetes source: kube-runtime watchers, one per kind, feeding the catalog.
+//!
+//! Each kind is watched cluster-wide with [`kube::runtime::watcher`] (paged initial list, then a
+//! watch from the list's resourceVersion) and its default exponential backoff. The watcher's
+//! vocabulary maps one-to-one onto [`CatalogEvent`]: a (re)list of one kind is `Init(kind)`,
+//! `InitApply`…, `InitDone(kind)`, which the catalog swaps in atomically and compares with what it
+//! holds, so a relist after `410 Gone` changes nothing unless the cluster did. Once every kind has
+//! delivered its first list the source sends `Synced`.
+//!
+//! # Rules
+//!
+//! * **The API server going away does not stop config serving.** A failed list or watch is logged,
+//!   counted and retried with backoff; the catalog keeps what it has, so proxies keep their last
+//!   configuration.
+//! * **Namespaces are watched whole.** Whether a namespace is meshed is a label the catalog reads,
+//!   so a namespace joining or leaving the mesh (`fsm namespace add/remove`) is a label change seen
+//!   live, without restarting any watcher.
+//! * **Unserved kinds are not fatal.** If a CRD is not installed the watch for its kind fails with
+//!   404 and keeps retrying in the background; the source still becomes `Synced` without it, after
+//!   [`OPTIONAL_SYNC_GRACE`], so a cluster without, say, the SMI CRDs still gets a mesh.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fsm_catalog::{CatalogEvent, Kind, MeshObject, Scope};
+use fsm_errcode::ErrCode;
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+
+/// How long `Synced` waits for kinds whose CRD may not be installed.
+pub const OPTIONAL_SYNC_GRACE: Duration = Duration::from_secs(10);
+
+/// What the debug endpoint shows about one watched kind.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchStatus {
+    /// Whether the kind has completed at least one list.
+    pub synced: bool,
+    /// Completed lists (the first one plus relists after errors or `410 Gone`).
+    pub lists: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+type Statuses = Arc<Mutex<BTreeMap<Kind, WatchStatus>>>;
+
+/// Watches a Kubernetes cluster; stops watching when dropped.
+pub struct KubeSource {
+    tasks: Vec<JoinHandle<()>>,
+    statuses: Statuses,
+}
+
+impl KubeSource {
+    /// Starts one watcher per mesh kind. Returns at once; the catalog learns the cluster through
+    /// `events` and becomes complete with `Synced`.
+    pub fn spawn(client: Client, events: UnboundedSender<CatalogEvent>) -> KubeSource {
+        let statuses: Statuses = Arc::default();
+        let (synced_tx, synced_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = WatchContext {
+            events: events.clone(),
+            statuses: statuses.clone(),
+            synced: synced_tx,
+        };
+        let mut tasks = Vec::new();
+        for watch in crate::kinds::WATCHED {
+            tasks.push((watch.spawn)(client.clone(), ctx.clone()));
+        }
+        tasks.push(tokio::spawn(announce_synced(synced_rx, events)));
+        KubeSource { tasks, statuses }
+    }
+
+    pub fn status(&self) -> BTreeMap<Kind, WatchStatus> {
+        self.statuses.lock().clone()
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Sends `Synced` once every required kind has listed, and the optional ones have listed or had
+/// their grace period.
+async fn announce_synced(
+    mut synced: tokio::sync::mpsc::UnboundedReceiver<Kind>,
+    events: UnboundedSender<CatalogEvent>,
+) {
+    let required: Vec<Kind> = crate::kinds::WATCHED
+        .iter()
+        .filter(|w| w.required)
+        .map(|w| w.kind)
+        .collect();
+    let all: Vec<Kind> = crate::kinds::WATCHED.iter().map(|w| w.kind).collect();
+    let mut done = Vec::new();
+    let grace = tokio::time::sleep(OPTIONAL_SYNC_GRACE);
+    tokio::pin!(grace);
+    let mut grace_over = false;
+    loop {
+        let complete = if grace_over { &required } else { &all };
+        if complete.iter().all(|k| done.contains(k)) {
+            break;
+        }
+        tokio::select! {
+            kind = synced.recv() => match kind {
+                Some(kind) => done.push(kind),
+                None => return,
+            },
+            () = &mut grace, if !grace_over => {
+                grace_over = true;
+                let missing: Vec<String> = all.iter().filter(|k| !done.contains(k)).map(ToString::to_string).collect();
+                if !missing.is_empty() {
+                    tracing::warn!(kinds = ?missing, "kinds not listed yet (CRD not installed?); serving without them until they are");
+                }
+            }
+        }
+    }
+    tracing::info!("initial lists complete");
+    let _ = events.send(CatalogEvent::Synced);
+}
+
+#[derive(Clone)]
+pub(crate) struct WatchContext {
+    events: UnboundedSender<CatalogEvent>,
+    statuses: Statuses,
+    synced: UnboundedSender<Kind>,
+}
+
+/// Watches every object of `K` in the cluster and forwards it as `kind`.
+pub(crate) fn spawn_watch<K>(
+    client: Client,
+    kind: Kind,
+    wrap: fn(K) -> MeshObject,
+    ctx: WatchContext,
+) -> JoinHandle<()>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let api: Api<K> = Api::all(client);
+        let scope = Scope::Kind(kind);
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut first_list = true;
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(Event::Init) => CatalogEvent::Init(scope),
+                Ok(Event::InitApply(object)) => CatalogEvent::InitApply(wrap(object)),
+                Ok(Event::InitDone) => {
+                    {
+                        let mut statuses = ctx.statuses.lock();
+                        let status = statuses.entry(kind).or_default();
+                        status.synced = true;
+                        status.lists += 1;
+                    }
+                    if first_list {
+                        first_list = false;
+                        tracing::debug!(%kind, "initial list complete");
+                        let _ = ctx.synced.send(kind);
+                    } else {
+                        tracing::info!(%kind, "relisted");
+                    }
+                    CatalogEvent::InitDone(scope)
+                }
+                Ok(Event::Apply(object)) => CatalogEvent::Apply(wrap(object)),
+                Ok(Event::Delete(object)) => CatalogEvent::Delete(wrap(object).key()),
+                Err(err) => {
+                    report_error(kind, &err, &ctx.statuses);
+                    continue;
+                }
+            };
+            if ctx.events.send(event).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+fn report_error(kind: Kind, err: &watcher::Error, statuses: &Statuses) {
+    let message = err.to_string();
+    let mut statuses = statuses.lock();
+    let status = statuses.entry(kind).or_default();
+    status.errors += 1;
+    // The backoff retries every few seconds while the API server is away; log each distinct
+    // failure once rather than flooding the log with the same line.
+    if status.last_error.as_deref() != Some(message.as_str()) {
+        if kind == Kind::MeshConfig {
+            fsm_errcode::count(ErrCode::E4150);
+            tracing::warn!(code = %ErrCode::E4150, %kind, error = %message, "watch failed; retrying with backoff, the last configuration keeps serving");
+        } else {
+            tracing::warn!(%kind, error = %message, "watch failed; retrying with backoff, the last configuration keeps serving");
+        }
+    }
+    status.last_error = Some(message);
+}
