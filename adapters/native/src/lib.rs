@@ -1,1 +1,249 @@
-//! Native adapter: mesh IR to fsm.dataplane.v1 resources for fsm-sidecar
+//! Native adapter: mesh IR to fsm.dataplane.v1 resources for fsm-sidecar.
+//!
+//! [`translate`] is a pure function of a [`ProxyIr`]. It lays the proxy out as the Envoy adapter
+//! does (same names, same ports, same wire conventions between sidecars, so a native sidecar and an
+//! Envoy sidecar can call each other), and adds what transparent interception needs:
+//!
+//! - `outbound-listener` on `<pod-ip>:15001`: chain `explicit-http` for applications that send HTTP
+//!   to the sidecar (routed by Host in route configuration `outbound`), and one chain per service
+//!   port, matched on the ClusterIP(s) and port of a connection iptables redirected there.
+//! - `outbound-tcp:<ns>/<svc>|<port>` on `<pod-ip>:<port>` for each TCP service port, for
+//!   applications that connect to the sidecar explicitly (skipped, with a warning, when the port is
+//!   taken on the pod).
+//! - `inbound-listener` on `<pod-ip>:15003`: chain `explicit-http` for peer sidecars (HTTP routed by
+//!   Host, TCP tunnelled in HTTP/2 CONNECT and routed by authority, in route configuration
+//!   `inbound`), and one chain per application port for redirected connections.
+//! - Clusters `<ns>/<svc>|<port>` discover endpoints through a `ClusterLoadAssignment`, where a
+//!   meshed endpoint is addressed at its sidecar, `<pod-ip>:15003`; local clusters
+//!   `<ns>/<svc>|<port>|local` carry the application's address themselves.
+//!
+//! Policy decisions stay with the sidecar: allowed sources travel with each inbound route and TCP
+//! chain, and the sidecar answers 403 itself, where the Envoy adapter has to turn a denied route
+//! into a direct response.
+
+mod golden_view;
+mod listeners;
+mod routes;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use fsm_dataplane_proto::{type_url, v1};
+use fsm_ir::{ClusterKind, Protocol, ProxyIr, ports};
+use prost::Message;
+
+pub use golden_view::render;
+
+pub const OUTBOUND_LISTENER: &str = "outbound-listener";
+pub const INBOUND_LISTENER: &str = "inbound-listener";
+pub const OUTBOUND_ROUTES: &str = "outbound";
+pub const INBOUND_ROUTES: &str = "inbound";
+/// The filter chain of both listeners that serves connections made to the sidecar's own port.
+pub const EXPLICIT_HTTP_CHAIN: &str = "explicit-http";
+
+/// The native resources of one proxy, each list sorted by resource name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NativeResources {
+    pub clusters: Vec<v1::Cluster>,
+    pub endpoints: Vec<v1::ClusterLoadAssignment>,
+    pub listeners: Vec<v1::Listener>,
+    pub routes: Vec<v1::RouteConfiguration>,
+    /// Empty until the identity work issues certificates.
+    pub secrets: Vec<v1::Secret>,
+    /// Parts of the IR left out of the resources, with the reason.
+    pub warnings: Vec<String>,
+}
+
+/// Encoded resources by type URL: `(name, serialized message)`, sorted by name. The same shape as
+/// `fsm_adapter_envoy::Encoded`, so the controller can serve either adapter's output.
+pub type Encoded = BTreeMap<&'static str, Vec<(String, Vec<u8>)>>;
+
+impl NativeResources {
+    /// Every type URL of [`fsm_dataplane_proto::ALL_TYPE_URLS`] is present, with an empty list when
+    /// the proxy has no resource of that type.
+    pub fn encode(&self) -> Encoded {
+        fn encode_all<M: Message>(
+            items: &[M],
+            name: impl Fn(&M) -> &str,
+        ) -> Vec<(String, Vec<u8>)> {
+            let mut out: Vec<(String, Vec<u8>)> = items
+                .iter()
+                .map(|m| (name(m).to_string(), m.encode_to_vec()))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            out
+        }
+        BTreeMap::from([
+            (type_url::CLUSTER, encode_all(&self.clusters, |c| &c.name)),
+            (
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+                encode_all(&self.endpoints, |e| &e.cluster_name),
+            ),
+            (type_url::LISTENER, encode_all(&self.listeners, |l| &l.name)),
+            (
+                type_url::ROUTE_CONFIGURATION,
+                encode_all(&self.routes, |r| &r.name),
+            ),
+            (type_url::SECRET, encode_all(&self.secrets, |s| &s.name)),
+        ])
+    }
+}
+
+/// Why a proxy's IR cannot be given to fsm-sidecar.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdapterError {
+    #[error("invalid IR: {0}")]
+    InvalidIr(#[from] fsm_ir::IrError),
+    /// The IR is valid but holds something `fsm.dataplane.v1` cannot express. `field` is the path
+    /// of the offending IR field, as it is spelled in the IR's YAML.
+    #[error("{field}: {reason}")]
+    Unsupported { field: String, reason: String },
+}
+
+/// Translates one proxy's IR into native resources.
+pub fn translate(ir: &ProxyIr) -> Result<NativeResources, AdapterError> {
+    ir.validate()?;
+    let mut out = NativeResources::default();
+    for c in &ir.clusters {
+        out.clusters.push(cluster(c)?);
+        if c.kind == ClusterKind::Outbound {
+            out.endpoints.push(load_assignment(c));
+        }
+    }
+    out.routes = vec![routes::outbound(ir)?, routes::inbound(ir)?];
+    out.listeners = listeners::all(ir, &mut out.warnings);
+
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+// === helpers shared by the modules ===
+
+fn socket_address(ip: IpAddr, port: u16) -> v1::SocketAddress {
+    v1::SocketAddress {
+        ip: ip.to_string(),
+        port: u32::from(port),
+    }
+}
+
+fn duration_ms(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        // < 1e9: always fits.
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn identity(id: &fsm_ir::ServiceIdentity) -> v1::ServiceIdentity {
+    v1::ServiceIdentity {
+        service_account: id.service_account.clone(),
+        namespace: id.namespace.clone(),
+    }
+}
+
+fn protocol(p: Protocol) -> v1::Protocol {
+    match p {
+        Protocol::Http => v1::Protocol::Http,
+        Protocol::Grpc => v1::Protocol::Grpc,
+        Protocol::Tcp => v1::Protocol::Tcp,
+        Protocol::TcpServerFirst => v1::Protocol::TcpServerFirst,
+    }
+}
+
+fn weighted(backends: &[fsm_ir::WeightedCluster]) -> Vec<v1::WeightedCluster> {
+    backends
+        .iter()
+        .map(|b| v1::WeightedCluster {
+            name: b.cluster.to_string(),
+            weight: b.weight,
+        })
+        .collect()
+}
+
+fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
+    match allowed {
+        fsm_ir::AllowedSources::Any => v1::AllowedSources {
+            any: true,
+            identities: vec![],
+        },
+        fsm_ir::AllowedSources::Identities(ids) => {
+            let mut ids = ids.clone();
+            ids.sort();
+            ids.dedup();
+            v1::AllowedSources {
+                any: false,
+                identities: ids.iter().map(identity).collect(),
+            }
+        }
+    }
+}
+
+/// `<svc>.<ns>.svc.cluster.local:<port>`: how a peer sidecar knows a service port, in the authority
+/// of a CONNECT tunnel. The Envoy adapter uses the same form, so the two data planes interoperate.
+fn connect_authority(service: &fsm_ir::ServiceRef, port: u16) -> String {
+    format!("{}:{port}", service.fqdn())
+}
+
+// === clusters ===
+
+fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
+    let discovery = match c.kind {
+        ClusterKind::Outbound => v1::cluster::Discovery::Eds(v1::EdsDiscovery {}),
+        // The application in this pod never moves while the pod lives: no EDS round trip needed.
+        ClusterKind::Local => match c.endpoints.as_slice() {
+            [app] => v1::cluster::Discovery::StaticLocal(v1::StaticLocal {
+                address: Some(socket_address(app.ip, app.port)),
+            }),
+            other => {
+                return Err(AdapterError::Unsupported {
+                    field: format!("clusters[{}].endpoints", c.name),
+                    reason: format!(
+                        "a local cluster reaches exactly one application address, found {}",
+                        other.len()
+                    ),
+                });
+            }
+        },
+    };
+    let upstream_protocol = match c.protocol {
+        Protocol::Http => v1::UpstreamProtocol::Http1,
+        Protocol::Grpc => v1::UpstreamProtocol::Http2,
+        Protocol::Tcp | Protocol::TcpServerFirst => v1::UpstreamProtocol::Tcp,
+    };
+    Ok(v1::Cluster {
+        name: c.name.to_string(),
+        discovery: Some(discovery),
+        lb_policy: v1::LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
+        upstream_protocol: upstream_protocol as i32,
+        circuit_breakers: None,
+        tls: None,
+    })
+}
+
+fn load_assignment(c: &fsm_ir::Cluster) -> v1::ClusterLoadAssignment {
+    let mut endpoints: Vec<&fsm_ir::Endpoint> = c.endpoints.iter().collect();
+    endpoints.sort();
+    v1::ClusterLoadAssignment {
+        cluster_name: c.name.to_string(),
+        endpoints: endpoints
+            .into_iter()
+            .map(|e| v1::Endpoint {
+                // A meshed endpoint is reached through its sidecar, so traffic always crosses both.
+                address: Some(socket_address(
+                    e.ip,
+                    if e.meshed { ports::INBOUND } else { e.port },
+                )),
+                weight: 1,
+                meshed: e.meshed,
+                identity: e.identity.as_ref().map(identity),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,199 @@
+//! Listeners `outbound-listener`, `outbound-tcp:<ns>/<svc>|<port>` and `inbound-listener`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fsm_dataplane_proto::v1;
+use fsm_ir::{AllowedSources, InboundPort, OutboundService, ProxyIr, ports};
+
+use crate::{
+    EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES,
+    allowed_sources, connect_authority, protocol, socket_address, weighted,
+};
+
+/// Every listener of the proxy; what had to be left out goes to `warnings`.
+pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener> {
+    let pod_ip = ir.proxy.pod_ip;
+    let mut listeners = Vec::new();
+
+    let mut outbound = vec![explicit_http(ports::OUTBOUND, OUTBOUND_ROUTES)];
+    outbound.extend(ir.outbound.iter().map(|svc| v1::FilterChain {
+        name: format!("{}|{}", svc.service, svc.port),
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(svc.port),
+            destination_ip_ranges: svc.destination_ip_ranges.clone(),
+        }),
+        ..outbound_target(svc)
+    }));
+    listeners.push(v1::Listener {
+        name: OUTBOUND_LISTENER.into(),
+        address: Some(socket_address(pod_ip, ports::OUTBOUND)),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: most_specific_first(OUTBOUND_LISTENER, outbound, warnings),
+    });
+
+    // Explicit-mode TCP: applications connect to `<pod-ip>:<service port>`, so each port can
+    // serve one service, and only if neither the application nor the sidecar listens there.
+    let taken: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
+    let mut bound: BTreeMap<u16, String> = BTreeMap::new();
+    for svc in ir.outbound.iter().filter(|s| !s.protocol.is_http()) {
+        let name = format!("{}|{}", svc.service, svc.port);
+        if taken.contains(&svc.port) || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port) {
+            warnings.push(format!(
+                "outbound TCP {name}: port {} is taken on this pod (application or sidecar port); clients of this pod reach it only when their connections are redirected to {OUTBOUND_LISTENER}",
+                svc.port
+            ));
+            continue;
+        }
+        if let Some(first) = bound.get(&svc.port) {
+            warnings.push(format!(
+                "outbound TCP {name}: port {} already serves {first} in explicit mode; clients of this pod reach {name} only when their connections are redirected to {OUTBOUND_LISTENER}",
+                svc.port
+            ));
+            continue;
+        }
+        bound.insert(svc.port, name.clone());
+        listeners.push(v1::Listener {
+            name: format!("outbound-tcp:{name}"),
+            address: Some(socket_address(pod_ip, svc.port)),
+            direction: v1::TrafficDirection::Outbound as i32,
+            filter_chains: vec![v1::FilterChain {
+                name,
+                r#match: Some(v1::FilterChainMatch::default()),
+                ..outbound_target(svc)
+            }],
+        });
+    }
+
+    let mut inbound = vec![explicit_http(ports::INBOUND, INBOUND_ROUTES)];
+    inbound.extend(ir.inbound.iter().filter_map(redirected_inbound));
+    listeners.push(v1::Listener {
+        name: INBOUND_LISTENER.into(),
+        address: Some(socket_address(pod_ip, ports::INBOUND)),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: most_specific_first(INBOUND_LISTENER, inbound, warnings),
+    });
+    listeners
+}
+
+/// HTTP sent to the sidecar's own port, routed by Host.
+fn explicit_http(port: u16, routes: &str) -> v1::FilterChain {
+    v1::FilterChain {
+        name: EXPLICIT_HTTP_CHAIN.into(),
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(port),
+            destination_ip_ranges: vec![],
+        }),
+        protocol: v1::Protocol::Http as i32,
+        target: Some(http(routes)),
+        allowed_sources: None,
+        tls: None,
+    }
+}
+
+fn http(routes: &str) -> v1::filter_chain::Target {
+    v1::filter_chain::Target::Http(v1::HttpTarget {
+        route_config_name: routes.into(),
+    })
+}
+
+/// Protocol and target of a chain for one outbound service port (name and match left default).
+fn outbound_target(svc: &OutboundService) -> v1::FilterChain {
+    let target = if svc.protocol.is_http() {
+        http(OUTBOUND_ROUTES)
+    } else {
+        v1::filter_chain::Target::Tcp(v1::TcpTarget {
+            clusters: weighted(&svc.tcp_backends),
+            connect_authority: connect_authority(&svc.service, svc.port),
+        })
+    };
+    v1::FilterChain {
+        protocol: protocol(svc.protocol) as i32,
+        target: Some(target),
+        ..Default::default()
+    }
+}
+
+/// The chain for connections iptables redirected from one application port. HTTP goes through
+/// route configuration `inbound`; TCP straight to the application. When several services expose
+/// one TCP port the destination cannot tell which one a client meant, so the chain admits whoever
+/// any of them admits; their local clusters all reach the same application address.
+fn redirected_inbound(port: &InboundPort) -> Option<v1::FilterChain> {
+    let first = port.services.first()?;
+    let (target, allowed) = if port.protocol.is_http() {
+        (http(INBOUND_ROUTES), None)
+    } else {
+        let allowed = port
+            .services
+            .iter()
+            .skip(1)
+            .fold(first.allowed.clone(), |all, svc| union(all, &svc.allowed));
+        let target = v1::filter_chain::Target::Tcp(v1::TcpTarget {
+            clusters: vec![v1::WeightedCluster {
+                name: first.local_cluster.to_string(),
+                weight: 100,
+            }],
+            connect_authority: String::new(),
+        });
+        (target, Some(allowed_sources(&allowed)))
+    };
+    Some(v1::FilterChain {
+        name: format!("target-port:{}", port.target_port),
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(port.target_port),
+            destination_ip_ranges: vec![],
+        }),
+        protocol: protocol(port.protocol) as i32,
+        target: Some(target),
+        allowed_sources: allowed,
+        tls: None,
+    })
+}
+
+fn union(a: AllowedSources, b: &AllowedSources) -> AllowedSources {
+    match (a, b) {
+        (AllowedSources::Identities(mut a), AllowedSources::Identities(b)) => {
+            a.extend(b.iter().cloned());
+            AllowedSources::Identities(a)
+        }
+        _ => AllowedSources::Any,
+    }
+}
+
+/// Orders chains so that the first match is the most specific one: chains with address ranges
+/// before chains without, an exact port before any port, then by port, keeping the IR's order
+/// among equals. A chain whose match equals an earlier chain's can never be chosen: it is dropped
+/// with a warning (the explicit TCP listeners keep the same, first, service of a port).
+fn most_specific_first(
+    listener: &str,
+    mut chains: Vec<v1::FilterChain>,
+    warnings: &mut Vec<String>,
+) -> Vec<v1::FilterChain> {
+    fn key(chain: &v1::FilterChain) -> (bool, bool, u32) {
+        let m = chain.r#match.as_ref();
+        let port = m.map_or(0, |m| m.destination_port);
+        let ranges = m.is_some_and(|m| !m.destination_ip_ranges.is_empty());
+        (!ranges, port == 0, port)
+    }
+    // Stable: equal keys stay in IR order, which is deterministic.
+    chains.sort_by_key(key);
+    let mut seen: BTreeMap<(u32, Vec<String>), String> = BTreeMap::new();
+    chains.retain(|chain| {
+        let m = chain.r#match.clone().unwrap_or_default();
+        let mut ranges = m.destination_ip_ranges;
+        ranges.sort();
+        match seen.get(&(m.destination_port, ranges.clone())) {
+            Some(first) => {
+                warnings.push(format!(
+                    "{listener}: chain {} matches the same destinations as {first} and is never used",
+                    chain.name
+                ));
+                false
+            }
+            None => {
+                seen.insert((m.destination_port, ranges), chain.name.clone());
+                true
+            }
+        }
+    });
+    chains
+}

@@ -1,0 +1,189 @@
+//! Route configurations `outbound` and `inbound`.
+
+use std::collections::BTreeSet;
+
+use fsm_dataplane_proto::v1;
+use fsm_ir::{HttpRoute, PathMatch, ProxyIr};
+
+use crate::{
+    AdapterError, INBOUND_ROUTES, OUTBOUND_ROUTES, allowed_sources, connect_authority, duration_ms,
+    weighted,
+};
+
+/// One virtual host per HTTP service port this proxy may call, routed by Host.
+pub(crate) fn outbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterError> {
+    let mut domains = Domains::default();
+    let mut virtual_hosts = Vec::new();
+    for svc in ir.outbound.iter().filter(|s| s.protocol.is_http()) {
+        let owner = format!("outbound[{}|{}]", svc.service, svc.port);
+        virtual_hosts.push(v1::VirtualHost {
+            name: format!("{}|{}", svc.service, svc.port),
+            domains: domains.claim(&svc.hosts),
+            routes: svc
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| route(r, &format!("{owner}.routes[{i}]"), false))
+                .collect::<Result<_, _>>()?,
+        });
+    }
+    Ok(v1::RouteConfiguration {
+        name: OUTBOUND_ROUTES.into(),
+        virtual_hosts,
+    })
+}
+
+/// One virtual host per service port of this pod: its HTTP routes, or, for a TCP port, one CONNECT
+/// route to the local cluster for tunnels from peer sidecars.
+pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterError> {
+    let mut domains = Domains::default();
+    let mut virtual_hosts = Vec::new();
+    for port in &ir.inbound {
+        for svc in &port.services {
+            let (hosts, routes) = if port.protocol.is_http() {
+                let owner = format!(
+                    "inbound[{}].services[{}|{}]",
+                    port.target_port, svc.service, svc.port
+                );
+                let routes = svc
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| route(r, &format!("{owner}.routes[{i}]"), true))
+                    .collect::<Result<_, _>>()?;
+                (svc.hosts.clone(), routes)
+            } else {
+                // A tunnel's authority is always this exact form; leaving the bare names
+                // (`api`, `api.shop`) to HTTP virtual hosts of the same service.
+                let route = v1::Route {
+                    r#match: Some(v1::RouteMatch {
+                        path: Some(v1::route_match::Path::Connect(v1::ConnectMatch {})),
+                        ..Default::default()
+                    }),
+                    action: Some(v1::RouteAction {
+                        clusters: vec![v1::WeightedCluster {
+                            name: svc.local_cluster.to_string(),
+                            weight: 100,
+                        }],
+                        timeout: None,
+                        retry_policy: None,
+                    }),
+                    allowed_sources: Some(allowed_sources(&svc.allowed)),
+                };
+                (vec![connect_authority(&svc.service, svc.port)], vec![route])
+            };
+            virtual_hosts.push(v1::VirtualHost {
+                name: svc.local_cluster.to_string(),
+                domains: domains.claim(&hosts),
+                routes,
+            });
+        }
+    }
+    Ok(v1::RouteConfiguration {
+        name: INBOUND_ROUTES.into(),
+        virtual_hosts,
+    })
+}
+
+/// Domains already given to a virtual host: a domain belongs to the first one that claims it.
+#[derive(Default)]
+struct Domains(BTreeSet<String>);
+
+impl Domains {
+    fn claim(&mut self, hosts: &[String]) -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|h| self.0.insert((*h).clone()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// `field` is the IR path of `r`, for errors. Allowed sources are kept for inbound routes only.
+fn route(r: &HttpRoute, field: &str, inbound: bool) -> Result<v1::Route, AdapterError> {
+    use v1::route_match::Path;
+    let path = match &r.matches.path {
+        PathMatch::Exact(p) => Path::Exact(p.clone()),
+        PathMatch::Prefix(p) => Path::Prefix(p.clone()),
+        // FSM's permissive wildcard: a prefix test is cheaper than running a regex per request.
+        PathMatch::Regex(re) if re == ".*" => Path::Prefix("/".into()),
+        PathMatch::Regex(re) => Path::Regex(re.clone()),
+    };
+    let methods = if r.matches.methods.iter().any(|m| m == "*") {
+        vec![]
+    } else {
+        r.matches.methods.clone()
+    };
+    let headers = r
+        .matches
+        .headers
+        .iter()
+        // Header values in the IR are regular expressions (SMI HTTPRouteGroup headers).
+        .map(|(name, value)| v1::HeaderMatch {
+            name: name.to_ascii_lowercase(),
+            r#match: Some(v1::header_match::Match::Regex(value.clone())),
+        })
+        .collect();
+    let retry_policy = match &r.retry {
+        Some(retry) => Some(retry_policy(retry, &format!("{field}.retry"))?),
+        None => None,
+    };
+    Ok(v1::Route {
+        r#match: Some(v1::RouteMatch {
+            path: Some(path),
+            methods,
+            headers,
+        }),
+        action: Some(v1::RouteAction {
+            clusters: weighted(&r.backends),
+            timeout: r.timeout_ms.map(duration_ms),
+            retry_policy,
+        }),
+        allowed_sources: inbound.then(|| allowed_sources(&r.allowed)),
+    })
+}
+
+fn retry_policy(retry: &fsm_ir::RetryPolicy, field: &str) -> Result<v1::RetryPolicy, AdapterError> {
+    let mut retry_on: Vec<i32> = Vec::new();
+    // FSM's `retryOn` is one comma-separated string; accept either form.
+    for condition in retry
+        .retry_on
+        .iter()
+        .flat_map(|c| c.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        let value = retry_on_condition(condition).ok_or_else(|| AdapterError::Unsupported {
+            field: format!("{field}.retryOn"),
+            reason: format!("retry condition {condition:?} is not one fsm-sidecar implements"),
+        })? as i32;
+        if !retry_on.contains(&value) {
+            retry_on.push(value);
+        }
+    }
+    Ok(v1::RetryPolicy {
+        retry_on,
+        num_retries: retry.num_retries,
+        per_try_timeout: retry.per_try_timeout_ms.map(duration_ms),
+        backoff_base_interval: None,
+    })
+}
+
+/// Envoy's `retry_on` names, which FSM's Retry policy uses.
+fn retry_on_condition(name: &str) -> Option<v1::RetryOn> {
+    use v1::RetryOn;
+    Some(match name {
+        "5xx" => RetryOn::RetryOn5xx,
+        "gateway-error" => RetryOn::GatewayError,
+        "reset" => RetryOn::Reset,
+        "connect-failure" => RetryOn::ConnectFailure,
+        "retriable-4xx" => RetryOn::Retriable4xx,
+        "refused-stream" => RetryOn::RefusedStream,
+        "cancelled" => RetryOn::GrpcCancelled,
+        "deadline-exceeded" => RetryOn::GrpcDeadlineExceeded,
+        "internal" => RetryOn::GrpcInternal,
+        "resource-exhausted" => RetryOn::GrpcResourceExhausted,
+        "unavailable" => RetryOn::GrpcUnavailable,
+        _ => return None,
+    })
+}

@@ -1,0 +1,23 @@
+//! Golden tests: testdata/<case>/in.yaml (a proxy's IR, as the compiler writes it) → one
+//! out.<type>.yaml per native resource type.
+
+use std::path::Path;
+
+#[test]
+fn golden_cases() {
+    fsm_golden::run(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata"),
+        |input| {
+            let ir: fsm_ir::ProxyIr = serde_yaml_ng::from_str(input)
+                .map_err(|e| format!("in.yaml is not a ProxyIr: {e}"))?;
+            let resources = fsm_adapter_native::translate(&ir).map_err(|e| e.to_string())?;
+            let again = fsm_adapter_native::translate(&ir).map_err(|e| e.to_string())?;
+            assert_eq!(
+                resources.encode(),
+                again.encode(),
+                "translate must be deterministic"
+            );
+            Ok(fsm_adapter_native::render(&resources))
+        },
+    );
+}
