@@ -15,7 +15,7 @@ use fsm_errcode::ErrCode;
 use tokio::sync::mpsc;
 
 /// The FSM-compatible control plane: watches mesh objects, computes each sidecar's configuration
-/// and streams it to Envoy sidecars over ADS (state-of-the-world and delta xDS).
+/// and streams it to Envoy sidecars and fsm-sidecars over ADS (state-of-the-world and delta xDS).
 ///
 /// Where the mesh objects come from (Namespaces, Services, Endpoints/EndpointSlices, Pods,
 /// ServiceAccounts, the `fsm-mesh-config` MeshConfig, SMI and FSM policies), in this order:
@@ -82,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
     let source = start_source(&args, catalog_tx).await?;
     let state = Arc::new(runner::State::default());
 
-    let ads = fsm_xds_server::AdsServer::new(cache.clone(), proxy_tx).into_service();
+    let ads = fsm_xds_server::AdsServer::new(cache.clone(), proxy_tx)
+        .with_type_urls(&fsm_dataplane_proto::ALL_TYPE_URLS)
+        .into_service();
     let ads_listener = tokio::net::TcpListener::bind(args.ads_listen)
         .await
         .with_context(|| {

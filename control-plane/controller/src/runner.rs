@@ -175,15 +175,6 @@ impl Runner {
         node: &ProxyNode,
         proxy_state: &mut ProxyState,
     ) -> Result<Snapshot, (ErrCode, String)> {
-        if node.data_plane != DataPlane::Envoy {
-            return Err((
-                ErrCode::E5013,
-                format!(
-                    "data plane {:?} of proxy {} is not supported yet; only Envoy is",
-                    node.data_plane, node.node_id
-                ),
-            ));
-        }
         let proxy = ProxyRef {
             uuid: node.uuid.clone(),
             service_account: node.service_account.clone(),
@@ -199,12 +190,30 @@ impl Runner {
                 .warnings
                 .push(format!("{}: {}", warning.code, warning.message));
         }
-        let resources = fsm_adapter_envoy::translate(&compiled.ir)
-            .map_err(|e| (ErrCode::E5007, e.to_string()))?;
-        proxy_state
-            .warnings
-            .extend(resources.warnings.iter().cloned());
-        Ok(Snapshot::new(resources.encode().into_iter().map(
+        let adapter_error = |e: &dyn std::fmt::Display| (ErrCode::E5007, e.to_string());
+        let (encoded, warnings) = match &node.data_plane {
+            DataPlane::Envoy => {
+                let resources =
+                    fsm_adapter_envoy::translate(&compiled.ir).map_err(|e| adapter_error(&e))?;
+                (resources.encode(), resources.warnings)
+            }
+            DataPlane::FsmSidecar => {
+                let resources =
+                    fsm_adapter_native::translate(&compiled.ir).map_err(|e| adapter_error(&e))?;
+                (resources.encode(), resources.warnings)
+            }
+            DataPlane::Other(agent) => {
+                return Err((
+                    ErrCode::E5013,
+                    format!(
+                        "data plane {agent:?} of proxy {} is not supported; Envoy and fsm-sidecar are",
+                        node.node_id
+                    ),
+                ));
+            }
+        };
+        proxy_state.warnings.extend(warnings);
+        Ok(Snapshot::new(encoded.into_iter().map(
             |(type_url, items)| {
                 (
                     type_url,

@@ -12,7 +12,7 @@ pub mod node;
 pub mod protocol;
 pub mod server;
 
-pub use node::{DataPlane, NodeError, ProxyKind, ProxyNode};
+pub use node::{DataPlane, FSM_SIDECAR_USER_AGENT, NodeError, ProxyKind, ProxyNode};
 pub use protocol::{
     DeltaRequest, DeltaStream, Event, Output, ProtocolError, Response, SotwRequest, SotwStream,
     XdsStream,

@@ -36,6 +36,8 @@ pub enum ProxyKind {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DataPlane {
     Envoy,
+    /// Our own sidecar (`dataplane-rs`), served the native `fsm.dataplane.v1` types.
+    FsmSidecar,
     /// Any other `user_agent_name`, kept verbatim (empty when the node gave none).
     Other(String),
 }
@@ -94,14 +96,17 @@ impl fmt::Display for ProxyKind {
     }
 }
 
+/// The `node.user_agent_name` fsm-sidecar announces itself with.
+pub const FSM_SIDECAR_USER_AGENT: &str = "fsm-sidecar";
+
 // === DataPlane ===
 
 impl DataPlane {
     fn from_user_agent(name: &str) -> Self {
-        if name == "envoy" {
-            DataPlane::Envoy
-        } else {
-            DataPlane::Other(name.to_owned())
+        match name {
+            "envoy" => DataPlane::Envoy,
+            FSM_SIDECAR_USER_AGENT => DataPlane::FsmSidecar,
+            other => DataPlane::Other(other.to_owned()),
         }
     }
 }
@@ -363,7 +368,8 @@ mod tests {
         let node_id = id("sidecar.sa.ns");
         for (agent, expected) in [
             ("envoy", DataPlane::Envoy),
-            ("fsm-sidecar", DataPlane::Other("fsm-sidecar".into())),
+            ("fsm-sidecar", DataPlane::FsmSidecar),
+            ("pipy", DataPlane::Other("pipy".into())),
             ("", DataPlane::Other(String::new())),
         ] {
             let node = Node {
