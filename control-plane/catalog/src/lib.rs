@@ -7,15 +7,15 @@
 
 mod decode;
 mod event;
-mod mesh_config;
 mod object;
 mod store;
 
-pub use decode::{DecodeError, decode_manifests, parse_duration};
+pub use decode::{DecodeError, decode_manifests};
 pub use event::{CatalogEvent, Scope};
-pub use mesh_config::{MeshConfig, MeshConfigSpec};
-pub use object::{Kind, MeshObject, ObjectKey};
-pub use store::{Catalog, CatalogSettings, ResolvedEndpoint};
+pub use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
+pub use fsm_crds::parse_go_duration as parse_duration;
+pub use object::{Kind, KindVisitor, MeshKind, MeshObject, ObjectKey};
+pub use store::{Catalog, CatalogSettings, Rejection, ResolvedEndpoint};
 
 /// Namespace label that puts a namespace under a mesh's control.
 pub const MONITORED_BY_LABEL: &str = "flomesh.io/monitored-by";

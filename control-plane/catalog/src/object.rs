@@ -1,30 +1,188 @@
 use std::fmt;
 
+use fsm_crds::FieldError;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodStatus, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::MeshConfig;
+use fsm_crds::config::v1alpha3::MeshConfig;
+use fsm_crds::policy::v1alpha1::{
+    AccessCert, AccessControl, Egress, EgressGateway, IngressBackend, Isolation, Retry,
+    UpstreamTrafficSetting,
+};
+use fsm_crds::smi::access::v1alpha3::TrafficTarget;
+use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, TCPRoute};
+use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 
 /// Annotation `kubectl apply` stores the whole previous object in.
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// The kinds of object the mesh reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Kind {
-    Namespace,
-    Service,
-    Endpoints,
-    EndpointSlice,
-    Pod,
-    ServiceAccount,
-    MeshConfig,
+/// A Rust type the mesh reads, tied to its [`Kind`]. Sources are generic over it (see
+/// [`Kind::visit`]), so adding a kind to the table below is all it takes for the manifest
+/// decoder and the Kubernetes watchers to handle it.
+pub trait MeshKind:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + fmt::Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: Kind;
+    fn into_object(self) -> MeshObject;
+}
+
+/// Something to do with the Rust type of a kind, chosen at run time by [`Kind::visit`].
+pub trait KindVisitor {
+    type Output;
+    fn visit<K: MeshKind>(self) -> Self::Output;
+}
+
+/// Declares every kind once: its Rust type, API group, scope, whether every cluster must serve
+/// it, and whether it is a CRD with FSM's semantic validation. Everything per kind derives from
+/// this table.
+macro_rules! mesh_kinds {
+    ($( $kind:ident($ty:ty) = $group:literal, $scope:ident, $required:ident, $crd:ident; )*) => {
+        /// The kinds of object the mesh reads.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        pub enum Kind {
+            $($kind,)*
+        }
+
+        impl Kind {
+            pub const ALL: &'static [Kind] = &[$(Kind::$kind,)*];
+
+            /// The API group (`""` for the core group).
+            pub fn group(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => $group,)*
+                }
+            }
+
+            pub fn is_namespaced(self) -> bool {
+                match self {
+                    $(Kind::$kind => mesh_kinds!(@namespaced $scope),)*
+                }
+            }
+
+            /// Built-in kinds, and FSM's MeshConfig installed with the chart: every cluster
+            /// serves them. The others are CRDs a cluster may not have installed.
+            pub fn is_required(self) -> bool {
+                match self {
+                    $(Kind::$kind => mesh_kinds!(@flag $required),)*
+                }
+            }
+
+            /// The kind named `kind` in API group `group`.
+            pub fn from_api(group: &str, kind: &str) -> Option<Kind> {
+                match (group, kind) {
+                    $(($group, stringify!($kind)) => Some(Kind::$kind),)*
+                    _ => None,
+                }
+            }
+
+            /// Calls `visitor` with this kind's Rust type.
+            pub fn visit<V: KindVisitor>(self, visitor: V) -> V::Output {
+                match self {
+                    $(Kind::$kind => visitor.visit::<$ty>(),)*
+                }
+            }
+        }
+
+        $(
+            impl MeshKind for $ty {
+                const KIND: Kind = Kind::$kind;
+                fn into_object(self) -> MeshObject {
+                    MeshObject::$kind(self)
+                }
+            }
+        )*
+
+        /// One mesh object, in the same Kubernetes types a cluster source would deliver.
+        // Objects pass through once on their way into the catalog's maps; boxing the large
+        // variants would only add an allocation per event.
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum MeshObject {
+            $($kind($ty),)*
+        }
+
+        impl MeshObject {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(MeshObject::$kind(_) => Kind::$kind,)*
+                }
+            }
+
+            pub fn metadata(&self) -> &ObjectMeta {
+                match self {
+                    $(MeshObject::$kind(o) => &o.metadata,)*
+                }
+            }
+
+            pub(crate) fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                match self {
+                    $(MeshObject::$kind(o) => &mut o.metadata,)*
+                }
+            }
+
+            /// What FSM checks beyond the schema (durations, CIDRs, subject kinds, ...).
+            pub fn semantic_errors(&self) -> Vec<FieldError> {
+                match self {
+                    $(MeshObject::$kind(o) => mesh_kinds!(@validate $crd, o),)*
+                }
+            }
+
+            /// Drops status written by controllers: it is never an input of the mesh.
+            fn clear_crd_status(&mut self) {
+                match self {
+                    $(MeshObject::$kind(o) => mesh_kinds!(@clear_status $crd, o),)*
+                }
+            }
+        }
+    };
+    (@namespaced namespaced) => { true };
+    (@namespaced cluster) => { false };
+    (@flag required) => { true };
+    (@flag optional) => { false };
+    (@validate crd, $o:ident) => { fsm_crds::Validate::validate($o) };
+    (@validate builtin, $o:ident) => {{ let _ = $o; Vec::new() }};
+    (@clear_status crd, $o:ident) => { $o.status = None };
+    (@clear_status crd_without_status, $o:ident) => {{ let _ = $o; }};
+    (@clear_status builtin, $o:ident) => {{ let _ = $o; }};
+    (@validate crd_without_status, $o:ident) => { fsm_crds::Validate::validate($o) };
+}
+
+mesh_kinds! {
+    Namespace(Namespace) = "", cluster, required, builtin;
+    Service(Service) = "", namespaced, required, builtin;
+    Endpoints(Endpoints) = "", namespaced, required, builtin;
+    EndpointSlice(EndpointSlice) = "discovery.k8s.io", namespaced, required, builtin;
+    Pod(Pod) = "", namespaced, required, builtin;
+    ServiceAccount(ServiceAccount) = "", namespaced, required, builtin;
+    MeshConfig(MeshConfig) = "config.flomesh.io", namespaced, required, crd_without_status;
+    TrafficTarget(TrafficTarget) = "access.smi-spec.io", namespaced, optional, crd_without_status;
+    HTTPRouteGroup(HTTPRouteGroup) = "specs.smi-spec.io", namespaced, optional, crd_without_status;
+    TCPRoute(TCPRoute) = "specs.smi-spec.io", namespaced, optional, crd_without_status;
+    TrafficSplit(TrafficSplit) = "split.smi-spec.io", namespaced, optional, crd_without_status;
+    Egress(Egress) = "policy.flomesh.io", namespaced, optional, crd_without_status;
+    EgressGateway(EgressGateway) = "policy.flomesh.io", namespaced, optional, crd_without_status;
+    IngressBackend(IngressBackend) = "policy.flomesh.io", namespaced, optional, crd;
+    Retry(Retry) = "policy.flomesh.io", namespaced, optional, crd_without_status;
+    UpstreamTrafficSetting(UpstreamTrafficSetting) = "policy.flomesh.io", namespaced, optional, crd;
+    AccessControl(AccessControl) = "policy.flomesh.io", namespaced, optional, crd;
+    AccessCert(AccessCert) = "policy.flomesh.io", namespaced, optional, crd;
+    Isolation(Isolation) = "policy.flomesh.io", namespaced, optional, crd;
 }
 
 impl Kind {
-    pub fn is_namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace)
+    /// Policy kinds: stored as they are, read by the compiler through [`crate::Catalog::policies`].
+    pub fn is_policy(self) -> bool {
+        !self.is_required()
     }
 }
 
@@ -52,34 +210,7 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// One mesh object, in the same Kubernetes types a cluster source would deliver.
-// Objects pass through once on their way into the catalog's maps; boxing the large Pod variant
-// would only add an allocation per event.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug, PartialEq)]
-pub enum MeshObject {
-    Namespace(Namespace),
-    Service(Service),
-    Endpoints(Endpoints),
-    EndpointSlice(EndpointSlice),
-    Pod(Pod),
-    ServiceAccount(ServiceAccount),
-    MeshConfig(MeshConfig),
-}
-
 impl MeshObject {
-    pub fn kind(&self) -> Kind {
-        match self {
-            MeshObject::Namespace(_) => Kind::Namespace,
-            MeshObject::Service(_) => Kind::Service,
-            MeshObject::Endpoints(_) => Kind::Endpoints,
-            MeshObject::EndpointSlice(_) => Kind::EndpointSlice,
-            MeshObject::Pod(_) => Kind::Pod,
-            MeshObject::ServiceAccount(_) => Kind::ServiceAccount,
-            MeshObject::MeshConfig(_) => Kind::MeshConfig,
-        }
-    }
-
     /// Drops what the API server changes without the mesh caring (resource versions, managed
     /// fields, timestamps, `kubectl apply` bookkeeping, status the compiler never reads), so that
     /// a status-only update or a relist compares equal to what the catalog holds and triggers no
@@ -108,33 +239,9 @@ impl MeshObject {
                     ..Default::default()
                 });
             }
-            _ => {}
+            other => other.clear_crd_status(),
         }
         self
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        match self {
-            MeshObject::Namespace(o) => &mut o.metadata,
-            MeshObject::Service(o) => &mut o.metadata,
-            MeshObject::Endpoints(o) => &mut o.metadata,
-            MeshObject::EndpointSlice(o) => &mut o.metadata,
-            MeshObject::Pod(o) => &mut o.metadata,
-            MeshObject::ServiceAccount(o) => &mut o.metadata,
-            MeshObject::MeshConfig(o) => &mut o.metadata,
-        }
-    }
-
-    fn metadata(&self) -> &ObjectMeta {
-        match self {
-            MeshObject::Namespace(o) => &o.metadata,
-            MeshObject::Service(o) => &o.metadata,
-            MeshObject::Endpoints(o) => &o.metadata,
-            MeshObject::EndpointSlice(o) => &o.metadata,
-            MeshObject::Pod(o) => &o.metadata,
-            MeshObject::ServiceAccount(o) => &o.metadata,
-            MeshObject::MeshConfig(o) => &o.metadata,
-        }
     }
 
     pub fn key(&self) -> ObjectKey {
@@ -149,5 +256,31 @@ impl MeshObject {
             },
             name: meta.name.clone().unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TypeName;
+
+    impl KindVisitor for TypeName {
+        type Output = (Kind, String);
+        fn visit<K: MeshKind>(self) -> (Kind, String) {
+            (K::KIND, K::kind(&()).to_string())
+        }
+    }
+
+    #[test]
+    fn the_table_agrees_with_the_rust_types() {
+        for kind in Kind::ALL {
+            let (visited, api_kind) = kind.visit(TypeName);
+            assert_eq!(visited, *kind);
+            assert_eq!(api_kind, kind.to_string(), "Kind names match the API kind");
+            assert_eq!(Kind::from_api(kind.group(), &api_kind), Some(*kind));
+        }
+        assert!(Kind::MeshConfig.is_required() && !Kind::TrafficTarget.is_required());
+        assert!(!Kind::Namespace.is_namespaced() && Kind::Retry.is_namespaced());
     }
 }

@@ -1,6 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use fsm_errcode::ErrCode;
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -41,12 +42,25 @@ pub struct Catalog {
     pods: BTreeMap<NsName, Pod>,
     service_accounts: BTreeSet<NsName>,
     mesh_config: Option<MeshConfig>,
+    /// SMI and FSM policy objects, whole.
+    policies: BTreeMap<ObjectKey, MeshObject>,
+    /// Objects refused for failing FSM's semantic validation, with why; the previous version of
+    /// each (if any) stays in force.
+    rejected: BTreeMap<ObjectKey, Rejection>,
     /// Objects of the relists in progress (between `Init` and `InitDone`), by scope.
     relists: BTreeMap<Scope, Vec<MeshObject>>,
     pods_by_uuid: HashMap<String, NsName>,
     pods_by_ip: HashMap<IpAddr, NsName>,
     /// (namespace, service name) → names of its EndpointSlices.
     slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
+}
+
+/// Why an object was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: ErrCode,
+    /// The object, the field and what is wrong with it.
+    pub message: String,
 }
 
 /// One address a service port resolves to.
@@ -154,11 +168,62 @@ impl Catalog {
                     .iter()
                     .map(|mc| MeshObject::MeshConfig(mc.clone()).key()),
             )
+            .chain(self.policies.keys().cloned())
+    }
+
+    /// Stored policy objects of `kind`, by namespace and name.
+    pub fn policies(&self, kind: Kind) -> impl Iterator<Item = &MeshObject> {
+        self.policies
+            .range(
+                ObjectKey {
+                    kind,
+                    namespace: String::new(),
+                    name: String::new(),
+                }..,
+            )
+            .take_while(move |(key, _)| key.kind == kind)
+            .map(|(_, object)| object)
+    }
+
+    /// Objects currently refused, with the FSM error code and the field at fault.
+    pub fn rejected(&self) -> &BTreeMap<ObjectKey, Rejection> {
+        &self.rejected
+    }
+
+    /// Refuses `object` if it fails FSM's semantic validation. Returns whether it was refused.
+    fn reject_invalid(&mut self, object: &MeshObject) -> bool {
+        let key = object.key();
+        let errors = object.semantic_errors();
+        let Some(first) = errors.first() else {
+            self.rejected.remove(&key);
+            return false;
+        };
+        let code = rejection_code(key.kind, &first.field);
+        let message = format!(
+            "{key} is invalid: {}",
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let rejection = Rejection { code, message };
+        if self.rejected.get(&key) != Some(&rejection) {
+            tracing::warn!(code = %code, object = %key, "{}; the previous version stays in force", rejection.message);
+            fsm_errcode::count(code);
+        }
+        self.rejected.insert(key, rejection);
+        true
     }
 
     /// Inserts or replaces an object. Returns whether anything changed.
+    /// An object failing FSM's semantic validation is refused (see [`Catalog::rejected`]) and the
+    /// stored version, if any, stays.
     pub fn apply(&mut self, object: MeshObject) -> bool {
         let object = object.normalized();
+        if self.reject_invalid(&object) {
+            return false;
+        }
         let key = object.key();
         if self.get(&key).as_ref() == Some(&object) {
             return false;
@@ -209,12 +274,16 @@ impl Catalog {
             MeshObject::MeshConfig(o) => {
                 self.mesh_config = Some(o);
             }
+            policy => {
+                self.policies.insert(key, policy);
+            }
         }
         true
     }
 
     /// Removes an object. Returns whether it was present.
     pub fn delete(&mut self, key: &ObjectKey) -> bool {
+        self.rejected.remove(key);
         let id = ns_name(key);
         match key.kind {
             Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
@@ -269,6 +338,7 @@ impl Catalog {
                     .unwrap_or(false);
                 matches && self.mesh_config.take().is_some()
             }
+            _ => self.policies.remove(key).is_some(),
         }
     }
 
@@ -300,6 +370,7 @@ impl Catalog {
                 .clone()
                 .filter(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace))
                 .map(MeshObject::MeshConfig),
+            _ => self.policies.get(key).cloned(),
         }
     }
 
@@ -482,6 +553,25 @@ impl Catalog {
             (Kind::ServiceAccount, self.service_accounts.len()),
             (Kind::MeshConfig, usize::from(self.mesh_config.is_some())),
         ])
+        .into_iter()
+        .chain(
+            Kind::ALL
+                .iter()
+                .filter(|k| k.is_policy())
+                .map(|k| (*k, self.policies(*k).count())),
+        )
+        .collect()
+    }
+}
+
+/// FSM's code for an invalid object, where FSM has a specific one.
+fn rejection_code(kind: Kind, field: &str) -> ErrCode {
+    match (kind, field) {
+        (Kind::TrafficTarget, f) if f.starts_with("spec.destination") => ErrCode::E2010,
+        (Kind::TrafficTarget, f) if f.starts_with("spec.sources") => ErrCode::E2011,
+        (Kind::Egress, f) if f.starts_with("spec.ipAddresses") => ErrCode::E2002,
+        (Kind::HTTPRouteGroup, f) if f.starts_with("spec.matches") => ErrCode::E2006,
+        _ => ErrCode::E3002,
     }
 }
 
@@ -613,5 +703,116 @@ status: {podIP: 127.0.1.1}
             "an empty relist empties the catalog"
         );
         assert_eq!(catalog.keys().count(), 0);
+    }
+
+    #[test]
+    fn status_and_bookkeeping_changes_are_no_change() {
+        let mut catalog = catalog();
+        let mut pod = catalog.pod("app", "httpbin-1").expect("pod").clone();
+        pod.metadata.resource_version = Some("42".into());
+        pod.metadata.managed_fields = Some(vec![Default::default()]);
+        let status = pod.status.get_or_insert_with(Default::default);
+        status.phase = Some("Running".into());
+        status.conditions = Some(vec![k8s_openapi::api::core::v1::PodCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]);
+        assert!(!catalog.apply(MeshObject::Pod(pod.clone())));
+        status_ip(&mut pod, "127.0.1.9");
+        assert!(
+            catalog.apply(MeshObject::Pod(pod)),
+            "a new pod IP is a change"
+        );
+        assert!(
+            catalog
+                .pod_by_ip("127.0.1.9".parse().expect("ip"))
+                .is_some()
+        );
+    }
+
+    fn status_ip(pod: &mut Pod, ip: &str) {
+        pod.status.get_or_insert_with(Default::default).pod_ip = Some(ip.into());
+    }
+
+    const TRAFFIC_TARGET: &str = r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: allow, namespace: app}
+spec:
+  destination: {kind: ServiceAccount, name: httpbin, namespace: app}
+  sources: [{kind: ServiceAccount, name: curl, namespace: app}]
+  rules: [{kind: HTTPRouteGroup, name: routes}]
+"#;
+
+    fn traffic_target() -> MeshObject {
+        let (mut objects, errors) = decode_manifests("tt.yaml", TRAFFIC_TARGET);
+        assert!(errors.is_empty(), "{errors:?}");
+        objects.remove(0)
+    }
+
+    #[test]
+    fn invalid_policies_are_refused_and_the_previous_version_stays() {
+        let mut catalog = catalog();
+        let good = traffic_target();
+        assert!(catalog.apply(good.clone()));
+        assert_eq!(catalog.policies(Kind::TrafficTarget).count(), 1);
+        let MeshObject::TrafficTarget(mut bad) = good.clone() else {
+            panic!("not a TrafficTarget")
+        };
+        bad.spec.sources[0].kind = "Service".into();
+        assert!(!catalog.apply(MeshObject::TrafficTarget(bad)));
+        assert_eq!(catalog.get(&good.key()), Some(good.clone().normalized()));
+        let rejection = &catalog.rejected()[&good.key()];
+        assert_eq!(rejection.code, ErrCode::E2011);
+        assert!(
+            rejection.message.contains("TrafficTarget app/allow")
+                && rejection.message.contains("spec.sources[0].kind"),
+            "{}",
+            rejection.message
+        );
+        assert!(!catalog.apply(good.clone()), "same as the stored version");
+        assert!(
+            catalog.rejected().is_empty(),
+            "a valid version clears the rejection"
+        );
+        assert!(catalog.delete(&good.key()));
+        assert_eq!(catalog.policies(Kind::TrafficTarget).count(), 0);
+    }
+
+    #[test]
+    fn a_relist_of_one_kind_leaves_the_others_alone() {
+        let mut catalog = catalog();
+        assert!(catalog.apply(traffic_target()));
+        let before = catalog.counts();
+        assert!(!catalog.handle(CatalogEvent::Init(Scope::Kind(Kind::Service))));
+        assert!(catalog.handle(CatalogEvent::InitDone(Scope::Kind(Kind::Service))));
+        let after = catalog.counts();
+        assert_eq!(
+            after[&Kind::Service],
+            0,
+            "the empty service list deleted services"
+        );
+        for (kind, count) in before {
+            if kind != Kind::Service {
+                assert_eq!(after[&kind], count, "{kind} untouched");
+            }
+        }
+        // Two kinds relisting at once buffer separately.
+        let (objects, _) = decode_manifests("t.yaml", MANIFEST);
+        catalog.handle(CatalogEvent::Init(Scope::Kind(Kind::Service)));
+        catalog.handle(CatalogEvent::Init(Scope::Kind(Kind::TrafficTarget)));
+        for o in objects.into_iter().filter(|o| o.kind() == Kind::Service) {
+            catalog.handle(CatalogEvent::InitApply(o));
+        }
+        assert!(catalog.handle(CatalogEvent::InitDone(Scope::Kind(Kind::TrafficTarget))));
+        assert_eq!(catalog.policies(Kind::TrafficTarget).count(), 0);
+        assert_eq!(
+            catalog.counts()[&Kind::Service],
+            0,
+            "services still buffered"
+        );
+        assert!(catalog.handle(CatalogEvent::InitDone(Scope::Kind(Kind::Service))));
+        assert_eq!(catalog.counts()[&Kind::Service], 1);
     }
 }

@@ -58,7 +58,9 @@ async fn config(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Objects that were rejected, each naming the object and field with its FSM error code.
 async fn problems(State(state): State<AppState>) -> impl IntoResponse {
-    Json(state.source.problems())
+    let mut problems = state.source.problems();
+    problems.extend(state.runner.rejected());
+    Json(problems)
 }
 
 /// Where objects come from and, for a cluster, the state of each kind's watch.

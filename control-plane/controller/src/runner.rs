@@ -26,6 +26,8 @@ const MAX_DELAY: Duration = Duration::from_millis(200);
 pub struct State {
     ready: AtomicBool,
     proxies: RwLock<BTreeMap<ProxyKey, ProxyState>>,
+    /// Objects the catalog refused, as `<code>: <object and field>: <why>`.
+    rejected: RwLock<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -46,6 +48,10 @@ impl State {
 
     pub fn proxies(&self) -> BTreeMap<ProxyKey, ProxyState> {
         self.proxies.read().clone()
+    }
+
+    pub fn rejected(&self) -> Vec<String> {
+        self.rejected.read().clone()
     }
 }
 
@@ -84,6 +90,12 @@ impl Runner {
                     {
                         changed |= self.apply(event);
                     }
+                    *self.state.rejected.write() = self
+                        .catalog
+                        .rejected()
+                        .values()
+                        .map(|r| format!("{}: {}", r.code, r.message))
+                        .collect();
                     if changed && self.catalog_ready {
                         self.publish_all();
                     }

@@ -30,7 +30,8 @@ impl Source {
             Source::Manifests { source, .. } => {
                 source.problems().iter().map(ToString::to_string).collect()
             }
-            // The API server validates objects against their schemas before the watch sees them.
+            // The API server validates objects against their schemas before the watch sees
+            // them; what FSM checks beyond the schema is refused by the catalog.
             Source::Kube { .. } => Vec::new(),
         }
     }

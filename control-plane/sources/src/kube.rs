@@ -20,21 +20,21 @@
 //!   [`OPTIONAL_SYNC_GRACE`], so a cluster without, say, the SMI CRDs still gets a mesh.
 
 use std::collections::BTreeMap;
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fsm_catalog::{CatalogEvent, Kind, MeshObject, Scope};
+use fsm_catalog::{CatalogEvent, Kind, MeshKind, Scope};
 use fsm_errcode::ErrCode;
 use futures::StreamExt;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 use parking_lot::Mutex;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
+
+use crate::kinds::SpawnWatch;
 
 /// How long `Synced` waits for kinds whose CRD may not be installed.
 pub const OPTIONAL_SYNC_GRACE: Duration = Duration::from_secs(10);
@@ -70,10 +70,15 @@ impl KubeSource {
             statuses: statuses.clone(),
             synced: synced_tx,
         };
-        let mut tasks = Vec::new();
-        for watch in crate::kinds::WATCHED {
-            tasks.push((watch.spawn)(client.clone(), ctx.clone()));
-        }
+        let mut tasks: Vec<JoinHandle<()>> = Kind::ALL
+            .iter()
+            .map(|kind| {
+                kind.visit(SpawnWatch {
+                    client: client.clone(),
+                    ctx: ctx.clone(),
+                })
+            })
+            .collect();
         tasks.push(tokio::spawn(announce_synced(synced_rx, events)));
         KubeSource { tasks, statuses }
     }
@@ -97,12 +102,8 @@ async fn announce_synced(
     mut synced: tokio::sync::mpsc::UnboundedReceiver<Kind>,
     events: UnboundedSender<CatalogEvent>,
 ) {
-    let required: Vec<Kind> = crate::kinds::WATCHED
-        .iter()
-        .filter(|w| w.required)
-        .map(|w| w.kind)
-        .collect();
-    let all: Vec<Kind> = crate::kinds::WATCHED.iter().map(|w| w.kind).collect();
+    let all: Vec<Kind> = Kind::ALL.to_vec();
+    let required: Vec<Kind> = all.iter().copied().filter(|k| k.is_required()).collect();
     let mut done = Vec::new();
     let grace = tokio::time::sleep(OPTIONAL_SYNC_GRACE);
     tokio::pin!(grace);
@@ -137,16 +138,10 @@ pub(crate) struct WatchContext {
     synced: UnboundedSender<Kind>,
 }
 
-/// Watches every object of `K` in the cluster and forwards it as `kind`.
-pub(crate) fn spawn_watch<K>(
-    client: Client,
-    kind: Kind,
-    wrap: fn(K) -> MeshObject,
-    ctx: WatchContext,
-) -> JoinHandle<()>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
-{
+/// Watches every object of `K` in the cluster.
+pub(crate) fn spawn_watch<K: MeshKind>(client: Client, ctx: WatchContext) -> JoinHandle<()> {
+    let kind = K::KIND;
+    let wrap = K::into_object;
     tokio::spawn(async move {
         let api: Api<K> = Api::all(client);
         let scope = Scope::Kind(kind);
