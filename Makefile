@@ -9,7 +9,7 @@ VENV := .venv
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
-.PHONY: all envoy build demo test lint clean
+.PHONY: all envoy build demo test lint clean crds
 
 all: build
 
@@ -31,6 +31,10 @@ demo: envoy build
 # Integration tests spawn the binaries built by `build`, so build them first.
 test: envoy build
 	$(CARGO) test --workspace
+
+# charts/fsm/crds is generated from the Rust CRD types; a test fails when it is stale.
+crds:
+	$(CARGO) run -q -p fsm-crds --bin fsm-crdgen
 
 lint:
 	$(CARGO) fmt --all -- --check

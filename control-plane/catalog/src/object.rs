@@ -176,7 +176,7 @@ mesh_kinds! {
     UpstreamTrafficSetting(UpstreamTrafficSetting) = "policy.flomesh.io", namespaced, optional, crd;
     AccessControl(AccessControl) = "policy.flomesh.io", namespaced, optional, crd;
     AccessCert(AccessCert) = "policy.flomesh.io", namespaced, optional, crd;
-    Isolation(Isolation) = "policy.flomesh.io", namespaced, optional, crd;
+    Isolation(Isolation) = "policy.flomesh.io", cluster, optional, crd;
 }
 
 impl Kind {
@@ -266,17 +266,20 @@ mod tests {
     struct TypeName;
 
     impl KindVisitor for TypeName {
-        type Output = (Kind, String);
-        fn visit<K: MeshKind>(self) -> (Kind, String) {
-            (K::KIND, K::kind(&()).to_string())
+        type Output = (Kind, String, bool);
+        fn visit<K: MeshKind>(self) -> (Kind, String, bool) {
+            let namespaced = std::any::TypeId::of::<K::Scope>()
+                == std::any::TypeId::of::<kube::core::NamespaceResourceScope>();
+            (K::KIND, K::kind(&()).to_string(), namespaced)
         }
     }
 
     #[test]
     fn the_table_agrees_with_the_rust_types() {
         for kind in Kind::ALL {
-            let (visited, api_kind) = kind.visit(TypeName);
+            let (visited, api_kind, namespaced) = kind.visit(TypeName);
             assert_eq!(visited, *kind);
+            assert_eq!(kind.is_namespaced(), namespaced, "scope of {kind}");
             assert_eq!(api_kind, kind.to_string(), "Kind names match the API kind");
             assert_eq!(Kind::from_api(kind.group(), &api_kind), Some(*kind));
         }
