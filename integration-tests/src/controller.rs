@@ -1,4 +1,5 @@
-//! The control plane under test: `fsm-controller` on a manifest directory, on free loopback ports.
+//! The control plane under test: `fsm-controller` on a manifest directory or a (test) API server,
+//! on free loopback ports.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,6 +24,8 @@ pub struct ControllerOptions {
     pub http_addr: Option<SocketAddr>,
     pub mesh_name: Option<String>,
     pub fsm_namespace: Option<String>,
+    /// Process name for logs (`<name>.log`); `fsm-controller` when `None`.
+    pub name: Option<String>,
     /// Extra arguments appended verbatim, for flags the harness does not know yet.
     pub extra_args: Vec<String>,
 }
@@ -82,6 +85,26 @@ impl Controller {
         serde_json::from_str(&body).with_context(|| format!("decoding /debug/proxies: {body}"))
     }
 
+    /// The version of `type_url` the proxy has ACKed, when it is in sync with its snapshot.
+    pub async fn in_sync_version(&self, uuid: &str, type_url: &str) -> Result<Option<String>> {
+        let proxies = self.debug_proxies().await?;
+        let status = proxies
+            .get(uuid)
+            .and_then(|p| p.types.get(type_url))
+            .cloned()
+            .unwrap_or_default();
+        Ok(status
+            .is_in_sync()
+            .then_some(status.acked_version)
+            .flatten())
+    }
+
+    /// `/debug/config`: per proxy UUID, its pod and why its configuration is missing or stale.
+    pub async fn debug_config(&self) -> Result<serde_json::Value> {
+        let body = self.get("/debug/config").await?;
+        serde_json::from_str(&body).with_context(|| format!("decoding /debug/config: {body}"))
+    }
+
     /// `/metrics` in Prometheus text format.
     pub async fn metrics(&self) -> Result<String> {
         self.get("/metrics").await
@@ -97,6 +120,25 @@ pub async fn start_controller(
     log_dir: &Path,
     options: &ControllerOptions,
 ) -> Result<Controller> {
+    spawn_controller("--manifest-dir", manifest_dir, log_dir, options).await
+}
+
+/// Starts `fsm-controller --kubeconfig <file>` (a cluster, in tests the test API server) like
+/// [`start_controller`]. Set `options.name` to tell several replicas' logs apart.
+pub async fn start_controller_on_cluster(
+    kubeconfig: &Path,
+    log_dir: &Path,
+    options: &ControllerOptions,
+) -> Result<Controller> {
+    spawn_controller("--kubeconfig", kubeconfig, log_dir, options).await
+}
+
+async fn spawn_controller(
+    source_flag: &str,
+    source: &Path,
+    log_dir: &Path,
+    options: &ControllerOptions,
+) -> Result<Controller> {
     let free =
         || -> Result<SocketAddr> { Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))) };
     let ads_addr = match options.ads_addr {
@@ -109,8 +151,8 @@ pub async fn start_controller(
     };
     let mut command = Command::new(binary("fsm-controller")?);
     command
-        .arg("--manifest-dir")
-        .arg(manifest_dir)
+        .arg(source_flag)
+        .arg(source)
         .arg("--ads-listen")
         .arg(ads_addr.to_string())
         .arg("--http-listen")
@@ -122,7 +164,8 @@ pub async fn start_controller(
         command.arg("--fsm-namespace").arg(namespace);
     }
     command.args(&options.extra_args);
-    let mut process = ManagedProcess::spawn("fsm-controller", command, log_dir)?;
+    let name = options.name.as_deref().unwrap_or("fsm-controller");
+    let mut process = ManagedProcess::spawn(name, command, log_dir)?;
     process
         .wait_for_http_ok(&format!("http://{http_addr}/health/ready"), READY_TIMEOUT)
         .await?;

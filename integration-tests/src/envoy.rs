@@ -1,6 +1,7 @@
 //! Real Envoy sidecars, bootstrapped the way FSM's injector does it: identity in the node, one
 //! static cluster for the control plane, everything else over ADS.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -43,6 +44,9 @@ pub struct SidecarConfig {
     pub node_cluster: String,
     pub admin: SocketAddr,
     pub ads: SocketAddr,
+    /// Further control-plane replicas: the ADS cluster balances over all of them, so when one
+    /// goes away the sidecar reconnects to another.
+    pub ads_replicas: Vec<SocketAddr>,
     pub ads_mode: AdsMode,
 }
 
@@ -62,6 +66,7 @@ impl SidecarConfig {
             node_cluster: pod.node_cluster(),
             admin: pod.admin_addr(),
             ads,
+            ads_replicas: Vec::new(),
             ads_mode,
         })
     }
@@ -84,6 +89,65 @@ impl Envoy {
     /// GET an admin path such as `/config_dump` or `/stats`, requiring 2xx.
     pub async fn admin_get(&self, path: &str) -> Result<String> {
         crate::client::get_text(&self.admin_url(path)).await
+    }
+
+    /// The `version_info` of every dynamic cluster and listener Envoy holds.
+    pub async fn dynamic_versions(&self) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+        let dump: serde_json::Value = serde_json::from_str(&self.admin_get("/config_dump").await?)?;
+        let mut clusters = BTreeSet::new();
+        let mut listeners = BTreeSet::new();
+        for config in dump["configs"].as_array().into_iter().flatten() {
+            for c in config["dynamic_active_clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                clusters.insert(c["version_info"].as_str().unwrap_or_default().to_string());
+            }
+            for l in config["dynamic_listeners"].as_array().into_iter().flatten() {
+                listeners.insert(
+                    l["active_state"]["version_info"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+        Ok((clusters, listeners))
+    }
+
+    /// Names of the dynamic clusters Envoy has active.
+    pub async fn active_clusters(&self) -> Result<Vec<String>> {
+        let dump: serde_json::Value = serde_json::from_str(&self.admin_get("/config_dump").await?)?;
+        Ok(dump["configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                c["dynamic_active_clusters"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// One counter from `/stats`, 0 when Envoy has not created it.
+    pub async fn counter(&self, name: &str) -> Result<u64> {
+        // The filter is a regex; its dots matching any character is harmless, the exact name is
+        // checked below.
+        let stats = self.admin_get(&format!("/stats?filter={name}")).await?;
+        Ok(stats
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0))
     }
 
     /// Waits until the admin `/ready` says LIVE, which Envoy reports only after its first CDS and
@@ -109,7 +173,10 @@ pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
             "connect_timeout": "1s",
             "load_assignment": {
                 "cluster_name": CONTROLLER_CLUSTER,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(config.ads)}}]}],
+                "endpoints": [{"lb_endpoints": std::iter::once(config.ads)
+                    .chain(config.ads_replicas.iter().copied())
+                    .map(|addr| serde_json::json!({"endpoint": {"address": socket(addr)}}))
+                    .collect::<Vec<_>>()}],
             },
             // gRPC needs HTTP/2 to the control plane.
             "typed_extension_protocol_options": {

@@ -3,24 +3,30 @@
 //! The harness here is shared by the tests in `tests/` and by the `fsm-demo` runner, so `make
 //! demo` and `make test` exercise the same start-up path: find the binaries ([`paths`]), run them
 //! as [`ManagedProcess`]es that die with the test, read the mesh from a manifest directory
-//! ([`mesh`]), start the workloads ([`apps`]), the control plane ([`controller`]) and real Envoy
+//! ([`mesh`]) or drive a test API server ([`cluster`]), start the workloads ([`apps`]), the control plane ([`controller`]) and real Envoy
 //! sidecars ([`envoy`]), then talk to them with small clients ([`client`]) and assert eventual
 //! state with [`eventually`].
 
 pub mod apps;
 pub mod client;
+pub mod cluster;
 pub mod controller;
 pub mod envoy;
 pub mod eventually;
 pub mod mesh;
 pub mod paths;
 pub mod process;
+pub mod sidecar;
 
 pub use apps::{start_demo_app, start_demo_apps};
 pub use client::{HttpReply, http_get_via, tcp_roundtrip};
-pub use controller::{Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller};
+pub use controller::{
+    Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
+    start_controller_on_cluster,
+};
 pub use envoy::{AdsMode, Envoy, SidecarConfig, envoy_bootstrap, start_envoy, validate_bootstrap};
 pub use eventually::eventually;
-pub use mesh::{AppPort, AppProtocol, MeshPod, load_catalog, mesh_pods};
+pub use mesh::{AppPort, AppProtocol, MeshPod, demo_manifests, load_catalog, mesh_pods};
 pub use paths::{binary, envoy_binary, repo_root};
 pub use process::{ManagedProcess, free_port, wait_for_http_ok, wait_for_tcp};
+pub use sidecar::{FsmSidecar, FsmSidecarConfig, start_fsm_sidecar};

@@ -82,6 +82,24 @@ impl MeshPod {
 
 // === free functions ===
 
+/// Copies examples/demo into `out` with every 127.0.10.x address moved to 127.0.<subnet>.x, so
+/// tests running at the same time each have their own pod addresses.
+pub fn demo_manifests(out: &Path, subnet: u8) -> Result<std::path::PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let examples = crate::repo_root().join("examples/demo");
+    for entry in
+        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
+    {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            out.join(path.file_name().context("file name")?),
+            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
+        )?;
+    }
+    Ok(out.to_path_buf())
+}
+
 /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted, like the manifest source) into a catalog.
 /// Any undecodable document is an error: a harness that silently skipped one would test a
 /// different mesh than the control plane sees.

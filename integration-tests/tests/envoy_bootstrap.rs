@@ -9,6 +9,7 @@ fn config(ads_mode: AdsMode) -> SidecarConfig {
         node_cluster: "curl.demo".into(),
         admin: "127.0.10.10:15000".parse().expect("addr"),
         ads: "127.0.0.1:15128".parse().expect("addr"),
+        ads_replicas: Vec::new(),
         ads_mode,
     }
 }

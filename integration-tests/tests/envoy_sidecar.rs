@@ -14,6 +14,7 @@ async fn sidecar_starts_with_fsm_identity_and_waits_for_ads() {
         admin: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("free port"))),
         // Nothing listens here: the sidecar must come up anyway and keep waiting for config.
         ads: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("free port"))),
+        ads_replicas: Vec::new(),
         ads_mode: AdsMode::Delta,
     };
     let envoy = start_envoy(&config, logs.path())

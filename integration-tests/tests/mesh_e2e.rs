@@ -5,15 +5,15 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, eventually,
-    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
-    start_envoy, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, MeshPod, SidecarConfig, demo_manifests, eventually,
+    http_get_via, load_catalog, mesh_pods, start_controller, start_demo_apps, start_envoy,
+    tcp_roundtrip,
 };
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -25,24 +25,6 @@ const V1_ENDPOINT: &str =
     "  - ip: 127.0.10.1\n    targetRef: {kind: Pod, name: httpbin-v1, namespace: demo}\n";
 const V2_ENDPOINT: &str =
     "  - ip: 127.0.10.2\n    targetRef: {kind: Pod, name: httpbin-v2, namespace: demo}\n";
-
-/// Copies examples/demo with every 127.0.10.x address moved to 127.0.<subnet>.x.
-fn demo_manifests(dir: &Path, subnet: u8) -> Result<PathBuf> {
-    let out = dir.join("manifests");
-    std::fs::create_dir_all(&out)?;
-    let examples = repo_root().join("examples/demo");
-    for entry in
-        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
-    {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?;
-        std::fs::write(
-            out.join(path.file_name().context("file name")?),
-            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
-        )?;
-    }
-    Ok(out)
-}
 
 fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
     let text = std::fs::read_to_string(path)?;
@@ -79,50 +61,15 @@ fn uuid_of(pod: &MeshPod) -> String {
         .unwrap_or_default()
 }
 
-/// The version Envoy reports for its dynamic clusters and listeners.
-async fn envoy_versions(envoy: &Envoy) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
-    let dump: serde_json::Value = serde_json::from_str(&envoy.admin_get("/config_dump").await?)?;
-    let mut clusters = BTreeSet::new();
-    let mut listeners = BTreeSet::new();
-    for config in dump["configs"].as_array().into_iter().flatten() {
-        for c in config["dynamic_active_clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            clusters.insert(c["version_info"].as_str().unwrap_or_default().to_string());
-        }
-        for l in config["dynamic_listeners"].as_array().into_iter().flatten() {
-            listeners.insert(
-                l["active_state"]["version_info"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
-        }
-    }
-    Ok((clusters, listeners))
-}
-
 async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>> {
-    let proxies = controller.debug_proxies().await?;
-    let eds = proxies
-        .get(uuid)
-        .and_then(|p| p.types.get(EDS))
-        .cloned()
-        .unwrap_or_default();
-    Ok(if eds.is_in_sync() {
-        eds.acked_version
-    } else {
-        None
-    })
+    controller.in_sync_version(uuid, EDS).await
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(work.path(), subnet)?;
+    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
     let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
     let _apps = start_demo_apps(&catalog, &logs).await?;
@@ -200,7 +147,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
                 ensure!(t.is_in_sync(), "{} {type_url} not in sync: {t:?}", pod.id());
             }
             if mode == AdsMode::Sotw {
-                let (clusters, listeners) = envoy_versions(envoy).await?;
+                let (clusters, listeners) = envoy.dynamic_versions().await?;
                 ensure!(
                     clusters
                         == BTreeSet::from([status.types[CDS]
@@ -329,20 +276,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
         .find(|(p, _)| p.name == "curl")
         .context("curl sidecar")?;
     eventually(CONVERGE, || async {
-        let dump: serde_json::Value =
-            serde_json::from_str(&curl_envoy.admin_get("/config_dump").await?)?;
-        let active: Vec<String> = dump["configs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|c| {
-                c["dynamic_active_clusters"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-            })
-            .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_string))
-            .collect();
+        let active = curl_envoy.active_clusters().await?;
         ensure!(
             active.iter().any(|n| n == "demo/httpbin|14001"),
             "httpbin cluster missing: {active:?}"

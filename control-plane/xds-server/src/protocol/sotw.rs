@@ -88,8 +88,16 @@ impl XdsStream for SotwStream {
 
         if request.response_nonce.is_empty() {
             // A first request (or a fresh start for the type): take the proxy's word for what it has.
-            let sent_version =
+            // `version_info` is the last version the proxy applied, so a proxy resuming on a new
+            // stream (after a reconnect, or to another replica) has ACKed it.
+            let sent_version: Option<Arc<str>> =
                 (!request.version_info.is_empty()).then(|| Arc::from(request.version_info));
+            if let Some(version) = &sent_version {
+                out.events.push(Event::Ack {
+                    type_url,
+                    version: version.clone(),
+                });
+            }
             let subscription = Subscription::from_names(&request.resource_names, None);
             match self.types.get_mut(&key) {
                 Some(state) => {
@@ -455,15 +463,15 @@ mod tests {
     ] ; "a stale request does not change the subscription")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
-        (resume(CLUSTER, "", From::TypeVersion), ""),
+        (resume(CLUSTER, "", From::TypeVersion), "ack CDS"),
         (Step::Snap(v2()), "CDS[c1,c2]"),
-    ] ; "resume with the current version sends nothing")]
+    ] ; "resume with the current version is an ACK and sends nothing")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
-        (resume(CLUSTER, "", From::Lit("0123456789abcdef")), "CDS[c1,c2]"),
+        (resume(CLUSTER, "", From::Lit("0123456789abcdef")), "ack CDS; CDS[c1,c2]"),
     ] ; "resume with another version resends")]
     #[test_case(vec![
-        (resume(CLUSTER, "", From::VersionIn(v1)), ""),
+        (resume(CLUSTER, "", From::VersionIn(v1)), "ack CDS"),
         (Step::Snap(v1()), ""),
         (Step::Snap(v2()), "CDS[c1,c2]"),
     ] ; "resume before the first snapshot compares when it arrives")]

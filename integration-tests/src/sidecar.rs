@@ -1,0 +1,147 @@
+//! fsm-sidecar, the native Rust data plane, started the way `envoy.rs` starts Envoy: identity in
+//! the node, the ADS address, admin and metrics on the pod address, everything else over ADS.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use crate::envoy::AdsMode;
+use crate::mesh::MeshPod;
+use crate::{ManagedProcess, binary};
+
+/// fsm-sidecar's Prometheus port (FSM's sidecar metrics port).
+pub const METRICS_PORT: u16 = 15010;
+
+/// Everything that differs between two fsm-sidecars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsmSidecarConfig {
+    /// Names the log file (`fsm-sidecar-<name>.log`).
+    pub name: String,
+    pub node_id: String,
+    pub node_cluster: String,
+    pub pod_ip: IpAddr,
+    pub pod_name: String,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub ads: SocketAddr,
+    pub ads_mode: AdsMode,
+}
+
+impl FsmSidecarConfig {
+    /// The sidecar of a meshed pod, with FSM's node identity and admin/metrics on the pod address.
+    pub fn for_pod(pod: &MeshPod, ads: SocketAddr, ads_mode: AdsMode) -> Result<Self> {
+        let Some(node_id) = pod.node_id() else {
+            bail!(
+                "pod {} has no proxy UUID label, so it cannot have a sidecar",
+                pod.id()
+            );
+        };
+        Ok(FsmSidecarConfig {
+            name: format!("{}-{}", pod.namespace, pod.name),
+            node_id,
+            node_cluster: pod.node_cluster(),
+            pod_ip: pod.ip,
+            pod_name: pod.name.clone(),
+            admin: pod.admin_addr(),
+            metrics: SocketAddr::new(pod.ip, METRICS_PORT),
+            ads,
+            ads_mode,
+        })
+    }
+}
+
+/// A running fsm-sidecar; killed on drop.
+#[derive(Debug)]
+pub struct FsmSidecar {
+    pub process: ManagedProcess,
+    pub config: FsmSidecarConfig,
+}
+
+// === FsmSidecar ===
+
+impl FsmSidecar {
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.config.admin)
+    }
+
+    /// GET an admin path such as `/config_dump` or `/stats`, requiring 2xx.
+    pub async fn admin_get(&self, path: &str) -> Result<String> {
+        crate::client::get_text(&self.admin_url(path)).await
+    }
+
+    /// `/config_dump` as JSON.
+    pub async fn config_dump(&self) -> Result<serde_json::Value> {
+        let body = self.admin_get("/config_dump").await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// GET a path of the metrics port.
+    pub async fn metrics_get(&self, path: &str) -> Result<String> {
+        crate::client::get_text(&format!("http://{}{path}", self.config.metrics)).await
+    }
+
+    /// Waits until `/ready` answers 200, which fsm-sidecar does once its first clusters and
+    /// listeners are applied; fails early if the process exits.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let url = self.admin_url("/ready");
+        self.process.wait_for_http_ok(&url, timeout).await
+    }
+
+    /// Resident memory from `/proc/<pid>/status`, in KiB (Linux only).
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.process.pid())
+    }
+}
+
+// === free functions ===
+
+/// `VmRSS` of a process in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Starts fsm-sidecar with `config` and waits until its admin port accepts connections. Use
+/// [`FsmSidecar::wait_ready`] to wait for the first configuration.
+pub async fn start_fsm_sidecar(config: &FsmSidecarConfig, log_dir: &Path) -> Result<FsmSidecar> {
+    let mut command = Command::new(binary("fsm-sidecar")?);
+    command
+        .arg("--node-id")
+        .arg(&config.node_id)
+        .arg("--node-cluster")
+        .arg(&config.node_cluster)
+        .arg("--ads")
+        .arg(config.ads.to_string())
+        .arg("--ads-mode")
+        .arg(match config.ads_mode {
+            AdsMode::Sotw => "sotw",
+            AdsMode::Delta => "delta",
+        })
+        .arg("--pod-ip")
+        .arg(config.pod_ip.to_string())
+        .arg("--pod-name")
+        .arg(&config.pod_name)
+        .arg("--admin")
+        .arg(config.admin.to_string())
+        .arg("--metrics")
+        .arg(config.metrics.to_string())
+        .args(["--log-level", "info"]);
+    let mut process =
+        ManagedProcess::spawn(&format!("fsm-sidecar-{}", config.name), command, log_dir)?;
+    process
+        .wait_for_tcp(config.admin, Duration::from_secs(20))
+        .await?;
+    Ok(FsmSidecar {
+        process,
+        config: config.clone(),
+    })
+}

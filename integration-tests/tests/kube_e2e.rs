@@ -1,0 +1,399 @@
+//! The Kubernetes source end to end: fsm-controller watching the test API server through the real
+//! kube-rs client, real Envoy sidecars, and every change made the way an operator makes it (apply,
+//! label, patch, delete through the API). Also: the API server going away, a relist after
+//! `410 Gone`, and two controller replicas serving identical versions.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use fsm_catalog::CatalogSettings;
+use fsm_integration_tests::cluster::{self, TestCluster, find};
+use fsm_integration_tests::{
+    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, eventually,
+    http_get_via, load_catalog, mesh_pods, start_controller_on_cluster, start_demo_apps,
+    start_envoy, tcp_roundtrip,
+};
+use fsm_test_apiserver::Verb;
+use serde_json::{Value, json};
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const CONVERGE: Duration = Duration::from_secs(30);
+const HTTPBIN: &str = "httpbin.demo:14001";
+
+async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let reply = http_get_via(via, HTTPBIN, "/get").await?;
+        ensure!(
+            reply.status == 200,
+            "status {} body {}",
+            reply.status,
+            reply.body
+        );
+        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
+    }
+    Ok(seen)
+}
+
+async fn expect_backends(via: SocketAddr, expected: &[&str]) -> Result<()> {
+    let expected: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+    eventually(CONVERGE, || async {
+        let seen = backends(via, 6).await?;
+        ensure!(seen == expected, "backends {seen:?}, want {expected:?}");
+        Ok(())
+    })
+    .await
+}
+
+fn uuid_of(pod: &MeshPod) -> String {
+    pod.node_id()
+        .and_then(|id| id.split('.').next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn start_sidecar(pod: &MeshPod, ads: &[SocketAddr], logs: &Path) -> Result<Envoy> {
+    let mut config = SidecarConfig::for_pod(pod, ads[0], AdsMode::Sotw)?;
+    config.ads_replicas = ads[1..].to_vec();
+    start_envoy(&config, logs).await
+}
+
+/// The proxy's error in `/debug/config`, if any.
+async fn proxy_error(controller: &Controller, uuid: &str) -> Result<Option<String>> {
+    let config = controller.debug_config().await?;
+    Ok(config[uuid]["error"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_changes_made_through_the_api_server() {
+    if let Err(err) = follow_changes(13).await {
+        panic!("{err:#}");
+    }
+}
+
+async fn follow_changes(subnet: u8) -> Result<()> {
+    let c = TestCluster::start_demo(subnet).await?;
+    let demo_ns = find(&c.objects, "Namespace", "demo")?.clone();
+    let mut unlabelled_ns = demo_ns.clone();
+    unlabelled_ns["metadata"]["labels"] = json!({});
+    let tcp_echo: Vec<Value> = c
+        .objects
+        .iter()
+        .filter(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("tcp-echo")
+        })
+        .cloned()
+        .collect();
+    ensure!(!tcp_echo.is_empty(), "the demo has tcp-echo objects");
+
+    // 1. Everything but tcp-echo, with the demo namespace not yet part of the mesh.
+    for object in &c.objects {
+        let is_tcp_echo = tcp_echo.contains(object);
+        if is_tcp_echo {
+            continue;
+        }
+        let object = if object == &demo_ns {
+            &unlabelled_ns
+        } else {
+            object
+        };
+        cluster::apply(&c.client, object).await?;
+    }
+    let controller =
+        start_controller_on_cluster(&c.kubeconfig, &c.logs, &ControllerOptions::default()).await?;
+    let catalog = load_catalog(&c.manifests, CatalogSettings::default())?;
+    let _apps = start_demo_apps(&catalog, &c.logs).await?;
+    let pods: Vec<MeshPod> = mesh_pods(&catalog)
+        .into_iter()
+        .filter(|p| p.node_id().is_some())
+        .collect();
+    let mut envoys = Vec::new();
+    for pod in &pods {
+        envoys.push((
+            pod.clone(),
+            start_sidecar(pod, &[controller.ads_addr], &c.logs).await?,
+        ));
+    }
+    let curl = pods
+        .iter()
+        .find(|p| p.name == "curl")
+        .context("curl pod")?
+        .clone();
+    let curl_uuid = uuid_of(&curl);
+    eventually(CONVERGE, || async {
+        let error = proxy_error(&controller, &curl_uuid).await?;
+        ensure!(
+            error.as_deref().is_some_and(|e| e.contains("E5007")),
+            "a pod outside the mesh gets no configuration, with E5007: {error:?}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // 2. `fsm namespace add demo`: the label joins the namespace live.
+    cluster::apply(&c.client, &demo_ns).await?;
+    for (pod, envoy) in &mut envoys {
+        envoy
+            .wait_ready(CONVERGE)
+            .await
+            .with_context(|| format!("sidecar of {}", pod.id()))?;
+    }
+    expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"])
+        .await
+        .with_context(|| format!("controller log:\n{}", controller.process.log_tail(30)))?;
+
+    // 3. A new service and its pod: TCP through both sidecars.
+    for object in &tcp_echo {
+        cluster::apply(&c.client, object).await?;
+    }
+    let tcp_addr = SocketAddr::new(curl.ip, 9000);
+    let echoed = eventually(CONVERGE, || tcp_roundtrip(tcp_addr, "ping")).await?;
+    ensure!(echoed == "tcp-echo-1: ping", "echo {echoed:?}");
+
+    // 4. Scaling endpoints: v2 leaves and comes back, each change followed by Envoy.
+    let endpoints = find(&c.objects, "Endpoints", "httpbin")?.clone();
+    let mut v1_only = endpoints.clone();
+    let subset = &mut v1_only["subsets"][0];
+    let addresses = subset["addresses"].as_array().cloned().unwrap_or_default();
+    subset["addresses"] = Value::Array(
+        addresses
+            .into_iter()
+            .filter(|a| a["targetRef"]["name"] == "httpbin-v1")
+            .collect(),
+    );
+    let before = controller.in_sync_version(&curl_uuid, EDS).await?;
+    cluster::merge_patch(
+        &c.client,
+        &endpoints,
+        &json!({"subsets": v1_only["subsets"]}),
+    )
+    .await?;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1"]).await?;
+    ensure!(controller.in_sync_version(&curl_uuid, EDS).await? != before);
+    cluster::merge_patch(
+        &c.client,
+        &endpoints,
+        &json!({"subsets": endpoints["subsets"]}),
+    )
+    .await?;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"]).await?;
+
+    // 5. The API server goes away: configuration keeps serving; when it is back, so are changes.
+    c.server.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"]).await?;
+    ensure!(
+        reqwest::get(controller.url("/health/ready"))
+            .await?
+            .status()
+            .is_success(),
+        "the controller stays ready without its API server"
+    );
+    c.server.restart().await?;
+    cluster::merge_patch(
+        &c.client,
+        &endpoints,
+        &json!({"subsets": v1_only["subsets"]}),
+    )
+    .await?;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1"]).await?;
+    cluster::merge_patch(
+        &c.client,
+        &endpoints,
+        &json!({"subsets": endpoints["subsets"]}),
+    )
+    .await?;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"]).await?;
+
+    // 6. 410 Gone: watches resume from a compacted version, relist, and push nothing new.
+    let sent_before = responses_sent(&controller, &curl_uuid).await?;
+    let lists_before = c.server.request_count(Verb::List);
+    c.server.compact();
+    c.server.close_watches();
+    eventually(CONVERGE, || async {
+        let lists = c.server.request_count(Verb::List);
+        ensure!(
+            lists >= lists_before + 6,
+            "relists so far: {}",
+            lists - lists_before
+        );
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        responses_sent(&controller, &curl_uuid).await? == sent_before,
+        "a relist of unchanged objects pushed configuration"
+    );
+
+    // 7. Status-only changes push nothing either.
+    cluster::merge_patch(
+        &c.client,
+        &demo_ns,
+        &json!({"metadata": {"annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}}}),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(responses_sent(&controller, &curl_uuid).await? == sent_before);
+
+    // 8. Deleting the service removes it from the sidecars.
+    let service = find(&tcp_echo, "Service", "tcp-echo")?;
+    cluster::delete(&c.client, service).await?;
+    eventually(CONVERGE, || async {
+        match tcp_roundtrip(tcp_addr, "ping").await {
+            Ok(reply) => bail!("tcp-echo still reachable: {reply:?}"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await?;
+    let (_, curl_envoy) = envoys
+        .iter()
+        .find(|(p, _)| p.name == "curl")
+        .context("curl")?;
+    eventually(CONVERGE, || async {
+        let active = curl_envoy.active_clusters().await?;
+        ensure!(
+            active.iter().any(|n| n == "demo/httpbin|14001"),
+            "{active:?}"
+        );
+        ensure!(
+            !active.iter().any(|n| n == "demo/tcp-echo|9000"),
+            "{active:?}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // 9. `fsm namespace remove demo`: the namespace leaves the mesh; its proxies keep their last
+    // configuration and report why they get no new one.
+    cluster::merge_patch(
+        &c.client,
+        &demo_ns,
+        &json!({"metadata": {"labels": {"flomesh.io/monitored-by": null}}}),
+    )
+    .await?;
+    eventually(CONVERGE, || async {
+        let error = proxy_error(&controller, &curl_uuid).await?;
+        ensure!(
+            error.as_deref().is_some_and(|e| e.contains("E5007")),
+            "{error:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"]).await?;
+    Ok(())
+}
+
+/// Responses the controller has sent to the proxy, all types together.
+async fn responses_sent(controller: &Controller, uuid: &str) -> Result<u64> {
+    let proxies = controller.debug_proxies().await?;
+    let proxy = proxies.get(uuid).context("proxy not connected")?;
+    Ok(proxy.types.values().map(|t| t.responses_sent).sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_identical_versions() {
+    if let Err(err) = replicas(15).await {
+        panic!("{err:#}");
+    }
+}
+
+/// Two controllers on the same API server: a sidecar balanced over both reconnects to the other
+/// when its replica dies, and Envoy sees no configuration change.
+async fn replicas(subnet: u8) -> Result<()> {
+    let c = TestCluster::start_demo(subnet).await?;
+    cluster::apply_all(&c.client, &c.objects).await?;
+    let options = |name: &str| ControllerOptions {
+        name: Some(name.into()),
+        ..ControllerOptions::default()
+    };
+    let mut replicas = vec![
+        start_controller_on_cluster(&c.kubeconfig, &c.logs, &options("replica-a")).await?,
+        start_controller_on_cluster(&c.kubeconfig, &c.logs, &options("replica-b")).await?,
+    ];
+    let catalog = load_catalog(&c.manifests, CatalogSettings::default())?;
+    let _apps = start_demo_apps(&catalog, &c.logs).await?;
+    let curl = mesh_pods(&catalog)
+        .into_iter()
+        .find(|p| p.name == "curl")
+        .context("curl pod")?;
+    let uuid = uuid_of(&curl);
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.ads_addr).collect();
+    let mut envoy = start_sidecar(&curl, &addrs, &c.logs).await?;
+    envoy.wait_ready(CONVERGE).await?;
+
+    let connected = eventually(CONVERGE, || async {
+        for (i, replica) in replicas.iter().enumerate() {
+            let proxies = replica.debug_proxies().await?;
+            if proxies.get(&uuid).is_some_and(|p| p.connected_streams > 0) {
+                for type_url in [CDS, EDS, LDS] {
+                    ensure!(replica.in_sync_version(&uuid, type_url).await?.is_some());
+                }
+                return Ok(i);
+            }
+        }
+        bail!("the sidecar is connected to no replica")
+    })
+    .await?;
+    let versions = |r: &Controller| {
+        let uuid = uuid.clone();
+        let r_url = r.url("/debug/proxies");
+        async move {
+            let body = fsm_integration_tests::client::get_text(&r_url).await?;
+            let proxies: Value = serde_json::from_str(&body)?;
+            let mut out = Vec::new();
+            for type_url in [CDS, EDS, LDS] {
+                out.push(proxies[&uuid]["types"][type_url]["ackedVersion"].clone());
+            }
+            anyhow::Ok(out)
+        }
+    };
+    let before = versions(&replicas[connected]).await?;
+    let modified_before = (
+        envoy.counter("listener_manager.listener_modified").await?,
+        envoy.counter("cluster_manager.cluster_modified").await?,
+        envoy.counter("listener_manager.listener_added").await?,
+        envoy.counter("cluster_manager.cluster_added").await?,
+    );
+    let dying = replicas.remove(connected);
+    drop(dying);
+    let survivor = &replicas[0];
+    eventually(CONVERGE, || async {
+        let now = versions(survivor).await?;
+        ensure!(
+            now == before,
+            "versions on the other replica {now:?}, before {before:?}"
+        );
+        for type_url in [CDS, EDS, LDS] {
+            ensure!(survivor.in_sync_version(&uuid, type_url).await?.is_some());
+        }
+        Ok(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the sidecar did not resync with the surviving replica; its log:\n{}\nreplica log:\n{}",
+            envoy.process.log_tail(20),
+            survivor.process.log_tail(10)
+        )
+    })?;
+    let modified_after = (
+        envoy.counter("listener_manager.listener_modified").await?,
+        envoy.counter("cluster_manager.cluster_modified").await?,
+        envoy.counter("listener_manager.listener_added").await?,
+        envoy.counter("cluster_manager.cluster_added").await?,
+    );
+    ensure!(
+        modified_after == modified_before,
+        "Envoy changed its configuration on failover: {modified_before:?} -> {modified_after:?}"
+    );
+    Ok(())
+}
