@@ -9,7 +9,7 @@ VENV := .venv
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
-.PHONY: all envoy build demo test lint clean crds
+.PHONY: all envoy build demo test lint clean crds bench
 
 all: build
 
@@ -31,6 +31,11 @@ demo: envoy build
 # Integration tests spawn the binaries built by `build`, so build them first.
 test: envoy build
 	$(CARGO) test --workspace
+
+# Figures recorded in BENCHMARKS.md. Debug builds, like the tests: compare runs on the same build.
+bench: envoy build
+	./target/debug/fsm-bench watch-latency
+	./target/debug/fsm-bench controller-memory
 
 # charts/fsm/crds is generated from the Rust CRD types; a test fails when it is stale.
 crds:

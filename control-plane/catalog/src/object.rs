@@ -1,7 +1,9 @@
 use std::fmt;
 
 use fsm_crds::FieldError;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, PodStatus, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Container, Endpoints, Namespace, Pod, PodSpec, PodStatus, Service, ServiceAccount,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
@@ -232,7 +234,23 @@ impl MeshObject {
             MeshObject::Namespace(o) => o.status = None,
             MeshObject::Service(o) => o.status = None,
             MeshObject::Pod(o) => {
-                // The pod's addresses are the only status the mesh reads.
+                // Of a pod the mesh reads its identity, network mode, named container ports and
+                // addresses; the rest (images, probes, volumes, conditions) is most of a pod's
+                // size and churn.
+                o.spec = o.spec.take().map(|spec| PodSpec {
+                    service_account_name: spec.service_account_name,
+                    host_network: spec.host_network,
+                    containers: spec
+                        .containers
+                        .into_iter()
+                        .map(|c| Container {
+                            name: c.name,
+                            ports: c.ports,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                });
                 o.status = o.status.take().map(|status| PodStatus {
                     pod_ip: status.pod_ip,
                     pod_ips: status.pod_ips,
