@@ -271,7 +271,45 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     })
     .await?;
 
-    // 9. `fsm namespace remove demo`: the namespace leaves the mesh; its proxies keep their last
+    // 9. Invalid objects: the API server refuses what the CRD schema forbids; what only FSM's
+    // rules forbid is refused by the controller, reported with its code, and changes nothing.
+    let mesh_config = find(&c.objects, "MeshConfig", "fsm-mesh-config")?;
+    let refused = cluster::merge_patch(
+        &c.client,
+        mesh_config,
+        &json!({"spec": {"traffic": {"enableEgress": "no"}}}),
+    )
+    .await
+    .err()
+    .context("a string for a boolean field was accepted")?;
+    let refused = format!("{refused:#}");
+    ensure!(
+        refused.contains("spec.traffic.enableEgress") && refused.contains("boolean"),
+        "{refused}"
+    );
+    let sent_before = responses_sent(&controller, &curl_uuid).await?;
+    let bad_target = json!({
+        "apiVersion": "access.smi-spec.io/v1alpha3", "kind": "TrafficTarget",
+        "metadata": {"name": "bad", "namespace": "demo"},
+        "spec": {"destination": {"kind": "ServiceAccount", "name": "httpbin", "namespace": "demo"},
+                 "sources": [{"kind": "Service", "name": "curl", "namespace": "demo"}],
+                 "rules": [{"kind": "HTTPRouteGroup", "name": "routes"}]}});
+    cluster::apply(&c.client, &bad_target).await?;
+    eventually(CONVERGE, || async {
+        let problems =
+            fsm_integration_tests::client::get_text(&controller.url("/debug/problems")).await?;
+        ensure!(
+            problems.contains("E2011")
+                && problems.contains("TrafficTarget demo/bad")
+                && problems.contains("spec.sources[0].kind"),
+            "problems: {problems}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(responses_sent(&controller, &curl_uuid).await? == sent_before);
+
+    // 10. `fsm namespace remove demo`: the namespace leaves the mesh; its proxies keep their last
     // configuration and report why they get no new one.
     cluster::merge_patch(
         &c.client,
@@ -396,4 +434,29 @@ async fn replicas(subnet: u8) -> Result<()> {
         "Envoy changed its configuration on failover: {modified_before:?} -> {modified_after:?}"
     );
     Ok(())
+}
+
+#[test]
+fn a_controller_without_a_source_explains_the_choice() {
+    let output = std::process::Command::new(
+        fsm_integration_tests::binary("fsm-controller").expect("fsm-controller is built"),
+    )
+    .env_remove("KUBERNETES_SERVICE_HOST")
+    .env_remove("FSM_MANIFEST_DIR")
+    .args([
+        "--ads-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .output()
+    .expect("run fsm-controller");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("E1000")
+            && stderr.contains("--manifest-dir")
+            && stderr.contains("--kubeconfig"),
+        "{stderr}"
+    );
 }
