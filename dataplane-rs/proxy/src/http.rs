@@ -1,0 +1,423 @@
+//! HTTP filter chains: terminate HTTP/1.1 or HTTP/2, route each request with the chain's route
+//! configuration, and forward it (or relay a CONNECT tunnel) to the picked cluster.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::Proxy;
+use crate::config::{Cluster, RetryPolicy, Route, UpstreamProtocol};
+use crate::lb::{choose_cluster, pick_endpoint};
+use crate::route::{Decision, RequestInfo, select};
+use crate::upstream::{Body, UpstreamError, connect_tcp};
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// What an HTTP connection was accepted for.
+#[derive(Clone, Debug)]
+pub struct HttpChain {
+    pub listener: Arc<str>,
+    pub route_config: Arc<str>,
+    pub inbound: bool,
+}
+
+/// Serves one downstream connection until it closes, or until `stop` fires (listener removed),
+/// then lets in-flight requests finish.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    chain: HttpChain,
+    stream: TcpStream,
+    mut stop: watch::Receiver<bool>,
+) {
+    let chain = Arc::new(chain);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let proxy = proxy.clone();
+        let chain = chain.clone();
+        async move { Ok::<_, Infallible>(handle(&proxy, &chain, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "downstream connection ended with an error");
+            }
+            return;
+        }
+        () = crate::listeners::stopped(&mut stop) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    if !body.is_empty() {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    response
+}
+
+fn host_of(req: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
+
+async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) -> Response<Body> {
+    let config = proxy.store.config();
+    let Some(table) = config.routes.get(&chain.route_config) else {
+        return local_reply(StatusCode::NOT_FOUND, "");
+    };
+    let host = host_of(&req).unwrap_or_default();
+    let decision = select(
+        table,
+        RequestInfo {
+            host: &host,
+            method: req.method(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        },
+        chain.inbound,
+    );
+    let route = match decision {
+        Decision::NoVirtualHost | Decision::NoRoute => {
+            return local_reply(StatusCode::NOT_FOUND, "");
+        }
+        Decision::Denied => return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied"),
+        Decision::Matched(_, route) => route,
+    };
+    let cluster_name = choose_cluster(&route.clusters);
+    let Some(cluster) = config.clusters.get(cluster_name).cloned() else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    if req.method() == Method::CONNECT {
+        return tunnel_in(proxy, &cluster, &mut req).await;
+    }
+    let started = Instant::now();
+    let response = forward(proxy, route, &cluster, &host, req).await;
+    let status = response.status().as_u16();
+    if !chain.inbound {
+        proxy.metrics.outbound_request(
+            &cluster.name,
+            status,
+            started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
+    response
+}
+
+/// A CONNECT from a peer sidecar: connect to the cluster (the local app) and relay bytes.
+async fn tunnel_in(
+    proxy: &Proxy,
+    cluster: &Cluster,
+    req: &mut Request<Incoming>,
+) -> Response<Body> {
+    let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    let upstream = match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "tunnel target unreachable");
+            proxy.metrics.upstream(&cluster.name, 503);
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            );
+        }
+    };
+    proxy.metrics.upstream(&cluster.name, 200);
+    let on_upgrade = hyper::upgrade::on(req);
+    let name = cluster.name.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut downstream = TokioIo::new(upgraded);
+                let mut upstream = upstream;
+                if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
+                {
+                    tracing::debug!(cluster = %name, error = %e, "tunnel closed with an error");
+                }
+            }
+            Err(e) => tracing::debug!(cluster = %name, error = %e, "tunnel upgrade failed"),
+        }
+    });
+    Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Sends the request upstream with the route's timeout and retry policy.
+async fn forward(
+    proxy: &Proxy,
+    route: &Route,
+    cluster: &Arc<Cluster>,
+    host: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    // `te: trailers` is the one hop-by-hop value HTTP/2 keeps, and gRPC servers expect it.
+    let wants_trailers = parts.headers.get_all(header::TE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("trailers"))
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    if wants_trailers && cluster.protocol == UpstreamProtocol::Http2 {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(value) = HeaderValue::from_str(host)
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    // Retrying needs the body again: only requests without one are retried, which covers the
+    // idempotent GETs retries are for.
+    let retry = route
+        .retry
+        .as_ref()
+        .filter(|r| r.num_retries > 0 && body.is_end_stream());
+    let attempts = async {
+        match retry {
+            None => {
+                let req = Request::from_parts(parts, body.boxed());
+                attempt(proxy, cluster, host, req, None).await
+            }
+            Some(policy) => {
+                let mut tries = 0u32;
+                loop {
+                    let req = Request::from_parts(
+                        parts.clone(),
+                        http_body_util::Empty::new()
+                            .map_err(|never| match never {})
+                            .boxed(),
+                    );
+                    let result = attempt(proxy, cluster, host, req, policy.per_try_timeout).await;
+                    if tries >= policy.num_retries || !should_retry(policy, &result) {
+                        break result;
+                    }
+                    tries += 1;
+                    tokio::time::sleep(retry_backoff(policy, tries)).await;
+                }
+            }
+        }
+    };
+    let result = match route.timeout {
+        Some(limit) => tokio::time::timeout(limit, attempts)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout)),
+        None => attempts.await,
+    };
+    match result {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(UpstreamError::Timeout) => {
+            local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+        }
+        Err(UpstreamError::NoEndpoint) => {
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+        }
+        Err(UpstreamError::Overflow) => local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        ),
+        Err(UpstreamError::Connect(e)) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            )
+        }
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
+            local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            )
+        }
+    }
+}
+
+fn should_retry(policy: &RetryPolicy, result: &Result<Response<Incoming>, UpstreamError>) -> bool {
+    match result {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            (policy.on_5xx && s >= 500)
+                || (policy.on_gateway_error && matches!(s, 502..=504))
+                || (policy.on_409 && s == 409)
+        }
+        Err(UpstreamError::Connect(_) | UpstreamError::NoEndpoint) => {
+            policy.on_5xx || policy.on_connect_failure || policy.on_gateway_error
+        }
+        Err(UpstreamError::Reset(_) | UpstreamError::Timeout) => policy.on_5xx || policy.on_reset,
+        Err(_) => false,
+    }
+}
+
+/// Envoy's full-jitter back-off: uniform in [0, (2^n - 1) * base], capped at 10 * base.
+fn retry_backoff(policy: &RetryPolicy, n: u32) -> Duration {
+    let factor = (1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX)).saturating_sub(1);
+    let ceiling = policy
+        .backoff_base
+        .saturating_mul(factor)
+        .min(policy.backoff_base.saturating_mul(10));
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// One try: pick an endpoint and send.
+async fn attempt(
+    proxy: &Proxy,
+    cluster: &Arc<Cluster>,
+    host: &str,
+    req: Request<Body>,
+    per_try: Option<Duration>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
+        return Err(UpstreamError::NoEndpoint);
+    };
+    if let Some(max) = cluster.max_requests
+        && proxy.upstreams.cluster_active(&cluster.name) >= max as usize
+    {
+        return Err(UpstreamError::Overflow);
+    }
+    let _guard = proxy.upstreams.active.start(endpoint.addr);
+    let _cluster_guard = proxy.upstreams.cluster_start(&cluster.name);
+    let send = async {
+        match cluster.protocol {
+            UpstreamProtocol::Http2 => {
+                proxy
+                    .upstreams
+                    .send_http2(endpoint.addr, cluster.connect_timeout, host, req)
+                    .await
+            }
+            UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
+                proxy
+                    .upstreams
+                    .send_http1(endpoint.addr, cluster.connect_timeout, req)
+                    .await
+            }
+        }
+    };
+    let result = match per_try {
+        Some(limit) => tokio::time::timeout(limit, send)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout)),
+        None => send.await,
+    };
+    proxy.metrics.upstream(
+        &cluster.name,
+        match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(UpstreamError::Timeout) => 504,
+            Err(_) => 503,
+        },
+    );
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_dropped() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-end-to-end", "kept"),
+            ("host", "httpbin.demo:14001"),
+        ] {
+            h.append(
+                http::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["host", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn retry_backoff_stays_under_ten_times_the_base() {
+        let policy = RetryPolicy {
+            on_5xx: true,
+            on_gateway_error: false,
+            on_reset: false,
+            on_connect_failure: false,
+            on_409: false,
+            num_retries: 5,
+            per_try_timeout: None,
+            backoff_base: Duration::from_millis(25),
+        };
+        for n in 1..8 {
+            let wait = retry_backoff(&policy, n);
+            let ceiling =
+                Duration::from_millis(25 * ((1u64 << n) - 1)).min(Duration::from_millis(250));
+            assert!(wait <= ceiling, "retry {n}: {wait:?} > {ceiling:?}");
+        }
+    }
+}

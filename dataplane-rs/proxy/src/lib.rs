@@ -1,0 +1,34 @@
+//! fsm-sidecar's data path: validated config, routing, load balancing, HTTP and TCP proxying.
+//!
+//! Reading order: [`config`] (native protos -> validated domain types), [`store`] (the atomically
+//! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
+//! (sockets follow the config), [`http`] and [`tcp`] (the two kinds of filter chain),
+//! [`upstream`] (pooled connections), [`metrics`].
+
+use std::sync::Arc;
+
+pub mod config;
+pub mod http;
+pub mod lb;
+pub mod listeners;
+pub mod metrics;
+pub mod original_dst;
+pub mod route;
+pub mod store;
+pub mod tcp;
+pub mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use metrics::{Metrics, Workload};
+pub use store::{Store, StoreSink};
+pub use upstream::Upstreams;
+
+/// Everything a connection handler needs, shared by all listeners.
+#[derive(Debug)]
+pub struct Proxy {
+    pub store: Arc<Store>,
+    pub upstreams: Upstreams,
+    pub metrics: Arc<Metrics>,
+    /// Listeners bind the unspecified address and chains match the original destination.
+    pub transparent: bool,
+}

@@ -1,0 +1,219 @@
+//! Prometheus metrics with FSM's names, and an Envoy-style `/stats` text view of the same counters.
+
+use std::fmt::Write as _;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+/// Who this sidecar is, for the `source_*` / `destination_*` labels.
+#[derive(Clone, Debug, Default)]
+pub struct Workload {
+    pub namespace: String,
+    /// The workload name; the service account when nothing better is known.
+    pub name: String,
+    pub pod: String,
+    pub kind: String,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    request_total: IntCounterVec,
+    request_duration_ms: HistogramVec,
+    upstream_rq_total: IntCounterVec,
+    upstream_rq_xx: IntCounterVec,
+    downstream_cx_total: IntCounterVec,
+    pub workload: Workload,
+}
+
+const PEER_LABELS: [&str; 8] = [
+    "source_kind",
+    "destination_kind",
+    "source_name",
+    "destination_name",
+    "source_pod",
+    "destination_pod",
+    "source_namespace",
+    "destination_namespace",
+];
+
+impl Metrics {
+    pub fn new(workload: Workload) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let mut total_labels = PEER_LABELS.to_vec();
+        total_labels.push("response_code");
+        let request_total = IntCounterVec::new(
+            Opts::new(
+                "fsm_request_total",
+                "Requests this sidecar proxied to mesh services",
+            ),
+            &total_labels,
+        )?;
+        let request_duration_ms = HistogramVec::new(
+            HistogramOpts::new(
+                "fsm_request_duration_ms",
+                "Duration of proxied requests in milliseconds",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0,
+            ]),
+            &PEER_LABELS,
+        )?;
+        let upstream_rq_total = IntCounterVec::new(
+            Opts::new(
+                "sidecar_cluster_upstream_rq_total",
+                "Upstream requests per cluster",
+            ),
+            &["sidecar_cluster_name"],
+        )?;
+        let upstream_rq_xx = IntCounterVec::new(
+            Opts::new(
+                "sidecar_cluster_upstream_rq_xx",
+                "Upstream responses per cluster and status class",
+            ),
+            &["sidecar_cluster_name", "sidecar_response_code_class"],
+        )?;
+        let downstream_cx_total = IntCounterVec::new(
+            Opts::new(
+                "sidecar_listener_downstream_cx_total",
+                "Connections accepted per listener",
+            ),
+            &["sidecar_listener_name"],
+        )?;
+        registry.register(Box::new(request_total.clone()))?;
+        registry.register(Box::new(request_duration_ms.clone()))?;
+        registry.register(Box::new(upstream_rq_total.clone()))?;
+        registry.register(Box::new(upstream_rq_xx.clone()))?;
+        registry.register(Box::new(downstream_cx_total.clone()))?;
+        Ok(Metrics {
+            registry,
+            request_total,
+            request_duration_ms,
+            upstream_rq_total,
+            upstream_rq_xx,
+            downstream_cx_total,
+            workload,
+        })
+    }
+
+    pub fn connection(&self, listener: &str) {
+        self.downstream_cx_total
+            .with_label_values(&[listener])
+            .inc();
+    }
+
+    /// One request (or TCP connection) sent to `cluster`; `status` 0 when no HTTP status exists.
+    pub fn upstream(&self, cluster: &str, status: u16) {
+        self.upstream_rq_total.with_label_values(&[cluster]).inc();
+        if status >= 100 {
+            let class = (status / 100).to_string();
+            self.upstream_rq_xx
+                .with_label_values(&[cluster, class.as_str()])
+                .inc();
+        }
+    }
+
+    /// An outbound request from this workload to the service behind `cluster` (`ns/svc|port`).
+    pub fn outbound_request(&self, cluster: &str, status: u16, millis: f64) {
+        let (dest_ns, dest_name) = cluster
+            .split('|')
+            .next()
+            .and_then(|s| s.split_once('/'))
+            .unwrap_or(("", cluster));
+        let w = &self.workload;
+        let peers = [
+            w.kind.as_str(),
+            "",
+            w.name.as_str(),
+            dest_name,
+            w.pod.as_str(),
+            "",
+            w.namespace.as_str(),
+            dest_ns,
+        ];
+        let code = status.to_string();
+        let mut with_code = peers.to_vec();
+        with_code.push(code.as_str());
+        self.request_total.with_label_values(&with_code).inc();
+        self.request_duration_ms
+            .with_label_values(&peers)
+            .observe(millis);
+    }
+
+    /// Prometheus text format.
+    pub fn prometheus_text(&self) -> String {
+        let encoder = prometheus::TextEncoder::new();
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    /// Envoy's `/stats` shape: `cluster.<name>.upstream_rq_total: N`, filtered by substring.
+    pub fn stats_text(&self, filter: Option<&str>) -> String {
+        let mut lines = Vec::new();
+        for family in self.registry.gather() {
+            for m in family.get_metric() {
+                let label = |n: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == n)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                let value = m.get_counter().get_value();
+                let line = match family.name() {
+                    "sidecar_cluster_upstream_rq_total" => format!(
+                        "cluster.{}.upstream_rq_total: {value}",
+                        label("sidecar_cluster_name")
+                    ),
+                    "sidecar_cluster_upstream_rq_xx" => format!(
+                        "cluster.{}.upstream_rq_{}xx: {value}",
+                        label("sidecar_cluster_name"),
+                        label("sidecar_response_code_class")
+                    ),
+                    "sidecar_listener_downstream_cx_total" => format!(
+                        "listener.{}.downstream_cx_total: {value}",
+                        label("sidecar_listener_name")
+                    ),
+                    _ => continue,
+                };
+                lines.push(line);
+            }
+        }
+        lines.sort();
+        let mut out = String::new();
+        for line in lines
+            .iter()
+            .filter(|l| filter.is_none_or(|f| l.contains(f)))
+        {
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsm_names_and_labels() {
+        let m = Metrics::new(Workload {
+            namespace: "demo".into(),
+            name: "curl".into(),
+            pod: "curl".into(),
+            kind: String::new(),
+        })
+        .expect("metrics");
+        m.outbound_request("demo/httpbin|14001", 200, 3.0);
+        m.upstream("demo/httpbin|14001", 200);
+        let text = m.prometheus_text();
+        assert!(text.contains("fsm_request_total{"), "{text}");
+        assert!(text.contains("destination_name=\"httpbin\""), "{text}");
+        assert!(text.contains("response_code=\"200\""), "{text}");
+        assert!(text.contains("source_name=\"curl\""), "{text}");
+        assert!(text.contains("fsm_request_duration_ms_bucket{"), "{text}");
+        let stats = m.stats_text(Some("upstream_rq_total"));
+        assert_eq!(stats, "cluster.demo/httpbin|14001.upstream_rq_total: 1\n");
+    }
+}

@@ -1,0 +1,250 @@
+//! Picking the route for a request: virtual host by Host/`:authority`, then the first route whose
+//! path, method and headers all match.
+
+use http::{HeaderMap, Method};
+
+use crate::config::{HeaderMatchKind, PathMatch, Route, RouteTable, VirtualHost};
+
+/// Why a request got (or did not get) a route.
+#[derive(Debug)]
+pub enum Decision<'a> {
+    /// 404: no virtual host has this domain.
+    NoVirtualHost,
+    /// 404: the virtual host has no route for this request.
+    NoRoute,
+    /// 403: the first matching route does not admit this client.
+    Denied,
+    Matched(&'a VirtualHost, &'a Route),
+}
+
+/// The request attributes routing looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestInfo<'a> {
+    pub host: &'a str,
+    pub method: &'a Method,
+    /// Without the query string.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+pub fn select<'a>(table: &'a RouteTable, req: RequestInfo<'_>, inbound: bool) -> Decision<'a> {
+    let Some(vh) = table
+        .domains
+        .get(&req.host.to_ascii_lowercase())
+        .and_then(|i| table.virtual_hosts.get(*i))
+    else {
+        return Decision::NoVirtualHost;
+    };
+    let Some(route) = vh.routes.iter().find(|r| matches(r, req)) else {
+        return Decision::NoRoute;
+    };
+    // Outbound routes carry no allowed sources and admit everyone; inbound ones fail closed.
+    if inbound && route.admits_anyone != Some(true) {
+        return Decision::Denied;
+    }
+    Decision::Matched(vh, route)
+}
+
+pub fn matches(route: &Route, req: RequestInfo<'_>) -> bool {
+    let is_connect = req.method == Method::CONNECT;
+    let path_ok = match &route.path {
+        PathMatch::Connect => is_connect,
+        _ if is_connect => false,
+        PathMatch::Exact(p) => req.path == p,
+        PathMatch::Prefix(p) => req.path.starts_with(p.as_str()),
+        PathMatch::Regex(re) => re.is_match(req.path),
+    };
+    path_ok
+        && (route.methods.is_empty() || route.methods.iter().any(|m| m == req.method))
+        && route.headers.iter().all(|h| {
+            let values: Vec<&str> = req
+                .headers
+                .get_all(&h.name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if req.headers.get(&h.name).is_none() {
+                return false;
+            }
+            let joined = values.join(",");
+            match &h.kind {
+                HeaderMatchKind::Present => true,
+                HeaderMatchKind::Exact(v) => joined == *v,
+                HeaderMatchKind::Regex(re) => re.is_match(&joined),
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Weighted};
+    use fsm_dataplane_proto::{type_url, v1};
+    use fsm_sidecar_xds::{RawResource, ResourceSet, TypeState};
+    use prost::Message;
+    use std::sync::Arc;
+    use test_case::test_case;
+
+    fn route(
+        path: v1::route_match::Path,
+        methods: &[&str],
+        headers: Vec<v1::HeaderMatch>,
+        cluster: &str,
+        any: Option<bool>,
+    ) -> v1::Route {
+        v1::Route {
+            r#match: Some(v1::RouteMatch {
+                path: Some(path),
+                methods: methods.iter().map(|m| m.to_string()).collect(),
+                headers,
+            }),
+            action: Some(v1::RouteAction {
+                clusters: vec![v1::WeightedCluster {
+                    name: cluster.into(),
+                    weight: 1,
+                }],
+                ..Default::default()
+            }),
+            allowed_sources: any.map(|any| v1::AllowedSources {
+                any,
+                identities: vec![],
+            }),
+        }
+    }
+
+    fn header(name: &str, m: v1::header_match::Match) -> v1::HeaderMatch {
+        v1::HeaderMatch {
+            name: name.into(),
+            r#match: Some(m),
+        }
+    }
+
+    fn table(any: Option<bool>) -> Arc<RouteTable> {
+        use v1::header_match::Match as H;
+        use v1::route_match::Path as P;
+        let rc = v1::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts: vec![v1::VirtualHost {
+                name: "vh".into(),
+                domains: vec!["httpbin.demo:14001".into(), "httpbin".into()],
+                routes: vec![
+                    route(P::Exact("/exact".into()), &[], vec![], "exact", any),
+                    route(
+                        P::Regex("/items/[0-9]+".into()),
+                        &["GET"],
+                        vec![],
+                        "regex",
+                        any,
+                    ),
+                    route(
+                        P::Prefix("/api".into()),
+                        &[],
+                        vec![header("x-canary", H::Exact("yes".into()))],
+                        "canary",
+                        any,
+                    ),
+                    route(
+                        P::Prefix("/api".into()),
+                        &[],
+                        vec![header("x-user", H::Regex("a.*".into()))],
+                        "user",
+                        any,
+                    ),
+                    route(
+                        P::Prefix("/api".into()),
+                        &[],
+                        vec![header("x-debug", H::Present(true))],
+                        "debug",
+                        any,
+                    ),
+                    route(P::Connect(v1::ConnectMatch {}), &[], vec![], "tunnel", any),
+                    route(
+                        P::Prefix("/".into()),
+                        &["GET", "POST"],
+                        vec![],
+                        "default",
+                        any,
+                    ),
+                ],
+            }],
+        };
+        let mut set = ResourceSet::default();
+        set.types
+            .entry(type_url::ROUTE_CONFIGURATION)
+            .or_insert_with(TypeState::default)
+            .resources
+            .insert(
+                Arc::from("rc"),
+                RawResource {
+                    name: Arc::from("rc"),
+                    version: Arc::from("1"),
+                    body: Arc::from(rc.encode_to_vec()),
+                },
+            );
+        let config = Config::build(&set, type_url::CLUSTER).expect("valid");
+        config.routes.get("rc").cloned().expect("rc")
+    }
+
+    fn first_cluster(w: &Weighted) -> &str {
+        &w.entries[0].0
+    }
+
+    #[test_case("httpbin", "GET", "/exact", &[], "exact" ; "exact path")]
+    #[test_case("HTTPBIN.demo:14001", "GET", "/exact", &[], "exact" ; "host is case insensitive")]
+    #[test_case("httpbin", "GET", "/exact/more", &[], "default" ; "exact is not prefix")]
+    #[test_case("httpbin", "GET", "/items/42", &[], "regex" ; "regex path")]
+    #[test_case("httpbin", "GET", "/items/42x", &[], "default" ; "regex must match the whole path")]
+    #[test_case("httpbin", "POST", "/items/42", &[], "default" ; "method must match")]
+    #[test_case("httpbin", "GET", "/api/x", &[("x-canary", "yes")], "canary" ; "exact header")]
+    #[test_case("httpbin", "GET", "/api/x", &[("x-canary", "no")], "default" ; "exact header mismatch")]
+    #[test_case("httpbin", "GET", "/api/x", &[("x-user", "alice")], "user" ; "regex header")]
+    #[test_case("httpbin", "GET", "/api/x", &[("x-debug", "")], "debug" ; "present header even empty")]
+    #[test_case("httpbin", "CONNECT", "", &[], "tunnel" ; "connect")]
+    #[test_case("httpbin", "DELETE", "/", &[], "404-route" ; "no route")]
+    #[test_case("other", "GET", "/", &[], "404-host" ; "no virtual host")]
+    #[test_case("httpbin:14001", "GET", "/", &[], "404-host" ; "port is part of the domain")]
+    fn selects(host: &str, method: &str, path: &str, headers: &[(&str, &str)], want: &str) {
+        let t = table(None);
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        let method = Method::from_bytes(method.as_bytes()).expect("method");
+        let req = RequestInfo {
+            host,
+            method: &method,
+            path,
+            headers: &map,
+        };
+        let got = match select(&t, req, false) {
+            Decision::NoVirtualHost => "404-host".to_string(),
+            Decision::NoRoute => "404-route".to_string(),
+            Decision::Denied => "403".to_string(),
+            Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
+        };
+        assert_eq!(got, want);
+    }
+
+    #[test_case(None, "403" ; "unset admits no one inbound")]
+    #[test_case(Some(false), "403" ; "any false admits no one without mTLS")]
+    #[test_case(Some(true), "default" ; "any admits")]
+    fn inbound_rbac(any: Option<bool>, want: &str) {
+        let t = table(any);
+        let map = HeaderMap::new();
+        let req = RequestInfo {
+            host: "httpbin",
+            method: &Method::GET,
+            path: "/",
+            headers: &map,
+        };
+        let got = match select(&t, req, true) {
+            Decision::Denied => "403".to_string(),
+            Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,71 @@
+//! TCP filter chains: pick a cluster and an endpoint when the connection opens, then relay bytes.
+//! Meshed endpoints of a TCP cluster are reached through an HTTP/2 CONNECT tunnel to their
+//! sidecar, exactly as Envoy's tcp_proxy tunnelling does, so both data planes interoperate.
+
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::Proxy;
+use crate::config::{TcpTarget, UpstreamProtocol};
+use crate::lb::{choose_cluster, pick_endpoint};
+use crate::upstream::connect_tcp;
+
+/// Relays one downstream connection. Server-first protocols are served by the same path: the
+/// upstream connection is opened at once and nothing is read from the client before that.
+pub async fn proxy(proxy: Arc<Proxy>, target: TcpTarget, inbound: bool, mut downstream: TcpStream) {
+    if inbound && !target.admits_anyone {
+        tracing::debug!("inbound TCP connection refused: allowed_sources admits no one");
+        return;
+    }
+    let config = proxy.store.config();
+    let name = choose_cluster(&target.clusters);
+    let Some(cluster) = config.clusters.get(name).cloned() else {
+        tracing::debug!(cluster = name, "TCP cluster not known (yet); closing");
+        return;
+    };
+    drop(config);
+    let Some(endpoint) = pick_endpoint(&cluster, &proxy.upstreams.active).cloned() else {
+        tracing::debug!(cluster = %cluster.name, "TCP cluster has no endpoint; closing");
+        proxy.metrics.upstream(&cluster.name, 0);
+        return;
+    };
+    let _active = proxy.upstreams.active.start(endpoint.addr);
+    proxy.metrics.upstream(&cluster.name, 0);
+    let tunnel = !inbound
+        && endpoint.meshed
+        && cluster.protocol == UpstreamProtocol::Tcp
+        && !target.connect_authority.is_empty();
+    let result = if tunnel {
+        match proxy
+            .upstreams
+            .connect_tunnel(
+                endpoint.addr,
+                cluster.connect_timeout,
+                &target.connect_authority,
+            )
+            .await
+        {
+            Ok(mut upstream) => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+                .await
+                .map(|_| ()),
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
+                return;
+            }
+        }
+    } else {
+        match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
+            Ok(mut upstream) => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+                .await
+                .map(|_| ()),
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "TCP upstream unreachable");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(cluster = %cluster.name, error = %e, "TCP relay ended with an error");
+    }
+}

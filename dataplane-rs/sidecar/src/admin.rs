@@ -1,0 +1,161 @@
+//! The admin server (`/config_dump`, `/ready`, `/stats`, `/stats/prometheus`) and the metrics port.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use fsm_dataplane_proto::FILE_DESCRIPTOR_SET;
+use fsm_sidecar_proxy::{Metrics, Store};
+use fsm_sidecar_xds::NodeInfo;
+use prost_reflect::{DescriptorPool, DynamicMessage};
+use serde_json::{Value, json};
+
+static POOL: LazyLock<Option<DescriptorPool>> =
+    LazyLock::new(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).ok());
+
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub node: NodeInfo,
+}
+
+impl Admin {
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/config_dump", get(config_dump))
+            .route("/ready", get(ready))
+            .route("/stats", get(stats))
+            .route("/stats/prometheus", get(prometheus))
+            .with_state(Arc::new(self))
+    }
+
+    pub fn metrics_router(self) -> Router {
+        Router::new()
+            .route("/stats/prometheus", get(prometheus))
+            .route("/metrics", get(prometheus))
+            .with_state(Arc::new(self))
+    }
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) {
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "admin server stopped");
+    }
+}
+
+async fn ready(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    if admin.store.is_ready() {
+        (StatusCode::OK, "LIVE\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+    }
+}
+
+async fn stats(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> impl IntoResponse {
+    admin
+        .metrics
+        .stats_text(q.get("filter").map(String::as_str))
+}
+
+async fn prometheus(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.prometheus_text(),
+    )
+}
+
+/// Decodes a resource into JSON with the descriptor set; private keys are replaced.
+fn resource_json(type_url: &str, body: &[u8]) -> Value {
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    let Some(desc) = POOL.as_ref().and_then(|p| p.get_message_by_name(name)) else {
+        return json!({"undecodable": "no descriptor"});
+    };
+    match DynamicMessage::decode(desc, body) {
+        Ok(message) => {
+            let mut value = serde_json::to_value(&message).unwrap_or(Value::Null);
+            if let Some(cert) = value.get_mut("tlsCertificate")
+                && let Some(obj) = cert.as_object_mut()
+                && obj.contains_key("privateKey")
+            {
+                obj.insert("privateKey".into(), json!("[redacted]"));
+            }
+            value
+        }
+        Err(e) => json!({"undecodable": e.to_string()}),
+    }
+}
+
+async fn config_dump(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    let resources = admin.store.resources();
+    let mut types = serde_json::Map::new();
+    for (type_url, state) in &resources.types {
+        let items: Vec<Value> = state
+            .resources
+            .values()
+            .map(|r| {
+                json!({
+                    "name": &*r.name,
+                    "version": &*r.version,
+                    "resource": resource_json(type_url, &r.body),
+                })
+            })
+            .collect();
+        types.insert(
+            (*type_url).to_string(),
+            json!({
+                "version": state.version,
+                "received": state.received,
+                "last_nack": state.last_nack.as_ref().map(|n| json!({"version": n.version, "error": n.error})),
+                "resources": items,
+            }),
+        );
+    }
+    let body = json!({
+        "node": {"id": admin.node.id, "cluster": admin.node.cluster, "user_agent_name": fsm_sidecar_xds::node::USER_AGENT_NAME},
+        "ready": admin.store.is_ready(),
+        "types": types,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&body).unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use fsm_dataplane_proto::{type_url, v1};
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn resources_dump_as_json_with_private_keys_redacted() {
+        let cluster = v1::Cluster {
+            name: "demo/httpbin|14001".into(),
+            upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+            ..Default::default()
+        };
+        let json = resource_json(type_url::CLUSTER, &cluster.encode_to_vec());
+        assert_eq!(json["name"], "demo/httpbin|14001");
+        assert_eq!(json["upstreamProtocol"], "UPSTREAM_PROTOCOL_HTTP1");
+
+        let secret = v1::Secret {
+            name: "service-cert".into(),
+            kind: Some(v1::secret::Kind::TlsCertificate(v1::TlsCertificate {
+                certificate_chain: b"chain".to_vec(),
+                private_key: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            })),
+        };
+        let json = resource_json(type_url::SECRET, &secret.encode_to_vec());
+        assert_eq!(json["tlsCertificate"]["privateKey"], "[redacted]");
+        assert!(!json.to_string().contains("PRIVATE"), "{json}");
+    }
+}

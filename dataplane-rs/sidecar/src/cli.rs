@@ -1,0 +1,103 @@
+//! The command line.
+
+use std::net::{IpAddr, SocketAddr};
+
+use clap::{Parser, ValueEnum};
+use fsm_sidecar_xds::AdsMode;
+
+/// fsm-sidecar: the mesh's native Rust sidecar. It fetches its listeners, routes, clusters and
+/// endpoints from the FSM control plane over ADS and proxies the pod's traffic: outbound on
+/// 15001 (explicit HTTP by Host, and `outbound-tcp:` listeners), inbound on 15003.
+#[derive(Debug, Parser)]
+#[command(name = "fsm-sidecar", version)]
+pub struct Cli {
+    /// Node id in FSM's format: `<proxy-uuid>.sidecar.<service-account>.<namespace>`.
+    #[arg(long, env = "FSM_SIDECAR_NODE_ID")]
+    pub node_id: String,
+
+    /// Node cluster, `<service-account>.<namespace>` (derived from the node id when omitted).
+    #[arg(long)]
+    pub node_cluster: Option<String>,
+
+    /// The control plane's ADS address, `host:port` (plaintext gRPC).
+    #[arg(long, env = "FSM_SIDECAR_ADS", default_value = "127.0.0.1:15128")]
+    pub ads: String,
+
+    /// ADS flavour: state of the world or incremental.
+    #[arg(long, value_enum, default_value_t = Mode::Sotw)]
+    pub ads_mode: Mode,
+
+    /// This pod's IP, announced in the node metadata.
+    #[arg(long)]
+    pub pod_ip: Option<IpAddr>,
+
+    /// This pod's name, for node metadata and metric labels.
+    #[arg(long)]
+    pub pod_name: Option<String>,
+
+    /// The workload (Deployment…) name for metric labels; the service account when omitted.
+    #[arg(long)]
+    pub workload_name: Option<String>,
+
+    /// The workload kind (`Deployment`, `StatefulSet`…) for metric labels.
+    #[arg(long)]
+    pub workload_kind: Option<String>,
+
+    /// Admin server: /config_dump, /ready, /stats, /stats/prometheus.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+
+    /// Prometheus scrape address (/stats/prometheus and /metrics).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub metrics: SocketAddr,
+
+    /// Log filter, e.g. `info` or `fsm_sidecar_proxy=debug,info`.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Transparent mode: bind listeners on the unspecified address and match filter chains on
+    /// the original destination of iptables-redirected connections.
+    #[arg(long)]
+    pub transparent: bool,
+
+    /// Tokio worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Mode {
+    Sotw,
+    Delta,
+}
+
+impl From<Mode> for AdsMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Sotw => AdsMode::Sotw,
+            Mode::Delta => AdsMode::Delta,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent_and_has_fsm_defaults() {
+        Cli::command().debug_assert();
+        let cli = Cli::parse_from([
+            "fsm-sidecar",
+            "--node-id",
+            "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo",
+            "--ads-mode",
+            "delta",
+        ]);
+        assert_eq!(cli.admin.port(), 15000);
+        assert_eq!(cli.metrics.port(), 15010);
+        assert!(matches!(AdsMode::from(cli.ads_mode), AdsMode::Delta));
+    }
+}

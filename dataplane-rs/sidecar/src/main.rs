@@ -1,0 +1,112 @@
+//! fsm-sidecar: the native Rust data plane of the mesh (binary).
+//!
+//! Wiring only: the CLI, the ADS client ([`fsm_sidecar_xds`]) feeding the config store, the
+//! listener manager and the proxy ([`fsm_sidecar_proxy`]), the admin server and the metrics port.
+
+mod admin;
+mod cli;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use fsm_sidecar_proxy::{Metrics, Proxy, Store, StoreSink, Upstreams, Workload};
+use fsm_sidecar_xds::{AdsState, ClientOptions, NodeInfo, build_node};
+
+use crate::cli::Cli;
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+                .with_context(|| format!("--log-level {:?}", cli.log_level))?,
+        )
+        .with_target(false)
+        // Colour codes only help a terminal; in a container log they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    // A sidecar shares the pod's CPU with the app: two workers are plenty and keep idle memory low.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.workers)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let info = NodeInfo {
+        id: cli.node_id.clone(),
+        cluster: cli.node_cluster.clone().unwrap_or_else(|| {
+            // `<sa>.<ns>` from the node id when not given.
+            cli.node_id
+                .splitn(5, '.')
+                .skip(2)
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(".")
+        }),
+        pod_ip: cli.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        pod_name: cli.pod_name.clone(),
+    };
+    let (sa, ns) = info
+        .identity()
+        .map(|(sa, ns)| (sa.to_string(), ns.to_string()))
+        .with_context(|| {
+            format!(
+                "--node-id {:?} is not <uuid>.sidecar.<service-account>.<namespace>",
+                cli.node_id
+            )
+        })?;
+    let metrics = Arc::new(
+        Metrics::new(Workload {
+            namespace: ns,
+            name: cli.workload_name.clone().unwrap_or(sa),
+            pod: cli.pod_name.clone().unwrap_or_default(),
+            kind: cli.workload_kind.clone().unwrap_or_default(),
+        })
+        .context("registering metrics")?,
+    );
+    let store = Arc::new(Store::default());
+    let proxy = Arc::new(Proxy {
+        store: store.clone(),
+        upstreams: Upstreams::default(),
+        metrics: metrics.clone(),
+        transparent: cli.transparent,
+    });
+    let admin = admin::Admin {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        node: info.clone(),
+    };
+    let admin_listener = tokio::net::TcpListener::bind(cli.admin)
+        .await
+        .with_context(|| format!("binding the admin address {}", cli.admin))?;
+    let metrics_listener = tokio::net::TcpListener::bind(cli.metrics)
+        .await
+        .with_context(|| format!("binding the metrics address {}", cli.metrics))?;
+    tokio::spawn(admin::serve(admin_listener, admin.clone().router()));
+    tokio::spawn(admin::serve(metrics_listener, admin.metrics_router()));
+    tokio::spawn(fsm_sidecar_proxy::listeners::run(proxy));
+
+    let state = AdsState::new(cli.ads_mode.into(), build_node(&info));
+    let mut sink = StoreSink(store);
+    tracing::info!(
+        node = %info.id, ads = %cli.ads, mode = ?cli.ads_mode, admin = %cli.admin,
+        metrics = %cli.metrics, "fsm-sidecar starting"
+    );
+    // Every ADS log line carries the node, so several sidecars' logs can be read together.
+    let client = tracing::Instrument::instrument(
+        fsm_sidecar_xds::run(ClientOptions::new(cli.ads.clone()), state, &mut sink),
+        tracing::info_span!("ads", node = %info.id),
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        () = client => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
+        _ = terminate.recv() => tracing::info!("terminated; exiting"),
+    }
+    Ok(())
+}

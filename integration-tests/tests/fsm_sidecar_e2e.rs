@@ -1,0 +1,642 @@
+//! fsm-sidecar end to end: fsm-controller on a manifest directory, demo workloads on their own
+//! loopback addresses and one fsm-sidecar per meshed pod, each started with nothing but its node
+//! identity and the ADS address. Mirrors `mesh_e2e.rs` (the same mesh with Envoy sidecars), once
+//! over state-of-the-world ADS and once over delta ADS, each on its own 127.0.<subnet>.x
+//! addresses so both can run at the same time.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use fsm_catalog::CatalogSettings;
+use fsm_integration_tests::{
+    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, MeshPod, eventually,
+    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
+    start_fsm_sidecar, tcp_roundtrip,
+};
+
+const CDS: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
+const EDS: &str = "type.googleapis.com/fsm.dataplane.v1.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/fsm.dataplane.v1.Listener";
+const RDS: &str = "type.googleapis.com/fsm.dataplane.v1.RouteConfiguration";
+const CONVERGE: Duration = Duration::from_secs(20);
+const HTTPBIN: &str = "httpbin.demo:14001";
+const V1_ENDPOINT: &str =
+    "  - ip: 127.0.10.1\n    targetRef: {kind: Pod, name: httpbin-v1, namespace: demo}\n";
+const V2_ENDPOINT: &str =
+    "  - ip: 127.0.10.2\n    targetRef: {kind: Pod, name: httpbin-v2, namespace: demo}\n";
+
+/// Copies examples/demo with every 127.0.10.x address moved to 127.0.<subnet>.x.
+fn demo_manifests(dir: &Path, subnet: u8) -> Result<PathBuf> {
+    let out = dir.join("manifests");
+    std::fs::create_dir_all(&out)?;
+    let examples = repo_root().join("examples/demo");
+    for entry in
+        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
+    {
+        let path = entry?.path();
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            out.join(path.file_name().context("file name")?),
+            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
+        )?;
+    }
+    Ok(out)
+}
+
+fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    ensure!(
+        text.contains(from),
+        "{} does not contain {from:?}",
+        path.display()
+    );
+    // Write-then-rename, as editors do, so the watcher never sees a half-written file.
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text.replacen(from, to, 1))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let reply = http_get_via(via, HTTPBIN, "/get").await?;
+        ensure!(
+            reply.status == 200,
+            "status {} body {}",
+            reply.status,
+            reply.body
+        );
+        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
+    }
+    Ok(seen)
+}
+
+fn uuid_of(pod: &MeshPod) -> String {
+    pod.node_id()
+        .and_then(|id| id.split('.').next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The type versions fsm-sidecar reports in `/config_dump`.
+async fn dump_version(sidecar: &FsmSidecar, type_url: &str) -> Result<String> {
+    let dump = sidecar.config_dump().await?;
+    dump["types"][type_url]["version"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("no {type_url} version in /config_dump: {dump}"))
+}
+
+async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let manifests = demo_manifests(work.path(), subnet)?;
+    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
+    let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
+    let _apps = start_demo_apps(&catalog, &logs).await?;
+    let pods: Vec<MeshPod> = mesh_pods(&catalog)
+        .into_iter()
+        .filter(|p| p.node_id().is_some())
+        .collect();
+    let mut sidecars = Vec::new();
+    for pod in &pods {
+        let mut sidecar = start_fsm_sidecar(
+            &FsmSidecarConfig::for_pod(pod, controller.ads_addr, mode)?,
+            &logs,
+        )
+        .await?;
+        sidecar
+            .wait_ready(CONVERGE)
+            .await
+            .with_context(|| format!("sidecar of {}", pod.id()))?;
+        sidecars.push((pod.clone(), sidecar));
+    }
+    let mut result = check_mesh(mode, subnet, &controller, &manifests, &pods, &sidecars).await;
+    if result.is_ok() {
+        result = check_control_plane_restart(controller, subnet, &manifests, &logs, &pods).await;
+    }
+    if result.is_err() {
+        for (pod, sidecar) in &sidecars {
+            eprintln!(
+                "--- {} sidecar log:\n{}",
+                pod.id(),
+                sidecar.process.log_tail(20)
+            );
+        }
+    }
+    result
+}
+
+async fn check_mesh(
+    mode: AdsMode,
+    subnet: u8,
+    controller: &Controller,
+    manifests: &Path,
+    pods: &[MeshPod],
+    sidecars: &[(MeshPod, FsmSidecar)],
+) -> Result<()> {
+    let curl = pods
+        .iter()
+        .find(|p| p.name == "curl")
+        .context("curl pod")?
+        .clone();
+    let sidecar = |name: &str| {
+        sidecars
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(_, s)| s)
+            .context("sidecar")
+    };
+
+    // 1. HTTP crosses client sidecar -> server sidecar -> app, round-robin over both versions.
+    let seen = eventually(CONVERGE, || backends(curl.outbound_addr(), 6)).await?;
+    ensure!(
+        seen == BTreeSet::from(["httpbin-v1".into(), "httpbin-v2".into()]),
+        "backends {seen:?}"
+    );
+    for name in ["httpbin-v1", "httpbin-v2"] {
+        let stats = sidecar(name)?
+            .admin_get("/stats?filter=upstream_rq_total")
+            .await?;
+        let served: u64 = stats
+            .lines()
+            .find(|l| l.starts_with("cluster.demo/httpbin|14001|local.upstream_rq_total:"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .with_context(|| format!("no local-cluster counter on {name}'s sidecar: {stats}"))?;
+        ensure!(
+            served > 0,
+            "{name}'s sidecar forwarded no request to its app: {stats}"
+        );
+    }
+    // An unknown Host is FSM's (and Envoy's) 404.
+    let reply = http_get_via(curl.outbound_addr(), "nowhere.demo:80", "/get").await?;
+    ensure!(reply.status == 404, "unknown host: {reply:?}");
+
+    // 2. TCP through both sidecars (HTTP/2 CONNECT tunnel between them).
+    let tcp_addr = SocketAddr::new(curl.ip, 9000);
+    let echoed = eventually(CONVERGE, || tcp_roundtrip(tcp_addr, "ping")).await?;
+    ensure!(echoed == "tcp-echo-1: ping", "echo {echoed:?}");
+
+    // 3. Metrics with FSM's names and labels, on the metrics port and the admin port.
+    let curl_sidecar = sidecar("curl")?;
+    let prom = curl_sidecar.metrics_get("/stats/prometheus").await?;
+    ensure!(
+        prom.lines().any(|l| l.starts_with("fsm_request_total{")
+            && l.contains("destination_name=\"httpbin\"")
+            && l.contains("source_name=\"curl\"")
+            && l.contains("response_code=\"200\"")),
+        "fsm_request_total missing: {prom}"
+    );
+    ensure!(
+        prom.contains("fsm_request_duration_ms_bucket{"),
+        "fsm_request_duration_ms missing"
+    );
+    ensure!(
+        curl_sidecar
+            .admin_get("/stats/prometheus")
+            .await?
+            .contains("sidecar_cluster_upstream_rq_xx{")
+    );
+
+    // 4. Each sidecar holds exactly the versions the controller reports as ACKed.
+    for (pod, sc) in sidecars {
+        let uuid = uuid_of(pod);
+        eventually(CONVERGE, || async {
+            let status = controller
+                .debug_proxies()
+                .await?
+                .get(&uuid)
+                .cloned()
+                .context("proxy not in /debug/proxies")?;
+            for type_url in [CDS, EDS, LDS, RDS] {
+                let t = status
+                    .types
+                    .get(type_url)
+                    .with_context(|| format!("{type_url} not tracked"))?;
+                ensure!(t.is_in_sync(), "{} {type_url} not in sync: {t:?}", pod.id());
+                let held = dump_version(sc, type_url).await?;
+                ensure!(
+                    Some(&held) == t.acked_version.as_ref(),
+                    "{} {type_url}: sidecar holds {held:?}, controller saw ACK of {:?}",
+                    pod.id(),
+                    t.acked_version
+                );
+            }
+            Ok(())
+        })
+        .await?;
+    }
+
+    // 5. Endpoint edits are followed: one version leaves, comes back.
+    let httpbin_file = manifests.join("20-httpbin.yaml");
+    let v1_line = V1_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
+    let v2_line = V2_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
+    for round in 0..4 {
+        if round % 2 == 0 {
+            edit(&httpbin_file, &v2_line, "")?;
+        } else {
+            edit(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
+        }
+        let expected: BTreeSet<String> = if round % 2 == 0 {
+            BTreeSet::from(["httpbin-v1".into()])
+        } else {
+            BTreeSet::from(["httpbin-v1".into(), "httpbin-v2".into()])
+        };
+        eventually(CONVERGE, || async {
+            let seen = backends(curl.outbound_addr(), 6).await?;
+            ensure!(seen == expected, "backends {seen:?}, want {expected:?}");
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("[{mode:?}] endpoint edit round {round}"))?;
+    }
+
+    // 6. A removed service disappears from the sidecars: its TCP listener closes, its cluster
+    //    leaves the config dump, and HTTP keeps working.
+    std::fs::remove_file(manifests.join("30-tcp-echo.yaml"))?;
+    eventually(CONVERGE, || async {
+        match tcp_roundtrip(tcp_addr, "ping").await {
+            Ok(reply) => bail!("tcp-echo still reachable: {reply:?}"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await?;
+    eventually(CONVERGE, || async {
+        let dump = curl_sidecar.config_dump().await?;
+        let names: Vec<String> = dump["types"][CDS]["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["name"].as_str().map(str::to_string))
+            .collect();
+        ensure!(
+            names.iter().any(|n| n == "demo/httpbin|14001"),
+            "httpbin cluster missing: {names:?}"
+        );
+        ensure!(
+            !names.iter().any(|n| n == "demo/tcp-echo|9000"),
+            "tcp-echo cluster still there: {names:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(!backends(curl.outbound_addr(), 2).await?.is_empty());
+
+    // 7. Idle memory, for the record.
+    for (pod, sc) in sidecars {
+        if let Some(rss) = sc.rss_kib() {
+            eprintln!("[{mode:?}] fsm-sidecar of {} VmRSS {rss} kB", pod.id());
+        }
+    }
+    Ok(())
+}
+
+/// The control plane goes away: the sidecars keep serving their last config; it comes back on the
+/// same address: they resume and follow changes again.
+async fn check_control_plane_restart(
+    mut controller: Controller,
+    subnet: u8,
+    manifests: &Path,
+    logs: &Path,
+    pods: &[MeshPod],
+) -> Result<()> {
+    let curl = pods.iter().find(|p| p.name == "curl").context("curl pod")?;
+    let options = ControllerOptions {
+        ads_addr: Some(controller.ads_addr),
+        http_addr: Some(controller.http_addr),
+        ..ControllerOptions::default()
+    };
+    controller.process.kill();
+    let both = BTreeSet::from(["httpbin-v1".to_string(), "httpbin-v2".to_string()]);
+    for _ in 0..3 {
+        let seen = backends(curl.outbound_addr(), 6).await?;
+        ensure!(seen == both, "without a control plane: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let controller = start_controller(manifests, logs, &options).await?;
+    eventually(CONVERGE, || async {
+        let proxies = controller.debug_proxies().await?;
+        for pod in pods {
+            let connected = proxies
+                .get(&uuid_of(pod))
+                .map_or(0, |p| p.connected_streams);
+            ensure!(connected == 1, "{} has {connected} streams", pod.id());
+        }
+        Ok(())
+    })
+    .await
+    .context("sidecars did not reconnect")?;
+    let v2_line = V2_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
+    edit(&manifests.join("20-httpbin.yaml"), &v2_line, "")?;
+    eventually(CONVERGE, || async {
+        let seen = backends(curl.outbound_addr(), 6).await?;
+        ensure!(
+            seen == BTreeSet::from(["httpbin-v1".to_string()]),
+            "after the restart: {seen:?}"
+        );
+        Ok(())
+    })
+    .await
+    .context("a change after the restart was not followed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsm_sidecar_mesh_over_sotw_ads() {
+    if let Err(err) = run_mesh(AdsMode::Sotw, 14).await {
+        panic!("{err:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsm_sidecar_mesh_over_delta_ads() {
+    if let Err(err) = run_mesh(AdsMode::Delta, 16).await {
+        panic!("{err:#}");
+    }
+}
+
+// === transparent mode ===
+
+/// FSM's `fsm-init` interception rules (the legacy script of spec/observability-security.md
+/// §7.6.1, verbatim): outbound TCP to 15001 except the proxy's own UID 1500 and 127.0.0.1,
+/// inbound TCP to 15003 except the metrics and probe ports.
+const FSM_INIT_IPTABLES: &str = "iptables -t nat -N PROXY_INBOUND && iptables -t nat -N PROXY_IN_REDIRECT && iptables -t nat -N PROXY_OUTPUT && iptables -t nat -N PROXY_REDIRECT && iptables -t nat -A PROXY_REDIRECT -p tcp -j REDIRECT --to-port 15001 && iptables -t nat -A PROXY_REDIRECT -p tcp --dport 15000 -j ACCEPT && iptables -t nat -A OUTPUT -p tcp -j PROXY_OUTPUT && iptables -t nat -A PROXY_OUTPUT -m owner --uid-owner 1500 -j RETURN && iptables -t nat -A PROXY_OUTPUT -d 127.0.0.1/32 -j RETURN && iptables -t nat -A PROXY_OUTPUT -j PROXY_REDIRECT && iptables -t nat -A PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port 15003 && iptables -t nat -A PREROUTING -p tcp -j PROXY_INBOUND && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15010 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15901 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15902 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15903 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp -j PROXY_IN_REDIRECT";
+
+/// The proxy UID FSM's rules exclude from redirection.
+const PROXY_UID: &str = "1500";
+/// Pod addresses on the test's private bridge: 10.244.<POD_SUBNET>.x.
+const POD_SUBNET: u8 = 77;
+
+fn sh(script: &str) -> Result<String> {
+    let out = std::process::Command::new("bash")
+        .args(["-c", script])
+        .output()
+        .context("running bash")?;
+    ensure!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Network namespaces named `<prefix>-*`, deleted (with their veths) on drop.
+struct Netns {
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl Netns {
+    fn ns(&self, pod: &str) -> String {
+        format!("{}-{pod}", self.prefix)
+    }
+
+    /// A "node" namespace holding a bridge, and one namespace per pod with a veth to it, the
+    /// pod address on eth0 and FSM's iptables rules.
+    fn create(prefix: &str, pods: &[(&str, u8)]) -> Result<Netns> {
+        let mut netns = Netns {
+            prefix: prefix.to_string(),
+            names: Vec::new(),
+        };
+        let node = netns.ns("node");
+        sh(&format!("ip netns add {node}"))?;
+        netns.names.push(node.clone());
+        sh(&format!(
+            "ip -n {node} link set lo up && ip -n {node} link add br0 type bridge && ip -n {node} link set br0 up"
+        ))?;
+        for (pod, last) in pods {
+            let ns = netns.ns(pod);
+            sh(&format!("ip netns add {ns}"))?;
+            netns.names.push(ns.clone());
+            sh(&format!(
+                "set -e
+                 ip -n {ns} link set lo up
+                 ip -n {node} link add b{last} type veth peer name e{last}
+                 ip -n {node} link set e{last} netns {ns}
+                 ip -n {node} link set b{last} master br0 up
+                 ip -n {ns} link set e{last} name eth0
+                 ip -n {ns} addr add 10.244.{POD_SUBNET}.{last}/24 dev eth0
+                 ip -n {ns} link set eth0 up
+                 ip -n {ns} route add default dev eth0
+                 ip netns exec {ns} bash -c '{FSM_INIT_IPTABLES}'"
+            ))?;
+        }
+        Ok(netns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for name in self.names.iter().rev() {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
+        }
+    }
+}
+
+/// Why this machine cannot run the namespace test, if it cannot.
+fn transparent_unsupported() -> Option<String> {
+    for tool in ["ip", "iptables", "setpriv", "bash"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    let probe = format!("fsmprobe{}", std::process::id());
+    match sh(&format!(
+        "ip netns add {probe} && ip netns exec {probe} iptables -t nat -L -n >/dev/null; r=$?; ip netns del {probe}; exit $r"
+    )) {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "the kernel refuses network namespaces or iptables: {e:#}"
+        )),
+    }
+}
+
+/// One plain HTTP/1.1 GET from inside `ns`, as an unmodified application would send it, with
+/// bash's `/dev/tcp` so the test needs no HTTP client in the namespace.
+fn http_in(ns: &str, addr: &str, host: &str, path: &str) -> Result<String> {
+    let (ip, port) = addr.split_once(':').context("ip:port")?;
+    sh(&format!(
+        "ip netns exec {ns} timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && printf \"GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n\" >&3 && cat <&3'"
+    ))
+}
+
+fn tcp_in(ns: &str, ip: &str, port: u16, line: &str) -> Result<String> {
+    let out = sh(&format!(
+        "ip netns exec {ns} timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && echo {line} >&3 && head -1 <&3'"
+    ))?;
+    Ok(out.trim_end().to_string())
+}
+
+async fn run_transparent() -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let manifests = demo_manifests(work.path(), 10)?;
+    // Pods on the bridge instead of loopback; httpbin-v2 gets no namespace, so it leaves.
+    let httpbin = manifests.join("20-httpbin.yaml");
+    edit(&httpbin, V2_ENDPOINT, "")?;
+    for file in std::fs::read_dir(&manifests)? {
+        let path = file?.path();
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            &path,
+            text.replace("127.0.10.", &format!("10.244.{POD_SUBNET}.")),
+        )?;
+    }
+    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
+    let pods: Vec<MeshPod> = mesh_pods(&catalog)
+        .into_iter()
+        .filter(|p| p.node_id().is_some() && p.name != "httpbin-v2")
+        .collect();
+    let layout: Vec<(String, u8)> = pods
+        .iter()
+        .map(|p| {
+            let last = p.ip.to_string().rsplit('.').next()?.parse().ok()?;
+            Some((p.name.clone(), last))
+        })
+        .collect::<Option<_>>()
+        .context("pod addresses")?;
+    let layout_refs: Vec<(&str, u8)> = layout.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    let netns = Netns::create(
+        &format!("fsmt{}", std::process::id() % 100_000),
+        &layout_refs,
+    )?;
+
+    let mut processes = Vec::new();
+    for pod in &pods {
+        let ns = netns.ns(&pod.name);
+        // Each pod namespace has its own controller on its loopback: the same manifests give
+        // the same configuration, and ADS never leaves 127.0.0.1.
+        let mut controller = std::process::Command::new("ip");
+        controller
+            .args(["netns", "exec", &ns])
+            .arg(fsm_integration_tests::binary("fsm-controller")?)
+            .arg("--manifest-dir")
+            .arg(&manifests)
+            .args([
+                "--ads-listen",
+                "127.0.0.1:15128",
+                "--http-listen",
+                "127.0.0.1:9091",
+            ]);
+        processes.push(fsm_integration_tests::ManagedProcess::spawn(
+            &format!("controller-{}", pod.name),
+            controller,
+            &logs,
+        )?);
+        if !pod.ports.is_empty() {
+            let mut app = std::process::Command::new("ip");
+            app.args(["netns", "exec", &ns])
+                .arg(fsm_integration_tests::binary("fsm-demo-app")?)
+                .arg("--name")
+                .arg(&pod.name);
+            for port in &pod.ports {
+                let flag = match port.protocol {
+                    fsm_integration_tests::AppProtocol::Http => "--http",
+                    fsm_integration_tests::AppProtocol::Tcp => "--tcp",
+                };
+                app.arg(flag).arg(format!("{}:{}", pod.ip, port.port));
+            }
+            processes.push(fsm_integration_tests::ManagedProcess::spawn(
+                &format!("app-{}", pod.name),
+                app,
+                &logs,
+            )?);
+        }
+        // The sidecar runs as the proxy UID, so its own connections are not redirected.
+        let mut sidecar = std::process::Command::new("ip");
+        sidecar
+            .args(["netns", "exec", &ns, "setpriv", "--reuid", PROXY_UID])
+            .args(["--regid", PROXY_UID, "--clear-groups"])
+            .arg(fsm_integration_tests::binary("fsm-sidecar")?)
+            .arg("--transparent")
+            .arg("--node-id")
+            .arg(pod.node_id().context("node id")?)
+            .args(["--ads", "127.0.0.1:15128", "--pod-ip"])
+            .arg(pod.ip.to_string())
+            .args(["--pod-name", &pod.name]);
+        processes.push(fsm_integration_tests::ManagedProcess::spawn(
+            &format!("fsm-sidecar-{}", pod.name),
+            sidecar,
+            &logs,
+        )?);
+    }
+    let dump_logs = |processes: &mut Vec<fsm_integration_tests::ManagedProcess>| {
+        for p in processes.iter_mut() {
+            eprintln!("--- {}:\n{}", p.name(), p.log_tail(15));
+        }
+    };
+    let result = async {
+        for pod in &pods {
+            let ns = netns.ns(&pod.name);
+            eventually(CONVERGE, || async {
+                let ready = http_in(&ns, "127.0.0.1:15000", "admin", "/ready")?;
+                ensure!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("sidecar of {} never ready", pod.id()))?;
+        }
+        let curl = netns.ns("curl");
+        // The application addresses the service's cluster IP and port, nothing else: iptables
+        // hands the connection to the sidecar, which routes it by its original destination.
+        let reply = eventually(CONVERGE, || async {
+            let reply = http_in(&curl, "10.96.0.10:14001", "httpbin.demo:14001", "/get")?;
+            ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+            Ok(reply)
+        })
+        .await?;
+        ensure!(
+            reply
+                .to_ascii_lowercase()
+                .contains("x-served-by: httpbin-v1"),
+            "{reply}"
+        );
+        // The server sidecar intercepted the inbound connection and forwarded to its app.
+        let stats = http_in(
+            &netns.ns("httpbin-v1"),
+            "127.0.0.1:15000",
+            "admin",
+            "/stats?filter=upstream_rq_total",
+        )?;
+        ensure!(
+            stats.contains("cluster.demo/httpbin|14001|local.upstream_rq_total: "),
+            "{stats}"
+        );
+        // TCP to the other service's cluster IP, tunnelled between the two sidecars.
+        let echoed = eventually(CONVERGE, || async {
+            tcp_in(&curl, "10.96.0.20", 9000, "transparent")
+        })
+        .await?;
+        ensure!(echoed == "tcp-echo-1: transparent", "{echoed:?}");
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_err() {
+        dump_logs(&mut processes);
+    }
+    drop(processes);
+    drop(netns);
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsm_sidecar_transparent_mode_in_network_namespaces() {
+    if let Some(why) = transparent_unsupported() {
+        eprintln!("SKIPPED fsm_sidecar_transparent_mode_in_network_namespaces: {why}");
+        return;
+    }
+    if let Err(err) = run_transparent().await {
+        panic!("{err:#}");
+    }
+}
