@@ -360,10 +360,39 @@ async fn fsm_sidecar_mesh_over_delta_ads() {
 
 // === transparent mode ===
 
-/// FSM's `fsm-init` interception rules (the legacy script of spec/observability-security.md
-/// §7.6.1, verbatim): outbound TCP to 15001 except the proxy's own UID 1500 and 127.0.0.1,
-/// inbound TCP to 15003 except the metrics and probe ports.
-const FSM_INIT_IPTABLES: &str = "iptables -t nat -N PROXY_INBOUND && iptables -t nat -N PROXY_IN_REDIRECT && iptables -t nat -N PROXY_OUTPUT && iptables -t nat -N PROXY_REDIRECT && iptables -t nat -A PROXY_REDIRECT -p tcp -j REDIRECT --to-port 15001 && iptables -t nat -A PROXY_REDIRECT -p tcp --dport 15000 -j ACCEPT && iptables -t nat -A OUTPUT -p tcp -j PROXY_OUTPUT && iptables -t nat -A PROXY_OUTPUT -m owner --uid-owner 1500 -j RETURN && iptables -t nat -A PROXY_OUTPUT -d 127.0.0.1/32 -j RETURN && iptables -t nat -A PROXY_OUTPUT -j PROXY_REDIRECT && iptables -t nat -A PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port 15003 && iptables -t nat -A PREROUTING -p tcp -j PROXY_INBOUND && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15010 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15901 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15902 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp --dport 15903 -j RETURN && iptables -t nat -A PROXY_INBOUND -p tcp -j PROXY_IN_REDIRECT";
+/// FSM's `fsm-init` interception rules: the current script of spec/observability-security.md
+/// §7.6.1, verbatim (for `iptables-restore --noflush`). Outbound TCP goes to 15001 except the
+/// proxy's own UID 1500 and 127.0.0.1; inbound TCP goes to 15003 except the metrics and probe
+/// ports; the sidecar's connections to the pod's own non-localhost address come back in through
+/// 15003; `net1`/`net2` are FSM's per-interface exclusions.
+const FSM_INIT_IPTABLES: &str = "# FSM sidecar interception rules
+*nat
+:fsm_PROXY_INBOUND - [0:0]
+:fsm_PROXY_IN_REDIRECT - [0:0]
+:fsm_PROXY_OUTBOUND - [0:0]
+:fsm_PROXY_OUT_REDIRECT - [0:0]
+-A fsm_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port 15003
+-A PREROUTING -p tcp -j fsm_PROXY_INBOUND
+-A fsm_PROXY_INBOUND -p tcp --dport 15010 -j RETURN
+-A fsm_PROXY_INBOUND -p tcp --dport 15901 -j RETURN
+-A fsm_PROXY_INBOUND -p tcp --dport 15902 -j RETURN
+-A fsm_PROXY_INBOUND -p tcp --dport 15903 -j RETURN
+-A fsm_PROXY_INBOUND -p tcp --dport 15904 -j RETURN
+-A fsm_PROXY_INBOUND -p tcp -j fsm_PROXY_IN_REDIRECT
+-I fsm_PROXY_INBOUND -i net1 -j RETURN
+-I fsm_PROXY_INBOUND -i net2 -j RETURN
+-A fsm_PROXY_OUT_REDIRECT -p tcp -j REDIRECT --to-port 15001
+-A fsm_PROXY_OUT_REDIRECT -p tcp --dport 15000 -j ACCEPT
+-A OUTPUT -p tcp -j fsm_PROXY_OUTBOUND
+-A fsm_PROXY_OUTBOUND -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1500 -j fsm_PROXY_IN_REDIRECT
+-A fsm_PROXY_OUTBOUND -o lo -m owner ! --uid-owner 1500 -j RETURN
+-A fsm_PROXY_OUTBOUND -m owner --uid-owner 1500 -j RETURN
+-A fsm_PROXY_OUTBOUND -d 127.0.0.1/32 -j RETURN
+-A fsm_PROXY_OUTBOUND -o net1 -j RETURN
+-A fsm_PROXY_OUTBOUND -o net2 -j RETURN
+-A fsm_PROXY_OUTBOUND -j fsm_PROXY_OUT_REDIRECT
+COMMIT
+";
 
 /// The proxy UID FSM's rules exclude from redirection.
 const PROXY_UID: &str = "1500";
@@ -402,6 +431,9 @@ impl Netns {
             prefix: prefix.to_string(),
             names: Vec::new(),
         };
+        let rules_file = tempfile::NamedTempFile::new()?;
+        std::fs::write(rules_file.path(), FSM_INIT_IPTABLES)?;
+        let rules = rules_file.path();
         let node = netns.ns("node");
         sh(&format!("ip netns add {node}"))?;
         netns.names.push(node.clone());
@@ -422,7 +454,8 @@ impl Netns {
                  ip -n {ns} addr add 10.244.{POD_SUBNET}.{last}/24 dev eth0
                  ip -n {ns} link set eth0 up
                  ip -n {ns} route add default dev eth0
-                 ip netns exec {ns} bash -c '{FSM_INIT_IPTABLES}'"
+                 ip netns exec {ns} iptables-restore --noflush {rules}",
+                rules = rules.display()
             ))?;
         }
         Ok(netns)
@@ -490,7 +523,8 @@ async fn run_transparent() -> Result<()> {
         let text = std::fs::read_to_string(&path)?;
         std::fs::write(
             &path,
-            text.replace("127.0.10.", &format!("10.244.{POD_SUBNET}.")),
+            text.replace("127.0.10.", &format!("10.244.{POD_SUBNET}."))
+                .replace("localProxyMode: PodIP", "localProxyMode: Localhost"),
         )?;
     }
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
@@ -545,7 +579,9 @@ async fn run_transparent() -> Result<()> {
                     fsm_integration_tests::AppProtocol::Http => "--http",
                     fsm_integration_tests::AppProtocol::Tcp => "--tcp",
                 };
-                app.arg(flag).arg(format!("{}:{}", pod.ip, port.port));
+                // As in a real pod: the application listens on all addresses and its sidecar
+                // reaches it on localhost (FSM's default localProxyMode).
+                app.arg(flag).arg(format!("0.0.0.0:{}", port.port));
             }
             processes.push(fsm_integration_tests::ManagedProcess::spawn(
                 &format!("app-{}", pod.name),

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use fsm_catalog::Catalog;
+use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
@@ -142,7 +143,15 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         warnings: Vec::new(),
     };
     let outbound = compiler.outbound();
-    let inbound = compiler.inbound(pod, pod_ip);
+    // MeshConfig `sidecar.localProxyMode`: FSM's default reaches the application on localhost
+    // (it listens on all addresses, and FSM's iptables rules leave the sidecar's localhost
+    // connections alone); `PodIP` is for applications bound to the pod address only.
+    let app_ip = match mesh_config.spec.sidecar.local_proxy_mode {
+        LocalProxyMode::Localhost if pod_ip.is_ipv6() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        LocalProxyMode::Localhost => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        LocalProxyMode::PodIp => pod_ip,
+    };
+    let inbound = compiler.inbound(pod, app_ip);
     let ir = ProxyIr {
         proxy: ProxyInfo {
             uuid: proxy.uuid.clone(),
@@ -246,7 +255,8 @@ impl Compiler<'_> {
         out
     }
 
-    fn inbound(&mut self, pod: &Pod, pod_ip: IpAddr) -> Vec<InboundPort> {
+    /// Inbound ports of the pod; the sidecar reaches the application at `app_ip`.
+    fn inbound(&mut self, pod: &Pod, app_ip: IpAddr) -> Vec<InboundPort> {
         let allowed = if self.mesh.permissive_traffic_policy_mode {
             AllowedSources::Any
         } else {
@@ -274,7 +284,7 @@ impl Compiler<'_> {
                         service: service.clone(),
                         protocol,
                         endpoints: vec![Endpoint {
-                            ip: pod_ip,
+                            ip: app_ip,
                             port: target_port,
                             meshed: false,
                             identity: None,
