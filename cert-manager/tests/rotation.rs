@@ -1,0 +1,334 @@
+//! CertManager: caching, rotation exactly at the documented threshold (1/3 of the lifetime
+//! left, jitter up to 1/30 earlier), announcements, root rotation with a two-root bundle, and
+//! expiry reported as E4016. Driven by a ManualClock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use fsm_certs::tresor::TresorProvider;
+use fsm_certs::{
+    CertKey, CertManager, CertManagerConfig, Clock, ManualClock, RotationPolicy, RotationReason,
+    ServiceIdentity, x509,
+};
+use fsm_errcode::{ErrCode, HasErrCode};
+use tokio::sync::broadcast::error::TryRecvError;
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn exact_policy() -> CertManagerConfig {
+    CertManagerConfig {
+        rotation: RotationPolicy {
+            jitter_fraction: 0.0,
+            ..RotationPolicy::default()
+        },
+        ..CertManagerConfig::default()
+    }
+}
+
+fn key(sa: &str, ns: &str) -> CertKey {
+    CertKey::Service {
+        identity: ServiceIdentity::new(sa, ns),
+        trust_domain: "cluster.local".into(),
+    }
+}
+
+#[tokio::test]
+async fn cached_until_one_third_of_lifetime_remains_then_rotated_and_announced() -> Result<()> {
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(
+        Arc::new(TresorProvider::generate()?),
+        exact_policy(),
+        clock.clone(),
+    );
+    let mut events = manager.subscribe();
+    let t0 = clock.now();
+
+    let first = manager
+        .issue_service_certificate("bookbuyer", "bookstore", "cluster.local", DAY)
+        .await?;
+    let again = manager
+        .issue_service_certificate("bookbuyer", "bookstore", "cluster.local", DAY)
+        .await?;
+    assert_eq!(first.serial, again.serial, "second call must hit the cache");
+    assert!(
+        matches!(events.try_recv(), Err(TryRecvError::Empty)),
+        "first issuance is not a rotation"
+    );
+
+    // Threshold: 16h after issuance (8h = 1/3 of 24h left). One second before: nothing.
+    let threshold = t0 + Duration::from_secs(16 * 3600);
+    clock.set(threshold - Duration::from_secs(1));
+    let report = manager.rotate_due().await;
+    ensure!(
+        report.rotated.is_empty() && report.failed.is_empty(),
+        "{report:?}"
+    );
+    let cached = manager
+        .cached(&key("bookbuyer", "bookstore"))
+        .await
+        .context("not cached")??;
+    assert_eq!(cached.serial, first.serial);
+    assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+
+    clock.set(threshold);
+    let report = manager.rotate_due().await;
+    assert_eq!(report.rotated, vec![key("bookbuyer", "bookstore")]);
+    let event = events.try_recv()?;
+    assert_eq!(event.key, key("bookbuyer", "bookstore"));
+    assert_eq!(event.reason, RotationReason::Expiring);
+    assert_ne!(event.cert.serial, first.serial);
+    let info = x509::leaf_info(&event.cert.cert_chain_pem)?;
+    assert_eq!(info.common_name, "bookbuyer.bookstore.cluster.local");
+    let now = manager
+        .issue_service_certificate("bookbuyer", "bookstore", "cluster.local", DAY)
+        .await?;
+    assert_eq!(
+        now.serial, event.cert.serial,
+        "the rotated certificate is served"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn issuing_past_the_threshold_rotates_inline_and_announces() -> Result<()> {
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(
+        Arc::new(TresorProvider::generate()?),
+        exact_policy(),
+        clock.clone(),
+    );
+    let mut events = manager.subscribe();
+    let t0 = clock.now();
+    let first = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    clock.set(t0 + Duration::from_secs(16 * 3600));
+    let second = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    assert_ne!(first.serial, second.serial);
+    assert_eq!(events.try_recv()?.cert.serial, second.serial);
+    Ok(())
+}
+
+#[tokio::test]
+async fn default_jitter_renews_between_15h12m_and_16h_for_24h_certs() -> Result<()> {
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(
+        Arc::new(TresorProvider::generate()?),
+        CertManagerConfig::default(),
+        clock.clone(),
+    );
+    let t0 = clock.now();
+    for i in 0..20 {
+        manager
+            .issue_service_certificate(&format!("sa{i}"), "ns", "cluster.local", DAY)
+            .await?;
+    }
+    // Just before the earliest jittered threshold (16h - 48m): none due.
+    clock.set(t0 + Duration::from_secs(15 * 3600 + 12 * 60) - Duration::from_secs(1));
+    assert!(manager.rotate_due().await.rotated.is_empty());
+    // At the un-jittered threshold: all due.
+    clock.set(t0 + Duration::from_secs(16 * 3600));
+    assert_eq!(manager.rotate_due().await.rotated.len(), 20);
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_certificate_is_reported_with_e4016() -> Result<()> {
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(
+        Arc::new(TresorProvider::generate()?),
+        exact_policy(),
+        clock.clone(),
+    );
+    let cert = manager
+        .issue_service_certificate(
+            "bookbuyer",
+            "bookstore",
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .await?;
+    clock.set(cert.not_after + Duration::from_secs(1));
+    let err = manager
+        .cached(&key("bookbuyer", "bookstore"))
+        .await
+        .context("not cached")?
+        .err()
+        .context("an expired certificate was served")?;
+    assert_eq!(err.err_code(), ErrCode::E4016);
+    assert!(
+        err.to_string()
+            .contains("bookbuyer.bookstore.cluster.local"),
+        "{err}"
+    );
+    // Not yet valid, likewise.
+    clock.set(cert.not_before - Duration::from_secs(60));
+    assert_eq!(
+        manager.check(&cert).err().map(|e| e.err_code()),
+        Some(ErrCode::E4016)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn root_rotation_bundles_old_and_new_roots_until_finished() -> Result<()> {
+    let old = Arc::new(TresorProvider::generate()?);
+    let new = Arc::new(TresorProvider::generate()?);
+    let old_root = old.ca().cert_pem().to_owned();
+    let new_root = new.ca().cert_pem().to_owned();
+    let manager = CertManager::new(old, exact_policy());
+    let before = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    let mut events = manager.subscribe();
+
+    let report = manager.rotate_root(new).await;
+    ensure!(report.failed.is_empty(), "{report:?}");
+    let event = events.try_recv()?;
+    assert_eq!(event.reason, RotationReason::RootRotation);
+    let during = event.cert;
+    // The new leaf is signed by the new root only…
+    x509::verify_chain(&during.cert_chain_pem, &new_root)?;
+    assert!(x509::verify_chain(&during.cert_chain_pem, &old_root).is_err());
+    // …and the bundle trusts both, so peers still on old-root leaves keep working.
+    assert_eq!(x509::all_info(&during.trust_bundle_pem)?.len(), 2);
+    x509::verify_chain(&before.cert_chain_pem, &during.trust_bundle_pem)?;
+    x509::verify_chain(&during.cert_chain_pem, &during.trust_bundle_pem)?;
+    // Certificates issued during the rotation carry both roots too.
+    let fresh = manager
+        .issue_service_certificate("b", "ns", "cluster.local", DAY)
+        .await?;
+    assert_eq!(x509::all_info(&fresh.trust_bundle_pem)?.len(), 2);
+
+    manager.finish_root_rotation().await;
+    let mut changed = 0;
+    while let Ok(ev) = events.try_recv() {
+        assert_eq!(ev.reason, RotationReason::TrustBundleChanged);
+        assert_eq!(x509::all_info(&ev.cert.trust_bundle_pem)?.len(), 1);
+        assert!(x509::verify_chain(&before.cert_chain_pem, &ev.cert.trust_bundle_pem).is_err());
+        changed += 1;
+    }
+    assert_eq!(changed, 2);
+    assert_eq!(
+        manager
+            .trust_bundle_pem()
+            .map(|b| x509::all_info(&b).map(|v| v.len()).ok()),
+        Some(Some(1))
+    );
+    Ok(())
+}
+
+/// Wraps a provider: counts calls, and fails while `fail` is set.
+struct Scripted {
+    inner: TresorProvider,
+    calls: std::sync::atomic::AtomicUsize,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl fsm_certs::CertificateProvider for Scripted {
+    async fn issue(
+        &self,
+        req: &fsm_certs::CertificateRequest,
+    ) -> Result<fsm_certs::IssuedCertificate, fsm_certs::CertError> {
+        use std::sync::atomic::Ordering;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::task::yield_now().await;
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(fsm_certs::CertError::Issue {
+                provider: "scripted",
+                common_name: req.common_name.clone(),
+                message: "backend down".into(),
+                source: None,
+            });
+        }
+        self.inner.issue(req).await
+    }
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+}
+
+fn scripted() -> Result<Arc<Scripted>> {
+    Ok(Arc::new(Scripted {
+        inner: TresorProvider::generate()?,
+        calls: Default::default(),
+        fail: Default::default(),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_one_identity_issue_once() -> Result<()> {
+    let provider = scripted()?;
+    let manager = CertManager::new(provider.clone(), exact_policy());
+    let calls = (0..10).map(|_| {
+        let m = manager.clone();
+        tokio::spawn(async move {
+            m.issue_service_certificate("a", "ns", "cluster.local", DAY)
+                .await
+        })
+    });
+    let mut serials = std::collections::HashSet::new();
+    for c in calls {
+        serials.insert(c.await??.serial.clone());
+    }
+    assert_eq!(serials.len(), 1);
+    assert_eq!(provider.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_rotation_keeps_the_old_certificate_and_reports_e4016() -> Result<()> {
+    let provider = scripted()?;
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(provider.clone(), exact_policy(), clock.clone());
+    let t0 = clock.now();
+    let first = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    provider
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    clock.set(t0 + Duration::from_secs(17 * 3600));
+    let report = manager.rotate_due().await;
+    assert!(report.rotated.is_empty());
+    let (failed_key, err) = report.failed.first().context("no failure reported")?;
+    assert_eq!(failed_key, &key("a", "ns"));
+    assert_eq!(err.err_code(), ErrCode::E4016);
+    let cached = manager.cached(&key("a", "ns")).await.context("evicted")??;
+    assert_eq!(
+        cached.serial, first.serial,
+        "the old, still valid cert keeps serving"
+    );
+    // Recovered backend: the next pass rotates.
+    provider
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(manager.rotate_due().await.rotated.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn background_rotation_loop_announces() -> Result<()> {
+    let clock = Arc::new(ManualClock::starting_now());
+    let manager = CertManager::with_clock(
+        Arc::new(TresorProvider::generate()?),
+        exact_policy(),
+        clock.clone(),
+    );
+    let t0 = clock.now();
+    let first = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    let mut events = manager.subscribe();
+    let task = tokio::spawn(manager.clone().run_rotation(Duration::from_millis(10)));
+    clock.set(t0 + Duration::from_secs(16 * 3600));
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv()).await??;
+    task.abort();
+    assert_eq!(ev.key, key("a", "ns"));
+    assert_ne!(ev.cert.serial, first.serial);
+    Ok(())
+}
