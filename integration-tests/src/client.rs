@@ -1,6 +1,6 @@
 //! The application side of a meshed pod: plain HTTP and TCP clients aimed at its sidecar.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -77,6 +77,35 @@ pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<Htt
         headers,
         body,
     })
+}
+
+/// Sends `n` GETs of `/get` for `host` through `via`, requiring 200, and returns which backends
+/// answered (their `x-served-by`): how tests see load balancing and endpoint changes.
+pub async fn backends_via(via: SocketAddr, host: &str, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let reply = http_get_via(via, host, "/get").await?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "status {} body {}",
+            reply.status,
+            reply.body
+        );
+        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
+    }
+    Ok(seen)
+}
+
+/// Waits until a line sent to `addr` no longer comes back (its listener closed or its route went
+/// away).
+pub async fn wait_tcp_unreachable(addr: SocketAddr, timeout: std::time::Duration) -> Result<()> {
+    crate::eventually(timeout, || async {
+        match tcp_roundtrip(addr, "ping").await {
+            Ok(reply) => anyhow::bail!("{addr} still answers: {reply:?}"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await
 }
 
 /// Sends one line to `addr` and returns the first line that comes back, without its newline.

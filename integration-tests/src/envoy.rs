@@ -133,6 +133,32 @@ impl Envoy {
             .collect())
     }
 
+    /// Waits until Envoy has every cluster of `present` active and none of `absent`.
+    pub async fn wait_for_clusters(
+        &self,
+        present: &[&str],
+        absent: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
+        crate::eventually(timeout, || async {
+            let active = self.active_clusters().await?;
+            for name in present {
+                anyhow::ensure!(
+                    active.iter().any(|n| n == name),
+                    "{name} missing: {active:?}"
+                );
+            }
+            for name in absent {
+                anyhow::ensure!(
+                    !active.iter().any(|n| n == name),
+                    "{name} still active: {active:?}"
+                );
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// One counter from `/stats`, 0 when Envoy has not created it.
     pub async fn counter(&self, name: &str) -> Result<u64> {
         // The filter is a regex; its dots matching any character is harmless, the exact name is

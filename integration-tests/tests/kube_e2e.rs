@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::cluster::{self, TestCluster, find};
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, eventually,
-    http_get_via, load_catalog, mesh_pods, start_controller_on_cluster, start_demo_apps,
-    start_envoy, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, backends_via,
+    eventually, load_catalog, mesh_pods, start_controller_on_cluster, start_demo_apps, start_envoy,
+    tcp_roundtrip, wait_tcp_unreachable,
 };
 use fsm_test_apiserver::Verb;
 use serde_json::{Value, json};
@@ -26,18 +26,7 @@ const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 
 async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let reply = http_get_via(via, HTTPBIN, "/get").await?;
-        ensure!(
-            reply.status == 200,
-            "status {} body {}",
-            reply.status,
-            reply.body
-        );
-        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
-    }
-    Ok(seen)
+    backends_via(via, HTTPBIN, n).await
 }
 
 async fn expect_backends(via: SocketAddr, expected: &[&str]) -> Result<()> {
@@ -51,9 +40,7 @@ async fn expect_backends(via: SocketAddr, expected: &[&str]) -> Result<()> {
 }
 
 fn uuid_of(pod: &MeshPod) -> String {
-    pod.node_id()
-        .and_then(|id| id.split('.').next().map(str::to_string))
-        .unwrap_or_default()
+    pod.proxy_uuid.clone().unwrap_or_default()
 }
 
 async fn start_sidecar(pod: &MeshPod, ads: &[SocketAddr], logs: &Path) -> Result<Envoy> {
@@ -246,30 +233,14 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     // 8. Deleting the service removes it from the sidecars.
     let service = find(&tcp_echo, "Service", "tcp-echo")?;
     cluster::delete(&c.client, service).await?;
-    eventually(CONVERGE, || async {
-        match tcp_roundtrip(tcp_addr, "ping").await {
-            Ok(reply) => bail!("tcp-echo still reachable: {reply:?}"),
-            Err(_) => Ok(()),
-        }
-    })
-    .await?;
+    wait_tcp_unreachable(tcp_addr, CONVERGE).await?;
     let (_, curl_envoy) = envoys
         .iter()
         .find(|(p, _)| p.name == "curl")
         .context("curl")?;
-    eventually(CONVERGE, || async {
-        let active = curl_envoy.active_clusters().await?;
-        ensure!(
-            active.iter().any(|n| n == "demo/httpbin|14001"),
-            "{active:?}"
-        );
-        ensure!(
-            !active.iter().any(|n| n == "demo/tcp-echo|9000"),
-            "{active:?}"
-        );
-        Ok(())
-    })
-    .await?;
+    curl_envoy
+        .wait_for_clusters(&["demo/httpbin|14001"], &["demo/tcp-echo|9000"], CONVERGE)
+        .await?;
 
     // 9. Invalid objects: the API server refuses what the CRD schema forbids; what only FSM's
     // rules forbid is refused by the controller, reported with its code, and changes nothing.

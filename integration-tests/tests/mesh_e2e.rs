@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, MeshPod, SidecarConfig, demo_manifests, eventually,
-    http_get_via, load_catalog, mesh_pods, start_controller, start_demo_apps, start_envoy,
-    tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, MeshPod, SidecarConfig, backends_via, demo_manifests,
+    eventually, load_catalog, mesh_pods, start_controller, start_demo_apps, start_envoy,
+    tcp_roundtrip, wait_tcp_unreachable,
 };
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -41,24 +41,11 @@ fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
 }
 
 async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let reply = http_get_via(via, HTTPBIN, "/get").await?;
-        ensure!(
-            reply.status == 200,
-            "status {} body {}",
-            reply.status,
-            reply.body
-        );
-        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
-    }
-    Ok(seen)
+    backends_via(via, HTTPBIN, n).await
 }
 
 fn uuid_of(pod: &MeshPod) -> String {
-    pod.node_id()
-        .and_then(|id| id.split('.').next().map(str::to_string))
-        .unwrap_or_default()
+    pod.proxy_uuid.clone().unwrap_or_default()
 }
 
 async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>> {
@@ -264,30 +251,14 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
 
     // 6. A removed service disappears from the sidecars: its TCP listener closes.
     std::fs::remove_file(manifests.join("30-tcp-echo.yaml"))?;
-    eventually(CONVERGE, || async {
-        match tcp_roundtrip(tcp_addr, "ping").await {
-            Ok(reply) => bail!("tcp-echo still reachable: {reply:?}"),
-            Err(_) => Ok(()),
-        }
-    })
-    .await?;
+    wait_tcp_unreachable(tcp_addr, CONVERGE).await?;
     let (_, curl_envoy) = envoys
         .iter()
         .find(|(p, _)| p.name == "curl")
         .context("curl sidecar")?;
-    eventually(CONVERGE, || async {
-        let active = curl_envoy.active_clusters().await?;
-        ensure!(
-            active.iter().any(|n| n == "demo/httpbin|14001"),
-            "httpbin cluster missing: {active:?}"
-        );
-        ensure!(
-            !active.iter().any(|n| n == "demo/tcp-echo|9000"),
-            "tcp-echo cluster still active: {active:?}"
-        );
-        Ok(())
-    })
-    .await?;
+    curl_envoy
+        .wait_for_clusters(&["demo/httpbin|14001"], &["demo/tcp-echo|9000"], CONVERGE)
+        .await?;
     Ok(())
 }
 
