@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use fsm_catalog::{Catalog, CatalogSettings, Kind, PROXY_UUID_LABEL, decode_manifests};
+use fsm_catalog::{
+    Catalog, CatalogSettings, Kind, PROXY_UUID_LABEL, Workload, decode_manifests, workload_of,
+};
 use k8s_openapi::api::core::v1::Pod;
 
 /// Sidecar admin port (FSM's Envoy admin port).
@@ -37,6 +39,9 @@ pub struct MeshPod {
     /// `status.podIP`: the loopback address its app and sidecar bind.
     pub ip: IpAddr,
     pub service_account: String,
+    /// From the pod's owner references, by the rule the control plane names endpoints with, so
+    /// a sidecar's `source_*` labels match other sidecars' `destination_*` labels.
+    pub workload: Workload,
     pub proxy_uuid: Option<String>,
     /// In a monitored namespace, injection not disabled, and carrying a proxy UUID.
     pub has_sidecar: bool,
@@ -192,6 +197,7 @@ fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &Pod) -> Opt
         name: name.to_string(),
         ip,
         service_account,
+        workload: workload_of(pod),
         has_sidecar: proxy_uuid.is_some() && catalog.pod_has_sidecar(namespace, name),
         proxy_uuid,
         ports,
@@ -251,6 +257,20 @@ mod tests {
             Some("6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo")
         );
         assert_eq!(curl.node_cluster(), "curl.demo");
+        let workloads: Vec<(&str, &str)> = pods
+            .iter()
+            .map(|p| (p.workload.kind.as_str(), p.workload.name.as_str()))
+            .collect();
+        assert_eq!(
+            workloads,
+            vec![
+                ("Deployment", "curl"),
+                ("Deployment", "httpbin-v1"),
+                ("Deployment", "httpbin-v2"),
+                ("StatefulSet", "tcp-echo"),
+            ],
+            "the demo's owner references"
+        );
         assert_eq!(curl.outbound_addr().to_string(), "127.0.10.10:15001");
     }
 }

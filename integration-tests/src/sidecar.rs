@@ -24,6 +24,9 @@ pub struct FsmSidecarConfig {
     pub node_cluster: String,
     pub pod_ip: IpAddr,
     pub pod_name: String,
+    pub pod_namespace: String,
+    pub workload_kind: String,
+    pub workload_name: String,
     pub admin: SocketAddr,
     pub metrics: SocketAddr,
     pub ads: SocketAddr,
@@ -45,6 +48,9 @@ impl FsmSidecarConfig {
             node_cluster: pod.node_cluster(),
             pod_ip: pod.ip,
             pod_name: pod.name.clone(),
+            pod_namespace: pod.namespace.clone(),
+            workload_kind: pod.workload.kind.clone(),
+            workload_name: pod.workload.name.clone(),
             admin: pod.admin_addr(),
             metrics: SocketAddr::new(pod.ip, METRICS_PORT),
             ads,
@@ -130,6 +136,12 @@ pub async fn start_fsm_sidecar(config: &FsmSidecarConfig, log_dir: &Path) -> Res
         .arg(config.pod_ip.to_string())
         .arg("--pod-name")
         .arg(&config.pod_name)
+        .arg("--pod-namespace")
+        .arg(&config.pod_namespace)
+        .arg("--workload-kind")
+        .arg(&config.workload_kind)
+        .arg("--workload-name")
+        .arg(&config.workload_name)
         .arg("--admin")
         .arg(config.admin.to_string())
         .arg("--metrics")

@@ -4,7 +4,7 @@
 //! over state-of-the-world ADS and once over delta ADS, each on its own 127.0.<subnet>.x
 //! addresses so both can run at the same time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,6 +88,74 @@ async fn dump_version(sidecar: &FsmSidecar, type_url: &str) -> Result<String> {
         .as_str()
         .map(str::to_string)
         .with_context(|| format!("no {type_url} version in /config_dump: {dump}"))
+}
+
+/// The series of `metric` in a Prometheus text exposition: each one's labels and value.
+fn series(text: &str, metric: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let value = value.trim().parse().ok()?;
+            let mut map = BTreeMap::new();
+            // Values here never contain `",`, so a plain split is a faithful parse.
+            for pair in labels.split("\",") {
+                let (name, quoted) = pair.split_once("=\"")?;
+                map.insert(name.to_string(), quoted.trim_end_matches('"').to_string());
+            }
+            Some((map, value))
+        })
+        .collect()
+}
+
+/// `client`'s sidecar counted and timed successful requests to `server` with FSM's eight peer
+/// labels, the kinds and names derived from the demo pods' owner references.
+fn check_request_metrics(prom: &str, client: &MeshPod, server: &MeshPod) -> Result<()> {
+    let expected: BTreeMap<String, String> = [
+        ("source_kind", "Deployment"),
+        ("source_name", "curl"),
+        ("source_pod", client.name.as_str()),
+        ("source_namespace", "demo"),
+        ("destination_kind", "Deployment"),
+        ("destination_name", server.name.as_str()),
+        ("destination_pod", server.name.as_str()),
+        ("destination_namespace", "demo"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    // Guards the expectations themselves: the demo's httpbin pods are named like their
+    // Deployments, and a label must never be expected empty.
+    ensure!(expected.values().all(|v| !v.is_empty()), "{expected:?}");
+    let peers_match =
+        |labels: &BTreeMap<String, String>| expected.iter().all(|(k, v)| labels.get(k) == Some(v));
+    let total: f64 = series(prom, "fsm_request_total")
+        .iter()
+        .filter(|(labels, _)| {
+            peers_match(labels) && labels.get("response_code").map(String::as_str) == Some("200")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    ensure!(
+        total >= 1.0,
+        "no fsm_request_total{{{expected:?}, response_code=\"200\"}} on {}'s sidecar: {prom}",
+        client.id()
+    );
+    let timed: f64 = series(prom, "fsm_request_duration_ms_bucket")
+        .iter()
+        .filter(|(labels, _)| {
+            peers_match(labels)
+                && !labels.contains_key("response_code")
+                && labels.get("le").map(String::as_str) == Some("+Inf")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    ensure!(
+        timed >= 1.0,
+        "no fsm_request_duration_ms_bucket{{{expected:?}, le=\"+Inf\"}} on {}'s sidecar: {prom}",
+        client.id()
+    );
+    Ok(())
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
@@ -181,26 +249,20 @@ async fn check_mesh(
     let echoed = eventually(CONVERGE, || tcp_roundtrip(tcp_addr, "ping")).await?;
     ensure!(echoed == "tcp-echo-1: ping", "echo {echoed:?}");
 
-    // 3. Metrics with FSM's names and labels, on the metrics port and the admin port.
+    // 3. Metrics with FSM's names and labels, on the metrics port and the admin port: the source
+    //    is the curl sidecar's own pod and workload, the destination the pod that answered.
     let curl_sidecar = sidecar("curl")?;
     let prom = curl_sidecar.metrics_get("/stats/prometheus").await?;
-    ensure!(
-        prom.lines().any(|l| l.starts_with("fsm_request_total{")
-            && l.contains("destination_name=\"httpbin\"")
-            && l.contains("source_name=\"curl\"")
-            && l.contains("response_code=\"200\"")),
-        "fsm_request_total missing: {prom}"
-    );
-    ensure!(
-        prom.contains("fsm_request_duration_ms_bucket{"),
-        "fsm_request_duration_ms missing"
-    );
-    ensure!(
-        curl_sidecar
-            .admin_get("/stats/prometheus")
-            .await?
-            .contains("sidecar_cluster_upstream_rq_xx{")
-    );
+    for server in pods.iter().filter(|p| p.name.starts_with("httpbin-")) {
+        check_request_metrics(&prom, &curl, server)?;
+    }
+    let admin_prom = curl_sidecar.admin_get("/stats/prometheus").await?;
+    ensure!(admin_prom.contains("sidecar_cluster_upstream_rq_xx{"));
+    let httpbin_v1 = pods
+        .iter()
+        .find(|p| p.name == "httpbin-v1")
+        .context("httpbin-v1 pod")?;
+    check_request_metrics(&admin_prom, &curl, httpbin_v1)?;
 
     // 4. Each sidecar holds exactly the versions the controller reports as ACKed.
     for (pod, sc) in sidecars {

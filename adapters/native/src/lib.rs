@@ -243,6 +243,12 @@ fn load_assignment(c: &fsm_ir::Cluster) -> v1::ClusterLoadAssignment {
                 weight: 1,
                 meshed: e.meshed,
                 identity: e.identity.as_ref().map(identity),
+                workload: e.workload.as_ref().map(|w| v1::Workload {
+                    namespace: w.namespace.clone(),
+                    pod: w.pod.clone(),
+                    kind: w.kind.clone(),
+                    name: w.name.clone(),
+                }),
             })
             .collect(),
     }

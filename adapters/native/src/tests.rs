@@ -111,6 +111,7 @@ fn endpoint(addr: &str, port: u16, meshed: bool, identity: Option<ServiceIdentit
         port,
         meshed,
         identity,
+        workload: None,
     }
 }
 
@@ -326,7 +327,15 @@ fn meshed_endpoints_are_addressed_at_their_sidecar() {
     let mut ir = one_outbound(Protocol::Http);
     ir.clusters[0].endpoints = vec![
         endpoint("127.0.0.3", 8080, false, None),
-        endpoint("127.0.0.2", 8080, true, Some(id("web"))),
+        Endpoint {
+            workload: Some(fsm_ir::WorkloadRef {
+                namespace: "app".into(),
+                pod: "web-7d9f8b6c5d-x2k4q".into(),
+                kind: "Deployment".into(),
+                name: "web".into(),
+            }),
+            ..endpoint("127.0.0.2", 8080, true, Some(id("web")))
+        },
     ];
     let out = translate(&ir).expect("translates");
     assert_eq!(out.endpoints.len(), 1);
@@ -344,6 +353,12 @@ fn meshed_endpoints_are_addressed_at_their_sidecar() {
                 service_account: "web".into(),
                 namespace: "app".into(),
             }),
+            workload: Some(v1::Workload {
+                namespace: "app".into(),
+                pod: "web-7d9f8b6c5d-x2k4q".into(),
+                kind: "Deployment".into(),
+                name: "web".into(),
+            }),
         },
         v1::Endpoint {
             address: Some(v1::SocketAddress {
@@ -353,6 +368,7 @@ fn meshed_endpoints_are_addressed_at_their_sidecar() {
             weight: 1,
             meshed: false,
             identity: None,
+            workload: None,
         },
     ];
     assert_eq!(cla.endpoints, expected, "sorted by address");

@@ -9,6 +9,7 @@ mod decode;
 mod event;
 mod object;
 mod store;
+mod workload;
 
 pub use decode::{DecodeError, decode_manifests};
 pub use event::{CatalogEvent, Scope};
@@ -16,6 +17,7 @@ pub use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 pub use fsm_crds::parse_go_duration as parse_duration;
 pub use object::{Kind, KindVisitor, MeshKind, MeshObject, ObjectKey};
 pub use store::{Catalog, CatalogSettings, Rejection, ResolvedEndpoint};
+pub use workload::{Workload, workload_of};
 
 /// Namespace label that puts a namespace under a mesh's control.
 pub const MONITORED_BY_LABEL: &str = "flomesh.io/monitored-by";

@@ -14,7 +14,7 @@ use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
     InboundService, MeshSettings, OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch,
-    ServiceIdentity, ServiceRef, WeightedCluster,
+    ServiceIdentity, ServiceRef, WeightedCluster, WorkloadRef,
 };
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 
@@ -288,6 +288,7 @@ impl Compiler<'_> {
                             port: target_port,
                             meshed: false,
                             identity: None,
+                            workload: None,
                         }],
                         connect_timeout_ms: CONNECT_TIMEOUT_MS,
                     },
@@ -343,6 +344,15 @@ impl Compiler<'_> {
                     identity: pod.map(|(ns, _, p)| ServiceIdentity {
                         service_account: pod_service_account(p),
                         namespace: ns.clone(),
+                    }),
+                    workload: pod.map(|(ns, name, p)| {
+                        let workload = fsm_catalog::workload_of(p);
+                        WorkloadRef {
+                            namespace: ns.clone(),
+                            pod: name.clone(),
+                            kind: workload.kind,
+                            name: workload.name,
+                        }
                     }),
                 }
             })

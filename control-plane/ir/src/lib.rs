@@ -269,6 +269,21 @@ pub struct Endpoint {
     pub meshed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<ServiceIdentity>,
+    /// The pod behind the address and its workload, when known: the `destination_*` labels of
+    /// FSM's request metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+}
+
+/// A pod and the workload (Deployment, StatefulSet, …) that runs it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub namespace: String,
+    pub pod: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, … or `Pod` for a pod nobody owns.
+    pub kind: String,
+    pub name: String,
 }
 
 /// An IR that cannot be turned into data-plane resources.

@@ -15,6 +15,8 @@ use fsm_sidecar_xds::ResourceSet;
 use prost::Message;
 use regex::Regex;
 
+use crate::metrics::Workload;
+
 /// A rejected resource set: the NACK's `error_detail`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -166,6 +168,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     pub meshed: bool,
+    /// Whose pod this is, for the `destination_*` metric labels; shared because every request
+    /// to the endpoint carries it.
+    pub workload: Option<Arc<Workload>>,
 }
 
 // === Config ===
@@ -187,6 +192,14 @@ impl Config {
                     addr: socket_addr(e.address.as_ref()).map_err(|m| err(&what, &field, m))?,
                     weight: e.weight.max(1),
                     meshed: e.meshed,
+                    workload: e.workload.as_ref().map(|w| {
+                        Arc::new(Workload {
+                            namespace: w.namespace.clone(),
+                            name: w.name.clone(),
+                            pod: w.pod.clone(),
+                            kind: w.kind.clone(),
+                        })
+                    }),
                 });
             }
             endpoints.insert(cla.cluster_name, list);
@@ -329,6 +342,7 @@ fn build_cluster(
                 .map_err(|m| field_err("static_local.address", m))?,
             weight: 1,
             meshed: false,
+            workload: None,
         }],
     };
     let protocol = match v1::UpstreamProtocol::try_from(c.upstream_protocol) {

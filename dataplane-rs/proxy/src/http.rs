@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::Proxy;
 use crate::config::{Cluster, RetryPolicy, Route, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
+use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
 use crate::upstream::{Body, UpstreamError, connect_tcp};
 
@@ -128,11 +129,12 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
         return tunnel_in(proxy, &cluster, &mut req).await;
     }
     let started = Instant::now();
-    let response = forward(proxy, route, &cluster, &host, req).await;
+    let (response, served_by) = forward(proxy, route, &cluster, &host, req).await;
     let status = response.status().as_u16();
     if !chain.inbound {
         proxy.metrics.outbound_request(
             &cluster.name,
+            served_by.as_deref(),
             status,
             started.elapsed().as_secs_f64() * 1000.0,
         );
@@ -202,13 +204,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Sends the request upstream with the route's timeout and retry policy.
+/// Sends the request to the cluster, with the route's retries and timeout. Also returns the
+/// workload of the endpoint last tried, which the response (or the error) came from.
 async fn forward(
     proxy: &Proxy,
     route: &Route,
     cluster: &Arc<Cluster>,
     host: &str,
     req: Request<Incoming>,
-) -> Response<Body> {
+) -> (Response<Body>, Option<Arc<Workload>>) {
     let (mut parts, body) = req.into_parts();
     // `te: trailers` is the one hop-by-hop value HTTP/2 keeps, and gRPC servers expect it.
     let wants_trailers = parts.headers.get_all(header::TE).iter().any(|v| {
@@ -232,11 +236,13 @@ async fn forward(
         .retry
         .as_ref()
         .filter(|r| r.num_retries > 0 && body.is_end_stream());
-    let attempts = async {
+    let mut served_by = None;
+    let tried = &mut served_by;
+    let attempts = async move {
         match retry {
             None => {
                 let req = Request::from_parts(parts, body.boxed());
-                attempt(proxy, cluster, host, req, None).await
+                attempt(proxy, cluster, host, req, None, tried).await
             }
             Some(policy) => {
                 let mut tries = 0u32;
@@ -247,7 +253,8 @@ async fn forward(
                             .map_err(|never| match never {})
                             .boxed(),
                     );
-                    let result = attempt(proxy, cluster, host, req, policy.per_try_timeout).await;
+                    let result =
+                        attempt(proxy, cluster, host, req, policy.per_try_timeout, tried).await;
                     if tries >= policy.num_retries || !should_retry(policy, &result) {
                         break result;
                     }
@@ -263,7 +270,7 @@ async fn forward(
             .unwrap_or(Err(UpstreamError::Timeout)),
         None => attempts.await,
     };
-    match result {
+    let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -293,7 +300,8 @@ async fn forward(
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
             )
         }
-    }
+    };
+    (response, served_by)
 }
 
 fn should_retry(policy: &RetryPolicy, result: &Result<Response<Incoming>, UpstreamError>) -> bool {
@@ -322,17 +330,19 @@ fn retry_backoff(policy: &RetryPolicy, n: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// One try: pick an endpoint and send.
+/// One try: pick an endpoint, note its workload in `tried`, and send.
 async fn attempt(
     proxy: &Proxy,
     cluster: &Arc<Cluster>,
     host: &str,
     req: Request<Body>,
     per_try: Option<Duration>,
+    tried: &mut Option<Arc<Workload>>,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
         return Err(UpstreamError::NoEndpoint);
     };
+    tried.clone_from(&endpoint.workload);
     if let Some(max) = cluster.max_requests
         && proxy.upstreams.cluster_active(&cluster.name) >= max as usize
     {

@@ -122,6 +122,7 @@ mod tests {
                     addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                     weight: *w,
                     meshed: true,
+                    workload: None,
                 })
                 .collect(),
             max_requests: None,

@@ -4,13 +4,15 @@ use std::fmt::Write as _;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-/// Who this sidecar is, for the `source_*` / `destination_*` labels.
-#[derive(Clone, Debug, Default)]
+/// A pod and its workload, for the `source_*` (this sidecar) and `destination_*` (the endpoint a
+/// request went to) labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
     pub namespace: String,
-    /// The workload name; the service account when nothing better is known.
+    /// The workload (Deployment, StatefulSet, …) name.
     pub name: String,
     pub pod: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, … or `Pod`.
     pub kind: String,
 }
 
@@ -113,21 +115,38 @@ impl Metrics {
         }
     }
 
-    /// An outbound request from this workload to the service behind `cluster` (`ns/svc|port`).
-    pub fn outbound_request(&self, cluster: &str, status: u16, millis: f64) {
-        let (dest_ns, dest_name) = cluster
+    /// An outbound request from this workload to `destination`, the endpoint of `cluster`
+    /// (`ns/svc|port`) that answered. Without one (no endpoint, or the control plane did not say
+    /// whose pod it is) the destination is named after the service, with kind and pod unknown.
+    pub fn outbound_request(
+        &self,
+        cluster: &str,
+        destination: Option<&Workload>,
+        status: u16,
+        millis: f64,
+    ) {
+        let (service_ns, service_name) = cluster
             .split('|')
             .next()
             .and_then(|s| s.split_once('/'))
             .unwrap_or(("", cluster));
+        let (dest_kind, dest_name, dest_pod, dest_ns) = match destination {
+            Some(d) => (
+                d.kind.as_str(),
+                d.name.as_str(),
+                d.pod.as_str(),
+                d.namespace.as_str(),
+            ),
+            None => ("", service_name, "", service_ns),
+        };
         let w = &self.workload;
         let peers = [
             w.kind.as_str(),
-            "",
+            dest_kind,
             w.name.as_str(),
             dest_name,
             w.pod.as_str(),
-            "",
+            dest_pod,
             w.namespace.as_str(),
             dest_ns,
         ];
@@ -196,24 +215,60 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fsm_names_and_labels() {
-        let m = Metrics::new(Workload {
+    fn curl() -> Metrics {
+        Metrics::new(Workload {
             namespace: "demo".into(),
             name: "curl".into(),
-            pod: "curl".into(),
-            kind: String::new(),
+            pod: "curl-7b9f6d8c4f-q5z2m".into(),
+            kind: "Deployment".into(),
         })
-        .expect("metrics");
-        m.outbound_request("demo/httpbin|14001", 200, 3.0);
+        .expect("metrics")
+    }
+
+    #[test]
+    fn fsm_names_and_labels() {
+        let m = curl();
+        let httpbin = Workload {
+            namespace: "demo".into(),
+            name: "httpbin-v1".into(),
+            pod: "httpbin-v1-6c5d8f7b9d-x2k4q".into(),
+            kind: "Deployment".into(),
+        };
+        m.outbound_request("demo/httpbin|14001", Some(&httpbin), 200, 3.0);
         m.upstream("demo/httpbin|14001", 200);
         let text = m.prometheus_text();
-        assert!(text.contains("fsm_request_total{"), "{text}");
-        assert!(text.contains("destination_name=\"httpbin\""), "{text}");
-        assert!(text.contains("response_code=\"200\""), "{text}");
-        assert!(text.contains("source_name=\"curl\""), "{text}");
-        assert!(text.contains("fsm_request_duration_ms_bucket{"), "{text}");
+        // The encoder sorts labels by name.
+        let destination = "destination_kind=\"Deployment\",destination_name=\"httpbin-v1\",\
+            destination_namespace=\"demo\",destination_pod=\"httpbin-v1-6c5d8f7b9d-x2k4q\"";
+        let source = "source_kind=\"Deployment\",source_name=\"curl\",\
+            source_namespace=\"demo\",source_pod=\"curl-7b9f6d8c4f-q5z2m\"";
+        assert!(
+            text.contains(&format!(
+                "fsm_request_total{{{destination},response_code=\"200\",{source}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "fsm_request_duration_ms_bucket{{{destination},{source},le=\"5\"}} 1"
+            )),
+            "{text}"
+        );
         let stats = m.stats_text(Some("upstream_rq_total"));
         assert_eq!(stats, "cluster.demo/httpbin|14001.upstream_rq_total: 1\n");
+    }
+
+    #[test]
+    fn an_unknown_destination_is_named_after_its_service() {
+        let m = curl();
+        m.outbound_request("demo/httpbin|14001", None, 503, 1.0);
+        let text = m.prometheus_text();
+        assert!(
+            text.contains(
+                "destination_kind=\"\",destination_name=\"httpbin\",\
+                 destination_namespace=\"demo\",destination_pod=\"\""
+            ),
+            "{text}"
+        );
     }
 }

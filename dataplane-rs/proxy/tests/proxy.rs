@@ -108,6 +108,7 @@ fn cla(name: &str, endpoints: &[(&str, u32, bool)]) -> v1::ClusterLoadAssignment
                 weight: 1,
                 meshed: *meshed,
                 identity: None,
+                workload: None,
             })
             .collect(),
     }

@@ -31,17 +31,25 @@ pub struct Cli {
     #[arg(long)]
     pub pod_ip: Option<IpAddr>,
 
-    /// This pod's name, for node metadata and metric labels.
-    #[arg(long)]
+    // FSM's injector hands its sidecar the pod's identity through the environment (the downward
+    // API), so each of these also reads the variable an injected container would have.
+    /// This pod's name, for node metadata and the `source_pod` metric label.
+    #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
 
-    /// The workload (Deployment…) name for metric labels; the service account when omitted.
-    #[arg(long)]
-    pub workload_name: Option<String>,
+    /// This pod's namespace, for the `source_namespace` label; the node id's namespace when
+    /// omitted.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 
-    /// The workload kind (`Deployment`, `StatefulSet`…) for metric labels.
-    #[arg(long)]
+    /// The workload kind (`Deployment`, `StatefulSet`, `DaemonSet`…) for the `source_kind` label.
+    #[arg(long, env = "WORKLOAD_KIND")]
     pub workload_kind: Option<String>,
+
+    /// The workload name for the `source_name` label; the pod name when omitted, then the
+    /// service account.
+    #[arg(long, env = "WORKLOAD_NAME")]
+    pub workload_name: Option<String>,
 
     /// Admin server: /config_dump, /ready, /stats, /stats/prometheus.
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -99,5 +107,26 @@ mod tests {
         assert_eq!(cli.admin.port(), 15000);
         assert_eq!(cli.metrics.port(), 15010);
         assert!(matches!(AdsMode::from(cli.ads_mode), AdsMode::Delta));
+    }
+
+    #[test]
+    fn workload_flags() {
+        let cli = Cli::parse_from([
+            "fsm-sidecar",
+            "--node-id",
+            "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo",
+            "--pod-name",
+            "curl-7b9f6d8c4f-q5z2m",
+            "--pod-namespace",
+            "demo",
+            "--workload-kind",
+            "Deployment",
+            "--workload-name",
+            "curl",
+        ]);
+        assert_eq!(cli.pod_name.as_deref(), Some("curl-7b9f6d8c4f-q5z2m"));
+        assert_eq!(cli.pod_namespace.as_deref(), Some("demo"));
+        assert_eq!(cli.workload_kind.as_deref(), Some("Deployment"));
+        assert_eq!(cli.workload_name.as_deref(), Some("curl"));
     }
 }

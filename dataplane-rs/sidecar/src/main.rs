@@ -61,8 +61,14 @@ async fn run(cli: Cli) -> Result<()> {
         })?;
     let metrics = Arc::new(
         Metrics::new(Workload {
-            namespace: ns,
-            name: cli.workload_name.clone().unwrap_or(sa),
+            namespace: cli.pod_namespace.clone().unwrap_or(ns),
+            // A pod started without its workload is at least named after itself, as FSM names
+            // a bare pod.
+            name: cli
+                .workload_name
+                .clone()
+                .or_else(|| cli.pod_name.clone())
+                .unwrap_or(sa),
             pod: cli.pod_name.clone().unwrap_or_default(),
             kind: cli.workload_kind.clone().unwrap_or_default(),
         })
