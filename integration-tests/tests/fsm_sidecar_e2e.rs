@@ -456,6 +456,35 @@ const FSM_INIT_IPTABLES: &str = "# FSM sidecar interception rules
 COMMIT
 ";
 
+/// MeshConfig `outboundIPRangeExclusionList` of the test: httpbin-v1's pod address, which the
+/// client then reaches without its own sidecar.
+const OUTBOUND_IP_EXCLUSIONS: &[&str] = &["10.244.77.1/32"];
+
+/// The init container's rules with FSM's outbound IP exclusions inserted, as fsm-injector
+/// renders them (`-I fsm_PROXY_OUTBOUND -d <cidr> -j RETURN`, ahead of the redirect).
+fn init_rules(ip_exclusions: &[&str]) -> String {
+    let exclusions: String = ip_exclusions
+        .iter()
+        .map(|cidr| format!("-I fsm_PROXY_OUTBOUND -d {cidr} -j RETURN\n"))
+        .collect();
+    FSM_INIT_IPTABLES.replace("COMMIT\n", &format!("{exclusions}COMMIT\n"))
+}
+
+/// A counter from a sidecar's admin `/stats` in `ns`, 0 when absent.
+fn stat_in(ns: &str, name: &str) -> Result<u64> {
+    let stats = http_in(ns, "127.0.0.1:15000", "admin", "/stats")?;
+    Ok(stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0))
+}
+
 /// The proxy UID FSM's rules exclude from redirection.
 const PROXY_UID: &str = "1500";
 /// Pod addresses on the test's private bridge: 10.244.<POD_SUBNET>.x.
@@ -494,7 +523,7 @@ impl Netns {
             names: Vec::new(),
         };
         let rules_file = tempfile::NamedTempFile::new()?;
-        std::fs::write(rules_file.path(), FSM_INIT_IPTABLES)?;
+        std::fs::write(rules_file.path(), init_rules(OUTBOUND_IP_EXCLUSIONS))?;
         let rules = rules_file.path();
         let node = netns.ns("node");
         sh(&format!("ip netns add {node}"))?;
@@ -717,6 +746,30 @@ async fn run_transparent() -> Result<()> {
         })
         .await?;
         ensure!(echoed == "tcp-echo-1: transparent", "{echoed:?}");
+
+        // The excluded address bypasses the client's sidecar (its outbound counter stays put)
+        // but is still intercepted by the server's sidecar on the way in.
+        const CLIENT_COUNTER: &str = "cluster.demo/httpbin|14001.upstream_rq_total";
+        const SERVER_COUNTER: &str = "cluster.demo/httpbin|14001|local.upstream_rq_total";
+        let server = netns.ns("httpbin-v1");
+        let (client_before, server_before) = (
+            stat_in(&curl, CLIENT_COUNTER)?,
+            stat_in(&server, SERVER_COUNTER)?,
+        );
+        ensure!(
+            client_before > 0,
+            "the client sidecar counted no request to httpbin yet"
+        );
+        let direct = http_in(&curl, "10.244.77.1:14001", "httpbin.demo:14001", "/get")?;
+        ensure!(direct.starts_with("HTTP/1.1 200"), "{direct}");
+        ensure!(
+            stat_in(&curl, CLIENT_COUNTER)? == client_before,
+            "a request to an excluded address went through the client sidecar"
+        );
+        ensure!(
+            stat_in(&server, SERVER_COUNTER)? > server_before,
+            "the server sidecar did not intercept the inbound request"
+        );
         anyhow::Ok(())
     }
     .await;
