@@ -26,7 +26,9 @@ pub use controller::{
 };
 pub use envoy::{AdsMode, Envoy, SidecarConfig, envoy_bootstrap, start_envoy, validate_bootstrap};
 pub use eventually::eventually;
-pub use mesh::{AppPort, AppProtocol, MeshPod, demo_manifests, load_catalog, mesh_pods};
+pub use mesh::{
+    AppPort, AppProtocol, MeshPod, demo_manifests, edit_manifest, load_catalog, mesh_pods,
+};
 pub use paths::{binary, envoy_binary, repo_root};
 pub use process::{ManagedProcess, free_port, wait_for_http_ok, wait_for_tcp};
 pub use sidecar::{FsmSidecar, FsmSidecarConfig, start_fsm_sidecar};

@@ -87,6 +87,22 @@ impl MeshPod {
 
 // === free functions ===
 
+/// Replaces the first `from` in the file with `to`, writing a temporary file and renaming it as
+/// editors do, so a watcher never sees a half-written file.
+pub fn edit_manifest(path: &Path, from: &str, to: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(
+        text.contains(from),
+        "{} does not contain {from:?}",
+        path.display()
+    );
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text.replacen(from, to, 1))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 /// Copies examples/demo into `out` with every 127.0.10.x address moved to 127.0.<subnet>.x, so
 /// tests running at the same time each have their own pod addresses.
 pub fn demo_manifests(out: &Path, subnet: u8) -> Result<std::path::PathBuf> {

@@ -6,15 +6,15 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, ControllerOptions, FsmSidecarConfig, MeshPod, SidecarConfig, eventually, http_get_via,
-    load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps, start_envoy,
-    start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, ControllerOptions, FsmSidecarConfig, MeshPod, SidecarConfig, demo_manifests,
+    eventually, http_get_via, load_catalog, mesh_pods, start_controller, start_demo_apps,
+    start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -37,21 +37,6 @@ struct Observed {
     unavailable: u16,
     unknown_host: u16,
     tcp: String,
-}
-
-fn demo_manifests(dir: &Path, subnet: u8) -> Result<PathBuf> {
-    let out = dir.join("manifests");
-    std::fs::create_dir_all(&out)?;
-    let examples = repo_root().join("examples/demo");
-    for entry in std::fs::read_dir(&examples)? {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?;
-        std::fs::write(
-            out.join(path.file_name().context("file name")?),
-            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
-        )?;
-    }
-    Ok(out)
 }
 
 /// A sidecar of either kind, kept alive for the run.
@@ -82,7 +67,7 @@ async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> 
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(work.path(), subnet)?;
+    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
     let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
     let _apps = start_demo_apps(&catalog, &logs).await?;

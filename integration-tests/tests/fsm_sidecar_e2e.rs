@@ -6,15 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, MeshPod, eventually,
-    http_get_via, load_catalog, mesh_pods, repo_root, start_controller, start_demo_apps,
-    start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, MeshPod, backends_via,
+    demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
+    start_controller, start_demo_apps, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CDS: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
@@ -28,57 +28,12 @@ const V1_ENDPOINT: &str =
 const V2_ENDPOINT: &str =
     "  - ip: 127.0.10.2\n    targetRef: {kind: Pod, name: httpbin-v2, namespace: demo}\n";
 
-/// Copies examples/demo with every 127.0.10.x address moved to 127.0.<subnet>.x.
-fn demo_manifests(dir: &Path, subnet: u8) -> Result<PathBuf> {
-    let out = dir.join("manifests");
-    std::fs::create_dir_all(&out)?;
-    let examples = repo_root().join("examples/demo");
-    for entry in
-        std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
-    {
-        let path = entry?.path();
-        let text = std::fs::read_to_string(&path)?;
-        std::fs::write(
-            out.join(path.file_name().context("file name")?),
-            text.replace("127.0.10.", &format!("127.0.{subnet}.")),
-        )?;
-    }
-    Ok(out)
-}
-
-fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    ensure!(
-        text.contains(from),
-        "{} does not contain {from:?}",
-        path.display()
-    );
-    // Write-then-rename, as editors do, so the watcher never sees a half-written file.
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text.replacen(from, to, 1))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
 async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..n {
-        let reply = http_get_via(via, HTTPBIN, "/get").await?;
-        ensure!(
-            reply.status == 200,
-            "status {} body {}",
-            reply.status,
-            reply.body
-        );
-        seen.insert(reply.served_by().context("no x-served-by")?.to_string());
-    }
-    Ok(seen)
+    backends_via(via, HTTPBIN, n).await
 }
 
 fn uuid_of(pod: &MeshPod) -> String {
-    pod.node_id()
-        .and_then(|id| id.split('.').next().map(str::to_string))
-        .unwrap_or_default()
+    pod.proxy_uuid.clone().unwrap_or_default()
 }
 
 /// The type versions fsm-sidecar reports in `/config_dump`.
@@ -162,7 +117,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(work.path(), subnet)?;
+    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
     let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
     let _apps = start_demo_apps(&catalog, &logs).await?;
@@ -299,9 +254,9 @@ async fn check_mesh(
     let v2_line = V2_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
     for round in 0..4 {
         if round % 2 == 0 {
-            edit(&httpbin_file, &v2_line, "")?;
+            edit_manifest(&httpbin_file, &v2_line, "")?;
         } else {
-            edit(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
+            edit_manifest(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
         }
         let expected: BTreeSet<String> = if round % 2 == 0 {
             BTreeSet::from(["httpbin-v1".into()])
@@ -393,7 +348,7 @@ async fn check_control_plane_restart(
     .await
     .context("sidecars did not reconnect")?;
     let v2_line = V2_ENDPOINT.replace("127.0.10.", &format!("127.0.{subnet}."));
-    edit(&manifests.join("20-httpbin.yaml"), &v2_line, "")?;
+    edit_manifest(&manifests.join("20-httpbin.yaml"), &v2_line, "")?;
     eventually(CONVERGE, || async {
         let seen = backends(curl.outbound_addr(), 6).await?;
         ensure!(
@@ -605,10 +560,10 @@ async fn run_transparent() -> Result<()> {
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(work.path(), 10)?;
+    let manifests = demo_manifests(&work.path().join("manifests"), 10)?;
     // Pods on the bridge instead of loopback; httpbin-v2 gets no namespace, so it leaves.
     let httpbin = manifests.join("20-httpbin.yaml");
-    edit(&httpbin, V2_ENDPOINT, "")?;
+    edit_manifest(&httpbin, V2_ENDPOINT, "")?;
     for file in std::fs::read_dir(&manifests)? {
         let path = file?.path();
         let text = std::fs::read_to_string(&path)?;

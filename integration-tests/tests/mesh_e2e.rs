@@ -5,15 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
     AdsMode, Controller, ControllerOptions, MeshPod, SidecarConfig, backends_via, demo_manifests,
-    eventually, load_catalog, mesh_pods, start_controller, start_demo_apps, start_envoy,
-    tcp_roundtrip, wait_tcp_unreachable,
+    edit_manifest, eventually, load_catalog, mesh_pods, start_controller, start_demo_apps,
+    start_envoy, tcp_roundtrip, wait_tcp_unreachable,
 };
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -25,20 +24,6 @@ const V1_ENDPOINT: &str =
     "  - ip: 127.0.10.1\n    targetRef: {kind: Pod, name: httpbin-v1, namespace: demo}\n";
 const V2_ENDPOINT: &str =
     "  - ip: 127.0.10.2\n    targetRef: {kind: Pod, name: httpbin-v2, namespace: demo}\n";
-
-fn edit(path: &Path, from: &str, to: &str) -> Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    ensure!(
-        text.contains(from),
-        "{} does not contain {from:?}",
-        path.display()
-    );
-    // Write-then-rename, as editors do, so the watcher never sees a half-written file.
-    let tmp = path.with_extension("tmp~");
-    std::fs::write(&tmp, text.replacen(from, to, 1))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
 
 async fn backends(via: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
     backends_via(via, HTTPBIN, n).await
@@ -169,9 +154,9 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
         let before = eds_acked(&controller, &curl_uuid).await?;
         let started = Instant::now();
         if round % 2 == 0 {
-            edit(&httpbin_file, &v2_line, "")?;
+            edit_manifest(&httpbin_file, &v2_line, "")?;
         } else {
-            edit(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
+            edit_manifest(&httpbin_file, &v1_line, &format!("{v1_line}{v2_line}"))?;
         }
         let acked = async {
             loop {
