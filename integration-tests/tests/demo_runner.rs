@@ -6,7 +6,7 @@ use std::process::Command;
 
 use fsm_integration_tests::AdsMode;
 
-fn run_demo_once(mode: AdsMode) {
+fn run_demo_once(mode: AdsMode, data_plane: &str) {
     let work = tempfile::tempdir().expect("temp dir");
     let mode_arg = match mode {
         AdsMode::Sotw => "sotw",
@@ -17,6 +17,8 @@ fn run_demo_once(mode: AdsMode) {
             "--once",
             "--ads-mode",
             mode_arg,
+            "--data-plane",
+            data_plane,
             "--ads-listen",
             "127.0.0.1:0",
             "--http-listen",
@@ -30,7 +32,7 @@ fn run_demo_once(mode: AdsMode) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "fsm-demo --once ({mode_arg}) failed:\n{stdout}\n{stderr}"
+        "fsm-demo --once ({mode_arg}, {data_plane}) failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("demo check PASSED"), "{stdout}");
     for backend in ["httpbin-v1", "httpbin-v2"] {
@@ -45,9 +47,12 @@ fn run_demo_once(mode: AdsMode) {
     );
 }
 
-// One test for both modes: they share the demo's fixed pod addresses, so they must not overlap.
+// One test for every mode and data plane: they share the demo's fixed pod addresses, so they
+// must not overlap.
 #[test]
-fn demo_passes_with_sotw_and_delta_ads() {
-    run_demo_once(AdsMode::Sotw);
-    run_demo_once(AdsMode::Delta);
+fn demo_passes_with_sotw_and_delta_ads_on_both_data_planes() {
+    run_demo_once(AdsMode::Sotw, "envoy");
+    run_demo_once(AdsMode::Delta, "envoy");
+    run_demo_once(AdsMode::Sotw, "fsm-sidecar");
+    run_demo_once(AdsMode::Delta, "fsm-sidecar");
 }

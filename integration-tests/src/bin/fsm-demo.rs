@@ -1,4 +1,5 @@
 //! `make demo`: the demo mesh on one machine — control plane, workloads and real Envoy sidecars
+//! (or fsm-sidecars with `--data-plane fsm-sidecar`)
 //! on loopback addresses — followed by a traffic check.
 
 use std::collections::BTreeMap;
@@ -11,9 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, ManagedProcess, MeshPod, SidecarConfig,
-    eventually, http_get_via, load_catalog, mesh_pods, repo_root, start_controller,
-    start_demo_apps, start_envoy, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig, ManagedProcess,
+    MeshPod, SidecarConfig, eventually, http_get_via, load_catalog, mesh_pods, repo_root,
+    start_controller, start_demo_apps, start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 /// Runs the FSM demo mesh locally and sends traffic through it.
@@ -34,6 +35,9 @@ struct Args {
     /// Working directory; its manifests/ and logs/ are replaced on every start [default: .demo].
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// Which sidecar runs next to each meshed pod.
+    #[arg(long, value_enum, default_value_t = DataPlane::Envoy)]
+    data_plane: DataPlane,
     /// ADS flavour the sidecars speak.
     #[arg(long, value_enum, default_value_t = AdsMode::Sotw)]
     ads_mode: AdsMode,
@@ -60,11 +64,51 @@ struct Args {
     timeout: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DataPlane {
+    /// Envoy 1.40, served the Envoy xDS types.
+    Envoy,
+    /// Our own fsm-sidecar (dataplane-rs), served the native fsm.dataplane.v1 types.
+    FsmSidecar,
+}
+
+/// A running sidecar of either data plane; stopped on drop.
+enum Sidecar {
+    Envoy(Envoy),
+    Fsm(FsmSidecar),
+}
+
+impl Sidecar {
+    async fn start(
+        plane: DataPlane,
+        pod: &MeshPod,
+        ads: SocketAddr,
+        mode: AdsMode,
+        logs: &Path,
+    ) -> Result<Sidecar> {
+        Ok(match plane {
+            DataPlane::Envoy => {
+                Sidecar::Envoy(start_envoy(&SidecarConfig::for_pod(pod, ads, mode)?, logs).await?)
+            }
+            DataPlane::FsmSidecar => Sidecar::Fsm(
+                start_fsm_sidecar(&FsmSidecarConfig::for_pod(pod, ads, mode)?, logs).await?,
+            ),
+        })
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        match self {
+            Sidecar::Envoy(envoy) => envoy.wait_ready(timeout).await,
+            Sidecar::Fsm(sidecar) => sidecar.wait_ready(timeout).await,
+        }
+    }
+}
+
 /// Everything started; dropping it stops all processes.
 struct Mesh {
     controller: Controller,
     _apps: Vec<ManagedProcess>,
-    sidecars: Vec<(MeshPod, Envoy)>,
+    sidecars: Vec<(MeshPod, Sidecar)>,
     manifest_dir: PathBuf,
     log_dir: PathBuf,
 }
@@ -175,20 +219,27 @@ async fn start_mesh(
 
     let mut sidecars = Vec::new();
     for pod in pods.into_iter().filter(|p| p.has_sidecar) {
-        let config = SidecarConfig::for_pod(&pod, controller.ads_addr, args.ads_mode)?;
-        let envoy = start_envoy(&config, &log_dir).await?;
-        sidecars.push((pod, envoy));
+        let sidecar = Sidecar::start(
+            args.data_plane,
+            &pod,
+            controller.ads_addr,
+            args.ads_mode,
+            &log_dir,
+        )
+        .await?;
+        sidecars.push((pod, sidecar));
     }
     step(
         4,
         &format!(
-            "{} Envoy sidecars started ({:?} ADS), waiting for their first configuration",
+            "{} {:?} sidecars started ({:?} ADS), waiting for their first configuration",
             sidecars.len(),
+            args.data_plane,
             args.ads_mode
         ),
     );
-    for (pod, envoy) in &mut sidecars {
-        envoy
+    for (pod, sidecar) in &mut sidecars {
+        sidecar
             .wait_ready(timeout)
             .await
             .with_context(|| format!("sidecar of {} never became ready", pod.id()))?;
@@ -445,7 +496,7 @@ fn print_hints(args: &Args, mesh: &Mesh) {
             );
         }
         println!(
-            "  Envoy admin: curl http://{}/config_dump",
+            "  admin:       curl http://{}/config_dump",
             client.admin_addr()
         );
     }
