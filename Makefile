@@ -9,7 +9,7 @@ VENV := .venv
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
-.PHONY: all envoy deps build demo test lint clean crds bench
+.PHONY: all envoy deps build demo test lint clean crds bench bench-deps
 
 all: build
 
@@ -46,9 +46,22 @@ test: envoy deps build
 	$(CARGO) test --workspace
 
 # Figures recorded in BENCHMARKS.md. Debug builds, like the tests: compare runs on the same build.
-bench: envoy build
+# The data-plane figures compare a release fsm-sidecar with the release Envoy binary; sidecar-rps
+# pins the sidecar to CPU 0 (taskset, util-linux) and uses wrk when installed.
+bench: envoy build bench-deps
 	./target/debug/fsm-bench watch-latency
 	./target/debug/fsm-bench controller-memory
+	$(CARGO) build --release -p fsm-sidecar
+	./target/debug/fsm-bench sidecar-memory --sidecar-bin target/release/fsm-sidecar
+	./target/debug/fsm-bench sidecar-rps --sidecar-bin target/release/fsm-sidecar
+
+# wrk drives the throughput bench; taskset (util-linux) pins the sidecar under test.
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; \
+		else echo "wrk is missing: sidecar-rps falls back to its built-in load generator"; fi; }
 
 # charts/fsm/crds is generated from the Rust CRD types; a test fails when it is stale.
 crds:
