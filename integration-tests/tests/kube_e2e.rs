@@ -43,8 +43,13 @@ fn uuid_of(pod: &MeshPod) -> String {
     pod.proxy_uuid.clone().unwrap_or_default()
 }
 
-async fn start_sidecar(pod: &MeshPod, ads: &[SocketAddr], logs: &Path) -> Result<Envoy> {
-    let mut config = SidecarConfig::for_pod(pod, ads[0], AdsMode::Sotw)?;
+async fn start_sidecar(
+    pod: &MeshPod,
+    ads: &[SocketAddr],
+    mode: AdsMode,
+    logs: &Path,
+) -> Result<Envoy> {
+    let mut config = SidecarConfig::for_pod(pod, ads[0], mode)?;
     config.ads_replicas = ads[1..].to_vec();
     start_envoy(&config, logs).await
 }
@@ -105,7 +110,7 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     for pod in &pods {
         envoys.push((
             pod.clone(),
-            start_sidecar(pod, &[controller.ads_addr], &c.logs).await?,
+            start_sidecar(pod, &[controller.ads_addr], AdsMode::Sotw, &c.logs).await?,
         ));
     }
     let curl = pods
@@ -309,15 +314,22 @@ async fn responses_sent(controller: &Controller, uuid: &str) -> Result<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_serve_identical_versions() {
-    if let Err(err) = replicas(15).await {
+async fn replicas_serve_identical_versions_over_sotw() {
+    if let Err(err) = replicas(15, AdsMode::Sotw).await {
+        panic!("{err:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_identical_versions_over_delta() {
+    if let Err(err) = replicas(21, AdsMode::Delta).await {
         panic!("{err:#}");
     }
 }
 
 /// Two controllers on the same API server: a sidecar balanced over both reconnects to the other
 /// when its replica dies, and Envoy sees no configuration change.
-async fn replicas(subnet: u8) -> Result<()> {
+async fn replicas(subnet: u8, mode: AdsMode) -> Result<()> {
     let c = TestCluster::start_demo(subnet).await?;
     cluster::apply_all(&c.client, &c.objects).await?;
     let options = |name: &str| ControllerOptions {
@@ -336,7 +348,7 @@ async fn replicas(subnet: u8) -> Result<()> {
         .context("curl pod")?;
     let uuid = uuid_of(&curl);
     let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.ads_addr).collect();
-    let mut envoy = start_sidecar(&curl, &addrs, &c.logs).await?;
+    let mut envoy = start_sidecar(&curl, &addrs, mode, &c.logs).await?;
     envoy.wait_ready(CONVERGE).await?;
 
     let connected = eventually(CONVERGE, || async {

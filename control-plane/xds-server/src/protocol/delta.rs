@@ -36,6 +36,9 @@ struct TypeState {
     /// A fresh wildcard subscription (no initial versions) is answered even when the type is
     /// empty: Envoy holds its initialization until the first CDS/LDS response arrives.
     answer_empty: bool,
+    /// The client resumed with initial versions (a reconnect, or another replica) and nothing
+    /// has been answered since: if they match the snapshot, it has applied that snapshot.
+    resumed: bool,
 }
 
 // === TypeState ===
@@ -126,6 +129,7 @@ impl XdsStream for DeltaStream {
                 self.types.entry(key).or_insert(TypeState {
                     wildcard,
                     answer_empty: wildcard && client.is_empty(),
+                    resumed: !client.is_empty(),
                     client,
                     ..TypeState::default()
                 })
@@ -156,24 +160,56 @@ impl XdsStream for DeltaStream {
         };
         state.apply_subscriptions(request.subscribe, request.unsubscribe);
         if let Some(snapshot) = snapshot {
-            out.responses
-                .extend(respond(&mut self.nonces, type_url, state, snapshot));
+            out.responses.extend(respond_or_confirm(
+                &mut self.nonces,
+                type_url,
+                state,
+                snapshot,
+                &mut out.events,
+            ));
         }
         Ok(out)
     }
 
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Output {
+        let mut events = Vec::new();
         let responses = self
             .types
             .iter_mut()
-            .filter_map(|(key, state)| respond(&mut self.nonces, key.0, state, snapshot))
+            .filter_map(|(key, state)| {
+                respond_or_confirm(&mut self.nonces, key.0, state, snapshot, &mut events)
+            })
             .collect();
         Output {
             type_url: None,
             responses,
-            events: Vec::new(),
+            events,
         }
     }
+}
+
+/// [`respond`], and for a resumed client that needs nothing, the ACK its matching initial
+/// versions amount to, so its sync state is known without a response.
+fn respond_or_confirm(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    snapshot: &Snapshot,
+    events: &mut Vec<Event>,
+) -> Option<Response> {
+    let response = respond(nonces, type_url, state, snapshot);
+    if state.resumed {
+        match (&response, snapshot.get(type_url)) {
+            (None, Some(types)) => events.push(Event::Ack {
+                type_url,
+                version: types.version().clone(),
+            }),
+            (None, None) => return None,
+            (Some(_), _) => {}
+        }
+        state.resumed = false;
+    }
+    response
 }
 
 /// The resources the client lacks or has in another version, and the names it has that are gone.
@@ -478,17 +514,18 @@ mod tests {
     ] ; "removals of resources and of the whole type")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
-        (resume(CLUSTER, "", "c1=@ c2=@"), ""),
+        (resume(CLUSTER, "", "c1=@ c2=@"), "ack CDS"),
         (Step::Snap(snap(&[(CLUSTER, &[("c1", "1"), ("c2", "2")])])), "CDS[c2]"),
-    ] ; "initial versions that match send nothing")]
+    ] ; "initial versions that match are an ACK and send nothing")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
         (resume(CLUSTER, "", "c1=@ c2=old gone=old"), "CDS[c2] -[gone]"),
     ] ; "initial versions that differ resend and remove")]
     #[test_case(vec![
         (resume(ENDPOINT, "c1", "c1=@ c2=@"), ""),
+        (Step::Snap(v1()), "ack EDS"),
         (Step::Snap(v1()), ""),
-    ] ; "initial versions before the first snapshot")]
+    ] ; "initial versions before the first snapshot are confirmed when it arrives")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
         (initial(ENDPOINT, "c1 missing"), "EDS[c1]"),
