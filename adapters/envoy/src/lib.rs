@@ -44,10 +44,7 @@ pub const ENDPOINT_TYPE: &str =
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
-pub const OUTBOUND_LISTENER: &str = "outbound-listener";
-pub const INBOUND_LISTENER: &str = "inbound-listener";
-pub const OUTBOUND_ROUTES: &str = "outbound";
-pub const INBOUND_ROUTES: &str = "inbound";
+pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 
 /// The Envoy resources of one proxy.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -60,30 +57,19 @@ pub struct EnvoyResources {
     pub warnings: Vec<String>,
 }
 
-/// Encoded resources by type URL: `(name, serialized message)`, sorted by name.
-pub type Encoded = BTreeMap<&'static str, Vec<(String, Vec<u8>)>>;
+pub use fsm_cache::Encoded;
+use fsm_cache::encode_sorted;
 
 impl EnvoyResources {
     pub fn encode(&self) -> Encoded {
-        fn encode_all<M: Message>(
-            items: &[M],
-            name: impl Fn(&M) -> &str,
-        ) -> Vec<(String, Vec<u8>)> {
-            let mut out: Vec<(String, Vec<u8>)> = items
-                .iter()
-                .map(|m| (name(m).to_string(), m.encode_to_vec()))
-                .collect();
-            out.sort_by(|a, b| a.0.cmp(&b.0));
-            out
-        }
         BTreeMap::from([
-            (CLUSTER_TYPE, encode_all(&self.clusters, |c| &c.name)),
+            (CLUSTER_TYPE, encode_sorted(&self.clusters, |c| &c.name)),
             (
                 ENDPOINT_TYPE,
-                encode_all(&self.endpoints, |c| &c.cluster_name),
+                encode_sorted(&self.endpoints, |c| &c.cluster_name),
             ),
-            (LISTENER_TYPE, encode_all(&self.listeners, |l| &l.name)),
-            (ROUTE_TYPE, encode_all(&self.routes, |r| &r.name)),
+            (LISTENER_TYPE, encode_sorted(&self.listeners, |l| &l.name)),
+            (ROUTE_TYPE, encode_sorted(&self.routes, |r| &r.name)),
         ])
     }
 }

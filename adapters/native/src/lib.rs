@@ -32,14 +32,10 @@ use std::net::IpAddr;
 
 use fsm_dataplane_proto::{type_url, v1};
 use fsm_ir::{ClusterKind, Protocol, ProxyIr, ports};
-use prost::Message;
 
 pub use golden_view::render;
 
-pub const OUTBOUND_LISTENER: &str = "outbound-listener";
-pub const INBOUND_LISTENER: &str = "inbound-listener";
-pub const OUTBOUND_ROUTES: &str = "outbound";
-pub const INBOUND_ROUTES: &str = "inbound";
+pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 /// The filter chain of both listeners that serves connections made to the sidecar's own port.
 pub const EXPLICIT_HTTP_CHAIN: &str = "explicit-http";
 
@@ -56,37 +52,31 @@ pub struct NativeResources {
     pub warnings: Vec<String>,
 }
 
-/// Encoded resources by type URL: `(name, serialized message)`, sorted by name. The same shape as
-/// `fsm_adapter_envoy::Encoded`, so the controller can serve either adapter's output.
-pub type Encoded = BTreeMap<&'static str, Vec<(String, Vec<u8>)>>;
+pub use fsm_cache::Encoded;
+use fsm_cache::encode_sorted;
 
 impl NativeResources {
     /// Every type URL of [`fsm_dataplane_proto::ALL_TYPE_URLS`] is present, with an empty list when
     /// the proxy has no resource of that type.
     pub fn encode(&self) -> Encoded {
-        fn encode_all<M: Message>(
-            items: &[M],
-            name: impl Fn(&M) -> &str,
-        ) -> Vec<(String, Vec<u8>)> {
-            let mut out: Vec<(String, Vec<u8>)> = items
-                .iter()
-                .map(|m| (name(m).to_string(), m.encode_to_vec()))
-                .collect();
-            out.sort_by(|a, b| a.0.cmp(&b.0));
-            out
-        }
         BTreeMap::from([
-            (type_url::CLUSTER, encode_all(&self.clusters, |c| &c.name)),
+            (
+                type_url::CLUSTER,
+                encode_sorted(&self.clusters, |c| &c.name),
+            ),
             (
                 type_url::CLUSTER_LOAD_ASSIGNMENT,
-                encode_all(&self.endpoints, |e| &e.cluster_name),
+                encode_sorted(&self.endpoints, |e| &e.cluster_name),
             ),
-            (type_url::LISTENER, encode_all(&self.listeners, |l| &l.name)),
+            (
+                type_url::LISTENER,
+                encode_sorted(&self.listeners, |l| &l.name),
+            ),
             (
                 type_url::ROUTE_CONFIGURATION,
-                encode_all(&self.routes, |r| &r.name),
+                encode_sorted(&self.routes, |r| &r.name),
             ),
-            (type_url::SECRET, encode_all(&self.secrets, |s| &s.name)),
+            (type_url::SECRET, encode_sorted(&self.secrets, |s| &s.name)),
         ])
     }
 }

@@ -10,6 +10,8 @@ use fsm_ir::{
     RetryPolicy, RouteMatch, ServiceIdentity, ServiceRef, WeightedCluster,
 };
 
+use prost::Message;
+
 use super::*;
 
 // === builders ===

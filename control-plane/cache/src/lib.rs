@@ -115,7 +115,37 @@ pub struct Snapshot {
     types: BTreeMap<TypeUrl, TypeSnapshot>,
 }
 
+/// An adapter's output: per type URL, `(resource name, serialized message)` sorted by name.
+pub type Encoded = BTreeMap<TypeUrl, Vec<(String, Vec<u8>)>>;
+
+/// Serializes `items` for [`Encoded`], sorted by resource name so equal content gives equal bytes
+/// in every replica.
+pub fn encode_sorted<M: prost::Message>(
+    items: &[M],
+    name: impl Fn(&M) -> &str,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = items
+        .iter()
+        .map(|m| (name(m).to_string(), m.encode_to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 impl Snapshot {
+    /// The snapshot of an adapter's encoded output.
+    pub fn from_encoded(encoded: Encoded) -> Self {
+        Snapshot::new(encoded.into_iter().map(|(type_url, items)| {
+            (
+                type_url,
+                items
+                    .into_iter()
+                    .map(|(name, body)| Resource::new(name, body))
+                    .collect(),
+            )
+        }))
+    }
+
     pub fn new(types: impl IntoIterator<Item = (TypeUrl, Vec<Resource>)>) -> Self {
         Snapshot {
             types: types

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fsm_cache::{ProxyKey, Resource, Snapshot, SnapshotCache};
+use fsm_cache::{ProxyKey, Snapshot, SnapshotCache};
 use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings};
 use fsm_compiler::{ProxyRef, compile};
 use fsm_errcode::{ErrCode, HasErrCode};
@@ -225,16 +225,6 @@ impl Runner {
             }
         };
         proxy_state.warnings.extend(warnings);
-        Ok(Snapshot::new(encoded.into_iter().map(
-            |(type_url, items)| {
-                (
-                    type_url,
-                    items
-                        .into_iter()
-                        .map(|(name, body)| Resource::new(name, body))
-                        .collect(),
-                )
-            },
-        )))
+        Ok(Snapshot::from_encoded(encoded))
     }
 }

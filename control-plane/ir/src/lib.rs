@@ -19,6 +19,14 @@ pub mod ports {
     pub const PROMETHEUS: u16 = 15010;
 }
 
+/// FSM's names for the listeners and route tables every sidecar has, whatever its data plane.
+pub mod names {
+    pub const OUTBOUND_LISTENER: &str = "outbound-listener";
+    pub const INBOUND_LISTENER: &str = "inbound-listener";
+    pub const OUTBOUND_ROUTES: &str = "outbound";
+    pub const INBOUND_ROUTES: &str = "inbound";
+}
+
 /// Everything one proxy needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
