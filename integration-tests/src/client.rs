@@ -79,6 +79,21 @@ pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<Htt
     })
 }
 
+/// The value of counter `name` in an admin `/stats` text (`<name>: <value>` lines, the format
+/// both Envoy and fsm-sidecar use), 0 when the sidecar has not created it.
+pub fn stats_counter(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Sends `n` GETs of `/get` for `host` through `via`, requiring 200, and returns which backends
 /// answered (their `x-served-by`): how tests see load balancing and endpoint changes.
 pub async fn backends_via(via: SocketAddr, host: &str, n: usize) -> Result<BTreeSet<String>> {

@@ -164,16 +164,7 @@ impl Envoy {
         // The filter is a regex; its dots matching any character is harmless, the exact name is
         // checked below.
         let stats = self.admin_get(&format!("/stats?filter={name}")).await?;
-        Ok(stats
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(": ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0))
+        Ok(crate::client::stats_counter(&stats, name))
     }
 
     /// Waits until the admin `/ready` says LIVE, which Envoy reports only after its first CDS and

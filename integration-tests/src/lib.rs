@@ -19,7 +19,9 @@ pub mod process;
 pub mod sidecar;
 
 pub use apps::{start_demo_app, start_demo_apps};
-pub use client::{HttpReply, backends_via, http_get_via, tcp_roundtrip, wait_tcp_unreachable};
+pub use client::{
+    HttpReply, backends_via, http_get_via, stats_counter, tcp_roundtrip, wait_tcp_unreachable,
+};
 pub use controller::{
     Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
     start_controller_on_cluster,

@@ -202,3 +202,15 @@ async fn try_http_ok(client: &reqwest::Client, url: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A `kB` field of `/proc/<pid>/status` such as `VmRSS` or `VmHWM` (Linux only).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}

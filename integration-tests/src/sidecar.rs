@@ -96,25 +96,19 @@ impl FsmSidecar {
         self.process.wait_for_http_ok(&url, timeout).await
     }
 
+    /// One counter from `/stats`, 0 when the sidecar has not created it.
+    pub async fn counter(&self, name: &str) -> Result<u64> {
+        let stats = self.admin_get("/stats").await?;
+        Ok(crate::client::stats_counter(&stats, name))
+    }
+
     /// Resident memory from `/proc/<pid>/status`, in KiB (Linux only).
     pub fn rss_kib(&self) -> Option<u64> {
-        rss_kib(self.process.pid())
+        crate::process::proc_status_kib(self.process.pid(), "VmRSS")
     }
 }
 
 // === free functions ===
-
-/// `VmRSS` of a process in KiB, from `/proc/<pid>/status`.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 /// Starts fsm-sidecar with `config` and waits until its admin port accepts connections. Use
 /// [`FsmSidecar::wait_ready`] to wait for the first configuration.

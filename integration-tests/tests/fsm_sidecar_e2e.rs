@@ -182,17 +182,12 @@ async fn check_mesh(
         "backends {seen:?}"
     );
     for name in ["httpbin-v1", "httpbin-v2"] {
-        let stats = sidecar(name)?
-            .admin_get("/stats?filter=upstream_rq_total")
+        let served = sidecar(name)?
+            .counter("cluster.demo/httpbin|14001|local.upstream_rq_total")
             .await?;
-        let served: u64 = stats
-            .lines()
-            .find(|l| l.starts_with("cluster.demo/httpbin|14001|local.upstream_rq_total:"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .with_context(|| format!("no local-cluster counter on {name}'s sidecar: {stats}"))?;
         ensure!(
             served > 0,
-            "{name}'s sidecar forwarded no request to its app: {stats}"
+            "{name}'s sidecar forwarded no request to its app (local-cluster upstream_rq_total {served})"
         );
     }
     // An unknown Host is FSM's (and Envoy's) 404.
@@ -428,16 +423,7 @@ fn init_rules(ip_exclusions: &[&str]) -> String {
 /// A counter from a sidecar's admin `/stats` in `ns`, 0 when absent.
 fn stat_in(ns: &str, name: &str) -> Result<u64> {
     let stats = http_in(ns, "127.0.0.1:15000", "admin", "/stats")?;
-    Ok(stats
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(": ")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0))
+    Ok(fsm_integration_tests::stats_counter(&stats, name))
 }
 
 /// The proxy UID FSM's rules exclude from redirection.

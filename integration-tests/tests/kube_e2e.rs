@@ -306,6 +306,16 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     Ok(())
 }
 
+/// The CDS, EDS and LDS versions a controller reports the proxy has ACKed.
+async fn acked_versions(controller: &Controller, uuid: &str) -> Result<[Option<String>; 3]> {
+    let proxies = controller.debug_proxies().await?;
+    let types = proxies
+        .get(uuid)
+        .map(|p| p.types.clone())
+        .unwrap_or_default();
+    Ok([CDS, EDS, LDS].map(|t| types.get(t).and_then(|t| t.acked_version.clone())))
+}
+
 /// Responses the controller has sent to the proxy, all types together.
 async fn responses_sent(controller: &Controller, uuid: &str) -> Result<u64> {
     let proxies = controller.debug_proxies().await?;
@@ -364,20 +374,7 @@ async fn replicas(subnet: u8, mode: AdsMode) -> Result<()> {
         bail!("the sidecar is connected to no replica")
     })
     .await?;
-    let versions = |r: &Controller| {
-        let uuid = uuid.clone();
-        let r_url = r.url("/debug/proxies");
-        async move {
-            let body = fsm_integration_tests::client::get_text(&r_url).await?;
-            let proxies: Value = serde_json::from_str(&body)?;
-            let mut out = Vec::new();
-            for type_url in [CDS, EDS, LDS] {
-                out.push(proxies[&uuid]["types"][type_url]["ackedVersion"].clone());
-            }
-            anyhow::Ok(out)
-        }
-    };
-    let before = versions(&replicas[connected]).await?;
+    let before = acked_versions(&replicas[connected], &uuid).await?;
     let modified_before = (
         envoy.counter("listener_manager.listener_modified").await?,
         envoy.counter("cluster_manager.cluster_modified").await?,
@@ -388,7 +385,7 @@ async fn replicas(subnet: u8, mode: AdsMode) -> Result<()> {
     drop(dying);
     let survivor = &replicas[0];
     eventually(CONVERGE, || async {
-        let now = versions(survivor).await?;
+        let now = acked_versions(survivor, &uuid).await?;
         ensure!(
             now == before,
             "versions on the other replica {now:?}, before {before:?}"

@@ -276,20 +276,12 @@ async fn watch_latency(changes: usize) -> Result<()> {
 
 /// `VmRSS` and `VmHWM` of a process, in MiB.
 fn memory_of(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| -> Result<f64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
+        let kib = fsm_integration_tests::process::proc_status_kib(pid, name)
             .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
-        let kb: f64 = line
-            .split_whitespace()
-            .nth(1)
-            .context("malformed line")?
-            .parse()?;
-        Ok(kb / 1024.0)
+        Ok(kib as f64 / 1024.0)
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok((field("VmRSS")?, field("VmHWM")?))
 }
 
 /// Objects of a large synthetic mesh: 10 monitored namespaces, `services` services with
