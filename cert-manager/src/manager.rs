@@ -97,6 +97,8 @@ pub enum CertKey {
     },
     /// A proxy's xDS client certificate.
     Xds(XdsCommonName),
+    /// A control-plane server certificate (the ADS server's), by common name.
+    Server { common_name: String },
 }
 
 /// Why a [`CertEvent`] was sent.
@@ -232,6 +234,20 @@ impl CertManager {
         };
         let request = CertificateRequest::new(cn.to_string(), self.inner.config.xds_cert_validity);
         self.get_or_issue(CertKey::Xds(cn), request).await
+    }
+
+    /// A server certificate for a control-plane endpoint (the ADS server): CN `common_name`, DNS
+    /// SAN `common_name`, lifetime `validity`; cached and rotated like every other certificate.
+    pub async fn issue_server_certificate(
+        &self,
+        common_name: &str,
+        validity: Duration,
+    ) -> Result<Arc<IssuedCertificate>, CertError> {
+        let request = CertificateRequest::new(common_name, validity).with_dns_san(common_name);
+        let key = CertKey::Server {
+            common_name: common_name.to_owned(),
+        };
+        self.get_or_issue(key, request).await
     }
 
     /// The cached certificate of `key`, if any, checked against the clock: an expired (or not

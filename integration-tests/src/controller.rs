@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -26,8 +26,64 @@ pub struct ControllerOptions {
     pub fsm_namespace: Option<String>,
     /// Process name for logs (`<name>.log`); `fsm-controller` when `None`.
     pub name: Option<String>,
+    /// Where the controller writes sidecar bootstrap credentials; `<log-dir>/<name>.state/bootstrap`
+    /// when `None`. Replicas of one mesh share one.
+    pub bootstrap_dir: Option<PathBuf>,
     /// Extra arguments appended verbatim, for flags the harness does not know yet.
     pub extra_args: Vec<String>,
+}
+
+/// How a sidecar reaches the control plane: the ADS address and the directory holding every
+/// pod's bootstrap credentials (`<dir>/<ns>/<pod>/{ca.crt,tls.crt,tls.key}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdsTarget {
+    pub addr: SocketAddr,
+    pub bootstrap_root: PathBuf,
+}
+
+impl AdsTarget {
+    /// The pod's own bootstrap directory.
+    pub fn pod_dir(&self, namespace: &str, pod: &str) -> PathBuf {
+        self.bootstrap_root.join(namespace).join(pod)
+    }
+}
+
+/// The DNS name in the controller's ADS certificate that sidecars verify (the default of
+/// `fsm-controller --ads-server-name` for the `fsm-system` namespace).
+pub const ADS_SERVER_NAME: &str = "fsm-controller.fsm-system.svc.cluster.local";
+
+/// Writes bootstrap credentials for `common_name` from a throwaway CA, laid out as the controller
+/// writes them: for a sidecar started without a controller.
+pub fn write_standalone_bootstrap(pod_dir: &Path, common_name: &str) -> Result<()> {
+    let ca = fsm_certs::tresor::CertificateAuthority::generate_root(
+        "fsm-test-root",
+        Duration::from_secs(3600),
+    )?;
+    let cert = ca.issue(&fsm_certs::CertificateRequest::new(
+        common_name,
+        Duration::from_secs(3600),
+    ))?;
+    std::fs::create_dir_all(pod_dir)?;
+    std::fs::write(pod_dir.join("ca.crt"), &cert.trust_bundle_pem)?;
+    std::fs::write(pod_dir.join("tls.crt"), &cert.cert_chain_pem)?;
+    std::fs::write(pod_dir.join("tls.key"), cert.private_key.expose_pem())?;
+    Ok(())
+}
+
+/// Waits until the controller has written `pod_dir`'s credentials (a sidecar needs them to start).
+pub async fn wait_for_bootstrap(pod_dir: &Path, timeout: Duration) -> Result<()> {
+    let key = pod_dir.join("tls.key");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !key.exists() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "no bootstrap credentials at {} after {timeout:?}: is the pod meshed, with a proxy UUID label?",
+                pod_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// A running `fsm-controller`; killed on drop.
@@ -36,6 +92,9 @@ pub struct Controller {
     pub process: ManagedProcess,
     pub ads_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// `--state-dir`: the Tresor root file `fsm-ca-bundle.pem` lives here.
+    pub state_dir: PathBuf,
+    pub bootstrap_root: PathBuf,
 }
 
 /// One proxy's entry in `/debug/proxies`.
@@ -71,6 +130,13 @@ impl TypeDebug {
 // === Controller ===
 
 impl Controller {
+    pub fn ads(&self) -> AdsTarget {
+        AdsTarget {
+            addr: self.ads_addr,
+            bootstrap_root: self.bootstrap_root.clone(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http_addr)
     }
@@ -149,8 +215,18 @@ async fn spawn_controller(
         Some(addr) => addr,
         None => free()?,
     };
+    let name = options.name.as_deref().unwrap_or("fsm-controller");
+    let state_dir = log_dir.join(format!("{name}.state"));
+    let bootstrap_root = options
+        .bootstrap_dir
+        .clone()
+        .unwrap_or_else(|| state_dir.join("bootstrap"));
     let mut command = Command::new(binary("fsm-controller")?);
     command
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--bootstrap-dir")
+        .arg(&bootstrap_root)
         .arg(source_flag)
         .arg(source)
         .arg("--ads-listen")
@@ -164,7 +240,6 @@ async fn spawn_controller(
         command.arg("--fsm-namespace").arg(namespace);
     }
     command.args(&options.extra_args);
-    let name = options.name.as_deref().unwrap_or("fsm-controller");
     let mut process = ManagedProcess::spawn(name, command, log_dir)?;
     process
         .wait_for_http_ok(&format!("http://{http_addr}/health/ready"), READY_TIMEOUT)
@@ -173,5 +248,7 @@ async fn spawn_controller(
         process,
         ads_addr,
         http_addr,
+        state_dir,
+        bootstrap_root,
     })
 }

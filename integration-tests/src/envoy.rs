@@ -3,13 +3,14 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use crate::controller::{ADS_SERVER_NAME, AdsTarget, wait_for_bootstrap};
 use crate::mesh::MeshPod;
 use crate::{ManagedProcess, envoy_binary};
 
@@ -48,11 +49,13 @@ pub struct SidecarConfig {
     /// goes away the sidecar reconnects to another.
     pub ads_replicas: Vec<SocketAddr>,
     pub ads_mode: AdsMode,
+    /// The pod's bootstrap credentials (`ca.crt`, `tls.crt`, `tls.key`) for the mTLS ADS stream.
+    pub bootstrap_dir: PathBuf,
 }
 
 impl SidecarConfig {
     /// The sidecar of a meshed pod, with FSM's node identity and admin on the pod address.
-    pub fn for_pod(pod: &MeshPod, ads: SocketAddr, ads_mode: AdsMode) -> Result<Self> {
+    pub fn for_pod(pod: &MeshPod, ads: &AdsTarget, ads_mode: AdsMode) -> Result<Self> {
         let Some(node_id) = pod.node_id() else {
             bail!(
                 "pod {} has no {} label, so it cannot have a sidecar",
@@ -65,9 +68,10 @@ impl SidecarConfig {
             node_id,
             node_cluster: pod.node_cluster(),
             admin: pod.admin_addr(),
-            ads,
+            ads: ads.addr,
             ads_replicas: Vec::new(),
             ads_mode,
+            bootstrap_dir: ads.pod_dir(&pod.namespace, &pod.name),
         })
     }
 }
@@ -180,6 +184,14 @@ impl Envoy {
 /// The bootstrap YAML for one sidecar.
 pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
     let socket = |addr: SocketAddr| serde_json::json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}});
+    let file = |name: &str| config.bootstrap_dir.join(name).display().to_string();
+    // The controller replaces the pod's directory (a link) in its parent: watch the parent.
+    let watched = config
+        .bootstrap_dir
+        .parent()
+        .unwrap_or(&config.bootstrap_dir)
+        .display()
+        .to_string();
     let bootstrap = serde_json::json!({
         "node": {"id": config.node_id, "cluster": config.node_cluster},
         "admin": {"address": socket(config.admin)},
@@ -194,6 +206,32 @@ pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
                     .chain(config.ads_replicas.iter().copied())
                     .map(|addr| serde_json::json!({"endpoint": {"address": socket(addr)}}))
                     .collect::<Vec<_>>()}],
+            },
+            // mTLS, as FSM's injector bootstraps Envoy: the pod's xDS certificate, and the
+            // controller's certificate must chain to the mesh roots and name the controller.
+            // Envoy reloads the files when the controller swaps the pod's directory link.
+            "transport_socket": {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": ADS_SERVER_NAME,
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "tls_certificates": [{
+                            "certificate_chain": {"filename": file("tls.crt")},
+                            "private_key": {"filename": file("tls.key")},
+                            "watched_directory": {"path": watched},
+                        }],
+                        "validation_context": {
+                            "trusted_ca": {"filename": file("ca.crt")},
+                            "watched_directory": {"path": watched},
+                            "match_typed_subject_alt_names": [{
+                                "san_type": "DNS",
+                                "matcher": {"exact": ADS_SERVER_NAME},
+                            }],
+                        },
+                    },
+                },
             },
             // gRPC needs HTTP/2 to the control plane.
             "typed_extension_protocol_options": {
@@ -229,6 +267,7 @@ fn next_base_id() -> u32 {
 /// port accepts connections. Use [`Envoy::wait_ready`] to wait for the first configuration.
 pub async fn start_envoy(config: &SidecarConfig, log_dir: &Path) -> Result<Envoy> {
     std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    wait_for_bootstrap(&config.bootstrap_dir, Duration::from_secs(20)).await?;
     let bootstrap_path = log_dir.join(format!("envoy-{}.bootstrap.yaml", config.name));
     std::fs::write(&bootstrap_path, envoy_bootstrap(config))
         .with_context(|| format!("writing {}", bootstrap_path.display()))?;

@@ -23,8 +23,8 @@ pub use client::{
     HttpReply, backends_via, http_get_via, stats_counter, tcp_roundtrip, wait_tcp_unreachable,
 };
 pub use controller::{
-    Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
-    start_controller_on_cluster,
+    AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
+    start_controller_on_cluster, write_standalone_bootstrap,
 };
 pub use envoy::{AdsMode, Envoy, SidecarConfig, envoy_bootstrap, start_envoy, validate_bootstrap};
 pub use eventually::eventually;

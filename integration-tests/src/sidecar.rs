@@ -2,12 +2,13 @@
 //! the node, the ADS address, admin and metrics on the pod address, everything else over ADS.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 
+use crate::controller::{ADS_SERVER_NAME, AdsTarget, wait_for_bootstrap};
 use crate::envoy::AdsMode;
 use crate::mesh::MeshPod;
 use crate::{ManagedProcess, binary};
@@ -31,11 +32,13 @@ pub struct FsmSidecarConfig {
     pub metrics: SocketAddr,
     pub ads: SocketAddr,
     pub ads_mode: AdsMode,
+    /// The pod's bootstrap credentials for the mTLS ADS stream.
+    pub bootstrap_dir: PathBuf,
 }
 
 impl FsmSidecarConfig {
     /// The sidecar of a meshed pod, with FSM's node identity and admin/metrics on the pod address.
-    pub fn for_pod(pod: &MeshPod, ads: SocketAddr, ads_mode: AdsMode) -> Result<Self> {
+    pub fn for_pod(pod: &MeshPod, ads: &AdsTarget, ads_mode: AdsMode) -> Result<Self> {
         let Some(node_id) = pod.node_id() else {
             bail!(
                 "pod {} has no proxy UUID label, so it cannot have a sidecar",
@@ -53,8 +56,9 @@ impl FsmSidecarConfig {
             workload_name: pod.workload.name.clone(),
             admin: pod.admin_addr(),
             metrics: SocketAddr::new(pod.ip, METRICS_PORT),
-            ads,
+            ads: ads.addr,
             ads_mode,
+            bootstrap_dir: ads.pod_dir(&pod.namespace, &pod.name),
         })
     }
 }
@@ -113,8 +117,13 @@ impl FsmSidecar {
 /// Starts fsm-sidecar with `config` and waits until its admin port accepts connections. Use
 /// [`FsmSidecar::wait_ready`] to wait for the first configuration.
 pub async fn start_fsm_sidecar(config: &FsmSidecarConfig, log_dir: &Path) -> Result<FsmSidecar> {
+    wait_for_bootstrap(&config.bootstrap_dir, Duration::from_secs(20)).await?;
     let mut command = Command::new(binary("fsm-sidecar")?);
     command
+        .arg("--bootstrap-dir")
+        .arg(&config.bootstrap_dir)
+        .arg("--ads-server-name")
+        .arg(ADS_SERVER_NAME)
         .arg("--node-id")
         .arg(&config.node_id)
         .arg("--node-cluster")

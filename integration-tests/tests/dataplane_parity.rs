@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, ControllerOptions, FsmSidecarConfig, MeshPod, SidecarConfig, demo_manifests,
-    eventually, http_get_via, load_catalog, mesh_pods, start_controller, start_demo_apps,
-    start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, AdsTarget, ControllerOptions, FsmSidecarConfig, MeshPod, SidecarConfig,
+    demo_manifests, eventually, http_get_via, load_catalog, mesh_pods, start_controller,
+    start_demo_apps, start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -45,7 +45,7 @@ enum Running {
     Fsm(#[allow(dead_code)] fsm_integration_tests::FsmSidecar),
 }
 
-async fn start(plane: Plane, pod: &MeshPod, ads: SocketAddr, logs: &Path) -> Result<Running> {
+async fn start(plane: Plane, pod: &MeshPod, ads: &AdsTarget, logs: &Path) -> Result<Running> {
     Ok(match plane {
         Plane::Envoy => {
             let mut e =
@@ -79,7 +79,7 @@ async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> 
     for pod in &pods {
         let plane = if pod.name == "curl" { client } else { servers };
         running.push(
-            start(plane, pod, controller.ads_addr, &logs)
+            start(plane, pod, &controller.ads(), &logs)
                 .await
                 .with_context(|| format!("{plane:?} sidecar of {}", pod.id()))?,
         );

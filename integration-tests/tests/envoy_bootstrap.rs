@@ -1,8 +1,18 @@
 //! The sidecar bootstrap against the real Envoy binary (`make envoy` installs it).
 
-use fsm_integration_tests::{AdsMode, SidecarConfig, envoy_bootstrap, validate_bootstrap};
+use std::path::Path;
 
-fn config(ads_mode: AdsMode) -> SidecarConfig {
+use fsm_integration_tests::{
+    AdsMode, SidecarConfig, envoy_bootstrap, validate_bootstrap, write_standalone_bootstrap,
+};
+
+fn config(ads_mode: AdsMode, bootstrap_root: &Path) -> SidecarConfig {
+    let bootstrap_dir = bootstrap_root.join("demo/curl");
+    write_standalone_bootstrap(
+        &bootstrap_dir,
+        "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo",
+    )
+    .expect("credentials");
     SidecarConfig {
         name: "demo-curl".into(),
         node_id: "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo".into(),
@@ -11,13 +21,19 @@ fn config(ads_mode: AdsMode) -> SidecarConfig {
         ads: "127.0.0.1:15128".parse().expect("addr"),
         ads_replicas: Vec::new(),
         ads_mode,
+        bootstrap_dir,
     }
 }
 
 #[tokio::test]
 async fn envoy_accepts_the_bootstrap_in_both_ads_modes() {
+    let dir = tempfile::tempdir().expect("tempdir");
     for mode in [AdsMode::Sotw, AdsMode::Delta] {
-        let yaml = envoy_bootstrap(&config(mode));
+        let yaml = envoy_bootstrap(&config(mode, dir.path()));
+        assert!(
+            yaml.contains("UpstreamTlsContext"),
+            "ADS must be mTLS: {yaml}"
+        );
         assert!(yaml.contains(mode.api_type()), "{yaml}");
         validate_bootstrap(&yaml)
             .await
@@ -27,7 +43,8 @@ async fn envoy_accepts_the_bootstrap_in_both_ads_modes() {
 
 #[tokio::test]
 async fn envoy_rejects_a_broken_bootstrap() {
-    let yaml = envoy_bootstrap(&config(AdsMode::Sotw)).replace("STATIC", "NOT_A_TYPE");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = envoy_bootstrap(&config(AdsMode::Sotw, dir.path())).replace("STATIC", "NOT_A_TYPE");
     validate_bootstrap(&yaml)
         .await
         .expect_err("invalid cluster type must be rejected");

@@ -2,11 +2,19 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use fsm_integration_tests::{AdsMode, SidecarConfig, free_port, start_envoy};
+use fsm_integration_tests::{
+    AdsMode, SidecarConfig, free_port, start_envoy, write_standalone_bootstrap,
+};
 
 #[tokio::test]
 async fn sidecar_starts_with_fsm_identity_and_waits_for_ads() {
     let logs = tempfile::tempdir().expect("temp dir");
+    let bootstrap_dir = logs.path().join("bootstrap/demo/lonely");
+    write_standalone_bootstrap(
+        &bootstrap_dir,
+        "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo",
+    )
+    .expect("credentials");
     let config = SidecarConfig {
         name: "lonely".into(),
         node_id: "u-1.sidecar.curl.demo".into(),
@@ -16,6 +24,7 @@ async fn sidecar_starts_with_fsm_identity_and_waits_for_ads() {
         ads: SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().expect("free port"))),
         ads_replicas: Vec::new(),
         ads_mode: AdsMode::Delta,
+        bootstrap_dir,
     };
     let envoy = start_envoy(&config, logs.path())
         .await

@@ -128,7 +128,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
     let mut sidecars = Vec::new();
     for pod in &pods {
         let mut sidecar = start_fsm_sidecar(
-            &FsmSidecarConfig::for_pod(pod, controller.ads_addr, mode)?,
+            &FsmSidecarConfig::for_pod(pod, &controller.ads(), mode)?,
             &logs,
         )
         .await?;

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::cluster::{self, TestCluster, find};
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, backends_via,
+    AdsMode, AdsTarget, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, backends_via,
     eventually, load_catalog, mesh_pods, start_controller_on_cluster, start_demo_apps, start_envoy,
     tcp_roundtrip, wait_tcp_unreachable,
 };
@@ -45,12 +45,13 @@ fn uuid_of(pod: &MeshPod) -> String {
 
 async fn start_sidecar(
     pod: &MeshPod,
-    ads: &[SocketAddr],
+    ads: &AdsTarget,
+    replicas: &[SocketAddr],
     mode: AdsMode,
     logs: &Path,
 ) -> Result<Envoy> {
-    let mut config = SidecarConfig::for_pod(pod, ads[0], mode)?;
-    config.ads_replicas = ads[1..].to_vec();
+    let mut config = SidecarConfig::for_pod(pod, ads, mode)?;
+    config.ads_replicas = replicas.to_vec();
     start_envoy(&config, logs).await
 }
 
@@ -110,7 +111,7 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     for pod in &pods {
         envoys.push((
             pod.clone(),
-            start_sidecar(pod, &[controller.ads_addr], AdsMode::Sotw, &c.logs).await?,
+            start_sidecar(pod, &controller.ads(), &[], AdsMode::Sotw, &c.logs).await?,
         ));
     }
     let curl = pods
@@ -342,8 +343,10 @@ async fn replicas_serve_identical_versions_over_delta() {
 async fn replicas(subnet: u8, mode: AdsMode) -> Result<()> {
     let c = TestCluster::start_demo(subnet).await?;
     cluster::apply_all(&c.client, &c.objects).await?;
+    // Replicas share the CA (the fsm-ca-bundle Secret) and, here, where bootstrap credentials go.
     let options = |name: &str| ControllerOptions {
         name: Some(name.into()),
+        bootstrap_dir: Some(c.logs.join("bootstrap")),
         ..ControllerOptions::default()
     };
     let mut replicas = vec![
@@ -357,8 +360,8 @@ async fn replicas(subnet: u8, mode: AdsMode) -> Result<()> {
         .find(|p| p.name == "curl")
         .context("curl pod")?;
     let uuid = uuid_of(&curl);
-    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.ads_addr).collect();
-    let mut envoy = start_sidecar(&curl, &addrs, mode, &c.logs).await?;
+    let others: Vec<SocketAddr> = replicas[1..].iter().map(|r| r.ads_addr).collect();
+    let mut envoy = start_sidecar(&curl, &replicas[0].ads(), &others, mode, &c.logs).await?;
     envoy.wait_ready(CONVERGE).await?;
 
     let connected = eventually(CONVERGE, || async {

@@ -52,7 +52,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
     let mut envoys = Vec::new();
     for pod in &pods {
         let mut envoy = start_envoy(
-            &SidecarConfig::for_pod(pod, controller.ads_addr, mode)?,
+            &SidecarConfig::for_pod(pod, &controller.ads(), mode)?,
             &logs,
         )
         .await?;

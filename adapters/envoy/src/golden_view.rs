@@ -3,9 +3,13 @@
 
 use std::fmt::Write;
 
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac, RbacPerRoute};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, UpstreamTlsContext, secret,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
@@ -23,6 +27,10 @@ fn decoded(any: &Any) -> String {
         .or_else(|| pretty::<TcpProxy>(any))
         .or_else(|| pretty::<Router>(any))
         .or_else(|| pretty::<HttpProtocolOptions>(any))
+        .or_else(|| pretty::<Rbac>(any))
+        .or_else(|| pretty::<RbacPerRoute>(any))
+        .or_else(|| pretty::<DownstreamTlsContext>(any))
+        .or_else(|| pretty::<UpstreamTlsContext>(any))
         .unwrap_or_else(|| format!("<{} bytes>", any.value.len()));
     text + "\n"
 }
@@ -38,8 +46,10 @@ fn view<M: std::fmt::Debug>(resource: &M, anys: &[Any]) -> String {
 }
 
 /// One golden file per resource type: `out.clusters.txt`, `out.endpoints.txt`,
-/// `out.listeners.txt`, `out.routes.txt` (and `out.warnings.txt` when there are any).
+/// `out.listeners.txt`, `out.routes.txt`, `out.secrets.txt` (private keys shown as their
+/// length only) and `out.warnings.txt` when there are any.
 pub fn render(resources: &EnvoyResources) -> std::collections::BTreeMap<String, String> {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as SocketConfig;
     use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
     let mut listeners = String::new();
     for l in &resources.listeners {
@@ -52,6 +62,14 @@ pub fn render(resources: &EnvoyResources) -> std::collections::BTreeMap<String, 
                     any.value.clear();
                 }
             }
+            if let Some(SocketConfig::TypedConfig(any)) = chain
+                .transport_socket
+                .as_mut()
+                .and_then(|t| t.config_type.as_mut())
+            {
+                anys.push(any.clone());
+                any.value.clear();
+            }
         }
         listeners.push_str(&view(&l, &anys));
     }
@@ -63,7 +81,45 @@ pub fn render(resources: &EnvoyResources) -> std::collections::BTreeMap<String, 
             anys.push(any.clone());
             any.value.clear();
         }
+        for m in &mut c.transport_socket_matches {
+            if let Some(SocketConfig::TypedConfig(any)) = m
+                .transport_socket
+                .as_mut()
+                .and_then(|t| t.config_type.as_mut())
+            {
+                anys.push(any.clone());
+                any.value.clear();
+            }
+        }
         clusters.push_str(&view(&c, &anys));
+    }
+    let mut routes = String::new();
+    for r in &resources.routes {
+        let mut r = r.clone();
+        let mut anys = Vec::new();
+        for vh in &mut r.virtual_hosts {
+            for route in &mut vh.routes {
+                // One entry per route at most (the RBAC filter's), so map order cannot vary.
+                for any in route.typed_per_filter_config.values_mut() {
+                    anys.push(any.clone());
+                    any.value.clear();
+                }
+            }
+        }
+        routes.push_str(&view(&r, &anys));
+    }
+    let mut secrets = String::new();
+    for s in &resources.secrets {
+        let mut s = s.clone();
+        if let Some(secret::Type::TlsCertificate(cert)) = &mut s.r#type
+            && let Some(key) = &mut cert.private_key
+        {
+            use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+            if let Some(Specifier::InlineString(pem)) = &mut key.specifier {
+                *pem = format!("<{} bytes of private key>", pem.len());
+            }
+        }
+        secrets.push_str(&format!("{s:#?}\n"));
     }
     let join = |items: Vec<String>| items.join("");
     let mut out = std::collections::BTreeMap::from([
@@ -79,16 +135,8 @@ pub fn render(resources: &EnvoyResources) -> std::collections::BTreeMap<String, 
             ),
         ),
         ("out.listeners.txt".to_string(), listeners),
-        (
-            "out.routes.txt".to_string(),
-            join(
-                resources
-                    .routes
-                    .iter()
-                    .map(|r| format!("{r:#?}\n"))
-                    .collect(),
-            ),
-        ),
+        ("out.routes.txt".to_string(), routes),
+        ("out.secrets.txt".to_string(), secrets),
     ]);
     if !resources.warnings.is_empty() {
         out.insert(

@@ -16,6 +16,18 @@
 //!
 //! Endpoints of pods that run a sidecar are therefore addressed at `<pod-ip>:15003`, never at the
 //! application port, so traffic always crosses both sidecars.
+//!
+//! Every connection between sidecars is mutually authenticated, with FSM's SDS names:
+//!
+//! - the inbound listener presents `service-cert:<ns>/<sa>`, requires a client certificate that
+//!   chains to `root-cert-for-mtls-inbound:<ns>/<sa>`, and an HTTP RBAC filter admits, per
+//!   route, only the identities the route allows (by the client's SPIFFE URI SAN);
+//! - outbound clusters reach meshed endpoints over TLS with the same client certificate, SNI
+//!   `<svc>.<ns>.svc.cluster.local`, and check the server against
+//!   `root-cert-for-mtls-outbound:<ns>/<svc>`, which only admits the service's identities.
+//!   Unmeshed endpoints (no sidecar to terminate TLS) stay plaintext.
+//!
+//! [`secrets`] builds those three kinds of Secret from the proxy's [`ProxyCredentials`].
 
 mod golden_view;
 
@@ -26,14 +38,20 @@ use envoy_types::pb::envoy::config::cluster::v3 as cluster;
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
+use envoy_types::pb::envoy::config::rbac::v3 as rbac;
 use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
-use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
-use fsm_ir::{AllowedSources, ClusterKind, HttpRoute, PathMatch, Protocol, ProxyIr, ports};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value};
+use fsm_ir::{
+    AllowedSources, ClusterKind, HttpRoute, PathMatch, Protocol, ProxyCredentials, ProxyIr,
+    ServiceIdentity, names, ports,
+};
 use prost::{Message, Name};
 
 pub use golden_view::render;
@@ -43,6 +61,12 @@ pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The endpoint metadata key (under `envoy.transport_socket_match`) that selects TLS.
+const MESHED_MATCH_KEY: &str = "fsm.meshed";
+const RBAC_FILTER: &str = "envoy.filters.http.rbac";
 
 pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 
@@ -53,6 +77,7 @@ pub struct EnvoyResources {
     pub endpoints: Vec<endpoint::ClusterLoadAssignment>,
     pub listeners: Vec<listener::Listener>,
     pub routes: Vec<route::RouteConfiguration>,
+    pub secrets: Vec<tls::Secret>,
     /// Parts of the IR Envoy cannot be given, with the reason.
     pub warnings: Vec<String>,
 }
@@ -70,6 +95,7 @@ impl EnvoyResources {
             ),
             (LISTENER_TYPE, encode_sorted(&self.listeners, |l| &l.name)),
             (ROUTE_TYPE, encode_sorted(&self.routes, |r| &r.name)),
+            (SECRET_TYPE, encode_sorted(&self.secrets, |s| &s.name)),
         ])
     }
 }
@@ -81,10 +107,18 @@ pub enum AdapterError {
     InvalidIr(#[from] fsm_ir::IrError),
 }
 
-/// Translates one proxy's IR into Envoy resources.
-pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
+/// Translates one proxy's IR into Envoy resources, with its mTLS material as SDS secrets.
+pub fn translate(
+    ir: &ProxyIr,
+    credentials: &ProxyCredentials,
+) -> Result<EnvoyResources, AdapterError> {
     ir.validate()?;
-    let mut out = EnvoyResources::default();
+    let mut out = EnvoyResources {
+        secrets: secrets(ir, credentials),
+        ..Default::default()
+    };
+    let own = &ir.proxy.identity;
+    let trust_domain = ir.mesh.trust_domain.as_str();
     let pod_ip = ir.proxy.pod_ip;
     let tunnelled: BTreeSet<&str> = ir
         .clusters
@@ -99,7 +133,7 @@ pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
 
     for c in &ir.clusters {
         let tunnel = tunnelled.contains(c.name.as_str());
-        out.clusters.push(build_cluster(c, tunnel));
+        out.clusters.push(build_cluster(c, tunnel, own));
         if c.kind == ClusterKind::Outbound {
             out.endpoints.push(load_assignment(c, tunnel));
         }
@@ -118,7 +152,11 @@ pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
         virtual_hosts.push(route::VirtualHost {
             name: format!("{}|{}", svc.service, svc.port),
             domains,
-            routes: svc.routes.iter().map(|r| http_route(r, None)).collect(),
+            routes: svc
+                .routes
+                .iter()
+                .map(|r| http_route(r, None, None))
+                .collect(),
             ..Default::default()
         });
     }
@@ -132,7 +170,7 @@ pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
         pod_ip,
         ports::OUTBOUND,
         OUTBOUND_ROUTES,
-        false,
+        None,
     ));
 
     // Outbound TCP: one listener per service port on the pod address.
@@ -199,9 +237,16 @@ pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
                 .cloned()
                 .collect();
             let routes = if port.protocol.is_http() {
-                svc.routes.iter().map(|r| http_route(r, None)).collect()
+                svc.routes
+                    .iter()
+                    .map(|r| http_route(r, None, Some(trust_domain)))
+                    .collect()
             } else {
-                vec![connect_route(svc.local_cluster.as_str(), &svc.allowed)]
+                vec![connect_route(
+                    svc.local_cluster.as_str(),
+                    &svc.allowed,
+                    trust_domain,
+                )]
             };
             virtual_hosts.push(route::VirtualHost {
                 name: svc.local_cluster.to_string(),
@@ -221,10 +266,154 @@ pub fn translate(ir: &ProxyIr) -> Result<EnvoyResources, AdapterError> {
         pod_ip,
         ports::INBOUND,
         INBOUND_ROUTES,
-        true,
+        Some(own),
     ));
 
     Ok(out)
+}
+
+/// The proxy's SDS secrets: its certificate, the roots its clients must chain to, and, per
+/// upstream service with meshed endpoints, the roots and identities its servers must have.
+pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret> {
+    let own = &ir.proxy.identity;
+    let trusted_ca = || Some(inline(&credentials.trust_bundle_pem));
+    let mut out = vec![
+        tls::Secret {
+            name: names::service_cert(own),
+            r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
+                certificate_chain: Some(inline(&credentials.cert_chain_pem)),
+                private_key: Some(inline(&credentials.private_key_pem)),
+                ..Default::default()
+            })),
+        },
+        tls::Secret {
+            name: names::inbound_validation(own),
+            r#type: Some(tls::secret::Type::ValidationContext(
+                tls::CertificateValidationContext {
+                    trusted_ca: trusted_ca(),
+                    ..Default::default()
+                },
+            )),
+        },
+    ];
+    let mut seen = BTreeSet::new();
+    for c in ir
+        .clusters
+        .iter()
+        .filter(|c| c.kind == ClusterKind::Outbound && c.has_meshed_endpoints())
+    {
+        if !seen.insert(&c.service) {
+            continue;
+        }
+        // Endpoints of one service may sit in several clusters (one per port): same identities.
+        let identities: BTreeSet<&ServiceIdentity> = ir
+            .clusters
+            .iter()
+            .filter(|other| other.kind == ClusterKind::Outbound && other.service == c.service)
+            .flat_map(|other| other.server_identities())
+            .collect();
+        out.push(tls::Secret {
+            name: names::outbound_validation(&c.service),
+            r#type: Some(tls::secret::Type::ValidationContext(
+                tls::CertificateValidationContext {
+                    trusted_ca: trusted_ca(),
+                    match_typed_subject_alt_names: identities
+                        .into_iter()
+                        .map(|id| tls::SubjectAltNameMatcher {
+                            san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                            matcher: Some(exact(&id.spiffe_id(&ir.mesh.trust_domain))),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
+        });
+    }
+    out
+}
+
+fn inline(pem: &str) -> core::DataSource {
+    core::DataSource {
+        specifier: Some(core::data_source::Specifier::InlineString(pem.into())),
+        ..Default::default()
+    }
+}
+
+fn exact(value: &str) -> matcher::StringMatcher {
+    matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(value.into())),
+        ..Default::default()
+    }
+}
+
+fn sds(name: String) -> tls::SdsSecretConfig {
+    tls::SdsSecretConfig {
+        name,
+        sds_config: ads(),
+    }
+}
+
+fn transport_socket<M: Message + Name>(context: &M) -> core::TransportSocket {
+    core::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(
+            context,
+        ))),
+    }
+}
+
+/// Server side of the inbound mTLS: this proxy's certificate, clients must present one from the
+/// mesh CA. Both ALPNs are offered so the connection manager speaks what the client speaks.
+fn downstream_tls(own: &ServiceIdentity) -> core::TransportSocket {
+    transport_socket(&tls::DownstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(names::service_cert(own))],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    sds(names::inbound_validation(own)),
+                ),
+            ),
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    })
+}
+
+/// Client side of the outbound mTLS to one service's sidecars.
+fn upstream_tls(c: &fsm_ir::Cluster, own: &ServiceIdentity, http2: bool) -> core::TransportSocket {
+    transport_socket(&tls::UpstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(names::service_cert(own))],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    sds(names::outbound_validation(&c.service)),
+                ),
+            ),
+            alpn_protocols: if http2 { vec!["h2".into()] } else { vec![] },
+            ..Default::default()
+        }),
+        sni: c.service.fqdn(),
+        ..Default::default()
+    })
+}
+
+/// `{"fsm.meshed": true}`: what meshed endpoints carry and the TLS transport socket matches.
+fn meshed_match() -> Struct {
+    Struct {
+        fields: BTreeMap::from([(
+            MESHED_MATCH_KEY.to_string(),
+            Value {
+                kind: Some(envoy_types::pb::google::protobuf::value::Kind::BoolValue(
+                    true,
+                )),
+            },
+        )])
+        .into_iter()
+        .collect(),
+    }
 }
 
 fn any<M: Message + Name>(message: &M) -> Any {
@@ -270,13 +459,16 @@ fn network_filter<M: Message + Name>(name: &str, config: &M) -> listener::Filter
     }
 }
 
+/// An HTTP listener; `inbound` (this proxy's identity) makes it the mTLS inbound listener that
+/// also accepts CONNECT tunnels and authorises clients per route.
 fn http_listener(
     name: &str,
     ip: IpAddr,
     port: u16,
     routes: &str,
-    accept_connect: bool,
+    inbound: Option<&ServiceIdentity>,
 ) -> listener::Listener {
+    let accept_connect = inbound.is_some();
     let connect = || {
         vec![hcm::http_connection_manager::UpgradeConfig {
             upgrade_type: "CONNECT".into(),
@@ -292,13 +484,24 @@ fn http_listener(
                 route_config_name: routes.into(),
             },
         )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: inbound
+            .map(|_| hcm::HttpFilter {
+                // No rules here: routes carry their own (RBACPerRoute).
+                name: RBAC_FILTER.into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &rbac_filter::Rbac::default(),
+                ))),
+                ..Default::default()
+            })
+            .into_iter()
+            .chain([hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            }])
+            .collect(),
         http2_protocol_options: accept_connect.then(|| core::Http2ProtocolOptions {
             allow_connect: true,
             ..Default::default()
@@ -314,6 +517,7 @@ fn http_listener(
                 "envoy.filters.network.http_connection_manager",
                 &manager,
             )],
+            transport_socket: inbound.map(downstream_tls),
             ..Default::default()
         }],
         ..Default::default()
@@ -334,9 +538,54 @@ fn denied() -> route::route::Action {
 }
 
 fn is_denied(allowed: &AllowedSources) -> bool {
-    // Per-identity authorisation needs client certificates (mTLS); until then only the two
-    // ends of the range are expressible: everyone, or no one.
     matches!(allowed, AllowedSources::Identities(ids) if ids.is_empty())
+}
+
+/// The per-route RBAC of an inbound route that admits only some identities: the client's
+/// certificate (verified by the mTLS handshake) must carry one of their SPIFFE URI SANs.
+fn route_rbac(
+    allowed: &AllowedSources,
+    trust_domain: &str,
+) -> std::collections::HashMap<String, Any> {
+    let AllowedSources::Identities(ids) = allowed else {
+        return Default::default();
+    };
+    if ids.is_empty() {
+        return Default::default();
+    }
+    let principals = ids
+        .iter()
+        .map(|id| rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::Authenticated(
+                rbac::principal::Authenticated {
+                    principal_name: Some(exact(&id.spiffe_id(trust_domain))),
+                },
+            )),
+        })
+        .collect();
+    let policy = rbac::Policy {
+        permissions: vec![rbac::Permission {
+            rule: Some(rbac::permission::Rule::Any(true)),
+        }],
+        principals,
+        ..Default::default()
+    };
+    let per_route = rbac_filter::RbacPerRoute {
+        rbac: Some(rbac_filter::Rbac {
+            rules: Some(rbac::Rbac {
+                action: rbac::rbac::Action::Allow as i32,
+                // One policy only: a map with several would encode in hash order.
+                policies: [("allowed-sources".to_string(), policy)]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    [(RBAC_FILTER.to_string(), any(&per_route))]
+        .into_iter()
+        .collect()
 }
 
 /// A header whose whole value must match `regex`.
@@ -358,7 +607,12 @@ fn regex_header(name: &str, regex: &str) -> route::HeaderMatcher {
     }
 }
 
-fn http_route(r: &HttpRoute, upgrade: Option<route::route_action::UpgradeConfig>) -> route::Route {
+/// `inbound_trust_domain` is set for inbound routes, whose allowed sources become RBAC.
+fn http_route(
+    r: &HttpRoute,
+    upgrade: Option<route::route_action::UpgradeConfig>,
+    inbound_trust_domain: Option<&str>,
+) -> route::Route {
     let path_specifier = match &r.matches.path {
         PathMatch::Exact(p) => route::route_match::PathSpecifier::Path(p.clone()),
         PathMatch::Prefix(p) => route::route_match::PathSpecifier::Prefix(p.clone()),
@@ -413,11 +667,18 @@ fn http_route(r: &HttpRoute, upgrade: Option<route::route_action::UpgradeConfig>
             ..Default::default()
         }),
         action: Some(action),
+        typed_per_filter_config: inbound_trust_domain
+            .map(|td| route_rbac(&r.allowed, td))
+            .unwrap_or_default(),
         ..Default::default()
     }
 }
 
-fn connect_route(local_cluster: &str, allowed: &AllowedSources) -> route::Route {
+fn connect_route(
+    local_cluster: &str,
+    allowed: &AllowedSources,
+    trust_domain: &str,
+) -> route::Route {
     let action = if is_denied(allowed) {
         denied()
     } else {
@@ -442,11 +703,12 @@ fn connect_route(local_cluster: &str, allowed: &AllowedSources) -> route::Route 
             ..Default::default()
         }),
         action: Some(action),
+        typed_per_filter_config: route_rbac(allowed, trust_domain),
         ..Default::default()
     }
 }
 
-fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
+fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, own: &ServiceIdentity) -> cluster::Cluster {
     let http2 = tunnel || c.protocol == Protocol::Grpc;
     let protocol_options = if http2 {
         Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -495,8 +757,19 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
             Some(load_assignment(c, false)),
         ),
     };
+    // Only endpoints with a sidecar terminate TLS; they are marked in EDS (see `load_assignment`).
+    let transport_socket_matches = if c.kind == ClusterKind::Outbound && c.has_meshed_endpoints() {
+        vec![cluster::cluster::TransportSocketMatch {
+            name: "fsm-mtls".into(),
+            r#match: Some(meshed_match()),
+            transport_socket: Some(upstream_tls(c, own, http2)),
+        }]
+    } else {
+        vec![]
+    };
     cluster::Cluster {
         name: c.name.to_string(),
+        transport_socket_matches,
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             discovery as i32,
         )),
@@ -521,6 +794,7 @@ fn load_assignment(c: &fsm_ir::Cluster, tunnel: bool) -> endpoint::ClusterLoadAs
             } else {
                 e.port
             };
+            let tls_match = e.meshed && c.kind == ClusterKind::Outbound;
             endpoint::LbEndpoint {
                 host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
                     endpoint::Endpoint {
@@ -528,6 +802,12 @@ fn load_assignment(c: &fsm_ir::Cluster, tunnel: bool) -> endpoint::ClusterLoadAs
                         ..Default::default()
                     },
                 )),
+                metadata: tls_match.then(|| core::Metadata {
+                    filter_metadata: [("envoy.transport_socket_match".to_string(), meshed_match())]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }
         })

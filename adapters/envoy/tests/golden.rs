@@ -10,8 +10,11 @@ fn golden_cases() {
         |input| {
             let ir: fsm_ir::ProxyIr = serde_yaml_ng::from_str(input)
                 .map_err(|e| format!("in.yaml is not a ProxyIr: {e}"))?;
-            let resources = fsm_adapter_envoy::translate(&ir).map_err(|e| e.to_string())?;
-            let again = fsm_adapter_envoy::translate(&ir).map_err(|e| e.to_string())?;
+            let resources =
+                fsm_adapter_envoy::translate(&ir, &fsm_golden::placeholder_credentials())
+                    .map_err(|e| e.to_string())?;
+            let again = fsm_adapter_envoy::translate(&ir, &fsm_golden::placeholder_credentials())
+                .map_err(|e| e.to_string())?;
             assert_eq!(
                 resources.encode(),
                 again.encode(),

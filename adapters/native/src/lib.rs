@@ -20,6 +20,11 @@
 //! Policy decisions stay with the sidecar: allowed sources travel with each inbound route and TCP
 //! chain, and the sidecar answers 403 itself, where the Envoy adapter has to turn a denied route
 //! into a direct response.
+//!
+//! mTLS uses the Envoy adapter's SDS names: every inbound chain requires a client certificate
+//! (`service-cert:<ns>/<sa>`, checked against `root-cert-for-mtls-inbound:<ns>/<sa>`), and outbound
+//! clusters with meshed endpoints verify the server against `root-cert-for-mtls-outbound:<ns>/<svc>`
+//! and the service's identities.
 
 mod golden_view;
 mod listeners;
@@ -31,7 +36,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use fsm_dataplane_proto::{type_url, v1};
-use fsm_ir::{ClusterKind, Protocol, ProxyIr, ports};
+use fsm_ir::{ClusterKind, Protocol, ProxyCredentials, ProxyIr, ServiceIdentity, names, ports};
 
 pub use golden_view::render;
 
@@ -46,7 +51,6 @@ pub struct NativeResources {
     pub endpoints: Vec<v1::ClusterLoadAssignment>,
     pub listeners: Vec<v1::Listener>,
     pub routes: Vec<v1::RouteConfiguration>,
-    /// Empty until the identity work issues certificates.
     pub secrets: Vec<v1::Secret>,
     /// Parts of the IR left out of the resources, with the reason.
     pub warnings: Vec<String>,
@@ -92,12 +96,18 @@ pub enum AdapterError {
     Unsupported { field: String, reason: String },
 }
 
-/// Translates one proxy's IR into native resources.
-pub fn translate(ir: &ProxyIr) -> Result<NativeResources, AdapterError> {
+/// Translates one proxy's IR into native resources, with its mTLS material as secrets.
+pub fn translate(
+    ir: &ProxyIr,
+    credentials: &ProxyCredentials,
+) -> Result<NativeResources, AdapterError> {
     ir.validate()?;
-    let mut out = NativeResources::default();
+    let mut out = NativeResources {
+        secrets: secrets(ir, credentials),
+        ..Default::default()
+    };
     for c in &ir.clusters {
-        out.clusters.push(cluster(c)?);
+        out.clusters.push(cluster(c, ir)?);
         if c.kind == ClusterKind::Outbound {
             out.endpoints.push(load_assignment(c));
         }
@@ -111,6 +121,59 @@ pub fn translate(ir: &ProxyIr) -> Result<NativeResources, AdapterError> {
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// This proxy's certificate, the roots its clients must chain to, and per upstream service with
+/// meshed endpoints the roots and SPIFFE identities its servers must have.
+pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
+    let own = &ir.proxy.identity;
+    let validation = |name: String, sans: Vec<String>| v1::Secret {
+        name,
+        kind: Some(v1::secret::Kind::ValidationContext(v1::ValidationContext {
+            trusted_ca: credentials.trust_bundle_pem.as_bytes().to_vec(),
+            match_subject_alt_names: sans,
+        })),
+    };
+    let mut out = vec![
+        v1::Secret {
+            name: names::service_cert(own),
+            kind: Some(v1::secret::Kind::TlsCertificate(v1::TlsCertificate {
+                certificate_chain: credentials.cert_chain_pem.as_bytes().to_vec(),
+                private_key: credentials.private_key_pem.as_bytes().to_vec(),
+            })),
+        },
+        validation(names::inbound_validation(own), vec![]),
+    ];
+    let mut services: BTreeMap<&fsm_ir::ServiceRef, std::collections::BTreeSet<&ServiceIdentity>> =
+        BTreeMap::new();
+    for c in ir
+        .clusters
+        .iter()
+        .filter(|c| c.kind == ClusterKind::Outbound && c.has_meshed_endpoints())
+    {
+        services
+            .entry(&c.service)
+            .or_default()
+            .extend(c.server_identities());
+    }
+    for (service, identities) in services {
+        let sans = identities
+            .into_iter()
+            .map(|id| id.spiffe_id(&ir.mesh.trust_domain))
+            .collect();
+        out.push(validation(names::outbound_validation(service), sans));
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Server-side mTLS of every inbound chain: clients must present a mesh certificate.
+fn downstream_tls(own: &ServiceIdentity) -> v1::DownstreamTls {
+    v1::DownstreamTls {
+        certificate_secret: names::service_cert(own),
+        validation_secret: names::inbound_validation(own),
+        require_client_certificate: true,
+    }
 }
 
 // === helpers shared by the modules ===
@@ -182,7 +245,7 @@ fn connect_authority(service: &fsm_ir::ServiceRef, port: u16) -> String {
 
 // === clusters ===
 
-fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
+fn cluster(c: &fsm_ir::Cluster, ir: &ProxyIr) -> Result<v1::Cluster, AdapterError> {
     let discovery = match c.kind {
         ClusterKind::Outbound => v1::cluster::Discovery::Eds(v1::EdsDiscovery {}),
         // The application in this pod never moves while the pod lives: no EDS round trip needed.
@@ -213,7 +276,15 @@ fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
         connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
         upstream_protocol: upstream_protocol as i32,
         circuit_breakers: None,
-        tls: None,
+        // Only meshed endpoints terminate TLS; the sidecar connects to unmeshed ones in plaintext.
+        tls: (c.kind == ClusterKind::Outbound && c.has_meshed_endpoints()).then(|| {
+            v1::UpstreamTls {
+                certificate_secret: names::service_cert(&ir.proxy.identity),
+                validation_secret: names::outbound_validation(&c.service),
+                sni: c.service.fqdn(),
+                server_identities: c.server_identities().into_iter().map(identity).collect(),
+            }
+        }),
     })
 }
 

@@ -66,6 +66,10 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
 
     let mut inbound = vec![explicit_http(ports::INBOUND, INBOUND_ROUTES)];
     inbound.extend(ir.inbound.iter().filter_map(redirected_inbound));
+    // Plaintext never reaches a meshed application: every inbound chain requires mTLS.
+    for chain in &mut inbound {
+        chain.tls = Some(crate::downstream_tls(&ir.proxy.identity));
+    }
     listeners.push(v1::Listener {
         name: INBOUND_LISTENER.into(),
         address: Some(socket_address(pod_ip, ports::INBOUND)),

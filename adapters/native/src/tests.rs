@@ -225,7 +225,11 @@ fn clusters(named: &[(&str, u32)]) -> Vec<v1::WeightedCluster> {
 
 #[test]
 fn http_service_routes_by_host_and_has_no_tcp_listener() {
-    let out = translate(&one_outbound(Protocol::Http)).expect("translates");
+    let out = translate(
+        &one_outbound(Protocol::Http),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     let chain = chain(listener(&out, OUTBOUND_LISTENER), "app/web|8080");
     assert_eq!(chain.protocol, v1::Protocol::Http as i32);
     assert_eq!(http_target(chain), OUTBOUND_ROUTES);
@@ -248,7 +252,11 @@ fn http_service_routes_by_host_and_has_no_tcp_listener() {
 
 #[test]
 fn grpc_service_is_http_with_an_http2_upstream() {
-    let out = translate(&one_outbound(Protocol::Grpc)).expect("translates");
+    let out = translate(
+        &one_outbound(Protocol::Grpc),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     let chain = chain(listener(&out, OUTBOUND_LISTENER), "app/web|8080");
     assert_eq!(chain.protocol, v1::Protocol::Grpc as i32);
     assert_eq!(http_target(chain), OUTBOUND_ROUTES);
@@ -261,7 +269,11 @@ fn grpc_service_is_http_with_an_http2_upstream() {
 #[test]
 fn tcp_service_gets_a_chain_and_an_explicit_listener_with_a_connect_authority() {
     for protocol in [Protocol::Tcp, Protocol::TcpServerFirst] {
-        let out = translate(&one_outbound(protocol)).expect("translates");
+        let out = translate(
+            &one_outbound(protocol),
+            &fsm_golden::placeholder_credentials(),
+        )
+        .expect("translates");
         let redirected = chain(listener(&out, OUTBOUND_LISTENER), "app/web|8080");
         let explicit = listener(&out, "outbound-tcp:app/web|8080");
         assert_eq!(
@@ -298,7 +310,7 @@ fn weighted_backends_keep_their_weights_for_http_and_tcp() {
         Protocol::Http,
         vec![],
     ));
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let action = first_route(routes(&out, OUTBOUND_ROUTES))
         .action
         .as_ref()
@@ -316,7 +328,7 @@ fn weighted_backends_keep_their_weights_for_http_and_tcp() {
         Protocol::Tcp,
         vec![],
     ));
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let tcp = tcp_target(chain(listener(&out, OUTBOUND_LISTENER), "app/web|8080"));
     assert_eq!(
         tcp.clusters,
@@ -339,7 +351,7 @@ fn meshed_endpoints_are_addressed_at_their_sidecar() {
             ..endpoint("127.0.0.2", 8080, true, Some(id("web")))
         },
     ];
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     assert_eq!(out.endpoints.len(), 1);
     let cla = &out.endpoints[0];
     assert_eq!(cla.cluster_name, "app/web|8080");
@@ -382,7 +394,11 @@ fn meshed_endpoints_are_addressed_at_their_sidecar() {
 
 #[test]
 fn local_clusters_are_static_and_have_no_load_assignment() {
-    let out = translate(&one_inbound(Protocol::Http, AllowedSources::Any)).expect("translates");
+    let out = translate(
+        &one_inbound(Protocol::Http, AllowedSources::Any),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     assert!(out.endpoints.is_empty());
     let local = &out.clusters[0];
     assert_eq!(local.name, "app/me|8080|local");
@@ -411,7 +427,7 @@ fn local_cluster_without_exactly_one_endpoint_is_unsupported() {
         .endpoints
         .push(endpoint("127.0.0.10", 8080, false, None));
     assert_eq!(
-        translate(&ir),
+        translate(&ir, &fsm_golden::placeholder_credentials()),
         Err(AdapterError::Unsupported {
             field: "clusters[app/me|8080|local].endpoints".into(),
             reason: "a local cluster reaches exactly one application address, found 2".into(),
@@ -433,7 +449,7 @@ fn retry_policy_and_timeouts_map_to_typed_fields() {
         num_retries: 3,
         per_try_timeout_ms: Some(250),
     });
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let action = first_route(routes(&out, OUTBOUND_ROUTES))
         .action
         .clone()
@@ -463,7 +479,11 @@ fn retry_policy_and_timeouts_map_to_typed_fields() {
     );
 
     // No timeout in the IR: no deadline at all (not a default one).
-    let out = translate(&one_outbound(Protocol::Http)).expect("translates");
+    let out = translate(
+        &one_outbound(Protocol::Http),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     let action = first_route(routes(&out, OUTBOUND_ROUTES))
         .action
         .clone()
@@ -479,7 +499,7 @@ fn unknown_retry_condition_names_the_field() {
         num_retries: 1,
         per_try_timeout_ms: None,
     });
-    let err = translate(&ir).expect_err("must fail");
+    let err = translate(&ir, &fsm_golden::placeholder_credentials()).expect_err("must fail");
     assert_eq!(
         err.to_string(),
         "outbound[app/web|8080].routes[0].retry.retryOn: retry condition \"sometimes\" is not one fsm-sidecar implements"
@@ -513,7 +533,7 @@ fn route_matches_map_paths_methods_and_headers() {
             methods: vec!["GET".into(), "POST".into()],
             headers: BTreeMap::from([("User-Agent".into(), ".*curl.*".into())]),
         };
-        let out = translate(&ir).expect("translates");
+        let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
         let m = first_route(routes(&out, OUTBOUND_ROUTES))
             .r#match
             .clone()
@@ -530,7 +550,7 @@ fn route_matches_map_paths_methods_and_headers() {
     }
     let mut ir = one_outbound(Protocol::Http);
     ir.outbound[0].routes[0].matches.methods = vec!["*".into()];
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let m = first_route(routes(&out, OUTBOUND_ROUTES))
         .r#match
         .clone()
@@ -541,7 +561,11 @@ fn route_matches_map_paths_methods_and_headers() {
 #[test]
 fn allowed_identities_travel_with_inbound_routes_only() {
     let allowed = AllowedSources::Identities(vec![id("b"), id("a"), id("b")]);
-    let out = translate(&one_inbound(Protocol::Http, allowed)).expect("translates");
+    let out = translate(
+        &one_inbound(Protocol::Http, allowed),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     let route = first_route(routes(&out, INBOUND_ROUTES));
     assert_eq!(
         route.allowed_sources,
@@ -562,16 +586,20 @@ fn allowed_identities_travel_with_inbound_routes_only() {
     );
 
     // SMI mode without a TrafficTarget: an explicit deny, which is also the unset default.
-    let out = translate(&one_inbound(
-        Protocol::Http,
-        AllowedSources::Identities(vec![]),
-    ))
+    let out = translate(
+        &one_inbound(Protocol::Http, AllowedSources::Identities(vec![])),
+        &fsm_golden::placeholder_credentials(),
+    )
     .expect("translates");
     let route = first_route(routes(&out, INBOUND_ROUTES));
     assert_eq!(route.allowed_sources, Some(v1::AllowedSources::default()));
 
     // Outbound routes: not consulted, not sent.
-    let out = translate(&one_outbound(Protocol::Http)).expect("translates");
+    let out = translate(
+        &one_outbound(Protocol::Http),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     assert_eq!(
         first_route(routes(&out, OUTBOUND_ROUTES)).allowed_sources,
         None
@@ -587,7 +615,7 @@ fn inbound_tcp_port_is_a_connect_route_and_a_redirect_chain() {
     other.service = svc("alias");
     other.allowed = AllowedSources::Identities(vec![id("other")]);
     ir.inbound[0].services.push(other);
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
 
     let vhost = &routes(&out, INBOUND_ROUTES).virtual_hosts[0];
     assert_eq!(vhost.name, "app/me|8080|local");
@@ -628,7 +656,11 @@ fn inbound_tcp_port_is_a_connect_route_and_a_redirect_chain() {
 
 #[test]
 fn inbound_http_port_goes_through_the_inbound_routes() {
-    let out = translate(&one_inbound(Protocol::Http, AllowedSources::Any)).expect("translates");
+    let out = translate(
+        &one_inbound(Protocol::Http, AllowedSources::Any),
+        &fsm_golden::placeholder_credentials(),
+    )
+    .expect("translates");
     let inbound = listener(&out, INBOUND_LISTENER);
     assert_eq!(inbound.direction, v1::TrafficDirection::Inbound as i32);
     let redirected = chain(inbound, "target-port:8080");
@@ -654,7 +686,7 @@ fn chains_are_ordered_most_specific_first_and_shadowed_ones_dropped() {
         ir.clusters
             .push(cluster(name, ClusterKind::Outbound, Protocol::Tcp, vec![]));
     }
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let names: Vec<&str> = listener(&out, OUTBOUND_LISTENER)
         .filter_chains
         .iter()
@@ -689,7 +721,7 @@ fn explicit_tcp_listener_is_skipped_when_the_port_is_taken() {
         Protocol::Http,
         vec![endpoint("127.0.0.9", 8080, false, None)],
     ));
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     assert!(
         out.listeners
             .iter()
@@ -705,7 +737,7 @@ fn invalid_ir_is_rejected() {
     let mut ir = one_outbound(Protocol::Http);
     ir.outbound[0].routes[0].backends = vec![backend("app/missing|1", 1)];
     assert_eq!(
-        translate(&ir),
+        translate(&ir, &fsm_golden::placeholder_credentials()),
         Err(AdapterError::InvalidIr(fsm_ir::IrError::UnknownCluster(
             ClusterName("app/missing|1".into())
         )))
@@ -721,7 +753,7 @@ fn encode_lists_every_type_sorted_by_name() {
         0,
         cluster("app/api|80", ClusterKind::Outbound, Protocol::Http, vec![]),
     );
-    let out = translate(&ir).expect("translates");
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let encoded = out.encode();
     let mut urls: Vec<&str> = encoded.keys().copied().collect();
     let mut all = ALL_TYPE_URLS.to_vec();
@@ -739,14 +771,24 @@ fn encode_lists_every_type_sorted_by_name() {
         names(type_url::ROUTE_CONFIGURATION),
         [INBOUND_ROUTES, OUTBOUND_ROUTES]
     );
-    assert!(encoded[type_url::SECRET].is_empty());
+    // Only `app/x` has meshed endpoints, so only it needs an outbound validation context.
+    assert_eq!(
+        names(type_url::SECRET),
+        [
+            "root-cert-for-mtls-inbound:app/me",
+            "root-cert-for-mtls-outbound:app/x",
+            "service-cert:app/me"
+        ]
+    );
     let (_, bytes) = &encoded[type_url::CLUSTER][1];
     assert_eq!(
         v1::Cluster::decode(bytes.as_slice()).as_ref(),
         Ok(&out.clusters[1])
     );
     assert_eq!(
-        translate(&ir).expect("translates").encode(),
+        translate(&ir, &fsm_golden::placeholder_credentials())
+            .expect("translates")
+            .encode(),
         encoded,
         "deterministic"
     );

@@ -31,6 +31,15 @@ impl Default for CatalogSettings {
 
 type NsName = (String, String);
 
+/// A pod's sidecar as the control plane authenticates it: `<uuid>.sidecar.<sa>.<ns>`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SidecarProxy {
+    pub namespace: String,
+    pub pod: String,
+    pub uuid: String,
+    pub service_account: String,
+}
+
 /// The current mesh objects and the indexes the compiler needs.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -427,6 +436,31 @@ impl Catalog {
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
         self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every pod that runs a sidecar and carries a proxy UUID, sorted by namespace and name: the
+    /// proxies that need bootstrap credentials to reach the control plane.
+    pub fn sidecar_proxies(&self) -> Vec<SidecarProxy> {
+        let mut out: Vec<SidecarProxy> = self
+            .pods_by_uuid
+            .iter()
+            .filter(|(_, (ns, name))| self.pod_has_sidecar(ns, name))
+            .filter_map(|(uuid, (ns, name))| {
+                let pod = self.pods.get(&(ns.clone(), name.clone()))?;
+                Some(SidecarProxy {
+                    namespace: ns.clone(),
+                    pod: name.clone(),
+                    uuid: uuid.clone(),
+                    service_account: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_else(|| "default".to_string()),
+                })
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// The pod carrying label `fsm-proxy-uuid=<uuid>`.

@@ -1,6 +1,8 @@
 //! fsm-controller: wires sources, catalog, compiler, adapters, cache and the ADS server.
 
+mod bootstrap;
 mod http;
+mod identity;
 mod runner;
 mod source;
 
@@ -24,6 +26,13 @@ use tokio::sync::mpsc;
 ///                        for edits (the embedded default used by `make demo`);
 ///   --kubeconfig FILE    a cluster reached through a kubeconfig file (its current context);
 ///   neither              in a pod: the cluster's in-cluster service-account configuration.
+///
+/// Every connection is mutually authenticated: sidecars reach the ADS server with an xDS client
+/// certificate (CN `<proxy-uuid>.sidecar.<sa>.<ns>`) and talk to each other with service
+/// certificates delivered over SDS. Without a cluster the controller writes each sidecar pod's
+/// bootstrap credentials to `<state-dir>/bootstrap/<ns>/<pod>/{ca.crt,tls.crt,tls.key}` and keeps
+/// the Tresor root in `<state-dir>/fsm-ca-bundle.pem`; replace that file with a new root (PEM
+/// certificate and key) to rotate the root without dropping traffic.
 #[derive(Debug, Parser)]
 #[command(name = "fsm-controller", version, verbatim_doc_comment)]
 struct Args {
@@ -51,6 +60,29 @@ struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long)]
     log_json: bool,
+    /// Where the controller keeps what it must not lose without a cluster: the Tresor root
+    /// (`fsm-ca-bundle.pem`) and, in manifest mode, the sidecars' bootstrap credentials.
+    #[arg(long, default_value = "fsm-state")]
+    state_dir: PathBuf,
+    /// Write sidecar bootstrap credentials here (default in manifest mode:
+    /// `<state-dir>/bootstrap`; in a cluster only when given, for sidecars outside it).
+    #[arg(long)]
+    bootstrap_dir: Option<PathBuf>,
+    /// DNS name in the ADS server's certificate, which sidecars verify
+    /// (default `fsm-controller.<fsm-namespace>.svc.cluster.local`).
+    #[arg(long)]
+    ads_server_name: Option<String>,
+    /// Longest wait, during a root rotation, for every proxy to acknowledge certificates of the
+    /// new root before the old root stops being trusted.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    root_rotation_grace: std::time::Duration,
+    #[command(flatten)]
+    certificates: identity::CertArgs,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    fsm_catalog::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration like 30s or 5m"))
 }
 
 #[tokio::main]
@@ -82,8 +114,35 @@ async fn main() -> anyhow::Result<()> {
     let source = start_source(&args, catalog_tx).await?;
     let state = Arc::new(runner::State::default());
 
+    let root_file = args.state_dir.join("fsm-ca-bundle.pem");
+    let provider = identity::provider(
+        &args.certificates,
+        source.client(),
+        &args.fsm_namespace,
+        &root_file,
+    )
+    .await?;
+    let certs = identity::manager(provider);
+    let server_name = args
+        .ads_server_name
+        .clone()
+        .unwrap_or_else(|| format!("fsm-controller.{}.svc.cluster.local", args.fsm_namespace));
+    let ads_tls = identity::ads_tls(&certs, &server_name).await?;
+    if source.client().is_none()
+        && args.certificates.certificate_provider == identity::ProviderKind::Tresor
+    {
+        let cache = cache.clone();
+        tokio::spawn(identity::watch_root_file(
+            root_file.clone(),
+            certs.clone(),
+            args.root_rotation_grace,
+            move || all_in_sync(&cache),
+        ));
+    }
+
     let ads = fsm_xds_server::AdsServer::new(cache.clone(), proxy_tx)
         .with_type_urls(&fsm_dataplane_proto::ALL_TYPE_URLS)
+        .require_client_certificates()
         .into_service();
     let ads_listener = tokio::net::TcpListener::bind(args.ads_listen)
         .await
@@ -97,13 +156,23 @@ async fn main() -> anyhow::Result<()> {
     let http_listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
-    tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, "fsm-controller starting");
+    tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, certificates = certs.provider_name(), ads_server_name = %server_name, "fsm-controller starting");
 
     let ads_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(ads)
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(ads_listener));
-    let runner = runner::Runner::new(settings, cache.clone(), state.clone());
+        .serve_with_incoming(ads_tls.incoming(ads_listener));
+    let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
+    let bootstrap_dir = args.bootstrap_dir.clone().or_else(|| {
+        source
+            .client()
+            .is_none()
+            .then(|| args.state_dir.join("bootstrap"))
+    });
+    if let Some(dir) = bootstrap_dir {
+        tracing::info!(dir = %dir.display(), "writing sidecar bootstrap credentials");
+        tokio::spawn(bootstrap::run(dir, certs.clone(), runner.sidecars()));
+    }
     let http = http::serve(
         http_listener,
         http::AppState {
@@ -120,6 +189,16 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
     Ok(())
+}
+
+/// Every connected proxy has acknowledged every type of its current snapshot.
+fn all_in_sync(cache: &fsm_cache::SnapshotCache) -> bool {
+    cache.status().values().all(|proxy| {
+        proxy
+            .types
+            .values()
+            .all(|t| t.snapshot_version.is_none() || t.acked_version == t.snapshot_version)
+    })
 }
 
 /// Picks the source as `--help` describes.
@@ -170,6 +249,7 @@ async fn start_source(
         .with_context(|| format!("cannot create a Kubernetes client for {cluster}"))?;
     Ok(source::Source::Kube {
         origin: format!("{cluster} ({origin})"),
-        source: fsm_sources::KubeSource::spawn(client, events),
+        source: fsm_sources::KubeSource::spawn(client.clone(), events),
+        client,
     })
 }

@@ -1,25 +1,43 @@
 //! The control loop: applies source events to the catalog, and recomputes and publishes the
 //! snapshots of connected proxies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fsm_cache::{ProxyKey, Snapshot, SnapshotCache};
-use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings};
-use fsm_compiler::{ProxyRef, compile};
+use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, SidecarProxy};
+use fsm_certs::{CertKey, CertManager, IssuedCertificate};
+use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile};
 use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_ir::{ProxyCredentials, ServiceIdentity};
 use fsm_xds_server::{DataPlane, ProxyEvent, ProxyNode};
 use parking_lot::RwLock;
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::watch;
 
 /// Bursts of source events (an editor saving several files, a relist) are applied together:
 /// recompute once the stream has been quiet this long…
 const QUIET: Duration = Duration::from_millis(20);
 /// …but never later than this after the first event of the burst.
 const MAX_DELAY: Duration = Duration::from_millis(200);
+/// A failed service-certificate issuance (Vault or cert-manager.io unreachable…) is retried after
+/// this long, while the proxy keeps its last configuration.
+const CERT_RETRY: Duration = Duration::from_secs(5);
+
+/// Certificate work coming back to the control loop.
+pub enum CertUpdate {
+    /// The outcome of issuing one identity's service certificate.
+    Issued {
+        identity: ServiceIdentity,
+        result: Result<Arc<IssuedCertificate>, (ErrCode, String)>,
+    },
+    /// Time to try a failed issuance again.
+    Retry(ServiceIdentity),
+}
 
 /// What the HTTP endpoints show about the control loop.
 #[derive(Default)]
@@ -62,17 +80,46 @@ pub struct Runner {
     /// Connected proxies, by UUID, with the node they announced.
     nodes: BTreeMap<ProxyKey, ProxyNode>,
     catalog_ready: bool,
+    certs: CertManager,
+    /// The service certificate of each identity with a connected proxy.
+    credentials: HashMap<ServiceIdentity, ProxyCredentials>,
+    /// Identities whose certificate is being issued.
+    pending: HashSet<ServiceIdentity>,
+    /// MeshConfig `spec.certificate.serviceCertValidityDuration`, as last applied.
+    validity: Duration,
+    cert_tx: UnboundedSender<CertUpdate>,
+    cert_rx: UnboundedReceiver<CertUpdate>,
+    /// Pods that need bootstrap credentials, for the bootstrap writer.
+    sidecars: watch::Sender<Vec<SidecarProxy>>,
 }
 
 impl Runner {
-    pub fn new(settings: CatalogSettings, cache: Arc<SnapshotCache>, state: Arc<State>) -> Self {
+    pub fn new(
+        settings: CatalogSettings,
+        cache: Arc<SnapshotCache>,
+        state: Arc<State>,
+        certs: CertManager,
+    ) -> Self {
+        let (cert_tx, cert_rx) = unbounded_channel();
         Runner {
             catalog: Catalog::new(settings),
             cache,
             state,
             nodes: BTreeMap::new(),
             catalog_ready: false,
+            certs,
+            credentials: HashMap::new(),
+            pending: HashSet::new(),
+            validity: fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY,
+            cert_tx,
+            cert_rx,
+            sidecars: watch::Sender::new(Vec::new()),
         }
+    }
+
+    /// The sidecar pods of the mesh, updated as the catalog changes.
+    pub fn sidecars(&self) -> watch::Receiver<Vec<SidecarProxy>> {
+        self.sidecars.subscribe()
     }
 
     pub async fn run(
@@ -80,6 +127,7 @@ impl Runner {
         mut catalog_rx: UnboundedReceiver<CatalogEvent>,
         mut proxy_rx: UnboundedReceiver<ProxyEvent>,
     ) {
+        let mut rotations = self.certs.subscribe();
         loop {
             tokio::select! {
                 Some(event) = catalog_rx.recv() => {
@@ -97,10 +145,39 @@ impl Runner {
                         .map(|r| format!("{}: {}", r.code, r.message))
                         .collect();
                     if changed && self.catalog_ready {
+                        self.apply_certificate_settings();
+                        self.sidecars.send_if_modified(|current| {
+                            let now = self.catalog.sidecar_proxies();
+                            let modified = *current != now;
+                            *current = now;
+                            modified
+                        });
                         self.publish_all();
                     }
                 }
                 Some(event) = proxy_rx.recv() => self.on_proxy(event),
+                Some(update) = self.cert_rx.recv() => self.on_certificate(update),
+                rotation = rotations.recv() => match rotation {
+                    Ok(event) => {
+                        if let CertKey::Service { identity, .. } = event.key {
+                            let identity = ServiceIdentity {
+                                service_account: identity.service_account,
+                                namespace: identity.namespace,
+                            };
+                            tracing::info!(%identity, reason = ?event.reason, serial = %event.cert.serial, "service certificate rotated");
+                            self.on_certificate(CertUpdate::Issued { identity, result: Ok(event.cert) });
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        // Some rotations were missed: fetch every identity's current certificate.
+                        tracing::warn!(missed, "certificate rotations lagged; re-reading every certificate");
+                        let identities: Vec<ServiceIdentity> = self.credentials.keys().cloned().collect();
+                        for identity in identities {
+                            self.request_certificate(identity);
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                },
                 else => return,
             }
         }
@@ -131,9 +208,125 @@ impl Runner {
                 // Another stream of the same proxy may still be open (a reconnect racing the
                 // old stream's teardown): keep computing for it while the cache knows it.
                 if !self.cache.connected().contains(&key) {
-                    self.nodes.remove(&key);
+                    if let Some(node) = self.nodes.remove(&key) {
+                        self.forget_unused_identity(&identity_of(&node));
+                    }
                     self.state.proxies.write().remove(&key);
                 }
+            }
+        }
+    }
+
+    /// Stops holding (and rotating) the certificate of an identity no connected proxy has.
+    fn forget_unused_identity(&mut self, identity: &ServiceIdentity) {
+        if self.nodes.values().any(|n| identity_of(n) == *identity) {
+            return;
+        }
+        self.credentials.remove(identity);
+        self.certs.release(&service_cert_key(identity));
+    }
+
+    /// Re-issues every held certificate when MeshConfig changes its validity.
+    fn apply_certificate_settings(&mut self) {
+        let configured = self
+            .catalog
+            .mesh_config()
+            .spec
+            .certificate
+            .service_cert_validity_duration;
+        let validity = fsm_catalog::parse_duration(&configured)
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| {
+                tracing::warn!(code = %ErrCode::E4013, value = %configured, "MeshConfig spec.certificate.serviceCertValidityDuration is not a positive duration; using 24h");
+                fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY
+            });
+        if validity != self.validity {
+            tracing::info!(
+                ?validity,
+                "service certificate validity changed; re-issuing"
+            );
+            self.validity = validity;
+            let identities: Vec<ServiceIdentity> = self.credentials.keys().cloned().collect();
+            for identity in identities {
+                self.request_certificate(identity);
+            }
+        }
+    }
+
+    /// Issues `identity`'s service certificate in the background (a provider may take seconds);
+    /// the result comes back as a [`CertUpdate`].
+    fn request_certificate(&mut self, identity: ServiceIdentity) {
+        if !self.pending.insert(identity.clone()) {
+            return;
+        }
+        let certs = self.certs.clone();
+        let tx = self.cert_tx.clone();
+        let validity = self.validity;
+        tokio::spawn(async move {
+            let result = certs
+                .issue_service_certificate(
+                    &identity.service_account,
+                    &identity.namespace,
+                    TRUST_DOMAIN,
+                    validity,
+                )
+                .await
+                .map_err(|e| (e.err_code(), e.to_string()));
+            let _ = tx.send(CertUpdate::Issued { identity, result });
+        });
+    }
+
+    fn on_certificate(&mut self, update: CertUpdate) {
+        let (identity, result) = match update {
+            CertUpdate::Issued { identity, result } => (identity, result),
+            CertUpdate::Retry(identity) => {
+                if self.nodes.values().any(|n| identity_of(n) == identity) {
+                    self.request_certificate(identity);
+                }
+                return;
+            }
+        };
+        self.pending.remove(&identity);
+        let affected: Vec<ProxyKey> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| identity_of(n) == identity)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if affected.is_empty() {
+            return;
+        }
+        match result {
+            Ok(cert) => {
+                self.credentials.insert(
+                    identity,
+                    ProxyCredentials {
+                        cert_chain_pem: cert.cert_chain_pem.clone(),
+                        private_key_pem: cert.private_key.expose_pem().to_owned(),
+                        trust_bundle_pem: cert.trust_bundle_pem.clone(),
+                    },
+                );
+                if self.catalog_ready {
+                    for key in &affected {
+                        self.publish(key);
+                    }
+                }
+            }
+            Err((code, message)) => {
+                let mut proxies = self.state.proxies.write();
+                for key in &affected {
+                    if let Some(p) = proxies.get_mut(key) {
+                        p.error = Some(format!(
+                            "{code}: cannot issue the service certificate of {identity}: {message}"
+                        ));
+                    }
+                }
+                drop(proxies);
+                let tx = self.cert_tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(CERT_RETRY).await;
+                    let _ = tx.send(CertUpdate::Retry(identity));
+                });
             }
         }
     }
@@ -164,7 +357,16 @@ impl Runner {
             error: None,
             warnings: vec![],
         };
-        let result = self.snapshot_for(node, &mut proxy_state);
+        let identity = identity_of(node);
+        let Some(credentials) = self.credentials.get(&identity) else {
+            // No configuration before the proxy can authenticate its peers: it is sent, with
+            // the certificate, as soon as the certificate exists.
+            proxy_state.error = Some(format!("waiting for the service certificate of {identity}"));
+            self.state.proxies.write().insert(key.clone(), proxy_state);
+            self.request_certificate(identity);
+            return;
+        };
+        let result = self.snapshot_for(node, credentials, &mut proxy_state);
         match result {
             Ok(snapshot) => {
                 let versions = snapshot.versions();
@@ -185,6 +387,7 @@ impl Runner {
     fn snapshot_for(
         &self,
         node: &ProxyNode,
+        credentials: &ProxyCredentials,
         proxy_state: &mut ProxyState,
     ) -> Result<Snapshot, (ErrCode, String)> {
         let proxy = ProxyRef {
@@ -205,13 +408,13 @@ impl Runner {
         let adapter_error = |e: &dyn std::fmt::Display| (ErrCode::E5007, e.to_string());
         let (encoded, warnings) = match &node.data_plane {
             DataPlane::Envoy => {
-                let resources =
-                    fsm_adapter_envoy::translate(&compiled.ir).map_err(|e| adapter_error(&e))?;
+                let resources = fsm_adapter_envoy::translate(&compiled.ir, credentials)
+                    .map_err(|e| adapter_error(&e))?;
                 (resources.encode(), resources.warnings)
             }
             DataPlane::FsmSidecar => {
-                let resources =
-                    fsm_adapter_native::translate(&compiled.ir).map_err(|e| adapter_error(&e))?;
+                let resources = fsm_adapter_native::translate(&compiled.ir, credentials)
+                    .map_err(|e| adapter_error(&e))?;
                 (resources.encode(), resources.warnings)
             }
             DataPlane::Other(agent) => {
@@ -226,5 +429,19 @@ impl Runner {
         };
         proxy_state.warnings.extend(warnings);
         Ok(Snapshot::from_encoded(encoded))
+    }
+}
+
+fn identity_of(node: &ProxyNode) -> ServiceIdentity {
+    ServiceIdentity {
+        service_account: node.service_account.clone(),
+        namespace: node.namespace.clone(),
+    }
+}
+
+fn service_cert_key(identity: &ServiceIdentity) -> CertKey {
+    CertKey::Service {
+        identity: fsm_certs::ServiceIdentity::new(&identity.service_account, &identity.namespace),
+        trust_domain: TRUST_DOMAIN.to_string(),
     }
 }

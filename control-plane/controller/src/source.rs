@@ -13,10 +13,20 @@ pub enum Source {
     Kube {
         origin: String,
         source: KubeSource,
+        client: kube::Client,
     },
 }
 
 impl Source {
+    /// The cluster's client, for what lives in the cluster besides mesh objects (the CA Secret,
+    /// CertificateRequests); `None` without a cluster.
+    pub fn client(&self) -> Option<kube::Client> {
+        match self {
+            Source::Manifests { .. } => None,
+            Source::Kube { client, .. } => Some(client.clone()),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Source::Manifests { dir, .. } => format!("manifests in {}", dir.display()),
@@ -39,7 +49,7 @@ impl Source {
     pub fn status(&self) -> Value {
         match self {
             Source::Manifests { dir, .. } => json!({"manifestDir": dir}),
-            Source::Kube { origin, source } => {
+            Source::Kube { origin, source, .. } => {
                 json!({"cluster": origin, "watches": source.status()})
             }
         }

@@ -25,6 +25,32 @@ pub mod names {
     pub const INBOUND_LISTENER: &str = "inbound-listener";
     pub const OUTBOUND_ROUTES: &str = "outbound";
     pub const INBOUND_ROUTES: &str = "inbound";
+
+    use super::{ServiceIdentity, ServiceRef};
+
+    /// SDS name of a proxy's own certificate and key (its service identity).
+    pub fn service_cert(identity: &ServiceIdentity) -> String {
+        format!(
+            "service-cert:{}/{}",
+            identity.namespace, identity.service_account
+        )
+    }
+
+    /// SDS name of what a proxy checks its clients' certificates against.
+    pub fn inbound_validation(identity: &ServiceIdentity) -> String {
+        format!(
+            "root-cert-for-mtls-inbound:{}/{}",
+            identity.namespace, identity.service_account
+        )
+    }
+
+    /// SDS name of what a proxy checks the certificates of `service`'s endpoints against.
+    pub fn outbound_validation(service: &ServiceRef) -> String {
+        format!(
+            "root-cert-for-mtls-outbound:{}/{}",
+            service.namespace, service.name
+        )
+    }
 }
 
 /// Everything one proxy needs.
@@ -74,6 +100,41 @@ impl ServiceIdentity {
             "{}.{}.{}",
             self.service_account, self.namespace, trust_domain
         )
+    }
+}
+
+impl ServiceIdentity {
+    /// The URI SAN every service certificate carries; peers are authenticated by it.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// The mTLS material of one proxy, issued by the mesh CA for its service identity.
+///
+/// Not part of [`ProxyIr`]: certificates are not catalog data, and keeping them out keeps the
+/// compiler a pure function of the catalog and the IR free of private keys. The controller hands
+/// it to the adapters beside the IR.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    /// PEM, leaf first.
+    pub cert_chain_pem: String,
+    /// PEM (PKCS#8). Never printed: `Debug` redacts it.
+    pub private_key_pem: String,
+    /// PEM roots peers' certificates must chain to (two during a root rotation).
+    pub trust_bundle_pem: String,
+}
+
+impl fmt::Debug for ProxyCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyCredentials")
+            .field("cert_chain_pem", &self.cert_chain_pem)
+            .field("private_key_pem", &"<redacted>")
+            .field("trust_bundle_pem", &self.trust_bundle_pem)
+            .finish()
     }
 }
 
@@ -256,6 +317,25 @@ pub struct Cluster {
     pub protocol: Protocol,
     pub endpoints: Vec<Endpoint>,
     pub connect_timeout_ms: u64,
+}
+
+impl Cluster {
+    /// Whether some endpoint is reached through its sidecar, hence over mTLS.
+    pub fn has_meshed_endpoints(&self) -> bool {
+        self.endpoints.iter().any(|e| e.meshed)
+    }
+
+    /// Identities the sidecars of this cluster's endpoints may present (sorted, deduplicated):
+    /// what a client checks the server certificate against.
+    pub fn server_identities(&self) -> Vec<&ServiceIdentity> {
+        let set: std::collections::BTreeSet<&ServiceIdentity> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.meshed)
+            .filter_map(|e| e.identity.as_ref())
+            .collect();
+        set.into_iter().collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,19 +2,28 @@
 //!
 //! Reading order: [`node`] (who a stream belongs to, from FSM's node id), [`protocol`] (the xDS
 //! rules as synchronous state machines, tested without sockets), [`server`] (the tonic service
-//! running one task per stream), [`metrics`] (FSM's proxy metrics).
+//! running one task per stream), [`metrics`] (FSM's proxy metrics). For mTLS: [`tls`] (the
+//! listener, its rotatable certificate and client roots) and [`peer`] (the proxy named by a
+//! stream's client certificate, checked against its node id).
 //!
 //! The server never decodes resource bodies: adapters encode them once into the
 //! [`fsm_cache::SnapshotCache`], and every stream sends those bytes as they are.
 
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 
-pub use node::{DataPlane, FSM_SIDECAR_USER_AGENT, NodeError, ProxyKind, ProxyNode};
+pub use node::{
+    DataPlane, FSM_SIDECAR_USER_AGENT, IdOrigin, IdentityMismatch, NodeError, ProxyKind, ProxyNode,
+    XdsCertIdentity,
+};
+pub use peer::PeerError;
 pub use protocol::{
     DeltaRequest, DeltaStream, Event, Output, ProtocolError, Response, SotwRequest, SotwStream,
     XdsStream,
 };
 pub use server::{AdsServer, ProxyEvent};
+pub use tls::{AdsTls, HANDSHAKE_TIMEOUT, ServerCredentials, TlsError, TlsIncoming};

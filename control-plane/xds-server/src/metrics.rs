@@ -21,6 +21,11 @@ pub struct Metrics {
     pub proxy_response_send_success_count: IntCounterVec,
     /// `fsm_proxy_response_send_error_count{proxy_uuid,identity,type}`
     pub proxy_response_send_error_count: IntCounterVec,
+    /// `fsm_ads_tls_handshake_failure_count{reason}` (ours, not FSM's): connections to the mTLS
+    /// listener that never reached the gRPC service; `reason` is `handshake` (refused: no or
+    /// untrusted client certificate, plaintext client…), `timeout`, or `accept` (listener
+    /// errors such as EMFILE).
+    pub ads_tls_handshake_failure_count: IntCounterVec,
 }
 
 /// The metrics, registered in the default registry on first use.
@@ -54,12 +59,21 @@ impl Metrics {
                 "proxy_response_send_error_count",
                 "Represents the number of responses that errored when being set to proxies",
             ),
+            ads_tls_handshake_failure_count: IntCounterVec::new(
+                opts(
+                    "ads_tls_handshake_failure_count",
+                    "Connections to the ADS mTLS listener that failed before reaching the gRPC service",
+                ),
+                &["reason"],
+            )
+            .expect("static metric options are valid"),
         };
         register(metrics.proxy_connect_count.clone());
         register(metrics.proxy_reconnect_count.clone());
         register(metrics.proxy_xds_request_count.clone());
         register(metrics.proxy_response_send_success_count.clone());
         register(metrics.proxy_response_send_error_count.clone());
+        register(metrics.ads_tls_handshake_failure_count.clone());
         metrics
     }
 }

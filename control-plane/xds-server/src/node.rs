@@ -16,6 +16,10 @@
 //! - an optional trust domain (`cluster.local`), one or more non-empty dot-separated parts.
 //!
 //! The node's `user_agent_name` tells which data plane speaks (`envoy`, `fsm-sidecar`, …).
+//!
+//! The xDS client certificate's common name ([`XdsCertIdentity`]) follows the same rules with
+//! exactly the four first parts; when the server authenticates peers, the node id must name the
+//! proxy of the certificate (FSM's E5010 otherwise).
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,6 +30,9 @@ use fsm_errcode::{ErrCode, HasErrCode};
 
 /// The format named in every error, so a log line alone tells the operator what was expected.
 const FORMAT: &str = "<uuid>.<kind>.<service-account>.<namespace>[.<trust-domain>]";
+/// The form of the xDS client certificate's common name (FSM's
+/// `<proxy-UUID>.<kind>.<proxy-identity>`).
+const CN_FORMAT: &str = "<proxy-UUID>.<kind>.<service-account>.<namespace>";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProxyKind {
@@ -54,21 +61,51 @@ pub struct ProxyNode {
     pub node_id: String,
 }
 
-/// Why a node id was refused; every variant is FSM's E5001.
+/// Which string an identity was parsed from; named in every error so a log line alone tells the
+/// operator which of the two was malformed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdOrigin {
+    /// The Envoy node id of a stream's first request.
+    NodeId,
+    /// The subject common name of the proxy's xDS client certificate.
+    CertificateCn,
+}
+
+/// Why a node id or certificate common name was refused; every variant is FSM's E5001.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     #[error("the first request of the stream carries no node")]
     MissingNode,
-    #[error("node id {id:?} has {parts} dot-separated parts, expected {FORMAT}")]
-    TooFewParts { id: String, parts: usize },
-    #[error("node id {id:?}: proxy UUID {uuid:?} is not a UUID (hex 8-4-4-4-12)")]
-    InvalidUuid { id: String, uuid: String },
-    #[error("node id {id:?}: proxy kind {kind:?} is neither \"sidecar\" nor \"gateway\"")]
-    InvalidKind { id: String, kind: String },
-    #[error("node id {id:?}: service account {service_account:?} is not a DNS label")]
-    InvalidServiceAccount { id: String, service_account: String },
-    #[error("node id {id:?}: namespace {namespace:?} is not a DNS label")]
-    InvalidNamespace { id: String, namespace: String },
+    #[error("{origin} {id:?} has {parts} dot-separated parts, expected {}", origin.format())]
+    WrongPartCount {
+        origin: IdOrigin,
+        id: String,
+        parts: usize,
+    },
+    #[error("{origin} {id:?}: proxy UUID {uuid:?} is not a UUID (hex 8-4-4-4-12)")]
+    InvalidUuid {
+        origin: IdOrigin,
+        id: String,
+        uuid: String,
+    },
+    #[error("{origin} {id:?}: proxy kind {kind:?} is neither \"sidecar\" nor \"gateway\"")]
+    InvalidKind {
+        origin: IdOrigin,
+        id: String,
+        kind: String,
+    },
+    #[error("{origin} {id:?}: service account {service_account:?} is not a DNS label")]
+    InvalidServiceAccount {
+        origin: IdOrigin,
+        id: String,
+        service_account: String,
+    },
+    #[error("{origin} {id:?}: namespace {namespace:?} is not a DNS label")]
+    InvalidNamespace {
+        origin: IdOrigin,
+        id: String,
+        namespace: String,
+    },
     #[error("node id {id:?}: trust domain {trust_domain:?} has an empty part")]
     InvalidTrustDomain { id: String, trust_domain: String },
 }
@@ -76,6 +113,26 @@ pub enum NodeError {
 impl HasErrCode for NodeError {
     fn err_code(&self) -> ErrCode {
         ErrCode::E5001
+    }
+}
+
+impl IdOrigin {
+    /// The expected form. The certificate CN never carries a trust domain: FSM issues it as
+    /// `<proxy-UUID>.<kind>.<proxy-identity>`.
+    fn format(self) -> &'static str {
+        match self {
+            IdOrigin::NodeId => FORMAT,
+            IdOrigin::CertificateCn => CN_FORMAT,
+        }
+    }
+}
+
+impl fmt::Display for IdOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IdOrigin::NodeId => "node id",
+            IdOrigin::CertificateCn => "certificate CN",
+        })
     }
 }
 
@@ -120,55 +177,29 @@ impl ProxyNode {
 
     /// Parses a node id; `user_agent_name` only selects the data plane.
     pub fn parse(node_id: &str, user_agent_name: &str) -> Result<Self, NodeError> {
-        let id = || node_id.to_owned();
+        let origin = IdOrigin::NodeId;
         let parts: Vec<&str> = node_id.splitn(5, '.').collect();
         let [uuid, kind, service_account, namespace, rest @ ..] = parts.as_slice() else {
-            return Err(NodeError::TooFewParts {
-                id: id(),
+            return Err(NodeError::WrongPartCount {
+                origin,
+                id: node_id.to_owned(),
                 parts: node_id.split('.').count(),
             });
         };
-        if !is_uuid(uuid) {
-            return Err(NodeError::InvalidUuid {
-                id: id(),
-                uuid: (*uuid).to_owned(),
-            });
-        }
-        let kind = match *kind {
-            "sidecar" => ProxyKind::Sidecar,
-            "gateway" => ProxyKind::Gateway,
-            other => {
-                return Err(NodeError::InvalidKind {
-                    id: id(),
-                    kind: other.to_owned(),
-                });
-            }
-        };
-        if !is_dns_label(service_account) {
-            return Err(NodeError::InvalidServiceAccount {
-                id: id(),
-                service_account: (*service_account).to_owned(),
-            });
-        }
-        if !is_dns_label(namespace) {
-            return Err(NodeError::InvalidNamespace {
-                id: id(),
-                namespace: (*namespace).to_owned(),
-            });
-        }
+        let identity = Identity::check(origin, node_id, [uuid, kind, service_account, namespace])?;
         if let Some(trust_domain) = rest.first()
             && trust_domain.split('.').any(str::is_empty)
         {
             return Err(NodeError::InvalidTrustDomain {
-                id: id(),
+                id: node_id.to_owned(),
                 trust_domain: (*trust_domain).to_owned(),
             });
         }
         Ok(ProxyNode {
-            uuid: (*uuid).to_owned(),
-            kind,
-            service_account: (*service_account).to_owned(),
-            namespace: (*namespace).to_owned(),
+            uuid: identity.uuid.to_owned(),
+            kind: identity.kind,
+            service_account: identity.service_account.to_owned(),
+            namespace: identity.namespace.to_owned(),
             data_plane: DataPlane::from_user_agent(user_agent_name),
             node_id: node_id.to_owned(),
         })
@@ -182,6 +213,156 @@ impl ProxyNode {
     /// FSM's service identity, `<sa>.<ns>`, as used in metric labels.
     pub fn identity(&self) -> String {
         format!("{}.{}", self.service_account, self.namespace)
+    }
+}
+
+// === XdsCertIdentity ===
+
+/// The proxy named by the subject common name of its xDS client certificate, which FSM issues as
+/// `<proxy-UUID>.<kind>.<service-account>.<namespace>` (exactly four parts, no trust domain).
+///
+/// When the ADS server authenticates its peers, the node id a proxy sends must name the same
+/// proxy; see [`XdsCertIdentity::check_node`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsCertIdentity {
+    pub uuid: String,
+    pub kind: ProxyKind,
+    pub service_account: String,
+    pub namespace: String,
+}
+
+/// A node id naming another proxy than the stream's client certificate: FSM's E5010.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the node id {node_id:?} does not match the client certificate CN {common_name:?}: the {differs} differs"
+)]
+pub struct IdentityMismatch {
+    pub common_name: String,
+    pub node_id: String,
+    /// The first part that differs: `proxy UUID`, `proxy kind`, `service account`, `namespace`.
+    pub differs: &'static str,
+}
+
+impl HasErrCode for IdentityMismatch {
+    fn err_code(&self) -> ErrCode {
+        ErrCode::E5010
+    }
+}
+
+impl XdsCertIdentity {
+    /// Parses a certificate's subject common name with the node id's rules (E5001 on error).
+    pub fn from_common_name(cn: &str) -> Result<Self, NodeError> {
+        let origin = IdOrigin::CertificateCn;
+        let parts: Vec<&str> = cn.split('.').collect();
+        let [uuid, kind, service_account, namespace] = parts.as_slice() else {
+            return Err(NodeError::WrongPartCount {
+                origin,
+                id: cn.to_owned(),
+                parts: parts.len(),
+            });
+        };
+        let identity = Identity::check(origin, cn, [uuid, kind, service_account, namespace])?;
+        Ok(XdsCertIdentity {
+            uuid: identity.uuid.to_owned(),
+            kind: identity.kind,
+            service_account: identity.service_account.to_owned(),
+            namespace: identity.namespace.to_owned(),
+        })
+    }
+
+    /// Whether `node` names this very proxy. The UUID is compared exactly (not case-folded):
+    /// it is the snapshot cache key, and FSM writes the certificate and the node id from the
+    /// same pod label, so any difference is a different claim.
+    pub fn check_node(&self, node: &ProxyNode) -> Result<(), IdentityMismatch> {
+        let differs = if self.uuid != node.uuid {
+            "proxy UUID"
+        } else if self.kind != node.kind {
+            "proxy kind"
+        } else if self.service_account != node.service_account {
+            "service account"
+        } else if self.namespace != node.namespace {
+            "namespace"
+        } else {
+            return Ok(());
+        };
+        Err(IdentityMismatch {
+            common_name: self.to_string(),
+            node_id: node.node_id.clone(),
+            differs,
+        })
+    }
+
+    /// FSM's service identity, `<sa>.<ns>`.
+    pub fn identity(&self) -> String {
+        format!("{}.{}", self.service_account, self.namespace)
+    }
+}
+
+impl fmt::Display for XdsCertIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}.{}",
+            self.uuid, self.kind, self.service_account, self.namespace
+        )
+    }
+}
+
+// === The shared rules ===
+
+/// The four parts common to node ids and certificate CNs, checked by the same rules.
+struct Identity<'a> {
+    uuid: &'a str,
+    kind: ProxyKind,
+    service_account: &'a str,
+    namespace: &'a str,
+}
+
+impl<'a> Identity<'a> {
+    fn check(
+        origin: IdOrigin,
+        id: &str,
+        [uuid, kind, service_account, namespace]: [&&'a str; 4],
+    ) -> Result<Self, NodeError> {
+        let id = || id.to_owned();
+        if !is_uuid(uuid) {
+            return Err(NodeError::InvalidUuid {
+                origin,
+                id: id(),
+                uuid: (*uuid).to_owned(),
+            });
+        }
+        let kind = match *kind {
+            "sidecar" => ProxyKind::Sidecar,
+            "gateway" => ProxyKind::Gateway,
+            other => {
+                return Err(NodeError::InvalidKind {
+                    origin,
+                    id: id(),
+                    kind: other.to_owned(),
+                });
+            }
+        };
+        if !is_dns_label(service_account) {
+            return Err(NodeError::InvalidServiceAccount {
+                origin,
+                id: id(),
+                service_account: (*service_account).to_owned(),
+            });
+        }
+        if !is_dns_label(namespace) {
+            return Err(NodeError::InvalidNamespace {
+                origin,
+                id: id(),
+                namespace: (*namespace).to_owned(),
+            });
+        }
+        Ok(Identity {
+            uuid,
+            kind,
+            service_account,
+            namespace,
+        })
     }
 }
 
@@ -382,6 +563,85 @@ mod tests {
                 expected,
                 "{agent:?}"
             );
+        }
+    }
+
+    #[test]
+    fn certificate_cn_parses_with_the_node_id_rules() {
+        let cn = id("gateway.fsm-ingress.fsm-system");
+        let cert = XdsCertIdentity::from_common_name(&cn).expect("valid CN");
+        assert_eq!(cert.uuid, UUID);
+        assert_eq!(cert.kind, ProxyKind::Gateway);
+        assert_eq!(cert.service_account, "fsm-ingress");
+        assert_eq!(cert.namespace, "fsm-system");
+        assert_eq!(cert.identity(), "fsm-ingress.fsm-system");
+        assert_eq!(cert.to_string(), cn);
+    }
+
+    #[test]
+    fn invalid_certificate_cns_are_e5001() {
+        let cases: Vec<(&str, String, &str)> = vec![
+            (
+                "identity only",
+                "bookbuyer.bookstore".into(),
+                "certificate CN \"bookbuyer.bookstore\" has 2 dot-separated parts",
+            ),
+            (
+                "trust domain is not part of the CN",
+                id("sidecar.sa.ns.cluster.local"),
+                "has 6 dot-separated parts, expected <proxy-UUID>.<kind>",
+            ),
+            ("empty", String::new(), "1 dot-separated parts"),
+            ("not a uuid", "x.sidecar.sa.ns".into(), "proxy UUID \"x\""),
+            ("kind", id("pipy.sa.ns"), "proxy kind \"pipy\""),
+            ("service account", id("sidecar.S_A.ns"), "service account"),
+            ("namespace", id("sidecar.sa."), "namespace \"\""),
+        ];
+        for (name, cn, needle) in cases {
+            let err = XdsCertIdentity::from_common_name(&cn).expect_err(name);
+            let message = err.to_string();
+            assert!(
+                message.contains(needle),
+                "{name}: {message:?} should contain {needle:?}"
+            );
+            assert!(message.starts_with("certificate CN"), "{name}: {message}");
+            assert_eq!(err.err_code(), ErrCode::E5001, "{name}");
+        }
+    }
+
+    #[test]
+    fn node_must_name_the_certificate_proxy() {
+        let cert = XdsCertIdentity::from_common_name(&id("sidecar.bookbuyer.bookstore"))
+            .expect("valid CN");
+        let other_uuid = "11111111-2222-3333-4444-555555555555";
+        let same = ProxyNode::parse(&id("sidecar.bookbuyer.bookstore.cluster.local"), "envoy")
+            .expect("valid");
+        assert_eq!(
+            cert.check_node(&same),
+            Ok(()),
+            "the trust domain is ignored"
+        );
+        let cases = [
+            (
+                format!("{other_uuid}.sidecar.bookbuyer.bookstore"),
+                "proxy UUID",
+            ),
+            (id("gateway.bookbuyer.bookstore"), "proxy kind"),
+            (id("sidecar.bookstore.bookstore"), "service account"),
+            (id("sidecar.bookbuyer.bookthief"), "namespace"),
+            (
+                UUID.to_uppercase() + ".sidecar.bookbuyer.bookstore",
+                "proxy UUID",
+            ),
+        ];
+        for (node_id, differs) in cases {
+            let node = ProxyNode::parse(&node_id, "envoy").expect("valid");
+            let err = cert.check_node(&node).expect_err(&node_id);
+            assert_eq!(err.differs, differs, "{node_id}");
+            assert_eq!(err.err_code(), ErrCode::E5010);
+            let message = err.to_string();
+            assert!(message.contains(&node_id), "{message}");
+            assert!(message.contains(&cert.to_string()), "{message}");
         }
     }
 }

@@ -26,7 +26,8 @@ use tonic::{Request, Status, Streaming};
 use tracing::Instrument;
 
 use crate::metrics::metrics;
-use crate::node::{NodeError, ProxyNode};
+use crate::node::{NodeError, ProxyNode, XdsCertIdentity};
+use crate::peer;
 use crate::protocol::{
     DeltaRequest, DeltaStream, Event, Output, Response, SotwRequest, SotwStream, XdsStream,
     short_name,
@@ -53,6 +54,7 @@ pub enum ProxyEvent {
 pub struct AdsServer {
     inner: Arc<Inner>,
     extra_types: &'static [TypeUrl],
+    require_client_certificates: bool,
 }
 
 struct Inner {
@@ -75,6 +77,7 @@ impl AdsServer {
         AdsServer {
             inner: Arc::new(inner),
             extra_types: &[],
+            require_client_certificates: false,
         }
     }
 
@@ -85,6 +88,21 @@ impl AdsServer {
         self
     }
 
+    /// Authenticates every stream by its client certificate, as FSM does: the certificate's CN
+    /// (`<proxy-UUID>.<kind>.<sa>.<ns>`) must parse (E5001, `Unauthenticated`, also when there is
+    /// no certificate) and the node id of the first request must name the same proxy (E5010,
+    /// `PermissionDenied`), so a proxy can neither fetch another proxy's configuration and keys
+    /// nor announce itself under another identity. A refused stream gets nothing from the cache
+    /// and the controller never hears of it.
+    ///
+    /// Needs a TLS listener whose IO is `tokio_rustls::server::TlsStream<TcpStream>` (as
+    /// [`AdsTls::incoming`](crate::tls::AdsTls::incoming)), which tonic reports through
+    /// `Request::peer_certs`; over plaintext every stream is refused.
+    pub fn require_client_certificates(mut self) -> Self {
+        self.require_client_certificates = true;
+        self
+    }
+
     /// The tonic service, ready for `tonic::transport::Server::add_service`.
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
         AggregatedDiscoveryServiceServer::new(self)
@@ -92,13 +110,38 @@ impl AdsServer {
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
 
+    /// The peer's identity when client certificates are required (`None` otherwise); refuses
+    /// the stream before reading any request when it has none.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<XdsCertIdentity>, Status> {
+        if !self.require_client_certificates {
+            return Ok(None);
+        }
+        match peer::identity_from_chain(request.peer_certs().as_deref().map(Vec::as_slice)) {
+            Ok(identity) => Ok(Some(identity)),
+            Err(error) => {
+                let code = error.err_code();
+                let remote = request.remote_addr();
+                tracing::warn!(code = %code, ?remote, %error, "refusing ADS stream");
+                fsm_errcode::count(code);
+                Err(Status::unauthenticated(format!("{code}: {error}")))
+            }
+        }
+    }
+
     fn spawn<W: Wire>(
         &self,
+        peer: Option<XdsCertIdentity>,
         incoming: Streaming<W::Req>,
     ) -> ReceiverStream<Result<W::Resp, Status>> {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let machine = W::machine(self.extra_types);
-        tokio::spawn(serve_stream::<W>(self.inner.clone(), machine, incoming, tx));
+        tokio::spawn(serve_stream::<W>(
+            self.inner.clone(),
+            machine,
+            peer,
+            incoming,
+            tx,
+        ));
         ReceiverStream::new(rx)
     }
 }
@@ -112,8 +155,10 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
+        // Read before `into_inner`, which drops the connection's extensions.
+        let peer = self.authenticate(&request)?;
         Ok(tonic::Response::new(
-            self.spawn::<Sotw>(request.into_inner()),
+            self.spawn::<Sotw>(peer, request.into_inner()),
         ))
     }
 
@@ -121,8 +166,9 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = self.authenticate(&request)?;
         Ok(tonic::Response::new(
-            self.spawn::<Delta>(request.into_inner()),
+            self.spawn::<Delta>(peer, request.into_inner()),
         ))
     }
 }
@@ -251,6 +297,7 @@ fn nack_message(status: rpc::Status) -> String {
 async fn serve_stream<W: Wire>(
     inner: Arc<Inner>,
     machine: W::Machine,
+    peer: Option<XdsCertIdentity>,
     mut incoming: Streaming<W::Req>,
     tx: mpsc::Sender<Result<W::Resp, Status>>,
 ) {
@@ -278,6 +325,19 @@ async fn serve_stream<W: Wire>(
             return;
         }
     };
+    // Before the session opens: a refused stream must not subscribe to the cache (nothing of
+    // another proxy's may go out) nor announce a proxy to the controller.
+    if let Some(mismatch) = peer.and_then(|cert| cert.check_node(&node).err()) {
+        let code = mismatch.err_code();
+        tracing::warn!(code = %code, flavor = W::NAME, error = %mismatch, "refusing ADS stream");
+        fsm_errcode::count(code);
+        let _ = tx
+            .send(Err(Status::permission_denied(format!(
+                "{code}: {mismatch}"
+            ))))
+            .await;
+        return;
+    }
     let span = tracing::info_span!("ads", proxy = %node.uuid, flavor = W::NAME);
     let session = Session::<W>::open(inner, machine, node, tx);
     session.run(first, incoming).instrument(span).await;

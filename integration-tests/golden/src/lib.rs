@@ -131,6 +131,19 @@ fn first_difference(golden: &str, actual: &str) -> String {
     }
 }
 
+/// Stand-in mTLS material for adapter golden cases: adapters copy PEM text without parsing it,
+/// so recognisable placeholders keep the golden files readable and free of real keys.
+pub fn placeholder_credentials() -> fsm_ir::ProxyCredentials {
+    fsm_ir::ProxyCredentials {
+        cert_chain_pem:
+            "-----BEGIN CERTIFICATE-----\nservice certificate\n-----END CERTIFICATE-----\n".into(),
+        private_key_pem: "-----BEGIN PRIVATE KEY-----\nservice key\n-----END PRIVATE KEY-----\n"
+            .into(),
+        trust_bundle_pem: "-----BEGIN CERTIFICATE-----\nmesh root\n-----END CERTIFICATE-----\n"
+            .into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

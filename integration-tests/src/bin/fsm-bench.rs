@@ -208,7 +208,7 @@ async fn watch_latency(changes: usize) -> Result<()> {
     let controller =
         start_controller_on_cluster(&c.kubeconfig, &c.logs, &ControllerOptions::default()).await?;
     let mut envoy = start_envoy(
-        &SidecarConfig::for_pod(&curl, controller.ads_addr, AdsMode::Sotw)?,
+        &SidecarConfig::for_pod(&curl, &controller.ads(), AdsMode::Sotw)?,
         &c.logs,
     )
     .await?;
@@ -233,7 +233,7 @@ async fn watch_latency(changes: usize) -> Result<()> {
     // Through a manifest edit, for comparison.
     let controller = start_controller(&c.manifests, &c.logs, &ControllerOptions::default()).await?;
     let mut envoy = start_envoy(
-        &SidecarConfig::for_pod(&curl, controller.ads_addr, AdsMode::Sotw)?,
+        &SidecarConfig::for_pod(&curl, &controller.ads(), AdsMode::Sotw)?,
         &c.logs,
     )
     .await?;
@@ -487,7 +487,7 @@ impl BenchMesh {
     async fn envoy(&self) -> Result<fsm_integration_tests::Envoy> {
         let pod = self.pod(CLIENT)?;
         let mut envoy = start_envoy(
-            &SidecarConfig::for_pod(pod, self.controller.ads_addr, AdsMode::Sotw)?,
+            &SidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?,
             &self.logs,
         )
         .await?;
@@ -500,7 +500,7 @@ impl BenchMesh {
     /// build, with `--workers` and `--log-level warn`.
     async fn fsm_sidecar(&self, sidecar: &SidecarArgs) -> Result<FsmSidecar> {
         let pod = self.pod(CLIENT_FSM)?;
-        let config = FsmSidecarConfig::for_pod(pod, self.controller.ads_addr, AdsMode::Sotw)?;
+        let config = FsmSidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?;
         let bin = match &sidecar.sidecar_bin {
             Some(bin) => bin.clone(),
             None => bin_dir()?.join("fsm-sidecar"),

@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig, ManagedProcess,
-    MeshPod, SidecarConfig, eventually, http_get_via, load_catalog, mesh_pods, repo_root,
-    start_controller, start_demo_apps, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, AdsTarget, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig,
+    ManagedProcess, MeshPod, SidecarConfig, eventually, http_get_via, load_catalog, mesh_pods,
+    repo_root, start_controller, start_demo_apps, start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 /// Runs the FSM demo mesh locally and sends traffic through it.
@@ -82,7 +82,7 @@ impl Sidecar {
     async fn start(
         plane: DataPlane,
         pod: &MeshPod,
-        ads: SocketAddr,
+        ads: &AdsTarget,
         mode: AdsMode,
         logs: &Path,
     ) -> Result<Sidecar> {
@@ -222,7 +222,7 @@ async fn start_mesh(
         let sidecar = Sidecar::start(
             args.data_plane,
             &pod,
-            controller.ads_addr,
+            &controller.ads(),
             args.ads_mode,
             &log_dir,
         )

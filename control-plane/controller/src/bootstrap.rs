@@ -1,0 +1,279 @@
+//! Bootstrap credentials: every sidecar pod gets an xDS client certificate (CN
+//! `<uuid>.sidecar.<sa>.<ns>`) and the mesh's roots, so that it can open its mTLS ADS stream.
+//!
+//! In a cluster FSM's injector mounts these from a per-pod Secret. Without one (manifest mode, or a
+//! controller outside the cluster) the controller writes them where the sidecars read them:
+//!
+//! ```text
+//! <dir>/<namespace>/<pod>/ca.crt   the mesh trust bundle (two roots during a root rotation)
+//! <dir>/<namespace>/<pod>/tls.crt  the xDS client certificate chain
+//! <dir>/<namespace>/<pod>/tls.key  its private key (mode 0600)
+//! ```
+//!
+//! The names are a Kubernetes TLS Secret's keys. `<pod>` is a symbolic link to a directory named
+//! after the certificate's serial number and is replaced atomically (`rename`), as the kubelet does
+//! for Secret volumes, so a reader never sees a certificate with another certificate's key; Envoy
+//! reloads when it watches `<dir>/<namespace>`. A certificate is rewritten when it rotates or the
+//! trust bundle changes, and removed with its pod.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fsm_catalog::SidecarProxy;
+use fsm_certs::{CertKey, CertManager, IssuedCertificate, ProxyKind};
+use fsm_errcode::{ErrCode, HasErrCode};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
+
+/// File names inside a pod's bootstrap directory.
+pub const CA_FILE: &str = "ca.crt";
+pub const CERT_FILE: &str = "tls.crt";
+pub const KEY_FILE: &str = "tls.key";
+
+/// Keeps `dir` in line with the mesh's sidecar pods, forever.
+pub async fn run(
+    dir: PathBuf,
+    certs: CertManager,
+    mut sidecars: watch::Receiver<Vec<SidecarProxy>>,
+) {
+    let mut rotations = certs.subscribe();
+    // What is on disk, by pod, with the serial and bundle it was written with.
+    let mut written: BTreeMap<(String, String), Written> = BTreeMap::new();
+    loop {
+        let wanted: Vec<SidecarProxy> = sidecars.borrow_and_update().clone();
+        sync(&dir, &certs, &wanted, &mut written).await;
+        tokio::select! {
+            changed = sidecars.changed() => if changed.is_err() { return },
+            event = rotations.recv() => match event {
+                // Rotated xDS certificates and changed bundles are picked up by the next sync,
+                // which asks the manager for each pod's current certificate.
+                Ok(event) if matches!(event.key, CertKey::Xds(_)) => {}
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Written {
+    proxy: SidecarProxy,
+    serial: String,
+    bundle: String,
+}
+
+async fn sync(
+    dir: &Path,
+    certs: &CertManager,
+    wanted: &[SidecarProxy],
+    written: &mut BTreeMap<(String, String), Written>,
+) {
+    let keep: BTreeMap<(String, String), &SidecarProxy> = wanted
+        .iter()
+        .map(|p| ((p.namespace.clone(), p.pod.clone()), p))
+        .collect();
+    let gone: Vec<(String, String)> = written
+        .keys()
+        .filter(|k| !keep.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        if let Some(old) = written.remove(&key) {
+            release(certs, &old.proxy);
+            let path = dir.join(&key.0).join(&key.1);
+            if let Err(e) = remove_pod_dir(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove bootstrap credentials");
+            }
+        }
+    }
+    for (key, proxy) in keep {
+        let Ok(uuid) = proxy.uuid.parse::<uuid::Uuid>() else {
+            tracing::warn!(code = %ErrCode::E5001, pod = %format!("{}/{}", proxy.namespace, proxy.pod), uuid = %proxy.uuid, "fsm-proxy-uuid label is not a UUID; no bootstrap credentials");
+            continue;
+        };
+        let cert = match certs
+            .issue_xds_certificate(
+                uuid,
+                ProxyKind::Sidecar,
+                &proxy.service_account,
+                &proxy.namespace,
+            )
+            .await
+        {
+            Ok(cert) => cert,
+            Err(e) => {
+                tracing::warn!(code = %e.err_code(), pod = %format!("{}/{}", proxy.namespace, proxy.pod), error = %e, "cannot issue bootstrap certificate");
+                continue;
+            }
+        };
+        let now = Written {
+            proxy: proxy.clone(),
+            serial: cert.serial.clone(),
+            bundle: cert.trust_bundle_pem.clone(),
+        };
+        if let Some(old) = written.get(&key) {
+            if *old == now {
+                continue;
+            }
+            if old.proxy != *proxy {
+                release(certs, &old.proxy);
+            }
+        }
+        let path = dir.join(&key.0).join(&key.1);
+        let write = {
+            let (path, cert) = (path.clone(), cert.clone());
+            tokio::task::spawn_blocking(move || write_pod_dir(&path, &cert))
+        };
+        match write.await {
+            Ok(Ok(())) => {
+                tracing::info!(path = %path.display(), serial = %cert.serial, "wrote bootstrap credentials");
+                written.insert(key, now);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write bootstrap credentials")
+            }
+            Err(e) => tracing::warn!(error = %e, "bootstrap writer task failed"),
+        }
+    }
+}
+
+fn release(certs: &CertManager, proxy: &SidecarProxy) {
+    if let Ok(uuid) = proxy.uuid.parse::<uuid::Uuid>() {
+        certs.release(&CertKey::Xds(fsm_certs::XdsCommonName {
+            proxy_uuid: uuid,
+            kind: ProxyKind::Sidecar,
+            identity: fsm_certs::ServiceIdentity::new(&proxy.service_account, &proxy.namespace),
+        }));
+    }
+}
+
+/// Writes the three files into a fresh directory, then swaps the `path` link to it.
+fn write_pod_dir(path: &Path, cert: &Arc<IssuedCertificate>) -> std::io::Result<()> {
+    let parent = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other("bad pod directory name"))?;
+    std::fs::create_dir_all(parent)?;
+    let target_name = format!(".{name}.{}", cert.serial);
+    let target = parent.join(&target_name);
+    if target.exists() {
+        std::fs::remove_dir_all(&target)?;
+    }
+    std::fs::create_dir(&target)?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))?;
+    write_file(
+        &target.join(CA_FILE),
+        cert.trust_bundle_pem.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &target.join(CERT_FILE),
+        cert.cert_chain_pem.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &target.join(KEY_FILE),
+        cert.private_key.expose_pem().as_bytes(),
+        0o600,
+    )?;
+    let previous = std::fs::read_link(path).ok();
+    let link_tmp = parent.join(format!(".{name}.link-{}", cert.serial));
+    let _ = std::fs::remove_file(&link_tmp);
+    std::os::unix::fs::symlink(&target_name, &link_tmp)?;
+    std::fs::rename(&link_tmp, path)?;
+    if let Some(previous) = previous
+        && previous != Path::new(&target_name)
+    {
+        let _ = std::fs::remove_dir_all(parent.join(previous));
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn remove_pod_dir(path: &Path) -> std::io::Result<()> {
+    let target = std::fs::read_link(path)?;
+    std::fs::remove_file(path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::remove_dir_all(parent.join(target))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_swaps_and_removes_pod_credentials() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
+        let certs = CertManager::new(Arc::new(provider), Default::default());
+        let pod = SidecarProxy {
+            namespace: "demo".into(),
+            pod: "curl-1".into(),
+            uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
+            service_account: "curl".into(),
+        };
+        let mut written = BTreeMap::new();
+        sync(dir.path(), &certs, std::slice::from_ref(&pod), &mut written).await;
+        let pod_dir = dir.path().join("demo/curl-1");
+        let cert = std::fs::read_to_string(pod_dir.join(CERT_FILE)).expect("tls.crt");
+        let info = fsm_certs::x509::leaf_info(&cert).expect("parses");
+        assert_eq!(
+            info.common_name,
+            "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.curl.demo"
+        );
+        let key_mode = std::fs::metadata(pod_dir.join(KEY_FILE))
+            .expect("tls.key")
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(pod_dir.join(CA_FILE))
+                .expect("ca.crt")
+                .contains("BEGIN CERTIFICATE")
+        );
+
+        // A new service account means a new identity: the link moves to a new certificate.
+        let first_target = std::fs::read_link(&pod_dir).expect("link");
+        let moved = SidecarProxy {
+            service_account: "other".into(),
+            ..pod.clone()
+        };
+        sync(
+            dir.path(),
+            &certs,
+            std::slice::from_ref(&moved),
+            &mut written,
+        )
+        .await;
+        let second_target = std::fs::read_link(&pod_dir).expect("link");
+        assert_ne!(first_target, second_target);
+        assert!(!dir.path().join("demo").join(&first_target).exists());
+
+        sync(dir.path(), &certs, &[], &mut written).await;
+        assert!(!pod_dir.exists());
+        assert!(
+            std::fs::read_dir(dir.path().join("demo"))
+                .expect("ns dir")
+                .next()
+                .is_none()
+        );
+    }
+}

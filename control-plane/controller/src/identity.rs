@@ -1,0 +1,243 @@
+//! The mesh's certificate authority as the controller runs it: which provider issues (Tresor,
+//! Vault or cert-manager.io, FSM's `certificateProvider.kind`), the ADS server's own certificate,
+//! and root rotation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use fsm_certs::cert_manager_io::{CertManagerIoConfig, CertManagerIoProvider, IssuerRef};
+use fsm_certs::tresor::TresorProvider;
+use fsm_certs::vault::{VaultConfig, VaultProvider};
+use fsm_certs::{CertKey, CertManager, CertManagerConfig, CertificateProvider, IssuedCertificate};
+use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_xds_server::tls::{AdsTls, ServerCredentials};
+
+/// FSM keeps the Tresor root in this Secret of the control-plane namespace.
+pub const CA_BUNDLE_SECRET: &str = "fsm-ca-bundle";
+/// Lifetime of the ADS server's certificate; rotated at a third of it, like every certificate.
+const ADS_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// How often certificates are checked for renewal. Cheap (a scan of the cache), and short enough
+/// for short-lived certificates (MeshConfig may ask for minutes).
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+/// How often the manifest-mode root file is checked for a new root.
+const ROOT_FILE_CHECK: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// Built-in CA: root in the `fsm-ca-bundle` Secret (cluster) or `<state-dir>/fsm-ca-bundle.pem`.
+    Tresor,
+    /// HashiCorp Vault's PKI secrets engine.
+    Vault,
+    /// cert-manager.io: CertificateRequests signed by the configured issuer (cluster only).
+    CertManager,
+}
+
+/// Certificate settings, named after FSM's Helm values and `fsm install` flags.
+#[derive(Clone, Debug, Args)]
+pub struct CertArgs {
+    /// Who issues the mesh's certificates (FSM `certificateProvider.kind`).
+    #[arg(long, value_enum, default_value_t = ProviderKind::Tresor)]
+    pub certificate_provider: ProviderKind,
+    /// Vault host (FSM `vault.host`).
+    #[arg(long, default_value = "")]
+    pub vault_host: String,
+    /// Vault port (FSM `vault.port`).
+    #[arg(long, default_value_t = 8200)]
+    pub vault_port: u16,
+    /// `http` or `https` (FSM `vault.protocol`).
+    #[arg(long, default_value = "http")]
+    pub vault_protocol: String,
+    /// Vault token (FSM `vault.token`).
+    #[arg(
+        long,
+        env = "FSM_VAULT_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub vault_token: String,
+    /// Vault PKI role (FSM `vault.role`).
+    #[arg(long, default_value = "fsm")]
+    pub vault_role: String,
+    /// Mount path of Vault's PKI secrets engine.
+    #[arg(long, default_value = "pki")]
+    pub vault_pki_mount: String,
+    /// cert-manager.io issuer name (FSM `certmanager.issuerName`).
+    #[arg(long, default_value = "fsm-ca")]
+    pub cert_manager_issuer_name: String,
+    /// cert-manager.io issuer kind (FSM `certmanager.issuerKind`).
+    #[arg(long, default_value = "Issuer")]
+    pub cert_manager_issuer_kind: String,
+    /// cert-manager.io issuer group (FSM `certmanager.issuerGroup`).
+    #[arg(long, default_value = "cert-manager.io")]
+    pub cert_manager_issuer_group: String,
+}
+
+/// The provider chosen by `args`. `client` is the cluster (None in manifest mode); `root_file`
+/// is where Tresor keeps its root without a cluster.
+pub async fn provider(
+    args: &CertArgs,
+    client: Option<kube::Client>,
+    fsm_namespace: &str,
+    root_file: &std::path::Path,
+) -> anyhow::Result<Arc<dyn CertificateProvider>> {
+    let provider: Arc<dyn CertificateProvider> = match (args.certificate_provider, client) {
+        (ProviderKind::Tresor, Some(client)) => Arc::new(
+            TresorProvider::load_or_create_in_secret(client, fsm_namespace, CA_BUNDLE_SECRET)
+                .await
+                .map_err(coded)
+                .with_context(|| {
+                    format!("cannot load or create Secret {fsm_namespace}/{CA_BUNDLE_SECRET}")
+                })?,
+        ),
+        (ProviderKind::Tresor, None) => Arc::new(
+            TresorProvider::load_or_create_in_file(root_file)
+                .await
+                .map_err(coded)
+                .with_context(|| {
+                    format!("cannot load or create root CA file {}", root_file.display())
+                })?,
+        ),
+        (ProviderKind::Vault, _) => {
+            if args.vault_host.is_empty() || args.vault_token.is_empty() {
+                anyhow::bail!(
+                    "{}: --certificate-provider vault needs --vault-host and --vault-token (or FSM_VAULT_TOKEN)",
+                    ErrCode::E1000
+                );
+            }
+            let mut config = VaultConfig::new(args.vault_host.clone(), args.vault_token.clone());
+            config.protocol = args.vault_protocol.clone();
+            config.port = args.vault_port;
+            config.role = args.vault_role.clone();
+            config.pki_mount = args.vault_pki_mount.clone();
+            Arc::new(VaultProvider::new(config).map_err(coded)?)
+        }
+        (ProviderKind::CertManager, Some(client)) => {
+            let mut config = CertManagerIoConfig::new(fsm_namespace);
+            config.issuer_ref = IssuerRef {
+                name: args.cert_manager_issuer_name.clone(),
+                kind: Some(args.cert_manager_issuer_kind.clone()),
+                group: Some(args.cert_manager_issuer_group.clone()),
+            };
+            Arc::new(CertManagerIoProvider::new(client, config))
+        }
+        (ProviderKind::CertManager, None) => anyhow::bail!(
+            "{}: --certificate-provider cert-manager needs a cluster (--kubeconfig or in-cluster), not --manifest-dir",
+            ErrCode::E1000
+        ),
+    };
+    Ok(provider)
+}
+
+fn coded(e: fsm_certs::CertError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {e}", e.err_code())
+}
+
+/// Issues the ADS server's certificate and keeps the TLS acceptor's certificate and client roots
+/// current as they rotate. Returns the acceptor.
+pub async fn ads_tls(certs: &CertManager, server_name: &str) -> anyhow::Result<AdsTls> {
+    let cert = certs
+        .issue_server_certificate(server_name, ADS_CERT_VALIDITY)
+        .await
+        .map_err(coded)
+        .with_context(|| {
+            format!(
+                "{}: cannot issue the ADS server certificate",
+                ErrCode::E5009
+            )
+        })?;
+    let tls = AdsTls::new(&server_credentials(&cert))
+        .with_context(|| format!("{}: unusable ADS server certificate", ErrCode::E5009))?;
+    let mut rotations = certs.subscribe();
+    let (updater, server_key) = (
+        tls.clone(),
+        CertKey::Server {
+            common_name: server_name.to_owned(),
+        },
+    );
+    tokio::spawn(async move {
+        loop {
+            match rotations.recv().await {
+                Ok(event) if event.key == server_key => {
+                    match updater.update(&server_credentials(&event.cert)) {
+                        Ok(()) => {
+                            tracing::info!(serial = %event.cert.serial, reason = ?event.reason, "ADS server certificate rotated")
+                        }
+                        Err(e) => {
+                            tracing::error!(code = %ErrCode::E5009, error = %e, "cannot use the rotated ADS server certificate; keeping the previous one")
+                        }
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(tls)
+}
+
+fn server_credentials(cert: &IssuedCertificate) -> ServerCredentials {
+    ServerCredentials {
+        cert_chain_pem: cert.cert_chain_pem.clone(),
+        private_key_pem: cert.private_key.expose_pem().to_owned().into(),
+        client_ca_pem: cert.trust_bundle_pem.clone(),
+    }
+}
+
+/// The certificate manager with rotation running.
+pub fn manager(provider: Arc<dyn CertificateProvider>) -> CertManager {
+    let certs = CertManager::new(provider, CertManagerConfig::default());
+    tokio::spawn(certs.clone().run_rotation(ROTATION_CHECK));
+    certs
+}
+
+/// Manifest mode, Tresor: an operator rotates the root by replacing the root file (certificate
+/// and key PEM) with a new one. Certificates are re-issued by the new root while both roots are
+/// trusted; the old root is dropped once every connected proxy has acknowledged its new secrets
+/// (`in_sync`), and at the latest after `grace`.
+pub async fn watch_root_file(
+    path: PathBuf,
+    certs: CertManager,
+    grace: Duration,
+    in_sync: impl Fn() -> bool + Send + 'static,
+) {
+    let mut current = tokio::fs::read(&path).await.ok();
+    let mut tick = tokio::time::interval(ROOT_FILE_CHECK);
+    loop {
+        tick.tick().await;
+        let Ok(now) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        if current.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        let provider = match TresorProvider::load_or_create_in_file(&path).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Keep the root in use; the operator sees why the new one was refused.
+                tracing::error!(code = %e.err_code(), path = %path.display(), error = %e, "new root CA file refused; keeping the current root");
+                fsm_errcode::count(e.err_code());
+                current = Some(now);
+                continue;
+            }
+        };
+        current = Some(now);
+        tracing::info!(path = %path.display(), "new root CA: rotating every certificate (old and new roots trusted meanwhile)");
+        let report = certs.rotate_root(Arc::new(provider)).await;
+        tracing::info!(
+            reissued = report.rotated.len(),
+            failed = report.failed.len(),
+            "root rotation: certificates re-issued by the new root"
+        );
+        let deadline = tokio::time::Instant::now() + grace;
+        // The new secrets must reach the proxies before the old root stops being trusted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while !in_sync() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        certs.finish_root_rotation().await;
+        tracing::info!("root rotation finished: the old root is no longer trusted");
+    }
+}
