@@ -84,8 +84,19 @@ fn build_err(e: rcgen::Error) -> CertError {
 }
 
 impl CertificateAuthority {
-    /// Generates a new self-signed root.
+    /// Generates a new self-signed root, valid from now for `validity`.
     pub fn generate_root(common_name: &str, validity: Duration) -> Result<Self, CertError> {
+        let now = SystemTime::now();
+        Self::generate_root_valid_between(common_name, now, now + validity)
+    }
+
+    /// Generates a new self-signed root valid between the two instants (which may both be in
+    /// the past: tests use it to show how an expired root is refused).
+    pub fn generate_root_valid_between(
+        common_name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Self, CertError> {
         let key = KeyPair::generate().map_err(|e| CertError::KeyGeneration(Box::new(e)))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -98,9 +109,8 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now;
-        params.not_after = now + validity;
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
         params.serial_number = Some(random_serial());
         let cert = params
             .self_signed(&key)

@@ -181,17 +181,58 @@ impl Envoy {
 
 // === free functions ===
 
-/// The bootstrap YAML for one sidecar.
-pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
-    let socket = |addr: SocketAddr| serde_json::json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}});
+/// SDS names of the bootstrap credentials in [`bootstrap_secrets`].
+const BOOTSTRAP_CERT: &str = "fsm-bootstrap-cert";
+const BOOTSTRAP_CA: &str = "fsm-bootstrap-ca";
+
+/// The file-based SDS resources the bootstrap's ADS cluster uses, one file each (Envoy wants one
+/// secret per file): the pod's xDS certificate and the mesh roots, read from the pod's bootstrap
+/// directory. Returns `(file name, YAML)` pairs.
+pub fn bootstrap_secrets(config: &SidecarConfig) -> [(String, String); 2] {
     let file = |name: &str| config.bootstrap_dir.join(name).display().to_string();
-    // The controller replaces the pod's directory (a link) in its parent: watch the parent.
-    let watched = config
-        .bootstrap_dir
-        .parent()
-        .unwrap_or(&config.bootstrap_dir)
-        .display()
-        .to_string();
+    let secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    let cert = serde_json::json!({"resources": [{
+        "@type": secret,
+        "name": BOOTSTRAP_CERT,
+        "tls_certificate": {
+            "certificate_chain": {"filename": file("tls.crt")},
+            "private_key": {"filename": file("tls.key")},
+        },
+    }]});
+    let ca = serde_json::json!({"resources": [{
+        "@type": secret,
+        "name": BOOTSTRAP_CA,
+        "validation_context": {
+            "trusted_ca": {"filename": file("ca.crt")},
+            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": ADS_SERVER_NAME}}],
+        },
+    }]});
+    let yaml =
+        |v: &serde_json::Value| serde_yaml_ng::to_string(v).unwrap_or_else(|_| v.to_string());
+    [
+        (sds_file_name(config, BOOTSTRAP_CERT), yaml(&cert)),
+        (sds_file_name(config, BOOTSTRAP_CA), yaml(&ca)),
+    ]
+}
+
+fn sds_file_name(config: &SidecarConfig, secret: &str) -> String {
+    format!("envoy-{}.{secret}.yaml", config.name)
+}
+
+/// The bootstrap YAML for one sidecar; `sds_dir` holds the files of [`bootstrap_secrets`].
+pub fn envoy_bootstrap(config: &SidecarConfig, sds_dir: &Path) -> String {
+    let socket = |addr: SocketAddr| serde_json::json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}});
+    let sds_file = |secret: &str| {
+        serde_json::json!({
+            "path_config_source": {
+                "path": sds_dir.join(sds_file_name(config, secret)).display().to_string(),
+                // The controller swaps the `..data` link inside the pod's directory, as the
+                // kubelet does for a Secret volume; a move there makes Envoy reload.
+                "watched_directory": {"path": config.bootstrap_dir.display().to_string()},
+            },
+            "resource_api_version": "V3",
+        })
+    };
     let bootstrap = serde_json::json!({
         "node": {"id": config.node_id, "cluster": config.node_cluster},
         "admin": {"address": socket(config.admin)},
@@ -207,9 +248,9 @@ pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
                     .map(|addr| serde_json::json!({"endpoint": {"address": socket(addr)}}))
                     .collect::<Vec<_>>()}],
             },
-            // mTLS, as FSM's injector bootstraps Envoy: the pod's xDS certificate, and the
-            // controller's certificate must chain to the mesh roots and name the controller.
-            // Envoy reloads the files when the controller swaps the pod's directory link.
+            // mTLS with the pod's bootstrap credentials. They come through file-based SDS, the
+            // one way Envoy reloads certificates from disk: when the controller swaps the pod
+            // directory's `..data` link (rotation), Envoy re-reads them.
             "transport_socket": {
                 "name": "envoy.transport_sockets.tls",
                 "typed_config": {
@@ -217,19 +258,8 @@ pub fn envoy_bootstrap(config: &SidecarConfig) -> String {
                     "sni": ADS_SERVER_NAME,
                     "common_tls_context": {
                         "alpn_protocols": ["h2"],
-                        "tls_certificates": [{
-                            "certificate_chain": {"filename": file("tls.crt")},
-                            "private_key": {"filename": file("tls.key")},
-                            "watched_directory": {"path": watched},
-                        }],
-                        "validation_context": {
-                            "trusted_ca": {"filename": file("ca.crt")},
-                            "watched_directory": {"path": watched},
-                            "match_typed_subject_alt_names": [{
-                                "san_type": "DNS",
-                                "matcher": {"exact": ADS_SERVER_NAME},
-                            }],
-                        },
+                        "tls_certificate_sds_secret_configs": [{"name": BOOTSTRAP_CERT, "sds_config": sds_file(BOOTSTRAP_CERT)}],
+                        "validation_context_sds_secret_config": {"name": BOOTSTRAP_CA, "sds_config": sds_file(BOOTSTRAP_CA)},
                     },
                 },
             },
@@ -269,7 +299,11 @@ pub async fn start_envoy(config: &SidecarConfig, log_dir: &Path) -> Result<Envoy
     std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     wait_for_bootstrap(&config.bootstrap_dir, Duration::from_secs(20)).await?;
     let bootstrap_path = log_dir.join(format!("envoy-{}.bootstrap.yaml", config.name));
-    std::fs::write(&bootstrap_path, envoy_bootstrap(config))
+    for (name, yaml) in bootstrap_secrets(config) {
+        let path = log_dir.join(name);
+        std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    }
+    std::fs::write(&bootstrap_path, envoy_bootstrap(config, log_dir))
         .with_context(|| format!("writing {}", bootstrap_path.display()))?;
     let mut command = Command::new(envoy_binary()?);
     command

@@ -26,7 +26,10 @@ pub use controller::{
     AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
     start_controller_on_cluster, write_standalone_bootstrap,
 };
-pub use envoy::{AdsMode, Envoy, SidecarConfig, envoy_bootstrap, start_envoy, validate_bootstrap};
+pub use envoy::{
+    AdsMode, Envoy, SidecarConfig, bootstrap_secrets, envoy_bootstrap, start_envoy,
+    validate_bootstrap,
+};
 pub use eventually::eventually;
 pub use mesh::{
     AppPort, AppProtocol, MeshPod, demo_manifests, edit_manifest, load_catalog, mesh_pods,

@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use fsm_integration_tests::{
-    AdsMode, SidecarConfig, envoy_bootstrap, validate_bootstrap, write_standalone_bootstrap,
+    AdsMode, SidecarConfig, bootstrap_secrets, envoy_bootstrap, validate_bootstrap,
+    write_standalone_bootstrap,
 };
 
 fn config(ads_mode: AdsMode, bootstrap_root: &Path) -> SidecarConfig {
@@ -29,7 +30,11 @@ fn config(ads_mode: AdsMode, bootstrap_root: &Path) -> SidecarConfig {
 async fn envoy_accepts_the_bootstrap_in_both_ads_modes() {
     let dir = tempfile::tempdir().expect("tempdir");
     for mode in [AdsMode::Sotw, AdsMode::Delta] {
-        let yaml = envoy_bootstrap(&config(mode, dir.path()));
+        let config = config(mode, dir.path());
+        for (name, yaml) in bootstrap_secrets(&config) {
+            std::fs::write(dir.path().join(name), yaml).expect("sds file");
+        }
+        let yaml = envoy_bootstrap(&config, dir.path());
         assert!(
             yaml.contains("UpstreamTlsContext"),
             "ADS must be mTLS: {yaml}"
@@ -44,7 +49,11 @@ async fn envoy_accepts_the_bootstrap_in_both_ads_modes() {
 #[tokio::test]
 async fn envoy_rejects_a_broken_bootstrap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let yaml = envoy_bootstrap(&config(AdsMode::Sotw, dir.path())).replace("STATIC", "NOT_A_TYPE");
+    let config = config(AdsMode::Sotw, dir.path());
+    for (name, yaml) in bootstrap_secrets(&config) {
+        std::fs::write(dir.path().join(name), yaml).expect("sds file");
+    }
+    let yaml = envoy_bootstrap(&config, dir.path()).replace("STATIC", "NOT_A_TYPE");
     validate_bootstrap(&yaml)
         .await
         .expect_err("invalid cluster type must be rejected");

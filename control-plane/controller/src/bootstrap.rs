@@ -10,11 +10,12 @@
 //! <dir>/<namespace>/<pod>/tls.key  its private key (mode 0600)
 //! ```
 //!
-//! The names are a Kubernetes TLS Secret's keys. `<pod>` is a symbolic link to a directory named
-//! after the certificate's serial number and is replaced atomically (`rename`), as the kubelet does
-//! for Secret volumes, so a reader never sees a certificate with another certificate's key; Envoy
-//! reloads when it watches `<dir>/<namespace>`. A certificate is rewritten when it rotates or the
-//! trust bundle changes, and removed with its pod.
+//! The names are a Kubernetes TLS Secret's keys, and the layout is a Secret volume's: each name is a
+//! link into `..data`, itself a link to a directory named after the certificate's serial number,
+//! which is swapped atomically (`rename`). A reader never sees a certificate with another
+//! certificate's key, and Envoy reloads when it watches `<dir>/<namespace>/<pod>`
+//! (`watched_directory`). A certificate is rewritten when it rotates or the trust bundle changes,
+//! and removed with its pod.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -151,23 +152,16 @@ fn release(certs: &CertManager, proxy: &SidecarProxy) {
     }
 }
 
-/// Writes the three files into a fresh directory, then swaps the `path` link to it.
+/// Writes the three files into a fresh directory, then swaps `path/..data` to it.
 fn write_pod_dir(path: &Path, cert: &Arc<IssuedCertificate>) -> std::io::Result<()> {
-    let parent = path
-        .parent()
-        .ok_or_else(|| std::io::Error::other("no parent directory"))?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| std::io::Error::other("bad pod directory name"))?;
-    std::fs::create_dir_all(parent)?;
-    let target_name = format!(".{name}.{}", cert.serial);
-    let target = parent.join(&target_name);
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    let version = format!("..{}", cert.serial);
+    let target = path.join(&version);
     if target.exists() {
         std::fs::remove_dir_all(&target)?;
     }
     std::fs::create_dir(&target)?;
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))?;
     write_file(
         &target.join(CA_FILE),
         cert.trust_bundle_pem.as_bytes(),
@@ -183,18 +177,28 @@ fn write_pod_dir(path: &Path, cert: &Arc<IssuedCertificate>) -> std::io::Result<
         cert.private_key.expose_pem().as_bytes(),
         0o600,
     )?;
-    let previous = std::fs::read_link(path).ok();
-    let link_tmp = parent.join(format!(".{name}.link-{}", cert.serial));
-    let _ = std::fs::remove_file(&link_tmp);
-    std::os::unix::fs::symlink(&target_name, &link_tmp)?;
-    std::fs::rename(&link_tmp, path)?;
+    let data = path.join(DATA_LINK);
+    let previous = std::fs::read_link(&data).ok();
+    let data_tmp = path.join(format!("{DATA_LINK}_tmp"));
+    let _ = std::fs::remove_file(&data_tmp);
+    std::os::unix::fs::symlink(&version, &data_tmp)?;
+    std::fs::rename(&data_tmp, &data)?;
+    for name in [CA_FILE, CERT_FILE, KEY_FILE] {
+        let link = path.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new(DATA_LINK).join(name), &link)?;
+        }
+    }
     if let Some(previous) = previous
-        && previous != Path::new(&target_name)
+        && previous != Path::new(&version)
     {
-        let _ = std::fs::remove_dir_all(parent.join(previous));
+        let _ = std::fs::remove_dir_all(path.join(previous));
     }
     Ok(())
 }
+
+/// The link the kubelet swaps in a Secret volume, and Envoy's `watched_directory` waits for.
+const DATA_LINK: &str = "..data";
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
@@ -207,12 +211,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 fn remove_pod_dir(path: &Path) -> std::io::Result<()> {
-    let target = std::fs::read_link(path)?;
-    std::fs::remove_file(path)?;
-    if let Some(parent) = path.parent() {
-        std::fs::remove_dir_all(parent.join(target))?;
-    }
-    Ok(())
+    std::fs::remove_dir_all(path)
 }
 
 #[cfg(test)]
@@ -251,7 +250,7 @@ mod tests {
         );
 
         // A new service account means a new identity: the link moves to a new certificate.
-        let first_target = std::fs::read_link(&pod_dir).expect("link");
+        let first_target = std::fs::read_link(pod_dir.join(DATA_LINK)).expect("link");
         let moved = SidecarProxy {
             service_account: "other".into(),
             ..pod.clone()
@@ -263,9 +262,16 @@ mod tests {
             &mut written,
         )
         .await;
-        let second_target = std::fs::read_link(&pod_dir).expect("link");
+        let second_target = std::fs::read_link(pod_dir.join(DATA_LINK)).expect("link");
         assert_ne!(first_target, second_target);
-        assert!(!dir.path().join("demo").join(&first_target).exists());
+        assert!(!pod_dir.join(&first_target).exists());
+        let cert = std::fs::read_to_string(pod_dir.join(CERT_FILE)).expect("tls.crt");
+        let info = fsm_certs::x509::leaf_info(&cert).expect("parses");
+        assert!(
+            info.common_name.ends_with(".sidecar.other.demo"),
+            "{}",
+            info.common_name
+        );
 
         sync(dir.path(), &certs, &[], &mut written).await;
         assert!(!pod_dir.exists());

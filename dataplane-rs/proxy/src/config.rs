@@ -16,6 +16,7 @@ use prost::Message;
 use regex::Regex;
 
 use crate::metrics::Workload;
+use crate::tls::{DownstreamTls, Identity, Secrets, UpstreamTls};
 
 /// A rejected resource set: the NACK's `error_detail`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +51,8 @@ pub struct Chain {
     pub port: u16,
     pub ranges: Vec<Cidr>,
     pub kind: ChainKind,
+    /// Unset: plaintext.
+    pub tls: Option<DownstreamTls>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -62,8 +65,29 @@ pub enum ChainKind {
 pub struct TcpTarget {
     pub clusters: Weighted,
     pub connect_authority: Arc<str>,
-    /// Whether an unauthenticated client is admitted (only `any` can admit one until mTLS).
-    pub admits_anyone: bool,
+    /// Who may connect (inbound only); unset admits no one.
+    pub allowed: Allowed,
+}
+
+/// `AllowedSources`: `any`, or the verified identities of mTLS clients.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub any: bool,
+    pub identities: Vec<Identity>,
+}
+
+impl Allowed {
+    pub fn from_proto(a: &v1::AllowedSources) -> Self {
+        Allowed {
+            any: a.any,
+            identities: a.identities.iter().map(Identity::from_proto).collect(),
+        }
+    }
+
+    /// `peer` is the identity of a verified client certificate, `None` for any other client.
+    pub fn admits(&self, peer: Option<&Identity>) -> bool {
+        self.any || peer.is_some_and(|p| self.identities.contains(p))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,7 +126,7 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     /// `None`: no `allowed_sources` (admits no one on an inbound listener).
-    pub admits_anyone: Option<bool>,
+    pub allowed: Option<Allowed>,
 }
 
 #[derive(Debug)]
@@ -159,6 +183,8 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Endpoint>,
     pub max_requests: Option<u32>,
+    /// TLS to meshed endpoints; unset: plaintext.
+    pub tls: Option<UpstreamTls>,
     /// Round-robin cursor. Resets when the cluster or its endpoints change, which is harmless.
     pub cursor: AtomicUsize,
 }
@@ -168,6 +194,8 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
     pub meshed: bool,
+    /// The service account of the endpoint's pod, when known.
+    pub identity: Option<Identity>,
     /// Whose pod this is, for the `destination_*` metric labels; shared because every request
     /// to the endpoint carries it.
     pub workload: Option<Arc<Workload>>,
@@ -180,6 +208,14 @@ impl Config {
     /// to clusters must resolve; other dangling references mean "not received yet" and fail
     /// requests with 503 until they do.
     pub fn build(set: &ResourceSet, changed: &str) -> Result<Config, ConfigError> {
+        // Secrets first: clusters and chains resolve their TLS against them. A secret that is
+        // named but not here yet is not an error (ADS sends secrets last).
+        let mut secrets = Secrets::default();
+        for raw in set.resources(type_url::SECRET) {
+            let what = format!("Secret {:?}", raw.name);
+            let secret = v1::Secret::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            secrets.add(secret).map_err(|(f, m)| err(&what, &f, m))?;
+        }
         let mut endpoints: HashMap<String, Vec<Endpoint>> = HashMap::new();
         for raw in set.resources(type_url::CLUSTER_LOAD_ASSIGNMENT) {
             let what = format!("ClusterLoadAssignment {:?}", raw.name);
@@ -192,6 +228,7 @@ impl Config {
                     addr: socket_addr(e.address.as_ref()).map_err(|m| err(&what, &field, m))?,
                     weight: e.weight.max(1),
                     meshed: e.meshed,
+                    identity: e.identity.as_ref().map(Identity::from_proto),
                     workload: e.workload.as_ref().map(|w| {
                         Arc::new(Workload {
                             namespace: w.namespace.clone(),
@@ -208,7 +245,8 @@ impl Config {
         for raw in set.resources(type_url::CLUSTER) {
             let what = format!("Cluster {:?}", raw.name);
             let c = v1::Cluster::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
-            let cluster = build_cluster(c, &endpoints).map_err(|(f, m)| err(&what, &f, m))?;
+            let cluster =
+                build_cluster(c, &endpoints, &secrets).map_err(|(f, m)| err(&what, &f, m))?;
             clusters.insert(cluster.name.clone(), Arc::new(cluster));
         }
         let strict = |t: &str| changed == t;
@@ -223,7 +261,7 @@ impl Config {
         for raw in set.resources(type_url::LISTENER) {
             let what = format!("Listener {:?}", raw.name);
             let l = v1::Listener::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
-            let listener = build_listener(l).map_err(|(f, m)| err(&what, &f, m))?;
+            let listener = build_listener(l, &secrets).map_err(|(f, m)| err(&what, &f, m))?;
             for (i, chain) in listener.chains.iter().enumerate() {
                 if let ChainKind::Tcp(t) = &chain.kind {
                     check(&t.clusters, strict(type_url::LISTENER))
@@ -259,10 +297,6 @@ impl Config {
                 }
             }
             routes.insert(table.name.clone(), Arc::new(table));
-        }
-        for raw in set.resources(type_url::SECRET) {
-            v1::Secret::decode(&*raw.body)
-                .map_err(|e| err(&format!("Secret {:?}", raw.name), "", e))?;
         }
         Ok(Config {
             listeners,
@@ -328,6 +362,7 @@ fn weighted(list: &[v1::WeightedCluster], field: &str) -> Result<Weighted, Field
 fn build_cluster(
     c: v1::Cluster,
     endpoints: &HashMap<String, Vec<Endpoint>>,
+    secrets: &Secrets,
 ) -> Result<Cluster, FieldError> {
     let endpoints = match &c.discovery {
         None => {
@@ -342,6 +377,7 @@ fn build_cluster(
                 .map_err(|m| field_err("static_local.address", m))?,
             weight: 1,
             meshed: false,
+            identity: None,
             workload: None,
         }],
     };
@@ -372,6 +408,10 @@ fn build_cluster(
     let connect_timeout = duration(c.connect_timeout.as_ref())
         .map_err(|m| field_err("connect_timeout", m))?
         .unwrap_or(Duration::from_secs(5));
+    let tls = match &c.tls {
+        None => None,
+        Some(t) => Some(crate::tls::upstream(t, secrets).map_err(|(f, m)| field_err(f, m))?),
+    };
     Ok(Cluster {
         name: Arc::from(c.name.as_str()),
         lb,
@@ -379,11 +419,12 @@ fn build_cluster(
         protocol,
         endpoints,
         max_requests: c.circuit_breakers.and_then(|b| b.max_requests),
+        tls,
         cursor: AtomicUsize::new(0),
     })
 }
 
-fn build_listener(l: v1::Listener) -> Result<Listener, FieldError> {
+fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldError> {
     let addr = socket_addr(l.address.as_ref()).map_err(|m| field_err("address", m))?;
     let direction = match v1::TrafficDirection::try_from(l.direction) {
         Ok(v1::TrafficDirection::Inbound) => Direction::Inbound,
@@ -428,7 +469,11 @@ fn build_listener(l: v1::Listener) -> Result<Listener, FieldError> {
             ) => ChainKind::Tcp(TcpTarget {
                 clusters: weighted(&t.clusters, &at("tcp.clusters"))?,
                 connect_authority: Arc::from(t.connect_authority.as_str()),
-                admits_anyone: fc.allowed_sources.as_ref().is_some_and(|a| a.any),
+                allowed: fc
+                    .allowed_sources
+                    .as_ref()
+                    .map(Allowed::from_proto)
+                    .unwrap_or_default(),
             }),
             (p, _) => {
                 return Err(field_err(
@@ -444,11 +489,18 @@ fn build_listener(l: v1::Listener) -> Result<Listener, FieldError> {
                 ));
             }
         };
+        let tls = match &fc.tls {
+            None => None,
+            Some(t) => {
+                Some(crate::tls::downstream(t, secrets).map_err(|(f, m)| field_err(at(&f), m))?)
+            }
+        };
         chains.push(Chain {
             name: Arc::from(fc.name.as_str()),
             port,
             ranges,
             kind,
+            tls,
         });
     }
     Ok(Listener {
@@ -548,7 +600,7 @@ fn build_route(route: v1::Route, at: &dyn Fn(&str) -> String) -> Result<Route, F
         clusters,
         timeout,
         retry,
-        admits_anyone: route.allowed_sources.map(|a| a.any),
+        allowed: route.allowed_sources.as_ref().map(Allowed::from_proto),
     })
 }
 

@@ -13,7 +13,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::Proxy;
@@ -21,7 +21,8 @@ use crate::config::{Cluster, RetryPolicy, Route, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
-use crate::upstream::{Body, UpstreamError, connect_tcp};
+use crate::tls::Identity;
+use crate::upstream::{Body, Transport, UpstreamError, connect_tcp};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -41,16 +42,20 @@ pub struct HttpChain {
     pub listener: Arc<str>,
     pub route_config: Arc<str>,
     pub inbound: bool,
+    /// The verified identity of the client's certificate (mTLS chains only).
+    pub peer: Option<Identity>,
 }
 
 /// Serves one downstream connection until it closes, or until `stop` fires (listener removed),
 /// then lets in-flight requests finish.
-pub async fn serve(
+pub async fn serve<S>(
     proxy: Arc<Proxy>,
     chain: HttpChain,
-    stream: TcpStream,
+    stream: S,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let chain = Arc::new(chain);
     let service = service_fn(move |req: Request<Incoming>| {
         let proxy = proxy.clone();
@@ -113,6 +118,7 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
             headers: req.headers(),
         },
         chain.inbound,
+        chain.peer.as_ref(),
     );
     let route = match decision {
         Decision::NoVirtualHost | Decision::NoRoute => {
@@ -351,17 +357,24 @@ async fn attempt(
     let _guard = proxy.upstreams.active.start(endpoint.addr);
     let _cluster_guard = proxy.upstreams.cluster_start(&cluster.name);
     let send = async {
+        let transport = Transport::for_endpoint(cluster, &endpoint)?;
         match cluster.protocol {
             UpstreamProtocol::Http2 => {
                 proxy
                     .upstreams
-                    .send_http2(endpoint.addr, cluster.connect_timeout, host, req)
+                    .send_http2(
+                        endpoint.addr,
+                        cluster.connect_timeout,
+                        &transport,
+                        host,
+                        req,
+                    )
                     .await
             }
             UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
                 proxy
                     .upstreams
-                    .send_http1(endpoint.addr, cluster.connect_timeout, req)
+                    .send_http1(endpoint.addr, cluster.connect_timeout, &transport, req)
                     .await
             }
         }

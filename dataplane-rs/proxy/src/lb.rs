@@ -122,10 +122,12 @@ mod tests {
                     addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                     weight: *w,
                     meshed: true,
+                    identity: None,
                     workload: None,
                 })
                 .collect(),
             max_requests: None,
+            tls: None,
             cursor: AtomicUsize::new(0),
         }
     }

@@ -16,6 +16,7 @@ pub mod original_dst;
 pub mod route;
 pub mod store;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

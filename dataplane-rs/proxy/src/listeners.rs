@@ -12,6 +12,10 @@ use tokio::sync::watch;
 
 use crate::Proxy;
 use crate::config::{Chain, ChainKind, Direction};
+use crate::tls::{DownstreamTls, identity_of_chain};
+
+/// Time a client has to complete the TLS handshake on an mTLS chain.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Running {
     addr: SocketAddr,
@@ -146,16 +150,60 @@ async fn connection(
         return;
     };
     let inbound = listener.direction == Direction::Inbound;
+    let tls = match &chain.tls {
+        None => None,
+        Some(DownstreamTls::Ready(config)) => Some(config.clone()),
+        Some(DownstreamTls::Missing(secret)) => {
+            // Fail closed: without its certificate the chain cannot authenticate anyone.
+            tracing::debug!(listener = %name, chain = %chain.name, %secret, "TLS secret not received yet; closing");
+            return;
+        }
+    };
+    let Some(config) = tls else {
+        serve_chain(proxy, &name, chain, inbound, None, stream, stop).await;
+        return;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = %name, chain = %chain.name, error = %e, "TLS handshake failed; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %name, chain = %chain.name, "TLS handshake timed out; closing");
+            return;
+        }
+    };
+    let peer = identity_of_chain(stream.get_ref().1.peer_certificates());
+    tracing::debug!(listener = %name, chain = %chain.name, peer = ?peer, "TLS connection accepted");
+    serve_chain(proxy, &name, chain, inbound, peer, stream, stop).await;
+}
+
+async fn serve_chain<S>(
+    proxy: Arc<Proxy>,
+    listener: &Arc<str>,
+    chain: &Chain,
+    inbound: bool,
+    peer: Option<crate::tls::Identity>,
+    stream: S,
+    stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match &chain.kind {
         ChainKind::Http { route_config } => {
             let chain = crate::http::HttpChain {
-                listener: name.clone(),
+                listener: listener.clone(),
                 route_config: route_config.clone(),
                 inbound,
+                peer,
             };
             crate::http::serve(proxy, chain, stream, stop).await;
         }
-        ChainKind::Tcp(target) => crate::tcp::proxy(proxy, target.clone(), inbound, stream).await,
+        ChainKind::Tcp(target) => {
+            crate::tcp::proxy(proxy, target.clone(), inbound, peer, stream).await;
+        }
     }
 }
 
@@ -175,6 +223,7 @@ mod tests {
             kind: ChainKind::Http {
                 route_config: Arc::from("outbound"),
             },
+            tls: None,
         }
     }
 

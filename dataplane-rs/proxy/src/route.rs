@@ -4,6 +4,7 @@
 use http::{HeaderMap, Method};
 
 use crate::config::{HeaderMatchKind, PathMatch, Route, RouteTable, VirtualHost};
+use crate::tls::Identity;
 
 /// Why a request got (or did not get) a route.
 #[derive(Debug)]
@@ -27,7 +28,13 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
 }
 
-pub fn select<'a>(table: &'a RouteTable, req: RequestInfo<'_>, inbound: bool) -> Decision<'a> {
+/// `peer` is the verified identity of an mTLS client; `None` for a client without one.
+pub fn select<'a>(
+    table: &'a RouteTable,
+    req: RequestInfo<'_>,
+    inbound: bool,
+    peer: Option<&Identity>,
+) -> Decision<'a> {
     let Some(vh) = table
         .domains
         .get(&req.host.to_ascii_lowercase())
@@ -39,7 +46,7 @@ pub fn select<'a>(table: &'a RouteTable, req: RequestInfo<'_>, inbound: bool) ->
         return Decision::NoRoute;
     };
     // Outbound routes carry no allowed sources and admit everyone; inbound ones fail closed.
-    if inbound && route.admits_anyone != Some(true) {
+    if inbound && !route.allowed.as_ref().is_some_and(|a| a.admits(peer)) {
         return Decision::Denied;
     }
     Decision::Matched(vh, route)
@@ -107,7 +114,10 @@ mod tests {
             }),
             allowed_sources: any.map(|any| v1::AllowedSources {
                 any,
-                identities: vec![],
+                identities: vec![v1::ServiceIdentity {
+                    service_account: "curl".into(),
+                    namespace: "demo".into(),
+                }],
             }),
         }
     }
@@ -219,7 +229,7 @@ mod tests {
             path,
             headers: &map,
         };
-        let got = match select(&t, req, false) {
+        let got = match select(&t, req, false, None) {
             Decision::NoVirtualHost => "404-host".to_string(),
             Decision::NoRoute => "404-route".to_string(),
             Decision::Denied => "403".to_string(),
@@ -228,10 +238,15 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    #[test_case(None, "403" ; "unset admits no one inbound")]
-    #[test_case(Some(false), "403" ; "any false admits no one without mTLS")]
-    #[test_case(Some(true), "default" ; "any admits")]
-    fn inbound_rbac(any: Option<bool>, want: &str) {
+    #[test_case(None, None, "403" ; "unset admits no one inbound")]
+    #[test_case(None, Some(("curl", "demo")), "403" ; "unset admits no one even with mTLS")]
+    #[test_case(Some(false), None, "403" ; "identities admit no one without mTLS")]
+    #[test_case(Some(false), Some(("curl", "demo")), "default" ; "listed identity admitted")]
+    #[test_case(Some(false), Some(("curl", "other")), "403" ; "same account other namespace refused")]
+    #[test_case(Some(false), Some(("bookbuyer", "demo")), "403" ; "unlisted identity refused")]
+    #[test_case(Some(true), None, "default" ; "any admits")]
+    fn inbound_rbac(any: Option<bool>, peer: Option<(&str, &str)>, want: &str) {
+        let peer = peer.map(|(sa, ns)| Identity::new(sa, ns));
         let t = table(any);
         let map = HeaderMap::new();
         let req = RequestInfo {
@@ -240,7 +255,7 @@ mod tests {
             path: "/",
             headers: &map,
         };
-        let got = match select(&t, req, true) {
+        let got = match select(&t, req, true, peer.as_ref()) {
             Decision::Denied => "403".to_string(),
             Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
             other => format!("{other:?}"),

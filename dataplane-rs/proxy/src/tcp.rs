@@ -4,18 +4,31 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Proxy;
 use crate::config::{TcpTarget, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
-use crate::upstream::connect_tcp;
+use crate::tls::Identity;
+use crate::upstream::{Transport, connect_tcp};
 
 /// Relays one downstream connection. Server-first protocols are served by the same path: the
 /// upstream connection is opened at once and nothing is read from the client before that.
-pub async fn proxy(proxy: Arc<Proxy>, target: TcpTarget, inbound: bool, mut downstream: TcpStream) {
-    if inbound && !target.admits_anyone {
-        tracing::debug!("inbound TCP connection refused: allowed_sources admits no one");
+/// `peer` is the verified identity of the client's certificate (mTLS chains only).
+pub async fn proxy<S>(
+    proxy: Arc<Proxy>,
+    target: TcpTarget,
+    inbound: bool,
+    peer: Option<Identity>,
+    mut downstream: S,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if inbound && !target.allowed.admits(peer.as_ref()) {
+        tracing::debug!(
+            peer = %peer.as_ref().map_or_else(|| "none".to_string(), ToString::to_string),
+            "inbound TCP connection refused by allowed_sources"
+        );
         return;
     }
     let config = proxy.store.config();
@@ -37,11 +50,19 @@ pub async fn proxy(proxy: Arc<Proxy>, target: TcpTarget, inbound: bool, mut down
         && cluster.protocol == UpstreamProtocol::Tcp
         && !target.connect_authority.is_empty();
     let result = if tunnel {
+        let transport = match Transport::for_endpoint(&cluster, &endpoint) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
+                return;
+            }
+        };
         match proxy
             .upstreams
             .connect_tunnel(
                 endpoint.addr,
                 cluster.connect_timeout,
+                &transport,
                 &target.connect_authority,
             )
             .await

@@ -1,25 +1,41 @@
-//! Connections to upstreams: pooled HTTP/1.1 (hyper-util's client), multiplexed HTTP/2 (one
-//! connection per endpoint, shared by requests and CONNECT tunnels), and plain TCP.
+//! Connections to upstreams: pooled HTTP/1.1 (hyper-util's client for plaintext, a small pool of
+//! hyper connections for TLS), multiplexed HTTP/2 (one connection per endpoint and transport,
+//! shared by requests and CONNECT tunnels), and plain TCP.
+//!
+//! Meshed endpoints of a cluster with `tls` are reached over mTLS; every pool is keyed on the
+//! transport too ([`PoolKey`]), so plaintext connections, and connections made with different TLS
+//! settings, are never handed to each other's requests.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
+use crate::config::{Cluster, Endpoint};
 use crate::lb::ActiveRequests;
+use crate::tls::{ClusterTls, Identity, UpstreamTls, identity_of_chain};
+
+/// An idle TLS HTTP/1.1 connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle TLS HTTP/1.1 connections kept per endpoint and transport.
+const MAX_IDLE: usize = 64;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -42,9 +58,12 @@ pub enum UpstreamError {
 
 #[derive(Debug, Default)]
 pub struct Upstreams {
-    /// HTTP/1.1 clients by connect timeout (the connector carries it); each pools per endpoint.
+    /// Plaintext HTTP/1.1 clients by connect timeout (the connector carries it); each pools per
+    /// endpoint.
     http1: Mutex<HashMap<Duration, Client<HttpConnector, Body>>>,
-    http2: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    /// Idle TLS HTTP/1.1 connections.
+    http1_tls: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
+    http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
     pub active: ActiveRequests,
     /// Requests in flight per cluster, for `CircuitBreakers.max_requests`.
     per_cluster: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
@@ -58,6 +77,179 @@ impl Drop for ClusterGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+/// Which connections a request may share: same endpoint, same transport.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: SocketAddr,
+    /// `None`: plaintext. Otherwise the cluster TLS fingerprint, and the endpoint identity the
+    /// server certificate was checked against when the cluster checks per endpoint.
+    pub tls: Option<(u64, Option<Identity>)>,
+}
+
+/// How to reach one endpoint.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    Plain,
+    Tls {
+        tls: Arc<ClusterTls>,
+        /// The identity the server certificate must carry, when the cluster checks per endpoint.
+        expect: Option<Identity>,
+    },
+}
+
+impl Transport {
+    /// TLS for meshed endpoints of clusters with `tls`, plaintext otherwise. Fails (503) while a
+    /// secret the cluster names has not arrived.
+    pub fn for_endpoint(
+        cluster: &Cluster,
+        endpoint: &Endpoint,
+    ) -> Result<Transport, UpstreamError> {
+        match &cluster.tls {
+            Some(UpstreamTls::Ready(tls)) if endpoint.meshed => Ok(Transport::Tls {
+                tls: tls.clone(),
+                expect: if tls.check_endpoint_identity {
+                    endpoint.identity.clone()
+                } else {
+                    None
+                },
+            }),
+            Some(UpstreamTls::Missing(secret)) if endpoint.meshed => Err(UpstreamError::Connect(
+                format!("TLS secret {secret:?} not received yet"),
+            )),
+            _ => Ok(Transport::Plain),
+        }
+    }
+
+    fn key(&self, addr: SocketAddr) -> PoolKey {
+        PoolKey {
+            addr,
+            tls: match self {
+                Transport::Plain => None,
+                Transport::Tls { tls, expect } => Some((tls.fingerprint, expect.clone())),
+            },
+        }
+    }
+}
+
+/// A connection to an upstream, plaintext or TLS.
+#[derive(Debug)]
+pub enum MeshStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MeshStream::Plain(s) => s.is_write_vectored(),
+            MeshStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            MeshStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MeshStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The application protocol a TLS connection is opened for (its ALPN offer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    Http1,
+    Http2,
+}
+
+/// Opens a connection to `addr` within `timeout` (TCP, plus the TLS handshake when used).
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    transport: &Transport,
+    alpn: Alpn,
+) -> Result<MeshStream, UpstreamError> {
+    let Transport::Tls { tls, expect } = transport else {
+        return connect_tcp(addr, timeout).await.map(MeshStream::Plain);
+    };
+    let handshake = async {
+        let tcp = connect_tcp(addr, timeout).await?;
+        let config = match alpn {
+            Alpn::Http1 => tls.http1.clone(),
+            Alpn::Http2 => tls.http2.clone(),
+        };
+        let stream = TlsConnector::from(config)
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("TLS handshake with {addr}: {e}")))?;
+        if tls.check_endpoint_identity {
+            let got = identity_of_chain(stream.get_ref().1.peer_certificates());
+            if expect.is_none() || got != *expect {
+                let expected = expect.as_ref().map_or_else(
+                    || "none (endpoint identity unknown)".into(),
+                    ToString::to_string,
+                );
+                let got = got.map_or_else(|| "none".into(), |g| g.to_string());
+                tracing::debug!(%addr, %expected, %got, "upstream server identity mismatch");
+                return Err(UpstreamError::Connect(format!(
+                    "TLS with {addr}: server identity {got} is not the endpoint's identity {expected}"
+                )));
+            }
+        }
+        Ok(MeshStream::Tls(Box::new(stream)))
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| UpstreamError::Connect(format!("TLS connect to {addr} timed out")))?
 }
 
 impl Upstreams {
@@ -102,8 +294,14 @@ impl Upstreams {
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
+        transport: &Transport,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Transport::Tls { .. } = transport {
+            return self
+                .send_http1_tls(endpoint, connect_timeout, transport, req)
+                .await;
+        }
         let pq = req
             .uri()
             .path_and_query()
@@ -124,17 +322,101 @@ impl Upstreams {
             })
     }
 
+    /// HTTP/1.1 over TLS: reuses an idle connection of the same endpoint and transport, or opens
+    /// one, and puts it back once the response has been read.
+    async fn send_http1_tls(
+        &self,
+        endpoint: SocketAddr,
+        connect_timeout: Duration,
+        transport: &Transport,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        // hyper's connection API sends the URI as given: origin-form, Host is already set.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_string();
+        *req.uri_mut() = Uri::try_from(pq).map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        *req.version_mut() = Version::HTTP_11;
+        let key = transport.key(endpoint);
+        loop {
+            let idle = self.http1_tls.lock().get_mut(&key).and_then(Vec::pop);
+            let Some(Idle { mut sender, since }) = idle else {
+                break;
+            };
+            if since.elapsed() >= IDLE_TIMEOUT || !sender.is_ready() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.recycle(key, sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    // The server closed the idle connection before the request left: try the
+                    // next one, or a new connection.
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Reset(e.into_error().to_string())),
+                },
+            }
+        }
+        let stream = connect(endpoint, connect_timeout, transport, Alpn::Http1).await?;
+        let (mut sender, connection) =
+            http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
+                UpstreamError::Connect(format!("HTTP/1.1 handshake with {endpoint}: {e}"))
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%endpoint, error = %e, "HTTP/1.1 TLS upstream connection ended");
+            }
+        });
+        // A new connection is rare: the moment to drop idle ones nobody came back for.
+        self.http1_tls.lock().retain(|_, idle| {
+            idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
+            !idle.is_empty()
+        });
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+        self.recycle(key, sender);
+        Ok(response)
+    }
+
+    /// Returns the connection to the pool once it can take another request (the response body
+    /// has been read); a connection that closes instead is dropped.
+    fn recycle(&self, key: PoolKey, mut sender: http1::SendRequest<Body>) {
+        let pool = self.http1_tls.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let mut pool = pool.lock();
+            let idle = pool.entry(key).or_default();
+            idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
     async fn http2_sender(
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
+        transport: &Transport,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        if let Some(sender) = self.http2.lock().get(&endpoint)
+        let key = transport.key(endpoint);
+        if let Some(sender) = self.http2.lock().get(&key)
             && !sender.is_closed()
         {
             return Ok(sender.clone());
         }
-        let stream = connect_tcp(endpoint, connect_timeout).await?;
+        let stream = connect(endpoint, connect_timeout, transport, Alpn::Http2).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -147,7 +429,10 @@ impl Upstreams {
                 tracing::debug!(%endpoint, error = %e, "HTTP/2 upstream connection ended");
             }
         });
-        self.http2.lock().insert(endpoint, sender.clone());
+        let mut map = self.http2.lock();
+        // Closed connections (endpoints gone, TLS settings rotated) leave the map here.
+        map.retain(|_, s| !s.is_closed());
+        map.insert(key, sender.clone());
         Ok(sender)
     }
 
@@ -157,6 +442,7 @@ impl Upstreams {
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
+        transport: &Transport,
         authority: &str,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -165,11 +451,17 @@ impl Upstreams {
             .path_and_query()
             .map_or("/", |pq| pq.as_str())
             .to_string();
-        *req.uri_mut() = Uri::try_from(format!("http://{authority}{pq}"))
+        let scheme = match transport {
+            Transport::Plain => "http",
+            Transport::Tls { .. } => "https",
+        };
+        *req.uri_mut() = Uri::try_from(format!("{scheme}://{authority}{pq}"))
             .map_err(|e| UpstreamError::Reset(format!("bad authority {authority:?}: {e}")))?;
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
-        let mut sender = self.http2_sender(endpoint, connect_timeout).await?;
+        let mut sender = self
+            .http2_sender(endpoint, connect_timeout, transport)
+            .await?;
         sender
             .send_request(req)
             .await
@@ -181,6 +473,7 @@ impl Upstreams {
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
+        transport: &Transport,
         authority: &str,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, UpstreamError> {
         let req = Request::builder()
@@ -193,7 +486,9 @@ impl Upstreams {
                     .boxed(),
             )
             .map_err(|e| UpstreamError::Connect(format!("bad authority {authority:?}: {e}")))?;
-        let mut sender = self.http2_sender(endpoint, connect_timeout).await?;
+        let mut sender = self
+            .http2_sender(endpoint, connect_timeout, transport)
+            .await?;
         let response = sender
             .send_request(req)
             .await

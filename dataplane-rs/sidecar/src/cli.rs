@@ -1,6 +1,7 @@
 //! The command line.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use fsm_sidecar_xds::AdsMode;
@@ -19,9 +20,29 @@ pub struct Cli {
     #[arg(long)]
     pub node_cluster: Option<String>,
 
-    /// The control plane's ADS address, `host:port` (plaintext gRPC).
+    /// The control plane's ADS address, `host:port` (mTLS gRPC with the bootstrap certificate,
+    /// or plaintext with --ads-insecure).
     #[arg(long, env = "FSM_SIDECAR_ADS", default_value = "127.0.0.1:15128")]
     pub ads: String,
+
+    /// Directory holding the bootstrap certificate for mTLS to the control plane: `ca.crt`,
+    /// `tls.crt`, `tls.key` (a Kubernetes TLS secret mounted as files). Re-read at every
+    /// (re)connect. Required unless --ads-insecure is given.
+    #[arg(
+        long,
+        env = "FSM_SIDECAR_BOOTSTRAP_DIR",
+        conflicts_with = "ads_insecure"
+    )]
+    pub bootstrap_dir: Option<PathBuf>,
+
+    /// The name the control plane's ADS certificate carries (checked as a DNS SAN).
+    #[arg(long, default_value = fsm_sidecar_xds::DEFAULT_ADS_SERVER_NAME)]
+    pub ads_server_name: String,
+
+    /// Speak plaintext gRPC to the control plane, without --bootstrap-dir. Only for tests against
+    /// a scripted ADS server: anyone on the path could then read this proxy's private keys.
+    #[arg(long)]
+    pub ads_insecure: bool,
 
     /// ADS flavour: state of the world or incremental.
     #[arg(long, value_enum, default_value_t = Mode::Sotw)]
@@ -107,6 +128,38 @@ mod tests {
         assert_eq!(cli.admin.port(), 15000);
         assert_eq!(cli.metrics.port(), 15010);
         assert!(matches!(AdsMode::from(cli.ads_mode), AdsMode::Delta));
+        assert_eq!(
+            cli.ads_server_name,
+            "fsm-controller.fsm-system.svc.cluster.local"
+        );
+        assert!(cli.bootstrap_dir.is_none() && !cli.ads_insecure);
+    }
+
+    #[test]
+    fn ads_tls_flags() {
+        let cli = Cli::parse_from([
+            "fsm-sidecar",
+            "--node-id",
+            "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo",
+            "--bootstrap-dir",
+            "/etc/fsm/bootstrap",
+            "--ads-server-name",
+            "ads.example",
+        ]);
+        assert_eq!(
+            cli.bootstrap_dir.as_deref(),
+            Some(std::path::Path::new("/etc/fsm/bootstrap"))
+        );
+        assert_eq!(cli.ads_server_name, "ads.example");
+        let both = Cli::try_parse_from([
+            "fsm-sidecar",
+            "--node-id",
+            "x.sidecar.curl.demo",
+            "--bootstrap-dir",
+            "/b",
+            "--ads-insecure",
+        ]);
+        assert!(both.is_err(), "--bootstrap-dir and --ads-insecure conflict");
     }
 
     #[test]

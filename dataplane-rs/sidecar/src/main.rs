@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use fsm_sidecar_proxy::{Metrics, Proxy, Store, StoreSink, Upstreams, Workload};
-use fsm_sidecar_xds::{AdsState, ClientOptions, NodeInfo, build_node};
+use fsm_sidecar_xds::{AdsState, AdsTls, ClientOptions, NodeInfo, build_node};
 
 use crate::cli::Cli;
 
@@ -35,7 +35,26 @@ fn main() -> Result<()> {
     runtime.block_on(run(cli))
 }
 
+/// The ADS client's options from the CLI: mTLS with the bootstrap certificate, or plaintext only
+/// when explicitly asked for.
+fn client_options(cli: &Cli) -> Result<ClientOptions> {
+    let options = ClientOptions::new(cli.ads.clone());
+    match (&cli.bootstrap_dir, cli.ads_insecure) {
+        (Some(dir), _) => Ok(options.with_tls(AdsTls {
+            bootstrap_dir: dir.clone(),
+            server_name: cli.ads_server_name.clone(),
+        })),
+        (None, true) => Ok(options),
+        (None, false) => anyhow::bail!(
+            "no --bootstrap-dir (FSM_SIDECAR_BOOTSTRAP_DIR): the ADS connection needs the bootstrap \
+             certificate (ca.crt, tls.crt, tls.key) for mTLS; pass --ads-insecure to use plaintext \
+             gRPC against a test control plane"
+        ),
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    let options = client_options(&cli)?;
     let info = NodeInfo {
         id: cli.node_id.clone(),
         cluster: cli.node_cluster.clone().unwrap_or_else(|| {
@@ -100,11 +119,12 @@ async fn run(cli: Cli) -> Result<()> {
     let mut sink = StoreSink(store);
     tracing::info!(
         node = %info.id, ads = %cli.ads, mode = ?cli.ads_mode, admin = %cli.admin,
+        ads_tls = options.tls.is_some(),
         metrics = %cli.metrics, "fsm-sidecar starting"
     );
     // Every ADS log line carries the node, so several sidecars' logs can be read together.
     let client = tracing::Instrument::instrument(
-        fsm_sidecar_xds::run(ClientOptions::new(cli.ads.clone()), state, &mut sink),
+        fsm_sidecar_xds::run(options, state, &mut sink),
         tracing::info_span!("ads", node = %info.id),
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -2,35 +2,117 @@
 //! ACK/NACK each response, and on any failure reconnect with jittered exponential backoff while
 //! the sink keeps serving the last accepted config.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::state::{AdsMode, AdsState, ConfigSink, Outcome, Request, short};
 
 /// How to reach the control plane.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// `host:port` of the ADS server (plaintext gRPC in phase 1).
+    /// `host:port` of the ADS server.
     pub addr: String,
     pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// mTLS to the control plane; `None`: plaintext gRPC (tests against a scripted server).
+    pub tls: Option<AdsTls>,
+}
+
+/// mTLS to the control plane with the bootstrap certificate the injector mounts.
+#[derive(Clone, Debug)]
+pub struct AdsTls {
+    /// Holds `ca.crt`, `tls.crt` and `tls.key` (a Kubernetes TLS secret's key names). Read at
+    /// every (re)connect, so a rotated bootstrap certificate is picked up without a restart.
+    pub bootstrap_dir: PathBuf,
+    /// The name the control plane's certificate must carry (a DNS SAN).
+    pub server_name: String,
+}
+
+/// The name FSM's controller certificate carries for ADS.
+pub const DEFAULT_ADS_SERVER_NAME: &str = "fsm-controller.fsm-system.svc.cluster.local";
+
+impl AdsTls {
+    pub fn new(bootstrap_dir: impl Into<PathBuf>) -> Self {
+        AdsTls {
+            bootstrap_dir: bootstrap_dir.into(),
+            server_name: DEFAULT_ADS_SERVER_NAME.into(),
+        }
+    }
+
+    /// Reads the bootstrap files into tonic's TLS config; the error names the file.
+    pub fn client_config(&self) -> Result<ClientTlsConfig, String> {
+        let read = |name: &str| {
+            let path = self.bootstrap_dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) if bytes.is_empty() => {
+                    Err(format!("bootstrap file {} is empty", path.display()))
+                }
+                Ok(bytes) => Ok(bytes),
+                Err(e) => Err(format!("reading bootstrap file {}: {e}", path.display())),
+            }
+        };
+        let ca = read("ca.crt")?;
+        let cert = read("tls.crt")?;
+        let key = read("tls.key")?;
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(self.server_name.clone()))
+    }
 }
 
 impl ClientOptions {
+    /// Plaintext options; set `tls` for mTLS.
     pub fn new(addr: impl Into<String>) -> Self {
         ClientOptions {
             addr: addr.into(),
             connect_timeout: Duration::from_secs(1),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            tls: None,
         }
     }
+
+    pub fn with_tls(mut self, tls: AdsTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+}
+
+/// Connects to the control plane (mTLS when configured). The error says what failed: a
+/// bootstrap file, the address, the TCP connection or the TLS handshake.
+pub async fn connect(options: &ClientOptions) -> Result<Channel, String> {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", options.addr))
+        .map_err(|e| format!("bad ADS address {:?}: {e}", options.addr))?
+        .connect_timeout(options.connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(tls) = &options.tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config()?)
+            .map_err(|e| format!("ADS TLS configuration: {e}"))?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        // tonic's top-level message is generic; the cause (refused, bad certificate) is below.
+        let mut message = format!("connecting to {}: {e}", options.addr);
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        message
+    })
 }
 
 /// Exponential backoff: base * 2^n, capped, with the wait drawn from [cap/2, cap] so that many
@@ -105,14 +187,7 @@ async fn run_stream(
     state: &mut AdsState,
     sink: &mut (dyn ConfigSink + Send),
 ) -> Result<usize, (usize, String)> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", options.addr))
-        .map_err(|e| (0, format!("bad ADS address {:?}: {e}", options.addr)))?
-        .connect_timeout(options.connect_timeout)
-        .tcp_nodelay(true);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| (0, format!("connecting to {}: {e}", options.addr)))?;
+    let channel = connect(options).await.map_err(|e| (0, e))?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let mut handled = 0usize;
     match state.mode() {

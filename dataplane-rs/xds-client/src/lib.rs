@@ -8,7 +8,7 @@ pub mod client;
 pub mod node;
 pub mod state;
 
-pub use client::{Backoff, ClientOptions, run};
+pub use client::{AdsTls, Backoff, ClientOptions, DEFAULT_ADS_SERVER_NAME, connect, run};
 pub use node::{NodeInfo, build_node};
 pub use state::{
     AdsMode, AdsState, ConfigSink, Nack, Outcome, RawResource, ResourceSet, TypeState,
