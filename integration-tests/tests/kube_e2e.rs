@@ -126,8 +126,9 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     // 2. `fsm namespace add demo`: the label joins the namespace live; the pods' sidecars get
     //    their credentials and start.
     cluster::apply(&c.client, &demo_ns).await?;
+    let is_tcp_echo = |pod: &MeshPod| pod.name.starts_with("tcp-echo");
     let mut envoys = Vec::new();
-    for pod in &pods {
+    for pod in pods.iter().filter(|p| !is_tcp_echo(p)) {
         envoys.push((
             pod.clone(),
             start_sidecar(pod, &controller.ads(), &[], AdsMode::Sotw, &c.logs).await?,
@@ -146,6 +147,11 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     // 3. A new service and its pod: TCP through both sidecars.
     for object in &tcp_echo {
         cluster::apply(&c.client, object).await?;
+    }
+    for pod in pods.iter().filter(|p| is_tcp_echo(p)) {
+        let mut envoy = start_sidecar(pod, &controller.ads(), &[], AdsMode::Sotw, &c.logs).await?;
+        envoy.wait_ready(CONVERGE).await?;
+        envoys.push((pod.clone(), envoy));
     }
     let tcp_addr = SocketAddr::new(curl.ip, 9000);
     let echoed = eventually(CONVERGE, || tcp_roundtrip(tcp_addr, "ping")).await?;
