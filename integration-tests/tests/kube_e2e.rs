@@ -143,6 +143,30 @@ async fn follow_changes(subnet: u8) -> Result<()> {
     expect_backends(curl.outbound_addr(), &["httpbin-v1", "httpbin-v2"])
         .await
         .with_context(|| format!("controller log:\n{}", controller.process.log_tail(30)))?;
+    // In a cluster the injector mounts the pod's bootstrap Secret; the controller keeps it.
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(c.client.clone(), "demo");
+    let bootstrap = eventually(CONVERGE, || async {
+        Ok(secrets
+            .get(&format!("fsm-sidecar-bootstrap-{curl_uuid}"))
+            .await?)
+    })
+    .await?;
+    let data = bootstrap.data.unwrap_or_default();
+    let cert = data
+        .get("tls.crt")
+        .context("tls.crt in the bootstrap Secret")?;
+    let info = fsm_certs::x509::leaf_info(&String::from_utf8_lossy(&cert.0))?;
+    ensure!(
+        info.common_name == format!("{curl_uuid}.sidecar.curl.demo"),
+        "bootstrap Secret CN {}",
+        info.common_name
+    );
+    ensure!(
+        data.contains_key("tls.key") && data.contains_key("ca.crt"),
+        "bootstrap Secret keys {:?}",
+        data.keys().collect::<Vec<_>>()
+    );
 
     // 3. A new service and its pod: TCP through both sidecars.
     for object in &tcp_echo {

@@ -1,8 +1,10 @@
 //! Bootstrap credentials: every sidecar pod gets an xDS client certificate (CN
 //! `<uuid>.sidecar.<sa>.<ns>`) and the mesh's roots, so that it can open its mTLS ADS stream.
 //!
-//! In a cluster FSM's injector mounts these from a per-pod Secret. Without one (manifest mode, or a
-//! controller outside the cluster) the controller writes them where the sidecars read them:
+//! In a cluster the controller keeps them in a per-pod Secret, `fsm-sidecar-bootstrap-<proxy-uuid>`
+//! in the pod's namespace (type `kubernetes.io/tls`, keys `ca.crt`, `tls.crt`, `tls.key`), which
+//! the injector mounts into the sidecar; deleted with the pod. Without a cluster (manifest mode,
+//! or sidecars outside it) the controller writes them where the sidecars read them:
 //!
 //! ```text
 //! <dir>/<namespace>/<pod>/ca.crt   the mesh trust bundle (two roots during a root rotation)
@@ -26,6 +28,9 @@ use std::sync::Arc;
 use fsm_catalog::SidecarProxy;
 use fsm_certs::{CertKey, CertManager, IssuedCertificate, ProxyKind};
 use fsm_errcode::{ErrCode, HasErrCode};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
@@ -34,18 +39,35 @@ pub const CA_FILE: &str = "ca.crt";
 pub const CERT_FILE: &str = "tls.crt";
 pub const KEY_FILE: &str = "tls.key";
 
-/// Keeps `dir` in line with the mesh's sidecar pods, forever.
+/// Where bootstrap credentials go.
+#[derive(Clone)]
+pub struct Targets {
+    /// A directory tree, as described above.
+    pub dir: Option<PathBuf>,
+    /// Per-pod Secrets in the cluster.
+    pub secrets: Option<kube::Client>,
+}
+
+/// The Secret holding a pod's bootstrap credentials.
+pub fn secret_name(proxy: &SidecarProxy) -> String {
+    format!("fsm-sidecar-bootstrap-{}", proxy.uuid)
+}
+
+/// The field manager of the Secrets' server-side apply.
+const FIELD_MANAGER: &str = "fsm-controller";
+
+/// Keeps the targets in line with the mesh's sidecar pods, forever.
 pub async fn run(
-    dir: PathBuf,
+    targets: Targets,
     certs: CertManager,
     mut sidecars: watch::Receiver<Vec<SidecarProxy>>,
 ) {
     let mut rotations = certs.subscribe();
-    // What is on disk, by pod, with the serial and bundle it was written with.
+    // What was written, by pod, with the serial and bundle it was written with.
     let mut written: BTreeMap<(String, String), Written> = BTreeMap::new();
     loop {
         let wanted: Vec<SidecarProxy> = sidecars.borrow_and_update().clone();
-        sync(&dir, &certs, &wanted, &mut written).await;
+        sync(&targets, &certs, &wanted, &mut written).await;
         tokio::select! {
             changed = sidecars.changed() => if changed.is_err() { return },
             event = rotations.recv() => match event {
@@ -68,7 +90,7 @@ struct Written {
 }
 
 async fn sync(
-    dir: &Path,
+    targets: &Targets,
     certs: &CertManager,
     wanted: &[SidecarProxy],
     written: &mut BTreeMap<(String, String), Written>,
@@ -85,9 +107,24 @@ async fn sync(
     for key in gone {
         if let Some(old) = written.remove(&key) {
             release(certs, &old.proxy);
-            let path = dir.join(&key.0).join(&key.1);
-            if let Err(e) = remove_pod_dir(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove bootstrap credentials");
+            if let Some(dir) = &targets.dir {
+                let path = dir.join(&key.0).join(&key.1);
+                if let Err(e) = remove_pod_dir(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove bootstrap credentials");
+                }
+            }
+            if let Some(client) = &targets.secrets {
+                let api: Api<Secret> = Api::namespaced(client.clone(), &old.proxy.namespace);
+                match api
+                    .delete(&secret_name(&old.proxy), &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(e) => {
+                        tracing::warn!(code = %ErrCode::E4000, secret = %secret_name(&old.proxy), error = %e, "cannot delete bootstrap Secret")
+                    }
+                }
             }
         }
     }
@@ -124,22 +161,81 @@ async fn sync(
                 release(certs, &old.proxy);
             }
         }
-        let path = dir.join(&key.0).join(&key.1);
-        let write = {
-            let (path, cert) = (path.clone(), cert.clone());
-            tokio::task::spawn_blocking(move || write_pod_dir(&path, &cert))
-        };
-        match write.await {
-            Ok(Ok(())) => {
-                tracing::info!(path = %path.display(), serial = %cert.serial, "wrote bootstrap credentials");
-                written.insert(key, now);
+        let mut ok = true;
+        if let Some(dir) = &targets.dir {
+            let path = dir.join(&key.0).join(&key.1);
+            let write = {
+                let (path, cert) = (path.clone(), cert.clone());
+                tokio::task::spawn_blocking(move || write_pod_dir(&path, &cert))
+            };
+            match write.await {
+                Ok(Ok(())) => {
+                    tracing::info!(path = %path.display(), serial = %cert.serial, "wrote bootstrap credentials");
+                }
+                Ok(Err(e)) => {
+                    ok = false;
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write bootstrap credentials")
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(error = %e, "bootstrap writer task failed")
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write bootstrap credentials")
+        }
+        if let Some(client) = &targets.secrets {
+            if let Err(e) = apply_secret(client, proxy, &cert).await {
+                ok = false;
+                tracing::warn!(code = %ErrCode::E4005, secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), error = %e, "cannot write bootstrap Secret");
+            } else {
+                tracing::info!(secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), serial = %cert.serial, "wrote bootstrap Secret");
             }
-            Err(e) => tracing::warn!(error = %e, "bootstrap writer task failed"),
+        }
+        // A failed write is retried at the next sync (next change or rotation).
+        if ok {
+            written.insert(key, now);
         }
     }
+}
+
+/// Server-side applies the pod's bootstrap Secret.
+async fn apply_secret(
+    client: &kube::Client,
+    proxy: &SidecarProxy,
+    cert: &IssuedCertificate,
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &proxy.namespace);
+    let name = secret_name(proxy);
+    let data = |s: &str| serde_json::Value::String(base64_encode(s.as_bytes()));
+    let secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": proxy.namespace,
+            "labels": {
+                fsm_catalog::PROXY_UUID_LABEL: proxy.uuid,
+                "app.kubernetes.io/managed-by": "fsm-controller",
+            },
+        },
+        "type": "kubernetes.io/tls",
+        "data": {
+            CA_FILE: data(&cert.trust_bundle_pem),
+            CERT_FILE: data(&cert.cert_chain_pem),
+            KEY_FILE: data(cert.private_key.expose_pem()),
+        },
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&secret),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn release(certs: &CertManager, proxy: &SidecarProxy) {
@@ -230,7 +326,11 @@ mod tests {
             service_account: "curl".into(),
         };
         let mut written = BTreeMap::new();
-        sync(dir.path(), &certs, std::slice::from_ref(&pod), &mut written).await;
+        let targets = Targets {
+            dir: Some(dir.path().to_path_buf()),
+            secrets: None,
+        };
+        sync(&targets, &certs, std::slice::from_ref(&pod), &mut written).await;
         let pod_dir = dir.path().join("demo/curl-1");
         let cert = std::fs::read_to_string(pod_dir.join(CERT_FILE)).expect("tls.crt");
         let info = fsm_certs::x509::leaf_info(&cert).expect("parses");
@@ -273,7 +373,7 @@ mod tests {
             info.common_name
         );
 
-        sync(dir.path(), &certs, &[], &mut written).await;
+        sync(&targets, &certs, &[], &mut written).await;
         assert!(!pod_dir.exists());
         assert!(
             std::fs::read_dir(dir.path().join("demo"))

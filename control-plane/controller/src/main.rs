@@ -65,7 +65,8 @@ struct Args {
     #[arg(long, default_value = "fsm-state")]
     state_dir: PathBuf,
     /// Write sidecar bootstrap credentials here (default in manifest mode:
-    /// `<state-dir>/bootstrap`; in a cluster only when given, for sidecars outside it).
+    /// `<state-dir>/bootstrap`; in a cluster only when given, for sidecars outside it: in-cluster
+    /// sidecars get theirs from the Secret `fsm-sidecar-bootstrap-<proxy-uuid>`).
     #[arg(long)]
     bootstrap_dir: Option<PathBuf>,
     /// DNS name in the ADS server's certificate, which sidecars verify
@@ -163,16 +164,17 @@ async fn main() -> anyhow::Result<()> {
         .add_service(ads)
         .serve_with_incoming(ads_tls.incoming(ads_listener));
     let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
-    let bootstrap_dir = args.bootstrap_dir.clone().or_else(|| {
-        source
-            .client()
-            .is_none()
-            .then(|| args.state_dir.join("bootstrap"))
-    });
-    if let Some(dir) = bootstrap_dir {
-        tracing::info!(dir = %dir.display(), "writing sidecar bootstrap credentials");
-        tokio::spawn(bootstrap::run(dir, certs.clone(), runner.sidecars()));
-    }
+    let targets = bootstrap::Targets {
+        dir: args.bootstrap_dir.clone().or_else(|| {
+            source
+                .client()
+                .is_none()
+                .then(|| args.state_dir.join("bootstrap"))
+        }),
+        secrets: source.client(),
+    };
+    tracing::info!(dir = ?targets.dir, secrets = targets.secrets.is_some(), "writing sidecar bootstrap credentials");
+    tokio::spawn(bootstrap::run(targets, certs.clone(), runner.sidecars()));
     let http = http::serve(
         http_listener,
         http::AppState {
