@@ -51,6 +51,7 @@ test: envoy deps build
 bench: envoy build bench-deps
 	./target/debug/fsm-bench watch-latency
 	./target/debug/fsm-bench controller-memory
+	./target/debug/fsm-bench cert-issuance
 	$(CARGO) build --release -p fsm-sidecar
 	./target/debug/fsm-bench sidecar-memory --sidecar-bin target/release/fsm-sidecar
 	./target/debug/fsm-bench sidecar-rps --sidecar-bin target/release/fsm-sidecar
