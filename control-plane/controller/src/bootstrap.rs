@@ -355,13 +355,7 @@ mod tests {
             service_account: "other".into(),
             ..pod.clone()
         };
-        sync(
-            dir.path(),
-            &certs,
-            std::slice::from_ref(&moved),
-            &mut written,
-        )
-        .await;
+        sync(&targets, &certs, std::slice::from_ref(&moved), &mut written).await;
         let second_target = std::fs::read_link(pod_dir.join(DATA_LINK)).expect("link");
         assert_ne!(first_target, second_target);
         assert!(!pod_dir.join(&first_target).exists());
