@@ -283,40 +283,8 @@ impl CertManager {
     /// [`CertManager::subscribe`]. A failure keeps the old certificate (logged with E4016).
     pub async fn rotate_due(&self) -> RotationReport {
         let now = self.inner.clock.now();
-        let slots: Vec<(CertKey, Slot)> = self
-            .inner
-            .cache
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut report = RotationReport::default();
-        for (key, slot) in slots {
-            let mut guard = slot.lock().await;
-            let Some(entry) = guard.as_mut() else {
-                continue;
-            };
-            if now < entry.renew_at {
-                continue;
-            }
-            match self.issue_entry(&entry.request).await {
-                Ok(new) => {
-                    *entry = new;
-                    self.announce(&key, entry.cert.clone(), RotationReason::Expiring);
-                    report.rotated.push(key);
-                }
-                Err(source) => {
-                    let err = CertError::Rotation {
-                        common_name: entry.request.common_name.clone(),
-                        source: Box::new(source),
-                    };
-                    tracing::error!(code = %err.err_code(), error = %err, cn = %entry.request.common_name, "certificate rotation failed");
-                    fsm_errcode::count(err.err_code());
-                    report.failed.push((key, err));
-                }
-            }
-        }
-        report
+        self.reissue(RotationReason::Expiring, |entry| now >= entry.renew_at)
+            .await
     }
 
     /// Runs [`CertManager::rotate_due`] every `check_every`, forever. Spawn it.
@@ -347,23 +315,26 @@ impl CertManager {
             }
         }
         *self.inner.provider.write() = new_provider;
-        let slots: Vec<(CertKey, Slot)> = self
-            .inner
-            .cache
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        self.reissue(RotationReason::RootRotation, |_| true).await
+    }
+
+    /// Re-issues every cached certificate `due` selects, announcing each with `reason`. A
+    /// failure keeps the old certificate and is logged and counted with E4016.
+    async fn reissue(
+        &self,
+        reason: RotationReason,
+        due: impl Fn(&Entry) -> bool,
+    ) -> RotationReport {
         let mut report = RotationReport::default();
-        for (key, slot) in slots {
+        for (key, slot) in self.slots() {
             let mut guard = slot.lock().await;
-            let Some(entry) = guard.as_mut() else {
+            let Some(entry) = guard.as_mut().filter(|e| due(e)) else {
                 continue;
             };
             match self.issue_entry(&entry.request).await {
                 Ok(new) => {
                     *entry = new;
-                    self.announce(&key, entry.cert.clone(), RotationReason::RootRotation);
+                    self.announce(&key, entry.cert.clone(), reason);
                     report.rotated.push(key);
                 }
                 Err(source) => {
@@ -371,13 +342,23 @@ impl CertManager {
                         common_name: entry.request.common_name.clone(),
                         source: Box::new(source),
                     };
-                    tracing::error!(code = %err.err_code(), error = %err, "root rotation: re-issue failed");
+                    tracing::error!(code = %err.err_code(), error = %err, cn = %entry.request.common_name, ?reason, "certificate re-issue failed; keeping the previous one");
                     fsm_errcode::count(err.err_code());
                     report.failed.push((key, err));
                 }
             }
         }
         report
+    }
+
+    /// The cache's slots, taken out of its lock so each can be awaited on.
+    fn slots(&self) -> Vec<(CertKey, Slot)> {
+        self.inner
+            .cache
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Ends a root rotation: old roots leave the trust bundle, and every cached certificate is
@@ -396,14 +377,7 @@ impl CertManager {
                 .collect();
             *self.inner.trust_bundle.lock() = Some(kept.concat());
         }
-        let slots: Vec<(CertKey, Slot)> = self
-            .inner
-            .cache
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (key, slot) in slots {
+        for (key, slot) in self.slots() {
             let mut guard = slot.lock().await;
             let Some(entry) = guard.as_mut() else {
                 continue;
