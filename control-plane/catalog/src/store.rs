@@ -38,6 +38,9 @@ pub struct SidecarProxy {
     pub pod: String,
     pub uuid: String,
     pub service_account: String,
+    /// The pod's `metadata.uid` (absent in manifests that do not set one): what the pod's
+    /// bootstrap Secret names as its owner, so that Kubernetes deletes it with the pod.
+    pub pod_uid: Option<String>,
 }
 
 /// The current mesh objects and the indexes the compiler needs.
@@ -456,6 +459,7 @@ impl Catalog {
                         .as_ref()
                         .and_then(|s| s.service_account_name.clone())
                         .unwrap_or_else(|| "default".to_string()),
+                    pod_uid: pod.metadata.uid.clone(),
                 })
             })
             .collect();

@@ -324,6 +324,7 @@ mod tests {
             pod: "curl-1".into(),
             uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
             service_account: "curl".into(),
+            pod_uid: None,
         };
         let mut written = BTreeMap::new();
         let targets = Targets {
