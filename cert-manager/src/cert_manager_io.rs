@@ -18,17 +18,31 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CertError;
 use crate::provider::CertificateProvider;
-use crate::types::{CertificateRequest, IssuedCertificate, PrivateKeyPem};
+use crate::types::{CertPurpose, CertificateRequest, IssuedCertificate, PrivateKeyPem};
 
 const NAME: &str = "cert-manager";
 
-/// Key usages requested for every leaf (cert-manager's spellings).
+/// Key usages requested for a mesh (sidecar-to-sidecar) leaf (cert-manager's spellings).
 pub const USAGES: [&str; 4] = [
     "digital signature",
     "key encipherment",
     "server auth",
     "client auth",
 ];
+
+/// The `spec.usages` for a leaf of `purpose`: [`USAGES`] less the auth it is not for.
+pub fn usages(purpose: CertPurpose) -> Vec<String> {
+    let (server, client) = purpose.auth_usages();
+    USAGES
+        .iter()
+        .filter(|u| match **u {
+            "server auth" => server,
+            "client auth" => client,
+            _ => true,
+        })
+        .map(|u| (*u).to_owned())
+        .collect()
+}
 
 // === The CertificateRequest resource (the fields we use) ===
 
@@ -294,7 +308,7 @@ impl CertificateProvider for CertManagerIoProvider {
                 request: b64().encode(csr_pem.as_bytes()),
                 issuer_ref: self.config.issuer_ref.clone(),
                 duration: Some(format!("{}s", req.validity.as_secs().max(1))),
-                usages: USAGES.iter().map(|s| (*s).to_owned()).collect(),
+                usages: usages(req.purpose),
                 is_ca: Some(false),
             },
             status: None,
@@ -436,5 +450,18 @@ mod tests {
         assert_eq!(v["spec"]["issuerRef"]["group"], "cert-manager.io");
         assert_eq!(v["spec"]["isCA"], false, "cert-manager spells it isCA");
         Ok(())
+    }
+
+    #[test]
+    fn usages_follow_the_purpose() {
+        assert_eq!(usages(CertPurpose::Mesh), USAGES);
+        assert_eq!(
+            usages(CertPurpose::XdsClient),
+            ["digital signature", "key encipherment", "client auth"]
+        );
+        assert_eq!(
+            usages(CertPurpose::Server),
+            ["digital signature", "key encipherment", "server auth"]
+        );
     }
 }

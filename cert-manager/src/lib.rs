@@ -51,7 +51,8 @@ pub use error::CertError;
 pub use identity::{ProxyKind, ServiceIdentity, XdsCommonName};
 pub use manager::{
     CertEvent, CertKey, CertManager, CertManagerConfig, DEFAULT_SERVICE_CERT_VALIDITY,
-    RotationPolicy, RotationReason, RotationReport,
+    PhaseOutcome, RootRotationOutcome, RootRotationPhase, RootRotationTiming, RotationPolicy,
+    RotationReason, RotationReport,
 };
 pub use provider::CertificateProvider;
-pub use types::{CertificateRequest, IssuedCertificate, PrivateKeyPem};
+pub use types::{CertPurpose, CertificateRequest, IssuedCertificate, PrivateKeyPem};

@@ -8,13 +8,32 @@
 //! all renew in the same tick). For the default 24h service certificate that is between 16h and
 //! 15h12m after issuance. Both fractions are in [`RotationPolicy`]; the clock is a [`Clock`], so
 //! tests set `jitter_fraction = 0` and move a [`crate::ManualClock`] across the threshold.
+//!
+//! # Root rotation
+//!
+//! A new root must never reach a proxy before every peer trusts it, and the old root must not
+//! leave a bundle while a peer still holds a leaf it signed. So a root rotation has three
+//! phases, each a method, and [`CertManager::rotate_root`] runs them with the waiting between:
+//!
+//! 1. [`CertManager::begin_root_rotation`]: every bundle gets the new root beside the old one;
+//!    leaves are unchanged ([`RotationReason::TrustBundleChanged`]). New leaves still come from
+//!    the old root, which every peer trusts.
+//! 2. once every proxy acknowledged that bundle, [`CertManager::reissue_from_new_root`]: every
+//!    leaf is re-issued by the new root ([`RotationReason::RootRotation`]), bundles still hold
+//!    both roots.
+//! 3. once every proxy acknowledged its new leaf, [`CertManager::finish_root_rotation`]: the old
+//!    root leaves every bundle ([`RotationReason::TrustBundleChanged`]).
+//!
+//! A proxy that does not acknowledge holds a phase back for at most the grace period.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
 use fsm_errcode::HasErrCode;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -22,7 +41,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::error::CertError;
 use crate::identity::{ProxyKind, ServiceIdentity, XdsCommonName};
 use crate::provider::CertificateProvider;
-use crate::types::{CertificateRequest, IssuedCertificate};
+use crate::types::{CertPurpose, CertificateRequest, IssuedCertificate};
 use crate::x509;
 
 /// MeshConfig `spec.certificate.serviceCertValidityDuration` default.
@@ -108,7 +127,8 @@ pub enum RotationReason {
     Expiring,
     /// A new root was installed; the certificate was re-issued by it.
     RootRotation,
-    /// Only the trust bundle changed (an old root was dropped); same leaf.
+    /// Only the trust bundle changed (a root rotation added the new root, or dropped the old
+    /// one); same leaf.
     TrustBundleChanged,
 }
 
@@ -128,24 +148,111 @@ pub struct RotationReport {
     pub failed: Vec<(CertKey, CertError)>,
 }
 
+/// Where a root rotation stands; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootRotationPhase {
+    /// Phase 1: bundles hold both roots, leaves still come from the old root.
+    TrustingBoth,
+    /// Phase 2: leaves come from the new root, bundles still hold both roots.
+    NewLeaves,
+}
+
+/// How [`CertManager::rotate_root`] waits between phases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RootRotationTiming {
+    /// Longest wait in each phase for every proxy to acknowledge (`--root-rotation-grace`).
+    pub grace: Duration,
+    /// How often "every proxy acknowledged" is checked.
+    pub poll: Duration,
+    /// How often leaves the new root failed to issue are tried again while phase 2 waits.
+    pub retry: Duration,
+}
+
+impl RootRotationTiming {
+    pub fn with_grace(grace: Duration) -> Self {
+        Self {
+            grace,
+            poll: Duration::from_millis(100),
+            retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One phase of a [`CertManager::rotate_root`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhaseOutcome {
+    /// Identities announced in this phase.
+    pub announced: usize,
+    /// From the phase's start until every proxy acknowledged, or until the grace ran out.
+    pub elapsed: Duration,
+    /// Every proxy acknowledged (false: the grace period ended the phase).
+    pub acked: bool,
+}
+
+/// What a [`CertManager::rotate_root`] did.
+#[derive(Debug)]
+pub struct RootRotationOutcome {
+    /// Phase 1: both roots trusted.
+    pub trusting_both: PhaseOutcome,
+    /// Phase 2: leaves re-issued by the new root.
+    pub new_leaves: PhaseOutcome,
+    /// Phase 3: the old root dropped.
+    pub old_root_dropped: PhaseOutcome,
+    /// Leaves the new root could not issue before the old root was dropped (retried by the
+    /// rotation loop).
+    pub failed: Vec<(CertKey, CertError)>,
+}
+
+impl RootRotationOutcome {
+    /// From the start of phase 1 until every proxy acknowledged phase 3 (or the grace ran out).
+    pub fn elapsed(&self) -> Duration {
+        self.trusting_both.elapsed + self.new_leaves.elapsed + self.old_root_dropped.elapsed
+    }
+}
+
 struct Entry {
     request: CertificateRequest,
     cert: Arc<IssuedCertificate>,
     renew_at: SystemTime,
+    /// [`Issuer::epoch`] of the provider that signed `cert`.
+    epoch: u64,
+}
+
+/// Who signs, and what every bundle holds. Changed only between phases of a root rotation.
+struct Issuer {
+    provider: Arc<dyn CertificateProvider>,
+    /// Bumped each time `provider` is replaced.
+    epoch: u64,
+    /// Bumped on every change here: an issuance that started under an older generation does not
+    /// overwrite `trust_bundle`.
+    generation: u64,
+    /// Roots added to every issued bundle besides the provider's own: during a root rotation,
+    /// the root that is not signing.
+    extra_roots: Vec<String>,
+    /// The bundle certificates are issued with.
+    trust_bundle: Option<String>,
+    rotation: Option<Rotation>,
+}
+
+struct Rotation {
+    phase: RootRotationPhase,
+    /// The new root's provider, until phase 2 installs it.
+    pending: Option<Arc<dyn CertificateProvider>>,
+    /// Roots only the old CA has: dropped by phase 3.
+    old_only: Vec<String>,
+    new_roots: Vec<String>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Entry>>>;
 
 struct Inner {
-    provider: RwLock<Arc<dyn CertificateProvider>>,
+    issuer: Mutex<Issuer>,
     clock: Arc<dyn Clock>,
     config: CertManagerConfig,
     cache: Mutex<HashMap<CertKey, Slot>>,
-    /// Roots kept trusted during a root rotation, PEM blocks.
-    retained_roots: Mutex<Vec<String>>,
-    /// The bundle of the last certificate issued (or re-bundled).
-    trust_bundle: Mutex<Option<String>>,
     events: broadcast::Sender<CertEvent>,
+    /// One [`CertManager::rotate_root`] at a time.
+    rotating: tokio::sync::Mutex<()>,
 }
 
 /// Issues, caches and rotates the mesh's certificates. Cheap to clone (shared state).
@@ -171,20 +278,26 @@ impl CertManager {
         let (events, _) = broadcast::channel(1024);
         Self {
             inner: Arc::new(Inner {
-                provider: RwLock::new(provider),
+                issuer: Mutex::new(Issuer {
+                    provider,
+                    epoch: 0,
+                    generation: 0,
+                    extra_roots: Vec::new(),
+                    trust_bundle: None,
+                    rotation: None,
+                }),
                 clock,
                 config,
                 cache: Mutex::new(HashMap::new()),
-                retained_roots: Mutex::new(Vec::new()),
-                trust_bundle: Mutex::new(None),
                 events,
+                rotating: tokio::sync::Mutex::new(()),
             }),
         }
     }
 
     /// The active provider's name.
     pub fn provider_name(&self) -> &'static str {
-        self.inner.provider.read().name()
+        self.inner.issuer.lock().provider.name()
     }
 
     /// Rotation announcements. A receiver that falls more than 1024 events behind gets
@@ -232,7 +345,10 @@ impl CertManager {
             kind,
             identity: ServiceIdentity::new(sa, ns).checked()?,
         };
-        let request = CertificateRequest::new(cn.to_string(), self.inner.config.xds_cert_validity);
+        // No SPIFFE URI SAN and clientAuth only: a peer's meshed inbound port refuses it, and
+        // it can serve no TLS server.
+        let request = CertificateRequest::new(cn.to_string(), self.inner.config.xds_cert_validity)
+            .with_purpose(CertPurpose::XdsClient);
         self.get_or_issue(CertKey::Xds(cn), request).await
     }
 
@@ -243,7 +359,10 @@ impl CertManager {
         common_name: &str,
         validity: Duration,
     ) -> Result<Arc<IssuedCertificate>, CertError> {
-        let request = CertificateRequest::new(common_name, validity).with_dns_san(common_name);
+        // serverAuth only: a client presenting it is refused by the ADS server and by peers.
+        let request = CertificateRequest::new(common_name, validity)
+            .with_dns_san(common_name)
+            .with_purpose(CertPurpose::Server);
         let key = CertKey::Server {
             common_name: common_name.to_owned(),
         };
@@ -273,10 +392,15 @@ impl CertManager {
         cert.check_validity(self.inner.clock.now())
     }
 
-    /// The trust bundle certificates are currently issued with (provider root plus any roots
-    /// retained by [`CertManager::rotate_root`]), if anything was issued yet.
+    /// The trust bundle certificates are currently issued with (the provider's roots, and
+    /// during a root rotation the other root too), if anything was issued yet.
     pub fn trust_bundle_pem(&self) -> Option<String> {
-        self.inner.trust_bundle.lock().clone()
+        self.inner.issuer.lock().trust_bundle.clone()
+    }
+
+    /// The phase of the root rotation in progress, if any.
+    pub fn root_rotation_phase(&self) -> Option<RootRotationPhase> {
+        self.inner.issuer.lock().rotation.as_ref().map(|r| r.phase)
     }
 
     /// Re-issues every cached certificate whose renewal time has passed, announcing each on
@@ -300,26 +424,298 @@ impl CertManager {
         }
     }
 
-    /// Starts a root rotation: `new_provider` (signing with the new root) replaces the current
-    /// one, the current trust bundle is retained so that peers holding certificates of the old
-    /// root stay trusted, and every cached certificate is re-issued by the new root and
-    /// announced ([`RotationReason::RootRotation`]). The bundle then holds old and new roots
-    /// until [`CertManager::finish_root_rotation`].
-    pub async fn rotate_root(&self, new_provider: Arc<dyn CertificateProvider>) -> RotationReport {
-        if let Some(bundle) = self.trust_bundle_pem() {
-            let mut retained = self.inner.retained_roots.lock();
-            for root in split_pem_certs(&bundle) {
-                if !retained.contains(&root) {
-                    retained.push(root);
+    /// Rotates the root to `new_provider`'s, in the three phases of the module docs. Between
+    /// phases it waits until every announcement was received by every subscriber and `in_sync`
+    /// says every proxy acknowledged what it was sent, or until `timing.grace` has passed in
+    /// that phase. Then it waits the same way for the old root to have left every proxy's bundle.
+    /// Refused (nothing changed) when the new provider cannot issue. One rotation at a time.
+    pub async fn rotate_root(
+        &self,
+        new_provider: Arc<dyn CertificateProvider>,
+        in_sync: impl Fn() -> bool + Send + Sync,
+        timing: RootRotationTiming,
+    ) -> Result<RootRotationOutcome, CertError> {
+        let _one_at_a_time = self.inner.rotating.lock().await;
+        let started = Instant::now();
+        let announced = self.begin_root_rotation(new_provider).await?.rotated.len();
+        tracing::info!(
+            announced,
+            "root rotation 1/3: every bundle trusts the old and the new root"
+        );
+        let acked = self
+            .wait_for_acks(&in_sync, started + timing.grace, timing.poll)
+            .await;
+        let trusting_both = self.phase_done(1, started, announced, acked);
+
+        let started = Instant::now();
+        let report = self.reissue_from_new_root().await?;
+        let announced = report.rotated.len();
+        tracing::info!(
+            announced,
+            failed = report.failed.len(),
+            "root rotation 2/3: leaves re-issued by the new root"
+        );
+        let deadline = started + timing.grace;
+        let mut failed = report.failed;
+        let acked = loop {
+            // Leaves the new root could not issue yet are tried again while the others are
+            // acknowledged; the phase is over when none is left, or at the deadline.
+            let until = deadline.min(Instant::now() + timing.retry);
+            let acked = self.wait_for_acks(&in_sync, until, timing.poll).await;
+            if (acked && failed.is_empty()) || Instant::now() >= deadline {
+                break acked && failed.is_empty();
+            }
+            if !failed.is_empty() {
+                failed = self.reissue_from_new_root().await?.failed;
+            }
+            if !acked || !failed.is_empty() {
+                tokio::time::sleep(timing.poll).await;
+            }
+        };
+        let new_leaves = self.phase_done(2, started, announced, acked);
+
+        let started = Instant::now();
+        let report = self.finish_root_rotation().await?;
+        let announced = report.rotated.len();
+        tracing::info!(
+            announced,
+            "root rotation 3/3: the old root is no longer trusted"
+        );
+        let acked = self
+            .wait_for_acks(&in_sync, started + timing.grace, timing.poll)
+            .await;
+        let old_root_dropped = self.phase_done(3, started, announced, acked);
+        let outcome = RootRotationOutcome {
+            trusting_both,
+            new_leaves,
+            old_root_dropped,
+            failed: report.failed,
+        };
+        tracing::info!(
+            elapsed_ms = outcome.elapsed().as_millis() as u64,
+            failed = outcome.failed.len(),
+            "root rotation finished"
+        );
+        Ok(outcome)
+    }
+
+    fn phase_done(
+        &self,
+        phase: u8,
+        started: Instant,
+        announced: usize,
+        acked: bool,
+    ) -> PhaseOutcome {
+        let elapsed = started.elapsed();
+        if acked {
+            tracing::info!(
+                phase,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "root rotation: every proxy acknowledged"
+            );
+        } else {
+            // Going on regardless: a proxy that never acknowledges must not keep the old root
+            // trusted forever. Its peers may refuse it until it catches up.
+            tracing::warn!(code = %fsm_errcode::ErrCode::E4016, phase, elapsed_ms = elapsed.as_millis() as u64, "root rotation: not every proxy acknowledged within the grace period; going on");
+            fsm_errcode::count(fsm_errcode::ErrCode::E4016);
+        }
+        PhaseOutcome {
+            announced,
+            elapsed,
+            acked,
+        }
+    }
+
+    /// Waits until every announcement was received by every subscriber (so the controller has
+    /// published it) and `in_sync()`, checking every `poll`; false at `deadline`.
+    async fn wait_for_acks(
+        &self,
+        in_sync: &(impl Fn() -> bool + Send + Sync),
+        deadline: Instant,
+        poll: Duration,
+    ) -> bool {
+        loop {
+            if self.inner.events.is_empty() && in_sync() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            tokio::time::sleep(poll.min(deadline - now)).await;
+        }
+    }
+
+    /// Phase 1 of a root rotation: the new root is added to every bundle, and each cached
+    /// certificate is announced with it ([`RotationReason::TrustBundleChanged`], same leaf).
+    /// Leaves are still issued by the current provider, with both roots in their bundle, until
+    /// [`CertManager::reissue_from_new_root`]. Refused when a rotation is in progress, or when
+    /// `new_provider` cannot issue (tried with a cached certificate's request, which is
+    /// discarded): nothing changes then.
+    pub async fn begin_root_rotation(
+        &self,
+        new_provider: Arc<dyn CertificateProvider>,
+    ) -> Result<RotationReport, CertError> {
+        self.expect_phase(None)?;
+        let Some(request) = self.any_request().await else {
+            // Nothing issued: no peer to keep in sync.
+            let mut issuer = self.inner.issuer.lock();
+            issuer.provider = new_provider;
+            issuer.epoch += 1;
+            issuer.generation += 1;
+            issuer.trust_bundle = None;
+            return Ok(RotationReport::default());
+        };
+        let probe = new_provider.issue(&request).await.inspect_err(|e| {
+            tracing::error!(code = %e.err_code(), error = %e, provider = new_provider.name(), "the new root cannot issue; root rotation not started");
+            fsm_errcode::count(e.err_code());
+        })?;
+        self.check(&probe)?;
+        // A root whose own leaves do not verify against its bundle would break every peer.
+        x509::verify_chain(&probe.cert_chain_pem, &probe.trust_bundle_pem)?;
+        let new_roots = split_pem_certs(&probe.trust_bundle_pem);
+        let added = {
+            let mut issuer = self.inner.issuer.lock();
+            if let Some(rotation) = &issuer.rotation {
+                return Err(out_of_order(Some(rotation.phase), None));
+            }
+            let old_roots = split_pem_certs(issuer.trust_bundle.as_deref().unwrap_or_default());
+            let added: Vec<String> = new_roots
+                .iter()
+                .filter(|r| !old_roots.contains(r))
+                .cloned()
+                .collect();
+            let old_only: Vec<String> = old_roots
+                .iter()
+                .filter(|r| !new_roots.contains(r))
+                .cloned()
+                .collect();
+            issuer.extra_roots = added.clone();
+            issuer.generation += 1;
+            issuer.trust_bundle = Some(merge_roots(&old_roots, &added).concat());
+            issuer.rotation = Some(Rotation {
+                phase: RootRotationPhase::TrustingBoth,
+                pending: Some(new_provider),
+                old_only,
+                new_roots,
+            });
+            added
+        };
+        Ok(self.rebundle(|roots| merge_roots(roots, &added)).await)
+    }
+
+    /// Phase 2 of a root rotation: the new root's provider signs from now on, and every cached
+    /// certificate not yet signed by it is re-issued and announced
+    /// ([`RotationReason::RootRotation`]); bundles keep both roots. Call it once every proxy
+    /// acknowledged the bundles of phase 1; call it again to retry the failures it reports.
+    pub async fn reissue_from_new_root(&self) -> Result<RotationReport, CertError> {
+        let epoch = {
+            let mut guard = self.inner.issuer.lock();
+            let issuer = &mut *guard;
+            match &mut issuer.rotation {
+                Some(rotation) if rotation.phase == RootRotationPhase::TrustingBoth => {
+                    if let Some(provider) = rotation.pending.take() {
+                        issuer.provider = provider;
+                    }
+                    rotation.phase = RootRotationPhase::NewLeaves;
+                    // The provider's bundle holds the new root; the old one rides along.
+                    issuer.extra_roots = rotation.old_only.clone();
+                    issuer.epoch += 1;
+                    issuer.generation += 1;
+                }
+                Some(_) => {}
+                None => {
+                    return Err(out_of_order(None, Some(RootRotationPhase::TrustingBoth)));
                 }
             }
+            issuer.epoch
+        };
+        Ok(self
+            .reissue(RotationReason::RootRotation, |entry| entry.epoch < epoch)
+            .await)
+    }
+
+    /// Phase 3 of a root rotation: the old root leaves every bundle, and each cached
+    /// certificate is announced again ([`RotationReason::TrustBundleChanged`]). Call it once
+    /// every proxy acknowledged its leaf of the new root (or when the grace period is over).
+    /// A leaf the new root still could not issue is reported in `failed` and renewed by the
+    /// next [`CertManager::rotate_due`].
+    pub async fn finish_root_rotation(&self) -> Result<RotationReport, CertError> {
+        self.expect_phase(Some(RootRotationPhase::NewLeaves))?;
+        let last_try = self.reissue_from_new_root().await?;
+        let old_only = {
+            let mut issuer = self.inner.issuer.lock();
+            let Some(rotation) = issuer.rotation.take() else {
+                return Err(out_of_order(None, Some(RootRotationPhase::NewLeaves)));
+            };
+            issuer.extra_roots.clear();
+            issuer.generation += 1;
+            issuer.trust_bundle = Some(rotation.new_roots.concat());
+            rotation.old_only
+        };
+        let mut report = self
+            .rebundle(|roots| {
+                let kept: Vec<String> = roots
+                    .iter()
+                    .filter(|r| !old_only.contains(r))
+                    .cloned()
+                    .collect();
+                // Never an empty bundle (a certificate issued by nothing we know of).
+                if kept.is_empty() {
+                    roots.to_vec()
+                } else {
+                    kept
+                }
+            })
+            .await;
+        report.failed = last_try.failed;
+        Ok(report)
+    }
+
+    fn expect_phase(&self, expected: Option<RootRotationPhase>) -> Result<(), CertError> {
+        let current = self.root_rotation_phase();
+        if current == expected {
+            Ok(())
+        } else {
+            Err(out_of_order(current, expected))
         }
-        *self.inner.provider.write() = new_provider;
-        self.reissue(RotationReason::RootRotation, |_| true).await
+    }
+
+    /// The request of some cached certificate.
+    async fn any_request(&self) -> Option<CertificateRequest> {
+        for (_, slot) in self.slots() {
+            if let Some(entry) = slot.lock().await.as_ref() {
+                return Some(entry.request.clone());
+            }
+        }
+        None
+    }
+
+    /// Gives every cached certificate the bundle `roots` makes of its roots, and announces the
+    /// ones that changed ([`RotationReason::TrustBundleChanged`]; same leaf).
+    async fn rebundle(&self, roots: impl Fn(&[String]) -> Vec<String>) -> RotationReport {
+        let mut report = RotationReport::default();
+        for (key, slot) in self.slots() {
+            let mut guard = slot.lock().await;
+            let Some(entry) = guard.as_mut() else {
+                continue;
+            };
+            let bundle = roots(&split_pem_certs(&entry.cert.trust_bundle_pem)).concat();
+            if bundle == entry.cert.trust_bundle_pem {
+                continue;
+            }
+            let mut cert = (*entry.cert).clone();
+            cert.trust_bundle_pem = bundle;
+            entry.cert = Arc::new(cert);
+            self.announce(&key, entry.cert.clone(), RotationReason::TrustBundleChanged);
+            report.rotated.push(key);
+        }
+        report
     }
 
     /// Re-issues every cached certificate `due` selects, announcing each with `reason`. A
-    /// failure keeps the old certificate and is logged and counted with E4016.
+    /// failure keeps the old certificate, makes it due for the next [`CertManager::rotate_due`],
+    /// and is logged and counted with E4016.
     async fn reissue(
         &self,
         reason: RotationReason,
@@ -344,6 +740,7 @@ impl CertManager {
                     };
                     tracing::error!(code = %err.err_code(), error = %err, cn = %entry.request.common_name, ?reason, "certificate re-issue failed; keeping the previous one");
                     fsm_errcode::count(err.err_code());
+                    entry.renew_at = entry.renew_at.min(self.inner.clock.now());
                     report.failed.push((key, err));
                 }
             }
@@ -359,38 +756,6 @@ impl CertManager {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
-    }
-
-    /// Ends a root rotation: old roots leave the trust bundle, and every cached certificate is
-    /// announced again with the new bundle ([`RotationReason::TrustBundleChanged`]). Call it once
-    /// every proxy has received a certificate of the new root.
-    pub async fn finish_root_rotation(&self) {
-        let retained = std::mem::take(&mut *self.inner.retained_roots.lock());
-        if retained.is_empty() {
-            return;
-        }
-        let current = self.inner.trust_bundle.lock().clone();
-        if let Some(bundle) = current {
-            let kept: Vec<String> = split_pem_certs(&bundle)
-                .into_iter()
-                .filter(|r| !retained.contains(r))
-                .collect();
-            *self.inner.trust_bundle.lock() = Some(kept.concat());
-        }
-        for (key, slot) in self.slots() {
-            let mut guard = slot.lock().await;
-            let Some(entry) = guard.as_mut() else {
-                continue;
-            };
-            let bundle: Vec<String> = split_pem_certs(&entry.cert.trust_bundle_pem)
-                .into_iter()
-                .filter(|r| !retained.contains(r))
-                .collect();
-            let mut cert = (*entry.cert).clone();
-            cert.trust_bundle_pem = bundle.concat();
-            entry.cert = Arc::new(cert);
-            self.announce(&key, entry.cert.clone(), RotationReason::TrustBundleChanged);
-        }
     }
 
     async fn get_or_issue(
@@ -425,23 +790,32 @@ impl CertManager {
 
     async fn issue_entry(&self, request: &CertificateRequest) -> Result<Entry, CertError> {
         request.validate()?;
-        let provider = self.inner.provider.read().clone();
+        let (provider, epoch, generation, extra_roots) = {
+            let issuer = self.inner.issuer.lock();
+            let i = &*issuer;
+            (
+                i.provider.clone(),
+                i.epoch,
+                i.generation,
+                i.extra_roots.clone(),
+            )
+        };
         let mut cert = provider.issue(request).await.inspect_err(|e| {
             tracing::error!(code = %e.err_code(), error = %e, provider = provider.name(), cn = %request.common_name, "certificate issuance failed");
             fsm_errcode::count(e.err_code());
         })?;
         self.check(&cert)?;
-        let retained = self.inner.retained_roots.lock().clone();
-        if !retained.is_empty() {
-            let mut roots = split_pem_certs(&cert.trust_bundle_pem);
-            for r in retained {
-                if !roots.contains(&r) {
-                    roots.push(r);
-                }
-            }
-            cert.trust_bundle_pem = roots.concat();
+        if !extra_roots.is_empty() {
+            cert.trust_bundle_pem =
+                merge_roots(&split_pem_certs(&cert.trust_bundle_pem), &extra_roots).concat();
         }
-        *self.inner.trust_bundle.lock() = Some(cert.trust_bundle_pem.clone());
+        {
+            let mut issuer = self.inner.issuer.lock();
+            // A rotation phase that began meanwhile has set the bundle itself.
+            if issuer.generation == generation {
+                issuer.trust_bundle = Some(cert.trust_bundle_pem.clone());
+            }
+        }
         let renew_at =
             self.inner
                 .config
@@ -452,6 +826,7 @@ impl CertManager {
             request: request.clone(),
             cert: Arc::new(cert),
             renew_at,
+            epoch,
         })
     }
 
@@ -473,6 +848,34 @@ impl std::fmt::Debug for CertManager {
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
+}
+
+/// `roots`, then those of `more` not among them.
+fn merge_roots(roots: &[String], more: &[String]) -> Vec<String> {
+    let mut merged = roots.to_vec();
+    for root in more {
+        if !merged.contains(root) {
+            merged.push(root.clone());
+        }
+    }
+    merged
+}
+
+/// A root rotation phase method called in the wrong phase.
+fn out_of_order(
+    current: Option<RootRotationPhase>,
+    expected: Option<RootRotationPhase>,
+) -> CertError {
+    let name = |p: Option<RootRotationPhase>| match p {
+        None => "no root rotation",
+        Some(RootRotationPhase::TrustingBoth) => "root rotation phase 1 (both roots trusted)",
+        Some(RootRotationPhase::NewLeaves) => "root rotation phase 2 (leaves of the new root)",
+    };
+    CertError::InvalidRequest(format!(
+        "root rotation step needs {}, but the manager is in {}",
+        name(expected),
+        name(current)
+    ))
 }
 
 /// Splits a PEM bundle into one normalised PEM text per certificate.

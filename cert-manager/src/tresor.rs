@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 
 use crate::error::CertError;
 use crate::provider::CertificateProvider;
-use crate::types::{CertificateRequest, IssuedCertificate, PrivateKeyPem};
+use crate::types::{CertPurpose, CertificateRequest, IssuedCertificate, PrivateKeyPem};
 use crate::x509::{self, CertInfo};
 
 /// Secret key of the root certificate (PEM).
@@ -240,13 +240,24 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = extended_key_usages(req.purpose);
         params.use_authority_key_identifier_extension = true;
         Ok(params)
     }
+}
+
+/// The extended key usages of a leaf for `purpose`, so that a certificate cannot serve where
+/// its purpose does not (an xDS bootstrap certificate as a TLS server, say).
+fn extended_key_usages(purpose: CertPurpose) -> Vec<ExtendedKeyUsagePurpose> {
+    let (server, client) = purpose.auth_usages();
+    let mut out = Vec::new();
+    if server {
+        out.push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if client {
+        out.push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    out
 }
 
 // === TresorProvider ===

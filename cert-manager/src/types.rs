@@ -9,10 +9,39 @@ use zeroize::Zeroizing;
 use crate::error::CertError;
 use crate::x509;
 
+// === CertPurpose ===
+
+/// What a leaf certificate is for. Each purpose is told apart by its subject alternative names
+/// (a service certificate carries the SPIFFE URI SAN, the others never do; checked by every
+/// peer) and, where the provider lets the requester choose, by its extended key usage.
+/// A Vault role fixes the extended key usage of everything it issues (`server_flag`,
+/// `client_flag`), so Vault certificates of every purpose carry the role's usages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CertPurpose {
+    /// Sidecar-to-sidecar mTLS: the same certificate serves inbound and dials outbound, so
+    /// serverAuth and clientAuth. Must carry the SPIFFE URI SAN.
+    #[default]
+    Mesh,
+    /// A proxy's xDS bootstrap certificate, presented only to the ADS server: clientAuth only.
+    XdsClient,
+    /// A control-plane server's certificate (the ADS server's): serverAuth only.
+    Server,
+}
+
+impl CertPurpose {
+    /// (serverAuth, clientAuth)
+    pub fn auth_usages(self) -> (bool, bool) {
+        match self {
+            CertPurpose::Mesh => (true, true),
+            CertPurpose::XdsClient => (false, true),
+            CertPurpose::Server => (true, false),
+        }
+    }
+}
+
 // === CertificateRequest ===
 
-/// What a provider is asked to issue: a leaf (end-entity) certificate for mTLS, usable as both
-/// client and server certificate.
+/// What a provider is asked to issue: a leaf (end-entity) certificate for one [`CertPurpose`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CertificateRequest {
     /// Subject common name, e.g. `bookbuyer.bookstore.cluster.local`.
@@ -23,6 +52,8 @@ pub struct CertificateRequest {
     pub uri_sans: Vec<String>,
     /// Requested lifetime (`not_after - not_before`).
     pub validity: Duration,
+    /// Sets the extended key usage where the provider allows it. Default [`CertPurpose::Mesh`].
+    pub purpose: CertPurpose,
 }
 
 impl CertificateRequest {
@@ -33,7 +64,14 @@ impl CertificateRequest {
             dns_sans: Vec::new(),
             uri_sans: Vec::new(),
             validity,
+            purpose: CertPurpose::Mesh,
         }
+    }
+
+    /// Sets what the certificate is for.
+    pub fn with_purpose(mut self, purpose: CertPurpose) -> Self {
+        self.purpose = purpose;
+        self
     }
 
     /// Adds a DNS SAN.
@@ -77,8 +115,24 @@ impl CertificateRequest {
                 self.common_name
             )));
         }
+        // Peers accept a client certificate on a meshed port only with a SPIFFE URI SAN, and
+        // the ADS server refuses one that has it: only mesh certificates may carry it.
+        if self.purpose != CertPurpose::Mesh
+            && let Some(spiffe) = self.uri_sans.iter().find(|u| is_spiffe_uri(u))
+        {
+            return Err(CertError::InvalidRequest(format!(
+                "{:?} certificate {} must not carry the SPIFFE URI SAN {spiffe:?}",
+                self.purpose, self.common_name
+            )));
+        }
         Ok(())
     }
+}
+
+/// Whether `uri` is a SPIFFE ID (scheme compared case-insensitively, as URI schemes are).
+pub fn is_spiffe_uri(uri: &str) -> bool {
+    uri.get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://"))
 }
 
 // === PrivateKeyPem ===
@@ -202,6 +256,15 @@ mod tests {
                 .is_err()
         );
         assert!(ok.clone().with_dns_san("a,b").validate().is_err());
+        let spiffe = "spiffe://cluster.local/ns/b/sa/a";
+        assert!(ok.clone().with_uri_san(spiffe).validate().is_ok());
+        for purpose in [CertPurpose::XdsClient, CertPurpose::Server] {
+            let wrong = ok
+                .clone()
+                .with_purpose(purpose)
+                .with_uri_san("SPIFFE://td/ns/b/sa/a");
+            assert!(wrong.validate().is_err(), "{purpose:?}");
+        }
         assert!(
             CertificateRequest::new("x".repeat(65), Duration::from_secs(1))
                 .validate()

@@ -24,6 +24,10 @@ pub struct CertInfo {
     /// Lower-case hex, no separators.
     pub serial: String,
     pub is_ca: bool,
+    /// Usable as a TLS server certificate by its extended key usage (true without the extension).
+    pub server_auth: bool,
+    /// Usable as a TLS client certificate by its extended key usage (true without the extension).
+    pub client_auth: bool,
 }
 
 /// The DER of every `CERTIFICATE` block in `pem`, in order.
@@ -79,6 +83,16 @@ fn info_of(cert: &X509Certificate<'_>) -> Result<CertInfo, CertError> {
             }
         }
     }
+    let (server_auth, client_auth) = match cert
+        .extended_key_usage()
+        .map_err(|e| CertError::CertificateDecode(e.to_string()))?
+    {
+        Some(eku) => (
+            eku.value.any || eku.value.server_auth,
+            eku.value.any || eku.value.client_auth,
+        ),
+        None => (true, true),
+    };
     let serial = cert
         .raw_serial()
         .iter()
@@ -92,6 +106,8 @@ fn info_of(cert: &X509Certificate<'_>) -> Result<CertInfo, CertError> {
         not_after: to_system_time(cert.validity().not_after.timestamp()),
         serial,
         is_ca: cert.is_ca(),
+        server_auth,
+        client_auth,
     })
 }
 

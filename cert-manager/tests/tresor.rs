@@ -78,6 +78,44 @@ async fn xds_certificate_cn_is_uuid_kind_sa_ns() -> Result<()> {
     Ok(())
 }
 
+/// One purpose per certificate: peers tell a service certificate (SPIFFE URI SAN) from an xDS
+/// bootstrap one (none), and the extended key usage keeps each to its side of a handshake.
+#[tokio::test]
+async fn each_purpose_has_its_san_and_extended_key_usage() -> Result<()> {
+    let manager = CertManager::new(
+        Arc::new(TresorProvider::generate()?),
+        CertManagerConfig::default(),
+    );
+    let day = Duration::from_secs(86_400);
+    let service = manager
+        .issue_service_certificate("bookbuyer", "bookstore", "cluster.local", day)
+        .await?;
+    let xds = manager
+        .issue_xds_certificate(
+            uuid::Uuid::new_v4(),
+            ProxyKind::Sidecar,
+            "bookbuyer",
+            "bookstore",
+        )
+        .await?;
+    let server = manager
+        .issue_server_certificate("fsm-controller.fsm-system.svc", day)
+        .await?;
+    let [service, xds, server] =
+        [&service, &xds, &server].map(|c| x509::leaf_info(&c.cert_chain_pem));
+    let (service, xds, server) = (service?, xds?, server?);
+    assert_eq!(
+        service.uri_sans,
+        ["spiffe://cluster.local/ns/bookstore/sa/bookbuyer"]
+    );
+    assert!(service.server_auth && service.client_auth);
+    assert!(xds.uri_sans.is_empty(), "{:?}", xds.uri_sans);
+    assert!(xds.client_auth && !xds.server_auth);
+    assert!(server.uri_sans.is_empty(), "{:?}", server.uri_sans);
+    assert!(server.server_auth && !server.client_auth);
+    Ok(())
+}
+
 #[tokio::test]
 async fn tresor_issuance_time_per_certificate() -> Result<()> {
     let tresor = TresorProvider::generate()?;
