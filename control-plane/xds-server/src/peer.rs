@@ -2,10 +2,19 @@
 //! chain the TLS handshake verified, parsed by [`XdsCertIdentity::from_common_name`].
 //!
 //! The certificate is trusted as it comes: the listener ([`crate::tls`]) only completes
-//! handshakes whose chain verifies to the client CA, so here only its name is read.
+//! handshakes whose chain verifies to the client CA (and, when it has an extended key usage,
+//! allows clientAuth), so here only its names are read.
+//!
+//! One purpose per certificate: a service certificate, the one sidecars present to each other,
+//! carries the SPIFFE URI SAN `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; an xDS bootstrap
+//! certificate never does. A client certificate with a SPIFFE URI SAN is therefore refused here
+//! whatever its CN, so that a workload's service certificate can never open an ADS stream (and
+//! peers refuse bootstrap certificates, which lack it, on their meshed inbound ports).
 
 use fsm_errcode::{ErrCode, HasErrCode};
 use rustls_pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
 
 use crate::node::{NodeError, XdsCertIdentity};
 
@@ -24,6 +33,12 @@ pub enum PeerError {
     CommonNameCount(usize),
     #[error("the client certificate common name is not a string: {0}")]
     CommonNameEncoding(String),
+    #[error(
+        "the client certificate {common_name:?} carries the SPIFFE URI SAN {uri:?}: it is a service certificate for sidecar-to-sidecar mTLS, not an xDS certificate"
+    )]
+    ServiceCertificate { common_name: String, uri: String },
+    #[error("the client certificate's subject alternative names could not be parsed: {0}")]
+    SubjectAltNames(String),
     #[error(transparent)]
     CommonName(#[from] NodeError),
 }
@@ -52,5 +67,31 @@ pub fn identity_from_chain(
     let cn = name
         .as_str()
         .map_err(|e| PeerError::CommonNameEncoding(e.to_string()))?;
+    if let Some(uri) = spiffe_uri_san(&cert)? {
+        return Err(PeerError::ServiceCertificate {
+            common_name: cn.to_owned(),
+            uri,
+        });
+    }
     Ok(XdsCertIdentity::from_common_name(cn)?)
+}
+
+/// The first URI SAN whose scheme is `spiffe` (compared case-insensitively, as URI schemes are).
+fn spiffe_uri_san(cert: &X509Certificate<'_>) -> Result<Option<String>, PeerError> {
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| PeerError::SubjectAltNames(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    Ok(san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri)
+            if uri
+                .get(..9)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe://")) =>
+        {
+            Some((*uri).to_owned())
+        }
+        _ => None,
+    }))
 }

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use fsm_cache::{ProxyKey, Resource, Snapshot, SnapshotCache};
 use fsm_certs::tresor::CertificateAuthority;
-use fsm_certs::{CertificateRequest, IssuedCertificate};
+use fsm_certs::{CertPurpose, CertificateRequest, IssuedCertificate};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_xds_server::protocol::{CLUSTER, LISTENER};
 use fsm_xds_server::{AdsServer, AdsTls, ProxyEvent, ServerCredentials, TlsError};
@@ -45,8 +45,37 @@ fn issue(ca: &CertificateAuthority, cn: &str, validity: Duration) -> IssuedCerti
         .expect("issue")
 }
 
+/// An xDS bootstrap certificate as the controller issues it: no SPIFFE URI SAN, clientAuth only.
 fn proxy_cert(ca: &CertificateAuthority, uuid: &str, sa: &str) -> IssuedCertificate {
-    issue(ca, &format!("{uuid}.sidecar.{sa}.bookstore"), DAY)
+    ca.issue(
+        &CertificateRequest::new(format!("{uuid}.sidecar.{sa}.bookstore"), DAY)
+            .with_purpose(CertPurpose::XdsClient),
+    )
+    .expect("issue")
+}
+
+/// A service certificate (sidecar-to-sidecar mTLS) from `ca` with common name `cn`.
+fn service_cert(ca: &CertificateAuthority, cn: &str, sa: &str) -> IssuedCertificate {
+    ca.issue(
+        &CertificateRequest::new(cn, DAY)
+            .with_uri_san(format!("spiffe://cluster.local/ns/bookstore/sa/{sa}")),
+    )
+    .expect("issue")
+}
+
+/// `fsm_error_err_code_count{err_code}` in the default registry (0 before the first count).
+fn err_code_count(code: ErrCode) -> u64 {
+    prometheus::gather()
+        .iter()
+        .filter(|family| family.name() == "fsm_error_err_code_count")
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "err_code" && l.value() == code.as_str())
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 fn server_credentials(server: &IssuedCertificate, client_ca_pem: &str) -> ServerCredentials {
@@ -409,6 +438,95 @@ async fn malformed_certificate_cn_is_refused_with_e5001() {
         );
         assert!(status.message().contains(&cn), "{}", status.message());
     }
+    assert_no_connection(&cache, &mut events).await;
+}
+
+/// One purpose per certificate: a service certificate chains to the same trusted root, but it
+/// is for sidecar-to-sidecar mTLS and opens no ADS stream, whatever its CN says; the refusal is
+/// E5001 and counted in `fsm_error_err_code_count`.
+#[tokio::test]
+async fn service_certificate_is_refused_with_e5001_and_counted() {
+    let pki = pki();
+    let cache = Arc::new(SnapshotCache::new());
+    cache.set(&key(UUID_A), snapshot("a"));
+    let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
+    let node = node_id(UUID_A, "bookbuyer");
+    for cert in [
+        // As the CertManager issues it for bookbuyer.bookstore.
+        service_cert(&pki.ca, "bookbuyer.bookstore.cluster.local", "bookbuyer"),
+        // Naming the proxy in its CN does not make it an xDS certificate.
+        service_cert(
+            &pki.ca,
+            &format!("{UUID_A}.sidecar.bookbuyer.bookstore"),
+            "bookbuyer",
+        ),
+    ] {
+        let before = err_code_count(ErrCode::E5001);
+        let mut client = client(addr, pki.ca.cert_pem(), Some(&cert))
+            .await
+            .expect("the handshake itself succeeds: the certificate is from our CA");
+        let status = match sotw(&mut client, &node).await {
+            Ok((_, response)) => panic!(
+                "{}: a service certificate was served {response:?}",
+                cert.common_name
+            ),
+            Err(status) => status,
+        };
+        assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+        assert!(
+            status.message().starts_with("E5001"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains(&cert.common_name),
+            "{}",
+            status.message()
+        );
+        assert!(
+            err_code_count(ErrCode::E5001) > before,
+            "the refusal of {} was not counted",
+            cert.common_name
+        );
+    }
+    assert_no_connection(&cache, &mut events).await;
+
+    // The proxy's own bootstrap certificate, same root, is served.
+    let bootstrap = proxy_cert(&pki.ca, UUID_A, "bookbuyer");
+    let mut client = client(addr, pki.ca.cert_pem(), Some(&bootstrap))
+        .await
+        .expect("mTLS connection");
+    let (_stream, first) = sotw(&mut client, &node).await.expect("served");
+    assert_eq!(body(&first), b"a");
+}
+
+/// The ADS server's own certificate (serverAuth only) is no client certificate.
+#[tokio::test]
+async fn server_only_certificate_is_refused_as_a_client_certificate() {
+    let pki = pki();
+    let cache = Arc::new(SnapshotCache::new());
+    cache.set(&key(UUID_A), snapshot("a"));
+    let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
+    let server_only = pki
+        .ca
+        .issue(
+            &CertificateRequest::new(format!("{UUID_A}.sidecar.bookbuyer.bookstore"), DAY)
+                .with_dns_san(SERVER_NAME)
+                .with_purpose(CertPurpose::Server),
+        )
+        .expect("issue");
+    let failures = pki.tls.handshake_failures();
+    assert_refused_by_tls(
+        addr,
+        pki.ca.cert_pem(),
+        Some(&server_only),
+        &node_id(UUID_A, "bookbuyer"),
+    )
+    .await;
+    eventually("the handshake failure to be counted", || {
+        pki.tls.handshake_failures() > failures
+    })
+    .await;
     assert_no_connection(&cache, &mut events).await;
 }
 
