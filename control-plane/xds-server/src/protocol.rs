@@ -8,7 +8,9 @@
 //! - A type is only ever sent after the proxy requested it, and only on change: versions are
 //!   content hashes, so "changed" is a string comparison.
 //! - Nonces are unique per stream; a request whose nonce is not the last one sent for its type is
-//!   stale and ignored entirely (a newer response is already on its way).
+//!   stale: its ACK or NACK is ignored (a newer response is already on its way). State of the
+//!   world ignores it entirely; delta still applies its subscription changes, as the incremental
+//!   protocol requires (see the `delta` module).
 //! - A NACKed version is parked, never resent: only a snapshot with a different version goes out.
 //!   Resending a rejected configuration in a loop is what go-control-plane does and what we avoid.
 //! - When one snapshot change touches several types, responses go out CDS, EDS, LDS, RDS, SDS
@@ -96,7 +98,7 @@ pub enum Event {
         version: Arc<str>,
         error: String,
     },
-    /// A request answering an older response; ignored.
+    /// A request answering an older response: its ACK or NACK is ignored.
     Stale { type_url: TypeUrl, nonce: String },
 }
 

@@ -1,5 +1,19 @@
 //! Incremental (delta) ADS: only resources whose version differs from the client's go out, and
 //! names the client has that no longer exist are listed as removed.
+//!
+//! Rules of the incremental protocol on top of the shared ones (`xds_protocol.rst`, "Incremental
+//! xDS"):
+//!
+//! - Subscription changes are applied whatever the request's nonce. Envoy puts new subscriptions
+//!   on its next request for the type, often an ACK of a response we have since superseded; the
+//!   protocol says the nonce must not be used to reject such a request. Only the ACK or NACK of a
+//!   stale-nonce request is ignored, since it refers to an older response.
+//! - Every explicitly subscribed name is answered: with the resource, or, when the snapshot has no
+//!   such resource, with its name in `removed_resources`, so the client knows at once instead of
+//!   waiting for its initial-fetch timeout. A name is reported absent once per subscription.
+//! - A name subscribed again is sent again even if unchanged (the client may have dropped it);
+//!   names resumed with `initial_resource_versions` are not.
+//! - A wildcard subscriber only ever sees removals of names it was sent or asked for by name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,6 +42,10 @@ struct TypeState {
     client: BTreeMap<Arc<str>, Arc<str>>,
     /// Versions the client rejected, name → version, never sent again.
     nacked: BTreeMap<Arc<str>, Arc<str>>,
+    /// Names subscribed by name and not answered since: each is sent, or listed as removed when
+    /// the snapshot lacks it. Emptied whenever a snapshot is at hand, so it only holds names between
+    /// a subscription and the first snapshot.
+    unanswered: BTreeSet<Arc<str>>,
     last_nonce: Option<Arc<str>>,
     /// `system_version_info` of the last response, what an ACK or NACK refers to.
     sent_version: Option<Arc<str>>,
@@ -48,19 +66,43 @@ impl TypeState {
         self.wildcard || self.names.contains(name)
     }
 
-    fn apply_subscriptions(&mut self, subscribe: Vec<String>, unsubscribe: Vec<String>) {
+    /// Applies a request's subscription changes. On the first request of a stream, names the
+    /// client resumed with a version (`initial_resource_versions`) are not owed an answer;
+    /// afterwards every subscribed name is, even one the client seemed to have.
+    fn apply_subscriptions(
+        &mut self,
+        subscribe: Vec<String>,
+        unsubscribe: Vec<String>,
+        first: bool,
+    ) {
         for name in subscribe {
             if name == "*" {
                 self.wildcard = true;
-            } else {
-                self.names.insert(Arc::from(name));
+                continue;
             }
+            let name: Arc<str> = Arc::from(name);
+            if first && self.client.contains_key(&name) {
+                self.names.insert(name);
+                continue;
+            }
+            // Forgetting the client's version makes the resource go out again.
+            self.client.remove(&name);
+            self.unanswered.insert(name.clone());
+            self.names.insert(name);
         }
         for name in unsubscribe {
             if name == "*" {
                 self.wildcard = false;
-            } else {
-                self.names.remove(name.as_str());
+                continue;
+            }
+            self.unanswered.remove(name.as_str());
+            if self.names.remove(name.as_str())
+                && self.wildcard
+                && let Some((name, _)) = self.client.remove_entry(name.as_str())
+            {
+                // The client cannot tell whether the wildcard covers a resource it held by name,
+                // so it must be told: sent again if it exists, removed if not.
+                self.unanswered.insert(name);
             }
         }
         // Forget what the client dropped with its unsubscriptions, so a later subscription to the
@@ -112,12 +154,14 @@ impl XdsStream for DeltaStream {
         let stale =
             |out: &mut Output, nonce: String| out.events.push(Event::Stale { type_url, nonce });
 
+        let first = !self.types.contains_key(&key);
         let state = match self.types.get_mut(&key) {
             None => {
-                // We never sent this type on this stream, so any nonce is from another stream.
+                // We never sent this type on this stream, so a nonce can only come from another
+                // stream (Envoy may repeat one after reconnecting): nothing to ACK, but the
+                // subscription stands.
                 if !request.response_nonce.is_empty() {
                     stale(&mut out, request.response_nonce);
-                    return Ok(out);
                 }
                 let wildcard =
                     request.subscribe.is_empty() || request.subscribe.iter().any(|n| n == "*");
@@ -135,11 +179,13 @@ impl XdsStream for DeltaStream {
                 })
             }
             Some(state) => {
-                if !request.response_nonce.is_empty() {
-                    if state.last_nonce.as_deref() != Some(&*request.response_nonce) {
-                        stale(&mut out, request.response_nonce);
-                        return Ok(out);
-                    }
+                if request.response_nonce.is_empty() {
+                    // A subscription change, answering no response.
+                } else if state.last_nonce.as_deref() != Some(&*request.response_nonce) {
+                    // It answers a response we have superseded: its ACK or NACK says nothing
+                    // about what the client now holds, but its subscription changes stand.
+                    stale(&mut out, request.response_nonce);
+                } else {
                     let in_flight = std::mem::take(&mut state.in_flight);
                     if let Some(version) = state.sent_version.clone() {
                         match request.error_detail {
@@ -158,7 +204,7 @@ impl XdsStream for DeltaStream {
                 state
             }
         };
-        state.apply_subscriptions(request.subscribe, request.unsubscribe);
+        state.apply_subscriptions(request.subscribe, request.unsubscribe, first);
         if let Some(snapshot) = snapshot {
             out.responses.extend(respond_or_confirm(
                 &mut self.nonces,
@@ -238,11 +284,17 @@ fn respond(
             .cloned()
             .collect()
     };
+    // Gone: what the client holds that no longer exists, and names it asked for that do not.
+    // Only these two, so a wildcard subscriber never hears of names it does not know.
+    let unanswered = std::mem::take(&mut state.unanswered);
     let removed: Vec<Arc<str>> = state
         .client
         .keys()
+        .chain(&unanswered)
         .filter(|name| state.wants(name) && lookup(name).is_none())
         .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
     // A rejected version that is no longer current can never match again.
     state
@@ -360,14 +412,31 @@ mod tests {
         }
     }
 
+    /// A request answering a superseded response, e.g. an ACK overtaken by a newer response,
+    /// carrying subscriptions as Envoy's ACKs do.
     fn stale(ty: TypeUrl, subscribe: &'static str) -> Step {
+        stale_change(ty, subscribe, "")
+    }
+
+    fn stale_change(ty: TypeUrl, subscribe: &'static str, unsubscribe: &'static str) -> Step {
         Step::Req {
             ty,
             subscribe,
-            unsubscribe: "",
+            unsubscribe,
             initial: "",
             nonce: Nonce::Stale,
             error: None,
+        }
+    }
+
+    fn stale_nack(ty: TypeUrl) -> Step {
+        Step::Req {
+            ty,
+            subscribe: "",
+            unsubscribe: "",
+            initial: "",
+            nonce: Nonce::Stale,
+            error: Some("rejected"),
         }
     }
 
@@ -503,8 +572,10 @@ mod tests {
     ] ; "a resumed wildcard is only answered on difference")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
-        (initial(SECRET, "s"), ""),
-    ] ; "explicit names on an empty type get no answer")]
+        (initial(SECRET, "s"), "SDS[] -[s]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "2")])])), ""),
+        (Step::Snap(snap(&[(SECRET, &[("s", "1")])])), "SDS[s]"),
+    ] ; "a name missing from an empty type is answered as removed once")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
         (initial(CLUSTER, ""), "CDS[c1,c2]"),
@@ -528,7 +599,7 @@ mod tests {
     ] ; "initial versions before the first snapshot are confirmed when it arrives")]
     #[test_case(vec![
         (Step::Snap(v1()), ""),
-        (initial(ENDPOINT, "c1 missing"), "EDS[c1]"),
+        (initial(ENDPOINT, "c1 missing"), "EDS[c1] -[missing]"),
         (ack(ENDPOINT), "ack EDS"),
         (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1"), ("c2", "2")])])), ""),
         (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1"), ("missing", "1")])])), "EDS[missing]"),
@@ -572,9 +643,71 @@ mod tests {
         (Step::Snap(v1()), ""),
         (initial(CLUSTER, ""), "CDS[c1,c2]"),
         (Step::Snap(snap(&[(CLUSTER, &[("c1", "2"), ("c2", "1")])])), "CDS[c1]"),
-        (stale(CLUSTER, "x"), "stale CDS"),
+        (stale(CLUSTER, ""), "stale CDS"),
         (ack(CLUSTER), "ack CDS"),
-    ] ; "stale nonce is ignored")]
+    ] ; "a stale ACK is ignored")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1")])])), "EDS[c1]"),
+        (stale(ENDPOINT, "c2 missing"), "stale EDS; EDS[c2] -[missing]"),
+        (ack(ENDPOINT), "ack EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "2")])])), "EDS[c2]"),
+    ] ; "subscriptions on a stale ACK are applied and answered")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1 c2"), "EDS[c1,c2]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1")])])), "EDS[c1]"),
+        (stale_change(ENDPOINT, "", "c2"), "stale EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "2")])])), ""),
+    ] ; "unsubscriptions on a stale ACK are applied")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1"), "EDS[c1]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), "EDS[c1]"),
+        (stale_nack(ENDPOINT), "stale EDS"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2"), ("c2", "1")])])), ""),
+        (change(ENDPOINT, "", "c1"), ""),
+        (change(ENDPOINT, "c1", ""), "EDS[c1]"),
+    ] ; "a stale NACK parks nothing")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (stale(ENDPOINT, "c1 missing"), "stale EDS; EDS[c1] -[missing]"),
+        (ack(ENDPOINT), "ack EDS"),
+    ] ; "a first request with a nonce from another stream still subscribes")]
+    #[test_case(vec![
+        (initial(ENDPOINT, "c1 missing"), ""),
+        (Step::Snap(v1()), "EDS[c1] -[missing]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), "EDS[c1]"),
+    ] ; "names missing before the first snapshot are answered when it arrives")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(ENDPOINT, "c1 missing"), "EDS[c1] -[missing]"),
+        (change(ENDPOINT, "", "missing"), ""),
+        (change(ENDPOINT, "missing", ""), "EDS[] -[missing]"),
+        (change(ENDPOINT, "c1", ""), "EDS[c1]"),
+    ] ; "a name subscribed again is answered again")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (resume(ENDPOINT, "c1 c2 missing", "c1=@"), "EDS[c2] -[missing]"),
+    ] ; "a resumed name is not resent but new and missing names are answered")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, ""), "CDS[c1,c2]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "1")])])), "CDS[] -[c2]"),
+        (change(CLUSTER, "", "c3"), ""),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "1")])])), "CDS[] -[c1]"),
+        (Step::Snap(snap(&[(ENDPOINT, &[("c1", "2")])])), ""),
+    ] ; "a wildcard subscriber hears only of removals of what it was sent")]
+    #[test_case(vec![
+        (Step::Snap(v1()), ""),
+        (initial(CLUSTER, "* c1 x"), "CDS[c1,c2] -[x]"),
+        (change(CLUSTER, "", "c1"), "CDS[c1]"),
+        (change(CLUSTER, "", "x"), ""),
+        (change(CLUSTER, "c2", ""), "CDS[c2]"),
+        (Step::Snap(snap(&[(CLUSTER, &[("c1", "1")])])), "CDS[] -[c2]"),
+        (change(CLUSTER, "", "c2"), ""),
+    ] ; "wildcard with names: unsubscribing a held name answers it again")]
     #[test_case(vec![
         (Step::Snap(all_types("1")), ""),
         (initial("type.example/b", ""), "b[b]"),
@@ -639,5 +772,248 @@ mod tests {
             Err(ProtocolError::UnknownType(_))
         ));
         assert!(!stream.is_requested("type.example/unknown"));
+    }
+}
+
+/// Properties over arbitrary interleavings of snapshot changes and requests with fresh, absent or
+/// stale nonces, checked against a model of the client (what Envoy holds and still waits for).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::super::ENDPOINT;
+    use super::*;
+
+    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+    #[derive(Clone, Copy, Debug)]
+    enum Nonce {
+        /// A subscription change answering nothing.
+        None,
+        /// An ACK of the latest response.
+        Last,
+        /// An ACK of a superseded response, or a nonce from another stream.
+        Stale,
+        /// A NACK of a superseded response: must not park anything.
+        StaleNack,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A new snapshot: per name, absent or present with one of two bodies.
+        Snap([Option<bool>; 4]),
+        /// Bit masks over [`NAMES`]; a name in both only subscribes.
+        Req {
+            subscribe: u8,
+            unsubscribe: u8,
+            nonce: Nonce,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let nonce = prop_oneof![
+            Just(Nonce::None),
+            Just(Nonce::Last),
+            Just(Nonce::Stale),
+            Just(Nonce::StaleNack)
+        ];
+        prop_oneof![
+            proptest::array::uniform4(proptest::option::of(any::<bool>())).prop_map(Op::Snap),
+            (0u8..16, 0u8..16, nonce).prop_map(|(subscribe, unsubscribe, nonce)| Op::Req {
+                subscribe,
+                unsubscribe: unsubscribe & !subscribe,
+                nonce,
+            }),
+        ]
+    }
+
+    fn snapshot(present: [Option<bool>; 4]) -> Snapshot {
+        let resources = NAMES
+            .iter()
+            .zip(present)
+            .filter_map(|(name, body)| {
+                body.map(|b| Resource::new(*name, if b { &b"one"[..] } else { &b"two"[..] }))
+            })
+            .collect();
+        Snapshot::new([(ENDPOINT, resources)])
+    }
+
+    fn names(mask: u8) -> Vec<String> {
+        NAMES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, n)| (*n).to_owned())
+            .collect()
+    }
+
+    /// The client: what it holds, what it asked for and what it still waits to hear about.
+    #[derive(Debug, Default)]
+    struct Client {
+        wildcard: bool,
+        subscribed: BTreeSet<String>,
+        holds: BTreeMap<String, Arc<str>>,
+        /// Asked for (or made ambiguous by an unsubscription under a wildcard) and not answered.
+        waiting: BTreeSet<String>,
+        nonces: Vec<Arc<str>>,
+    }
+
+    impl Client {
+        fn request(&mut self, subscribe: u8, unsubscribe: u8, nonce: Nonce) -> DeltaRequest {
+            let (subscribe, unsubscribe) = (names(subscribe), names(unsubscribe));
+            for name in &subscribe {
+                self.subscribed.insert(name.clone());
+                self.waiting.insert(name.clone());
+            }
+            for name in &unsubscribe {
+                self.waiting.remove(name);
+                if self.subscribed.remove(name) && self.wildcard && self.holds.contains_key(name) {
+                    // Envoy keeps it as "ambiguous" until the server says whether the wildcard
+                    // covers it.
+                    self.waiting.insert(name.clone());
+                } else if !self.wildcard {
+                    self.holds.remove(name);
+                }
+            }
+            let response_nonce = match nonce {
+                Nonce::None => String::new(),
+                Nonce::Last => self
+                    .nonces
+                    .last()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
+                // The response before the latest, or a nonce this stream never sent.
+                Nonce::Stale | Nonce::StaleNack => match self.nonces.len() {
+                    0 | 1 => "other-stream".to_owned(),
+                    n => self.nonces[n - 2].to_string(),
+                },
+            };
+            DeltaRequest {
+                type_url: ENDPOINT.to_owned(),
+                subscribe,
+                unsubscribe,
+                initial_resource_versions: BTreeMap::new(),
+                response_nonce,
+                error_detail: matches!(nonce, Nonce::StaleNack).then(|| "rejected".to_owned()),
+            }
+        }
+
+        /// Takes in the responses, checking each against the snapshot they were built from.
+        fn receive(&mut self, out: &Output, snapshot: Option<&Snapshot>) -> Result<(), String> {
+            let current = snapshot.and_then(|s| s.get(ENDPOINT));
+            for response in &out.responses {
+                for resource in &response.resources {
+                    let name = resource.name.to_string();
+                    if !self.wildcard && !self.subscribed.contains(&name) {
+                        return Err(format!("{name} sent but not subscribed"));
+                    }
+                    if current.and_then(|t| t.get(&name)).map(|r| &r.version)
+                        != Some(&resource.version)
+                    {
+                        return Err(format!("{name} sent in a version the snapshot lacks"));
+                    }
+                    self.waiting.remove(&name);
+                    self.holds.insert(name, resource.version.clone());
+                }
+                for name in response.removed.iter().map(|n| n.to_string()) {
+                    if current.and_then(|t| t.get(&name)).is_some() {
+                        return Err(format!("{name} removed but exists"));
+                    }
+                    if !self.holds.contains_key(&name) && !self.waiting.contains(&name) {
+                        return Err(format!(
+                            "{name} removed, but the client neither holds nor waits for it"
+                        ));
+                    }
+                    self.waiting.remove(&name);
+                    self.holds.remove(&name);
+                }
+                self.nonces.push(response.nonce.clone());
+            }
+            Ok(())
+        }
+
+        /// After any interleaving: every subscribed name is held in the snapshot's version or
+        /// was reported absent, nothing else is held, and nothing is still awaited.
+        fn settled(&self, snapshot: &Snapshot) -> Result<(), String> {
+            let current = snapshot.get(ENDPOINT);
+            let wanted: BTreeMap<String, Arc<str>> = current
+                .into_iter()
+                .flat_map(TypeSnapshot::resources)
+                .filter(|r| self.wildcard || self.subscribed.contains(&*r.name))
+                .map(|r| (r.name.to_string(), r.version.clone()))
+                .collect();
+            if self.holds != wanted {
+                return Err(format!("holds {:?}, want {wanted:?}", self.holds));
+            }
+            if !self.waiting.is_empty() {
+                return Err(format!("still waiting for {:?}", self.waiting));
+            }
+            Ok(())
+        }
+    }
+
+    fn run(
+        wildcard: bool,
+        first: u8,
+        start: [Option<bool>; 4],
+        ops: Vec<Op>,
+    ) -> Result<(), String> {
+        let mut stream = DeltaStream::new();
+        let mut client = Client {
+            wildcard,
+            ..Client::default()
+        };
+        let mut snapshot = snapshot(start);
+        stream.on_snapshot(&snapshot);
+        // The wildcard stream starts the legacy way (no names); the other names at least one.
+        let first = if wildcard { 0 } else { first.max(1) };
+        let request = client.request(first, 0, Nonce::None);
+        let out = stream
+            .on_request(request, Some(&snapshot))
+            .map_err(|e| e.to_string())?;
+        client.receive(&out, Some(&snapshot))?;
+        for op in ops {
+            let out = match op {
+                Op::Snap(present) => {
+                    snapshot = self::snapshot(present);
+                    stream.on_snapshot(&snapshot)
+                }
+                Op::Req {
+                    subscribe,
+                    unsubscribe,
+                    nonce,
+                } => {
+                    let request = client.request(subscribe, unsubscribe, nonce);
+                    stream
+                        .on_request(request, Some(&snapshot))
+                        .map_err(|e| e.to_string())?
+                }
+            };
+            client.receive(&out, Some(&snapshot))?;
+        }
+        client.settled(&snapshot)
+    }
+
+    proptest! {
+        #[test]
+        fn named_subscriptions_are_always_answered(
+            first in 0u8..16,
+            start in proptest::array::uniform4(proptest::option::of(any::<bool>())),
+            ops in proptest::collection::vec(op(), 0..40),
+        ) {
+            if let Err(error) = run(false, first, start, ops) {
+                return Err(TestCaseError::fail(error));
+            }
+        }
+
+        #[test]
+        fn wildcard_subscribers_get_everything_and_no_stray_removals(
+            start in proptest::array::uniform4(proptest::option::of(any::<bool>())),
+            ops in proptest::collection::vec(op(), 0..40),
+        ) {
+            if let Err(error) = run(true, 0, start, ops) {
+                return Err(TestCaseError::fail(error));
+            }
+        }
     }
 }
