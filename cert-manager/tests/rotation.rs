@@ -1,6 +1,7 @@
 //! CertManager: caching, rotation exactly at the documented threshold (1/3 of the lifetime
-//! left, jitter up to 1/30 earlier), announcements, root rotation with a two-root bundle, and
-//! expiry reported as E4016. Driven by a ManualClock.
+//! left, jitter up to 1/30 earlier), announcements, the three phases of a root rotation, and
+//! expiry reported as E4016. Driven by a ManualClock. (The root rotation of a model mesh is in
+//! `root_rotation.rs`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use fsm_certs::tresor::TresorProvider;
 use fsm_certs::{
-    CertKey, CertManager, CertManagerConfig, Clock, ManualClock, RotationPolicy, RotationReason,
-    ServiceIdentity, x509,
+    CertKey, CertManager, CertManagerConfig, Clock, ManualClock, RootRotationPhase, RotationPolicy,
+    RotationReason, ServiceIdentity, x509,
 };
 use fsm_errcode::{ErrCode, HasErrCode};
 use tokio::sync::broadcast::error::TryRecvError;
@@ -174,7 +175,7 @@ async fn expired_certificate_is_reported_with_e4016() -> Result<()> {
 }
 
 #[tokio::test]
-async fn root_rotation_bundles_old_and_new_roots_until_finished() -> Result<()> {
+async fn root_rotation_adds_the_new_root_then_reissues_then_drops_the_old_root() -> Result<()> {
     let old = Arc::new(TresorProvider::generate()?);
     let new = Arc::new(TresorProvider::generate()?);
     let old_root = old.ca().cert_pem().to_owned();
@@ -184,39 +185,105 @@ async fn root_rotation_bundles_old_and_new_roots_until_finished() -> Result<()> 
         .issue_service_certificate("a", "ns", "cluster.local", DAY)
         .await?;
     let mut events = manager.subscribe();
+    // Out of order: nothing to re-issue or finish before a rotation began.
+    assert_eq!(
+        manager
+            .reissue_from_new_root()
+            .await
+            .err()
+            .map(|e| e.err_code()),
+        Some(ErrCode::E4014)
+    );
+    assert!(manager.finish_root_rotation().await.is_err());
 
-    let report = manager.rotate_root(new).await;
-    ensure!(report.failed.is_empty(), "{report:?}");
+    // Phase 1: same leaf, both roots.
+    let report = manager.begin_root_rotation(new.clone()).await?;
+    assert_eq!(report.rotated, vec![key("a", "ns")]);
+    assert_eq!(
+        manager.root_rotation_phase(),
+        Some(RootRotationPhase::TrustingBoth)
+    );
     let event = events.try_recv()?;
-    assert_eq!(event.reason, RotationReason::RootRotation);
-    let during = event.cert;
-    // The new leaf is signed by the new root only…
-    x509::verify_chain(&during.cert_chain_pem, &new_root)?;
-    assert!(x509::verify_chain(&during.cert_chain_pem, &old_root).is_err());
-    // …and the bundle trusts both, so peers still on old-root leaves keep working.
-    assert_eq!(x509::all_info(&during.trust_bundle_pem)?.len(), 2);
-    x509::verify_chain(&before.cert_chain_pem, &during.trust_bundle_pem)?;
-    x509::verify_chain(&during.cert_chain_pem, &during.trust_bundle_pem)?;
-    // Certificates issued during the rotation carry both roots too.
-    let fresh = manager
+    assert_eq!(event.reason, RotationReason::TrustBundleChanged);
+    assert_eq!(event.cert.serial, before.serial);
+    assert_eq!(x509::all_info(&event.cert.trust_bundle_pem)?.len(), 2);
+    x509::verify_chain(&new_root, &event.cert.trust_bundle_pem)?;
+    assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+    // Leaves issued meanwhile still come from the old root (every peer trusts it), with both.
+    let early = manager
         .issue_service_certificate("b", "ns", "cluster.local", DAY)
         .await?;
-    assert_eq!(x509::all_info(&fresh.trust_bundle_pem)?.len(), 2);
+    x509::verify_chain(&early.cert_chain_pem, &old_root)?;
+    assert_eq!(x509::all_info(&early.trust_bundle_pem)?.len(), 2);
+    assert!(
+        manager.begin_root_rotation(new).await.is_err(),
+        "one at a time"
+    );
+    assert!(
+        manager.finish_root_rotation().await.is_err(),
+        "phase 2 first"
+    );
 
-    manager.finish_root_rotation().await;
+    // Phase 2: leaves of the new root only, bundles still with both.
+    let report = manager.reissue_from_new_root().await?;
+    assert_eq!(report.rotated.len(), 2);
+    let mut during = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        assert_eq!(event.reason, RotationReason::RootRotation);
+        x509::verify_chain(&event.cert.cert_chain_pem, &new_root)?;
+        assert!(x509::verify_chain(&event.cert.cert_chain_pem, &old_root).is_err());
+        assert_eq!(x509::all_info(&event.cert.trust_bundle_pem)?.len(), 2);
+        x509::verify_chain(&before.cert_chain_pem, &event.cert.trust_bundle_pem)?;
+        during.push(event.cert);
+    }
+    assert_eq!(during.len(), 2);
+    // Called again, it re-issues only what is not from the new root yet: nothing.
+    assert!(manager.reissue_from_new_root().await?.rotated.is_empty());
+    let late = manager
+        .issue_service_certificate("c", "ns", "cluster.local", DAY)
+        .await?;
+    x509::verify_chain(&late.cert_chain_pem, &new_root)?;
+    assert_eq!(x509::all_info(&late.trust_bundle_pem)?.len(), 2);
+
+    // Phase 3: the old root leaves every bundle; same leaves.
+    let report = manager.finish_root_rotation().await?;
+    assert_eq!(report.rotated.len(), 3);
     let mut changed = 0;
     while let Ok(ev) = events.try_recv() {
         assert_eq!(ev.reason, RotationReason::TrustBundleChanged);
         assert_eq!(x509::all_info(&ev.cert.trust_bundle_pem)?.len(), 1);
+        x509::verify_chain(&ev.cert.cert_chain_pem, &ev.cert.trust_bundle_pem)?;
         assert!(x509::verify_chain(&before.cert_chain_pem, &ev.cert.trust_bundle_pem).is_err());
         changed += 1;
     }
-    assert_eq!(changed, 2);
+    assert_eq!(changed, 3);
+    assert_eq!(manager.root_rotation_phase(), None);
+    let bundle = manager.trust_bundle_pem().context("no bundle")?;
+    assert_eq!(x509::all_info(&bundle)?.len(), 1);
+    x509::verify_chain(&new_root, &bundle)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn root_rotation_is_refused_when_the_new_root_cannot_issue() -> Result<()> {
+    let manager = CertManager::new(Arc::new(TresorProvider::generate()?), exact_policy());
+    let first = manager
+        .issue_service_certificate("a", "ns", "cluster.local", DAY)
+        .await?;
+    let mut events = manager.subscribe();
+    let broken = scripted()?;
+    broken.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = manager
+        .begin_root_rotation(broken)
+        .await
+        .err()
+        .context("a provider that cannot issue was accepted")?;
+    assert_eq!(err.err_code(), ErrCode::E4013);
+    assert_eq!(manager.root_rotation_phase(), None);
+    assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
     assert_eq!(
-        manager
-            .trust_bundle_pem()
-            .map(|b| x509::all_info(&b).map(|v| v.len()).ok()),
-        Some(Some(1))
+        manager.trust_bundle_pem().as_deref(),
+        Some(first.trust_bundle_pem.as_str())
     );
     Ok(())
 }

@@ -11,7 +11,10 @@ use clap::{Args, ValueEnum};
 use fsm_certs::cert_manager_io::{CertManagerIoConfig, CertManagerIoProvider, IssuerRef};
 use fsm_certs::tresor::TresorProvider;
 use fsm_certs::vault::{VaultConfig, VaultProvider};
-use fsm_certs::{CertKey, CertManager, CertManagerConfig, CertificateProvider, IssuedCertificate};
+use fsm_certs::{
+    CertKey, CertManager, CertManagerConfig, CertificateProvider, IssuedCertificate,
+    RootRotationTiming,
+};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_xds_server::tls::{AdsTls, ServerCredentials};
 
@@ -194,14 +197,15 @@ pub fn manager(provider: Arc<dyn CertificateProvider>) -> CertManager {
 }
 
 /// Manifest mode, Tresor: an operator rotates the root by replacing the root file (certificate
-/// and key PEM) with a new one. Certificates are re-issued by the new root while both roots are
-/// trusted; the old root is dropped once every connected proxy has acknowledged its new secrets
-/// (`in_sync`), and at the latest after `grace`.
+/// and key PEM) with a new one. The rotation runs in [`CertManager::rotate_root`]'s three phases:
+/// every proxy first trusts both roots, then gets leaves of the new root, then the old root is
+/// dropped. Each phase ends once every connected proxy acknowledged it (`in_sync`), at the
+/// latest after `grace`.
 pub async fn watch_root_file(
     path: PathBuf,
     certs: CertManager,
     grace: Duration,
-    in_sync: impl Fn() -> bool + Send + 'static,
+    in_sync: impl Fn() -> bool + Send + Sync + 'static,
 ) {
     let mut current = tokio::fs::read(&path).await.ok();
     let mut tick = tokio::time::interval(ROOT_FILE_CHECK);
@@ -213,31 +217,38 @@ pub async fn watch_root_file(
         if current.as_deref() == Some(now.as_slice()) {
             continue;
         }
+        current = Some(now);
         let provider = match TresorProvider::load_or_create_in_file(&path).await {
             Ok(p) => p,
             Err(e) => {
                 // Keep the root in use; the operator sees why the new one was refused.
                 tracing::error!(code = %e.err_code(), path = %path.display(), error = %e, "new root CA file refused; keeping the current root");
                 fsm_errcode::count(e.err_code());
-                current = Some(now);
                 continue;
             }
         };
-        current = Some(now);
-        tracing::info!(path = %path.display(), "new root CA: rotating every certificate (old and new roots trusted meanwhile)");
-        let report = certs.rotate_root(Arc::new(provider)).await;
-        tracing::info!(
-            reissued = report.rotated.len(),
-            failed = report.failed.len(),
-            "root rotation: certificates re-issued by the new root"
-        );
-        let deadline = tokio::time::Instant::now() + grace;
-        // The new secrets must reach the proxies before the old root stops being trusted.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        while !in_sync() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        tracing::info!(path = %path.display(), "new root CA: rotating the root in three phases");
+        match certs
+            .rotate_root(
+                Arc::new(provider),
+                &in_sync,
+                RootRotationTiming::with_grace(grace),
+            )
+            .await
+        {
+            Ok(outcome) => tracing::info!(
+                path = %path.display(),
+                elapsed_ms = outcome.elapsed().as_millis() as u64,
+                trusting_both_ms = outcome.trusting_both.elapsed.as_millis() as u64,
+                new_leaves_ms = outcome.new_leaves.elapsed.as_millis() as u64,
+                old_root_dropped_ms = outcome.old_root_dropped.elapsed.as_millis() as u64,
+                failed = outcome.failed.len(),
+                "root rotation finished: the old root is no longer trusted"
+            ),
+            Err(e) => {
+                tracing::error!(code = %e.err_code(), path = %path.display(), error = %e, "root rotation refused; keeping the current root");
+                fsm_errcode::count(e.err_code());
+            }
         }
-        certs.finish_root_rotation().await;
-        tracing::info!("root rotation finished: the old root is no longer trusted");
     }
 }
