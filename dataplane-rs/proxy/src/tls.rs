@@ -19,9 +19,10 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
 };
 
 /// The crypto provider of every rustls config the sidecar builds. Chosen explicitly so that the
@@ -354,9 +355,10 @@ pub fn downstream(
             } else {
                 builder.allow_unauthenticated()
             };
-            builder
+            let webpki = builder
                 .build()
-                .map_err(|e| ("tls.validation_secret".into(), e.to_string()))?
+                .map_err(|e| ("tls.validation_secret".into(), e.to_string()))?;
+            Arc::new(MeshClientVerifier { webpki })
         }
     };
     let mut config = ServerConfig::builder_with_provider(PROVIDER.clone())
@@ -369,6 +371,80 @@ pub fn downstream(
     let config = Arc::new(config);
     remember(&SERVER_CACHE, key, &config);
     Ok(DownstreamTls::Ready(config))
+}
+
+/// Admits on a meshed inbound chain only client certificates issued for sidecar-to-sidecar mTLS.
+///
+/// One purpose per certificate: the mesh CA also signs each proxy's xDS bootstrap certificate
+/// (CN `<uuid>.<kind>.<sa>.<ns>`, for the ADS server only), which chains to the same roots. A
+/// service certificate carries the workload's SPIFFE ID as a URI SAN, a bootstrap certificate
+/// never does, so a client certificate without a SPIFFE workload ID
+/// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) is refused during the handshake, after the chain
+/// and its clientAuth usage were verified by webpki. (The trust domain is not compared: the
+/// roots are the mesh's own, and the sidecar is not told its trust domain.)
+#[derive(Debug)]
+struct MeshClientVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.webpki.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.webpki.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let peer = peer_cert(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding,
+        ))?;
+        if !peer.sans.iter().any(|s| Identity::from_spiffe(s).is_some()) {
+            tracing::debug!(
+                sans = ?peer.sans,
+                "client certificate carries no SPIFFE workload ID (an xDS bootstrap certificate?): refused"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 // === Client side (clusters) ===

@@ -81,6 +81,24 @@ fn leaf(ca: &Ca, sa: &str, ns: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// An xDS bootstrap certificate as the controller issues it, from the same CA: CN
+/// `<uuid>.sidecar.<sa>.<ns>`, no SAN, client auth only. It is for the ADS server alone.
+fn bootstrap_leaf(ca: &Ca, sa: &str, ns: &str) -> (String, String) {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.{sa}.{ns}"),
+    );
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
 fn cert_secret(name: &str, (chain, key): &(String, String)) -> v1::Secret {
     v1::Secret {
         name: name.into(),
@@ -652,6 +670,26 @@ async fn sidecars_speak_mtls_and_enforce_identities() {
     assert!(
         tls_get(&stranger, "web").await.is_err(),
         "foreign client admitted"
+    );
+
+    // One purpose per certificate: curl's xDS bootstrap certificate chains to the same root but
+    // is no service certificate (no SPIFFE URI SAN): the handshake fails, no HTTP answer.
+    let bootstrap = transport(
+        &bootstrap_leaf(&pki.mesh, "curl", "demo"),
+        &pki.mesh.pem,
+        &[("httpbin", "demo")],
+    );
+    for host in ["web", "denied"] {
+        let refused = tls_get(&bootstrap, host).await;
+        assert!(
+            refused.is_err(),
+            "a bootstrap certificate got an HTTP answer from {host}: {refused:?}"
+        );
+    }
+    // …while curl's service certificate, same root, still gets in.
+    assert_eq!(
+        tls_get(&curl, "web").await.expect("mTLS GET").0,
+        StatusCode::OK
     );
 
     // Plaintext to the mTLS chain: closed without an HTTP answer.
