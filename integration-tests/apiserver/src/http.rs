@@ -21,7 +21,7 @@ use crate::patch::PatchKind;
 use crate::registry::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, FieldError};
-use crate::store::{Filter, ListRequest, Preconditions, Store, WriteOpts};
+use crate::store::{Filter, ListRequest, Preconditions, Propagation, Store, WriteOpts};
 use crate::watch::{self as watching, WatchRequest};
 
 /// The real server's request body limit.
@@ -265,8 +265,10 @@ async fn resource(
         (Method::DELETE, None) => {
             app.counters.record(Verb::DeleteCollection, &plural);
             let filter = filter(&t, query)?;
-            let (_, dry_run) = delete_options(query, body)?;
-            let deleted = app.store.http_delete_collection(&t.rt, &filter, dry_run)?;
+            let (pre, dry_run) = delete_options(query, body)?;
+            let deleted =
+                app.store
+                    .http_delete_collection(&t.rt, &filter, pre.propagation, dry_run)?;
             let list = json!({
                 "kind": t.rt.list_kind,
                 "apiVersion": t.rt.api_version(),
@@ -504,17 +506,34 @@ fn watch(
 fn delete_options(query: &Query, body: &[u8]) -> Result<(Preconditions, bool), ApiError> {
     let mut pre = Preconditions::default();
     let mut dry_run = query.get("dryRun").is_some_and(|d| d == "All");
+    if let Some(policy) = query.get("propagationPolicy") {
+        pre.propagation = propagation(policy)?;
+    }
     if !body.iter().all(u8::is_ascii_whitespace) {
         let opts: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?;
         let s = |p: &str| opts.pointer(p).and_then(Value::as_str).map(String::from);
         pre.uid = s("/preconditions/uid");
         pre.resource_version = s("/preconditions/resourceVersion");
+        if let Some(policy) = s("/propagationPolicy") {
+            pre.propagation = propagation(&policy)?;
+        }
         if let Some(list) = opts.get("dryRun").and_then(Value::as_array) {
             dry_run |= list.iter().any(|v| v == "All");
         }
     }
     Ok((pre, dry_run))
+}
+
+fn propagation(policy: &str) -> Result<Propagation, ApiError> {
+    match policy {
+        "Background" => Ok(Propagation::Background),
+        "Foreground" => Ok(Propagation::Foreground),
+        "Orphan" => Ok(Propagation::Orphan),
+        other => Err(ApiError::bad_request(format!(
+            "propagationPolicy: Unsupported value: \"{other}\": supported values: \"Foreground\", \"Background\", \"Orphan\""
+        ))),
+    }
 }
 
 /// What DELETE answers for kinds whose registry does not return the object.

@@ -23,6 +23,7 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::services::IpAllocator;
 use crate::status::ApiError;
 
+mod gc;
 mod read;
 mod write;
 
@@ -95,11 +96,24 @@ pub(crate) struct WriteOpts {
     pub strict: bool,
 }
 
-/// `DeleteOptions.preconditions`.
+/// `DeleteOptions.preconditions`, and its `propagationPolicy`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Preconditions {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
+    pub propagation: Propagation,
+}
+
+/// `DeleteOptions.propagationPolicy`: what happens to the objects the deleted one owns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Propagation {
+    /// Dependents are deleted after their owner (the default of most kinds).
+    #[default]
+    Background,
+    /// Dependents are deleted before their owner.
+    Foreground,
+    /// Dependents stay; their references to the owner are removed.
+    Orphan,
 }
 
 /// Which objects a list or watch wants.
@@ -479,6 +493,7 @@ impl Store {
         &self,
         rt: &ResourceType,
         filter: &Filter,
+        propagation: Propagation,
         dry_run: bool,
     ) -> Result<Vec<Value>, ApiError> {
         self.write(|st| {
@@ -491,7 +506,11 @@ impl Store {
             let mut out = Vec::new();
             for (ns, name) in keys {
                 let ns = (!ns.is_empty()).then_some(ns);
-                let o = st.delete(rt, ns.as_deref(), &name, &Preconditions::default(), dry_run)?;
+                let pre = Preconditions {
+                    propagation,
+                    ..Preconditions::default()
+                };
+                let o = st.delete(rt, ns.as_deref(), &name, &pre, dry_run)?;
                 out.push(st.output(rt, &o));
             }
             Ok(out)

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::{Event, EventKind, ObjKey, Preconditions, State, WriteOpts, fixture, key_of};
+use super::{
+    Event, EventKind, ObjKey, Preconditions, Propagation, State, WriteOpts, fixture, key_of,
+};
 use crate::meta;
 use crate::patch::{PatchKind, parse_apply_body};
 use crate::registry::{Builtin, GroupResource, ResourceType, Source, crd_status};
@@ -132,8 +134,9 @@ impl State {
             meta::set(&mut obj, "resourceVersion", json!(""));
             return Ok(Arc::new(obj));
         }
-        let stored = self.commit(gr, key, EventKind::Added, obj, None);
+        let stored = self.commit(gr.clone(), key.clone(), EventKind::Added, obj, None);
         self.after_crd_write(rt, &stored);
+        self.collect_if_orphaned(&gr, &key);
         Ok(stored)
     }
 
@@ -282,14 +285,16 @@ impl State {
             // A no-op update keeps the resourceVersion and emits no event, as on a real server.
             return Ok(if opts.dry_run { Arc::new(new) } else { old });
         }
+        let key = key_of(&new);
         let stored = self.commit(
             rt.group_resource(),
-            key_of(&new),
+            key.clone(),
             EventKind::Modified,
             new,
             Some(old),
         );
         self.after_crd_write(rt, &stored);
+        self.collect_if_orphaned(&rt.group_resource(), &key);
         Ok(stored)
     }
 
@@ -371,14 +376,21 @@ impl State {
             Source::Builtin(Builtin::CustomResourceDefinition) => self.delete_crd_contents(&old),
             _ => {}
         }
+        if pre.propagation == Propagation::Foreground {
+            self.collect_dependents(&old, pre.propagation);
+        }
         let key = key_of(&old);
-        Ok(self.commit(
+        let deleted = self.commit(
             rt.group_resource(),
             key,
             EventKind::Deleted,
             (*old).clone(),
             Some(old),
-        ))
+        );
+        if pre.propagation != Propagation::Foreground {
+            self.collect_dependents(&deleted, pre.propagation);
+        }
+        Ok(deleted)
     }
 
     fn delete_namespace_contents(&mut self, ns: &str) {
@@ -425,7 +437,7 @@ impl State {
     }
 
     /// Stores (or removes) one object under a new resourceVersion and records the event.
-    fn commit(
+    pub(super) fn commit(
         &mut self,
         gr: GroupResource,
         key: ObjKey,

@@ -5,6 +5,7 @@
 mod crd;
 mod crud;
 mod lifecycle;
+mod ownership;
 mod watch;
 
 use std::future::Future;
