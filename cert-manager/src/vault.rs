@@ -1,4 +1,4 @@
-//! Vault: the PKI secrets engine over HTTP.
+//! Vault: the PKI secrets engine over HTTP or HTTPS.
 //!
 //! Each certificate is one `POST {protocol}://{host}:{port}/v1/{pki mount}/issue/{role}` with the
 //! `X-Vault-Token` header and a JSON body `{common_name, alt_names, uri_sans, ttl, format}`;
@@ -7,16 +7,28 @@
 //! `.secret.name`/`.secret.key`, `.role`); the root's key never leaves Vault. The token is never
 //! logged.
 //!
-//! `https` needs a TLS-enabled `reqwest` (the workspace builds it without TLS features today).
+//! `https` is rustls on ring. Vault's certificate is checked against the CA file of
+//! [`VaultConfig::ca_file`] (what Vault's own clients call `VAULT_CACERT`) when one is given,
+//! else against the system roots.
+//!
+//! The token is kept alive by [`VaultProvider::run_token_renewal`]: `auth/token/lookup-self`
+//! gives its TTL, and `auth/token/renew-self` renews it when two thirds of that TTL have passed.
+//! A token without a TTL (a root token) is left alone; a failed renewal or a token that cannot be
+//! renewed is logged with E4013 and retried, while issuance goes on with the still-valid token.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use fsm_errcode::{ErrCode, HasErrCode};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
+use parking_lot::Mutex;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::CertError;
 use crate::provider::CertificateProvider;
 use crate::types::{CertificateRequest, IssuedCertificate, PrivateKeyPem};
@@ -47,6 +59,9 @@ pub struct VaultConfig {
     /// Roots to hand out as the trust bundle instead of the CA Vault returns (e.g. the
     /// `ca.crt` of `fsm-ca-bundle`, or old + new roots while the user rotates Vault's root).
     pub trust_bundle_pem: Option<String>,
+    /// PEM file of the CA(s) that signed Vault's own TLS certificate (`https` only). When set,
+    /// only these are trusted; when `None`, the system roots are.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for VaultConfig {
@@ -59,6 +74,7 @@ impl std::fmt::Debug for VaultConfig {
             .field("role", &self.role)
             .field("pki_mount", &self.pki_mount)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -75,19 +91,31 @@ impl VaultConfig {
             pki_mount: "pki".into(),
             timeout: Duration::from_secs(30),
             trust_bundle_pem: None,
+            ca_file: None,
         }
+    }
+
+    /// `{protocol}://{host}:{port}/v1/`, the prefix of every API path.
+    pub fn api_url(&self) -> String {
+        format!("{}://{}:{}/v1/", self.protocol, self.host, self.port)
     }
 
     /// The issue endpoint, `{protocol}://{host}:{port}/v1/{mount}/issue/{role}`.
     pub fn issue_url(&self) -> String {
         format!(
-            "{}://{}:{}/v1/{}/issue/{}",
-            self.protocol,
-            self.host,
-            self.port,
+            "{}{}/issue/{}",
+            self.api_url(),
             self.pki_mount.trim_matches('/'),
             self.role
         )
+    }
+
+    /// Where Vault's TLS certificate is checked against, for error messages.
+    fn roots(&self) -> String {
+        match &self.ca_file {
+            Some(path) => format!("the CA file {}", path.display()),
+            None => "the system roots".into(),
+        }
     }
 }
 
@@ -121,13 +149,74 @@ pub async fn token_from_secret(
 
 // === VaultProvider ===
 
+/// When the token is renewed: after this fraction of its TTL (numerator, denominator).
+const RENEW_AFTER: (u32, u32) = (2, 3);
+/// First retry after a failed token lookup or renewal; doubled up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often [`VaultProvider::run_token_renewal`] looks at the clock. Short, so that a jump of
+/// the wall clock (or of a test's manual clock) is noticed soon.
+pub const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The Vault PKI secrets engine as a [`CertificateProvider`].
 #[derive(Debug)]
 pub struct VaultProvider {
     config: VaultConfig,
     url: String,
     http: reqwest::Client,
+    clock: Arc<dyn Clock>,
+    token: Mutex<TokenState>,
 }
+
+/// What the provider knows of its token's lifetime.
+#[derive(Debug)]
+struct TokenState {
+    /// When to look at the token next (lookup or renewal). `UNIX_EPOCH`: at once.
+    next_check: SystemTime,
+    /// `None` until looked up; then whether `renew-self` may be used.
+    renewable: Option<bool>,
+    /// When the token expires, as last reported by Vault.
+    expires_at: Option<SystemTime>,
+    /// Failed checks in a row, for the retry back-off.
+    failures: u32,
+    /// The token has no TTL (a root token): nothing to renew, ever.
+    non_expiring: bool,
+}
+
+/// The outcome of one [`VaultProvider::renew_token_if_due`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStatus {
+    /// Nothing to do yet.
+    NotDue,
+    /// The token has no TTL (Vault reports `ttl: 0`, e.g. a root token); it is never renewed.
+    NonExpiring,
+    /// Looked up (first check): `ttl` left, renewal scheduled at two thirds of it.
+    LookedUp { ttl: Duration },
+    /// Renewed with `auth/token/renew-self`: the new TTL.
+    Renewed { ttl: Duration },
+}
+
+/// A token lookup or renewal failed, or the token cannot be renewed. Code E4013: issuance will
+/// fail once the token expires. Never holds the token.
+#[derive(Debug, thiserror::Error)]
+#[error("vault {host}: {action} failed: {message}")]
+pub struct VaultTokenError {
+    pub host: String,
+    /// `token lookup (auth/token/lookup-self)` or `token renewal (auth/token/renew-self)`.
+    pub action: &'static str,
+    /// The HTTP status Vault answered with, if it answered.
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+impl HasErrCode for VaultTokenError {
+    fn err_code(&self) -> ErrCode {
+        ErrCode::E4013
+    }
+}
+
+const LOOKUP: &str = "token lookup (auth/token/lookup-self)";
+const RENEW: &str = "token renewal (auth/token/renew-self)";
 
 #[derive(Deserialize)]
 struct IssueResponse {
@@ -150,14 +239,103 @@ struct ErrorResponse {
     errors: Vec<String>,
 }
 
+/// `auth/token/lookup-self`. Only the lifetime is read: the response also holds the token
+/// itself (`id`), which is left unparsed.
+#[derive(Deserialize)]
+struct LookupResponse {
+    data: LookupData,
+}
+
+#[derive(Deserialize)]
+struct LookupData {
+    #[serde(default)]
+    ttl: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
+/// `auth/token/renew-self`. `client_token` is left unparsed.
+#[derive(Deserialize)]
+struct RenewResponse {
+    auth: RenewAuth,
+}
+
+#[derive(Deserialize)]
+struct RenewAuth {
+    #[serde(default)]
+    lease_duration: u64,
+    #[serde(default)]
+    renewable: bool,
+}
+
 impl VaultProvider {
+    /// A provider on the system clock.
     pub fn new(config: VaultConfig) -> Result<Self, CertError> {
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// A provider whose token renewal follows `clock` (tests use a [`crate::ManualClock`]).
+    pub fn with_clock(config: VaultConfig, clock: Arc<dyn Clock>) -> Result<Self, CertError> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(config.timeout);
+        match config.protocol.as_str() {
+            "https" => {
+                if let Some(path) = &config.ca_file {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        CertError::CertificateDecode(format!(
+                            "vault CA file {}: cannot read it: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                        CertError::CertificateDecode(format!(
+                            "vault CA file {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    if certs.is_empty() {
+                        return Err(CertError::CertificateDecode(format!(
+                            "vault CA file {}: no PEM certificate in it",
+                            path.display()
+                        )));
+                    }
+                    // Only the given CA, as Vault's own clients do with VAULT_CACERT: a Vault
+                    // certificate from some public CA is not what the operator pointed us at.
+                    builder = builder.tls_built_in_root_certs(false);
+                    for cert in certs {
+                        builder = builder.add_root_certificate(cert);
+                    }
+                }
+            }
+            "http" => {
+                if let Some(path) = &config.ca_file {
+                    tracing::warn!(host = %config.host, ca_file = %path.display(), "vault: a CA file is set but the protocol is http; it is not used");
+                }
+            }
+            other => {
+                return Err(CertError::InvalidRequest(format!(
+                    "vault protocol {other:?}: must be http or https"
+                )));
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| CertError::InvalidRequest(format!("vault HTTP client: {e}")))?;
         let url = config.issue_url();
-        Ok(Self { config, url, http })
+        Ok(Self {
+            config,
+            url,
+            http,
+            clock,
+            token: Mutex::new(TokenState {
+                next_check: SystemTime::UNIX_EPOCH,
+                renewable: None,
+                expires_at: None,
+                failures: 0,
+                non_expiring: false,
+            }),
+        })
     }
 
     fn issue_err(&self, req: &CertificateRequest, message: String) -> CertError {
@@ -168,6 +346,243 @@ impl VaultProvider {
             source: None,
         }
     }
+
+    /// Says why a request to `url` got no answer. A TLS failure names Vault's host and what
+    /// its certificate was checked against; the rest is the error chain, outermost first.
+    fn describe_send_error(&self, url: &str, e: &reqwest::Error) -> String {
+        let (host, port) = (&self.config.host, self.config.port);
+        let mut chain: Vec<String> = Vec::new();
+        let mut tls: Option<&rustls::Error> = None;
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(r) = find_rustls_error(err) {
+                tls = Some(r);
+            }
+            let text = err.to_string();
+            if chain.last() != Some(&text) {
+                chain.push(text);
+            }
+            cur = err.source();
+        }
+        use rustls::CertificateError as C;
+        match tls {
+            Some(r @ rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => {
+                format!(
+                    "TLS: the certificate of Vault at {host}:{port} is not signed by a CA in {} ({r})",
+                    self.config.roots()
+                )
+            }
+            Some(
+                r @ rustls::Error::InvalidCertificate(
+                    C::NotValidForName | C::NotValidForNameContext { .. },
+                ),
+            ) => format!(
+                "TLS: the certificate of Vault at {host}:{port} is not valid for the name {host} ({r})"
+            ),
+            Some(r) => format!("TLS handshake with Vault at {host}:{port} failed: {r}"),
+            None => format!("request to {url} failed: {}", chain.join(": ")),
+        }
+    }
+
+    /// One token call (`lookup-self` or `renew-self`): the body on success, the error otherwise.
+    async fn token_call(
+        &self,
+        action: &'static str,
+        path: &str,
+    ) -> Result<Zeroizing<String>, VaultTokenError> {
+        let url = format!("{}{path}", self.config.api_url());
+        let fail = |status: Option<u16>, message: String| VaultTokenError {
+            host: self.config.host.clone(),
+            action,
+            status,
+            message,
+        };
+        let request = if action == RENEW {
+            // No increment: Vault renews to the token's own period or default TTL.
+            self.http.post(&url).json(&serde_json::json!({}))
+        } else {
+            self.http.get(&url)
+        };
+        let resp = request
+            .header("X-Vault-Token", self.config.token.as_str())
+            .send()
+            .await
+            .map_err(|e| fail(None, self.describe_send_error(&url, &e)))?;
+        let status = resp.status();
+        let text = Zeroizing::new(
+            resp.text()
+                .await
+                .map_err(|e| fail(Some(status.as_u16()), format!("reading the response: {e}")))?,
+        );
+        if !status.is_success() {
+            let errors = serde_json::from_str::<ErrorResponse>(&text)
+                .unwrap_or_default()
+                .errors
+                .join("; ");
+            return Err(fail(
+                Some(status.as_u16()),
+                format!("HTTP {}: {errors}", status.as_u16()),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// Looks the token up or renews it if its time has come (see [`TokenStatus`]). On failure
+    /// the next attempt is scheduled with back-off (5 s doubling to 60 s, and never later than
+    /// a third of the time the token has left). Logs the outcome; never the token.
+    pub async fn renew_token_if_due(&self) -> Result<TokenStatus, VaultTokenError> {
+        // Lifetimes count from before the request: the time it takes is not left to the token.
+        let now = self.clock.now();
+        let (renew, expires_at) = {
+            let st = self.token.lock();
+            if st.non_expiring {
+                return Ok(TokenStatus::NonExpiring);
+            }
+            if now < st.next_check {
+                return Ok(TokenStatus::NotDue);
+            }
+            (st.renewable == Some(true), st.expires_at)
+        };
+        let host = self.config.host.as_str();
+        let result = if renew {
+            self.renew_self().await
+        } else {
+            self.lookup_self().await
+        };
+        let mut st = self.token.lock();
+        match result {
+            Ok((ttl, renewable)) if ttl.is_zero() => {
+                st.non_expiring = true;
+                st.renewable = Some(renewable);
+                st.failures = 0;
+                tracing::info!(host, "vault token has no TTL; it is not renewed");
+                Ok(TokenStatus::NonExpiring)
+            }
+            Ok((ttl, renewable)) => {
+                st.expires_at = Some(now + ttl);
+                st.failures = 0;
+                st.renewable = Some(renewable);
+                if renewable {
+                    st.next_check = now + ttl * RENEW_AFTER.0 / RENEW_AFTER.1;
+                    tracing::info!(
+                        host,
+                        ttl_secs = ttl.as_secs(),
+                        renew_in_secs = (ttl * RENEW_AFTER.0 / RENEW_AFTER.1).as_secs(),
+                        renewed = renew,
+                        "vault token valid"
+                    );
+                    Ok(if renew {
+                        TokenStatus::Renewed { ttl }
+                    } else {
+                        TokenStatus::LookedUp { ttl }
+                    })
+                } else {
+                    let err = VaultTokenError {
+                        host: host.to_owned(),
+                        action: RENEW,
+                        status: None,
+                        message: format!(
+                            "the token is not renewable; it expires in {}s, after which Vault refuses to issue",
+                            ttl.as_secs()
+                        ),
+                    };
+                    Err(self.schedule_retry(&mut st, now, Some(now + ttl), err))
+                }
+            }
+            Err(err) => Err(self.schedule_retry(&mut st, now, expires_at, err)),
+        }
+    }
+
+    fn schedule_retry(
+        &self,
+        st: &mut TokenState,
+        now: SystemTime,
+        expires_at: Option<SystemTime>,
+        err: VaultTokenError,
+    ) -> VaultTokenError {
+        st.failures = st.failures.saturating_add(1);
+        let mut delay = RETRY_MIN
+            .saturating_mul(1 << st.failures.saturating_sub(1).min(8))
+            .min(RETRY_MAX);
+        let left = expires_at.and_then(|t| t.duration_since(now).ok());
+        if let Some(left) = left {
+            delay = delay.min((left / 3).max(Duration::from_secs(1)));
+        }
+        st.next_check = now + delay;
+        tracing::error!(
+            code = %err.err_code(),
+            host = %self.config.host,
+            error = %err,
+            failures = st.failures,
+            retry_in_secs = delay.as_secs(),
+            expires_in_secs = left.map(|d| d.as_secs()),
+            "vault token could not be renewed; certificates are issued with it until it expires"
+        );
+        err
+    }
+
+    async fn lookup_self(&self) -> Result<(Duration, bool), VaultTokenError> {
+        let text = self.token_call(LOOKUP, "auth/token/lookup-self").await?;
+        let parsed: LookupResponse = serde_json::from_str(&text).map_err(|e| VaultTokenError {
+            host: self.config.host.clone(),
+            action: LOOKUP,
+            status: Some(200),
+            message: format!(
+                "unexpected response: {:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        })?;
+        Ok((Duration::from_secs(parsed.data.ttl), parsed.data.renewable))
+    }
+
+    async fn renew_self(&self) -> Result<(Duration, bool), VaultTokenError> {
+        let text = self.token_call(RENEW, "auth/token/renew-self").await?;
+        let parsed: RenewResponse = serde_json::from_str(&text).map_err(|e| VaultTokenError {
+            host: self.config.host.clone(),
+            action: RENEW,
+            status: Some(200),
+            message: format!(
+                "unexpected response: {:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        })?;
+        Ok((
+            Duration::from_secs(parsed.auth.lease_duration),
+            parsed.auth.renewable,
+        ))
+    }
+
+    /// Keeps the token alive for as long as the provider lives: checks it every `tick` (at
+    /// most) and renews it when due. Returns once the token turns out to have no TTL.
+    pub async fn run_token_renewal(self: Arc<Self>, tick: Duration) {
+        loop {
+            // Errors are logged (with their code) and rescheduled inside.
+            if let Ok(TokenStatus::NonExpiring) = self.renew_token_if_due().await {
+                return;
+            }
+            let until = self
+                .token
+                .lock()
+                .next_check
+                .duration_since(self.clock.now())
+                .unwrap_or_default();
+            tokio::time::sleep(until.min(tick).max(Duration::from_millis(10))).await;
+        }
+    }
+}
+
+/// The rustls error in `err`, which travels inside (possibly nested) `io::Error`s, whose
+/// `source()` skips what they wrap.
+fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(r) = err.downcast_ref::<rustls::Error>() {
+        return Some(r);
+    }
+    let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
+    find_rustls_error(inner)
 }
 
 fn ensure_newline(mut s: String) -> String {
@@ -199,7 +614,7 @@ impl CertificateProvider for VaultProvider {
             .map_err(|e| CertError::Issue {
                 provider: NAME,
                 common_name: req.common_name.clone(),
-                message: format!("request to {} failed", self.url),
+                message: self.describe_send_error(&self.url, &e),
                 source: Some(Box::new(e)),
             })?;
         let status = resp.status();
