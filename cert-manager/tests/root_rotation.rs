@@ -375,8 +375,9 @@ async fn only_new_root_left(
     model: &Model,
     except: Option<&str>,
 ) -> Result<()> {
-    let state = model.state.lock();
-    for h in state
+    for h in model
+        .state
+        .lock()
         .holders
         .iter()
         .filter(|h| Some(h.name.as_str()) != except)
@@ -389,7 +390,6 @@ async fn only_new_root_left(
             h.bundle
         );
     }
-    drop(state);
     let bundle = manager.trust_bundle_pem().context("no bundle")?;
     ensure!(model.roots.of_bundle(&bundle) == BTreeSet::from([Root::New]));
     for key in manager.cached_keys() {
@@ -552,7 +552,7 @@ async fn grace_period_drops_the_old_root_when_a_proxy_never_acknowledges_its_new
     // The stuck proxy never acknowledges phase 3 either: its grace ends it too.
     ensure!(!outcome.old_root_dropped.acked, "{outcome:?}");
     ensure!(elapsed < outcome.trusting_both.elapsed + 2 * grace + Duration::from_secs(1));
-    ensure!(model.in_sync() == false);
+    ensure!(!model.in_sync());
     // Everybody else has moved on; only the stuck proxy still presents an old-root leaf, which
     // is the only thing its peers cannot verify.
     only_new_root_left(&manager, &model, Some(&stuck)).await?;
