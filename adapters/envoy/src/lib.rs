@@ -20,8 +20,9 @@
 //! Every connection between sidecars is mutually authenticated, with FSM's SDS names:
 //!
 //! - the inbound listener presents `service-cert:<ns>/<sa>`, requires a client certificate that
-//!   chains to `root-cert-for-mtls-inbound:<ns>/<sa>`, and an HTTP RBAC filter admits, per
-//!   route, only the identities the route allows (by the client's SPIFFE URI SAN);
+//!   chains to `root-cert-for-mtls-inbound:<ns>/<sa>` and carries a SPIFFE URI SAN of the
+//!   trust domain (so a proxy's xDS bootstrap certificate, from the same CA, is refused), and an
+//!   HTTP RBAC filter admits, per route, only the identities the route allows (by that SAN);
 //! - outbound clusters reach meshed endpoints over TLS with the same client certificate, SNI
 //!   `<svc>.<ns>.svc.cluster.local`, and check the server against
 //!   `root-cert-for-mtls-outbound:<ns>/<svc>`, which only admits the service's identities.
@@ -291,6 +292,14 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret>
             r#type: Some(tls::secret::Type::ValidationContext(
                 tls::CertificateValidationContext {
                     trusted_ca: trusted_ca(),
+                    // One purpose per certificate: the mesh CA also signs every proxy's xDS
+                    // bootstrap certificate, which carries no SPIFFE URI SAN. Only service
+                    // certificates (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) may connect.
+                    match_typed_subject_alt_names: vec![tls::SubjectAltNameMatcher {
+                        san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                        matcher: Some(prefix(&spiffe_workload_prefix(&ir.mesh.trust_domain))),
+                        ..Default::default()
+                    }],
                     ..Default::default()
                 },
             )),
@@ -336,6 +345,18 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret>
 fn inline(pem: &str) -> core::DataSource {
     core::DataSource {
         specifier: Some(core::data_source::Specifier::InlineString(pem.into())),
+        ..Default::default()
+    }
+}
+
+/// `spiffe://<trust-domain>/ns/`: what every workload's SPIFFE ID starts with.
+fn spiffe_workload_prefix(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/")
+}
+
+fn prefix(value: &str) -> matcher::StringMatcher {
+    matcher::StringMatcher {
+        match_pattern: Some(matcher::string_matcher::MatchPattern::Prefix(value.into())),
         ..Default::default()
     }
 }
