@@ -145,10 +145,17 @@ impl Controller {
         crate::client::get_text(&self.url(path)).await
     }
 
-    /// `/debug/proxies`, keyed by proxy UUID.
-    pub async fn debug_proxies(&self) -> Result<BTreeMap<String, ProxyDebug>> {
+    /// `/debug/proxies` as the controller keys it: by whole proxy identity,
+    /// `<uuid>.<kind>.<service-account>.<namespace>`.
+    pub async fn debug_proxies_by_identity(&self) -> Result<BTreeMap<String, ProxyDebug>> {
         let body = self.get("/debug/proxies").await?;
         serde_json::from_str(&body).with_context(|| format!("decoding /debug/proxies: {body}"))
+    }
+
+    /// `/debug/proxies`, keyed by proxy UUID (tests give each pod its own UUID; where two
+    /// identities claim one UUID, use [`Controller::debug_proxies_by_identity`]).
+    pub async fn debug_proxies(&self) -> Result<BTreeMap<String, ProxyDebug>> {
+        Ok(by_uuid(self.debug_proxies_by_identity().await?))
     }
 
     /// The version of `type_url` the proxy has ACKed, when it is in sync with its snapshot.
@@ -165,10 +172,28 @@ impl Controller {
             .flatten())
     }
 
-    /// `/debug/config`: per proxy UUID, its pod and why its configuration is missing or stale.
-    pub async fn debug_config(&self) -> Result<serde_json::Value> {
+    /// `/debug/config` as the controller keys it: by whole proxy identity.
+    pub async fn debug_config_by_identity(
+        &self,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
         let body = self.get("/debug/config").await?;
         serde_json::from_str(&body).with_context(|| format!("decoding /debug/config: {body}"))
+    }
+
+    /// `/debug/config`: per proxy UUID, its pod and why its configuration is missing or stale.
+    pub async fn debug_config(&self) -> Result<serde_json::Value> {
+        let by_identity = self.debug_config_by_identity().await?;
+        Ok(serde_json::Value::Object(
+            by_uuid(by_identity.into_iter().collect())
+                .into_iter()
+                .collect(),
+        ))
+    }
+
+    /// `/debug/problems`: every refused object and pod, `<code>: <what and why>`.
+    pub async fn debug_problems(&self) -> Result<Vec<String>> {
+        let body = self.get("/debug/problems").await?;
+        serde_json::from_str(&body).with_context(|| format!("decoding /debug/problems: {body}"))
     }
 
     /// `/metrics` in Prometheus text format.
@@ -178,6 +203,17 @@ impl Controller {
 }
 
 // === free functions ===
+
+/// Re-keys a map keyed by proxy identity (`<uuid>.<kind>.<sa>.<ns>`) by its UUID.
+fn by_uuid<V>(by_identity: BTreeMap<String, V>) -> BTreeMap<String, V> {
+    by_identity
+        .into_iter()
+        .map(|(identity, v)| {
+            let uuid = identity.split('.').next().unwrap_or_default().to_owned();
+            (uuid, v)
+        })
+        .collect()
+}
 
 /// Starts `fsm-controller --manifest-dir <dir>` with ADS and HTTP on free loopback ports (unless
 /// `options` fixes them) and waits for `/health/ready`.

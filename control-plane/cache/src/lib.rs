@@ -168,14 +168,28 @@ impl Snapshot {
     }
 }
 
-/// Identifies one proxy: its UUID from the node id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct ProxyKey(pub Arc<str>);
+/// A proxy's whole identity: what its snapshot is keyed by (never the UUID alone).
+pub use fsm_identity::ProxyIdentity as ProxyKey;
 
-impl fmt::Display for ProxyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+/// What the streams of one proxy are to serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Published {
+    /// Nothing yet: the controller has not matched the proxy's certificate to its pod, or its
+    /// service certificate is not issued yet. A stream sends nothing meanwhile.
+    #[default]
+    Pending,
+    Snapshot(Arc<Snapshot>),
+    /// The proxy's identity does not (or no longer) match a pod: its streams stop receiving
+    /// updates and are closed with this reason, which starts with the FSM error code.
+    Refused(Arc<str>),
+}
+
+impl Published {
+    pub fn snapshot(&self) -> Option<&Arc<Snapshot>> {
+        match self {
+            Published::Snapshot(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -207,14 +221,14 @@ pub struct ProxyStatus {
 }
 
 struct Entry {
-    snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+    published: watch::Sender<Published>,
     status: ProxyStatus,
 }
 
 impl Entry {
     fn new() -> Self {
         Entry {
-            snapshot: watch::Sender::new(None),
+            published: watch::Sender::new(Published::Pending),
             status: ProxyStatus::default(),
         }
     }
@@ -232,17 +246,20 @@ impl SnapshotCache {
     }
 
     /// Stores a proxy's snapshot and wakes its streams. Returns false, and wakes nobody, when the
-    /// content is unchanged.
+    /// content is unchanged or the proxy has no stream: a proxy is known to the cache only while
+    /// one of its streams is open, so a publish racing a disconnect leaves nothing behind.
     pub fn set(&self, key: &ProxyKey, snapshot: Snapshot) -> bool {
         let mut entries = self.entries.write();
-        let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
+        let Some(entry) = entries.get_mut(key) else {
+            return false;
+        };
         let versions = snapshot.versions();
         let snapshot = Arc::new(snapshot);
-        let changed = entry.snapshot.send_if_modified(|current| {
-            if current.as_deref() == Some(&*snapshot) {
+        let changed = entry.published.send_if_modified(|current| {
+            if current.snapshot().map(|s| &**s) == Some(&*snapshot) {
                 return false;
             }
-            *current = Some(snapshot.clone());
+            *current = Published::Snapshot(snapshot.clone());
             true
         });
         for (type_url, status) in entry.status.types.iter_mut() {
@@ -259,19 +276,36 @@ impl SnapshotCache {
         changed
     }
 
+    /// Closes the proxy's streams with `reason` (which starts with its FSM error code): its
+    /// identity matches no pod. Returns whether any stream was told.
+    pub fn refuse(&self, key: &ProxyKey, reason: impl Into<Arc<str>>) -> bool {
+        let mut entries = self.entries.write();
+        let Some(entry) = entries.get_mut(key) else {
+            return false;
+        };
+        let reason = reason.into();
+        entry.published.send_if_modified(|current| {
+            if matches!(current, Published::Refused(r) if *r == reason) {
+                return false;
+            }
+            *current = Published::Refused(reason);
+            true
+        })
+    }
+
     pub fn get(&self, key: &ProxyKey) -> Option<Arc<Snapshot>> {
         self.entries
             .read()
             .get(key)
-            .and_then(|e| e.snapshot.borrow().clone())
+            .and_then(|e| e.published.borrow().snapshot().cloned())
     }
 
-    /// A receiver that sees the proxy's current snapshot and every later one.
-    pub fn subscribe(&self, key: &ProxyKey) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    /// A receiver that sees what the proxy's streams are to serve now and every later change.
+    pub fn subscribe(&self, key: &ProxyKey) -> watch::Receiver<Published> {
         let mut entries = self.entries.write();
         let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
         entry.status.connected_streams += 1;
-        entry.snapshot.subscribe()
+        entry.published.subscribe()
     }
 
     /// Called when a stream of the proxy ends; forgets the proxy once no stream is left.
@@ -354,7 +388,12 @@ mod tests {
     #[tokio::test]
     async fn set_wakes_subscribers_only_on_change() {
         let cache = SnapshotCache::new();
-        let key = ProxyKey("p".into());
+        let key = ProxyKey::new("p", fsm_identity::ProxyKind::Sidecar, "sa", "ns");
+        assert!(
+            !cache.set(&key, snap(b"x")),
+            "a proxy without a stream gets no entry"
+        );
+        assert!(cache.status().is_empty());
         let mut rx = cache.subscribe(&key);
         assert!(cache.set(&key, snap(b"x")));
         assert!(rx.has_changed().expect("open"));
@@ -379,5 +418,29 @@ mod tests {
             cache.get(&key).is_none(),
             "a disconnected proxy is forgotten"
         );
+    }
+
+    #[tokio::test]
+    async fn refusing_a_proxy_tells_its_streams_once() {
+        let cache = SnapshotCache::new();
+        let key = ProxyKey::new("p", fsm_identity::ProxyKind::Sidecar, "sa", "ns");
+        let other = ProxyKey::new("p", fsm_identity::ProxyKind::Sidecar, "evil", "ns");
+        assert!(!cache.refuse(&key, "E5004: no"), "nobody to tell");
+        let mut rx = cache.subscribe(&key);
+        let mut other_rx = cache.subscribe(&other);
+        assert_eq!(*rx.borrow_and_update(), Published::Pending);
+        assert!(cache.set(&other, snap(b"x")));
+        assert!(
+            !rx.has_changed().expect("open"),
+            "the same UUID under another identity is another proxy"
+        );
+        assert!(cache.refuse(&key, "E5004: no"));
+        assert_eq!(
+            *rx.borrow_and_update(),
+            Published::Refused("E5004: no".into())
+        );
+        assert!(!cache.refuse(&key, "E5004: no"));
+        assert!(other_rx.borrow_and_update().snapshot().is_some());
+        assert!(cache.get(&key).is_none());
     }
 }

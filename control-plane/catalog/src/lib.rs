@@ -16,7 +16,10 @@ pub use event::{CatalogEvent, Scope};
 pub use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 pub use fsm_crds::parse_go_duration as parse_duration;
 pub use object::{Kind, KindVisitor, MeshKind, MeshObject, ObjectKey};
-pub use store::{Catalog, CatalogSettings, Rejection, ResolvedEndpoint, SidecarProxy};
+pub use store::{
+    Catalog, CatalogSettings, Rejection, ResolvedEndpoint, SidecarProxy, UuidConflict,
+    pod_service_account,
+};
 pub use workload::{Workload, workload_of};
 
 /// Namespace label that puts a namespace under a mesh's control.

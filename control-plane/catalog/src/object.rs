@@ -218,12 +218,18 @@ impl MeshObject {
     /// a status-only update or a relist compares equal to what the catalog holds and triggers no
     /// recomputation, and the catalog does not keep the bulk of large objects in memory.
     pub fn normalized(mut self) -> Self {
+        // A pod keeps its uid (what its bootstrap Secret's ownerReference names) and its creation
+        // time (which of two pods claiming one proxy UUID came first): both are set once by the
+        // API server, so they never churn.
+        let keeps_identity = matches!(self, MeshObject::Pod(_));
         let meta = self.metadata_mut();
         meta.resource_version = None;
         meta.managed_fields = None;
-        meta.creation_timestamp = None;
         meta.generation = None;
-        meta.uid = None;
+        if !keeps_identity {
+            meta.creation_timestamp = None;
+            meta.uid = None;
+        }
         if let Some(annotations) = &mut meta.annotations {
             annotations.remove(LAST_APPLIED_ANNOTATION);
             if annotations.is_empty() {

@@ -43,6 +43,37 @@ pub struct SidecarProxy {
     pub pod_uid: Option<String>,
 }
 
+/// A pod whose `fsm-proxy-uuid` label names a UUID another pod holds: it gets no credentials and
+/// no configuration (FSM's E5004) while the owner keeps both.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UuidConflict {
+    pub uuid: String,
+    /// `(namespace, name)` of the pod that holds the UUID.
+    pub owner: NsName,
+    /// `(namespace, name)` of the pod refused.
+    pub claimant: NsName,
+}
+
+impl std::fmt::Display for UuidConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pod {}/{} carries label {PROXY_UUID_LABEL}={}, which pod {}/{} already holds; it gets no credentials and no configuration",
+            self.claimant.0, self.claimant.1, self.uuid, self.owner.0, self.owner.1
+        )
+    }
+}
+
+/// When a pod claimed its proxy UUID: the API server's creation time (which no pod author can
+/// set), then the order the catalog first saw the pod. Pods without a creation time (manifests)
+/// come after those with one, in the order they were seen.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ClaimOrder {
+    untimed: bool,
+    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    seen: u64,
+}
+
 /// The current mesh objects and the indexes the compiler needs.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
@@ -61,7 +92,13 @@ pub struct Catalog {
     rejected: BTreeMap<ObjectKey, Rejection>,
     /// Objects of the relists in progress (between `Init` and `InitDone`), by scope.
     relists: BTreeMap<Scope, Vec<MeshObject>>,
-    pods_by_uuid: HashMap<String, NsName>,
+    /// Pods labelled with each proxy UUID, earliest claim first: the first one owns the UUID.
+    /// Normally exactly one; more only when a pod copies another pod's label.
+    uuid_claims: HashMap<String, Vec<(ClaimOrder, NsName)>>,
+    /// When each pod was first seen, kept across updates of the pod so an update never moves
+    /// its claim behind a later pod's.
+    pod_seen: HashMap<NsName, u64>,
+    next_seen: u64,
     pods_by_ip: HashMap<IpAddr, NsName>,
     /// (namespace, service name) → names of its EndpointSlices.
     slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
@@ -240,8 +277,11 @@ impl Catalog {
         if self.get(&key).as_ref() == Some(&object) {
             return false;
         }
-        self.delete(&key);
         let id = ns_name(&key);
+        let seen_before = (key.kind == Kind::Pod)
+            .then(|| self.pod_seen.get(&id).copied())
+            .flatten();
+        self.delete(&key);
         match object {
             MeshObject::Namespace(o) => {
                 self.namespaces.insert(key.name, o);
@@ -267,13 +307,29 @@ impl Catalog {
                 self.slices.insert(id, o);
             }
             MeshObject::Pod(o) => {
-                if let Some(uuid) = o
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(PROXY_UUID_LABEL))
-                {
-                    self.pods_by_uuid.insert(uuid.clone(), id.clone());
+                let seen = seen_before.unwrap_or_else(|| {
+                    self.next_seen += 1;
+                    self.next_seen
+                });
+                self.pod_seen.insert(id.clone(), seen);
+                if let Some(uuid) = proxy_uuid(&o) {
+                    let order = ClaimOrder {
+                        untimed: o.metadata.creation_timestamp.is_none(),
+                        created: o.metadata.creation_timestamp.clone(),
+                        seen,
+                    };
+                    let claims = self.uuid_claims.entry(uuid.to_owned()).or_default();
+                    let at = claims.partition_point(|(o, _)| *o < order);
+                    claims.insert(at, (order, id.clone()));
+                    if claims.len() > 1 && seen_before.is_none() {
+                        let conflict = UuidConflict {
+                            uuid: uuid.to_owned(),
+                            owner: claims[0].1.clone(),
+                            claimant: claims[if at == 0 { 1 } else { at }].1.clone(),
+                        };
+                        tracing::warn!(code = %ErrCode::E5004, "{conflict}");
+                        fsm_errcode::count(ErrCode::E5004);
+                    }
                 }
                 if let Some(ip) = pod_ip(&o) {
                     self.pods_by_ip.insert(ip, id.clone());
@@ -325,14 +381,14 @@ impl Catalog {
                 let Some(old) = self.pods.remove(&id) else {
                     return false;
                 };
-                if let Some(uuid) = old
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(PROXY_UUID_LABEL))
-                    && self.pods_by_uuid.get(uuid) == Some(&id)
+                self.pod_seen.remove(&id);
+                if let Some(uuid) = proxy_uuid(&old)
+                    && let Some(claims) = self.uuid_claims.get_mut(uuid)
                 {
-                    self.pods_by_uuid.remove(uuid);
+                    claims.retain(|(_, pod)| *pod != id);
+                    if claims.is_empty() {
+                        self.uuid_claims.remove(uuid);
+                    }
                 }
                 if let Some(ip) = pod_ip(&old)
                     && self.pods_by_ip.get(&ip) == Some(&id)
@@ -441,12 +497,14 @@ impl Catalog {
         self.pods.get(&(namespace.to_string(), name.to_string()))
     }
 
-    /// Every pod that runs a sidecar and carries a proxy UUID, sorted by namespace and name: the
-    /// proxies that need bootstrap credentials to reach the control plane.
+    /// Every pod that runs a sidecar and owns a proxy UUID, sorted by namespace and name: the
+    /// proxies that need bootstrap credentials to reach the control plane. A pod whose UUID
+    /// another pod holds is left out (see [`Catalog::uuid_conflicts`]).
     pub fn sidecar_proxies(&self) -> Vec<SidecarProxy> {
         let mut out: Vec<SidecarProxy> = self
-            .pods_by_uuid
+            .uuid_claims
             .iter()
+            .filter_map(|(uuid, claims)| Some((uuid, &claims.first()?.1)))
             .filter(|(_, (ns, name))| self.pod_has_sidecar(ns, name))
             .filter_map(|(uuid, (ns, name))| {
                 let pod = self.pods.get(&(ns.clone(), name.clone()))?;
@@ -454,11 +512,7 @@ impl Catalog {
                     namespace: ns.clone(),
                     pod: name.clone(),
                     uuid: uuid.clone(),
-                    service_account: pod
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.service_account_name.clone())
-                        .unwrap_or_else(|| "default".to_string()),
+                    service_account: pod_service_account(pod),
                     pod_uid: pod.metadata.uid.clone(),
                 })
             })
@@ -467,9 +521,58 @@ impl Catalog {
         out
     }
 
-    /// The pod carrying label `fsm-proxy-uuid=<uuid>`.
+    /// The pod that owns proxy UUID `uuid`: of the pods labelled `fsm-proxy-uuid=<uuid>`, the
+    /// one that claimed it first.
     pub fn pod_by_proxy_uuid(&self, uuid: &str) -> Option<&Pod> {
-        self.pods_by_uuid.get(uuid).and_then(|id| self.pods.get(id))
+        self.uuid_claims
+            .get(uuid)
+            .and_then(|claims| claims.first())
+            .and_then(|(_, id)| self.pods.get(id))
+    }
+
+    /// Pods refused because another pod holds their proxy UUID.
+    pub fn uuid_conflicts(&self) -> Vec<UuidConflict> {
+        let mut out: Vec<UuidConflict> = self
+            .uuid_claims
+            .iter()
+            .filter(|(_, claims)| claims.len() > 1)
+            .flat_map(|(uuid, claims)| {
+                claims[1..].iter().map(|(_, claimant)| UuidConflict {
+                    uuid: uuid.clone(),
+                    owner: claims[0].1.clone(),
+                    claimant: claimant.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.claimant, &a.uuid).cmp(&(&b.claimant, &b.uuid)));
+        out
+    }
+
+    /// Why a proxy claiming `uuid` as `service_account` in `namespace` is refused, when a pod
+    /// with that identity carries the UUID but another pod holds it.
+    pub fn uuid_conflict_for(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Option<UuidConflict> {
+        let claims = self.uuid_claims.get(uuid)?;
+        let (_, owner) = claims.first()?;
+        claims[1..]
+            .iter()
+            .map(|(_, id)| id)
+            .find(|id| {
+                id.0 == namespace
+                    && self
+                        .pods
+                        .get(*id)
+                        .is_some_and(|pod| pod_service_account(pod) == service_account)
+            })
+            .map(|claimant| UuidConflict {
+                uuid: uuid.to_owned(),
+                owner: owner.clone(),
+                claimant: claimant.clone(),
+            })
     }
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
@@ -615,6 +718,22 @@ fn rejection_code(kind: Kind, field: &str) -> ErrCode {
 
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+fn proxy_uuid(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PROXY_UUID_LABEL))
+        .map(String::as_str)
+}
+
+/// The service account a pod runs as (Kubernetes' `default` when unset).
+pub fn pod_service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".to_string())
 }
 
 #[cfg(test)]
@@ -852,5 +971,83 @@ spec:
         );
         assert!(catalog.handle(CatalogEvent::InitDone(Scope::Kind(Kind::Service))));
         assert_eq!(catalog.counts()[&Kind::Service], 1);
+    }
+
+    fn pod(name: &str, service_account: &str, ip: &str, created: Option<&str>) -> MeshObject {
+        let created = created
+            .map(|t| format!(", creationTimestamp: \"{t}\""))
+            .unwrap_or_default();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: app, labels: {{fsm-proxy-uuid: u-1}}{created}}}\nspec: {{serviceAccountName: {service_account}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+        );
+        let (mut objects, errors) = decode_manifests("pod.yaml", &yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        objects.remove(0)
+    }
+
+    fn owner(catalog: &Catalog) -> Option<String> {
+        catalog
+            .pod_by_proxy_uuid("u-1")
+            .and_then(|p| p.metadata.name.clone())
+    }
+
+    #[test]
+    fn the_first_pod_keeps_a_proxy_uuid_another_pod_copies() {
+        let mut catalog = catalog();
+        assert_eq!(owner(&catalog).as_deref(), Some("httpbin-1"));
+        assert!(catalog.apply(pod("evil", "evil", "127.0.1.9", None)));
+        assert_eq!(owner(&catalog).as_deref(), Some("httpbin-1"));
+        let proxies = catalog.sidecar_proxies();
+        assert_eq!(proxies.len(), 1, "{proxies:?}");
+        assert_eq!(proxies[0].pod, "httpbin-1");
+        let conflicts = catalog.uuid_conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].claimant, ("app".into(), "evil".into()));
+        assert_eq!(conflicts[0].owner, ("app".into(), "httpbin-1".into()));
+        assert!(conflicts[0].to_string().contains("fsm-proxy-uuid=u-1"));
+        assert!(
+            catalog.uuid_conflict_for("u-1", "app", "evil").is_some(),
+            "the impostor's identity is refused"
+        );
+        assert!(catalog.uuid_conflict_for("u-1", "app", "httpbin").is_none());
+
+        // An update of the owner (a status change) does not move its claim behind the impostor.
+        let mut updated = catalog.pod("app", "httpbin-1").expect("pod").clone();
+        updated
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("version".into(), "2".into());
+        assert!(catalog.apply(MeshObject::Pod(updated)));
+        assert_eq!(owner(&catalog).as_deref(), Some("httpbin-1"));
+
+        // Deleting the impostor changes nothing for the owner.
+        assert!(catalog.delete(&pod("evil", "evil", "127.0.1.9", None).key()));
+        assert_eq!(owner(&catalog).as_deref(), Some("httpbin-1"));
+        assert!(catalog.uuid_conflicts().is_empty());
+        assert_eq!(catalog.sidecar_proxies().len(), 1);
+    }
+
+    #[test]
+    fn creation_time_decides_before_the_order_pods_are_seen() {
+        let mut catalog = Catalog::new(CatalogSettings::default());
+        // A relist may deliver the impostor first; the API server's creation time, which no pod
+        // author can set, still names the owner.
+        assert!(catalog.apply(pod(
+            "evil",
+            "evil",
+            "127.0.1.9",
+            Some("2026-12-06T10:00:05Z")
+        )));
+        assert!(catalog.apply(pod(
+            "curl",
+            "curl",
+            "127.0.1.1",
+            Some("2026-12-06T10:00:00Z")
+        )));
+        assert_eq!(owner(&catalog).as_deref(), Some("curl"));
+        // The owner gone, the remaining pod holds the UUID.
+        assert!(catalog.delete(&pod("curl", "curl", "127.0.1.1", None).key()));
+        assert_eq!(owner(&catalog).as_deref(), Some("evil"));
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use fsm_catalog::Catalog;
+use fsm_catalog::{Catalog, pod_service_account};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
@@ -36,6 +36,9 @@ pub struct ProxyRef {
 pub enum CompileError {
     #[error("no pod carries label fsm-proxy-uuid={uuid}")]
     PodNotFound { uuid: String },
+    /// The proxy's pod copies a UUID another pod holds.
+    #[error("{0}")]
+    UuidHeldByAnotherPod(fsm_catalog::UuidConflict),
     #[error(
         "pod {namespace}/{pod} runs as service account {actual:?} but the proxy's node id says {claimed:?}"
     )]
@@ -65,10 +68,25 @@ impl HasErrCode for CompileError {
     fn err_code(&self) -> ErrCode {
         match self {
             CompileError::PodNotFound { .. } => ErrCode::E5002,
+            CompileError::UuidHeldByAnotherPod(_) => ErrCode::E5004,
             CompileError::ServiceAccountMismatch { .. }
             | CompileError::NamespaceMismatch { .. } => ErrCode::E5010,
             CompileError::NoPodIp { .. } | CompileError::NotMeshed { .. } => ErrCode::E5007,
         }
+    }
+}
+
+impl CompileError {
+    /// Whether the proxy's identity matches no pod (rather than its pod not being ready): its
+    /// streams are refused, not kept on their last configuration.
+    pub fn is_identity_refusal(&self) -> bool {
+        matches!(
+            self,
+            CompileError::PodNotFound { .. }
+                | CompileError::UuidHeldByAnotherPod(_)
+                | CompileError::ServiceAccountMismatch { .. }
+                | CompileError::NamespaceMismatch { .. }
+        )
     }
 }
 
@@ -95,6 +113,15 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         })?;
     let pod_namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let owner_matches =
+        pod_namespace == proxy.namespace && pod_service_account(pod) == proxy.service_account;
+    if !owner_matches
+        && let Some(conflict) =
+            catalog.uuid_conflict_for(&proxy.uuid, &proxy.namespace, &proxy.service_account)
+    {
+        // The proxy is the sidecar of a pod that copied the owner's UUID label.
+        return Err(CompileError::UuidHeldByAnotherPod(conflict));
+    }
     if pod_namespace != proxy.namespace {
         return Err(CompileError::NamespaceMismatch {
             namespace: pod_namespace,
@@ -173,13 +200,6 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
     warnings.sort_by(|a, b| (a.code, &a.message).cmp(&(b.code, &b.message)));
     warnings.dedup();
     Ok(Compiled { ir, warnings })
-}
-
-fn pod_service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_string())
 }
 
 struct Compiler<'a> {

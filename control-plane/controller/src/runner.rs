@@ -12,7 +12,7 @@ use fsm_certs::{CertKey, CertManager, IssuedCertificate};
 use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{ProxyCredentials, ServiceIdentity};
-use fsm_xds_server::{DataPlane, ProxyEvent, ProxyNode};
+use fsm_xds_server::{DataPlane, ProxyEvent, StreamId};
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -44,7 +44,8 @@ pub enum CertUpdate {
 pub struct State {
     ready: AtomicBool,
     proxies: RwLock<BTreeMap<ProxyKey, ProxyState>>,
-    /// Objects the catalog refused, as `<code>: <object and field>: <why>`.
+    /// Objects the catalog refused, and pods refused a proxy UUID another pod holds, as
+    /// `<code>: <object and field>: <why>`.
     rejected: RwLock<Vec<String>>,
 }
 
@@ -53,6 +54,8 @@ pub struct State {
 pub struct ProxyState {
     pub node_id: String,
     pub identity: String,
+    /// The data planes its open streams are served.
+    pub data_planes: Vec<DataPlane>,
     pub pod: Option<String>,
     /// Why the proxy has no (or a stale) configuration, with its FSM error code.
     pub error: Option<String>,
@@ -77,8 +80,10 @@ pub struct Runner {
     catalog: Catalog,
     cache: Arc<SnapshotCache>,
     state: Arc<State>,
-    /// Connected proxies, by UUID, with the node they announced.
-    nodes: BTreeMap<ProxyKey, ProxyNode>,
+    /// Connected proxies, by whole identity, with their open streams.
+    nodes: BTreeMap<ProxyKey, ConnectedProxy>,
+    /// Connected proxies by service identity: whom a certificate change concerns.
+    by_identity: HashMap<ServiceIdentity, HashSet<ProxyKey>>,
     catalog_ready: bool,
     certs: CertManager,
     /// The service certificate of each identity with a connected proxy.
@@ -91,6 +96,24 @@ pub struct Runner {
     cert_rx: UnboundedReceiver<CertUpdate>,
     /// Pods that need bootstrap credentials, for the bootstrap writer.
     sidecars: watch::Sender<Vec<SidecarProxy>>,
+}
+
+/// One proxy with at least one open stream.
+struct ConnectedProxy {
+    /// The node id of its latest stream, for `/debug/proxies`.
+    node_id: String,
+    /// Each open stream and the data plane it is served: the snapshot carries the resources of
+    /// every data plane in use, and each stream takes only its own.
+    streams: BTreeMap<StreamId, DataPlane>,
+}
+
+impl ConnectedProxy {
+    fn data_planes(&self) -> Vec<DataPlane> {
+        let mut planes: Vec<DataPlane> = self.streams.values().copied().collect();
+        planes.sort();
+        planes.dedup();
+        planes
+    }
 }
 
 impl Runner {
@@ -106,6 +129,7 @@ impl Runner {
             cache,
             state,
             nodes: BTreeMap::new(),
+            by_identity: HashMap::new(),
             catalog_ready: false,
             certs,
             credentials: HashMap::new(),
@@ -143,6 +167,12 @@ impl Runner {
                         .rejected()
                         .values()
                         .map(|r| format!("{}: {}", r.code, r.message))
+                        .chain(
+                            self.catalog
+                                .uuid_conflicts()
+                                .iter()
+                                .map(|c| format!("{}: {c}", ErrCode::E5004)),
+                        )
                         .collect();
                     if changed && self.catalog_ready {
                         self.apply_certificate_settings();
@@ -197,33 +227,54 @@ impl Runner {
 
     fn on_proxy(&mut self, event: ProxyEvent) {
         match event {
-            ProxyEvent::Connected(node) => {
+            ProxyEvent::Connected {
+                stream,
+                node,
+                data_plane,
+            } => {
                 let key = node.key();
-                self.nodes.insert(key.clone(), node);
+                let proxy = self
+                    .nodes
+                    .entry(key.clone())
+                    .or_insert_with(|| ConnectedProxy {
+                        node_id: String::new(),
+                        streams: BTreeMap::new(),
+                    });
+                proxy.node_id = node.node_id;
+                proxy.streams.insert(stream, data_plane);
+                self.by_identity
+                    .entry(identity_of(&key))
+                    .or_default()
+                    .insert(key.clone());
                 if self.catalog_ready {
                     self.publish(&key);
                 }
             }
-            ProxyEvent::Disconnected(key) => {
-                // Another stream of the same proxy may still be open (a reconnect racing the
-                // old stream's teardown): keep computing for it while the cache knows it.
-                if !self.cache.connected().contains(&key) {
-                    if let Some(node) = self.nodes.remove(&key) {
-                        self.forget_unused_identity(&identity_of(&node));
-                    }
+            ProxyEvent::Disconnected { stream, proxy: key } => {
+                let Some(proxy) = self.nodes.get_mut(&key) else {
+                    return;
+                };
+                let before = proxy.data_planes();
+                proxy.streams.remove(&stream);
+                if proxy.streams.is_empty() {
+                    // Its last stream is gone: nothing of it is kept.
+                    self.nodes.remove(&key);
                     self.state.proxies.write().remove(&key);
+                    let identity = identity_of(&key);
+                    if let Some(keys) = self.by_identity.get_mut(&identity) {
+                        keys.remove(&key);
+                        if keys.is_empty() {
+                            self.by_identity.remove(&identity);
+                            self.credentials.remove(&identity);
+                            self.certs.release(&service_cert_key(&identity));
+                        }
+                    }
+                } else if proxy.data_planes() != before && self.catalog_ready {
+                    // A data plane no stream speaks any more: stop computing its resources.
+                    self.publish(&key);
                 }
             }
         }
-    }
-
-    /// Stops holding (and rotating) the certificate of an identity no connected proxy has.
-    fn forget_unused_identity(&mut self, identity: &ServiceIdentity) {
-        if self.nodes.values().any(|n| identity_of(n) == *identity) {
-            return;
-        }
-        self.credentials.remove(identity);
-        self.certs.release(&service_cert_key(identity));
     }
 
     /// Re-issues every held certificate when MeshConfig changes its validity.
@@ -280,7 +331,7 @@ impl Runner {
         let (identity, result) = match update {
             CertUpdate::Issued { identity, result } => (identity, result),
             CertUpdate::Retry(identity) => {
-                if self.nodes.values().any(|n| identity_of(n) == identity) {
+                if self.by_identity.contains_key(&identity) {
                     self.request_certificate(identity);
                 }
                 return;
@@ -288,11 +339,10 @@ impl Runner {
         };
         self.pending.remove(&identity);
         let affected: Vec<ProxyKey> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| identity_of(n) == identity)
-            .map(|(k, _)| k.clone())
-            .collect();
+            .by_identity
+            .get(&identity)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
         if affected.is_empty() {
             return;
         }
@@ -346,18 +396,38 @@ impl Runner {
         );
     }
 
+    /// Recomputes one proxy's snapshot. Nothing goes out before the proxy is matched to the pod
+    /// that owns its UUID with the identity its certificate proves; a proxy that matches no pod
+    /// (any more) has its streams closed with the code.
     fn publish(&mut self, key: &ProxyKey) {
-        let Some(node) = self.nodes.get(key) else {
+        let Some(proxy) = self.nodes.get(key) else {
             return;
         };
         let mut proxy_state = ProxyState {
-            node_id: node.node_id.clone(),
-            identity: node.identity(),
+            node_id: proxy.node_id.clone(),
+            identity: key.service_identity(),
+            data_planes: proxy.data_planes(),
             pod: None,
             error: None,
             warnings: vec![],
         };
-        let identity = identity_of(node);
+        let data_planes = proxy.data_planes();
+        let compiled = match self.compile_for(key, &mut proxy_state) {
+            Ok(compiled) => compiled,
+            Err((code, message, refuse)) => {
+                tracing::warn!(code = %code, proxy = %key, "{message}");
+                fsm_errcode::count(code);
+                let reason = format!("{code}: {message}");
+                if refuse {
+                    self.cache.refuse(key, reason.clone());
+                }
+                // Otherwise the last good configuration keeps serving.
+                proxy_state.error = Some(reason);
+                self.state.proxies.write().insert(key.clone(), proxy_state);
+                return;
+            }
+        };
+        let identity = identity_of(key);
         let Some(credentials) = self.credentials.get(&identity) else {
             // No configuration before the proxy can authenticate its peers: it is sent, with
             // the certificate, as soon as the certificate exists.
@@ -366,12 +436,12 @@ impl Runner {
             self.request_certificate(identity);
             return;
         };
-        let result = self.snapshot_for(node, credentials, &mut proxy_state);
-        match result {
-            Ok(snapshot) => {
+        match translate(&compiled.ir, credentials, &data_planes) {
+            Ok((snapshot, warnings)) => {
+                proxy_state.warnings.extend(warnings);
                 let versions = snapshot.versions();
                 if self.cache.set(key, snapshot) {
-                    tracing::info!(proxy = %key, identity = %proxy_state.identity, ?versions, "published snapshot");
+                    tracing::info!(proxy = %key, ?versions, "published snapshot");
                 }
             }
             Err((code, message)) => {
@@ -384,18 +454,20 @@ impl Runner {
         self.state.proxies.write().insert(key.clone(), proxy_state);
     }
 
-    fn snapshot_for(
+    /// Matches the proxy to its pod and compiles its IR. The error says whether the proxy's
+    /// identity matches no pod (its streams are then refused).
+    fn compile_for(
         &self,
-        node: &ProxyNode,
-        credentials: &ProxyCredentials,
+        key: &ProxyKey,
         proxy_state: &mut ProxyState,
-    ) -> Result<Snapshot, (ErrCode, String)> {
+    ) -> Result<fsm_compiler::Compiled, (ErrCode, String, bool)> {
         let proxy = ProxyRef {
-            uuid: node.uuid.clone(),
-            service_account: node.service_account.clone(),
-            namespace: node.namespace.clone(),
+            uuid: key.uuid.to_string(),
+            service_account: key.service_account.to_string(),
+            namespace: key.namespace.to_string(),
         };
-        let compiled = compile(&self.catalog, &proxy).map_err(|e| (e.err_code(), e.to_string()))?;
+        let compiled = compile(&self.catalog, &proxy)
+            .map_err(|e| (e.err_code(), e.to_string(), e.is_identity_refusal()))?;
         proxy_state.pod = Some(format!(
             "{}/{}",
             compiled.ir.proxy.namespace, compiled.ir.proxy.pod
@@ -405,37 +477,43 @@ impl Runner {
                 .warnings
                 .push(format!("{}: {}", warning.code, warning.message));
         }
-        let adapter_error = |e: &dyn std::fmt::Display| (ErrCode::E5007, e.to_string());
-        let (encoded, warnings) = match &node.data_plane {
-            DataPlane::Envoy => {
-                let resources = fsm_adapter_envoy::translate(&compiled.ir, credentials)
-                    .map_err(|e| adapter_error(&e))?;
-                (resources.encode(), resources.warnings)
-            }
-            DataPlane::FsmSidecar => {
-                let resources = fsm_adapter_native::translate(&compiled.ir, credentials)
-                    .map_err(|e| adapter_error(&e))?;
-                (resources.encode(), resources.warnings)
-            }
-            DataPlane::Other(agent) => {
-                return Err((
-                    ErrCode::E5013,
-                    format!(
-                        "data plane {agent:?} of proxy {} is not supported; Envoy and fsm-sidecar are",
-                        node.node_id
-                    ),
-                ));
-            }
-        };
-        proxy_state.warnings.extend(warnings);
-        Ok(Snapshot::from_encoded(encoded))
+        Ok(compiled)
     }
 }
 
-fn identity_of(node: &ProxyNode) -> ServiceIdentity {
+/// The snapshot of one proxy for the data planes its streams speak: each adapter's resources
+/// under its own type URLs, so every stream takes only its own.
+fn translate(
+    ir: &fsm_ir::ProxyIr,
+    credentials: &ProxyCredentials,
+    data_planes: &[DataPlane],
+) -> Result<(Snapshot, Vec<String>), (ErrCode, String)> {
+    let adapter_error = |e: &dyn std::fmt::Display| (ErrCode::E5007, e.to_string());
+    let mut encoded = fsm_cache::Encoded::new();
+    let mut warnings = Vec::new();
+    for data_plane in data_planes {
+        let (types, plane_warnings) = match data_plane {
+            DataPlane::Envoy => {
+                let resources =
+                    fsm_adapter_envoy::translate(ir, credentials).map_err(|e| adapter_error(&e))?;
+                (resources.encode(), resources.warnings)
+            }
+            DataPlane::FsmSidecar => {
+                let resources = fsm_adapter_native::translate(ir, credentials)
+                    .map_err(|e| adapter_error(&e))?;
+                (resources.encode(), resources.warnings)
+            }
+        };
+        encoded.extend(types);
+        warnings.extend(plane_warnings);
+    }
+    Ok((Snapshot::from_encoded(encoded), warnings))
+}
+
+fn identity_of(key: &ProxyKey) -> ServiceIdentity {
     ServiceIdentity {
-        service_account: node.service_account.clone(),
-        namespace: node.namespace.clone(),
+        service_account: key.service_account.to_string(),
+        namespace: key.namespace.to_string(),
     }
 }
 

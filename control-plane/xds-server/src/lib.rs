@@ -17,13 +17,13 @@ pub mod server;
 pub mod tls;
 
 pub use node::{
-    DataPlane, FSM_SIDECAR_USER_AGENT, IdOrigin, IdentityMismatch, NodeError, ProxyKind, ProxyNode,
-    XdsCertIdentity,
+    DataPlane, FSM_SIDECAR_USER_AGENT, IdOrigin, IdentityMismatch, NodeError, ProxyIdentity,
+    ProxyKind, ProxyNode, XdsCertIdentity, stream_data_plane,
 };
 pub use peer::PeerError;
 pub use protocol::{
     DeltaRequest, DeltaStream, Event, Output, ProtocolError, Response, SotwRequest, SotwStream,
     XdsStream,
 };
-pub use server::{AdsServer, ProxyEvent};
+pub use server::{AdsServer, ProxyEvent, StreamId};
 pub use tls::{AdsTls, HANDSHAKE_TIMEOUT, ServerCredentials, TlsError, TlsIncoming};

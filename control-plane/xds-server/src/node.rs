@@ -7,26 +7,26 @@
 //! e.g. 0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5.sidecar.bookbuyer.bookstore.cluster.local
 //! ```
 //!
-//! - `uuid`: the pod's `fsm-proxy-uuid` label, a UUID in hex 8-4-4-4-12 form; it is the key of the
-//!   proxy's snapshot in the cache.
+//! - `uuid`: the pod's `fsm-proxy-uuid` label, a UUID in hex 8-4-4-4-12 form. With the three
+//!   other parts it is the key of the proxy's snapshot in the cache ([`ProxyIdentity`]).
 //! - `kind`: `sidecar` or `gateway`.
 //! - `service-account`, `namespace`: DNS labels (RFC 1123: lowercase alphanumerics and `-`, at most
 //!   63 characters, starting and ending with an alphanumeric); together they are the proxy's
 //!   service identity `<sa>.<ns>`. Dots would make the id ambiguous, so subdomains are rejected.
 //! - an optional trust domain (`cluster.local`), one or more non-empty dot-separated parts.
 //!
-//! The node's `user_agent_name` tells which data plane speaks (`envoy`, `fsm-sidecar`, …).
+//! Which data plane a stream is served ([`DataPlane`]) is decided per stream from the type URLs it
+//! asks for; the node's `user_agent_name` is only a hint for a first request of unknown type.
 //!
 //! The xDS client certificate's common name ([`XdsCertIdentity`]) follows the same rules with
 //! exactly the four first parts; when the server authenticates peers, the node id must name the
 //! proxy of the certificate (FSM's E5010 otherwise).
 
 use std::fmt;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use fsm_cache::ProxyKey;
 use fsm_errcode::{ErrCode, HasErrCode};
+pub use fsm_identity::{DataPlane, ProxyIdentity, ProxyKind};
 
 /// The format named in every error, so a log line alone tells the operator what was expected.
 const FORMAT: &str = "<uuid>.<kind>.<service-account>.<namespace>[.<trust-domain>]";
@@ -34,29 +34,12 @@ const FORMAT: &str = "<uuid>.<kind>.<service-account>.<namespace>[.<trust-domain
 /// `<proxy-UUID>.<kind>.<proxy-identity>`).
 const CN_FORMAT: &str = "<proxy-UUID>.<kind>.<service-account>.<namespace>";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ProxyKind {
-    Sidecar,
-    Gateway,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum DataPlane {
-    Envoy,
-    /// Our own sidecar (`dataplane-rs`), served the native `fsm.dataplane.v1` types.
-    FsmSidecar,
-    /// Any other `user_agent_name`, kept verbatim (empty when the node gave none).
-    Other(String),
-}
-
 /// A connected proxy as identified by its node id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyNode {
-    pub uuid: String,
-    pub kind: ProxyKind,
-    pub service_account: String,
-    pub namespace: String,
-    pub data_plane: DataPlane,
+    pub identity: ProxyIdentity,
+    /// `node.user_agent_name` as received (empty when the node gave none): a hint only.
+    pub user_agent: String,
     /// The node id as received.
     pub node_id: String,
 }
@@ -136,35 +119,23 @@ impl fmt::Display for IdOrigin {
     }
 }
 
-// === ProxyKind ===
-
-impl ProxyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyKind::Sidecar => "sidecar",
-            ProxyKind::Gateway => "gateway",
-        }
-    }
-}
-
-impl fmt::Display for ProxyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// The `node.user_agent_name` fsm-sidecar announces itself with.
 pub const FSM_SIDECAR_USER_AGENT: &str = "fsm-sidecar";
 
 // === DataPlane ===
 
-impl DataPlane {
-    fn from_user_agent(name: &str) -> Self {
-        match name {
-            "envoy" => DataPlane::Envoy,
-            FSM_SIDECAR_USER_AGENT => DataPlane::FsmSidecar,
-            other => DataPlane::Other(other.to_owned()),
-        }
+/// The data plane a stream is served, from its first request: native types mean fsm-sidecar,
+/// Envoy's types mean Envoy resources (also for a generic xDS client without a user agent). Only
+/// a type neither knows falls back on the user agent, and then on Envoy.
+pub fn stream_data_plane(type_url: &str, native_types: &[&str], user_agent: &str) -> DataPlane {
+    if native_types.contains(&type_url) {
+        DataPlane::FsmSidecar
+    } else if crate::protocol::ENVOY_TYPES.contains(&type_url) {
+        DataPlane::Envoy
+    } else if user_agent == FSM_SIDECAR_USER_AGENT {
+        DataPlane::FsmSidecar
+    } else {
+        DataPlane::Envoy
     }
 }
 
@@ -175,7 +146,7 @@ impl ProxyNode {
         Self::parse(&node.id, &node.user_agent_name)
     }
 
-    /// Parses a node id; `user_agent_name` only selects the data plane.
+    /// Parses a node id; `user_agent_name` is kept as a hint.
     pub fn parse(node_id: &str, user_agent_name: &str) -> Result<Self, NodeError> {
         let origin = IdOrigin::NodeId;
         let parts: Vec<&str> = node_id.splitn(5, '.').collect();
@@ -196,23 +167,15 @@ impl ProxyNode {
             });
         }
         Ok(ProxyNode {
-            uuid: identity.uuid.to_owned(),
-            kind: identity.kind,
-            service_account: identity.service_account.to_owned(),
-            namespace: identity.namespace.to_owned(),
-            data_plane: DataPlane::from_user_agent(user_agent_name),
+            identity: identity.into_owned(),
+            user_agent: user_agent_name.to_owned(),
             node_id: node_id.to_owned(),
         })
     }
 
-    /// The snapshot cache key: the proxy UUID.
-    pub fn key(&self) -> ProxyKey {
-        ProxyKey(Arc::from(self.uuid.as_str()))
-    }
-
-    /// FSM's service identity, `<sa>.<ns>`, as used in metric labels.
-    pub fn identity(&self) -> String {
-        format!("{}.{}", self.service_account, self.namespace)
+    /// The snapshot cache key: the whole identity, never the UUID alone.
+    pub fn key(&self) -> ProxyIdentity {
+        self.identity.clone()
     }
 }
 
@@ -224,11 +187,14 @@ impl ProxyNode {
 /// When the ADS server authenticates its peers, the node id a proxy sends must name the same
 /// proxy; see [`XdsCertIdentity::check_node`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct XdsCertIdentity {
-    pub uuid: String,
-    pub kind: ProxyKind,
-    pub service_account: String,
-    pub namespace: String,
+pub struct XdsCertIdentity(pub ProxyIdentity);
+
+impl std::ops::Deref for XdsCertIdentity {
+    type Target = ProxyIdentity;
+
+    fn deref(&self) -> &ProxyIdentity {
+        &self.0
+    }
 }
 
 /// A node id naming another proxy than the stream's client certificate: FSM's E5010.
@@ -262,18 +228,15 @@ impl XdsCertIdentity {
             });
         };
         let identity = Identity::check(origin, cn, [uuid, kind, service_account, namespace])?;
-        Ok(XdsCertIdentity {
-            uuid: identity.uuid.to_owned(),
-            kind: identity.kind,
-            service_account: identity.service_account.to_owned(),
-            namespace: identity.namespace.to_owned(),
-        })
+        Ok(XdsCertIdentity(identity.into_owned()))
     }
 
     /// Whether `node` names this very proxy. The UUID is compared exactly (not case-folded):
     /// it is the snapshot cache key, and FSM writes the certificate and the node id from the
     /// same pod label, so any difference is a different claim.
     pub fn check_node(&self, node: &ProxyNode) -> Result<(), IdentityMismatch> {
+        let node_id = &node.node_id;
+        let node = &node.identity;
         let differs = if self.uuid != node.uuid {
             "proxy UUID"
         } else if self.kind != node.kind {
@@ -287,24 +250,15 @@ impl XdsCertIdentity {
         };
         Err(IdentityMismatch {
             common_name: self.to_string(),
-            node_id: node.node_id.clone(),
+            node_id: node_id.clone(),
             differs,
         })
-    }
-
-    /// FSM's service identity, `<sa>.<ns>`.
-    pub fn identity(&self) -> String {
-        format!("{}.{}", self.service_account, self.namespace)
     }
 }
 
 impl fmt::Display for XdsCertIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}.{}.{}.{}",
-            self.uuid, self.kind, self.service_account, self.namespace
-        )
+        self.0.fmt(f)
     }
 }
 
@@ -332,16 +286,12 @@ impl<'a> Identity<'a> {
                 uuid: (*uuid).to_owned(),
             });
         }
-        let kind = match *kind {
-            "sidecar" => ProxyKind::Sidecar,
-            "gateway" => ProxyKind::Gateway,
-            other => {
-                return Err(NodeError::InvalidKind {
-                    origin,
-                    id: id(),
-                    kind: other.to_owned(),
-                });
-            }
+        let Some(kind) = ProxyKind::parse(kind) else {
+            return Err(NodeError::InvalidKind {
+                origin,
+                id: id(),
+                kind: (*kind).to_owned(),
+            });
         };
         if !is_dns_label(service_account) {
             return Err(NodeError::InvalidServiceAccount {
@@ -363,6 +313,10 @@ impl<'a> Identity<'a> {
             service_account,
             namespace,
         })
+    }
+
+    fn into_owned(self) -> ProxyIdentity {
+        ProxyIdentity::new(self.uuid, self.kind, self.service_account, self.namespace)
     }
 }
 
@@ -442,13 +396,21 @@ mod tests {
             let node_id = id(rest);
             let node =
                 ProxyNode::parse(&node_id, "envoy").unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(node.uuid, UUID, "{name}");
-            assert_eq!(node.kind, *kind, "{name}");
-            assert_eq!(node.service_account, *sa, "{name}");
-            assert_eq!(node.namespace, *ns, "{name}");
+            assert_eq!(&*node.identity.uuid, UUID, "{name}");
+            assert_eq!(node.identity.kind, *kind, "{name}");
+            assert_eq!(&*node.identity.service_account, *sa, "{name}");
+            assert_eq!(&*node.identity.namespace, *ns, "{name}");
             assert_eq!(node.node_id, node_id, "{name}");
-            assert_eq!(node.key(), ProxyKey(UUID.into()), "{name}");
-            assert_eq!(node.identity(), format!("{sa}.{ns}"), "{name}");
+            assert_eq!(
+                node.key(),
+                ProxyIdentity::new(UUID, *kind, sa, ns),
+                "{name}"
+            );
+            assert_eq!(
+                node.identity.service_identity(),
+                format!("{sa}.{ns}"),
+                "{name}"
+            );
         }
     }
 
@@ -456,7 +418,7 @@ mod tests {
     fn uppercase_uuid_is_accepted() {
         let upper = UUID.to_uppercase();
         let node = ProxyNode::parse(&format!("{upper}.sidecar.a.b"), "envoy").expect("valid");
-        assert_eq!(node.uuid, upper);
+        assert_eq!(&*node.identity.uuid, upper);
     }
 
     #[test]
@@ -545,23 +507,24 @@ mod tests {
     }
 
     #[test]
-    fn data_plane_comes_from_the_user_agent() {
-        let node_id = id("sidecar.sa.ns");
-        for (agent, expected) in [
-            ("envoy", DataPlane::Envoy),
-            ("fsm-sidecar", DataPlane::FsmSidecar),
-            ("pipy", DataPlane::Other("pipy".into())),
-            ("", DataPlane::Other(String::new())),
+    fn data_plane_comes_from_the_requested_type_then_the_user_agent() {
+        const NATIVE: &[&str] = &["type.googleapis.com/fsm.dataplane.v1.Listener"];
+        let cds = crate::protocol::CLUSTER;
+        for (type_url, agent, expected) in [
+            (cds, "envoy", DataPlane::Envoy),
+            (cds, "", DataPlane::Envoy),
+            (cds, "grpc-go", DataPlane::Envoy),
+            // The type decides, not the user agent a client claims.
+            (cds, "fsm-sidecar", DataPlane::Envoy),
+            (NATIVE[0], "", DataPlane::FsmSidecar),
+            (NATIVE[0], "envoy", DataPlane::FsmSidecar),
+            ("type.example/Unknown", "fsm-sidecar", DataPlane::FsmSidecar),
+            ("type.example/Unknown", "pipy", DataPlane::Envoy),
         ] {
-            let node = Node {
-                id: node_id.clone(),
-                user_agent_name: agent.into(),
-                ..Node::default()
-            };
             assert_eq!(
-                ProxyNode::from_node(&node).expect("valid").data_plane,
+                stream_data_plane(type_url, NATIVE, agent),
                 expected,
-                "{agent:?}"
+                "{type_url} {agent:?}"
             );
         }
     }
@@ -570,11 +533,11 @@ mod tests {
     fn certificate_cn_parses_with_the_node_id_rules() {
         let cn = id("gateway.fsm-ingress.fsm-system");
         let cert = XdsCertIdentity::from_common_name(&cn).expect("valid CN");
-        assert_eq!(cert.uuid, UUID);
+        assert_eq!(&*cert.uuid, UUID);
         assert_eq!(cert.kind, ProxyKind::Gateway);
-        assert_eq!(cert.service_account, "fsm-ingress");
-        assert_eq!(cert.namespace, "fsm-system");
-        assert_eq!(cert.identity(), "fsm-ingress.fsm-system");
+        assert_eq!(&*cert.service_account, "fsm-ingress");
+        assert_eq!(&*cert.namespace, "fsm-system");
+        assert_eq!(cert.service_identity(), "fsm-ingress.fsm-system");
         assert_eq!(cert.to_string(), cn);
     }
 

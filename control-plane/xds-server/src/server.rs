@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -17,7 +18,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc;
-use fsm_cache::{ProxyKey, Snapshot, SnapshotCache, SyncEvent, TypeUrl};
+use fsm_cache::{ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeUrl};
 use fsm_errcode::{ErrCode, HasErrCode};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -26,11 +27,11 @@ use tonic::{Request, Status, Streaming};
 use tracing::Instrument;
 
 use crate::metrics::metrics;
-use crate::node::{NodeError, ProxyNode, XdsCertIdentity};
+use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
 use crate::protocol::{
-    DeltaRequest, DeltaStream, Event, Output, Response, SotwRequest, SotwStream, XdsStream,
-    short_name,
+    DeltaRequest, DeltaStream, ENVOY_TYPES, Event, Output, Response, SotwRequest, SotwStream,
+    XdsStream, short_name,
 };
 
 /// Generous on purpose: a large mesh's CDS or EDS response can be tens of MiB, and a refused
@@ -41,12 +42,25 @@ const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// proxy from holding many snapshots' worth of responses in memory.
 const RESPONSE_QUEUE: usize = 8;
 
-/// What the controller learns about proxies coming and going, so it can compute a snapshot for a
-/// new proxy and forget a gone one.
+/// Identifies one stream for the lifetime of the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(pub u64);
+
+/// What the controller learns about streams coming and going, so it can compute a snapshot for a
+/// new proxy (in the data planes its streams speak) and forget a gone one. Every stream is
+/// announced on its own: a proxy may hold several (a reconnect racing the old stream's teardown,
+/// or a debugging client), and none of them changes what another is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProxyEvent {
-    Connected(ProxyNode),
-    Disconnected(ProxyKey),
+    Connected {
+        stream: StreamId,
+        node: ProxyNode,
+        data_plane: DataPlane,
+    },
+    Disconnected {
+        stream: StreamId,
+        proxy: ProxyKey,
+    },
 }
 
 /// The Aggregated Discovery Service over the snapshot cache.
@@ -62,7 +76,8 @@ struct Inner {
     events: mpsc::UnboundedSender<ProxyEvent>,
     /// Proxy UUIDs that have connected before, for `fsm_proxy_reconnect_count`. It grows with the
     /// number of distinct proxies ever seen, a few dozen bytes each.
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<HashSet<Arc<str>>>,
+    next_stream: AtomicU64,
 }
 
 // === AdsServer ===
@@ -73,6 +88,7 @@ impl AdsServer {
             cache,
             events,
             seen: Mutex::new(HashSet::new()),
+            next_stream: AtomicU64::new(1),
         };
         AdsServer {
             inner: Arc::new(inner),
@@ -81,8 +97,8 @@ impl AdsServer {
         }
     }
 
-    /// Type URLs beyond Envoy's five that proxies may request before their first snapshot
-    /// carries them (native data-plane types).
+    /// The native data plane's type URLs: a stream whose first request asks for one of them is
+    /// served fsm-sidecar resources, and only those.
     pub fn with_type_urls(mut self, extra: &'static [TypeUrl]) -> Self {
         self.extra_types = extra;
         self
@@ -138,6 +154,7 @@ impl AdsServer {
         tokio::spawn(serve_stream::<W>(
             self.inner.clone(),
             machine,
+            self.extra_types,
             peer,
             incoming,
             tx,
@@ -184,6 +201,7 @@ trait Wire: 'static {
 
     fn machine(extra_types: &'static [TypeUrl]) -> Self::Machine;
     fn node(request: &Self::Req) -> Option<&Node>;
+    fn type_url(request: &Self::Req) -> &str;
     fn convert(request: Self::Req) -> <Self::Machine as XdsStream>::Request;
     fn encode(response: &Response) -> Self::Resp;
 }
@@ -203,6 +221,10 @@ impl Wire for Sotw {
 
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+
+    fn type_url(request: &DiscoveryRequest) -> &str {
+        &request.type_url
     }
 
     fn convert(request: DiscoveryRequest) -> SotwRequest {
@@ -242,6 +264,10 @@ impl Wire for Delta {
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
     }
 
     fn convert(request: DeltaDiscoveryRequest) -> DeltaRequest {
@@ -297,6 +323,7 @@ fn nack_message(status: rpc::Status) -> String {
 async fn serve_stream<W: Wire>(
     inner: Arc<Inner>,
     machine: W::Machine,
+    native_types: &'static [TypeUrl],
     peer: Option<XdsCertIdentity>,
     mut incoming: Streaming<W::Req>,
     tx: mpsc::Sender<Result<W::Resp, Status>>,
@@ -338,8 +365,13 @@ async fn serve_stream<W: Wire>(
             .await;
         return;
     }
-    let span = tracing::info_span!("ads", proxy = %node.uuid, flavor = W::NAME);
-    let session = Session::<W>::open(inner, machine, node, tx);
+    let data_plane = stream_data_plane(W::type_url(&first), native_types, &node.user_agent);
+    let types = match data_plane {
+        DataPlane::Envoy => &ENVOY_TYPES[..],
+        DataPlane::FsmSidecar => native_types,
+    };
+    let span = tracing::info_span!("ads", proxy = %node.identity, flavor = W::NAME, %data_plane);
+    let session = Session::<W>::open(inner, machine, node, data_plane, types, tx);
     session.run(first, incoming).instrument(span).await;
 }
 
@@ -347,12 +379,16 @@ async fn serve_stream<W: Wire>(
 /// proxy, so cleanup also happens when the task is cancelled.
 struct Session<W: Wire> {
     inner: Arc<Inner>,
+    stream: StreamId,
     key: ProxyKey,
-    uuid: String,
+    /// Metric labels: the proxy UUID and its service identity `<sa>.<ns>`.
+    uuid: Arc<str>,
     identity: String,
+    /// The types of this stream's data plane; requests for others are refused (E5013).
+    types: &'static [TypeUrl],
     tx: mpsc::Sender<Result<W::Resp, Status>>,
     machine: W::Machine,
-    watch: watch::Receiver<Option<Arc<Snapshot>>>,
+    watch: watch::Receiver<Published>,
     snapshot: Option<Arc<Snapshot>>,
 }
 
@@ -364,41 +400,76 @@ impl<W: Wire> Session<W> {
         inner: Arc<Inner>,
         machine: W::Machine,
         node: ProxyNode,
+        data_plane: DataPlane,
+        types: &'static [TypeUrl],
         tx: mpsc::Sender<Result<W::Resp, Status>>,
     ) -> Self {
         let m = metrics();
         m.proxy_connect_count.inc();
-        if !inner.seen.lock().insert(node.uuid.clone()) {
+        if !inner.seen.lock().insert(node.identity.uuid.clone()) {
             m.proxy_reconnect_count.inc();
         }
+        let stream = StreamId(inner.next_stream.fetch_add(1, Ordering::Relaxed));
         let key = node.key();
-        let mut watch = inner.cache.subscribe(&key);
-        let snapshot = watch.borrow_and_update().clone();
+        // Subscribed before the controller hears of the stream, so its first publish (or
+        // refusal) for this proxy cannot be missed.
+        let watch = inner.cache.subscribe(&key);
         tracing::info!(
-            proxy = %node.uuid,
-            kind = %node.kind,
-            identity = %node.identity(),
-            data_plane = ?node.data_plane,
+            proxy = %node.identity,
+            user_agent = %node.user_agent,
+            %data_plane,
             flavor = W::NAME,
+            stream = stream.0,
             "proxy connected"
         );
-        let (uuid, identity) = (node.uuid.clone(), node.identity());
+        let (uuid, identity) = (key.uuid.clone(), key.service_identity());
         // The controller may have shut down; the stream still serves what the cache holds.
-        let _ = inner.events.send(ProxyEvent::Connected(node));
+        let _ = inner.events.send(ProxyEvent::Connected {
+            stream,
+            node,
+            data_plane,
+        });
         Session {
             inner,
+            stream,
             key,
             uuid,
             identity,
+            types,
             tx,
             machine,
             watch,
-            snapshot,
+            snapshot: None,
+        }
+    }
+
+    /// Takes in what the cache now says for the proxy. Fails when the proxy was refused: the
+    /// stream is closed with the reason (its FSM code first) and nothing more is sent.
+    async fn refresh(&mut self) -> Result<(), Closed> {
+        let published = self.watch.borrow_and_update().clone();
+        match published {
+            Published::Pending => {
+                self.snapshot = None;
+                Ok(())
+            }
+            Published::Snapshot(snapshot) => {
+                self.snapshot = Some(snapshot);
+                Ok(())
+            }
+            Published::Refused(reason) => {
+                tracing::warn!(proxy = %self.key, %reason, "closing the stream: its identity matches no pod");
+                self.snapshot = None;
+                let _ = self
+                    .tx
+                    .send(Err(Status::permission_denied(reason.to_string())))
+                    .await;
+                Err(Closed)
+            }
         }
     }
 
     async fn run(mut self, first: W::Req, mut incoming: Streaming<W::Req>) {
-        if self.on_request(first).await.is_err() {
+        if self.refresh().await.is_err() || self.on_request(first).await.is_err() {
             return;
         }
         loop {
@@ -427,7 +498,9 @@ impl<W: Wire> Session<W> {
                         tracing::warn!(proxy = %self.uuid, "snapshot cache entry vanished; closing the stream");
                         return;
                     }
-                    self.snapshot = self.watch.borrow_and_update().clone();
+                    if self.refresh().await.is_err() {
+                        return;
+                    }
                     if let Some(snapshot) = self.snapshot.clone() {
                         let output = self.machine.on_snapshot(&snapshot);
                         if self.apply(output).await.is_err() {
@@ -444,16 +517,23 @@ impl<W: Wire> Session<W> {
     }
 
     async fn on_request(&mut self, request: W::Req) -> Result<(), Closed> {
+        let m = metrics();
+        if !self.types.iter().any(|t| *t == W::type_url(&request)) {
+            // Each stream is served one data plane's resources, decided by its first request.
+            let code = ErrCode::E5013;
+            tracing::warn!(code = %code, proxy = %self.key, type_url = %W::type_url(&request), "ignoring a request for a type outside this stream's data plane");
+            fsm_errcode::count(code);
+            return Ok(());
+        }
         let output = self
             .machine
             .on_request(W::convert(request), self.snapshot.as_deref());
-        let m = metrics();
         match output {
             Ok(output) => {
                 // Labelled only once resolved: an unknown type is an arbitrary client string.
                 if let Some(type_url) = output.type_url {
                     m.proxy_xds_request_count
-                        .with_label_values(&[&self.uuid, &self.identity, short_name(type_url)])
+                        .with_label_values(&[&*self.uuid, &self.identity, short_name(type_url)])
                         .inc();
                 }
                 self.apply(output).await
@@ -495,7 +575,7 @@ impl<W: Wire> Session<W> {
     /// The one place a response leaves for the proxy.
     async fn send(&mut self, response: Response) -> Result<(), Closed> {
         let short = short_name(response.type_url);
-        let labels = [self.uuid.as_str(), self.identity.as_str(), short];
+        let labels = [&*self.uuid, self.identity.as_str(), short];
         let message = W::encode(&response);
         let m = metrics();
         if self.tx.send(Ok(message)).await.is_err() {
@@ -537,9 +617,9 @@ impl<W: Wire> Drop for Session<W> {
         metrics().proxy_connect_count.dec();
         self.inner.cache.unsubscribe(&self.key);
         tracing::info!(proxy = %self.uuid, "proxy disconnected");
-        let _ = self
-            .inner
-            .events
-            .send(ProxyEvent::Disconnected(self.key.clone()));
+        let _ = self.inner.events.send(ProxyEvent::Disconnected {
+            stream: self.stream,
+            proxy: self.key.clone(),
+        });
     }
 }

@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use fsm_cache::{ProxyKey, Resource, Snapshot, SnapshotCache};
 use fsm_xds_server::protocol::{CLUSTER, LISTENER};
-use fsm_xds_server::{AdsServer, ProxyEvent};
+use fsm_xds_server::{AdsServer, ProxyEvent, ProxyKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -33,7 +33,17 @@ fn node_id() -> String {
 }
 
 fn key() -> ProxyKey {
-    ProxyKey(UUID.into())
+    ProxyKey::new(UUID, ProxyKind::Sidecar, "bookbuyer", "bookstore")
+}
+
+/// Waits for the stream's `Connected` event, as the controller does before it publishes.
+async fn connected(events: &mut mpsc::UnboundedReceiver<ProxyEvent>) -> ProxyEvent {
+    let event = next_event(events).await;
+    assert!(
+        matches!(event, ProxyEvent::Connected { .. }),
+        "expected Connected, got {event:?}"
+    );
+    event
 }
 
 fn snapshot(clusters: &[(&str, &'static str)]) -> Snapshot {
@@ -98,7 +108,6 @@ async fn sotw_request_ack_and_update() {
     let cache = Arc::new(SnapshotCache::new());
     let v1 = snapshot(&[("c1", "one"), ("c2", "two")]);
     let v1_version = v1.get(CLUSTER).expect("cds").version().clone();
-    cache.set(&key(), v1);
     let (mut client, mut events) = start(cache.clone()).await;
 
     let (requests, rx) = mpsc::channel(4);
@@ -115,6 +124,17 @@ async fn sotw_request_ack_and_update() {
         .await
         .expect("stream")
         .into_inner();
+    match connected(&mut events).await {
+        ProxyEvent::Connected {
+            node, data_plane, ..
+        } => {
+            assert_eq!(node.key(), key());
+            assert_eq!(node.identity.service_identity(), "bookbuyer.bookstore");
+            assert_eq!(data_plane, fsm_xds_server::DataPlane::Envoy);
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    assert!(cache.set(&key(), v1));
 
     let first: DiscoveryResponse = next(&mut responses).await.expect("CDS");
     assert_eq!(first.type_url, CLUSTER);
@@ -129,14 +149,6 @@ async fn sotw_request_ack_and_update() {
         vec![(CLUSTER, &b"one"[..]), (CLUSTER, &b"two"[..])],
         "bodies go out untouched"
     );
-    match next_event(&mut events).await {
-        ProxyEvent::Connected(proxy) => {
-            assert_eq!(proxy.key(), key());
-            assert_eq!(proxy.identity(), "bookbuyer.bookstore");
-        }
-        other => panic!("expected Connected, got {other:?}"),
-    }
-
     requests
         .send(DiscoveryRequest {
             type_url: CLUSTER.into(),
@@ -176,17 +188,16 @@ async fn sotw_request_ack_and_update() {
     .await;
 
     drop(requests);
-    assert_eq!(
+    assert!(matches!(
         next_event(&mut events).await,
-        ProxyEvent::Disconnected(key())
-    );
+        ProxyEvent::Disconnected { proxy, .. } if proxy == key()
+    ));
     eventually("the proxy to be forgotten", || cache.connected().is_empty()).await;
 }
 
 #[tokio::test]
 async fn delta_request_ack_and_update() {
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(), snapshot(&[("c1", "one"), ("c2", "two")]));
     let (mut client, mut events) = start(cache.clone()).await;
 
     let (requests, rx) = mpsc::channel(4);
@@ -203,6 +214,8 @@ async fn delta_request_ack_and_update() {
         .await
         .expect("stream")
         .into_inner();
+    connected(&mut events).await;
+    cache.set(&key(), snapshot(&[("c1", "one"), ("c2", "two")]));
 
     let first: DeltaDiscoveryResponse = next(&mut responses).await.expect("CDS");
     assert_eq!(first.type_url, CLUSTER);
@@ -214,11 +227,6 @@ async fn delta_request_ack_and_update() {
         c1.resource.as_ref().map(|a| a.value.as_slice()),
         Some(&b"one"[..])
     );
-    assert!(matches!(
-        next_event(&mut events).await,
-        ProxyEvent::Connected(_)
-    ));
-
     requests
         .send(DeltaDiscoveryRequest {
             type_url: CLUSTER.into(),
@@ -306,4 +314,135 @@ async fn missing_node_is_refused_with_e5001() {
     };
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("E5001"), "{}", status.message());
+}
+
+/// Opens a SotW stream whose first request asks for `type_url`, as `user_agent`.
+async fn open_sotw(
+    client: &mut AggregatedDiscoveryServiceClient<Channel>,
+    type_url: &str,
+    user_agent: &str,
+) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let (requests, rx) = mpsc::channel(4);
+    requests
+        .send(DiscoveryRequest {
+            node: Some(Node {
+                id: node_id(),
+                user_agent_name: user_agent.into(),
+                ..Node::default()
+            }),
+            type_url: type_url.into(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue");
+    let responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    (requests, responses)
+}
+
+#[tokio::test]
+async fn nothing_is_sent_before_the_proxy_is_matched_and_a_refusal_closes_the_stream() {
+    let cache = Arc::new(SnapshotCache::new());
+    let (mut client, mut events) = start(cache.clone()).await;
+    let (_requests, mut responses) = open_sotw(&mut client, CLUSTER, "envoy").await;
+    connected(&mut events).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), responses.message())
+            .await
+            .is_err(),
+        "no response while the controller has not matched the proxy to its pod"
+    );
+    assert!(cache.refuse(&key(), "E5004: pod demo/evil does not own the proxy UUID"));
+    let status = next(&mut responses).await.expect_err("closed");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().starts_with("E5004"),
+        "{}",
+        status.message()
+    );
+    assert!(matches!(
+        next_event(&mut events).await,
+        ProxyEvent::Disconnected { .. }
+    ));
+    eventually("the proxy to be forgotten", || cache.connected().is_empty()).await;
+}
+
+#[tokio::test]
+async fn each_stream_is_served_by_its_own_requests() {
+    const NATIVE: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
+    const NATIVE_TYPES: &[&str] = &[NATIVE];
+    let cache = Arc::new(SnapshotCache::new());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let service = AdsServer::new(cache.clone(), events_tx)
+        .with_type_urls(NATIVE_TYPES)
+        .into_service();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+
+    // A real Envoy, then a generic xDS client with no user agent asking for Envoy's types, then
+    // a client claiming to be fsm-sidecar but asking for native types: three streams, one proxy.
+    let (_envoy_requests, mut envoy) = open_sotw(&mut client, CLUSTER, "envoy").await;
+    let (generic_requests, mut generic) = open_sotw(&mut client, CLUSTER, "").await;
+    let (_native_requests, mut native) = open_sotw(&mut client, NATIVE, "fsm-sidecar").await;
+    let mut planes = Vec::new();
+    for _ in 0..3 {
+        if let ProxyEvent::Connected { data_plane, .. } = connected(&mut events).await {
+            planes.push(data_plane);
+        }
+    }
+    planes.sort();
+    use fsm_xds_server::DataPlane;
+    assert_eq!(
+        planes,
+        [DataPlane::Envoy, DataPlane::Envoy, DataPlane::FsmSidecar]
+    );
+    let union = Snapshot::new([
+        (CLUSTER, vec![Resource::new("envoy-cluster", &b"e"[..])]),
+        (NATIVE, vec![Resource::new("native-cluster", &b"n"[..])]),
+    ]);
+    assert!(cache.set(&key(), union));
+    for responses in [&mut envoy, &mut generic] {
+        let r = next(responses).await.expect("CDS");
+        assert_eq!(r.type_url, CLUSTER);
+        assert_eq!(r.resources[0].value, b"e");
+    }
+    let r = next(&mut native).await.expect("native clusters");
+    assert_eq!(r.type_url, NATIVE);
+    assert_eq!(r.resources[0].value, b"n");
+
+    // The generic stream asks for a native type: outside its data plane, not answered.
+    generic_requests
+        .send(DiscoveryRequest {
+            type_url: NATIVE.into(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue");
+    // The generic stream goes away: the others are untouched and keep receiving updates.
+    drop(generic_requests);
+    let gone = next(&mut generic).await;
+    assert!(
+        !matches!(&gone, Ok(r) if r.type_url == NATIVE),
+        "a stream gets only its own data plane's types: {gone:?}"
+    );
+    let update = Snapshot::new([
+        (CLUSTER, vec![Resource::new("envoy-cluster", &b"e2"[..])]),
+        (NATIVE, vec![Resource::new("native-cluster", &b"n"[..])]),
+    ]);
+    assert!(cache.set(&key(), update));
+    let r = next(&mut envoy)
+        .await
+        .expect("update after another stream left");
+    assert_eq!(r.resources[0].value, b"e2");
 }

@@ -16,7 +16,7 @@ use fsm_certs::tresor::CertificateAuthority;
 use fsm_certs::{CertPurpose, CertificateRequest, IssuedCertificate};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_xds_server::protocol::{CLUSTER, LISTENER};
-use fsm_xds_server::{AdsServer, AdsTls, ProxyEvent, ServerCredentials, TlsError};
+use fsm_xds_server::{AdsServer, AdsTls, ProxyEvent, ProxyKind, ServerCredentials, TlsError};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::AsyncReadExt;
@@ -109,6 +109,7 @@ async fn serve(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (events_tx, events) = mpsc::unbounded_channel();
+    let events = fake_controller(cache.clone(), events);
     let service = AdsServer::new(cache, events_tx)
         .require_client_certificates()
         .into_service();
@@ -147,7 +148,51 @@ fn node_id(uuid: &str, sa: &str) -> String {
 }
 
 fn key(uuid: &str) -> ProxyKey {
-    ProxyKey(uuid.into())
+    ProxyKey::new(uuid, ProxyKind::Sidecar, "bookbuyer", "bookstore")
+}
+
+/// What the fake controller publishes for each proxy, per cache: the cache keeps a proxy only
+/// while it has a stream, so a snapshot is set when its `Connected` event arrives (as the
+/// controller does) and again on every later `publish` while connected.
+type Published = std::sync::Mutex<Vec<(usize, ProxyKey, Snapshot)>>;
+static PUBLISHED: Published = std::sync::Mutex::new(Vec::new());
+
+fn cache_id(cache: &Arc<SnapshotCache>) -> usize {
+    Arc::as_ptr(cache) as usize
+}
+
+fn publish(cache: &Arc<SnapshotCache>, key: ProxyKey, snapshot: Snapshot) {
+    cache.set(&key, snapshot.clone());
+    let mut published = PUBLISHED.lock().expect("lock");
+    published.retain(|(c, k, _)| !(*c == cache_id(cache) && *k == key));
+    published.push((cache_id(cache), key, snapshot));
+}
+
+/// Forwards the server's events to the test, publishing each connecting proxy's snapshot first.
+fn fake_controller(
+    cache: Arc<SnapshotCache>,
+    mut from_server: mpsc::UnboundedReceiver<ProxyEvent>,
+) -> mpsc::UnboundedReceiver<ProxyEvent> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = from_server.recv().await {
+            if let ProxyEvent::Connected { node, .. } = &event {
+                let snapshot = PUBLISHED
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .find(|(c, k, _)| *c == cache_id(&cache) && *k == node.key())
+                    .map(|(_, _, s)| s.clone());
+                if let Some(snapshot) = snapshot {
+                    cache.set(&node.key(), snapshot);
+                }
+            }
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn snapshot(body: &'static str) -> Snapshot {
@@ -332,7 +377,7 @@ fn der_of(pem: &str) -> CertificateDer<'static> {
 async fn proxy_whose_certificate_matches_its_node_id_gets_its_snapshot() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
 
     let cert = proxy_cert(&pki.ca, UUID_A, "bookbuyer");
@@ -345,9 +390,9 @@ async fn proxy_whose_certificate_matches_its_node_id_gets_its_snapshot() {
     assert_eq!(first.type_url, CLUSTER);
     assert_eq!(body(&first), b"a");
     match tokio::time::timeout(TIMEOUT, events.recv()).await {
-        Ok(Some(ProxyEvent::Connected(proxy))) => {
-            assert_eq!(proxy.key(), key(UUID_A));
-            assert_eq!(proxy.identity(), "bookbuyer.bookstore");
+        Ok(Some(ProxyEvent::Connected { node, .. })) => {
+            assert_eq!(node.key(), key(UUID_A));
+            assert_eq!(node.identity.service_identity(), "bookbuyer.bookstore");
         }
         other => panic!("expected Connected, got {other:?}"),
     }
@@ -363,9 +408,9 @@ async fn proxy_whose_certificate_matches_its_node_id_gets_its_snapshot() {
 async fn node_id_of_another_proxy_is_refused_with_e5010() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     // The victims: another service account, and the same one under another UUID.
-    cache.set(&key(UUID_B), snapshot("secret of b"));
+    publish(&cache, key(UUID_B), snapshot("secret of b"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     let cert = proxy_cert(&pki.ca, UUID_A, "bookbuyer");
     let cn = format!("{UUID_A}.sidecar.bookbuyer.bookstore");
@@ -415,7 +460,7 @@ async fn node_id_of_another_proxy_is_refused_with_e5010() {
 async fn malformed_certificate_cn_is_refused_with_e5001() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     for cn in [
         "bookbuyer.bookstore".to_owned(),
@@ -448,7 +493,7 @@ async fn malformed_certificate_cn_is_refused_with_e5001() {
 async fn service_certificate_is_refused_with_e5001_and_counted() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     let node = node_id(UUID_A, "bookbuyer");
     for cert in [
@@ -505,7 +550,7 @@ async fn service_certificate_is_refused_with_e5001_and_counted() {
 async fn server_only_certificate_is_refused_as_a_client_certificate() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     let server_only = pki
         .ca
@@ -533,7 +578,7 @@ async fn server_only_certificate_is_refused_as_a_client_certificate() {
 #[tokio::test]
 async fn required_certificates_over_plaintext_refuse_every_stream() {
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -573,7 +618,7 @@ async fn required_certificates_over_plaintext_refuse_every_stream() {
 async fn clients_without_a_trusted_certificate_fail_the_handshake_and_others_are_served() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     let node = node_id(UUID_A, "bookbuyer");
 
@@ -617,7 +662,7 @@ async fn clients_without_a_trusted_certificate_fail_the_handshake_and_others_are
 async fn expired_client_certificate_is_refused() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a"));
+    publish(&cache, key(UUID_A), snapshot("a"));
     let (addr, mut events) = serve(cache.clone(), &pki.tls).await;
     let short = issue(
         &pki.ca,
@@ -665,7 +710,7 @@ async fn stuck_handshake_times_out() {
 async fn rotated_server_certificate_applies_to_new_connections_only() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("v1"));
+    publish(&cache, key(UUID_A), snapshot("v1"));
     let (addr, _events) = serve(cache.clone(), &pki.tls).await;
     let cert = proxy_cert(&pki.ca, UUID_A, "bookbuyer");
     let node = node_id(UUID_A, "bookbuyer");
@@ -699,7 +744,7 @@ async fn rotated_server_certificate_applies_to_new_connections_only() {
         })
         .await
         .expect("ACK");
-    cache.set(&key(UUID_A), snapshot("v2"));
+    publish(&cache, key(UUID_A), snapshot("v2"));
     let update = next(&mut open.responses)
         .await
         .expect("update on the old stream");
@@ -721,8 +766,8 @@ async fn client_ca_update_dropping_the_old_root_refuses_its_certificates() {
     let both = format!("{}{}", old_ca.cert_pem(), new_ca.cert_pem());
     let tls = AdsTls::new(&server_credentials(&server, &both)).expect("ADS TLS");
     let cache = Arc::new(SnapshotCache::new());
-    cache.set(&key(UUID_A), snapshot("a1"));
-    cache.set(&key(UUID_B), snapshot("b1"));
+    publish(&cache, key(UUID_A), snapshot("a1"));
+    publish(&cache, key(UUID_B), snapshot("b1"));
     let (addr, _events) = serve(cache.clone(), &tls).await;
     let old_cert = proxy_cert(&old_ca, UUID_A, "bookbuyer");
     let new_cert = proxy_cert(&new_ca, UUID_B, "bookbuyer");
@@ -772,7 +817,7 @@ async fn client_ca_update_dropping_the_old_root_refuses_its_certificates() {
         })
         .await
         .expect("ACK");
-    cache.set(&key(UUID_A), snapshot("a2"));
+    publish(&cache, key(UUID_A), snapshot("a2"));
     let update = next(&mut open.responses).await.expect("update");
     assert_eq!(body(&update), b"a2");
 }
