@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use fsm_certs::cert_manager_io::{CertManagerIoConfig, CertManagerIoProvider, IssuerRef};
 use fsm_certs::tresor::TresorProvider;
-use fsm_certs::vault::{VaultConfig, VaultProvider};
+use fsm_certs::vault::{TOKEN_CHECK_INTERVAL, VaultConfig, VaultProvider};
 use fsm_certs::{
     CertKey, CertManager, CertManagerConfig, CertificateProvider, IssuedCertificate,
     RootRotationTiming,
@@ -51,8 +51,13 @@ pub struct CertArgs {
     #[arg(long, default_value_t = 8200)]
     pub vault_port: u16,
     /// `http` or `https` (FSM `vault.protocol`).
-    #[arg(long, default_value = "http")]
+    #[arg(long, default_value = "http", value_parser = ["http", "https"])]
     pub vault_protocol: String,
+    /// PEM file of the CA that signed Vault's TLS certificate, for `--vault-protocol https`
+    /// (`VAULT_CACERT`, as Vault's own clients, FSM's included, read it). Without it, the system
+    /// roots are trusted.
+    #[arg(long, env = "VAULT_CACERT")]
+    pub vault_ca_file: Option<PathBuf>,
     /// Vault token (FSM `vault.token`).
     #[arg(
         long,
@@ -115,7 +120,16 @@ pub async fn provider(
             config.port = args.vault_port;
             config.role = args.vault_role.clone();
             config.pki_mount = args.vault_pki_mount.clone();
-            Arc::new(VaultProvider::new(config).map_err(coded)?)
+            config.ca_file = args.vault_ca_file.clone();
+            let vault = Arc::new(
+                VaultProvider::new(config)
+                    .map_err(coded)
+                    .context("cannot set up the Vault client")?,
+            );
+            // Keeps the token alive (lookup-self, then renew-self at 2/3 of its TTL); failures
+            // are logged with E4013 and retried.
+            tokio::spawn(vault.clone().run_token_renewal(TOKEN_CHECK_INTERVAL));
+            vault
         }
         (ProviderKind::CertManager, Some(client)) => {
             let mut config = CertManagerIoConfig::new(fsm_namespace);
@@ -250,5 +264,58 @@ pub async fn watch_root_file(
                 fsm_errcode::count(e.err_code());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod vault_flag_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        certs: CertArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<CertArgs, clap::Error> {
+        let base = ["fsm-controller", "--certificate-provider", "vault"];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.certs)
+    }
+
+    #[test]
+    fn vault_https_and_ca_file_flags() -> anyhow::Result<()> {
+        let args = parse(&[
+            "--vault-protocol",
+            "https",
+            "--vault-ca-file",
+            "/etc/vault/ca.pem",
+        ])?;
+        assert_eq!(args.vault_protocol, "https");
+        assert_eq!(
+            args.vault_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/vault/ca.pem"))
+        );
+        assert!(parse(&["--vault-protocol", "ftp"]).is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unreadable_vault_ca_file_stops_the_start_with_e4011_naming_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let missing = dir.path().join("vault-ca.pem");
+        let mut args = parse(&["--vault-host", "127.0.0.1", "--vault-protocol", "https"])?;
+        args.vault_token = "t".into();
+        args.vault_ca_file = Some(missing.clone());
+        let err = provider(&args, None, "fsm-system", &dir.path().join("root.pem"))
+            .await
+            .err()
+            .context("started with a missing Vault CA file")?;
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("E4011") && text.contains(&missing.display().to_string()),
+            "{text}"
+        );
+        Ok(())
     }
 }
