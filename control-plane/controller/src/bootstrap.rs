@@ -3,8 +3,14 @@
 //!
 //! In a cluster the controller keeps them in a per-pod Secret, `fsm-sidecar-bootstrap-<proxy-uuid>`
 //! in the pod's namespace (type `kubernetes.io/tls`, keys `ca.crt`, `tls.crt`, `tls.key`), which
-//! the injector mounts into the sidecar; deleted with the pod. Without a cluster (manifest mode,
-//! or sidecars outside it) the controller writes them where the sidecars read them:
+//! the injector mounts into the sidecar. The Secret names its Pod (by uid) as its owner, so
+//! Kubernetes' garbage collector deletes it with the pod even when no controller runs; the
+//! controller deletes it too when the pod leaves the mesh, and, whenever it becomes the leader,
+//! deletes the bootstrap Secrets (label `app.kubernetes.io/component=sidecar-bootstrap`) whose pod
+//! is gone. Of several replicas only the holder of the leader Lease writes (see `leader.rs`); the
+//! Secret's annotation `flomesh.io/bootstrap-writer` names the replica that wrote it. Without a
+//! cluster (manifest mode, or sidecars outside it) the controller writes them where the sidecars
+//! read them:
 //!
 //! ```text
 //! <dir>/<namespace>/<pod>/ca.crt   the mesh trust bundle (two roots during a root rotation)
@@ -28,9 +34,9 @@ use std::sync::Arc;
 use fsm_catalog::SidecarProxy;
 use fsm_certs::{CertKey, CertManager, IssuedCertificate, ProxyKind};
 use fsm_errcode::{ErrCode, HasErrCode};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
@@ -46,6 +52,8 @@ pub struct Targets {
     pub dir: Option<PathBuf>,
     /// Per-pod Secrets in the cluster.
     pub secrets: Option<kube::Client>,
+    /// This replica's identity, recorded on the Secrets it writes.
+    pub writer: String,
 }
 
 /// The Secret holding a pod's bootstrap credentials.
@@ -56,28 +64,166 @@ pub fn secret_name(proxy: &SidecarProxy) -> String {
 /// The field manager of the Secrets' server-side apply.
 const FIELD_MANAGER: &str = "fsm-controller";
 
-/// Keeps the targets in line with the mesh's sidecar pods, forever.
+/// The label (with [`COMPONENT`]) that finds every bootstrap Secret.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+pub const COMPONENT: &str = "sidecar-bootstrap";
+/// The annotation naming the replica that wrote a bootstrap Secret.
+pub const WRITER_ANNOTATION: &str = "flomesh.io/bootstrap-writer";
+
+/// Keeps the targets in line with the mesh's sidecar pods while this replica leads, forever.
 pub async fn run(
     targets: Targets,
     certs: CertManager,
     mut sidecars: watch::Receiver<Vec<SidecarProxy>>,
+    mut leading: watch::Receiver<bool>,
 ) {
-    let mut rotations = certs.subscribe();
-    // What was written, by pod, with the serial and bundle it was written with.
-    let mut written: BTreeMap<(String, String), Written> = BTreeMap::new();
     loop {
+        while !*leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                return;
+            }
+        }
+        if lead(&targets, &certs, &mut sidecars, &mut leading)
+            .await
+            .is_break()
+        {
+            return;
+        }
+    }
+}
+
+/// Writes while this replica leads; `Continue` when it stops leading, `Break` when the inputs
+/// are gone.
+async fn lead(
+    targets: &Targets,
+    certs: &CertManager,
+    sidecars: &mut watch::Receiver<Vec<SidecarProxy>>,
+    leading: &mut watch::Receiver<bool>,
+) -> std::ops::ControlFlow<()> {
+    use std::ops::ControlFlow;
+    let mut rotations = certs.subscribe();
+    // What was written, by pod, with the serial and bundle it was written with. A new leader
+    // starts empty: it rewrites every pod's credentials with certificates of its own.
+    let mut written: BTreeMap<(String, String), Written> = BTreeMap::new();
+    if let Some(client) = &targets.secrets {
+        remove_orphaned_secrets(client, leading).await;
+    }
+    let flow = loop {
         let wanted: Vec<SidecarProxy> = sidecars.borrow_and_update().clone();
-        sync(&targets, &certs, &wanted, &mut written).await;
+        sync(targets, certs, &wanted, &mut written, leading).await;
+        if !*leading.borrow() {
+            break ControlFlow::Continue(());
+        }
         tokio::select! {
-            changed = sidecars.changed() => if changed.is_err() { return },
+            changed = sidecars.changed() => if changed.is_err() { break ControlFlow::Break(()) },
+            changed = leading.changed() => {
+                if changed.is_err() {
+                    // The election is over (shutdown): nothing may be written any more.
+                    break ControlFlow::Break(());
+                }
+                if !*leading.borrow() {
+                    break ControlFlow::Continue(());
+                }
+            }
             event = rotations.recv() => match event {
                 // Rotated xDS certificates and changed bundles are picked up by the next sync,
                 // which asks the manager for each pod's current certificate.
                 Ok(event) if matches!(event.key, CertKey::Xds(_)) => {}
                 Ok(_) => continue,
                 Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
+                Err(RecvError::Closed) => break ControlFlow::Break(()),
             },
+        }
+    };
+    // A follower neither rotates nor keeps certificates: the new leader issues its own.
+    for old in written.values() {
+        release(certs, &old.proxy);
+    }
+    tracing::info!(
+        pods = written.len(),
+        "stopped writing sidecar bootstrap credentials"
+    );
+    flow
+}
+
+/// Deletes the bootstrap Secrets whose pod no longer exists: a Secret whose owner Pod (by uid)
+/// is gone, or, for a Secret without an owner, when no pod in its namespace carries its proxy
+/// UUID. Kubernetes' garbage collector does the same for owned Secrets; this covers clusters
+/// where it has not run yet and Secrets written before they had owners.
+async fn remove_orphaned_secrets(client: &kube::Client, leading: &watch::Receiver<bool>) {
+    let all: Api<Secret> = Api::all(client.clone());
+    let selector = format!("{COMPONENT_LABEL}={COMPONENT}");
+    let secrets = match all.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            tracing::warn!(code = %ErrCode::E4000, selector = %selector, error = %e, "cannot list bootstrap Secrets to remove those of deleted pods");
+            return;
+        }
+    };
+    for secret in secrets {
+        if !*leading.borrow() {
+            return;
+        }
+        let (Some(namespace), Some(name)) = (
+            secret.metadata.namespace.clone(),
+            secret.metadata.name.clone(),
+        ) else {
+            continue;
+        };
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let owner = secret
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "Pod" && o.api_version == "v1");
+        let gone = match owner {
+            Some(owner) => match pods.get_opt(&owner.name).await {
+                Ok(pod) => pod.is_none_or(|p| p.metadata.uid.as_deref() != Some(&owner.uid)),
+                Err(e) => {
+                    tracing::warn!(code = %ErrCode::E4000, pod = %format!("{namespace}/{}", owner.name), error = %e, "cannot look up the owner of a bootstrap Secret");
+                    continue;
+                }
+            },
+            None => {
+                let Some(uuid) = secret
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(fsm_catalog::PROXY_UUID_LABEL))
+                else {
+                    continue;
+                };
+                let selector = format!("{}={uuid}", fsm_catalog::PROXY_UUID_LABEL);
+                match pods.list(&ListParams::default().labels(&selector)).await {
+                    Ok(list) => list.items.is_empty(),
+                    Err(e) => {
+                        tracing::warn!(code = %ErrCode::E4000, namespace = %namespace, selector = %selector, error = %e, "cannot look up the pod of a bootstrap Secret");
+                        continue;
+                    }
+                }
+            }
+        };
+        if !gone {
+            continue;
+        }
+        // Only this version of the Secret: one rewritten meanwhile (its pod is back) stays.
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: secret.metadata.uid.clone(),
+                resource_version: secret.metadata.resource_version.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        match secrets.delete(&name, &params).await {
+            Ok(_) => {
+                tracing::info!(secret = %format!("{namespace}/{name}"), "removed the bootstrap Secret of a deleted pod")
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(code = %ErrCode::E4000, secret = %format!("{namespace}/{name}"), error = %e, "cannot delete the bootstrap Secret of a deleted pod")
+            }
         }
     }
 }
@@ -94,6 +240,7 @@ async fn sync(
     certs: &CertManager,
     wanted: &[SidecarProxy],
     written: &mut BTreeMap<(String, String), Written>,
+    leading: &watch::Receiver<bool>,
 ) {
     let keep: BTreeMap<(String, String), &SidecarProxy> = wanted
         .iter()
@@ -105,6 +252,9 @@ async fn sync(
         .cloned()
         .collect();
     for key in gone {
+        if !*leading.borrow() {
+            return;
+        }
         if let Some(old) = written.remove(&key) {
             release(certs, &old.proxy);
             if let Some(dir) = &targets.dir {
@@ -129,6 +279,9 @@ async fn sync(
         }
     }
     for (key, proxy) in keep {
+        if !*leading.borrow() {
+            return;
+        }
         let Ok(uuid) = proxy.uuid.parse::<uuid::Uuid>() else {
             tracing::warn!(code = %ErrCode::E5001, pod = %format!("{}/{}", proxy.namespace, proxy.pod), uuid = %proxy.uuid, "fsm-proxy-uuid label is not a UUID; no bootstrap credentials");
             continue;
@@ -183,11 +336,18 @@ async fn sync(
             }
         }
         if let Some(client) = &targets.secrets {
-            if let Err(e) = apply_secret(client, proxy, &cert).await {
-                ok = false;
-                tracing::warn!(code = %ErrCode::E4005, secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), error = %e, "cannot write bootstrap Secret");
-            } else {
-                tracing::info!(secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), serial = %cert.serial, "wrote bootstrap Secret");
+            match apply_secret(client, proxy, &cert, &targets.writer).await {
+                Ok(true) => {
+                    tracing::info!(secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), serial = %cert.serial, writer = %targets.writer, "wrote bootstrap Secret");
+                }
+                Ok(false) => {
+                    // The pod is gone already; its deletion is the next change.
+                    tracing::debug!(pod = %format!("{}/{}", proxy.namespace, proxy.pod), "no bootstrap Secret for a pod that no longer exists");
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::warn!(code = %ErrCode::E4005, secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), error = %e, "cannot write bootstrap Secret");
+                }
             }
         }
         // A failed write is retried at the next sync (next change or rotation).
@@ -197,12 +357,28 @@ async fn sync(
     }
 }
 
-/// Server-side applies the pod's bootstrap Secret.
+/// Server-side applies the pod's bootstrap Secret, owned by the pod; `false` when the pod no
+/// longer exists (nothing written: the Secret would be garbage at once).
 async fn apply_secret(
     client: &kube::Client,
     proxy: &SidecarProxy,
     cert: &IssuedCertificate,
-) -> Result<(), kube::Error> {
+    writer: &str,
+) -> Result<bool, kube::Error> {
+    let pod_uid = match &proxy.pod_uid {
+        Some(uid) => uid.clone(),
+        // Sources that drop the uid: ask the API server for the pod's.
+        None => {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &proxy.namespace);
+            match pods.get_opt(&proxy.pod).await? {
+                Some(Pod {
+                    metadata: kube::api::ObjectMeta { uid: Some(uid), .. },
+                    ..
+                }) => uid,
+                _ => return Ok(false),
+            }
+        }
+    };
     let api: Api<Secret> = Api::namespaced(client.clone(), &proxy.namespace);
     let name = secret_name(proxy);
     let data = |s: &str| serde_json::Value::String(base64_encode(s.as_bytes()));
@@ -215,7 +391,21 @@ async fn apply_secret(
             "labels": {
                 fsm_catalog::PROXY_UUID_LABEL: proxy.uuid,
                 "app.kubernetes.io/managed-by": "fsm-controller",
+                COMPONENT_LABEL: COMPONENT,
             },
+            "annotations": {
+                WRITER_ANNOTATION: writer,
+            },
+            // What metav1.NewControllerRef writes: the pod is the Secret's one managing owner,
+            // and a foreground deletion of the pod waits for the Secret to go.
+            "ownerReferences": [{
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": proxy.pod,
+                "uid": pod_uid,
+                "controller": true,
+                "blockOwnerDeletion": true,
+            }],
         },
         "type": "kubernetes.io/tls",
         "data": {
@@ -230,7 +420,7 @@ async fn apply_secret(
         &Patch::Apply(&secret),
     )
     .await
-    .map(|_| ())
+    .map(|_| true)
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -330,8 +520,17 @@ mod tests {
         let targets = Targets {
             dir: Some(dir.path().to_path_buf()),
             secrets: None,
+            writer: "test".into(),
         };
-        sync(&targets, &certs, std::slice::from_ref(&pod), &mut written).await;
+        let (_leader, leading) = watch::channel(true);
+        sync(
+            &targets,
+            &certs,
+            std::slice::from_ref(&pod),
+            &mut written,
+            &leading,
+        )
+        .await;
         let pod_dir = dir.path().join("demo/curl-1");
         let cert = std::fs::read_to_string(pod_dir.join(CERT_FILE)).expect("tls.crt");
         let info = fsm_certs::x509::leaf_info(&cert).expect("parses");
@@ -356,7 +555,14 @@ mod tests {
             service_account: "other".into(),
             ..pod.clone()
         };
-        sync(&targets, &certs, std::slice::from_ref(&moved), &mut written).await;
+        sync(
+            &targets,
+            &certs,
+            std::slice::from_ref(&moved),
+            &mut written,
+            &leading,
+        )
+        .await;
         let second_target = std::fs::read_link(pod_dir.join(DATA_LINK)).expect("link");
         assert_ne!(first_target, second_target);
         assert!(!pod_dir.join(&first_target).exists());
@@ -368,7 +574,7 @@ mod tests {
             info.common_name
         );
 
-        sync(&targets, &certs, &[], &mut written).await;
+        sync(&targets, &certs, &[], &mut written, &leading).await;
         assert!(!pod_dir.exists());
         assert!(
             std::fs::read_dir(dir.path().join("demo"))

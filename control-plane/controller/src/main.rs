@@ -3,6 +3,7 @@
 mod bootstrap;
 mod http;
 mod identity;
+mod leader;
 mod runner;
 mod source;
 
@@ -79,6 +80,33 @@ struct Args {
     root_rotation_grace: std::time::Duration,
     #[command(flatten)]
     certificates: identity::CertArgs,
+    #[command(flatten)]
+    leader_election: LeaderElectionArgs,
+}
+
+/// In a cluster, replicas elect the one that writes (bootstrap Secrets) through a
+/// coordination.k8s.io/v1 Lease; the others serve ADS and take over when the leader's lease
+/// expires.
+#[derive(Debug, clap::Args)]
+struct LeaderElectionArgs {
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "fsm-controller")]
+    leader_election_lease_name: String,
+    /// Namespace of the Lease (default: --fsm-namespace).
+    #[arg(long)]
+    leader_election_namespace: Option<String>,
+    /// This replica's holder identity (default: `$POD_NAME` or the host name, and a random suffix).
+    #[arg(long)]
+    leader_election_identity: Option<String>,
+    /// How long followers wait, after the lease last changed, before taking it over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: std::time::Duration,
+    /// A leader that could not renew for this long stops writing (shorter than the lease).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_election_renew_deadline: std::time::Duration,
+    /// Time between attempts to acquire or renew the lease.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_election_retry_period: std::time::Duration,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -164,6 +192,31 @@ async fn main() -> anyhow::Result<()> {
         .add_service(ads)
         .serve_with_incoming(ads_tls.incoming(ads_listener));
     let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
+    let election = &args.leader_election;
+    let identity = election
+        .leader_election_identity
+        .clone()
+        .unwrap_or_else(leader::default_identity);
+    let leadership = match source.client() {
+        Some(client) => {
+            let config = leader::Config {
+                namespace: election
+                    .leader_election_namespace
+                    .clone()
+                    .unwrap_or_else(|| args.fsm_namespace.clone()),
+                name: election.leader_election_lease_name.clone(),
+                identity: identity.clone(),
+                lease_duration: election.leader_election_lease_duration,
+                renew_deadline: election.leader_election_renew_deadline,
+                retry_period: election.leader_election_retry_period,
+            };
+            config.validate().map_err(|e| {
+                anyhow::anyhow!("{}: invalid leader election flags: {e}", ErrCode::E1000)
+            })?;
+            leader::Leadership::elect(client, config)
+        }
+        None => leader::Leadership::always(),
+    };
     let targets = bootstrap::Targets {
         dir: args.bootstrap_dir.clone().or_else(|| {
             source
@@ -172,9 +225,15 @@ async fn main() -> anyhow::Result<()> {
                 .then(|| args.state_dir.join("bootstrap"))
         }),
         secrets: source.client(),
+        writer: identity,
     };
-    tracing::info!(dir = ?targets.dir, secrets = targets.secrets.is_some(), "writing sidecar bootstrap credentials");
-    tokio::spawn(bootstrap::run(targets, certs.clone(), runner.sidecars()));
+    tracing::info!(dir = ?targets.dir, secrets = targets.secrets.is_some(), "writing sidecar bootstrap credentials while leading");
+    tokio::spawn(bootstrap::run(
+        targets,
+        certs.clone(),
+        runner.sidecars(),
+        leadership.subscribe(),
+    ));
     let http = http::serve(
         http_listener,
         http::AppState {
@@ -190,6 +249,8 @@ async fn main() -> anyhow::Result<()> {
         result = http => result.context("HTTP server failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
     }
+    // A successor need not wait for the lease to expire.
+    leadership.release().await;
     Ok(())
 }
 
