@@ -3,7 +3,9 @@
 //!
 //! - Sidecars talk mTLS to each other and to the control plane; plaintext, certificate-less and
 //!   foreign-CA clients are refused by a meshed inbound port.
-//! - A proxy cannot obtain another identity's configuration or keys by claiming its node id.
+//! - A proxy cannot obtain another identity's configuration or keys by claiming its node id, nor
+//!   by a pod copying another pod's proxy UUID label; a second stream of a proxy changes nothing
+//!   for its first.
 //! - Leaf certificates (short MeshConfig validity) and the root rotate under sustained traffic
 //!   without losing a request; an expired root is refused with its error code.
 
@@ -31,10 +33,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
 /// The demo mesh with an Envoy sidecar per meshed pod.
 struct Mesh {
     _work: tempfile::TempDir,
+    manifests: std::path::PathBuf,
     logs: std::path::PathBuf,
     controller: Controller,
     _apps: Vec<fsm_integration_tests::ManagedProcess>,
@@ -58,6 +63,7 @@ impl Mesh {
             .collect();
         let mut mesh = Mesh {
             _work: work,
+            manifests: manifests.clone(),
             logs,
             controller,
             _apps: apps,
@@ -207,6 +213,16 @@ async fn fetch_secrets(
     bootstrap_dir: &Path,
     node_id: &str,
 ) -> Result<std::result::Result<Vec<Secret>, tonic::Status>> {
+    fetch_secrets_as(controller, bootstrap_dir, node_id, "envoy").await
+}
+
+/// [`fetch_secrets`] announcing `user_agent` (empty: a generic xDS client).
+async fn fetch_secrets_as(
+    controller: &Controller,
+    bootstrap_dir: &Path,
+    node_id: &str,
+    user_agent: &str,
+) -> Result<std::result::Result<Vec<Secret>, tonic::Status>> {
     let read = |name: &str| std::fs::read_to_string(bootstrap_dir.join(name));
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")?))
@@ -225,7 +241,7 @@ async fn fetch_secrets(
         node: Some(Node {
             id: node_id.to_string(),
             cluster: "spoof".into(),
-            user_agent_name: "envoy".into(),
+            user_agent_name: user_agent.into(),
             ..Default::default()
         }),
         type_url: SDS.into(),
@@ -362,6 +378,187 @@ async fn refusals(subnet: u8) -> Result<()> {
             .any(|l| l.starts_with("fsm_error_err_code_count{err_code=\"E5010\"}")),
         "E5010 not counted"
     );
+    Ok(())
+}
+
+// === A copied proxy UUID ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_copying_a_proxy_uuid_takes_nothing_over() {
+    if let Err(err) = takeover(24).await {
+        panic!("{err:#}");
+    }
+}
+
+/// Issue 15, A: pod `demo/evil` (its own service account and address) carries curl's
+/// `fsm-proxy-uuid`. Curl keeps its credentials, configuration and traffic; evil gets neither
+/// credentials nor configuration, is reported with E5004, and deleting it changes nothing.
+async fn takeover(subnet: u8) -> Result<()> {
+    let mesh = Mesh::start(subnet, |_| Ok(())).await?;
+    let curl = mesh.pod("curl")?.clone();
+    let uuid = curl.proxy_uuid.clone().context("curl's proxy UUID")?;
+    eventually(CONVERGE, || get_httpbin(&curl)).await?;
+    let ads = mesh.controller.ads();
+    let curl_dir = ads.pod_dir("demo", "curl");
+    let curl_cert = std::fs::read_to_string(curl_dir.join("tls.crt"))?;
+    let (_, curl_listeners) = mesh.envoy("curl")?.dynamic_versions().await?;
+
+    let evil_file = mesh.manifests.join("90-evil.yaml");
+    std::fs::write(
+        &evil_file,
+        format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: evil, namespace: demo}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata:\n  name: evil\n  namespace: demo\n  labels: {{app: evil, fsm-proxy-uuid: {uuid}}}\n\
+             spec:\n  serviceAccountName: evil\n  containers: [{{name: evil, image: evil}}]\nstatus: {{podIP: 127.0.{subnet}.99}}\n"
+        ),
+    )?;
+    eventually(CONVERGE, || async {
+        let problems = mesh.controller.debug_problems().await?;
+        ensure!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("E5004") && p.contains("demo/evil") && p.contains(&uuid)),
+            "no E5004 for demo/evil in /debug/problems: {problems:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    // The bootstrap writer runs after the catalog: give it time to do the wrong thing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        !ads.pod_dir("demo", "evil").exists(),
+        "the impostor was given bootstrap credentials"
+    );
+    ensure!(
+        std::fs::read_to_string(curl_dir.join("tls.crt"))? == curl_cert,
+        "curl's bootstrap credentials changed"
+    );
+
+    // Even holding an xDS certificate for `<uuid>.sidecar.evil.demo` from the mesh CA (as the
+    // controller used to issue), the impostor's stream is closed with E5004 and gets nothing.
+    let ca = fsm_certs::tresor::TresorProvider::load_or_create_in_file(
+        mesh.controller.state_dir.join("fsm-ca-bundle.pem"),
+    )
+    .await?;
+    let evil_id = format!("{uuid}.sidecar.evil.demo");
+    let forged = ca.ca().issue(
+        &fsm_certs::CertificateRequest::new(evil_id.clone(), Duration::from_secs(3600))
+            .with_purpose(fsm_certs::CertPurpose::XdsClient),
+    )?;
+    let evil_dir = mesh.logs.join("evil-credentials");
+    std::fs::create_dir_all(&evil_dir)?;
+    std::fs::copy(curl_dir.join("ca.crt"), evil_dir.join("ca.crt"))?;
+    std::fs::write(evil_dir.join("tls.crt"), &forged.cert_chain_pem)?;
+    std::fs::write(evil_dir.join("tls.key"), forged.private_key.expose_pem())?;
+    match fetch_secrets(&mesh.controller, &evil_dir, &evil_id).await? {
+        Ok(secrets) => bail!(
+            "the impostor received {:?}",
+            secrets.iter().map(|s| &s.name).collect::<Vec<_>>()
+        ),
+        Err(status) => ensure!(
+            status.code() == tonic::Code::PermissionDenied && status.message().starts_with("E5004"),
+            "expected PermissionDenied with E5004, got {status:?}"
+        ),
+    }
+
+    // Curl is untouched: same listeners, same credentials, traffic flows, nothing wrong with it.
+    get_httpbin(&curl).await?;
+    let (_, listeners) = mesh.envoy("curl")?.dynamic_versions().await?;
+    ensure!(
+        listeners == curl_listeners,
+        "curl's listeners changed: {curl_listeners:?} -> {listeners:?}"
+    );
+    let config = mesh.controller.debug_config().await?;
+    ensure!(
+        config[&uuid]["error"].is_null(),
+        "curl has an error: {}",
+        config[&uuid]
+    );
+
+    // Deleting the impostor changes nothing for curl.
+    std::fs::remove_file(&evil_file)?;
+    eventually(CONVERGE, || async {
+        let problems = mesh.controller.debug_problems().await?;
+        ensure!(
+            !problems.iter().any(|p| p.contains("demo/evil")),
+            "{problems:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    get_httpbin(&curl).await?;
+    ensure!(std::fs::read_to_string(curl_dir.join("tls.crt"))? == curl_cert);
+    for type_url in [LDS, SDS] {
+        ensure!(
+            mesh.controller
+                .in_sync_version(&uuid, type_url)
+                .await?
+                .is_some(),
+            "curl's {type_url} is not in sync"
+        );
+    }
+    Ok(())
+}
+
+// === A second stream of the same proxy ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_changes_nothing_for_the_first() {
+    if let Err(err) = second_stream(25).await {
+        panic!("{err:#}");
+    }
+}
+
+/// Issue 15, B: with curl's Envoy connected, a generic xDS client using curl's own credentials
+/// and node id but no user agent connects (and is served Envoy resources) and goes away; curl's
+/// Envoy keeps receiving every update.
+async fn second_stream(subnet: u8) -> Result<()> {
+    let mesh = Mesh::start(subnet, |_| Ok(())).await?;
+    let curl = mesh.pod("curl")?.clone();
+    let uuid = curl.proxy_uuid.clone().context("curl's proxy UUID")?;
+    eventually(CONVERGE, || get_httpbin(&curl)).await?;
+    let curl_dir = mesh.controller.ads().pod_dir("demo", "curl");
+    let node_id = curl.node_id().context("node id")?;
+    for _ in 0..2 {
+        let secrets = fetch_secrets_as(&mesh.controller, &curl_dir, &node_id, "")
+            .await?
+            .map_err(|s| anyhow::anyhow!("curl's own second stream refused: {s}"))?;
+        ensure!(
+            private_key_owners(&secrets) == ["service-cert:demo/curl"],
+            "a generic client asking for Envoy's types gets Envoy secrets: {:?}",
+            private_key_owners(&secrets)
+        );
+    }
+
+    // An endpoint leaves httpbin: curl's Envoy, connected all along, gets the new EDS.
+    let eds_before = eventually(CONVERGE, || async {
+        mesh.controller
+            .in_sync_version(&uuid, EDS)
+            .await?
+            .context("curl's EDS not in sync")
+    })
+    .await?;
+    let v2_endpoint = format!(
+        "  - ip: 127.0.{subnet}.2\n    targetRef: {{kind: Pod, name: httpbin-v2, namespace: demo}}\n"
+    );
+    edit_manifest(&mesh.manifests.join("20-httpbin.yaml"), &v2_endpoint, "")?;
+    eventually(CONVERGE, || async {
+        let now = mesh.controller.in_sync_version(&uuid, EDS).await?;
+        ensure!(
+            now.is_some() && now.as_ref() != Some(&eds_before),
+            "curl's EDS still at {eds_before} ({now:?})"
+        );
+        Ok(())
+    })
+    .await?;
+    let metrics = mesh.controller.metrics().await?;
+    ensure!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("fsm_error_err_code_count{err_code=\"E5013\"}")),
+        "a stream without user agent was treated as an unsupported data plane"
+    );
+    get_httpbin(&curl).await?;
     Ok(())
 }
 
