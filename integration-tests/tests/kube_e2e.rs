@@ -474,3 +474,288 @@ fn a_controller_without_a_source_explains_the_choice() {
         "{stderr}"
     );
 }
+
+// === Bootstrap credentials belong to their pod and to the leader ===
+
+const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+const WRITER_ANNOTATION: &str = "flomesh.io/bootstrap-writer";
+
+fn bootstrap_secret_name(uuid: &str) -> String {
+    format!("fsm-sidecar-bootstrap-{uuid}")
+}
+
+/// The `fsm-proxy-uuid` of a pod in the manifests.
+fn manifest_uuid(objects: &[Value], pod: &str) -> Result<String> {
+    find(objects, "Pod", pod)?["metadata"]["labels"]["fsm-proxy-uuid"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("pod {pod} has no proxy UUID"))
+}
+
+/// `fsm_controller_leader` from the controller's /metrics.
+async fn leader_gauge(controller: &Controller) -> Result<Option<u64>> {
+    let metrics = controller.metrics().await?;
+    Ok(metrics.lines().find_map(|line| {
+        line.strip_prefix("fsm_controller_leader ")
+            .and_then(|v| v.trim().parse().ok())
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_secrets_are_owned_by_their_pod() {
+    if let Err(err) = owned_by_pod(43).await {
+        panic!("{err:#}");
+    }
+}
+
+/// The Secret names its pod (uid) as owner, so deleting the pod deletes it, with or without a
+/// controller running; a labelled bootstrap Secret whose pod is gone is removed at start.
+async fn owned_by_pod(subnet: u8) -> Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, Secret};
+    let c = TestCluster::start_demo(subnet).await?;
+    cluster::apply_all(&c.client, &c.objects).await?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(c.client.clone(), "demo");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(c.client.clone(), "demo");
+    // Left behind by an earlier controller (no owner then): its pod does not exist.
+    let stale_uuid = "00000000-0000-4000-8000-00000000dead";
+    let stale: Secret = serde_json::from_value(json!({
+        "metadata": {"name": bootstrap_secret_name(stale_uuid), "namespace": "demo",
+                     "labels": {COMPONENT_LABEL: "sidecar-bootstrap",
+                                "app.kubernetes.io/managed-by": "fsm-controller",
+                                "fsm-proxy-uuid": stale_uuid}},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": "", "tls.key": "", "ca.crt": ""}}))?;
+    secrets.create(&Default::default(), &stale).await?;
+    // Not a bootstrap Secret (no component label): never the controller's to remove.
+    let unrelated: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "user-secret", "namespace": "demo",
+                     "labels": {"fsm-proxy-uuid": stale_uuid}}}))?;
+    secrets.create(&Default::default(), &unrelated).await?;
+
+    let controller =
+        start_controller_on_cluster(&c.kubeconfig, &c.logs, &ControllerOptions::default()).await?;
+    eventually(CONVERGE, || async {
+        ensure!(
+            secrets
+                .get_opt(&bootstrap_secret_name(stale_uuid))
+                .await?
+                .is_none(),
+            "the stale bootstrap Secret is still there"
+        );
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("controller log:\n{}", controller.process.log_tail(20)))?;
+    ensure!(
+        secrets.get_opt("user-secret").await?.is_some(),
+        "a Secret that is not a bootstrap Secret was removed"
+    );
+
+    // Each pod's Secret is owned by that pod, by uid.
+    for pod in ["curl", "httpbin-v1"] {
+        let uuid = manifest_uuid(&c.objects, pod)?;
+        let secret = eventually(CONVERGE, || async {
+            secrets
+                .get_opt(&bootstrap_secret_name(&uuid))
+                .await?
+                .context("no bootstrap Secret yet")
+        })
+        .await?;
+        let uid = pods.get(pod).await?.metadata.uid.context("pod uid")?;
+        let owners = secret.metadata.owner_references.unwrap_or_default();
+        ensure!(owners.len() == 1, "owners of {pod}'s Secret: {owners:?}");
+        let owner = &owners[0];
+        ensure!(
+            (
+                owner.api_version.as_str(),
+                owner.kind.as_str(),
+                owner.name.as_str()
+            ) == ("v1", "Pod", pod)
+                && owner.uid == uid
+                && owner.controller == Some(true)
+                && owner.block_owner_deletion == Some(true),
+            "{pod}'s Secret owner {owner:?}, pod uid {uid}"
+        );
+        let labels = secret.metadata.labels.unwrap_or_default();
+        ensure!(
+            labels.get(COMPONENT_LABEL).map(String::as_str) == Some("sidecar-bootstrap"),
+            "labels {labels:?}"
+        );
+    }
+
+    // Deleting a pod deletes its Secret.
+    let curl_uuid = manifest_uuid(&c.objects, "curl")?;
+    cluster::delete(&c.client, find(&c.objects, "Pod", "curl")?).await?;
+    eventually(CONVERGE, || async {
+        ensure!(
+            secrets
+                .get_opt(&bootstrap_secret_name(&curl_uuid))
+                .await?
+                .is_none(),
+            "curl's Secret outlived its pod"
+        );
+        Ok(())
+    })
+    .await?;
+
+    // Also with no controller running: the cluster's garbage collector follows the owner.
+    drop(controller);
+    let httpbin_uuid = manifest_uuid(&c.objects, "httpbin-v1")?;
+    cluster::delete(&c.client, find(&c.objects, "Pod", "httpbin-v1")?).await?;
+    ensure!(
+        secrets
+            .get_opt(&bootstrap_secret_name(&httpbin_uuid))
+            .await?
+            .is_none(),
+        "httpbin-v1's Secret outlived its pod with no controller running"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_writes_bootstrap_secrets() {
+    if let Err(err) = lease_holder_writes(44).await {
+        panic!("{err:#}");
+    }
+}
+
+/// Two replicas: only the Lease holder writes Secrets (and bootstrap files); when it is killed the
+/// other takes over within the lease duration and writes the credentials of a new pod.
+async fn lease_holder_writes(subnet: u8) -> Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Secret;
+    const LEASE: Duration = Duration::from_secs(3);
+    let c = TestCluster::start_demo(subnet).await?;
+    cluster::apply_all(&c.client, &c.objects).await?;
+    let options = |name: &str| ControllerOptions {
+        name: Some(name.into()),
+        extra_args: [
+            "--leader-election-identity",
+            name,
+            "--leader-election-lease-duration",
+            "3s",
+            "--leader-election-renew-deadline",
+            "2s",
+            "--leader-election-retry-period",
+            "500ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ControllerOptions::default()
+    };
+    let mut a = start_controller_on_cluster(&c.kubeconfig, &c.logs, &options("replica-a")).await?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(c.client.clone(), "demo");
+    let uuids: Vec<String> = c
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "Pod" && o["metadata"]["namespace"] == "demo")
+        .filter_map(|o| o["metadata"]["labels"]["fsm-proxy-uuid"].as_str())
+        .map(str::to_string)
+        .collect();
+    ensure!(uuids.len() >= 3, "demo pods with proxy UUIDs: {uuids:?}");
+    let writers = || async {
+        let mut writers = BTreeSet::new();
+        let mut versions = Vec::new();
+        for uuid in &uuids {
+            let secret = secrets
+                .get_opt(&bootstrap_secret_name(uuid))
+                .await?
+                .with_context(|| format!("no bootstrap Secret for {uuid}"))?;
+            let annotations = secret.metadata.annotations.unwrap_or_default();
+            writers.insert(
+                annotations
+                    .get(WRITER_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+            versions.push(secret.metadata.resource_version.unwrap_or_default());
+        }
+        anyhow::Ok((writers, versions))
+    };
+    let only_a = BTreeSet::from(["replica-a".to_string()]);
+    eventually(CONVERGE, || async {
+        let (seen, _) = writers().await?;
+        ensure!(seen == only_a, "writers {seen:?}");
+        Ok(())
+    })
+    .await?;
+    let b = start_controller_on_cluster(&c.kubeconfig, &c.logs, &options("replica-b")).await?;
+
+    // Several lease periods with both running: b writes nothing, a rewrites nothing unchanged.
+    let (_, versions_before) = writers().await?;
+    tokio::time::sleep(LEASE * 2).await;
+    let (seen, versions_after) = writers().await?;
+    ensure!(seen == only_a, "writers with two replicas: {seen:?}");
+    ensure!(
+        versions_after == versions_before,
+        "bootstrap Secrets were rewritten while nothing changed"
+    );
+    ensure!(leader_gauge(&a).await? == Some(1) && leader_gauge(&b).await? == Some(0));
+    ensure!(
+        !b.bootstrap_root.exists() || std::fs::read_dir(&b.bootstrap_root)?.next().is_none(),
+        "the follower wrote bootstrap files under {}",
+        b.bootstrap_root.display()
+    );
+    ensure!(
+        !b.process.log_tail(200).contains("wrote bootstrap"),
+        "the follower wrote bootstrap credentials:\n{}",
+        b.process.log_tail(20)
+    );
+
+    // The leader dies (no release): b takes over once the lease has expired, and writes the
+    // credentials of a pod created meanwhile.
+    a.process.kill();
+    let killed = std::time::Instant::now();
+    let new_uuid = "0c4a1f7e-3b2d-4e5f-8a9b-7c6d5e4f3a21";
+    let mut late = find(&c.objects, "Pod", "curl")?.clone();
+    late["metadata"]["name"] = json!("late");
+    late["metadata"]["labels"]["fsm-proxy-uuid"] = json!(new_uuid);
+    late["status"]["podIP"] = json!(format!("127.0.{subnet}.99"));
+    cluster::apply(&c.client, &late).await?;
+    let secret = eventually(CONVERGE, || async {
+        secrets
+            .get_opt(&bootstrap_secret_name(new_uuid))
+            .await?
+            .context("no bootstrap Secret for the new pod yet")
+    })
+    .await
+    .with_context(|| format!("replica-b log:\n{}", b.process.log_tail(20)))?;
+    let took = killed.elapsed();
+    let writer = secret
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get(WRITER_ANNOTATION)
+        .cloned();
+    ensure!(
+        writer.as_deref() == Some("replica-b"),
+        "written by {writer:?}"
+    );
+    // Takeover: at most one lease duration after b last saw a renewal, plus one (jittered) retry.
+    ensure!(
+        took <= LEASE + Duration::from_millis(1200),
+        "the new pod's credentials took {took:?} after the leader died (lease {LEASE:?})"
+    );
+    eprintln!(
+        "new leader wrote the new pod's bootstrap Secret {took:?} after the old leader was killed"
+    );
+    eventually(CONVERGE, || async {
+        let (seen, _) = writers().await?;
+        ensure!(
+            seen == BTreeSet::from(["replica-b".to_string()]),
+            "writers {seen:?}"
+        );
+        Ok(())
+    })
+    .await?;
+    ensure!(leader_gauge(&b).await? == Some(1));
+    let lease = kube::Api::<Lease>::namespaced(c.client.clone(), "fsm-system")
+        .get("fsm-controller")
+        .await?;
+    let spec = lease.spec.context("lease spec")?;
+    ensure!(
+        spec.holder_identity.as_deref() == Some("replica-b") && spec.lease_transitions == Some(1),
+        "lease {spec:?}"
+    );
+    Ok(())
+}
