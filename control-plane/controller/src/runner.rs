@@ -523,3 +523,242 @@ fn service_cert_key(identity: &ServiceIdentity) -> CertKey {
         trust_domain: TRUST_DOMAIN.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fsm_cache::Published;
+    use fsm_catalog::{Kind, MeshObject, ObjectKey, decode_manifests};
+    use fsm_certs::tresor::TresorProvider;
+    use fsm_certs::{CertManager, CertManagerConfig};
+    use fsm_xds_server::ProxyNode;
+    use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+    use super::*;
+
+    const CURL_UUID: &str = "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10";
+    const ENVOY_CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    fn demo() -> Vec<MeshObject> {
+        let mut objects = Vec::new();
+        for (file, text) in [
+            (
+                "00-mesh.yaml",
+                include_str!("../../../examples/demo/00-mesh.yaml"),
+            ),
+            (
+                "10-curl.yaml",
+                include_str!("../../../examples/demo/10-curl.yaml"),
+            ),
+            (
+                "20-httpbin.yaml",
+                include_str!("../../../examples/demo/20-httpbin.yaml"),
+            ),
+        ] {
+            let (decoded, errors) = decode_manifests(file, text);
+            assert!(errors.is_empty(), "{errors:?}");
+            objects.extend(decoded);
+        }
+        objects
+    }
+
+    fn pod(name: &str, service_account: &str) -> MeshObject {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo, labels: {{fsm-proxy-uuid: {CURL_UUID}}}}}\nspec: {{serviceAccountName: {service_account}, containers: [{{name: c}}]}}\nstatus: {{podIP: 127.0.10.99}}\n"
+        );
+        decode_manifests("pod.yaml", &yaml).0.remove(0)
+    }
+
+    struct Harness {
+        cache: Arc<SnapshotCache>,
+        state: Arc<State>,
+        catalog: UnboundedSender<CatalogEvent>,
+        proxies: UnboundedSender<ProxyEvent>,
+    }
+
+    impl Harness {
+        async fn start() -> Harness {
+            let cache = Arc::new(SnapshotCache::new());
+            let state = Arc::new(State::default());
+            let provider = Arc::new(TresorProvider::generate().expect("CA"));
+            let certs = CertManager::new(provider, CertManagerConfig::default());
+            let runner = Runner::new(
+                CatalogSettings::default(),
+                cache.clone(),
+                state.clone(),
+                certs,
+            );
+            let (catalog, catalog_rx) = unbounded_channel();
+            let (proxies, proxy_rx) = unbounded_channel();
+            tokio::spawn(runner.run(catalog_rx, proxy_rx));
+            for object in demo() {
+                catalog.send(CatalogEvent::Apply(object)).expect("runner");
+            }
+            catalog.send(CatalogEvent::Synced).expect("runner");
+            Harness {
+                cache,
+                state,
+                catalog,
+                proxies,
+            }
+        }
+
+        /// Opens a stream as the ADS server does: subscribe, then announce it.
+        fn connect(
+            &self,
+            stream: u64,
+            service_account: &str,
+            data_plane: DataPlane,
+        ) -> (ProxyKey, watch::Receiver<Published>) {
+            let node_id = format!("{CURL_UUID}.sidecar.{service_account}.demo");
+            let node = ProxyNode::parse(&node_id, "").expect("node id");
+            let key = node.key();
+            let rx = self.cache.subscribe(&key);
+            self.proxies
+                .send(ProxyEvent::Connected {
+                    stream: StreamId(stream),
+                    node,
+                    data_plane,
+                })
+                .expect("runner");
+            (key, rx)
+        }
+
+        fn disconnect(&self, stream: u64, key: &ProxyKey) {
+            self.cache.unsubscribe(key);
+            self.proxies
+                .send(ProxyEvent::Disconnected {
+                    stream: StreamId(stream),
+                    proxy: key.clone(),
+                })
+                .expect("runner");
+        }
+    }
+
+    async fn until(
+        rx: &mut watch::Receiver<Published>,
+        what: &str,
+        done: impl Fn(&Published) -> bool,
+    ) -> Published {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let now = rx.borrow_and_update().clone();
+                if done(&now) {
+                    return now;
+                }
+                rx.changed().await.expect("cache entry");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", *rx.borrow()))
+    }
+
+    fn has_type(published: &Published, type_url: &str) -> bool {
+        published
+            .snapshot()
+            .is_some_and(|s| s.get(type_url).is_some())
+    }
+
+    #[tokio::test]
+    async fn each_data_plane_in_use_is_computed_and_dropped_with_its_last_stream() {
+        let h = Harness::start().await;
+        let (key, mut envoy) = h.connect(1, "curl", DataPlane::Envoy);
+        let first = until(&mut envoy, "curl's Envoy snapshot", |p| {
+            has_type(p, ENVOY_CDS)
+        })
+        .await;
+        let native = fsm_dataplane_proto::ALL_TYPE_URLS[0];
+        assert!(
+            !has_type(&first, native),
+            "no stream asked for native types"
+        );
+
+        let (_, mut sidecar) = h.connect(2, "curl", DataPlane::FsmSidecar);
+        let both = until(&mut sidecar, "native types", |p| has_type(p, native)).await;
+        let envoy_cds = |p: &Published| p.snapshot().and_then(|s| s.get(ENVOY_CDS).cloned());
+        assert_eq!(
+            envoy_cds(&both),
+            envoy_cds(&first),
+            "another stream's data plane leaves this one's resources alone"
+        );
+
+        h.disconnect(2, &key);
+        until(&mut envoy, "native types dropped", |p| {
+            has_type(p, ENVOY_CDS) && !has_type(p, native)
+        })
+        .await;
+        assert_eq!(h.state.proxies()[&key].data_planes, [DataPlane::Envoy]);
+
+        // The last stream gone, nothing of the proxy is kept, and a later change leaves no entry.
+        h.disconnect(1, &key);
+        h.catalog
+            .send(CatalogEvent::Apply(pod("other", "other")))
+            .expect("runner");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(h.state.proxies().is_empty(), "{:?}", h.state.proxies());
+        assert!(h.cache.status().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_copied_uuid_is_refused_and_the_owner_keeps_its_snapshot() {
+        let h = Harness::start().await;
+        let (curl, mut curl_rx) = h.connect(1, "curl", DataPlane::Envoy);
+        let before = until(&mut curl_rx, "curl's snapshot", |p| has_type(p, ENVOY_CDS)).await;
+
+        h.catalog
+            .send(CatalogEvent::Apply(pod("evil", "evil")))
+            .expect("runner");
+        let (evil, mut evil_rx) = h.connect(2, "evil", DataPlane::Envoy);
+        assert_ne!(
+            evil, curl,
+            "the same UUID under another identity is another proxy"
+        );
+        let refused = until(&mut evil_rx, "the impostor refused", |p| {
+            matches!(p, Published::Refused(_))
+        })
+        .await;
+        let Published::Refused(reason) = refused else {
+            unreachable!()
+        };
+        assert!(reason.starts_with("E5004"), "{reason}");
+        assert!(
+            reason.contains("demo/evil") && reason.contains("demo/curl"),
+            "{reason}"
+        );
+        assert!(
+            h.state
+                .rejected()
+                .iter()
+                .any(|p| p.starts_with("E5004") && p.contains("demo/evil")),
+            "{:?}",
+            h.state.rejected()
+        );
+        assert_eq!(
+            *curl_rx.borrow(),
+            before,
+            "the owner's snapshot is untouched"
+        );
+
+        // The owner's pod goes: its stream is closed with the code instead of serving on.
+        let curl_pod = ObjectKey {
+            kind: Kind::Pod,
+            namespace: "demo".into(),
+            name: "curl".into(),
+        };
+        h.catalog
+            .send(CatalogEvent::Delete(curl_pod))
+            .expect("runner");
+        let gone = until(&mut curl_rx, "curl refused", |p| {
+            matches!(p, Published::Refused(_))
+        })
+        .await;
+        let Published::Refused(reason) = gone else {
+            unreachable!()
+        };
+        assert!(
+            reason.starts_with("E5010") || reason.starts_with("E5002"),
+            "{reason}"
+        );
+    }
+}

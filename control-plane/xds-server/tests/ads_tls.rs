@@ -154,8 +154,8 @@ fn key(uuid: &str) -> ProxyKey {
 /// What the fake controller publishes for each proxy, per cache: the cache keeps a proxy only
 /// while it has a stream, so a snapshot is set when its `Connected` event arrives (as the
 /// controller does) and again on every later `publish` while connected.
-type Published = std::sync::Mutex<Vec<(usize, ProxyKey, Snapshot)>>;
-static PUBLISHED: Published = std::sync::Mutex::new(Vec::new());
+type Published = parking_lot::Mutex<Vec<(usize, ProxyKey, Snapshot)>>;
+static PUBLISHED: Published = parking_lot::Mutex::new(Vec::new());
 
 fn cache_id(cache: &Arc<SnapshotCache>) -> usize {
     Arc::as_ptr(cache) as usize
@@ -163,7 +163,7 @@ fn cache_id(cache: &Arc<SnapshotCache>) -> usize {
 
 fn publish(cache: &Arc<SnapshotCache>, key: ProxyKey, snapshot: Snapshot) {
     cache.set(&key, snapshot.clone());
-    let mut published = PUBLISHED.lock().expect("lock");
+    let mut published = PUBLISHED.lock();
     published.retain(|(c, k, _)| !(*c == cache_id(cache) && *k == key));
     published.push((cache_id(cache), key, snapshot));
 }
@@ -179,7 +179,6 @@ fn fake_controller(
             if let ProxyEvent::Connected { node, .. } = &event {
                 let snapshot = PUBLISHED
                     .lock()
-                    .expect("lock")
                     .iter()
                     .find(|(c, k, _)| *c == cache_id(&cache) && *k == node.key())
                     .map(|(_, _, s)| s.clone());
