@@ -757,5 +757,58 @@ async fn lease_holder_writes(subnet: u8) -> Result<()> {
         spec.holder_identity.as_deref() == Some("replica-b") && spec.lease_transitions == Some(1),
         "lease {spec:?}"
     );
+
+    // A leader stopped the way Kubernetes stops a pod (SIGTERM) releases the lease: a third
+    // replica takes over at its next retry, well before the lease would have expired.
+    let third = start_controller_on_cluster(&c.kubeconfig, &c.logs, &options("replica-c")).await?;
+    eventually(CONVERGE, || async {
+        ensure!(
+            leader_gauge(&third).await? == Some(0),
+            "replica-c not following yet"
+        );
+        Ok(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &b.process.pid().to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -TERM replica-b: {status}");
+    let stopped = std::time::Instant::now();
+    let newer_uuid = "5d2e8b7a-6a1f-4c1e-9a3f-3c2e1b7d0c5d";
+    let mut later = late.clone();
+    later["metadata"]["name"] = json!("later");
+    later["metadata"]["labels"]["fsm-proxy-uuid"] = json!(newer_uuid);
+    later["status"]["podIP"] = json!(format!("127.0.{subnet}.98"));
+    cluster::apply(&c.client, &later).await?;
+    let secret = eventually(CONVERGE, || async {
+        secrets
+            .get_opt(&bootstrap_secret_name(newer_uuid))
+            .await?
+            .context("no bootstrap Secret for the newer pod yet")
+    })
+    .await
+    .with_context(|| format!("replica-c log:\n{}", third.process.log_tail(20)))?;
+    let handover = stopped.elapsed();
+    let writer = secret
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get(WRITER_ANNOTATION)
+        .cloned();
+    ensure!(
+        writer.as_deref() == Some("replica-c"),
+        "written by {writer:?}"
+    );
+    ensure!(
+        handover < LEASE,
+        "after a graceful stop the new leader wrote only after {handover:?} (lease {LEASE:?})"
+    );
+    ensure!(
+        b.process.log_tail(50).contains("released the lease"),
+        "replica-b log:\n{}",
+        b.process.log_tail(20)
+    );
+    eprintln!("after SIGTERM of the leader, the next one wrote a new pod's Secret in {handover:?}");
     Ok(())
 }

@@ -248,10 +248,25 @@ async fn main() -> anyhow::Result<()> {
         () = runner.run(catalog_rx, proxy_rx) => anyhow::bail!("the control loop stopped"),
         result = http => result.context("HTTP server failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        // What Kubernetes sends a pod it stops.
+        () = terminated() => tracing::info!("terminated: shutting down"),
     }
     // A successor need not wait for the lease to expire.
     leadership.release().await;
     Ok(())
+}
+
+/// Resolves on SIGTERM (never, when its handler cannot be installed).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Every connected proxy has acknowledged every type of its current snapshot.
