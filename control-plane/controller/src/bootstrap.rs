@@ -583,4 +583,39 @@ mod tests {
                 .is_none()
         );
     }
+
+    #[tokio::test]
+    async fn a_replica_writes_only_while_it_leads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
+        let certs = CertManager::new(Arc::new(provider), Default::default());
+        let pod = SidecarProxy {
+            namespace: "demo".into(),
+            pod: "curl-1".into(),
+            uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
+            service_account: "curl".into(),
+            pod_uid: Some("uid-1".into()),
+        };
+        let targets = Targets {
+            dir: Some(dir.path().to_path_buf()),
+            secrets: None,
+            writer: "replica-b".into(),
+        };
+        let (_pods_tx, pods) = watch::channel(vec![pod]);
+        let (lead_tx, leading) = watch::channel(false);
+        let task = tokio::spawn(run(targets, certs, pods, leading));
+        let key = dir.path().join("demo/curl-1").join(KEY_FILE);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!key.exists(), "a follower wrote credentials");
+        lead_tx.send_replace(true);
+        let start = std::time::Instant::now();
+        while !key.exists() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "the leader wrote nothing"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        task.abort();
+    }
 }
