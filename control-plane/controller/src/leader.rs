@@ -99,6 +99,7 @@ pub struct Leadership {
 impl Leadership {
     /// Without a cluster there is nothing to share: this process always leads.
     pub fn always() -> Leadership {
+        leader_gauge().set(1);
         let (tx, rx) = watch::channel(true);
         Leadership {
             rx,
