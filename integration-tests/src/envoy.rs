@@ -221,6 +221,16 @@ fn sds_file_name(config: &SidecarConfig, secret: &str) -> String {
 
 /// The bootstrap YAML for one sidecar; `sds_dir` holds the files of [`bootstrap_secrets`].
 pub fn envoy_bootstrap(config: &SidecarConfig, sds_dir: &Path) -> String {
+    yaml_of(&bootstrap_json(config, sds_dir))
+}
+
+fn yaml_of(bootstrap: &serde_json::Value) -> String {
+    // JSON is valid YAML; the fallback only matters if serde_yaml_ng ever refuses plain JSON data.
+    serde_yaml_ng::to_string(bootstrap).unwrap_or_else(|_| bootstrap.to_string())
+}
+
+/// [`envoy_bootstrap`] as JSON, for tests that adjust it before starting Envoy.
+pub fn bootstrap_json(config: &SidecarConfig, sds_dir: &Path) -> serde_json::Value {
     let socket = |addr: SocketAddr| serde_json::json!({"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}});
     let sds_file = |secret: &str| {
         serde_json::json!({
@@ -282,8 +292,7 @@ pub fn envoy_bootstrap(config: &SidecarConfig, sds_dir: &Path) -> String {
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
     });
-    // JSON is valid YAML; the fallback only matters if serde_yaml_ng ever refuses plain JSON data.
-    serde_yaml_ng::to_string(&bootstrap).unwrap_or_else(|_| bootstrap.to_string())
+    bootstrap
 }
 
 /// A base id no other Envoy of this or a concurrent test process uses, so instances never share
@@ -296,6 +305,15 @@ fn next_base_id() -> u32 {
 /// Starts Envoy with `config`, writing the bootstrap beside its log, and waits until its admin
 /// port accepts connections. Use [`Envoy::wait_ready`] to wait for the first configuration.
 pub async fn start_envoy(config: &SidecarConfig, log_dir: &Path) -> Result<Envoy> {
+    start_envoy_with(config, log_dir, |_| {}).await
+}
+
+/// [`start_envoy`] with the bootstrap adjusted by `edit` first (e.g. ADS rate limits).
+pub async fn start_envoy_with(
+    config: &SidecarConfig,
+    log_dir: &Path,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<Envoy> {
     std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
     wait_for_bootstrap(&config.bootstrap_dir, Duration::from_secs(20)).await?;
     let bootstrap_path = log_dir.join(format!("envoy-{}.bootstrap.yaml", config.name));
@@ -303,7 +321,9 @@ pub async fn start_envoy(config: &SidecarConfig, log_dir: &Path) -> Result<Envoy
         let path = log_dir.join(name);
         std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
     }
-    std::fs::write(&bootstrap_path, envoy_bootstrap(config, log_dir))
+    let mut bootstrap = bootstrap_json(config, log_dir);
+    edit(&mut bootstrap);
+    std::fs::write(&bootstrap_path, yaml_of(&bootstrap))
         .with_context(|| format!("writing {}", bootstrap_path.display()))?;
     let mut command = Command::new(envoy_binary()?);
     command

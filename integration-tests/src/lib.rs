@@ -27,8 +27,8 @@ pub use controller::{
     start_controller_on_cluster, write_standalone_bootstrap,
 };
 pub use envoy::{
-    AdsMode, Envoy, SidecarConfig, bootstrap_secrets, envoy_bootstrap, start_envoy,
-    validate_bootstrap,
+    AdsMode, Envoy, SidecarConfig, bootstrap_json, bootstrap_secrets, envoy_bootstrap, start_envoy,
+    start_envoy_with, validate_bootstrap,
 };
 pub use eventually::eventually;
 pub use mesh::{
