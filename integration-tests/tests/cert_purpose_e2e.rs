@@ -1,5 +1,5 @@
 //! One purpose per certificate, end to end: the real controller (Tresor CA in manifest mode), the
-//! demo workloads and real Envoy sidecars.
+//! demo workloads and real sidecars (Envoy, and fsm-sidecar).
 //!
 //! The controller's CA signs two kinds of leaf: each proxy's xDS bootstrap certificate (CN
 //! `<uuid>.sidecar.<sa>.<ns>`, no SPIFFE URI SAN, for the ADS server only) and each identity's
@@ -23,33 +23,39 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, demo_manifests,
-    eventually, http_get_via, load_catalog, mesh_pods, start_controller, start_demo_apps,
-    start_envoy,
+    AdsMode, Controller, ControllerOptions, FsmSidecarConfig, ManagedProcess, MeshPod,
+    SidecarConfig, demo_manifests, eventually, http_get_via, load_catalog, mesh_pods,
+    start_controller, start_demo_apps, start_envoy, start_fsm_sidecar,
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SUBNET: u8 = 58;
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// The demo mesh with an Envoy sidecar per meshed pod; dropping it stops everything.
+#[derive(Clone, Copy, Debug)]
+enum DataPlane {
+    Envoy,
+    FsmSidecar,
+}
+
+/// The demo mesh with a sidecar per meshed pod; dropping it stops everything.
 struct Mesh {
     _work: tempfile::TempDir,
     controller: Controller,
     _apps: Vec<fsm_integration_tests::ManagedProcess>,
     pods: Vec<MeshPod>,
-    _envoys: Vec<Envoy>,
+    /// Each sidecar's process by pod, stopped on drop.
+    sidecars: Vec<(String, ManagedProcess)>,
 }
 
 impl Mesh {
-    async fn start() -> Result<Mesh> {
+    async fn start(subnet: u8, plane: DataPlane) -> Result<Mesh> {
         let work = tempfile::tempdir()?;
         let logs = work.path().join("logs");
         std::fs::create_dir_all(&logs)?;
-        let manifests = demo_manifests(&work.path().join("manifests"), SUBNET)?;
+        let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
         let catalog = load_catalog(&manifests, CatalogSettings::default())?;
         let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
         let apps = start_demo_apps(&catalog, &logs).await?;
@@ -57,26 +63,37 @@ impl Mesh {
             .into_iter()
             .filter(|p| p.node_id().is_some())
             .collect();
-        let mut envoys = Vec::new();
+        let mut sidecars = Vec::new();
         for pod in &pods {
-            let mut envoy = start_envoy(
-                &SidecarConfig::for_pod(pod, &controller.ads(), AdsMode::Sotw)?,
-                &logs,
-            )
-            .await?;
-            envoy
-                .wait_ready(CONVERGE)
-                .await
-                .with_context(|| format!("sidecar of {}", pod.id()))?;
-            envoys.push(envoy);
+            let ads = controller.ads();
+            let sidecar = match plane {
+                DataPlane::Envoy => {
+                    let config = SidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?;
+                    let mut envoy = start_envoy(&config, &logs).await?;
+                    envoy.wait_ready(CONVERGE).await.map(|()| envoy.process)
+                }
+                DataPlane::FsmSidecar => {
+                    let config = FsmSidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?;
+                    let mut sidecar = start_fsm_sidecar(&config, &logs).await?;
+                    sidecar.wait_ready(CONVERGE).await.map(|()| sidecar.process)
+                }
+            };
+            let process = sidecar.with_context(|| format!("{plane:?} sidecar of {}", pod.id()))?;
+            sidecars.push((pod.id(), process));
         }
         Ok(Mesh {
             _work: work,
             controller,
             _apps: apps,
             pods,
-            _envoys: envoys,
+            sidecars,
         })
+    }
+
+    fn print_sidecar_logs(&self) {
+        for (pod, process) in &self.sidecars {
+            eprintln!("--- sidecar of {pod}:\n{}", process.log_tail(20));
+        }
     }
 
     fn pod(&self, name: &str) -> Result<&MeshPod> {
@@ -221,17 +238,31 @@ async fn fetch_secrets(
         Ok(r) => r.into_inner(),
         Err(status) => return Ok(Err(status)),
     };
-    let first = tokio::time::timeout(Duration::from_secs(10), responses.message()).await;
-    drop(tx);
-    match first {
-        Ok(Ok(Some(response))) => Ok(Ok(response
-            .resources
-            .iter()
-            .map(|any| Secret::decode(any.value.as_slice()))
-            .collect::<std::result::Result<_, _>>()?)),
-        Ok(Ok(None)) => bail!("stream closed without a response or an error"),
-        Ok(Err(status)) => Ok(Err(status)),
-        Err(_) => bail!("no SDS response within 10 s"),
+    // The first non-empty response: a stream whose data plane is new to this proxy may first
+    // be answered with no secrets until the controller has built them. Each response is ACKed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let next = tokio::time::timeout_at(deadline, responses.message()).await;
+        let response = match next {
+            Ok(Ok(Some(response))) => response,
+            Ok(Ok(None)) => bail!("stream closed without a response or an error"),
+            Ok(Err(status)) => return Ok(Err(status)),
+            Err(_) => bail!("no SDS response with secrets within 10 s"),
+        };
+        if !response.resources.is_empty() {
+            return Ok(Ok(response
+                .resources
+                .iter()
+                .map(|any| Secret::decode(any.value.as_slice()))
+                .collect::<std::result::Result<_, _>>()?));
+        }
+        tx.send(DiscoveryRequest {
+            type_url: SDS.into(),
+            version_info: response.version_info,
+            response_nonce: response.nonce,
+            ..Default::default()
+        })
+        .await?;
     }
 }
 
@@ -252,19 +283,42 @@ fn tls_certificate(secrets: &[Secret], name: &str) -> Result<(String, String)> {
             Some(secret::Type::TlsCertificate(c)) => Some(c),
             _ => None,
         })
-        .with_context(|| format!("no TlsCertificate {name}"))?;
+        .with_context(|| {
+            format!(
+                "no TlsCertificate {name} among {:?}",
+                secrets
+                    .iter()
+                    .map(|s| (&s.name, s.r#type.is_some()))
+                    .collect::<Vec<_>>()
+            )
+        })?;
     Ok((inline(&cert.certificate_chain)?, inline(&cert.private_key)?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bootstrap_certificate_is_refused_at_a_meshed_inbound_port() {
-    if let Err(err) = one_purpose_per_certificate().await {
+async fn bootstrap_certificate_is_refused_at_an_envoy_inbound_port() {
+    if let Err(err) = one_purpose_per_certificate(58, DataPlane::Envoy).await {
         panic!("{err:#}");
     }
 }
 
-async fn one_purpose_per_certificate() -> Result<()> {
-    let mesh = Mesh::start().await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_certificate_is_refused_at_an_fsm_sidecar_inbound_port() {
+    if let Err(err) = one_purpose_per_certificate(59, DataPlane::FsmSidecar).await {
+        panic!("{err:#}");
+    }
+}
+
+async fn one_purpose_per_certificate(subnet: u8, plane: DataPlane) -> Result<()> {
+    let mesh = Mesh::start(subnet, plane).await?;
+    let result = check(&mesh).await;
+    if result.is_err() {
+        mesh.print_sidecar_logs();
+    }
+    result
+}
+
+async fn check(mesh: &Mesh) -> Result<()> {
     let curl = mesh.pod("curl")?.clone();
     let httpbin = mesh.pod("httpbin-v1")?.clone();
     let curl_node = curl.node_id().context("curl's node id")?;
