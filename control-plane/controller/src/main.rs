@@ -269,13 +269,22 @@ async fn terminated() {
     }
 }
 
-/// Every connected proxy has acknowledged every type of its current snapshot.
+/// The types that carry a proxy's certificate and trust bundle (Envoy's SDS, fsm-sidecar's).
+const SECRET_TYPES: [&str; 2] = [
+    fsm_adapter_envoy::SECRET_TYPE,
+    fsm_dataplane_proto::type_url::SECRET,
+];
+
+/// Every connected proxy has acknowledged the secrets of its current snapshot: what a root
+/// rotation waits for between its phases. Other types are not waited for, so that a proxy
+/// refusing (NACKing) a listener or a route does not hold every rotation for its grace period.
 fn all_in_sync(cache: &fsm_cache::SnapshotCache) -> bool {
     cache.status().values().all(|proxy| {
         proxy
             .types
-            .values()
-            .all(|t| t.snapshot_version.is_none() || t.acked_version == t.snapshot_version)
+            .iter()
+            .filter(|(type_url, _)| SECRET_TYPES.contains(type_url))
+            .all(|(_, t)| t.snapshot_version.is_none() || t.acked_version == t.snapshot_version)
     })
 }
 
