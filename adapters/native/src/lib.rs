@@ -167,7 +167,9 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> 
     out
 }
 
-/// Server-side mTLS of every inbound chain: clients must present a mesh certificate.
+/// Server-side mTLS of every inbound chain: clients must present a mesh service certificate.
+/// fsm-sidecar also requires a SPIFFE workload ID on it (so a proxy's xDS bootstrap certificate,
+/// from the same CA, is refused); `match_subject_alt_names` compares exactly, so no prefix is sent.
 fn downstream_tls(own: &ServiceIdentity) -> v1::DownstreamTls {
     v1::DownstreamTls {
         certificate_secret: names::service_cert(own),

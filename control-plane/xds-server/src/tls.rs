@@ -240,7 +240,9 @@ fn server_config(credentials: &ServerCredentials) -> Result<ServerConfig, TlsErr
             .map_err(|error| TlsError::ClientCa { index, error })?;
     }
     // Client certificates are mandatory: without one the handshake fails, so only proxies
-    // holding a certificate from our CA ever reach the gRPC service.
+    // holding a certificate from our CA ever reach the gRPC service. webpki also refuses a
+    // client certificate whose extended key usage lacks clientAuth (such as this server's own,
+    // issued serverAuth only); a service certificate is refused per stream (`crate::peer`).
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(TlsError::Verifier)?;
