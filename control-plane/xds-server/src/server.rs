@@ -453,7 +453,12 @@ impl<W: Wire> Session<W> {
                 Ok(())
             }
             Published::Snapshot(snapshot) => {
-                self.snapshot = Some(snapshot);
+                // The proxy's snapshot carries the resources of every data plane its streams
+                // speak; until the controller has computed this stream's (it just connected), a
+                // type missing from it would read as "no resources" and wipe the client's
+                // configuration. Adapters always produce every type of their data plane.
+                let carries_ours = self.types.iter().any(|t| snapshot.get(t).is_some());
+                self.snapshot = carries_ours.then_some(snapshot);
                 Ok(())
             }
             Published::Refused(reason) => {

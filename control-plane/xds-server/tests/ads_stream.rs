@@ -407,6 +407,20 @@ async fn each_stream_is_served_by_its_own_requests() {
         planes,
         [DataPlane::Envoy, DataPlane::Envoy, DataPlane::FsmSidecar]
     );
+    // Only the native data plane computed so far: the Envoy streams wait rather than read
+    // the missing types as empty.
+    assert!(cache.set(
+        &key(),
+        Snapshot::new([(NATIVE, vec![Resource::new("native-cluster", &b"n"[..])])])
+    ));
+    for responses in [&mut envoy, &mut generic] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), responses.message())
+                .await
+                .is_err(),
+            "an Envoy stream was answered from a snapshot without Envoy resources"
+        );
+    }
     let union = Snapshot::new([
         (CLUSTER, vec![Resource::new("envoy-cluster", &b"e"[..])]),
         (NATIVE, vec![Resource::new("native-cluster", &b"n"[..])]),
@@ -420,6 +434,12 @@ async fn each_stream_is_served_by_its_own_requests() {
     let r = next(&mut native).await.expect("native clusters");
     assert_eq!(r.type_url, NATIVE);
     assert_eq!(r.resources[0].value, b"n");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), native.message())
+            .await
+            .is_err(),
+        "the native stream gets nothing new when Envoy's resources are added"
+    );
 
     // The generic stream asks for a native type: outside its data plane, not answered.
     generic_requests
