@@ -457,19 +457,21 @@ impl CertManager {
         );
         let deadline = started + timing.grace;
         let mut failed = report.failed;
+        // Leaves the new root could not issue yet are tried again every `retry` while the
+        // others are acknowledged; the phase is over when every leaf is of the new root and
+        // acknowledged, or at the deadline.
         let acked = loop {
-            // Leaves the new root could not issue yet are tried again while the others are
-            // acknowledged; the phase is over when none is left, or at the deadline.
             let until = deadline.min(Instant::now() + timing.retry);
             let acked = self.wait_for_acks(&in_sync, until, timing.poll).await;
-            if (acked && failed.is_empty()) || Instant::now() >= deadline {
-                break acked && failed.is_empty();
+            if acked && failed.is_empty() {
+                break true;
+            }
+            tokio::time::sleep_until(until).await;
+            if Instant::now() >= deadline {
+                break false;
             }
             if !failed.is_empty() {
                 failed = self.reissue_from_new_root().await?.failed;
-            }
-            if !acked || !failed.is_empty() {
-                tokio::time::sleep(timing.poll).await;
             }
         };
         let new_leaves = self.phase_done(2, started, announced, acked);

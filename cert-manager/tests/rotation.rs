@@ -399,3 +399,72 @@ async fn background_rotation_loop_announces() -> Result<()> {
     assert_ne!(ev.cert.serial, first.serial);
     Ok(())
 }
+
+/// Fails the calls after the first `succeed_first`, `then_fail` times, then issues again.
+struct Flaky {
+    inner: TresorProvider,
+    calls: std::sync::atomic::AtomicUsize,
+    succeed_first: usize,
+    then_fail: usize,
+}
+
+#[async_trait::async_trait]
+impl fsm_certs::CertificateProvider for Flaky {
+    async fn issue(
+        &self,
+        req: &fsm_certs::CertificateRequest,
+    ) -> Result<fsm_certs::IssuedCertificate, fsm_certs::CertError> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call >= self.succeed_first && call < self.succeed_first + self.then_fail {
+            return Err(fsm_certs::CertError::Issue {
+                provider: "flaky",
+                common_name: req.common_name.clone(),
+                message: "backend down".into(),
+                source: None,
+            });
+        }
+        self.inner.issue(req).await
+    }
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+}
+
+/// Leaves the new root fails to issue in phase 2 are retried every `retry` while the phase
+/// waits, and the phase ends (acknowledged) once they are issued, not at the grace period.
+#[tokio::test(start_paused = true)]
+async fn root_rotation_retries_leaves_the_new_root_failed_to_issue() -> Result<()> {
+    let manager = CertManager::new(Arc::new(TresorProvider::generate()?), exact_policy());
+    for sa in ["a", "b", "c"] {
+        manager
+            .issue_service_certificate(sa, "ns", "cluster.local", DAY)
+            .await?;
+    }
+    // The probe of phase 1 succeeds; two of the three re-issues of phase 2 fail once.
+    let new = Arc::new(Flaky {
+        inner: TresorProvider::generate()?,
+        calls: Default::default(),
+        succeed_first: 2,
+        then_fail: 2,
+    });
+    let new_root = new.inner.ca().cert_pem().to_owned();
+    let timing = fsm_certs::RootRotationTiming {
+        grace: Duration::from_secs(60),
+        poll: Duration::from_millis(50),
+        retry: Duration::from_secs(1),
+    };
+    let outcome = manager.rotate_root(new, || true, timing).await?;
+    ensure!(outcome.new_leaves.acked, "{outcome:?}");
+    ensure!(
+        outcome.new_leaves.elapsed >= timing.retry
+            && outcome.new_leaves.elapsed < timing.retry + Duration::from_millis(100),
+        "{outcome:?}"
+    );
+    ensure!(outcome.failed.is_empty(), "{outcome:?}");
+    for sa in ["a", "b", "c"] {
+        let cert = manager.cached(&key(sa, "ns")).await.context("evicted")??;
+        x509::verify_chain(&cert.cert_chain_pem, &new_root)?;
+        assert_eq!(x509::all_info(&cert.trust_bundle_pem)?.len(), 1);
+    }
+    Ok(())
+}
