@@ -191,7 +191,19 @@ impl CertificateAuthority {
     }
 
     /// Signs a PEM CSR for `validity`, keeping the CSR's subject and SANs; returns the leaf PEM.
+    /// The leaf is for [`CertPurpose::Mesh`] (server and client auth).
     pub fn sign_csr_pem(&self, csr_pem: &str, validity: Duration) -> Result<String, CertError> {
+        self.sign_csr_pem_for(csr_pem, validity, CertPurpose::Mesh)
+    }
+
+    /// [`CertificateAuthority::sign_csr_pem`] with the extended key usage of `purpose` (as
+    /// cert-manager honours a CertificateRequest's `spec.usages`).
+    pub fn sign_csr_pem_for(
+        &self,
+        csr_pem: &str,
+        validity: Duration,
+        purpose: CertPurpose,
+    ) -> Result<String, CertError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CertError::CertificateDecode(format!("CSR: {e}")))?;
         let now = OffsetDateTime::now_utc();
@@ -203,10 +215,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        csr.params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        csr.params.extended_key_usages = extended_key_usages(purpose);
         Ok(lf(csr.signed_by(&self.issuer).map_err(build_err)?.pem()).to_string())
     }
 

@@ -15,7 +15,8 @@ use fsm_certs::cert_manager_io::{
     CertManagerIoConfig, CertManagerIoProvider, CmCertificateRequest,
 };
 use fsm_certs::{
-    CertError, CertManager, CertManagerConfig, CertificateProvider, CertificateRequest, x509,
+    CertError, CertManager, CertManagerConfig, CertificateProvider, CertificateRequest, ProxyKind,
+    x509,
 };
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_test_apiserver::{ApiServer, RunningApiServer};
@@ -99,6 +100,51 @@ async fn certificate_request_is_signed_and_cleaned_up() -> Result<()> {
         .list(&ListParams::default())
         .await?;
     assert!(left.items.is_empty(), "{} requests left", left.items.len());
+    Ok(())
+}
+
+/// One purpose per certificate through cert-manager.io: `spec.usages` follows the purpose, so
+/// the xDS bootstrap certificate is clientAuth only and carries no SPIFFE URI SAN, and the
+/// service certificate carries it and both usages.
+#[tokio::test]
+async fn each_purpose_gets_its_usages_and_sans() -> Result<()> {
+    let (_server, client) = setup().await?;
+    let _signer = signer::start(client.clone(), NS)?;
+    let manager = CertManager::new(
+        Arc::new(provider(client, Duration::from_secs(20))),
+        CertManagerConfig::default(),
+    );
+    let day = Duration::from_secs(86_400);
+    let (service, xds, server) = tokio::time::timeout(Duration::from_secs(60), async {
+        Ok::<_, CertError>((
+            manager
+                .issue_service_certificate("bookbuyer", "bookstore", "cluster.local", day)
+                .await?,
+            manager
+                .issue_xds_certificate(
+                    uuid::Uuid::new_v4(),
+                    ProxyKind::Sidecar,
+                    "bookbuyer",
+                    "bookstore",
+                )
+                .await?,
+            manager
+                .issue_server_certificate("fsm-controller.fsm-system.svc", day)
+                .await?,
+        ))
+    })
+    .await??;
+    let service = x509::leaf_info(&service.cert_chain_pem)?;
+    let xds = x509::leaf_info(&xds.cert_chain_pem)?;
+    let server = x509::leaf_info(&server.cert_chain_pem)?;
+    assert_eq!(
+        service.uri_sans,
+        ["spiffe://cluster.local/ns/bookstore/sa/bookbuyer"]
+    );
+    assert!(service.server_auth && service.client_auth);
+    assert!(xds.uri_sans.is_empty(), "{:?}", xds.uri_sans);
+    assert!(xds.client_auth && !xds.server_auth);
+    assert!(server.server_auth && !server.client_auth);
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use fsm_certs::CertPurpose;
 use fsm_certs::cert_manager_io::CmCertificateRequest;
 use fsm_certs::tresor::CertificateAuthority;
 use futures::StreamExt;
@@ -78,7 +79,14 @@ async fn handle(
             .and_then(|d| d.strip_suffix('s'))
             .and_then(|d| d.parse().ok())
             .unwrap_or(3600);
-        match ca.sign_csr_pem(&csr, Duration::from_secs(secs)) {
+        // As cert-manager, honour `spec.usages` (server auth / client auth).
+        let usage = |u: &str| cr.spec.usages.iter().any(|x| x == u);
+        let purpose = match (usage("server auth"), usage("client auth")) {
+            (false, true) => CertPurpose::XdsClient,
+            (true, false) => CertPurpose::Server,
+            _ => CertPurpose::Mesh,
+        };
+        match ca.sign_csr_pem_for(&csr, Duration::from_secs(secs), purpose) {
             Ok(cert) => json!({
                 "conditions": [
                     {"type": "Approved", "status": "True", "reason": "test"},
