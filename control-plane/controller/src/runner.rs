@@ -34,6 +34,9 @@ pub enum CertUpdate {
     Issued {
         identity: ServiceIdentity,
         result: Result<Arc<IssuedCertificate>, (ErrCode, String)>,
+        /// The identity's rotation count when the certificate was asked for: a result older
+        /// than a rotation announced meanwhile is stale and dropped.
+        epoch: u64,
     },
     /// Time to try a failed issuance again.
     Retry(ServiceIdentity),
@@ -90,6 +93,10 @@ pub struct Runner {
     credentials: HashMap<ServiceIdentity, ProxyCredentials>,
     /// Identities whose certificate is being issued.
     pending: HashSet<ServiceIdentity>,
+    /// Rotations announced per identity. A certificate fetched before a rotation (a trust-bundle
+    /// change during a root rotation, say) can come back after it; applying it would give the
+    /// proxy a bundle without the new root while its peers already present new-root leaves.
+    cert_epochs: HashMap<ServiceIdentity, u64>,
     /// MeshConfig `spec.certificate.serviceCertValidityDuration`, as last applied.
     validity: Duration,
     cert_tx: UnboundedSender<CertUpdate>,
@@ -134,6 +141,7 @@ impl Runner {
             certs,
             credentials: HashMap::new(),
             pending: HashSet::new(),
+            cert_epochs: HashMap::new(),
             validity: fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY,
             cert_tx,
             cert_rx,
@@ -195,7 +203,10 @@ impl Runner {
                                 namespace: identity.namespace,
                             };
                             tracing::info!(%identity, reason = ?event.reason, serial = %event.cert.serial, "service certificate rotated");
-                            self.on_certificate(CertUpdate::Issued { identity, result: Ok(event.cert) });
+                            let epoch = self.cert_epochs.entry(identity.clone()).or_default();
+                            *epoch += 1;
+                            let epoch = *epoch;
+                            self.on_certificate(CertUpdate::Issued { identity, result: Ok(event.cert), epoch });
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
@@ -313,6 +324,7 @@ impl Runner {
         let certs = self.certs.clone();
         let tx = self.cert_tx.clone();
         let validity = self.validity;
+        let epoch = self.cert_epochs.get(&identity).copied().unwrap_or_default();
         tokio::spawn(async move {
             let result = certs
                 .issue_service_certificate(
@@ -323,13 +335,29 @@ impl Runner {
                 )
                 .await
                 .map_err(|e| (e.err_code(), e.to_string()));
-            let _ = tx.send(CertUpdate::Issued { identity, result });
+            let _ = tx.send(CertUpdate::Issued {
+                identity,
+                result,
+                epoch,
+            });
         });
     }
 
     fn on_certificate(&mut self, update: CertUpdate) {
         let (identity, result) = match update {
-            CertUpdate::Issued { identity, result } => (identity, result),
+            CertUpdate::Issued {
+                identity,
+                result,
+                epoch,
+            } => {
+                if epoch < self.cert_epochs.get(&identity).copied().unwrap_or_default() {
+                    // A rotation announced since carried a newer certificate or bundle.
+                    self.pending.remove(&identity);
+                    tracing::debug!(%identity, "dropping a certificate fetched before the latest rotation");
+                    return;
+                }
+                (identity, result)
+            }
             CertUpdate::Retry(identity) => {
                 if self.by_identity.contains_key(&identity) {
                     self.request_certificate(identity);
@@ -759,6 +787,62 @@ mod tests {
         assert!(
             reason.starts_with("E5010") || reason.starts_with("E5002"),
             "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_certificate_fetched_before_a_rotation_does_not_overwrite_it() {
+        let cache = Arc::new(SnapshotCache::new());
+        let provider = Arc::new(TresorProvider::generate().expect("CA"));
+        let certs = CertManager::new(provider, CertManagerConfig::default());
+        let mut runner = Runner::new(
+            CatalogSettings::default(),
+            cache,
+            Arc::new(State::default()),
+            certs.clone(),
+        );
+        let identity = ServiceIdentity {
+            service_account: "curl".into(),
+            namespace: "demo".into(),
+        };
+        let key = ProxyKey::new(
+            CURL_UUID,
+            fsm_xds_server::ProxyKind::Sidecar,
+            "curl",
+            "demo",
+        );
+        runner
+            .by_identity
+            .entry(identity.clone())
+            .or_default()
+            .insert(key);
+        let ca = TresorProvider::generate().expect("CA");
+        let issue = || {
+            let request = fsm_certs::CertificateRequest::new(
+                "curl.demo.cluster.local",
+                Duration::from_secs(3600),
+            )
+            .with_uri_san("spiffe://cluster.local/ns/demo/sa/curl");
+            Arc::new(ca.ca().issue(&request).expect("issue"))
+        };
+        let fetched_before = issue();
+        let rotated = issue();
+        assert_ne!(fetched_before.cert_chain_pem, rotated.cert_chain_pem);
+        // The rotation is announced (epoch 1) before the earlier fetch (epoch 0) comes back.
+        runner.cert_epochs.insert(identity.clone(), 1);
+        runner.on_certificate(CertUpdate::Issued {
+            identity: identity.clone(),
+            result: Ok(rotated.clone()),
+            epoch: 1,
+        });
+        runner.on_certificate(CertUpdate::Issued {
+            identity: identity.clone(),
+            result: Ok(fetched_before),
+            epoch: 0,
+        });
+        assert_eq!(
+            runner.credentials[&identity].cert_chain_pem, rotated.cert_chain_pem,
+            "the stale certificate replaced the rotated one"
         );
     }
 }
