@@ -185,17 +185,29 @@ impl HasErrCode for ProtocolError {
 
 // === Shared machinery ===
 
-/// A type URL ordered for sending: the Envoy types first in their fixed order, then the others
-/// alphabetically. Keying the per-type state by it makes every iteration come out in send order.
+/// The resource kinds in make-before-break order, by message name: any data plane whose types
+/// are named like xDS's (Envoy's, `fsm.dataplane.v1`) goes out clusters first, secrets last.
+const KIND_ORDER: [&str; 5] = [
+    "Cluster",
+    "ClusterLoadAssignment",
+    "Listener",
+    "RouteConfiguration",
+    "Secret",
+];
+
+/// A type URL ordered for sending: by resource kind ([`KIND_ORDER`], from the message name after
+/// the last `.`), then alphabetically, so types of other kinds come last. Keying the per-type
+/// state by it makes every iteration come out in send order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Ordered(TypeUrl);
 
 impl Ordered {
     fn rank(self) -> usize {
-        ENVOY_TYPES
+        let message = self.0.rsplit(['.', '/']).next().unwrap_or(self.0);
+        KIND_ORDER
             .iter()
-            .position(|t| *t == self.0)
-            .unwrap_or(ENVOY_TYPES.len())
+            .position(|kind| *kind == message)
+            .unwrap_or(KIND_ORDER.len())
     }
 }
 
@@ -341,6 +353,26 @@ mod tests {
                 "type.example/b"
             ]
         );
+    }
+
+    #[test]
+    fn any_data_planes_types_go_out_in_kind_order_not_alphabetically() {
+        // Package names chosen so that alphabetical order would be wrong.
+        let mut types: Vec<Ordered> = [
+            "type.example/a.v1.Secret",
+            "type.example/b.v1.RouteConfiguration",
+            "type.example/c.v1.Listener",
+            "type.example/d.v1.ClusterLoadAssignment",
+            "type.example/e.v1.Cluster",
+        ]
+        .map(Ordered)
+        .to_vec();
+        types.sort();
+        let kinds: Vec<&str> = types
+            .iter()
+            .map(|t| t.0.rsplit('.').next().unwrap_or_default())
+            .collect();
+        assert_eq!(kinds, KIND_ORDER);
     }
 
     #[test]
