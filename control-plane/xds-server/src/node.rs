@@ -15,6 +15,10 @@
 //!   service identity `<sa>.<ns>`. Dots would make the id ambiguous, so subdomains are rejected.
 //! - an optional trust domain (`cluster.local`), one or more non-empty dot-separated parts.
 //!
+//! The rules for the four parts are `fsm_identity`'s ([`ProxyIdentity::from_parts`]), shared
+//! with the certificate manager's xDS CN parser; this module names the origin and the whole id
+//! in the error and raises it as E5001.
+//!
 //! Which data plane a stream is served ([`DataPlane`]) is decided per stream from the type URLs it
 //! asks for; the node's `user_agent_name` is only a hint for a first request of unknown type.
 //!
@@ -26,7 +30,7 @@ use std::fmt;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use fsm_errcode::{ErrCode, HasErrCode};
-pub use fsm_identity::{DataPlane, ProxyIdentity, ProxyKind};
+pub use fsm_identity::{DataPlane, IdentityError, ProxyIdentity, ProxyKind};
 
 /// The format named in every error, so a log line alone tells the operator what was expected.
 const FORMAT: &str = "<uuid>.<kind>.<service-account>.<namespace>[.<trust-domain>]";
@@ -157,7 +161,8 @@ impl ProxyNode {
                 parts: node_id.split('.').count(),
             });
         };
-        let identity = Identity::check(origin, node_id, [uuid, kind, service_account, namespace])?;
+        let identity = ProxyIdentity::from_parts([*uuid, *kind, *service_account, *namespace])
+            .map_err(|e| NodeError::from_identity(origin, node_id, e))?;
         if let Some(trust_domain) = rest.first()
             && trust_domain.split('.').any(str::is_empty)
         {
@@ -167,7 +172,7 @@ impl ProxyNode {
             });
         }
         Ok(ProxyNode {
-            identity: identity.into_owned(),
+            identity,
             user_agent: user_agent_name.to_owned(),
             node_id: node_id.to_owned(),
         })
@@ -219,16 +224,9 @@ impl XdsCertIdentity {
     /// Parses a certificate's subject common name with the node id's rules (E5001 on error).
     pub fn from_common_name(cn: &str) -> Result<Self, NodeError> {
         let origin = IdOrigin::CertificateCn;
-        let parts: Vec<&str> = cn.split('.').collect();
-        let [uuid, kind, service_account, namespace] = parts.as_slice() else {
-            return Err(NodeError::WrongPartCount {
-                origin,
-                id: cn.to_owned(),
-                parts: parts.len(),
-            });
-        };
-        let identity = Identity::check(origin, cn, [uuid, kind, service_account, namespace])?;
-        Ok(XdsCertIdentity(identity.into_owned()))
+        ProxyIdentity::parse(cn)
+            .map(XdsCertIdentity)
+            .map_err(|e| NodeError::from_identity(origin, cn, e))
     }
 
     /// Whether `node` names this very proxy. The UUID is compared exactly (not case-folded):
@@ -264,82 +262,30 @@ impl fmt::Display for XdsCertIdentity {
 
 // === The shared rules ===
 
-/// The four parts common to node ids and certificate CNs, checked by the same rules.
-struct Identity<'a> {
-    uuid: &'a str,
-    kind: ProxyKind,
-    service_account: &'a str,
-    namespace: &'a str,
-}
-
-impl<'a> Identity<'a> {
-    fn check(
-        origin: IdOrigin,
-        id: &str,
-        [uuid, kind, service_account, namespace]: [&&'a str; 4],
-    ) -> Result<Self, NodeError> {
-        let id = || id.to_owned();
-        if !is_uuid(uuid) {
-            return Err(NodeError::InvalidUuid {
+impl NodeError {
+    /// The E5001 error for a part that breaks `fsm_identity`'s rules, naming the whole `id` and
+    /// where it came from.
+    fn from_identity(origin: IdOrigin, id: &str, error: IdentityError) -> Self {
+        let id = id.to_owned();
+        match error {
+            IdentityError::WrongPartCount { parts } => {
+                NodeError::WrongPartCount { origin, id, parts }
+            }
+            IdentityError::InvalidUuid(uuid) => NodeError::InvalidUuid { origin, id, uuid },
+            IdentityError::InvalidKind(kind) => NodeError::InvalidKind { origin, id, kind },
+            IdentityError::InvalidServiceAccount(service_account) => {
+                NodeError::InvalidServiceAccount {
+                    origin,
+                    id,
+                    service_account,
+                }
+            }
+            IdentityError::InvalidNamespace(namespace) => NodeError::InvalidNamespace {
                 origin,
-                id: id(),
-                uuid: (*uuid).to_owned(),
-            });
+                id,
+                namespace,
+            },
         }
-        let Some(kind) = ProxyKind::parse(kind) else {
-            return Err(NodeError::InvalidKind {
-                origin,
-                id: id(),
-                kind: (*kind).to_owned(),
-            });
-        };
-        if !is_dns_label(service_account) {
-            return Err(NodeError::InvalidServiceAccount {
-                origin,
-                id: id(),
-                service_account: (*service_account).to_owned(),
-            });
-        }
-        if !is_dns_label(namespace) {
-            return Err(NodeError::InvalidNamespace {
-                origin,
-                id: id(),
-                namespace: (*namespace).to_owned(),
-            });
-        }
-        Ok(Identity {
-            uuid,
-            kind,
-            service_account,
-            namespace,
-        })
-    }
-
-    fn into_owned(self) -> ProxyIdentity {
-        ProxyIdentity::new(self.uuid, self.kind, self.service_account, self.namespace)
-    }
-}
-
-fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-fn is_dns_label(s: &str) -> bool {
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let bytes = s.as_bytes();
-    match (bytes.first(), bytes.last()) {
-        (Some(&first), Some(&last)) => {
-            bytes.len() <= 63
-                && alnum(first)
-                && alnum(last)
-                && bytes.iter().all(|&b| alnum(b) || b == b'-')
-        }
-        _ => false,
     }
 }
 
