@@ -1,15 +1,21 @@
 //! Names derived from a workload identity: the service certificate CN and SPIFFE ID, and FSM's
 //! xDS client certificate CN `<proxy-UUID>.<kind>.<sa>.<ns>` (parsed back with E5001 on error).
+//!
+//! The proxy kind, the trust domain and the rules for the four parts of an xDS CN are
+//! `fsm_identity`'s, shared with the ADS server that parses the same CN from its peers.
 
 use std::fmt;
 use std::str::FromStr;
 
+use fsm_identity::ProxyIdentity;
+pub use fsm_identity::ProxyKind;
 use uuid::Uuid;
 
 use crate::error::CertError;
 
-/// The service certificate CN suffix FSM uses (`<sa>.<ns>.cluster.local`).
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The service certificate CN suffix FSM uses (`<sa>.<ns>.cluster.local`): the mesh's trust
+/// domain, [`fsm_identity::TRUST_DOMAIN`], under the name this crate has always exported.
+pub const CLUSTER_DOMAIN: &str = fsm_identity::TRUST_DOMAIN;
 
 // === ServiceIdentity ===
 
@@ -66,43 +72,6 @@ impl fmt::Display for ServiceIdentity {
     }
 }
 
-// === ProxyKind ===
-
-/// The `<kind>` part of an xDS certificate CN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ProxyKind {
-    /// A sidecar proxy next to a workload (`sidecar`).
-    Sidecar,
-    /// A gateway proxy (`gateway`).
-    Gateway,
-}
-
-impl ProxyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProxyKind::Sidecar => "sidecar",
-            ProxyKind::Gateway => "gateway",
-        }
-    }
-}
-
-impl fmt::Display for ProxyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for ProxyKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "sidecar" => Ok(ProxyKind::Sidecar),
-            "gateway" => Ok(ProxyKind::Gateway),
-            other => Err(format!("unknown proxy kind {other:?}")),
-        }
-    }
-}
-
 // === XdsCommonName ===
 
 /// FSM's xDS client certificate CN, `<proxy-UUID>.<kind>.<proxy-identity>` where the identity
@@ -123,31 +92,20 @@ impl fmt::Display for XdsCommonName {
 
 impl FromStr for XdsCommonName {
     type Err = CertError;
+    /// Exactly four parts, checked by [`ProxyIdentity::parse`]'s rules (the ADS server's): a
+    /// trust domain suffix is refused, as FSM never issues one in an xDS CN.
     fn from_str(cn: &str) -> Result<Self, CertError> {
-        let bad = |reason: &str| CertError::XdsCommonName {
+        let bad = |reason: String| CertError::XdsCommonName {
             cn: cn.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
-        let parts: Vec<&str> = cn.split('.').collect();
-        // Tolerate the `.cluster.local` suffix OSM appends to the CN prefix.
-        let parts = match parts.as_slice() {
-            [rest @ .., "cluster", "local"] => rest,
-            all => all,
-        };
-        let [uuid, kind, sa, ns] = parts else {
-            return Err(bad(
-                "expected <proxy-UUID>.<kind>.<service-account>.<namespace>",
-            ));
-        };
-        let proxy_uuid = Uuid::parse_str(uuid).map_err(|e| bad(&format!("proxy UUID: {e}")))?;
-        let kind = kind.parse().map_err(|e: String| bad(&e))?;
-        let identity = ServiceIdentity::new(*sa, *ns)
-            .checked()
-            .map_err(|e| bad(&e.to_string()))?;
+        let id = ProxyIdentity::parse(cn).map_err(|e| bad(e.to_string()))?;
+        // `parse` has checked the 8-4-4-4-12 hex form, which `Uuid` always accepts.
+        let proxy_uuid = Uuid::parse_str(&id.uuid).map_err(|e| bad(format!("proxy UUID: {e}")))?;
         Ok(Self {
             proxy_uuid,
-            kind,
-            identity,
+            kind: id.kind,
+            identity: ServiceIdentity::new(&*id.service_account, &*id.namespace),
         })
     }
 }
@@ -179,9 +137,10 @@ mod tests {
             text,
             "00000000-0000-0000-0000-000000001234.sidecar.bookbuyer.bookstore"
         );
-        assert_eq!(text.parse::<XdsCommonName>().ok(), Some(cn.clone()));
-        let with_suffix = format!("{text}.cluster.local");
-        assert_eq!(with_suffix.parse::<XdsCommonName>().ok(), Some(cn));
+        assert_eq!(text.parse::<XdsCommonName>().ok(), Some(cn));
+        // One set of rules with the ADS server: no trust domain suffix in an xDS CN.
+        let with_suffix = format!("{text}.{CLUSTER_DOMAIN}");
+        assert!(with_suffix.parse::<XdsCommonName>().is_err());
     }
 
     #[test]
@@ -192,9 +151,20 @@ mod tests {
             "00000000-0000-0000-0000-000000001234.robot.sa.ns",
             "00000000-0000-0000-0000-000000001234.sidecar.sa",
             "00000000-0000-0000-0000-000000001234.sidecar.sa.ns.extra",
+            "00000000-0000-0000-0000-000000001234.sidecar.sa.ns.cluster.local",
+            // The shared rules: hyphenated UUIDs only, DNS labels for sa and ns.
+            "00000000000000000000000000001234.sidecar.sa.ns",
+            "00000000-0000-0000-0000-000000001234.sidecar.S_A.ns",
+            "00000000-0000-0000-0000-000000001234.sidecar.sa.NS",
         ] {
             let err = bad.parse::<XdsCommonName>().err();
             assert_eq!(err.map(|e| e.code()), Some(ErrCode::E5001), "{bad:?}");
         }
+        let err = "00000000-0000-0000-0000-000000001234.sidecar.S_A.ns"
+            .parse::<XdsCommonName>()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("service account \"S_A\""), "{err}");
     }
 }
