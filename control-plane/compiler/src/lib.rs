@@ -18,8 +18,9 @@ use fsm_ir::{
 };
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 
-/// Trust domain of service identities and certificates.
-pub const TRUST_DOMAIN: &str = "cluster.local";
+/// Trust domain of service identities and certificates: the one mesh-wide constant, re-exported
+/// under the name the controller already uses.
+pub use fsm_identity::TRUST_DOMAIN;
 /// How long a proxy waits for a TCP connection to an upstream.
 const CONNECT_TIMEOUT_MS: u64 = 1000;
 
