@@ -68,6 +68,56 @@ impl fmt::Display for ProxyKind {
     }
 }
 
+/// A workload identity: a ServiceAccount in a namespace, written `<sa>.<ns>`. Its service
+/// certificate's CN is `<sa>.<ns>.<trust-domain>` and its URI SAN the SPIFFE ID. The one type
+/// the IR, the certificate manager and the controller share (serde: `serviceAccount`,
+/// `namespace`, as in the golden IR).
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceIdentity {
+    pub service_account: String,
+    pub namespace: String,
+}
+
+impl ServiceIdentity {
+    pub fn new(service_account: impl Into<String>, namespace: impl Into<String>) -> Self {
+        ServiceIdentity {
+            service_account: service_account.into(),
+            namespace: namespace.into(),
+        }
+    }
+
+    /// `<sa>.<ns>.<trust-domain>`, the service certificate's CN.
+    pub fn common_name(&self, trust_domain: &str) -> String {
+        format!("{self}.{trust_domain}")
+    }
+
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`: the URI SAN every service certificate
+    /// carries; peers are authenticated by it.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// `<sa>.<ns>`.
+impl fmt::Display for ServiceIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.service_account, self.namespace)
+    }
+}
+
+/// The service identity a proxy runs as: its service account and namespace.
+impl From<&ProxyIdentity> for ServiceIdentity {
+    fn from(proxy: &ProxyIdentity) -> Self {
+        ServiceIdentity::new(&*proxy.service_account, &*proxy.namespace)
+    }
+}
+
 /// The whole identity of one proxy: the key of its snapshot and of its state everywhere in the
 /// control plane. Cheap to clone (shared strings).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -368,6 +418,22 @@ mod tests {
         assert_eq!(
             "robot".parse::<ProxyKind>(),
             Err(UnknownProxyKind("robot".into()))
+        );
+    }
+
+    #[test]
+    fn service_identity_names() {
+        let proxy = ProxyIdentity::new(UUID, ProxyKind::Sidecar, "bookbuyer", "bookstore");
+        let id = ServiceIdentity::from(&proxy);
+        assert_eq!(id, ServiceIdentity::new("bookbuyer", "bookstore"));
+        assert_eq!(id.to_string(), proxy.service_identity());
+        assert_eq!(
+            id.common_name(TRUST_DOMAIN),
+            "bookbuyer.bookstore.cluster.local"
+        );
+        assert_eq!(
+            id.spiffe_id(TRUST_DOMAIN),
+            "spiffe://cluster.local/ns/bookstore/sa/bookbuyer"
         );
     }
 

@@ -86,32 +86,9 @@ pub struct MeshSettings {
     pub trust_domain: String,
 }
 
-/// `<sa>.<ns>`; its certificate CN is `<sa>.<ns>.<trust-domain>`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceIdentity {
-    pub service_account: String,
-    pub namespace: String,
-}
-
-impl ServiceIdentity {
-    pub fn common_name(&self, trust_domain: &str) -> String {
-        format!(
-            "{}.{}.{}",
-            self.service_account, self.namespace, trust_domain
-        )
-    }
-}
-
-impl ServiceIdentity {
-    /// The URI SAN every service certificate carries; peers are authenticated by it.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
-    }
-}
+/// `<sa>.<ns>`; its certificate CN is `<sa>.<ns>.<trust-domain>`. The mesh-wide type, shared
+/// with the certificate manager and the controller.
+pub use fsm_identity::ServiceIdentity;
 
 /// The mTLS material of one proxy, issued by the mesh CA for its service identity.
 ///
@@ -135,12 +112,6 @@ impl fmt::Debug for ProxyCredentials {
             .field("private_key_pem", &"<redacted>")
             .field("trust_bundle_pem", &self.trust_bundle_pem)
             .finish()
-    }
-}
-
-impl fmt::Display for ServiceIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.service_account, self.namespace)
     }
 }
 
