@@ -19,57 +19,22 @@ pub const CLUSTER_DOMAIN: &str = fsm_identity::TRUST_DOMAIN;
 
 // === ServiceIdentity ===
 
-/// A workload identity: a ServiceAccount in a namespace (FSM writes it `<sa>.<ns>`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceIdentity {
-    pub service_account: String,
-    pub namespace: String,
-}
+/// A workload identity: a ServiceAccount in a namespace (FSM writes it `<sa>.<ns>`); the
+/// mesh-wide type, shared with the IR and the controller. Its service certificate's CN is
+/// `common_name(CLUSTER_DOMAIN)`.
+pub use fsm_identity::ServiceIdentity;
 
-impl ServiceIdentity {
-    pub fn new(service_account: impl Into<String>, namespace: impl Into<String>) -> Self {
-        Self {
-            service_account: service_account.into(),
-            namespace: namespace.into(),
+/// The identity of a service certificate request, refused (E4014) when a part is empty or
+/// contains a `.` or `/`, which would make its CN or SPIFFE ID ambiguous.
+pub(crate) fn checked_service_identity(sa: &str, ns: &str) -> Result<ServiceIdentity, CertError> {
+    for (what, v) in [("service account", sa), ("namespace", ns)] {
+        if v.is_empty() || v.contains('.') || v.contains('/') {
+            return Err(CertError::InvalidRequest(format!(
+                "{what} {v:?} must be a non-empty DNS label"
+            )));
         }
     }
-
-    /// `<sa>.<ns>.cluster.local`, the service certificate's CN.
-    pub fn common_name(&self) -> String {
-        format!("{self}.{CLUSTER_DOMAIN}")
-    }
-
-    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, the service certificate's URI SAN.
-    pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        )
-    }
-
-    fn validate(&self) -> Result<(), CertError> {
-        for (what, v) in [
-            ("service account", &self.service_account),
-            ("namespace", &self.namespace),
-        ] {
-            if v.is_empty() || v.contains('.') || v.contains('/') {
-                return Err(CertError::InvalidRequest(format!(
-                    "{what} {v:?} must be a non-empty DNS label"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    pub(crate) fn checked(self) -> Result<Self, CertError> {
-        self.validate().map(|()| self)
-    }
-}
-
-impl fmt::Display for ServiceIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.service_account, self.namespace)
-    }
+    Ok(ServiceIdentity::new(sa, ns))
 }
 
 // === XdsCommonName ===
@@ -118,7 +83,10 @@ mod tests {
     #[test]
     fn service_names() {
         let id = ServiceIdentity::new("bookbuyer", "bookstore");
-        assert_eq!(id.common_name(), "bookbuyer.bookstore.cluster.local");
+        assert_eq!(
+            id.common_name(CLUSTER_DOMAIN),
+            "bookbuyer.bookstore.cluster.local"
+        );
         assert_eq!(
             id.spiffe_id("cluster.local"),
             "spiffe://cluster.local/ns/bookstore/sa/bookbuyer"

@@ -39,7 +39,9 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::CertError;
-use crate::identity::{ProxyKind, ServiceIdentity, XdsCommonName};
+use crate::identity::{
+    CLUSTER_DOMAIN, ProxyKind, ServiceIdentity, XdsCommonName, checked_service_identity,
+};
 use crate::provider::CertificateProvider;
 use crate::types::{CertPurpose, CertificateRequest, IssuedCertificate};
 use crate::x509;
@@ -316,13 +318,13 @@ impl CertManager {
         trust_domain: &str,
         validity: Duration,
     ) -> Result<Arc<IssuedCertificate>, CertError> {
-        let identity = ServiceIdentity::new(sa, ns).checked()?;
+        let identity = checked_service_identity(sa, ns)?;
         if trust_domain.is_empty() || trust_domain.contains('/') {
             return Err(CertError::InvalidRequest(format!(
                 "bad trust domain {trust_domain:?}"
             )));
         }
-        let request = CertificateRequest::new(identity.common_name(), validity)
+        let request = CertificateRequest::new(identity.common_name(CLUSTER_DOMAIN), validity)
             .with_uri_san(identity.spiffe_id(trust_domain));
         let key = CertKey::Service {
             identity,
@@ -343,7 +345,7 @@ impl CertManager {
         let cn = XdsCommonName {
             proxy_uuid,
             kind,
-            identity: ServiceIdentity::new(sa, ns).checked()?,
+            identity: checked_service_identity(sa, ns)?,
         };
         // No SPIFFE URI SAN and clientAuth only: a peer's meshed inbound port refuses it, and
         // it can serve no TLS server.
