@@ -198,10 +198,6 @@ impl Runner {
                 rotation = rotations.recv() => match rotation {
                     Ok(event) => {
                         if let CertKey::Service { identity, .. } = event.key {
-                            let identity = ServiceIdentity {
-                                service_account: identity.service_account,
-                                namespace: identity.namespace,
-                            };
                             tracing::info!(%identity, reason = ?event.reason, serial = %event.cert.serial, "service certificate rotated");
                             let epoch = self.cert_epochs.entry(identity.clone()).or_default();
                             *epoch += 1;
@@ -538,16 +534,14 @@ fn translate(
     Ok((Snapshot::from_encoded(encoded), warnings))
 }
 
+/// The service identity a proxy runs as (one `fsm_identity::ServiceIdentity` everywhere).
 fn identity_of(key: &ProxyKey) -> ServiceIdentity {
-    ServiceIdentity {
-        service_account: key.service_account.to_string(),
-        namespace: key.namespace.to_string(),
-    }
+    ServiceIdentity::from(key)
 }
 
 fn service_cert_key(identity: &ServiceIdentity) -> CertKey {
     CertKey::Service {
-        identity: fsm_certs::ServiceIdentity::new(&identity.service_account, &identity.namespace),
+        identity: identity.clone(),
         trust_domain: TRUST_DOMAIN.to_string(),
     }
 }
