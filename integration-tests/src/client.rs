@@ -79,6 +79,19 @@ pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<Htt
     })
 }
 
+/// [`http_get_via`] that must be answered `200`: anything else is an error naming the status
+/// and the body.
+pub async fn http_get_ok_via(via: SocketAddr, host: &str, path: &str) -> Result<HttpReply> {
+    let reply = http_get_via(via, host, path).await?;
+    anyhow::ensure!(
+        reply.status == 200,
+        "GET {path} (Host: {host}) via {via}: status {}: {}",
+        reply.status,
+        reply.body
+    );
+    Ok(reply)
+}
+
 /// The value of counter `name` in an admin `/stats` text (`<name>: <value>` lines, the format
 /// both Envoy and fsm-sidecar use), 0 when the sidecar has not created it.
 pub fn stats_counter(stats: &str, name: &str) -> u64 {

@@ -10,11 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, AdsTarget, ControllerOptions, FsmSidecarConfig, MeshPod, SidecarConfig,
-    demo_manifests, eventually, http_get_via, load_catalog, mesh_pods, start_controller,
-    start_demo_apps, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, AdsTarget, DemoMesh, FsmSidecarConfig, MeshPod, SidecarConfig, eventually,
+    http_get_via, start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -64,17 +62,15 @@ async fn start(plane: Plane, pod: &MeshPod, ads: &AdsTarget, logs: &Path) -> Res
 }
 
 async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> {
-    let work = tempfile::tempdir()?;
-    let logs = work.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
-    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
-    let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
-    let _apps = start_demo_apps(&catalog, &logs).await?;
-    let pods: Vec<MeshPod> = mesh_pods(&catalog)
-        .into_iter()
-        .filter(|p| p.node_id().is_some())
-        .collect();
+    // Bound in the order the processes should outlive each other: `_work` is dropped last.
+    let DemoMesh {
+        work: _work,
+        logs,
+        manifests: _,
+        controller,
+        apps: _apps,
+        pods,
+    } = DemoMesh::start(subnet).await?;
     let mut running = Vec::new();
     for pod in &pods {
         let plane = if pod.name == "curl" { client } else { servers };

@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, MeshPod, backends_via,
-    demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
-    start_controller, start_demo_apps, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, DemoMesh, FsmSidecar, FsmSidecarConfig, MeshPod,
+    backends_via, demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
+    start_controller, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CDS: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
@@ -114,17 +114,15 @@ fn check_request_metrics(prom: &str, client: &MeshPod, server: &MeshPod) -> Resu
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    let work = tempfile::tempdir()?;
-    let logs = work.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
-    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
-    let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
-    let _apps = start_demo_apps(&catalog, &logs).await?;
-    let pods: Vec<MeshPod> = mesh_pods(&catalog)
-        .into_iter()
-        .filter(|p| p.node_id().is_some())
-        .collect();
+    // Bound in the order the processes should outlive each other: `_work` is dropped last.
+    let DemoMesh {
+        work: _work,
+        logs,
+        manifests,
+        controller,
+        apps: _apps,
+        pods,
+    } = DemoMesh::start(subnet).await?;
     let mut sidecars = Vec::new();
     for pod in &pods {
         let mut sidecar = start_fsm_sidecar(

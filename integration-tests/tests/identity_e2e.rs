@@ -16,71 +16,44 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use fsm_catalog::CatalogSettings;
-use fsm_integration_tests::controller::ADS_SERVER_NAME;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, demo_manifests,
-    edit_manifest, eventually, http_get_via, load_catalog, mesh_pods, start_controller,
-    start_demo_apps, start_envoy,
+    AdsMode, Controller, DemoMesh, Envoy, MeshPod, ProbeClient, SDS, SecretsWait, SidecarConfig,
+    edit_manifest, eventually, fetch_secrets, http_get_ok_via, private_key_owners, probe,
+    start_envoy, xds_node,
 };
-use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
-const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The name a TLS client of httpbin's inbound port asks for.
+const HTTPBIN_SNI: &str = "httpbin.demo.svc.cluster.local";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
 /// The demo mesh with an Envoy sidecar per meshed pod.
 struct Mesh {
-    _work: tempfile::TempDir,
-    manifests: std::path::PathBuf,
-    logs: std::path::PathBuf,
-    controller: Controller,
-    _apps: Vec<fsm_integration_tests::ManagedProcess>,
-    pods: Vec<MeshPod>,
+    /// Stopped on drop, before the control plane.
     envoys: Vec<(MeshPod, Envoy)>,
+    demo: DemoMesh,
 }
 
 impl Mesh {
     async fn start(subnet: u8, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Mesh> {
-        let work = tempfile::tempdir()?;
-        let logs = work.path().join("logs");
-        std::fs::create_dir_all(&logs)?;
-        let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
-        edit(&manifests)?;
-        let catalog = load_catalog(&manifests, CatalogSettings::default())?;
-        let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
-        let apps = start_demo_apps(&catalog, &logs).await?;
-        let pods: Vec<MeshPod> = mesh_pods(&catalog)
-            .into_iter()
-            .filter(|p| p.node_id().is_some())
-            .collect();
         let mut mesh = Mesh {
-            _work: work,
-            manifests: manifests.clone(),
-            logs,
-            controller,
-            _apps: apps,
-            pods: pods.clone(),
             envoys: Vec::new(),
+            demo: DemoMesh::start_edited(subnet, edit).await?,
         };
-        for pod in &pods {
-            let envoy = mesh.start_envoy(pod).await?;
-            mesh.envoys.push((pod.clone(), envoy));
+        for pod in mesh.demo.pods.clone() {
+            let envoy = mesh.start_envoy(&pod).await?;
+            mesh.envoys.push((pod, envoy));
         }
         Ok(mesh)
     }
 
     async fn start_envoy(&self, pod: &MeshPod) -> Result<Envoy> {
         let mut envoy = start_envoy(
-            &SidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?,
-            &self.logs,
+            &SidecarConfig::for_pod(pod, &self.demo.controller.ads(), AdsMode::Sotw)?,
+            &self.demo.logs,
         )
         .await?;
         envoy
@@ -88,13 +61,6 @@ impl Mesh {
             .await
             .with_context(|| format!("sidecar of {}", pod.id()))?;
         Ok(envoy)
-    }
-
-    fn pod(&self, name: &str) -> Result<&MeshPod> {
-        self.pods
-            .iter()
-            .find(|p| p.name == name)
-            .with_context(|| format!("pod {name}"))
     }
 
     fn envoy(&self, name: &str) -> Result<&Envoy> {
@@ -107,108 +73,21 @@ impl Mesh {
 }
 
 async fn get_httpbin(curl: &MeshPod) -> Result<()> {
-    let reply = http_get_via(curl.outbound_addr(), HTTPBIN, "/get").await?;
-    ensure!(
-        reply.status == 200,
-        "status {}: {}",
-        reply.body,
-        reply.status
-    );
+    http_get_ok_via(curl.outbound_addr(), HTTPBIN, "/get").await?;
     Ok(())
 }
 
-// === TLS probes of a meshed inbound port ===
-
-/// Accepts any server certificate: these probes only check that the *server* refuses them.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls_pki_types::CertificateDer<'_>,
-        _: &[rustls_pki_types::CertificateDer<'_>],
-        _: &rustls_pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Sends an HTTP request to `addr` over TLS (with `client_cert`, PEM chain and key, if any) or
-/// in plaintext, and returns what came back before the connection closed.
-async fn probe(addr: SocketAddr, tls: Option<Option<(&str, &str)>>) -> Result<String> {
-    let request = format!("GET /get HTTP/1.1\r\nHost: {HTTPBIN}\r\nConnection: close\r\n\r\n");
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut reply = Vec::new();
-    let Some(client_cert) = tls else {
-        stream.write_all(request.as_bytes()).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
-        return Ok(String::from_utf8_lossy(&reply).into_owned());
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let config = match client_cert {
-        None => builder.with_no_client_auth(),
-        Some((chain, key)) => {
-            let certs = rustls_pki_types::pem::PemObject::pem_slice_iter(chain.as_bytes())
-                .collect::<Result<Vec<rustls_pki_types::CertificateDer>, _>>()?;
-            let key = <rustls_pki_types::PrivateKeyDer as rustls_pki_types::pem::PemObject>::from_pem_slice(key.as_bytes())?;
-            builder.with_client_auth_cert(certs, key)?
-        }
-    };
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from("httpbin.demo.svc.cluster.local")?;
-    // With TLS 1.3 the server judges the client certificate after the client's handshake is
-    // done, so a refusal shows up as an alert or a close on the first read.
-    let Ok(mut tls) = connector.connect(name, stream).await else {
-        return Ok(String::new());
-    };
-    if tls.write_all(request.as_bytes()).await.is_err() {
-        return Ok(String::new());
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut reply)).await;
-    Ok(String::from_utf8_lossy(&reply).into_owned())
+/// Sends `GET /get` to httpbin's meshed inbound port at `addr` as `client` says.
+async fn probe_httpbin(addr: SocketAddr, client: ProbeClient<'_>) -> Result<String> {
+    probe(addr, HTTPBIN, HTTPBIN_SNI, client).await
 }
 
 // === ADS as a hostile proxy ===
 
-/// Opens a SotW ADS stream with the credentials in `bootstrap_dir`, announcing `node_id`, asks for
-/// the secrets, and returns the secrets received (or the stream's error status).
-async fn fetch_secrets(
+/// Opens a SotW ADS stream with the credentials in `bootstrap_dir`, announcing `node_id` as an
+/// Envoy, asks for the secrets, and returns those of the first response (or the stream's error
+/// status).
+async fn fetch_secrets_of(
     controller: &Controller,
     bootstrap_dir: &Path,
     node_id: &str,
@@ -216,66 +95,21 @@ async fn fetch_secrets(
     fetch_secrets_as(controller, bootstrap_dir, node_id, "envoy").await
 }
 
-/// [`fetch_secrets`] announcing `user_agent` (empty: a generic xDS client).
+/// [`fetch_secrets_of`] announcing `user_agent` (empty: a generic xDS client).
 async fn fetch_secrets_as(
     controller: &Controller,
     bootstrap_dir: &Path,
     node_id: &str,
     user_agent: &str,
 ) -> Result<std::result::Result<Vec<Secret>, tonic::Status>> {
-    let read = |name: &str| std::fs::read_to_string(bootstrap_dir.join(name));
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")?))
-        .identity(tonic::transport::Identity::from_pem(
-            read("tls.crt")?,
-            read("tls.key")?,
-        ))
-        .domain_name(ADS_SERVER_NAME);
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("https://{}", controller.ads_addr))?
-            .tls_config(tls)?
-            .connect()
-            .await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let request = DiscoveryRequest {
-        node: Some(Node {
-            id: node_id.to_string(),
-            cluster: "spoof".into(),
-            user_agent_name: user_agent.into(),
-            ..Default::default()
-        }),
-        type_url: SDS.into(),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(request).await?;
-    let mut responses = match client
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
-        Err(status) => return Ok(Err(status)),
-    };
-    let first = tokio::time::timeout(Duration::from_secs(10), responses.message()).await;
-    drop(tx);
-    match first {
-        Ok(Ok(Some(response))) => Ok(Ok(response
-            .resources
-            .iter()
-            .map(|any| Secret::decode(any.value.as_slice()))
-            .collect::<std::result::Result<_, _>>()?)),
-        Ok(Ok(None)) => bail!("stream closed without a response or an error"),
-        Ok(Err(status)) => Ok(Err(status)),
-        Err(_) => bail!("no SDS response within 10 s"),
-    }
-}
-
-fn private_key_owners(secrets: &[Secret]) -> Vec<String> {
-    secrets
-        .iter()
-        .filter(|s| matches!(s.r#type, Some(secret::Type::TlsCertificate(_))))
-        .map(|s| s.name.clone())
-        .collect()
+    let node = xds_node(node_id, "spoof", user_agent);
+    fetch_secrets(
+        controller.ads_addr,
+        bootstrap_dir,
+        node,
+        SecretsWait::FirstResponse,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,8 +121,8 @@ async fn only_mesh_identities_get_in() {
 
 async fn refusals(subnet: u8) -> Result<()> {
     let mesh = Mesh::start(subnet, |_| Ok(())).await?;
-    let curl = mesh.pod("curl")?.clone();
-    let httpbin = mesh.pod("httpbin-v1")?.clone();
+    let curl = mesh.demo.pod("curl")?.clone();
+    let httpbin = mesh.demo.pod("httpbin-v1")?.clone();
 
     // Sidecars reach each other: the server side requires a mesh client certificate, so this
     // request crossed mTLS.
@@ -305,12 +139,12 @@ async fn refusals(subnet: u8) -> Result<()> {
 
     // Plaintext, no certificate, and a certificate of another CA: no HTTP response at all.
     let inbound = httpbin.inbound_addr();
-    let plain = probe(inbound, None).await?;
+    let plain = probe_httpbin(inbound, ProbeClient::Plaintext).await?;
     ensure!(
         !plain.starts_with("HTTP/"),
         "plaintext was answered: {plain:?}"
     );
-    let anonymous = probe(inbound, Some(None)).await?;
+    let anonymous = probe_httpbin(inbound, ProbeClient::Anonymous).await?;
     ensure!(
         !anonymous.starts_with("HTTP/"),
         "a client without certificate was answered: {anonymous:?}"
@@ -323,12 +157,12 @@ async fn refusals(subnet: u8) -> Result<()> {
         &fsm_certs::CertificateRequest::new("curl.demo.cluster.local", Duration::from_secs(3600))
             .with_uri_san("spiffe://cluster.local/ns/demo/sa/curl"),
     )?;
-    let foreign_reply = probe(
+    let foreign_reply = probe_httpbin(
         inbound,
-        Some(Some((
-            &foreign.cert_chain_pem,
-            foreign.private_key.expose_pem(),
-        ))),
+        ProbeClient::Certificate {
+            chain: &foreign.cert_chain_pem,
+            key: foreign.private_key.expose_pem(),
+        },
     )
     .await?;
     ensure!(
@@ -337,10 +171,10 @@ async fn refusals(subnet: u8) -> Result<()> {
     );
 
     // ADS: curl's bootstrap certificate gets curl's secrets, and only curl's key.
-    let ads = mesh.controller.ads();
+    let ads = mesh.demo.controller.ads();
     let curl_dir = ads.pod_dir(&curl.namespace, &curl.name);
-    let own = fetch_secrets(
-        &mesh.controller,
+    let own = fetch_secrets_of(
+        &mesh.demo.controller,
         &curl_dir,
         &curl.node_id().context("node id")?,
     )
@@ -352,8 +186,8 @@ async fn refusals(subnet: u8) -> Result<()> {
         private_key_owners(&own)
     );
     // …and claiming httpbin's node id with it is refused before anything is sent.
-    let spoofed = fetch_secrets(
-        &mesh.controller,
+    let spoofed = fetch_secrets_of(
+        &mesh.demo.controller,
         &curl_dir,
         &httpbin.node_id().context("node id")?,
     )
@@ -371,7 +205,7 @@ async fn refusals(subnet: u8) -> Result<()> {
             );
         }
     }
-    let metrics = mesh.controller.metrics().await?;
+    let metrics = mesh.demo.controller.metrics().await?;
     ensure!(
         metrics
             .lines()
@@ -395,15 +229,15 @@ async fn a_pod_copying_a_proxy_uuid_takes_nothing_over() {
 /// credentials nor configuration, is reported with E5004, and deleting it changes nothing.
 async fn takeover(subnet: u8) -> Result<()> {
     let mesh = Mesh::start(subnet, |_| Ok(())).await?;
-    let curl = mesh.pod("curl")?.clone();
+    let curl = mesh.demo.pod("curl")?.clone();
     let uuid = curl.proxy_uuid.clone().context("curl's proxy UUID")?;
     eventually(CONVERGE, || get_httpbin(&curl)).await?;
-    let ads = mesh.controller.ads();
+    let ads = mesh.demo.controller.ads();
     let curl_dir = ads.pod_dir("demo", "curl");
     let curl_cert = std::fs::read_to_string(curl_dir.join("tls.crt"))?;
     let (_, curl_listeners) = mesh.envoy("curl")?.dynamic_versions().await?;
 
-    let evil_file = mesh.manifests.join("90-evil.yaml");
+    let evil_file = mesh.demo.manifests.join("90-evil.yaml");
     std::fs::write(
         &evil_file,
         format!(
@@ -413,7 +247,7 @@ async fn takeover(subnet: u8) -> Result<()> {
         ),
     )?;
     eventually(CONVERGE, || async {
-        let problems = mesh.controller.debug_problems().await?;
+        let problems = mesh.demo.controller.debug_problems().await?;
         ensure!(
             problems
                 .iter()
@@ -437,7 +271,7 @@ async fn takeover(subnet: u8) -> Result<()> {
     // Even holding an xDS certificate for `<uuid>.sidecar.evil.demo` from the mesh CA (as the
     // controller used to issue), the impostor's stream is closed with E5004 and gets nothing.
     let ca = fsm_certs::tresor::TresorProvider::load_or_create_in_file(
-        mesh.controller.state_dir.join("fsm-ca-bundle.pem"),
+        mesh.demo.controller.state_dir.join("fsm-ca-bundle.pem"),
     )
     .await?;
     let evil_id = format!("{uuid}.sidecar.evil.demo");
@@ -445,12 +279,12 @@ async fn takeover(subnet: u8) -> Result<()> {
         &fsm_certs::CertificateRequest::new(evil_id.clone(), Duration::from_secs(3600))
             .with_purpose(fsm_certs::CertPurpose::XdsClient),
     )?;
-    let evil_dir = mesh.logs.join("evil-credentials");
+    let evil_dir = mesh.demo.logs.join("evil-credentials");
     std::fs::create_dir_all(&evil_dir)?;
     std::fs::copy(curl_dir.join("ca.crt"), evil_dir.join("ca.crt"))?;
     std::fs::write(evil_dir.join("tls.crt"), &forged.cert_chain_pem)?;
     std::fs::write(evil_dir.join("tls.key"), forged.private_key.expose_pem())?;
-    match fetch_secrets(&mesh.controller, &evil_dir, &evil_id).await? {
+    match fetch_secrets_of(&mesh.demo.controller, &evil_dir, &evil_id).await? {
         Ok(secrets) => bail!(
             "the impostor received {:?}",
             secrets.iter().map(|s| &s.name).collect::<Vec<_>>()
@@ -468,7 +302,7 @@ async fn takeover(subnet: u8) -> Result<()> {
         listeners == curl_listeners,
         "curl's listeners changed: {curl_listeners:?} -> {listeners:?}"
     );
-    let config = mesh.controller.debug_config().await?;
+    let config = mesh.demo.controller.debug_config().await?;
     ensure!(
         config[&uuid]["error"].is_null(),
         "curl has an error: {}",
@@ -478,7 +312,7 @@ async fn takeover(subnet: u8) -> Result<()> {
     // Deleting the impostor changes nothing for curl.
     std::fs::remove_file(&evil_file)?;
     eventually(CONVERGE, || async {
-        let problems = mesh.controller.debug_problems().await?;
+        let problems = mesh.demo.controller.debug_problems().await?;
         ensure!(
             !problems.iter().any(|p| p.contains("demo/evil")),
             "{problems:?}"
@@ -490,7 +324,8 @@ async fn takeover(subnet: u8) -> Result<()> {
     ensure!(std::fs::read_to_string(curl_dir.join("tls.crt"))? == curl_cert);
     for type_url in [LDS, SDS] {
         ensure!(
-            mesh.controller
+            mesh.demo
+                .controller
                 .in_sync_version(&uuid, type_url)
                 .await?
                 .is_some(),
@@ -514,13 +349,13 @@ async fn a_second_stream_changes_nothing_for_the_first() {
 /// Envoy keeps receiving every update.
 async fn second_stream(subnet: u8) -> Result<()> {
     let mesh = Mesh::start(subnet, |_| Ok(())).await?;
-    let curl = mesh.pod("curl")?.clone();
+    let curl = mesh.demo.pod("curl")?.clone();
     let uuid = curl.proxy_uuid.clone().context("curl's proxy UUID")?;
     eventually(CONVERGE, || get_httpbin(&curl)).await?;
-    let curl_dir = mesh.controller.ads().pod_dir("demo", "curl");
+    let curl_dir = mesh.demo.controller.ads().pod_dir("demo", "curl");
     let node_id = curl.node_id().context("node id")?;
     for _ in 0..2 {
-        let secrets = fetch_secrets_as(&mesh.controller, &curl_dir, &node_id, "")
+        let secrets = fetch_secrets_as(&mesh.demo.controller, &curl_dir, &node_id, "")
             .await?
             .map_err(|s| anyhow::anyhow!("curl's own second stream refused: {s}"))?;
         ensure!(
@@ -532,7 +367,8 @@ async fn second_stream(subnet: u8) -> Result<()> {
 
     // An endpoint leaves httpbin: curl's Envoy, connected all along, gets the new EDS.
     let eds_before = eventually(CONVERGE, || async {
-        mesh.controller
+        mesh.demo
+            .controller
             .in_sync_version(&uuid, EDS)
             .await?
             .context("curl's EDS not in sync")
@@ -541,9 +377,13 @@ async fn second_stream(subnet: u8) -> Result<()> {
     let v2_endpoint = format!(
         "  - ip: 127.0.{subnet}.2\n    targetRef: {{kind: Pod, name: httpbin-v2, namespace: demo}}\n"
     );
-    edit_manifest(&mesh.manifests.join("20-httpbin.yaml"), &v2_endpoint, "")?;
+    edit_manifest(
+        &mesh.demo.manifests.join("20-httpbin.yaml"),
+        &v2_endpoint,
+        "",
+    )?;
     eventually(CONVERGE, || async {
-        let now = mesh.controller.in_sync_version(&uuid, EDS).await?;
+        let now = mesh.demo.controller.in_sync_version(&uuid, EDS).await?;
         ensure!(
             now.is_some() && now.as_ref() != Some(&eds_before),
             "curl's EDS still at {eds_before} ({now:?})"
@@ -551,7 +391,7 @@ async fn second_stream(subnet: u8) -> Result<()> {
         Ok(())
     })
     .await?;
-    let metrics = mesh.controller.metrics().await?;
+    let metrics = mesh.demo.controller.metrics().await?;
     ensure!(
         !metrics
             .lines()
@@ -680,7 +520,7 @@ async fn rotation(subnet: u8) -> Result<()> {
         )
     })
     .await?;
-    let curl = mesh.pod("curl")?.clone();
+    let curl = mesh.demo.pod("curl")?.clone();
     eventually(CONVERGE, || get_httpbin(&curl)).await?;
     let (first_leaf, first_roots) = envoy_certs(mesh.envoy("curl")?).await?;
     ensure!(
@@ -713,13 +553,14 @@ async fn rotation(subnet: u8) -> Result<()> {
     )?;
     let new_root_serial = serial_hex(new_root.cert_pem())?;
     replace_root_file(
-        &mesh.controller.state_dir.join("fsm-ca-bundle.pem"),
+        &mesh.demo.controller.state_dir.join("fsm-ca-bundle.pem"),
         &format!("{}{}", new_root.cert_pem(), new_root.key_pem().expose_pem()),
     )?;
     eventually(Duration::from_secs(45), || async {
         let (_, roots) = envoy_certs(mesh.envoy("curl")?).await?;
         if roots != [new_root_serial.clone()] {
             let out_of_sync: Vec<String> = mesh
+                .demo
                 .controller
                 .debug_proxies()
                 .await?
@@ -731,7 +572,7 @@ async fn rotation(subnet: u8) -> Result<()> {
                         .map(move |(t, s)| format!("{uuid} {t}: {s:?}"))
                 })
                 .collect();
-            let dir = mesh.controller.ads().pod_dir("demo", "curl");
+            let dir = mesh.demo.controller.ads().pod_dir("demo", "curl");
             let on_disk = std::fs::read_to_string(dir.join("ca.crt"))
                 .map_err(anyhow::Error::from)
                 .and_then(|pem| Ok(fsm_certs::x509::all_info(&pem)?.into_iter().map(|i| i.serial).collect::<Vec<_>>()));
@@ -777,11 +618,11 @@ async fn rotation(subnet: u8) -> Result<()> {
         SystemTime::now() - Duration::from_secs(24 * 3600),
     )?;
     replace_root_file(
-        &mesh.controller.state_dir.join("fsm-ca-bundle.pem"),
+        &mesh.demo.controller.state_dir.join("fsm-ca-bundle.pem"),
         &format!("{}{}", expired.cert_pem(), expired.key_pem().expose_pem()),
     )?;
     eventually(CONVERGE, || async {
-        let metrics = mesh.controller.metrics().await?;
+        let metrics = mesh.demo.controller.metrics().await?;
         ensure!(
             metrics
                 .lines()

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::cluster::{self, TestCluster};
 use fsm_integration_tests::{
-    AdsMode, ControllerOptions, MeshPod, SidecarConfig, eventually, http_get_via, load_catalog,
+    AdsMode, ControllerOptions, MeshPod, SidecarConfig, eventually, http_get_ok_via, load_catalog,
     mesh_pods, start_controller_on_cluster, start_demo_apps, start_envoy,
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -19,13 +19,7 @@ const HTTPBIN: &str = "httpbin.demo:14001";
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 
 async fn get_httpbin(via: SocketAddr) -> Result<()> {
-    let reply = http_get_via(via, HTTPBIN, "/get").await?;
-    ensure!(
-        reply.status == 200,
-        "status {}: {}",
-        reply.status,
-        reply.body
-    );
+    http_get_ok_via(via, HTTPBIN, "/get").await?;
     Ok(())
 }
 

@@ -8,10 +8,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, MeshPod, SidecarConfig, backends_via, demo_manifests,
-    edit_manifest, eventually, load_catalog, mesh_pods, start_controller, start_demo_apps,
+    AdsMode, Controller, DemoMesh, MeshPod, SidecarConfig, backends_via, edit_manifest, eventually,
     start_envoy, tcp_roundtrip, wait_tcp_unreachable,
 };
 
@@ -38,17 +36,15 @@ async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    let work = tempfile::tempdir()?;
-    let logs = work.path().join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
-    let catalog = load_catalog(&manifests, CatalogSettings::default())?;
-    let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
-    let _apps = start_demo_apps(&catalog, &logs).await?;
-    let pods: Vec<MeshPod> = mesh_pods(&catalog)
-        .into_iter()
-        .filter(|p| p.node_id().is_some())
-        .collect();
+    // Bound in the order the processes should outlive each other: `_work` is dropped last.
+    let DemoMesh {
+        work: _work,
+        logs,
+        manifests,
+        controller,
+        apps: _apps,
+        pods,
+    } = DemoMesh::start(subnet).await?;
     let mut envoys = Vec::new();
     for pod in &pods {
         let mut envoy = start_envoy(

@@ -14,16 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use fsm_integration_tests::{
-    Controller, ControllerOptions, demo_manifests, eventually, start_controller,
+    Controller, ControllerOptions, SDS, connect_ads, decode_secrets, demo_manifests, eventually,
+    inline_text, start_controller, xds_node,
 };
 use parking_lot::Mutex;
-use prost::Message;
 
 const SUBNET: u8 = 71;
 const IDENTITIES: usize = 50;
@@ -35,7 +32,6 @@ const TYPES: [&str; 5] = [
     "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
     SDS,
 ];
-const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// This pod's client never ACKs a listener response.
 const NO_LISTENER_ACKS: usize = 7;
@@ -142,11 +138,7 @@ impl Mesh {
 }
 
 fn text(source: &envoy_types::pb::envoy::config::core::v3::DataSource) -> Option<String> {
-    match source.specifier.as_ref()? {
-        Specifier::InlineString(s) => Some(s.clone()),
-        Specifier::InlineBytes(b) => String::from_utf8(b.clone()).ok(),
-        _ => None,
-    }
+    inline_text(source).ok()
 }
 
 /// One pod's xDS client: every Envoy type on one SotW stream, every response ACKed (but
@@ -157,25 +149,12 @@ async fn client(
     i: usize,
     mesh: Arc<Mesh>,
 ) -> Result<()> {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name));
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")?))
-        .identity(tonic::transport::Identity::from_pem(
-            read("tls.crt")?,
-            read("tls.key")?,
-        ))
-        .domain_name(ADS_SERVER_NAME);
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{controller_ads}"))?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
-    let node = Node {
-        id: format!("{}.sidecar.sa{i}.{NAMESPACE}", uuid(i)),
-        cluster: format!("sa{i}.{NAMESPACE}"),
-        user_agent_name: "envoy".into(),
-        ..Default::default()
-    };
+    let mut ads = connect_ads(controller_ads, &dir).await?;
+    let node = xds_node(
+        &format!("{}.sidecar.sa{i}.{NAMESPACE}", uuid(i)),
+        &format!("sa{i}.{NAMESPACE}"),
+        "envoy",
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     for type_url in TYPES {
         tx.send(DiscoveryRequest {
@@ -198,11 +177,7 @@ async fn client(
             ..
         } = response;
         if type_url == SDS {
-            let secrets: Vec<Secret> = resources
-                .iter()
-                .map(|any| Secret::decode(any.value.as_slice()))
-                .collect::<std::result::Result<_, _>>()?;
-            mesh.apply(i, &secrets)?;
+            mesh.apply(i, &decode_secrets(&resources)?)?;
         }
         if i == NO_LISTENER_ACKS && type_url == LDS {
             continue;

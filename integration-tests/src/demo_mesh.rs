@@ -1,0 +1,69 @@
+//! The demo mesh without its sidecars: manifests in a temporary directory, the controller
+//! serving them and the demo apps, with the meshed pods whose sidecars each test starts its own
+//! way (Envoy or fsm-sidecar, SotW or delta, one kind per pod).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fsm_catalog::CatalogSettings;
+
+use crate::{
+    Controller, ControllerOptions, ManagedProcess, MeshPod, demo_manifests, load_catalog,
+    mesh_pods, start_controller, start_demo_apps,
+};
+
+/// The running demo mesh but its sidecars. Dropping it stops the controller and the apps, then
+/// removes the directory (fields drop in order: the processes before `work`).
+pub struct DemoMesh {
+    pub controller: Controller,
+    pub apps: Vec<ManagedProcess>,
+    /// The meshed pods (those with a node id), in catalog order.
+    pub pods: Vec<MeshPod>,
+    pub manifests: PathBuf,
+    /// Where every process logs.
+    pub logs: PathBuf,
+    pub work: tempfile::TempDir,
+}
+
+impl DemoMesh {
+    /// The demo manifests on `subnet` (`127.0.<subnet>.0/24`) as they are.
+    pub async fn start(subnet: u8) -> Result<DemoMesh> {
+        DemoMesh::start_edited(subnet, |_| Ok(())).await
+    }
+
+    /// The demo manifests on `subnet`, changed by `edit` (given the manifest directory) before
+    /// the controller reads them.
+    pub async fn start_edited(
+        subnet: u8,
+        edit: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<DemoMesh> {
+        let work = tempfile::tempdir()?;
+        let logs = work.path().join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
+        edit(&manifests)?;
+        let catalog = load_catalog(&manifests, CatalogSettings::default())?;
+        let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
+        let apps = start_demo_apps(&catalog, &logs).await?;
+        let pods = mesh_pods(&catalog)
+            .into_iter()
+            .filter(|p| p.node_id().is_some())
+            .collect();
+        Ok(DemoMesh {
+            controller,
+            apps,
+            pods,
+            manifests,
+            logs,
+            work,
+        })
+    }
+
+    /// The meshed pod named `name`.
+    pub fn pod(&self, name: &str) -> Result<&MeshPod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("meshed pod {name}"))
+    }
+}
