@@ -12,9 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::cluster::{self, TestCluster, find};
 use fsm_integration_tests::{
-    AdsMode, AdsTarget, Controller, ControllerOptions, Envoy, MeshPod, SidecarConfig, backends_via,
-    eventually, load_catalog, mesh_pods, start_controller_on_cluster, start_demo_apps, start_envoy,
-    tcp_roundtrip, wait_tcp_unreachable,
+    AdsMode, AdsTarget, Controller, ControllerOptions, Envoy, ManagedProcess, MeshPod,
+    SidecarConfig, backends_via, eventually, load_catalog, mesh_pods, start_controller_on_cluster,
+    start_demo_apps, start_envoy, tcp_roundtrip, wait_tcp_unreachable,
 };
 use fsm_test_apiserver::Verb;
 use serde_json::{Value, json};
@@ -612,6 +612,46 @@ async fn owned_by_pod(subnet: u8) -> Result<()> {
     Ok(())
 }
 
+/// A copy of the pod `template` named `name`, with proxy UUID `uuid`, at `127.0.<subnet>.<host>`.
+fn pod_like(template: &Value, name: &str, uuid: &str, subnet: u8, host: u8) -> Value {
+    let mut pod = template.clone();
+    pod["metadata"]["name"] = json!(name);
+    pod["metadata"]["labels"]["fsm-proxy-uuid"] = json!(uuid);
+    pod["status"]["podIP"] = json!(format!("127.0.{subnet}.{host}"));
+    pod
+}
+
+/// Creates `pod`, waits for its bootstrap Secret and returns who wrote it (the Secret's
+/// [`WRITER_ANNOTATION`]); on a timeout the error carries the log of `leader`, the replica
+/// expected to write it.
+async fn new_pod_writer(
+    c: &TestCluster,
+    secrets: &kube::Api<k8s_openapi::api::core::v1::Secret>,
+    pod: &Value,
+    leader: &str,
+    leader_process: &ManagedProcess,
+) -> Result<Option<String>> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let uuid = pod["metadata"]["labels"]["fsm-proxy-uuid"]
+        .as_str()
+        .with_context(|| format!("pod {name} has no proxy UUID"))?;
+    cluster::apply(&c.client, pod).await?;
+    let secret = eventually(CONVERGE, || async {
+        secrets
+            .get_opt(&bootstrap_secret_name(uuid))
+            .await?
+            .with_context(|| format!("no bootstrap Secret for pod {name} yet"))
+    })
+    .await
+    .with_context(|| format!("{leader} log:\n{}", leader_process.log_tail(20)))?;
+    Ok(secret
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .get(WRITER_ANNOTATION)
+        .cloned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_writes_bootstrap_secrets() {
     if let Err(err) = lease_holder_writes(44).await {
@@ -706,27 +746,16 @@ async fn lease_holder_writes(subnet: u8) -> Result<()> {
     // credentials of a pod created meanwhile.
     a.process.kill();
     let killed = std::time::Instant::now();
-    let new_uuid = "0c4a1f7e-3b2d-4e5f-8a9b-7c6d5e4f3a21";
-    let mut late = find(&c.objects, "Pod", "curl")?.clone();
-    late["metadata"]["name"] = json!("late");
-    late["metadata"]["labels"]["fsm-proxy-uuid"] = json!(new_uuid);
-    late["status"]["podIP"] = json!(format!("127.0.{subnet}.99"));
-    cluster::apply(&c.client, &late).await?;
-    let secret = eventually(CONVERGE, || async {
-        secrets
-            .get_opt(&bootstrap_secret_name(new_uuid))
-            .await?
-            .context("no bootstrap Secret for the new pod yet")
-    })
-    .await
-    .with_context(|| format!("replica-b log:\n{}", b.process.log_tail(20)))?;
+    let curl = find(&c.objects, "Pod", "curl")?;
+    let late = pod_like(
+        curl,
+        "late",
+        "0c4a1f7e-3b2d-4e5f-8a9b-7c6d5e4f3a21",
+        subnet,
+        99,
+    );
+    let writer = new_pod_writer(&c, &secrets, &late, "replica-b", &b.process).await?;
     let took = killed.elapsed();
-    let writer = secret
-        .metadata
-        .annotations
-        .unwrap_or_default()
-        .get(WRITER_ANNOTATION)
-        .cloned();
     ensure!(
         writer.as_deref() == Some("replica-b"),
         "written by {writer:?}"
@@ -776,27 +805,15 @@ async fn lease_holder_writes(subnet: u8) -> Result<()> {
         .status()?;
     ensure!(status.success(), "kill -TERM replica-b: {status}");
     let stopped = std::time::Instant::now();
-    let newer_uuid = "5d2e8b7a-6a1f-4c1e-9a3f-3c2e1b7d0c5d";
-    let mut later = late.clone();
-    later["metadata"]["name"] = json!("later");
-    later["metadata"]["labels"]["fsm-proxy-uuid"] = json!(newer_uuid);
-    later["status"]["podIP"] = json!(format!("127.0.{subnet}.98"));
-    cluster::apply(&c.client, &later).await?;
-    let secret = eventually(CONVERGE, || async {
-        secrets
-            .get_opt(&bootstrap_secret_name(newer_uuid))
-            .await?
-            .context("no bootstrap Secret for the newer pod yet")
-    })
-    .await
-    .with_context(|| format!("replica-c log:\n{}", third.process.log_tail(20)))?;
+    let later = pod_like(
+        curl,
+        "later",
+        "5d2e8b7a-6a1f-4c1e-9a3f-3c2e1b7d0c5d",
+        subnet,
+        98,
+    );
+    let writer = new_pod_writer(&c, &secrets, &later, "replica-c", &third.process).await?;
     let handover = stopped.elapsed();
-    let writer = secret
-        .metadata
-        .annotations
-        .unwrap_or_default()
-        .get(WRITER_ANNOTATION)
-        .cloned();
     ensure!(
         writer.as_deref() == Some("replica-c"),
         "written by {writer:?}"
