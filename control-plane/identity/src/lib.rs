@@ -459,13 +459,33 @@ mod tests {
                 prop_assert_eq!(ProxyIdentity::parse(&id.to_string()), Ok(id));
             }
 
-            /// Any string either parses to an identity that displays as that very string, or
-            /// is refused: the parser never accepts something it would print differently.
+            /// Four near-valid parts parse exactly when each obeys its rule; the error names
+            /// the first part (in id order) that does not, and an accepted id prints back as
+            /// the very text it came from.
             #[test]
-            fn parse_accepts_only_canonical_text(text in "[0-9a-fA-F.A-Z_a-z-]{0,80}") {
-                if let Ok(id) = ProxyIdentity::parse(&text) {
-                    prop_assert_eq!(id.to_string(), text);
-                }
+            fn parse_accepts_exactly_the_rules(
+                uuid in prop_oneof![
+                    "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+                    "[0-9a-fA-Fg-]{34,38}",
+                ],
+                kind in "sidecar|gateway|Sidecar|pipy|",
+                sa in prop_oneof![dns_label(), "[a-zA-Z0-9_-]{0,6}".boxed()],
+                ns in "[a-z0-9-]{0,6}",
+            ) {
+                let text = format!("{uuid}.{kind}.{sa}.{ns}");
+                let expected = if !is_uuid(&uuid) {
+                    Err(IdentityError::InvalidUuid(uuid.clone()))
+                } else if ProxyKind::parse(&kind).is_none() {
+                    Err(IdentityError::InvalidKind(kind.clone()))
+                } else if !is_dns_label(&sa) {
+                    Err(IdentityError::InvalidServiceAccount(sa.clone()))
+                } else if !is_dns_label(&ns) {
+                    Err(IdentityError::InvalidNamespace(ns.clone()))
+                } else {
+                    Ok(text.clone())
+                };
+                let got = ProxyIdentity::parse(&text).map(|id| id.to_string());
+                prop_assert_eq!(got, expected);
             }
 
             /// A dot inside a part changes the part count, so no part can smuggle one in.
