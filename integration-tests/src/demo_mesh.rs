@@ -3,13 +3,15 @@
 //! way (Envoy or fsm-sidecar, SotW or delta, one kind per pod).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fsm_catalog::CatalogSettings;
 
 use crate::{
-    Controller, ControllerOptions, ManagedProcess, MeshPod, demo_manifests, load_catalog,
-    mesh_pods, start_controller, start_demo_apps,
+    AdsMode, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig, ManagedProcess,
+    MeshPod, SidecarConfig, demo_manifests, load_catalog, mesh_pods, start_controller,
+    start_demo_apps, start_envoy, start_fsm_sidecar,
 };
 
 /// The running demo mesh but its sidecars. Dropping it stops the controller and the apps, then
@@ -57,6 +59,45 @@ impl DemoMesh {
             logs,
             work,
         })
+    }
+
+    /// Starts an Envoy sidecar for every meshed pod, speaking `mode` to the controller, one
+    /// after the other, each ready within `ready`.
+    pub async fn start_envoys(
+        &self,
+        mode: AdsMode,
+        ready: Duration,
+    ) -> Result<Vec<(MeshPod, Envoy)>> {
+        let mut envoys = Vec::new();
+        for pod in &self.pods {
+            let config = SidecarConfig::for_pod(pod, &self.controller.ads(), mode)?;
+            let mut envoy = start_envoy(&config, &self.logs).await?;
+            envoy
+                .wait_ready(ready)
+                .await
+                .with_context(|| format!("sidecar of {}", pod.id()))?;
+            envoys.push((pod.clone(), envoy));
+        }
+        Ok(envoys)
+    }
+
+    /// [`DemoMesh::start_envoys`] with fsm-sidecar as the sidecar.
+    pub async fn start_fsm_sidecars(
+        &self,
+        mode: AdsMode,
+        ready: Duration,
+    ) -> Result<Vec<(MeshPod, FsmSidecar)>> {
+        let mut sidecars = Vec::new();
+        for pod in &self.pods {
+            let config = FsmSidecarConfig::for_pod(pod, &self.controller.ads(), mode)?;
+            let mut sidecar = start_fsm_sidecar(&config, &self.logs).await?;
+            sidecar
+                .wait_ready(ready)
+                .await
+                .with_context(|| format!("sidecar of {}", pod.id()))?;
+            sidecars.push((pod.clone(), sidecar));
+        }
+        Ok(sidecars)
     }
 
     /// The meshed pod named `name`.

@@ -17,9 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use fsm_integration_tests::{
-    AdsMode, Controller, DemoMesh, FsmSidecarConfig, ManagedProcess, MeshPod, ProbeClient,
-    SecretsWait, SidecarConfig, eventually, fetch_secrets, http_get_ok_via, probe, start_envoy,
-    start_fsm_sidecar, tls_certificate, xds_node,
+    AdsMode, Controller, DemoMesh, ManagedProcess, MeshPod, ProbeClient, SecretsWait, eventually,
+    fetch_secrets, http_get_ok_via, probe, tls_certificate, xds_node,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -43,24 +42,16 @@ struct Mesh {
 impl Mesh {
     async fn start(subnet: u8, plane: DataPlane) -> Result<Mesh> {
         let demo = DemoMesh::start(subnet).await?;
-        let mut sidecars = Vec::new();
-        for pod in &demo.pods {
-            let (ads, logs) = (demo.controller.ads(), &demo.logs);
-            let sidecar = match plane {
-                DataPlane::Envoy => {
-                    let config = SidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?;
-                    let mut envoy = start_envoy(&config, logs).await?;
-                    envoy.wait_ready(CONVERGE).await.map(|()| envoy.process)
-                }
-                DataPlane::FsmSidecar => {
-                    let config = FsmSidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?;
-                    let mut sidecar = start_fsm_sidecar(&config, logs).await?;
-                    sidecar.wait_ready(CONVERGE).await.map(|()| sidecar.process)
-                }
-            };
-            let process = sidecar.with_context(|| format!("{plane:?} sidecar of {}", pod.id()))?;
-            sidecars.push((pod.id(), process));
-        }
+        let sidecars = match plane {
+            DataPlane::Envoy => (demo.start_envoys(AdsMode::Sotw, CONVERGE).await?)
+                .into_iter()
+                .map(|(pod, envoy)| (pod.id(), envoy.process))
+                .collect(),
+            DataPlane::FsmSidecar => (demo.start_fsm_sidecars(AdsMode::Sotw, CONVERGE).await?)
+                .into_iter()
+                .map(|(pod, sidecar)| (pod.id(), sidecar.process))
+                .collect(),
+        };
         Ok(Mesh { sidecars, demo })
     }
 

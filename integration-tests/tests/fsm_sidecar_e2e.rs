@@ -12,9 +12,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, DemoMesh, FsmSidecar, FsmSidecarConfig, MeshPod,
-    backends_via, demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
-    start_controller, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, DemoMesh, FsmSidecar, MeshPod, backends_via,
+    demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
+    start_controller, tcp_roundtrip,
 };
 
 const CDS: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
@@ -114,31 +114,28 @@ fn check_request_metrics(prom: &str, client: &MeshPod, server: &MeshPod) -> Resu
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    // Bound in the order the processes should outlive each other: `_work` is dropped last.
-    let DemoMesh {
-        work: _work,
-        logs,
-        manifests,
-        controller,
-        apps: _apps,
-        pods,
-    } = DemoMesh::start(subnet).await?;
-    let mut sidecars = Vec::new();
-    for pod in &pods {
-        let mut sidecar = start_fsm_sidecar(
-            &FsmSidecarConfig::for_pod(pod, &controller.ads(), mode)?,
-            &logs,
-        )
-        .await?;
-        sidecar
-            .wait_ready(CONVERGE)
-            .await
-            .with_context(|| format!("sidecar of {}", pod.id()))?;
-        sidecars.push((pod.clone(), sidecar));
-    }
-    let mut result = check_mesh(mode, subnet, &controller, &manifests, &pods, &sidecars).await;
+    let mesh = DemoMesh::start(subnet).await?;
+    let sidecars = mesh.start_fsm_sidecars(mode, CONVERGE).await?;
+    let mut result = check_mesh(
+        mode,
+        subnet,
+        &mesh.controller,
+        &mesh.manifests,
+        &mesh.pods,
+        &sidecars,
+    )
+    .await;
     if result.is_ok() {
-        result = check_control_plane_restart(controller, subnet, &manifests, &logs, &pods).await;
+        // The restart check takes the controller over (it kills it); the apps, the manifests
+        // and the sidecars stay.
+        result = check_control_plane_restart(
+            mesh.controller,
+            subnet,
+            &mesh.manifests,
+            &mesh.logs,
+            &mesh.pods,
+        )
+        .await;
     }
     if result.is_err() {
         for (pod, sidecar) in &sidecars {

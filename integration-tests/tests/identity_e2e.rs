@@ -39,17 +39,12 @@ struct Mesh {
 
 impl Mesh {
     async fn start(subnet: u8, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Mesh> {
-        let mut mesh = Mesh {
-            envoys: Vec::new(),
-            demo: DemoMesh::start_edited(subnet, edit).await?,
-        };
-        for pod in mesh.demo.pods.clone() {
-            let envoy = mesh.start_envoy(&pod).await?;
-            mesh.envoys.push((pod, envoy));
-        }
-        Ok(mesh)
+        let demo = DemoMesh::start_edited(subnet, edit).await?;
+        let envoys = demo.start_envoys(AdsMode::Sotw, CONVERGE).await?;
+        Ok(Mesh { envoys, demo })
     }
 
+    /// A new sidecar for `pod`, as [`DemoMesh::start_envoys`] starts them.
     async fn start_envoy(&self, pod: &MeshPod) -> Result<Envoy> {
         let mut envoy = start_envoy(
             &SidecarConfig::for_pod(pod, &self.demo.controller.ads(), AdsMode::Sotw)?,

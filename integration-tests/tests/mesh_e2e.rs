@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, Controller, DemoMesh, MeshPod, SidecarConfig, backends_via, edit_manifest, eventually,
-    start_envoy, tcp_roundtrip, wait_tcp_unreachable,
+    AdsMode, Controller, DemoMesh, MeshPod, backends_via, edit_manifest, eventually, tcp_roundtrip,
+    wait_tcp_unreachable,
 };
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -36,28 +36,14 @@ async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    // Bound in the order the processes should outlive each other: `_work` is dropped last.
+    let mesh = DemoMesh::start(subnet).await?;
+    let envoys = mesh.start_envoys(mode, CONVERGE).await?;
     let DemoMesh {
-        work: _work,
-        logs,
-        manifests,
         controller,
-        apps: _apps,
         pods,
-    } = DemoMesh::start(subnet).await?;
-    let mut envoys = Vec::new();
-    for pod in &pods {
-        let mut envoy = start_envoy(
-            &SidecarConfig::for_pod(pod, &controller.ads(), mode)?,
-            &logs,
-        )
-        .await?;
-        envoy
-            .wait_ready(CONVERGE)
-            .await
-            .with_context(|| format!("sidecar of {}", pod.id()))?;
-        envoys.push((pod.clone(), envoy));
-    }
+        manifests,
+        ..
+    } = &mesh;
     let curl = pods
         .iter()
         .find(|p| p.name == "curl")
@@ -142,7 +128,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
     let curl_uuid = uuid_of(&curl);
     let mut latencies = Vec::new();
     for round in 0..20 {
-        let before = eds_acked(&controller, &curl_uuid).await?;
+        let before = eds_acked(controller, &curl_uuid).await?;
         let started = Instant::now();
         if round % 2 == 0 {
             edit_manifest(&httpbin_file, &v2_line, "")?;
@@ -151,7 +137,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
         }
         let acked = async {
             loop {
-                if let Some(now) = eds_acked(&controller, &curl_uuid).await?
+                if let Some(now) = eds_acked(controller, &curl_uuid).await?
                     && Some(&now) != before.as_ref()
                 {
                     return anyhow::Ok(now);
@@ -164,7 +150,7 @@ async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
             .context("EDS not re-ACKed in time")??;
         latencies.push(started.elapsed());
         eventually(CONVERGE, || async {
-            let now = eds_acked(&controller, &curl_uuid).await?;
+            let now = eds_acked(controller, &curl_uuid).await?;
             let status = controller
                 .debug_proxies()
                 .await?
