@@ -761,9 +761,12 @@ async fn lease_holder_writes(subnet: u8) -> Result<()> {
         "written by {writer:?}"
     );
     // Takeover: one lease duration after b last saw a renewal (which it may see up to one
-    // jittered retry period, 0.6 s, after the kill), then b's next retry (0.6 s), then the write.
+    // jittered retry period, 0.6 s, after the kill), then b's next retry (0.6 s), then the write
+    // (issuing and writing the Secret): about 3.4-3.8 s alone. Twice the lease leaves room for
+    // the other tests of this file running beside it on two cores, and still fails a follower
+    // that waits for anything but the lease.
     ensure!(
-        took <= LEASE + Duration::from_millis(1700),
+        took <= LEASE * 2,
         "the new pod's credentials took {took:?} after the leader died (lease {LEASE:?})"
     );
     eprintln!(
