@@ -44,6 +44,10 @@ pub(crate) fn plain_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(REQUEST_TIMEOUT)
+        // Plain HTTP only: loading the system's root certificates (the workspace's reqwest has
+        // rustls for Vault over https) took longer than the request itself, and a load loop
+        // builds a client per request.
+        .tls_built_in_root_certs(false)
         .build()
         .context("building HTTP client")
 }
