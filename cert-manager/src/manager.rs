@@ -253,6 +253,8 @@ struct Inner {
     config: CertManagerConfig,
     cache: Mutex<HashMap<CertKey, Slot>>,
     events: broadcast::Sender<CertEvent>,
+    /// How many announcements were made, for writers that report how far they have caught up.
+    announced: std::sync::atomic::AtomicU64,
     /// One [`CertManager::rotate_root`] at a time.
     rotating: tokio::sync::Mutex<()>,
 }
@@ -292,6 +294,7 @@ impl CertManager {
                 config,
                 cache: Mutex::new(HashMap::new()),
                 events,
+                announced: std::sync::atomic::AtomicU64::new(0),
                 rotating: tokio::sync::Mutex::new(()),
             }),
         }
@@ -300,6 +303,16 @@ impl CertManager {
     /// The active provider's name.
     pub fn provider_name(&self) -> &'static str {
         self.inner.issuer.lock().provider.name()
+    }
+
+    /// How many rotation announcements have been made so far. A consumer that records this
+    /// before acting on the certificates it reads, and reports it afterwards, has caught up with
+    /// every announcement up to it (the bootstrap writer does, so a root rotation's phases can
+    /// wait for the files it writes).
+    pub fn announcements(&self) -> u64 {
+        self.inner
+            .announced
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Rotation announcements. A receiver that falls more than 1024 events behind gets
@@ -835,6 +848,10 @@ impl CertManager {
     }
 
     fn announce(&self, key: &CertKey, cert: Arc<IssuedCertificate>, reason: RotationReason) {
+        // Counted before it is sent, so a consumer never sees an announcement it cannot count.
+        self.inner
+            .announced
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         // No receivers is fine: nobody needs the push yet.
         let _ = self.inner.events.send(CertEvent {
             key: key.clone(),

@@ -71,19 +71,29 @@ pub const COMPONENT: &str = "sidecar-bootstrap";
 pub const WRITER_ANNOTATION: &str = "flomesh.io/bootstrap-writer";
 
 /// Keeps the targets in line with the mesh's sidecar pods while this replica leads, forever.
+///
+/// `synced` reports how far the written credentials have caught up, as a count of the
+/// certificate manager's announcements ([`CertManager::announcements`]): a root rotation's
+/// phases wait for it, so that no pod's files still hold what a phase is about to stop trusting.
+/// A follower writes nothing and holds nobody back (`u64::MAX`).
 pub async fn run(
     targets: Targets,
     certs: CertManager,
     mut sidecars: watch::Receiver<Vec<SidecarProxy>>,
     mut leading: watch::Receiver<bool>,
+    synced: watch::Sender<u64>,
 ) {
     loop {
-        while !*leading.borrow_and_update() {
-            if leading.changed().await.is_err() {
-                return;
+        if !*leading.borrow_and_update() {
+            synced.send_replace(u64::MAX);
+            while !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
             }
         }
-        if lead(&targets, &certs, &mut sidecars, &mut leading)
+        synced.send_replace(0);
+        if lead(&targets, &certs, &mut sidecars, &mut leading, &synced)
             .await
             .is_break()
         {
@@ -99,6 +109,7 @@ async fn lead(
     certs: &CertManager,
     sidecars: &mut watch::Receiver<Vec<SidecarProxy>>,
     leading: &mut watch::Receiver<bool>,
+    synced: &watch::Sender<u64>,
 ) -> std::ops::ControlFlow<()> {
     use std::ops::ControlFlow;
     let mut rotations = certs.subscribe();
@@ -110,9 +121,14 @@ async fn lead(
     }
     let flow = loop {
         let wanted: Vec<SidecarProxy> = sidecars.borrow_and_update().clone();
-        sync(targets, certs, &wanted, &mut written, leading).await;
+        // Read before the sync: every announcement up to here is in what it writes.
+        let announced = certs.announcements();
+        let complete = sync(targets, certs, &wanted, &mut written, leading).await;
         if !*leading.borrow() {
             break ControlFlow::Continue(());
+        }
+        if complete {
+            synced.send_replace(announced);
         }
         tokio::select! {
             changed = sidecars.changed() => if changed.is_err() { break ControlFlow::Break(()) },
@@ -241,7 +257,9 @@ async fn sync(
     wanted: &[SidecarProxy],
     written: &mut BTreeMap<(String, String), Written>,
     leading: &watch::Receiver<bool>,
-) {
+) -> bool {
+    // Whether every wanted pod now has its current credentials written.
+    let mut complete = true;
     let keep: BTreeMap<(String, String), &SidecarProxy> = wanted
         .iter()
         .map(|p| ((p.namespace.clone(), p.pod.clone()), p))
@@ -253,7 +271,7 @@ async fn sync(
         .collect();
     for key in gone {
         if !*leading.borrow() {
-            return;
+            return false;
         }
         if let Some(old) = written.remove(&key) {
             release(certs, &old.proxy);
@@ -280,7 +298,7 @@ async fn sync(
     }
     for (key, proxy) in keep {
         if !*leading.borrow() {
-            return;
+            return false;
         }
         let Ok(uuid) = proxy.uuid.parse::<uuid::Uuid>() else {
             tracing::warn!(code = %ErrCode::E5001, pod = %format!("{}/{}", proxy.namespace, proxy.pod), uuid = %proxy.uuid, "fsm-proxy-uuid label is not a UUID; no bootstrap credentials");
@@ -298,6 +316,7 @@ async fn sync(
             Ok(cert) => cert,
             Err(e) => {
                 tracing::warn!(code = %e.err_code(), pod = %format!("{}/{}", proxy.namespace, proxy.pod), error = %e, "cannot issue bootstrap certificate");
+                complete = false;
                 continue;
             }
         };
@@ -353,8 +372,11 @@ async fn sync(
         // A failed write is retried at the next sync (next change or rotation).
         if ok {
             written.insert(key, now);
+        } else {
+            complete = false;
         }
     }
+    complete
 }
 
 /// Server-side applies the pod's bootstrap Secret, owned by the pod; `false` when the pod no
@@ -603,7 +625,8 @@ mod tests {
         };
         let (_pods_tx, pods) = watch::channel(vec![pod]);
         let (lead_tx, leading) = watch::channel(false);
-        let task = tokio::spawn(run(targets, certs, pods, leading));
+        let (synced, _) = watch::channel(0);
+        let task = tokio::spawn(run(targets, certs, pods, leading, synced));
         let key = dir.path().join("demo/curl-1").join(KEY_FILE);
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!key.exists(), "a follower wrote credentials");
@@ -616,6 +639,79 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_writer_reports_catching_up_with_every_announcement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
+        let certs = CertManager::new(Arc::new(provider), Default::default());
+        let pod = SidecarProxy {
+            namespace: "demo".into(),
+            pod: "curl-1".into(),
+            uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
+            service_account: "curl".into(),
+            pod_uid: None,
+        };
+        let targets = Targets {
+            dir: Some(dir.path().to_path_buf()),
+            secrets: None,
+            writer: "replica-a".into(),
+        };
+        let (_pods_tx, pods) = watch::channel(vec![pod]);
+        let (_lead_tx, leading) = watch::channel(true);
+        let (synced_tx, mut synced) = watch::channel(0);
+        let task = tokio::spawn(run(targets, certs.clone(), pods, leading, synced_tx));
+        let caught_up = |synced: &mut watch::Receiver<u64>, certs: &CertManager| {
+            let want = certs.announcements();
+            let mut synced = synced.clone();
+            async move {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    synced.wait_for(|n| *n >= want),
+                )
+                .await
+                .expect("the writer caught up in time")
+                .expect("writer alive");
+            }
+        };
+        let ca = dir.path().join("demo/curl-1").join(CA_FILE);
+        let start = std::time::Instant::now();
+        while !ca.exists() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "nothing written"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        caught_up(&mut synced, &certs).await;
+        assert_eq!(
+            std::fs::read_to_string(&ca)
+                .expect("ca.crt")
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            1
+        );
+
+        // Phase 1 of a root rotation announces a bundle with both roots: once the writer says it
+        // has caught up, the pod's files hold both.
+        let next = fsm_certs::tresor::TresorProvider::generate().expect("next ca");
+        let before = certs.announcements();
+        certs
+            .begin_root_rotation(Arc::new(next))
+            .await
+            .expect("phase 1");
+        assert!(certs.announcements() > before, "phase 1 announced nothing");
+        caught_up(&mut synced, &certs).await;
+        assert_eq!(
+            std::fs::read_to_string(&ca)
+                .expect("ca.crt")
+                .matches("BEGIN CERTIFICATE")
+                .count(),
+            2,
+            "the writer reported catching up before the files held both roots"
+        );
         task.abort();
     }
 }

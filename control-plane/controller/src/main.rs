@@ -157,15 +157,21 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("fsm-controller.{}.svc.cluster.local", args.fsm_namespace));
     let ads_tls = identity::ads_tls(&certs, &server_name).await?;
+    // How far the bootstrap writer has caught up with certificate announcements.
+    let (bootstrap_synced, bootstrap_synced_rx) = tokio::sync::watch::channel(0);
     if source.client().is_none()
         && args.certificates.certificate_provider == identity::ProviderKind::Tresor
     {
-        let cache = cache.clone();
+        let (cache, rotating) = (cache.clone(), certs.clone());
         tokio::spawn(identity::watch_root_file(
             root_file.clone(),
             certs.clone(),
             args.root_rotation_grace,
-            move || all_in_sync(&cache),
+            // Every proxy ACKed its secrets, and every pod's bootstrap files hold the phase's
+            // certificates (a proxy reconnecting reads them).
+            move || {
+                all_in_sync(&cache) && *bootstrap_synced_rx.borrow() >= rotating.announcements()
+            },
         ));
     }
 
@@ -233,6 +239,7 @@ async fn main() -> anyhow::Result<()> {
         certs.clone(),
         runner.sidecars(),
         leadership.subscribe(),
+        bootstrap_synced,
     ));
     let http = http::serve(
         http_listener,
