@@ -731,6 +731,20 @@ mod tests {
         h.catalog
             .send(CatalogEvent::Apply(pod("evil", "evil")))
             .expect("runner");
+        // The catalog and the streams are separate inputs: connect once the pod is known, as a
+        // sidecar can only start after its pod exists.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !h
+                .state
+                .rejected()
+                .iter()
+                .any(|p| p.starts_with("E5004") && p.contains("demo/evil"))
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the impostor pod reported with E5004");
         let (evil, mut evil_rx) = h.connect(2, "evil", DataPlane::Envoy);
         assert_ne!(
             evil, curl,
