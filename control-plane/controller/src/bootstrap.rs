@@ -526,24 +526,47 @@ fn remove_pod_dir(path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn writes_swaps_and_removes_pod_credentials() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    fn tresor_manager() -> CertManager {
         let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
-        let certs = CertManager::new(Arc::new(provider), Default::default());
-        let pod = SidecarProxy {
+        CertManager::new(Arc::new(provider), Default::default())
+    }
+
+    fn curl_pod(pod_uid: Option<&str>) -> SidecarProxy {
+        SidecarProxy {
             namespace: "demo".into(),
             pod: "curl-1".into(),
             uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
             service_account: "curl".into(),
-            pod_uid: None,
-        };
-        let mut written = BTreeMap::new();
-        let targets = Targets {
-            dir: Some(dir.path().to_path_buf()),
+            pod_uid: pod_uid.map(str::to_owned),
+        }
+    }
+
+    fn dir_targets(dir: &Path, writer: &str) -> Targets {
+        Targets {
+            dir: Some(dir.to_path_buf()),
             secrets: None,
-            writer: "test".into(),
-        };
+            writer: writer.into(),
+        }
+    }
+
+    async fn wait_for_file(path: &Path, failure: &str) {
+        let start = std::time::Instant::now();
+        while !path.exists() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "{failure}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_swaps_and_removes_pod_credentials() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = tresor_manager();
+        let pod = curl_pod(None);
+        let mut written = BTreeMap::new();
+        let targets = dir_targets(dir.path(), "test");
         let (_leader, leading) = watch::channel(true);
         sync(
             &targets,
@@ -609,20 +632,9 @@ mod tests {
     #[tokio::test]
     async fn a_replica_writes_only_while_it_leads() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
-        let certs = CertManager::new(Arc::new(provider), Default::default());
-        let pod = SidecarProxy {
-            namespace: "demo".into(),
-            pod: "curl-1".into(),
-            uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
-            service_account: "curl".into(),
-            pod_uid: Some("uid-1".into()),
-        };
-        let targets = Targets {
-            dir: Some(dir.path().to_path_buf()),
-            secrets: None,
-            writer: "replica-b".into(),
-        };
+        let certs = tresor_manager();
+        let pod = curl_pod(Some("uid-1"));
+        let targets = dir_targets(dir.path(), "replica-b");
         let (_pods_tx, pods) = watch::channel(vec![pod]);
         let (lead_tx, leading) = watch::channel(false);
         let (synced, _) = watch::channel(0);
@@ -631,34 +643,16 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(!key.exists(), "a follower wrote credentials");
         lead_tx.send_replace(true);
-        let start = std::time::Instant::now();
-        while !key.exists() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(5),
-                "the leader wrote nothing"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        wait_for_file(&key, "the leader wrote nothing").await;
         task.abort();
     }
 
     #[tokio::test]
     async fn the_writer_reports_catching_up_with_every_announcement() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let provider = fsm_certs::tresor::TresorProvider::generate().expect("ca");
-        let certs = CertManager::new(Arc::new(provider), Default::default());
-        let pod = SidecarProxy {
-            namespace: "demo".into(),
-            pod: "curl-1".into(),
-            uuid: "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5".into(),
-            service_account: "curl".into(),
-            pod_uid: None,
-        };
-        let targets = Targets {
-            dir: Some(dir.path().to_path_buf()),
-            secrets: None,
-            writer: "replica-a".into(),
-        };
+        let certs = tresor_manager();
+        let pod = curl_pod(None);
+        let targets = dir_targets(dir.path(), "replica-a");
         let (_pods_tx, pods) = watch::channel(vec![pod]);
         let (_lead_tx, leading) = watch::channel(true);
         let (synced_tx, mut synced) = watch::channel(0);
@@ -677,14 +671,7 @@ mod tests {
             }
         };
         let ca = dir.path().join("demo/curl-1").join(CA_FILE);
-        let start = std::time::Instant::now();
-        while !ca.exists() {
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(5),
-                "nothing written"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        wait_for_file(&ca, "nothing written").await;
         caught_up(&mut synced, &certs).await;
         assert_eq!(
             std::fs::read_to_string(&ca)

@@ -427,15 +427,15 @@ impl Runner {
         let Some(proxy) = self.nodes.get(key) else {
             return;
         };
+        let data_planes = proxy.data_planes();
         let mut proxy_state = ProxyState {
             node_id: proxy.node_id.clone(),
             identity: key.service_identity(),
-            data_planes: proxy.data_planes(),
+            data_planes: data_planes.clone(),
             pod: None,
             error: None,
             warnings: vec![],
         };
-        let data_planes = proxy.data_planes();
         let compiled = match self.compile_for(key, &mut proxy_state) {
             Ok(compiled) => compiled,
             Err((code, message, refuse)) => {
