@@ -521,11 +521,15 @@ impl VaultProvider {
         err
     }
 
-    async fn lookup_self(&self) -> Result<(Duration, bool), VaultTokenError> {
-        let text = self.token_call(LOOKUP, "auth/token/lookup-self").await?;
-        let parsed: LookupResponse = serde_json::from_str(&text).map_err(|e| VaultTokenError {
+    /// Decodes a token endpoint's JSON reply; a reply of another shape is a token error.
+    fn token_reply<T: serde::de::DeserializeOwned>(
+        &self,
+        action: &'static str,
+        text: &str,
+    ) -> Result<T, VaultTokenError> {
+        serde_json::from_str(text).map_err(|e| VaultTokenError {
             host: self.config.host.clone(),
-            action: LOOKUP,
+            action,
             status: Some(200),
             message: format!(
                 "unexpected response: {:?} error at line {} column {}",
@@ -533,23 +537,18 @@ impl VaultProvider {
                 e.line(),
                 e.column()
             ),
-        })?;
+        })
+    }
+
+    async fn lookup_self(&self) -> Result<(Duration, bool), VaultTokenError> {
+        let text = self.token_call(LOOKUP, "auth/token/lookup-self").await?;
+        let parsed: LookupResponse = self.token_reply(LOOKUP, &text)?;
         Ok((Duration::from_secs(parsed.data.ttl), parsed.data.renewable))
     }
 
     async fn renew_self(&self) -> Result<(Duration, bool), VaultTokenError> {
         let text = self.token_call(RENEW, "auth/token/renew-self").await?;
-        let parsed: RenewResponse = serde_json::from_str(&text).map_err(|e| VaultTokenError {
-            host: self.config.host.clone(),
-            action: RENEW,
-            status: Some(200),
-            message: format!(
-                "unexpected response: {:?} error at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
-        })?;
+        let parsed: RenewResponse = self.token_reply(RENEW, &text)?;
         Ok((
             Duration::from_secs(parsed.auth.lease_duration),
             parsed.auth.renewable,
