@@ -1,0 +1,139 @@
+//! The data-plane benches' mesh: the controller on [`crate::mesh_gen::bench_manifests`], and the
+//! sidecars under test connected to it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use fsm_catalog::CatalogSettings;
+use fsm_integration_tests::mesh::MeshPod;
+use fsm_integration_tests::paths::bin_dir;
+use fsm_integration_tests::{
+    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, ManagedProcess,
+    SidecarConfig, load_catalog, mesh_pods, start_controller, start_envoy,
+};
+
+use crate::mesh_gen::{CLIENT, CLIENT_FSM, bench_manifests};
+use crate::{CONVERGE, SidecarArgs};
+
+/// The mesh of [`bench_manifests`] with the controller running on it.
+pub(crate) struct BenchMesh {
+    _dir: tempfile::TempDir,
+    pub(crate) logs: PathBuf,
+    pub(crate) controller: Controller,
+    pub(crate) pods: Vec<MeshPod>,
+}
+
+impl BenchMesh {
+    pub(crate) async fn start(subnet: u8, services: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("fsm-bench-").tempdir()?;
+        let manifests = dir.path().join("manifests");
+        let logs = dir.path().join("logs");
+        bench_manifests(&manifests, subnet, services)?;
+        let pods = mesh_pods(&load_catalog(&manifests, CatalogSettings::default())?);
+        let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
+        Ok(BenchMesh {
+            _dir: dir,
+            logs,
+            controller,
+            pods,
+        })
+    }
+
+    pub(crate) fn pod(&self, name: &str) -> Result<&MeshPod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name} in the bench manifests"))
+    }
+
+    pub(crate) async fn envoy(&self) -> Result<fsm_integration_tests::Envoy> {
+        let pod = self.pod(CLIENT)?;
+        let mut envoy = start_envoy(
+            &SidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?,
+            &self.logs,
+        )
+        .await?;
+        envoy.wait_ready(CONVERGE).await?;
+        wait_proxy_in_sync(&self.controller, pod).await?;
+        Ok(envoy)
+    }
+
+    /// Starts `sidecar.sidecar_bin` the way the harness's `start_fsm_sidecar` starts the debug
+    /// build, with `--workers` and `--log-level warn`.
+    pub(crate) async fn fsm_sidecar(&self, sidecar: &SidecarArgs) -> Result<FsmSidecar> {
+        let pod = self.pod(CLIENT_FSM)?;
+        let config = FsmSidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?;
+        let bin = match &sidecar.sidecar_bin {
+            Some(bin) => bin.clone(),
+            None => bin_dir()?.join("fsm-sidecar"),
+        };
+        ensure!(bin.is_file(), "fsm-sidecar not found at {}", bin.display());
+        let mut command = Command::new(&bin);
+        command
+            .arg("--node-id")
+            .arg(&config.node_id)
+            .arg("--node-cluster")
+            .arg(&config.node_cluster)
+            .arg("--ads")
+            .arg(config.ads.to_string())
+            .args(["--ads-mode", "sotw"])
+            .arg("--pod-ip")
+            .arg(config.pod_ip.to_string())
+            .arg("--pod-name")
+            .arg(&config.pod_name)
+            .arg("--admin")
+            .arg(config.admin.to_string())
+            .arg("--metrics")
+            .arg(config.metrics.to_string())
+            .arg("--workers")
+            .arg(sidecar.workers.to_string())
+            .args(["--log-level", "warn"]);
+        let process =
+            ManagedProcess::spawn(&format!("fsm-sidecar-{}", config.name), command, &self.logs)?;
+        let mut fsm = FsmSidecar { process, config };
+        fsm.process
+            .wait_for_tcp(fsm.config.admin, Duration::from_secs(20))
+            .await?;
+        fsm.wait_ready(CONVERGE).await?;
+        wait_proxy_in_sync(&self.controller, pod).await?;
+        Ok(fsm)
+    }
+}
+
+/// Waits until the controller reports the pod's proxy connected and in sync on every type it
+/// subscribed to; returns the number of types.
+pub(crate) async fn wait_proxy_in_sync(controller: &Controller, pod: &MeshPod) -> Result<usize> {
+    let uuid = pod
+        .proxy_uuid
+        .as_deref()
+        .context("pod without proxy UUID")?;
+    let started = Instant::now();
+    loop {
+        let proxies = controller.debug_proxies().await?;
+        if let Some(proxy) = proxies.get(uuid)
+            && proxy.connected_streams > 0
+            && !proxy.types.is_empty()
+            && proxy.types.values().all(|t| t.is_in_sync())
+        {
+            return Ok(proxy.types.len());
+        }
+        ensure!(
+            started.elapsed() < CONVERGE,
+            "proxy of {} never in sync: {:?}",
+            pod.id(),
+            proxies.get(uuid)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub(crate) fn sidecar_label(sidecar: &SidecarArgs) -> String {
+    let bin = sidecar
+        .sidecar_bin
+        .clone()
+        .or_else(|| bin_dir().ok().map(|d| d.join("fsm-sidecar")))
+        .unwrap_or_default();
+    format!("{} (--workers {})", bin.display(), sidecar.workers)
+}
