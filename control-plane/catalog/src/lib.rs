@@ -17,7 +17,7 @@ pub use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 pub use fsm_crds::parse_go_duration as parse_duration;
 pub use object::{Kind, KindVisitor, MeshKind, MeshObject, ObjectKey};
 pub use store::{
-    Catalog, CatalogSettings, Rejection, ResolvedEndpoint, SidecarProxy, UuidConflict,
+    Catalog, CatalogSettings, ChangeSet, Rejection, ResolvedEndpoint, SidecarProxy, UuidConflict,
     pod_service_account,
 };
 pub use workload::{Workload, workload_of};

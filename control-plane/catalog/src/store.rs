@@ -102,6 +102,41 @@ pub struct Catalog {
     pods_by_ip: HashMap<IpAddr, NsName>,
     /// (namespace, service name) → names of its EndpointSlices.
     slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
+    /// What changed since the last [`Catalog::take_changes`].
+    changes: ChangeSet,
+}
+
+/// What changed in the catalog, in terms the compiler's dependency rules need: the objects, and
+/// for the objects whose old version is gone once replaced, what the old version referred to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeSet {
+    /// Every object applied, updated or deleted.
+    pub objects: BTreeSet<ObjectKey>,
+    /// Services (namespace, name) whose Endpoints or EndpointSlices changed.
+    pub endpoint_services: BTreeSet<(String, String)>,
+    /// Proxy UUID labels of changed pods, old and new.
+    pub pod_uuids: BTreeSet<String>,
+    /// Addresses of changed pods, old and new.
+    pub pod_ips: BTreeSet<IpAddr>,
+}
+
+impl ChangeSet {
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Whether any changed object is of `kind`.
+    pub fn has_kind(&self, kind: Kind) -> bool {
+        self.objects.iter().any(|k| k.kind == kind)
+    }
+
+    /// Adds `other`'s changes to these.
+    pub fn merge(&mut self, other: ChangeSet) {
+        self.objects.extend(other.objects);
+        self.endpoint_services.extend(other.endpoint_services);
+        self.pod_uuids.extend(other.pod_uuids);
+        self.pod_ips.extend(other.pod_ips);
+    }
 }
 
 /// Why an object was refused.
@@ -281,7 +316,10 @@ impl Catalog {
         let seen_before = (key.kind == Kind::Pod)
             .then(|| self.pod_seen.get(&id).copied())
             .flatten();
+        // The old version's references matter too (a pod that moved, a slice that changed service).
         self.delete(&key);
+        self.changes.objects.insert(key.clone());
+        self.record_references(&object);
         match object {
             MeshObject::Namespace(o) => {
                 self.namespaces.insert(key.name, o);
@@ -351,6 +389,54 @@ impl Catalog {
 
     /// Removes an object. Returns whether it was present.
     pub fn delete(&mut self, key: &ObjectKey) -> bool {
+        if let Some(old) = self.get(key) {
+            self.changes.objects.insert(key.clone());
+            self.record_references(&old);
+        }
+        self.remove(key)
+    }
+
+    /// What changed since the last call; the next call starts afresh.
+    pub fn take_changes(&mut self) -> ChangeSet {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Notes what a changed object referred to, which its replacement may not.
+    fn record_references(&mut self, object: &MeshObject) {
+        match object {
+            MeshObject::Endpoints(o) => {
+                if let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name) {
+                    self.changes
+                        .endpoint_services
+                        .insert((ns.clone(), name.clone()));
+                }
+            }
+            MeshObject::EndpointSlice(o) => {
+                if let (Some(ns), Some(service)) = (
+                    &o.metadata.namespace,
+                    o.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL)),
+                ) {
+                    self.changes
+                        .endpoint_services
+                        .insert((ns.clone(), service.clone()));
+                }
+            }
+            MeshObject::Pod(o) => {
+                if let Some(uuid) = proxy_uuid(o) {
+                    self.changes.pod_uuids.insert(uuid.to_owned());
+                }
+                if let Some(ip) = pod_ip(o) {
+                    self.changes.pod_ips.insert(ip);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn remove(&mut self, key: &ObjectKey) -> bool {
         self.rejected.remove(key);
         let id = ns_name(key);
         match key.kind {
@@ -585,6 +671,14 @@ impl Catalog {
             .iter()
             .filter(|((ns, _), _)| self.is_monitored(ns))
             .map(|(_, svc)| svc)
+    }
+
+    /// The service `namespace/name` if it is part of the mesh (its namespace is monitored).
+    pub fn mesh_service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        if !self.is_monitored(namespace) {
+            return None;
+        }
+        self.services.get(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// Services in the pod's namespace whose selector matches the pod's labels.

@@ -14,9 +14,12 @@ use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
     InboundService, MeshSettings, OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch,
-    ServiceIdentity, ServiceRef, WeightedCluster, WorkloadRef,
+    ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
 };
+
+mod view;
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+pub use view::{MeshView, ProxyScope, ViewEntry};
 
 /// Trust domain of service identities and certificates: the one mesh-wide constant, re-exported
 /// under the name the controller already uses.
@@ -107,6 +110,17 @@ pub struct Compiled {
 
 /// Compiles the configuration of one proxy.
 pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileError> {
+    compile_with_view(catalog, proxy, &MeshView::build(catalog))
+}
+
+/// Compiles one proxy against a [`MeshView`] of the same catalog: only what is the proxy's own
+/// (its pod, inbound ports and local clusters) is computed here; what it may reach comes from
+/// the view, computed once for every proxy.
+pub fn compile_with_view(
+    catalog: &Catalog,
+    proxy: &ProxyRef,
+    view: &MeshView,
+) -> Result<Compiled, CompileError> {
     let pod = catalog
         .pod_by_proxy_uuid(&proxy.uuid)
         .ok_or_else(|| CompileError::PodNotFound {
@@ -156,21 +170,13 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         })?;
 
     let mesh_config = catalog.mesh_config();
-    let mesh = MeshSettings {
-        permissive_traffic_policy_mode: mesh_config
-            .spec
-            .traffic
-            .enable_permissive_traffic_policy_mode,
-        enable_egress: mesh_config.spec.traffic.enable_egress,
-        trust_domain: TRUST_DOMAIN.to_string(),
-    };
+    let mesh = mesh_settings(catalog);
     let mut compiler = Compiler {
         catalog,
         mesh: &mesh,
         clusters: BTreeMap::new(),
         warnings: Vec::new(),
     };
-    let outbound = compiler.outbound();
     // MeshConfig `sidecar.localProxyMode`: FSM's default reaches the application on localhost
     // (it listens on all addresses, and FSM's iptables rules leave the sidecar's localhost
     // connections alone); `PodIP` is for applications bound to the pod address only.
@@ -180,6 +186,20 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         LocalProxyMode::PodIp => pod_ip,
     };
     let inbound = compiler.inbound(pod, app_ip);
+    let mut warnings = compiler.warnings;
+    let mut clusters = compiler.clusters;
+    let mut outbound = Vec::new();
+    for entry in view.services.values() {
+        outbound.extend(entry.outbound.ports.iter().cloned());
+        clusters.extend(
+            entry
+                .outbound
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.clone())),
+        );
+        warnings.extend(entry.warnings.iter().cloned());
+    }
     let ir = ProxyIr {
         proxy: ProxyInfo {
             uuid: proxy.uuid.clone(),
@@ -194,13 +214,42 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
         mesh: mesh.clone(),
         inbound,
         outbound,
-        clusters: compiler.clusters.into_values().collect(),
+        clusters: clusters.into_values().collect(),
     };
-    let mut warnings = compiler.warnings;
     // Outbound and inbound look at the same ports: report each problem once.
     warnings.sort_by(|a, b| (a.code, &a.message).cmp(&(b.code, &b.message)));
     warnings.dedup();
     Ok(Compiled { ir, warnings })
+}
+
+/// Compiles one service's outbound entry: what every proxy that may reach it gets for it.
+pub fn service_outbound(catalog: &Catalog, svc: &Service) -> (ServiceOutbound, Vec<Warning>) {
+    let mesh = mesh_settings(catalog);
+    let mut compiler = Compiler {
+        catalog,
+        mesh: &mesh,
+        clusters: BTreeMap::new(),
+        warnings: Vec::new(),
+    };
+    let ports = compiler.outbound(svc);
+    let outbound = ServiceOutbound {
+        service: service_ref(svc),
+        ports,
+        clusters: compiler.clusters.into_values().collect(),
+    };
+    (outbound, compiler.warnings)
+}
+
+fn mesh_settings(catalog: &Catalog) -> MeshSettings {
+    let mesh_config = catalog.mesh_config();
+    MeshSettings {
+        permissive_traffic_policy_mode: mesh_config
+            .spec
+            .traffic
+            .enable_permissive_traffic_policy_mode,
+        enable_egress: mesh_config.spec.traffic.enable_egress,
+        trust_domain: TRUST_DOMAIN.to_string(),
+    }
 }
 
 struct Compiler<'a> {
@@ -211,67 +260,68 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn outbound(&mut self) -> Vec<OutboundService> {
+    /// The outbound entries of one service's ports (none for an ExternalName service).
+    fn outbound(&mut self, svc: &Service) -> Vec<OutboundService> {
         let mut out = Vec::new();
-        for svc in self.catalog.mesh_services() {
-            let Some(spec) = &svc.spec else { continue };
-            if spec.type_.as_deref() == Some("ExternalName") {
+        let Some(spec) = &svc.spec else {
+            return out;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return out;
+        }
+        let service = service_ref(svc);
+        let cluster_ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for port in spec.ports.iter().flatten() {
+            let Ok(number) = u16::try_from(port.port) else {
                 continue;
-            }
-            let service = service_ref(svc);
-            let cluster_ips: Vec<IpAddr> = spec
-                .cluster_ips
-                .iter()
-                .flatten()
-                .chain(spec.cluster_ip.iter())
-                .filter_map(|ip| ip.parse().ok())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            for port in spec.ports.iter().flatten() {
-                let Ok(number) = u16::try_from(port.port) else {
-                    continue;
-                };
-                let protocol = self.protocol(&service, port);
-                let cluster = ClusterName::outbound(&service, number);
-                let endpoints = self.endpoints(svc, port);
-                if endpoints.is_empty() {
-                    self.warn(
-                        ErrCode::E3000,
-                        format!("service {service} port {number} has no ready endpoints"),
-                    );
-                }
-                self.clusters.insert(
-                    cluster.clone(),
-                    Cluster {
-                        name: cluster.clone(),
-                        kind: ClusterKind::Outbound,
-                        service: service.clone(),
-                        protocol,
-                        endpoints,
-                        connect_timeout_ms: CONNECT_TIMEOUT_MS,
-                    },
+            };
+            let protocol = self.protocol(&service, port);
+            let cluster = ClusterName::outbound(&service, number);
+            let endpoints = self.endpoints(svc, port);
+            if endpoints.is_empty() {
+                self.warn(
+                    ErrCode::E3000,
+                    format!("service {service} port {number} has no ready endpoints"),
                 );
-                let backends = vec![WeightedCluster {
-                    cluster,
-                    weight: 100,
-                }];
-                let mut hosts = host_aliases(&service, number);
-                hosts.extend(cluster_ips.iter().map(|ip| socket_host(*ip, number)));
-                out.push(OutboundService {
-                    service: service.clone(),
-                    port: number,
-                    protocol,
-                    destination_ip_ranges: cluster_ips.iter().map(|ip| host_range(*ip)).collect(),
-                    hosts,
-                    routes: if protocol.is_http() {
-                        vec![wildcard_route(backends.clone(), AllowedSources::Any)]
-                    } else {
-                        vec![]
-                    },
-                    tcp_backends: if protocol.is_http() { vec![] } else { backends },
-                });
             }
+            self.clusters.insert(
+                cluster.clone(),
+                Cluster {
+                    name: cluster.clone(),
+                    kind: ClusterKind::Outbound,
+                    service: service.clone(),
+                    protocol,
+                    endpoints,
+                    connect_timeout_ms: CONNECT_TIMEOUT_MS,
+                },
+            );
+            let backends = vec![WeightedCluster {
+                cluster,
+                weight: 100,
+            }];
+            let mut hosts = host_aliases(&service, number);
+            hosts.extend(cluster_ips.iter().map(|ip| socket_host(*ip, number)));
+            out.push(OutboundService {
+                service: service.clone(),
+                port: number,
+                protocol,
+                destination_ip_ranges: cluster_ips.iter().map(|ip| host_range(*ip)).collect(),
+                hosts,
+                routes: if protocol.is_http() {
+                    vec![wildcard_route(backends.clone(), AllowedSources::Any)]
+                } else {
+                    vec![]
+                },
+                tcp_backends: if protocol.is_http() { vec![] } else { backends },
+            });
         }
         out
     }
@@ -406,7 +456,7 @@ impl Compiler<'_> {
     }
 }
 
-fn service_ref(svc: &Service) -> ServiceRef {
+pub(crate) fn service_ref(svc: &Service) -> ServiceRef {
     ServiceRef {
         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
         name: svc.metadata.name.clone().unwrap_or_default(),

@@ -198,6 +198,20 @@ pub struct InboundService {
     pub local_cluster: ClusterName,
 }
 
+/// What every proxy that may reach one service gets for it, whichever proxy it is: the service's
+/// ports and its outbound clusters (with their endpoints). The compiler builds it once per
+/// service and shares it between proxies; a proxy's [`ProxyIr`] lists the entries of every
+/// service it may reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceOutbound {
+    pub service: ServiceRef,
+    /// One entry per service port, in the Service's port order.
+    pub ports: Vec<OutboundService>,
+    /// The outbound cluster of each port, by name.
+    pub clusters: Vec<Cluster>,
+}
+
 /// One service port this proxy may reach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

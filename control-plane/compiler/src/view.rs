@@ -1,0 +1,357 @@
+//! The part of every proxy's configuration that does not depend on the proxy, and the rules that
+//! say what a catalog change touches.
+//!
+//! A [`MeshView`] holds one [`ServiceOutbound`] per meshed service, compiled once and shared (by
+//! `Arc`) by every proxy that may reach the service. [`MeshView::refresh`] recompiles only the
+//! services a [`ChangeSet`] touches, so an endpoint change rebuilds one entry however many proxies
+//! there are; [`ProxyScope::of`] says whose own part (pod, inbound ports) must be recompiled.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use fsm_catalog::{Catalog, ChangeSet, Kind};
+use fsm_ir::{ServiceOutbound, ServiceRef};
+
+use crate::{Warning, service_outbound};
+
+/// One service's shared entry and the problems found compiling it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewEntry {
+    pub outbound: Arc<ServiceOutbound>,
+    pub warnings: Vec<Warning>,
+}
+
+/// The outbound entries of every meshed service.
+#[derive(Clone, Debug, Default)]
+pub struct MeshView {
+    pub(crate) services: BTreeMap<ServiceRef, ViewEntry>,
+    /// The services whose endpoints use each address: who a pod change concerns (a pod behind
+    /// an endpoint decides whether it is meshed and which identity it presents).
+    by_ip: HashMap<IpAddr, BTreeSet<ServiceRef>>,
+}
+
+/// Kinds whose change can alter what any proxy may reach or how: everything is recompiled.
+/// (SMI and FSM policies are here until the compiler reads them; issue 17 narrows them to the
+/// proxies and services they select.)
+fn touches_everything(kind: Kind) -> bool {
+    !matches!(
+        kind,
+        Kind::Service | Kind::Endpoints | Kind::EndpointSlice | Kind::Pod | Kind::ServiceAccount
+    )
+}
+
+impl MeshView {
+    pub fn build(catalog: &Catalog) -> Self {
+        let mut view = MeshView::default();
+        for svc in catalog.mesh_services() {
+            let (outbound, warnings) = service_outbound(catalog, svc);
+            view.insert(ViewEntry {
+                outbound: Arc::new(outbound),
+                warnings,
+            });
+        }
+        view
+    }
+
+    /// Recompiles the services `changes` touches. Returns the services whose entry was added,
+    /// removed or now has different content; an entry whose content did not change keeps its
+    /// `Arc`, so whatever was derived from it stays valid.
+    pub fn refresh(&mut self, catalog: &Catalog, changes: &ChangeSet) -> BTreeSet<ServiceRef> {
+        let candidates: BTreeSet<ServiceRef> =
+            if changes.objects.iter().any(|k| touches_everything(k.kind)) {
+                self.services
+                    .keys()
+                    .cloned()
+                    .chain(catalog.mesh_services().map(crate::service_ref))
+                    .collect()
+            } else {
+                let services = changes
+                    .objects
+                    .iter()
+                    .filter(|k| k.kind == Kind::Service)
+                    .map(|k| ServiceRef {
+                        namespace: k.namespace.clone(),
+                        name: k.name.clone(),
+                    });
+                let with_endpoints =
+                    changes
+                        .endpoint_services
+                        .iter()
+                        .map(|(namespace, name)| ServiceRef {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        });
+                let behind_pods = changes
+                    .pod_ips
+                    .iter()
+                    .filter_map(|ip| self.by_ip.get(ip))
+                    .flatten()
+                    .cloned();
+                services.chain(with_endpoints).chain(behind_pods).collect()
+            };
+        let mut changed = BTreeSet::new();
+        for service in candidates {
+            let now = catalog
+                .mesh_service(&service.namespace, &service.name)
+                .map(|svc| service_outbound(catalog, svc));
+            let before = self.services.get(&service);
+            match (before, now) {
+                (None, None) => {}
+                (Some(_), None) => {
+                    self.remove(&service);
+                    changed.insert(service);
+                }
+                (Some(before), Some((outbound, warnings)))
+                    if *before.outbound == outbound && before.warnings == warnings => {}
+                (_, Some((outbound, warnings))) => {
+                    self.remove(&service);
+                    self.insert(ViewEntry {
+                        outbound: Arc::new(outbound),
+                        warnings,
+                    });
+                    changed.insert(service);
+                }
+            }
+        }
+        changed
+    }
+
+    pub fn get(&self, service: &ServiceRef) -> Option<&ViewEntry> {
+        self.services.get(service)
+    }
+
+    /// Every entry, by service.
+    pub fn entries(&self) -> impl Iterator<Item = &ViewEntry> {
+        self.services.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    fn insert(&mut self, entry: ViewEntry) {
+        let service = entry.outbound.service.clone();
+        for ip in endpoint_ips(&entry.outbound) {
+            self.by_ip.entry(ip).or_default().insert(service.clone());
+        }
+        self.services.insert(service, entry);
+    }
+
+    fn remove(&mut self, service: &ServiceRef) {
+        let Some(entry) = self.services.remove(service) else {
+            return;
+        };
+        for ip in endpoint_ips(&entry.outbound) {
+            if let Some(services) = self.by_ip.get_mut(&ip) {
+                services.remove(service);
+                if services.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+fn endpoint_ips(outbound: &ServiceOutbound) -> BTreeSet<IpAddr> {
+    outbound
+        .clusters
+        .iter()
+        .flat_map(|c| c.endpoints.iter().map(|e| e.ip))
+        .collect()
+}
+
+/// Whose own part of the configuration (pod, identity checks, inbound ports, local clusters) a
+/// change touches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyScope {
+    /// Every proxy (MeshConfig, a namespace, a policy changed).
+    All,
+    Some {
+        /// Proxies claiming these UUIDs (their pod, or a pod copying the label, changed).
+        uuids: BTreeSet<String>,
+        /// Proxies whose pods are in these namespaces (a Service there changed: which of
+        /// their ports it exposes may have changed).
+        namespaces: BTreeSet<String>,
+    },
+}
+
+impl ProxyScope {
+    pub fn of(changes: &ChangeSet) -> Self {
+        if changes.objects.iter().any(|k| touches_everything(k.kind)) {
+            return ProxyScope::All;
+        }
+        ProxyScope::Some {
+            uuids: changes.pod_uuids.clone(),
+            namespaces: changes
+                .objects
+                .iter()
+                .filter(|k| k.kind == Kind::Service)
+                .map(|k| k.namespace.clone())
+                .collect(),
+        }
+    }
+
+    /// Whether the proxy `uuid` whose pod is in `namespace` must be recompiled.
+    pub fn covers(&self, uuid: &str, namespace: &str) -> bool {
+        match self {
+            ProxyScope::All => true,
+            ProxyScope::Some { uuids, namespaces } => {
+                uuids.contains(uuid) || namespaces.contains(namespace)
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, ProxyScope::Some { uuids, namespaces } if uuids.is_empty() && namespaces.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fsm_catalog::{CatalogSettings, MeshObject, ObjectKey, decode_manifests};
+
+    use super::*;
+
+    const DEMO: &str = include_str!("../testdata/permissive-demo/in.yaml");
+
+    fn demo() -> (Catalog, Vec<MeshObject>) {
+        let (objects, errors) = decode_manifests("in.yaml", DEMO);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut catalog = Catalog::new(CatalogSettings::default());
+        for object in objects.clone() {
+            catalog.apply(object);
+        }
+        catalog.take_changes();
+        (catalog, objects)
+    }
+
+    fn service(name: &str) -> ServiceRef {
+        ServiceRef {
+            namespace: "demo".into(),
+            name: name.into(),
+        }
+    }
+
+    fn find<'a>(objects: &'a [MeshObject], kind: Kind, name: &str) -> &'a MeshObject {
+        objects
+            .iter()
+            .find(|o| o.key().kind == kind && o.key().name == name)
+            .expect("object in the demo")
+    }
+
+    #[test]
+    fn an_endpoint_change_recompiles_its_service_only() {
+        let (mut catalog, objects) = demo();
+        let mut view = MeshView::build(&catalog);
+        let tcp_before = view
+            .get(&service("tcp-echo"))
+            .expect("entry")
+            .outbound
+            .clone();
+        let MeshObject::Endpoints(mut endpoints) =
+            find(&objects, Kind::Endpoints, "httpbin").clone()
+        else {
+            unreachable!()
+        };
+        let subset = &mut endpoints.subsets.as_mut().expect("subsets")[0];
+        subset.addresses.as_mut().expect("addresses").pop();
+        assert!(catalog.apply(MeshObject::Endpoints(endpoints)));
+        let changes = catalog.take_changes();
+        assert_eq!(
+            ProxyScope::of(&changes),
+            ProxyScope::Some {
+                uuids: BTreeSet::new(),
+                namespaces: BTreeSet::new()
+            },
+            "no proxy's own part depends on endpoints"
+        );
+        assert!(ProxyScope::of(&changes).is_empty());
+        let changed = view.refresh(&catalog, &changes);
+        assert_eq!(changed, BTreeSet::from([service("httpbin")]));
+        let httpbin = &view.get(&service("httpbin")).expect("entry").outbound;
+        assert_eq!(httpbin.clusters[0].endpoints.len(), 1);
+        assert!(
+            Arc::ptr_eq(
+                &tcp_before,
+                &view.get(&service("tcp-echo")).expect("entry").outbound
+            ),
+            "an untouched service keeps its entry"
+        );
+        // Applying the same thing again changes nothing.
+        assert!(
+            view.refresh(&catalog, &catalog.clone().take_changes())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_pod_change_recompiles_the_services_whose_endpoints_it_backs_and_its_proxy() {
+        let (mut catalog, objects) = demo();
+        let mut view = MeshView::build(&catalog);
+        let MeshObject::Pod(mut pod) = find(&objects, Kind::Pod, "tcp-echo-1").clone() else {
+            unreachable!()
+        };
+        // Leaving the mesh: its endpoint is no longer reached through a sidecar.
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("flomesh.io/sidecar-injection".into(), "disabled".into());
+        assert!(catalog.apply(MeshObject::Pod(pod)));
+        let changes = catalog.take_changes();
+        let scope = ProxyScope::of(&changes);
+        let uuid = changes
+            .pod_uuids
+            .iter()
+            .next()
+            .expect("the pod's uuid")
+            .clone();
+        assert!(scope.covers(&uuid, "demo"));
+        assert!(!scope.covers("another-proxy", "demo"));
+        assert_eq!(
+            view.refresh(&catalog, &changes),
+            BTreeSet::from([service("tcp-echo")])
+        );
+        let entry = view.get(&service("tcp-echo")).expect("entry");
+        assert!(!entry.outbound.clusters[0].endpoints[0].meshed);
+    }
+
+    #[test]
+    fn mesh_config_and_service_changes_reach_further() {
+        let (mut catalog, objects) = demo();
+        let mut view = MeshView::build(&catalog);
+        assert!(catalog.delete(&find(&objects, Kind::Service, "tcp-echo").key()));
+        let changes = catalog.take_changes();
+        assert_eq!(
+            ProxyScope::of(&changes),
+            ProxyScope::Some {
+                uuids: BTreeSet::new(),
+                namespaces: BTreeSet::from(["demo".to_string()])
+            }
+        );
+        assert_eq!(
+            view.refresh(&catalog, &changes),
+            BTreeSet::from([service("tcp-echo")])
+        );
+        assert!(view.get(&service("tcp-echo")).is_none());
+
+        let namespace = ObjectKey {
+            kind: Kind::Namespace,
+            namespace: String::new(),
+            name: "demo".into(),
+        };
+        assert!(catalog.delete(&namespace));
+        let changes = catalog.take_changes();
+        assert_eq!(ProxyScope::of(&changes), ProxyScope::All);
+        assert_eq!(
+            view.refresh(&catalog, &changes),
+            BTreeSet::from([service("httpbin")]),
+            "the namespace left the mesh with its services"
+        );
+        assert!(view.is_empty());
+    }
+}
