@@ -15,6 +15,9 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::watch;
 
+mod wire;
+pub use wire::Flavor;
+
 /// A resource type URL (`type.googleapis.com/envoy.config.cluster.v3.Cluster`, …).
 pub type TypeUrl = &'static str;
 
@@ -35,6 +38,8 @@ pub struct Resource {
     pub version: Arc<str>,
     /// The serialized message (what goes into `Any.value`).
     pub body: Bytes,
+    /// Its response entries, encoded on first use ([`Resource::entry`]).
+    wire: wire::Entries,
 }
 
 impl Resource {
@@ -44,6 +49,7 @@ impl Resource {
             name: name.into(),
             version: content_version(&[&body]),
             body,
+            wire: wire::Entries::default(),
         }
     }
 }
@@ -65,6 +71,8 @@ impl fmt::Debug for Resource {
 pub struct TypeSnapshot {
     version: Arc<str>,
     resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    /// The whole type's response section, encoded on first use ([`TypeSnapshot::section`]).
+    sections: wire::Sections,
 }
 
 impl TypeSnapshot {
@@ -74,7 +82,11 @@ impl TypeSnapshot {
             .map(|r| (r.name.clone(), Arc::new(r)))
             .collect();
         let version = Self::version_of(resources.values().map(|r| &**r));
-        TypeSnapshot { version, resources }
+        TypeSnapshot {
+            version,
+            resources,
+            sections: wire::Sections::default(),
+        }
     }
 
     /// The version of a set of resources: what a state-of-the-world response carrying exactly

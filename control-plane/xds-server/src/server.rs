@@ -5,27 +5,25 @@
 //! knows their message types.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as WireResource,
-};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::rpc;
-use fsm_cache::{ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeUrl};
+use fsm_cache::{ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeSnapshot, TypeUrl};
 use fsm_errcode::{ErrCode, HasErrCode};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::server::NamedService;
 use tonic::{Request, Status, Streaming};
 use tracing::Instrument;
 
+use crate::frame::Frames;
+use crate::grpc::{self, Outgoing, ResponseBody};
 use crate::metrics::metrics;
 use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
@@ -35,11 +33,12 @@ use crate::protocol::{
 };
 
 /// Generous on purpose: a large mesh's CDS or EDS response can be tens of MiB, and a refused
-/// message would leave the proxy without configuration.
+/// message would leave the proxy without configuration. Applies to requests and responses.
 const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 /// Responses queued per stream before the stream's task waits for the proxy to read; keeps a slow
-/// proxy from holding many snapshots' worth of responses in memory.
+/// proxy from holding many snapshots' worth of responses in memory. A queued response holds only
+/// its small head and references to shared resource bytes.
 const RESPONSE_QUEUE: usize = 8;
 
 /// Identifies one stream for the lifetime of the server.
@@ -119,16 +118,14 @@ impl AdsServer {
         self
     }
 
-    /// The tonic service, ready for `tonic::transport::Server::add_service`.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    /// The service, ready for `tonic::transport::Server::add_service`.
+    pub fn into_service(self) -> AdsService {
+        AdsService(self)
     }
 
     /// The peer's identity when client certificates are required (`None` otherwise); refuses
     /// the stream before reading any request when it has none.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<XdsCertIdentity>, Status> {
+    fn authenticate(&self, request: &Request<()>) -> Result<Option<XdsCertIdentity>, Status> {
         if !self.require_client_certificates {
             return Ok(None);
         }
@@ -144,11 +141,18 @@ impl AdsServer {
         }
     }
 
+    /// Starts serving one ADS call: authenticates it, then spawns its stream's task.
+    fn call<W: Wire>(&self, request: http::Request<Body>) -> Result<ResponseBody, Status> {
+        let call = grpc::accept::<W::Req>(request, MAX_MESSAGE_SIZE)?;
+        let peer = self.authenticate(&call.request)?;
+        Ok(self.spawn::<W>(peer, call.incoming))
+    }
+
     fn spawn<W: Wire>(
         &self,
         peer: Option<XdsCertIdentity>,
         incoming: Streaming<W::Req>,
-    ) -> ReceiverStream<Result<W::Resp, Status>> {
+    ) -> ResponseBody {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let machine = W::machine(self.extra_types);
         tokio::spawn(serve_stream::<W>(
@@ -159,34 +163,43 @@ impl AdsServer {
             incoming,
             tx,
         ));
-        ReceiverStream::new(rx)
+        ResponseBody::new(rx)
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+// === AdsService ===
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, Status> {
-        // Read before `into_inner`, which drops the connection's extensions.
-        let peer = self.authenticate(&request)?;
-        Ok(tonic::Response::new(
-            self.spawn::<Sotw>(peer, request.into_inner()),
-        ))
+/// The ADS gRPC service for tonic's router. It answers the two ADS methods itself: requests are
+/// decoded by tonic, responses are written from shared bytes (see [`crate::grpc`]).
+#[derive(Clone)]
+pub struct AdsService(AdsServer);
+
+impl NamedService for AdsService {
+    const NAME: &'static str = grpc::ADS;
+}
+
+impl tonic::codegen::Service<http::Request<Body>> for AdsService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = self.authenticate(&request)?;
-        Ok(tonic::Response::new(
-            self.spawn::<Delta>(peer, request.into_inner()),
-        ))
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let method = request
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(grpc::ADS))
+            .and_then(|p| p.strip_prefix('/'));
+        let result = match method {
+            Some("StreamAggregatedResources") => self.0.call::<Sotw>(request),
+            Some("DeltaAggregatedResources") => self.0.call::<Delta>(request),
+            _ => Err(Status::unimplemented("")),
+        };
+        std::future::ready(Ok(grpc::respond(result)))
     }
 }
 
@@ -195,15 +208,15 @@ impl AggregatedDiscoveryService for AdsServer {
 /// One ADS flavour's messages and state machine.
 trait Wire: 'static {
     const NAME: &'static str;
-    type Req: Send + 'static;
-    type Resp: Send + 'static;
+    type Req: prost::Message + Default + Send + 'static;
     type Machine: XdsStream;
 
     fn machine(extra_types: &'static [TypeUrl]) -> Self::Machine;
     fn node(request: &Self::Req) -> Option<&Node>;
     fn type_url(request: &Self::Req) -> &str;
     fn convert(request: Self::Req) -> <Self::Machine as XdsStream>::Request;
-    fn encode(response: &Response) -> Self::Resp;
+    /// The response as a gRPC message; `types` is the snapshot of its type it was computed from.
+    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames;
 }
 
 struct Sotw;
@@ -212,7 +225,6 @@ struct Delta;
 impl Wire for Sotw {
     const NAME: &'static str = "sotw";
     type Req = DiscoveryRequest;
-    type Resp = DiscoveryResponse;
     type Machine = SotwStream;
 
     fn machine(extra_types: &'static [TypeUrl]) -> SotwStream {
@@ -237,25 +249,14 @@ impl Wire for Sotw {
         }
     }
 
-    fn encode(response: &Response) -> DiscoveryResponse {
-        DiscoveryResponse {
-            version_info: response.version.to_string(),
-            resources: response
-                .resources
-                .iter()
-                .map(|r| any(response.type_url, r))
-                .collect(),
-            type_url: response.type_url.to_owned(),
-            nonce: response.nonce.to_string(),
-            ..DiscoveryResponse::default()
-        }
+    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames {
+        Frames::sotw(response, types)
     }
 }
 
 impl Wire for Delta {
     const NAME: &'static str = "delta";
     type Req = DeltaDiscoveryRequest;
-    type Resp = DeltaDiscoveryResponse;
     type Machine = DeltaStream;
 
     fn machine(extra_types: &'static [TypeUrl]) -> DeltaStream {
@@ -281,31 +282,8 @@ impl Wire for Delta {
         }
     }
 
-    fn encode(response: &Response) -> DeltaDiscoveryResponse {
-        DeltaDiscoveryResponse {
-            system_version_info: response.version.to_string(),
-            resources: response
-                .resources
-                .iter()
-                .map(|r| WireResource {
-                    name: r.name.to_string(),
-                    version: r.version.to_string(),
-                    resource: Some(any(response.type_url, r)),
-                    ..WireResource::default()
-                })
-                .collect(),
-            type_url: response.type_url.to_owned(),
-            removed_resources: response.removed.iter().map(|n| n.to_string()).collect(),
-            nonce: response.nonce.to_string(),
-            ..DeltaDiscoveryResponse::default()
-        }
-    }
-}
-
-fn any(type_url: TypeUrl, resource: &fsm_cache::Resource) -> Any {
-    Any {
-        type_url: type_url.to_owned(),
-        value: resource.body.to_vec(),
+    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames {
+        Frames::delta(response, types)
     }
 }
 
@@ -326,7 +304,7 @@ async fn serve_stream<W: Wire>(
     native_types: &'static [TypeUrl],
     peer: Option<XdsCertIdentity>,
     mut incoming: Streaming<W::Req>,
-    tx: mpsc::Sender<Result<W::Resp, Status>>,
+    tx: mpsc::Sender<Outgoing>,
 ) {
     let first = match incoming.message().await {
         Ok(Some(request)) => request,
@@ -347,7 +325,9 @@ async fn serve_stream<W: Wire>(
             fsm_errcode::count(code);
             // The proxy may already be gone; there is nobody else to tell.
             let _ = tx
-                .send(Err(Status::invalid_argument(format!("{code}: {error}"))))
+                .send(Outgoing::Error(Status::invalid_argument(format!(
+                    "{code}: {error}"
+                ))))
                 .await;
             return;
         }
@@ -359,7 +339,7 @@ async fn serve_stream<W: Wire>(
         tracing::warn!(code = %code, flavor = W::NAME, error = %mismatch, "refusing ADS stream");
         fsm_errcode::count(code);
         let _ = tx
-            .send(Err(Status::permission_denied(format!(
+            .send(Outgoing::Error(Status::permission_denied(format!(
                 "{code}: {mismatch}"
             ))))
             .await;
@@ -386,7 +366,7 @@ struct Session<W: Wire> {
     identity: String,
     /// The types of this stream's data plane; requests for others are refused (E5013).
     types: &'static [TypeUrl],
-    tx: mpsc::Sender<Result<W::Resp, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     machine: W::Machine,
     watch: watch::Receiver<Published>,
     snapshot: Option<Arc<Snapshot>>,
@@ -402,7 +382,7 @@ impl<W: Wire> Session<W> {
         node: ProxyNode,
         data_plane: DataPlane,
         types: &'static [TypeUrl],
-        tx: mpsc::Sender<Result<W::Resp, Status>>,
+        tx: mpsc::Sender<Outgoing>,
     ) -> Self {
         let m = metrics();
         m.proxy_connect_count.inc();
@@ -466,7 +446,9 @@ impl<W: Wire> Session<W> {
                 self.snapshot = None;
                 let _ = self
                     .tx
-                    .send(Err(Status::permission_denied(reason.to_string())))
+                    .send(Outgoing::Error(Status::permission_denied(
+                        reason.to_string(),
+                    )))
                     .await;
                 Err(Closed)
             }
@@ -581,9 +563,24 @@ impl<W: Wire> Session<W> {
     async fn send(&mut self, response: Response) -> Result<(), Closed> {
         let short = short_name(response.type_url);
         let labels = [&*self.uuid, self.identity.as_str(), short];
-        let message = W::encode(&response);
+        let types = self
+            .snapshot
+            .as_deref()
+            .and_then(|s| s.get(response.type_url));
+        let frames = W::frame(&response, types);
+        if frames.message_len() > MAX_MESSAGE_SIZE {
+            // As tonic did: the stream ends with the error rather than sending a message the
+            // proxy would refuse.
+            let status = Status::out_of_range(format!(
+                "Error, encoded message length too large: found {} bytes, the limit is: {MAX_MESSAGE_SIZE} bytes",
+                frames.message_len()
+            ));
+            tracing::warn!(proxy = %self.uuid, r#type = short, %status, "response too large");
+            let _ = self.tx.send(Outgoing::Error(status)).await;
+            return Err(Closed);
+        }
         let m = metrics();
-        if self.tx.send(Ok(message)).await.is_err() {
+        if self.tx.send(Outgoing::Message(frames)).await.is_err() {
             m.proxy_response_send_error_count
                 .with_label_values(&labels)
                 .inc();
