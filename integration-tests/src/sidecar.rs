@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 
 use crate::controller::{ADS_SERVER_NAME, AdsTarget, wait_for_bootstrap};
 use crate::envoy::AdsMode;
@@ -34,6 +34,13 @@ pub struct FsmSidecarConfig {
     pub ads_mode: AdsMode,
     /// The pod's bootstrap credentials for the mTLS ADS stream.
     pub bootstrap_dir: PathBuf,
+    /// The fsm-sidecar executable; `None` is the one built beside the harness (`make build`'s
+    /// debug build). Benchmarks point it at a release build.
+    pub binary: Option<PathBuf>,
+    /// `--workers` (tokio worker threads); `None` leaves fsm-sidecar's default.
+    pub workers: Option<usize>,
+    /// `--log-level`.
+    pub log_level: String,
 }
 
 impl FsmSidecarConfig {
@@ -59,6 +66,9 @@ impl FsmSidecarConfig {
             ads: ads.addr,
             ads_mode,
             bootstrap_dir: ads.pod_dir(&pod.namespace, &pod.name),
+            binary: None,
+            workers: None,
+            log_level: "info".to_string(),
         })
     }
 }
@@ -118,7 +128,18 @@ impl FsmSidecar {
 /// [`FsmSidecar::wait_ready`] to wait for the first configuration.
 pub async fn start_fsm_sidecar(config: &FsmSidecarConfig, log_dir: &Path) -> Result<FsmSidecar> {
     wait_for_bootstrap(&config.bootstrap_dir, Duration::from_secs(20)).await?;
-    let mut command = Command::new(binary("fsm-sidecar")?);
+    let executable = match &config.binary {
+        Some(path) => {
+            ensure!(
+                path.is_file(),
+                "fsm-sidecar not found at {}",
+                path.display()
+            );
+            path.clone()
+        }
+        None => binary("fsm-sidecar")?,
+    };
+    let mut command = Command::new(executable);
     command
         .arg("--bootstrap-dir")
         .arg(&config.bootstrap_dir)
@@ -149,7 +170,11 @@ pub async fn start_fsm_sidecar(config: &FsmSidecarConfig, log_dir: &Path) -> Res
         .arg(config.admin.to_string())
         .arg("--metrics")
         .arg(config.metrics.to_string())
-        .args(["--log-level", "info"]);
+        .arg("--log-level")
+        .arg(&config.log_level);
+    if let Some(workers) = config.workers {
+        command.arg("--workers").arg(workers.to_string());
+    }
     let mut process =
         ManagedProcess::spawn(&format!("fsm-sidecar-{}", config.name), command, log_dir)?;
     process

@@ -2,7 +2,6 @@
 //! sidecars under test connected to it.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -10,11 +9,11 @@ use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::mesh::MeshPod;
 use fsm_integration_tests::paths::bin_dir;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, FsmSidecar, FsmSidecarConfig, ManagedProcess,
-    SidecarConfig, load_catalog, mesh_pods, start_controller, start_envoy,
+    AdsMode, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig, SidecarConfig,
+    load_catalog, mesh_pods, start_controller, start_envoy, start_fsm_sidecar,
 };
 
-use crate::mesh_gen::{CLIENT, CLIENT_FSM, bench_manifests};
+use crate::mesh_gen::bench_manifests;
 use crate::{CONVERGE, SidecarArgs};
 
 /// The mesh of [`bench_manifests`] with the controller running on it.
@@ -48,55 +47,38 @@ impl BenchMesh {
             .with_context(|| format!("no pod {name} in the bench manifests"))
     }
 
-    pub(crate) async fn envoy(&self) -> Result<fsm_integration_tests::Envoy> {
-        let pod = self.pod(CLIENT)?;
+    /// Envoy as the sidecar of the pod `name`, ready and in sync.
+    pub(crate) async fn envoy(&self, name: &str) -> Result<Envoy> {
+        let pod = self.pod(name)?;
         let mut envoy = start_envoy(
             &SidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?,
             &self.logs,
         )
         .await?;
-        envoy.wait_ready(CONVERGE).await?;
+        envoy
+            .wait_ready(CONVERGE)
+            .await
+            .with_context(|| format!("Envoy sidecar of {}", pod.id()))?;
         wait_proxy_in_sync(&self.controller, pod).await?;
         Ok(envoy)
     }
 
-    /// Starts `sidecar.sidecar_bin` the way the harness's `start_fsm_sidecar` starts the debug
-    /// build, with `--workers` and `--log-level warn`.
-    pub(crate) async fn fsm_sidecar(&self, sidecar: &SidecarArgs) -> Result<FsmSidecar> {
-        let pod = self.pod(CLIENT_FSM)?;
-        let config = FsmSidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?;
-        let bin = match &sidecar.sidecar_bin {
-            Some(bin) => bin.clone(),
-            None => bin_dir()?.join("fsm-sidecar"),
-        };
-        ensure!(bin.is_file(), "fsm-sidecar not found at {}", bin.display());
-        let mut command = Command::new(&bin);
-        command
-            .arg("--node-id")
-            .arg(&config.node_id)
-            .arg("--node-cluster")
-            .arg(&config.node_cluster)
-            .arg("--ads")
-            .arg(config.ads.to_string())
-            .args(["--ads-mode", "sotw"])
-            .arg("--pod-ip")
-            .arg(config.pod_ip.to_string())
-            .arg("--pod-name")
-            .arg(&config.pod_name)
-            .arg("--admin")
-            .arg(config.admin.to_string())
-            .arg("--metrics")
-            .arg(config.metrics.to_string())
-            .arg("--workers")
-            .arg(sidecar.workers.to_string())
-            .args(["--log-level", "warn"]);
-        let process =
-            ManagedProcess::spawn(&format!("fsm-sidecar-{}", config.name), command, &self.logs)?;
-        let mut fsm = FsmSidecar { process, config };
-        fsm.process
-            .wait_for_tcp(fsm.config.admin, Duration::from_secs(20))
-            .await?;
-        fsm.wait_ready(CONVERGE).await?;
+    /// fsm-sidecar (`sidecar.sidecar_bin`, `--workers`, `--log-level warn`) as the sidecar of the
+    /// pod `name`, with the bootstrap credentials the controller wrote for it, ready and in sync.
+    pub(crate) async fn fsm_sidecar(
+        &self,
+        name: &str,
+        sidecar: &SidecarArgs,
+    ) -> Result<FsmSidecar> {
+        let pod = self.pod(name)?;
+        let mut config = FsmSidecarConfig::for_pod(pod, &self.controller.ads(), AdsMode::Sotw)?;
+        config.binary = sidecar.sidecar_bin.clone();
+        config.workers = Some(sidecar.workers);
+        config.log_level = "warn".to_string();
+        let mut fsm = start_fsm_sidecar(&config, &self.logs).await?;
+        fsm.wait_ready(CONVERGE)
+            .await
+            .with_context(|| format!("fsm-sidecar of {}", pod.id()))?;
         wait_proxy_in_sync(&self.controller, pod).await?;
         Ok(fsm)
     }

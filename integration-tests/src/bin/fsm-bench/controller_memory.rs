@@ -10,7 +10,12 @@ use fsm_integration_tests::{ControllerOptions, start_controller_on_cluster};
 use crate::mesh_gen::synthetic_mesh;
 use crate::procfs::memory_of;
 
-pub(crate) async fn controller_memory(services: usize, pods_per_service: usize) -> Result<()> {
+/// `settle`: how long after ready the controller is left alone before its memory is read.
+pub(crate) async fn controller_memory(
+    services: usize,
+    pods_per_service: usize,
+    settle: Duration,
+) -> Result<()> {
     let mut figures = Vec::new();
     for (label, services) in [("empty cluster", 0), ("loaded cluster", services)] {
         let c = TestCluster::start_demo(17).await?;
@@ -33,7 +38,7 @@ pub(crate) async fn controller_memory(services: usize, pods_per_service: usize) 
                 .await?;
         let ready_in = started.elapsed();
         // Let the initial lists' buffers be released and the allocator settle.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(settle).await;
         let (rss, hwm) = memory_of(controller.process.pid())?;
         figures.push(format!(
             "  {label:14}: {services} services, {} pods, {} objects (store load {:.1}s): controller ready in {:.2}s, RSS {rss:.1} MiB (peak {hwm:.1} MiB)",

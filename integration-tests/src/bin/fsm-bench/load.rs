@@ -1,5 +1,5 @@
-//! Load generation for `sidecar-rps`: the fixed-reply app, wrk or the built-in generator, and
-//! the figures of one run.
+//! Load generation for `sidecar-rps`: the fixed-reply app, a fixed-rate open-loop client, full
+//! load from wrk or the built-in generator, and the figures of one run.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::Load;
-use crate::mesh_gen::APP_HOST;
-use crate::procfs::{cpu_busy, cpu_time};
+use crate::procfs::{CpuUse, CpuWindow};
 
 /// A minimal HTTP/1.1 keep-alive server: every request (no body expected) gets the same small
 /// 200. As little work per request as an app can do, so the sidecar's cost stands out.
@@ -51,26 +51,36 @@ pub(crate) async fn serve_fixed(listener: tokio::net::TcpListener) {
     }
 }
 
+/// Where one path of the bench sends its requests.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    pub(crate) name: &'static str,
+    /// The client sidecar's outbound listener, or the app itself for the direct path.
+    pub(crate) addr: SocketAddr,
+    /// The `Host` the client names (the sidecar routes by it).
+    pub(crate) host: String,
+    /// The sidecars on the path (client and server), whose CPU time is sampled.
+    pub(crate) sidecars: Vec<u32>,
+}
+
+/// A full-load run: as many requests as `connections` keep-alive connections carry, one in
+/// flight on each.
 pub(crate) struct LoadPlan {
     pub(crate) connections: usize,
+    pub(crate) warmup: Duration,
     pub(crate) duration: Duration,
     pub(crate) load: Load,
 }
 
-/// One measured run.
+/// One measured full-load run.
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
     pub(crate) rps: f64,
+    pub(crate) ok: u64,
     pub(crate) p50: Duration,
     pub(crate) p99: Duration,
     pub(crate) errors: u64,
-    /// CPU time the sidecar used per second of the run (1.0 = one full core).
-    pub(crate) sidecar_cores: Option<f64>,
-    /// CPU 0's process time per second of the run not spent in the sidecar: other processes
-    /// competing for the sidecar's core (the machine is shared).
-    pub(crate) other_on_cpu0: Option<f64>,
-    /// CPU 0's interrupt time per second of the run (mostly loopback TCP).
-    pub(crate) irq_on_cpu0: Option<f64>,
+    pub(crate) cpu: CpuUse,
 }
 
 pub(crate) fn wrk_available() -> bool {
@@ -80,8 +90,17 @@ pub(crate) fn wrk_available() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("wrk"))
 }
 
+/// The load generator `load` stands for on this machine.
+pub(crate) fn use_wrk(load: Load) -> bool {
+    match load {
+        Load::Wrk => true,
+        Load::Builtin => false,
+        Load::Auto => wrk_available(),
+    }
+}
+
 /// `512.00us`, `1.20ms`, `2.00s` as printed by wrk.
-pub(crate) fn parse_wrk_duration(text: &str) -> Result<Duration> {
+fn parse_wrk_duration(text: &str) -> Result<Duration> {
     let (number, scale) = if let Some(n) = text.strip_suffix("us") {
         (n, 1e-6)
     } else if let Some(n) = text.strip_suffix("ms") {
@@ -94,14 +113,14 @@ pub(crate) fn parse_wrk_duration(text: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(number.parse::<f64>()? * scale))
 }
 
-/// Runs wrk (one thread, pinned to CPU 1) against `url` with the bench's Host header.
-pub(crate) async fn wrk(url: &str, plan: &LoadPlan, duration: Duration) -> Result<Run> {
+/// Runs wrk (one thread, pinned to CPU 1) against `target`.
+async fn wrk(target: &Target, connections: usize, duration: Duration) -> Result<Run> {
     let output = tokio::process::Command::new("taskset")
         .args(["-c", "1", "wrk", "-t1", "--latency", "-H"])
-        .arg(format!("Host: {APP_HOST}"))
-        .arg(format!("-c{}", plan.connections))
+        .arg(format!("Host: {}", target.host))
+        .arg(format!("-c{connections}"))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
-        .arg(url)
+        .arg(format!("http://{}/", target.addr))
         .output()
         .await
         .context("running wrk")?;
@@ -131,47 +150,129 @@ pub(crate) async fn wrk(url: &str, plan: &LoadPlan, duration: Duration) -> Resul
             .flat_map(|l| l.split(','))
             .filter_map(|kv| kv.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum::<u64>();
+    // "N requests in 10.00s, ..." counts every response, the non-2xx ones too.
+    let requests = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.split_once(" requests in ")?.0.parse::<u64>().ok())
+        .with_context(|| format!("no request count in wrk output:\n{text}"))?;
     Ok(Run {
         rps: value_after("Requests/sec:")?.parse()?,
+        ok: requests.saturating_sub(errors),
         p50: parse_wrk_duration(value_after("50%")?)?,
         p99: parse_wrk_duration(value_after("99%")?)?,
         errors,
-        sidecar_cores: None,
-        other_on_cpu0: None,
-        irq_on_cpu0: None,
+        cpu: CpuUse::default(),
     })
 }
 
-/// The built-in load generator: `connections` tasks on a keep-alive reqwest pool, each sending
-/// one request at a time (this process is pinned to CPU 1).
-pub(crate) async fn builtin_load(url: &str, plan: &LoadPlan, duration: Duration) -> Result<Run> {
-    let client = reqwest::Client::builder()
-        .http1_only()
-        .no_proxy()
-        .pool_max_idle_per_host(plan.connections)
-        .timeout(Duration::from_secs(5))
-        .build()?;
+/// One keep-alive HTTP/1.1 client connection that sends `GET /` and reads a response with a
+/// `content-length` (the bench app always sends one; so do both sidecars when relaying it).
+struct Client {
+    stream: TcpStream,
+    request: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(target: &Target) -> Result<Self> {
+        let stream = TcpStream::connect(target.addr)
+            .await
+            .with_context(|| format!("connecting to {} ({})", target.addr, target.name))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream,
+            request: format!("GET / HTTP/1.1\r\nhost: {}\r\n\r\n", target.host).into_bytes(),
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// One request on `client`, connecting first when there is none; after an error the
+    /// connection is dropped, so the next request starts a fresh one.
+    async fn request(client: &mut Option<Client>, target: &Target) -> Result<()> {
+        let result = match client {
+            Some(client) => client.get().await,
+            None => {
+                let mut new = Client::connect(target).await?;
+                let result = new.get().await;
+                *client = Some(new);
+                result
+            }
+        };
+        if result.is_err() {
+            *client = None;
+        }
+        result
+    }
+
+    /// One request and its whole response; an error unless the status is 200.
+    async fn get(&mut self) -> Result<()> {
+        self.stream.write_all(&self.request).await?;
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end]).context("response head")?;
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_string();
+                let length: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+                    .map(|(_, value)| value.trim().parse())
+                    .transpose()?
+                    .with_context(|| format!("response without content-length: {head}"))?;
+                let total = end + 4 + length;
+                while self.buf.len() < total {
+                    self.fill().await?;
+                }
+                self.buf.drain(..total);
+                ensure!(status == "200", "status {status}");
+                return Ok(());
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        ensure!(n > 0, "connection closed by the peer");
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// The sample at quantile `q` of sorted `samples`.
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The built-in full-load generator: `connections` tasks, each with its own keep-alive
+/// connection and one request in flight (this process is pinned to CPU 1).
+async fn builtin_load(target: &Target, connections: usize, duration: Duration) -> Result<Run> {
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..plan.connections {
-        let (client, url) = (client.clone(), url.to_string());
+    for _ in 0..connections {
+        let target = target.clone();
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
+            let mut client = None;
             while Instant::now() < deadline {
                 let sent = Instant::now();
-                let ok = match client.get(&url).header("host", APP_HOST).send().await {
-                    Ok(response) => {
-                        let ok = response.status().is_success();
-                        ok && response.bytes().await.is_ok()
+                match Client::request(&mut client, &target).await {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(_) => {
+                        errors += 1;
+                        // Back off so a dead path does not spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    Err(_) => false,
-                };
-                if ok {
-                    latencies.push(sent.elapsed());
-                } else {
-                    errors += 1;
                 }
             }
             (latencies, errors)
@@ -186,88 +287,135 @@ pub(crate) async fn builtin_load(url: &str, plan: &LoadPlan, duration: Duration)
     }
     let elapsed = started.elapsed();
     latencies.sort();
-    let quantile = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
     Ok(Run {
         rps: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: quantile(0.50),
-        p99: quantile(0.99),
+        ok: latencies.len() as u64,
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
         errors,
-        sidecar_cores: None,
-        other_on_cpu0: None,
-        irq_on_cpu0: None,
+        cpu: CpuUse::default(),
     })
 }
 
-/// A 2 s warm-up, then one measured run against `target`; `sidecar` is the pid whose CPU time
-/// is sampled over the measured run.
-pub(crate) async fn measure(
-    target: SocketAddr,
-    plan: &LoadPlan,
-    sidecar: Option<u32>,
-) -> Result<Run> {
-    let url = format!("http://{target}/");
-    let use_wrk = match plan.load {
-        Load::Wrk => true,
-        Load::Builtin => false,
-        Load::Auto => wrk_available(),
-    };
-    let run = |duration| {
-        let url = url.clone();
-        async move {
-            if use_wrk {
-                wrk(&url, plan, duration).await
-            } else {
-                builtin_load(&url, plan, duration).await
-            }
+/// A warm-up, then one measured full-load run against `target`, sampling its sidecars' CPU over
+/// the measured part. Fails when no request succeeded.
+pub(crate) async fn full_load(target: &Target, plan: &LoadPlan) -> Result<Run> {
+    let wrk = use_wrk(plan.load);
+    let run = |duration| async move {
+        if wrk {
+            self::wrk(target, plan.connections, duration).await
+        } else {
+            builtin_load(target, plan.connections, duration).await
         }
     };
-    run(Duration::from_secs(2)).await?;
-    let cpu_before = sidecar.map(cpu_time).transpose()?;
-    let cpu0_before = cpu_busy(0)?;
-    let started = Instant::now();
+    run(plan.warmup).await?;
+    let window = CpuWindow::start(&target.sidecars)?;
     let mut measured = run(plan.duration).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu0_after = cpu_busy(0)?;
-    let per_second =
-        |after: Duration, before: Duration| after.saturating_sub(before).as_secs_f64() / elapsed;
-    let cpu0 = per_second(cpu0_after.0, cpu0_before.0);
-    measured.irq_on_cpu0 = Some(per_second(cpu0_after.1, cpu0_before.1));
-    let mut sidecar_cores = 0.0;
-    if let (Some(pid), Some(before)) = (sidecar, cpu_before) {
-        sidecar_cores = cpu_time(pid)?.saturating_sub(before).as_secs_f64() / elapsed;
-        measured.sidecar_cores = Some(sidecar_cores);
-    }
-    measured.other_on_cpu0 = Some((cpu0 - sidecar_cores).max(0.0));
+    measured.cpu = window.finish()?;
+    ensure!(
+        measured.ok > 0,
+        "no successful request through {} ({} errors)",
+        target.name,
+        measured.errors
+    );
     Ok(measured)
 }
 
-pub(crate) fn run_line(run: &Run) -> String {
-    let sidecar = run.sidecar_cores.map_or(String::new(), |cores| {
-        format!(
-            ", sidecar CPU {:.0} % ({:.0} req per CPU-second)",
-            cores * 100.0,
-            run.rps / cores
-        )
-    });
-    let other = run.other_on_cpu0.map_or(String::new(), |other| {
-        format!(
-            "; CPU 0: other processes {:.0} %, interrupts {:.0} %",
-            other * 100.0,
-            run.irq_on_cpu0.unwrap_or_default() * 100.0
-        )
-    });
-    format!(
-        "{:>8.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}{sidecar}{other}",
-        run.rps,
-        ms(run.p50),
-        ms(run.p99),
-        run.errors
-    )
+/// A fixed-rate run: `rate` requests per second in all, spread evenly over `connections`
+/// keep-alive connections.
+pub(crate) struct RatePlan {
+    pub(crate) rate: u32,
+    pub(crate) connections: usize,
+    pub(crate) warmup: Duration,
+    pub(crate) duration: Duration,
+}
+
+/// One measured fixed-rate run.
+#[derive(Clone, Debug)]
+pub(crate) struct RateRun {
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) p50: Duration,
+    pub(crate) p99: Duration,
+    pub(crate) p999: Duration,
+    pub(crate) max: Duration,
+    pub(crate) cpu: CpuUse,
+}
+
+/// Open-loop load at a fixed rate (as wrk2 does): every connection has its own schedule of send
+/// times, and a request that could not be sent on time because the previous response on its
+/// connection came late is timed from when it should have been sent, so a stall shows in the
+/// tail instead of lowering the rate (coordinated omission). Timer lateness (tokio's timer has
+/// millisecond resolution) is not counted: such a request is timed from when it was written.
+/// Only requests scheduled after the warm-up are recorded; the sidecars' CPU is sampled over the
+/// measured part. Fails when no request succeeded.
+pub(crate) async fn fixed_rate(target: &Target, plan: &RatePlan) -> Result<RateRun> {
+    ensure!(
+        plan.rate > 0 && plan.connections > 0,
+        "rate and connections must be positive"
+    );
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let measured_from = start + plan.warmup;
+    let end = measured_from + plan.duration;
+    let gap = Duration::from_secs_f64(1.0 / f64::from(plan.rate));
+    let interval = gap * plan.connections as u32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..plan.connections {
+        let target = target.clone();
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut client: Option<Client> = None;
+            let mut due = start + gap * i as u32;
+            while due < end {
+                tokio::time::sleep_until(due).await;
+                let now = tokio::time::Instant::now();
+                // Late by more than the timer's slack: the connection was busy with the
+                // previous request, so the wait counts.
+                let timed_from = if now > due + Duration::from_millis(2) {
+                    due
+                } else {
+                    now
+                };
+                let result = Client::request(&mut client, &target).await;
+                if due >= measured_from {
+                    match result {
+                        Ok(()) => latencies.push(timed_from.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                due += interval;
+            }
+            (latencies, errors)
+        });
+    }
+    tokio::time::sleep_until(measured_from).await;
+    let window = CpuWindow::start(&target.sidecars)?;
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (l, e) = joined?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let cpu = window.finish()?;
+    latencies.sort();
+    ensure!(
+        !latencies.is_empty(),
+        "no successful request through {} at {} req/s on {} connections ({errors} errors)",
+        target.name,
+        plan.rate,
+        plan.connections
+    );
+    Ok(RateRun {
+        ok: latencies.len() as u64,
+        errors,
+        p50: quantile(&latencies, 0.50),
+        p99: quantile(&latencies, 0.99),
+        p999: quantile(&latencies, 0.999),
+        max: latencies.last().copied().unwrap_or_default(),
+        cpu,
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {
@@ -279,4 +427,23 @@ pub(crate) fn median_run(runs: &[Run]) -> Option<Run> {
     let mut sorted = runs.to_vec();
     sorted.sort_by(|a, b| a.rps.total_cmp(&b.rps));
     sorted.get(sorted.len() / 2).cloned()
+}
+
+/// One successful request through `target`, retried for a few seconds (a sidecar in sync may
+/// still be opening its listener); the last error names the path.
+pub(crate) async fn probe(target: &Target) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = None;
+    loop {
+        match Client::request(&mut client, target).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context(format!(
+                    "no answer through {} ({} with Host {})",
+                    target.name, target.addr, target.host
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }

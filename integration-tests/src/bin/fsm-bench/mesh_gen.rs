@@ -58,10 +58,18 @@ pub(crate) fn synthetic_mesh(services: usize, pods_per_service: usize) -> Vec<Va
 pub(crate) const CLIENT: &str = "curl";
 /// A second pod of the same service account, for the fsm-sidecar: same identity, same config.
 pub(crate) const CLIENT_FSM: &str = "curl-fsm";
-/// The unmeshed upstream of `sidecar-rps`, and the Host the client asks the sidecar for.
-pub(crate) const APP_SERVICE: &str = "bench-app";
+/// The service account of both meshed app pods: one identity, so the same inbound config.
+pub(crate) const APP_ACCOUNT: &str = "bench-app";
+/// The meshed app behind an Envoy sidecar (Service and Pod of that name, .20).
+pub(crate) const SERVER: &str = "bench-app-envoy";
+/// The meshed app behind an fsm-sidecar (Service and Pod of that name, .21).
+pub(crate) const SERVER_FSM: &str = "bench-app-fsm";
 pub(crate) const APP_PORT: u16 = 14001;
-pub(crate) const APP_HOST: &str = "bench-app.demo:14001";
+
+/// The Host a client asks its sidecar for to reach `service`.
+pub(crate) fn app_host(service: &str) -> String {
+    format!("{service}.demo:{APP_PORT}")
+}
 
 pub(crate) fn to_yaml_docs(objects: &[Value]) -> String {
     // JSON is YAML; one document per object.
@@ -73,10 +81,11 @@ pub(crate) fn to_yaml_docs(objects: &[Value]) -> String {
 }
 
 /// The demo mesh on 127.0.`subnet`.x, plus: a second `curl` pod (`curl-fsm`, .11) with its own
-/// proxy UUID; the `bench-app` Service in `demo` whose only endpoint is an unmeshed pod (.20,
-/// `flomesh.io/sidecar-injection: disabled`), so a client sidecar connects straight to the app;
-/// and `services` extra HTTP services in the monitored namespace `bench`, one pod each on
-/// 127.0.`subnet + 1 + i / 250`.x, where nothing listens.
+/// proxy UUID; two meshed HTTP Services in `demo`, `bench-app-envoy` (pod .20) and `bench-app-fsm`
+/// (pod .21), one pod each of the service account `bench-app`, so each client sidecar reaches its
+/// own kind of server sidecar over mTLS and the app behind it (the bench serves the app on
+/// `<pod>:14001`); and `services` extra HTTP services in the monitored namespace `bench`, one
+/// pod each on 127.0.`subnet + 1 + i / 250`.x, where nothing listens.
 pub(crate) fn bench_manifests(dir: &Path, subnet: u8, services: usize) -> Result<()> {
     demo_manifests(dir, subnet)?;
     let ip = |third: usize, fourth: usize| format!("127.0.{third}.{fourth}");
@@ -87,24 +96,30 @@ pub(crate) fn bench_manifests(dir: &Path, subnet: u8, services: usize) -> Result
             "spec": {"serviceAccountName": CLIENT, "containers": [{"name": "curl", "image": "curlimages/curl"}]},
             "status": {"podIP": ip(subnet.into(), 11)}}),
         json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": APP_SERVICE, "namespace": "demo"}}),
-        json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": APP_SERVICE, "namespace": "demo"},
-            "spec": {"selector": {"app": APP_SERVICE},
-                     "ports": [{"name": "http", "port": APP_PORT, "targetPort": APP_PORT, "appProtocol": "http"}]}}),
-        json!({"apiVersion": "v1", "kind": "Endpoints",
-            "metadata": {"name": APP_SERVICE, "namespace": "demo"},
-            "subsets": [{"addresses": [{"ip": ip(subnet.into(), 20),
-                                        "targetRef": {"kind": "Pod", "name": APP_SERVICE, "namespace": "demo"}}],
-                         "ports": [{"name": "http", "port": APP_PORT}]}]}),
-        json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": APP_SERVICE, "namespace": "demo", "labels": {"app": APP_SERVICE},
-                         "annotations": {"flomesh.io/sidecar-injection": "disabled"}},
-            "spec": {"serviceAccountName": APP_SERVICE,
+            "metadata": {"name": APP_ACCOUNT, "namespace": "demo"}}),
+    ];
+    for (name, last, uuid) in [
+        (SERVER, 20, "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a20"),
+        (SERVER_FSM, 21, "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a21"),
+    ] {
+        let pod_ip = ip(subnet.into(), last);
+        objects.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"selector": {"app": name},
+                     "ports": [{"name": "http", "port": APP_PORT, "targetPort": APP_PORT, "appProtocol": "http"}]}}));
+        objects.push(json!({"apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": name, "namespace": "demo"},
+            "subsets": [{"addresses": [{"ip": pod_ip,
+                                        "targetRef": {"kind": "Pod", "name": name, "namespace": "demo"}}],
+                         "ports": [{"name": "http", "port": APP_PORT}]}]}));
+        objects.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "demo",
+                         "labels": {"app": name, "fsm-proxy-uuid": uuid}},
+            "spec": {"serviceAccountName": APP_ACCOUNT,
                      "containers": [{"name": "app", "image": "bench/app:1",
                                      "ports": [{"name": "http", "containerPort": APP_PORT}]}]},
-            "status": {"phase": "Running", "podIP": ip(subnet.into(), 20)}}),
-    ];
+            "status": {"phase": "Running", "podIP": pod_ip}}));
+    }
     if services > 0 {
         objects.push(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "bench", "labels": {"flomesh.io/monitored-by": "fsm"}}}));

@@ -64,3 +64,54 @@ pub(crate) fn cpu_busy(cpu: u32) -> Result<(Duration, Duration)> {
     };
     Ok((sum(&[0, 1, 2, 7]), sum(&[5, 6])))
 }
+
+/// CPU used over a measured window: by the sidecars under test, by everything else on CPU 0
+/// (where the sidecars are pinned), and by interrupts on CPU 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CpuUse {
+    /// CPU time of the sidecars per second of the window (1.0 = one full core).
+    pub(crate) sidecars: Option<f64>,
+    /// CPU 0's process time per second not spent in the sidecars: other processes competing for
+    /// the sidecars' core (the machine is shared).
+    pub(crate) other_on_cpu0: f64,
+    /// CPU 0's interrupt time per second (mostly loopback TCP).
+    pub(crate) irq_on_cpu0: f64,
+}
+
+/// The start of a [`CpuUse`] window.
+pub(crate) struct CpuWindow {
+    pids: Vec<u32>,
+    sidecars: Duration,
+    cpu0: (Duration, Duration),
+    started: std::time::Instant,
+}
+
+impl CpuWindow {
+    /// Starts a window over the processes `pids` (none: only CPU 0 is sampled).
+    pub(crate) fn start(pids: &[u32]) -> Result<Self> {
+        Ok(CpuWindow {
+            pids: pids.to_vec(),
+            sidecars: total_cpu_time(pids)?,
+            cpu0: cpu_busy(0)?,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    pub(crate) fn finish(self) -> Result<CpuUse> {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let cpu0 = cpu_busy(0)?;
+        let per_second = |after: Duration, before: Duration| {
+            after.saturating_sub(before).as_secs_f64() / elapsed
+        };
+        let sidecars = per_second(total_cpu_time(&self.pids)?, self.sidecars);
+        Ok(CpuUse {
+            sidecars: (!self.pids.is_empty()).then_some(sidecars),
+            other_on_cpu0: (per_second(cpu0.0, self.cpu0.0) - sidecars).max(0.0),
+            irq_on_cpu0: per_second(cpu0.1, self.cpu0.1),
+        })
+    }
+}
+
+fn total_cpu_time(pids: &[u32]) -> Result<Duration> {
+    pids.iter().map(|&pid| cpu_time(pid)).sum()
+}

@@ -10,15 +10,21 @@ use crate::bench_mesh::{BenchMesh, sidecar_label, wait_proxy_in_sync};
 use crate::mesh_gen::{CLIENT, CLIENT_FSM};
 use crate::procfs::memory_of;
 
-pub(crate) async fn sidecar_memory(services: usize, sidecar: &SidecarArgs) -> Result<()> {
+/// `settle`: how long after both are in sync the sidecars are left alone before their memory is
+/// read.
+pub(crate) async fn sidecar_memory(
+    services: usize,
+    settle: Duration,
+    sidecar: &SidecarArgs,
+) -> Result<()> {
     let mesh = BenchMesh::start(60, services).await?;
-    let envoy = mesh.envoy().await?;
-    let fsm = mesh.fsm_sidecar(sidecar).await?;
+    let envoy = mesh.envoy(CLIENT).await?;
+    let fsm = mesh.fsm_sidecar(CLIENT_FSM, sidecar).await?;
     // Both must hold the whole config at once, and nothing may still be arriving.
     wait_proxy_in_sync(&mesh.controller, mesh.pod(CLIENT)?).await?;
     wait_proxy_in_sync(&mesh.controller, mesh.pod(CLIENT_FSM)?).await?;
     // Measured before any admin call: building a config dump allocates in both.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(settle).await;
     let (envoy_rss, envoy_hwm) = memory_of(envoy.process.pid())?;
     let (fsm_rss, fsm_hwm) = memory_of(fsm.process.pid())?;
     // Then check both hold the whole mesh.
@@ -44,8 +50,9 @@ pub(crate) async fn sidecar_memory(services: usize, sidecar: &SidecarArgs) -> Re
         "fsm-sidecar has {fsm_clusters} clusters, fewer than the {services} services"
     );
     println!(
-        "idle sidecar memory, client {} with {services} extra services ({clusters} Envoy clusters), 2 s after both were in sync:",
-        mesh.pod(CLIENT)?.node_cluster()
+        "idle sidecar memory, client {} with {services} extra services ({clusters} Envoy clusters), {:.1} s after both were in sync:",
+        mesh.pod(CLIENT)?.node_cluster(),
+        settle.as_secs_f64()
     );
     println!("  fsm-sidecar holds {}", held.join(", "));
     println!("  envoy (--concurrency 1): RSS {envoy_rss:.1} MiB (peak {envoy_hwm:.1} MiB)");
