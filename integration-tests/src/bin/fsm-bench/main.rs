@@ -22,6 +22,7 @@ mod procfs;
 mod sidecar_memory;
 mod sidecar_rps;
 mod watch_latency;
+mod xds_scale;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -85,6 +86,9 @@ enum Bench {
         #[command(flatten)]
         smoke: Smoke,
     },
+    /// The control plane under N simulated Envoy proxies, each on its own mTLS connection:
+    /// warm-up, one endpoint change, RSS and CPU, a 410 relist, a rolling restart.
+    XdsScale(xds_scale::Args),
     /// HTTP/1.1 through a client and a server sidecar over mTLS (both pinned to CPU 0; load
     /// generator and app on CPU 1): direct to the app, through two Envoys and through two
     /// fsm-sidecars, at a fixed rate per concurrency and at full load (RUNS rounds).
@@ -179,6 +183,7 @@ async fn main() -> Result<()> {
             smoke,
         } => sidecar_memory(smoke.pick(services, 3), smoke.settle(), &sidecar).await,
         Bench::CertIssuance { count, smoke } => cert_issuance(smoke.pick(count, 5)).await,
+        Bench::XdsScale(args) => xds_scale::run(args).await,
         Bench::SidecarRps {
             rate,
             concurrency,
