@@ -128,13 +128,33 @@ pub async fn fetch_secrets(
     }
 }
 
-/// The names of the secrets that carry a private key (`TlsCertificate`s).
+/// The secrets that carry a private key (`TlsCertificate`s), each as `<secret name> of <common
+/// name of its certificate>`: whose key a proxy was given.
 pub fn private_key_owners(secrets: &[Secret]) -> Vec<String> {
     secrets
         .iter()
-        .filter(|s| matches!(s.r#type, Some(secret::Type::TlsCertificate(_))))
-        .map(|s| s.name.clone())
+        .filter_map(|s| match &s.r#type {
+            Some(secret::Type::TlsCertificate(c)) => Some((s, c)),
+            _ => None,
+        })
+        .map(|(s, c)| {
+            let subject = c
+                .certificate_chain
+                .as_ref()
+                .and_then(|chain| inline_text(chain).ok())
+                .and_then(|pem| common_name(&pem))
+                .unwrap_or_else(|| "<no parsable certificate>".into());
+            format!("{} of {subject}", s.name)
+        })
         .collect()
+}
+
+/// The subject common name of the first certificate in `pem`.
+fn common_name(pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }
 
 /// The text of an inline data source (string or UTF-8 bytes).

@@ -142,7 +142,7 @@ async fn check(mesh: &Mesh) -> Result<()> {
     let secrets = fetch_secrets_with(&mesh.demo.controller, &curl_dir, &curl_node)
         .await?
         .map_err(|s| anyhow::anyhow!("curl's bootstrap certificate refused by ADS: {s}"))?;
-    let (service_chain, service_key) = tls_certificate(&secrets, "service-cert:demo/curl")?;
+    let (service_chain, service_key) = tls_certificate(&secrets, "service-cert")?;
 
     // …and at httpbin's meshed inbound port the service certificate is answered, the bootstrap
     // certificate is not.

@@ -176,7 +176,7 @@ async fn refusals(subnet: u8) -> Result<()> {
     .await?
     .map_err(|s| anyhow::anyhow!("own identity refused: {s}"))?;
     ensure!(
-        private_key_owners(&own) == ["service-cert:demo/curl"],
+        private_key_owners(&own) == ["service-cert of curl.demo.cluster.local"],
         "curl received keys {:?}",
         private_key_owners(&own)
     );
@@ -354,7 +354,7 @@ async fn second_stream(subnet: u8) -> Result<()> {
             .await?
             .map_err(|s| anyhow::anyhow!("curl's own second stream refused: {s}"))?;
         ensure!(
-            private_key_owners(&secrets) == ["service-cert:demo/curl"],
+            private_key_owners(&secrets) == ["service-cert of curl.demo.cluster.local"],
             "a generic client asking for Envoy's types gets Envoy secrets: {:?}",
             private_key_owners(&secrets)
         );

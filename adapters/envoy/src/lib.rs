@@ -19,7 +19,8 @@
 //!
 //! Every connection between sidecars is mutually authenticated, with FSM's SDS names:
 //!
-//! - the inbound listener presents `service-cert:<ns>/<sa>`, requires a client certificate that
+//! - the inbound listener presents `service-cert` (the proxy's own certificate, one name for
+//!   every proxy so that clusters are shared), requires a client certificate that
 //!   chains to `root-cert-for-mtls-inbound:<ns>/<sa>` and carries a SPIFFE URI SAN of the
 //!   trust domain (so a proxy's xDS bootstrap certificate, from the same CA, is refused), and an
 //!   HTTP RBAC filter admits, per route, only the identities the route allows (by that SAN);
@@ -50,8 +51,8 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value};
 use fsm_ir::{
-    AllowedSources, ClusterKind, HttpRoute, PathMatch, Protocol, ProxyCredentials, ProxyIr,
-    ServiceIdentity, names, ports,
+    AllowedSources, ClusterKind, HttpRoute, OutboundService, PathMatch, Protocol, ProxyCredentials,
+    ProxyIr, ServiceIdentity, ServiceOutbound, names, ports,
 };
 use prost::{Message, Name};
 
@@ -108,42 +109,95 @@ pub enum AdapterError {
     InvalidIr(#[from] fsm_ir::IrError),
 }
 
-/// Translates one proxy's IR into Envoy resources, with its mTLS material as SDS secrets.
+/// Translates one proxy's IR into Envoy resources, with its mTLS material as SDS secrets: the
+/// shared resources of every service it may reach ([`service_resources`], [`outbound_routes`])
+/// and its own ([`proxy_resources`]).
 pub fn translate(
     ir: &ProxyIr,
     credentials: &ProxyCredentials,
 ) -> Result<EnvoyResources, AdapterError> {
-    ir.validate()?;
-    let mut out = EnvoyResources {
-        secrets: secrets(ir, credentials),
-        ..Default::default()
-    };
-    let own = &ir.proxy.identity;
-    let trust_domain = ir.mesh.trust_domain.as_str();
-    let pod_ip = ir.proxy.pod_ip;
-    let tunnelled: BTreeSet<&str> = ir
+    let mut out = proxy_resources(ir, credentials)?;
+    for service in ir.service_outbounds() {
+        let shared = service_resources(
+            &service,
+            &ir.mesh.trust_domain,
+            &credentials.trust_bundle_pem,
+        );
+        out.clusters.extend(shared.clusters);
+        out.endpoints.extend(shared.endpoints);
+        out.secrets.extend(shared.secrets);
+    }
+    out.routes.insert(0, outbound_routes(ir.outbound.iter()));
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    Ok(out)
+}
+
+/// The resources of one service that are the same for every proxy that may reach it: its
+/// outbound clusters, their ClusterLoadAssignments, and (when its endpoints are meshed) the
+/// secret its servers' certificates are checked against. Built once per service and shared.
+pub fn service_resources(
+    service: &ServiceOutbound,
+    trust_domain: &str,
+    trust_bundle_pem: &str,
+) -> ServiceResources {
+    let mut out = ServiceResources::default();
+    for c in &service.clusters {
+        let tunnel = is_tunnelled(c);
+        out.clusters.push(build_cluster(c, tunnel));
+        out.endpoints.push(load_assignment(c, tunnel));
+    }
+    // Endpoints of one service may sit in several clusters (one per port): same identities.
+    let identities: BTreeSet<&ServiceIdentity> = service
         .clusters
         .iter()
-        .filter(|c| {
-            c.kind == ClusterKind::Outbound
-                && !c.protocol.is_http()
-                && c.endpoints.iter().any(|e| e.meshed)
-        })
-        .map(|c| c.name.as_str())
+        .flat_map(|c| c.server_identities())
         .collect();
-
-    for c in &ir.clusters {
-        let tunnel = tunnelled.contains(c.name.as_str());
-        out.clusters.push(build_cluster(c, tunnel, own));
-        if c.kind == ClusterKind::Outbound {
-            out.endpoints.push(load_assignment(c, tunnel));
-        }
+    if service.clusters.iter().any(|c| c.has_meshed_endpoints()) {
+        out.secrets.push(tls::Secret {
+            name: names::outbound_validation(&service.service),
+            r#type: Some(tls::secret::Type::ValidationContext(
+                tls::CertificateValidationContext {
+                    trusted_ca: Some(inline(trust_bundle_pem)),
+                    match_typed_subject_alt_names: identities
+                        .into_iter()
+                        .map(|id| tls::SubjectAltNameMatcher {
+                            san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                            matcher: Some(exact(&id.spiffe_id(trust_domain))),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
+        });
     }
+    out
+}
 
-    // Outbound HTTP: one listener, routed by Host.
+/// One service's shared resources (see [`service_resources`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceResources {
+    pub clusters: Vec<cluster::Cluster>,
+    pub endpoints: Vec<endpoint::ClusterLoadAssignment>,
+    pub secrets: Vec<tls::Secret>,
+}
+
+/// A TCP cluster with a sidecar behind some endpoint is reached through an HTTP/2 CONNECT tunnel
+/// to the peer sidecar's inbound port.
+fn is_tunnelled(c: &fsm_ir::Cluster) -> bool {
+    c.kind == ClusterKind::Outbound && !c.protocol.is_http() && c.endpoints.iter().any(|e| e.meshed)
+}
+
+/// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host. The
+/// same for every proxy that may reach the same services.
+pub fn outbound_routes<'a>(
+    services: impl IntoIterator<Item = &'a OutboundService>,
+) -> route::RouteConfiguration {
     let mut seen_domains = BTreeSet::new();
     let mut virtual_hosts = Vec::new();
-    for svc in ir.outbound.iter().filter(|s| s.protocol.is_http()) {
+    for svc in services.into_iter().filter(|s| s.protocol.is_http()) {
         let domains: Vec<String> = svc
             .hosts
             .iter()
@@ -161,11 +215,37 @@ pub fn translate(
             ..Default::default()
         });
     }
-    out.routes.push(route::RouteConfiguration {
+    route::RouteConfiguration {
         name: OUTBOUND_ROUTES.into(),
         virtual_hosts,
         ..Default::default()
-    });
+    }
+}
+
+/// What only this proxy has: its listeners (bound to its pod address), the inbound route
+/// configuration, the clusters of its own application, and its certificate with the roots its
+/// clients must chain to.
+pub fn proxy_resources(
+    ir: &ProxyIr,
+    credentials: &ProxyCredentials,
+) -> Result<EnvoyResources, AdapterError> {
+    ir.validate()?;
+    let mut out = EnvoyResources {
+        secrets: own_secrets(ir, credentials),
+        ..Default::default()
+    };
+    let own = &ir.proxy.identity;
+    let trust_domain = ir.mesh.trust_domain.as_str();
+    let pod_ip = ir.proxy.pod_ip;
+    let tunnelled: BTreeSet<&str> = ir
+        .clusters
+        .iter()
+        .filter(|c| is_tunnelled(c))
+        .map(|c| c.name.as_str())
+        .collect();
+    for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
+        out.clusters.push(build_cluster(c, false));
+    }
     out.listeners.push(http_listener(
         OUTBOUND_LISTENER,
         pod_ip,
@@ -273,14 +353,11 @@ pub fn translate(
     Ok(out)
 }
 
-/// The proxy's SDS secrets: its certificate, the roots its clients must chain to, and, per
-/// upstream service with meshed endpoints, the roots and identities its servers must have.
-pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret> {
-    let own = &ir.proxy.identity;
-    let trusted_ca = || Some(inline(&credentials.trust_bundle_pem));
-    let mut out = vec![
+/// The proxy's own SDS secrets: its certificate and the roots its clients must chain to.
+fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret> {
+    vec![
         tls::Secret {
-            name: names::service_cert(own),
+            name: names::SERVICE_CERT.into(),
             r#type: Some(tls::secret::Type::TlsCertificate(tls::TlsCertificate {
                 certificate_chain: Some(inline(&credentials.cert_chain_pem)),
                 private_key: Some(inline(&credentials.private_key_pem)),
@@ -288,10 +365,10 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret>
             })),
         },
         tls::Secret {
-            name: names::inbound_validation(own),
+            name: names::inbound_validation(&ir.proxy.identity),
             r#type: Some(tls::secret::Type::ValidationContext(
                 tls::CertificateValidationContext {
-                    trusted_ca: trusted_ca(),
+                    trusted_ca: Some(inline(&credentials.trust_bundle_pem)),
                     // One purpose per certificate: the mesh CA also signs every proxy's xDS
                     // bootstrap certificate, which carries no SPIFFE URI SAN. Only service
                     // certificates (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) may connect.
@@ -304,40 +381,22 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret>
                 },
             )),
         },
-    ];
-    let mut seen = BTreeSet::new();
-    for c in ir
-        .clusters
-        .iter()
-        .filter(|c| c.kind == ClusterKind::Outbound && c.has_meshed_endpoints())
-    {
-        if !seen.insert(&c.service) {
-            continue;
-        }
-        // Endpoints of one service may sit in several clusters (one per port): same identities.
-        let identities: BTreeSet<&ServiceIdentity> = ir
-            .clusters
-            .iter()
-            .filter(|other| other.kind == ClusterKind::Outbound && other.service == c.service)
-            .flat_map(|other| other.server_identities())
-            .collect();
-        out.push(tls::Secret {
-            name: names::outbound_validation(&c.service),
-            r#type: Some(tls::secret::Type::ValidationContext(
-                tls::CertificateValidationContext {
-                    trusted_ca: trusted_ca(),
-                    match_typed_subject_alt_names: identities
-                        .into_iter()
-                        .map(|id| tls::SubjectAltNameMatcher {
-                            san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
-                            matcher: Some(exact(&id.spiffe_id(&ir.mesh.trust_domain))),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                },
-            )),
-        });
+    ]
+}
+
+/// The proxy's SDS secrets: its certificate, the roots its clients must chain to, and, per
+/// upstream service with meshed endpoints, the roots and identities its servers must have.
+pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret> {
+    let mut out = own_secrets(ir, credentials);
+    for service in ir.service_outbounds() {
+        out.extend(
+            service_resources(
+                &service,
+                &ir.mesh.trust_domain,
+                &credentials.trust_bundle_pem,
+            )
+            .secrets,
+        );
     }
     out
 }
@@ -389,7 +448,7 @@ fn transport_socket<M: Message + Name>(context: &M) -> core::TransportSocket {
 fn downstream_tls(own: &ServiceIdentity) -> core::TransportSocket {
     transport_socket(&tls::DownstreamTlsContext {
         common_tls_context: Some(tls::CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(names::service_cert(own))],
+            tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
             validation_context_type: Some(
                 tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
                     sds(names::inbound_validation(own)),
@@ -404,10 +463,12 @@ fn downstream_tls(own: &ServiceIdentity) -> core::TransportSocket {
 }
 
 /// Client side of the outbound mTLS to one service's sidecars.
-fn upstream_tls(c: &fsm_ir::Cluster, own: &ServiceIdentity, http2: bool) -> core::TransportSocket {
+/// The client certificate is named [`names::SERVICE_CERT`] whatever the proxy's identity, so
+/// that a cluster is the same resource for every proxy that may reach the service.
+fn upstream_tls(c: &fsm_ir::Cluster, http2: bool) -> core::TransportSocket {
     transport_socket(&tls::UpstreamTlsContext {
         common_tls_context: Some(tls::CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(names::service_cert(own))],
+            tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
             validation_context_type: Some(
                 tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
                     sds(names::outbound_validation(&c.service)),
@@ -729,7 +790,7 @@ fn connect_route(
     }
 }
 
-fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, own: &ServiceIdentity) -> cluster::Cluster {
+fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
     let http2 = tunnel || c.protocol == Protocol::Grpc;
     let protocol_options = if http2 {
         Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -783,7 +844,7 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, own: &ServiceIdentity) -> cl
         vec![cluster::cluster::TransportSocketMatch {
             name: "fsm-mtls".into(),
             r#match: Some(meshed_match()),
-            transport_socket: Some(upstream_tls(c, own, http2)),
+            transport_socket: Some(upstream_tls(c, http2)),
         }]
     } else {
         vec![]

@@ -96,72 +96,150 @@ pub enum AdapterError {
     Unsupported { field: String, reason: String },
 }
 
-/// Translates one proxy's IR into native resources, with its mTLS material as secrets.
+/// Translates one proxy's IR into native resources, with its mTLS material as secrets: the shared
+/// resources of every service it may reach ([`service_resources`], [`outbound_routes`]) and its
+/// own ([`proxy_resources`]).
 pub fn translate(
+    ir: &ProxyIr,
+    credentials: &ProxyCredentials,
+) -> Result<NativeResources, AdapterError> {
+    let mut out = proxy_resources(ir, credentials)?;
+    for service in ir.service_outbounds() {
+        let shared = service_resources(
+            &service,
+            &ir.mesh.trust_domain,
+            &credentials.trust_bundle_pem,
+        )?;
+        out.clusters.extend(shared.clusters);
+        out.endpoints.extend(shared.endpoints);
+        out.secrets.extend(shared.secrets);
+    }
+    out.routes.push(outbound_routes(ir.outbound.iter())?);
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.secrets.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// One service's resources shared by every proxy that may reach it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceResources {
+    pub clusters: Vec<v1::Cluster>,
+    pub endpoints: Vec<v1::ClusterLoadAssignment>,
+    pub secrets: Vec<v1::Secret>,
+}
+
+/// The resources of one service that are the same for every proxy that may reach it: its
+/// outbound clusters, their ClusterLoadAssignments and, when its endpoints are meshed, the roots
+/// and SPIFFE identities its servers must have. Built once per service and shared.
+pub fn service_resources(
+    service: &fsm_ir::ServiceOutbound,
+    trust_domain: &str,
+    trust_bundle_pem: &str,
+) -> Result<ServiceResources, AdapterError> {
+    let mut out = ServiceResources::default();
+    for c in &service.clusters {
+        out.clusters.push(cluster(c)?);
+        out.endpoints.push(load_assignment(c));
+    }
+    out.secrets
+        .extend(outbound_validation(service, trust_domain, trust_bundle_pem));
+    Ok(out)
+}
+
+/// When the service's endpoints are meshed: the roots and SPIFFE identities its servers must
+/// have.
+fn outbound_validation(
+    service: &fsm_ir::ServiceOutbound,
+    trust_domain: &str,
+    trust_bundle_pem: &str,
+) -> Option<v1::Secret> {
+    if !service.clusters.iter().any(|c| c.has_meshed_endpoints()) {
+        return None;
+    }
+    let identities: std::collections::BTreeSet<&ServiceIdentity> = service
+        .clusters
+        .iter()
+        .flat_map(|c| c.server_identities())
+        .collect();
+    Some(validation(
+        names::outbound_validation(&service.service),
+        identities
+            .into_iter()
+            .map(|id| id.spiffe_id(trust_domain))
+            .collect(),
+        trust_bundle_pem,
+    ))
+}
+
+/// Route configuration `outbound` (see [`routes::outbound`]).
+pub fn outbound_routes<'a>(
+    services: impl IntoIterator<Item = &'a fsm_ir::OutboundService>,
+) -> Result<v1::RouteConfiguration, AdapterError> {
+    routes::outbound(services)
+}
+
+/// What only this proxy has: its listeners (bound to its pod address), the inbound route
+/// configuration, its own application's clusters, and its certificate with the roots its
+/// clients must chain to.
+pub fn proxy_resources(
     ir: &ProxyIr,
     credentials: &ProxyCredentials,
 ) -> Result<NativeResources, AdapterError> {
     ir.validate()?;
     let mut out = NativeResources {
-        secrets: secrets(ir, credentials),
+        secrets: own_secrets(ir, credentials),
         ..Default::default()
     };
-    for c in &ir.clusters {
-        out.clusters.push(cluster(c, ir)?);
-        if c.kind == ClusterKind::Outbound {
-            out.endpoints.push(load_assignment(c));
-        }
+    for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
+        out.clusters.push(cluster(c)?);
     }
-    out.routes = vec![routes::outbound(ir)?, routes::inbound(ir)?];
+    out.routes = vec![routes::inbound(ir)?];
     out.listeners = listeners::all(ir, &mut out.warnings);
-
-    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
-    out.endpoints
-        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
-    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-/// This proxy's certificate, the roots its clients must chain to, and per upstream service with
-/// meshed endpoints the roots and SPIFFE identities its servers must have.
-pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
-    let own = &ir.proxy.identity;
-    let validation = |name: String, sans: Vec<String>| v1::Secret {
+fn validation(name: String, sans: Vec<String>, trust_bundle_pem: &str) -> v1::Secret {
+    v1::Secret {
         name,
         kind: Some(v1::secret::Kind::ValidationContext(v1::ValidationContext {
-            trusted_ca: credentials.trust_bundle_pem.as_bytes().to_vec(),
+            trusted_ca: trust_bundle_pem.as_bytes().to_vec(),
             match_subject_alt_names: sans,
         })),
-    };
-    let mut out = vec![
+    }
+}
+
+/// The proxy's own certificate and the roots its clients must chain to.
+fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
+    vec![
         v1::Secret {
-            name: names::service_cert(own),
+            name: names::SERVICE_CERT.into(),
             kind: Some(v1::secret::Kind::TlsCertificate(v1::TlsCertificate {
                 certificate_chain: credentials.cert_chain_pem.as_bytes().to_vec(),
                 private_key: credentials.private_key_pem.as_bytes().to_vec(),
             })),
         },
-        validation(names::inbound_validation(own), vec![]),
-    ];
-    let mut services: BTreeMap<&fsm_ir::ServiceRef, std::collections::BTreeSet<&ServiceIdentity>> =
-        BTreeMap::new();
-    for c in ir
-        .clusters
-        .iter()
-        .filter(|c| c.kind == ClusterKind::Outbound && c.has_meshed_endpoints())
-    {
-        services
-            .entry(&c.service)
-            .or_default()
-            .extend(c.server_identities());
-    }
-    for (service, identities) in services {
-        let sans = identities
-            .into_iter()
-            .map(|id| id.spiffe_id(&ir.mesh.trust_domain))
-            .collect();
-        out.push(validation(names::outbound_validation(service), sans));
+        validation(
+            names::inbound_validation(&ir.proxy.identity),
+            vec![],
+            &credentials.trust_bundle_pem,
+        ),
+    ]
+}
+
+/// This proxy's certificate, the roots its clients must chain to, and per upstream service with
+/// meshed endpoints the roots and SPIFFE identities its servers must have.
+pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
+    let mut out = own_secrets(ir, credentials);
+    for service in ir.service_outbounds() {
+        out.extend(outbound_validation(
+            &service,
+            &ir.mesh.trust_domain,
+            &credentials.trust_bundle_pem,
+        ));
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -172,7 +250,7 @@ pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> 
 /// from the same CA, is refused); `match_subject_alt_names` compares exactly, so no prefix is sent.
 fn downstream_tls(own: &ServiceIdentity) -> v1::DownstreamTls {
     v1::DownstreamTls {
-        certificate_secret: names::service_cert(own),
+        certificate_secret: names::SERVICE_CERT.into(),
         validation_secret: names::inbound_validation(own),
         require_client_certificate: true,
     }
@@ -247,7 +325,7 @@ fn connect_authority(service: &fsm_ir::ServiceRef, port: u16) -> String {
 
 // === clusters ===
 
-fn cluster(c: &fsm_ir::Cluster, ir: &ProxyIr) -> Result<v1::Cluster, AdapterError> {
+fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
     let discovery = match c.kind {
         ClusterKind::Outbound => v1::cluster::Discovery::Eds(v1::EdsDiscovery {}),
         // The application in this pod never moves while the pod lives: no EDS round trip needed.
@@ -281,7 +359,8 @@ fn cluster(c: &fsm_ir::Cluster, ir: &ProxyIr) -> Result<v1::Cluster, AdapterErro
         // Only meshed endpoints terminate TLS; the sidecar connects to unmeshed ones in plaintext.
         tls: (c.kind == ClusterKind::Outbound && c.has_meshed_endpoints()).then(|| {
             v1::UpstreamTls {
-                certificate_secret: names::service_cert(&ir.proxy.identity),
+                // One name in every proxy, so the cluster is shared (see `names::SERVICE_CERT`).
+                certificate_secret: names::SERVICE_CERT.into(),
                 validation_secret: names::outbound_validation(&c.service),
                 sni: c.service.fqdn(),
                 server_identities: c.server_identities().into_iter().map(identity).collect(),

@@ -3,18 +3,21 @@
 use std::collections::BTreeSet;
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{HttpRoute, PathMatch, ProxyIr};
+use fsm_ir::{HttpRoute, OutboundService, PathMatch, ProxyIr};
 
 use crate::{
     AdapterError, INBOUND_ROUTES, OUTBOUND_ROUTES, allowed_sources, connect_authority, duration_ms,
     weighted,
 };
 
-/// One virtual host per HTTP service port this proxy may call, routed by Host.
-pub(crate) fn outbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterError> {
+/// One virtual host per HTTP service port this proxy may call, routed by Host: the same for every
+/// proxy that may reach the same services.
+pub fn outbound<'a>(
+    services: impl IntoIterator<Item = &'a OutboundService>,
+) -> Result<v1::RouteConfiguration, AdapterError> {
     let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
-    for svc in ir.outbound.iter().filter(|s| s.protocol.is_http()) {
+    for svc in services.into_iter().filter(|s| s.protocol.is_http()) {
         let owner = format!("outbound[{}|{}]", svc.service, svc.port);
         virtual_hosts.push(v1::VirtualHost {
             name: format!("{}|{}", svc.service, svc.port),

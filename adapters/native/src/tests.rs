@@ -777,7 +777,7 @@ fn encode_lists_every_type_sorted_by_name() {
         [
             "root-cert-for-mtls-inbound:app/me",
             "root-cert-for-mtls-outbound:app/x",
-            "service-cert:app/me"
+            "service-cert"
         ]
     );
     let (_, bytes) = &encoded[type_url::CLUSTER][1];

@@ -28,13 +28,10 @@ pub mod names {
 
     use super::{ServiceIdentity, ServiceRef};
 
-    /// SDS name of a proxy's own certificate and key (its service identity).
-    pub fn service_cert(identity: &ServiceIdentity) -> String {
-        format!(
-            "service-cert:{}/{}",
-            identity.namespace, identity.service_account
-        )
-    }
+    /// SDS name of a proxy's own certificate and key (its service identity). The same name in
+    /// every proxy (a proxy has exactly one identity): the clusters that present it are then
+    /// the same resource for every proxy that may reach a service, built and encoded once.
+    pub const SERVICE_CERT: &str = "service-cert";
 
     /// SDS name of what a proxy checks its clients' certificates against.
     pub fn inbound_validation(identity: &ServiceIdentity) -> String {
@@ -377,6 +374,36 @@ pub enum IrError {
 }
 
 impl ProxyIr {
+    /// The proxy's outbound entries and clusters grouped by service, as the compiler's view
+    /// shares them.
+    pub fn service_outbounds(&self) -> Vec<ServiceOutbound> {
+        let mut services: BTreeMap<&ServiceRef, ServiceOutbound> = BTreeMap::new();
+        let entry = |service: &ServiceRef| ServiceOutbound {
+            service: service.clone(),
+            ports: vec![],
+            clusters: vec![],
+        };
+        for port in &self.outbound {
+            services
+                .entry(&port.service)
+                .or_insert_with(|| entry(&port.service))
+                .ports
+                .push(port.clone());
+        }
+        for cluster in self
+            .clusters
+            .iter()
+            .filter(|c| c.kind == ClusterKind::Outbound)
+        {
+            services
+                .entry(&cluster.service)
+                .or_insert_with(|| entry(&cluster.service))
+                .clusters
+                .push(cluster.clone());
+        }
+        services.into_values().collect()
+    }
+
     /// Checks the invariants adapters rely on: every referenced cluster exists exactly once and
     /// every set of weighted backends can carry traffic.
     pub fn validate(&self) -> Result<(), IrError> {
