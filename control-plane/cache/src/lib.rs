@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -100,6 +100,27 @@ impl TypeSnapshot {
         content_version(&parts)
     }
 
+    /// A set of resources already shared with other snapshots (content-addressed: equal
+    /// resources are the same `Arc`).
+    pub fn from_shared(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> = resources
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let version = Self::version_of(resources.values().map(|r| &**r));
+        TypeSnapshot {
+            version,
+            resources,
+            sections: wire::Sections::default(),
+        }
+    }
+
+    /// The union of two sets (`b` wins on a name both have): a proxy's shared and own resources
+    /// of one type.
+    pub fn merged(a: &TypeSnapshot, b: &TypeSnapshot) -> Self {
+        Self::from_shared(a.resources().chain(b.resources()).cloned())
+    }
+
     pub fn version(&self) -> &Arc<str> {
         &self.version
     }
@@ -121,11 +142,26 @@ impl TypeSnapshot {
     }
 }
 
-/// Everything one proxy should have, per type.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Everything one proxy should have, per type. Each type's set is shared (by `Arc`) with every
+/// proxy whose set of that type has the same content, so a snapshot costs a few pointers.
+#[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    types: BTreeMap<TypeUrl, TypeSnapshot>,
+    types: BTreeMap<TypeUrl, Arc<TypeSnapshot>>,
 }
+
+/// Versions are content hashes: equal versions are equal content.
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.types.len() == other.types.len()
+            && self
+                .types
+                .iter()
+                .zip(&other.types)
+                .all(|((ta, a), (tb, b))| ta == tb && a.version == b.version)
+    }
+}
+
+impl Eq for Snapshot {}
 
 /// An adapter's output: per type URL, `(resource name, serialized message)` sorted by name.
 pub type Encoded = BTreeMap<TypeUrl, Vec<(String, Vec<u8>)>>;
@@ -162,14 +198,30 @@ impl Snapshot {
         Snapshot {
             types: types
                 .into_iter()
-                .map(|(t, rs)| (t, TypeSnapshot::new(rs)))
+                .map(|(t, rs)| (t, Arc::new(TypeSnapshot::new(rs))))
                 .collect(),
+        }
+    }
+
+    /// A snapshot of sets shared with other snapshots.
+    pub fn from_types(types: impl IntoIterator<Item = (TypeUrl, Arc<TypeSnapshot>)>) -> Self {
+        Snapshot {
+            types: types.into_iter().collect(),
         }
     }
 
     /// Resources of `type_url`; an empty set for a type the adapter did not produce.
     pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
+        self.types.get(type_url).map(|t| &**t)
+    }
+
+    /// The shared set of `type_url`.
+    pub fn get_shared(&self, type_url: &str) -> Option<&Arc<TypeSnapshot>> {
         self.types.get(type_url)
+    }
+
+    pub fn types(&self) -> impl Iterator<Item = (TypeUrl, &Arc<TypeSnapshot>)> {
+        self.types.iter().map(|(t, s)| (*t, s))
     }
 
     pub fn versions(&self) -> BTreeMap<TypeUrl, Arc<str>> {
@@ -234,19 +286,22 @@ pub struct ProxyStatus {
 
 struct Entry {
     published: watch::Sender<Published>,
-    status: ProxyStatus,
+    /// Its own lock: streams record sends and ACKs of one proxy without stopping the others.
+    status: Mutex<ProxyStatus>,
 }
 
 impl Entry {
     fn new() -> Self {
         Entry {
             published: watch::Sender::new(Published::Pending),
-            status: ProxyStatus::default(),
+            status: Mutex::new(ProxyStatus::default()),
         }
     }
 }
 
 /// The per-proxy snapshot store shared by the controller (writer) and the ADS streams (readers).
+/// Only a stream opening or closing takes the write lock; publishing, sending and ACKs take the
+/// read lock and the one proxy's entry.
 #[derive(Default)]
 pub struct SnapshotCache {
     entries: RwLock<HashMap<ProxyKey, Entry>>,
@@ -261,8 +316,8 @@ impl SnapshotCache {
     /// content is unchanged or the proxy has no stream: a proxy is known to the cache only while
     /// one of its streams is open, so a publish racing a disconnect leaves nothing behind.
     pub fn set(&self, key: &ProxyKey, snapshot: Snapshot) -> bool {
-        let mut entries = self.entries.write();
-        let Some(entry) = entries.get_mut(key) else {
+        let entries = self.entries.read();
+        let Some(entry) = entries.get(key) else {
             return false;
         };
         let versions = snapshot.versions();
@@ -274,16 +329,12 @@ impl SnapshotCache {
             *current = Published::Snapshot(snapshot.clone());
             true
         });
-        for (type_url, status) in entry.status.types.iter_mut() {
+        let mut status = entry.status.lock();
+        for (type_url, status) in status.types.iter_mut() {
             status.snapshot_version = versions.get(type_url).cloned();
         }
         for (type_url, version) in versions {
-            entry
-                .status
-                .types
-                .entry(type_url)
-                .or_default()
-                .snapshot_version = Some(version);
+            status.types.entry(type_url).or_default().snapshot_version = Some(version);
         }
         changed
     }
@@ -291,8 +342,8 @@ impl SnapshotCache {
     /// Closes the proxy's streams with `reason` (which starts with its FSM error code): its
     /// identity matches no pod. Returns whether any stream was told.
     pub fn refuse(&self, key: &ProxyKey, reason: impl Into<Arc<str>>) -> bool {
-        let mut entries = self.entries.write();
-        let Some(entry) = entries.get_mut(key) else {
+        let entries = self.entries.read();
+        let Some(entry) = entries.get(key) else {
             return false;
         };
         let reason = reason.into();
@@ -316,7 +367,7 @@ impl SnapshotCache {
     pub fn subscribe(&self, key: &ProxyKey) -> watch::Receiver<Published> {
         let mut entries = self.entries.write();
         let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
-        entry.status.connected_streams += 1;
+        entry.status.get_mut().connected_streams += 1;
         entry.published.subscribe()
     }
 
@@ -324,8 +375,9 @@ impl SnapshotCache {
     pub fn unsubscribe(&self, key: &ProxyKey) {
         let mut entries = self.entries.write();
         if let Some(entry) = entries.get_mut(key) {
-            entry.status.connected_streams = entry.status.connected_streams.saturating_sub(1);
-            if entry.status.connected_streams == 0 {
+            let status = entry.status.get_mut();
+            status.connected_streams = status.connected_streams.saturating_sub(1);
+            if status.connected_streams == 0 {
                 entries.remove(key);
             }
         }
@@ -337,7 +389,7 @@ impl SnapshotCache {
             .entries
             .read()
             .iter()
-            .filter(|(_, e)| e.status.connected_streams > 0)
+            .filter(|(_, e)| e.status.lock().connected_streams > 0)
             .map(|(k, _)| k.clone())
             .collect();
         keys.sort();
@@ -345,11 +397,12 @@ impl SnapshotCache {
     }
 
     pub fn record(&self, key: &ProxyKey, type_url: TypeUrl, event: SyncEvent) {
-        let mut entries = self.entries.write();
-        let Some(entry) = entries.get_mut(key) else {
+        let entries = self.entries.read();
+        let Some(entry) = entries.get(key) else {
             return;
         };
-        let status = entry.status.types.entry(type_url).or_default();
+        let mut status = entry.status.lock();
+        let status = status.types.entry(type_url).or_default();
         match event {
             SyncEvent::Sent { version, .. } => {
                 status.sent_version = Some(version);
@@ -369,7 +422,7 @@ impl SnapshotCache {
         self.entries
             .read()
             .iter()
-            .map(|(k, e)| (k.clone(), e.status.clone()))
+            .map(|(k, e)| (k.clone(), e.status.lock().clone()))
             .collect()
     }
 }
