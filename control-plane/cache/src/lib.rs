@@ -15,7 +15,9 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 
+mod names;
 mod wire;
+pub use names::{NameId, Names, version_key};
 pub use wire::Flavor;
 
 /// A resource type URL (`type.googleapis.com/envoy.config.cluster.v3.Cluster`, …).

@@ -54,6 +54,8 @@ pub enum Flavor {
 pub(crate) struct Entries {
     sotw: OnceLock<(TypeUrl, Bytes)>,
     delta: OnceLock<(TypeUrl, Bytes)>,
+    /// The resource's interned name ([`crate::Resource::id`]).
+    pub(crate) id: OnceLock<crate::NameId>,
 }
 
 impl Entries {

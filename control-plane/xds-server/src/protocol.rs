@@ -25,6 +25,7 @@ use fsm_cache::{Resource, Snapshot, SyncEvent, TypeUrl};
 use fsm_errcode::{ErrCode, HasErrCode};
 
 mod delta;
+mod ids;
 mod sotw;
 
 pub use delta::DeltaStream;

@@ -15,11 +15,12 @@
 //!   names resumed with `initial_resource_versions` are not.
 //! - A wildcard subscriber only ever sees removals of names it was sent or asked for by name.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fsm_cache::{Resource, Snapshot, TypeSnapshot, TypeUrl};
+use fsm_cache::{NameId, Resource, Snapshot, TypeUrl, version_key};
 
+use super::ids::{IdSet, VersionMap};
 use super::{
     DeltaRequest, Event, Nonces, Ordered, Output, ProtocolError, Response, XdsStream,
     empty_version, resolve,
@@ -33,24 +34,27 @@ pub struct DeltaStream {
     types: BTreeMap<Ordered, TypeState>,
 }
 
+/// Names are interned ([`NameId`]) and versions kept as [`version_key`]s, so a type costs about
+/// 12 bytes per resource the client holds, not two strings and a B-tree node.
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<Arc<str>>,
+    names: IdSet,
     /// What the client has, name → version: seeded from its initial versions, updated when we
     /// send (optimistically: a NACK does not tell which resources the client kept).
-    client: BTreeMap<Arc<str>, Arc<str>>,
+    client: VersionMap,
     /// Versions the client rejected, name → version, never sent again.
-    nacked: BTreeMap<Arc<str>, Arc<str>>,
+    nacked: VersionMap,
     /// Names subscribed by name and not answered since: each is sent, or listed as removed when
     /// the snapshot lacks it. Emptied whenever a snapshot is at hand, so it only holds names between
     /// a subscription and the first snapshot.
-    unanswered: BTreeSet<Arc<str>>,
+    unanswered: IdSet,
     last_nonce: Option<Arc<str>>,
     /// `system_version_info` of the last response, what an ACK or NACK refers to.
     sent_version: Option<Arc<str>>,
-    /// The resources of the last response, parked per resource if it is NACKed.
-    in_flight: Vec<(Arc<str>, Arc<str>)>,
+    /// The resources of the last response, parked per resource if it is NACKed; emptied by
+    /// its ACK.
+    in_flight: VersionMap,
     /// A fresh wildcard subscription (no initial versions) is answered even when the type is
     /// empty: Envoy holds its initialization until the first CDS/LDS response arrives.
     answer_empty: bool,
@@ -62,8 +66,8 @@ struct TypeState {
 // === TypeState ===
 
 impl TypeState {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    fn wants(&self, id: NameId) -> bool {
+        self.wildcard || self.names.contains(id)
     }
 
     /// Applies a request's subscription changes. On the first request of a stream, names the
@@ -80,42 +84,44 @@ impl TypeState {
                 self.wildcard = true;
                 continue;
             }
-            let name: Arc<str> = Arc::from(name);
-            if first && self.client.contains_key(&name) {
-                self.names.insert(name);
+            let id = NameId::of(&name);
+            if first && self.client.contains(id) {
+                self.names.insert(id);
                 continue;
             }
             // Forgetting the client's version makes the resource go out again.
-            self.client.remove(&name);
-            self.unanswered.insert(name.clone());
-            self.names.insert(name);
+            self.client.remove(id);
+            self.unanswered.insert(id);
+            self.names.insert(id);
         }
         for name in unsubscribe {
             if name == "*" {
                 self.wildcard = false;
                 continue;
             }
-            self.unanswered.remove(name.as_str());
-            if self.names.remove(name.as_str())
-                && self.wildcard
-                && let Some((name, _)) = self.client.remove_entry(name.as_str())
-            {
+            // A name never seen by the process is in no set of this stream.
+            let Some(id) = NameId::find(&name) else {
+                continue;
+            };
+            self.unanswered.remove(id);
+            if self.names.remove(id) && self.wildcard && self.client.remove(id).is_some() {
                 // The client cannot tell whether the wildcard covers a resource it held by name,
                 // so it must be told: sent again if it exists, removed if not.
-                self.unanswered.insert(name);
+                self.unanswered.insert(id);
             }
         }
         // Forget what the client dropped with its unsubscriptions, so a later subscription to the
         // same name sends it again. Rejected versions stay parked: resubscribing must not bring
         // them back.
         let (wildcard, names) = (self.wildcard, &self.names);
-        self.client
-            .retain(|name, _| wildcard || names.contains(name));
+        self.client.retain(|id, _| wildcard || names.contains(id));
+        self.names.shrink();
+        self.unanswered.shrink();
     }
 
     fn is_new(&self, resource: &Resource) -> bool {
-        self.client.get(&resource.name) != Some(&resource.version)
-            && self.nacked.get(&resource.name) != Some(&resource.version)
+        let (id, version) = (resource.id(), resource.version_key());
+        self.client.get(id) != Some(version) && self.nacked.get(id) != Some(version)
     }
 }
 
@@ -165,10 +171,10 @@ impl XdsStream for DeltaStream {
                 }
                 let wildcard =
                     request.subscribe.is_empty() || request.subscribe.iter().any(|n| n == "*");
-                let client: BTreeMap<Arc<str>, Arc<str>> = request
+                let client: VersionMap = request
                     .initial_resource_versions
-                    .into_iter()
-                    .map(|(name, version)| (Arc::from(name), Arc::from(version)))
+                    .iter()
+                    .map(|(name, version)| (NameId::of(name), version_key(version)))
                     .collect();
                 self.types.entry(key).or_insert(TypeState {
                     wildcard,
@@ -190,7 +196,7 @@ impl XdsStream for DeltaStream {
                     if let Some(version) = state.sent_version.clone() {
                         match request.error_detail {
                             Some(error) => {
-                                state.nacked.extend(in_flight);
+                                state.nacked.extend(in_flight.iter());
                                 out.events.push(Event::Nack {
                                     type_url,
                                     version,
@@ -267,51 +273,65 @@ fn respond(
 ) -> Option<Response> {
     let types = snapshot.get(type_url);
     let lookup = |name: &str| types.and_then(|t| t.get(name));
-    let resources: Vec<Arc<Resource>> = if state.wildcard {
+    let resources: Vec<Arc<Resource>> = match types {
+        None => Vec::new(),
         // Explicit names are covered by the wildcard, so this sees every wanted resource once.
-        types
-            .into_iter()
-            .flat_map(TypeSnapshot::resources)
-            .filter(|r| state.is_new(r))
+        Some(t) if state.wildcard => t.resources().filter(|r| state.is_new(r)).cloned().collect(),
+        // Most of the type: walk it, which keeps its (name) order.
+        Some(t) if 2 * state.names.len() >= t.len() => t
+            .resources()
+            .filter(|r| state.names.contains(r.id()) && state.is_new(r))
             .cloned()
-            .collect()
-    } else {
-        state
-            .names
-            .iter()
-            .filter_map(|n| lookup(n))
-            .filter(|r| state.is_new(r))
-            .cloned()
-            .collect()
+            .collect(),
+        Some(t) => {
+            let mut resources: Vec<Arc<Resource>> = NameId::with_names(|names| {
+                state
+                    .names
+                    .iter()
+                    .filter_map(|id| t.get(names.str(id)))
+                    .filter(|r| state.is_new(r))
+                    .cloned()
+                    .collect()
+            });
+            resources.sort_by(|a, b| a.name.cmp(&b.name));
+            resources
+        }
     };
     // Gone: what the client holds that no longer exists, and names it asked for that do not.
     // Only these two, so a wildcard subscriber never hears of names it does not know.
     let unanswered = std::mem::take(&mut state.unanswered);
-    let removed: Vec<Arc<str>> = state
-        .client
-        .keys()
-        .chain(&unanswered)
-        .filter(|name| state.wants(name) && lookup(name).is_none())
-        .cloned()
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let mut removed: Vec<(Arc<str>, NameId)> = NameId::with_names(|names| {
+        state
+            .client
+            .ids()
+            .chain(unanswered.iter())
+            .filter(|id| state.wants(*id) && lookup(names.str(*id)).is_none())
+            .map(|id| (names.get(id), id))
+            .collect()
+    });
+    removed.sort();
+    removed.dedup();
     // A rejected version that is no longer current can never match again.
-    state
-        .nacked
-        .retain(|name, version| lookup(name).is_some_and(|r| r.version == *version));
+    if !state.nacked.is_empty() {
+        NameId::with_names(|names| {
+            state.nacked.retain(|id, version| {
+                lookup(names.str(id)).is_some_and(|r| r.version_key() == version)
+            });
+        });
+    }
     if resources.is_empty() && removed.is_empty() && !state.answer_empty {
         return None;
     }
 
-    for name in &removed {
-        state.client.remove(name);
+    for (_, id) in &removed {
+        state.client.remove(*id);
     }
     state.in_flight = resources
         .iter()
-        .map(|r| (r.name.clone(), r.version.clone()))
+        .map(|r| (r.id(), r.version_key()))
         .collect();
-    state.client.extend(state.in_flight.iter().cloned());
+    state.client.extend(state.in_flight.iter());
+    let removed = removed.into_iter().map(|(name, _)| name).collect();
     let version = types.map_or_else(empty_version, |t| t.version().clone());
     let nonce = nonces.next();
     state.sent_version = Some(version.clone());
@@ -328,6 +348,8 @@ fn respond(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use test_case::test_case;
 
     use super::super::test_support::{render, snap};
@@ -779,6 +801,10 @@ mod tests {
 /// stale nonces, checked against a model of the client (what Envoy holds and still waits for).
 #[cfg(test)]
 mod properties {
+    use std::collections::BTreeSet;
+
+    use fsm_cache::TypeSnapshot;
+
     use proptest::prelude::*;
 
     use super::super::ENDPOINT;
@@ -808,6 +834,9 @@ mod properties {
             unsubscribe: u8,
             nonce: Nonce,
         },
+        /// The client reconnects on a new stream, resuming with what it holds
+        /// (`initial_resource_versions`) and its subscriptions.
+        Reconnect,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -824,6 +853,7 @@ mod properties {
                 unsubscribe: unsubscribe & !subscribe,
                 nonce,
             }),
+            Just(Op::Reconnect),
         ]
     }
 
@@ -896,6 +926,45 @@ mod properties {
                 response_nonce,
                 error_detail: matches!(nonce, Nonce::StaleNack).then(|| "rejected".to_owned()),
             }
+        }
+
+        /// The first request on a new stream: what Envoy sends after a reconnect. Names it holds
+        /// are not owed an answer; the others it subscribed to are.
+        fn resume(&mut self) -> DeltaRequest {
+            self.nonces.clear();
+            self.waiting = self
+                .subscribed
+                .iter()
+                .filter(|n| !self.holds.contains_key(*n))
+                .cloned()
+                .collect();
+            let wildcard = self.wildcard.then(|| "*".to_owned());
+            DeltaRequest {
+                type_url: ENDPOINT.to_owned(),
+                subscribe: wildcard
+                    .into_iter()
+                    .chain(self.subscribed.iter().cloned())
+                    .collect(),
+                initial_resource_versions: self
+                    .holds
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.to_string()))
+                    .collect(),
+                ..DeltaRequest::default()
+            }
+        }
+
+        /// Nothing the client resumed with in its current version may be sent again.
+        fn check_resumed(&self, out: &Output) -> Result<(), String> {
+            for resource in out.responses.iter().flat_map(|r| &r.resources) {
+                if self.holds.get(&*resource.name) == Some(&resource.version) {
+                    return Err(format!(
+                        "{} resent after a resume that held it",
+                        resource.name
+                    ));
+                }
+            }
+            Ok(())
         }
 
         /// Takes in the responses, checking each against the snapshot they were built from.
@@ -987,6 +1056,20 @@ mod properties {
                     stream
                         .on_request(request, Some(&snapshot))
                         .map_err(|e| e.to_string())?
+                }
+                // With no names, Envoy has nothing to ask for on a new stream (an empty first
+                // request would mean wildcard).
+                Op::Reconnect if !client.wildcard && client.subscribed.is_empty() => {
+                    Output::default()
+                }
+                Op::Reconnect => {
+                    stream = DeltaStream::new();
+                    let request = client.resume();
+                    let out = stream
+                        .on_request(request, Some(&snapshot))
+                        .map_err(|e| e.to_string())?;
+                    client.check_resumed(&out)?;
+                    out
                 }
             };
             client.receive(&out, Some(&snapshot))?;

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use fsm_cache::{Resource, Snapshot, TypeSnapshot, TypeUrl};
+use fsm_cache::{NameId, Resource, Snapshot, TypeSnapshot, TypeUrl};
 
 use super::{
     Event, Nonces, Ordered, Output, ProtocolError, Response, SotwRequest, XdsStream, empty_version,
@@ -21,7 +21,9 @@ pub struct SotwStream {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Subscription {
     Wildcard,
-    Names(BTreeSet<String>),
+    /// Interned names in name order (the order responses list them in, so a subscription to
+    /// every resource of a type is labelled with the type's version): 4 bytes per name.
+    Names(Box<[NameId]>),
 }
 
 #[derive(Debug)]
@@ -46,7 +48,10 @@ impl Subscription {
         }
         match previous {
             None | Some(Subscription::Wildcard) if names.is_empty() => Subscription::Wildcard,
-            _ => Subscription::Names(names.iter().cloned().collect()),
+            _ => {
+                let sorted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+                Subscription::Names(sorted.into_iter().map(NameId::of).collect())
+            }
         }
     }
 }
@@ -197,12 +202,15 @@ fn respond(
                     .unwrap_or_default(),
             )
         }
-        Subscription::Names(names) => {
-            let resources: Vec<Arc<Resource>> = names
-                .iter()
-                .filter_map(|n| types.and_then(|t| t.get(n)))
-                .cloned()
-                .collect();
+        Subscription::Names(ids) => {
+            let resources: Vec<Arc<Resource>> = types.map_or_else(Vec::new, |t| {
+                NameId::with_names(|names| {
+                    ids.iter()
+                        .filter_map(|id| t.get(names.str(*id)))
+                        .cloned()
+                        .collect()
+                })
+            });
             let version = TypeSnapshot::version_of(resources.iter().map(|r| &**r));
             if is_known(state, &version) {
                 return None;
