@@ -26,6 +26,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/debug/proxies", get(proxies))
         .route("/debug/config", get(config))
         .route("/debug/problems", get(problems))
+        .route("/debug/recompute", get(recompute))
         .route("/debug/source", get(source))
         .with_state(state);
     axum::serve(listener, app).await
@@ -54,6 +55,12 @@ async fn proxies(State(state): State<AppState>) -> impl IntoResponse {
 /// Per proxy: node id, pod, and why its configuration is missing or partial.
 async fn config(State(state): State<AppState>) -> impl IntoResponse {
     Json(state.runner.proxies())
+}
+
+/// What the last batch of catalog changes cost: proxies recompiled, resources encoded,
+/// snapshots published.
+async fn recompute(State(state): State<AppState>) -> impl IntoResponse {
+    Json(state.runner.last_change())
 }
 
 /// Objects that were rejected, each naming the object and field with its FSM error code.

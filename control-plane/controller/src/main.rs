@@ -4,6 +4,8 @@ mod bootstrap;
 mod http;
 mod identity;
 mod leader;
+mod metrics;
+mod publish;
 mod runner;
 mod source;
 

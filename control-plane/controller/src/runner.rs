@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fsm_cache::{ProxyKey, Snapshot, SnapshotCache};
+use fsm_cache::{ProxyKey, SnapshotCache};
 use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, SidecarProxy};
 use fsm_certs::{CertKey, CertManager, IssuedCertificate};
-use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile};
+use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{ProxyCredentials, ServiceIdentity};
 use fsm_xds_server::{DataPlane, ProxyEvent, StreamId};
@@ -18,6 +18,9 @@ use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
+
+use crate::metrics::{Work, metrics};
+use crate::publish::{Own, Publisher, SharedKey};
 
 /// Bursts of source events (an editor saving several files, a relist) are applied together:
 /// recompute once the stream has been quiet this long…
@@ -50,6 +53,20 @@ pub struct State {
     /// Objects the catalog refused, and pods refused a proxy UUID another pod holds, as
     /// `<code>: <object and field>: <why>`.
     rejected: RwLock<Vec<String>>,
+    /// What the last batch of catalog changes cost.
+    last_change: RwLock<Option<ChangeReport>>,
+}
+
+/// The cost of one batch of catalog changes, for `/debug/recompute` and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeReport {
+    /// Batches applied so far, this one included.
+    pub batch: u64,
+    /// Catalog objects the batch changed.
+    pub objects: usize,
+    #[serde(flatten)]
+    pub work: Work,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -77,6 +94,11 @@ impl State {
     pub fn rejected(&self) -> Vec<String> {
         self.rejected.read().clone()
     }
+
+    /// What the last batch of catalog changes cost (`None` before the first).
+    pub fn last_change(&self) -> Option<ChangeReport> {
+        *self.last_change.read()
+    }
 }
 
 pub struct Runner {
@@ -90,7 +112,11 @@ pub struct Runner {
     catalog_ready: bool,
     certs: CertManager,
     /// The service certificate of each identity with a connected proxy.
-    credentials: HashMap<ServiceIdentity, ProxyCredentials>,
+    credentials: HashMap<ServiceIdentity, Arc<ProxyCredentials>>,
+    /// The shared parts of proxies' configurations and the interned per-proxy sets.
+    publisher: Publisher,
+    /// Whether the publisher's view has been built from the loaded catalog.
+    view_loaded: bool,
     /// Identities whose certificate is being issued.
     pending: HashSet<ServiceIdentity>,
     /// Rotations announced per identity. A certificate fetched before a rotation (a trust-bundle
@@ -112,6 +138,25 @@ struct ConnectedProxy {
     /// Each open stream and the data plane it is served: the snapshot carries the resources of
     /// every data plane in use, and each stream takes only its own.
     streams: BTreeMap<StreamId, DataPlane>,
+    /// Its own part, as last compiled.
+    own: Option<OwnPart>,
+}
+
+/// A proxy's own part and what it was built from: a change to any of these recompiles it.
+struct OwnPart {
+    own: Own,
+    data_planes: Vec<DataPlane>,
+    credentials: Arc<ProxyCredentials>,
+    trust_bundle: Arc<str>,
+}
+
+impl OwnPart {
+    fn shared_keys(&self) -> impl Iterator<Item = SharedKey> + '_ {
+        self.data_planes.iter().map(|data_plane| SharedKey {
+            data_plane: *data_plane,
+            trust_bundle: self.trust_bundle.clone(),
+        })
+    }
 }
 
 impl ConnectedProxy {
@@ -140,6 +185,8 @@ impl Runner {
             catalog_ready: false,
             certs,
             credentials: HashMap::new(),
+            publisher: Publisher::default(),
+            view_loaded: false,
             pending: HashSet::new(),
             cert_epochs: HashMap::new(),
             validity: fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY,
@@ -190,7 +237,7 @@ impl Runner {
                             *current = now;
                             modified
                         });
-                        self.publish_all();
+                        self.on_catalog_changed();
                     }
                 }
                 Some(event) = proxy_rx.recv() => self.on_proxy(event),
@@ -246,6 +293,7 @@ impl Runner {
                     .or_insert_with(|| ConnectedProxy {
                         node_id: String::new(),
                         streams: BTreeMap::new(),
+                        own: None,
                     });
                 proxy.node_id = node.node_id;
                 proxy.streams.insert(stream, data_plane);
@@ -254,7 +302,8 @@ impl Runner {
                     .or_default()
                     .insert(key.clone());
                 if self.catalog_ready {
-                    self.publish(&key);
+                    self.publish(&key, false);
+                    self.record_work();
                 }
             }
             ProxyEvent::Disconnected { stream, proxy: key } => {
@@ -278,7 +327,8 @@ impl Runner {
                     }
                 } else if proxy.data_planes() != before && self.catalog_ready {
                     // A data plane no stream speaks any more: stop computing its resources.
-                    self.publish(&key);
+                    self.publish(&key, false);
+                    self.record_work();
                 }
             }
         }
@@ -374,16 +424,18 @@ impl Runner {
             Ok(cert) => {
                 self.credentials.insert(
                     identity,
-                    ProxyCredentials {
+                    Arc::new(ProxyCredentials {
                         cert_chain_pem: cert.cert_chain_pem.clone(),
                         private_key_pem: cert.private_key.expose_pem().to_owned(),
                         trust_bundle_pem: cert.trust_bundle_pem.clone(),
-                    },
+                    }),
                 );
                 if self.catalog_ready {
                     for key in &affected {
-                        self.publish(key);
+                        self.publish(key, false);
                     }
+                    self.retain_shared();
+                    self.record_work();
                 }
             }
             Err((code, message)) => {
@@ -405,77 +457,173 @@ impl Runner {
         }
     }
 
-    /// Every connected proxy may route to every meshed service (permissive mode), so a catalog
-    /// change can affect all of them; the cache wakes only the proxies whose resources changed.
-    fn publish_all(&mut self) {
-        let keys: Vec<ProxyKey> = self.nodes.keys().cloned().collect();
+    /// Applies the catalog's pending changes: the view and the shared parts are refreshed for
+    /// what changed, the proxies whose own part a change touches are recompiled, and every proxy
+    /// whose shared or own sets changed gets its new snapshot. Nothing else is looked at.
+    fn on_catalog_changed(&mut self) {
         let started = std::time::Instant::now();
-        for key in &keys {
-            self.publish(key);
+        let changes = self.catalog.take_changes();
+        let targets: Vec<(ProxyKey, bool)> = if !self.view_loaded {
+            self.publisher.load(&self.catalog);
+            self.view_loaded = true;
+            self.nodes.keys().map(|key| (key.clone(), true)).collect()
+        } else {
+            let refreshed = self.publisher.refresh(&self.catalog, &changes);
+            self.nodes
+                .iter()
+                .filter_map(|(key, proxy)| {
+                    let recompile = refreshed.scope.covers(&key.uuid, &key.namespace);
+                    let shared_changed = proxy.own.as_ref().is_some_and(|own| {
+                        own.shared_keys().any(|k| refreshed.changed.contains(&k))
+                    });
+                    (recompile || shared_changed).then(|| (key.clone(), recompile))
+                })
+                .collect()
+        };
+        for (key, recompile) in &targets {
+            self.publish(key, *recompile);
         }
+        self.retain_shared();
+        let work = self.record_work();
+        metrics().changes.inc();
+        metrics()
+            .recompute_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut last = self.state.last_change.write();
+        *last = Some(ChangeReport {
+            batch: last.map_or(1, |l| l.batch + 1),
+            objects: changes.objects.len(),
+            work,
+        });
+        drop(last);
         tracing::debug!(
-            proxies = keys.len(),
+            objects = changes.objects.len(),
+            proxies = targets.len(),
+            recompiled = work.proxies_recompiled,
+            encoded = work.resources_encoded,
+            published = work.snapshots_published,
             elapsed_us = started.elapsed().as_micros() as u64,
-            "recomputed snapshots"
+            "applied catalog changes"
         );
     }
 
-    /// Recomputes one proxy's snapshot. Nothing goes out before the proxy is matched to the pod
-    /// that owns its UUID with the identity its certificate proves; a proxy that matches no pod
-    /// (any more) has its streams closed with the code.
-    fn publish(&mut self, key: &ProxyKey) {
+    /// Forgets shared parts no connected proxy uses.
+    fn retain_shared(&mut self) {
+        let in_use: std::collections::BTreeSet<SharedKey> = self
+            .nodes
+            .values()
+            .filter_map(|p| p.own.as_ref())
+            .flat_map(OwnPart::shared_keys)
+            .collect();
+        self.publisher.retain_shared(&in_use);
+    }
+
+    /// Adds the publisher's work since the last call to the metrics and returns it.
+    fn record_work(&mut self) -> Work {
+        let work = self.publisher.take_work();
+        work.record();
+        work
+    }
+
+    /// Hands a proxy its snapshot: its own part, recompiled when `recompile` says a change
+    /// touched it (or what it was built from changed: data planes, certificate), joined with
+    /// the shared parts. Nothing goes out before the proxy is matched to the pod that owns its
+    /// UUID with the identity its certificate proves; a proxy that matches no pod (any more) has
+    /// its streams closed with the code.
+    fn publish(&mut self, key: &ProxyKey, recompile: bool) {
         let Some(proxy) = self.nodes.get(key) else {
             return;
         };
         let data_planes = proxy.data_planes();
-        let mut proxy_state = ProxyState {
-            node_id: proxy.node_id.clone(),
-            identity: key.service_identity(),
-            data_planes: data_planes.clone(),
-            pod: None,
-            error: None,
-            warnings: vec![],
-        };
-        let compiled = match self.compile_for(key, &mut proxy_state) {
-            Ok(compiled) => compiled,
-            Err((code, message, refuse)) => {
-                tracing::warn!(code = %code, proxy = %key, "{message}");
-                fsm_errcode::count(code);
-                let reason = format!("{code}: {message}");
-                if refuse {
-                    self.cache.refuse(key, reason.clone());
-                }
-                // Otherwise the last good configuration keeps serving.
-                proxy_state.error = Some(reason);
-                self.state.proxies.write().insert(key.clone(), proxy_state);
-                return;
-            }
-        };
         let identity = identity_of(key);
-        let Some(credentials) = self.credentials.get(&identity) else {
-            // No configuration before the proxy can authenticate its peers: it is sent, with
-            // the certificate, as soon as the certificate exists.
-            proxy_state.error = Some(format!("waiting for the service certificate of {identity}"));
-            self.state.proxies.write().insert(key.clone(), proxy_state);
-            self.request_certificate(identity);
+        let credentials = self.credentials.get(&identity).cloned();
+        let stale = match (&proxy.own, &credentials) {
+            (Some(own), Some(credentials)) => {
+                own.data_planes != data_planes || !Arc::ptr_eq(&own.credentials, credentials)
+            }
+            _ => true,
+        };
+        if recompile || stale {
+            let mut proxy_state = ProxyState {
+                node_id: proxy.node_id.clone(),
+                identity: key.service_identity(),
+                data_planes: data_planes.clone(),
+                pod: None,
+                error: None,
+                warnings: vec![],
+            };
+            let compiled = match self.compile_for(key, &mut proxy_state) {
+                Ok(compiled) => compiled,
+                Err((code, message, refuse)) => {
+                    tracing::warn!(code = %code, proxy = %key, "{message}");
+                    fsm_errcode::count(code);
+                    let reason = format!("{code}: {message}");
+                    if refuse {
+                        self.cache.refuse(key, reason.clone());
+                        if let Some(proxy) = self.nodes.get_mut(key) {
+                            proxy.own = None;
+                        }
+                    }
+                    // Otherwise the last good configuration keeps serving.
+                    proxy_state.error = Some(reason);
+                    self.state.proxies.write().insert(key.clone(), proxy_state);
+                    return;
+                }
+            };
+            let Some(credentials) = credentials else {
+                // No configuration before the proxy can authenticate its peers: it is sent,
+                // with the certificate, as soon as the certificate exists.
+                proxy_state.error =
+                    Some(format!("waiting for the service certificate of {identity}"));
+                self.state.proxies.write().insert(key.clone(), proxy_state);
+                self.request_certificate(identity);
+                return;
+            };
+            match self.publisher.own(&compiled, &credentials, &data_planes) {
+                Ok(own) => {
+                    proxy_state.warnings.extend(own.warnings.iter().cloned());
+                    let trust_bundle = Arc::from(credentials.trust_bundle_pem.as_str());
+                    if let Some(proxy) = self.nodes.get_mut(key) {
+                        proxy.own = Some(OwnPart {
+                            own,
+                            data_planes: data_planes.clone(),
+                            credentials,
+                            trust_bundle,
+                        });
+                    }
+                    self.state.proxies.write().insert(key.clone(), proxy_state);
+                }
+                Err((code, message)) => {
+                    // Keep whatever the proxy had: the last good configuration keeps serving.
+                    tracing::warn!(code = %code, proxy = %key, "{message}");
+                    fsm_errcode::count(code);
+                    proxy_state.error = Some(format!("{code}: {message}"));
+                    self.state.proxies.write().insert(key.clone(), proxy_state);
+                    return;
+                }
+            }
+        }
+        let Some(own) = self.nodes.get(key).and_then(|p| p.own.as_ref()) else {
             return;
         };
-        match translate(&compiled.ir, credentials, &data_planes) {
-            Ok((snapshot, warnings)) => {
-                proxy_state.warnings.extend(warnings);
-                let versions = snapshot.versions();
+        match self
+            .publisher
+            .assemble(&own.own, &own.trust_bundle, &own.data_planes)
+        {
+            Ok(snapshot) => {
                 if self.cache.set(key, snapshot) {
-                    tracing::info!(proxy = %key, ?versions, "published snapshot");
+                    self.publisher.published();
+                    tracing::debug!(proxy = %key, "published snapshot");
                 }
             }
             Err((code, message)) => {
-                // Keep whatever the proxy had: the last good configuration keeps serving.
                 tracing::warn!(code = %code, proxy = %key, "{message}");
                 fsm_errcode::count(code);
-                proxy_state.error = Some(format!("{code}: {message}"));
+                if let Some(p) = self.state.proxies.write().get_mut(key) {
+                    p.error = Some(format!("{code}: {message}"));
+                }
             }
         }
-        self.state.proxies.write().insert(key.clone(), proxy_state);
     }
 
     /// Matches the proxy to its pod and compiles its IR. The error says whether the proxy's
@@ -490,7 +638,7 @@ impl Runner {
             service_account: key.service_account.to_string(),
             namespace: key.namespace.to_string(),
         };
-        let compiled = compile(&self.catalog, &proxy)
+        let compiled = compile_with_view(&self.catalog, &proxy, self.publisher.view())
             .map_err(|e| (e.err_code(), e.to_string(), e.is_identity_refusal()))?;
         proxy_state.pod = Some(format!(
             "{}/{}",
@@ -503,35 +651,6 @@ impl Runner {
         }
         Ok(compiled)
     }
-}
-
-/// The snapshot of one proxy for the data planes its streams speak: each adapter's resources
-/// under its own type URLs, so every stream takes only its own.
-fn translate(
-    ir: &fsm_ir::ProxyIr,
-    credentials: &ProxyCredentials,
-    data_planes: &[DataPlane],
-) -> Result<(Snapshot, Vec<String>), (ErrCode, String)> {
-    let adapter_error = |e: &dyn std::fmt::Display| (ErrCode::E5007, e.to_string());
-    let mut encoded = fsm_cache::Encoded::new();
-    let mut warnings = Vec::new();
-    for data_plane in data_planes {
-        let (types, plane_warnings) = match data_plane {
-            DataPlane::Envoy => {
-                let resources =
-                    fsm_adapter_envoy::translate(ir, credentials).map_err(|e| adapter_error(&e))?;
-                (resources.encode(), resources.warnings)
-            }
-            DataPlane::FsmSidecar => {
-                let resources = fsm_adapter_native::translate(ir, credentials)
-                    .map_err(|e| adapter_error(&e))?;
-                (resources.encode(), resources.warnings)
-            }
-        };
-        encoded.extend(types);
-        warnings.extend(plane_warnings);
-    }
-    Ok((Snapshot::from_encoded(encoded), warnings))
 }
 
 /// The service identity a proxy runs as (one `fsm_identity::ServiceIdentity` everywhere).
@@ -633,7 +752,17 @@ mod tests {
             service_account: &str,
             data_plane: DataPlane,
         ) -> (ProxyKey, watch::Receiver<Published>) {
-            let node_id = format!("{CURL_UUID}.sidecar.{service_account}.demo");
+            self.connect_as(stream, CURL_UUID, service_account, data_plane)
+        }
+
+        fn connect_as(
+            &self,
+            stream: u64,
+            uuid: &str,
+            service_account: &str,
+            data_plane: DataPlane,
+        ) -> (ProxyKey, watch::Receiver<Published>) {
+            let node_id = format!("{uuid}.sidecar.{service_account}.demo");
             let node = ProxyNode::parse(&node_id, "").expect("node id");
             let key = node.key();
             let rx = self.cache.subscribe(&key);
@@ -674,6 +803,131 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", *rx.borrow()))
+    }
+
+    /// Applies `objects` as one batch and returns what it cost, once the runner has applied it.
+    async fn change(h: &Harness, objects: Vec<MeshObject>) -> ChangeReport {
+        let before = h.state.last_change().map_or(0, |r| r.batch);
+        for object in objects {
+            h.catalog.send(CatalogEvent::Apply(object)).expect("runner");
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(report) = h.state.last_change().filter(|r| r.batch > before) {
+                    return report;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the runner applies the change")
+    }
+
+    fn versions(published: &Published) -> BTreeMap<fsm_cache::TypeUrl, Arc<str>> {
+        published.snapshot().expect("a snapshot").versions()
+    }
+
+    fn manifest(yaml: &str) -> MeshObject {
+        let (mut objects, errors) = decode_manifests("change.yaml", yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        objects.remove(0)
+    }
+
+    const HTTPBIN_V1_UUID: &str = "0f7b0e6c-3a52-4d7e-8f1b-2a9c4d6e8f01";
+    const ENVOY_EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    #[tokio::test]
+    async fn an_endpoint_change_recompiles_no_proxy_and_pushes_one_load_assignment() {
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        let curl_before = versions(&until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await);
+        let httpbin_before =
+            versions(&until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await);
+
+        // httpbin-v2 leaves the Endpoints.
+        let report = change(
+            &h,
+            vec![manifest(
+                "apiVersion: v1\nkind: Endpoints\nmetadata: {name: httpbin, namespace: demo}\nsubsets:\n- addresses:\n  - ip: 127.0.10.1\n    targetRef: {kind: Pod, name: httpbin-v1, namespace: demo}\n  ports:\n  - {name: http, port: 14001}\n",
+            )],
+        )
+        .await;
+        assert_eq!(
+            report.work,
+            Work {
+                proxies_recompiled: 0,
+                resources_encoded: 1,
+                snapshots_published: 2,
+            },
+            "one ClusterLoadAssignment, encoded once, handed to both proxies"
+        );
+        for (rx, before) in [(&mut curl, curl_before), (&mut httpbin, httpbin_before)] {
+            let after = versions(&rx.borrow_and_update());
+            let changed: Vec<&str> = after
+                .iter()
+                .filter(|(t, v)| before.get(*t) != Some(*v))
+                .map(|(t, _)| *t)
+                .collect();
+            assert_eq!(changed, vec![ENVOY_EDS], "only EDS changes");
+        }
+        // Both proxies hold the very same EDS set.
+        let curl_eds = curl
+            .borrow()
+            .snapshot()
+            .expect("snapshot")
+            .get_shared(ENVOY_EDS)
+            .cloned();
+        let httpbin_eds = httpbin
+            .borrow()
+            .snapshot()
+            .expect("snapshot")
+            .get_shared(ENVOY_EDS)
+            .cloned();
+        assert!(Arc::ptr_eq(
+            &curl_eds.expect("EDS"),
+            &httpbin_eds.expect("EDS")
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_new_pod_recompiles_only_the_proxies_it_concerns() {
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
+        let before = versions(&until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await);
+
+        // A third httpbin pod joins: nobody's configuration depends on it until it is an
+        // endpoint (its own proxy is not connected yet).
+        let new_uuid = "0f7b0e6c-3a52-4d7e-8f1b-2a9c4d6e8f03";
+        let report = change(
+            &h,
+            vec![manifest(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-v3, namespace: demo, labels: {{app: httpbin, version: v3, fsm-proxy-uuid: {new_uuid}}}}}\nspec: {{serviceAccountName: httpbin, containers: [{{name: httpbin, ports: [{{name: http, containerPort: 14001}}]}}]}}\nstatus: {{podIP: 127.0.10.3}}\n"
+            ))],
+        )
+        .await;
+        assert_eq!(report.work, Work::default(), "{report:?}");
+
+        // Its proxy connects: only it is compiled; its own resources are encoded, the shared
+        // ones are reused.
+        let (_, mut third) = h.connect_as(3, new_uuid, "httpbin", DataPlane::Envoy);
+        until(&mut third, "the new pod's snapshot", |p| {
+            has_type(p, ENVOY_EDS)
+        })
+        .await;
+        assert_eq!(versions(&httpbin.borrow_and_update()), before);
+
+        // A change to one pod recompiles that pod's proxy only.
+        let report = change(
+            &h,
+            vec![manifest(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-v3, namespace: demo, labels: {{app: httpbin, version: v3b, fsm-proxy-uuid: {new_uuid}}}}}\nspec: {{serviceAccountName: httpbin, containers: [{{name: httpbin, ports: [{{name: http, containerPort: 14001}}]}}]}}\nstatus: {{podIP: 127.0.10.3}}\n"
+            ))],
+        )
+        .await;
+        assert_eq!(report.work.proxies_recompiled, 1, "{report:?}");
     }
 
     fn has_type(published: &Published, type_url: &str) -> bool {

@@ -1,0 +1,557 @@
+//! Builds proxies' snapshots from shared parts, so that the work of a change is proportional to
+//! what changed rather than to proxies × services.
+//!
+//! A proxy's configuration is two parts:
+//!
+//! - **shared**: per meshed service, its outbound clusters, ClusterLoadAssignments and the secret
+//!   its servers are checked against, and the `outbound` route configuration. The same for every
+//!   proxy (in permissive mode; SMI will key it by policy view), so it is translated and encoded
+//!   once per service and data plane, and again only for the services a change touched
+//!   ([`MeshView::refresh`]);
+//! - **own**: the proxy's listeners, inbound routes, local clusters and certificate, recompiled
+//!   only when a change is in the proxy's [`ProxyScope`] or its certificate changed.
+//!
+//! A proxy's set of one type is the union of both, interned by content: every proxy with the same
+//! shared and own sets holds the same `Arc<TypeSnapshot>`, so an endpoint change builds one new
+//! EDS set and hands it to every proxy, whose other types keep their versions (only EDS is
+//! pushed).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+
+use fsm_cache::{Resource, Snapshot, TypeSnapshot, TypeUrl};
+use fsm_catalog::{Catalog, ChangeSet};
+use fsm_compiler::{Compiled, MeshView, ProxyScope};
+use fsm_errcode::ErrCode;
+use fsm_ir::{ProxyCredentials, ProxyIr, ServiceOutbound, ServiceRef};
+use fsm_xds_server::DataPlane;
+use prost::Message;
+
+use crate::metrics::Work;
+
+/// The shared part of one data plane for proxies whose certificates carry one trust bundle (the
+/// servers' validation secrets embed it; two bundles coexist during a root rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SharedKey {
+    pub data_plane: DataPlane,
+    pub trust_bundle: Arc<str>,
+}
+
+/// What a proxy's own part was built from, and its sets per type.
+pub struct Own {
+    pub types: BTreeMap<TypeUrl, Arc<TypeSnapshot>>,
+    pub warnings: Vec<String>,
+}
+
+/// Per service and data plane: the resources every proxy that may reach it shares.
+struct SharedService {
+    /// The view entry they were built from: rebuilt only when the entry is another `Arc`.
+    from: Arc<ServiceOutbound>,
+    /// The messages as built, to tell which of them a change left as they were: only the
+    /// others are encoded again (an endpoint change re-encodes one ClusterLoadAssignment).
+    messages: Messages,
+    types: Resources,
+}
+
+enum Messages {
+    Envoy(fsm_adapter_envoy::ServiceResources),
+    Native(fsm_adapter_native::ServiceResources),
+}
+
+struct Shared {
+    services: BTreeMap<ServiceRef, SharedService>,
+    /// Per type, every service's resources (and the outbound route configuration) as one set.
+    types: BTreeMap<TypeUrl, Arc<TypeSnapshot>>,
+}
+
+/// The shared parts in use and the interned per-proxy sets.
+#[derive(Default)]
+pub struct Publisher {
+    view: MeshView,
+    shared: HashMap<SharedKey, Shared>,
+    /// (shared set version, own set version) → the union, while some proxy holds it.
+    merged: HashMap<(Arc<str>, Arc<str>), Weak<TypeSnapshot>>,
+    /// Work done since the last [`Publisher::take_work`].
+    work: Work,
+}
+
+/// What one catalog change did to the shared parts.
+pub struct Refreshed {
+    /// Shared parts whose sets changed: every proxy using one gets a new snapshot.
+    pub changed: BTreeSet<SharedKey>,
+    /// Whose own part must be recompiled.
+    pub scope: ProxyScope,
+}
+
+impl Publisher {
+    /// Builds the view of the whole catalog (when it has loaded).
+    pub fn load(&mut self, catalog: &Catalog) {
+        self.view = MeshView::build(catalog);
+        self.shared.clear();
+    }
+
+    pub fn view(&self) -> &MeshView {
+        &self.view
+    }
+
+    /// The work done since the last call.
+    pub fn take_work(&mut self) -> Work {
+        std::mem::take(&mut self.work)
+    }
+
+    /// Counts a snapshot handed to a proxy's streams.
+    pub fn published(&mut self) {
+        self.work.snapshots_published += 1;
+    }
+
+    /// Applies one batch of catalog changes to the view and the shared parts in use.
+    pub fn refresh(&mut self, catalog: &Catalog, changes: &ChangeSet) -> Refreshed {
+        let services = self.view.refresh(catalog, changes);
+        let mut changed = BTreeSet::new();
+        if !services.is_empty() {
+            let keys: Vec<SharedKey> = self.shared.keys().cloned().collect();
+            for key in keys {
+                if self.rebuild_shared(&key, &services) {
+                    changed.insert(key);
+                }
+            }
+        }
+        Refreshed {
+            changed,
+            scope: ProxyScope::of(changes),
+        }
+    }
+
+    /// The shared sets of `key`, built on first use.
+    pub fn shared_types(
+        &mut self,
+        key: &SharedKey,
+    ) -> Result<&BTreeMap<TypeUrl, Arc<TypeSnapshot>>, (ErrCode, String)> {
+        if !self.shared.contains_key(key) {
+            let mut shared = Shared {
+                services: BTreeMap::new(),
+                types: BTreeMap::new(),
+            };
+            self.work.resources_encoded += build_shared(&self.view, key, &mut shared, None)?;
+            self.shared.insert(key.clone(), shared);
+        }
+        Ok(&self.shared[key].types)
+    }
+
+    /// Rebuilds the shared part `key` for the services whose view entry changed. Returns
+    /// whether any of its sets changed.
+    fn rebuild_shared(&mut self, key: &SharedKey, services: &BTreeSet<ServiceRef>) -> bool {
+        let Some(shared) = self.shared.get_mut(key) else {
+            return false;
+        };
+        let before: BTreeMap<TypeUrl, Arc<str>> = shared
+            .types
+            .iter()
+            .map(|(t, s)| (*t, s.version().clone()))
+            .collect();
+        match build_shared(&self.view, key, shared, Some(services)) {
+            Ok(encoded) => self.work.resources_encoded += encoded,
+            Err((code, message)) => {
+                // The previous shared sets keep serving.
+                tracing::warn!(code = %code, data_plane = %key.data_plane, "{message}");
+                fsm_errcode::count(code);
+                return false;
+            }
+        }
+        let after: BTreeMap<TypeUrl, Arc<str>> = shared
+            .types
+            .iter()
+            .map(|(t, s)| (*t, s.version().clone()))
+            .collect();
+        before != after
+    }
+
+    /// Forgets shared parts no proxy uses any more.
+    pub fn retain_shared(&mut self, in_use: &BTreeSet<SharedKey>) {
+        self.shared.retain(|key, _| in_use.contains(key));
+        self.merged.retain(|_, set| set.strong_count() > 0);
+    }
+
+    /// Compiles and translates a proxy's own part for the data planes its streams speak.
+    pub fn own(
+        &mut self,
+        compiled: &Compiled,
+        credentials: &ProxyCredentials,
+        data_planes: &[DataPlane],
+    ) -> Result<Own, (ErrCode, String)> {
+        self.work.proxies_recompiled += 1;
+        let mut types = BTreeMap::new();
+        let mut warnings = Vec::new();
+        for data_plane in data_planes {
+            let (encoded, plane_warnings) = own_resources(*data_plane, &compiled.ir, credentials)?;
+            warnings.extend(plane_warnings);
+            for (type_url, resources) in encoded {
+                self.work.resources_encoded += resources.len() as u64;
+                types.insert(type_url, Arc::new(TypeSnapshot::from_shared(resources)));
+            }
+        }
+        Ok(Own { types, warnings })
+    }
+
+    /// A proxy's snapshot: per type, the union of the shared and own sets, interned.
+    pub fn assemble(
+        &mut self,
+        own: &Own,
+        bundle: &Arc<str>,
+        data_planes: &[DataPlane],
+    ) -> Result<Snapshot, (ErrCode, String)> {
+        let mut types = Vec::new();
+        for data_plane in data_planes {
+            let key = SharedKey {
+                data_plane: *data_plane,
+                trust_bundle: bundle.clone(),
+            };
+            let shared = self.shared_types(&key)?.clone();
+            for type_url in type_urls(*data_plane) {
+                let shared = shared.get(type_url);
+                let own = own.types.get(type_url);
+                let set = match (shared, own) {
+                    (Some(s), Some(o)) if o.is_empty() => s.clone(),
+                    (Some(s), None) => s.clone(),
+                    (Some(s), Some(o)) if s.is_empty() => o.clone(),
+                    (None, Some(o)) => o.clone(),
+                    (None, None) => Arc::new(TypeSnapshot::from_shared([])),
+                    (Some(s), Some(o)) => self.merge(s, o),
+                };
+                types.push((*type_url, set));
+            }
+        }
+        Ok(Snapshot::from_types(types))
+    }
+
+    fn merge(&mut self, shared: &Arc<TypeSnapshot>, own: &Arc<TypeSnapshot>) -> Arc<TypeSnapshot> {
+        let key = (shared.version().clone(), own.version().clone());
+        if let Some(set) = self.merged.get(&key).and_then(Weak::upgrade) {
+            return set;
+        }
+        let set = Arc::new(TypeSnapshot::merged(shared, own));
+        self.merged.insert(key, Arc::downgrade(&set));
+        set
+    }
+}
+
+/// Builds (or, with `only`, updates for those services) the shared part `key`. Returns how many
+/// resources it encoded.
+fn build_shared(
+    view: &MeshView,
+    key: &SharedKey,
+    shared: &mut Shared,
+    only: Option<&BTreeSet<ServiceRef>>,
+) -> Result<u64, (ErrCode, String)> {
+    let mut encoded = 0;
+    let mut routes_changed = only.is_none();
+    let mut gone: Vec<ServiceRef> = Vec::new();
+    if let Some(services) = only {
+        for service in services {
+            if view.get(service).is_none() {
+                gone.push(service.clone());
+            }
+        }
+    }
+    for service in &gone {
+        shared.services.remove(service);
+        routes_changed = true;
+    }
+    let wanted = view
+        .entries()
+        .filter(|e| only.is_none_or(|s| s.contains(&e.outbound.service)));
+    for entry in wanted {
+        let outbound = &entry.outbound;
+        if let Some(existing) = shared.services.get(&outbound.service)
+            && Arc::ptr_eq(&existing.from, outbound)
+        {
+            continue;
+        }
+        let ports_changed = shared
+            .services
+            .get(&outbound.service)
+            .is_none_or(|existing| existing.from.ports != outbound.ports);
+        routes_changed |= ports_changed;
+        let previous = shared.services.get(&outbound.service);
+        let (messages, types) = service_resources(key, outbound, previous, &mut encoded)?;
+        shared.services.insert(
+            outbound.service.clone(),
+            SharedService {
+                from: outbound.clone(),
+                messages,
+                types,
+            },
+        );
+    }
+    // Per type, every service's resources as one set.
+    let mut per_type: BTreeMap<TypeUrl, Vec<Arc<Resource>>> = BTreeMap::new();
+    for service in shared.services.values() {
+        for (type_url, resources) in &service.types {
+            per_type
+                .entry(type_url)
+                .or_default()
+                .extend(resources.iter().cloned());
+        }
+    }
+    let (routes_type, routes) = if routes_changed {
+        encoded += 1;
+        outbound_routes(key.data_plane, view)?
+    } else {
+        let type_url = routes_type_url(key.data_plane);
+        let resource = shared
+            .types
+            .get(type_url)
+            .and_then(|t| t.get(fsm_ir::names::OUTBOUND_ROUTES).cloned());
+        match resource {
+            Some(resource) => (type_url, resource),
+            None => {
+                encoded += 1;
+                outbound_routes(key.data_plane, view)?
+            }
+        }
+    };
+    per_type.entry(routes_type).or_default().push(routes);
+    let mut types = BTreeMap::new();
+    for type_url in type_urls(key.data_plane) {
+        let resources = per_type.remove(type_url).unwrap_or_default();
+        let set = TypeSnapshot::from_shared(resources);
+        // Keep the old `Arc` when the content is the same: proxies' interned unions stay valid.
+        let set = match shared.types.get(type_url) {
+            Some(old) if old.version() == set.version() => old.clone(),
+            _ => Arc::new(set),
+        };
+        types.insert(*type_url, set);
+    }
+    shared.types = types;
+    Ok(encoded)
+}
+
+// === The data planes (the one place that names each adapter) ===
+
+fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
+    match data_plane {
+        DataPlane::Envoy => &fsm_xds_server::protocol::ENVOY_TYPES,
+        DataPlane::FsmSidecar => &fsm_dataplane_proto::ALL_TYPE_URLS,
+    }
+}
+
+fn routes_type_url(data_plane: DataPlane) -> TypeUrl {
+    match data_plane {
+        DataPlane::Envoy => fsm_adapter_envoy::ROUTE_TYPE,
+        DataPlane::FsmSidecar => fsm_dataplane_proto::type_url::ROUTE_CONFIGURATION,
+    }
+}
+
+fn adapter_error(e: &dyn std::fmt::Display) -> (ErrCode, String) {
+    (ErrCode::E5007, e.to_string())
+}
+
+/// Resources per type, each encoded once and shared.
+type Resources = BTreeMap<TypeUrl, Vec<Arc<Resource>>>;
+
+/// The messages of the previous build and, when there was one, their resources.
+type Previous<'a, M> = Option<(&'a [M], Option<&'a Vec<Arc<Resource>>>)>;
+
+/// Encodes each message once; the resource is shared from then on.
+fn encode<M: Message>(items: &[M], name: impl Fn(&M) -> &str) -> Vec<Arc<Resource>> {
+    items
+        .iter()
+        .map(|m| Arc::new(Resource::new(name(m).to_owned(), m.encode_to_vec())))
+        .collect()
+}
+
+/// Encodes the messages that differ from the previous build's message of the same name, and
+/// reuses the previous resource for the others. Counts what it encoded.
+fn encode_changed<M: Message + PartialEq>(
+    items: &[M],
+    name: impl Fn(&M) -> &str,
+    previous: Previous<'_, M>,
+    encoded: &mut u64,
+) -> Vec<Arc<Resource>> {
+    let before: HashMap<&str, (&M, &Arc<Resource>)> = match previous {
+        Some((messages, Some(resources))) => messages
+            .iter()
+            .zip(resources)
+            .map(|(m, r)| (name(m), (m, r)))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    items
+        .iter()
+        .map(|m| match before.get(name(m)) {
+            Some((old, resource)) if *old == m => (*resource).clone(),
+            _ => {
+                *encoded += 1;
+                Arc::new(Resource::new(name(m).to_owned(), m.encode_to_vec()))
+            }
+        })
+        .collect()
+}
+
+fn service_resources(
+    key: &SharedKey,
+    outbound: &ServiceOutbound,
+    previous: Option<&SharedService>,
+    encoded: &mut u64,
+) -> Result<(Messages, Resources), (ErrCode, String)> {
+    let trust_domain = fsm_compiler::TRUST_DOMAIN;
+    let old = |type_url: TypeUrl| previous.and_then(|p| p.types.get(type_url));
+    Ok(match key.data_plane {
+        DataPlane::Envoy => {
+            use fsm_adapter_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE};
+            let r = fsm_adapter_envoy::service_resources(outbound, trust_domain, &key.trust_bundle);
+            let before = match previous.map(|p| &p.messages) {
+                Some(Messages::Envoy(before)) => Some(before),
+                _ => None,
+            };
+            let types = BTreeMap::from([
+                (
+                    CLUSTER_TYPE,
+                    encode_changed(
+                        &r.clusters,
+                        |c| &c.name,
+                        before.map(|b| (&b.clusters[..], old(CLUSTER_TYPE))),
+                        encoded,
+                    ),
+                ),
+                (
+                    ENDPOINT_TYPE,
+                    encode_changed(
+                        &r.endpoints,
+                        |c| &c.cluster_name,
+                        before.map(|b| (&b.endpoints[..], old(ENDPOINT_TYPE))),
+                        encoded,
+                    ),
+                ),
+                (
+                    SECRET_TYPE,
+                    encode_changed(
+                        &r.secrets,
+                        |s| &s.name,
+                        before.map(|b| (&b.secrets[..], old(SECRET_TYPE))),
+                        encoded,
+                    ),
+                ),
+            ]);
+            (Messages::Envoy(r), types)
+        }
+        DataPlane::FsmSidecar => {
+            use fsm_dataplane_proto::type_url::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, SECRET};
+            let r =
+                fsm_adapter_native::service_resources(outbound, trust_domain, &key.trust_bundle)
+                    .map_err(|e| adapter_error(&e))?;
+            let before = match previous.map(|p| &p.messages) {
+                Some(Messages::Native(before)) => Some(before),
+                _ => None,
+            };
+            let types = BTreeMap::from([
+                (
+                    CLUSTER,
+                    encode_changed(
+                        &r.clusters,
+                        |c| &c.name,
+                        before.map(|b| (&b.clusters[..], old(CLUSTER))),
+                        encoded,
+                    ),
+                ),
+                (
+                    CLUSTER_LOAD_ASSIGNMENT,
+                    encode_changed(
+                        &r.endpoints,
+                        |c| &c.cluster_name,
+                        before.map(|b| (&b.endpoints[..], old(CLUSTER_LOAD_ASSIGNMENT))),
+                        encoded,
+                    ),
+                ),
+                (
+                    SECRET,
+                    encode_changed(
+                        &r.secrets,
+                        |s| &s.name,
+                        before.map(|b| (&b.secrets[..], old(SECRET))),
+                        encoded,
+                    ),
+                ),
+            ]);
+            (Messages::Native(r), types)
+        }
+    })
+}
+
+fn outbound_routes(
+    data_plane: DataPlane,
+    view: &MeshView,
+) -> Result<(TypeUrl, Arc<Resource>), (ErrCode, String)> {
+    let ports = view.entries().flat_map(|e| e.outbound.ports.iter());
+    let resource = match data_plane {
+        DataPlane::Envoy => {
+            let routes = fsm_adapter_envoy::outbound_routes(ports);
+            encode(std::slice::from_ref(&routes), |r| &r.name)
+        }
+        DataPlane::FsmSidecar => {
+            let routes =
+                fsm_adapter_native::outbound_routes(ports).map_err(|e| adapter_error(&e))?;
+            encode(std::slice::from_ref(&routes), |r| &r.name)
+        }
+    };
+    let resource = resource.into_iter().next().ok_or_else(|| {
+        (
+            ErrCode::E5007,
+            "no outbound route configuration".to_string(),
+        )
+    })?;
+    Ok((routes_type_url(data_plane), resource))
+}
+
+type OwnResources = (Resources, Vec<String>);
+
+fn own_resources(
+    data_plane: DataPlane,
+    ir: &ProxyIr,
+    credentials: &ProxyCredentials,
+) -> Result<OwnResources, (ErrCode, String)> {
+    Ok(match data_plane {
+        DataPlane::Envoy => {
+            let r = fsm_adapter_envoy::proxy_resources(ir, credentials)
+                .map_err(|e| adapter_error(&e))?;
+            (
+                BTreeMap::from([
+                    (
+                        fsm_adapter_envoy::CLUSTER_TYPE,
+                        encode(&r.clusters, |c| &c.name),
+                    ),
+                    (
+                        fsm_adapter_envoy::LISTENER_TYPE,
+                        encode(&r.listeners, |l| &l.name),
+                    ),
+                    (
+                        fsm_adapter_envoy::ROUTE_TYPE,
+                        encode(&r.routes, |r| &r.name),
+                    ),
+                    (
+                        fsm_adapter_envoy::SECRET_TYPE,
+                        encode(&r.secrets, |s| &s.name),
+                    ),
+                ]),
+                r.warnings,
+            )
+        }
+        DataPlane::FsmSidecar => {
+            let r = fsm_adapter_native::proxy_resources(ir, credentials)
+                .map_err(|e| adapter_error(&e))?;
+            use fsm_dataplane_proto::type_url;
+            (
+                BTreeMap::from([
+                    (type_url::CLUSTER, encode(&r.clusters, |c| &c.name)),
+                    (type_url::LISTENER, encode(&r.listeners, |l| &l.name)),
+                    (
+                        type_url::ROUTE_CONFIGURATION,
+                        encode(&r.routes, |r| &r.name),
+                    ),
+                    (type_url::SECRET, encode(&r.secrets, |s| &s.name)),
+                ]),
+                r.warnings,
+            )
+        }
+    })
+}
