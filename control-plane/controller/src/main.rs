@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let cache = Arc::new(fsm_cache::SnapshotCache::new());
-    let (catalog_tx, catalog_rx) = mpsc::unbounded_channel();
+    let (catalog_tx, catalog_rx) = mpsc::channel(fsm_sources::EVENT_QUEUE);
     let (proxy_tx, proxy_rx) = mpsc::unbounded_channel();
     let source = start_source(&args, catalog_tx).await?;
     let state = Arc::new(runner::State::default());
@@ -252,9 +252,22 @@ async fn main() -> anyhow::Result<()> {
         },
     );
 
+    // Compiling and publishing is CPU work: the control loop runs on its own thread (its
+    // certificate requests and timers still use the runtime), so a large recompute never holds
+    // up the reactor that serves ADS streams, health checks and the API server's watches.
+    let (loop_done, loop_stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("fsm-control-loop".into())
+        .spawn(move || {
+            handle.block_on(runner.run(catalog_rx, proxy_rx));
+            let _ = loop_done.send(());
+        })
+        .context("cannot start the control loop's thread")?;
+
     tokio::select! {
         result = ads_server => result.with_context(|| format!("{}: ADS server failed", ErrCode::E5009))?,
-        () = runner.run(catalog_rx, proxy_rx) => anyhow::bail!("the control loop stopped"),
+        _ = loop_stopped => anyhow::bail!("the control loop stopped"),
         result = http => result.context("HTTP server failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
         // What Kubernetes sends a pod it stops.
@@ -300,7 +313,7 @@ fn all_in_sync(cache: &fsm_cache::SnapshotCache) -> bool {
 /// Picks the source as `--help` describes.
 async fn start_source(
     args: &Args,
-    events: mpsc::UnboundedSender<fsm_catalog::CatalogEvent>,
+    events: mpsc::Sender<fsm_catalog::CatalogEvent>,
 ) -> anyhow::Result<source::Source> {
     if let Some(dir) = &args.manifest_dir {
         let manifests = fsm_sources::ManifestSource::spawn(dir.clone(), events)

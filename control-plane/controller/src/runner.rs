@@ -16,7 +16,7 @@ use fsm_xds_server::{DataPlane, ProxyEvent, StreamId};
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{Receiver, UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::watch;
 
 use crate::metrics::{Work, metrics};
@@ -203,7 +203,9 @@ impl Runner {
 
     pub async fn run(
         mut self,
-        mut catalog_rx: UnboundedReceiver<CatalogEvent>,
+        mut catalog_rx: Receiver<CatalogEvent>,
+        // Unbounded, and bounded all the same: each stream announces itself once and its end
+        // once (from `Drop`, which cannot wait).
         mut proxy_rx: UnboundedReceiver<ProxyEvent>,
     ) {
         let mut rotations = self.certs.subscribe();
@@ -674,7 +676,7 @@ mod tests {
     use fsm_certs::tresor::TresorProvider;
     use fsm_certs::{CertManager, CertManagerConfig};
     use fsm_xds_server::ProxyNode;
-    use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+    use tokio::sync::mpsc::{Sender, UnboundedSender, channel, unbounded_channel};
 
     use super::*;
 
@@ -714,7 +716,7 @@ mod tests {
     struct Harness {
         cache: Arc<SnapshotCache>,
         state: Arc<State>,
-        catalog: UnboundedSender<CatalogEvent>,
+        catalog: Sender<CatalogEvent>,
         proxies: UnboundedSender<ProxyEvent>,
     }
 
@@ -730,13 +732,16 @@ mod tests {
                 state.clone(),
                 certs,
             );
-            let (catalog, catalog_rx) = unbounded_channel();
+            let (catalog, catalog_rx) = channel(fsm_sources::EVENT_QUEUE);
             let (proxies, proxy_rx) = unbounded_channel();
             tokio::spawn(runner.run(catalog_rx, proxy_rx));
             for object in demo() {
-                catalog.send(CatalogEvent::Apply(object)).expect("runner");
+                catalog
+                    .send(CatalogEvent::Apply(object))
+                    .await
+                    .expect("runner");
             }
-            catalog.send(CatalogEvent::Synced).expect("runner");
+            catalog.send(CatalogEvent::Synced).await.expect("runner");
             Harness {
                 cache,
                 state,
@@ -809,7 +814,10 @@ mod tests {
     async fn change(h: &Harness, objects: Vec<MeshObject>) -> ChangeReport {
         let before = h.state.last_change().map_or(0, |r| r.batch);
         for object in objects {
-            h.catalog.send(CatalogEvent::Apply(object)).expect("runner");
+            h.catalog
+                .send(CatalogEvent::Apply(object))
+                .await
+                .expect("runner");
         }
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -970,6 +978,7 @@ mod tests {
         h.disconnect(1, &key);
         h.catalog
             .send(CatalogEvent::Apply(pod("other", "other")))
+            .await
             .expect("runner");
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(h.state.proxies().is_empty(), "{:?}", h.state.proxies());
@@ -984,6 +993,7 @@ mod tests {
 
         h.catalog
             .send(CatalogEvent::Apply(pod("evil", "evil")))
+            .await
             .expect("runner");
         // The catalog and the streams are separate inputs: connect once the pod is known, as a
         // sidecar can only start after its pod exists.
@@ -1038,6 +1048,7 @@ mod tests {
         };
         h.catalog
             .send(CatalogEvent::Delete(curl_pod))
+            .await
             .expect("runner");
         let gone = until(&mut curl_rx, "curl refused", |p| {
             matches!(p, Published::Refused(_))

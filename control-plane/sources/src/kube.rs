@@ -31,7 +31,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{Sender, UnboundedSender};
 use tokio::task::JoinHandle;
 
 use crate::kinds::SpawnWatch;
@@ -62,7 +62,7 @@ pub struct KubeSource {
 impl KubeSource {
     /// Starts one watcher per mesh kind. Returns at once; the catalog learns the cluster through
     /// `events` and becomes complete with `Synced`.
-    pub fn spawn(client: Client, events: UnboundedSender<CatalogEvent>) -> KubeSource {
+    pub fn spawn(client: Client, events: Sender<CatalogEvent>) -> KubeSource {
         let statuses: Statuses = Arc::default();
         let (synced_tx, synced_rx) = tokio::sync::mpsc::unbounded_channel();
         let ctx = WatchContext {
@@ -100,7 +100,7 @@ impl Drop for KubeSource {
 /// their grace period.
 async fn announce_synced(
     mut synced: tokio::sync::mpsc::UnboundedReceiver<Kind>,
-    events: UnboundedSender<CatalogEvent>,
+    events: Sender<CatalogEvent>,
 ) {
     let all: Vec<Kind> = Kind::ALL.to_vec();
     let required: Vec<Kind> = all.iter().copied().filter(|k| k.is_required()).collect();
@@ -128,12 +128,12 @@ async fn announce_synced(
         }
     }
     tracing::info!("initial lists complete");
-    let _ = events.send(CatalogEvent::Synced);
+    let _ = events.send(CatalogEvent::Synced).await;
 }
 
 #[derive(Clone)]
 pub(crate) struct WatchContext {
-    events: UnboundedSender<CatalogEvent>,
+    events: Sender<CatalogEvent>,
     statuses: Statuses,
     synced: UnboundedSender<Kind>,
 }
@@ -176,7 +176,8 @@ pub(crate) fn spawn_watch<K: MeshKind>(client: Client, ctx: WatchContext) -> Joi
                     continue;
                 }
             };
-            if ctx.events.send(event).is_err() {
+            // Waits while the control loop is behind: back-pressure instead of a growing queue.
+            if ctx.events.send(event).await.is_err() {
                 return;
             }
         }

@@ -9,4 +9,10 @@ pub mod kube;
 pub mod manifest;
 
 pub use self::kube::{KubeSource, WatchStatus};
+
+/// Capacity of the bounded channel from a source to the control loop: enough for a burst to be
+/// applied as one batch, small enough that a control loop behind its sources holds them back
+/// (a Kubernetes watch then buffers in the API server, as client-go's informers do) instead of
+/// queueing without limit.
+pub const EVENT_QUEUE: usize = 1024;
 pub use manifest::{ManifestSource, SourceError};

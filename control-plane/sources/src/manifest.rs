@@ -43,7 +43,7 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -77,21 +77,23 @@ pub struct ManifestSource {
 }
 
 impl ManifestSource {
-    /// Loads `dir` once, sending `Init`, `InitApply` for every object, `InitDone` and `Synced` before
-    /// returning, then keeps watching it and sends `Apply` / `Delete` for every change.
+    /// Loads `dir` once before returning, then sends `Init`, `InitApply` for every object,
+    /// `InitDone` and `Synced`, and keeps watching it and sends `Apply` / `Delete` for every
+    /// change. Every send waits for room in the bounded channel: a consumer that falls behind
+    /// slows the source down instead of letting events pile up in memory.
     ///
     /// Fails if `dir` or any directory under it cannot be read, or if it cannot be watched.
     /// Watching stops when the `ManifestSource` is dropped or the receiver of `events` is closed.
     pub async fn spawn(
         dir: PathBuf,
-        events: UnboundedSender<CatalogEvent>,
+        events: Sender<CatalogEvent>,
     ) -> Result<ManifestSource, SourceError> {
         Self::spawn_with(dir, events, Backend::EventDriven).await
     }
 
     async fn spawn_with(
         dir: PathBuf,
-        events: UnboundedSender<CatalogEvent>,
+        events: Sender<CatalogEvent>,
         backend: Backend,
     ) -> Result<ManifestSource, SourceError> {
         let metadata =
@@ -131,12 +133,16 @@ impl ManifestSource {
             problems = state.problems.len(),
             "loaded manifest directory"
         );
-        for event in initial {
-            // A closed receiver ends the watch task right away; nothing else to do here.
-            let _ = events.send(event);
-        }
         let problems = Arc::new(Mutex::new(state.problems.clone()));
-        let task = tokio::spawn(watch(state, wake, events, Arc::clone(&problems), watcher));
+        let problems_for_task = Arc::clone(&problems);
+        let task = tokio::spawn(async move {
+            for event in initial {
+                if events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            watch(state, wake, events, problems_for_task, watcher).await;
+        });
         Ok(ManifestSource { problems, task })
     }
 
@@ -157,7 +163,7 @@ impl Drop for ManifestSource {
 async fn watch(
     mut state: State,
     wake: Arc<Notify>,
-    events: UnboundedSender<CatalogEvent>,
+    events: Sender<CatalogEvent>,
     problems: Arc<Mutex<Vec<DecodeError>>>,
     _watcher: Box<dyn Watcher + Send>,
 ) {
@@ -182,7 +188,7 @@ async fn watch(
             }
         };
         for event in batch {
-            if events.send(event).is_err() {
+            if events.send(event).await.is_err() {
                 return;
             }
         }
@@ -563,7 +569,7 @@ mod tests {
     use super::*;
     use fsm_catalog::Kind;
     use tokio::sync::mpsc::error::TryRecvError;
-    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+    use tokio::sync::mpsc::{Receiver, channel};
 
     const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: app\n";
     const WAIT: Duration = Duration::from_secs(10);
@@ -621,7 +627,7 @@ mod tests {
     struct Harness {
         dir: tempfile::TempDir,
         source: ManifestSource,
-        events: UnboundedReceiver<CatalogEvent>,
+        events: Receiver<CatalogEvent>,
     }
 
     impl Harness {
@@ -631,27 +637,27 @@ mod tests {
             for (name, text) in files {
                 write(dir.path(), name, text);
             }
-            let (tx, mut events) = unbounded_channel();
+            let (tx, mut events) = channel(crate::EVENT_QUEUE);
             let source = ManifestSource::spawn(dir.path().to_path_buf(), tx)
                 .await
                 .expect("spawn");
-            assert_eq!(
-                events.try_recv().expect("Init"),
-                CatalogEvent::Init(Scope::All)
-            );
+            let mut next = async || {
+                tokio::time::timeout(WAIT, events.recv())
+                    .await
+                    .expect("the initial list follows spawn")
+                    .expect("channel open")
+            };
+            assert_eq!(next().await, CatalogEvent::Init(Scope::All));
             let mut listed = Vec::new();
             loop {
-                match events
-                    .try_recv()
-                    .expect("initial list is sent before spawn returns")
-                {
+                match next().await {
                     CatalogEvent::InitApply(object) => listed.push(object),
                     CatalogEvent::InitDone(Scope::All) => break,
                     other => panic!("unexpected event in the initial list: {other:?}"),
                 }
             }
             assert_eq!(
-                events.try_recv().expect("Synced"),
+                next().await,
                 CatalogEvent::Synced,
                 "the initial list is followed by Synced"
             );
@@ -731,7 +737,7 @@ mod tests {
     async fn a_missing_directory_is_an_error_naming_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("nope");
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = channel(crate::EVENT_QUEUE);
         let err = ManifestSource::spawn(missing.clone(), tx)
             .await
             .expect_err("must fail");
@@ -746,7 +752,7 @@ mod tests {
 
         let file = dir.path().join("file.yaml");
         write(dir.path(), "file.yaml", NAMESPACE);
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = channel(crate::EVENT_QUEUE);
         let err = ManifestSource::spawn(file, tx)
             .await
             .expect_err("must fail");
@@ -934,14 +940,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_consumer_that_falls_behind_holds_the_source_back_and_loses_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let services: String = (0..20)
+            .map(|i| format!("---\n{}", service(&format!("s{i}"), 80)))
+            .collect();
+        write(dir.path(), "all.yaml", &format!("{NAMESPACE}{services}"));
+        let (tx, mut events) = channel(2);
+        let _source = ManifestSource::spawn(dir.path().to_path_buf(), tx)
+            .await
+            .expect("spawn");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            events.len(),
+            2,
+            "the channel's capacity, not the whole list"
+        );
+        let mut received = Vec::new();
+        while received.last() != Some(&CatalogEvent::Synced) {
+            let event = tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("the rest follows as the consumer reads")
+                .expect("channel open");
+            received.push(event);
+        }
+        assert_eq!(
+            received.len(),
+            1 + 21 + 2,
+            "Init, 21 objects, InitDone, Synced"
+        );
+    }
+
+    #[tokio::test]
     async fn the_poll_fallback_sees_changes_too() {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "ns.yaml", NAMESPACE);
-        let (tx, mut events) = unbounded_channel();
+        let (tx, mut events) = channel(crate::EVENT_QUEUE);
         let _source = ManifestSource::spawn_with(dir.path().to_path_buf(), tx, Backend::Poll)
             .await
             .expect("spawn");
-        let initial: Vec<CatalogEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+        let mut initial = Vec::new();
+        while initial.last() != Some(&CatalogEvent::Synced) {
+            let event = tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("the initial list follows spawn")
+                .expect("channel open");
+            initial.push(event);
+        }
         assert_eq!(
             initial.len(),
             4,
