@@ -25,6 +25,7 @@ use fsm_cache::{Resource, Snapshot, SyncEvent, TypeUrl};
 use fsm_errcode::{ErrCode, HasErrCode};
 
 mod delta;
+mod held;
 mod ids;
 mod sotw;
 

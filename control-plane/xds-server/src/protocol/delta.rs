@@ -18,8 +18,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fsm_cache::{NameId, Resource, Snapshot, TypeUrl, version_key};
+use fsm_cache::{NameId, Resource, Snapshot, TypeSnapshot, TypeUrl, version_key};
 
+use super::held::Held;
 use super::ids::{IdSet, VersionMap};
 use super::{
     DeltaRequest, Event, Nonces, Ordered, Output, ProtocolError, Response, XdsStream,
@@ -34,15 +35,16 @@ pub struct DeltaStream {
     types: BTreeMap<Ordered, TypeState>,
 }
 
-/// Names are interned ([`NameId`]) and versions kept as [`version_key`]s, so a type costs about
-/// 12 bytes per resource the client holds, not two strings and a B-tree node.
+/// Names are interned ([`NameId`]) and versions kept as [`version_key`]s; what the client holds
+/// is usually one shared type snapshot ([`Held`]), so a type costs a few dozen bytes however
+/// many resources it has.
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
     names: IdSet,
     /// What the client has, name → version: seeded from its initial versions, updated when we
     /// send (optimistically: a NACK does not tell which resources the client kept).
-    client: VersionMap,
+    client: Held,
     /// Versions the client rejected, name → version, never sent again.
     nacked: VersionMap,
     /// Names subscribed by name and not answered since: each is sent, or listed as removed when
@@ -104,7 +106,7 @@ impl TypeState {
                 continue;
             };
             self.unanswered.remove(id);
-            if self.names.remove(id) && self.wildcard && self.client.remove(id).is_some() {
+            if self.names.remove(id) && self.wildcard && self.client.remove(id) {
                 // The client cannot tell whether the wildcard covers a resource it held by name,
                 // so it must be told: sent again if it exists, removed if not.
                 self.unanswered.insert(id);
@@ -113,15 +115,28 @@ impl TypeState {
         // Forget what the client dropped with its unsubscriptions, so a later subscription to the
         // same name sends it again. Rejected versions stay parked: resubscribing must not bring
         // them back.
-        let (wildcard, names) = (self.wildcard, &self.names);
-        self.client.retain(|id, _| wildcard || names.contains(id));
+        if !self.wildcard {
+            let names = &self.names;
+            self.client.retain(|id| names.contains(id));
+        }
         self.names.shrink();
         self.unanswered.shrink();
     }
 
     fn is_new(&self, resource: &Resource) -> bool {
-        let (id, version) = (resource.id(), resource.version_key());
-        self.client.get(id) != Some(version) && self.nacked.get(id) != Some(version)
+        let version = resource.version_key();
+        self.client.version_of(resource) != Some(version)
+            && self.nacked.get(resource.id()) != Some(version)
+    }
+
+    /// Whether the client, after being answered from `types`, holds exactly it: everything of
+    /// it is wanted and nothing is parked (so every wanted resource was sent or already held,
+    /// and every held name `types` lacks was removed).
+    fn holds_all_of(&self, types: &TypeSnapshot) -> bool {
+        self.nacked.is_empty()
+            && (self.wildcard
+                || (self.names.len() >= types.len()
+                    && types.resources().all(|r| self.names.contains(r.id()))))
     }
 }
 
@@ -171,11 +186,13 @@ impl XdsStream for DeltaStream {
                 }
                 let wildcard =
                     request.subscribe.is_empty() || request.subscribe.iter().any(|n| n == "*");
-                let client: VersionMap = request
-                    .initial_resource_versions
-                    .iter()
-                    .map(|(name, version)| (NameId::of(name), version_key(version)))
-                    .collect();
+                let client = Held::from_versions(
+                    request
+                        .initial_resource_versions
+                        .iter()
+                        .map(|(name, version)| (NameId::of(name), version_key(version)))
+                        .collect::<VersionMap>(),
+                );
                 self.types.entry(key).or_insert(TypeState {
                     wildcard,
                     answer_empty: wildcard && client.is_empty(),
@@ -271,10 +288,14 @@ fn respond(
     state: &mut TypeState,
     snapshot: &Snapshot,
 ) -> Option<Response> {
-    let types = snapshot.get(type_url);
+    let shared = snapshot.get_shared(type_url);
+    let types = shared.map(|t| &**t);
     let lookup = |name: &str| types.and_then(|t| t.get(name));
+    // The client holds this very type snapshot and rejected nothing: nothing of it is new.
+    let unchanged = shared.is_some_and(|t| state.client.is_exactly(t)) && state.nacked.is_empty();
     let resources: Vec<Arc<Resource>> = match types {
         None => Vec::new(),
+        Some(_) if unchanged => Vec::new(),
         // Explicit names are covered by the wildcard, so this sees every wanted resource once.
         Some(t) if state.wildcard => t.resources().filter(|r| state.is_new(r)).cloned().collect(),
         // Most of the type: walk it, which keeps its (name) order.
@@ -301,13 +322,19 @@ fn respond(
     // Only these two, so a wildcard subscriber never hears of names it does not know.
     let unanswered = std::mem::take(&mut state.unanswered);
     let mut removed: Vec<(Arc<str>, NameId)> = NameId::with_names(|names| {
-        state
-            .client
-            .ids()
-            .chain(unanswered.iter())
-            .filter(|id| state.wants(*id) && lookup(names.str(*id)).is_none())
-            .map(|id| (names.get(id), id))
-            .collect()
+        let mut removed = Vec::new();
+        state.client.absent_from(shared, names, |id, name| {
+            if state.wants(id) {
+                removed.push((name, id));
+            }
+        });
+        removed.extend(
+            unanswered
+                .iter()
+                .filter(|id| state.wants(*id) && lookup(names.str(*id)).is_none())
+                .map(|id| (names.get(id), id)),
+        );
+        removed
     });
     removed.sort();
     removed.dedup();
@@ -320,6 +347,11 @@ fn respond(
         });
     }
     if resources.is_empty() && removed.is_empty() && !state.answer_empty {
+        if let Some(t) = shared
+            && state.holds_all_of(t)
+        {
+            state.client.rebase(t);
+        }
         return None;
     }
 
@@ -330,7 +362,12 @@ fn respond(
         .iter()
         .map(|r| (r.id(), r.version_key()))
         .collect();
-    state.client.extend(state.in_flight.iter());
+    state.client.set(&resources);
+    if let Some(t) = shared
+        && state.holds_all_of(t)
+    {
+        state.client.rebase(t);
+    }
     let removed = removed.into_iter().map(|(name, _)| name).collect();
     let version = types.map_or_else(empty_version, |t| t.version().clone());
     let nonce = nonces.next();
@@ -837,6 +874,9 @@ mod properties {
         /// The client reconnects on a new stream, resuming with what it holds
         /// (`initial_resource_versions`) and its subscriptions.
         Reconnect,
+        /// The controller publishes a new snapshot sharing the type's set with the current one
+        /// (another type changed): nothing is owed.
+        Republish,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -854,6 +894,7 @@ mod properties {
                 nonce,
             }),
             Just(Op::Reconnect),
+            Just(Op::Republish),
         ]
     }
 
@@ -1059,6 +1100,14 @@ mod properties {
                 }
                 // With no names, Envoy has nothing to ask for on a new stream (an empty first
                 // request would mean wildcard).
+                Op::Republish => {
+                    snapshot = Snapshot::from_types(snapshot.types().map(|(t, s)| (t, s.clone())));
+                    let out = stream.on_snapshot(&snapshot);
+                    if !out.responses.is_empty() {
+                        return Err(format!("{out:?} sent for an unchanged type"));
+                    }
+                    out
+                }
                 Op::Reconnect if !client.wildcard && client.subscribed.is_empty() => {
                     Output::default()
                 }

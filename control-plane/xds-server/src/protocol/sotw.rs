@@ -35,6 +35,9 @@ struct TypeState {
     sent_version: Option<Arc<str>>,
     /// The last NACKed version, never sent again.
     parked: Option<Arc<str>>,
+    /// The type snapshot this subscription was last answered from: the same shared set again
+    /// (a snapshot change in another type) has nothing new, found without looking at its names.
+    seen: Option<Arc<TypeSnapshot>>,
 }
 
 // === Subscription ===
@@ -108,6 +111,7 @@ impl XdsStream for SotwStream {
                 Some(state) => {
                     state.subscription = subscription;
                     state.sent_version = sent_version;
+                    state.seen = None;
                 }
                 None => {
                     self.types.insert(
@@ -117,6 +121,7 @@ impl XdsStream for SotwStream {
                             last_nonce: None,
                             sent_version,
                             parked: None,
+                            seen: None,
                         },
                     );
                 }
@@ -155,6 +160,7 @@ impl XdsStream for SotwStream {
                 return Ok(out);
             }
             state.subscription = subscription;
+            state.seen = None;
         }
 
         if let Some(snapshot) = snapshot
@@ -188,7 +194,15 @@ fn respond(
     state: &mut TypeState,
     snapshot: &Snapshot,
 ) -> Option<Response> {
-    let types = snapshot.get(type_url);
+    let shared = snapshot.get_shared(type_url);
+    if shared.is_some()
+        && let Some(seen) = &state.seen
+        && shared.is_some_and(|t| Arc::ptr_eq(t, seen))
+    {
+        return None;
+    }
+    state.seen = shared.cloned();
+    let types = shared.map(|t| &**t);
     let (version, resources) = match &state.subscription {
         Subscription::Wildcard => {
             let version = types.map_or_else(empty_version, |t| t.version().clone());
