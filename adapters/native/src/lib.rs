@@ -181,6 +181,9 @@ pub fn outbound_routes<'a>(
     routes::outbound(services)
 }
 
+/// What [`proxy_resources`] reads of the services the proxy may reach: The outbound listener has a filter chain per service port (matched on its ClusterIPs).
+pub const PROXY_RESOURCES_OUTBOUND: fsm_ir::OutboundDetail = fsm_ir::OutboundDetail::All;
+
 /// What only this proxy has: its listeners (bound to its pod address), the inbound route
 /// configuration, its own application's clusters, and its certificate with the roots its
 /// clients must chain to.

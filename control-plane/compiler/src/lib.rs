@@ -13,8 +13,8 @@ use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
-    InboundService, MeshSettings, OutboundService, Protocol, ProxyInfo, ProxyIr, RouteMatch,
-    ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
+    InboundService, MeshSettings, OutboundDetail, OutboundService, Protocol, ProxyInfo, ProxyIr,
+    RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -110,16 +110,24 @@ pub struct Compiled {
 
 /// Compiles the configuration of one proxy.
 pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileError> {
-    compile_with_view(catalog, proxy, &MeshView::build(catalog))
+    compile_with_view(
+        catalog,
+        proxy,
+        &MeshView::build(catalog),
+        OutboundDetail::All,
+    )
 }
 
 /// Compiles one proxy against a [`MeshView`] of the same catalog: only what is the proxy's own
 /// (its pod, inbound ports and local clusters) is computed here; what it may reach comes from
-/// the view, computed once for every proxy.
+/// the view, computed once for every proxy, and is copied into the IR as far as `detail` asks
+/// (an adapter's own part may need only the TCP services: copying all of them for every proxy
+/// would make each proxy cost as much as the whole mesh).
 pub fn compile_with_view(
     catalog: &Catalog,
     proxy: &ProxyRef,
     view: &MeshView,
+    detail: OutboundDetail,
 ) -> Result<Compiled, CompileError> {
     let pod = catalog
         .pod_by_proxy_uuid(&proxy.uuid)
@@ -190,14 +198,28 @@ pub fn compile_with_view(
     let mut clusters = compiler.clusters;
     let mut outbound = Vec::new();
     for entry in view.services.values() {
-        outbound.extend(entry.outbound.ports.iter().cloned());
-        clusters.extend(
-            entry
-                .outbound
-                .clusters
+        let ports = entry
+            .outbound
+            .ports
+            .iter()
+            .filter(|p| detail == OutboundDetail::All || !p.protocol.is_http());
+        for port in ports {
+            outbound.push(port.clone());
+            let backends = port
+                .tcp_backends
                 .iter()
-                .map(|c| (c.name.clone(), c.clone())),
-        );
+                .chain(port.routes.iter().flat_map(|r| r.backends.iter()));
+            for backend in backends {
+                if let Some(c) = entry
+                    .outbound
+                    .clusters
+                    .iter()
+                    .find(|c| c.name == backend.cluster)
+                {
+                    clusters.insert(c.name.clone(), c.clone());
+                }
+            }
+        }
         warnings.extend(entry.warnings.iter().cloned());
     }
     let ir = ProxyIr {

@@ -71,6 +71,10 @@ pub struct Publisher {
     shared: HashMap<SharedKey, Shared>,
     /// (shared set version, own set version) → the union, while some proxy holds it.
     merged: HashMap<(Arc<str>, Arc<str>), Weak<TypeSnapshot>>,
+    /// Each proxy's own resources by (name, content version), while some proxy holds them:
+    /// proxies of one identity have the same certificate secret, pods of one service the same
+    /// local clusters, and each is kept once.
+    own_resources: HashMap<(Arc<str>, Arc<str>), Weak<Resource>>,
     /// Work done since the last [`Publisher::take_work`].
     work: Work,
 }
@@ -170,6 +174,7 @@ impl Publisher {
     pub fn retain_shared(&mut self, in_use: &BTreeSet<SharedKey>) {
         self.shared.retain(|key, _| in_use.contains(key));
         self.merged.retain(|_, set| set.strong_count() > 0);
+        self.own_resources.retain(|_, r| r.strong_count() > 0);
     }
 
     /// Compiles and translates a proxy's own part for the data planes its streams speak.
@@ -187,6 +192,8 @@ impl Publisher {
             warnings.extend(plane_warnings);
             for (type_url, resources) in encoded {
                 self.work.resources_encoded += resources.len() as u64;
+                let resources: Vec<Arc<Resource>> =
+                    resources.into_iter().map(|r| self.intern(r)).collect();
                 types.insert(type_url, Arc::new(TypeSnapshot::from_shared(resources)));
             }
         }
@@ -222,6 +229,16 @@ impl Publisher {
             }
         }
         Ok(Snapshot::from_types(types))
+    }
+
+    /// The resource already held with the same name and content, or this one.
+    fn intern(&mut self, resource: Arc<Resource>) -> Arc<Resource> {
+        let key = (resource.name.clone(), resource.version.clone());
+        if let Some(held) = self.own_resources.get(&key).and_then(Weak::upgrade) {
+            return held;
+        }
+        self.own_resources.insert(key, Arc::downgrade(&resource));
+        resource
     }
 
     fn merge(&mut self, shared: &Arc<TypeSnapshot>, own: &Arc<TypeSnapshot>) -> Arc<TypeSnapshot> {
@@ -554,4 +571,79 @@ fn own_resources(
             )
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use fsm_catalog::{CatalogSettings, decode_manifests};
+    use fsm_compiler::{ProxyRef, compile_with_view};
+    use fsm_ir::OutboundDetail;
+
+    use super::*;
+
+    fn catalog(yaml: &str) -> Catalog {
+        let (objects, errors) = decode_manifests("in.yaml", yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut catalog = Catalog::new(CatalogSettings::default());
+        for object in objects {
+            catalog.apply(object);
+        }
+        catalog
+    }
+
+    fn credentials() -> ProxyCredentials {
+        ProxyCredentials {
+            cert_chain_pem: "chain".into(),
+            private_key_pem: "key".into(),
+            trust_bundle_pem: "bundle".into(),
+        }
+    }
+
+    /// The Envoy adapter declares it reads only the TCP services for a proxy's own part: the
+    /// runner compiles that much, and the result must be what the whole IR gives.
+    #[test]
+    fn the_outbound_detail_each_adapter_declares_is_enough_for_its_own_part() {
+        for case in ["ports-protocols-and-endpoints", "permissive-demo"] {
+            let text = std::fs::read_to_string(format!(
+                "{}/../compiler/testdata/{case}/in.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .expect("compiler test case");
+            let catalog = catalog(&text);
+            let view = MeshView::build(&catalog);
+            for proxy in catalog.sidecar_proxies() {
+                let proxy = ProxyRef {
+                    uuid: proxy.uuid,
+                    service_account: proxy.service_account,
+                    namespace: proxy.namespace,
+                };
+                let all = compile_with_view(&catalog, &proxy, &view, OutboundDetail::All)
+                    .expect("compiles");
+                let envoy = compile_with_view(
+                    &catalog,
+                    &proxy,
+                    &view,
+                    fsm_adapter_envoy::PROXY_RESOURCES_OUTBOUND,
+                )
+                .expect("compiles");
+                assert!(
+                    envoy.ir.outbound.len() < all.ir.outbound.len(),
+                    "{case}: the HTTP services are left out"
+                );
+                assert_eq!(
+                    fsm_adapter_envoy::proxy_resources(&envoy.ir, &credentials()),
+                    fsm_adapter_envoy::proxy_resources(&all.ir, &credentials()),
+                    "{case}: {proxy:?}"
+                );
+                let native = compile_with_view(
+                    &catalog,
+                    &proxy,
+                    &view,
+                    fsm_adapter_native::PROXY_RESOURCES_OUTBOUND,
+                )
+                .expect("compiles");
+                assert_eq!(native, all, "the native adapter reads every service");
+            }
+        }
+    }
 }

@@ -554,7 +554,7 @@ impl Runner {
                 error: None,
                 warnings: vec![],
             };
-            let compiled = match self.compile_for(key, &mut proxy_state) {
+            let compiled = match self.compile_for(key, &data_planes, &mut proxy_state) {
                 Ok(compiled) => compiled,
                 Err((code, message, refuse)) => {
                     tracing::warn!(code = %code, proxy = %key, "{message}");
@@ -633,6 +633,7 @@ impl Runner {
     fn compile_for(
         &self,
         key: &ProxyKey,
+        data_planes: &[DataPlane],
         proxy_state: &mut ProxyState,
     ) -> Result<fsm_compiler::Compiled, (ErrCode, String, bool)> {
         let proxy = ProxyRef {
@@ -640,7 +641,15 @@ impl Runner {
             service_account: key.service_account.to_string(),
             namespace: key.namespace.to_string(),
         };
-        let compiled = compile_with_view(&self.catalog, &proxy, self.publisher.view())
+        let detail = data_planes
+            .iter()
+            .map(|plane| match plane {
+                DataPlane::Envoy => fsm_adapter_envoy::PROXY_RESOURCES_OUTBOUND,
+                DataPlane::FsmSidecar => fsm_adapter_native::PROXY_RESOURCES_OUTBOUND,
+            })
+            .max()
+            .unwrap_or(fsm_ir::OutboundDetail::All);
+        let compiled = compile_with_view(&self.catalog, &proxy, self.publisher.view(), detail)
             .map_err(|e| (e.err_code(), e.to_string(), e.is_identity_refusal()))?;
         proxy_state.pod = Some(format!(
             "{}/{}",

@@ -209,6 +209,17 @@ pub struct ServiceOutbound {
     pub clusters: Vec<Cluster>,
 }
 
+/// How much of what a proxy may reach its [`ProxyIr`] lists: a proxy's own resources (its
+/// listeners) need all of it in some data planes and only the TCP services in others, while the
+/// shared resources of every service are built once from the compiler's view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OutboundDetail {
+    /// The non-HTTP service ports and their clusters only.
+    TcpOnly,
+    /// Every service port and cluster.
+    All,
+}
+
 /// One service port this proxy may reach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
