@@ -45,9 +45,11 @@ demo: envoy build
 test: envoy deps build
 	$(CARGO) test --workspace
 
-# Figures recorded in BENCHMARKS.md. Debug builds, like the tests: compare runs on the same build.
-# The data-plane figures compare a release fsm-sidecar with the release Envoy binary; sidecar-rps
-# pins the sidecar to CPU 0 (taskset, util-linux) and uses wrk when installed.
+# Figures recorded in BENCHMARKS.md: every fsm-bench benchmark end to end (`make test` runs each in
+# --smoke mode, tests/bench_smoke.rs). Debug builds, like the tests: compare runs on the same build.
+# The data-plane figures compare a release fsm-sidecar with the release Envoy binary, each pair of
+# sidecars (client and server, mTLS between them) pinned to CPU 0 (taskset, util-linux); the
+# full-load part of sidecar-rps uses wrk when installed.
 bench: envoy build bench-deps
 	./target/debug/fsm-bench watch-latency
 	./target/debug/fsm-bench controller-memory

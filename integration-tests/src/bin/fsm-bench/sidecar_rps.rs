@@ -122,29 +122,34 @@ pub(crate) async fn sidecar_rps(plan: &RpsPlan, sidecar: &SidecarArgs) -> Result
         plan.rate_warmup.as_secs_f64()
     );
     println!(
-        "  conns  path            p50 ms   p99 ms  p99.9 ms   max ms  added p99  added p99.9  sidecars CPU  errors"
+        "  conns  path            p50 ms   p99 ms  p99.9 ms   max ms  added p50  added p99  added p99.9  sidecars CPU  errors  CPU 0 others/irq"
     );
     for (connections, runs) in &rate_runs {
         let floor = &runs[0];
         for (target, run) in targets.iter().zip(runs) {
             let added = |d: Duration, floor: Duration| ms(d.saturating_sub(floor));
             println!(
-                "  {connections:>5}  {:12} {:>8.3} {:>8.3} {:>9.3} {:>8.2} {:>10.3} {:>12.3} {:>12} {:>7}",
+                "  {connections:>5}  {:12} {:>8.3} {:>8.3} {:>9.3} {:>8.2} {:>10.3} {:>10.3} {:>12.3} {:>13} {:>7}  {:.0} % / {:.0} %",
                 target.name,
                 ms(run.p50),
                 ms(run.p99),
                 ms(run.p999),
                 ms(run.max),
+                added(run.p50, floor.p50),
                 added(run.p99, floor.p99),
                 added(run.p999, floor.p999),
                 cpu_percent(&run.cpu),
-                run.errors
+                run.errors,
+                run.cpu.other_on_cpu0 * 100.0,
+                run.cpu.irq_on_cpu0 * 100.0
             );
         }
         if let [floor, envoy, fsm] = runs.as_slice() {
             let added = |r: &RateRun| ms(r.p99.saturating_sub(floor.p99));
+            let added_p50 = |r: &RateRun| ms(r.p50.saturating_sub(floor.p50));
             println!(
-                "  {connections:>5}  fsm-sidecar / envoy: added p99 {}, p99.9 {}, sidecars CPU {}",
+                "  {connections:>5}  fsm-sidecar / envoy: added p50 {}, added p99 {}, p99.9 {}, sidecars CPU {}",
+                ratio(added_p50(fsm), added_p50(envoy)),
                 ratio(added(fsm), added(envoy)),
                 ratio(ms(fsm.p999), ms(envoy.p999)),
                 ratio(
