@@ -75,6 +75,8 @@ pub struct TypeSnapshot {
     resources: BTreeMap<Arc<str>, Arc<Resource>>,
     /// The whole type's response section, encoded on first use ([`TypeSnapshot::section`]).
     sections: wire::Sections,
+    /// A hash of the names alone ([`TypeSnapshot::names_key`]).
+    names_key: u64,
 }
 
 impl TypeSnapshot {
@@ -86,6 +88,7 @@ impl TypeSnapshot {
         let version = Self::version_of(resources.values().map(|r| &**r));
         TypeSnapshot {
             version,
+            names_key: names_key(&resources),
             resources,
             sections: wire::Sections::default(),
         }
@@ -105,13 +108,12 @@ impl TypeSnapshot {
     /// A set of resources already shared with other snapshots (content-addressed: equal
     /// resources are the same `Arc`).
     pub fn from_shared(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
-        let resources: BTreeMap<Arc<str>, Arc<Resource>> = resources
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
+        let resources: BTreeMap<Arc<str>, Arc<Resource>> =
+            resources.into_iter().map(|r| (r.name.clone(), r)).collect();
         let version = Self::version_of(resources.values().map(|r| &**r));
         TypeSnapshot {
             version,
+            names_key: names_key(&resources),
             resources,
             sections: wire::Sections::default(),
         }
@@ -125,6 +127,12 @@ impl TypeSnapshot {
 
     pub fn version(&self) -> &Arc<str> {
         &self.version
+    }
+
+    /// Equal for two sets with the same names (whatever their content): a stream subscribed to
+    /// exactly one set's names is subscribed to exactly the other's, without comparing them.
+    pub fn names_key(&self) -> u64 {
+        self.names_key
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
@@ -142,6 +150,15 @@ impl TypeSnapshot {
     pub fn is_empty(&self) -> bool {
         self.resources.is_empty()
     }
+}
+
+fn names_key(resources: &BTreeMap<Arc<str>, Arc<Resource>>) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for name in resources.keys() {
+        hasher.update(&(name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+    }
+    hasher.digest()
 }
 
 /// Everything one proxy should have, per type. Each type's set is shared (by `Arc`) with every

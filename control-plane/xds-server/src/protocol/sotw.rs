@@ -38,6 +38,10 @@ struct TypeState {
     /// The type snapshot this subscription was last answered from: the same shared set again
     /// (a snapshot change in another type) has nothing new, found without looking at its names.
     seen: Option<Arc<TypeSnapshot>>,
+    /// The [`TypeSnapshot::names_key`] of a set whose names are exactly this subscription's:
+    /// a later set with the same key is answered whole (its version and shared section)
+    /// without looking up each name, the common case of Envoy's EDS after an endpoint change.
+    covers: Option<u64>,
 }
 
 // === Subscription ===
@@ -110,6 +114,7 @@ impl XdsStream for SotwStream {
             match self.types.get_mut(&key) {
                 Some(state) => {
                     state.subscription = subscription;
+                    state.covers = None;
                     state.sent_version = sent_version;
                     state.seen = None;
                 }
@@ -122,6 +127,7 @@ impl XdsStream for SotwStream {
                             sent_version,
                             parked: None,
                             seen: None,
+                            covers: None,
                         },
                     );
                 }
@@ -161,6 +167,7 @@ impl XdsStream for SotwStream {
             }
             state.subscription = subscription;
             state.seen = None;
+            state.covers = None;
         }
 
         if let Some(snapshot) = snapshot
@@ -217,6 +224,16 @@ fn respond(
             )
         }
         Subscription::Names(ids) => {
+            if let Some(t) = types
+                && covers_exactly(&mut state.covers, ids, t)
+            {
+                let version = t.version().clone();
+                if is_known(state, &version) {
+                    return None;
+                }
+                let resources = t.resources().cloned().collect();
+                return Some(response(nonces, type_url, state, version, resources));
+            }
             let resources: Vec<Arc<Resource>> = types.map_or_else(Vec::new, |t| {
                 NameId::with_names(|names| {
                     ids.iter()
@@ -232,16 +249,39 @@ fn respond(
             (version, resources)
         }
     };
+    Some(response(nonces, type_url, state, version, resources))
+}
+
+fn response(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    version: Arc<str>,
+    resources: Vec<Arc<Resource>>,
+) -> Response {
     let nonce = nonces.next();
     state.sent_version = Some(version.clone());
     state.last_nonce = Some(nonce.clone());
-    Some(Response {
+    Response {
         type_url,
         version,
         nonce,
         resources,
         removed: Vec::new(),
-    })
+    }
+}
+
+/// Whether the subscription `ids` names exactly the resources of `t`, remembered by names key.
+fn covers_exactly(covers: &mut Option<u64>, ids: &[NameId], t: &TypeSnapshot) -> bool {
+    if *covers == Some(t.names_key()) {
+        return true;
+    }
+    let exact = ids.len() == t.len()
+        && NameId::with_names(|names| ids.iter().all(|id| t.get(names.str(*id)).is_some()));
+    if exact {
+        *covers = Some(t.names_key());
+    }
+    exact
 }
 
 fn is_known(state: &TypeState, version: &Arc<str>) -> bool {
@@ -611,6 +651,49 @@ mod tests {
             }]
         );
         assert_eq!(&*out.responses[0].nonce, "2");
+    }
+
+    #[test]
+    fn a_subscription_to_every_name_is_answered_with_the_whole_set_and_a_subset_with_its_part() {
+        let mut stream = SotwStream::new();
+        let eds = |bodies: &[(&str, &'static str)]| snap(&[(ENDPOINT, bodies)]);
+        let s1 = eds(&[("a", "1"), ("b", "1")]);
+        let out = stream
+            .on_request(
+                SotwRequest {
+                    type_url: ENDPOINT.into(),
+                    resource_names: vec!["b".into(), "a".into()],
+                    ..SotwRequest::default()
+                },
+                Some(&s1),
+            )
+            .expect("known");
+        assert_eq!(
+            out.responses[0].version,
+            s1.get(ENDPOINT).expect("eds").version().clone(),
+            "every name subscribed: labelled with the type's version"
+        );
+        // One resource changes: the whole set again, under the new set's version.
+        let s2 = eds(&[("a", "2"), ("b", "1")]);
+        let out = stream.on_snapshot(&s2);
+        assert_eq!(render(&out), "EDS[a,b]");
+        assert_eq!(
+            out.responses[0].version,
+            s2.get(ENDPOINT).expect("eds").version().clone()
+        );
+        // A resource the proxy did not ask for appears: it gets its two only.
+        let s3 = eds(&[("a", "3"), ("b", "1"), ("c", "1")]);
+        let out = stream.on_snapshot(&s3);
+        assert_eq!(render(&out), "EDS[a,b]");
+        let subset = TypeSnapshot::version_of(
+            ["a", "b"]
+                .iter()
+                .map(|n| &**s3.get(ENDPOINT).expect("eds").get(n).expect("named")),
+        );
+        assert_eq!(out.responses[0].version, subset);
+        // …and nothing when only that other resource changes.
+        let s4 = eds(&[("a", "3"), ("b", "1"), ("c", "2")]);
+        assert_eq!(render(&stream.on_snapshot(&s4)), "");
     }
 
     #[test]
