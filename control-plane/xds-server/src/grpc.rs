@@ -4,18 +4,19 @@
 //! grows to the largest response the stream ever sent and stays that size: most of a large
 //! mesh's controller memory. Here each response leaves as the chunks of its [`Frames`] (a
 //! per-stream head and shared resource bytes), each its own HTTP/2 data frame, taken from the
-//! stream's bounded queue; requests are still decoded by tonic ([`Streaming`]).
+//! stream's bounded queue. Requests are decoded by [`Requests`], which, unlike tonic's
+//! `Streaming`, does not keep a buffer as large as the largest request (an EDS request naming
+//! every cluster, tens of KB) for the stream's lifetime.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body::Frame;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body as _, Frame};
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codec::Codec;
 use tonic::metadata::MetadataMap;
 
 use crate::frame::Frames;
@@ -101,7 +102,89 @@ pub(crate) struct Call<T> {
     /// Headers and connection info (client certificates, remote address), as tonic's
     /// `Request::peer_certs` reads them.
     pub request: tonic::Request<()>,
-    pub incoming: tonic::codec::Streaming<T>,
+    pub incoming: Requests<T>,
+}
+
+/// Length of the gRPC message prefix: a compression flag and a big-endian `u32` length.
+const PREFIX: usize = 5;
+
+/// The request messages of a call.
+pub(crate) struct Requests<T> {
+    body: Body,
+    /// Bytes of the message being received; empty (no allocation) between messages.
+    buf: BytesMut,
+    max_message_size: usize,
+    ended: bool,
+    message: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: prost::Message + Default> Requests<T> {
+    pub(crate) fn new(body: Body, max_message_size: usize) -> Self {
+        Requests {
+            body,
+            buf: BytesMut::new(),
+            max_message_size,
+            ended: false,
+            message: std::marker::PhantomData,
+        }
+    }
+
+    /// The next message; `None` once the client half-closed the stream. Cancel-safe: what was
+    /// received stays buffered.
+    pub(crate) async fn message(&mut self) -> Result<Option<T>, Status> {
+        loop {
+            if let Some(message) = self.decode_buffered()? {
+                return Ok(Some(message));
+            }
+            if self.ended {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Status::internal("Unexpected EOF decoding stream."))
+                };
+            }
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            match frame {
+                // Trailers carry nothing for a request stream.
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(status)) => return Err(status),
+                None => self.ended = true,
+            }
+        }
+    }
+
+    fn decode_buffered(&mut self) -> Result<Option<T>, Status> {
+        let Some(prefix) = self.buf.get(..PREFIX) else {
+            return Ok(None);
+        };
+        if prefix[0] != 0 {
+            return Err(Status::internal(
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+            ));
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > self.max_message_size {
+            return Err(Status::out_of_range(format!(
+                "Error, decoded message length too large: found {len} bytes, the limit is: {} bytes",
+                self.max_message_size
+            )));
+        }
+        let Some(bytes) = self.buf.get(PREFIX..PREFIX + len) else {
+            self.buf.reserve(PREFIX + len - self.buf.len());
+            return Ok(None);
+        };
+        let message = T::decode(bytes).map_err(|error| Status::internal(error.to_string()))?;
+        self.buf.advance(PREFIX + len);
+        if self.buf.is_empty() {
+            // Requests are rare (subscription changes, ACKs): free the buffer between them.
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(message))
+    }
 }
 
 /// Decodes a bidirectional call's request stream, refusing compressed requests (no ADS client
@@ -121,9 +204,7 @@ where
             "request compressed with {encoding:?}, which this server does not accept"
         )));
     }
-    let mut codec = tonic_prost::ProstCodec::<(), T>::default();
-    let incoming =
-        tonic::codec::Streaming::new_request(codec.decoder(), body, None, Some(max_message_size));
+    let incoming = Requests::new(body, max_message_size);
     let request = tonic::Request::from_parts(
         MetadataMap::from_headers(parts.headers),
         parts.extensions,
@@ -149,3 +230,81 @@ pub(crate) fn respond(result: Result<ResponseBody, Status>) -> http::Response<Bo
 
 /// The fully qualified gRPC service name of ADS.
 pub(crate) const ADS: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use prost::Message;
+    use tonic::Code;
+
+    use super::*;
+
+    /// A request body arriving in the given chunks.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn framed(message: &DiscoveryRequest) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((message.encoded_len() as u32).to_be_bytes());
+        out.extend(message.encode_to_vec());
+        out
+    }
+
+    fn requests(bytes: &[u8], chunk: usize, max: usize) -> Requests<DiscoveryRequest> {
+        let chunks = bytes.chunks(chunk).map(Bytes::copy_from_slice).collect();
+        Requests::new(Body::new(Chunks(chunks)), max)
+    }
+
+    fn request(names: usize) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: crate::protocol::ENDPOINT.into(),
+            resource_names: (0..names).map(|i| format!("ns/svc-{i}|80")).collect(),
+            ..DiscoveryRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_split_anyhow_decode_and_free_their_buffer() {
+        let (a, b) = (request(1000), request(1));
+        let bytes = [framed(&a), framed(&b)].concat();
+        for chunk in [1, 7, 4096, bytes.len()] {
+            let mut incoming = requests(&bytes, chunk, 1 << 20);
+            assert_eq!(incoming.message().await.expect("decodes"), Some(a.clone()));
+            assert_eq!(incoming.message().await.expect("decodes"), Some(b.clone()));
+            assert_eq!(
+                incoming.buf.capacity(),
+                0,
+                "nothing kept once a request is decoded"
+            );
+            assert_eq!(incoming.message().await.expect("ends"), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_messages_are_errors() {
+        let bytes = framed(&request(100));
+        let error = requests(&bytes, 100, 64)
+            .message()
+            .await
+            .expect_err("too large");
+        assert_eq!(error.code(), Code::OutOfRange);
+        let error = requests(&bytes[..bytes.len() - 1], 100, 1 << 20)
+            .message()
+            .await
+            .expect_err("truncated");
+        assert_eq!(error.code(), Code::Internal);
+    }
+}

@@ -19,11 +19,11 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tonic::{Request, Status, Streaming};
+use tonic::{Request, Status};
 use tracing::Instrument;
 
 use crate::frame::Frames;
-use crate::grpc::{self, Outgoing, ResponseBody};
+use crate::grpc::{self, Outgoing, Requests, ResponseBody};
 use crate::metrics::metrics;
 use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
@@ -151,7 +151,7 @@ impl AdsServer {
     fn spawn<W: Wire>(
         &self,
         peer: Option<XdsCertIdentity>,
-        incoming: Streaming<W::Req>,
+        incoming: Requests<W::Req>,
     ) -> ResponseBody {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let machine = W::machine(self.extra_types);
@@ -303,7 +303,7 @@ async fn serve_stream<W: Wire>(
     machine: W::Machine,
     native_types: &'static [TypeUrl],
     peer: Option<XdsCertIdentity>,
-    mut incoming: Streaming<W::Req>,
+    mut incoming: Requests<W::Req>,
     tx: mpsc::Sender<Outgoing>,
 ) {
     let first = match incoming.message().await {
@@ -455,7 +455,7 @@ impl<W: Wire> Session<W> {
         }
     }
 
-    async fn run(mut self, first: W::Req, mut incoming: Streaming<W::Req>) {
+    async fn run(mut self, first: W::Req, mut incoming: Requests<W::Req>) {
         if self.refresh().await.is_err() || self.on_request(first).await.is_err() {
             return;
         }
