@@ -15,6 +15,11 @@ use super::report::RunReport;
 /// The font family name the text is drawn with (registered from `--font`).
 const FAMILY: &str = "sans-serif";
 
+/// What a panel shows of a run.
+type Figure = fn(&RunReport) -> f64;
+/// One line: its label, its points (proxies, value) and its colour.
+type Line = (&'static str, Vec<(f64, f64)>, RGBColor);
+
 pub fn draw(reports: &[RunReport], png: &Path, font: &Path) -> Result<()> {
     let bytes = std::fs::read(font)
         .with_context(|| format!("reading the plot font {} (see --font)", font.display()))?;
@@ -25,7 +30,7 @@ pub fn draw(reports: &[RunReport], png: &Path, font: &Path) -> Result<()> {
     let root = BitMapBackend::new(png, (1200, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let panels = root.split_evenly((1, 2));
-    let series = |protocol: &str, value: fn(&RunReport) -> f64| -> Vec<(f64, f64)> {
+    let series = |protocol: &str, value: Figure| -> Vec<(f64, f64)> {
         let mut points: Vec<(f64, f64)> = reports
             .iter()
             .filter(|r| r.protocol == protocol && r.source == "manifests")
@@ -34,7 +39,7 @@ pub fn draw(reports: &[RunReport], png: &Path, font: &Path) -> Result<()> {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         points
     };
-    let charts: [(&str, &str, fn(&RunReport) -> f64); 2] = [
+    let charts: [(&str, &str, Figure); 2] = [
         (
             "Warm-up: all proxies hold a full configuration",
             "seconds",
@@ -45,7 +50,7 @@ pub fn draw(reports: &[RunReport], png: &Path, font: &Path) -> Result<()> {
         }),
     ];
     for (panel, (title, unit, value)) in panels.iter().zip(charts) {
-        let lines: Vec<(&str, Vec<(f64, f64)>, RGBColor)> = vec![
+        let lines: Vec<Line> = vec![
             ("SotW", series("sotw", value), BLUE),
             ("delta", series("delta", value), RED),
         ];

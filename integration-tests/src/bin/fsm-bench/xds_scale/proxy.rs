@@ -7,14 +7,15 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
+use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -129,7 +130,7 @@ impl Fleet {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
         self.errors.fetch_add(1, Ordering::Relaxed);
-        let mut samples = self.error_samples.lock().unwrap_or_else(|e| e.into_inner());
+        let mut samples = self.error_samples.lock();
         if samples.len() < ERROR_SAMPLES {
             samples.push(format!("{} ({}): {error:#}", proxy.uuid, proxy.namespace));
         }

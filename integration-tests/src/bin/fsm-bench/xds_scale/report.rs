@@ -68,11 +68,16 @@ impl PerType {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Warmup {
-    /// From the first connection attempt until the last proxy held a full configuration.
+    /// Proxies that held a full configuration within the timeout.
+    pub warm_proxies: usize,
+    /// From the first connection attempt until the last proxy held a full configuration (when
+    /// all did; else until the last that did).
     pub all_warm_s: f64,
     /// Per proxy, from its own first connection attempt.
     pub per_proxy: Percentiles,
     pub controller_cpu_s: f64,
+    /// CPU seconds of this load generator (all simulated proxies) in the same time.
+    pub load_generator_cpu_s: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -146,11 +151,13 @@ impl RunReport {
                 self.credentials_s
             ),
             format!(
-                "  warm-up: all {} proxies held a full configuration after {:.2} s; per proxy {}; controller CPU {:.1} s",
+                "  warm-up: {} of {} proxies held a full configuration, the last after {:.2} s; per proxy {}; CPU: controller {:.1} s, load generator {:.1} s",
+                self.warmup.warm_proxies,
                 self.proxies,
                 self.warmup.all_warm_s,
                 self.warmup.per_proxy,
-                self.warmup.controller_cpu_s
+                self.warmup.controller_cpu_s,
+                self.warmup.load_generator_cpu_s
             ),
             format!(
                 "  controller RSS {:.1} MiB before connects, {:.1} MiB warm: {:.0} KiB per connected proxy",

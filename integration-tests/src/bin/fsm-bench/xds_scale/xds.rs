@@ -8,7 +8,7 @@
 //! bytes, and a resource's meaning is a function of its bytes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, UpstreamTlsContext,
 };
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use prost::Message;
 
 /// The five types a sidecar uses, in the order Envoy needs them.
@@ -163,7 +164,7 @@ struct Interner {
 
 impl Memo {
     pub fn intern(&self, name: &str) -> u32 {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names = self.names.lock();
         if let Some(id) = names.ids.get(name) {
             return *id;
         }
@@ -175,7 +176,7 @@ impl Memo {
     }
 
     pub fn name(&self, id: u32) -> Arc<str> {
-        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let names = self.names.lock();
         names
             .names
             .get(id as usize)
@@ -186,7 +187,7 @@ impl Memo {
     /// Watches for `marker` in ClusterLoadAssignments decoded from now on. Content seen before
     /// cannot contain it: the marker is an address the mesh has never used.
     pub fn set_marker(&self, marker: &[u8]) {
-        *self.marker.write().unwrap_or_else(|e| e.into_inner()) = Some(marker.to_vec());
+        *self.marker.write() = Some(marker.to_vec());
     }
 
     /// What the resource `bytes` of type `kind` names and references.
@@ -231,16 +232,12 @@ impl Memo {
         Ok(info)
     }
 
-    fn lock_resources(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(XdsType, u64), Arc<ResourceInfo>>> {
-        self.resources.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_resources(&self) -> MutexGuard<'_, HashMap<(XdsType, u64), Arc<ResourceInfo>>> {
+        self.resources.lock()
     }
 
-    fn lock_responses(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(XdsType, u64), Arc<ResponseInfo>>> {
-        self.responses.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock_responses(&self) -> MutexGuard<'_, HashMap<(XdsType, u64), Arc<ResponseInfo>>> {
+        self.responses.lock()
     }
 
     fn decode(&self, kind: XdsType, bytes: &[u8]) -> Result<ResourceInfo> {
@@ -308,11 +305,7 @@ impl Memo {
                     .with_context(|| format!("decoding a {} resource", kind.label()))?;
                 info.name = self.intern(&named.name);
                 if kind == XdsType::Eds
-                    && let Some(marker) = self
-                        .marker
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .as_deref()
+                    && let Some(marker) = self.marker.read().as_deref()
                 {
                     info.marker = contains(bytes, marker);
                 }
@@ -385,7 +378,7 @@ mod tests {
     use envoy_types::pb::google::protobuf::Any;
 
     #[test]
-    fn cluster_references_its_eds_name_and_secrets_once_decoded() {
+    fn cluster_references_its_eds_name_and_secrets_once_decoded() -> Result<()> {
         let tls = UpstreamTlsContext {
             common_tls_context: Some(CommonTlsContext {
                 tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
@@ -419,9 +412,7 @@ mod tests {
             ..Default::default()
         };
         let memo = Memo::default();
-        let info = memo
-            .resource(XdsType::Cds, &cluster.encode_to_vec())
-            .unwrap();
+        let info = memo.resource(XdsType::Cds, &cluster.encode_to_vec())?;
         assert_eq!(&*memo.name(info.name), "ns/svc|8080");
         let names = |ids: &[u32]| {
             ids.iter()
@@ -431,23 +422,23 @@ mod tests {
         assert_eq!(names(&info.eds), ["ns/svc|8080-eds"]);
         assert_eq!(names(&info.sds), ["cert", "roots"]);
         // The second proxy gets the memoized meaning: the same Arc.
-        let again = memo
-            .resource(XdsType::Cds, &cluster.encode_to_vec())
-            .unwrap();
+        let again = memo.resource(XdsType::Cds, &cluster.encode_to_vec())?;
         assert!(Arc::ptr_eq(&info, &again));
+        Ok(())
     }
 
     #[test]
-    fn marker_is_found_only_in_load_assignments_decoded_after_it_is_set() {
+    fn marker_is_found_only_in_load_assignments_decoded_after_it_is_set() -> Result<()> {
         let memo = Memo::default();
         let named = |n: &str| Named { name: n.into() }.encode_to_vec();
         let mut with_ip = named("a");
         with_ip.extend_from_slice(&[0x12, 9]);
         with_ip.extend_from_slice(b"10.9.9.9x");
         memo.set_marker(b"10.9.9.9");
-        assert!(memo.resource(XdsType::Eds, &with_ip).unwrap().marker);
-        assert!(!memo.resource(XdsType::Eds, &named("b")).unwrap().marker);
+        assert!(memo.resource(XdsType::Eds, &with_ip)?.marker);
+        assert!(!memo.resource(XdsType::Eds, &named("b"))?.marker);
         assert!(is_subset(&[1, 3], &[1, 2, 3]));
         assert!(!is_subset(&[1, 4], &[1, 2, 3]));
+        Ok(())
     }
 }
