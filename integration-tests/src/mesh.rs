@@ -6,10 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use fsm_catalog::{
-    Catalog, CatalogSettings, Kind, PROXY_UUID_LABEL, Workload, decode_manifests, workload_of,
-};
-use k8s_openapi::api::core::v1::Pod;
+use fsm_catalog::{Catalog, CatalogSettings, Kind, PodRecord, Workload, decode_manifests};
 
 /// Sidecar admin port (FSM's Envoy admin port).
 pub const ADMIN_PORT: u16 = 15000;
@@ -167,33 +164,23 @@ pub fn mesh_pods(catalog: &Catalog) -> Vec<MeshPod> {
         .collect()
 }
 
-fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &Pod) -> Option<MeshPod> {
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()?;
-    let spec = pod.spec.as_ref();
-    let service_account = spec
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_string());
-    let proxy_uuid = pod
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(PROXY_UUID_LABEL))
-        .cloned();
+fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &PodRecord) -> Option<MeshPod> {
+    let ip = pod.ip()?;
+    let service_account = pod.service_account().to_owned();
+    let proxy_uuid = pod.proxy_uuid().map(str::to_owned);
     let services = catalog.services_selecting(pod);
-    let mut ports: Vec<AppPort> = spec
-        .into_iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
+    let mut ports: Vec<AppPort> = pod
+        .container_ports()
+        .iter()
         .filter_map(|cp| {
             let port = u16::try_from(cp.container_port).ok()?;
             // A port speaks TCP when a Service targeting it says so; HTTP is FSM's default.
             let is_tcp = services
                 .iter()
-                .flat_map(|svc| svc.spec.iter().flat_map(|s| s.ports.iter().flatten()))
+                .flat_map(|svc| svc.ports())
                 .filter(|sp| Catalog::target_port(sp, pod) == Some(port))
                 .any(|sp| {
-                    sp.app_protocol
-                        .as_deref()
+                    sp.app_protocol()
                         .is_some_and(|p| p.eq_ignore_ascii_case("tcp"))
                 });
             Some(AppPort {
@@ -213,7 +200,7 @@ fn to_mesh_pod(catalog: &Catalog, namespace: &str, name: &str, pod: &Pod) -> Opt
         name: name.to_string(),
         ip,
         service_account,
-        workload: workload_of(pod),
+        workload: pod.workload(),
         has_sidecar: proxy_uuid.is_some() && catalog.pod_has_sidecar(namespace, name),
         proxy_uuid,
         ports,

@@ -8,6 +8,7 @@
 mod decode;
 mod event;
 mod object;
+mod record;
 mod store;
 mod workload;
 
@@ -16,9 +17,9 @@ pub use event::{CatalogEvent, Scope};
 pub use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 pub use fsm_crds::parse_go_duration as parse_duration;
 pub use object::{Kind, KindVisitor, MeshKind, MeshObject, ObjectKey};
+pub use record::{ContainerPortRecord, PodRecord, ServicePortRecord, ServiceRecord};
 pub use store::{
     Catalog, CatalogSettings, ChangeSet, Rejection, ResolvedEndpoint, SidecarProxy, UuidConflict,
-    pod_service_account,
 };
 pub use workload::{Workload, workload_of};
 

@@ -1,14 +1,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use fsm_errcode::ErrCode;
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use crate::record::{
+    EndpointsRecord, NamespaceRecord, Namespaced, PodRecord, ServicePortRecord, ServiceRecord,
+    SliceRecord, Strings,
+};
 use crate::{
-    CatalogEvent, Kind, MESH_CONFIG_NAME, MONITORED_BY_LABEL, MeshConfig, MeshObject, ObjectKey,
-    PROXY_UUID_LABEL, SERVICE_NAME_LABEL, SIDECAR_INJECTION_ANNOTATION, Scope,
+    CatalogEvent, Kind, MESH_CONFIG_NAME, MeshConfig, MeshObject, ObjectKey, PROXY_UUID_LABEL,
+    Scope,
 };
 
 /// Settings of the control plane that decide which objects belong to the mesh.
@@ -30,6 +34,13 @@ impl Default for CatalogSettings {
 }
 
 type NsName = (String, String);
+
+/// A stored pod's namespace and name, sharing the record's strings.
+type PodId = (Arc<str>, Arc<str>);
+
+fn ns_name((namespace, name): &PodId) -> NsName {
+    (namespace.to_string(), name.to_string())
+}
 
 /// A pod's sidecar as the control plane authenticates it: `<uuid>.sidecar.<sa>.<ns>`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -70,38 +81,62 @@ impl std::fmt::Display for UuidConflict {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct ClaimOrder {
     untimed: bool,
-    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    created: Option<Time>,
     seen: u64,
 }
 
+/// A stored pod: its record, and when the catalog first saw it (kept across updates of the pod so
+/// an update never moves its UUID claim behind a later pod's).
+#[derive(Clone, Debug)]
+struct StoredPod {
+    record: PodRecord,
+    seen: u64,
+}
+
+/// An object ready to store: validated, and for the built-in kinds reduced to its record.
+#[derive(Clone, Debug)]
+enum Record {
+    Namespace(NamespaceRecord),
+    Service(ServiceRecord),
+    Endpoints(EndpointsRecord),
+    EndpointSlice(SliceRecord),
+    Pod(PodRecord),
+    ServiceAccount,
+    MeshConfig(Box<MeshConfig>),
+    Policy(Box<MeshObject>),
+}
+
 /// The current mesh objects and the indexes the compiler needs.
+///
+/// Built-in objects are kept as compact records of what the mesh reads (see [`PodRecord`],
+/// [`ServiceRecord`]); MeshConfig and the policies (few, read whole by the compiler) as they are.
 #[derive(Clone, Debug, Default)]
 pub struct Catalog {
     settings: CatalogSettings,
-    namespaces: BTreeMap<String, Namespace>,
-    services: BTreeMap<NsName, Service>,
-    endpoints: BTreeMap<NsName, Endpoints>,
-    slices: BTreeMap<NsName, EndpointSlice>,
-    pods: BTreeMap<NsName, Pod>,
-    service_accounts: BTreeSet<NsName>,
+    /// Strings the records share (namespaces, service accounts, labels, port names).
+    strings: Strings,
+    namespaces: BTreeMap<Arc<str>, NamespaceRecord>,
+    services: Namespaced<ServiceRecord>,
+    endpoints: Namespaced<EndpointsRecord>,
+    slices: Namespaced<SliceRecord>,
+    pods: Namespaced<StoredPod>,
+    service_accounts: Namespaced<()>,
     mesh_config: Option<MeshConfig>,
     /// SMI and FSM policy objects, whole.
     policies: BTreeMap<ObjectKey, MeshObject>,
     /// Objects refused for failing FSM's semantic validation, with why; the previous version of
     /// each (if any) stays in force.
     rejected: BTreeMap<ObjectKey, Rejection>,
-    /// Objects of the relists in progress (between `Init` and `InitDone`), by scope.
-    relists: BTreeMap<Scope, Vec<MeshObject>>,
+    /// Objects of the relists in progress (between `Init` and `InitDone`), by scope, already
+    /// reduced to records (`None`: refused) so a relist of every pod never holds them whole.
+    relists: BTreeMap<Scope, Vec<(ObjectKey, Option<Record>)>>,
     /// Pods labelled with each proxy UUID, earliest claim first: the first one owns the UUID.
     /// Normally exactly one; more only when a pod copies another pod's label.
-    uuid_claims: HashMap<String, Vec<(ClaimOrder, NsName)>>,
-    /// When each pod was first seen, kept across updates of the pod so an update never moves
-    /// its claim behind a later pod's.
-    pod_seen: HashMap<NsName, u64>,
+    uuid_claims: HashMap<Arc<str>, Vec<(ClaimOrder, PodId)>>,
     next_seen: u64,
-    pods_by_ip: HashMap<IpAddr, NsName>,
+    pods_by_ip: HashMap<IpAddr, PodId>,
     /// (namespace, service name) → names of its EndpointSlices.
-    slices_by_service: BTreeMap<NsName, BTreeSet<String>>,
+    slices_by_service: Namespaced<BTreeSet<Arc<str>>>,
     /// What changed since the last [`Catalog::take_changes`].
     changes: ChangeSet,
 }
@@ -137,6 +172,30 @@ impl ChangeSet {
         self.pod_uuids.extend(other.pod_uuids);
         self.pod_ips.extend(other.pod_ips);
     }
+
+    /// Notes what an Endpoints object, old or new, refers to: its service.
+    fn endpoints(&mut self, namespace: &str, name: &str) {
+        self.endpoint_services
+            .insert((namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Notes what an EndpointSlice, old or new, refers to: its service.
+    fn slice(&mut self, namespace: &str, slice: &SliceRecord) {
+        if let Some(service) = &slice.service {
+            self.endpoint_services
+                .insert((namespace.to_owned(), service.to_string()));
+        }
+    }
+
+    /// Notes what a pod, old or new, refers to: its proxy UUID and address.
+    fn pod(&mut self, pod: &PodRecord) {
+        if let Some(uuid) = pod.proxy_uuid() {
+            self.pod_uuids.insert(uuid.to_owned());
+        }
+        if let Some(ip) = pod.ip() {
+            self.pod_ips.insert(ip);
+        }
+    }
 }
 
 /// Why an object was refused.
@@ -154,10 +213,6 @@ pub struct ResolvedEndpoint {
     pub port: u16,
     /// The pod behind the address, when the catalog knows it.
     pub pod: Option<NsName>,
-}
-
-fn ns_name(key: &ObjectKey) -> NsName {
-    (key.namespace.clone(), key.name.clone())
 }
 
 impl Catalog {
@@ -186,17 +241,18 @@ impl Catalog {
                 } else {
                     Scope::All
                 };
-                match self.relists.get_mut(&scope) {
-                    Some(buffer) => {
-                        buffer.push(object);
-                        false
-                    }
-                    None => self.apply(object),
+                if !self.relists.contains_key(&scope) {
+                    return self.apply(object);
                 }
+                let prepared = self.prepare(object);
+                if let Some(buffer) = self.relists.get_mut(&scope) {
+                    buffer.push(prepared);
+                }
+                false
             }
             CatalogEvent::InitDone(scope) => {
                 let listed = self.relists.remove(&scope).unwrap_or_default();
-                let keep: BTreeSet<ObjectKey> = listed.iter().map(MeshObject::key).collect();
+                let keep: BTreeSet<&ObjectKey> = listed.iter().map(|(key, _)| key).collect();
                 let stale: Vec<ObjectKey> = self
                     .keys()
                     .filter(|k| scope.covers(k.kind) && !keep.contains(k))
@@ -205,8 +261,10 @@ impl Catalog {
                 for key in stale {
                     changed |= self.delete(&key);
                 }
-                for object in listed {
-                    changed |= self.apply(object);
+                for (key, record) in listed {
+                    if let Some(record) = record {
+                        changed |= self.store(key, record);
+                    }
                 }
                 changed
             }
@@ -218,40 +276,30 @@ impl Catalog {
 
     /// Keys of every stored object.
     pub fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
-        let key = |kind, (namespace, name): &NsName| ObjectKey {
-            kind,
-            namespace: namespace.clone(),
-            name: name.clone(),
-        };
+        fn key<V>(kind: Kind) -> impl Fn((&Arc<str>, &Arc<str>, &V)) -> ObjectKey {
+            move |(namespace, name, _)| ObjectKey {
+                kind,
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }
+        }
         self.namespaces
             .keys()
             .map(|name| ObjectKey {
                 kind: Kind::Namespace,
                 namespace: String::new(),
-                name: name.clone(),
+                name: name.to_string(),
             })
-            .chain(self.services.keys().map(move |id| key(Kind::Service, id)))
-            .chain(
-                self.endpoints
-                    .keys()
-                    .map(move |id| key(Kind::Endpoints, id)),
-            )
-            .chain(
-                self.slices
-                    .keys()
-                    .map(move |id| key(Kind::EndpointSlice, id)),
-            )
-            .chain(self.pods.keys().map(move |id| key(Kind::Pod, id)))
-            .chain(
-                self.service_accounts
-                    .iter()
-                    .map(move |id| key(Kind::ServiceAccount, id)),
-            )
-            .chain(
-                self.mesh_config
-                    .iter()
-                    .map(|mc| MeshObject::MeshConfig(mc.clone()).key()),
-            )
+            .chain(self.services.iter().map(key(Kind::Service)))
+            .chain(self.endpoints.iter().map(key(Kind::Endpoints)))
+            .chain(self.slices.iter().map(key(Kind::EndpointSlice)))
+            .chain(self.pods.iter().map(key(Kind::Pod)))
+            .chain(self.service_accounts.iter().map(key(Kind::ServiceAccount)))
+            .chain(self.mesh_config.iter().map(|mc| ObjectKey {
+                kind: Kind::MeshConfig,
+                namespace: mc.metadata.namespace.clone().unwrap_or_default(),
+                name: mc.metadata.name.clone().unwrap_or_default(),
+            }))
             .chain(self.policies.keys().cloned())
     }
 
@@ -269,17 +317,21 @@ impl Catalog {
             .map(|(_, object)| object)
     }
 
+    /// The policy object stored under `key`.
+    pub fn policy(&self, key: &ObjectKey) -> Option<&MeshObject> {
+        self.policies.get(key)
+    }
+
     /// Objects currently refused, with the FSM error code and the field at fault.
     pub fn rejected(&self) -> &BTreeMap<ObjectKey, Rejection> {
         &self.rejected
     }
 
     /// Refuses `object` if it fails FSM's semantic validation. Returns whether it was refused.
-    fn reject_invalid(&mut self, object: &MeshObject) -> bool {
-        let key = object.key();
+    fn reject_invalid(&mut self, key: &ObjectKey, object: &MeshObject) -> bool {
         let errors = object.semantic_errors();
         let Some(first) = errors.first() else {
-            self.rejected.remove(&key);
+            self.rejected.remove(key);
             return false;
         };
         let code = rejection_code(key.kind, &first.field);
@@ -292,106 +344,198 @@ impl Catalog {
                 .join("; ")
         );
         let rejection = Rejection { code, message };
-        if self.rejected.get(&key) != Some(&rejection) {
+        if self.rejected.get(key) != Some(&rejection) {
             tracing::warn!(code = %code, object = %key, "{}; the previous version stays in force", rejection.message);
             fsm_errcode::count(code);
         }
-        self.rejected.insert(key, rejection);
+        self.rejected.insert(key.clone(), rejection);
         true
     }
 
-    /// Inserts or replaces an object. Returns whether anything changed.
+    /// Validates `object` and reduces it to what the catalog stores (`None`: refused).
+    fn prepare(&mut self, object: MeshObject) -> (ObjectKey, Option<Record>) {
+        let kind = object.kind();
+        // Kinds kept whole drop what the API server churns; the others keep only their record.
+        let object = if kind == Kind::MeshConfig || kind.is_policy() {
+            object.normalized()
+        } else {
+            object
+        };
+        let key = object.key();
+        if self.reject_invalid(&key, &object) {
+            return (key, None);
+        }
+        let strings = &mut self.strings;
+        let record = match object {
+            MeshObject::Namespace(o) => Record::Namespace(NamespaceRecord::new(&o, strings)),
+            MeshObject::Service(o) => {
+                let (namespace, name) = (strings.intern(&key.namespace), strings.intern(&key.name));
+                Record::Service(ServiceRecord::new(&o, namespace, name, strings))
+            }
+            MeshObject::Endpoints(o) => Record::Endpoints(EndpointsRecord::new(&o, strings)),
+            MeshObject::EndpointSlice(o) => Record::EndpointSlice(SliceRecord::new(&o, strings)),
+            MeshObject::Pod(o) => {
+                // A pod's name is its own: nothing to share.
+                let (namespace, name) =
+                    (strings.intern(&key.namespace), Arc::from(key.name.as_str()));
+                Record::Pod(PodRecord::new(&o, namespace, name, strings))
+            }
+            MeshObject::ServiceAccount(_) => Record::ServiceAccount,
+            MeshObject::MeshConfig(o) => Record::MeshConfig(Box::new(o)),
+            policy => Record::Policy(Box::new(policy)),
+        };
+        (key, Some(record))
+    }
+
+    /// Inserts or replaces an object. Returns whether anything changed: an update that changes
+    /// nothing the catalog keeps of the object (status, bookkeeping, fields the mesh never reads)
+    /// is no change.
     /// An object failing FSM's semantic validation is refused (see [`Catalog::rejected`]) and the
     /// stored version, if any, stays.
     pub fn apply(&mut self, object: MeshObject) -> bool {
-        let object = object.normalized();
-        if self.reject_invalid(&object) {
+        match self.prepare(object) {
+            (key, Some(record)) => self.store(key, record),
+            (_, None) => false,
+        }
+    }
+
+    /// Whether `record` is what is stored under `key`.
+    fn holds(&self, key: &ObjectKey, record: &Record) -> bool {
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        match record {
+            Record::Namespace(r) => self.namespaces.get(name) == Some(r),
+            Record::Service(r) => self.services.get(ns, name) == Some(r),
+            Record::Endpoints(r) => self.endpoints.get(ns, name) == Some(r),
+            Record::EndpointSlice(r) => self.slices.get(ns, name) == Some(r),
+            Record::Pod(r) => self.pods.get(ns, name).map(|p| &p.record) == Some(r),
+            Record::ServiceAccount => self.service_accounts.contains(ns, name),
+            Record::MeshConfig(r) => self.contains(key) && self.mesh_config.as_ref() == Some(&**r),
+            Record::Policy(r) => self.policies.get(key) == Some(&**r),
+        }
+    }
+
+    fn store(&mut self, key: ObjectKey, record: Record) -> bool {
+        if self.holds(&key, &record) {
             return false;
         }
-        let key = object.key();
-        if self.get(&key).as_ref() == Some(&object) {
-            return false;
-        }
-        let id = ns_name(&key);
-        let seen_before = (key.kind == Kind::Pod)
-            .then(|| self.pod_seen.get(&id).copied())
-            .flatten();
+        let seen_before = match &record {
+            Record::Pod(_) => self.pods.get(&key.namespace, &key.name).map(|p| p.seen),
+            _ => None,
+        };
         // The old version's references matter too (a pod that moved, a slice that changed service).
         self.delete(&key);
         self.changes.objects.insert(key.clone());
-        self.record_references(&object);
-        match object {
-            MeshObject::Namespace(o) => {
-                self.namespaces.insert(key.name, o);
+        match record {
+            Record::Namespace(r) => {
+                let name = self.strings.intern(&key.name);
+                self.namespaces.insert(name, r);
             }
-            MeshObject::Service(o) => {
-                self.services.insert(id, o);
+            Record::Service(r) => {
+                let (namespace, name) = r.id();
+                self.services.insert(namespace, name, r);
             }
-            MeshObject::Endpoints(o) => {
-                self.endpoints.insert(id, o);
+            Record::Endpoints(r) => {
+                self.changes.endpoints(&key.namespace, &key.name);
+                let namespace = self.strings.intern(&key.namespace);
+                let name = self.strings.intern(&key.name);
+                self.endpoints.insert(namespace, name, r);
             }
-            MeshObject::EndpointSlice(o) => {
-                if let Some(service) = o
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                {
-                    self.slices_by_service
-                        .entry((id.0.clone(), service.clone()))
-                        .or_default()
-                        .insert(id.1.clone());
-                }
-                self.slices.insert(id, o);
-            }
-            MeshObject::Pod(o) => {
-                let seen = seen_before.unwrap_or_else(|| {
-                    self.next_seen += 1;
-                    self.next_seen
-                });
-                self.pod_seen.insert(id.clone(), seen);
-                if let Some(uuid) = proxy_uuid(&o) {
-                    let order = ClaimOrder {
-                        untimed: o.metadata.creation_timestamp.is_none(),
-                        created: o.metadata.creation_timestamp.clone(),
-                        seen,
-                    };
-                    let claims = self.uuid_claims.entry(uuid.to_owned()).or_default();
-                    let at = claims.partition_point(|(o, _)| *o < order);
-                    claims.insert(at, (order, id.clone()));
-                    if claims.len() > 1 && seen_before.is_none() {
-                        let conflict = UuidConflict {
-                            uuid: uuid.to_owned(),
-                            owner: claims[0].1.clone(),
-                            claimant: claims[if at == 0 { 1 } else { at }].1.clone(),
-                        };
-                        tracing::warn!(code = %ErrCode::E5004, "{conflict}");
-                        fsm_errcode::count(ErrCode::E5004);
+            Record::EndpointSlice(r) => {
+                self.changes.slice(&key.namespace, &r);
+                let namespace = self.strings.intern(&key.namespace);
+                let name: Arc<str> = Arc::from(key.name.as_str());
+                if let Some(service) = &r.service {
+                    match self.slices_by_service.get_mut(&namespace, service) {
+                        Some(names) => {
+                            names.insert(Arc::clone(&name));
+                        }
+                        None => {
+                            self.slices_by_service.insert(
+                                Arc::clone(&namespace),
+                                Arc::clone(service),
+                                BTreeSet::from([Arc::clone(&name)]),
+                            );
+                        }
                     }
                 }
-                if let Some(ip) = pod_ip(&o) {
-                    self.pods_by_ip.insert(ip, id.clone());
-                }
-                self.pods.insert(id, o);
+                self.slices.insert(namespace, name, r);
             }
-            MeshObject::ServiceAccount(_) => {
-                self.service_accounts.insert(id);
+            Record::Pod(record) => self.store_pod(record, seen_before),
+            Record::ServiceAccount => {
+                let namespace = self.strings.intern(&key.namespace);
+                let name = self.strings.intern(&key.name);
+                self.service_accounts.insert(namespace, name, ());
             }
-            MeshObject::MeshConfig(o) => {
-                self.mesh_config = Some(o);
+            Record::MeshConfig(o) => {
+                self.mesh_config = Some(*o);
             }
-            policy => {
-                self.policies.insert(key, policy);
+            Record::Policy(policy) => {
+                self.policies.insert(key, *policy);
             }
         }
         true
+    }
+
+    fn store_pod(&mut self, record: PodRecord, seen_before: Option<u64>) {
+        self.changes.pod(&record);
+        let seen = seen_before.unwrap_or_else(|| {
+            self.next_seen += 1;
+            self.next_seen
+        });
+        let id: PodId = record.id();
+        if let Some(uuid) = record.proxy_uuid_shared() {
+            let order = ClaimOrder {
+                untimed: record.created().is_none(),
+                created: record.created().cloned(),
+                seen,
+            };
+            let claims = self.uuid_claims.entry(Arc::clone(uuid)).or_default();
+            let at = claims.partition_point(|(o, _)| *o < order);
+            claims.insert(at, (order, id.clone()));
+            if claims.len() > 1 && seen_before.is_none() {
+                let conflict = UuidConflict {
+                    uuid: uuid.to_string(),
+                    owner: ns_name(&claims[0].1),
+                    claimant: ns_name(&claims[if at == 0 { 1 } else { at }].1),
+                };
+                tracing::warn!(code = %ErrCode::E5004, "{conflict}");
+                fsm_errcode::count(ErrCode::E5004);
+            }
+        }
+        if let Some(ip) = record.ip() {
+            self.pods_by_ip.insert(ip, id.clone());
+        }
+        let (namespace, name) = id;
+        self.pods
+            .insert(namespace, name, StoredPod { record, seen });
     }
 
     /// Removes an object. Returns whether it was present.
     pub fn delete(&mut self, key: &ObjectKey) -> bool {
-        if let Some(old) = self.get(key) {
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        // What the old version referred to, without copying it.
+        let present = match key.kind {
+            Kind::Endpoints => {
+                let present = self.endpoints.contains(ns, name);
+                if present {
+                    self.changes.endpoints(ns, name);
+                }
+                present
+            }
+            Kind::EndpointSlice => self
+                .slices
+                .get(ns, name)
+                .map(|slice| self.changes.slice(ns, slice))
+                .is_some(),
+            Kind::Pod => self
+                .pods
+                .get(ns, name)
+                .map(|pod| self.changes.pod(&pod.record))
+                .is_some(),
+            _ => self.contains(key),
+        };
+        if present {
             self.changes.objects.insert(key.clone());
-            self.record_references(&old);
         }
         self.remove(key)
     }
@@ -401,130 +545,68 @@ impl Catalog {
         std::mem::take(&mut self.changes)
     }
 
-    /// Notes what a changed object referred to, which its replacement may not.
-    fn record_references(&mut self, object: &MeshObject) {
-        match object {
-            MeshObject::Endpoints(o) => {
-                if let (Some(ns), Some(name)) = (&o.metadata.namespace, &o.metadata.name) {
-                    self.changes
-                        .endpoint_services
-                        .insert((ns.clone(), name.clone()));
-                }
-            }
-            MeshObject::EndpointSlice(o) => {
-                if let (Some(ns), Some(service)) = (
-                    &o.metadata.namespace,
-                    o.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL)),
-                ) {
-                    self.changes
-                        .endpoint_services
-                        .insert((ns.clone(), service.clone()));
-                }
-            }
-            MeshObject::Pod(o) => {
-                if let Some(uuid) = proxy_uuid(o) {
-                    self.changes.pod_uuids.insert(uuid.to_owned());
-                }
-                if let Some(ip) = pod_ip(o) {
-                    self.changes.pod_ips.insert(ip);
-                }
-            }
-            _ => {}
-        }
-    }
-
     fn remove(&mut self, key: &ObjectKey) -> bool {
         self.rejected.remove(key);
-        let id = ns_name(key);
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
         match key.kind {
-            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
-            Kind::Service => self.services.remove(&id).is_some(),
-            Kind::Endpoints => self.endpoints.remove(&id).is_some(),
+            Kind::Namespace => self.namespaces.remove(name).is_some(),
+            Kind::Service => self.services.remove(ns, name).is_some(),
+            Kind::Endpoints => self.endpoints.remove(ns, name).is_some(),
             Kind::EndpointSlice => {
-                let Some(old) = self.slices.remove(&id) else {
+                let Some(old) = self.slices.remove(ns, name) else {
                     return false;
                 };
-                if let Some(service) = old
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                if let Some(service) = &old.service
+                    && let Some(names) = self.slices_by_service.get_mut(ns, service)
                 {
-                    let index_key = (id.0.clone(), service.clone());
-                    if let Some(names) = self.slices_by_service.get_mut(&index_key) {
-                        names.remove(&id.1);
-                        if names.is_empty() {
-                            self.slices_by_service.remove(&index_key);
-                        }
+                    names.remove(name);
+                    if names.is_empty() {
+                        self.slices_by_service.remove(ns, service);
                     }
                 }
                 true
             }
             Kind::Pod => {
-                let Some(old) = self.pods.remove(&id) else {
+                let Some(old) = self.pods.remove(ns, name) else {
                     return false;
                 };
-                self.pod_seen.remove(&id);
-                if let Some(uuid) = proxy_uuid(&old)
+                let is_old = |id: &PodId| &*id.0 == ns && &*id.1 == name;
+                if let Some(uuid) = old.record.proxy_uuid()
                     && let Some(claims) = self.uuid_claims.get_mut(uuid)
                 {
-                    claims.retain(|(_, pod)| *pod != id);
+                    claims.retain(|(_, id)| !is_old(id));
                     if claims.is_empty() {
                         self.uuid_claims.remove(uuid);
                     }
                 }
-                if let Some(ip) = pod_ip(&old)
-                    && self.pods_by_ip.get(&ip) == Some(&id)
+                if let Some(ip) = old.record.ip()
+                    && self.pods_by_ip.get(&ip).is_some_and(is_old)
                 {
                     self.pods_by_ip.remove(&ip);
                 }
                 true
             }
-            Kind::ServiceAccount => self.service_accounts.remove(&id),
-            Kind::MeshConfig => {
-                let matches = self
-                    .mesh_config
-                    .as_ref()
-                    .map(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace))
-                    .unwrap_or(false);
-                matches && self.mesh_config.take().is_some()
-            }
+            Kind::ServiceAccount => self.service_accounts.remove(ns, name).is_some(),
+            Kind::MeshConfig => self.contains(key) && self.mesh_config.take().is_some(),
             _ => self.policies.remove(key).is_some(),
         }
     }
 
-    /// The object currently stored under `key`.
-    pub fn get(&self, key: &ObjectKey) -> Option<MeshObject> {
-        let id = ns_name(key);
+    /// Whether an object is stored under `key`.
+    pub fn contains(&self, key: &ObjectKey) -> bool {
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
         match key.kind {
-            Kind::Namespace => self
-                .namespaces
-                .get(&key.name)
-                .cloned()
-                .map(MeshObject::Namespace),
-            Kind::Service => self.services.get(&id).cloned().map(MeshObject::Service),
-            Kind::Endpoints => self.endpoints.get(&id).cloned().map(MeshObject::Endpoints),
-            Kind::EndpointSlice => self.slices.get(&id).cloned().map(MeshObject::EndpointSlice),
-            Kind::Pod => self.pods.get(&id).cloned().map(MeshObject::Pod),
-            Kind::ServiceAccount => self.service_accounts.contains(&id).then(|| {
-                MeshObject::ServiceAccount(k8s_openapi::api::core::v1::ServiceAccount {
-                    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                        name: Some(id.1.clone()),
-                        namespace: Some(id.0.clone()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                })
-            }),
+            Kind::Namespace => self.namespaces.contains_key(name),
+            Kind::Service => self.services.contains(ns, name),
+            Kind::Endpoints => self.endpoints.contains(ns, name),
+            Kind::EndpointSlice => self.slices.contains(ns, name),
+            Kind::Pod => self.pods.contains(ns, name),
+            Kind::ServiceAccount => self.service_accounts.contains(ns, name),
             Kind::MeshConfig => self
                 .mesh_config
-                .clone()
-                .filter(|mc| mc.metadata.namespace.as_deref() == Some(&key.namespace))
-                .map(MeshObject::MeshConfig),
-            _ => self.policies.get(key).cloned(),
+                .as_ref()
+                .is_some_and(|mc| mc.metadata.namespace.as_deref() == Some(ns)),
+            _ => self.policies.contains_key(key),
         }
     }
 
@@ -545,42 +627,29 @@ impl Catalog {
     pub fn is_monitored(&self, namespace: &str) -> bool {
         self.namespaces
             .get(namespace)
-            .and_then(|ns| ns.metadata.labels.as_ref())
-            .and_then(|labels| labels.get(MONITORED_BY_LABEL))
+            .and_then(|ns| ns.monitored_by.as_deref())
             .is_some_and(|mesh| *mesh == self.settings.mesh_name)
     }
 
     /// Whether the pod runs a sidecar: it is in a monitored namespace and injection is not
     /// disabled on the pod or (without a pod annotation) on its namespace.
     pub fn pod_has_sidecar(&self, namespace: &str, name: &str) -> bool {
-        let Some(pod) = self.pods.get(&(namespace.to_string(), name.to_string())) else {
+        let Some(pod) = self.pod(namespace, name) else {
             return false;
         };
-        if !self.is_monitored(namespace)
-            || pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.host_network)
-                .unwrap_or(false)
-        {
+        if !self.is_monitored(namespace) || pod.host_network() {
             return false;
         }
-        let annotation = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-            meta.annotations
-                .as_ref()
-                .and_then(|a| a.get(SIDECAR_INJECTION_ANNOTATION))
-                .cloned()
-        };
-        let pod_setting = annotation(&pod.metadata);
-        let ns_setting = self
-            .namespaces
-            .get(namespace)
-            .and_then(|ns| annotation(&ns.metadata));
-        pod_setting.or(ns_setting).is_none_or(|v| v != "disabled")
+        let setting = pod.sidecar_injection().or_else(|| {
+            self.namespaces
+                .get(namespace)
+                .and_then(|ns| ns.sidecar_injection.as_deref())
+        });
+        setting.is_none_or(|v| v != "disabled")
     }
 
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods.get(&(namespace.to_string(), name.to_string()))
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodRecord> {
+        self.pods.get(namespace, name).map(|p| &p.record)
     }
 
     /// Every pod that runs a sidecar and owns a proxy UUID, sorted by namespace and name: the
@@ -593,13 +662,13 @@ impl Catalog {
             .filter_map(|(uuid, claims)| Some((uuid, &claims.first()?.1)))
             .filter(|(_, (ns, name))| self.pod_has_sidecar(ns, name))
             .filter_map(|(uuid, (ns, name))| {
-                let pod = self.pods.get(&(ns.clone(), name.clone()))?;
+                let pod = self.pod(ns, name)?;
                 Some(SidecarProxy {
-                    namespace: ns.clone(),
-                    pod: name.clone(),
-                    uuid: uuid.clone(),
-                    service_account: pod_service_account(pod),
-                    pod_uid: pod.metadata.uid.clone(),
+                    namespace: ns.to_string(),
+                    pod: name.to_string(),
+                    uuid: uuid.to_string(),
+                    service_account: pod.service_account().to_owned(),
+                    pod_uid: pod.uid().map(str::to_owned),
                 })
             })
             .collect();
@@ -609,11 +678,11 @@ impl Catalog {
 
     /// The pod that owns proxy UUID `uuid`: of the pods labelled `fsm-proxy-uuid=<uuid>`, the
     /// one that claimed it first.
-    pub fn pod_by_proxy_uuid(&self, uuid: &str) -> Option<&Pod> {
+    pub fn pod_by_proxy_uuid(&self, uuid: &str) -> Option<&PodRecord> {
         self.uuid_claims
             .get(uuid)
             .and_then(|claims| claims.first())
-            .and_then(|(_, id)| self.pods.get(id))
+            .and_then(|(_, (ns, name))| self.pod(ns, name))
     }
 
     /// Pods refused because another pod holds their proxy UUID.
@@ -624,9 +693,9 @@ impl Catalog {
             .filter(|(_, claims)| claims.len() > 1)
             .flat_map(|(uuid, claims)| {
                 claims[1..].iter().map(|(_, claimant)| UuidConflict {
-                    uuid: uuid.clone(),
-                    owner: claims[0].1.clone(),
-                    claimant: claimant.clone(),
+                    uuid: uuid.to_string(),
+                    owner: ns_name(&claims[0].1),
+                    claimant: ns_name(claimant),
                 })
             })
             .collect();
@@ -647,107 +716,74 @@ impl Catalog {
         claims[1..]
             .iter()
             .map(|(_, id)| id)
-            .find(|id| {
-                id.0 == namespace
+            .find(|(ns, name)| {
+                **ns == *namespace
                     && self
-                        .pods
-                        .get(*id)
-                        .is_some_and(|pod| pod_service_account(pod) == service_account)
+                        .pod(ns, name)
+                        .is_some_and(|pod| pod.service_account() == service_account)
             })
             .map(|claimant| UuidConflict {
                 uuid: uuid.to_owned(),
-                owner: owner.clone(),
-                claimant: claimant.clone(),
+                owner: ns_name(owner),
+                claimant: ns_name(claimant),
             })
     }
 
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
-        self.pods_by_ip.get(&ip).and_then(|id| self.pods.get(id))
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodRecord> {
+        self.pods_by_ip
+            .get(&ip)
+            .and_then(|(ns, name)| self.pod(ns, name))
     }
 
     /// Services of monitored namespaces, sorted by namespace and name.
-    pub fn mesh_services(&self) -> impl Iterator<Item = &Service> {
+    pub fn mesh_services(&self) -> impl Iterator<Item = &ServiceRecord> {
         self.services
             .iter()
-            .filter(|((ns, _), _)| self.is_monitored(ns))
-            .map(|(_, svc)| svc)
+            .filter(|(ns, _, _)| self.is_monitored(ns))
+            .map(|(_, _, svc)| svc)
     }
 
     /// The service `namespace/name` if it is part of the mesh (its namespace is monitored).
-    pub fn mesh_service(&self, namespace: &str, name: &str) -> Option<&Service> {
+    pub fn mesh_service(&self, namespace: &str, name: &str) -> Option<&ServiceRecord> {
         if !self.is_monitored(namespace) {
             return None;
         }
-        self.services.get(&(namespace.to_owned(), name.to_owned()))
+        self.services.get(namespace, name)
     }
 
     /// Services in the pod's namespace whose selector matches the pod's labels.
-    pub fn services_selecting(&self, pod: &Pod) -> Vec<&Service> {
-        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+    pub fn services_selecting(&self, pod: &PodRecord) -> Vec<&ServiceRecord> {
         self.services
-            .range((namespace.clone(), String::new())..)
-            .take_while(|((ns, _), _)| *ns == namespace)
-            .filter_map(|(_, svc)| {
-                let selector = svc.spec.as_ref()?.selector.as_ref()?;
-                (!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-                    .then_some(svc)
-            })
+            .in_namespace(pod.namespace())
+            .map(|(_, svc)| svc)
+            .filter(|svc| svc.selects(pod))
             .collect()
     }
 
     /// Ready addresses of one service port: from its EndpointSlices when it has any, otherwise
     /// from its Endpoints object.
-    pub fn endpoints_of(&self, service: &Service, port: &ServicePort) -> Vec<ResolvedEndpoint> {
-        let namespace = service.metadata.namespace.clone().unwrap_or_default();
-        let name = service.metadata.name.clone().unwrap_or_default();
-        let port_name = port.name.clone().unwrap_or_default();
+    pub fn endpoints_of(
+        &self,
+        service: &ServiceRecord,
+        port: &ServicePortRecord,
+    ) -> Vec<ResolvedEndpoint> {
+        let (namespace, name) = (service.namespace(), service.name());
+        let port_name = port.name().unwrap_or_default();
         let mut out = BTreeSet::new();
-        if let Some(slice_names) = self
-            .slices_by_service
-            .get(&(namespace.clone(), name.clone()))
-        {
+        if let Some(slice_names) = self.slices_by_service.get(namespace, name) {
             for slice_name in slice_names {
-                let Some(slice) = self.slices.get(&(namespace.clone(), slice_name.clone())) else {
-                    continue;
-                };
-                let Some(number) = slice
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                    .and_then(|p| p.port)
-                    .and_then(|p| u16::try_from(p).ok())
+                let Some((number, addresses)) = self
+                    .slices
+                    .get(namespace, slice_name)
+                    .and_then(|slice| slice.addresses(port_name))
                 else {
                     continue;
                 };
-                for endpoint in &slice.endpoints {
-                    if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                        continue;
-                    }
-                    for addr in &endpoint.addresses {
-                        if let Ok(ip) = addr.parse() {
-                            out.insert(self.resolved(ip, number));
-                        }
-                    }
-                }
+                out.extend(addresses.iter().map(|ip| self.resolved(*ip, number)));
             }
-        } else if let Some(endpoints) = self.endpoints.get(&(namespace, name)) {
-            for subset in endpoints.subsets.iter().flatten() {
-                let Some(number) = subset
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                    .and_then(|p| u16::try_from(p.port).ok())
-                else {
-                    continue;
-                };
-                for addr in subset.addresses.iter().flatten() {
-                    if let Ok(ip) = addr.ip.parse() {
-                        out.insert(self.resolved(ip, number));
-                    }
-                }
+        } else if let Some(endpoints) = self.endpoints.get(namespace, name) {
+            for (number, addresses) in endpoints.addresses(port_name) {
+                out.extend(addresses.iter().map(|ip| self.resolved(*ip, number)));
             }
         }
         out.into_iter().collect()
@@ -757,21 +793,18 @@ impl Catalog {
         ResolvedEndpoint {
             ip,
             port,
-            pod: self.pods_by_ip.get(&ip).cloned(),
+            pod: self.pods_by_ip.get(&ip).map(ns_name),
         }
     }
 
     /// Resolves a Service port's `targetPort` against a pod's named container ports.
-    pub fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
-        match &port.target_port {
-            None => u16::try_from(port.port).ok(),
+    pub fn target_port(port: &ServicePortRecord, pod: &PodRecord) -> Option<u16> {
+        match port.target_port() {
+            None => u16::try_from(port.port()).ok(),
             Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
             Some(IntOrString::String(name)) => pod
-                .spec
-                .as_ref()?
-                .containers
+                .container_ports()
                 .iter()
-                .flat_map(|c| c.ports.iter().flatten())
                 .find(|p| p.name.as_deref() == Some(name.as_str()))
                 .and_then(|p| u16::try_from(p.container_port).ok()),
         }
@@ -810,28 +843,10 @@ fn rejection_code(kind: Kind, field: &str) -> ErrCode {
     }
 }
 
-fn pod_ip(pod: &Pod) -> Option<IpAddr> {
-    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
-}
-
-fn proxy_uuid(pod: &Pod) -> Option<&str> {
-    pod.metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(PROXY_UUID_LABEL))
-        .map(String::as_str)
-}
-
-/// The service account a pod runs as (Kubernetes' `default` when unset).
-pub fn pod_service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_else(|| "default".to_string())
-}
-
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::Pod;
+
     use super::*;
     use crate::decode_manifests;
 
@@ -870,6 +885,18 @@ spec:
 status: {podIP: 127.0.1.1}
 "#;
 
+    /// The pod of [`MANIFEST`], as a source delivers it.
+    fn manifest_pod() -> Pod {
+        let (objects, _) = decode_manifests("t.yaml", MANIFEST);
+        objects
+            .into_iter()
+            .find_map(|o| match o {
+                MeshObject::Pod(pod) => Some(pod),
+                _ => None,
+            })
+            .expect("the manifest has a pod")
+    }
+
     fn catalog() -> Catalog {
         let (objects, errors) = decode_manifests("t.yaml", MANIFEST);
         assert!(errors.is_empty(), "{errors:?}");
@@ -889,13 +916,7 @@ status: {podIP: 127.0.1.1}
         assert!(catalog.pod_has_sidecar("app", "httpbin-1"));
         let services = catalog.services_selecting(pod);
         assert_eq!(services.len(), 1);
-        let port = &services[0]
-            .spec
-            .as_ref()
-            .expect("spec")
-            .ports
-            .as_ref()
-            .expect("ports")[0];
+        let port = &services[0].ports()[0];
         assert_eq!(Catalog::target_port(port, pod), Some(14001));
         let eps = catalog.endpoints_of(services[0], port);
         assert_eq!(eps.len(), 1, "not-ready endpoints are skipped");
@@ -905,7 +926,7 @@ status: {podIP: 127.0.1.1}
     #[test]
     fn apply_is_idempotent_and_delete_cleans_indexes() {
         let mut catalog = catalog();
-        let pod = MeshObject::Pod(catalog.pod("app", "httpbin-1").expect("pod").clone());
+        let pod = MeshObject::Pod(manifest_pod());
         assert!(
             !catalog.apply(pod.clone()),
             "same object twice is no change"
@@ -959,7 +980,7 @@ status: {podIP: 127.0.1.1}
     #[test]
     fn status_and_bookkeeping_changes_are_no_change() {
         let mut catalog = catalog();
-        let mut pod = catalog.pod("app", "httpbin-1").expect("pod").clone();
+        let mut pod = manifest_pod();
         pod.metadata.resource_version = Some("42".into());
         pod.metadata.managed_fields = Some(vec![Default::default()]);
         let status = pod.status.get_or_insert_with(Default::default);
@@ -979,6 +1000,74 @@ status: {podIP: 127.0.1.1}
             catalog
                 .pod_by_ip("127.0.1.9".parse().expect("ip"))
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn fields_the_mesh_never_reads_are_no_change() {
+        let mut catalog = catalog();
+        let mut pod = manifest_pod();
+        let container = &mut pod.spec.as_mut().expect("spec").containers[0];
+        container.image = Some("httpbin:v2".into());
+        container.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "LOG_LEVEL".into(),
+            value: Some("debug".into()),
+            ..Default::default()
+        }]);
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("prometheus.io/scrape".into(), "true".into());
+        assert!(
+            !catalog.apply(MeshObject::Pod(pod.clone())),
+            "image, env and unrelated annotations are no change"
+        );
+        pod.spec.as_mut().expect("spec").containers[0]
+            .ports
+            .as_mut()
+            .expect("ports")[0]
+            .container_port = 14002;
+        assert!(
+            catalog.apply(MeshObject::Pod(pod.clone())),
+            "a named port's number is a change"
+        );
+        pod.metadata
+            .labels
+            .get_or_insert_default()
+            .insert("version".into(), "v2".into());
+        assert!(
+            catalog.apply(MeshObject::Pod(pod)),
+            "a label is a change (selectors read labels)"
+        );
+
+        // An EndpointSlice: not-ready endpoints, hints and the address order are no change.
+        catalog.take_changes();
+        let (objects, _) = decode_manifests("t.yaml", MANIFEST);
+        let Some(MeshObject::EndpointSlice(mut slice)) = objects
+            .into_iter()
+            .find(|o| o.kind() == Kind::EndpointSlice)
+        else {
+            panic!("the manifest has an EndpointSlice")
+        };
+        slice.endpoints[1].addresses.push("127.0.1.3".into());
+        slice.endpoints[0].node_name = Some("node-1".into());
+        slice.endpoints.reverse();
+        assert!(!catalog.apply(MeshObject::EndpointSlice(slice.clone())));
+        assert!(catalog.take_changes().endpoint_services.is_empty());
+        slice.endpoints[0].conditions = None;
+        assert!(
+            catalog.apply(MeshObject::EndpointSlice(slice)),
+            "an endpoint becoming ready is a change"
+        );
+        assert_eq!(
+            catalog.take_changes().endpoint_services,
+            BTreeSet::from([("app".to_string(), "httpbin".to_string())])
+        );
+        let service = catalog.mesh_service("app", "httpbin").expect("service");
+        assert_eq!(
+            catalog.endpoints_of(service, &service.ports()[0]).len(),
+            3,
+            "127.0.1.1, and 127.0.1.2 and .3 now ready"
         );
     }
 
@@ -1013,7 +1102,10 @@ spec:
         };
         bad.spec.sources[0].kind = "Service".into();
         assert!(!catalog.apply(MeshObject::TrafficTarget(bad)));
-        assert_eq!(catalog.get(&good.key()), Some(good.clone().normalized()));
+        assert_eq!(
+            catalog.policy(&good.key()),
+            Some(&good.clone().normalized())
+        );
         let rejection = &catalog.rejected()[&good.key()];
         assert_eq!(rejection.code, ErrCode::E2011);
         assert!(
@@ -1082,7 +1174,7 @@ spec:
     fn owner(catalog: &Catalog) -> Option<String> {
         catalog
             .pod_by_proxy_uuid("u-1")
-            .and_then(|p| p.metadata.name.clone())
+            .map(|p| p.name().to_owned())
     }
 
     #[test]
@@ -1106,7 +1198,7 @@ spec:
         assert!(catalog.uuid_conflict_for("u-1", "app", "httpbin").is_none());
 
         // An update of the owner (a status change) does not move its claim behind the impostor.
-        let mut updated = catalog.pod("app", "httpbin-1").expect("pod").clone();
+        let mut updated = manifest_pod();
         updated
             .metadata
             .labels

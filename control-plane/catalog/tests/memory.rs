@@ -354,5 +354,8 @@ fn catalog_bytes_per_object_at_1000_services_and_10000_pods() {
     let per_object = total / objects;
     println!("catalog memory: total {objects} objects {total} bytes {per_object} bytes/object");
     assert!(per_object > 0, "the counting allocator saw the catalog");
-    let _ = TARGET_BYTES_PER_OBJECT;
+    assert!(
+        per_object <= TARGET_BYTES_PER_OBJECT,
+        "{per_object} bytes per object, over the target of {TARGET_BYTES_PER_OBJECT}"
+    );
 }

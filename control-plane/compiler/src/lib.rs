@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use fsm_catalog::{Catalog, pod_service_account};
+use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
@@ -18,7 +18,6 @@ use fsm_ir::{
 };
 
 mod view;
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 pub use view::{MeshView, ProxyScope, ViewEntry};
 
 /// Trust domain of service identities and certificates: the one mesh-wide constant, re-exported
@@ -134,10 +133,10 @@ pub fn compile_with_view(
         .ok_or_else(|| CompileError::PodNotFound {
             uuid: proxy.uuid.clone(),
         })?;
-    let pod_namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let pod_namespace = pod.namespace().to_owned();
+    let pod_name = pod.name().to_owned();
     let owner_matches =
-        pod_namespace == proxy.namespace && pod_service_account(pod) == proxy.service_account;
+        pod_namespace == proxy.namespace && pod.service_account() == proxy.service_account;
     if !owner_matches
         && let Some(conflict) =
             catalog.uuid_conflict_for(&proxy.uuid, &proxy.namespace, &proxy.service_account)
@@ -152,7 +151,7 @@ pub fn compile_with_view(
             claimed: proxy.namespace.clone(),
         });
     }
-    let service_account = pod_service_account(pod);
+    let service_account = pod.service_account().to_owned();
     if service_account != proxy.service_account {
         return Err(CompileError::ServiceAccountMismatch {
             namespace: pod_namespace,
@@ -167,15 +166,10 @@ pub fn compile_with_view(
             pod: pod_name,
         });
     }
-    let pod_ip: IpAddr = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|ip| ip.parse().ok())
-        .ok_or_else(|| CompileError::NoPodIp {
-            namespace: pod_namespace.clone(),
-            pod: pod_name.clone(),
-        })?;
+    let pod_ip: IpAddr = pod.ip().ok_or_else(|| CompileError::NoPodIp {
+        namespace: pod_namespace.clone(),
+        pod: pod_name.clone(),
+    })?;
 
     let mesh_config = catalog.mesh_config();
     let mesh = mesh_settings(catalog);
@@ -245,7 +239,7 @@ pub fn compile_with_view(
 }
 
 /// Compiles one service's outbound entry: what every proxy that may reach it gets for it.
-pub fn service_outbound(catalog: &Catalog, svc: &Service) -> (ServiceOutbound, Vec<Warning>) {
+pub fn service_outbound(catalog: &Catalog, svc: &ServiceRecord) -> (ServiceOutbound, Vec<Warning>) {
     let mesh = mesh_settings(catalog);
     let mut compiler = Compiler {
         catalog,
@@ -283,26 +277,15 @@ struct Compiler<'a> {
 
 impl Compiler<'_> {
     /// The outbound entries of one service's ports (none for an ExternalName service).
-    fn outbound(&mut self, svc: &Service) -> Vec<OutboundService> {
+    fn outbound(&mut self, svc: &ServiceRecord) -> Vec<OutboundService> {
         let mut out = Vec::new();
-        let Some(spec) = &svc.spec else {
-            return out;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
+        if svc.is_external_name() {
             return out;
         }
         let service = service_ref(svc);
-        let cluster_ips: Vec<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse().ok())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for port in spec.ports.iter().flatten() {
-            let Ok(number) = u16::try_from(port.port) else {
+        let cluster_ips = svc.cluster_ips();
+        for port in svc.ports() {
+            let Ok(number) = u16::try_from(port.port()) else {
                 continue;
             };
             let protocol = self.protocol(&service, port);
@@ -349,7 +332,7 @@ impl Compiler<'_> {
     }
 
     /// Inbound ports of the pod; the sidecar reaches the application at `app_ip`.
-    fn inbound(&mut self, pod: &Pod, app_ip: IpAddr) -> Vec<InboundPort> {
+    fn inbound(&mut self, pod: &PodRecord, app_ip: IpAddr) -> Vec<InboundPort> {
         let allowed = if self.mesh.permissive_traffic_policy_mode {
             AllowedSources::Any
         } else {
@@ -359,12 +342,12 @@ impl Compiler<'_> {
         let mut ports: BTreeMap<u16, InboundPort> = BTreeMap::new();
         for svc in self.catalog.services_selecting(pod) {
             let service = service_ref(svc);
-            for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
-                let Ok(number) = u16::try_from(port.port) else {
+            for port in svc.ports() {
+                let Ok(number) = u16::try_from(port.port()) else {
                     continue;
                 };
                 let Some(target_port) = Catalog::target_port(port, pod) else {
-                    self.warn(ErrCode::E5021, format!("service {service} port {number}: targetPort {:?} does not name a port of the pod", port.target_port));
+                    self.warn(ErrCode::E5021, format!("service {service} port {number}: targetPort {:?} does not name a port of the pod", port.target_port()));
                     continue;
                 };
                 let protocol = self.protocol(&service, port);
@@ -421,7 +404,7 @@ impl Compiler<'_> {
         ports.into_values().collect()
     }
 
-    fn endpoints(&self, svc: &Service, port: &ServicePort) -> Vec<Endpoint> {
+    fn endpoints(&self, svc: &ServiceRecord, port: &ServicePortRecord) -> Vec<Endpoint> {
         self.catalog
             .endpoints_of(svc, port)
             .into_iter()
@@ -435,11 +418,11 @@ impl Compiler<'_> {
                     port: ep.port,
                     meshed: pod.is_some_and(|(ns, name, _)| self.catalog.pod_has_sidecar(ns, name)),
                     identity: pod.map(|(ns, _, p)| ServiceIdentity {
-                        service_account: pod_service_account(p),
+                        service_account: p.service_account().to_owned(),
                         namespace: ns.clone(),
                     }),
                     workload: pod.map(|(ns, name, p)| {
-                        let workload = fsm_catalog::workload_of(p);
+                        let workload = p.workload();
                         WorkloadRef {
                             namespace: ns.clone(),
                             pod: name.clone(),
@@ -453,9 +436,9 @@ impl Compiler<'_> {
     }
 
     /// `appProtocol` first, then the port name's prefix (`http-web`, `tcp-db`), then HTTP.
-    fn protocol(&mut self, service: &ServiceRef, port: &ServicePort) -> Protocol {
-        let declared = port.app_protocol.clone().or_else(|| {
-            let name = port.name.as_deref()?;
+    fn protocol(&mut self, service: &ServiceRef, port: &ServicePortRecord) -> Protocol {
+        let declared = port.app_protocol().map(str::to_owned).or_else(|| {
+            let name = port.name()?;
             let prefix = name.split('-').next()?;
             ["http", "grpc", "tcp"]
                 .contains(&prefix)
@@ -467,7 +450,7 @@ impl Compiler<'_> {
             Some("tcp") => Protocol::Tcp,
             Some("tcp-server-first") => Protocol::TcpServerFirst,
             Some(other) => {
-                self.warn(ErrCode::E5020, format!("service {service} port {}: appProtocol {other:?} is not supported; proxying as tcp", port.port));
+                self.warn(ErrCode::E5020, format!("service {service} port {}: appProtocol {other:?} is not supported; proxying as tcp", port.port()));
                 Protocol::Tcp
             }
         }
@@ -478,10 +461,10 @@ impl Compiler<'_> {
     }
 }
 
-pub(crate) fn service_ref(svc: &Service) -> ServiceRef {
+pub(crate) fn service_ref(svc: &ServiceRecord) -> ServiceRef {
     ServiceRef {
-        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
-        name: svc.metadata.name.clone().unwrap_or_default(),
+        namespace: svc.namespace().to_owned(),
+        name: svc.name().to_owned(),
     }
 }
 
