@@ -49,7 +49,9 @@ test: envoy deps build
 # --smoke mode, tests/bench_smoke.rs). Debug builds, like the tests: compare runs on the same build.
 # The data-plane figures compare a release fsm-sidecar with the release Envoy binary, each pair of
 # sidecars (client and server, mTLS between them) pinned to CPU 0 (taskset, util-linux); the
-# full-load part of sidecar-rps uses wrk when installed.
+# full-load part of sidecar-rps uses wrk when installed. xds-scale measures the release controller
+# (a release fsm-bench starts the fsm-controller beside it) and writes
+# target/bench/xds-scale/xds-scale.{json,png}.
 bench: envoy build bench-deps
 	./target/debug/fsm-bench watch-latency
 	./target/debug/fsm-bench controller-memory
@@ -57,14 +59,22 @@ bench: envoy build bench-deps
 	$(CARGO) build --release -p fsm-sidecar
 	./target/debug/fsm-bench sidecar-memory --sidecar-bin target/release/fsm-sidecar
 	./target/debug/fsm-bench sidecar-rps --sidecar-bin target/release/fsm-sidecar
+	$(CARGO) build --release -p fsm-controller -p fsm-integration-tests --bin fsm-controller --bin fsm-bench
+	./target/release/fsm-bench xds-scale --flavor both --services 1000 --proxies 1000,2000,5000,10000 --apiserver --out target/bench/xds-scale
 
-# wrk drives the throughput bench; taskset (util-linux) pins the sidecar under test.
+# wrk drives the throughput bench; taskset (util-linux) pins the sidecar under test; xds-scale's
+# plot draws its text with DejaVu Sans (fonts-dejavu-core).
 bench-deps:
 	@command -v wrk >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null || \
 			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }; \
 		else echo "wrk is missing: sidecar-rps falls back to its built-in load generator"; fi; }
+	@test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-dejavu-core >/dev/null; }; \
+		else echo "fonts-dejavu-core is missing: xds-scale cannot draw its plot"; fi; }
 
 # charts/fsm/crds is generated from the Rust CRD types; a test fails when it is stale.
 crds:

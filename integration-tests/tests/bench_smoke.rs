@@ -111,3 +111,8 @@ fn a_failed_step_fails_the_smoke_run() {
         outcome.output
     );
 }
+
+#[test]
+fn xds_scale_smoke() {
+    smoke("xds-scale");
+}
