@@ -603,6 +603,7 @@ mod tests {
     /// runner compiles that much, and the result must be what the whole IR gives.
     #[test]
     fn the_outbound_detail_each_adapter_declares_is_enough_for_its_own_part() {
+        let mut compared = 0;
         for case in ["ports-protocols-and-endpoints", "permissive-demo"] {
             let text = std::fs::read_to_string(format!(
                 "{}/../compiler/testdata/{case}/in.yaml",
@@ -617,8 +618,12 @@ mod tests {
                     service_account: proxy.service_account,
                     namespace: proxy.namespace,
                 };
-                let all = compile_with_view(&catalog, &proxy, &view, OutboundDetail::All)
-                    .expect("compiles");
+                // Pods that cannot be programmed (no IP yet) have no own part to compare.
+                let Ok(all) = compile_with_view(&catalog, &proxy, &view, OutboundDetail::All)
+                else {
+                    continue;
+                };
+                compared += 1;
                 let envoy = compile_with_view(
                     &catalog,
                     &proxy,
@@ -645,5 +650,6 @@ mod tests {
                 assert_eq!(native, all, "the native adapter reads every service");
             }
         }
+        assert!(compared >= 4, "only {compared} proxies compared");
     }
 }
