@@ -18,7 +18,7 @@ use tokio::sync::watch;
 mod names;
 mod wire;
 pub use names::{NameId, Names, version_key};
-pub use wire::Flavor;
+pub use wire::{Flavor, Section};
 
 /// A resource type URL (`type.googleapis.com/envoy.config.cluster.v3.Cluster`, …).
 pub type TypeUrl = &'static str;

@@ -5,10 +5,18 @@
 //! URL, nonce, removed names) followed by its `resources` field, already encoded. That field is
 //! what this module builds: per resource, and per type for "every resource of the type" (a
 //! wildcard subscriber's whole response), each once, as `Bytes` every stream shares.
+//!
+//! A type's section is a list of groups of consecutive entries, not one buffer: a proxy's set
+//! of a type is often the mesh's shared set plus a few resources of its own (merged per proxy
+//! or per service), and one buffer per merged set would copy the whole shared set each time.
+//! Groups end where a resource's name hashes to a boundary (content-defined, as in rsync), so
+//! sets differing by a few resources share every group but the few holding the difference. A
+//! group's bytes are cached on its first resource (shared by every set holding it), keyed by
+//! the content of its members.
 
 use std::fmt;
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
@@ -56,6 +64,10 @@ pub(crate) struct Entries {
     delta: OnceLock<(TypeUrl, Bytes)>,
     /// The resource's interned name ([`crate::Resource::id`]).
     pub(crate) id: OnceLock<crate::NameId>,
+    /// The group of entries starting at this resource, per flavor: (type URL, members' content
+    /// key, bytes).
+    sotw_group: OnceLock<(TypeUrl, u64, Bytes)>,
+    delta_group: OnceLock<(TypeUrl, u64, Bytes)>,
 }
 
 impl Entries {
@@ -174,9 +186,22 @@ impl crate::Resource {
     }
 }
 
-/// The `resources` field of every resource of a type, in the type's order.
+/// Resources per group at most, and the name hashes that end a group (about one in 64): large
+/// enough that a group goes out as its own data frame without being copied (see the server's
+/// response body), small enough that a set differing from another by one resource copies
+/// little.
+const GROUP_MAX: usize = 256;
+const GROUP_BOUNDARY: u64 = 63;
+
+/// The `resources` field of every resource of a type, in the type's order, as groups.
+pub type Section = Arc<[Bytes]>;
+
+/// A type's cached sections, per flavor.
 #[derive(Clone, Default)]
-pub(crate) struct Sections(Entries);
+pub(crate) struct Sections {
+    sotw: OnceLock<(TypeUrl, Section)>,
+    delta: OnceLock<(TypeUrl, Section)>,
+}
 
 impl PartialEq for Sections {
     fn eq(&self, _: &Self) -> bool {
@@ -192,38 +217,96 @@ impl fmt::Debug for Sections {
     }
 }
 
+impl Entries {
+    fn group_slot(&self, flavor: Flavor) -> &OnceLock<(TypeUrl, u64, Bytes)> {
+        match flavor {
+            Flavor::Sotw => &self.sotw_group,
+            Flavor::Delta => &self.delta_group,
+        }
+    }
+}
+
+fn ends_group(resource: &crate::Resource) -> bool {
+    xxhash_rust::xxh3::xxh3_64(resource.name.as_bytes()) & GROUP_BOUNDARY == 0
+}
+
+/// The concatenated entries of `members`, from the first member's cache when it holds this
+/// very group. Members whose own entry was not built yet get a slice of the group as their
+/// entry, so the bytes exist once.
+fn group(members: &[&Arc<crate::Resource>], flavor: Flavor, type_url: TypeUrl) -> Bytes {
+    let mut key = xxhash_rust::xxh3::Xxh3::new();
+    for r in members {
+        key.update(&(r.name.len() as u64).to_le_bytes());
+        key.update(r.name.as_bytes());
+        key.update(r.version.as_bytes());
+    }
+    let key = key.digest();
+    let slot = members[0].wire.group_slot(flavor);
+    if let Some((t, k, bytes)) = slot.get()
+        && *t == type_url
+        && *k == key
+    {
+        return bytes.clone();
+    }
+    let len: usize = members
+        .iter()
+        .map(|r| match r.wire.cached(flavor, type_url) {
+            Some(entry) => entry.len(),
+            None => r.entry_len(flavor, type_url),
+        })
+        .sum();
+    let mut out = BytesMut::with_capacity(len);
+    let mut fresh: Vec<Range<usize>> = Vec::with_capacity(members.len());
+    for r in members {
+        let start = out.len();
+        match r.wire.cached(flavor, type_url) {
+            Some(entry) => out.extend_from_slice(&entry),
+            None => r.encode_entry(flavor, type_url, &mut out),
+        }
+        fresh.push(start..out.len());
+    }
+    let bytes = out.freeze();
+    for (r, range) in members.iter().zip(fresh) {
+        if r.wire.cached(flavor, type_url).is_none() {
+            r.wire.remember(flavor, type_url, bytes.slice(range));
+        }
+    }
+    // Another set may have claimed the first member's slot with a different group; then this
+    // group lives only in the sets that hold it.
+    let _ = slot.set((type_url, key, bytes.clone()));
+    bytes
+}
+
 impl crate::TypeSnapshot {
-    /// Every resource's entry, concatenated: the resource section of a response carrying the
-    /// whole type, built once and shared by every stream sending it. Resources whose own entry
-    /// was not built yet get a slice of this section as their entry, so the bytes exist once.
-    pub fn section(&self, flavor: Flavor, type_url: TypeUrl) -> Bytes {
-        if let Some(section) = self.sections.0.cached(flavor, type_url) {
-            return section;
+    /// Every resource's entry, in groups: the resource section of a response carrying the
+    /// whole type, built once and shared by every stream sending it (and its groups by every
+    /// type snapshot holding the same runs of resources).
+    pub fn section(&self, flavor: Flavor, type_url: TypeUrl) -> Section {
+        let slot = match flavor {
+            Flavor::Sotw => &self.sections.sotw,
+            Flavor::Delta => &self.sections.delta,
+        };
+        if let Some((t, section)) = slot.get()
+            && *t == type_url
+        {
+            return section.clone();
         }
-        let len: usize = self
-            .resources()
-            .map(|r| match r.wire.cached(flavor, type_url) {
-                Some(entry) => entry.len(),
-                None => r.entry_len(flavor, type_url),
-            })
-            .sum();
-        let mut out = BytesMut::with_capacity(len);
-        let mut fresh: Vec<Range<usize>> = Vec::new();
-        for r in self.resources() {
-            let start = out.len();
-            match r.wire.cached(flavor, type_url) {
-                Some(entry) => out.extend_from_slice(&entry),
-                None => r.encode_entry(flavor, type_url, &mut out),
-            }
-            fresh.push(start..out.len());
-        }
-        let section = out.freeze();
-        for (r, range) in self.resources().zip(fresh) {
-            if r.wire.cached(flavor, type_url).is_none() {
-                r.wire.remember(flavor, type_url, section.slice(range));
+        let resources: Vec<&Arc<crate::Resource>> = self.resources().collect();
+        let mut groups = Vec::new();
+        let mut start = 0;
+        for (i, r) in resources.iter().enumerate() {
+            if i + 1 == resources.len() || i + 1 - start >= GROUP_MAX || ends_group(r) {
+                groups.push(group(&resources[start..=i], flavor, type_url));
+                start = i + 1;
             }
         }
-        self.sections.0.remember(flavor, type_url, section)
+        let section: Section = groups.into();
+        let (t, cached) = slot.get_or_init(|| (type_url, section.clone()));
+        if *t == type_url {
+            cached.clone()
+        } else {
+            section
+        }
     }
 }
 
@@ -270,16 +353,47 @@ mod tests {
             .resources()
             .map(|r| r.entry(Flavor::Delta, T))
             .collect();
-        assert_eq!(section, entries.concat());
+        assert_eq!(section.concat(), entries.concat());
         assert_eq!(entries[1].as_ptr(), b_entry.as_ptr());
-        let within = |e: &Bytes| section.as_ptr_range().contains(&e.as_ptr());
+        let within = |e: &Bytes| {
+            section
+                .iter()
+                .any(|g| g.as_ptr_range().contains(&e.as_ptr()))
+        };
         assert!(within(&entries[0]) && within(&entries[2]));
-        assert_eq!(
-            types.section(Flavor::Delta, T).as_ptr(),
-            section.as_ptr(),
+        assert!(
+            Arc::ptr_eq(&types.section(Flavor::Delta, T), &section),
             "built once"
         );
         assert_eq!(types, types.clone(), "caches are not part of equality");
+    }
+
+    #[test]
+    fn sets_differing_by_a_few_resources_share_all_other_groups() {
+        let shared: Vec<Arc<Resource>> = (0..1000)
+            .map(|i| Arc::new(Resource::new(format!("ns/svc-{i:04}|80"), vec![1u8; 200])))
+            .collect();
+        let mesh = TypeSnapshot::from_shared(shared.clone());
+        // A proxy's set: the mesh's plus its own inbound cluster.
+        let own = Arc::new(Resource::new("ns/svc-0500|80|local", vec![2u8; 200]));
+        let merged = TypeSnapshot::from_shared(shared.into_iter().chain([own]));
+        let (a, b) = (
+            mesh.section(Flavor::Sotw, T),
+            merged.section(Flavor::Sotw, T),
+        );
+        assert!(a.len() > 5, "{} groups", a.len());
+        let entries: Vec<Bytes> = merged
+            .resources()
+            .map(|r| r.entry(Flavor::Sotw, T))
+            .collect();
+        assert_eq!(b.concat(), entries.concat());
+        let ptrs = |s: &Section| s.iter().map(|g| g.as_ptr()).collect::<Vec<_>>();
+        let shared_groups = ptrs(&b).iter().filter(|p| ptrs(&a).contains(p)).count();
+        assert!(
+            shared_groups + 2 >= b.len(),
+            "{shared_groups} of {} groups shared",
+            b.len()
+        );
     }
 
     fn skip_key_and_len(mut entry: &[u8]) -> &[u8] {

@@ -28,8 +28,9 @@ pub struct Frames {
 /// The `resources` field of a response.
 #[derive(Clone, Debug)]
 pub enum Section {
-    /// The whole type's section, shared by every stream sending that type snapshot.
-    Shared(Bytes),
+    /// The whole type's section (its groups of entries), shared by every stream sending that
+    /// type snapshot.
+    Shared(fsm_cache::Section),
     /// Per-resource entries (each shared), for a response carrying part of a type.
     Parts(Vec<Bytes>),
 }
@@ -105,7 +106,7 @@ impl Frames {
     /// The chunks to write, in order.
     pub fn into_chunks(self) -> impl Iterator<Item = Bytes> {
         let section = match self.section {
-            Section::Shared(bytes) => vec![bytes],
+            Section::Shared(groups) => groups.to_vec(),
             Section::Parts(parts) => parts,
         };
         std::iter::once(self.head)
@@ -117,7 +118,7 @@ impl Frames {
 impl Section {
     pub fn len(&self) -> usize {
         match self {
-            Section::Shared(bytes) => bytes.len(),
+            Section::Shared(groups) => groups.iter().map(Bytes::len).sum(),
             Section::Parts(parts) => parts.iter().map(Bytes::len).sum(),
         }
     }
@@ -278,7 +279,7 @@ mod tests {
         let (Section::Shared(sa), Section::Shared(sb)) = (&a.section, &b.section) else {
             panic!("a whole type goes out as its shared section");
         };
-        assert_eq!(sa.as_ptr(), sb.as_ptr(), "the same bytes, not a copy");
+        assert!(Arc::ptr_eq(sa, sb), "the same bytes, not a copy");
         assert!(
             a.head.len() < 128,
             "only the head is per stream: {}",

@@ -151,7 +151,7 @@ fn per_stream_memory() {
     let (_, section) = allocated_by(|| types.section(Flavor::Sotw, CLUSTER));
     let (frames, after) = allocated_by(|| Frames::sotw(&second, Some(types)));
     let (shared, head) = match &frames.section {
-        Section::Shared(bytes) => (bytes.len(), frames.head.len()),
+        Section::Shared(_) => (frames.section.len(), frames.head.len()),
         Section::Parts(_) => panic!("a whole type goes out as its shared section"),
     };
     println!(
