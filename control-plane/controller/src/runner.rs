@@ -117,6 +117,8 @@ pub struct Runner {
     publisher: Publisher,
     /// Whether the publisher's view has been built from the loaded catalog.
     view_loaded: bool,
+    /// Trust bundles in use, each held once however many proxies carry it.
+    bundles: HashSet<Arc<str>>,
     /// Identities whose certificate is being issued.
     pending: HashSet<ServiceIdentity>,
     /// Rotations announced per identity. A certificate fetched before a rotation (a trust-bundle
@@ -187,6 +189,7 @@ impl Runner {
             credentials: HashMap::new(),
             publisher: Publisher::default(),
             view_loaded: false,
+            bundles: HashSet::new(),
             pending: HashSet::new(),
             cert_epochs: HashMap::new(),
             validity: fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY,
@@ -509,8 +512,19 @@ impl Runner {
         );
     }
 
-    /// Forgets shared parts no connected proxy uses.
+    /// The trust bundle `pem`, shared with every proxy that carries the same one.
+    fn bundle(&mut self, pem: &str) -> Arc<str> {
+        if let Some(bundle) = self.bundles.get(pem) {
+            return bundle.clone();
+        }
+        let bundle: Arc<str> = Arc::from(pem);
+        self.bundles.insert(bundle.clone());
+        bundle
+    }
+
+    /// Forgets shared parts (and trust bundles) no connected proxy uses.
     fn retain_shared(&mut self) {
+        self.bundles.retain(|b| Arc::strong_count(b) > 1);
         let in_use: std::collections::BTreeSet<SharedKey> = self
             .nodes
             .values()
@@ -584,7 +598,7 @@ impl Runner {
             match self.publisher.own(&compiled, &credentials, &data_planes) {
                 Ok(own) => {
                     proxy_state.warnings.extend(own.warnings.iter().cloned());
-                    let trust_bundle = Arc::from(credentials.trust_bundle_pem.as_str());
+                    let trust_bundle = self.bundle(&credentials.trust_bundle_pem);
                     if let Some(proxy) = self.nodes.get_mut(key) {
                         proxy.own = Some(OwnPart {
                             own,
