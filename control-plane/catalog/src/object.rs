@@ -216,7 +216,9 @@ impl MeshObject {
     /// Drops what the API server changes without the mesh caring (resource versions, managed
     /// fields, timestamps, `kubectl apply` bookkeeping, status the compiler never reads), so that
     /// a status-only update or a relist compares equal to what the catalog holds and triggers no
-    /// recomputation, and the catalog does not keep the bulk of large objects in memory.
+    /// recomputation. The catalog applies it to the kinds it keeps whole (MeshConfig, policies);
+    /// the built-in kinds it reduces to records of what the mesh reads (see `record.rs`), which
+    /// drop even more.
     pub fn normalized(mut self) -> Self {
         // A pod keeps its uid (what its bootstrap Secret's ownerReference names) and its creation
         // time (which of two pods claiming one proxy UUID came first): both are set once by the
