@@ -447,3 +447,14 @@ pub(crate) async fn probe(target: &Target) -> Result<()> {
         }
     }
 }
+
+/// Whether a plaintext `GET /` to `target` fails (a TLS listener closes or answers with an
+/// alert, never with a 200) within two seconds.
+pub(crate) async fn refuses_plaintext(target: &Target) -> bool {
+    let mut client = None;
+    let attempt = Client::request(&mut client, target);
+    !matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(()))
+    )
+}

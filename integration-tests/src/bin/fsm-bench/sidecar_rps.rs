@@ -15,7 +15,7 @@ use crate::SidecarArgs;
 use crate::bench_mesh::{BenchMesh, sidecar_label};
 use crate::load::{
     LoadPlan, RatePlan, RateRun, Run, Target, fixed_rate, full_load, median_run, ms, probe,
-    serve_fixed, use_wrk,
+    refuses_plaintext, serve_fixed, use_wrk,
 };
 use crate::mesh_gen::{APP_PORT, CLIENT, CLIENT_FSM, SERVER, SERVER_FSM, app_host};
 use crate::procfs::{CpuUse, pin};
@@ -86,6 +86,26 @@ pub(crate) async fn sidecar_rps(plan: &RpsPlan, sidecar: &SidecarArgs) -> Result
     // Every path answers before anything is measured, so a broken path fails here by name.
     for target in &targets {
         probe(target).await?;
+    }
+    // Between the sidecars of a pair it is mTLS: each server sidecar's inbound port, which the
+    // client sidecar sends to, does not serve plaintext (while the app itself does, which checks
+    // the check).
+    ensure!(
+        !refuses_plaintext(&targets[0]).await,
+        "the app refused plaintext HTTP"
+    );
+    for server in [SERVER, SERVER_FSM] {
+        let inbound = Target {
+            name: server,
+            addr: mesh.pod(server)?.inbound_addr(),
+            host: app_host(server),
+            sidecars: Vec::new(),
+        };
+        ensure!(
+            refuses_plaintext(&inbound).await,
+            "the inbound port of {server}'s sidecar ({}) answered plaintext HTTP: the pair would not be measured over mTLS",
+            inbound.addr
+        );
     }
     let label = sidecar_label(sidecar);
 
