@@ -119,7 +119,7 @@ pub struct Catalog {
     services: Namespaced<ServiceRecord>,
     endpoints: Namespaced<EndpointsRecord>,
     slices: Namespaced<SliceRecord>,
-    pods: Namespaced<StoredPod>,
+    pods: Namespaced<Box<StoredPod>>,
     service_accounts: Namespaced<()>,
     mesh_config: Option<MeshConfig>,
     /// SMI and FSM policy objects, whole.
@@ -492,6 +492,8 @@ impl Catalog {
             let claims = self.uuid_claims.entry(Arc::clone(uuid)).or_default();
             let at = claims.partition_point(|(o, _)| *o < order);
             claims.insert(at, (order, id.clone()));
+            // Nearly every UUID has one claim; a Vec's first growth would reserve four.
+            claims.shrink_to_fit();
             if claims.len() > 1 && seen_before.is_none() {
                 let conflict = UuidConflict {
                     uuid: uuid.to_string(),
@@ -507,7 +509,7 @@ impl Catalog {
         }
         let (namespace, name) = id;
         self.pods
-            .insert(namespace, name, StoredPod { record, seen });
+            .insert(namespace, name, Box::new(StoredPod { record, seen }));
     }
 
     /// Removes an object. Returns whether it was present.
@@ -575,6 +577,7 @@ impl Catalog {
                     && let Some(claims) = self.uuid_claims.get_mut(uuid)
                 {
                     claims.retain(|(_, id)| !is_old(id));
+                    claims.shrink_to_fit();
                     if claims.is_empty() {
                         self.uuid_claims.remove(uuid);
                     }
