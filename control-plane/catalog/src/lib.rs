@@ -6,7 +6,7 @@
 //! answers the compiler's questions; it never does I/O.
 //!
 //! Built-in objects are kept as compact records of what the mesh reads ([`PodRecord`],
-//! [`ServiceRecord`], and endpoints reduced to ready addresses): about 1 KiB per object at
+//! [`ServiceRecord`], and endpoints reduced to ready addresses): under 1 KiB per object at
 //! 1,000 services and 10,000 pods, where whole `k8s-openapi` objects took 9 KiB
 //! (`tests/memory.rs`).
 
