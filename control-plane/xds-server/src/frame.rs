@@ -7,6 +7,8 @@
 //! client decodes exactly the message a single encoder would have written. Nothing of a
 //! resource is copied per stream.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 use fsm_cache::{Flavor, TypeSnapshot};
@@ -16,6 +18,10 @@ use crate::protocol::Response;
 
 /// Length of the gRPC message prefix: a compression flag and a big-endian `u32` length.
 const PREFIX: usize = 5;
+
+/// Holders a type snapshot needs (the controller's copy, one per proxy snapshot) before its
+/// whole-type section is built and kept.
+const SHARED_BY: usize = 2;
 
 /// One response as the chunks of one gRPC message.
 #[derive(Clone, Debug)]
@@ -39,7 +45,7 @@ impl Frames {
     /// The state-of-the-world `DiscoveryResponse` for `response`; `types` is the type snapshot
     /// the response was computed from, whose shared section is used when the response carries
     /// all of it.
-    pub fn sotw(response: &Response, types: Option<&TypeSnapshot>) -> Self {
+    pub fn sotw(response: &Response, types: Option<&Arc<TypeSnapshot>>) -> Self {
         let head = DiscoveryResponse {
             version_info: response.version.to_string(),
             type_url: response.type_url.to_owned(),
@@ -50,7 +56,7 @@ impl Frames {
     }
 
     /// The `DeltaDiscoveryResponse` for `response`.
-    pub fn delta(response: &Response, types: Option<&TypeSnapshot>) -> Self {
+    pub fn delta(response: &Response, types: Option<&Arc<TypeSnapshot>>) -> Self {
         let head = DeltaDiscoveryResponse {
             system_version_info: response.version.to_string(),
             type_url: response.type_url.to_owned(),
@@ -65,15 +71,19 @@ impl Frames {
         head: &impl Message,
         flavor: Flavor,
         response: &Response,
-        types: Option<&TypeSnapshot>,
+        types: Option<&Arc<TypeSnapshot>>,
     ) -> Self {
         let type_url = response.type_url;
+        // A set held by one proxy's snapshot (its own resources merged into the mesh's) would
+        // keep a section only that proxy uses: it goes out as per-resource entries (each shared,
+        // joined by the response body), and only sets shared by several snapshots keep one.
         let whole_type = types.filter(|t| {
-            !t.is_empty()
+            Arc::strong_count(t) > SHARED_BY
+                && !t.is_empty()
                 && t.len() == response.resources.len()
                 && t.resources()
                     .zip(&response.resources)
-                    .all(|(a, b)| std::sync::Arc::ptr_eq(a, b))
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
         });
         let section = match whole_type {
             Some(types) => Section::Shared(types.section(flavor, type_url)),
@@ -130,8 +140,6 @@ impl Section {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use envoy_types::pb::envoy::service::discovery::v3::Resource as WireResource;
     use envoy_types::pb::google::protobuf::Any;
     use fsm_cache::Resource;
@@ -246,18 +254,28 @@ mod tests {
                     removed: removed.iter().map(|n| Arc::from(n.as_str())).collect(),
                 };
                 let sotw = Response { removed: Vec::new(), ..response.clone() };
-                let bytes = message(Frames::sotw(&sotw, Some(&types)));
-                prop_assert_eq!(DiscoveryResponse::decode(&bytes[..]).expect("decodes"), old_sotw(&sotw));
-                let bytes = message(Frames::delta(&response, Some(&types)));
-                prop_assert_eq!(DeltaDiscoveryResponse::decode(&bytes[..]).expect("decodes"), old_delta(&response));
+                // Held by one snapshot (per-resource entries), then by several (shared section).
+                let types = Arc::new(types.clone());
+                for holders in [vec![], vec![types.clone(), types.clone()]] {
+                    let bytes = message(Frames::sotw(&sotw, Some(&types)));
+                    prop_assert_eq!(DiscoveryResponse::decode(&bytes[..]).expect("decodes"), old_sotw(&sotw));
+                    let bytes = message(Frames::delta(&response, Some(&types)));
+                    prop_assert_eq!(DeltaDiscoveryResponse::decode(&bytes[..]).expect("decodes"), old_delta(&response));
+                    drop(holders);
+                }
                 let bytes = message(Frames::delta(&response, None));
                 prop_assert_eq!(DeltaDiscoveryResponse::decode(&bytes[..]).expect("decodes"), old_delta(&response));
             }
         }
     }
 
-    fn clusters(n: usize) -> TypeSnapshot {
-        TypeSnapshot::new((0..n).map(|i| Resource::new(format!("ns/svc-{i}|80"), vec![7u8; 100])))
+    /// A type set as the controller shares it: held by several proxies' snapshots.
+    fn clusters(n: usize) -> (Arc<TypeSnapshot>, [Arc<TypeSnapshot>; 2]) {
+        let types =
+            Arc::new(TypeSnapshot::new((0..n).map(|i| {
+                Resource::new(format!("ns/svc-{i}|80"), vec![7u8; 100])
+            })));
+        (types.clone(), [types.clone(), types])
     }
 
     fn response(types: &TypeSnapshot, nonce: &str, resources: Vec<Arc<Resource>>) -> Response {
@@ -272,7 +290,7 @@ mod tests {
 
     #[test]
     fn streams_sending_a_whole_type_share_one_section() {
-        let types = clusters(1000);
+        let (types, _holders) = clusters(1000);
         let all: Vec<Arc<Resource>> = types.resources().cloned().collect();
         let a = Frames::sotw(&response(&types, "1", all.clone()), Some(&types));
         let b = Frames::sotw(&response(&types, "7", all), Some(&types));
@@ -289,8 +307,17 @@ mod tests {
     }
 
     #[test]
+    fn a_set_only_one_snapshot_holds_keeps_no_section() {
+        let (types, holders) = clusters(100);
+        drop(holders);
+        let all: Vec<Arc<Resource>> = types.resources().cloned().collect();
+        let frames = Frames::sotw(&response(&types, "1", all), Some(&types));
+        assert!(matches!(frames.section, Section::Parts(ref p) if p.len() == 100));
+    }
+
+    #[test]
     fn streams_sending_part_of_a_type_share_each_entry() {
-        let types = clusters(10);
+        let (types, _holders) = clusters(10);
         let some: Vec<Arc<Resource>> = types.resources().take(3).cloned().collect();
         let a = Frames::delta(&response(&types, "1", some.clone()), Some(&types));
         let b = Frames::delta(&response(&types, "2", some), Some(&types));

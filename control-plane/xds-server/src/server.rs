@@ -216,7 +216,7 @@ trait Wire: 'static {
     fn type_url(request: &Self::Req) -> &str;
     fn convert(request: Self::Req) -> <Self::Machine as XdsStream>::Request;
     /// The response as a gRPC message; `types` is the snapshot of its type it was computed from.
-    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames;
+    fn frame(response: &Response, types: Option<&Arc<TypeSnapshot>>) -> Frames;
 }
 
 struct Sotw;
@@ -249,7 +249,7 @@ impl Wire for Sotw {
         }
     }
 
-    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames {
+    fn frame(response: &Response, types: Option<&Arc<TypeSnapshot>>) -> Frames {
         Frames::sotw(response, types)
     }
 }
@@ -282,7 +282,7 @@ impl Wire for Delta {
         }
     }
 
-    fn frame(response: &Response, types: Option<&TypeSnapshot>) -> Frames {
+    fn frame(response: &Response, types: Option<&Arc<TypeSnapshot>>) -> Frames {
         Frames::delta(response, types)
     }
 }
@@ -566,7 +566,7 @@ impl<W: Wire> Session<W> {
         let types = self
             .snapshot
             .as_deref()
-            .and_then(|s| s.get(response.type_url));
+            .and_then(|s| s.get_shared(response.type_url));
         let frames = W::frame(&response, types);
         if frames.message_len() > MAX_MESSAGE_SIZE {
             // As tonic did: the stream ends with the error rather than sending a message the

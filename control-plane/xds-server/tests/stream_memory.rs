@@ -135,7 +135,9 @@ fn delta_stream(snapshot: &Snapshot) -> DeltaStream {
 #[test]
 fn per_stream_memory() {
     let snapshot = snapshot();
-    let types = snapshot.get(CLUSTER).expect("CDS");
+    let types = snapshot.get_shared(CLUSTER).expect("CDS");
+    // Held by many proxies' snapshots, as the controller shares the mesh's sets.
+    let _proxies = [snapshot.clone(), snapshot.clone()];
     let response = |nonce: &str| Response {
         type_url: CLUSTER,
         version: types.version().clone(),
