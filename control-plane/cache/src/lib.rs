@@ -69,10 +69,20 @@ impl fmt::Debug for Resource {
 }
 
 /// All resources of one type for one proxy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// A proxy's set is often a set many proxies share plus a few resources of its own (the mesh's
+/// clusters and this pod's local ones): it is then kept as that shared `base` and a small layer,
+/// so it costs the layer, not a copy of the whole set.
+#[derive(Clone, Debug)]
 pub struct TypeSnapshot {
     version: Arc<str>,
+    /// The shared set this one extends (itself without a base).
+    base: Option<Arc<TypeSnapshot>>,
+    /// The resources of this set beyond `base` (all of them without a base); on a name both
+    /// have, this one's wins.
     resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    /// Resources in the union.
+    len: usize,
     /// The whole type's response section, encoded on first use ([`TypeSnapshot::section`]).
     sections: wire::Sections,
     /// A hash of the names alone ([`TypeSnapshot::names_key`]).
@@ -85,11 +95,33 @@ impl TypeSnapshot {
             .into_iter()
             .map(|r| (r.name.clone(), Arc::new(r)))
             .collect();
-        let version = Self::version_of(resources.values().map(|r| &**r));
+        Self::with_base(None, resources)
+    }
+
+    /// The set of `base` and `layer` (and its version, names key and size, computed once).
+    fn with_base(
+        base: Option<Arc<TypeSnapshot>>,
+        resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    ) -> Self {
+        let union = Union::new(base.as_deref().map(|b| &b.resources), &resources);
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut names = xxhash_rust::xxh3::Xxh3::new();
+        let mut len = 0;
+        for r in union {
+            parts.push(r.name.as_bytes());
+            parts.push(r.version.as_bytes());
+            names.update(&(r.name.len() as u64).to_le_bytes());
+            names.update(r.name.as_bytes());
+            len += 1;
+        }
+        let version = content_version(&parts);
+        let names_key = names.digest();
         TypeSnapshot {
             version,
-            names_key: names_key(&resources),
+            base,
             resources,
+            len,
+            names_key,
             sections: wire::Sections::default(),
         }
     }
@@ -110,19 +142,21 @@ impl TypeSnapshot {
     pub fn from_shared(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
         let resources: BTreeMap<Arc<str>, Arc<Resource>> =
             resources.into_iter().map(|r| (r.name.clone(), r)).collect();
-        let version = Self::version_of(resources.values().map(|r| &**r));
-        TypeSnapshot {
-            version,
-            names_key: names_key(&resources),
-            resources,
-            sections: wire::Sections::default(),
-        }
+        Self::with_base(None, resources)
     }
 
-    /// The union of two sets (`b` wins on a name both have): a proxy's shared and own resources
-    /// of one type.
-    pub fn merged(a: &TypeSnapshot, b: &TypeSnapshot) -> Self {
-        Self::from_shared(a.resources().chain(b.resources()).cloned())
+    /// The union of a shared set and a proxy's own (`own` wins on a name both have), kept as
+    /// `shared` plus `own`'s resources: it costs `own`, not a copy of `shared`.
+    pub fn merged(shared: &Arc<TypeSnapshot>, own: &TypeSnapshot) -> Self {
+        if shared.base.is_some() {
+            // Layers stack one deep: a layered set is flattened before it is extended.
+            return Self::from_shared(Union::of(shared).chain(own.resources()).cloned());
+        }
+        let layer = own
+            .resources()
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect();
+        Self::with_base(Some(shared.clone()), layer)
     }
 
     pub fn version(&self) -> &Arc<str> {
@@ -136,29 +170,75 @@ impl TypeSnapshot {
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
-        self.resources.get(name)
+        self.resources
+            .get(name)
+            .or_else(|| self.base.as_ref()?.resources.get(name))
     }
 
+    /// Every resource, in name order.
     pub fn resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
-        self.resources.values()
+        Union::of(self)
     }
 
     pub fn len(&self) -> usize {
-        self.resources.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.resources.is_empty()
+        self.len == 0
     }
 }
 
-fn names_key(resources: &BTreeMap<Arc<str>, Arc<Resource>>) -> u64 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for name in resources.keys() {
-        hasher.update(&(name.len() as u64).to_le_bytes());
-        hasher.update(name.as_bytes());
+/// Versions are content hashes: equal versions are equal content, however the sets are kept.
+impl PartialEq for TypeSnapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
     }
-    hasher.digest()
+}
+
+impl Eq for TypeSnapshot {}
+
+/// The resources of a base map and a layer over it, in name order; the layer's wins on a name
+/// both have.
+struct Union<'a> {
+    base: std::iter::Peekable<std::collections::btree_map::Values<'a, Arc<str>, Arc<Resource>>>,
+    layer: std::iter::Peekable<std::collections::btree_map::Values<'a, Arc<str>, Arc<Resource>>>,
+}
+
+impl<'a> Union<'a> {
+    fn of(set: &'a TypeSnapshot) -> Self {
+        Union::new(set.base.as_deref().map(|b| &b.resources), &set.resources)
+    }
+
+    fn new(
+        base: Option<&'a BTreeMap<Arc<str>, Arc<Resource>>>,
+        layer: &'a BTreeMap<Arc<str>, Arc<Resource>>,
+    ) -> Self {
+        static EMPTY: BTreeMap<Arc<str>, Arc<Resource>> = BTreeMap::new();
+        Union {
+            base: base.unwrap_or(&EMPTY).values().peekable(),
+            layer: layer.values().peekable(),
+        }
+    }
+}
+
+impl<'a> Iterator for Union<'a> {
+    type Item = &'a Arc<Resource>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (self.base.peek(), self.layer.peek()) {
+            (Some(b), Some(l)) => match b.name.cmp(&l.name) {
+                std::cmp::Ordering::Less => self.base.next(),
+                std::cmp::Ordering::Greater => self.layer.next(),
+                std::cmp::Ordering::Equal => {
+                    self.base.next();
+                    self.layer.next()
+                }
+            },
+            (Some(_), None) => self.base.next(),
+            (None, _) => self.layer.next(),
+        }
+    }
 }
 
 /// Everything one proxy should have, per type. Each type's set is shared (by `Arc`) with every
@@ -467,6 +547,47 @@ mod tests {
             renamed.versions(),
             "the name is part of the type version"
         );
+    }
+
+    #[test]
+    fn a_layered_set_is_the_union_and_keeps_only_its_layer() {
+        let r = |name: &str, body: &'static [u8]| Arc::new(Resource::new(name, body));
+        let shared = Arc::new(TypeSnapshot::from_shared([
+            r("a", b"1"),
+            r("c", b"1"),
+            r("e", b"1"),
+        ]));
+        let own = TypeSnapshot::from_shared([r("b", b"2"), r("c", b"2")]);
+        let layered = TypeSnapshot::merged(&shared, &own);
+        let flat =
+            TypeSnapshot::from_shared([r("a", b"1"), r("b", b"2"), r("c", b"2"), r("e", b"1")]);
+        assert_eq!(
+            layered.version(),
+            flat.version(),
+            "same content, same version"
+        );
+        assert_eq!(layered.names_key(), flat.names_key());
+        assert_eq!(layered.len(), 4);
+        let names: Vec<&str> = layered.resources().map(|r| &*r.name).collect();
+        assert_eq!(names, ["a", "b", "c", "e"]);
+        assert_eq!(
+            layered.get("c").map(|r| &r.body[..]),
+            Some(&b"2"[..]),
+            "the own resource wins"
+        );
+        assert!(layered.get("e").is_some() && layered.get("z").is_none());
+        assert_eq!(layered.resources.len(), 2, "only the layer is held");
+        assert!(Arc::ptr_eq(
+            layered.get("a").expect("a"),
+            shared.get("a").expect("a")
+        ));
+        // A layered set extended again is flattened first.
+        let again = TypeSnapshot::merged(
+            &Arc::new(layered),
+            &TypeSnapshot::from_shared([r("f", b"1")]),
+        );
+        assert_eq!(again.len(), 5);
+        assert!(again.base.is_none());
     }
 
     #[tokio::test]
