@@ -152,6 +152,18 @@ fn apply(server: &RunningApiServer, object: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// Writes `xds-scale.json` and `xds-scale.png` into `out`.
+fn save(reports: &[RunReport], out: &Path, font: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("xds-scale.json");
+    std::fs::write(&json, serde_json::to_string_pretty(reports)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let png = out.join("xds-scale.png");
+    plot::draw(reports, &png, font)?;
+    println!("wrote {} and {}", json.display(), png.display());
+    Ok(())
+}
+
 pub async fn run(args: Args) -> Result<()> {
     raise_fd_limit()?;
     let smoke = args.smoke;
@@ -184,21 +196,18 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let mut reports = Vec::new();
     for &protocol in protocols {
-        for &n in proxies.iter().filter(|_| !args.apiserver_only) {
-            reports.push(run_one(&settings, protocol, n, false).await?);
+        let sizes = proxies
+            .iter()
+            .filter(|_| !args.apiserver_only)
+            .map(|n| (*n, false))
+            .chain(api_proxies.map(|n| (n, true)));
+        for (n, api) in sizes {
+            reports.push(run_one(&settings, protocol, n, api).await?);
+            // After every run, so that a long series stopped part-way keeps what it measured.
+            if let Some(out) = &args.out {
+                save(&reports, out, &args.font)?;
+            }
         }
-        if let Some(n) = api_proxies {
-            reports.push(run_one(&settings, protocol, n, true).await?);
-        }
-    }
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let json = out.join("xds-scale.json");
-        std::fs::write(&json, serde_json::to_string_pretty(&reports)?)
-            .with_context(|| format!("writing {}", json.display()))?;
-        let png = out.join("xds-scale.png");
-        plot::draw(&reports, &png, &args.font)?;
-        println!("wrote {} and {}", json.display(), png.display());
     }
     let failed: Vec<String> = reports
         .iter()
