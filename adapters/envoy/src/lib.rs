@@ -222,7 +222,9 @@ pub fn outbound_routes<'a>(
     }
 }
 
-/// What [`proxy_resources`] reads of the services the proxy may reach: HTTP services are routed by the shared `outbound` route configuration; only TCP service ports get listeners of their own.
+/// What [`proxy_resources`] reads of the services the proxy may reach: HTTP services are routed
+/// by the shared `outbound` route configuration; only TCP service ports get listeners of their
+/// own.
 pub const PROXY_RESOURCES_OUTBOUND: fsm_ir::OutboundDetail = fsm_ir::OutboundDetail::TcpOnly;
 
 /// What only this proxy has: its listeners (bound to its pod address), the inbound route

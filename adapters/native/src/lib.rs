@@ -181,7 +181,8 @@ pub fn outbound_routes<'a>(
     routes::outbound(services)
 }
 
-/// What [`proxy_resources`] reads of the services the proxy may reach: The outbound listener has a filter chain per service port (matched on its ClusterIPs).
+/// What [`proxy_resources`] reads of the services the proxy may reach: every service port, since
+/// the outbound listener has a filter chain per service port (matched on its ClusterIPs).
 pub const PROXY_RESOURCES_OUTBOUND: fsm_ir::OutboundDetail = fsm_ir::OutboundDetail::All;
 
 /// What only this proxy has: its listeners (bound to its pod address), the inbound route

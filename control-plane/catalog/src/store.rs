@@ -160,19 +160,6 @@ impl ChangeSet {
         self.objects.is_empty()
     }
 
-    /// Whether any changed object is of `kind`.
-    pub fn has_kind(&self, kind: Kind) -> bool {
-        self.objects.iter().any(|k| k.kind == kind)
-    }
-
-    /// Adds `other`'s changes to these.
-    pub fn merge(&mut self, other: ChangeSet) {
-        self.objects.extend(other.objects);
-        self.endpoint_services.extend(other.endpoint_services);
-        self.pod_uuids.extend(other.pod_uuids);
-        self.pod_ips.extend(other.pod_ips);
-    }
-
     /// Notes what an Endpoints object, old or new, refers to: its service.
     fn endpoints(&mut self, namespace: &str, name: &str) {
         self.endpoint_services

@@ -310,21 +310,17 @@ fn build_shared(
                 .extend(resources.iter().cloned());
         }
     }
-    let (routes_type, routes) = if routes_changed {
-        encoded += 1;
-        outbound_routes(key.data_plane, view)?
-    } else {
-        let type_url = routes_type_url(key.data_plane);
-        let resource = shared
-            .types
-            .get(type_url)
-            .and_then(|t| t.get(fsm_ir::names::OUTBOUND_ROUTES).cloned());
-        match resource {
-            Some(resource) => (type_url, resource),
-            None => {
-                encoded += 1;
-                outbound_routes(key.data_plane, view)?
-            }
+    let routes_type = routes_type_url(key.data_plane);
+    let kept = shared
+        .types
+        .get(routes_type)
+        .and_then(|t| t.get(fsm_ir::names::OUTBOUND_ROUTES).cloned())
+        .filter(|_| !routes_changed);
+    let routes = match kept {
+        Some(resource) => resource,
+        None => {
+            encoded += 1;
+            outbound_routes(key.data_plane, view)?
         }
     };
     per_type.entry(routes_type).or_default().push(routes);
@@ -350,6 +346,19 @@ fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
         DataPlane::Envoy => &fsm_xds_server::protocol::ENVOY_TYPES,
         DataPlane::FsmSidecar => &fsm_dataplane_proto::ALL_TYPE_URLS,
     }
+}
+
+/// How much of the view a proxy's own part needs for the data planes its streams speak (see
+/// each adapter's `PROXY_RESOURCES_OUTBOUND`).
+pub fn outbound_detail(data_planes: &[DataPlane]) -> fsm_ir::OutboundDetail {
+    data_planes
+        .iter()
+        .map(|plane| match plane {
+            DataPlane::Envoy => fsm_adapter_envoy::PROXY_RESOURCES_OUTBOUND,
+            DataPlane::FsmSidecar => fsm_adapter_native::PROXY_RESOURCES_OUTBOUND,
+        })
+        .max()
+        .unwrap_or(fsm_ir::OutboundDetail::All)
 }
 
 fn routes_type_url(data_plane: DataPlane) -> TypeUrl {
@@ -498,26 +507,20 @@ fn service_resources(
 fn outbound_routes(
     data_plane: DataPlane,
     view: &MeshView,
-) -> Result<(TypeUrl, Arc<Resource>), (ErrCode, String)> {
+) -> Result<Arc<Resource>, (ErrCode, String)> {
     let ports = view.entries().flat_map(|e| e.outbound.ports.iter());
-    let resource = match data_plane {
+    let (name, body) = match data_plane {
         DataPlane::Envoy => {
             let routes = fsm_adapter_envoy::outbound_routes(ports);
-            encode(std::slice::from_ref(&routes), |r| &r.name)
+            (routes.name.clone(), routes.encode_to_vec())
         }
         DataPlane::FsmSidecar => {
             let routes =
                 fsm_adapter_native::outbound_routes(ports).map_err(|e| adapter_error(&e))?;
-            encode(std::slice::from_ref(&routes), |r| &r.name)
+            (routes.name.clone(), routes.encode_to_vec())
         }
     };
-    let resource = resource.into_iter().next().ok_or_else(|| {
-        (
-            ErrCode::E5007,
-            "no outbound route configuration".to_string(),
-        )
-    })?;
-    Ok((routes_type_url(data_plane), resource))
+    Ok(Arc::new(Resource::new(name, body)))
 }
 
 type OwnResources = (Resources, Vec<String>);

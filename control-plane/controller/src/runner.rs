@@ -657,14 +657,7 @@ impl Runner {
             service_account: key.service_account.to_string(),
             namespace: key.namespace.to_string(),
         };
-        let detail = data_planes
-            .iter()
-            .map(|plane| match plane {
-                DataPlane::Envoy => fsm_adapter_envoy::PROXY_RESOURCES_OUTBOUND,
-                DataPlane::FsmSidecar => fsm_adapter_native::PROXY_RESOURCES_OUTBOUND,
-            })
-            .max()
-            .unwrap_or(fsm_ir::OutboundDetail::All);
+        let detail = crate::publish::outbound_detail(data_planes);
         let compiled = compile_with_view(&self.catalog, &proxy, self.publisher.view(), detail)
             .map_err(|e| (e.err_code(), e.to_string(), e.is_identity_refusal()))?;
         proxy_state.pod = Some(format!(
