@@ -189,6 +189,63 @@ impl TypeSnapshot {
     }
 }
 
+/// How a name's resource differs between two sets ([`TypeSnapshot::changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change<'a> {
+    /// Only the newer set has the name.
+    Added(&'a Arc<Resource>),
+    /// Both have it, in different versions (the newer one's).
+    Updated(&'a Arc<Resource>),
+    /// Only the older set has it (the older one's).
+    Removed(&'a Arc<Resource>),
+}
+
+impl TypeSnapshot {
+    /// What differs from `older` to `self`, in name order.
+    ///
+    /// Both sets are walked side by side. Content-addressed resources are shared by reference
+    /// between consecutive sets, so a resource both hold costs a pointer comparison, not a name
+    /// comparison: telling ten thousand streams that one of a thousand resources changed costs a
+    /// thousand pointer comparisons each, not a thousand look-ups by name.
+    pub fn changes<'a>(&'a self, older: &'a TypeSnapshot) -> impl Iterator<Item = Change<'a>> {
+        let mut old = Union::of(older).peekable();
+        let mut new = Union::of(self).peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let change = match (old.peek().copied(), new.peek().copied()) {
+                    (None, None) => return None,
+                    (Some(o), None) => Change::Removed(o),
+                    (None, Some(n)) => Change::Added(n),
+                    (Some(o), Some(n)) => {
+                        if Arc::ptr_eq(o, n) {
+                            old.next();
+                            new.next();
+                            continue;
+                        }
+                        match o.name.cmp(&n.name) {
+                            std::cmp::Ordering::Less => Change::Removed(o),
+                            std::cmp::Ordering::Greater => Change::Added(n),
+                            std::cmp::Ordering::Equal => {
+                                old.next();
+                                new.next();
+                                if o.version == n.version {
+                                    continue;
+                                }
+                                return Some(Change::Updated(n));
+                            }
+                        }
+                    }
+                };
+                match change {
+                    Change::Removed(_) => old.next(),
+                    _ => new.next(),
+                };
+                return Some(change);
+            }
+        })
+    }
+}
+
 /// Versions are content hashes: equal versions are equal content, however the sets are kept.
 impl PartialEq for TypeSnapshot {
     fn eq(&self, other: &Self) -> bool {
@@ -547,6 +604,73 @@ mod tests {
             renamed.versions(),
             "the name is part of the type version"
         );
+    }
+
+    /// A set's content as a map, for comparing with [`TypeSnapshot::changes`].
+    fn content(set: &TypeSnapshot) -> BTreeMap<Arc<str>, Arc<str>> {
+        set.resources()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    }
+
+    /// Up to 8 names, each absent or in one of two bodies; shared (`Arc`) resources come from
+    /// `pool` so that consecutive sets share what they have in common, as the publisher's do.
+    fn set_of(
+        picks: &[Option<bool>],
+        pool: &BTreeMap<(usize, bool), Arc<Resource>>,
+    ) -> Vec<Arc<Resource>> {
+        picks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pick)| pick.map(|body| pool[&(i, body)].clone()))
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn changes_are_exactly_the_difference(
+            old in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
+            new in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
+            layer_old in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
+            layer_new in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
+            fresh in proptest::bool::ANY,
+        ) {
+            let pool: BTreeMap<(usize, bool), Arc<Resource>> = (0..8)
+                .flat_map(|i| [false, true].map(move |body| (i, body)))
+                .map(|(i, body)| {
+                    let r = Resource::new(format!("r{i}"), if body { &b"one"[..] } else { &b"two"[..] });
+                    ((i, body), Arc::new(r))
+                })
+                .collect();
+            let older = Arc::new(TypeSnapshot::from_shared(set_of(&old, &pool)));
+            // Equal content in other allocations must read as unchanged too.
+            let newer_base: Vec<Arc<Resource>> = set_of(&new, &pool)
+                .into_iter()
+                .map(|r| if fresh { Arc::new(Resource::new(r.name.clone(), r.body.clone())) } else { r })
+                .collect();
+            let newer = Arc::new(TypeSnapshot::from_shared(newer_base));
+            let older = TypeSnapshot::merged(&older, &TypeSnapshot::from_shared(set_of(&layer_old, &pool)));
+            let newer = TypeSnapshot::merged(&newer, &TypeSnapshot::from_shared(set_of(&layer_new, &pool)));
+            let (before, after) = (content(&older), content(&newer));
+            let mut expected = Vec::new();
+            for name in before.keys().chain(after.keys()).collect::<std::collections::BTreeSet<_>>() {
+                match (before.get(name), after.get(name)) {
+                    (Some(_), None) => expected.push(("removed", name.clone(), before[name].clone())),
+                    (None, Some(v)) => expected.push(("added", name.clone(), v.clone())),
+                    (Some(a), Some(b)) if a != b => expected.push(("updated", name.clone(), b.clone())),
+                    _ => {}
+                }
+            }
+            let actual: Vec<(&str, Arc<str>, Arc<str>)> = newer
+                .changes(&older)
+                .map(|c| match c {
+                    Change::Added(r) => ("added", r.name.clone(), r.version.clone()),
+                    Change::Updated(r) => ("updated", r.name.clone(), r.version.clone()),
+                    Change::Removed(r) => ("removed", r.name.clone(), r.version.clone()),
+                })
+                .collect();
+            proptest::prop_assert_eq!(actual, expected);
+        }
     }
 
     #[test]

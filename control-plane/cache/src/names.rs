@@ -85,9 +85,13 @@ impl crate::Resource {
         *self.wire.id.get_or_init(|| NameId::of(&self.name))
     }
 
-    /// [`version_key`] of the resource's version.
+    /// [`version_key`] of the resource's version, computed once: streams compare it for every
+    /// resource they hold on every snapshot.
     pub fn version_key(&self) -> u64 {
-        version_key(&self.version)
+        *self
+            .wire
+            .version_key
+            .get_or_init(|| version_key(&self.version))
     }
 }
 

@@ -64,6 +64,8 @@ pub(crate) struct Entries {
     delta: OnceLock<(TypeUrl, Bytes)>,
     /// The resource's interned name ([`crate::Resource::id`]).
     pub(crate) id: OnceLock<crate::NameId>,
+    /// The version's [`crate::version_key`] ([`crate::Resource::version_key`]).
+    pub(crate) version_key: OnceLock<u64>,
     /// The group of entries starting at this resource, per flavor: (type URL, members' content
     /// key, bytes).
     sotw_group: OnceLock<(TypeUrl, u64, Bytes)>,

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fsm_cache::{NameId, Resource, Snapshot, TypeSnapshot, TypeUrl, version_key};
+use fsm_cache::{Change, NameId, Resource, Snapshot, TypeSnapshot, TypeUrl, version_key};
 
 use super::held::Held;
 use super::ids::{IdSet, VersionMap};
@@ -289,6 +289,11 @@ fn respond(
     snapshot: &Snapshot,
 ) -> Option<Response> {
     let shared = snapshot.get_shared(type_url);
+    if let Some(t) = shared
+        && let Some(response) = respond_from_held(nonces, type_url, state, t)
+    {
+        return response;
+    }
     let types = shared.map(|t| &**t);
     let lookup = |name: &str| types.and_then(|t| t.get(name));
     // The client holds this very type snapshot and rejected nothing: nothing of it is new.
@@ -358,29 +363,97 @@ fn respond(
     for (_, id) in &removed {
         state.client.remove(*id);
     }
-    state.in_flight = resources
-        .iter()
-        .map(|r| (r.id(), r.version_key()))
-        .collect();
     state.client.set(&resources);
     if let Some(t) = shared
         && state.holds_all_of(t)
     {
         state.client.rebase(t);
     }
-    let removed = removed.into_iter().map(|(name, _)| name).collect();
     let version = types.map_or_else(empty_version, |t| t.version().clone());
+    Some(sent(nonces, type_url, state, version, resources, removed))
+}
+
+/// [`respond`] for the usual case, in time proportional to what changed: the client holds
+/// exactly an earlier type snapshot and owes nothing (no rejected version, no name awaiting its
+/// first answer, not its first response), so what it lacks is the difference between the two
+/// sets ([`TypeSnapshot::changes`]), not a look-up of every resource it holds. `None` when the
+/// case does not apply; `Some(None)` when nothing is to be sent.
+fn respond_from_held(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    types: &Arc<TypeSnapshot>,
+) -> Option<Option<Response>> {
+    if !state.nacked.is_empty() || state.unanswered.len() != 0 || state.answer_empty {
+        return None;
+    }
+    let held = state.client.exact()?.clone();
+    if Arc::ptr_eq(&held, types) {
+        return Some(None);
+    }
+    let mut resources = Vec::new();
+    let mut removed = Vec::new();
+    // Everything held was wanted (unsubscribing drops it from `client`), so the client ends up
+    // holding all of `types` unless a resource it does not want was added.
+    let mut holds_all = true;
+    for change in types.changes(&held) {
+        match change {
+            Change::Added(r) | Change::Updated(r) => {
+                if state.wants(r.id()) {
+                    resources.push(r.clone());
+                } else {
+                    holds_all = false;
+                }
+            }
+            Change::Removed(r) => {
+                if state.wants(r.id()) {
+                    removed.push((r.name.clone(), r.id()));
+                }
+            }
+        }
+    }
+    if holds_all {
+        state.client.rebase(types);
+    } else {
+        for (_, id) in &removed {
+            state.client.remove(*id);
+        }
+        state.client.set(&resources);
+    }
+    if resources.is_empty() && removed.is_empty() {
+        return Some(None);
+    }
+    let version = types.version().clone();
+    Some(Some(sent(
+        nonces, type_url, state, version, resources, removed,
+    )))
+}
+
+/// Records a response about to go out and builds it.
+fn sent(
+    nonces: &mut Nonces,
+    type_url: TypeUrl,
+    state: &mut TypeState,
+    version: Arc<str>,
+    resources: Vec<Arc<Resource>>,
+    removed: Vec<(Arc<str>, NameId)>,
+) -> Response {
+    state.in_flight = resources
+        .iter()
+        .map(|r| (r.id(), r.version_key()))
+        .collect();
+    let removed = removed.into_iter().map(|(name, _)| name).collect();
     let nonce = nonces.next();
     state.sent_version = Some(version.clone());
     state.last_nonce = Some(nonce.clone());
     state.answer_empty = false;
-    Some(Response {
+    Response {
         type_url,
         version,
         nonce,
         resources,
         removed,
-    })
+    }
 }
 
 #[cfg(test)]

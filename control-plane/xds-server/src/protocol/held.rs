@@ -115,6 +115,13 @@ impl Held {
             && self.base.as_ref().is_some_and(|b| Arc::ptr_eq(b, types))
     }
 
+    /// The type snapshot the client holds exactly, when it holds one without a difference.
+    pub fn exact(&self) -> Option<&Arc<TypeSnapshot>> {
+        self.base
+            .as_ref()
+            .filter(|_| self.over.is_empty() && self.gone.len() == 0)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.over.is_empty()
             && self
