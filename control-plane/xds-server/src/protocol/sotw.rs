@@ -1,14 +1,25 @@
-//! State-of-the-world ADS: every response carries the full subscribed set of its type.
+//! State-of-the-world ADS: a response carries the full subscribed set of its type, except that
+//! an update of endpoints or routes carries only the resources that changed.
+//!
+//! The protocol allows it for every type but Listener and Cluster (`xds_protocol.rst`, "Grouping
+//! Resources into Responses": the other types "are grouped into responses in the same way as in
+//! the incremental protocol variants"), and Envoy applies such a response to just the watches
+//! of the resources it carries. It matters at scale: one endpoint change would otherwise send
+//! every proxy every ClusterLoadAssignment of the mesh again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use fsm_cache::{NameId, Resource, Snapshot, TypeSnapshot, TypeUrl};
+use fsm_cache::{Change, NameId, Resource, Snapshot, TypeSnapshot, TypeUrl};
 
 use super::{
-    Event, Nonces, Ordered, Output, ProtocolError, Response, SotwRequest, XdsStream, empty_version,
-    resolve,
+    ENDPOINT, Event, Nonces, Ordered, Output, ProtocolError, ROUTE, Response, SotwRequest,
+    XdsStream, empty_version, resolve,
 };
+
+/// Types whose updates carry only what changed (see the module documentation). Envoy's only:
+/// other data planes are sent whole sets.
+const UPDATED_IN_PART: [TypeUrl; 2] = [ENDPOINT, ROUTE];
 
 /// The state of one state-of-the-world stream.
 #[derive(Debug, Default)]
@@ -42,6 +53,10 @@ struct TypeState {
     /// a later set with the same key is answered whole (its version and shared section)
     /// without looking up each name, the common case of Envoy's EDS after an endpoint change.
     covers: Option<u64>,
+    /// A hash of the names of the last request, in its order: Envoy repeats its list with every
+    /// ACK (a thousand names for a thousand clusters), so an unchanged list is recognised by it
+    /// without interning and sorting every name again.
+    names_digest: u64,
 }
 
 // === Subscription ===
@@ -111,12 +126,14 @@ impl XdsStream for SotwStream {
                 });
             }
             let subscription = Subscription::from_names(&request.resource_names, None);
+            let names_digest = digest(&request.resource_names);
             match self.types.get_mut(&key) {
                 Some(state) => {
                     state.subscription = subscription;
                     state.covers = None;
                     state.sent_version = sent_version;
                     state.seen = None;
+                    state.names_digest = names_digest;
                 }
                 None => {
                     self.types.insert(
@@ -128,6 +145,7 @@ impl XdsStream for SotwStream {
                             parked: None,
                             seen: None,
                             covers: None,
+                            names_digest,
                         },
                     );
                 }
@@ -160,6 +178,11 @@ impl XdsStream for SotwStream {
                     version: Arc::from(request.version_info),
                 }),
             }
+            let names_digest = digest(&request.resource_names);
+            if names_digest == state.names_digest {
+                return Ok(out);
+            }
+            state.names_digest = names_digest;
             let subscription =
                 Subscription::from_names(&request.resource_names, Some(&state.subscription));
             if subscription == state.subscription {
@@ -208,7 +231,7 @@ fn respond(
     {
         return None;
     }
-    state.seen = shared.cloned();
+    let previous = std::mem::replace(&mut state.seen, shared.cloned());
     let types = shared.map(|t| &**t);
     let (version, resources) = match &state.subscription {
         Subscription::Wildcard => {
@@ -231,7 +254,24 @@ fn respond(
                 if is_known(state, &version) {
                     return None;
                 }
-                let resources = t.resources().cloned().collect();
+                let resources = match previous {
+                    // The proxy holds every resource of the set it was last answered from (it
+                    // named exactly them too), and did not reject that answer: it lacks only
+                    // what changed since.
+                    Some(previous)
+                        if UPDATED_IN_PART.contains(&type_url)
+                            && previous.names_key() == t.names_key()
+                            && state.parked != state.sent_version =>
+                    {
+                        t.changes(&previous)
+                            .filter_map(|change| match change {
+                                Change::Added(r) | Change::Updated(r) => Some(r.clone()),
+                                Change::Removed(_) => None,
+                            })
+                            .collect()
+                    }
+                    _ => t.resources().cloned().collect(),
+                };
                 return Some(response(nonces, type_url, state, version, resources));
             }
             let resources: Vec<Arc<Resource>> = types.map_or_else(Vec::new, |t| {
@@ -282,6 +322,16 @@ fn covers_exactly(covers: &mut Option<u64>, ids: &[NameId], t: &TypeSnapshot) ->
         *covers = Some(t.names_key());
     }
     exact
+}
+
+/// A request's resource names as one hash, in their order, for recognising a repeated list.
+fn digest(names: &[String]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for name in names {
+        hasher.update(&(name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+    }
+    hasher.digest()
 }
 
 fn is_known(state: &TypeState, version: &Arc<str>) -> bool {
@@ -673,10 +723,10 @@ mod tests {
             s1.get(ENDPOINT).expect("eds").version().clone(),
             "every name subscribed: labelled with the type's version"
         );
-        // One resource changes: the whole set again, under the new set's version.
+        // One resource changes: only it goes out, under the new set's version.
         let s2 = eds(&[("a", "2"), ("b", "1")]);
         let out = stream.on_snapshot(&s2);
-        assert_eq!(render(&out), "EDS[a,b]");
+        assert_eq!(render(&out), "EDS[a]");
         assert_eq!(
             out.responses[0].version,
             s2.get(ENDPOINT).expect("eds").version().clone()
@@ -694,6 +744,59 @@ mod tests {
         // …and nothing when only that other resource changes.
         let s4 = eds(&[("a", "3"), ("b", "1"), ("c", "2")]);
         assert_eq!(render(&stream.on_snapshot(&s4)), "");
+    }
+
+    #[test]
+    fn endpoint_and_route_updates_carry_what_changed_and_the_whole_set_after_a_nack() {
+        let mut stream = SotwStream::new();
+        let both = |a: &'static str, b: &'static str| {
+            snap(&[
+                (ENDPOINT, &[("a", a), ("b", b)][..]),
+                (ROUTE, &[("a", a), ("b", b)][..]),
+                (CLUSTER, &[("a", a), ("b", b)][..]),
+            ])
+        };
+        let s1 = both("1", "1");
+        let request = |type_url: TypeUrl, names: &[&str], out: Option<&Response>| SotwRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            version_info: out.map(|o| o.version.to_string()).unwrap_or_default(),
+            response_nonce: out.map(|o| o.nonce.to_string()).unwrap_or_default(),
+            ..SotwRequest::default()
+        };
+        for (type_url, names) in [
+            (CLUSTER, &[][..]),
+            (ENDPOINT, &["a", "b"]),
+            (ROUTE, &["a", "b"]),
+        ] {
+            let out = stream
+                .on_request(request(type_url, names, None), Some(&s1))
+                .expect("known");
+            assert_eq!(
+                out.responses[0].resources.len(),
+                2,
+                "first answers are whole"
+            );
+        }
+        let s2 = both("2", "1");
+        let out = stream.on_snapshot(&s2);
+        assert_eq!(
+            render(&out),
+            "CDS[a,b]; EDS[a]; RDS[a]",
+            "clusters are always whole; endpoints and routes only what changed"
+        );
+        // The proxy rejects the endpoints; the next change sends them whole again.
+        let eds = out
+            .responses
+            .iter()
+            .find(|r| r.type_url == ENDPOINT)
+            .expect("eds");
+        let mut nack = request(ENDPOINT, &["a", "b"], Some(eds));
+        nack.error_detail = Some("bad endpoint".into());
+        stream.on_request(nack, Some(&s2)).expect("known");
+        let s3 = both("2", "3");
+        let out = stream.on_snapshot(&s3);
+        assert_eq!(render(&out), "CDS[a,b]; EDS[a,b]; RDS[b]");
     }
 
     #[test]

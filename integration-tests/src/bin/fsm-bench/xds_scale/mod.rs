@@ -349,6 +349,7 @@ async fn measure(
     ));
     let cpu = cpu_time(pid)?;
     let own_cpu = cpu_time(std::process::id())?;
+    phase("warm-up");
     let first = fleet.now_us();
     let mut proxies: Vec<Proxy> = mesh
         .pods
@@ -406,6 +407,7 @@ async fn measure(
     fleet.memo.set_marker(ip.to_string().as_bytes());
     let before = counters(&proxies);
     let cpu = cpu_time(pid)?;
+    phase("endpoint change");
     let written = fleet.now_us();
     source.write_endpoints(mesh, service)?;
     let all_updated = wait_until(controller, settings.timeout, || {
@@ -415,6 +417,7 @@ async fn measure(
     })
     .await?;
     wait_quiet(&fleet, controller, Duration::from_secs(30)).await?;
+    phase("endpoint change settled");
     let latencies: Vec<Duration> = proxies
         .iter()
         .map(|p| p.stats.marker_acked.load(Ordering::Relaxed))
@@ -467,6 +470,7 @@ async fn measure(
         let errors = fleet.errors.load(Ordering::Relaxed);
         let refused = fleet.refused.load(Ordering::Relaxed);
         let cpu = cpu_time(pid)?;
+        phase("rolling restart");
         let slots: Vec<usize> = (0..replaced).map(|i| i * n / replaced).collect();
         let batch_size = replaced.div_ceil(settings.restart_batches);
         let first_write = fleet.now_us();
@@ -532,6 +536,15 @@ async fn measure(
     record_errors(&fleet, report);
     drop(proxies);
     Ok(())
+}
+
+/// Says on stderr when a phase starts, in Unix time, so that a profile of the controller
+/// (`perf record -k CLOCK_REALTIME`, then `perf report --time`) can be cut to one phase.
+fn phase(name: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!("xds-scale: {name} at {:.6}", now.as_secs_f64());
 }
 
 fn micros(us: u64) -> f64 {

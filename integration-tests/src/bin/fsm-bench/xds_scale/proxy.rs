@@ -220,6 +220,9 @@ struct SotwType {
     nonce: String,
     /// What the last response held.
     info: Option<Arc<ResponseInfo>>,
+    /// The names held. As Envoy: a response of CDS or LDS replaces the set; one of EDS, RDS or
+    /// SDS updates just the resources it carries (of those still subscribed).
+    held: Vec<u32>,
     acked: bool,
     /// Subscribed names (EDS, RDS, SDS); `None` until first requested.
     subscribed: Option<Vec<u32>>,
@@ -260,6 +263,18 @@ async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result
         let state = &mut types[kind.index()];
         state.version = response.version_info;
         state.nonce = response.nonce;
+        state.held = match (kind, &state.subscribed) {
+            (XdsType::Cds | XdsType::Lds, _) | (_, None) => info.names.clone(),
+            (_, Some(subscribed)) => {
+                let kept: Vec<u32> = state
+                    .held
+                    .iter()
+                    .copied()
+                    .filter(|id| subscribed.binary_search(id).is_ok())
+                    .collect();
+                merged(&kept, &info.names)
+            }
+        };
         state.info = Some(info.clone());
         // As Envoy: new clusters and listeners subscribe to what they reference first, then the
         // update is ACKed.
@@ -343,13 +358,7 @@ fn sotw_warm(types: &[SotwType; 5]) -> bool {
             match &state.subscribed {
                 None => true,
                 Some(wanted) if wanted.is_empty() => true,
-                Some(wanted) => {
-                    state.acked
-                        && state
-                            .info
-                            .as_ref()
-                            .is_some_and(|info| is_subset(wanted, &info.names))
-                }
+                Some(wanted) => state.acked && is_subset(wanted, &state.held),
             }
         })
 }
