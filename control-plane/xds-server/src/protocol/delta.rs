@@ -96,6 +96,11 @@ impl TypeState {
             self.unanswered.insert(id);
             self.names.insert(id);
         }
+        // Only unsubscribing takes names away from what the client may hold (and on the first
+        // request, it may have resumed with versions of names it does not subscribe to). An ACK
+        // changes nothing, and walking every held name for it would cost each stream the size of
+        // the type on every ACK.
+        let narrowed = first || !unsubscribe.is_empty();
         for name in unsubscribe {
             if name == "*" {
                 self.wildcard = false;
@@ -115,7 +120,7 @@ impl TypeState {
         // Forget what the client dropped with its unsubscriptions, so a later subscription to the
         // same name sends it again. Rejected versions stay parked: resubscribing must not bring
         // them back.
-        if !self.wildcard {
+        if narrowed && !self.wildcard {
             let names = &self.names;
             self.client.retain(|id| names.contains(id));
         }
