@@ -306,8 +306,11 @@ fn path_problem(path: &Path, message: String) -> DecodeError {
 struct FileState {
     /// `None` when the file could not be read, so that the next scan always retries it.
     hash: Option<u64>,
-    /// Includes the objects kept from earlier versions while the file has problems.
-    objects: BTreeMap<ObjectKey, MeshObject>,
+    /// Includes the objects kept from earlier versions while the file has problems. Shared with
+    /// the effective and published sets: a rescan copies pointers, and an object of an unchanged
+    /// file is recognised as unchanged by its pointer, so a change costs its files, not the
+    /// directory's objects.
+    objects: BTreeMap<ObjectKey, Arc<MeshObject>>,
     problems: Vec<DecodeError>,
 }
 
@@ -324,7 +327,7 @@ impl FileState {
         let mut objects = BTreeMap::new();
         for object in decoded {
             let key = object.key();
-            if objects.insert(key.clone(), object).is_some() {
+            if objects.insert(key.clone(), Arc::new(object)).is_some() {
                 tracing::warn!(file, object = %key, "object defined twice in the same file; the later document wins");
             }
         }
@@ -353,7 +356,7 @@ struct State {
     root: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
     /// What the catalog has been told.
-    published: BTreeMap<ObjectKey, MeshObject>,
+    published: BTreeMap<ObjectKey, Arc<MeshObject>>,
     problems: Vec<DecodeError>,
     /// Objects defined by more than one file, with those files in path order.
     duplicates: BTreeMap<ObjectKey, Vec<PathBuf>>,
@@ -381,7 +384,11 @@ impl State {
         let effective = state.settle(&[]);
         let mut events = Vec::with_capacity(effective.len() + 3);
         events.push(CatalogEvent::Init(Scope::All));
-        events.extend(effective.values().cloned().map(CatalogEvent::InitApply));
+        events.extend(
+            effective
+                .values()
+                .map(|object| CatalogEvent::InitApply(MeshObject::clone(object))),
+        );
         events.push(CatalogEvent::InitDone(Scope::All));
         events.push(CatalogEvent::Synced);
         state.published = effective;
@@ -404,8 +411,12 @@ impl State {
         let effective = self.settle(&unreadable);
         let mut events: Vec<CatalogEvent> = effective
             .iter()
-            .filter(|(key, object)| self.published.get(*key) != Some(*object))
-            .map(|(_, object)| CatalogEvent::Apply(object.clone()))
+            .filter(|(key, object)| {
+                self.published
+                    .get(*key)
+                    .is_none_or(|old| !Arc::ptr_eq(old, object) && old != *object)
+            })
+            .map(|(_, object)| CatalogEvent::Apply(MeshObject::clone(object)))
             .collect();
         // Reverse key order removes dependents (services, pods) before their namespace.
         events.extend(
@@ -458,7 +469,10 @@ impl State {
     }
 
     /// Reports new problems and merges the files (later paths win) into the effective set.
-    fn settle(&mut self, unreadable: &[(PathBuf, io::Error)]) -> BTreeMap<ObjectKey, MeshObject> {
+    fn settle(
+        &mut self,
+        unreadable: &[(PathBuf, io::Error)],
+    ) -> BTreeMap<ObjectKey, Arc<MeshObject>> {
         let mut problems: Vec<DecodeError> = unreadable
             .iter()
             .map(|(dir, err)| path_problem(dir, format!("cannot read directory: {err}")))
