@@ -99,20 +99,36 @@ impl TypeSnapshot {
     }
 
     /// The set of `base` and `layer` (and its version, names key and size, computed once).
+    ///
+    /// A layered set's version and names key hash the base's and the layer's own, not the whole
+    /// union: building one costs its layer, not the size of the shared set (ten thousand proxies
+    /// re-layered over a new shared set after one endpoint change). They stay content-derived and
+    /// the same in every replica, since a proxy's set is split into shared and own the same way
+    /// everywhere; equal content split differently only gets another version (one resend).
     fn with_base(
         base: Option<Arc<TypeSnapshot>>,
         resources: BTreeMap<Arc<str>, Arc<Resource>>,
     ) -> Self {
-        let union = Union::new(base.as_deref().map(|b| &b.resources), &resources);
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut names = xxhash_rust::xxh3::Xxh3::new();
         let mut len = 0;
-        for r in union {
+        if let Some(base) = &base {
+            parts.push(b"layered");
+            parts.push(base.version.as_bytes());
+            names.update(&base.names_key.to_le_bytes());
+            len = base.len;
+        }
+        for r in resources.values() {
             parts.push(r.name.as_bytes());
             parts.push(r.version.as_bytes());
             names.update(&(r.name.len() as u64).to_le_bytes());
             names.update(r.name.as_bytes());
-            len += 1;
+            if base
+                .as_ref()
+                .is_none_or(|b| !b.resources.contains_key(&r.name))
+            {
+                len += 1;
+            }
         }
         let version = content_version(&parts);
         let names_key = names.digest();
@@ -683,14 +699,38 @@ mod tests {
         ]));
         let own = TypeSnapshot::from_shared([r("b", b"2"), r("c", b"2")]);
         let layered = TypeSnapshot::merged(&shared, &own);
-        let flat =
-            TypeSnapshot::from_shared([r("a", b"1"), r("b", b"2"), r("c", b"2"), r("e", b"1")]);
-        assert_eq!(
-            layered.version(),
-            flat.version(),
-            "same content, same version"
+        // The same split of the same content (another replica, another proxy): the same version.
+        let again = TypeSnapshot::merged(
+            &Arc::new(TypeSnapshot::from_shared([
+                r("a", b"1"),
+                r("c", b"1"),
+                r("e", b"1"),
+            ])),
+            &TypeSnapshot::from_shared([r("b", b"2"), r("c", b"2")]),
         );
-        assert_eq!(layered.names_key(), flat.names_key());
+        assert_eq!(layered.version(), again.version());
+        assert_eq!(layered.names_key(), again.names_key());
+        // Any change of the base or of the layer: another version; of a name: another key.
+        let base_changed = TypeSnapshot::merged(
+            &Arc::new(TypeSnapshot::from_shared([
+                r("a", b"2"),
+                r("c", b"1"),
+                r("e", b"1"),
+            ])),
+            &own,
+        );
+        assert_ne!(layered.version(), base_changed.version());
+        assert_eq!(layered.names_key(), base_changed.names_key());
+        let layer_changed = TypeSnapshot::merged(
+            &shared,
+            &TypeSnapshot::from_shared([r("b", b"3"), r("c", b"2")]),
+        );
+        assert_ne!(layered.version(), layer_changed.version());
+        let renamed = TypeSnapshot::merged(
+            &shared,
+            &TypeSnapshot::from_shared([r("d", b"2"), r("c", b"2")]),
+        );
+        assert_ne!(layered.names_key(), renamed.names_key());
         assert_eq!(layered.len(), 4);
         let names: Vec<&str> = layered.resources().map(|r| &*r.name).collect();
         assert_eq!(names, ["a", "b", "c", "e"]);
