@@ -216,50 +216,97 @@ pub enum Change<'a> {
     Removed(&'a Arc<Resource>),
 }
 
+impl Change<'_> {
+    fn name(&self) -> &str {
+        match self {
+            Change::Added(r) | Change::Updated(r) | Change::Removed(r) => &r.name,
+        }
+    }
+}
+
 impl TypeSnapshot {
     /// What differs from `older` to `self`, in name order.
     ///
-    /// Both sets are walked side by side. Content-addressed resources are shared by reference
-    /// between consecutive sets, so a resource both hold costs a pointer comparison, not a name
-    /// comparison: telling ten thousand streams that one of a thousand resources changed costs a
-    /// thousand pointer comparisons each, not a thousand look-ups by name.
-    pub fn changes<'a>(&'a self, older: &'a TypeSnapshot) -> impl Iterator<Item = Change<'a>> {
-        let mut old = Union::of(older).peekable();
-        let mut new = Union::of(self).peekable();
-        std::iter::from_fn(move || {
-            loop {
-                let change = match (old.peek().copied(), new.peek().copied()) {
-                    (None, None) => return None,
-                    (Some(o), None) => Change::Removed(o),
-                    (None, Some(n)) => Change::Added(n),
-                    (Some(o), Some(n)) => {
-                        if Arc::ptr_eq(o, n) {
+    /// Content-addressed resources are shared by reference between consecutive sets, so a
+    /// resource both hold costs a pointer comparison, not a look-up by name: telling ten thousand
+    /// streams that one of a thousand resources changed costs a thousand pointer comparisons
+    /// each. Two layered sets are compared base against base (skipped when it is the same `Arc`)
+    /// and then name by name over their small layers.
+    pub fn changes<'a>(&'a self, older: &'a TypeSnapshot) -> Vec<Change<'a>> {
+        let (Some(new_base), Some(old_base)) = (&self.base, &older.base) else {
+            return diff_sorted(Union::of(older), Union::of(self)).collect();
+        };
+        let mut changes: Vec<Change<'a>> = Vec::new();
+        if !Arc::ptr_eq(new_base, old_base) {
+            // A name either layer has is decided by the layers below.
+            changes.extend(
+                diff_sorted(old_base.resources.values(), new_base.resources.values()).filter(|c| {
+                    !self.resources.contains_key(c.name())
+                        && !older.resources.contains_key(c.name())
+                }),
+            );
+        }
+        let layered: std::collections::BTreeSet<&Arc<str>> = self
+            .resources
+            .keys()
+            .chain(older.resources.keys())
+            .collect();
+        for name in layered {
+            let change = match (older.get(name), self.get(name)) {
+                (None, Some(new)) => Change::Added(new),
+                (Some(old), None) => Change::Removed(old),
+                (Some(old), Some(new)) if !Arc::ptr_eq(old, new) && old.version != new.version => {
+                    Change::Updated(new)
+                }
+                _ => continue,
+            };
+            changes.push(change);
+        }
+        changes.sort_by(|a, b| a.name().cmp(b.name()));
+        changes
+    }
+}
+
+/// The changes between two sequences of resources in name order, walked side by side.
+fn diff_sorted<'a>(
+    old: impl Iterator<Item = &'a Arc<Resource>>,
+    new: impl Iterator<Item = &'a Arc<Resource>>,
+) -> impl Iterator<Item = Change<'a>> {
+    let mut old = old.peekable();
+    let mut new = new.peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let change = match (old.peek().copied(), new.peek().copied()) {
+                (None, None) => return None,
+                (Some(o), None) => Change::Removed(o),
+                (None, Some(n)) => Change::Added(n),
+                (Some(o), Some(n)) => {
+                    if Arc::ptr_eq(o, n) {
+                        old.next();
+                        new.next();
+                        continue;
+                    }
+                    match o.name.cmp(&n.name) {
+                        std::cmp::Ordering::Less => Change::Removed(o),
+                        std::cmp::Ordering::Greater => Change::Added(n),
+                        std::cmp::Ordering::Equal => {
                             old.next();
                             new.next();
-                            continue;
-                        }
-                        match o.name.cmp(&n.name) {
-                            std::cmp::Ordering::Less => Change::Removed(o),
-                            std::cmp::Ordering::Greater => Change::Added(n),
-                            std::cmp::Ordering::Equal => {
-                                old.next();
-                                new.next();
-                                if o.version == n.version {
-                                    continue;
-                                }
-                                return Some(Change::Updated(n));
+                            if o.version == n.version {
+                                continue;
                             }
+                            return Some(Change::Updated(n));
                         }
                     }
-                };
-                match change {
-                    Change::Removed(_) => old.next(),
-                    _ => new.next(),
-                };
-                return Some(change);
-            }
-        })
-    }
+                }
+            };
+            match change {
+                Change::Removed(_) => old.next(),
+                _ => new.next(),
+            };
+            return Some(change);
+        }
+    })
 }
 
 /// Versions are content hashes: equal versions are equal content, however the sets are kept.
@@ -650,6 +697,8 @@ mod tests {
             layer_old in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
             layer_new in proptest::collection::vec(proptest::option::of(proptest::bool::ANY), 8),
             fresh in proptest::bool::ANY,
+            same_base in proptest::bool::ANY,
+            flatten in proptest::option::of(proptest::bool::ANY),
         ) {
             let pool: BTreeMap<(usize, bool), Arc<Resource>> = (0..8)
                 .flat_map(|i| [false, true].map(move |body| (i, body)))
@@ -664,9 +713,22 @@ mod tests {
                 .into_iter()
                 .map(|r| if fresh { Arc::new(Resource::new(r.name.clone(), r.body.clone())) } else { r })
                 .collect();
-            let newer = Arc::new(TypeSnapshot::from_shared(newer_base));
+            // Consecutive snapshots of one proxy often share the base itself.
+            let newer = if same_base {
+                older.clone()
+            } else {
+                Arc::new(TypeSnapshot::from_shared(newer_base))
+            };
             let older = TypeSnapshot::merged(&older, &TypeSnapshot::from_shared(set_of(&layer_old, &pool)));
             let newer = TypeSnapshot::merged(&newer, &TypeSnapshot::from_shared(set_of(&layer_new, &pool)));
+            // Flat sets (a proxy without own resources of the type) compare as well, with each
+            // other and with layered ones.
+            let flat = |set: &TypeSnapshot| TypeSnapshot::from_shared(set.resources().cloned());
+            let (older, newer) = match flatten {
+                None => (older, newer),
+                Some(true) => (flat(&older), flat(&newer)),
+                Some(false) => (flat(&older), newer),
+            };
             let (before, after) = (content(&older), content(&newer));
             let mut expected = Vec::new();
             for name in before.keys().chain(after.keys()).collect::<std::collections::BTreeSet<_>>() {
@@ -679,6 +741,7 @@ mod tests {
             }
             let actual: Vec<(&str, Arc<str>, Arc<str>)> = newer
                 .changes(&older)
+                .into_iter()
                 .map(|c| match c {
                     Change::Added(r) => ("added", r.name.clone(), r.version.clone()),
                     Change::Updated(r) => ("updated", r.name.clone(), r.version.clone()),

@@ -264,6 +264,7 @@ fn respond(
                             && state.parked != state.sent_version =>
                     {
                         t.changes(&previous)
+                            .into_iter()
                             .filter_map(|change| match change {
                                 Change::Added(r) | Change::Updated(r) => Some(r.clone()),
                                 Change::Removed(_) => None,
