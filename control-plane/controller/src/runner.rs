@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fsm_cache::{ProxyKey, SnapshotCache};
-use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, SidecarProxy};
+use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, ChangeSet, Kind, SidecarProxy};
 use fsm_certs::{CertKey, CertManager, IssuedCertificate};
 use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
@@ -237,14 +237,23 @@ impl Runner {
                         )
                         .collect();
                     if changed && self.catalog_ready {
+                        let changes = self.catalog.take_changes();
                         self.apply_certificate_settings();
-                        self.sidecars.send_if_modified(|current| {
-                            let now = self.catalog.sidecar_proxies();
-                            let modified = *current != now;
-                            *current = now;
-                            modified
-                        });
-                        self.on_catalog_changed();
+                        // Which pods run sidecars depends on pods and namespaces only: an
+                        // endpoint change does not walk every pod of the mesh.
+                        if changes
+                            .objects
+                            .iter()
+                            .any(|o| matches!(o.kind, Kind::Pod | Kind::Namespace))
+                        {
+                            self.sidecars.send_if_modified(|current| {
+                                let now = self.catalog.sidecar_proxies();
+                                let modified = *current != now;
+                                *current = now;
+                                modified
+                            });
+                        }
+                        self.on_catalog_changed(changes);
                     }
                 }
                 Some(event) = proxy_rx.recv() => self.on_proxy(event),
@@ -467,9 +476,8 @@ impl Runner {
     /// Applies the catalog's pending changes: the view and the shared parts are refreshed for
     /// what changed, the proxies whose own part a change touches are recompiled, and every proxy
     /// whose shared or own sets changed gets its new snapshot. Nothing else is looked at.
-    fn on_catalog_changed(&mut self) {
+    fn on_catalog_changed(&mut self, changes: ChangeSet) {
         let started = std::time::Instant::now();
-        let changes = self.catalog.take_changes();
         let targets: Vec<(ProxyKey, bool)> = if !self.view_loaded {
             self.publisher.load(&self.catalog);
             self.view_loaded = true;
