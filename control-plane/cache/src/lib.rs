@@ -87,6 +87,18 @@ pub struct TypeSnapshot {
     sections: wire::Sections,
     /// A hash of the names alone ([`TypeSnapshot::names_key`]).
     names_key: u64,
+    /// The set this one replaced, with the names that differ ([`TypeSnapshot::replacing`]).
+    origin: Option<Origin>,
+}
+
+/// What a shared set changed from its predecessor: [`TypeSnapshot::changes`] between the two then
+/// costs those names, not a walk of the set, for every stream that held the predecessor.
+#[derive(Clone, Debug)]
+struct Origin {
+    /// Weak, so a set does not keep its predecessors alive; it also keeps the predecessor's
+    /// address from being reused, so comparing addresses identifies it.
+    from: std::sync::Weak<TypeSnapshot>,
+    names: Box<[Arc<str>]>,
 }
 
 impl TypeSnapshot {
@@ -139,6 +151,7 @@ impl TypeSnapshot {
             len,
             names_key,
             sections: wire::Sections::default(),
+            origin: None,
         }
     }
 
@@ -173,6 +186,33 @@ impl TypeSnapshot {
             .map(|r| (r.name.clone(), r.clone()))
             .collect();
         Self::with_base(Some(shared.clone()), layer)
+    }
+
+    /// This set, as the successor of `older`: it remembers the names that differ, so that
+    /// streams holding `older` learn what changed without walking either set. Both must be flat
+    /// (not layered), as shared sets are; otherwise nothing is remembered.
+    pub fn replacing(mut self, older: &Arc<TypeSnapshot>) -> Self {
+        if self.base.is_none() && older.base.is_none() {
+            let names = self
+                .changes(older)
+                .iter()
+                .map(|c| c.name().into())
+                .collect();
+            self.origin = Some(Origin {
+                from: Arc::downgrade(older),
+                names,
+            });
+        }
+        self
+    }
+
+    /// The names that differ from `older`, when this set was made [`replacing`](Self::replacing)
+    /// it.
+    fn names_changed_since(&self, older: &TypeSnapshot) -> Option<&[Arc<str>]> {
+        self.origin
+            .as_ref()
+            .filter(|o| std::ptr::eq(o.from.as_ptr(), older))
+            .map(|o| &*o.names)
     }
 
     pub fn version(&self) -> &Arc<str> {
@@ -234,36 +274,53 @@ impl TypeSnapshot {
     /// and then name by name over their small layers.
     pub fn changes<'a>(&'a self, older: &'a TypeSnapshot) -> Vec<Change<'a>> {
         let (Some(new_base), Some(old_base)) = (&self.base, &older.base) else {
+            if let Some(names) = self.names_changed_since(older) {
+                return names
+                    .iter()
+                    .filter_map(|name| change(older.get(name), self.get(name)))
+                    .collect();
+            }
             return diff_sorted(Union::of(older), Union::of(self)).collect();
         };
-        let mut changes: Vec<Change<'a>> = Vec::new();
-        if !Arc::ptr_eq(new_base, old_base) {
-            // A name either layer has is decided by the layers below.
-            changes.extend(
-                diff_sorted(old_base.resources.values(), new_base.resources.values()).filter(|c| {
-                    !self.resources.contains_key(c.name())
-                        && !older.resources.contains_key(c.name())
-                }),
-            );
-        }
+        let mut changes: Vec<Change<'a>> = match new_base.names_changed_since(old_base) {
+            Some(names) => names
+                .iter()
+                .filter_map(|name| change(old_base.get(name), new_base.get(name)))
+                .collect(),
+            None if Arc::ptr_eq(new_base, old_base) => Vec::new(),
+            None => diff_sorted(old_base.resources.values(), new_base.resources.values()).collect(),
+        };
+        // A name either layer has is decided by the layers below.
+        changes.retain(|c| {
+            !self.resources.contains_key(c.name()) && !older.resources.contains_key(c.name())
+        });
         let layered: std::collections::BTreeSet<&Arc<str>> = self
             .resources
             .keys()
             .chain(older.resources.keys())
             .collect();
-        for name in layered {
-            let change = match (older.get(name), self.get(name)) {
-                (None, Some(new)) => Change::Added(new),
-                (Some(old), None) => Change::Removed(old),
-                (Some(old), Some(new)) if !Arc::ptr_eq(old, new) && old.version != new.version => {
-                    Change::Updated(new)
-                }
-                _ => continue,
-            };
-            changes.push(change);
-        }
+        changes.extend(
+            layered
+                .into_iter()
+                .filter_map(|name| change(older.get(name), self.get(name))),
+        );
         changes.sort_by(|a, b| a.name().cmp(b.name()));
         changes
+    }
+}
+
+/// How a name's resource changed from `old` to `new`, if it did.
+fn change<'a>(
+    old: Option<&'a Arc<Resource>>,
+    new: Option<&'a Arc<Resource>>,
+) -> Option<Change<'a>> {
+    match (old, new) {
+        (None, Some(new)) => Some(Change::Added(new)),
+        (Some(old), None) => Some(Change::Removed(old)),
+        (Some(old), Some(new)) if !Arc::ptr_eq(old, new) && old.version != new.version => {
+            Some(Change::Updated(new))
+        }
+        _ => None,
     }
 }
 
@@ -699,6 +756,7 @@ mod tests {
             fresh in proptest::bool::ANY,
             same_base in proptest::bool::ANY,
             flatten in proptest::option::of(proptest::bool::ANY),
+            remember in proptest::bool::ANY,
         ) {
             let pool: BTreeMap<(usize, bool), Arc<Resource>> = (0..8)
                 .flat_map(|i| [false, true].map(move |body| (i, body)))
@@ -714,10 +772,14 @@ mod tests {
                 .map(|r| if fresh { Arc::new(Resource::new(r.name.clone(), r.body.clone())) } else { r })
                 .collect();
             // Consecutive snapshots of one proxy often share the base itself.
+            // A shared set made `replacing` its predecessor knows what changed without a walk.
+            let successor = |set: TypeSnapshot, of: &Arc<TypeSnapshot>| {
+                if remember { set.replacing(of) } else { set }
+            };
             let newer = if same_base {
                 older.clone()
             } else {
-                Arc::new(TypeSnapshot::from_shared(newer_base))
+                Arc::new(successor(TypeSnapshot::from_shared(newer_base), &older))
             };
             let older = TypeSnapshot::merged(&older, &TypeSnapshot::from_shared(set_of(&layer_old, &pool)));
             let newer = TypeSnapshot::merged(&newer, &TypeSnapshot::from_shared(set_of(&layer_new, &pool)));
@@ -725,9 +787,13 @@ mod tests {
             // other and with layered ones.
             let flat = |set: &TypeSnapshot| TypeSnapshot::from_shared(set.resources().cloned());
             let (older, newer) = match flatten {
-                None => (older, newer),
-                Some(true) => (flat(&older), flat(&newer)),
-                Some(false) => (flat(&older), newer),
+                None => (Arc::new(older), newer),
+                Some(true) => {
+                    let older = Arc::new(flat(&older));
+                    let newer = successor(flat(&newer), &older);
+                    (older, newer)
+                }
+                Some(false) => (Arc::new(flat(&older)), newer),
             };
             let (before, after) = (content(&older), content(&newer));
             let mut expected = Vec::new();

@@ -331,7 +331,9 @@ fn build_shared(
         // Keep the old `Arc` when the content is the same: proxies' interned unions stay valid.
         let set = match shared.types.get(type_url) {
             Some(old) if old.version() == set.version() => old.clone(),
-            _ => Arc::new(set),
+            // Streams holding the old set then learn what changed without walking it.
+            Some(old) => Arc::new(set.replacing(old)),
+            None => Arc::new(set),
         };
         types.insert(*type_url, set);
     }
