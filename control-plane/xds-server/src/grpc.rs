@@ -197,12 +197,14 @@ impl<T: prost::Message + Default> Requests<T> {
                 self.max_message_size
             )));
         }
-        let Some(bytes) = self.buf.get(PREFIX..PREFIX + len) else {
+        if self.buf.len() < PREFIX + len {
             self.buf.reserve(PREFIX + len - self.buf.len());
             return Ok(None);
-        };
-        let message = T::decode(bytes).map_err(|error| Status::internal(error.to_string()))?;
-        self.buf.advance(PREFIX + len);
+        }
+        // Decoded from shared bytes: `bytes` fields are slices of the message, not copies.
+        let mut message = self.buf.split_to(PREFIX + len).freeze();
+        message.advance(PREFIX);
+        let message = T::decode(message).map_err(|error| Status::internal(error.to_string()))?;
         if self.buf.is_empty() {
             // Requests are rare (subscription changes, ACKs): free the buffer between them.
             self.buf = BytesMut::new();

@@ -16,6 +16,7 @@
 //! - When one snapshot change touches several types, responses go out CDS, EDS, LDS, RDS, SDS
 //!   (Envoy's make-before-break order), then other types alphabetically.
 
+use bytes::Bytes;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -59,10 +60,50 @@ pub fn short_name(type_url: &str) -> &str {
 pub struct SotwRequest {
     pub type_url: String,
     pub version_info: String,
-    pub resource_names: Vec<String>,
+    pub resource_names: ResourceNames,
     pub response_nonce: String,
     /// The message of `error_detail`: present means NACK.
     pub error_detail: Option<String>,
+}
+
+/// A request's resource names as received: slices of the request message, read as names only
+/// when the list changed. Envoy repeats every subscribed name with each ACK (a thousand names for
+/// a thousand clusters), and an unchanged list is recognised by its [`digest`](Self::digest).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResourceNames(Vec<Bytes>);
+
+impl From<Vec<Bytes>> for ResourceNames {
+    fn from(names: Vec<Bytes>) -> Self {
+        ResourceNames(names)
+    }
+}
+
+impl From<Vec<String>> for ResourceNames {
+    fn from(names: Vec<String>) -> Self {
+        ResourceNames(names.into_iter().map(Bytes::from).collect())
+    }
+}
+
+impl ResourceNames {
+    /// A hash of the names in their order.
+    pub fn digest(&self) -> u64 {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        for name in &self.0 {
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name);
+        }
+        hasher.digest()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names as strings. A name that is not UTF-8 (which protobuf strings must be) is read
+    /// with replacement characters: no resource has such a name, so it is simply not found.
+    pub fn strs(&self) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+        self.0.iter().map(|name| String::from_utf8_lossy(name))
+    }
 }
 
 /// An incremental request, converted from the wire `DeltaDiscoveryRequest`.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
 use fsm_cache::{ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeSnapshot, TypeUrl};
 use fsm_errcode::{ErrCode, HasErrCode};
@@ -222,28 +222,47 @@ trait Wire: 'static {
 struct Sotw;
 struct Delta;
 
+/// `DiscoveryRequest` as the server reads it: the same fields (others are skipped), but resource
+/// names as slices of the received message rather than a string each, since Envoy repeats every
+/// subscribed name with each ACK ([`ResourceNames`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwWireRequest {
+    #[prost(string, tag = "1")]
+    version_info: String,
+    #[prost(message, optional, tag = "2")]
+    node: Option<Node>,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    resource_names: Vec<bytes::Bytes>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    response_nonce: String,
+    #[prost(message, optional, tag = "6")]
+    error_detail: Option<rpc::Status>,
+}
+
 impl Wire for Sotw {
     const NAME: &'static str = "sotw";
-    type Req = DiscoveryRequest;
+    type Req = SotwWireRequest;
     type Machine = SotwStream;
 
     fn machine(extra_types: &'static [TypeUrl]) -> SotwStream {
         SotwStream::new().with_type_urls(extra_types)
     }
 
-    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+    fn node(request: &SotwWireRequest) -> Option<&Node> {
         request.node.as_ref()
     }
 
-    fn type_url(request: &DiscoveryRequest) -> &str {
+    fn type_url(request: &SotwWireRequest) -> &str {
         &request.type_url
     }
 
-    fn convert(request: DiscoveryRequest) -> SotwRequest {
+    fn convert(request: SotwWireRequest) -> SotwRequest {
         SotwRequest {
             type_url: request.type_url,
             version_info: request.version_info,
-            resource_names: request.resource_names,
+            resource_names: request.resource_names.into(),
             response_nonce: request.response_nonce,
             error_detail: request.error_detail.map(nack_message),
         }

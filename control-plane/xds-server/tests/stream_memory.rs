@@ -84,7 +84,7 @@ fn sotw_request(type_url: &str, names: Vec<String>, nonce: &str, version: &str) 
     SotwRequest {
         type_url: type_url.into(),
         version_info: version.into(),
-        resource_names: names,
+        resource_names: names.into(),
         response_nonce: nonce.into(),
         error_detail: None,
     }

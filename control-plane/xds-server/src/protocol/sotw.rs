@@ -7,14 +7,15 @@
 //! of the resources it carries. It matters at scale: one endpoint change would otherwise send
 //! every proxy every ClusterLoadAssignment of the mesh again.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use fsm_cache::{Change, NameId, Resource, Snapshot, TypeSnapshot, TypeUrl};
 
 use super::{
-    ENDPOINT, Event, Nonces, Ordered, Output, ProtocolError, ROUTE, Response, SotwRequest,
-    XdsStream, empty_version, resolve,
+    ENDPOINT, Event, Nonces, Ordered, Output, ProtocolError, ROUTE, ResourceNames, Response,
+    SotwRequest, XdsStream, empty_version, resolve,
 };
 
 /// Types whose updates carry only what changed (see the module documentation). Envoy's only:
@@ -64,16 +65,14 @@ struct TypeState {
 impl Subscription {
     /// Empty names mean wildcard on a type's first request and keep a wildcard one wildcard;
     /// after explicit names they mean "none" (Envoy's EDS/RDS with nothing left to watch).
-    fn from_names(names: &[String], previous: Option<&Subscription>) -> Self {
-        if names.iter().any(|n| n == "*") {
+    fn from_names(names: &ResourceNames, previous: Option<&Subscription>) -> Self {
+        let names: BTreeSet<Cow<'_, str>> = names.strs().collect();
+        if names.contains("*") {
             return Subscription::Wildcard;
         }
         match previous {
             None | Some(Subscription::Wildcard) if names.is_empty() => Subscription::Wildcard,
-            _ => {
-                let sorted: BTreeSet<&str> = names.iter().map(String::as_str).collect();
-                Subscription::Names(sorted.into_iter().map(NameId::of).collect())
-            }
+            _ => Subscription::Names(names.iter().map(|name| NameId::of(name)).collect()),
         }
     }
 }
@@ -126,7 +125,7 @@ impl XdsStream for SotwStream {
                 });
             }
             let subscription = Subscription::from_names(&request.resource_names, None);
-            let names_digest = digest(&request.resource_names);
+            let names_digest = request.resource_names.digest();
             match self.types.get_mut(&key) {
                 Some(state) => {
                     state.subscription = subscription;
@@ -178,7 +177,7 @@ impl XdsStream for SotwStream {
                     version: Arc::from(request.version_info),
                 }),
             }
-            let names_digest = digest(&request.resource_names);
+            let names_digest = request.resource_names.digest();
             if names_digest == state.names_digest {
                 return Ok(out);
             }
@@ -325,16 +324,6 @@ fn covers_exactly(covers: &mut Option<u64>, ids: &[NameId], t: &TypeSnapshot) ->
     exact
 }
 
-/// A request's resource names as one hash, in their order, for recognising a repeated list.
-fn digest(names: &[String]) -> u64 {
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    for name in names {
-        hasher.update(&(name.len() as u64).to_le_bytes());
-        hasher.update(name.as_bytes());
-    }
-    hasher.digest()
-}
-
 fn is_known(state: &TypeState, version: &Arc<str>) -> bool {
     state.sent_version.as_ref() == Some(version) || state.parked.as_ref() == Some(version)
 }
@@ -460,7 +449,11 @@ mod tests {
                     let request = SotwRequest {
                         type_url: ty.to_owned(),
                         version_info: pick(version, 0),
-                        resource_names: names.split_whitespace().map(str::to_owned).collect(),
+                        resource_names: names
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect::<Vec<String>>()
+                            .into(),
                         response_nonce: pick(nonce, 1),
                         error_detail: error.map(str::to_owned),
                     };
@@ -713,7 +706,7 @@ mod tests {
             .on_request(
                 SotwRequest {
                     type_url: ENDPOINT.into(),
-                    resource_names: vec!["b".into(), "a".into()],
+                    resource_names: vec!["b".to_string(), "a".to_string()].into(),
                     ..SotwRequest::default()
                 },
                 Some(&s1),
@@ -760,7 +753,11 @@ mod tests {
         let s1 = both("1", "1");
         let request = |type_url: TypeUrl, names: &[&str], out: Option<&Response>| SotwRequest {
             type_url: type_url.into(),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            resource_names: names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<String>>()
+                .into(),
             version_info: out.map(|o| o.version.to_string()).unwrap_or_default(),
             response_nonce: out.map(|o| o.nonce.to_string()).unwrap_or_default(),
             ..SotwRequest::default()
