@@ -331,6 +331,10 @@ fn respond(
     // Gone: what the client holds that no longer exists, and names it asked for that do not.
     // Only these two, so a wildcard subscriber never hears of names it does not know.
     let unanswered = std::mem::take(&mut state.unanswered);
+    // A name answered with its resource exists: only the others are looked up by name (a
+    // first subscription to a thousand endpoints names a thousand of them).
+    let mut answered: Vec<NameId> = resources.iter().map(|r| r.id()).collect();
+    answered.sort_unstable();
     let mut removed: Vec<(Arc<str>, NameId)> = NameId::with_names(|names| {
         let mut removed = Vec::new();
         state.client.absent_from(shared, names, |id, name| {
@@ -341,7 +345,11 @@ fn respond(
         removed.extend(
             unanswered
                 .iter()
-                .filter(|id| state.wants(*id) && lookup(names.str(*id)).is_none())
+                .filter(|id| {
+                    state.wants(*id)
+                        && answered.binary_search(id).is_err()
+                        && lookup(names.str(*id)).is_none()
+                })
                 .map(|id| (names.get(id), id)),
         );
         removed

@@ -316,8 +316,8 @@ fn covers_exactly(covers: &mut Option<u64>, ids: &[NameId], t: &TypeSnapshot) ->
     if *covers == Some(t.names_key()) {
         return true;
     }
-    let exact = ids.len() == t.len()
-        && NameId::with_names(|names| ids.iter().all(|id| t.get(names.str(*id)).is_some()));
+    // Both in name order: compared id by id, without looking up a name.
+    let exact = ids.len() == t.len() && t.resources().zip(ids).all(|(r, id)| r.id() == *id);
     if exact {
         *covers = Some(t.names_key());
     }
