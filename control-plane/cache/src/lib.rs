@@ -375,11 +375,20 @@ impl PartialEq for TypeSnapshot {
 
 impl Eq for TypeSnapshot {}
 
+type Map = BTreeMap<Arc<str>, Arc<Resource>>;
+
 /// The resources of a base map and a layer over it, in name order; the layer's wins on a name
 /// both have.
+///
+/// The base is read in ranges between consecutive layer names, so a thousand shared resources
+/// around a few of the proxy's own cost a few range look-ups, not a name comparison each.
 struct Union<'a> {
-    base: std::iter::Peekable<std::collections::btree_map::Values<'a, Arc<str>, Arc<Resource>>>,
-    layer: std::iter::Peekable<std::collections::btree_map::Values<'a, Arc<str>, Arc<Resource>>>,
+    base: &'a Map,
+    /// The base's resources before `pending` (after the previous layer resource).
+    range: std::collections::btree_map::Range<'a, Arc<str>, Arc<Resource>>,
+    /// The layer resource due once `range` is done.
+    pending: Option<&'a Arc<Resource>>,
+    layer: std::collections::btree_map::Values<'a, Arc<str>, Arc<Resource>>,
 }
 
 impl<'a> Union<'a> {
@@ -387,15 +396,29 @@ impl<'a> Union<'a> {
         Union::new(set.base.as_deref().map(|b| &b.resources), &set.resources)
     }
 
-    fn new(
-        base: Option<&'a BTreeMap<Arc<str>, Arc<Resource>>>,
-        layer: &'a BTreeMap<Arc<str>, Arc<Resource>>,
-    ) -> Self {
-        static EMPTY: BTreeMap<Arc<str>, Arc<Resource>> = BTreeMap::new();
+    fn new(base: Option<&'a Map>, layer: &'a Map) -> Self {
+        static EMPTY: Map = BTreeMap::new();
+        let base = base.unwrap_or(&EMPTY);
+        let mut layer = layer.values();
+        let pending = layer.next();
         Union {
-            base: base.unwrap_or(&EMPTY).values().peekable(),
-            layer: layer.values().peekable(),
+            base,
+            range: Self::base_range(base, None, pending),
+            pending,
+            layer,
         }
+    }
+
+    /// The base's resources strictly between two layer resources (`None`: unbounded).
+    fn base_range(
+        base: &'a Map,
+        after: Option<&'a Arc<Resource>>,
+        before: Option<&'a Arc<Resource>>,
+    ) -> std::collections::btree_map::Range<'a, Arc<str>, Arc<Resource>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let lower = after.map_or(Unbounded, |r| Excluded(&*r.name));
+        let upper = before.map_or(Unbounded, |r| Excluded(&*r.name));
+        base.range::<str, _>((lower, upper))
     }
 }
 
@@ -403,18 +426,13 @@ impl<'a> Iterator for Union<'a> {
     type Item = &'a Arc<Resource>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match (self.base.peek(), self.layer.peek()) {
-            (Some(b), Some(l)) => match b.name.cmp(&l.name) {
-                std::cmp::Ordering::Less => self.base.next(),
-                std::cmp::Ordering::Greater => self.layer.next(),
-                std::cmp::Ordering::Equal => {
-                    self.base.next();
-                    self.layer.next()
-                }
-            },
-            (Some(_), None) => self.base.next(),
-            (None, _) => self.layer.next(),
+        if let Some((_, r)) = self.range.next() {
+            return Some(r);
         }
+        let current = self.pending?;
+        self.pending = self.layer.next();
+        self.range = Self::base_range(self.base, Some(current), self.pending);
+        Some(current)
     }
 }
 
