@@ -10,9 +10,12 @@
 //! The directory is loaded once as a list (`Init`, `InitApply`…, `InitDone`), then watched with the
 //! platform's event-driven watcher (a 500 ms poll only if that cannot be set up). A burst of file
 //! system events is debounced (50 ms of quiet, at most 1 s) into one rescan, so editors that write
-//! through a temporary file and a rename are seen once, complete. A rescan re-decodes only the files
-//! whose content hash changed and emits only the differences: `Apply` for new or changed objects,
-//! `Delete` for objects no file defines any more.
+//! through a temporary file and a rename are seen once, complete. A rescan reads only the files the
+//! events name (an edit in a directory of thousands costs that file); lost events, directories,
+//! symlinks and hidden entries other than plain files (a ConfigMap volume's `..data` swap) make it
+//! read the whole directory. It re-decodes only the files whose content hash changed and emits
+//! only the differences: `Apply` for new or changed objects, `Delete` for objects no file defines
+//! any more.
 //!
 //! # Rules
 //!
@@ -107,12 +110,14 @@ impl ManifestSource {
             return Err(SourceError::NotADirectory { path: dir });
         }
         let wake = Arc::new(Notify::new());
+        let pending = Arc::new(Mutex::new(Pending::default()));
         let root = dir.clone();
         let setup_wake = Arc::clone(&wake);
+        let setup_pending = Arc::clone(&pending);
         // Setting up a recursive watch walks the tree, so it runs off the executor with the load.
         // Watching starts before the first scan so that nothing written in between is missed.
         let setup = tokio::task::spawn_blocking(move || {
-            let watcher = start_watcher(&root, setup_wake, backend)?;
+            let watcher = start_watcher(&root, setup_wake, setup_pending, backend)?;
             let (state, initial) = State::load(root)?;
             Ok::<_, SourceError>((watcher, state, initial))
         });
@@ -141,7 +146,7 @@ impl ManifestSource {
                     return;
                 }
             }
-            watch(state, wake, events, problems_for_task, watcher).await;
+            watch(state, wake, pending, events, problems_for_task, watcher).await;
         });
         Ok(ManifestSource { problems, task })
     }
@@ -163,6 +168,7 @@ impl Drop for ManifestSource {
 async fn watch(
     mut state: State,
     wake: Arc<Notify>,
+    pending: Arc<Mutex<Pending>>,
     events: Sender<CatalogEvent>,
     problems: Arc<Mutex<Vec<DecodeError>>>,
     _watcher: Box<dyn Watcher + Send>,
@@ -173,8 +179,13 @@ async fn watch(
             () = events.closed() => return,
         }
         debounce(&wake).await;
+        let work = std::mem::take(&mut *pending.lock());
         let rescan = tokio::task::spawn_blocking(move || {
-            let batch = state.rescan();
+            let batch = if work.full {
+                state.rescan()
+            } else {
+                state.rescan_paths(&work.paths)
+            };
             (state, batch)
         });
         let batch = match rescan.await {
@@ -225,14 +236,23 @@ enum Backend {
 fn start_watcher(
     dir: &Path,
     wake: Arc<Notify>,
+    pending: Arc<Mutex<Pending>>,
     backend: Backend,
 ) -> Result<Box<dyn Watcher + Send>, SourceError> {
     let handler = move |result: notify::Result<notify::Event>| match result {
         Ok(event) if is_noise(&event.kind) => {}
-        Ok(_) => wake.notify_one(),
+        Ok(event) => {
+            {
+                let mut pending = pending.lock();
+                pending.full |= event.need_rescan() || event.paths.is_empty();
+                pending.paths.extend(event.paths);
+            }
+            wake.notify_one();
+        }
         Err(err) => {
             // Typically an overflowed event queue: events were lost, so look at everything again.
             tracing::warn!(error = %err, "manifest watcher error; rescanning");
+            pending.lock().full = true;
             wake.notify_one();
         }
     };
@@ -362,6 +382,17 @@ struct State {
     duplicates: BTreeMap<ObjectKey, Vec<PathBuf>>,
     /// How many problems have been logged and counted so far.
     reported: usize,
+    /// The last full scan found a directory it could not read: only full scans until one can.
+    degraded: bool,
+}
+
+/// What the watcher reported since the last rescan: changed paths, or that everything must be
+/// looked at again (lost events, a directory or symlink changed, a hidden entry such as a
+/// ConfigMap volume's `..data` swapped).
+#[derive(Debug, Default)]
+struct Pending {
+    paths: std::collections::BTreeSet<PathBuf>,
+    full: bool,
 }
 
 impl State {
@@ -373,6 +404,7 @@ impl State {
             problems: Vec::new(),
             duplicates: BTreeMap::new(),
             reported: 0,
+            degraded: false,
         };
         let unreadable = state.scan().map_err(|source| SourceError::Unreadable {
             path: state.root.clone(),
@@ -408,7 +440,68 @@ impl State {
                 return Vec::new();
             }
         };
+        self.degraded = !unreadable.is_empty();
         let effective = self.settle(&unreadable);
+        self.publish(effective)
+    }
+
+    /// Re-reads only `paths`, the files the watcher reported, when each is a plain manifest file
+    /// (or a known one that is gone); anything else, or a degraded state, takes a full
+    /// [`State::rescan`]. An edit of one file in a directory of thousands costs that file.
+    fn rescan_paths(&mut self, paths: &std::collections::BTreeSet<PathBuf>) -> Vec<CatalogEvent> {
+        if self.degraded {
+            return self.rescan();
+        }
+        for path in paths {
+            let Ok(relative) = path.strip_prefix(&self.root) else {
+                return self.rescan();
+            };
+            let Some(leaf) = relative.file_name() else {
+                return self.rescan();
+            };
+            // Inside a hidden directory (a ConfigMap volume's timestamped data, which visible
+            // symlinks may point into): look at everything.
+            if relative
+                .parent()
+                .is_some_and(|dir| dir.components().any(|c| is_ignored(c.as_os_str())))
+            {
+                return self.rescan();
+            }
+            let metadata = std::fs::symlink_metadata(path);
+            if is_ignored(leaf) {
+                // An editor's temporary or backup file (gone after its rename, or a plain file)
+                // is no manifest; a hidden symlink or directory (a ConfigMap volume's `..data`
+                // swapped) changes what visible names resolve to.
+                match &metadata {
+                    Ok(m) if m.is_file() => continue,
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    _ => return self.rescan(),
+                }
+            }
+            match metadata {
+                Ok(metadata) if metadata.is_file() => {
+                    if is_manifest(relative.as_os_str()) {
+                        self.read_file(path.clone());
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    // A removed manifest is forgotten; a removed directory takes a full rescan.
+                    if self.files.remove(path).is_none()
+                        && self.files.keys().any(|known| known.starts_with(path))
+                    {
+                        return self.rescan();
+                    }
+                }
+                // A directory, a symlink (its target may be anywhere) or an unreadable entry.
+                _ => return self.rescan(),
+            }
+        }
+        let effective = self.settle(&[]);
+        self.publish(effective)
+    }
+
+    /// The events that take the catalog from what it was told to `effective`.
+    fn publish(&mut self, effective: BTreeMap<ObjectKey, Arc<MeshObject>>) -> Vec<CatalogEvent> {
         let mut events: Vec<CatalogEvent> = effective
             .iter()
             .filter(|(key, object)| {
@@ -440,24 +533,10 @@ impl State {
 
         let mut previous = std::mem::take(&mut self.files);
         for path in listed {
-            let before = previous.remove(&path);
-            let now = match std::fs::read(&path) {
-                Ok(bytes) => {
-                    let hash = content_hash(&bytes);
-                    match before {
-                        Some(before) if before.hash == Some(hash) => before,
-                        before => FileState::decode(&path, bytes, hash, before),
-                    }
-                }
-                // Removed between listing and reading: treat it as removed.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => FileState {
-                    hash: None,
-                    objects: before.map(|before| before.objects).unwrap_or_default(),
-                    problems: vec![path_problem(&path, format!("cannot read file: {err}"))],
-                },
-            };
-            self.files.insert(path, now);
+            if let Some(before) = previous.remove(&path) {
+                self.files.insert(path.clone(), before);
+            }
+            self.read_file(path);
         }
         // Files no longer listed are gone, unless they sit under a directory we could not list.
         for (path, before) in previous {
@@ -466,6 +545,29 @@ impl State {
             }
         }
         Ok(unreadable)
+    }
+
+    /// Brings one listed file up to date: re-decoded if its content changed, forgotten if it is
+    /// gone, kept with a problem if it cannot be read.
+    fn read_file(&mut self, path: PathBuf) {
+        let before = self.files.remove(&path);
+        let now = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let hash = content_hash(&bytes);
+                match before {
+                    Some(before) if before.hash == Some(hash) => before,
+                    before => FileState::decode(&path, bytes, hash, before),
+                }
+            }
+            // Removed between listing and reading: treat it as removed.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return,
+            Err(err) => FileState {
+                hash: None,
+                objects: before.map(|before| before.objects).unwrap_or_default(),
+                problems: vec![path_problem(&path, format!("cannot read file: {err}"))],
+            },
+        };
+        self.files.insert(path, now);
     }
 
     /// Reports new problems and merges the files (later paths win) into the effective set.
@@ -1042,5 +1144,87 @@ mod tests {
         write(dir.path(), "other.yaml", &service("t", 0));
         assert!(state.rescan().is_empty());
         assert_eq!(state.reported, 2);
+    }
+
+    /// What the catalog is told, as `Apply kind/ns/name port` and `Delete kind/ns/name` lines.
+    fn described(events: &[CatalogEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|event| match event {
+                CatalogEvent::Apply(object) => {
+                    format!("Apply {} {}", object.key(), port_of(object))
+                }
+                CatalogEvent::Delete(key) => format!("Delete {key}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reported_paths_are_reread_alone_and_anything_unusual_rescans_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "ns.yaml", NAMESPACE);
+        write(dir.path(), "a.yaml", &service("a", 80));
+        write(dir.path(), "b.yaml", &service("b", 80));
+        let (mut state, _) = State::load(dir.path().to_path_buf()).expect("load");
+        let paths = |names: &[&str]| -> std::collections::BTreeSet<PathBuf> {
+            names.iter().map(|n| dir.path().join(n)).collect()
+        };
+
+        // Both files change, the watcher reported one: only it is read.
+        write(dir.path(), "a.yaml", &service("a", 81));
+        write(dir.path(), "b.yaml", &service("b", 81));
+        assert_eq!(
+            described(&state.rescan_paths(&paths(&["a.yaml"]))),
+            ["Apply Service app/a 81"]
+        );
+        // An editor's temporary file, gone after its rename: nothing to read.
+        assert!(state.rescan_paths(&paths(&[".a.yaml.tmp"])).is_empty());
+        // A removed file is forgotten.
+        std::fs::remove_file(dir.path().join("a.yaml")).expect("remove");
+        assert_eq!(
+            described(&state.rescan_paths(&paths(&["a.yaml"]))),
+            ["Delete Service app/a"]
+        );
+        // A hidden symlink (a ConfigMap volume's `..data` swapped) rescans everything, which
+        // finds the change to b the watcher never reported.
+        std::os::unix::fs::symlink(dir.path().join("b.yaml"), dir.path().join("..data"))
+            .expect("symlink");
+        assert_eq!(
+            described(&state.rescan_paths(&paths(&["..data"]))),
+            ["Apply Service app/b 81"]
+        );
+        // So does a new directory.
+        write(dir.path(), "sub/c.yaml", &service("c", 80));
+        assert_eq!(
+            described(&state.rescan_paths(&paths(&["sub"]))),
+            ["Apply Service app/c 80"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_configmap_volume_swap_is_seen() {
+        // The layout kubelet gives a ConfigMap volume: visible symlinks into `..data`, itself a
+        // symlink to a hidden timestamped directory, swapped atomically on update.
+        let (mut h, listed) = Harness::start(&[("ns.yaml", NAMESPACE)]).await;
+        assert_eq!(listed.len(), 1);
+        let root = h.path().to_path_buf();
+        let volume = |stamp: &str, port: u32| {
+            write(&root, &format!("..{stamp}/svc.yaml"), &service("s", port));
+            let tmp = root.join("..data_tmp");
+            std::os::unix::fs::symlink(format!("..{stamp}"), &tmp).expect("symlink");
+            std::fs::rename(&tmp, root.join("..data")).expect("swap ..data");
+        };
+        volume("2026_12_07_01", 80);
+        std::os::unix::fs::symlink("..data/svc.yaml", root.join("svc.yaml")).expect("symlink");
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(port_of(&object), 80),
+            other => panic!("expected Apply, got {other:?}"),
+        }
+        volume("2026_12_07_02", 8080);
+        match h.next().await {
+            CatalogEvent::Apply(object) => assert_eq!(port_of(&object), 8080),
+            other => panic!("expected Apply, got {other:?}"),
+        }
     }
 }
