@@ -389,6 +389,16 @@ struct Session<W: Wire> {
     machine: W::Machine,
     watch: watch::Receiver<Published>,
     snapshot: Option<Arc<Snapshot>>,
+    /// This stream's per-type counters, labelled once rather than on every request and
+    /// response, and removed when the stream ends: the labels carry the proxy UUID, so series
+    /// of proxies long gone would otherwise pile up with every pod ever replaced.
+    counters: Vec<TypeCounters>,
+}
+
+struct TypeCounters {
+    type_url: TypeUrl,
+    requests: prometheus::IntCounter,
+    sent: prometheus::IntCounter,
 }
 
 /// The proxy is gone; the stream ends.
@@ -439,6 +449,7 @@ impl<W: Wire> Session<W> {
             machine,
             watch,
             snapshot: None,
+            counters: Vec::new(),
         }
     }
 
@@ -523,7 +534,6 @@ impl<W: Wire> Session<W> {
     }
 
     async fn on_request(&mut self, request: W::Req) -> Result<(), Closed> {
-        let m = metrics();
         if !self.types.iter().any(|t| *t == W::type_url(&request)) {
             // Each stream is served one data plane's resources, decided by its first request.
             let code = ErrCode::E5013;
@@ -538,9 +548,7 @@ impl<W: Wire> Session<W> {
             Ok(output) => {
                 // Labelled only once resolved: an unknown type is an arbitrary client string.
                 if let Some(type_url) = output.type_url {
-                    m.proxy_xds_request_count
-                        .with_label_values(&[&*self.uuid, &self.identity, short_name(type_url)])
-                        .inc();
+                    self.counters(type_url).requests.inc();
                 }
                 self.apply(output).await
             }
@@ -578,8 +586,29 @@ impl<W: Wire> Session<W> {
         Ok(())
     }
 
+    /// The counters of `type_url` on this stream, labelled on first use.
+    fn counters(&mut self, type_url: TypeUrl) -> &TypeCounters {
+        let at = match self.counters.iter().position(|c| c.type_url == type_url) {
+            Some(at) => at,
+            None => {
+                let m = metrics();
+                let labels = [&*self.uuid, self.identity.as_str(), short_name(type_url)];
+                self.counters.push(TypeCounters {
+                    type_url,
+                    requests: m.proxy_xds_request_count.with_label_values(&labels),
+                    sent: m
+                        .proxy_response_send_success_count
+                        .with_label_values(&labels),
+                });
+                self.counters.len() - 1
+            }
+        };
+        &self.counters[at]
+    }
+
     /// The one place a response leaves for the proxy.
     async fn send(&mut self, response: Response) -> Result<(), Closed> {
+        let sent = self.counters(response.type_url).sent.clone();
         let short = short_name(response.type_url);
         let labels = [&*self.uuid, self.identity.as_str(), short];
         let types = self
@@ -608,9 +637,7 @@ impl<W: Wire> Session<W> {
             fsm_errcode::count(code);
             return Err(Closed);
         }
-        m.proxy_response_send_success_count
-            .with_label_values(&labels)
-            .inc();
+        sent.inc();
         tracing::debug!(
             proxy = %self.uuid,
             r#type = short,
@@ -635,7 +662,23 @@ impl<W: Wire> Session<W> {
 
 impl<W: Wire> Drop for Session<W> {
     fn drop(&mut self) {
-        metrics().proxy_connect_count.dec();
+        let m = metrics();
+        m.proxy_connect_count.dec();
+        for counters in &self.counters {
+            let labels = [
+                &*self.uuid,
+                self.identity.as_str(),
+                short_name(counters.type_url),
+            ];
+            // Absent series (no error was ever counted) are fine.
+            let _ = m.proxy_xds_request_count.remove_label_values(&labels);
+            let _ = m
+                .proxy_response_send_success_count
+                .remove_label_values(&labels);
+            let _ = m
+                .proxy_response_send_error_count
+                .remove_label_values(&labels);
+        }
         self.inner.cache.unsubscribe(&self.key);
         tracing::info!(proxy = %self.uuid, "proxy disconnected");
         let _ = self.inner.events.send(ProxyEvent::Disconnected {

@@ -466,3 +466,87 @@ async fn each_stream_is_served_by_its_own_requests() {
         .expect("update after another stream left");
     assert_eq!(r.resources[0].value, b"e2");
 }
+
+/// The per-proxy counters of `uuid` in the default registry, as `name type value` lines.
+fn proxy_series(uuid: &str) -> Vec<String> {
+    let mut series = Vec::new();
+    for family in prometheus::gather() {
+        for metric in family.get_metric() {
+            let labels = metric.get_label();
+            if labels
+                .iter()
+                .any(|l| l.name() == "proxy_uuid" && l.value() == uuid)
+            {
+                let kind = labels
+                    .iter()
+                    .find(|l| l.name() == "type")
+                    .map(|l| l.value());
+                series.push(format!(
+                    "{} {} {}",
+                    family.name(),
+                    kind.unwrap_or(""),
+                    metric.get_counter().get_value()
+                ));
+            }
+        }
+    }
+    series.sort();
+    series
+}
+
+#[tokio::test]
+async fn a_proxys_counters_are_kept_while_it_is_connected_and_then_removed() {
+    // Its own proxy UUID: the registry is shared with the other tests of this binary.
+    const OWN: &str = "5d0c3a4e-7c55-4c1e-8d0e-3f1f2b7a9c11";
+    let cache = Arc::new(SnapshotCache::new());
+    let (mut client, mut events) = start(cache.clone()).await;
+    let (requests, rx) = mpsc::channel(4);
+    requests
+        .send(DiscoveryRequest {
+            node: node(&format!("{OWN}.sidecar.bookbuyer.bookstore.cluster.local")),
+            type_url: CLUSTER.into(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue");
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    connected(&mut events).await;
+    let own = ProxyKey::new(OWN, ProxyKind::Sidecar, "bookbuyer", "bookstore");
+    assert!(cache.set(&own, snapshot(&[("c1", "one")])));
+    let first: DiscoveryResponse = next(&mut responses).await.expect("CDS");
+    requests
+        .send(DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            version_info: first.version_info.clone(),
+            response_nonce: first.nonce.clone(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue");
+    eventually("the ACK counted", || {
+        proxy_series(OWN).contains(&"fsm_proxy_xds_request_count CDS 2".to_string())
+    })
+    .await;
+    assert_eq!(
+        proxy_series(OWN),
+        [
+            "fsm_proxy_response_send_success_count CDS 1",
+            "fsm_proxy_xds_request_count CDS 2"
+        ]
+    );
+
+    drop(requests);
+    assert!(matches!(
+        next_event(&mut events).await,
+        ProxyEvent::Disconnected { proxy, .. } if proxy == own
+    ));
+    assert!(
+        proxy_series(OWN).is_empty(),
+        "a disconnected proxy's series stay: {:?}",
+        proxy_series(OWN)
+    );
+}
