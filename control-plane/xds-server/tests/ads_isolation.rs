@@ -4,17 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use fsm_cache::{ProxyKey, Resource, Snapshot, SnapshotCache};
 use fsm_xds_server::protocol::CLUSTER;
-use fsm_xds_server::{AdsServer, ProxyEvent, ProxyKind};
-use tokio::net::TcpListener;
+use fsm_xds_server::{ProxyEvent, ProxyKind};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::Streaming;
-use tonic::transport::Channel;
+
+mod support;
 
 const STUCK: &str = "5b1f8e2a-0c43-4d6e-9f0a-1e2d3c4b5a69";
 const LIVELY: &str = "7d3a1c9e-2b4f-4e8a-8c6d-0f1e2d3c4b5a";
@@ -38,29 +35,8 @@ async fn open(
     mpsc::Sender<DiscoveryRequest>,
     Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
 ) {
-    let mut client: AggregatedDiscoveryServiceClient<Channel> =
-        AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
-            .await
-            .expect("connect");
-    let (requests, rx) = mpsc::channel(4);
-    requests
-        .send(DiscoveryRequest {
-            node: Some(Node {
-                id: format!("{uuid}.sidecar.bookbuyer.bookstore.cluster.local"),
-                user_agent_name: "envoy".into(),
-                ..Node::default()
-            }),
-            type_url: CLUSTER.into(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("queue");
-    let responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    (requests, responses)
+    let mut client = support::client(address).await;
+    support::open_sotw(&mut client, support::sidecar_node(uuid, "envoy"), CLUSTER).await
 }
 
 async fn connected(events: &mut mpsc::UnboundedReceiver<ProxyEvent>) {
@@ -74,14 +50,7 @@ async fn connected(events: &mut mpsc::UnboundedReceiver<ProxyEvent>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_proxy_delays_no_other() {
     let cache = Arc::new(SnapshotCache::new());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdsServer::new(cache.clone(), events_tx).into_service())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (address, mut events) = support::serve(cache.clone()).await;
 
     // The stuck proxy asks for CDS and never reads a response.
     let (_stuck_requests, _stuck_responses) = open(address, STUCK).await;

@@ -17,6 +17,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+mod support;
+
 const UUID: &str = "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,7 +31,7 @@ fn node(id: &str) -> Option<Node> {
 }
 
 fn node_id() -> String {
-    format!("{UUID}.sidecar.bookbuyer.bookstore.cluster.local")
+    support::sidecar_node(UUID, "envoy").id
 }
 
 fn key() -> ProxyKey {
@@ -63,19 +65,8 @@ async fn start(
     AggregatedDiscoveryServiceClient<Channel>,
     mpsc::UnboundedReceiver<ProxyEvent>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let service = AdsServer::new(cache, events_tx).into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
-    (client, events)
+    let (address, events) = support::serve(cache).await;
+    (support::client(address).await, events)
 }
 
 async fn next<T>(responses: &mut Streaming<T>) -> Result<T, Status> {
@@ -322,25 +313,7 @@ async fn open_sotw(
     type_url: &str,
     user_agent: &str,
 ) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
-    let (requests, rx) = mpsc::channel(4);
-    requests
-        .send(DiscoveryRequest {
-            node: Some(Node {
-                id: node_id(),
-                user_agent_name: user_agent.into(),
-                ..Node::default()
-            }),
-            type_url: type_url.into(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("queue");
-    let responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    (requests, responses)
+    support::open_sotw(client, support::sidecar_node(UUID, user_agent), type_url).await
 }
 
 #[tokio::test]
@@ -500,20 +473,8 @@ async fn a_proxys_counters_are_kept_while_it_is_connected_and_then_removed() {
     const OWN: &str = "5d0c3a4e-7c55-4c1e-8d0e-3f1f2b7a9c11";
     let cache = Arc::new(SnapshotCache::new());
     let (mut client, mut events) = start(cache.clone()).await;
-    let (requests, rx) = mpsc::channel(4);
-    requests
-        .send(DiscoveryRequest {
-            node: node(&format!("{OWN}.sidecar.bookbuyer.bookstore.cluster.local")),
-            type_url: CLUSTER.into(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("queue");
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (requests, mut responses) =
+        support::open_sotw(&mut client, support::sidecar_node(OWN, "envoy"), CLUSTER).await;
     connected(&mut events).await;
     let own = ProxyKey::new(OWN, ProxyKind::Sidecar, "bookbuyer", "bookstore");
     assert!(cache.set(&own, snapshot(&[("c1", "one")])));

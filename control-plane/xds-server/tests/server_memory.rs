@@ -9,16 +9,15 @@ use std::alloc::System;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use fsm_cache::{Flavor, Resource, Snapshot, SnapshotCache, TypeSnapshot};
+use fsm_xds_server::ProxyEvent;
 use fsm_xds_server::protocol::{CLUSTER, ENDPOINT};
-use fsm_xds_server::{AdsServer, ProxyEvent};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+mod support;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -48,14 +47,7 @@ fn mesh() -> Snapshot {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_heap_per_connected_proxy() {
     let cache = Arc::new(SnapshotCache::new());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdsServer::new(cache.clone(), events_tx).into_service())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (address, mut events) = support::serve(cache.clone()).await;
     let mesh = mesh();
     for (type_url, types) in mesh.types() {
         types.section(Flavor::Sotw, type_url);
@@ -137,20 +129,14 @@ async fn clients() {
 }
 
 async fn proxy(address: String, i: usize) -> impl Sized {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
-        .await
-        .expect("connect");
+    let mut client = support::client(address.parse().expect("a socket address")).await;
     let (requests, rx) = mpsc::channel(4);
     let mut responses = client
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await
         .expect("stream")
         .into_inner();
-    let node = Some(Node {
-        id: format!("{}.sidecar.bookbuyer.bookstore.cluster.local", uuid(i)),
-        user_agent_name: "envoy".into(),
-        ..Node::default()
-    });
+    let node = Some(support::sidecar_node(&uuid(i), "envoy"));
     let names: Vec<String> = (0..SERVICES).map(cluster).collect();
     for (type_url, resource_names) in [(CLUSTER, Vec::new()), (ENDPOINT, names)] {
         let request = DiscoveryRequest {
