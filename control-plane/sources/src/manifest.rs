@@ -481,7 +481,8 @@ impl State {
             match metadata {
                 Ok(metadata) if metadata.is_file() => {
                     if is_manifest(relative.as_os_str()) {
-                        self.read_file(path.clone());
+                        let before = self.files.remove(path);
+                        self.read_file(path.clone(), before);
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -533,10 +534,8 @@ impl State {
 
         let mut previous = std::mem::take(&mut self.files);
         for path in listed {
-            if let Some(before) = previous.remove(&path) {
-                self.files.insert(path.clone(), before);
-            }
-            self.read_file(path);
+            let before = previous.remove(&path);
+            self.read_file(path, before);
         }
         // Files no longer listed are gone, unless they sit under a directory we could not list.
         for (path, before) in previous {
@@ -547,10 +546,9 @@ impl State {
         Ok(unreadable)
     }
 
-    /// Brings one listed file up to date: re-decoded if its content changed, forgotten if it is
-    /// gone, kept with a problem if it cannot be read.
-    fn read_file(&mut self, path: PathBuf) {
-        let before = self.files.remove(&path);
+    /// Brings one listed file up to date from what was known of it (`before`): re-decoded if its
+    /// content changed, forgotten if it is gone, kept with a problem if it cannot be read.
+    fn read_file(&mut self, path: PathBuf, before: Option<FileState>) {
         let now = match std::fs::read(&path) {
             Ok(bytes) => {
                 let hash = content_hash(&bytes);
