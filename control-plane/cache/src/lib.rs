@@ -243,6 +243,11 @@ impl TypeSnapshot {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Whether this set is a shared set plus resources of its own ([`TypeSnapshot::merged`]).
+    pub fn is_layered(&self) -> bool {
+        self.base.is_some()
+    }
 }
 
 /// How a name's resource differs between two sets ([`TypeSnapshot::changes`]).

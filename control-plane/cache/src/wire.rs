@@ -201,8 +201,16 @@ pub type Section = Arc<[Bytes]>;
 /// A type's cached sections, per flavor.
 #[derive(Clone, Default)]
 pub(crate) struct Sections {
-    sotw: OnceLock<(TypeUrl, Section)>,
-    delta: OnceLock<(TypeUrl, Section)>,
+    sotw: OnceLock<(TypeUrl, Built)>,
+    delta: OnceLock<(TypeUrl, Built)>,
+}
+
+/// A built section, with how many resources each of its groups holds (a flat set's, read by the
+/// sets layered over it; empty for a layered set, over which nothing is layered).
+#[derive(Clone)]
+struct Built {
+    section: Section,
+    members: Arc<[u32]>,
 }
 
 impl PartialEq for Sections {
@@ -284,31 +292,120 @@ impl crate::TypeSnapshot {
     /// whole type, built once and shared by every stream sending it (and its groups by every
     /// type snapshot holding the same runs of resources).
     pub fn section(&self, flavor: Flavor, type_url: TypeUrl) -> Section {
-        let slot = match flavor {
+        self.built(flavor, type_url).section
+    }
+
+    /// The section, built for one response and not kept: for a layered set held by a single
+    /// proxy, whose kept section would be memory only that proxy uses. A layered set's section
+    /// copies nothing (it points into its base's groups), so building it per send costs a walk
+    /// of the names, not of the bytes.
+    pub fn section_once(&self, flavor: Flavor, type_url: TypeUrl) -> Section {
+        match self.slot(flavor).get() {
+            Some((t, built)) if *t == type_url => built.section.clone(),
+            _ => self.build(flavor, type_url).section,
+        }
+    }
+
+    fn slot(&self, flavor: Flavor) -> &OnceLock<(TypeUrl, Built)> {
+        match flavor {
             Flavor::Sotw => &self.sections.sotw,
             Flavor::Delta => &self.sections.delta,
-        };
-        if let Some((t, section)) = slot.get()
+        }
+    }
+
+    fn built(&self, flavor: Flavor, type_url: TypeUrl) -> Built {
+        let slot = self.slot(flavor);
+        if let Some((t, built)) = slot.get()
             && *t == type_url
         {
-            return section.clone();
+            return built.clone();
         }
+        let built = self.build(flavor, type_url);
+        let (t, cached) = slot.get_or_init(|| (type_url, built.clone()));
+        if *t == type_url {
+            cached.clone()
+        } else {
+            built
+        }
+    }
+
+    fn build(&self, flavor: Flavor, type_url: TypeUrl) -> Built {
+        match &self.base {
+            Some(base) => Built {
+                section: self.layered_section(base, flavor, type_url),
+                members: Arc::new([]),
+            },
+            None => self.flat_section(flavor, type_url),
+        }
+    }
+
+    /// Groups cut where a name hashes to a boundary, each from its first member's cache when
+    /// another set built the same group.
+    fn flat_section(&self, flavor: Flavor, type_url: TypeUrl) -> Built {
         let resources: Vec<&Arc<crate::Resource>> = self.resources().collect();
         let mut groups = Vec::new();
+        let mut members = Vec::new();
         let mut start = 0;
         for (i, r) in resources.iter().enumerate() {
             if i + 1 == resources.len() || i + 1 - start >= GROUP_MAX || ends_group(r) {
                 groups.push(group(&resources[start..=i], flavor, type_url));
+                // At most GROUP_MAX.
+                members.push((i + 1 - start) as u32);
                 start = i + 1;
             }
         }
-        let section: Section = groups.into();
-        let (t, cached) = slot.get_or_init(|| (type_url, section.clone()));
-        if *t == type_url {
-            cached.clone()
-        } else {
-            section
+        Built {
+            section: groups.into(),
+            members: members.into(),
         }
+    }
+
+    /// The base's groups where the layer has nothing among their names, and per-resource
+    /// entries (slices of the base's groups, or the layer's own) where it has: every proxy's
+    /// set layered over one shared set costs pointers, not a copy of the groups its few own
+    /// resources fall into.
+    fn layered_section(
+        &self,
+        base: &crate::TypeSnapshot,
+        flavor: Flavor,
+        type_url: TypeUrl,
+    ) -> Section {
+        let shared = base.built(flavor, type_url);
+        let mut out: Vec<Bytes> = Vec::with_capacity(shared.section.len() + self.resources.len());
+        let mut layer = self.resources.values().peekable();
+        let mut rest = base.resources.values();
+        for (group, &count) in shared.section.iter().zip(shared.members.iter()) {
+            let members = rest.clone().take(count as usize);
+            let mut run = rest.by_ref().take(count as usize);
+            let Some(first) = run.next() else { break };
+            let last = run.last().unwrap_or(first);
+            while let Some(own) = layer.next_if(|r| r.name < first.name) {
+                out.push(own.entry(flavor, type_url));
+            }
+            if layer.peek().is_none_or(|r| r.name > last.name) {
+                out.push(group.clone());
+                continue;
+            }
+            // The layer's resources among this group's, in name order; the layer's wins on a
+            // name both have.
+            let mut members = members.peekable();
+            while let Some(member) = members.peek() {
+                match layer.next_if(|r| r.name <= member.name) {
+                    Some(own) => {
+                        if own.name == member.name {
+                            members.next();
+                        }
+                        out.push(own.entry(flavor, type_url));
+                    }
+                    None => {
+                        out.push(member.entry(flavor, type_url));
+                        members.next();
+                    }
+                }
+            }
+        }
+        out.extend(layer.map(|r| r.entry(flavor, type_url)));
+        out.into()
     }
 }
 
@@ -396,6 +493,76 @@ mod tests {
             "{shared_groups} of {} groups shared",
             b.len()
         );
+    }
+
+    #[test]
+    fn a_layered_set_points_into_its_shared_sets_groups() {
+        let shared = Arc::new(TypeSnapshot::from_shared((0..1000).map(|i| {
+            Arc::new(Resource::new(format!("ns/svc-{i:04}|80"), vec![1u8; 200]))
+        })));
+        // Its own: one before every shared name, one in place of a shared one, one among them,
+        // one after all.
+        let own = TypeSnapshot::new([
+            Resource::new("a", vec![2u8; 10]),
+            Resource::new("ns/svc-0300|80", vec![3u8; 10]),
+            Resource::new("ns/svc-0500|80|local", vec![4u8; 10]),
+            Resource::new("z", vec![5u8; 10]),
+        ]);
+        let layered = TypeSnapshot::merged(&shared, &own);
+        let groups = shared.section(Flavor::Sotw, T);
+        let section = layered.section(Flavor::Sotw, T);
+        let entries: Vec<Bytes> = layered
+            .resources()
+            .map(|r| r.entry(Flavor::Sotw, T))
+            .collect();
+        assert_eq!(section.concat(), entries.concat());
+        let in_groups = |c: &Bytes| {
+            groups
+                .iter()
+                .any(|g| g.as_ptr_range().contains(&c.as_ptr()))
+        };
+        let copied: usize = section
+            .iter()
+            .filter(|c| !in_groups(c))
+            .map(Bytes::len)
+            .sum();
+        let own_len: usize = own
+            .resources()
+            .map(|r| r.entry(Flavor::Sotw, T).len())
+            .sum();
+        assert_eq!(copied, own_len, "nothing of the shared set is copied");
+        let whole = section
+            .iter()
+            .filter(|c| {
+                groups
+                    .iter()
+                    .any(|g| g.as_ptr() == c.as_ptr() && g.len() == c.len())
+            })
+            .count();
+        assert!(
+            whole + 2 >= groups.len(),
+            "{whole} of {} groups whole",
+            groups.len()
+        );
+    }
+
+    proptest::proptest! {
+        /// A layered set's section is its resources' entries in name order, whatever falls
+        /// where: the layer before, among, in place of and after the shared set's names.
+        #[test]
+        fn a_layered_sections_bytes_are_its_entries(
+            shared in proptest::collection::btree_set("[a-h]{1,4}", 0..400),
+            own in proptest::collection::btree_set("[a-h]{1,4}", 0..12),
+            flavor in proptest::bool::ANY,
+        ) {
+            let flavor = if flavor { Flavor::Sotw } else { Flavor::Delta };
+            let shared = Arc::new(TypeSnapshot::new(shared.iter().map(|n| Resource::new(n.as_str(), n.as_bytes().to_vec()))));
+            let own = TypeSnapshot::new(own.iter().map(|n| Resource::new(n.as_str(), b"own".to_vec())));
+            let layered = TypeSnapshot::merged(&shared, &own);
+            let entries: Vec<Bytes> = layered.resources().map(|r| r.entry(flavor, T)).collect();
+            proptest::prop_assert_eq!(layered.section(flavor, T).concat(), entries.concat());
+            proptest::prop_assert_eq!(layered.section_once(flavor, T).concat(), entries.concat());
+        }
     }
 
     fn skip_key_and_len(mut entry: &[u8]) -> &[u8] {

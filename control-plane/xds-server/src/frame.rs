@@ -74,20 +74,25 @@ impl Frames {
         types: Option<&Arc<TypeSnapshot>>,
     ) -> Self {
         let type_url = response.type_url;
-        // A set held by one proxy's snapshot (its own resources merged into the mesh's) would
-        // keep a section only that proxy uses: it goes out as per-resource entries (each shared,
-        // joined by the response body), and only sets shared by several snapshots keep one.
+        // A set held by one proxy's snapshot keeps no section of its own: a layered one (the
+        // mesh's shared set plus the proxy's own resources) builds one for this response, which
+        // points into the shared set's groups; a flat one goes out as per-resource entries (each
+        // shared, joined by the response body). Only sets shared by several snapshots keep one.
         let whole_type = types.filter(|t| {
-            Arc::strong_count(t) > SHARED_BY
-                && !t.is_empty()
+            !t.is_empty()
                 && t.len() == response.resources.len()
                 && t.resources()
                     .zip(&response.resources)
                     .all(|(a, b)| Arc::ptr_eq(a, b))
         });
         let section = match whole_type {
-            Some(types) => Section::Shared(types.section(flavor, type_url)),
-            None => Section::Parts(
+            Some(types) if Arc::strong_count(types) > SHARED_BY => {
+                Section::Shared(types.section(flavor, type_url))
+            }
+            Some(types) if types.is_layered() => {
+                Section::Shared(types.section_once(flavor, type_url))
+            }
+            _ => Section::Parts(
                 response
                     .resources
                     .iter()
@@ -219,13 +224,35 @@ mod tests {
             "[0-9a-f]{0,16}",
             "[0-9]{0,5}",
             proptest::collection::vec("[a-z]{0,8}", 0..4),
+            proptest::option::of(proptest::collection::vec(0..3u8, 12)),
         )
-            .prop_map(|(resources, pick, ty, version, nonce, removed)| {
-                let types = TypeSnapshot::new(
-                    resources
-                        .into_iter()
-                        .map(|(name, body)| Resource::new(name, body)),
-                );
+            .prop_map(|(resources, pick, ty, version, nonce, removed, layering)| {
+                let types = match layering {
+                    None => TypeSnapshot::new(
+                        resources
+                            .into_iter()
+                            .map(|(name, body)| Resource::new(name, body)),
+                    ),
+                    // A set as a proxy holds it: a shared set with resources of its own,
+                    // some only its own, some in place of the shared set's.
+                    Some(layering) => {
+                        let (mut shared, mut own) = (Vec::new(), Vec::new());
+                        for ((name, body), place) in resources.into_iter().zip(layering) {
+                            if place != 1 {
+                                shared.push(Resource::new(name.clone(), body.clone()));
+                            }
+                            if place != 0 {
+                                let body: Vec<u8> =
+                                    body.iter().rev().copied().chain([place]).collect();
+                                own.push(Resource::new(name, body));
+                            }
+                        }
+                        TypeSnapshot::merged(
+                            &Arc::new(TypeSnapshot::new(shared)),
+                            &TypeSnapshot::new(own),
+                        )
+                    }
+                };
                 (types, pick, ty, version, nonce, removed)
             })
     }
@@ -313,6 +340,37 @@ mod tests {
         let all: Vec<Arc<Resource>> = types.resources().cloned().collect();
         let frames = Frames::sotw(&response(&types, "1", all), Some(&types));
         assert!(matches!(frames.section, Section::Parts(ref p) if p.len() == 100));
+    }
+
+    #[test]
+    fn a_proxys_own_layered_set_goes_out_as_the_shared_sets_groups() {
+        let (shared, _holders) = clusters(1000);
+        let own = TypeSnapshot::new([Resource::new("ns/svc-500|80|local", vec![9u8; 100])]);
+        let types = Arc::new(TypeSnapshot::merged(&shared, &own));
+        let all: Vec<Arc<Resource>> = types.resources().cloned().collect();
+        let frames = Frames::delta(&response(&types, "1", all.clone()), Some(&types));
+        let Section::Shared(section) = &frames.section else {
+            panic!("a whole layered type goes out as a section");
+        };
+        let groups = shared.section(Flavor::Delta, crate::protocol::CLUSTER);
+        let from_shared = section
+            .iter()
+            .filter(|c| groups.iter().any(|g| g.as_ptr() == c.as_ptr()))
+            .count();
+        assert!(
+            from_shared + 1 >= groups.len() && section.len() < all.len() / 2,
+            "{from_shared} of {} chunks are the shared set's {} groups",
+            section.len(),
+            groups.len()
+        );
+        let again = Frames::delta(&response(&types, "2", all), Some(&types));
+        let Section::Shared(again) = &again.section else {
+            panic!("a section again");
+        };
+        assert!(
+            !Arc::ptr_eq(section, again),
+            "a one-holder set keeps no section"
+        );
     }
 
     #[test]
