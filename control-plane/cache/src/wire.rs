@@ -188,12 +188,13 @@ impl crate::Resource {
     }
 }
 
-/// Resources per group at most, and the name hashes that end a group (about one in 64): large
-/// enough that a group goes out as its own data frame without being copied (see the server's
-/// response body), small enough that a set differing from another by one resource copies
-/// little.
+/// Resources per group at most, the name hashes that end a group (about one in 64), and the
+/// bytes a group holds before a name may end it: large enough that a group goes out as its own
+/// data frame without being copied (the server's response body joins chunks under 8 KiB),
+/// small enough that a set differing from another by one resource copies little.
 const GROUP_MAX: usize = 256;
 const GROUP_BOUNDARY: u64 = 63;
+const GROUP_MIN_BYTES: usize = 16 << 10;
 
 /// The `resources` field of every resource of a type, in the type's order, as groups.
 pub type Section = Arc<[Bytes]>;
@@ -346,12 +347,18 @@ impl crate::TypeSnapshot {
         let mut groups = Vec::new();
         let mut members = Vec::new();
         let mut start = 0;
+        let mut bytes = 0;
         for (i, r) in resources.iter().enumerate() {
-            if i + 1 == resources.len() || i + 1 - start >= GROUP_MAX || ends_group(r) {
+            bytes += r.entry_len(flavor, type_url);
+            if i + 1 == resources.len()
+                || i + 1 - start >= GROUP_MAX
+                || (bytes >= GROUP_MIN_BYTES && ends_group(r))
+            {
                 groups.push(group(&resources[start..=i], flavor, type_url));
                 // At most GROUP_MAX.
                 members.push((i + 1 - start) as u32);
                 start = i + 1;
+                bytes = 0;
             }
         }
         Built {
@@ -386,22 +393,28 @@ impl crate::TypeSnapshot {
                 out.push(group.clone());
                 continue;
             }
-            // The layer's resources among this group's, in name order; the layer's wins on a
-            // name both have.
-            let mut members = members.peekable();
-            while let Some(member) = members.peek() {
-                match layer.next_if(|r| r.name <= member.name) {
-                    Some(own) => {
-                        if own.name == member.name {
-                            members.next();
-                        }
-                        out.push(own.entry(flavor, type_url));
+            // The layer's resources among this group's, in name order, between slices of the
+            // group's bytes (a group is its members' entries, each `entry_len` long); the
+            // layer's wins on a name both have.
+            let (mut from, mut offset) = (0, 0);
+            for member in members {
+                let mut replaced = false;
+                while let Some(own) = layer.next_if(|r| r.name <= member.name) {
+                    if from < offset {
+                        out.push(group.slice(from..offset));
                     }
-                    None => {
-                        out.push(member.entry(flavor, type_url));
-                        members.next();
-                    }
+                    from = offset;
+                    replaced |= own.name == member.name;
+                    out.push(own.entry(flavor, type_url));
                 }
+                offset += member.entry_len(flavor, type_url);
+                if replaced {
+                    from = offset;
+                }
+            }
+            debug_assert_eq!(offset, group.len(), "a group is its members' entries");
+            if from < offset {
+                out.push(group.slice(from..offset));
             }
         }
         out.extend(layer.map(|r| r.entry(flavor, type_url)));
@@ -556,7 +569,7 @@ mod tests {
             flavor in proptest::bool::ANY,
         ) {
             let flavor = if flavor { Flavor::Sotw } else { Flavor::Delta };
-            let shared = Arc::new(TypeSnapshot::new(shared.iter().map(|n| Resource::new(n.as_str(), n.as_bytes().to_vec()))));
+            let shared = Arc::new(TypeSnapshot::new(shared.iter().map(|n| Resource::new(n.as_str(), n.as_bytes().repeat(40)))));
             let own = TypeSnapshot::new(own.iter().map(|n| Resource::new(n.as_str(), b"own".to_vec())));
             let layered = TypeSnapshot::merged(&shared, &own);
             let entries: Vec<Bytes> = layered.resources().map(|r| r.entry(flavor, T)).collect();
