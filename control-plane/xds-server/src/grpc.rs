@@ -142,7 +142,23 @@ pub(crate) struct Requests<T> {
     message: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<T: prost::Message + Default> Requests<T> {
+/// A request message read from the bytes of one gRPC message.
+pub(crate) trait Decode: Sized {
+    fn decode_message(message: Bytes) -> Result<Self, Status>;
+}
+
+/// [`Decode`] for a message prost decodes whole; `bytes` fields are slices of `message`.
+pub(crate) fn prost_decode<T: prost::Message + Default>(message: Bytes) -> Result<T, Status> {
+    T::decode(message).map_err(|error| Status::internal(error.to_string()))
+}
+
+impl Decode for envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+    fn decode_message(message: Bytes) -> Result<Self, Status> {
+        prost_decode(message)
+    }
+}
+
+impl<T: Decode> Requests<T> {
     pub(crate) fn new(body: Body, max_message_size: usize) -> Self {
         Requests {
             body,
@@ -204,7 +220,7 @@ impl<T: prost::Message + Default> Requests<T> {
         // Decoded from shared bytes: `bytes` fields are slices of the message, not copies.
         let mut message = self.buf.split_to(PREFIX + len).freeze();
         message.advance(PREFIX);
-        let message = T::decode(message).map_err(|error| Status::internal(error.to_string()))?;
+        let message = T::decode_message(message)?;
         if self.buf.is_empty() {
             // Requests are rare (subscription changes, ACKs): free the buffer between them.
             self.buf = BytesMut::new();
@@ -220,7 +236,7 @@ pub(crate) fn accept<T>(
     max_message_size: usize,
 ) -> Result<Call<T>, Status>
 where
-    T: prost::Message + Default + Send + 'static,
+    T: Decode + Send + 'static,
 {
     let (parts, body) = request.into_parts();
     if let Some(encoding) = parts.headers.get("grpc-encoding")
@@ -266,6 +282,12 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+
+    impl Decode for DiscoveryRequest {
+        fn decode_message(message: Bytes) -> Result<Self, Status> {
+            prost_decode(message)
+        }
+    }
 
     /// A request body arriving in the given chunks.
     struct Chunks(VecDeque<Bytes>);

@@ -66,29 +66,68 @@ pub struct SotwRequest {
     pub error_detail: Option<String>,
 }
 
-/// A request's resource names as received: slices of the request message, read as names only
+/// A request's resource names as received: ranges of the request message, read as names only
 /// when the list changed. Envoy repeats every subscribed name with each ACK (a thousand names for
-/// a thousand clusters), and an unchanged list is recognised by its [`digest`](Self::digest).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ResourceNames(Vec<Bytes>);
-
-impl From<Vec<Bytes>> for ResourceNames {
-    fn from(names: Vec<Bytes>) -> Self {
-        ResourceNames(names)
-    }
-}
-
-impl From<Vec<String>> for ResourceNames {
-    fn from(names: Vec<String>) -> Self {
-        ResourceNames(names.into_iter().map(Bytes::from).collect())
-    }
+/// a thousand clusters), and an unchanged list is recognised by its [`digest`](Self::digest)
+/// without a string, or even a reference-counted slice, per name.
+#[derive(Clone, Default)]
+pub struct ResourceNames {
+    message: Bytes,
+    /// Start and end of each name in `message`, in the request's order.
+    names: Vec<(u32, u32)>,
 }
 
 impl ResourceNames {
+    /// The length-delimited fields numbered `field` of the protobuf `message` (the
+    /// `resource_names` of a `DiscoveryRequest` are field 3), found without decoding the rest.
+    pub fn of_field(message: Bytes, field: u32) -> Result<Self, String> {
+        use prost::encoding::{WireType, decode_key, decode_varint};
+        let mut rest: &[u8] = &message;
+        let mut names = Vec::new();
+        let offset = |rest: &[u8]| (message.len() - rest.len()) as u32;
+        while !rest.is_empty() {
+            let (tag, wire_type) = decode_key(&mut rest).map_err(|e| e.to_string())?;
+            let skip = match wire_type {
+                WireType::LengthDelimited => {
+                    let len = decode_varint(&mut rest).map_err(|e| e.to_string())?;
+                    let len = usize::try_from(len)
+                        .ok()
+                        .filter(|len| *len <= rest.len())
+                        .ok_or("buffer underflow")?;
+                    if tag == field {
+                        let start = offset(rest);
+                        names.push((start, start + len as u32));
+                    }
+                    len
+                }
+                _ if tag == field => {
+                    return Err(format!("field {field}: invalid wire type {wire_type:?}"));
+                }
+                WireType::Varint => {
+                    decode_varint(&mut rest).map_err(|e| e.to_string())?;
+                    0
+                }
+                WireType::SixtyFourBit => 8,
+                WireType::ThirtyTwoBit => 4,
+                WireType::StartGroup | WireType::EndGroup => {
+                    return Err(format!("field {tag}: groups are not accepted"));
+                }
+            };
+            rest = rest.get(skip..).ok_or("buffer underflow")?;
+        }
+        Ok(ResourceNames { message, names })
+    }
+
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.names
+            .iter()
+            .map(|(start, end)| &self.message[*start as usize..*end as usize])
+    }
+
     /// A hash of the names in their order.
     pub fn digest(&self) -> u64 {
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        for name in &self.0 {
+        for name in self.slices() {
             hasher.update(&(name.len() as u64).to_le_bytes());
             hasher.update(name);
         }
@@ -96,13 +135,44 @@ impl ResourceNames {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.names.is_empty()
     }
 
     /// The names as strings. A name that is not UTF-8 (which protobuf strings must be) is read
     /// with replacement characters: no resource has such a name, so it is simply not found.
     pub fn strs(&self) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
-        self.0.iter().map(|name| String::from_utf8_lossy(name))
+        self.slices().map(String::from_utf8_lossy)
+    }
+}
+
+impl<S: AsRef<[u8]>> From<Vec<S>> for ResourceNames {
+    fn from(names: Vec<S>) -> Self {
+        let mut message = Vec::new();
+        let mut ranges = Vec::with_capacity(names.len());
+        for name in &names {
+            let start = message.len() as u32;
+            message.extend_from_slice(name.as_ref());
+            ranges.push((start, message.len() as u32));
+        }
+        ResourceNames {
+            message: message.into(),
+            names: ranges,
+        }
+    }
+}
+
+/// The same names in the same order, wherever they were read from.
+impl PartialEq for ResourceNames {
+    fn eq(&self, other: &Self) -> bool {
+        self.names.len() == other.names.len() && self.slices().eq(other.slices())
+    }
+}
+
+impl Eq for ResourceNames {}
+
+impl std::fmt::Debug for ResourceNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.strs()).finish()
     }
 }
 

@@ -28,8 +28,8 @@ use crate::metrics::metrics;
 use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
 use crate::protocol::{
-    DeltaRequest, DeltaStream, ENVOY_TYPES, Event, Output, Response, SotwRequest, SotwStream,
-    XdsStream, short_name,
+    DeltaRequest, DeltaStream, ENVOY_TYPES, Event, Output, ResourceNames, Response, SotwRequest,
+    SotwStream, XdsStream, short_name,
 };
 
 /// Generous on purpose: a large mesh's CDS or EDS response can be tens of MiB, and a refused
@@ -208,7 +208,7 @@ impl tonic::codegen::Service<http::Request<Body>> for AdsService {
 /// One ADS flavour's messages and state machine.
 trait Wire: 'static {
     const NAME: &'static str;
-    type Req: prost::Message + Default + Send + 'static;
+    type Req: grpc::Decode + Send + 'static;
     type Machine: XdsStream;
 
     fn machine(extra_types: &'static [TypeUrl]) -> Self::Machine;
@@ -222,23 +222,44 @@ trait Wire: 'static {
 struct Sotw;
 struct Delta;
 
-/// `DiscoveryRequest` as the server reads it: the same fields (others are skipped), but resource
-/// names as slices of the received message rather than a string each, since Envoy repeats every
-/// subscribed name with each ACK ([`ResourceNames`]).
-#[derive(Clone, PartialEq, prost::Message)]
+/// `DiscoveryRequest` as the server reads it: the same fields, but resource names as ranges of
+/// the received message rather than a string each, since Envoy repeats every subscribed name
+/// with each ACK ([`ResourceNames`]).
 struct SotwWireRequest {
+    fields: SotwWireFields,
+    resource_names: ResourceNames,
+}
+
+/// The fields of a `DiscoveryRequest` but `resource_names` (field 3, skipped when decoding).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SotwWireFields {
     #[prost(string, tag = "1")]
     version_info: String,
     #[prost(message, optional, tag = "2")]
     node: Option<Node>,
-    #[prost(bytes = "bytes", repeated, tag = "3")]
-    resource_names: Vec<bytes::Bytes>,
     #[prost(string, tag = "4")]
     type_url: String,
     #[prost(string, tag = "5")]
     response_nonce: String,
     #[prost(message, optional, tag = "6")]
     error_detail: Option<rpc::Status>,
+}
+
+/// `resource_names` in `DiscoveryRequest`.
+const RESOURCE_NAMES_FIELD: u32 = 3;
+
+impl grpc::Decode for SotwWireRequest {
+    fn decode_message(message: bytes::Bytes) -> Result<Self, Status> {
+        let fields = grpc::prost_decode(message.clone())?;
+        let resource_names =
+            ResourceNames::of_field(message, RESOURCE_NAMES_FIELD).map_err(|error| {
+                Status::internal(format!("failed to decode DiscoveryRequest: {error}"))
+            })?;
+        Ok(SotwWireRequest {
+            fields,
+            resource_names,
+        })
+    }
 }
 
 impl Wire for Sotw {
@@ -251,20 +272,21 @@ impl Wire for Sotw {
     }
 
     fn node(request: &SotwWireRequest) -> Option<&Node> {
-        request.node.as_ref()
+        request.fields.node.as_ref()
     }
 
     fn type_url(request: &SotwWireRequest) -> &str {
-        &request.type_url
+        &request.fields.type_url
     }
 
     fn convert(request: SotwWireRequest) -> SotwRequest {
+        let fields = request.fields;
         SotwRequest {
-            type_url: request.type_url,
-            version_info: request.version_info,
-            resource_names: request.resource_names.into(),
-            response_nonce: request.response_nonce,
-            error_detail: request.error_detail.map(nack_message),
+            type_url: fields.type_url,
+            version_info: fields.version_info,
+            resource_names: request.resource_names,
+            response_nonce: fields.response_nonce,
+            error_detail: fields.error_detail.map(nack_message),
         }
     }
 
@@ -685,5 +707,85 @@ impl<W: Wire> Drop for Session<W> {
             stream: self.stream,
             proxy: self.key.clone(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use grpc::Decode;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+
+    fn request() -> impl Strategy<Value = DiscoveryRequest> {
+        (
+            "[a-z0-9]{0,8}",
+            proptest::option::of("[a-z0-9.-]{1,20}"),
+            proptest::collection::vec("\\PC{0,12}", 0..40),
+            "[a-z./]{0,30}",
+            "[0-9]{0,4}",
+            proptest::option::of("\\PC{0,20}"),
+        )
+            .prop_map(
+                |(version, node, names, type_url, nonce, nack)| DiscoveryRequest {
+                    version_info: version,
+                    node: node.map(|id| Node {
+                        id,
+                        ..Node::default()
+                    }),
+                    resource_names: names,
+                    type_url,
+                    response_nonce: nonce,
+                    error_detail: nack.map(|message| rpc::Status {
+                        code: 3,
+                        message,
+                        details: Vec::new(),
+                    }),
+                    ..DiscoveryRequest::default()
+                },
+            )
+    }
+
+    proptest! {
+        /// The server's reading of a `DiscoveryRequest` has exactly its fields: the names in
+        /// their order (empty and repeated ones too), and everything else as prost decodes it.
+        #[test]
+        fn a_sotw_request_reads_as_prost_decodes_it(request in request()) {
+            let read = SotwWireRequest::decode_message(request.encode_to_vec().into())
+                .expect("decodes");
+            let names: Vec<String> = read.resource_names.strs().map(String::from).collect();
+            prop_assert_eq!(&names, &request.resource_names);
+            prop_assert_eq!(read.resource_names.clone(), ResourceNames::from(request.resource_names.clone()));
+            prop_assert_eq!(read.fields.version_info, request.version_info);
+            prop_assert_eq!(read.fields.node, request.node);
+            prop_assert_eq!(read.fields.type_url, request.type_url);
+            prop_assert_eq!(read.fields.response_nonce, request.response_nonce);
+            prop_assert_eq!(read.fields.error_detail, request.error_detail);
+        }
+
+        /// Any bytes: an error or a reading, never a panic; what prost reads as a
+        /// `DiscoveryRequest` is read with the same names. (A name that is not UTF-8, which
+        /// prost refuses, is read lossily: see `ResourceNames::strs`.)
+        #[test]
+        fn any_bytes_are_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let read = SotwWireRequest::decode_message(bytes.clone().into());
+            if let Ok(request) = DiscoveryRequest::decode(&bytes[..]) {
+                let read = read.expect("read as prost reads it");
+                prop_assert_eq!(read.resource_names, ResourceNames::from(request.resource_names));
+            }
+        }
+    }
+
+    #[test]
+    fn names_of_the_wrong_wire_type_are_refused() {
+        // Field 3 as a varint, then a truncated name.
+        for bytes in [&[0x18, 0x01][..], &[0x1a, 0x05, b'a']] {
+            let error = SotwWireRequest::decode_message(bytes.to_vec().into())
+                .err()
+                .expect("refused");
+            assert_eq!(error.code(), tonic::Code::Internal, "{error:?}");
+        }
     }
 }

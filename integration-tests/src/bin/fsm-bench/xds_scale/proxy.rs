@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
@@ -24,7 +24,9 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_prost::ProstCodec;
 
-use super::xds::{LiteDeltaResponse, LiteResponse, Memo, ResponseInfo, XdsType, is_subset};
+use super::xds::{
+    LiteDeltaResponse, LiteRequest, LiteResponse, Memo, ResponseInfo, XdsType, is_subset,
+};
 
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
@@ -205,10 +207,38 @@ fn names(memo: &Memo, ids: &[u32]) -> Vec<String> {
     ids.iter().map(|id| memo.name(*id).to_string()).collect()
 }
 
+/// The sorted union of two id lists (a proxy's thousand held names and a response's few).
 fn merged(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let mut all: Vec<u32> = a.iter().chain(b).copied().collect();
-    all.sort_unstable();
-    all.dedup();
+    let mut b = b.to_vec();
+    b.sort_unstable();
+    if !a.is_sorted() {
+        let mut all: Vec<u32> = a.iter().chain(&b).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        return all;
+    }
+    let mut all = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x <= y => {
+                i += 1;
+                *x
+            }
+            (Some(x), None) => {
+                i += 1;
+                *x
+            }
+            (_, Some(y)) => {
+                j += 1;
+                *y
+            }
+            (None, None) => break,
+        };
+        if all.last() != Some(&next) {
+            all.push(next);
+        }
+    }
     all
 }
 
@@ -226,15 +256,17 @@ struct SotwType {
     acked: bool,
     /// Subscribed names (EDS, RDS, SDS); `None` until first requested.
     subscribed: Option<Vec<u32>>,
+    /// The subscribed names as every request of the type repeats them, encoded.
+    request_names: bytes::Bytes,
 }
 
 async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result<()> {
     let permit = fleet.connecting.acquire().await?;
     let mut grpc = connect(fleet.ads, &spec.credentials).await?;
-    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
+    let (tx, rx) = mpsc::channel::<LiteRequest>(8);
     // Envoy: node on the first request only; CDS and LDS as wildcards (no names).
     for (i, kind) in [XdsType::Cds, XdsType::Lds].into_iter().enumerate() {
-        tx.send(DiscoveryRequest {
+        tx.send(LiteRequest {
             node: (i == 0).then(|| spec.node()),
             type_url: kind.url().into(),
             ..Default::default()
@@ -245,7 +277,7 @@ async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result
         .streaming(
             tonic::Request::new(ReceiverStream::new(rx)),
             PathAndQuery::from_static(SOTW_PATH),
-            ProstCodec::<DiscoveryRequest, LiteResponse>::default(),
+            ProstCodec::<LiteRequest, LiteResponse>::default(),
         )
         .await
         .context("opening the SotW ADS stream")?
@@ -307,9 +339,10 @@ async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result
                 {
                     continue;
                 }
-                tx.send(DiscoveryRequest {
+                state.request_names = fleet.memo.request_names(&wanted);
+                tx.send(LiteRequest {
                     type_url: t.url().into(),
-                    resource_names: names(&fleet.memo, &wanted),
+                    resource_names: state.request_names.clone(),
                     version_info: state.version.clone(),
                     response_nonce: state.nonce.clone(),
                     ..Default::default()
@@ -319,15 +352,11 @@ async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result
             }
         }
         let state = &mut types[kind.index()];
-        tx.send(DiscoveryRequest {
+        tx.send(LiteRequest {
             type_url: kind.url().into(),
             version_info: state.version.clone(),
             response_nonce: state.nonce.clone(),
-            resource_names: state
-                .subscribed
-                .as_deref()
-                .map(|ids| names(&fleet.memo, ids))
-                .unwrap_or_default(),
+            resource_names: state.request_names.clone(),
             ..Default::default()
         })
         .await?;
@@ -492,4 +521,20 @@ async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merged;
+
+    #[test]
+    fn merged_is_the_sorted_union_without_repeats() {
+        assert_eq!(
+            merged(&[1, 3, 5, 7], &[6, 3, 0, 9]),
+            vec![0, 1, 3, 5, 6, 7, 9]
+        );
+        assert_eq!(merged(&[], &[2, 1, 2]), vec![1, 2]);
+        assert_eq!(merged(&[4, 2], &[3]), vec![2, 3, 4], "unsorted input");
+        assert_eq!(merged(&[1, 2], &[]), vec![1, 2]);
+    }
 }
