@@ -195,10 +195,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
     tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, certificates = certs.provider_name(), ads_server_name = %server_name, "fsm-controller starting");
 
-    let ads_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(ads)
-        .serve_with_incoming(ads_tls.incoming(ads_listener));
+    let ads_server = fsm_xds_server::listen::serve(ads, ads_tls.incoming(ads_listener));
     let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
     let election = &args.leader_election;
     let identity = election
@@ -266,7 +263,7 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot start the control loop's thread")?;
 
     tokio::select! {
-        result = ads_server => result.with_context(|| format!("{}: ADS server failed", ErrCode::E5009))?,
+        () = ads_server => anyhow::bail!("{}: the ADS listener stopped", ErrCode::E5009),
         _ = loop_stopped => anyhow::bail!("the control loop stopped"),
         result = http => result.context("HTTP server failed")?,
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

@@ -12,6 +12,7 @@
 
 pub mod frame;
 mod grpc;
+pub mod listen;
 pub mod metrics;
 pub mod node;
 pub mod peer;

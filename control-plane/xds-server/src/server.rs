@@ -118,7 +118,7 @@ impl AdsServer {
         self
     }
 
-    /// The service, ready for `tonic::transport::Server::add_service`.
+    /// The service, ready for [`crate::listen::serve`] (or `tonic::transport::Server::add_service`).
     pub fn into_service(self) -> AdsService {
         AdsService(self)
     }

@@ -1,5 +1,5 @@
 //! mTLS for the ADS listener: the server certificate, the roots client certificates must chain
-//! to, and an accept loop for `tonic::transport::Server::serve_with_incoming`.
+//! to, and an accept loop for [`crate::listen::serve`].
 //!
 //! ```no_run
 //! # async fn run(
@@ -12,10 +12,8 @@
 //! let listener = tokio::net::TcpListener::bind("0.0.0.0:15128").await?;
 //! let incoming = tls.incoming(listener);
 //! // keep `tls` (a cheap clone) to call `tls.update(&rotated)` when the certificate rotates
-//! tonic::transport::Server::builder()
-//!     .add_service(ads.require_client_certificates().into_service())
-//!     .serve_with_incoming(incoming)
-//!     .await?;
+//! fsm_xds_server::listen::serve(ads.require_client_certificates().into_service(), incoming)
+//!     .await;
 //! # Ok(()) }
 //! ```
 //!
@@ -190,11 +188,10 @@ impl AdsTls {
     }
 
     /// The connections of `listener` that completed an mTLS handshake, for
-    /// `tonic::transport::Server::serve_with_incoming` (tonic then exposes the client chain as
-    /// `Request::peer_certs()`).
+    /// [`crate::listen::serve`] (which exposes the client chain as `Request::peer_certs()`).
     ///
     /// Handshakes run concurrently, each bounded by the handshake timeout. Neither failed
-    /// handshakes nor accept errors are yielded, and the stream never ends: tonic 0.14 skips an
+    /// handshakes nor accept errors are yielded, and the stream never ends: `serve` skips an
     /// `Err` item, but an accept error that repeats at once (EMFILE) would make it spin, so
     /// errors are handled here (logged, counted, and for accept errors backed off).
     /// Must be polled inside a Tokio runtime; dropping it closes the listener and abandons

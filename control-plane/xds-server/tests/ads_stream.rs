@@ -354,11 +354,10 @@ async fn each_stream_is_served_by_its_own_requests() {
     let service = AdsServer::new(cache.clone(), events_tx)
         .with_type_urls(NATIVE_TYPES)
         .into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(fsm_xds_server::listen::serve(
+        service,
+        TcpListenerStream::new(listener),
+    ));
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");

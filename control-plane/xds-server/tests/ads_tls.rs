@@ -113,11 +113,10 @@ async fn serve(
     let service = AdsServer::new(cache, events_tx)
         .require_client_certificates()
         .into_service();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tls.incoming(listener)),
-    );
+    tokio::spawn(fsm_xds_server::listen::serve(
+        service,
+        tls.incoming(listener),
+    ));
     (addr, events)
 }
 
@@ -581,15 +580,12 @@ async fn required_certificates_over_plaintext_refuse_every_stream() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                AdsServer::new(cache.clone(), events_tx)
-                    .require_client_certificates()
-                    .into_service(),
-            )
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(fsm_xds_server::listen::serve(
+        AdsServer::new(cache.clone(), events_tx)
+            .require_client_certificates()
+            .into_service(),
+        TcpListenerStream::new(listener),
+    ));
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");

@@ -22,11 +22,10 @@ pub async fn serve(cache: Arc<SnapshotCache>) -> (SocketAddr, mpsc::UnboundedRec
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let (events_tx, events) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AdsServer::new(cache, events_tx).into_service())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    tokio::spawn(fsm_xds_server::listen::serve(
+        AdsServer::new(cache, events_tx).into_service(),
+        TcpListenerStream::new(listener),
+    ));
     (address, events)
 }
 
