@@ -9,7 +9,7 @@
 //!
 //! The directory is loaded once as a list (`Init`, `InitApply`…, `InitDone`), then watched with the
 //! platform's event-driven watcher (a 500 ms poll only if that cannot be set up). A burst of file
-//! system events is debounced (50 ms of quiet, at most 1 s) into one rescan, so editors that write
+//! system events is debounced (20 ms of quiet, at most 1 s) into one rescan, so editors that write
 //! through a temporary file and a rename are seen once, complete. A rescan reads only the files the
 //! events name (an edit in a directory of thousands costs that file); lost events, directories,
 //! symlinks and hidden entries other than plain files (a ConfigMap volume's `..data` swap) make it
@@ -50,8 +50,11 @@ use tokio::sync::mpsc::Sender;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Editors write a file in several steps; a rescan waits for this much silence.
-const QUIET: Duration = Duration::from_millis(50);
+/// Editors and copies write a file, or many files, in steps a few milliseconds apart; a rescan
+/// waits for this much silence. Every change waits this long before it reaches a proxy, so it
+/// is no longer than a burst's gaps need (a half-written file is only a problem reported until
+/// the next event, the last good configuration serving meanwhile).
+const QUIET: Duration = Duration::from_millis(20);
 /// A file rewritten continuously must still be picked up eventually.
 const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Used only when the event-driven watcher cannot be set up (e.g. inotify limits exhausted).
