@@ -159,9 +159,6 @@ async fn a_proxy_that_stops_reading_holds_at_most_the_send_buffer() {
     );
     // The send buffer and the response's bookkeeping (about 170 KB); hyper's default send
     // buffer held 585 KB here.
-    assert!(
-        live < 256 << 10,
-        "{live} bytes for one stalled stream"
-    );
+    assert!(live < 256 << 10, "{live} bytes for one stalled stream");
     publisher.abort();
 }

@@ -366,6 +366,7 @@ async fn measure(
         .iter()
         .map(|p| p.stats.warm.load(Ordering::Relaxed))
         .collect();
+    let none = vec![[0; 5]; proxies.len()];
     report.warmup = Warmup {
         warm_proxies: warm.iter().filter(|w| **w != 0).count(),
         load_generator_cpu_s: (cpu_time(std::process::id())? - own_cpu).as_secs_f64(),
@@ -386,6 +387,7 @@ async fn measure(
                 .collect(),
         ),
         controller_cpu_s: (cpu_time(pid)? - cpu).as_secs_f64(),
+        received: received(&none, &counters(&proxies)),
     };
     record_errors(&fleet, report);
     if !all_warm {

@@ -78,6 +78,9 @@ pub struct Warmup {
     pub controller_cpu_s: f64,
     /// CPU seconds of this load generator (all simulated proxies) in the same time.
     pub load_generator_cpu_s: f64,
+    /// Responses received until every proxy was warm, per type (one of each type a proxy
+    /// subscribes to is the least).
+    pub received: PerType,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -158,6 +161,10 @@ impl RunReport {
                 self.warmup.per_proxy,
                 self.warmup.controller_cpu_s,
                 self.warmup.load_generator_cpu_s
+            ),
+            format!(
+                "    responses until warm, per type: {}",
+                self.warmup.received.line()
             ),
             format!(
                 "  controller RSS {:.1} MiB before connects, {:.1} MiB warm: {:.0} KiB per connected proxy",
