@@ -3,7 +3,8 @@
 //! Reading order: [`node`] (who a stream belongs to, from FSM's node id), [`protocol`] (the xDS
 //! rules as synchronous state machines, tested without sockets), [`server`] (the gRPC service
 //! running one task per stream), [`frame`] (responses as a small per-stream head plus resource
-//! bytes encoded once and shared by every stream), [`metrics`] (FSM's proxy metrics). For mTLS: [`tls`] (the
+//! bytes encoded once and shared by every stream), [`metrics`] (FSM's proxy metrics), [`listen`]
+//! (the HTTP/2 connections, with a bounded per-stream send buffer). For mTLS: [`tls`] (the
 //! listener, its rotatable certificate and client roots) and [`peer`] (the proxy named by a
 //! stream's client certificate, checked against its node id).
 //!
