@@ -124,6 +124,20 @@ impl XdsStream for SotwStream {
             ..Output::default()
         };
 
+        if request.response_nonce.is_empty()
+            && self.types.get(&key).is_some_and(|s| s.last_nonce.is_some())
+        {
+            // No response seen yet, though one went out on this stream: the proxy changed its
+            // subscription before our answer arrived (Envoy names its listeners' secrets while
+            // the answer for its clusters' is on the way). As for any stale request, its names
+            // come again with the ACK of that answer, which then only adds to it; answering now
+            // would send the whole set a second time.
+            out.events.push(Event::Stale {
+                type_url,
+                nonce: request.response_nonce,
+            });
+            return Ok(out);
+        }
         if request.response_nonce.is_empty() {
             // A first request (or a fresh start for the type): take the proxy's word for what it has.
             // `version_info` is the last version the proxy applied, so a proxy resuming on a new
@@ -809,11 +823,16 @@ mod tests {
             )
             .expect("known");
         assert_eq!(render(&out), "ack SDS", "d does not exist yet");
-        assert_eq!(render(&stream.on_snapshot(&s2)), "SDS[a,d]");
-        // Dropping a name: the whole subscribed set again.
-        let dropped = request(&["a", "c", "d"], None);
+        let out = stream.on_snapshot(&s2);
+        assert_eq!(render(&out), "SDS[a,d]");
+        // Dropping a name: it holds the rest, nothing to send.
+        let dropped = request(&["a", "c", "d"], out.responses.first());
         let out = stream.on_request(dropped, Some(&s2)).expect("known");
-        assert_eq!(render(&out), "SDS[a,c,d]");
+        assert_eq!(render(&out), "ack SDS");
+        // Naming one again before its answer arrived: stale, as the ACK will name it again.
+        let early = request(&["a", "b", "c", "d"], None);
+        let out = stream.on_request(early, Some(&s2)).expect("known");
+        assert_eq!(render(&out), "stale SDS");
     }
 
     /// What Envoy holds of a type it subscribes to by name, over a state-of-the-world stream:
@@ -836,6 +855,9 @@ mod tests {
             Snap([Option<usize>; 4]),
             /// Reject the next response.
             RejectNext,
+            /// The set changes and, before reading the answer, the proxy changes its
+            /// subscription (its request names the last response it read).
+            SnapThenSubscribe([Option<usize>; 4], [bool; 4]),
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -843,6 +865,11 @@ mod tests {
                 proptest::array::uniform4(any::<bool>()).prop_map(Op::Subscribe),
                 proptest::array::uniform4(proptest::option::of(0..BODIES.len())).prop_map(Op::Snap),
                 Just(Op::RejectNext),
+                (
+                    proptest::array::uniform4(proptest::option::of(0..BODIES.len())),
+                    proptest::array::uniform4(any::<bool>())
+                )
+                    .prop_map(|(bodies, mask)| Op::SnapThenSubscribe(bodies, mask)),
             ]
         }
 
@@ -886,9 +913,11 @@ mod tests {
                 }
             }
 
-            /// Applies (or rejects) each response and answers it, until the server is quiet.
-            fn settle(&mut self, stream: &mut SotwStream, snapshot: &Snapshot, mut out: Output) {
-                while let Some(response) = out.responses.pop() {
+            /// Applies (or rejects) each response and answers it, in order, until the server
+            /// is quiet.
+            fn settle(&mut self, stream: &mut SotwStream, snapshot: &Snapshot, out: Output) {
+                let mut pending: std::collections::VecDeque<Response> = out.responses.into();
+                while let Some(response) = pending.pop_front() {
                     self.last_rejected = self.reject_next;
                     let error = if std::mem::take(&mut self.reject_next) {
                         self.rejected.extend(
@@ -907,10 +936,22 @@ mod tests {
                         None
                     };
                     self.last = Some(response);
-                    out = stream
+                    let out = stream
                         .on_request(self.request(error), Some(snapshot))
                         .expect("known type");
+                    pending.extend(out.responses);
                 }
+            }
+
+            fn subscribe(&mut self, mask: [bool; 4]) {
+                self.subscribed = NAMES
+                    .iter()
+                    .zip(mask)
+                    .filter(|(_, s)| *s)
+                    .map(|(n, _)| *n)
+                    .collect();
+                self.held
+                    .retain(|name, _| self.subscribed.contains(name.as_str()));
             }
         }
 
@@ -943,9 +984,16 @@ mod tests {
                 for (step, op) in ops.into_iter().enumerate() {
                     let out = match op {
                         Op::Subscribe(mask) => {
-                            envoy.subscribed = NAMES.iter().zip(mask).filter(|(_, s)| *s).map(|(n, _)| *n).collect();
-                            envoy.held.retain(|name, _| envoy.subscribed.contains(name.as_str()));
+                            envoy.subscribe(mask);
                             stream.on_request(envoy.request(None), Some(&snapshot)).expect("known")
+                        }
+                        Op::SnapThenSubscribe(bodies, mask) => {
+                            snapshot = self::snapshot(&bodies);
+                            let mut out = stream.on_snapshot(&snapshot);
+                            envoy.subscribe(mask);
+                            let more = stream.on_request(envoy.request(None), Some(&snapshot)).expect("known");
+                            out.responses.extend(more.responses);
+                            out
                         }
                         Op::Snap(bodies) => {
                             snapshot = self::snapshot(&bodies);
