@@ -771,21 +771,22 @@ mod tests {
         run(script);
     }
 
+    /// A request naming `names`, ACKing `answered` (a first request without it).
+    fn naming(type_url: TypeUrl, names: &[&str], answered: Option<&Response>) -> SotwRequest {
+        SotwRequest {
+            type_url: type_url.into(),
+            resource_names: names.to_vec().into(),
+            version_info: answered.map(|o| o.version.to_string()).unwrap_or_default(),
+            response_nonce: answered.map(|o| o.nonce.to_string()).unwrap_or_default(),
+            ..SotwRequest::default()
+        }
+    }
+
     #[test]
     fn a_proxy_adding_names_is_sent_their_resources_and_what_changed() {
         let mut stream = SotwStream::new();
         let sds = |a: &'static str| snap(&[(SECRET, &[("a", a), ("b", "1"), ("c", "1")][..])]);
-        let request = |names: &[&str], out: Option<&Response>| SotwRequest {
-            type_url: SECRET.into(),
-            resource_names: names
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<String>>()
-                .into(),
-            version_info: out.map(|o| o.version.to_string()).unwrap_or_default(),
-            response_nonce: out.map(|o| o.nonce.to_string()).unwrap_or_default(),
-            ..SotwRequest::default()
-        };
+        let request = |names: &[&str], out: Option<&Response>| naming(SECRET, names, out);
         // Envoy's secrets: its clusters' first, then its listeners' one more.
         let s1 = sds("1");
         let first = stream
@@ -1134,24 +1135,13 @@ mod tests {
             ])
         };
         let s1 = both("1", "1");
-        let request = |type_url: TypeUrl, names: &[&str], out: Option<&Response>| SotwRequest {
-            type_url: type_url.into(),
-            resource_names: names
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<String>>()
-                .into(),
-            version_info: out.map(|o| o.version.to_string()).unwrap_or_default(),
-            response_nonce: out.map(|o| o.nonce.to_string()).unwrap_or_default(),
-            ..SotwRequest::default()
-        };
         for (type_url, names) in [
             (CLUSTER, &[][..]),
             (ENDPOINT, &["a", "b"]),
             (ROUTE, &["a", "b"]),
         ] {
             let out = stream
-                .on_request(request(type_url, names, None), Some(&s1))
+                .on_request(naming(type_url, names, None), Some(&s1))
                 .expect("known");
             assert_eq!(
                 out.responses[0].resources.len(),
@@ -1172,7 +1162,7 @@ mod tests {
             .iter()
             .find(|r| r.type_url == ENDPOINT)
             .expect("eds");
-        let mut nack = request(ENDPOINT, &["a", "b"], Some(eds));
+        let mut nack = naming(ENDPOINT, &["a", "b"], Some(eds));
         nack.error_detail = Some("bad endpoint".into());
         stream.on_request(nack, Some(&s2)).expect("known");
         let s3 = both("2", "3");
