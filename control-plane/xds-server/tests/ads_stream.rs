@@ -140,15 +140,7 @@ async fn sotw_request_ack_and_update() {
         vec![(CLUSTER, &b"one"[..]), (CLUSTER, &b"two"[..])],
         "bodies go out untouched"
     );
-    requests
-        .send(DiscoveryRequest {
-            type_url: CLUSTER.into(),
-            version_info: first.version_info.clone(),
-            response_nonce: first.nonce.clone(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("queue");
+    support::ack_sotw(&requests, CLUSTER, &first).await;
     eventually("the ACK", || {
         cache
             .status()
@@ -478,15 +470,7 @@ async fn a_proxys_counters_are_kept_while_it_is_connected_and_then_removed() {
     let own = ProxyKey::new(OWN, ProxyKind::Sidecar, "bookbuyer", "bookstore");
     assert!(cache.set(&own, snapshot(&[("c1", "one")])));
     let first: DiscoveryResponse = next(&mut responses).await.expect("CDS");
-    requests
-        .send(DiscoveryRequest {
-            type_url: CLUSTER.into(),
-            version_info: first.version_info.clone(),
-            response_nonce: first.nonce.clone(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("queue");
+    support::ack_sotw(&requests, CLUSTER, &first).await;
     eventually("the ACK counted", || {
         proxy_series(OWN).contains(&"fsm_proxy_xds_request_count CDS 2".to_string())
     })

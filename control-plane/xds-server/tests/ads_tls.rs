@@ -26,6 +26,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status, Streaming};
 
+mod support;
+
 type Client = AggregatedDiscoveryServiceClient<Channel>;
 
 const UUID_A: &str = "0f9e3a52-2d4b-4c64-9a39-0c6f6fd1b6a5";
@@ -730,15 +732,7 @@ async fn rotated_server_certificate_applies_to_new_connections_only() {
     assert_ne!(serial_and_cn(&before).0, serial);
 
     // The open stream keeps working: it is sent the next snapshot.
-    open.requests
-        .send(DiscoveryRequest {
-            type_url: CLUSTER.into(),
-            version_info: first.version_info.clone(),
-            response_nonce: first.nonce.clone(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("ACK");
+    support::ack_sotw(&open.requests, CLUSTER, &first).await;
     publish(&cache, key(UUID_A), snapshot("v2"));
     let update = next(&mut open.responses)
         .await
@@ -803,15 +797,7 @@ async fn client_ca_update_dropping_the_old_root_refuses_its_certificates() {
         .expect("new root still served");
 
     // The stream opened with the old root stays until it reconnects.
-    open.requests
-        .send(DiscoveryRequest {
-            type_url: CLUSTER.into(),
-            version_info: first.version_info.clone(),
-            response_nonce: first.nonce.clone(),
-            ..DiscoveryRequest::default()
-        })
-        .await
-        .expect("ACK");
+    support::ack_sotw(&open.requests, CLUSTER, &first).await;
     publish(&cache, key(UUID_A), snapshot("a2"));
     let update = next(&mut open.responses).await.expect("update");
     assert_eq!(body(&update), b"a2");

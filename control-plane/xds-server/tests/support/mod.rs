@@ -67,3 +67,20 @@ pub async fn open_sotw(
         .into_inner();
     (requests, responses)
 }
+
+/// ACKs `response` of `type_url` on a stream opened with [`open_sotw`], as Envoy does.
+pub async fn ack_sotw(
+    requests: &mpsc::Sender<DiscoveryRequest>,
+    type_url: &str,
+    response: &DiscoveryResponse,
+) {
+    requests
+        .send(DiscoveryRequest {
+            type_url: type_url.into(),
+            version_info: response.version_info.clone(),
+            response_nonce: response.nonce.clone(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue the ACK");
+}
