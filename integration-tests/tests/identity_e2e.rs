@@ -2,7 +2,8 @@
 //! workloads and real Envoy 1.40 sidecars.
 //!
 //! - Sidecars talk mTLS to each other and to the control plane; plaintext, certificate-less and
-//!   foreign-CA clients are refused by a meshed inbound port.
+//!   foreign-CA clients are refused by a meshed inbound port, and a client sidecar refuses an
+//!   upstream whose mesh certificate names another identity than the service's.
 //! - A proxy cannot obtain another identity's configuration or keys by claiming its node id, nor
 //!   by a pod copying another pod's proxy UUID label; a second stream of a proxy changes nothing
 //!   for its first.
@@ -19,8 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use fsm_integration_tests::{
     AdsMode, Controller, DemoMesh, Envoy, MeshPod, ProbeClient, SDS, SecretsWait, SidecarConfig,
-    edit_manifest, eventually, fetch_secrets, http_get_ok_via, private_key_owners, probe,
-    start_envoy, xds_node,
+    edit_manifest, eventually, fetch_secrets, http_get_ok_via, http_get_via, private_key_owners,
+    probe, start_envoy, xds_node,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -328,6 +329,172 @@ async fn takeover(subnet: u8) -> Result<()> {
         );
     }
     Ok(())
+}
+
+// === An upstream presenting another identity ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_with_another_mesh_identity_is_refused() {
+    if let Err(err) = impostor_upstream(29).await {
+        panic!("{err:#}");
+    }
+}
+
+/// The roots a client checks upstream servers against are one secret for every service; which
+/// identities a service's servers may have travels with its cluster. httpbin's sidecars are
+/// replaced by a server holding a certificate of the mesh CA: curl's Envoy talks to it only when
+/// its certificate names httpbin's identity, not curl's.
+async fn impostor_upstream(subnet: u8) -> Result<()> {
+    let mut mesh = Mesh::start(subnet, |_| Ok(())).await?;
+    let curl = mesh.demo.pod("curl")?.clone();
+    eventually(CONVERGE, || get_httpbin(&curl)).await?;
+    let ca = fsm_certs::tresor::TresorProvider::load_or_create_in_file(
+        mesh.demo.controller.state_dir.join("fsm-ca-bundle.pem"),
+    )
+    .await?;
+    let certificate = |sa: &str| {
+        ca.ca().issue(
+            &fsm_certs::CertificateRequest::new(
+                format!("{sa}.demo.cluster.local"),
+                Duration::from_secs(3600),
+            )
+            .with_uri_san(format!("spiffe://cluster.local/ns/demo/sa/{sa}")),
+        )
+    };
+    let httpbin_pods: Vec<MeshPod> = mesh
+        .envoys
+        .iter()
+        .map(|(pod, _)| pod.clone())
+        .filter(|pod| pod.service_account == "httpbin")
+        .collect();
+    ensure!(!httpbin_pods.is_empty(), "no httpbin pod in the demo");
+    mesh.envoys
+        .retain(|(pod, _)| pod.service_account != "httpbin");
+    // The sidecars are gone; give their ports a moment to be released.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for (sa, admitted) in [("curl", false), ("httpbin", true)] {
+        let issued = certificate(sa)?;
+        let mut servers = Vec::new();
+        for pod in &httpbin_pods {
+            servers.push(
+                ImpostorServer::start(
+                    pod.inbound_addr(),
+                    &issued.cert_chain_pem,
+                    issued.private_key.expose_pem(),
+                )
+                .await?,
+            );
+        }
+        let reply = http_get_via(curl.outbound_addr(), HTTPBIN, "/get").await?;
+        if admitted {
+            ensure!(
+                reply.status == 200 && reply.body == ImpostorServer::BODY,
+                "a server with httpbin's identity was not reached: {} {:?}",
+                reply.status,
+                reply.body
+            );
+        } else {
+            ensure!(
+                reply.status == 503 && reply.body != ImpostorServer::BODY,
+                "a server with {sa}'s identity answered for httpbin: {} {:?}",
+                reply.status,
+                reply.body
+            );
+            let handshakes: usize = servers.iter().map(|s| s.refused()).sum();
+            ensure!(
+                handshakes > 0,
+                "curl's sidecar never reached the impostor (nothing was refused)"
+            );
+        }
+        for server in servers {
+            server.stop().await;
+        }
+    }
+    Ok(())
+}
+
+/// A TLS server at a sidecar's inbound address that answers every HTTP/1.1 request with
+/// [`ImpostorServer::BODY`]; it counts handshakes the client broke off.
+struct ImpostorServer {
+    refused: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ImpostorServer {
+    const BODY: &str = "impostor";
+
+    async fn start(addr: SocketAddr, chain_pem: &str, key_pem: &str) -> Result<ImpostorServer> {
+        use rustls_pki_types::pem::PemObject;
+        let chain = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        // The sidecar's connections linger in TIME_WAIT on this address.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(addr)
+            .with_context(|| format!("binding the impostor at {addr}"))?;
+        let listener = socket.listen(128)?;
+        let refused = Arc::new(AtomicU64::new(0));
+        let counter = refused.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            // The client checked the certificate after the handshake and left.
+                            _ => {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+                        Self::BODY.len(),
+                        Self::BODY
+                    );
+                    let _ = tls.write_all(response.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Ok(ImpostorServer { refused, task })
+    }
+
+    /// Stops listening before it returns, so that the address can be bound again.
+    async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed) as usize
+    }
+}
+
+impl Drop for ImpostorServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 // === A second stream of the same proxy ===

@@ -25,11 +25,13 @@
 //!   trust domain (so a proxy's xDS bootstrap certificate, from the same CA, is refused), and an
 //!   HTTP RBAC filter admits, per route, only the identities the route allows (by that SAN);
 //! - outbound clusters reach meshed endpoints over TLS with the same client certificate, SNI
-//!   `<svc>.<ns>.svc.cluster.local`, and check the server against
-//!   `root-cert-for-mtls-outbound:<ns>/<svc>`, which only admits the service's identities.
-//!   Unmeshed endpoints (no sidecar to terminate TLS) stay plaintext.
+//!   `<svc>.<ns>.svc.cluster.local`, and check that the server chains to the mesh roots of
+//!   `root-cert-for-mtls-outbound` (one secret for every upstream service) and carries one of
+//!   the service's SPIFFE identities, which the cluster itself lists (Envoy merges the two into
+//!   one validation context, as Istio's clusters do). Unmeshed endpoints (no sidecar to terminate
+//!   TLS) stay plaintext.
 //!
-//! [`secrets`] builds those three kinds of Secret from the proxy's [`ProxyCredentials`].
+//! [`secrets`] builds those three Secrets from the proxy's [`ProxyCredentials`].
 
 mod golden_view;
 
@@ -118,15 +120,13 @@ pub fn translate(
 ) -> Result<EnvoyResources, AdapterError> {
     let mut out = proxy_resources(ir, credentials)?;
     for service in ir.service_outbounds() {
-        let shared = service_resources(
-            &service,
-            &ir.mesh.trust_domain,
-            &credentials.trust_bundle_pem,
-        );
+        let shared = service_resources(&service, &ir.mesh.trust_domain);
         out.clusters.extend(shared.clusters);
         out.endpoints.extend(shared.endpoints);
-        out.secrets.extend(shared.secrets);
     }
+    out.secrets
+        .push(outbound_root(&credentials.trust_bundle_pem));
+    out.secrets.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.insert(0, outbound_routes(ir.outbound.iter()));
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
@@ -135,45 +135,30 @@ pub fn translate(
 }
 
 /// The resources of one service that are the same for every proxy that may reach it: its
-/// outbound clusters, their ClusterLoadAssignments, and (when its endpoints are meshed) the
-/// secret its servers' certificates are checked against. Built once per service and shared.
-pub fn service_resources(
-    service: &ServiceOutbound,
-    trust_domain: &str,
-    trust_bundle_pem: &str,
-) -> ServiceResources {
+/// outbound clusters (naming the identities its servers must have) and their
+/// ClusterLoadAssignments. Built once per service and shared.
+pub fn service_resources(service: &ServiceOutbound, trust_domain: &str) -> ServiceResources {
     let mut out = ServiceResources::default();
     for c in &service.clusters {
         let tunnel = is_tunnelled(c);
-        out.clusters.push(build_cluster(c, tunnel));
+        out.clusters.push(build_cluster(c, tunnel, trust_domain));
         out.endpoints.push(load_assignment(c, tunnel));
     }
-    // Endpoints of one service may sit in several clusters (one per port): same identities.
-    let identities: BTreeSet<&ServiceIdentity> = service
-        .clusters
-        .iter()
-        .flat_map(|c| c.server_identities())
-        .collect();
-    if service.clusters.iter().any(|c| c.has_meshed_endpoints()) {
-        out.secrets.push(tls::Secret {
-            name: names::outbound_validation(&service.service),
-            r#type: Some(tls::secret::Type::ValidationContext(
-                tls::CertificateValidationContext {
-                    trusted_ca: Some(inline(trust_bundle_pem)),
-                    match_typed_subject_alt_names: identities
-                        .into_iter()
-                        .map(|id| tls::SubjectAltNameMatcher {
-                            san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
-                            matcher: Some(exact(&id.spiffe_id(trust_domain))),
-                            ..Default::default()
-                        })
-                        .collect(),
-                    ..Default::default()
-                },
-            )),
-        });
-    }
     out
+}
+
+/// Secret [`names::OUTBOUND_ROOT`]: the roots every upstream sidecar's certificate must chain to.
+/// The same for every proxy whose certificate carries this trust bundle.
+pub fn outbound_root(trust_bundle_pem: &str) -> tls::Secret {
+    tls::Secret {
+        name: names::OUTBOUND_ROOT.into(),
+        r#type: Some(tls::secret::Type::ValidationContext(
+            tls::CertificateValidationContext {
+                trusted_ca: Some(inline(trust_bundle_pem)),
+                ..Default::default()
+            },
+        )),
+    }
 }
 
 /// One service's shared resources (see [`service_resources`]).
@@ -181,7 +166,6 @@ pub fn service_resources(
 pub struct ServiceResources {
     pub clusters: Vec<cluster::Cluster>,
     pub endpoints: Vec<endpoint::ClusterLoadAssignment>,
-    pub secrets: Vec<tls::Secret>,
 }
 
 /// A TCP cluster with a sidecar behind some endpoint is reached through an HTTP/2 CONNECT tunnel
@@ -249,7 +233,7 @@ pub fn proxy_resources(
         .map(|c| c.name.as_str())
         .collect();
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
-        out.clusters.push(build_cluster(c, false));
+        out.clusters.push(build_cluster(c, false, trust_domain));
     }
     out.listeners.push(http_listener(
         OUTBOUND_LISTENER,
@@ -389,20 +373,11 @@ fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret>
     ]
 }
 
-/// The proxy's SDS secrets: its certificate, the roots its clients must chain to, and, per
-/// upstream service with meshed endpoints, the roots and identities its servers must have.
+/// The proxy's SDS secrets: its certificate, the roots its clients must chain to, and the roots
+/// its servers must chain to.
 pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<tls::Secret> {
     let mut out = own_secrets(ir, credentials);
-    for service in ir.service_outbounds() {
-        out.extend(
-            service_resources(
-                &service,
-                &ir.mesh.trust_domain,
-                &credentials.trust_bundle_pem,
-            )
-            .secrets,
-        );
-    }
+    out.push(outbound_root(&credentials.trust_bundle_pem));
     out
 }
 
@@ -467,16 +442,36 @@ fn downstream_tls(own: &ServiceIdentity) -> core::TransportSocket {
     })
 }
 
-/// Client side of the outbound mTLS to one service's sidecars.
+/// Client side of the outbound mTLS to one service's sidecars: the server must chain to the
+/// mesh roots ([`names::OUTBOUND_ROOT`], from SDS) and carry one of the cluster's identities
+/// (inline; Envoy merges the SDS context into this one).
 /// The client certificate is named [`names::SERVICE_CERT`] whatever the proxy's identity, so
 /// that a cluster is the same resource for every proxy that may reach the service.
-fn upstream_tls(c: &fsm_ir::Cluster, http2: bool) -> core::TransportSocket {
+fn upstream_tls(c: &fsm_ir::Cluster, http2: bool, trust_domain: &str) -> core::TransportSocket {
+    let identities = tls::CertificateValidationContext {
+        match_typed_subject_alt_names: c
+            .server_identities()
+            .into_iter()
+            .map(|id| tls::SubjectAltNameMatcher {
+                san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                matcher: Some(exact(&id.spiffe_id(trust_domain))),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
     transport_socket(&tls::UpstreamTlsContext {
         common_tls_context: Some(tls::CommonTlsContext {
             tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
             validation_context_type: Some(
-                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                    sds(names::outbound_validation(&c.service)),
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(identities),
+                        validation_context_sds_secret_config: Some(
+                            sds(names::OUTBOUND_ROOT.into()),
+                        ),
+                        ..Default::default()
+                    },
                 ),
             ),
             alpn_protocols: if http2 { vec!["h2".into()] } else { vec![] },
@@ -795,7 +790,7 @@ fn connect_route(
     }
 }
 
-fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
+fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, trust_domain: &str) -> cluster::Cluster {
     let http2 = tunnel || c.protocol == Protocol::Grpc;
     let protocol_options = if http2 {
         Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -849,7 +844,7 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool) -> cluster::Cluster {
         vec![cluster::cluster::TransportSocketMatch {
             name: "fsm-mtls".into(),
             r#match: Some(meshed_match()),
-            transport_socket: Some(upstream_tls(c, http2)),
+            transport_socket: Some(upstream_tls(c, http2, trust_domain)),
         }]
     } else {
         vec![]

@@ -22,9 +22,10 @@
 //! into a direct response.
 //!
 //! mTLS uses the Envoy adapter's SDS names: every inbound chain requires a client certificate
-//! (`service-cert:<ns>/<sa>`, checked against `root-cert-for-mtls-inbound:<ns>/<sa>`), and outbound
-//! clusters with meshed endpoints verify the server against `root-cert-for-mtls-outbound:<ns>/<svc>`
-//! and the service's identities.
+//! (`service-cert`, checked against `root-cert-for-mtls-inbound:<ns>/<sa>`), and outbound
+//! clusters with meshed endpoints verify the server against the mesh roots of
+//! `root-cert-for-mtls-outbound` (one secret for every upstream service) and the identities the
+//! cluster lists.
 
 mod golden_view;
 mod listeners;
@@ -105,15 +106,12 @@ pub fn translate(
 ) -> Result<NativeResources, AdapterError> {
     let mut out = proxy_resources(ir, credentials)?;
     for service in ir.service_outbounds() {
-        let shared = service_resources(
-            &service,
-            &ir.mesh.trust_domain,
-            &credentials.trust_bundle_pem,
-        )?;
+        let shared = service_resources(&service)?;
         out.clusters.extend(shared.clusters);
         out.endpoints.extend(shared.endpoints);
-        out.secrets.extend(shared.secrets);
     }
+    out.secrets
+        .push(outbound_root(&credentials.trust_bundle_pem));
     out.routes.push(outbound_routes(ir.outbound.iter())?);
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
@@ -128,50 +126,26 @@ pub fn translate(
 pub struct ServiceResources {
     pub clusters: Vec<v1::Cluster>,
     pub endpoints: Vec<v1::ClusterLoadAssignment>,
-    pub secrets: Vec<v1::Secret>,
 }
 
 /// The resources of one service that are the same for every proxy that may reach it: its
-/// outbound clusters, their ClusterLoadAssignments and, when its endpoints are meshed, the roots
-/// and SPIFFE identities its servers must have. Built once per service and shared.
+/// outbound clusters (naming the identities its servers must have) and their
+/// ClusterLoadAssignments. Built once per service and shared.
 pub fn service_resources(
     service: &fsm_ir::ServiceOutbound,
-    trust_domain: &str,
-    trust_bundle_pem: &str,
 ) -> Result<ServiceResources, AdapterError> {
     let mut out = ServiceResources::default();
     for c in &service.clusters {
         out.clusters.push(cluster(c)?);
         out.endpoints.push(load_assignment(c));
     }
-    out.secrets
-        .extend(outbound_validation(service, trust_domain, trust_bundle_pem));
     Ok(out)
 }
 
-/// When the service's endpoints are meshed: the roots and SPIFFE identities its servers must
-/// have.
-fn outbound_validation(
-    service: &fsm_ir::ServiceOutbound,
-    trust_domain: &str,
-    trust_bundle_pem: &str,
-) -> Option<v1::Secret> {
-    if !service.clusters.iter().any(|c| c.has_meshed_endpoints()) {
-        return None;
-    }
-    let identities: std::collections::BTreeSet<&ServiceIdentity> = service
-        .clusters
-        .iter()
-        .flat_map(|c| c.server_identities())
-        .collect();
-    Some(validation(
-        names::outbound_validation(&service.service),
-        identities
-            .into_iter()
-            .map(|id| id.spiffe_id(trust_domain))
-            .collect(),
-        trust_bundle_pem,
-    ))
+/// Secret [`names::OUTBOUND_ROOT`]: the roots every upstream sidecar's certificate must chain to.
+/// The same for every proxy whose certificate carries this trust bundle.
+pub fn outbound_root(trust_bundle_pem: &str) -> v1::Secret {
+    validation(names::OUTBOUND_ROOT.into(), vec![], trust_bundle_pem)
 }
 
 /// Route configuration `outbound` (see [`routes::outbound`]).
@@ -234,17 +208,11 @@ fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> 
     ]
 }
 
-/// This proxy's certificate, the roots its clients must chain to, and per upstream service with
-/// meshed endpoints the roots and SPIFFE identities its servers must have.
+/// This proxy's certificate, the roots its clients must chain to, and the roots its servers
+/// must chain to.
 pub fn secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
     let mut out = own_secrets(ir, credentials);
-    for service in ir.service_outbounds() {
-        out.extend(outbound_validation(
-            &service,
-            &ir.mesh.trust_domain,
-            &credentials.trust_bundle_pem,
-        ));
-    }
+    out.push(outbound_root(&credentials.trust_bundle_pem));
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
@@ -365,7 +333,7 @@ fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
             v1::UpstreamTls {
                 // One name in every proxy, so the cluster is shared (see `names::SERVICE_CERT`).
                 certificate_secret: names::SERVICE_CERT.into(),
-                validation_secret: names::outbound_validation(&c.service),
+                validation_secret: names::OUTBOUND_ROOT.into(),
                 sni: c.service.fqdn(),
                 server_identities: c.server_identities().into_iter().map(identity).collect(),
             }

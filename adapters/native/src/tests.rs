@@ -771,12 +771,12 @@ fn encode_lists_every_type_sorted_by_name() {
         names(type_url::ROUTE_CONFIGURATION),
         [INBOUND_ROUTES, OUTBOUND_ROUTES]
     );
-    // Only `app/x` has meshed endpoints, so only it needs an outbound validation context.
+    // One upstream roots secret, however many services: each cluster names its identities.
     assert_eq!(
         names(type_url::SECRET),
         [
             "root-cert-for-mtls-inbound:app/me",
-            "root-cert-for-mtls-outbound:app/x",
+            "root-cert-for-mtls-outbound",
             "service-cert"
         ]
     );

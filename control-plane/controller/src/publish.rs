@@ -3,8 +3,8 @@
 //!
 //! A proxy's configuration is two parts:
 //!
-//! - **shared**: per meshed service, its outbound clusters, ClusterLoadAssignments and the secret
-//!   its servers are checked against, and the `outbound` route configuration. The same for every
+//! - **shared**: per meshed service, its outbound clusters and ClusterLoadAssignments, the
+//!   `outbound` route configuration, and the roots upstream servers are checked against. The same for every
 //!   proxy (in permissive mode; SMI will key it by policy view), so it is translated and encoded
 //!   once per service and data plane, and again only for the services a change touched
 //!   ([`MeshView::refresh`]);
@@ -30,7 +30,7 @@ use prost::Message;
 use crate::metrics::Work;
 
 /// The shared part of one data plane for proxies whose certificates carry one trust bundle (the
-/// servers' validation secrets embed it; two bundles coexist during a root rotation).
+/// upstream roots secret holds it; two bundles coexist during a root rotation).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SharedKey {
     pub data_plane: DataPlane,
@@ -60,6 +60,8 @@ enum Messages {
 
 struct Shared {
     services: BTreeMap<ServiceRef, SharedService>,
+    /// The roots every upstream server is checked against (the key's trust bundle).
+    outbound_root: Arc<Resource>,
     /// Per type, every service's resources (and the outbound route configuration) as one set.
     types: BTreeMap<TypeUrl, Arc<TypeSnapshot>>,
 }
@@ -134,9 +136,10 @@ impl Publisher {
         if !self.shared.contains_key(key) {
             let mut shared = Shared {
                 services: BTreeMap::new(),
+                outbound_root: outbound_root(key),
                 types: BTreeMap::new(),
             };
-            self.work.resources_encoded += build_shared(&self.view, key, &mut shared, None)?;
+            self.work.resources_encoded += 1 + build_shared(&self.view, key, &mut shared, None)?;
             self.shared.insert(key.clone(), shared);
         }
         Ok(&self.shared[key].types)
@@ -324,6 +327,10 @@ fn build_shared(
         }
     };
     per_type.entry(routes_type).or_default().push(routes);
+    per_type
+        .entry(secret_type_url(key.data_plane))
+        .or_default()
+        .push(shared.outbound_root.clone());
     let mut types = BTreeMap::new();
     for type_url in type_urls(key.data_plane) {
         let resources = per_type.remove(type_url).unwrap_or_default();
@@ -361,6 +368,28 @@ pub fn outbound_detail(data_planes: &[DataPlane]) -> fsm_ir::OutboundDetail {
         })
         .max()
         .unwrap_or(fsm_ir::OutboundDetail::All)
+}
+
+fn secret_type_url(data_plane: DataPlane) -> TypeUrl {
+    match data_plane {
+        DataPlane::Envoy => fsm_adapter_envoy::SECRET_TYPE,
+        DataPlane::FsmSidecar => fsm_dataplane_proto::type_url::SECRET,
+    }
+}
+
+/// The secret of the roots upstream servers are checked against, encoded once per shared part.
+fn outbound_root(key: &SharedKey) -> Arc<Resource> {
+    let (name, body) = match key.data_plane {
+        DataPlane::Envoy => {
+            let secret = fsm_adapter_envoy::outbound_root(&key.trust_bundle);
+            (secret.name.clone(), secret.encode_to_vec())
+        }
+        DataPlane::FsmSidecar => {
+            let secret = fsm_adapter_native::outbound_root(&key.trust_bundle);
+            (secret.name.clone(), secret.encode_to_vec())
+        }
+    };
+    Arc::new(Resource::new(name, body))
 }
 
 fn routes_type_url(data_plane: DataPlane) -> TypeUrl {
@@ -422,12 +451,12 @@ fn service_resources(
     previous: Option<&SharedService>,
     encoded: &mut u64,
 ) -> Result<(Messages, Resources), (ErrCode, String)> {
-    let trust_domain = fsm_compiler::TRUST_DOMAIN;
     let old = |type_url: TypeUrl| previous.and_then(|p| p.types.get(type_url));
     Ok(match key.data_plane {
         DataPlane::Envoy => {
-            use fsm_adapter_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE};
-            let r = fsm_adapter_envoy::service_resources(outbound, trust_domain, &key.trust_bundle);
+            use fsm_adapter_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE};
+            let trust_domain = fsm_compiler::TRUST_DOMAIN;
+            let r = fsm_adapter_envoy::service_resources(outbound, trust_domain);
             let before = match previous.map(|p| &p.messages) {
                 Some(Messages::Envoy(before)) => Some(before),
                 _ => None,
@@ -451,23 +480,13 @@ fn service_resources(
                         encoded,
                     ),
                 ),
-                (
-                    SECRET_TYPE,
-                    encode_changed(
-                        &r.secrets,
-                        |s| &s.name,
-                        before.map(|b| (&b.secrets[..], old(SECRET_TYPE))),
-                        encoded,
-                    ),
-                ),
             ]);
             (Messages::Envoy(r), types)
         }
         DataPlane::FsmSidecar => {
-            use fsm_dataplane_proto::type_url::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT, SECRET};
+            use fsm_dataplane_proto::type_url::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT};
             let r =
-                fsm_adapter_native::service_resources(outbound, trust_domain, &key.trust_bundle)
-                    .map_err(|e| adapter_error(&e))?;
+                fsm_adapter_native::service_resources(outbound).map_err(|e| adapter_error(&e))?;
             let before = match previous.map(|p| &p.messages) {
                 Some(Messages::Native(before)) => Some(before),
                 _ => None,
@@ -488,15 +507,6 @@ fn service_resources(
                         &r.endpoints,
                         |c| &c.cluster_name,
                         before.map(|b| (&b.endpoints[..], old(CLUSTER_LOAD_ASSIGNMENT))),
-                        encoded,
-                    ),
-                ),
-                (
-                    SECRET,
-                    encode_changed(
-                        &r.secrets,
-                        |s| &s.name,
-                        before.map(|b| (&b.secrets[..], old(SECRET))),
                         encoded,
                     ),
                 ),

@@ -26,7 +26,7 @@ pub mod names {
     pub const OUTBOUND_ROUTES: &str = "outbound";
     pub const INBOUND_ROUTES: &str = "inbound";
 
-    use super::{ServiceIdentity, ServiceRef};
+    use super::ServiceIdentity;
 
     /// SDS name of a proxy's own certificate and key (its service identity). The same name in
     /// every proxy (a proxy has exactly one identity): the clusters that present it are then
@@ -41,13 +41,12 @@ pub mod names {
         )
     }
 
-    /// SDS name of what a proxy checks the certificates of `service`'s endpoints against.
-    pub fn outbound_validation(service: &ServiceRef) -> String {
-        format!(
-            "root-cert-for-mtls-outbound:{}/{}",
-            service.namespace, service.name
-        )
-    }
+    /// SDS name of the roots a proxy checks every upstream sidecar's certificate against. One
+    /// secret for all upstream services: which identities each service's servers may have travels
+    /// with its clusters. OSM names one secret per service (`root-cert-for-mtls-outbound:<ns>/<svc>`),
+    /// each repeating the trust bundle: at 1,000 services that was 40 % of every proxy's
+    /// configuration, and a root rotation rewrote a thousand secrets per proxy instead of one.
+    pub const OUTBOUND_ROOT: &str = "root-cert-for-mtls-outbound";
 }
 
 /// Everything one proxy needs.
