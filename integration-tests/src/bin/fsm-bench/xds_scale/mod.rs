@@ -10,6 +10,7 @@
 //! after a `410 Gone` relist of every kind (must be 0); a rolling restart of 10 % of the pods.
 //! `--out DIR` saves the figures as JSON and plots them ([`plot`]).
 
+mod grpc_stream;
 mod mesh;
 mod plot;
 mod proxy;

@@ -18,12 +18,9 @@ use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::client::Grpc;
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic_prost::ProstCodec;
 
+use super::grpc_stream;
 use super::xds::{
     LiteDeltaResponse, LiteRequest, LiteResponse, Memo, ResponseInfo, XdsType, is_subset,
 };
@@ -179,7 +176,7 @@ pub fn spawn(fleet: &Arc<Fleet>, spec: ProxySpec) -> Proxy {
 
 /// One TCP + TLS connection with the pod's bootstrap credentials (a tonic channel is one HTTP/2
 /// connection; nothing is shared between proxies).
-async fn connect(ads: SocketAddr, credentials: &Path) -> Result<Grpc<Channel>> {
+async fn connect(ads: SocketAddr, credentials: &Path) -> Result<Channel> {
     let read = |name: &str| {
         std::fs::read(credentials.join(name))
             .with_context(|| format!("reading {}", credentials.join(name).display()))
@@ -195,11 +192,7 @@ async fn connect(ads: SocketAddr, credentials: &Path) -> Result<Grpc<Channel>> {
         .connect()
         .await
         .with_context(|| format!("connecting to the ADS server at {ads}"))?;
-    let mut grpc = Grpc::new(channel).max_decoding_message_size(usize::MAX);
-    grpc.ready()
-        .await
-        .map_err(|e| anyhow::anyhow!("ADS connection not ready: {e}"))?;
-    Ok(grpc)
+    Ok(channel)
 }
 
 /// Names as strings, for a request.
@@ -262,7 +255,7 @@ struct SotwType {
 
 async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result<()> {
     let permit = fleet.connecting.acquire().await?;
-    let mut grpc = connect(fleet.ads, &spec.credentials).await?;
+    let mut channel = connect(fleet.ads, &spec.credentials).await?;
     let (tx, rx) = mpsc::channel::<LiteRequest>(8);
     // Envoy: node on the first request only; CDS and LDS as wildcards (no names).
     for (i, kind) in [XdsType::Cds, XdsType::Lds].into_iter().enumerate() {
@@ -273,15 +266,9 @@ async fn run_sotw(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result
         })
         .await?;
     }
-    let mut responses = grpc
-        .streaming(
-            tonic::Request::new(ReceiverStream::new(rx)),
-            PathAndQuery::from_static(SOTW_PATH),
-            ProstCodec::<LiteRequest, LiteResponse>::default(),
-        )
+    let mut responses = grpc_stream::open::<_, LiteResponse>(&mut channel, SOTW_PATH, rx)
         .await
-        .context("opening the SotW ADS stream")?
-        .into_inner();
+        .context("opening the SotW ADS stream")?;
     drop(permit);
     let mut types: [SotwType; 5] = Default::default();
     while let Some(response) = responses.message().await.context("SotW ADS stream")? {
@@ -396,7 +383,7 @@ fn sotw_warm(types: &[SotwType; 5]) -> bool {
 
 async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result<()> {
     let permit = fleet.connecting.acquire().await?;
-    let mut grpc = connect(fleet.ads, &spec.credentials).await?;
+    let mut channel = connect(fleet.ads, &spec.credentials).await?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(8);
     for (i, kind) in [XdsType::Cds, XdsType::Lds].into_iter().enumerate() {
         tx.send(DeltaDiscoveryRequest {
@@ -406,15 +393,9 @@ async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Resul
         })
         .await?;
     }
-    let mut responses = grpc
-        .streaming(
-            tonic::Request::new(ReceiverStream::new(rx)),
-            PathAndQuery::from_static(DELTA_PATH),
-            ProstCodec::<DeltaDiscoveryRequest, LiteDeltaResponse>::default(),
-        )
+    let mut responses = grpc_stream::open::<_, LiteDeltaResponse>(&mut channel, DELTA_PATH, rx)
         .await
-        .context("opening the delta ADS stream")?
-        .into_inner();
+        .context("opening the delta ADS stream")?;
     drop(permit);
     // Clusters and listeners by name id, with what each references.
     let mut held: [HashMap<u32, Arc<super::xds::ResourceInfo>>; 2] = Default::default();
