@@ -31,8 +31,8 @@
 //!   the error metric once; rescans that find the same problem again stay quiet. All current
 //!   problems are available from [`ManifestSource::problems`].
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::hash::Hasher;
 use std::io;
@@ -312,6 +312,40 @@ fn content_hash(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// Warns once about an object defined in more than one file (`paths`, in path order).
+fn note_duplicates(
+    duplicates: &mut BTreeMap<ObjectKey, Vec<Arc<Path>>>,
+    key: &ObjectKey,
+    paths: Option<&Vec<Arc<Path>>>,
+) {
+    match paths {
+        Some(paths) => {
+            if duplicates.get(key) != Some(paths) {
+                let winner = paths
+                    .last()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    object = %key,
+                    files = ?paths,
+                    winner,
+                    "object defined in more than one manifest file; the file later in path order wins"
+                );
+                duplicates.insert(key.clone(), paths.clone());
+            }
+        }
+        None => {
+            duplicates.remove(key);
+        }
+    }
+}
+
+/// The objects `file` defines, sorted.
+fn defined_keys(file: Option<&FileState>) -> Vec<ObjectKey> {
+    file.map(|f| f.objects.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 /// A problem that concerns a whole file or directory rather than one document.
 fn path_problem(path: &Path, message: String) -> DecodeError {
     DecodeError {
@@ -381,8 +415,11 @@ struct State {
     /// What the catalog has been told.
     published: BTreeMap<ObjectKey, Arc<MeshObject>>,
     problems: Vec<DecodeError>,
+    /// Every object with the files that define it, in path order (the last one wins): an edit
+    /// then settles the objects of the files it touched, not the whole directory's.
+    definers: BTreeMap<ObjectKey, Vec<Arc<Path>>>,
     /// Objects defined by more than one file, with those files in path order.
-    duplicates: BTreeMap<ObjectKey, Vec<PathBuf>>,
+    duplicates: BTreeMap<ObjectKey, Vec<Arc<Path>>>,
     /// How many problems have been logged and counted so far.
     reported: usize,
     /// The last full scan found a directory it could not read: only full scans until one can.
@@ -394,7 +431,7 @@ struct State {
 /// ConfigMap volume's `..data` swapped).
 #[derive(Debug, Default)]
 struct Pending {
-    paths: std::collections::BTreeSet<PathBuf>,
+    paths: BTreeSet<PathBuf>,
     full: bool,
 }
 
@@ -405,6 +442,7 @@ impl State {
             files: BTreeMap::new(),
             published: BTreeMap::new(),
             problems: Vec::new(),
+            definers: BTreeMap::new(),
             duplicates: BTreeMap::new(),
             reported: 0,
             degraded: false,
@@ -451,10 +489,11 @@ impl State {
     /// Re-reads only `paths`, the files the watcher reported, when each is a plain manifest file
     /// (or a known one that is gone); anything else, or a degraded state, takes a full
     /// [`State::rescan`]. An edit of one file in a directory of thousands costs that file.
-    fn rescan_paths(&mut self, paths: &std::collections::BTreeSet<PathBuf>) -> Vec<CatalogEvent> {
+    fn rescan_paths(&mut self, paths: &BTreeSet<PathBuf>) -> Vec<CatalogEvent> {
         if self.degraded {
             return self.rescan();
         }
+        let mut touched = BTreeSet::new();
         for path in paths {
             let Ok(relative) = path.strip_prefix(&self.root) else {
                 return self.rescan();
@@ -485,23 +524,101 @@ impl State {
                 Ok(metadata) if metadata.is_file() => {
                     if is_manifest(relative.as_os_str()) {
                         let before = self.files.remove(path);
+                        let old_keys = defined_keys(before.as_ref());
                         self.read_file(path.clone(), before);
+                        let new_keys = defined_keys(self.files.get(path));
+                        self.redefine(path, &old_keys, &new_keys, &mut touched);
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
                     // A removed manifest is forgotten; a removed directory takes a full rescan.
-                    if self.files.remove(path).is_none()
-                        && self.files.keys().any(|known| known.starts_with(path))
-                    {
-                        return self.rescan();
+                    match self.files.remove(path) {
+                        Some(before) => {
+                            let old_keys = defined_keys(Some(&before));
+                            self.redefine(path, &old_keys, &[], &mut touched);
+                        }
+                        None if self.files.keys().any(|known| known.starts_with(path)) => {
+                            return self.rescan();
+                        }
+                        None => {}
                     }
                 }
                 // A directory, a symlink (its target may be anywhere) or an unreadable entry.
                 _ => return self.rescan(),
             }
         }
-        let effective = self.settle(&[]);
-        self.publish(effective)
+        self.settle_problems(&[]);
+        self.publish_touched(&touched)
+    }
+
+    /// Records that `path` now defines `new_keys` instead of `old_keys` (both sorted), and adds
+    /// both to `touched`.
+    fn redefine(
+        &mut self,
+        path: &Path,
+        old_keys: &[ObjectKey],
+        new_keys: &[ObjectKey],
+        touched: &mut BTreeSet<ObjectKey>,
+    ) {
+        let shared: Arc<Path> = Arc::from(path);
+        for key in old_keys {
+            if new_keys.binary_search(key).is_err()
+                && let Entry::Occupied(mut entry) = self.definers.entry(key.clone())
+            {
+                entry.get_mut().retain(|p| **p != *path);
+                if entry.get().is_empty() {
+                    entry.remove();
+                }
+            }
+        }
+        for key in new_keys {
+            let paths = self.definers.entry(key.clone()).or_default();
+            if let Err(at) = paths.binary_search_by(|p| (**p).cmp(path)) {
+                paths.insert(at, shared.clone());
+            }
+        }
+        touched.extend(old_keys.iter().cloned());
+        touched.extend(new_keys.iter().cloned());
+    }
+
+    /// The events that bring the catalog up to date for the objects in `touched` (those of the
+    /// files an edit changed); every other object is as it was published.
+    fn publish_touched(&mut self, touched: &BTreeSet<ObjectKey>) -> Vec<CatalogEvent> {
+        let mut events = Vec::new();
+        let mut deleted = Vec::new();
+        for key in touched {
+            let paths = self.definers.get(key);
+            note_duplicates(
+                &mut self.duplicates,
+                key,
+                paths.filter(|paths| paths.len() > 1),
+            );
+            let winner = paths
+                .and_then(|paths| paths.last())
+                .and_then(|path| self.files.get(&**path))
+                .and_then(|file| file.objects.get(key));
+            match winner {
+                Some(object) => {
+                    let changed = self
+                        .published
+                        .get(key)
+                        .is_none_or(|old| !Arc::ptr_eq(old, object) && old != object);
+                    if changed {
+                        events.push(CatalogEvent::Apply(MeshObject::clone(object)));
+                        self.published.insert(key.clone(), object.clone());
+                    }
+                }
+                None => {
+                    if self.published.remove(key).is_some() {
+                        deleted.push(key.clone());
+                    }
+                }
+            }
+        }
+        // Reverse key order removes dependents (services, pods) before their namespace.
+        events.extend(deleted.into_iter().rev().map(CatalogEvent::Delete));
+        tracing::debug!(dir = %self.root.display(), changes = events.len(), "rescanned manifest files");
+        events
     }
 
     /// The events that take the catalog from what it was told to `effective`.
@@ -576,6 +693,33 @@ impl State {
         &mut self,
         unreadable: &[(PathBuf, io::Error)],
     ) -> BTreeMap<ObjectKey, Arc<MeshObject>> {
+        self.settle_problems(unreadable);
+        let mut effective = BTreeMap::new();
+        let mut definers: BTreeMap<ObjectKey, Vec<Arc<Path>>> = BTreeMap::new();
+        for (path, file) in &self.files {
+            let shared: Arc<Path> = Arc::from(path.as_path());
+            for (key, object) in &file.objects {
+                effective.insert(key.clone(), object.clone());
+                definers
+                    .entry(key.clone())
+                    .or_default()
+                    .push(shared.clone());
+            }
+        }
+        self.duplicates.retain(|key, _| definers.contains_key(key));
+        for (key, paths) in &definers {
+            note_duplicates(
+                &mut self.duplicates,
+                key,
+                (paths.len() > 1).then_some(paths),
+            );
+        }
+        self.definers = definers;
+        effective
+    }
+
+    /// Reports problems not reported before, and notes the ones resolved.
+    fn settle_problems(&mut self, unreadable: &[(PathBuf, io::Error)]) {
         let mut problems: Vec<DecodeError> = unreadable
             .iter()
             .map(|(dir, err)| path_problem(dir, format!("cannot read directory: {err}")))
@@ -604,32 +748,6 @@ impl State {
             );
         }
         self.problems = problems;
-
-        let mut effective = BTreeMap::new();
-        let mut definers: BTreeMap<ObjectKey, Vec<PathBuf>> = BTreeMap::new();
-        for (path, file) in &self.files {
-            for (key, object) in &file.objects {
-                effective.insert(key.clone(), object.clone());
-                definers.entry(key.clone()).or_default().push(path.clone());
-            }
-        }
-        definers.retain(|_, paths| paths.len() > 1);
-        for (key, paths) in &definers {
-            if self.duplicates.get(key) != Some(paths) {
-                let winner = paths
-                    .last()
-                    .map(|path| path.display().to_string())
-                    .unwrap_or_default();
-                tracing::warn!(
-                    object = %key,
-                    files = ?paths,
-                    winner,
-                    "object defined in more than one manifest file; the file later in path order wins"
-                );
-            }
-        }
-        self.duplicates = definers;
-        effective
     }
 }
 
@@ -1201,6 +1319,90 @@ mod tests {
             described(&state.rescan_paths(&paths(&["sub"]))),
             ["Apply Service app/c 80"]
         );
+    }
+
+    /// What the catalog holds after `events`, from `held`.
+    fn replay(held: &mut BTreeMap<ObjectKey, MeshObject>, events: Vec<CatalogEvent>) {
+        for event in events {
+            match event {
+                CatalogEvent::Apply(object) | CatalogEvent::InitApply(object) => {
+                    held.insert(object.key(), object);
+                }
+                CatalogEvent::Delete(key) => {
+                    held.remove(&key);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One write of a file: the services it defines (by index, with a port), whether a
+    /// malformed document comes with them, or removal.
+    #[derive(Clone, Debug)]
+    enum FileEdit {
+        Write {
+            services: Vec<(u8, u16)>,
+            malformed: bool,
+        },
+        Remove,
+    }
+
+    fn file_edit() -> impl proptest::strategy::Strategy<Value = FileEdit> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (proptest::collection::vec((0u8..5, 1u16..4), 0..4), proptest::bool::weighted(0.2))
+                .prop_map(|(services, malformed)| FileEdit::Write { services, malformed }),
+            1 => Just(FileEdit::Remove),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Re-reading only the edited file tells the catalog exactly what re-reading the whole
+        /// directory does, whatever the files define (the same object in several files, objects
+        /// kept while a file is malformed, files removed and written again).
+        #[test]
+        fn rereading_one_file_settles_as_a_full_rescan(
+            edits in proptest::collection::vec((0usize..4, file_edit()), 1..12)
+        ) {
+            const FILES: [&str; 4] = ["a.yaml", "b.yaml", "sub/c.yaml", "z.yaml"];
+            let dir = tempfile::tempdir().expect("tempdir");
+            write(dir.path(), "0-ns.yaml", NAMESPACE);
+            write(dir.path(), "sub/keep.yaml", &service("kept", 1));
+            let (mut one_file, initial) = State::load(dir.path().to_path_buf()).expect("load");
+            let (mut full, _) = State::load(dir.path().to_path_buf()).expect("load");
+            let mut held = BTreeMap::new();
+            replay(&mut held, initial);
+            for (file, edit) in edits {
+                let path = dir.path().join(FILES[file]);
+                match edit {
+                    FileEdit::Write { services, malformed } => {
+                        let mut docs: Vec<String> = services
+                            .iter()
+                            .map(|(s, port)| service(&format!("s{s}"), u32::from(*port)))
+                            .collect();
+                        if malformed {
+                            docs.push(service("broken", 70000));
+                        }
+                        write(dir.path(), FILES[file], &docs.join("---\n"));
+                    }
+                    FileEdit::Remove => {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                replay(&mut held, one_file.rescan_paths(&BTreeSet::from([path])));
+                let _ = full.rescan();
+                let expected: BTreeMap<ObjectKey, MeshObject> = full
+                    .published
+                    .iter()
+                    .map(|(k, o)| (k.clone(), MeshObject::clone(o)))
+                    .collect();
+                proptest::prop_assert_eq!(&held, &expected);
+                proptest::prop_assert_eq!(&one_file.duplicates, &full.duplicates);
+                proptest::prop_assert_eq!(&one_file.definers, &full.definers);
+                proptest::prop_assert_eq!(&one_file.problems, &full.problems);
+            }
+        }
     }
 
     #[tokio::test]
