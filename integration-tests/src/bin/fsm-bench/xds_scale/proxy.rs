@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, mpsc};
@@ -22,7 +21,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::grpc_stream;
 use super::xds::{
-    LiteDeltaResponse, LiteRequest, LiteResponse, Memo, ResponseInfo, XdsType, is_subset,
+    LiteDeltaRequest, LiteDeltaResponse, LiteRequest, LiteResponse, Memo, ResponseInfo, XdsType,
+    is_subset,
 };
 
 const SOTW_PATH: &str =
@@ -384,9 +384,9 @@ fn sotw_warm(types: &[SotwType; 5]) -> bool {
 async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Result<()> {
     let permit = fleet.connecting.acquire().await?;
     let mut channel = connect(fleet.ads, &spec.credentials).await?;
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(8);
+    let (tx, rx) = mpsc::channel::<LiteDeltaRequest>(8);
     for (i, kind) in [XdsType::Cds, XdsType::Lds].into_iter().enumerate() {
-        tx.send(DeltaDiscoveryRequest {
+        tx.send(LiteDeltaRequest {
             node: (i == 0).then(|| spec.node()),
             type_url: kind.url().into(),
             ..Default::default()
@@ -450,10 +450,10 @@ async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Resul
                     if add.is_empty() && drop.is_empty() {
                         continue;
                     }
-                    tx.send(DeltaDiscoveryRequest {
+                    tx.send(LiteDeltaRequest {
                         type_url: t.url().into(),
-                        resource_names_subscribe: names(&fleet.memo, &add),
-                        resource_names_unsubscribe: names(&fleet.memo, &drop),
+                        subscribe: fleet.memo.request_names(&add),
+                        unsubscribe: names(&fleet.memo, &drop),
                         ..Default::default()
                     })
                     .await?;
@@ -478,7 +478,7 @@ async fn run_delta(fleet: &Fleet, spec: &ProxySpec, stats: &ProxyStats) -> Resul
                 }
             }
         }
-        tx.send(DeltaDiscoveryRequest {
+        tx.send(LiteDeltaRequest {
             type_url: kind.url().into(),
             response_nonce: response.nonce,
             ..Default::default()
