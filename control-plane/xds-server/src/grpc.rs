@@ -135,7 +135,11 @@ const PREFIX: usize = 5;
 /// The request messages of a call.
 pub(crate) struct Requests<T> {
     body: Body,
-    /// Bytes of the message being received; empty (no allocation) between messages.
+    /// The last chunk received while nothing else was waiting: a message that lies whole in it
+    /// (most requests do) is decoded from it, without a copy.
+    chunk: Bytes,
+    /// Bytes of a message that spans chunks, gathered in a buffer of the message's size; empty
+    /// (no allocation) between such messages.
     buf: BytesMut,
     max_message_size: usize,
     ended: bool,
@@ -162,6 +166,7 @@ impl<T: Decode> Requests<T> {
     pub(crate) fn new(body: Body, max_message_size: usize) -> Self {
         Requests {
             body,
+            chunk: Bytes::new(),
             buf: BytesMut::new(),
             max_message_size,
             ended: false,
@@ -177,7 +182,7 @@ impl<T: Decode> Requests<T> {
                 return Ok(Some(message));
             }
             if self.ended {
-                return if self.buf.is_empty() {
+                return if self.buf.is_empty() && self.chunk.is_empty() {
                     Ok(None)
                 } else {
                     Err(Status::internal("Unexpected EOF decoding stream."))
@@ -188,7 +193,11 @@ impl<T: Decode> Requests<T> {
                 // Trailers carry nothing for a request stream.
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        if self.buf.is_empty() && self.chunk.is_empty() {
+                            self.chunk = data;
+                        } else {
+                            self.buf.extend_from_slice(&data);
+                        }
                     }
                 }
                 Some(Err(status)) => return Err(status),
@@ -198,7 +207,47 @@ impl<T: Decode> Requests<T> {
     }
 
     fn decode_buffered(&mut self) -> Result<Option<T>, Status> {
-        let Some(prefix) = self.buf.get(..PREFIX) else {
+        if self.buf.is_empty() {
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            match self.message_len(&self.chunk)? {
+                Some(total) if total <= self.chunk.len() => {
+                    let mut message = self.chunk.split_to(total);
+                    message.advance(PREFIX);
+                    return T::decode_message(message).map(Some);
+                }
+                // The message goes on in later chunks.
+                total => {
+                    self.buf.reserve(total.unwrap_or(self.chunk.len()));
+                    self.buf.extend_from_slice(&self.chunk);
+                    self.chunk = Bytes::new();
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(total) = self.message_len(&self.buf)? else {
+            return Ok(None);
+        };
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        // Decoded from shared bytes: `bytes` fields are slices of the message, not copies.
+        let mut message = self.buf.split_to(total).freeze();
+        message.advance(PREFIX);
+        let message = T::decode_message(message)?;
+        if self.buf.is_empty() {
+            // Requests are rare (subscription changes, ACKs): free the buffer between them.
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(message))
+    }
+
+    /// The length, prefix included, of the message `received` starts with, once its prefix is
+    /// there.
+    fn message_len(&self, received: &[u8]) -> Result<Option<usize>, Status> {
+        let Some(prefix) = received.get(..PREFIX) else {
             return Ok(None);
         };
         if prefix[0] != 0 {
@@ -213,19 +262,7 @@ impl<T: Decode> Requests<T> {
                 self.max_message_size
             )));
         }
-        if self.buf.len() < PREFIX + len {
-            self.buf.reserve(PREFIX + len - self.buf.len());
-            return Ok(None);
-        }
-        // Decoded from shared bytes: `bytes` fields are slices of the message, not copies.
-        let mut message = self.buf.split_to(PREFIX + len).freeze();
-        message.advance(PREFIX);
-        let message = T::decode_message(message)?;
-        if self.buf.is_empty() {
-            // Requests are rare (subscription changes, ACKs): free the buffer between them.
-            self.buf = BytesMut::new();
-        }
-        Ok(Some(message))
+        Ok(Some(PREFIX + len))
     }
 }
 
@@ -337,6 +374,7 @@ mod tests {
                 0,
                 "nothing kept once a request is decoded"
             );
+            assert!(incoming.chunk.is_empty(), "no chunk kept once decoded");
             assert_eq!(incoming.message().await.expect("ends"), None);
         }
     }
@@ -363,6 +401,54 @@ mod tests {
             out.iter().any(|b| b.as_ptr() == large.as_ptr()),
             "a large chunk is not copied"
         );
+    }
+
+    /// A message's bytes, undecoded.
+    struct Raw(Bytes);
+
+    impl Decode for Raw {
+        fn decode_message(message: Bytes) -> Result<Self, Status> {
+            Ok(Raw(message))
+        }
+    }
+
+    /// Messages that lie whole in one chunk are its bytes; one that spans chunks is gathered in
+    /// a buffer of its own size, allocated once.
+    #[tokio::test]
+    async fn a_message_within_a_chunk_is_not_copied() {
+        let (a, b, c) = (request(2), request(3), request(1000));
+        let whole = Bytes::from([framed(&a), framed(&b)].concat());
+        let spanning = framed(&c);
+        let (first, second) = spanning.split_at(spanning.len() / 2);
+        let chunks = VecDeque::from([
+            whole.clone(),
+            Bytes::copy_from_slice(first),
+            Bytes::copy_from_slice(second),
+        ]);
+        let mut incoming: Requests<Raw> = Requests::new(Body::new(Chunks(chunks)), 1 << 20);
+        let within = |bytes: &Bytes| {
+            let range = whole.as_ptr_range();
+            range.contains(&bytes.as_ptr())
+        };
+        let Some(Raw(first)) = incoming.message().await.expect("decodes") else {
+            panic!("no first message");
+        };
+        assert!(
+            within(&first) && first == a.encode_to_vec(),
+            "first message copied"
+        );
+        let Some(Raw(second)) = incoming.message().await.expect("decodes") else {
+            panic!("no second message");
+        };
+        assert!(
+            within(&second) && second == b.encode_to_vec(),
+            "second message copied"
+        );
+        let Some(Raw(third)) = incoming.message().await.expect("decodes") else {
+            panic!("no third message");
+        };
+        assert_eq!(third, c.encode_to_vec());
+        assert!(incoming.message().await.expect("ends").is_none());
     }
 
     #[tokio::test]
