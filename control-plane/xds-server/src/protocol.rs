@@ -66,16 +66,21 @@ pub struct SotwRequest {
     pub error_detail: Option<String>,
 }
 
-/// A request's resource names as received: ranges of the request message, read as names only
-/// when the list changed. Envoy repeats every subscribed name with each ACK (a thousand names for
-/// a thousand clusters), and an unchanged list is recognised by its [`digest`](Self::digest)
-/// without a string, or even a reference-counted slice, per name.
+/// A request's resource names as received: runs of the request message's `resource_names`
+/// entries, read as names only when the list changed. Envoy repeats every subscribed name with
+/// each ACK (a thousand names for a thousand clusters), and an unchanged list is recognised by
+/// its [`digest`](Self::digest), one hash of the entries' bytes, without a string, a slice or
+/// even a range per name.
 #[derive(Clone, Default)]
 pub struct ResourceNames {
     message: Bytes,
-    /// Start and end of each name in `message`, in the request's order.
-    names: Vec<(u32, u32)>,
+    /// Start and end of each run of consecutive entries (key, length and name) in `message`;
+    /// encoders write a repeated field's entries together, so there is one run, or none.
+    runs: Vec<(u32, u32)>,
 }
+
+/// `resource_names` in `DiscoveryRequest`.
+pub(crate) const RESOURCE_NAMES_FIELD: u32 = 3;
 
 impl ResourceNames {
     /// The length-delimited fields numbered `field` of the protobuf `message` (the
@@ -83,22 +88,18 @@ impl ResourceNames {
     pub fn of_field(message: Bytes, field: u32) -> Result<Self, String> {
         use prost::encoding::{WireType, decode_key, decode_varint};
         let mut rest: &[u8] = &message;
-        let mut names = Vec::new();
+        let mut runs: Vec<(u32, u32)> = Vec::new();
         let offset = |rest: &[u8]| (message.len() - rest.len()) as u32;
         while !rest.is_empty() {
+            let entry_start = offset(rest);
             let (tag, wire_type) = decode_key(&mut rest).map_err(|e| e.to_string())?;
             let skip = match wire_type {
                 WireType::LengthDelimited => {
                     let len = decode_varint(&mut rest).map_err(|e| e.to_string())?;
-                    let len = usize::try_from(len)
+                    usize::try_from(len)
                         .ok()
                         .filter(|len| *len <= rest.len())
-                        .ok_or("buffer underflow")?;
-                    if tag == field {
-                        let start = offset(rest);
-                        names.push((start, start + len as u32));
-                    }
-                    len
+                        .ok_or("buffer underflow")?
                 }
                 _ if tag == field => {
                     return Err(format!("field {field}: invalid wire type {wire_type:?}"));
@@ -114,28 +115,76 @@ impl ResourceNames {
                 }
             };
             rest = rest.get(skip..).ok_or("buffer underflow")?;
+            if tag == field {
+                let entry_end = offset(rest);
+                match runs.last_mut() {
+                    Some((_, end)) if *end == entry_start => *end = entry_end,
+                    _ => runs.push((entry_start, entry_end)),
+                }
+            }
         }
-        Ok(ResourceNames { message, names })
+        Ok(ResourceNames { message, runs })
     }
 
-    fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        self.names
+    /// The message without these names' entries: a copy of the other fields when the names
+    /// are one run (the other fields of a request are short), else the whole message, whose
+    /// decoder skips them.
+    pub fn other_fields(&self) -> Bytes {
+        match self.runs[..] {
+            [] => self.message.clone(),
+            [(start, end)] => {
+                let (start, end) = (start as usize, end as usize);
+                let mut rest = Vec::with_capacity(self.message.len() - (end - start));
+                rest.extend_from_slice(&self.message[..start]);
+                rest.extend_from_slice(&self.message[end..]);
+                rest.into()
+            }
+            _ => self.message.clone(),
+        }
+    }
+
+    fn runs(&self) -> impl Iterator<Item = &[u8]> {
+        self.runs
             .iter()
             .map(|(start, end)| &self.message[*start as usize..*end as usize])
     }
 
-    /// A hash of the names in their order.
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.runs().flat_map(|mut run| {
+            std::iter::from_fn(move || {
+                if run.is_empty() {
+                    return None;
+                }
+                // Validated by `of_field` (or written by `From`): a key, a length, the name.
+                prost::encoding::decode_key(&mut run).ok()?;
+                let len = prost::encoding::decode_varint(&mut run).ok()? as usize;
+                let (name, rest) = run.split_at_checked(len)?;
+                run = rest;
+                Some(name)
+            })
+        })
+    }
+
+    /// A hash of the names in their order: of their entries as encoded, which say each name's
+    /// length. Two encodings of the same names (a length written in more bytes than needed)
+    /// differ, which only costs reading the names again.
     pub fn digest(&self) -> u64 {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        for name in self.slices() {
-            hasher.update(&(name.len() as u64).to_le_bytes());
-            hasher.update(name);
+        match self.runs[..] {
+            [(start, end)] => {
+                xxhash_rust::xxh3::xxh3_64(&self.message[start as usize..end as usize])
+            }
+            _ => {
+                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                for run in self.runs() {
+                    hasher.update(run);
+                }
+                hasher.digest()
+            }
         }
-        hasher.digest()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.runs.is_empty()
     }
 
     /// The names as strings. A name that is not UTF-8 (which protobuf strings must be) is read
@@ -145,18 +194,28 @@ impl ResourceNames {
     }
 }
 
+/// The names encoded as `resource_names` entries of a `DiscoveryRequest`.
 impl<S: AsRef<[u8]>> From<Vec<S>> for ResourceNames {
     fn from(names: Vec<S>) -> Self {
         let mut message = Vec::new();
-        let mut ranges = Vec::with_capacity(names.len());
         for name in &names {
-            let start = message.len() as u32;
-            message.extend_from_slice(name.as_ref());
-            ranges.push((start, message.len() as u32));
+            let name = name.as_ref();
+            prost::encoding::encode_key(
+                RESOURCE_NAMES_FIELD,
+                prost::encoding::WireType::LengthDelimited,
+                &mut message,
+            );
+            prost::encoding::encode_varint(name.len() as u64, &mut message);
+            message.extend_from_slice(name);
         }
+        let runs = if message.is_empty() {
+            Vec::new()
+        } else {
+            vec![(0, message.len() as u32)]
+        };
         ResourceNames {
             message: message.into(),
-            names: ranges,
+            runs,
         }
     }
 }
@@ -164,7 +223,7 @@ impl<S: AsRef<[u8]>> From<Vec<S>> for ResourceNames {
 /// The same names in the same order, wherever they were read from.
 impl PartialEq for ResourceNames {
     fn eq(&self, other: &Self) -> bool {
-        self.names.len() == other.names.len() && self.slices().eq(other.slices())
+        self.slices().eq(other.slices())
     }
 }
 

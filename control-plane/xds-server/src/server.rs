@@ -28,8 +28,8 @@ use crate::metrics::metrics;
 use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
 use crate::protocol::{
-    DeltaRequest, DeltaStream, ENVOY_TYPES, Event, Output, ResourceNames, Response, SotwRequest,
-    SotwStream, XdsStream, short_name,
+    DeltaRequest, DeltaStream, ENVOY_TYPES, Event, Output, RESOURCE_NAMES_FIELD, ResourceNames,
+    Response, SotwRequest, SotwStream, XdsStream, short_name,
 };
 
 /// Generous on purpose: a large mesh's CDS or EDS response can be tens of MiB, and a refused
@@ -245,16 +245,13 @@ struct SotwWireFields {
     error_detail: Option<rpc::Status>,
 }
 
-/// `resource_names` in `DiscoveryRequest`.
-const RESOURCE_NAMES_FIELD: u32 = 3;
-
 impl grpc::Decode for SotwWireRequest {
     fn decode_message(message: bytes::Bytes) -> Result<Self, Status> {
-        let fields = grpc::prost_decode(message.clone())?;
         let resource_names =
             ResourceNames::of_field(message, RESOURCE_NAMES_FIELD).map_err(|error| {
                 Status::internal(format!("failed to decode DiscoveryRequest: {error}"))
             })?;
+        let fields = grpc::prost_decode(resource_names.other_fields())?;
         Ok(SotwWireRequest {
             fields,
             resource_names,
@@ -757,7 +754,9 @@ mod tests {
                 .expect("decodes");
             let names: Vec<String> = read.resource_names.strs().map(String::from).collect();
             prop_assert_eq!(&names, &request.resource_names);
-            prop_assert_eq!(read.resource_names.clone(), ResourceNames::from(request.resource_names.clone()));
+            let listed = ResourceNames::from(request.resource_names.clone());
+            prop_assert_eq!(read.resource_names.digest(), listed.digest());
+            prop_assert_eq!(read.resource_names.clone(), listed);
             prop_assert_eq!(read.fields.version_info, request.version_info);
             prop_assert_eq!(read.fields.node, request.node);
             prop_assert_eq!(read.fields.type_url, request.type_url);
@@ -776,6 +775,50 @@ mod tests {
                 prop_assert_eq!(read.resource_names, ResourceNames::from(request.resource_names));
             }
         }
+    }
+
+    /// Names written apart, other fields between them, are read in their order, and the
+    /// other fields as prost reads them.
+    #[test]
+    fn names_apart_are_read_in_order() {
+        let type_url = DiscoveryRequest {
+            type_url: crate::protocol::CLUSTER.into(),
+            ..DiscoveryRequest::default()
+        };
+        let bytes = [
+            DiscoveryRequest {
+                resource_names: vec!["a".into()],
+                ..DiscoveryRequest::default()
+            }
+            .encode_to_vec(),
+            type_url.encode_to_vec(),
+            DiscoveryRequest {
+                resource_names: vec!["b".into(), "c".into()],
+                ..DiscoveryRequest::default()
+            }
+            .encode_to_vec(),
+        ]
+        .concat();
+        let read = SotwWireRequest::decode_message(bytes.into()).expect("decodes");
+        assert_eq!(read.fields.type_url, type_url.type_url);
+        let listed = ResourceNames::from(vec!["a", "b", "c"]);
+        assert_eq!(read.resource_names, listed);
+        assert_eq!(read.resource_names.digest(), listed.digest());
+    }
+
+    /// The digest tells names apart by where each ends, not only by their bytes.
+    #[test]
+    fn names_split_elsewhere_have_another_digest() {
+        let (joined, split) = (
+            ResourceNames::from(vec!["ab", "c"]),
+            ResourceNames::from(vec!["a", "bc"]),
+        );
+        assert_ne!(joined.digest(), split.digest());
+        assert_ne!(joined, split);
+        assert_eq!(
+            ResourceNames::from(Vec::<&str>::new()).digest(),
+            ResourceNames::default().digest()
+        );
     }
 
     #[test]
