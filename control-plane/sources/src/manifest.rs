@@ -10,10 +10,11 @@
 //! The directory is loaded once as a list (`Init`, `InitApply`…, `InitDone`), then watched with the
 //! platform's event-driven watcher (a 500 ms poll only if that cannot be set up). A burst of file
 //! system events is debounced (20 ms of quiet, at most 1 s) into one rescan, so editors that write
-//! through a temporary file and a rename are seen once, complete. A rescan reads only the files the
-//! events name (an edit in a directory of thousands costs that file); lost events, directories,
-//! symlinks and hidden entries other than plain files (a ConfigMap volume's `..data` swap) make it
-//! read the whole directory. It re-decodes only the files whose content hash changed and emits
+//! through a temporary file and a rename are seen once, complete; once every file written has
+//! been closed by its writer, 2 ms of quiet do (only a burst's next file is worth waiting for).
+//! A rescan reads only the files the events name (an edit in a directory of thousands costs that
+//! file); lost events, directories, symlinks and hidden entries other than plain files (a
+//! ConfigMap volume's `..data` swap) make it read the whole directory. It re-decodes only the files whose content hash changed and emits
 //! only the differences: `Apply` for new or changed objects, `Delete` for objects no file defines
 //! any more.
 //!
@@ -55,6 +56,9 @@ use tokio::time::Instant;
 /// is no longer than a burst's gaps need (a half-written file is only a problem reported until
 /// the next event, the last good configuration serving meanwhile).
 const QUIET: Duration = Duration::from_millis(20);
+/// The quiet awaited once every file written has been closed by its writer: the writes are
+/// complete, and only the next file of a burst (a copy of a directory) is worth waiting for.
+const SETTLED_QUIET: Duration = Duration::from_millis(2);
 /// A file rewritten continuously must still be picked up eventually.
 const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Used only when the event-driven watcher cannot be set up (e.g. inotify limits exhausted).
@@ -181,7 +185,7 @@ async fn watch(
             () = wake.notified() => {}
             () = events.closed() => return,
         }
-        debounce(&wake).await;
+        debounce(&wake, &pending).await;
         let work = std::mem::take(&mut *pending.lock());
         let rescan = tokio::task::spawn_blocking(move || {
             let batch = if work.full {
@@ -211,11 +215,12 @@ async fn watch(
     }
 }
 
-/// Waits until the file system has been quiet for [`QUIET`], or [`MAX_DELAY`] has passed.
-async fn debounce(wake: &Notify) {
+/// Waits until the file system has been quiet for [`QUIET`] ([`SETTLED_QUIET`] when no file is
+/// being written), or [`MAX_DELAY`] has passed.
+async fn debounce(wake: &Notify, pending: &Mutex<Pending>) {
     let deadline = Instant::now() + MAX_DELAY;
     loop {
-        let quiet_until = (Instant::now() + QUIET).min(deadline);
+        let quiet_until = (Instant::now() + pending.lock().quiet()).min(deadline);
         if tokio::time::timeout_at(quiet_until, wake.notified())
             .await
             .is_err()
@@ -248,6 +253,7 @@ fn start_watcher(
             {
                 let mut pending = pending.lock();
                 pending.full |= event.need_rescan() || event.paths.is_empty();
+                pending.note_writes(&event);
                 pending.paths.extend(event.paths);
             }
             wake.notify_one();
@@ -433,6 +439,40 @@ struct State {
 struct Pending {
     paths: BTreeSet<PathBuf>,
     full: bool,
+    /// Files changed and not closed by their writer since: still being written.
+    writing: BTreeSet<PathBuf>,
+}
+
+impl Pending {
+    /// Follows which files are being written. Only an event saying a write is complete (the
+    /// writer closed the file, or it left by rename or removal) ends one; a kind of event this
+    /// does not know (the polling watcher's) counts as a write in progress.
+    fn note_writes(&mut self, event: &notify::Event) {
+        use notify::event::{CreateKind, ModifyKind, RenameMode};
+        match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                for path in &event.paths {
+                    self.writing.remove(path);
+                }
+            }
+            // Complete as they happen: a directory made, a file renamed into place, metadata.
+            EventKind::Create(CreateKind::Folder)
+            | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Metadata(_))
+            | EventKind::Access(_) => {}
+            _ => self.writing.extend(event.paths.iter().cloned()),
+        }
+    }
+
+    /// How long a burst of events must pause before the files are read.
+    fn quiet(&self) -> Duration {
+        if self.writing.is_empty() {
+            SETTLED_QUIET
+        } else {
+            QUIET
+        }
+    }
 }
 
 impl State {
@@ -857,6 +897,69 @@ mod tests {
             std::fs::create_dir_all(parent).expect("create dir");
         }
         std::fs::write(path, text).expect("write manifest");
+    }
+
+    /// The platform's events, as the watcher reports them: a file is being written from its
+    /// first write until its writer closes it, and only then does a burst wait the short quiet.
+    #[tokio::test]
+    async fn a_burst_waits_the_long_quiet_only_while_a_file_is_open_for_writing() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let _watcher = start_watcher(
+            dir.path(),
+            Arc::new(Notify::new()),
+            pending.clone(),
+            Backend::EventDriven,
+        )
+        .expect("watcher");
+        let path = dir.path().join("a.yaml");
+        let until = async |what: &str, done: &dyn Fn(&Pending) -> bool| {
+            let deadline = Instant::now() + WAIT;
+            while !done(&pending.lock()) {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let mut file = std::fs::File::create(&path).expect("create");
+        file.write_all(NAMESPACE.as_bytes()).expect("write");
+        file.flush().expect("flush");
+        until("the write", &|p| p.paths.contains(&path)).await;
+        assert_eq!(pending.lock().quiet(), QUIET, "{:?}", pending.lock());
+        drop(file);
+        until("the close", &|p| p.writing.is_empty()).await;
+        assert_eq!(pending.lock().quiet(), SETTLED_QUIET);
+
+        // Written and closed at once, as editors, `cp` and `kubectl` do.
+        *pending.lock() = Pending::default();
+        let other = dir.path().join("b.yaml");
+        std::fs::write(&other, NAMESPACE).expect("write");
+        until("the write", &|p| p.paths.contains(&other)).await;
+        until("the close", &|p| p.writing.is_empty()).await;
+        // A rename into place and a removal are complete as they happen.
+        std::fs::rename(&other, dir.path().join("c.yaml")).expect("rename");
+        std::fs::remove_file(&path).expect("remove");
+        until("the removal", &|p| p.paths.contains(&path)).await;
+        assert_eq!(
+            pending.lock().quiet(),
+            SETTLED_QUIET,
+            "{:?}",
+            pending.lock()
+        );
+    }
+
+    /// Events of a kind not known to end a write (the polling watcher's) keep the long quiet.
+    #[test]
+    fn an_unknown_change_counts_as_a_write_in_progress() {
+        let mut pending = Pending::default();
+        let path = PathBuf::from("/m/a.yaml");
+        pending.note_writes(&notify::Event::new(EventKind::Any).add_path(path.clone()));
+        assert_eq!(pending.quiet(), QUIET);
+        pending.note_writes(
+            &notify::Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+                .add_path(path),
+        );
+        assert_eq!(pending.quiet(), SETTLED_QUIET);
     }
 
     struct Harness {
