@@ -344,8 +344,9 @@ async fn serve_stream<W: Wire>(
     mut incoming: Requests<W::Req>,
     tx: mpsc::Sender<Outgoing>,
 ) {
+    // Boxed: a request is large, and the task keeps room for what it holds across an await.
     let first = match incoming.message().await {
-        Ok(Some(request)) => request,
+        Ok(Some(request)) => Box::new(request),
         Ok(None) => return,
         Err(status) => {
             tracing::debug!(flavor = W::NAME, %status, "ADS stream failed before its first request");
@@ -504,15 +505,17 @@ impl<W: Wire> Session<W> {
         }
     }
 
-    async fn run(mut self, first: W::Req, mut incoming: Requests<W::Req>) {
-        if self.refresh().await.is_err() || self.on_request(first).await.is_err() {
+    /// Handling a request or a snapshot is boxed: the task of each of thousands of streams
+    /// waits in `select!` most of its life, and is as large as its largest state.
+    async fn run(mut self, first: Box<W::Req>, mut incoming: Requests<W::Req>) {
+        if self.refresh().await.is_err() || Box::pin(self.on_request(*first)).await.is_err() {
             return;
         }
         loop {
             tokio::select! {
                 request = incoming.message() => match request {
                     Ok(Some(request)) => {
-                        if self.on_request(request).await.is_err() {
+                        if Box::pin(self.on_request(request)).await.is_err() {
                             return;
                         }
                     }
@@ -539,7 +542,7 @@ impl<W: Wire> Session<W> {
                     }
                     if let Some(snapshot) = self.snapshot.clone() {
                         let output = self.machine.on_snapshot(&snapshot);
-                        if self.apply(output).await.is_err() {
+                        if Box::pin(self.apply(output)).await.is_err() {
                             return;
                         }
                     }
