@@ -138,13 +138,29 @@ pub fn translate(
 /// outbound clusters (naming the identities its servers must have) and their
 /// ClusterLoadAssignments. Built once per service and shared.
 pub fn service_resources(service: &ServiceOutbound, trust_domain: &str) -> ServiceResources {
-    let mut out = ServiceResources::default();
-    for c in &service.clusters {
-        let tunnel = is_tunnelled(c);
-        out.clusters.push(build_cluster(c, tunnel, trust_domain));
-        out.endpoints.push(load_assignment(c, tunnel));
+    ServiceResources {
+        clusters: service
+            .clusters
+            .iter()
+            .map(|c| outbound_cluster(c, trust_domain))
+            .collect(),
+        endpoints: service
+            .clusters
+            .iter()
+            .map(outbound_load_assignment)
+            .collect(),
     }
-    out
+}
+
+/// An outbound cluster of [`service_resources`]: made of [`fsm_ir::Cluster::outbound_shape`]
+/// alone.
+pub fn outbound_cluster(c: &fsm_ir::Cluster, trust_domain: &str) -> cluster::Cluster {
+    build_cluster(c, is_tunnelled(c), trust_domain)
+}
+
+/// The ClusterLoadAssignment of an outbound cluster of [`service_resources`].
+pub fn outbound_load_assignment(c: &fsm_ir::Cluster) -> endpoint::ClusterLoadAssignment {
+    load_assignment(c, is_tunnelled(c))
 }
 
 /// Secret [`names::OUTBOUND_ROOT`]: the roots every upstream sidecar's certificate must chain to.

@@ -134,12 +134,29 @@ pub struct ServiceResources {
 pub fn service_resources(
     service: &fsm_ir::ServiceOutbound,
 ) -> Result<ServiceResources, AdapterError> {
-    let mut out = ServiceResources::default();
-    for c in &service.clusters {
-        out.clusters.push(cluster(c)?);
-        out.endpoints.push(load_assignment(c));
-    }
-    Ok(out)
+    Ok(ServiceResources {
+        clusters: service
+            .clusters
+            .iter()
+            .map(outbound_cluster)
+            .collect::<Result<_, _>>()?,
+        endpoints: service
+            .clusters
+            .iter()
+            .map(outbound_load_assignment)
+            .collect(),
+    })
+}
+
+/// An outbound cluster of [`service_resources`]: made of [`fsm_ir::Cluster::outbound_shape`]
+/// alone.
+pub fn outbound_cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
+    cluster(c)
+}
+
+/// The ClusterLoadAssignment of an outbound cluster of [`service_resources`].
+pub fn outbound_load_assignment(c: &fsm_ir::Cluster) -> v1::ClusterLoadAssignment {
+    load_assignment(c)
 }
 
 /// Secret [`names::OUTBOUND_ROOT`]: the roots every upstream sidecar's certificate must chain to.

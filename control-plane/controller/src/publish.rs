@@ -45,17 +45,11 @@ pub struct Own {
 
 /// Per service and data plane: the resources every proxy that may reach it shares.
 struct SharedService {
-    /// The view entry they were built from: rebuilt only when the entry is another `Arc`.
+    /// The view entry they were built from: rebuilt only when the entry is another `Arc`, and
+    /// then only the resources of clusters that changed (see [`outbound_resources`]).
     from: Arc<ServiceOutbound>,
-    /// The messages as built, to tell which of them a change left as they were: only the
-    /// others are encoded again (an endpoint change re-encodes one ClusterLoadAssignment).
-    messages: Messages,
+    /// Per type, one resource per cluster of `from`, in its order.
     types: Resources,
-}
-
-enum Messages {
-    Envoy(fsm_adapter_envoy::ServiceResources),
-    Native(fsm_adapter_native::ServiceResources),
 }
 
 struct Shared {
@@ -293,12 +287,11 @@ fn build_shared(
             .is_none_or(|existing| existing.from.ports != outbound.ports);
         routes_changed |= ports_changed;
         let previous = shared.services.get(&outbound.service);
-        let (messages, types) = service_resources(key, outbound, previous, &mut encoded)?;
+        let types = service_resources(key, outbound, previous, &mut encoded)?;
         shared.services.insert(
             outbound.service.clone(),
             SharedService {
                 from: outbound.clone(),
-                messages,
                 types,
             },
         );
@@ -406,9 +399,6 @@ fn adapter_error(e: &dyn std::fmt::Display) -> (ErrCode, String) {
 /// Resources per type, each encoded once and shared.
 type Resources = BTreeMap<TypeUrl, Vec<Arc<Resource>>>;
 
-/// The messages of the previous build and, when there was one, their resources.
-type Previous<'a, M> = Option<(&'a [M], Option<&'a Vec<Arc<Resource>>>)>;
-
 /// Encodes each message once; the resource is shared from then on.
 fn encode<M: Message>(items: &[M], name: impl Fn(&M) -> &str) -> Vec<Arc<Resource>> {
     items
@@ -417,32 +407,62 @@ fn encode<M: Message>(items: &[M], name: impl Fn(&M) -> &str) -> Vec<Arc<Resourc
         .collect()
 }
 
-/// Encodes the messages that differ from the previous build's message of the same name, and
-/// reuses the previous resource for the others. Counts what it encoded.
-fn encode_changed<M: Message + PartialEq>(
-    items: &[M],
-    name: impl Fn(&M) -> &str,
-    previous: Previous<'_, M>,
+/// The resources of a service's outbound clusters, of the two types `[cluster, endpoints]`
+/// (each named after its cluster), built from `previous` for what changed: a cluster as it was
+/// keeps both, one whose outbound shape is as it was keeps its cluster resource (an endpoint
+/// change encodes one ClusterLoadAssignment). Comparing the IR rather than the built messages
+/// keeps no message: an Envoy cluster is 3 KiB in memory, per service. Counts what it encoded.
+fn outbound_resources<C: Message, L: Message>(
+    outbound: &ServiceOutbound,
+    previous: Option<&SharedService>,
+    [cluster_type, endpoints_type]: [TypeUrl; 2],
+    cluster: impl Fn(&fsm_ir::Cluster) -> Result<C, (ErrCode, String)>,
+    load_assignment: impl Fn(&fsm_ir::Cluster) -> L,
     encoded: &mut u64,
-) -> Vec<Arc<Resource>> {
-    let before: HashMap<&str, (&M, &Arc<Resource>)> = match previous {
-        Some((messages, Some(resources))) => messages
-            .iter()
-            .zip(resources)
-            .map(|(m, r)| (name(m), (m, r)))
-            .collect(),
-        _ => HashMap::new(),
-    };
-    items
-        .iter()
-        .map(|m| match before.get(name(m)) {
-            Some((old, resource)) if *old == m => (*resource).clone(),
-            _ => {
-                *encoded += 1;
-                Arc::new(Resource::new(name(m).to_owned(), m.encode_to_vec()))
-            }
+) -> Result<Resources, (ErrCode, String)> {
+    type Built<'a> = (&'a fsm_ir::Cluster, &'a Arc<Resource>, &'a Arc<Resource>);
+    let before: HashMap<&fsm_ir::ClusterName, Built<'_>> = previous
+        .and_then(|p| {
+            let clusters = p.types.get(cluster_type)?;
+            let endpoints = p.types.get(endpoints_type)?;
+            Some(
+                p.from
+                    .clusters
+                    .iter()
+                    .zip(clusters)
+                    .zip(endpoints)
+                    .map(|((c, cluster), endpoints)| (&c.name, (c, cluster, endpoints)))
+                    .collect(),
+            )
         })
-        .collect()
+        .unwrap_or_default();
+    let mut resource = |c: &fsm_ir::Cluster, body: Vec<u8>| {
+        *encoded += 1;
+        Arc::new(Resource::new(c.name.to_string(), body))
+    };
+    let (mut clusters, mut endpoints) = (Vec::new(), Vec::new());
+    for c in &outbound.clusters {
+        let old = before.get(&c.name);
+        let (cluster, assignment) = match old {
+            Some((old, cluster, assignment)) if *old == c => {
+                ((*cluster).clone(), (*assignment).clone())
+            }
+            Some((old, cluster, _)) if old.outbound_shape() == c.outbound_shape() => (
+                (*cluster).clone(),
+                resource(c, load_assignment(c).encode_to_vec()),
+            ),
+            _ => (
+                resource(c, cluster(c)?.encode_to_vec()),
+                resource(c, load_assignment(c).encode_to_vec()),
+            ),
+        };
+        clusters.push(cluster);
+        endpoints.push(assignment);
+    }
+    Ok(BTreeMap::from([
+        (cluster_type, clusters),
+        (endpoints_type, endpoints),
+    ]))
 }
 
 fn service_resources(
@@ -450,70 +470,36 @@ fn service_resources(
     outbound: &ServiceOutbound,
     previous: Option<&SharedService>,
     encoded: &mut u64,
-) -> Result<(Messages, Resources), (ErrCode, String)> {
-    let old = |type_url: TypeUrl| previous.and_then(|p| p.types.get(type_url));
-    Ok(match key.data_plane {
-        DataPlane::Envoy => {
-            use fsm_adapter_envoy::{CLUSTER_TYPE, ENDPOINT_TYPE};
-            let trust_domain = fsm_compiler::TRUST_DOMAIN;
-            let r = fsm_adapter_envoy::service_resources(outbound, trust_domain);
-            let before = match previous.map(|p| &p.messages) {
-                Some(Messages::Envoy(before)) => Some(before),
-                _ => None,
-            };
-            let types = BTreeMap::from([
-                (
-                    CLUSTER_TYPE,
-                    encode_changed(
-                        &r.clusters,
-                        |c| &c.name,
-                        before.map(|b| (&b.clusters[..], old(CLUSTER_TYPE))),
-                        encoded,
-                    ),
-                ),
-                (
-                    ENDPOINT_TYPE,
-                    encode_changed(
-                        &r.endpoints,
-                        |c| &c.cluster_name,
-                        before.map(|b| (&b.endpoints[..], old(ENDPOINT_TYPE))),
-                        encoded,
-                    ),
-                ),
-            ]);
-            (Messages::Envoy(r), types)
-        }
+) -> Result<Resources, (ErrCode, String)> {
+    match key.data_plane {
+        DataPlane::Envoy => outbound_resources(
+            outbound,
+            previous,
+            [
+                fsm_adapter_envoy::CLUSTER_TYPE,
+                fsm_adapter_envoy::ENDPOINT_TYPE,
+            ],
+            |c| {
+                Ok(fsm_adapter_envoy::outbound_cluster(
+                    c,
+                    fsm_compiler::TRUST_DOMAIN,
+                ))
+            },
+            fsm_adapter_envoy::outbound_load_assignment,
+            encoded,
+        ),
         DataPlane::FsmSidecar => {
             use fsm_dataplane_proto::type_url::{CLUSTER, CLUSTER_LOAD_ASSIGNMENT};
-            let r =
-                fsm_adapter_native::service_resources(outbound).map_err(|e| adapter_error(&e))?;
-            let before = match previous.map(|p| &p.messages) {
-                Some(Messages::Native(before)) => Some(before),
-                _ => None,
-            };
-            let types = BTreeMap::from([
-                (
-                    CLUSTER,
-                    encode_changed(
-                        &r.clusters,
-                        |c| &c.name,
-                        before.map(|b| (&b.clusters[..], old(CLUSTER))),
-                        encoded,
-                    ),
-                ),
-                (
-                    CLUSTER_LOAD_ASSIGNMENT,
-                    encode_changed(
-                        &r.endpoints,
-                        |c| &c.cluster_name,
-                        before.map(|b| (&b.endpoints[..], old(CLUSTER_LOAD_ASSIGNMENT))),
-                        encoded,
-                    ),
-                ),
-            ]);
-            (Messages::Native(r), types)
+            outbound_resources(
+                outbound,
+                previous,
+                [CLUSTER, CLUSTER_LOAD_ASSIGNMENT],
+                |c| fsm_adapter_native::outbound_cluster(c).map_err(|e| adapter_error(&e)),
+                fsm_adapter_native::outbound_load_assignment,
+                encoded,
+            )
         }
-    })
+    }
 }
 
 fn outbound_routes(
@@ -593,6 +579,7 @@ mod tests {
     use fsm_catalog::{CatalogSettings, decode_manifests};
     use fsm_compiler::{ProxyRef, compile_with_view};
     use fsm_ir::OutboundDetail;
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -611,6 +598,145 @@ mod tests {
             cert_chain_pem: "chain".into(),
             private_key_pem: "key".into(),
             trust_bundle_pem: "bundle".into(),
+        }
+    }
+
+    fn outbound_cluster(endpoints: Vec<fsm_ir::Endpoint>) -> fsm_ir::Cluster {
+        let service = fsm_ir::ServiceRef {
+            namespace: "demo".into(),
+            name: "httpbin".into(),
+        };
+        fsm_ir::Cluster {
+            name: fsm_ir::ClusterName::outbound(&service, 14001),
+            kind: fsm_ir::ClusterKind::Outbound,
+            service,
+            protocol: fsm_ir::Protocol::Http,
+            endpoints,
+            connect_timeout_ms: 1000,
+        }
+    }
+
+    fn endpoint(last: u8, service_account: Option<&str>) -> fsm_ir::Endpoint {
+        fsm_ir::Endpoint {
+            ip: std::net::IpAddr::from([10, 0, 0, last]),
+            port: 14001,
+            meshed: service_account.is_some(),
+            identity: service_account.map(|sa| fsm_ir::ServiceIdentity::new(sa, "demo")),
+            workload: None,
+        }
+    }
+
+    /// Rebuilt for what changed only: nothing for the same IR, the ClusterLoadAssignment for
+    /// new addresses, both when the identities its servers present change.
+    #[test]
+    fn a_service_rebuild_encodes_what_its_change_touched() {
+        let key = SharedKey {
+            data_plane: DataPlane::Envoy,
+            trust_bundle: "bundle".into(),
+        };
+        let build = |clusters: Vec<fsm_ir::Cluster>, previous: Option<&SharedService>| {
+            let outbound = Arc::new(ServiceOutbound {
+                service: clusters[0].service.clone(),
+                ports: vec![],
+                clusters,
+            });
+            let mut encoded = 0;
+            let types = service_resources(&key, &outbound, previous, &mut encoded).expect("builds");
+            (
+                SharedService {
+                    from: outbound,
+                    types,
+                },
+                encoded,
+            )
+        };
+        let resources = |s: &SharedService| -> [Arc<Resource>; 2] {
+            [
+                s.types[fsm_adapter_envoy::CLUSTER_TYPE][0].clone(),
+                s.types[fsm_adapter_envoy::ENDPOINT_TYPE][0].clone(),
+            ]
+        };
+        let first = vec![outbound_cluster(vec![
+            endpoint(1, Some("httpbin")),
+            endpoint(2, Some("httpbin")),
+        ])];
+        let (built, encoded) = build(first.clone(), None);
+        assert_eq!(encoded, 2);
+        let [cluster, assignment] = resources(&built);
+
+        let (same, encoded) = build(first, Some(&built));
+        assert_eq!(encoded, 0, "the same IR encodes nothing");
+        assert!(
+            Arc::ptr_eq(&resources(&same)[0], &cluster)
+                && Arc::ptr_eq(&resources(&same)[1], &assignment)
+        );
+
+        let moved = vec![outbound_cluster(vec![
+            endpoint(1, Some("httpbin")),
+            endpoint(3, Some("httpbin")),
+        ])];
+        let (moved, encoded) = build(moved, Some(&same));
+        assert_eq!(encoded, 1, "a new address: the ClusterLoadAssignment only");
+        let [moved_cluster, moved_assignment] = resources(&moved);
+        assert!(Arc::ptr_eq(&moved_cluster, &cluster));
+        assert_ne!(moved_assignment.version, assignment.version);
+
+        let other = vec![outbound_cluster(vec![
+            endpoint(1, Some("httpbin")),
+            endpoint(3, Some("legacy")),
+        ])];
+        let (other, encoded) = build(other, Some(&moved));
+        assert_eq!(
+            encoded, 2,
+            "another server identity: the cluster's SANs change too"
+        );
+        assert_ne!(resources(&other)[0].version, cluster.version);
+    }
+
+    fn any_endpoint() -> impl Strategy<Value = fsm_ir::Endpoint> {
+        (0u8..4, 1u16..3, proptest::option::of(prop_oneof!["a", "b"])).prop_map(
+            |(last, port, service_account)| fsm_ir::Endpoint {
+                port,
+                ..endpoint(last, service_account.as_deref())
+            },
+        )
+    }
+
+    fn any_outbound_cluster() -> impl Strategy<Value = fsm_ir::Cluster> {
+        (
+            proptest::collection::vec(any_endpoint(), 0..4),
+            prop_oneof![
+                Just(fsm_ir::Protocol::Http),
+                Just(fsm_ir::Protocol::Grpc),
+                Just(fsm_ir::Protocol::Tcp),
+                Just(fsm_ir::Protocol::TcpServerFirst),
+            ],
+            prop_oneof![Just(1000u64), Just(2000)],
+        )
+            .prop_map(
+                |(endpoints, protocol, connect_timeout_ms)| fsm_ir::Cluster {
+                    protocol,
+                    connect_timeout_ms,
+                    ..outbound_cluster(endpoints)
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// What lets a rebuild keep a cluster whose endpoints changed: both adapters make an
+        /// outbound cluster of its shape alone.
+        #[test]
+        fn equal_outbound_shapes_make_equal_clusters(a in any_outbound_cluster(), b in any_outbound_cluster()) {
+            if a.outbound_shape() == b.outbound_shape() {
+                prop_assert_eq!(
+                    fsm_adapter_envoy::outbound_cluster(&a, "cluster.local"),
+                    fsm_adapter_envoy::outbound_cluster(&b, "cluster.local")
+                );
+                prop_assert_eq!(
+                    fsm_adapter_native::outbound_cluster(&a),
+                    fsm_adapter_native::outbound_cluster(&b)
+                );
+            }
         }
     }
 

@@ -328,6 +328,35 @@ impl Cluster {
             .collect();
         set.into_iter().collect()
     }
+
+    /// What a data plane's cluster is made of when its endpoints come by EDS (outbound): all
+    /// but the endpoints, of which only whether some are meshed and the identities they
+    /// present count; the addresses go in the ClusterLoadAssignment. Adapters hold to it (the
+    /// controller's tests check that equal shapes make equal clusters in each), so an endpoint
+    /// change that leaves the shape as it was encodes no cluster again.
+    pub fn outbound_shape(&self) -> OutboundClusterShape<'_> {
+        OutboundClusterShape {
+            name: &self.name,
+            kind: self.kind,
+            service: &self.service,
+            protocol: self.protocol,
+            connect_timeout_ms: self.connect_timeout_ms,
+            meshed: self.has_meshed_endpoints(),
+            server_identities: self.server_identities(),
+        }
+    }
+}
+
+/// See [`Cluster::outbound_shape`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboundClusterShape<'a> {
+    pub name: &'a ClusterName,
+    pub kind: ClusterKind,
+    pub service: &'a ServiceRef,
+    pub protocol: Protocol,
+    pub connect_timeout_ms: u64,
+    pub meshed: bool,
+    pub server_identities: Vec<&'a ServiceIdentity>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
