@@ -305,6 +305,25 @@ impl Catalog {
     }
 
     /// The policy object stored under `key`.
+    /// The policies of `kind` in `namespace`, in name order: what a proxy there reads, without
+    /// walking the other namespaces' (policies select workloads of their own namespace).
+    pub fn policies_in<'a>(
+        &'a self,
+        kind: Kind,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a MeshObject> + 'a {
+        self.policies
+            .range(
+                ObjectKey {
+                    kind,
+                    namespace: namespace.to_owned(),
+                    name: String::new(),
+                }..,
+            )
+            .take_while(move |(key, _)| key.kind == kind && key.namespace == namespace)
+            .map(|(_, object)| object)
+    }
+
     pub fn policy(&self, key: &ObjectKey) -> Option<&MeshObject> {
         self.policies.get(key)
     }
@@ -1079,6 +1098,30 @@ spec:
         let (mut objects, errors) = decode_manifests("tt.yaml", TRAFFIC_TARGET);
         assert!(errors.is_empty(), "{errors:?}");
         objects.remove(0)
+    }
+
+    #[test]
+    fn policies_of_one_namespace_are_read_without_the_others() {
+        let mut catalog = catalog();
+        for (namespace, name) in [("aaa", "x"), ("app", "b"), ("app", "a"), ("zzz", "y")] {
+            let MeshObject::TrafficTarget(mut tt) = traffic_target() else {
+                panic!("not a TrafficTarget")
+            };
+            tt.metadata.namespace = Some(namespace.into());
+            tt.metadata.name = Some(name.into());
+            tt.spec.destination.namespace = namespace.into();
+            assert!(catalog.apply(MeshObject::TrafficTarget(tt)));
+        }
+        let names = |namespace| -> Vec<String> {
+            catalog
+                .policies_in(Kind::TrafficTarget, namespace)
+                .map(|o| o.metadata().name.clone().unwrap_or_default())
+                .collect()
+        };
+        assert_eq!(names("app"), ["a", "b"]);
+        assert_eq!(names("aaa"), ["x"]);
+        assert!(names("ap").is_empty() && names("none").is_empty());
+        assert_eq!(catalog.policies_in(Kind::HTTPRouteGroup, "app").count(), 0);
     }
 
     #[test]

@@ -5,16 +5,21 @@
 //! service can reach every other one, HTTP ports get L7 routes and TCP ports plain TCP proxying.
 //! In SMI mode (permissive off) inbound traffic is denied until SMI policies allow it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
+use fsm_catalog::{
+    Catalog, Kind, MeshObject, ObjectKey, PodRecord, ServicePortRecord, ServiceRecord,
+};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
+use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
+use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
-    InboundService, MeshSettings, OutboundDetail, OutboundService, Protocol, ProxyInfo, ProxyIr,
-    RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
+    InboundService, MeshSettings, OutboundDetail, OutboundService, PathMatch, Protocol, ProxyInfo,
+    ProxyIr, RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster,
+    WorkloadRef,
 };
 
 mod view;
@@ -275,7 +280,7 @@ struct Compiler<'a> {
     warnings: Vec<Warning>,
 }
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
     /// The outbound entries of one service's ports (none for an ExternalName service).
     fn outbound(&mut self, svc: &ServiceRecord) -> Vec<OutboundService> {
         let mut out = Vec::new();
@@ -333,12 +338,9 @@ impl Compiler<'_> {
 
     /// Inbound ports of the pod; the sidecar reaches the application at `app_ip`.
     fn inbound(&mut self, pod: &PodRecord, app_ip: IpAddr) -> Vec<InboundPort> {
-        let allowed = if self.mesh.permissive_traffic_policy_mode {
-            AllowedSources::Any
-        } else {
-            // SMI mode with no SMI policy compiled yet: deny everything, as FSM does.
-            AllowedSources::Identities(vec![])
-        };
+        // SMI mode: only what TrafficTargets allow (nothing without one, as FSM does).
+        let access = (!self.mesh.permissive_traffic_policy_mode)
+            .then(|| self.smi_access(pod.namespace(), pod.service_account()));
         let mut ports: BTreeMap<u16, InboundPort> = BTreeMap::new();
         for svc in self.catalog.services_selecting(pod) {
             let service = service_ref(svc);
@@ -380,23 +382,44 @@ impl Compiler<'_> {
                         format!("service {service} port {number} declares {protocol:?} for target port {target_port}, already used as {:?}; keeping {:?}", entry.protocol, entry.protocol),
                     );
                 }
-                let routes = if entry.protocol.is_http() {
-                    vec![wildcard_route(
-                        vec![WeightedCluster {
-                            cluster: local_cluster.clone(),
-                            weight: 100,
-                        }],
-                        allowed.clone(),
-                    )]
-                } else {
-                    vec![]
+                let backends = vec![WeightedCluster {
+                    cluster: local_cluster.clone(),
+                    weight: 100,
+                }];
+                let (routes, allowed) = match &access {
+                    None if entry.protocol.is_http() => (
+                        vec![wildcard_route(backends, AllowedSources::Any)],
+                        AllowedSources::Any,
+                    ),
+                    None => (vec![], AllowedSources::Any),
+                    Some(access) if entry.protocol.is_http() => {
+                        let routes: Vec<HttpRoute> = access
+                            .http
+                            .iter()
+                            .map(|(matches, sources)| HttpRoute {
+                                matches: matches.clone(),
+                                backends: backends.clone(),
+                                allowed: AllowedSources::Identities(sources.clone()),
+                                timeout_ms: None,
+                                retry: None,
+                            })
+                            .collect();
+                        // No rule: one route that denies everyone, so the port still answers 403.
+                        let routes = if routes.is_empty() {
+                            vec![wildcard_route(backends, AllowedSources::Identities(vec![]))]
+                        } else {
+                            routes
+                        };
+                        (routes, AllowedSources::Identities(vec![]))
+                    }
+                    Some(access) => (vec![], access.tcp_sources(number, target_port)),
                 };
                 entry.services.push(InboundService {
                     service: service.clone(),
                     port: number,
                     hosts: host_aliases(&service, number),
                     routes,
-                    allowed: allowed.clone(),
+                    allowed,
                     local_cluster,
                 });
             }
@@ -456,6 +479,112 @@ impl Compiler<'_> {
         }
     }
 
+    /// What the TrafficTargets of `namespace` whose destination is its service account
+    /// `service_account` allow. A TrafficTarget governs its own namespace's service accounts (a
+    /// destination elsewhere is ignored, as FSM does); its rules name route groups of that
+    /// namespace.
+    fn smi_access(&mut self, namespace: &str, service_account: &str) -> SmiAccess {
+        let mut http: BTreeMap<RouteMatch, BTreeSet<ServiceIdentity>> = BTreeMap::new();
+        let mut tcp: Vec<(Vec<u16>, BTreeSet<ServiceIdentity>)> = Vec::new();
+        let targets: Vec<&TrafficTarget> = self
+            .catalog
+            .policies_in(Kind::TrafficTarget, namespace)
+            .filter_map(|o| match o {
+                MeshObject::TrafficTarget(tt) => Some(tt),
+                _ => None,
+            })
+            .collect();
+        for tt in targets {
+            let tt_name = tt.metadata.name.as_deref().unwrap_or_default();
+            let destination = &tt.spec.destination;
+            if destination.kind != "ServiceAccount"
+                || destination.name != service_account
+                || destination.namespace_or(namespace) != namespace
+            {
+                continue;
+            }
+            let sources: BTreeSet<ServiceIdentity> = tt
+                .spec
+                .sources
+                .iter()
+                .filter(|s| s.kind == "ServiceAccount")
+                .map(|s| ServiceIdentity {
+                    service_account: s.name.clone(),
+                    namespace: s.namespace_or(namespace).to_owned(),
+                })
+                .collect();
+            for (i, rule) in tt.spec.rules.iter().enumerate() {
+                let field = format!("TrafficTarget {namespace}/{tt_name} spec.rules[{i}]");
+                match rule.kind {
+                    TrafficTargetRuleKind::HttpRouteGroup => {
+                        let Some(group) = self.http_route_group(namespace, &rule.name) else {
+                            self.warn(ErrCode::E2009, format!("{field}: HTTPRouteGroup {namespace}/{} does not exist; the rule allows nothing", rule.name));
+                            continue;
+                        };
+                        for wanted in &rule.matches {
+                            if !group.spec.matches.iter().any(|m| &m.name == wanted) {
+                                self.warn(ErrCode::E2009, format!("{field}: HTTPRouteGroup {namespace}/{} has no match named {wanted:?}", rule.name));
+                            }
+                        }
+                        let selected =
+                            group.spec.matches.iter().filter(|m| {
+                                rule.matches.is_empty() || rule.matches.contains(&m.name)
+                            });
+                        for m in selected {
+                            http.entry(route_match(m))
+                                .or_default()
+                                .extend(sources.iter().cloned());
+                        }
+                    }
+                    TrafficTargetRuleKind::TcpRoute => {
+                        let Some(route) = self.tcp_route(namespace, &rule.name) else {
+                            self.warn(ErrCode::E2009, format!("{field}: TCPRoute {namespace}/{} does not exist; the rule allows nothing", rule.name));
+                            continue;
+                        };
+                        tcp.push((route.spec.matches.ports.clone(), sources.clone()));
+                    }
+                    TrafficTargetRuleKind::UdpRoute => {
+                        self.warn(
+                            ErrCode::E2009,
+                            format!(
+                                "{field}: UDPRoute rules are not supported; the rule allows nothing"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        SmiAccess {
+            http: http
+                .into_iter()
+                .map(|(m, ids)| (m, ids.into_iter().collect()))
+                .collect(),
+            tcp,
+        }
+    }
+
+    fn http_route_group(&self, namespace: &str, name: &str) -> Option<&'a HTTPRouteGroup> {
+        match self.catalog.policy(&ObjectKey {
+            kind: Kind::HTTPRouteGroup,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }) {
+            Some(MeshObject::HTTPRouteGroup(group)) => Some(group),
+            _ => None,
+        }
+    }
+
+    fn tcp_route(&self, namespace: &str, name: &str) -> Option<&'a TCPRoute> {
+        match self.catalog.policy(&ObjectKey {
+            kind: Kind::TCPRoute,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }) {
+            Some(MeshObject::TCPRoute(route)) => Some(route),
+            _ => None,
+        }
+    }
+
     fn warn(&mut self, code: ErrCode, message: String) {
         self.warnings.push(Warning { code, message });
     }
@@ -465,6 +594,54 @@ pub(crate) fn service_ref(svc: &ServiceRecord) -> ServiceRef {
     ServiceRef {
         namespace: svc.namespace().to_owned(),
         name: svc.name().to_owned(),
+    }
+}
+
+/// What SMI policies allow into one pod: per HTTP match, the identities allowed (routes with
+/// the same match from several rules are one route allowing all their sources); per TCPRoute
+/// rule, its ports (empty: all) and sources.
+struct SmiAccess {
+    http: Vec<(RouteMatch, Vec<ServiceIdentity>)>,
+    tcp: Vec<(Vec<u16>, BTreeSet<ServiceIdentity>)>,
+}
+
+impl SmiAccess {
+    /// Who may open connections to the TCP service port `port`, which the pod serves on
+    /// `target_port`. A TCPRoute port may name either: SMI says "destination port", and users
+    /// write the one they know (FSM's examples have both equal).
+    fn tcp_sources(&self, port: u16, target_port: u16) -> AllowedSources {
+        let ids: BTreeSet<&ServiceIdentity> = self
+            .tcp
+            .iter()
+            .filter(|(ports, _)| {
+                ports.is_empty() || ports.contains(&port) || ports.contains(&target_port)
+            })
+            .flat_map(|(_, ids)| ids)
+            .collect();
+        AllowedSources::Identities(ids.into_iter().cloned().collect())
+    }
+}
+
+/// An HTTPRouteGroup match as a route match: the path regex (absent: any path), the methods
+/// (`*` or none: any), the header regexes.
+fn route_match(m: &HttpMatch) -> RouteMatch {
+    let methods: Vec<String> = m.methods.iter().map(|m| m.as_str().to_owned()).collect();
+    RouteMatch {
+        path: PathMatch::Regex(if m.path_regex.is_empty() {
+            ".*".to_owned()
+        } else {
+            m.path_regex.clone()
+        }),
+        methods: if methods.iter().any(|m| m == "*") {
+            vec![]
+        } else {
+            methods
+        },
+        headers: m
+            .header_map()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
     }
 }
 

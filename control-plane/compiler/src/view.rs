@@ -32,12 +32,29 @@ pub struct MeshView {
 }
 
 /// Kinds whose change can alter what any proxy may reach or how: everything is recompiled.
-/// (SMI and FSM policies are here until the compiler reads them; issue 17 narrows them to the
-/// proxies and services they select.)
+/// (FSM policies and TrafficSplit are here until the compiler reads them; issue 17 narrows them
+/// to the proxies and services they select.)
 fn touches_everything(kind: Kind) -> bool {
     !matches!(
         kind,
-        Kind::Service | Kind::Endpoints | Kind::EndpointSlice | Kind::Pod | Kind::ServiceAccount
+        Kind::Service
+            | Kind::Endpoints
+            | Kind::EndpointSlice
+            | Kind::Pod
+            | Kind::ServiceAccount
+            | Kind::TrafficTarget
+            | Kind::HTTPRouteGroup
+            | Kind::TCPRoute
+    )
+}
+
+/// SMI access policies: they decide what enters the pods of their own namespace (a
+/// TrafficTarget's destination is a service account there, its rules name route groups there),
+/// and nothing of what any proxy reaches.
+fn governs_its_namespace_inbound(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute
     )
 }
 
@@ -175,7 +192,7 @@ pub enum ProxyScope {
         /// Proxies claiming these UUIDs (their pod, or a pod copying the label, changed).
         uuids: BTreeSet<String>,
         /// Proxies whose pods are in these namespaces (a Service there changed: which of
-        /// their ports it exposes may have changed).
+        /// their ports it exposes may have changed; or an SMI access policy there did).
         namespaces: BTreeSet<String>,
     },
 }
@@ -190,7 +207,7 @@ impl ProxyScope {
             namespaces: changes
                 .objects
                 .iter()
-                .filter(|k| k.kind == Kind::Service)
+                .filter(|k| k.kind == Kind::Service || governs_its_namespace_inbound(k.kind))
                 .map(|k| k.namespace.clone())
                 .collect(),
         }
@@ -318,6 +335,30 @@ mod tests {
         );
         let entry = view.get(&service("tcp-echo")).expect("entry");
         assert!(!entry.outbound.clusters[0].endpoints[0].meshed);
+    }
+
+    /// An SMI access policy recompiles the proxies of its namespace and no shared entry.
+    #[test]
+    fn an_smi_access_policy_recompiles_its_namespace_only() {
+        let (mut catalog, _) = demo();
+        let mut view = MeshView::build(&catalog);
+        let (objects, errors) = fsm_catalog::decode_manifests(
+            "tt.yaml",
+            "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: allow, namespace: demo}\nspec:\n  destination: {kind: ServiceAccount, name: httpbin, namespace: demo}\n  sources: [{kind: ServiceAccount, name: curl, namespace: demo}]\n  rules: [{kind: HTTPRouteGroup, name: routes}]\n---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {name: routes, namespace: demo}\nspec:\n  matches: [{name: all, pathRegex: '.*'}]\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        for object in objects {
+            assert!(catalog.apply(object));
+        }
+        let changes = catalog.take_changes();
+        assert_eq!(
+            ProxyScope::of(&changes),
+            ProxyScope::Some {
+                uuids: BTreeSet::new(),
+                namespaces: BTreeSet::from(["demo".to_string()])
+            }
+        );
+        assert!(view.refresh(&catalog, &changes).is_empty());
     }
 
     #[test]
