@@ -393,6 +393,8 @@ impl<'a> Compiler<'a> {
                     ),
                     None => (vec![], AllowedSources::Any),
                     Some(access) if entry.protocol.is_http() => {
+                        // A request no rule matches is denied (403), not "no route" (404):
+                        // the last route matches everything and admits nobody.
                         let routes: Vec<HttpRoute> = access
                             .http
                             .iter()
@@ -403,13 +405,11 @@ impl<'a> Compiler<'a> {
                                 timeout_ms: None,
                                 retry: None,
                             })
+                            .chain([wildcard_route(
+                                backends.clone(),
+                                AllowedSources::Identities(vec![]),
+                            )])
                             .collect();
-                        // No rule: one route that denies everyone, so the port still answers 403.
-                        let routes = if routes.is_empty() {
-                            vec![wildcard_route(backends, AllowedSources::Identities(vec![]))]
-                        } else {
-                            routes
-                        };
                         (routes, AllowedSources::Identities(vec![]))
                     }
                     Some(access) => (vec![], access.tcp_sources(number, target_port)),
