@@ -139,14 +139,14 @@ async fn modes_switch_live(plane: &str, subnet: u8) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissive_and_smi_modes_switch_live_with_envoy() {
-    if let Err(err) = modes_switch_live("envoy", 40).await {
+    if let Err(err) = modes_switch_live("envoy", 52).await {
         panic!("{err:#}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permissive_and_smi_modes_switch_live_with_fsm_sidecar() {
-    if let Err(err) = modes_switch_live("fsm-sidecar", 41).await {
+    if let Err(err) = modes_switch_live("fsm-sidecar", 53).await {
         panic!("{err:#}");
     }
 }
