@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_errcode::ErrCode;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -153,6 +154,10 @@ pub struct ChangeSet {
     pub pod_uuids: BTreeSet<String>,
     /// Addresses of changed pods, old and new.
     pub pod_ips: BTreeSet<IpAddr>,
+    /// Service accounts (namespace, name) whose pods' inbound access an SMI policy change may
+    /// have changed: the destinations of changed TrafficTargets, old and new, and of the
+    /// TrafficTargets whose rules name a changed HTTPRouteGroup or TCPRoute.
+    pub access_destinations: BTreeSet<(String, String)>,
 }
 
 impl ChangeSet {
@@ -431,6 +436,9 @@ impl Catalog {
         // The old version's references matter too (a pod that moved, a slice that changed service).
         self.delete(&key);
         self.changes.objects.insert(key.clone());
+        if let Record::Policy(object) = &record {
+            self.note_access_destinations(&key, object);
+        }
         match record {
             Record::Namespace(r) => {
                 let name = self.strings.intern(&key.name);
@@ -540,12 +548,55 @@ impl Catalog {
                 .get(ns, name)
                 .map(|pod| self.changes.pod(&pod.record))
                 .is_some(),
+            Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute => {
+                match self.policies.get(key).cloned() {
+                    Some(old) => {
+                        self.note_access_destinations(key, &old);
+                        true
+                    }
+                    None => false,
+                }
+            }
             _ => self.contains(key),
         };
         if present {
             self.changes.objects.insert(key.clone());
         }
         self.remove(key)
+    }
+
+    /// Notes whose inbound access the SMI access policy `object` (stored under `key`) decides:
+    /// a TrafficTarget's destination, or the destinations of the TrafficTargets of its namespace
+    /// whose rules name the route group `object` is.
+    fn note_access_destinations(&mut self, key: &ObjectKey, object: &MeshObject) {
+        let destination = |tt: &TrafficTarget| {
+            let d = &tt.spec.destination;
+            (d.namespace_or(&key.namespace).to_owned(), d.name.clone())
+        };
+        let rule_kind = match object {
+            MeshObject::TrafficTarget(tt) => {
+                self.changes.access_destinations.insert(destination(tt));
+                return;
+            }
+            MeshObject::HTTPRouteGroup(_) => TrafficTargetRuleKind::HttpRouteGroup,
+            MeshObject::TCPRoute(_) => TrafficTargetRuleKind::TcpRoute,
+            _ => return,
+        };
+        let naming: Vec<(String, String)> = self
+            .policies_in(Kind::TrafficTarget, &key.namespace)
+            .filter_map(|o| match o {
+                MeshObject::TrafficTarget(tt) => Some(tt),
+                _ => None,
+            })
+            .filter(|tt| {
+                tt.spec
+                    .rules
+                    .iter()
+                    .any(|r| r.kind == rule_kind && r.name == key.name)
+            })
+            .map(destination)
+            .collect();
+        self.changes.access_destinations.extend(naming);
     }
 
     /// What changed since the last call; the next call starts afresh.
@@ -1098,6 +1149,53 @@ spec:
         let (mut objects, errors) = decode_manifests("tt.yaml", TRAFFIC_TARGET);
         assert!(errors.is_empty(), "{errors:?}");
         objects.remove(0)
+    }
+
+    /// Whose inbound an SMI access change may change: a TrafficTarget's destination, old and
+    /// new, and the destinations of the TrafficTargets naming a changed route group.
+    #[test]
+    fn access_policy_changes_name_their_destinations() {
+        let mut catalog = catalog();
+        let destinations = |catalog: &mut Catalog| -> Vec<(String, String)> {
+            catalog
+                .take_changes()
+                .access_destinations
+                .into_iter()
+                .collect()
+        };
+        let pair = |sa: &str| ("app".to_string(), sa.to_string());
+        let good = traffic_target();
+        assert!(catalog.apply(good.clone()));
+        assert_eq!(destinations(&mut catalog), [pair("httpbin")]);
+
+        let MeshObject::TrafficTarget(mut moved) = good.clone() else {
+            panic!("not a TrafficTarget")
+        };
+        moved.spec.destination.name = "bookstore".into();
+        assert!(catalog.apply(MeshObject::TrafficTarget(moved)));
+        assert_eq!(
+            destinations(&mut catalog),
+            [pair("bookstore"), pair("httpbin")],
+            "the old destination loses access, the new one gains it"
+        );
+
+        let group = |name: &str| {
+            let (mut objects, errors) = decode_manifests(
+                "g.yaml",
+                &format!(
+                    "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: {name}, namespace: app}}\nspec:\n  matches: [{{name: all, pathRegex: '.*'}}]\n"
+                ),
+            );
+            assert!(errors.is_empty(), "{errors:?}");
+            objects.remove(0)
+        };
+        assert!(catalog.apply(group("routes")));
+        assert_eq!(destinations(&mut catalog), [pair("bookstore")]);
+        assert!(catalog.apply(group("unnamed")));
+        assert!(destinations(&mut catalog).is_empty());
+
+        assert!(catalog.delete(&good.key()));
+        assert_eq!(destinations(&mut catalog), [pair("bookstore")]);
     }
 
     #[test]

@@ -393,8 +393,12 @@ impl<'a> Compiler<'a> {
                     ),
                     None => (vec![], AllowedSources::Any),
                     Some(access) if entry.protocol.is_http() => {
-                        // A request no rule matches is denied (403), not "no route" (404):
-                        // the last route matches everything and admits nobody.
+                        // Routes are tried in order and the first that matches decides, as
+                        // in FSM/OSM (per-route RBAC): a request two different matches
+                        // select is checked against the first one's sources only; equal
+                        // matches are one route admitting all their sources. A request no
+                        // rule matches is denied (403), not "no route" (404): the last route
+                        // matches everything and admits nobody.
                         let routes: Vec<HttpRoute> = access
                             .http
                             .iter()

@@ -48,16 +48,6 @@ fn touches_everything(kind: Kind) -> bool {
     )
 }
 
-/// SMI access policies: they decide what enters the pods of their own namespace (a
-/// TrafficTarget's destination is a service account there, its rules name route groups there),
-/// and nothing of what any proxy reaches.
-fn governs_its_namespace_inbound(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute
-    )
-}
-
 impl MeshView {
     pub fn build(catalog: &Catalog) -> Self {
         let mut view = MeshView::default();
@@ -192,8 +182,11 @@ pub enum ProxyScope {
         /// Proxies claiming these UUIDs (their pod, or a pod copying the label, changed).
         uuids: BTreeSet<String>,
         /// Proxies whose pods are in these namespaces (a Service there changed: which of
-        /// their ports it exposes may have changed; or an SMI access policy there did).
+        /// their ports it exposes may have changed).
         namespaces: BTreeSet<String>,
+        /// Proxies running as these service accounts (namespace, name): an SMI access policy
+        /// whose destination they are changed.
+        service_accounts: BTreeSet<(String, String)>,
     },
 }
 
@@ -207,24 +200,36 @@ impl ProxyScope {
             namespaces: changes
                 .objects
                 .iter()
-                .filter(|k| k.kind == Kind::Service || governs_its_namespace_inbound(k.kind))
+                .filter(|k| k.kind == Kind::Service)
                 .map(|k| k.namespace.clone())
                 .collect(),
+            // SMI access policies decide what enters their destinations' pods, and nothing of
+            // what any proxy reaches.
+            service_accounts: changes.access_destinations.clone(),
         }
     }
 
-    /// Whether the proxy `uuid` whose pod is in `namespace` must be recompiled.
-    pub fn covers(&self, uuid: &str, namespace: &str) -> bool {
+    /// Whether the proxy `uuid` whose pod is in `namespace` and runs as `service_account`
+    /// must be recompiled.
+    pub fn covers(&self, uuid: &str, namespace: &str, service_account: &str) -> bool {
         match self {
             ProxyScope::All => true,
-            ProxyScope::Some { uuids, namespaces } => {
-                uuids.contains(uuid) || namespaces.contains(namespace)
+            ProxyScope::Some {
+                uuids,
+                namespaces,
+                service_accounts,
+            } => {
+                uuids.contains(uuid)
+                    || namespaces.contains(namespace)
+                    || (!service_accounts.is_empty()
+                        && service_accounts
+                            .contains(&(namespace.to_owned(), service_account.to_owned())))
             }
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        matches!(self, ProxyScope::Some { uuids, namespaces } if uuids.is_empty() && namespaces.is_empty())
+        matches!(self, ProxyScope::Some { uuids, namespaces, service_accounts } if uuids.is_empty() && namespaces.is_empty() && service_accounts.is_empty())
     }
 }
 
@@ -283,7 +288,8 @@ mod tests {
             ProxyScope::of(&changes),
             ProxyScope::Some {
                 uuids: BTreeSet::new(),
-                namespaces: BTreeSet::new()
+                namespaces: BTreeSet::new(),
+                service_accounts: BTreeSet::new(),
             },
             "no proxy's own part depends on endpoints"
         );
@@ -327,8 +333,8 @@ mod tests {
             .next()
             .expect("the pod's uuid")
             .clone();
-        assert!(scope.covers(&uuid, "demo"));
-        assert!(!scope.covers("another-proxy", "demo"));
+        assert!(scope.covers(&uuid, "demo", "httpbin"));
+        assert!(!scope.covers("another-proxy", "demo", "httpbin"));
         assert_eq!(
             view.refresh(&catalog, &changes),
             BTreeSet::from([service("tcp-echo")])
@@ -337,9 +343,9 @@ mod tests {
         assert!(!entry.outbound.clusters[0].endpoints[0].meshed);
     }
 
-    /// An SMI access policy recompiles the proxies of its namespace and no shared entry.
+    /// An SMI access policy recompiles the proxies of its destination and no shared entry.
     #[test]
-    fn an_smi_access_policy_recompiles_its_namespace_only() {
+    fn an_smi_access_policy_recompiles_its_destination_only() {
         let (mut catalog, _) = demo();
         let mut view = MeshView::build(&catalog);
         let (objects, errors) = fsm_catalog::decode_manifests(
@@ -355,7 +361,8 @@ mod tests {
             ProxyScope::of(&changes),
             ProxyScope::Some {
                 uuids: BTreeSet::new(),
-                namespaces: BTreeSet::from(["demo".to_string()])
+                namespaces: BTreeSet::new(),
+                service_accounts: BTreeSet::from([("demo".to_string(), "httpbin".to_string())]),
             }
         );
         assert!(view.refresh(&catalog, &changes).is_empty());
@@ -371,7 +378,8 @@ mod tests {
             ProxyScope::of(&changes),
             ProxyScope::Some {
                 uuids: BTreeSet::new(),
-                namespaces: BTreeSet::from(["demo".to_string()])
+                namespaces: BTreeSet::from(["demo".to_string()]),
+                service_accounts: BTreeSet::new(),
             }
         );
         assert_eq!(

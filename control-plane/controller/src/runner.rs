@@ -487,7 +487,10 @@ impl Runner {
             self.nodes
                 .iter()
                 .filter_map(|(key, proxy)| {
-                    let recompile = refreshed.scope.covers(&key.uuid, &key.namespace);
+                    let recompile =
+                        refreshed
+                            .scope
+                            .covers(&key.uuid, &key.namespace, &key.service_account);
                     let shared_changed = proxy.own.as_ref().is_some_and(|own| {
                         own.shared_keys().any(|k| refreshed.changed.contains(&k))
                     });
@@ -959,6 +962,25 @@ mod tests {
             vec![manifest(&format!(
                 "apiVersion: v1\nkind: Pod\nmetadata: {{name: httpbin-v3, namespace: demo, labels: {{app: httpbin, version: v3b, fsm-proxy-uuid: {new_uuid}}}}}\nspec: {{serviceAccountName: httpbin, containers: [{{name: httpbin, ports: [{{name: http, containerPort: 14001}}]}}]}}\nstatus: {{podIP: 127.0.10.3}}\n"
             ))],
+        )
+        .await;
+        assert_eq!(report.work.proxies_recompiled, 1, "{report:?}");
+    }
+
+    /// A TrafficTarget recompiles the proxies of its destination's service account only, and
+    /// encodes nothing shared.
+    #[tokio::test]
+    async fn a_traffic_target_recompiles_only_its_destination() {
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
+        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        let report = change(
+            &h,
+            vec![manifest(
+                "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: curl-to-httpbin, namespace: demo}\nspec:\n  destination: {kind: ServiceAccount, name: httpbin, namespace: demo}\n  sources: [{kind: ServiceAccount, name: curl, namespace: demo}]\n  rules: [{kind: HTTPRouteGroup, name: routes}]\n",
+            )],
         )
         .await;
         assert_eq!(report.work.proxies_recompiled, 1, "{report:?}");
