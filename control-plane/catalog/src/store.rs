@@ -158,6 +158,9 @@ pub struct ChangeSet {
     /// have changed: the destinations of changed TrafficTargets, old and new, and of the
     /// TrafficTargets whose rules name a changed HTTPRouteGroup or TCPRoute.
     pub access_destinations: BTreeSet<(String, String)>,
+    /// Services (namespace, name) that are the root of a changed TrafficSplit, old and new, or
+    /// of a TrafficSplit one of whose backends is a changed Service.
+    pub split_roots: BTreeSet<(String, String)>,
 }
 
 impl ChangeSet {
@@ -438,6 +441,10 @@ impl Catalog {
         self.changes.objects.insert(key.clone());
         if let Record::Policy(object) = &record {
             self.note_access_destinations(&key, object);
+            self.note_split_roots(&key, Some(object));
+        }
+        if key.kind == Kind::Service {
+            self.note_split_roots(&key, None);
         }
         match record {
             Record::Namespace(r) => {
@@ -548,14 +555,22 @@ impl Catalog {
                 .get(ns, name)
                 .map(|pod| self.changes.pod(&pod.record))
                 .is_some(),
-            Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute => {
+            Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute | Kind::TrafficSplit => {
                 match self.policies.get(key).cloned() {
                     Some(old) => {
                         self.note_access_destinations(key, &old);
+                        self.note_split_roots(key, Some(&old));
                         true
                     }
                     None => false,
                 }
+            }
+            Kind::Service => {
+                let present = self.contains(key);
+                if present {
+                    self.note_split_roots(key, None);
+                }
+                present
             }
             _ => self.contains(key),
         };
@@ -563,6 +578,38 @@ impl Catalog {
             self.changes.objects.insert(key.clone());
         }
         self.remove(key)
+    }
+
+    /// Notes which split roots a change concerns: a TrafficSplit's root (`object`), or, for the
+    /// Service `key` (no `object`), the roots of the TrafficSplits of its namespace it is a
+    /// backend of.
+    fn note_split_roots(&mut self, key: &ObjectKey, object: Option<&MeshObject>) {
+        match object {
+            Some(MeshObject::TrafficSplit(ts)) => {
+                self.changes.split_roots.insert((
+                    key.namespace.clone(),
+                    ts.spec.root_service_name().to_owned(),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let roots: Vec<(String, String)> = self
+                    .policies_in(Kind::TrafficSplit, &key.namespace)
+                    .filter_map(|o| match o {
+                        MeshObject::TrafficSplit(ts) => Some(ts),
+                        _ => None,
+                    })
+                    .filter(|ts| ts.spec.backends.iter().any(|b| b.service == key.name))
+                    .map(|ts| {
+                        (
+                            key.namespace.clone(),
+                            ts.spec.root_service_name().to_owned(),
+                        )
+                    })
+                    .collect();
+                self.changes.split_roots.extend(roots);
+            }
+        }
     }
 
     /// Notes whose inbound access the SMI access policy `object` (stored under `key`) decides:

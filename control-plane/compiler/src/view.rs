@@ -65,6 +65,34 @@ impl MeshView {
     /// removed or now has different content; an entry whose content did not change keeps its
     /// `Arc`, so whatever was derived from it stays valid.
     pub fn refresh(&mut self, catalog: &Catalog, changes: &ChangeSet) -> BTreeSet<ServiceRef> {
+        self.refresh_scoped(catalog, changes).0
+    }
+
+    /// [`MeshView::refresh`], and whose own part must be recompiled: [`ProxyScope::of`] the
+    /// changes, or every proxy when a service appeared, left, or changed its ports (what a
+    /// proxy may reach and how, which its own listeners read: the outbound TCP filter chains,
+    /// wherever the proxy is).
+    pub fn refresh_scoped(
+        &mut self,
+        catalog: &Catalog,
+        changes: &ChangeSet,
+    ) -> (BTreeSet<ServiceRef>, ProxyScope) {
+        let mut reach_changed = false;
+        let changed = self.refresh_entries(catalog, changes, &mut reach_changed);
+        let scope = if reach_changed {
+            ProxyScope::All
+        } else {
+            ProxyScope::of(changes)
+        };
+        (changed, scope)
+    }
+
+    fn refresh_entries(
+        &mut self,
+        catalog: &Catalog,
+        changes: &ChangeSet,
+        reach_changed: &mut bool,
+    ) -> BTreeSet<ServiceRef> {
         let candidates: BTreeSet<ServiceRef> =
             if changes.objects.iter().any(|k| touches_everything(k.kind)) {
                 self.services
@@ -108,10 +136,12 @@ impl MeshView {
                 (Some(_), None) => {
                     self.remove(&service);
                     changed.insert(service);
+                    *reach_changed = true;
                 }
                 (Some(before), Some((outbound, warnings)))
                     if *before.outbound == outbound && before.warnings == warnings => {}
-                (_, Some((outbound, warnings))) => {
+                (before, Some((outbound, warnings))) => {
+                    *reach_changed |= before.is_none_or(|b| b.outbound.ports != outbound.ports);
                     self.remove(&service);
                     self.insert(ViewEntry {
                         outbound: Arc::new(outbound),
@@ -294,8 +324,9 @@ mod tests {
             "no proxy's own part depends on endpoints"
         );
         assert!(ProxyScope::of(&changes).is_empty());
-        let changed = view.refresh(&catalog, &changes);
+        let (changed, scope) = view.refresh_scoped(&catalog, &changes);
         assert_eq!(changed, BTreeSet::from([service("httpbin")]));
+        assert!(scope.is_empty(), "its ports are as they were: {scope:?}");
         let httpbin = &view.get(&service("httpbin")).expect("entry").outbound;
         assert_eq!(httpbin.clusters[0].endpoints.len(), 1);
         assert!(
@@ -383,8 +414,9 @@ mod tests {
             }
         );
         assert_eq!(
-            view.refresh(&catalog, &changes),
-            BTreeSet::from([service("tcp-echo")])
+            view.refresh_scoped(&catalog, &changes),
+            (BTreeSet::from([service("tcp-echo")]), ProxyScope::All),
+            "every proxy, wherever it is, loses its outbound listener for tcp-echo"
         );
         assert!(view.get(&service("tcp-echo")).is_none());
 

@@ -106,7 +106,7 @@ impl Publisher {
 
     /// Applies one batch of catalog changes to the view and the shared parts in use.
     pub fn refresh(&mut self, catalog: &Catalog, changes: &ChangeSet) -> Refreshed {
-        let services = self.view.refresh(catalog, changes);
+        let (services, scope) = self.view.refresh_scoped(catalog, changes);
         let mut changed = BTreeSet::new();
         if !services.is_empty() {
             let keys: Vec<SharedKey> = self.shared.keys().cloned().collect();
@@ -116,10 +116,7 @@ impl Publisher {
                 }
             }
         }
-        Refreshed {
-            changed,
-            scope: ProxyScope::of(changes),
-        }
+        Refreshed { changed, scope }
     }
 
     /// The shared sets of `key`, built on first use.
