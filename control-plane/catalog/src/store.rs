@@ -318,8 +318,8 @@ impl Catalog {
     pub fn policies_in<'a>(
         &'a self,
         kind: Kind,
-        namespace: &'a str,
-    ) -> impl Iterator<Item = &'a MeshObject> + 'a {
+        namespace: &str,
+    ) -> impl Iterator<Item = &'a MeshObject> {
         self.policies
             .range(
                 ObjectKey {

@@ -14,6 +14,7 @@ use fsm_catalog::{
 use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
+use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
@@ -209,12 +210,14 @@ pub fn compile_with_view(
                 .iter()
                 .chain(port.routes.iter().flat_map(|r| r.backends.iter()));
             for backend in backends {
-                if let Some(c) = entry
+                // A split root's backends are other services' clusters.
+                let cluster = entry
                     .outbound
                     .clusters
                     .iter()
                     .find(|c| c.name == backend.cluster)
-                {
+                    .or_else(|| view.cluster(&backend.cluster));
+                if let Some(c) = cluster {
                     clusters.insert(c.name.clone(), c.clone());
                 }
             }
@@ -289,6 +292,7 @@ impl<'a> Compiler<'a> {
         }
         let service = service_ref(svc);
         let cluster_ips = svc.cluster_ips();
+        let split = self.traffic_split(&service);
         for port in svc.ports() {
             let Ok(number) = u16::try_from(port.port()) else {
                 continue;
@@ -313,10 +317,14 @@ impl<'a> Compiler<'a> {
                     connect_timeout_ms: CONNECT_TIMEOUT_MS,
                 },
             );
-            let backends = vec![WeightedCluster {
-                cluster,
-                weight: 100,
-            }];
+            let backends = split
+                .and_then(|ts| self.split_backends(ts, &service, number))
+                .unwrap_or_else(|| {
+                    vec![WeightedCluster {
+                        cluster,
+                        weight: 100,
+                    }]
+                });
             let mut hosts = host_aliases(&service, number);
             hosts.extend(cluster_ips.iter().map(|ip| socket_host(*ip, number)));
             out.push(OutboundService {
@@ -522,7 +530,7 @@ impl<'a> Compiler<'a> {
                 match rule.kind {
                     TrafficTargetRuleKind::HttpRouteGroup => {
                         let Some(group) = self.http_route_group(namespace, &rule.name) else {
-                            self.warn(ErrCode::E2009, format!("{field}: HTTPRouteGroup {namespace}/{} does not exist; the rule allows nothing", rule.name));
+                            self.warn(ErrCode::E2005, format!("{field}: HTTPRouteGroup {namespace}/{} does not exist; the rule allows nothing", rule.name));
                             continue;
                         };
                         for wanted in &rule.matches {
@@ -565,6 +573,93 @@ impl<'a> Compiler<'a> {
                 .collect(),
             tcp,
         }
+    }
+
+    /// The TrafficSplit whose root is `service`: the first by name, when several are (E2007, as
+    /// FSM, which processes the first it meets).
+    fn traffic_split(&mut self, service: &ServiceRef) -> Option<&'a TrafficSplit> {
+        let catalog = self.catalog;
+        let roots: Vec<&'a TrafficSplit> = catalog
+            .policies_in(Kind::TrafficSplit, &service.namespace)
+            .filter_map(|o| match o {
+                MeshObject::TrafficSplit(ts) => Some(ts),
+                _ => None,
+            })
+            .filter(|ts| ts.spec.root_service_name() == service.name)
+            .collect();
+        let mut splits = roots.into_iter();
+        let first = splits.next()?;
+        let ignored: Vec<String> = splits
+            .map(|ts| ts.metadata.name.clone().unwrap_or_default())
+            .collect();
+        if !ignored.is_empty() {
+            self.warn(
+                ErrCode::E2007,
+                format!(
+                    "TrafficSplits {} of {} are ignored: TrafficSplit {}/{} already splits it",
+                    ignored.join(", "),
+                    service,
+                    service.namespace,
+                    first.metadata.name.as_deref().unwrap_or_default()
+                ),
+            );
+        }
+        Some(first)
+    }
+
+    /// Where a split sends the traffic of `root`'s port `port`: each backend service's cluster
+    /// of the same port, weighted. A backend that is not a service of the namespace with that
+    /// port is left out (reported); a backend weighted 0 gets nothing. `None` when no backend
+    /// remains: the root's own endpoints keep the traffic.
+    fn split_backends(
+        &mut self,
+        ts: &TrafficSplit,
+        root: &ServiceRef,
+        port: u16,
+    ) -> Option<Vec<WeightedCluster>> {
+        let name = ts.metadata.name.as_deref().unwrap_or_default();
+        let mut backends = Vec::new();
+        for (i, backend) in ts.spec.backends.iter().enumerate() {
+            let Ok(weight) = u32::try_from(backend.weight) else {
+                continue;
+            };
+            if weight == 0 {
+                continue;
+            }
+            let backend_ref = ServiceRef {
+                namespace: root.namespace.clone(),
+                name: backend.service.clone(),
+            };
+            let has_port = self
+                .catalog
+                .mesh_service(&root.namespace, &backend.service)
+                .is_some_and(|svc| svc.ports().iter().any(|p| p.port() == i32::from(port)));
+            if !has_port {
+                self.warn(
+                    ErrCode::E2008,
+                    format!(
+                        "TrafficSplit {}/{name} spec.backends[{i}]: {backend_ref} is not a meshed service with port {port}; it gets no traffic",
+                        root.namespace
+                    ),
+                );
+                continue;
+            }
+            backends.push(WeightedCluster {
+                cluster: ClusterName::outbound(&backend_ref, port),
+                weight,
+            });
+        }
+        if backends.is_empty() {
+            self.warn(
+                ErrCode::E2008,
+                format!(
+                    "TrafficSplit {}/{name}: no backend of {root} port {port} can take traffic; {root} keeps it",
+                    root.namespace
+                ),
+            );
+            return None;
+        }
+        Some(backends)
     }
 
     fn http_route_group(&self, namespace: &str, name: &str) -> Option<&'a HTTPRouteGroup> {

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use fsm_catalog::{Catalog, ChangeSet, Kind};
-use fsm_ir::{ServiceOutbound, ServiceRef};
+use fsm_ir::{Cluster, ClusterName, ServiceOutbound, ServiceRef};
 
 use crate::{Warning, service_outbound};
 
@@ -29,11 +29,13 @@ pub struct MeshView {
     /// The services whose endpoints use each address: who a pod change concerns (a pod behind
     /// an endpoint decides whether it is meshed and which identity it presents).
     by_ip: HashMap<IpAddr, BTreeSet<ServiceRef>>,
+    /// The service each outbound cluster belongs to: a split root's routes name its backends'.
+    cluster_owners: HashMap<ClusterName, ServiceRef>,
 }
 
 /// Kinds whose change can alter what any proxy may reach or how: everything is recompiled.
-/// (FSM policies and TrafficSplit are here until the compiler reads them; issue 17 narrows them
-/// to the proxies and services they select.)
+/// (FSM policies are here until the compiler reads them; issue 17 narrows them to the proxies
+/// and services they select.)
 fn touches_everything(kind: Kind) -> bool {
     !matches!(
         kind,
@@ -45,6 +47,7 @@ fn touches_everything(kind: Kind) -> bool {
             | Kind::TrafficTarget
             | Kind::HTTPRouteGroup
             | Kind::TCPRoute
+            | Kind::TrafficSplit
     )
 }
 
@@ -123,7 +126,19 @@ impl MeshView {
                     .filter_map(|ip| self.by_ip.get(ip))
                     .flatten()
                     .cloned();
-                services.chain(with_endpoints).chain(behind_pods).collect()
+                // A TrafficSplit changes where its root's traffic goes.
+                let split_roots = changes
+                    .split_roots
+                    .iter()
+                    .map(|(namespace, name)| ServiceRef {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    });
+                services
+                    .chain(with_endpoints)
+                    .chain(behind_pods)
+                    .chain(split_roots)
+                    .collect()
             };
         let mut changed = BTreeSet::new();
         for service in candidates {
@@ -171,10 +186,25 @@ impl MeshView {
         self.services.is_empty()
     }
 
+    /// The outbound cluster `name`, whichever service's it is.
+    pub fn cluster(&self, name: &ClusterName) -> Option<&Cluster> {
+        let owner = self.cluster_owners.get(name)?;
+        self.services
+            .get(owner)?
+            .outbound
+            .clusters
+            .iter()
+            .find(|c| &c.name == name)
+    }
+
     fn insert(&mut self, entry: ViewEntry) {
         let service = entry.outbound.service.clone();
         for ip in endpoint_ips(&entry.outbound) {
             self.by_ip.entry(ip).or_default().insert(service.clone());
+        }
+        for cluster in &entry.outbound.clusters {
+            self.cluster_owners
+                .insert(cluster.name.clone(), service.clone());
         }
         self.services.insert(service, entry);
     }
@@ -183,6 +213,9 @@ impl MeshView {
         let Some(entry) = self.services.remove(service) else {
             return;
         };
+        for cluster in &entry.outbound.clusters {
+            self.cluster_owners.remove(&cluster.name);
+        }
         for ip in endpoint_ips(&entry.outbound) {
             if let Some(services) = self.by_ip.get_mut(&ip) {
                 services.remove(service);
@@ -372,6 +405,34 @@ mod tests {
         );
         let entry = view.get(&service("tcp-echo")).expect("entry");
         assert!(!entry.outbound.clusters[0].endpoints[0].meshed);
+    }
+
+    /// A TrafficSplit rebuilds its root's entry only; a backend service's change does too.
+    #[test]
+    fn a_traffic_split_rebuilds_its_root() {
+        let (mut catalog, objects) = demo();
+        let mut view = MeshView::build(&catalog);
+        let (split, errors) = fsm_catalog::decode_manifests(
+            "ts.yaml",
+            "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: split, namespace: demo}\nspec:\n  service: httpbin.demo.svc.cluster.local\n  backends: [{service: httpbin, weight: 1}, {service: tcp-echo, weight: 0}]\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        for object in split {
+            assert!(catalog.apply(object));
+        }
+        let changes = catalog.take_changes();
+        assert_eq!(
+            view.refresh(&catalog, &changes),
+            BTreeSet::from([service("httpbin")])
+        );
+        // A backend service changes: the root is looked at again (its entry is the same).
+        assert!(catalog.delete(&find(&objects, Kind::Service, "tcp-echo").key()));
+        let changes = catalog.take_changes();
+        assert!(
+            changes
+                .split_roots
+                .contains(&("demo".to_string(), "httpbin".to_string()))
+        );
     }
 
     /// An SMI access policy recompiles the proxies of its destination and no shared entry.
