@@ -1,5 +1,6 @@
-//! SMI access end to end, with real sidecars on both sides (Envoy, then fsm-sidecar): the demo
-//! mesh starts permissive; turning MeshConfig `enablePermissiveTrafficPolicyMode` off denies
+//! SMI end to end, with real sidecars on both sides (Envoy, then fsm-sidecar).
+//!
+//! Access: the demo mesh starts permissive; turning MeshConfig `enablePermissiveTrafficPolicyMode` off denies
 //! curl's requests (403) and connections; a TrafficTarget with an HTTPRouteGroup and a TCPRoute
 //! lets curl's service account in again, for the matched routes only; turning permissive mode
 //! back on admits everything. Nothing restarts: the manifests change under the running mesh.
@@ -9,6 +10,9 @@
 //! accepted by the client's sidecar and closed by the server's without a byte of the
 //! application's (Envoy: the RBAC network filter; fsm-sidecar: the tunnel is refused), so the
 //! client sees the connection end without an answer.
+//!
+//! TrafficSplit: httpbin's traffic moves between two version services (the demo's two pods)
+//! 100/0, 50/50 and 0/100 as the split is edited, measured over the requests curl sends.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -135,6 +139,83 @@ async fn modes_switch_live(plane: &str, subnet: u8) -> Result<()> {
     until_status(via, "/status/418", 418).await?;
     until_status(via, "/get", 200).await?;
     Ok(())
+}
+
+/// A service per httpbin version (the demo's pods) and a split of httpbin over them.
+fn split_manifests(subnet: u8, v1: u32, v2: u32) -> String {
+    let version = |v: u8| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: httpbin-v{v}, namespace: demo}}\nspec:\n  clusterIP: 10.96.0.{}\n  selector: {{app: httpbin, version: v{v}}}\n  ports: [{{name: http, port: 14001, targetPort: 14001, appProtocol: http}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: httpbin-v{v}, namespace: demo}}\nsubsets:\n- addresses: [{{ip: 127.0.{subnet}.{v}, targetRef: {{kind: Pod, name: httpbin-v{v}, namespace: demo}}}}]\n  ports: [{{name: http, port: 14001}}]\n---\n",
+            20 + v
+        )
+    };
+    format!(
+        "{}{}apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: httpbin-split, namespace: demo}}\nspec:\n  service: httpbin.demo.svc.cluster.local\n  backends: [{{service: httpbin-v1, weight: {v1}}}, {{service: httpbin-v2, weight: {v2}}}]\n",
+        version(1),
+        version(2)
+    )
+}
+
+/// The share of `requests` GETs that httpbin-v1 served.
+async fn v1_share(via: SocketAddr, requests: usize) -> Result<f64> {
+    let mut v1 = 0;
+    for _ in 0..requests {
+        let r = http_get_via(via, HTTPBIN, "/get").await?;
+        ensure!(r.status == 200, "status {}", r.status);
+        if r.served_by() == Some("httpbin-v1") {
+            v1 += 1;
+        }
+    }
+    Ok(v1 as f64 / requests as f64)
+}
+
+async fn split_moves_traffic_live(plane: &str, subnet: u8) -> Result<()> {
+    let mesh = DemoMesh::start(subnet).await?;
+    let _sidecars: (Vec<_>, Vec<_>) = match plane {
+        "envoy" => (mesh.start_envoys(AdsMode::Sotw, CONVERGE).await?, vec![]),
+        _ => (
+            vec![],
+            mesh.start_fsm_sidecars(AdsMode::Sotw, CONVERGE).await?,
+        ),
+    };
+    let via = mesh.pod("curl")?.outbound_addr();
+    until_status(via, "/get", 200).await?;
+    let split = mesh.manifests.join("40-split.yaml");
+    for (v1, v2, expected) in [(100, 0, 1.0), (50, 50, 0.5), (0, 100, 0.0)] {
+        std::fs::write(&split, split_manifests(subnet, v1, v2))?;
+        // Converged once a short run shows only the expected version (or, for 50/50, both).
+        eventually(CONVERGE, || async {
+            let share = v1_share(via, 20).await?;
+            let converged = match expected {
+                1.0 | 0.0 => share == expected,
+                _ => share > 0.0 && share < 1.0,
+            };
+            ensure!(converged, "{v1}/{v2}: v1 served {share:.2} of 20");
+            Ok(())
+        })
+        .await?;
+        let share = v1_share(via, 1000).await?;
+        ensure!(
+            (share - expected).abs() <= 0.05,
+            "{plane} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
+        );
+        eprintln!("[split] {plane} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_split_moves_traffic_live_with_envoy() {
+    if let Err(err) = split_moves_traffic_live("envoy", 54).await {
+        panic!("{err:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_split_moves_traffic_live_with_fsm_sidecar() {
+    if let Err(err) = split_moves_traffic_live("fsm-sidecar", 55).await {
+        panic!("{err:#}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
