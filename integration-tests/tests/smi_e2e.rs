@@ -1,4 +1,5 @@
-//! SMI end to end, with real sidecars on both sides (Envoy, then fsm-sidecar).
+//! SMI end to end, with real sidecars in all four pairings of client and server data plane
+//! (Envoy and fsm-sidecar each side), which must all see the same.
 //!
 //! Access: the demo mesh starts permissive; turning MeshConfig `enablePermissiveTrafficPolicyMode` off denies
 //! curl's requests (403) and connections; a TrafficTarget with an HTTPRouteGroup and a TCPRoute
@@ -19,10 +20,67 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use fsm_integration_tests::{AdsMode, DemoMesh, eventually, http_get_via, tcp_roundtrip};
+use fsm_integration_tests::{
+    AdsMode, DemoMesh, Envoy, FsmSidecar, FsmSidecarConfig, SidecarConfig, eventually,
+    http_get_via, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plane {
+    Envoy,
+    FsmSidecar,
+}
+
+/// Client (curl) and server data planes, and the subnet of the run.
+const PAIRINGS: [(Plane, Plane); 4] = [
+    (Plane::Envoy, Plane::Envoy),
+    (Plane::FsmSidecar, Plane::FsmSidecar),
+    (Plane::Envoy, Plane::FsmSidecar),
+    (Plane::FsmSidecar, Plane::Envoy),
+];
+
+/// A sidecar of either kind, kept alive for the run.
+enum Running {
+    Envoy(#[allow(dead_code)] Envoy),
+    Fsm(#[allow(dead_code)] FsmSidecar),
+}
+
+/// Starts curl's sidecar as `client` and every other pod's as `servers`.
+async fn start_sidecars(mesh: &DemoMesh, client: Plane, servers: Plane) -> Result<Vec<Running>> {
+    let mut running = Vec::new();
+    for pod in &mesh.pods {
+        let plane = if pod.name == "curl" { client } else { servers };
+        let ads = mesh.controller.ads();
+        running.push(match plane {
+            Plane::Envoy => {
+                let mut e = start_envoy(
+                    &SidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?,
+                    &mesh.logs,
+                )
+                .await?;
+                e.wait_ready(CONVERGE)
+                    .await
+                    .with_context(|| format!("Envoy of {}", pod.id()))?;
+                Running::Envoy(e)
+            }
+            Plane::FsmSidecar => {
+                let mut f = start_fsm_sidecar(
+                    &FsmSidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?,
+                    &mesh.logs,
+                )
+                .await?;
+                f.wait_ready(CONVERGE)
+                    .await
+                    .with_context(|| format!("fsm-sidecar of {}", pod.id()))?;
+                Running::Fsm(f)
+            }
+        });
+    }
+    Ok(running)
+}
 
 /// curl may GET `/get` from httpbin and talk to tcp-echo's port 9000; nothing else.
 const ACCESS: &str = r#"
@@ -88,16 +146,9 @@ async fn until_status(via: SocketAddr, path: &str, expected: u16) -> Result<()> 
     .with_context(|| format!("GET {path} never answered {expected}"))
 }
 
-async fn modes_switch_live(plane: &str, subnet: u8) -> Result<()> {
+async fn modes_switch_live(client: Plane, servers: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
-    // Kept alive for the run.
-    let _sidecars: (Vec<_>, Vec<_>) = match plane {
-        "envoy" => (mesh.start_envoys(AdsMode::Sotw, CONVERGE).await?, vec![]),
-        _ => (
-            vec![],
-            mesh.start_fsm_sidecars(AdsMode::Sotw, CONVERGE).await?,
-        ),
-    };
+    let _sidecars = start_sidecars(&mesh, client, servers).await?;
     let curl = mesh.pod("curl")?;
     let via = curl.outbound_addr();
     let echo = SocketAddr::new(curl.ip, 9000);
@@ -169,15 +220,9 @@ async fn v1_share(via: SocketAddr, requests: usize) -> Result<f64> {
     Ok(v1 as f64 / requests as f64)
 }
 
-async fn split_moves_traffic_live(plane: &str, subnet: u8) -> Result<()> {
+async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
-    let _sidecars: (Vec<_>, Vec<_>) = match plane {
-        "envoy" => (mesh.start_envoys(AdsMode::Sotw, CONVERGE).await?, vec![]),
-        _ => (
-            vec![],
-            mesh.start_fsm_sidecars(AdsMode::Sotw, CONVERGE).await?,
-        ),
-    };
+    let _sidecars = start_sidecars(&mesh, client, servers).await?;
     let via = mesh.pod("curl")?.outbound_addr();
     until_status(via, "/get", 200).await?;
     let split = mesh.manifests.join("40-split.yaml");
@@ -197,37 +242,29 @@ async fn split_moves_traffic_live(plane: &str, subnet: u8) -> Result<()> {
         let share = v1_share(via, 1000).await?;
         ensure!(
             (share - expected).abs() <= 0.05,
-            "{plane} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
+            "{client:?} -> {servers:?} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
         );
-        eprintln!("[split] {plane} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests");
+        eprintln!(
+            "[split] {client:?} -> {servers:?} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
+        );
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_split_moves_traffic_live_with_envoy() {
-    if let Err(err) = split_moves_traffic_live("envoy", 54).await {
-        panic!("{err:#}");
+async fn traffic_split_moves_traffic_live_in_every_pairing() {
+    for ((client, servers), subnet) in PAIRINGS.into_iter().zip(54..) {
+        if let Err(err) = split_moves_traffic_live(client, servers, subnet).await {
+            panic!("client {client:?}, servers {servers:?}: {err:#}");
+        }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_split_moves_traffic_live_with_fsm_sidecar() {
-    if let Err(err) = split_moves_traffic_live("fsm-sidecar", 55).await {
-        panic!("{err:#}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permissive_and_smi_modes_switch_live_with_envoy() {
-    if let Err(err) = modes_switch_live("envoy", 52).await {
-        panic!("{err:#}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permissive_and_smi_modes_switch_live_with_fsm_sidecar() {
-    if let Err(err) = modes_switch_live("fsm-sidecar", 53).await {
-        panic!("{err:#}");
+async fn permissive_and_smi_modes_switch_live_in_every_pairing() {
+    for ((client, servers), subnet) in PAIRINGS.into_iter().zip(50..) {
+        if let Err(err) = modes_switch_live(client, servers, subnet).await {
+            panic!("client {client:?}, servers {servers:?}: {err:#}");
+        }
     }
 }
