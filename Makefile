@@ -61,6 +61,7 @@ bench: envoy build bench-deps
 	./target/debug/fsm-bench sidecar-rps --sidecar-bin target/release/fsm-sidecar
 	$(CARGO) build --release -p fsm-controller -p fsm-integration-tests --bin fsm-controller --bin fsm-bench
 	./target/release/fsm-bench xds-scale --flavor both --services 1000 --proxies 1000,2000,5000,10000 --apiserver --out target/bench/xds-scale
+	./target/release/fsm-bench smi-compile --services 1000
 
 # wrk drives the throughput bench; taskset (util-linux) pins the sidecar under test; xds-scale's
 # plot draws its text with DejaVu Sans (fonts-dejavu-core).

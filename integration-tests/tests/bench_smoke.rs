@@ -73,6 +73,11 @@ fn watch_latency_smoke() {
 }
 
 #[test]
+fn smi_compile_smoke() {
+    smoke("smi-compile");
+}
+
+#[test]
 fn controller_memory_smoke() {
     smoke("controller-memory");
 }

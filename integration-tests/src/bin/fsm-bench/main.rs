@@ -21,6 +21,7 @@ mod mesh_gen;
 mod procfs;
 mod sidecar_memory;
 mod sidecar_rps;
+mod smi_compile;
 mod watch_latency;
 mod xds_scale;
 
@@ -89,6 +90,14 @@ enum Bench {
     /// The control plane under N simulated Envoy proxies, each on its own mTLS connection:
     /// warm-up, one endpoint change, RSS and CPU, a 410 relist, a rolling restart.
     XdsScale(xds_scale::Args),
+    /// The compiler in SMI mode, every service with a TrafficTarget and an HTTPRouteGroup: the
+    /// shared view, one proxy and every proxy, and what one policy change recompiles.
+    SmiCompile {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[command(flatten)]
+        smoke: Smoke,
+    },
     /// HTTP/1.1 through a client and a server sidecar over mTLS (both pinned to CPU 0; load
     /// generator and app on CPU 1): direct to the app, through two Envoys and through two
     /// fsm-sidecars, at a fixed rate per concurrency and at full load (RUNS rounds).
@@ -184,6 +193,7 @@ async fn main() -> Result<()> {
         } => sidecar_memory(smoke.pick(services, 3), smoke.settle(), &sidecar).await,
         Bench::CertIssuance { count, smoke } => cert_issuance(smoke.pick(count, 5)).await,
         Bench::XdsScale(args) => xds_scale::run(args).await,
+        Bench::SmiCompile { services, smoke } => smi_compile::smi_compile(smoke.pick(services, 20)),
         Bench::SidecarRps {
             rate,
             concurrency,

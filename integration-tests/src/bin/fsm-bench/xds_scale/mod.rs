@@ -11,7 +11,7 @@
 //! `--out DIR` saves the figures as JSON and plots them ([`plot`]).
 
 mod grpc_stream;
-mod mesh;
+pub(crate) mod mesh;
 mod plot;
 mod proxy;
 mod report;
