@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use fsm_catalog::{Catalog, ChangeSet, Kind};
-use fsm_ir::{Cluster, ClusterName, ServiceOutbound, ServiceRef};
+use fsm_ir::{Cluster, ClusterName, OutboundDetail, OutboundService, ServiceOutbound, ServiceRef};
 
 use crate::{Warning, service_outbound};
 
@@ -72,21 +72,20 @@ impl MeshView {
     }
 
     /// [`MeshView::refresh`], and whose own part must be recompiled: [`ProxyScope::of`] the
-    /// changes, or every proxy when a service appeared, left, or changed its ports (what a
-    /// proxy may reach and how, which its own listeners read: the outbound TCP filter chains,
-    /// wherever the proxy is).
+    /// changes, and the proxies whose own part reads a service port that appeared, left or
+    /// changed (what a proxy may reach and how: its outbound TCP filter chains read every TCP
+    /// port, wherever the proxy is; some data planes read the HTTP ones too).
     pub fn refresh_scoped(
         &mut self,
         catalog: &Catalog,
         changes: &ChangeSet,
     ) -> (BTreeSet<ServiceRef>, ProxyScope) {
-        let mut reach_changed = false;
-        let changed = self.refresh_entries(catalog, changes, &mut reach_changed);
-        let scope = if reach_changed {
-            ProxyScope::All
-        } else {
-            ProxyScope::of(changes)
-        };
+        let mut reach = None;
+        let changed = self.refresh_entries(catalog, changes, &mut reach);
+        let mut scope = ProxyScope::of(changes);
+        if let ProxyScope::Some { reach: r, .. } = &mut scope {
+            *r = reach;
+        }
         (changed, scope)
     }
 
@@ -94,7 +93,7 @@ impl MeshView {
         &mut self,
         catalog: &Catalog,
         changes: &ChangeSet,
-        reach_changed: &mut bool,
+        reach: &mut Option<OutboundDetail>,
     ) -> BTreeSet<ServiceRef> {
         let candidates: BTreeSet<ServiceRef> =
             if changes.objects.iter().any(|k| touches_everything(k.kind)) {
@@ -148,15 +147,20 @@ impl MeshView {
             let before = self.services.get(&service);
             match (before, now) {
                 (None, None) => {}
-                (Some(_), None) => {
+                (Some(before), None) => {
+                    let read_by = ports_read_by(&before.outbound.ports, &[]);
                     self.remove(&service);
                     changed.insert(service);
-                    *reach_changed = true;
+                    *reach = more_readers(*reach, read_by);
                 }
                 (Some(before), Some((outbound, warnings)))
                     if *before.outbound == outbound && before.warnings == warnings => {}
                 (before, Some((outbound, warnings))) => {
-                    *reach_changed |= before.is_none_or(|b| b.outbound.ports != outbound.ports);
+                    let read_by = ports_read_by(
+                        before.map_or(&[][..], |b| &b.outbound.ports[..]),
+                        &outbound.ports,
+                    );
+                    *reach = more_readers(*reach, read_by);
                     self.remove(&service);
                     self.insert(ViewEntry {
                         outbound: Arc::new(outbound),
@@ -227,6 +231,34 @@ impl MeshView {
     }
 }
 
+/// Whose own part a change of a service's ports from `before` to `after` concerns: the
+/// proxies reading TCP ports (all of them) when a TCP port differs, else those reading every
+/// port when an HTTP one does; `None` when the ports are the same.
+fn ports_read_by(before: &[OutboundService], after: &[OutboundService]) -> Option<OutboundDetail> {
+    let of = |ports: &[OutboundService], http: bool| -> Vec<OutboundService> {
+        ports
+            .iter()
+            .filter(|p| p.protocol.is_http() == http)
+            .cloned()
+            .collect()
+    };
+    if of(before, false) != of(after, false) {
+        Some(OutboundDetail::TcpOnly)
+    } else if of(before, true) != of(after, true) {
+        Some(OutboundDetail::All)
+    } else {
+        None
+    }
+}
+
+/// The reach covering the proxies of both: TCP-port readers are every proxy.
+fn more_readers(a: Option<OutboundDetail>, b: Option<OutboundDetail>) -> Option<OutboundDetail> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 fn endpoint_ips(outbound: &ServiceOutbound) -> BTreeSet<IpAddr> {
     outbound
         .clusters
@@ -250,6 +282,9 @@ pub enum ProxyScope {
         /// Proxies running as these service accounts (namespace, name): an SMI access policy
         /// whose destination they are changed.
         service_accounts: BTreeSet<(String, String)>,
+        /// Proxies whose own part reads at least this much of what they may reach (a service
+        /// port they read appeared, left or changed); see [`MeshView::refresh_scoped`].
+        reach: Option<OutboundDetail>,
     },
 }
 
@@ -269,20 +304,29 @@ impl ProxyScope {
             // SMI access policies decide what enters their destinations' pods, and nothing of
             // what any proxy reaches.
             service_accounts: changes.access_destinations.clone(),
+            reach: None,
         }
     }
 
-    /// Whether the proxy `uuid` whose pod is in `namespace` and runs as `service_account`
-    /// must be recompiled.
-    pub fn covers(&self, uuid: &str, namespace: &str, service_account: &str) -> bool {
+    /// Whether the proxy `uuid` whose pod is in `namespace` and runs as `service_account`,
+    /// whose own part reads `detail` of what it may reach, must be recompiled.
+    pub fn covers(
+        &self,
+        uuid: &str,
+        namespace: &str,
+        service_account: &str,
+        detail: OutboundDetail,
+    ) -> bool {
         match self {
             ProxyScope::All => true,
             ProxyScope::Some {
                 uuids,
                 namespaces,
                 service_accounts,
+                reach,
             } => {
-                uuids.contains(uuid)
+                reach.is_some_and(|r| detail >= r)
+                    || uuids.contains(uuid)
                     || namespaces.contains(namespace)
                     || (!service_accounts.is_empty()
                         && service_accounts
@@ -292,7 +336,7 @@ impl ProxyScope {
     }
 
     pub fn is_empty(&self) -> bool {
-        matches!(self, ProxyScope::Some { uuids, namespaces, service_accounts } if uuids.is_empty() && namespaces.is_empty() && service_accounts.is_empty())
+        matches!(self, ProxyScope::Some { uuids, namespaces, service_accounts, reach } if uuids.is_empty() && namespaces.is_empty() && service_accounts.is_empty() && reach.is_none())
     }
 }
 
@@ -353,6 +397,7 @@ mod tests {
                 uuids: BTreeSet::new(),
                 namespaces: BTreeSet::new(),
                 service_accounts: BTreeSet::new(),
+                reach: None,
             },
             "no proxy's own part depends on endpoints"
         );
@@ -397,8 +442,8 @@ mod tests {
             .next()
             .expect("the pod's uuid")
             .clone();
-        assert!(scope.covers(&uuid, "demo", "httpbin"));
-        assert!(!scope.covers("another-proxy", "demo", "httpbin"));
+        assert!(scope.covers(&uuid, "demo", "httpbin", OutboundDetail::All));
+        assert!(!scope.covers("another-proxy", "demo", "httpbin", OutboundDetail::All));
         assert_eq!(
             view.refresh(&catalog, &changes),
             BTreeSet::from([service("tcp-echo")])
@@ -421,9 +466,13 @@ mod tests {
             assert!(catalog.apply(object));
         }
         let changes = catalog.take_changes();
-        assert_eq!(
-            view.refresh(&catalog, &changes),
-            BTreeSet::from([service("httpbin")])
+        let (changed, scope) = view.refresh_scoped(&catalog, &changes);
+        assert_eq!(changed, BTreeSet::from([service("httpbin")]));
+        // httpbin is HTTP: only the own parts that read HTTP ports (not Envoy's) are recompiled.
+        assert!(scope.covers("x", "elsewhere", "sa", OutboundDetail::All));
+        assert!(
+            !scope.covers("x", "elsewhere", "sa", OutboundDetail::TcpOnly),
+            "{scope:?}"
         );
         // A backend service changes: the root is looked at again (its entry is the same).
         assert!(catalog.delete(&find(&objects, Kind::Service, "tcp-echo").key()));
@@ -455,6 +504,7 @@ mod tests {
                 uuids: BTreeSet::new(),
                 namespaces: BTreeSet::new(),
                 service_accounts: BTreeSet::from([("demo".to_string(), "httpbin".to_string())]),
+                reach: None,
             }
         );
         assert!(view.refresh(&catalog, &changes).is_empty());
@@ -472,12 +522,14 @@ mod tests {
                 uuids: BTreeSet::new(),
                 namespaces: BTreeSet::from(["demo".to_string()]),
                 service_accounts: BTreeSet::new(),
+                reach: None,
             }
         );
-        assert_eq!(
-            view.refresh_scoped(&catalog, &changes),
-            (BTreeSet::from([service("tcp-echo")]), ProxyScope::All),
-            "every proxy, wherever it is, loses its outbound listener for tcp-echo"
+        let (changed, scope) = view.refresh_scoped(&catalog, &changes);
+        assert_eq!(changed, BTreeSet::from([service("tcp-echo")]));
+        assert!(
+            scope.covers("a-proxy", "elsewhere", "sa", OutboundDetail::TcpOnly),
+            "every proxy, wherever it is, loses its outbound listener for tcp-echo: {scope:?}"
         );
         assert!(view.get(&service("tcp-echo")).is_none());
 

@@ -487,10 +487,20 @@ impl Runner {
             self.nodes
                 .iter()
                 .filter_map(|(key, proxy)| {
-                    let recompile =
-                        refreshed
-                            .scope
-                            .covers(&key.uuid, &key.namespace, &key.service_account);
+                    // What of the mesh its own part was compiled with (all of it before the
+                    // first compile).
+                    let detail = proxy
+                        .own
+                        .as_ref()
+                        .map_or(fsm_ir::OutboundDetail::All, |own| {
+                            crate::publish::outbound_detail(&own.data_planes)
+                        });
+                    let recompile = refreshed.scope.covers(
+                        &key.uuid,
+                        &key.namespace,
+                        &key.service_account,
+                        detail,
+                    );
                     let shared_changed = proxy.own.as_ref().is_some_and(|own| {
                         own.shared_keys().any(|k| refreshed.changed.contains(&k))
                     });
@@ -984,6 +994,28 @@ mod tests {
         )
         .await;
         assert_eq!(report.work.proxies_recompiled, 1, "{report:?}");
+    }
+
+    /// A split of an HTTP service changes the shared routes only: no Envoy proxy's own part
+    /// (which reads the TCP services) is recompiled.
+    #[tokio::test]
+    async fn an_http_traffic_split_recompiles_no_envoy_proxy() {
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
+        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        let report = change(
+            &h,
+            vec![manifest(
+                "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: split, namespace: demo}\nspec:\n  service: httpbin\n  backends: [{service: httpbin, weight: 3}]\n",
+            )],
+        )
+        .await;
+        assert_eq!(report.work.proxies_recompiled, 0, "{report:?}");
+        // The outbound routes are built again (one backend's route names its cluster whatever
+        // its weight, so the bytes, and what the proxies hold, are the same).
+        assert_eq!(report.work.resources_encoded, 1, "{report:?}");
     }
 
     fn has_type(published: &Published, type_url: &str) -> bool {

@@ -100,7 +100,7 @@ pub(crate) fn smi_compile(services: usize) -> Result<()> {
         let (_, scope) = view.refresh_scoped(&catalog, &changes);
         let covered: Vec<&ProxyRef> = proxies
             .iter()
-            .filter(|p| scope.covers(&p.uuid, &p.namespace, &p.service_account))
+            .filter(|p| scope.covers(&p.uuid, &p.namespace, &p.service_account, detail))
             .collect();
         for proxy in &covered {
             compile_with_view(&catalog, proxy, &view, detail)
