@@ -755,6 +755,7 @@ fn http_route(
             // Envoy's default of 15 s would cut long requests the mesh has no policy for.
             timeout: Some(duration_ms(r.timeout_ms.unwrap_or(0))),
             upgrade_configs: upgrade.into_iter().collect(),
+            retry_policy: r.retry.as_ref().map(retry_policy),
             ..Default::default()
         })
     };
@@ -768,6 +769,38 @@ fn http_route(
         typed_per_filter_config: inbound_trust_domain
             .map(|td| route_rbac(&r.allowed, td))
             .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// FSM's Retry as Envoy's: the same `retryOn` names (one comma-separated string), the back-off
+/// capped at 10 times its base as Envoy does by default. Envoy buffers a request's body to retry
+/// it, up to its per-connection buffer limit (1 MiB); a larger body is sent once.
+fn retry_policy(retry: &fsm_ir::RetryPolicy) -> route::RetryPolicy {
+    let mut retry_on: Vec<&str> = Vec::new();
+    for condition in retry
+        .retry_on
+        .iter()
+        .flat_map(|c| c.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        if !retry_on.contains(&condition) {
+            retry_on.push(condition);
+        }
+    }
+    route::RetryPolicy {
+        retry_on: retry_on.join(","),
+        num_retries: Some(UInt32Value {
+            value: retry.num_retries,
+        }),
+        per_try_timeout: retry.per_try_timeout_ms.map(duration_ms),
+        retry_back_off: retry.backoff_base_interval_ms.map(|base| {
+            route::retry_policy::RetryBackOff {
+                base_interval: Some(duration_ms(base)),
+                max_interval: Some(duration_ms(base.saturating_mul(10))),
+            }
+        }),
         ..Default::default()
     }
 }

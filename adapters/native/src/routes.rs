@@ -168,7 +168,7 @@ fn retry_policy(retry: &fsm_ir::RetryPolicy, field: &str) -> Result<v1::RetryPol
         retry_on,
         num_retries: retry.num_retries,
         per_try_timeout: retry.per_try_timeout_ms.map(duration_ms),
-        backoff_base_interval: None,
+        backoff_base_interval: retry.backoff_base_interval_ms.map(duration_ms),
     })
 }
 

@@ -448,6 +448,7 @@ fn retry_policy_and_timeouts_map_to_typed_fields() {
         ],
         num_retries: 3,
         per_try_timeout_ms: Some(250),
+        backoff_base_interval_ms: Some(100),
     });
     let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
     let action = first_route(routes(&out, OUTBOUND_ROUTES))
@@ -474,7 +475,10 @@ fn retry_policy_and_timeouts_map_to_typed_fields() {
                 seconds: 0,
                 nanos: 250_000_000
             }),
-            backoff_base_interval: None,
+            backoff_base_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000
+            }),
         })
     );
 
@@ -498,6 +502,7 @@ fn unknown_retry_condition_names_the_field() {
         retry_on: vec!["5xx".into(), "sometimes".into()],
         num_retries: 1,
         per_try_timeout_ms: None,
+        backoff_base_interval_ms: None,
     });
     let err = translate(&ir, &fsm_golden::placeholder_credentials()).expect_err("must fail");
     assert_eq!(

@@ -298,6 +298,10 @@ pub struct RetryPolicy {
     pub retry_on: Vec<String>,
     pub num_retries: u32,
     pub per_try_timeout_ms: Option<u64>,
+    /// Base B of the back-off before retry N: random in [0, (2^N - 1) * B], at most 10 * B
+    /// (Envoy's and FSM's `retryBackoffBaseInterval`). Unset: the data plane's default, 25 ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base_interval_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
