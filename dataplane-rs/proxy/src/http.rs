@@ -79,11 +79,7 @@ pub async fn serve<S>(
 }
 
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(body.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
     if !body.is_empty() {
         response
@@ -209,7 +205,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
-/// Sends the request upstream with the route's timeout and retry policy.
+/// Request bodies of at most this many bytes (by `content-length`) are kept to be sent again
+/// when the route retries; larger or chunked ones are sent once, without retries.
+const RETRY_BODY_LIMIT: u64 = 64 * 1024;
+
+/// How a request goes upstream.
+enum Upstream<'a> {
+    /// Once, its body streamed.
+    Once(Body),
+    /// With the route's retries, its body (possibly empty) read whole to send with each attempt.
+    Retried(&'a RetryPolicy, Bytes),
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Sends the request to the cluster, with the route's retries and timeout. Also returns the
 /// workload of the endpoint last tried, which the response (or the error) came from.
 async fn forward(
@@ -236,29 +256,41 @@ async fn forward(
     {
         parts.headers.insert(header::HOST, value);
     }
-    // Retrying needs the body again: only requests without one are retried, which covers the
-    // idempotent GETs retries are for.
-    let retry = route
-        .retry
-        .as_ref()
-        .filter(|r| r.num_retries > 0 && body.is_end_stream());
+    // Retrying needs the body again: a body that declares at most RETRY_BODY_LIMIT bytes is
+    // read first and sent with each attempt; a larger or unsized one is streamed once, without
+    // retries.
+    let send = match route.retry.as_ref().filter(|r| r.num_retries > 0) {
+        None => Upstream::Once(body.boxed()),
+        Some(policy) if body.is_end_stream() => Upstream::Retried(policy, Bytes::new()),
+        Some(policy) if content_length(&parts.headers).is_some_and(|n| n <= RETRY_BODY_LIMIT) => {
+            match http_body_util::Limited::new(body, RETRY_BODY_LIMIT as usize)
+                .collect()
+                .await
+            {
+                Ok(collected) => Upstream::Retried(policy, collected.to_bytes()),
+                Err(error) => {
+                    tracing::debug!(%error, "request body not read");
+                    return (
+                        local_reply(StatusCode::BAD_REQUEST, "request body could not be read"),
+                        None,
+                    );
+                }
+            }
+        }
+        Some(_) => Upstream::Once(body.boxed()),
+    };
     let mut served_by = None;
     let tried = &mut served_by;
     let attempts = async move {
-        match retry {
-            None => {
-                let req = Request::from_parts(parts, body.boxed());
+        match send {
+            Upstream::Once(body) => {
+                let req = Request::from_parts(parts, body);
                 attempt(proxy, cluster, host, req, None, tried).await
             }
-            Some(policy) => {
+            Upstream::Retried(policy, body) => {
                 let mut tries = 0u32;
                 loop {
-                    let req = Request::from_parts(
-                        parts.clone(),
-                        http_body_util::Empty::new()
-                            .map_err(|never| match never {})
-                            .boxed(),
-                    );
+                    let req = Request::from_parts(parts.clone(), full(body.clone()));
                     let result =
                         attempt(proxy, cluster, host, req, policy.per_try_timeout, tried).await;
                     if tries >= policy.num_retries || !should_retry(policy, &result) {

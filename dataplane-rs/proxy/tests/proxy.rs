@@ -309,6 +309,15 @@ type AppBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// The application: answers with its view of the request; `/slow` takes 2 s; gRPC requests get
 /// a `grpc-status` trailer.
 async fn app(req: Request<Incoming>) -> Result<Response<AppBody>, Infallible> {
+    if req.uri().path() == "/echo-body" {
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Ok(Response::new(Full::new(body).boxed()));
+    }
     if req.uri().path() == "/slow" {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -428,6 +437,31 @@ async fn h1(host: &str, path: &str) -> Reply {
     collect(response).await
 }
 
+/// An HTTP/1.1 POST of `body`, with a `content-length` or, `chunked`, without one.
+async fn h1_post(host: &str, path: &str, body: &'static str, chunked: bool) -> Reply {
+    let stream = TcpStream::connect((CLIENT, 15001)).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let body: http_body_util::combinators::BoxBody<Bytes, Infallible> = if chunked {
+        let chunks = futures::stream::iter([Ok(hyper::body::Frame::data(Bytes::from_static(
+            body.as_bytes(),
+        )))]);
+        http_body_util::StreamBody::new(chunks).boxed()
+    } else {
+        Full::new(Bytes::from_static(body.as_bytes())).boxed()
+    };
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", host)
+        .body(body)
+        .expect("request");
+    let response = sender.send_request(req).await.expect("response");
+    collect(response).await
+}
+
 async fn h2(authority: &str, path: &str, grpc: bool) -> Reply {
     let stream = TcpStream::connect((CLIENT, 15001)).await.expect("connect");
     let (mut sender, conn) =
@@ -518,6 +552,14 @@ async fn two_sidecars_in_one_process() {
     let r = h1("retry", "/").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(flaky.load(Ordering::SeqCst), 3);
+    // A small body with its length is kept and sent again with each attempt.
+    let r = h1_post("retry", "/echo-body", "order-42", false).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "order-42"));
+    assert_eq!(flaky.load(Ordering::SeqCst), 6);
+    // A chunked one (no length) is streamed once: the first failure is the answer.
+    let r = h1_post("retry", "/echo-body", "order-43", true).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(flaky.load(Ordering::SeqCst), 7);
 
     // TCP through the outbound-tcp listener and an HTTP/2 CONNECT tunnel.
     let stream = TcpStream::connect((CLIENT, 9000)).await.expect("connect");
