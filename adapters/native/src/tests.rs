@@ -138,6 +138,7 @@ fn ir(
         inbound,
         outbound,
         clusters,
+        outbound_retries: vec![],
     }
 }
 

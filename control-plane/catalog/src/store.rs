@@ -154,10 +154,11 @@ pub struct ChangeSet {
     pub pod_uuids: BTreeSet<String>,
     /// Addresses of changed pods, old and new.
     pub pod_ips: BTreeSet<IpAddr>,
-    /// Service accounts (namespace, name) whose pods' inbound access an SMI policy change may
-    /// have changed: the destinations of changed TrafficTargets, old and new, and of the
-    /// TrafficTargets whose rules name a changed HTTPRouteGroup or TCPRoute.
-    pub access_destinations: BTreeSet<(String, String)>,
+    /// Service accounts (namespace, name) whose proxies' own part a policy change may have
+    /// changed: the destinations of changed TrafficTargets, old and new, and of the
+    /// TrafficTargets whose rules name a changed HTTPRouteGroup or TCPRoute (their inbound);
+    /// the sources of changed Retry policies, old and new (their outbound routes).
+    pub policy_service_accounts: BTreeSet<(String, String)>,
     /// Services (namespace, name) that are the root of a changed TrafficSplit, old and new, or
     /// of a TrafficSplit one of whose backends is a changed Service.
     pub split_roots: BTreeSet<(String, String)>,
@@ -440,7 +441,7 @@ impl Catalog {
         self.delete(&key);
         self.changes.objects.insert(key.clone());
         if let Record::Policy(object) = &record {
-            self.note_access_destinations(&key, object);
+            self.note_policy_service_accounts(&key, object);
             self.note_split_roots(&key, Some(object));
         }
         if key.kind == Kind::Service {
@@ -555,16 +556,18 @@ impl Catalog {
                 .get(ns, name)
                 .map(|pod| self.changes.pod(&pod.record))
                 .is_some(),
-            Kind::TrafficTarget | Kind::HTTPRouteGroup | Kind::TCPRoute | Kind::TrafficSplit => {
-                match self.policies.get(key).cloned() {
-                    Some(old) => {
-                        self.note_access_destinations(key, &old);
-                        self.note_split_roots(key, Some(&old));
-                        true
-                    }
-                    None => false,
+            Kind::TrafficTarget
+            | Kind::HTTPRouteGroup
+            | Kind::TCPRoute
+            | Kind::TrafficSplit
+            | Kind::Retry => match self.policies.get(key).cloned() {
+                Some(old) => {
+                    self.note_policy_service_accounts(key, &old);
+                    self.note_split_roots(key, Some(&old));
+                    true
                 }
-            }
+                None => false,
+            },
             Kind::Service => {
                 let present = self.contains(key);
                 if present {
@@ -615,14 +618,21 @@ impl Catalog {
     /// Notes whose inbound access the SMI access policy `object` (stored under `key`) decides:
     /// a TrafficTarget's destination, or the destinations of the TrafficTargets of its namespace
     /// whose rules name the route group `object` is.
-    fn note_access_destinations(&mut self, key: &ObjectKey, object: &MeshObject) {
+    fn note_policy_service_accounts(&mut self, key: &ObjectKey, object: &MeshObject) {
         let destination = |tt: &TrafficTarget| {
             let d = &tt.spec.destination;
             (d.namespace_or(&key.namespace).to_owned(), d.name.clone())
         };
         let rule_kind = match object {
             MeshObject::TrafficTarget(tt) => {
-                self.changes.access_destinations.insert(destination(tt));
+                self.changes.policy_service_accounts.insert(destination(tt));
+                return;
+            }
+            MeshObject::Retry(retry) => {
+                let source = &retry.spec.source;
+                self.changes
+                    .policy_service_accounts
+                    .insert((source.namespace.clone(), source.name.clone()));
                 return;
             }
             MeshObject::HTTPRouteGroup(_) => TrafficTargetRuleKind::HttpRouteGroup,
@@ -643,7 +653,7 @@ impl Catalog {
             })
             .map(destination)
             .collect();
-        self.changes.access_destinations.extend(naming);
+        self.changes.policy_service_accounts.extend(naming);
     }
 
     /// What changed since the last call; the next call starts afresh.
@@ -1206,7 +1216,7 @@ spec:
         let destinations = |catalog: &mut Catalog| -> Vec<(String, String)> {
             catalog
                 .take_changes()
-                .access_destinations
+                .policy_service_accounts
                 .into_iter()
                 .collect()
         };

@@ -18,9 +18,9 @@ use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
-    InboundService, MeshSettings, OutboundDetail, OutboundService, PathMatch, Protocol, ProxyInfo,
-    ProxyIr, RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster,
-    WorkloadRef,
+    InboundService, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
+    Protocol, ProxyInfo, ProxyIr, RetryPolicy, RouteMatch, ServiceIdentity, ServiceOutbound,
+    ServiceRef, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -29,6 +29,20 @@ pub use view::{MeshView, ProxyScope, ViewEntry};
 /// Trust domain of service identities and certificates: the one mesh-wide constant, re-exported
 /// under the name the controller already uses.
 pub use fsm_identity::TRUST_DOMAIN;
+/// The `retryOn` conditions both data planes implement (Envoy's names, which FSM's Retry uses).
+const RETRY_ON_NAMES: [&str; 11] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
 /// How long a proxy waits for a TCP connection to an upstream.
 const CONNECT_TIMEOUT_MS: u64 = 1000;
 
@@ -194,6 +208,11 @@ pub fn compile_with_view(
         LocalProxyMode::PodIp => pod_ip,
     };
     let inbound = compiler.inbound(pod, app_ip);
+    let retries = if mesh_config.spec.feature_flags.enable_retry_policy {
+        compiler.outbound_retries(&pod_namespace, &service_account, view)
+    } else {
+        vec![]
+    };
     let mut warnings = compiler.warnings;
     let mut clusters = compiler.clusters;
     let mut outbound = Vec::new();
@@ -239,6 +258,7 @@ pub fn compile_with_view(
         inbound,
         outbound,
         clusters: clusters.into_values().collect(),
+        outbound_retries: retries,
     };
     // Outbound and inbound look at the same ports: report each problem once.
     warnings.sort_by(|a, b| (a.code, &a.message).cmp(&(b.code, &b.message)));
@@ -573,6 +593,72 @@ impl<'a> Compiler<'a> {
                 .collect(),
             tcp,
         }
+    }
+
+    /// What the Retry policies of the proxy's namespace whose source is its service account
+    /// retry, per destination service of the mesh. Several policies for one service join their
+    /// `retryOn` conditions (as FSM does); the numbers come from the first by name. Status codes
+    /// and classes in `retryOn` are not supported by the data planes yet: reported, left out.
+    fn outbound_retries(
+        &mut self,
+        namespace: &str,
+        service_account: &str,
+        view: &MeshView,
+    ) -> Vec<OutboundRetry> {
+        let catalog = self.catalog;
+        let mut retries: BTreeMap<ServiceRef, RetryPolicy> = BTreeMap::new();
+        for object in catalog.policies_in(Kind::Retry, namespace) {
+            let MeshObject::Retry(retry) = object else {
+                continue;
+            };
+            let source = &retry.spec.source;
+            if source.name != service_account || source.namespace != namespace {
+                continue;
+            }
+            let name = retry.metadata.name.as_deref().unwrap_or_default();
+            let spec = &retry.spec.retry_policy;
+            let mut retry_on = Vec::new();
+            for condition in spec.retry_on_conditions() {
+                if RETRY_ON_NAMES.contains(&condition) {
+                    retry_on.push(condition.to_owned());
+                } else {
+                    self.warn(ErrCode::E2008, format!("Retry {namespace}/{name} spec.retryPolicy.retryOn: {condition:?} (a status code or class) is not supported by the data planes yet; left out"));
+                }
+            }
+            if retry_on.is_empty() {
+                continue;
+            }
+            for (i, destination) in retry.spec.destinations.iter().enumerate() {
+                let service = ServiceRef {
+                    namespace: destination.namespace.clone(),
+                    name: destination.name.clone(),
+                };
+                if view.get(&service).is_none() {
+                    self.warn(ErrCode::E2008, format!("Retry {namespace}/{name} spec.destinations[{i}]: {service} is not a meshed service"));
+                    continue;
+                }
+                let policy = RetryPolicy {
+                    retry_on: retry_on.clone(),
+                    num_retries: spec.num_retries,
+                    per_try_timeout_ms: spec.per_try_timeout().map(|d| d.as_millis() as u64),
+                    backoff_base_interval_ms: Some(spec.backoff_base().as_millis() as u64),
+                };
+                retries
+                    .entry(service)
+                    .and_modify(|p| {
+                        for c in &policy.retry_on {
+                            if !p.retry_on.contains(c) {
+                                p.retry_on.push(c.clone());
+                            }
+                        }
+                    })
+                    .or_insert(policy);
+            }
+        }
+        retries
+            .into_iter()
+            .map(|(service, retry)| OutboundRetry { service, retry })
+            .collect()
     }
 
     /// The TrafficSplit whose root is `service`: the first by name, when several are (E2007, as

@@ -48,6 +48,7 @@ fn touches_everything(kind: Kind) -> bool {
             | Kind::HTTPRouteGroup
             | Kind::TCPRoute
             | Kind::TrafficSplit
+            | Kind::Retry
     )
 }
 
@@ -279,8 +280,8 @@ pub enum ProxyScope {
         /// Proxies whose pods are in these namespaces (a Service there changed: which of
         /// their ports it exposes may have changed).
         namespaces: BTreeSet<String>,
-        /// Proxies running as these service accounts (namespace, name): an SMI access policy
-        /// whose destination they are changed.
+        /// Proxies running as these service accounts (namespace, name): a policy about them
+        /// changed (an SMI access policy whose destination they are, a Retry whose source).
         service_accounts: BTreeSet<(String, String)>,
         /// Proxies whose own part reads at least this much of what they may reach (a service
         /// port they read appeared, left or changed); see [`MeshView::refresh_scoped`].
@@ -301,9 +302,9 @@ impl ProxyScope {
                 .filter(|k| k.kind == Kind::Service)
                 .map(|k| k.namespace.clone())
                 .collect(),
-            // SMI access policies decide what enters their destinations' pods, and nothing of
-            // what any proxy reaches.
-            service_accounts: changes.access_destinations.clone(),
+            // SMI access policies decide what enters their destinations' pods, Retry policies
+            // how their sources send; neither changes what any proxy reaches.
+            service_accounts: changes.policy_service_accounts.clone(),
             reach: None,
         }
     }

@@ -41,6 +41,9 @@ pub struct SharedKey {
 pub struct Own {
     pub types: BTreeMap<TypeUrl, Arc<TypeSnapshot>>,
     pub warnings: Vec<String>,
+    /// It holds its own outbound routes (its Retry policies change some of them): it reads
+    /// every service port, whatever its data planes' own parts read.
+    pub reads_every_port: bool,
 }
 
 /// Per service and data plane: the resources every proxy that may reach it shares.
@@ -181,9 +184,25 @@ impl Publisher {
         self.work.proxies_recompiled += 1;
         let mut types = BTreeMap::new();
         let mut warnings = Vec::new();
+        let retries = &compiled.ir.outbound_retries;
         for data_plane in data_planes {
-            let (encoded, plane_warnings) = own_resources(*data_plane, &compiled.ir, credentials)?;
+            let (mut encoded, plane_warnings) =
+                own_resources(*data_plane, &compiled.ir, credentials)?;
             warnings.extend(plane_warnings);
+            if !retries.is_empty() {
+                // The shared outbound routes with this proxy's retries: its own, of the same
+                // name, win over the shared ones. Proxies of one service account share it
+                // (interned by content).
+                let ports = fsm_ir::with_retries(
+                    self.view.entries().flat_map(|e| e.outbound.ports.iter()),
+                    retries,
+                );
+                let routes = outbound_routes(*data_plane, ports.iter())?;
+                encoded
+                    .entry(routes_type_url(*data_plane))
+                    .or_default()
+                    .push(routes);
+            }
             for (type_url, resources) in encoded {
                 self.work.resources_encoded += resources.len() as u64;
                 let resources: Vec<Arc<Resource>> =
@@ -191,7 +210,11 @@ impl Publisher {
                 types.insert(type_url, Arc::new(TypeSnapshot::from_shared(resources)));
             }
         }
-        Ok(Own { types, warnings })
+        Ok(Own {
+            types,
+            warnings,
+            reads_every_port: !retries.is_empty(),
+        })
     }
 
     /// A proxy's snapshot: per type, the union of the shared and own sets, interned.
@@ -313,7 +336,10 @@ fn build_shared(
         Some(resource) => resource,
         None => {
             encoded += 1;
-            outbound_routes(key.data_plane, view)?
+            outbound_routes(
+                key.data_plane,
+                view.entries().flat_map(|e| e.outbound.ports.iter()),
+            )?
         }
     };
     per_type.entry(routes_type).or_default().push(routes);
@@ -499,11 +525,11 @@ fn service_resources(
     }
 }
 
-fn outbound_routes(
+/// Route configuration `outbound` of `ports` (every service's, for the shared one).
+fn outbound_routes<'a>(
     data_plane: DataPlane,
-    view: &MeshView,
+    ports: impl Iterator<Item = &'a fsm_ir::OutboundService>,
 ) -> Result<Arc<Resource>, (ErrCode, String)> {
-    let ports = view.entries().flat_map(|e| e.outbound.ports.iter());
     let (name, body) = match data_plane {
         DataPlane::Envoy => {
             let routes = fsm_adapter_envoy::outbound_routes(ports);

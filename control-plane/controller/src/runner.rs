@@ -493,7 +493,11 @@ impl Runner {
                         .own
                         .as_ref()
                         .map_or(fsm_ir::OutboundDetail::All, |own| {
-                            crate::publish::outbound_detail(&own.data_planes)
+                            if own.own.reads_every_port {
+                                fsm_ir::OutboundDetail::All
+                            } else {
+                                crate::publish::outbound_detail(&own.data_planes)
+                            }
                         });
                     let recompile = refreshed.scope.covers(
                         &key.uuid,
@@ -1016,6 +1020,47 @@ mod tests {
         // The outbound routes are built again (one backend's route names its cluster whatever
         // its weight, so the bytes, and what the proxies hold, are the same).
         assert_eq!(report.work.resources_encoded, 1, "{report:?}");
+    }
+
+    /// A Retry recompiles its source's proxies only, which then hold their own outbound routes
+    /// (with the retry); other proxies keep the shared ones.
+    #[tokio::test]
+    async fn a_retry_recompiles_its_source_and_gives_it_its_own_routes() {
+        const ENVOY_RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
+        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        change(
+            &h,
+            vec![manifest(
+                "apiVersion: config.flomesh.io/v1alpha3\nkind: MeshConfig\nmetadata: {name: fsm-mesh-config, namespace: fsm-system}\nspec:\n  traffic: {enablePermissiveTrafficPolicyMode: true}\n  sidecar: {localProxyMode: PodIP}\n  featureFlags: {enableRetryPolicy: true}\n",
+            )],
+        )
+        .await;
+        let routes = |rx: &mut watch::Receiver<Published>| {
+            rx.borrow_and_update()
+                .snapshot()
+                .and_then(|s| s.get(ENVOY_RDS).cloned())
+                .expect("RDS")
+        };
+        let (curl_before, httpbin_before) = (routes(&mut curl), routes(&mut httpbin));
+        let report = change(
+            &h,
+            vec![manifest(
+                "apiVersion: policy.flomesh.io/v1alpha1\nkind: Retry\nmetadata: {name: retry, namespace: demo}\nspec:\n  source: {kind: ServiceAccount, name: curl, namespace: demo}\n  destinations: [{kind: Service, name: httpbin, namespace: demo}]\n  retryPolicy: {retryOn: 5xx, numRetries: 3}\n",
+            )],
+        )
+        .await;
+        assert_eq!(report.work.proxies_recompiled, 1, "{report:?}");
+        let (curl_after, httpbin_after) = (routes(&mut curl), routes(&mut httpbin));
+        assert_ne!(
+            curl_after.version(),
+            curl_before.version(),
+            "curl's routes retry"
+        );
+        assert_eq!(httpbin_after.version(), httpbin_before.version());
     }
 
     fn has_type(published: &Published, type_url: &str) -> bool {

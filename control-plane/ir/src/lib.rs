@@ -61,6 +61,39 @@ pub struct ProxyIr {
     pub outbound: Vec<OutboundService>,
     /// Every upstream cluster referenced by inbound or outbound routes.
     pub clusters: Vec<Cluster>,
+    /// Retries this proxy applies to its HTTP requests to some services (Retry policies whose
+    /// source is its service account), by service: they change the routes of those services'
+    /// ports wherever the proxy's outbound routes are built.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_retries: Vec<OutboundRetry>,
+}
+
+/// See [`ProxyIr::outbound_retries`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboundRetry {
+    pub service: ServiceRef,
+    pub retry: RetryPolicy,
+}
+
+/// `ports` with `retries` applied to the routes of the services they name: what a proxy with
+/// Retry policies sends its HTTP requests by.
+pub fn with_retries<'a>(
+    ports: impl IntoIterator<Item = &'a OutboundService>,
+    retries: &[OutboundRetry],
+) -> Vec<OutboundService> {
+    ports
+        .into_iter()
+        .map(|port| {
+            let mut port = port.clone();
+            if let Some(r) = retries.iter().find(|r| r.service == port.service) {
+                for route in &mut port.routes {
+                    route.retry = Some(r.retry.clone());
+                }
+            }
+            port
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,6 +582,7 @@ mod tests {
                 tcp_backends: backends,
             }],
             clusters,
+            outbound_retries: vec![],
         }
     }
 
