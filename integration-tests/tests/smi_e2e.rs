@@ -14,6 +14,9 @@
 //!
 //! TrafficSplit: httpbin's traffic moves between two version services (the demo's two pods)
 //! 100/0, 50/50 and 0/100 as the split is edited, measured over the requests curl sends.
+//!
+//! Retry: httpbin fails one request in three (`/flaky/3`); once MeshConfig enables retry
+//! policies and a Retry names curl's account and httpbin, curl sees none of the failures.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -249,6 +252,72 @@ async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> 
         );
     }
     Ok(())
+}
+
+const RETRY: &str = r#"
+apiVersion: policy.flomesh.io/v1alpha1
+kind: Retry
+metadata: {name: curl-to-httpbin, namespace: demo}
+spec:
+  source: {kind: ServiceAccount, name: curl, namespace: demo}
+  destinations: [{kind: Service, name: httpbin, namespace: demo}]
+  retryPolicy: {retryOn: 5xx, numRetries: 3, perTryTimeout: 2s, retryBackoffBaseInterval: 10ms}
+"#;
+
+/// How many of `requests` GETs of `/flaky/3` failed.
+async fn flaky_failures(via: SocketAddr, requests: usize) -> Result<usize> {
+    let mut failed = 0;
+    for _ in 0..requests {
+        match status(via, "/flaky/3").await? {
+            200 => {}
+            503 => failed += 1,
+            other => anyhow::bail!("GET /flaky/3: {other}"),
+        }
+    }
+    Ok(failed)
+}
+
+async fn retry_hides_a_flaky_server(client: Plane, servers: Plane, subnet: u8) -> Result<()> {
+    let mesh = DemoMesh::start(subnet).await?;
+    let _sidecars = start_sidecars(&mesh, client, servers).await?;
+    let via = mesh.pod("curl")?.outbound_addr();
+    until_status(via, "/get", 200).await?;
+    let failed = flaky_failures(via, 12).await?;
+    ensure!(failed >= 3, "without retries {failed} of 12 failed");
+
+    let mesh_config = mesh.manifests.join("00-mesh.yaml");
+    let text = std::fs::read_to_string(&mesh_config)?;
+    std::fs::write(
+        &mesh_config,
+        text.replacen(
+            "  sidecar:\n",
+            "  featureFlags:\n    enableRetryPolicy: true\n  sidecar:\n",
+            1,
+        ),
+    )?;
+    std::fs::write(mesh.manifests.join("40-retry.yaml"), RETRY)?;
+    // Converged once a run of requests sees no failure; then none may fail.
+    eventually(CONVERGE, || async {
+        let failed = flaky_failures(via, 6).await?;
+        ensure!(failed == 0, "{failed} of 6 failed");
+        Ok(())
+    })
+    .await?;
+    let failed = flaky_failures(via, 60).await?;
+    ensure!(
+        failed == 0,
+        "{client:?} -> {servers:?}: {failed} of 60 failed with retries"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_hides_a_flaky_server_in_every_pairing() {
+    for ((client, servers), subnet) in PAIRINGS.into_iter().zip(58..) {
+        if let Err(err) = retry_hides_a_flaky_server(client, servers, subnet).await {
+            panic!("client {client:?}, servers {servers:?}: {err:#}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -19,8 +20,9 @@ use tokio::task::JoinSet;
 /// Demo workload for the FSM integration tests and `make demo`.
 ///
 /// Every HTTP request gets `200` and a JSON echo of the request (`/status/<code>` answers with that
-/// code); every line on a TCP connection is answered with `<NAME>: <line>`. Both carry NAME so the
-/// caller can tell which backend answered.
+/// code; `/flaky/<n>` answers 503 to one request in n, the first of every n it receives, to show
+/// retries); every line on a TCP connection is answered with `<NAME>: <line>`. Both carry NAME so
+/// the caller can tell which backend answered.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -61,7 +63,10 @@ async fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("binding HTTP {addr}"))?;
         eprintln!("{name}: HTTP on {addr}");
-        let router = Router::new().fallback(echo).with_state(name.clone());
+        let router = Router::new().fallback(echo).with_state(App {
+            name: name.clone(),
+            flaky: Arc::new(AtomicU64::new(0)),
+        });
         servers.spawn(async move {
             axum::serve(listener, router)
                 .await
@@ -85,18 +90,34 @@ async fn run(args: Args) -> Result<()> {
     }
 }
 
+#[derive(Clone)]
+struct App {
+    name: Arc<str>,
+    /// Requests to `/flaky/<n>` so far.
+    flaky: Arc<AtomicU64>,
+}
+
 async fn echo(
-    axum::extract::State(name): axum::extract::State<Arc<str>>,
+    axum::extract::State(App { name, flaky }): axum::extract::State<App>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let status = uri
+    let flaky_failure = uri
         .path()
-        .strip_prefix("/status/")
-        .and_then(|code| code.parse::<u16>().ok())
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .unwrap_or(StatusCode::OK);
+        .strip_prefix("/flaky/")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+        .is_some_and(|n| flaky.fetch_add(1, Ordering::Relaxed) % n == 0);
+    let status = if flaky_failure {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        uri.path()
+            .strip_prefix("/status/")
+            .and_then(|code| code.parse::<u16>().ok())
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .unwrap_or(StatusCode::OK)
+    };
     let header_map: serde_json::Map<String, serde_json::Value> = headers
         .iter()
         .map(|(k, v)| {
