@@ -56,6 +56,13 @@ pub struct CertificateRequest {
     pub purpose: CertPurpose,
 }
 
+/// The longest CommonName a request may carry. FSM's node ids, which its certificates carry as
+/// CommonName, exceed X.509's 64-byte ub-common-name for ordinary names (its own bookstore demo:
+/// `<uuid>.sidecar.bookwarehouse.bookwarehouse`, 72 bytes), and FSM issues them (Go, BoringSSL,
+/// webpki and rcgen all take longer names). This bounds what such a name can be: a UUID, a
+/// service account of up to 253 bytes, a namespace of up to 63.
+const MAX_COMMON_NAME: usize = 512;
+
 impl CertificateRequest {
     /// A request with no SANs.
     pub fn new(common_name: impl Into<String>, validity: Duration) -> Self {
@@ -91,10 +98,9 @@ impl CertificateRequest {
         if self.common_name.is_empty() {
             return Err(CertError::InvalidRequest("empty common name".into()));
         }
-        if self.common_name.len() > 64 {
-            // X.509 upper bound for CommonName (RFC 5280 ub-common-name).
+        if self.common_name.len() > MAX_COMMON_NAME {
             return Err(CertError::InvalidRequest(format!(
-                "common name {:?} is longer than 64 bytes",
+                "common name {:?} is longer than {MAX_COMMON_NAME} bytes",
                 self.common_name
             )));
         }
@@ -265,8 +271,16 @@ mod tests {
                 .with_uri_san("SPIFFE://td/ns/b/sa/a");
             assert!(wrong.validate().is_err(), "{purpose:?}");
         }
+        let bookwarehouse =
+            "5b1e3c2a-0d4f-4a6b-8c9d-0e1f2a3b4c55.sidecar.bookwarehouse.bookwarehouse";
         assert!(
-            CertificateRequest::new("x".repeat(65), Duration::from_secs(1))
+            CertificateRequest::new(bookwarehouse, Duration::from_secs(1))
+                .validate()
+                .is_ok(),
+            "FSM's node ids exceed 64 bytes"
+        );
+        assert!(
+            CertificateRequest::new("x".repeat(513), Duration::from_secs(1))
                 .validate()
                 .is_err()
         );

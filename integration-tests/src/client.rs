@@ -55,11 +55,23 @@ pub(crate) fn plain_client() -> Result<reqwest::Client> {
 /// GET `path` through the sidecar listener at `via`, as an app in explicit mode does: the TCP
 /// connection goes to the sidecar and `host` (e.g. `httpbin.demo:14001`) picks the route.
 pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<HttpReply> {
+    http_get_with_headers(via, host, path, &[]).await
+}
+
+/// [`http_get_via`] with more request headers.
+pub async fn http_get_with_headers(
+    via: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpReply> {
     let client = plain_client()?;
     let url = format!("http://{via}{path}");
-    let response = client
-        .get(&url)
-        .header(reqwest::header::HOST, host)
+    let mut request = client.get(&url).header(reqwest::header::HOST, host);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
         .send()
         .await
         .with_context(|| format!("GET {url} (Host: {host})"))?;

@@ -10,7 +10,7 @@ use fsm_catalog::CatalogSettings;
 
 use crate::{
     AdsMode, Controller, ControllerOptions, Envoy, FsmSidecar, FsmSidecarConfig, ManagedProcess,
-    MeshPod, SidecarConfig, demo_manifests, load_catalog, mesh_pods, start_controller,
+    MeshPod, SidecarConfig, example_manifests, load_catalog, mesh_pods, start_controller,
     start_demo_apps, start_envoy, start_fsm_sidecar,
 };
 
@@ -39,10 +39,19 @@ impl DemoMesh {
         subnet: u8,
         edit: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<DemoMesh> {
+        DemoMesh::start_example("demo", subnet, edit).await
+    }
+
+    /// [`DemoMesh::start_edited`] with the manifest set examples/`example`.
+    pub async fn start_example(
+        example: &str,
+        subnet: u8,
+        edit: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<DemoMesh> {
         let work = tempfile::tempdir()?;
         let logs = work.path().join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-        let manifests = demo_manifests(&work.path().join("manifests"), subnet)?;
+        let manifests = example_manifests(example, &work.path().join("manifests"), subnet)?;
         edit(&manifests)?;
         let catalog = load_catalog(&manifests, CatalogSettings::default())?;
         let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
@@ -100,6 +109,41 @@ impl DemoMesh {
         Ok(sidecars)
     }
 
+    /// A sidecar for every meshed pod, of the data plane `plane_of` picks for it, each ready
+    /// within `ready`.
+    pub async fn start_sidecars(
+        &self,
+        plane_of: impl Fn(&MeshPod) -> Plane,
+        mode: AdsMode,
+        ready: Duration,
+    ) -> Result<Vec<Sidecar>> {
+        let mut sidecars = Vec::new();
+        for pod in &self.pods {
+            let ads = self.controller.ads();
+            sidecars.push(match plane_of(pod) {
+                Plane::Envoy => {
+                    let mut envoy =
+                        start_envoy(&SidecarConfig::for_pod(pod, &ads, mode)?, &self.logs).await?;
+                    envoy
+                        .wait_ready(ready)
+                        .await
+                        .with_context(|| format!("Envoy of {}", pod.id()))?;
+                    Sidecar::Envoy(envoy)
+                }
+                Plane::FsmSidecar => {
+                    let config = FsmSidecarConfig::for_pod(pod, &ads, mode)?;
+                    let mut sidecar = start_fsm_sidecar(&config, &self.logs).await?;
+                    sidecar
+                        .wait_ready(ready)
+                        .await
+                        .with_context(|| format!("fsm-sidecar of {}", pod.id()))?;
+                    Sidecar::Fsm(sidecar)
+                }
+            });
+        }
+        Ok(sidecars)
+    }
+
     /// The meshed pod named `name`.
     pub fn pod(&self, name: &str) -> Result<&MeshPod> {
         self.pods
@@ -107,4 +151,17 @@ impl DemoMesh {
             .find(|p| p.name == name)
             .with_context(|| format!("meshed pod {name}"))
     }
+}
+
+/// A data plane a pod's sidecar may run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    Envoy,
+    FsmSidecar,
+}
+
+/// A running sidecar of either data plane; stopped on drop.
+pub enum Sidecar {
+    Envoy(Envoy),
+    Fsm(FsmSidecar),
 }

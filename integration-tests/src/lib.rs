@@ -29,21 +29,22 @@ pub use ads_client::{
 };
 pub use apps::{start_demo_app, start_demo_apps};
 pub use client::{
-    HttpReply, backends_via, http_get_ok_via, http_get_via, stats_counter, tcp_roundtrip,
-    wait_tcp_unreachable,
+    HttpReply, backends_via, http_get_ok_via, http_get_via, http_get_with_headers, stats_counter,
+    tcp_roundtrip, wait_tcp_unreachable,
 };
 pub use controller::{
     AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
     start_controller_on_cluster, write_standalone_bootstrap,
 };
-pub use demo_mesh::DemoMesh;
+pub use demo_mesh::{DemoMesh, Plane, Sidecar};
 pub use envoy::{
     AdsMode, Envoy, SidecarConfig, bootstrap_json, bootstrap_secrets, envoy_bootstrap, start_envoy,
     start_envoy_with, validate_bootstrap,
 };
 pub use eventually::eventually;
 pub use mesh::{
-    AppPort, AppProtocol, MeshPod, demo_manifests, edit_manifest, load_catalog, mesh_pods,
+    AppPort, AppProtocol, MeshPod, demo_manifests, edit_manifest, example_manifests, load_catalog,
+    mesh_pods,
 };
 pub use paths::{binary, envoy_binary, repo_root};
 pub use process::{ManagedProcess, free_port, wait_for_http_ok, wait_for_tcp};

@@ -103,8 +103,13 @@ pub fn edit_manifest(path: &Path, from: &str, to: &str) -> Result<()> {
 /// Copies examples/demo into `out` with every 127.0.10.x address moved to 127.0.<subnet>.x, so
 /// tests running at the same time each have their own pod addresses.
 pub fn demo_manifests(out: &Path, subnet: u8) -> Result<std::path::PathBuf> {
+    example_manifests("demo", out, subnet)
+}
+
+/// [`demo_manifests`] for the manifest set examples/`example`.
+pub fn example_manifests(example: &str, out: &Path, subnet: u8) -> Result<std::path::PathBuf> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let examples = crate::repo_root().join("examples/demo");
+    let examples = crate::repo_root().join("examples").join(example);
     for entry in
         std::fs::read_dir(&examples).with_context(|| format!("reading {}", examples.display()))?
     {

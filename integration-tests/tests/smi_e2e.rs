@@ -24,20 +24,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, Envoy, FsmSidecar, FsmSidecarConfig, SidecarConfig, eventually,
-    http_get_via, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    AdsMode, DemoMesh, Plane, Sidecar, eventually, http_get_via, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Plane {
-    Envoy,
-    FsmSidecar,
-}
-
-/// Client (curl) and server data planes, and the subnet of the run.
+/// Client (curl) and server data planes.
 const PAIRINGS: [(Plane, Plane); 4] = [
     (Plane::Envoy, Plane::Envoy),
     (Plane::FsmSidecar, Plane::FsmSidecar),
@@ -45,44 +38,14 @@ const PAIRINGS: [(Plane, Plane); 4] = [
     (Plane::FsmSidecar, Plane::Envoy),
 ];
 
-/// A sidecar of either kind, kept alive for the run.
-enum Running {
-    Envoy(#[allow(dead_code)] Envoy),
-    Fsm(#[allow(dead_code)] FsmSidecar),
-}
-
 /// Starts curl's sidecar as `client` and every other pod's as `servers`.
-async fn start_sidecars(mesh: &DemoMesh, client: Plane, servers: Plane) -> Result<Vec<Running>> {
-    let mut running = Vec::new();
-    for pod in &mesh.pods {
-        let plane = if pod.name == "curl" { client } else { servers };
-        let ads = mesh.controller.ads();
-        running.push(match plane {
-            Plane::Envoy => {
-                let mut e = start_envoy(
-                    &SidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?,
-                    &mesh.logs,
-                )
-                .await?;
-                e.wait_ready(CONVERGE)
-                    .await
-                    .with_context(|| format!("Envoy of {}", pod.id()))?;
-                Running::Envoy(e)
-            }
-            Plane::FsmSidecar => {
-                let mut f = start_fsm_sidecar(
-                    &FsmSidecarConfig::for_pod(pod, &ads, AdsMode::Sotw)?,
-                    &mesh.logs,
-                )
-                .await?;
-                f.wait_ready(CONVERGE)
-                    .await
-                    .with_context(|| format!("fsm-sidecar of {}", pod.id()))?;
-                Running::Fsm(f)
-            }
-        });
-    }
-    Ok(running)
+async fn start_sidecars(mesh: &DemoMesh, client: Plane, servers: Plane) -> Result<Vec<Sidecar>> {
+    mesh.start_sidecars(
+        |pod| if pod.name == "curl" { client } else { servers },
+        AdsMode::Sotw,
+        CONVERGE,
+    )
+    .await
 }
 
 /// curl may GET `/get` from httpbin and talk to tcp-echo's port 9000; nothing else.

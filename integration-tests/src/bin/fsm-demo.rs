@@ -47,6 +47,9 @@ struct Args {
     /// Host header of the HTTP check: the service and port to reach.
     #[arg(long, default_value = "httpbin.demo:14001")]
     http_host: String,
+    /// Path of the HTTP check's GETs.
+    #[arg(long, default_value = "/get")]
+    http_path: String,
     /// Number of HTTP requests to send.
     #[arg(long, default_value_t = 10)]
     requests: usize,
@@ -317,12 +320,12 @@ async fn traffic_check(args: &Args, mesh: &Mesh, timeout: Duration) -> bool {
 async fn http_check(args: &Args, client: &MeshPod, timeout: Duration) -> bool {
     let via = client.outbound_addr();
     println!(
-        "  HTTP GET http://{}/get (Host: {}) x{}",
-        via, args.http_host, args.requests
+        "  HTTP GET http://{}{} (Host: {}) x{}",
+        via, args.http_path, args.http_host, args.requests
     );
     // Routes may land a moment after the listener; only the first request gets a grace period.
     let first = eventually(timeout, || async {
-        let reply = http_get_via(via, &args.http_host, "/get").await?;
+        let reply = http_get_via(via, &args.http_host, &args.http_path).await?;
         if reply.status != 200 {
             bail!("status {}: {}", reply.status, reply.body.trim());
         }
@@ -336,7 +339,7 @@ async fn http_check(args: &Args, client: &MeshPod, timeout: Duration) -> bool {
     let mut backends: BTreeMap<String, usize> = BTreeMap::new();
     let mut all_ok = true;
     for i in 1..=args.requests {
-        match http_get_via(via, &args.http_host, "/get").await {
+        match http_get_via(via, &args.http_host, &args.http_path).await {
             Ok(reply) => {
                 let backend = reply.served_by().unwrap_or("?").to_string();
                 println!("    #{i:<2} {} served by {backend}", reply.status);
@@ -485,9 +488,10 @@ fn print_hints(args: &Args, mesh: &Mesh) {
     );
     if let Some(client) = client {
         println!(
-            "  try:         curl -H 'Host: {}' http://{}/get",
+            "  try:         curl -H 'Host: {}' http://{}{}",
             args.http_host,
-            client.outbound_addr()
+            client.outbound_addr(),
+            args.http_path
         );
         if args.tcp_port != 0 {
             println!(
