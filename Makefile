@@ -9,7 +9,7 @@ VENV := .venv
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 
-.PHONY: all envoy deps build demo test lint clean crds bench bench-deps
+.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps
 
 all: build
 
@@ -40,6 +40,11 @@ build:
 
 demo: envoy build
 	./target/debug/fsm-demo
+
+# FSM's bookstore demo in SMI mode: access, a traffic split and a retry policy (examples/bookstore).
+demo-bookstore: envoy build
+	./target/debug/fsm-demo --manifests examples/bookstore --client bookbuyer/bookbuyer \
+		--http-host bookstore.bookstore:14001 --http-path /buy-a-book/new --tcp-port 0
 
 # Integration tests spawn the binaries built by `build`, so build them first.
 test: envoy deps build
