@@ -7,10 +7,10 @@
 //! back on admits everything. Nothing restarts: the manifests change under the running mesh.
 //!
 //! How a denial shows: HTTP gets 403 from the server's sidecar (Envoy: per-route RBAC, body
-//! "RBAC: access denied"; fsm-sidecar: its route's allowed identities); a TCP connection is
-//! accepted by the client's sidecar and closed by the server's without a byte of the
-//! application's (Envoy: the RBAC network filter; fsm-sidecar: the tunnel is refused), so the
-//! client sees the connection end without an answer.
+//! "RBAC: access denied"; fsm-sidecar: its route's allowed identities, the same answer). TCP
+//! between sidecars runs in an HTTP/2 CONNECT tunnel to the server's sidecar, which answers a
+//! denied CONNECT with 403 (both data planes): the client's sidecar, which had accepted the
+//! connection, closes it without a byte of the application's.
 //!
 //! TrafficSplit: httpbin's traffic moves between two version services (the demo's two pods)
 //! 100/0, 50/50 and 0/100 as the split is edited, measured over the requests curl sends.

@@ -1255,6 +1255,42 @@ spec:
         assert_eq!(destinations(&mut catalog), [pair("bookstore")]);
     }
 
+    /// An invalid TrafficSplit is refused with the field at fault, and the last valid one keeps
+    /// deciding where traffic goes.
+    #[test]
+    fn an_invalid_traffic_split_leaves_the_last_valid_one() {
+        let mut catalog = catalog();
+        let split = |weight: i32| {
+            let (mut objects, errors) = decode_manifests(
+                "ts.yaml",
+                &format!(
+                    "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: split, namespace: app}}\nspec:\n  service: bookstore.app\n  backends: [{{service: bookstore-v1, weight: {weight}}}, {{service: bookstore-v2, weight: 10}}]\n"
+                ),
+            );
+            assert!(errors.is_empty(), "{errors:?}");
+            objects.remove(0)
+        };
+        let good = split(90);
+        assert!(catalog.apply(good.clone()));
+        // As the API server hands it over (a manifest's decoder refuses it already).
+        let MeshObject::TrafficSplit(mut bad) = good.clone() else {
+            panic!("not a TrafficSplit")
+        };
+        bad.spec.backends[0].weight = -1;
+        assert!(
+            !catalog.apply(MeshObject::TrafficSplit(bad)),
+            "a negative weight is refused"
+        );
+        let rejection = &catalog.rejected()[&good.key()];
+        assert!(
+            rejection.message.contains("spec.backends[0].weight"),
+            "{rejection:?}"
+        );
+        assert_eq!(catalog.policy(&good.key()), Some(&good));
+        assert!(catalog.apply(split(50)));
+        assert!(catalog.rejected().is_empty());
+    }
+
     #[test]
     fn policies_of_one_namespace_are_read_without_the_others() {
         let mut catalog = catalog();
