@@ -1,10 +1,10 @@
 //! SMI end to end, with real sidecars in all four pairings of client and server data plane
 //! (Envoy and fsm-sidecar each side), which must all see the same.
 //!
-//! Access: the demo mesh starts permissive; turning MeshConfig `enablePermissiveTrafficPolicyMode` off denies
-//! curl's requests (403) and connections; a TrafficTarget with an HTTPRouteGroup and a TCPRoute
-//! lets curl's service account in again, for the matched routes only; turning permissive mode
-//! back on admits everything. Nothing restarts: the manifests change under the running mesh.
+//! Access: the demo mesh starts permissive; turning MeshConfig
+//! `enablePermissiveTrafficPolicyMode` off denies curl's requests (403) and connections; a
+//! TrafficTarget with an HTTPRouteGroup and a TCPRoute lets curl's service account in again, for
+//! the matched routes only; turning permissive mode back on admits everything. Nothing restarts: the manifests change under the running mesh.
 //!
 //! How a denial shows: HTTP gets 403 from the server's sidecar (Envoy: per-route RBAC, body
 //! "RBAC: access denied"; fsm-sidecar: its route's allowed identities, the same answer). TCP
