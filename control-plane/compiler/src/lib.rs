@@ -216,7 +216,8 @@ pub fn compile_with_view(
     let mut warnings = compiler.warnings;
     let mut clusters = compiler.clusters;
     let mut outbound = Vec::new();
-    for entry in view.services.values() {
+    let (entries, warned) = view.read_at(detail);
+    for entry in entries {
         let ports = entry
             .outbound
             .ports
@@ -241,8 +242,8 @@ pub fn compile_with_view(
                 }
             }
         }
-        warnings.extend(entry.warnings.iter().cloned());
     }
+    warnings.extend(warned.flat_map(|entry| entry.warnings.iter().cloned()));
     let ir = ProxyIr {
         proxy: ProxyInfo {
             uuid: proxy.uuid.clone(),

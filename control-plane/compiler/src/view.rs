@@ -31,6 +31,10 @@ pub struct MeshView {
     by_ip: HashMap<IpAddr, BTreeSet<ServiceRef>>,
     /// The service each outbound cluster belongs to: a split root's routes name its backends'.
     cluster_owners: HashMap<ClusterName, ServiceRef>,
+    /// Services with a TCP port: all a data plane whose own part reads only those walks.
+    tcp_services: BTreeSet<ServiceRef>,
+    /// Services whose entry has warnings, which every proxy reports.
+    with_warnings: BTreeSet<ServiceRef>,
 }
 
 /// Kinds whose change can alter what any proxy may reach or how: everything is recompiled.
@@ -211,7 +215,37 @@ impl MeshView {
             self.cluster_owners
                 .insert(cluster.name.clone(), service.clone());
         }
+        if entry.outbound.ports.iter().any(|p| !p.protocol.is_http()) {
+            self.tcp_services.insert(service.clone());
+        }
+        if !entry.warnings.is_empty() {
+            self.with_warnings.insert(service.clone());
+        }
         self.services.insert(service, entry);
+    }
+
+    /// The entries a proxy's own part reads at `detail`, and those whose warnings it reports:
+    /// walking only them keeps a proxy's compile independent of the number of HTTP services.
+    pub(crate) fn read_at(
+        &self,
+        detail: OutboundDetail,
+    ) -> (
+        Box<dyn Iterator<Item = &ViewEntry> + '_>,
+        impl Iterator<Item = &ViewEntry> + '_,
+    ) {
+        let entries: Box<dyn Iterator<Item = &ViewEntry>> = match detail {
+            OutboundDetail::All => Box::new(self.services.values()),
+            OutboundDetail::TcpOnly => Box::new(
+                self.tcp_services
+                    .iter()
+                    .filter_map(|service| self.services.get(service)),
+            ),
+        };
+        let warned = self
+            .with_warnings
+            .iter()
+            .filter_map(|service| self.services.get(service));
+        (entries, warned)
     }
 
     fn remove(&mut self, service: &ServiceRef) {
@@ -221,6 +255,8 @@ impl MeshView {
         for cluster in &entry.outbound.clusters {
             self.cluster_owners.remove(&cluster.name);
         }
+        self.tcp_services.remove(service);
+        self.with_warnings.remove(service);
         for ip in endpoint_ips(&entry.outbound) {
             if let Some(services) = self.by_ip.get_mut(&ip) {
                 services.remove(service);
