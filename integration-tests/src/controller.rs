@@ -241,6 +241,32 @@ async fn spawn_controller(
     log_dir: &Path,
     options: &ControllerOptions,
 ) -> Result<Controller> {
+    // Ports picked here were free a moment ago; another process may take one before the
+    // controller binds it (tests run side by side). Such a start is tried again on new ports.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match spawn_controller_once(source_flag, source, log_dir, options).await {
+            Err(err)
+                if attempt < 3
+                    && (options.ads_addr.is_none() || options.http_addr.is_none())
+                    && format!("{err:#}")
+                        .to_ascii_lowercase()
+                        .contains("address already in use") =>
+            {
+                eprintln!("fsm-controller could not bind its ports, trying others: {err:#}");
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn spawn_controller_once(
+    source_flag: &str,
+    source: &Path,
+    log_dir: &Path,
+    options: &ControllerOptions,
+) -> Result<Controller> {
     let free =
         || -> Result<SocketAddr> { Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?))) };
     let ads_addr = match options.ads_addr {

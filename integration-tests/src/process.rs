@@ -66,12 +66,24 @@ impl ManagedProcess {
         match self.child.try_wait().context("polling child process")? {
             None => Ok(()),
             Some(status) => bail!(
-                "{} exited with {status}; last lines of {}:\n{}",
+                "{} exited with {status}; from {}:\n{}",
                 self.name,
                 self.log_path.display(),
-                self.log_tail(30)
+                self.exit_reason(30)
             ),
         }
+    }
+
+    /// What the log says about why the process ended: from its last panic or error (which a
+    /// backtrace after it would push out of a plain tail), else its last lines; at most `lines`.
+    fn exit_reason(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let start = all
+            .iter()
+            .rposition(|l| l.contains("panicked at") || l.starts_with("Error:"))
+            .unwrap_or(all.len().saturating_sub(lines));
+        all[start..all.len().min(start + lines)].join("\n")
     }
 
     /// Waits until `addr` accepts connections, failing early if the process dies.
