@@ -777,20 +777,8 @@ fn http_route(
 /// capped at 10 times its base as Envoy does by default. Envoy buffers a request's body to retry
 /// it, up to its per-connection buffer limit (1 MiB); a larger body is sent once.
 fn retry_policy(retry: &fsm_ir::RetryPolicy) -> route::RetryPolicy {
-    let mut retry_on: Vec<&str> = Vec::new();
-    for condition in retry
-        .retry_on
-        .iter()
-        .flat_map(|c| c.split(','))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-    {
-        if !retry_on.contains(&condition) {
-            retry_on.push(condition);
-        }
-    }
     route::RetryPolicy {
-        retry_on: retry_on.join(","),
+        retry_on: retry.conditions().join(","),
         num_retries: Some(UInt32Value {
             value: retry.num_retries,
         }),

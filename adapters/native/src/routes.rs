@@ -147,23 +147,21 @@ fn route(r: &HttpRoute, field: &str, inbound: bool) -> Result<v1::Route, Adapter
 }
 
 fn retry_policy(retry: &fsm_ir::RetryPolicy, field: &str) -> Result<v1::RetryPolicy, AdapterError> {
-    let mut retry_on: Vec<i32> = Vec::new();
-    // FSM's `retryOn` is one comma-separated string; accept either form.
-    for condition in retry
-        .retry_on
-        .iter()
-        .flat_map(|c| c.split(','))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-    {
-        let value = retry_on_condition(condition).ok_or_else(|| AdapterError::Unsupported {
-            field: format!("{field}.retryOn"),
-            reason: format!("retry condition {condition:?} is not one fsm-sidecar implements"),
-        })? as i32;
-        if !retry_on.contains(&value) {
-            retry_on.push(value);
-        }
-    }
+    // Each name once (`RetryPolicy::conditions`), and each name is its own condition.
+    let retry_on = retry
+        .conditions()
+        .into_iter()
+        .map(|condition| {
+            retry_on_condition(condition)
+                .map(|value| value as i32)
+                .ok_or_else(|| AdapterError::Unsupported {
+                    field: format!("{field}.retryOn"),
+                    reason: format!(
+                        "retry condition {condition:?} is not one fsm-sidecar implements"
+                    ),
+                })
+        })
+        .collect::<Result<Vec<i32>, _>>()?;
     Ok(v1::RetryPolicy {
         retry_on,
         num_retries: retry.num_retries,

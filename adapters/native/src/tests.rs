@@ -496,6 +496,26 @@ fn retry_policy_and_timeouts_map_to_typed_fields() {
     assert_eq!((action.timeout, action.retry_policy), (None, None));
 }
 
+/// The compiler passes on the conditions of `fsm_ir::RETRY_ON_CONDITIONS` only: each must be one
+/// fsm-sidecar implements.
+#[test]
+fn every_condition_the_compiler_passes_on_is_implemented() {
+    let mut ir = one_outbound(Protocol::Http);
+    ir.outbound[0].routes[0].retry = Some(RetryPolicy {
+        retry_on: fsm_ir::RETRY_ON_CONDITIONS.map(String::from).to_vec(),
+        num_retries: 1,
+        per_try_timeout_ms: None,
+        backoff_base_interval_ms: None,
+    });
+    let out = translate(&ir, &fsm_golden::placeholder_credentials()).expect("translates");
+    let action = first_route(routes(&out, OUTBOUND_ROUTES))
+        .action
+        .clone()
+        .expect("action");
+    let retry = action.retry_policy.expect("retry policy");
+    assert_eq!(retry.retry_on.len(), fsm_ir::RETRY_ON_CONDITIONS.len());
+}
+
 #[test]
 fn unknown_retry_condition_names_the_field() {
     let mut ir = one_outbound(Protocol::Http);

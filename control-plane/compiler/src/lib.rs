@@ -29,20 +29,6 @@ pub use view::{MeshView, ProxyScope, ViewEntry};
 /// Trust domain of service identities and certificates: the one mesh-wide constant, re-exported
 /// under the name the controller already uses.
 pub use fsm_identity::TRUST_DOMAIN;
-/// The `retryOn` conditions both data planes implement (Envoy's names, which FSM's Retry uses).
-const RETRY_ON_NAMES: [&str; 11] = [
-    "5xx",
-    "gateway-error",
-    "reset",
-    "connect-failure",
-    "retriable-4xx",
-    "refused-stream",
-    "cancelled",
-    "deadline-exceeded",
-    "internal",
-    "resource-exhausted",
-    "unavailable",
-];
 /// How long a proxy waits for a TCP connection to an upstream.
 const CONNECT_TIMEOUT_MS: u64 = 1000;
 
@@ -620,7 +606,7 @@ impl<'a> Compiler<'a> {
             let spec = &retry.spec.retry_policy;
             let mut retry_on = Vec::new();
             for condition in spec.retry_on_conditions() {
-                if RETRY_ON_NAMES.contains(&condition) {
+                if fsm_ir::RETRY_ON_CONDITIONS.contains(&condition) {
                     retry_on.push(condition.to_owned());
                 } else {
                     self.warn(ErrCode::E2008, format!("Retry {namespace}/{name} spec.retryPolicy.retryOn: {condition:?} (a status code or class) is not supported by the data planes yet; left out"));

@@ -835,6 +835,21 @@ mod tests {
         }
     }
 
+    /// A harness with curl's and httpbin-v1's Envoy streams, each holding its first snapshot
+    /// (with EDS) when this returns.
+    async fn curl_and_httpbin() -> (
+        Harness,
+        watch::Receiver<Published>,
+        watch::Receiver<Published>,
+    ) {
+        let h = Harness::start().await;
+        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
+        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
+        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
+        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        (h, curl, httpbin)
+    }
+
     async fn until(
         rx: &mut watch::Receiver<Published>,
         what: &str,
@@ -889,12 +904,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_endpoint_change_recompiles_no_proxy_and_pushes_one_load_assignment() {
-        let h = Harness::start().await;
-        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
-        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
-        let curl_before = versions(&until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await);
-        let httpbin_before =
-            versions(&until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await);
+        let (h, mut curl, mut httpbin) = curl_and_httpbin().await;
+        let curl_before = versions(&curl.borrow_and_update());
+        let httpbin_before = versions(&httpbin.borrow_and_update());
 
         // httpbin-v2 leaves the Endpoints.
         let report = change(
@@ -943,11 +955,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_pod_recompiles_only_the_proxies_it_concerns() {
-        let h = Harness::start().await;
-        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
-        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
-        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
-        let before = versions(&until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await);
+        let (h, _curl, mut httpbin) = curl_and_httpbin().await;
+        let before = versions(&httpbin.borrow_and_update());
 
         // A third httpbin pod joins: nobody's configuration depends on it until it is an
         // endpoint (its own proxy is not connected yet).
@@ -985,11 +994,7 @@ mod tests {
     /// encodes nothing shared.
     #[tokio::test]
     async fn a_traffic_target_recompiles_only_its_destination() {
-        let h = Harness::start().await;
-        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
-        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
-        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
-        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        let (h, _curl, _httpbin) = curl_and_httpbin().await;
         let report = change(
             &h,
             vec![manifest(
@@ -1004,11 +1009,7 @@ mod tests {
     /// (which reads the TCP services) is recompiled.
     #[tokio::test]
     async fn an_http_traffic_split_recompiles_no_envoy_proxy() {
-        let h = Harness::start().await;
-        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
-        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
-        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
-        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        let (h, _curl, _httpbin) = curl_and_httpbin().await;
         let report = change(
             &h,
             vec![manifest(
@@ -1027,11 +1028,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_recompiles_its_source_and_gives_it_its_own_routes() {
         const ENVOY_RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-        let h = Harness::start().await;
-        let (_, mut curl) = h.connect(1, "curl", DataPlane::Envoy);
-        let (_, mut httpbin) = h.connect_as(2, HTTPBIN_V1_UUID, "httpbin", DataPlane::Envoy);
-        until(&mut curl, "curl", |p| has_type(p, ENVOY_EDS)).await;
-        until(&mut httpbin, "httpbin", |p| has_type(p, ENVOY_EDS)).await;
+        let (h, mut curl, mut httpbin) = curl_and_httpbin().await;
         change(
             &h,
             vec![manifest(

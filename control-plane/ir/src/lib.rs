@@ -337,6 +337,42 @@ pub struct RetryPolicy {
     pub backoff_base_interval_ms: Option<u64>,
 }
 
+/// The `retryOn` conditions every data plane implements (Envoy's names, which FSM's Retry uses):
+/// the compiler passes on these only.
+pub const RETRY_ON_CONDITIONS: [&str; 11] = [
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+impl RetryPolicy {
+    /// The `retryOn` conditions, each once, in order: an entry may be FSM's one
+    /// comma-separated string, and several policies' lists are joined.
+    pub fn conditions(&self) -> Vec<&str> {
+        let mut conditions: Vec<&str> = Vec::new();
+        for condition in self
+            .retry_on
+            .iter()
+            .flat_map(|c| c.split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            if !conditions.contains(&condition) {
+                conditions.push(condition);
+            }
+        }
+        conditions
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Cluster {
