@@ -58,6 +58,49 @@ pub async fn http_get_via(via: SocketAddr, host: &str, path: &str) -> Result<Htt
     http_get_with_headers(via, host, path, &[]).await
 }
 
+/// The share of `requests` GETs of `path` (Host `host`) through `via` that `backend` served
+/// (`x-served-by`), each of which must be answered 200: how a split is measured.
+pub async fn share_served_by(
+    via: SocketAddr,
+    host: &str,
+    path: &str,
+    backend: &str,
+    requests: usize,
+) -> Result<f64> {
+    let mut served = 0;
+    for _ in 0..requests {
+        let r = http_get_via(via, host, path).await?;
+        anyhow::ensure!(
+            r.status == 200,
+            "GET {path} (Host: {host}): status {}",
+            r.status
+        );
+        if r.served_by() == Some(backend) {
+            served += 1;
+        }
+    }
+    Ok(served as f64 / requests as f64)
+}
+
+/// How many of `requests` GETs of `path` (Host `host`) through `via` were answered 503, the
+/// others 200 (anything else is an error): how retries of a flaky server are measured.
+pub async fn unavailable_count(
+    via: SocketAddr,
+    host: &str,
+    path: &str,
+    requests: usize,
+) -> Result<usize> {
+    let mut unavailable = 0;
+    for _ in 0..requests {
+        match http_get_via(via, host, path).await?.status {
+            200 => {}
+            503 => unavailable += 1,
+            other => anyhow::bail!("GET {path} (Host: {host}): status {other}"),
+        }
+    }
+    Ok(unavailable)
+}
+
 /// [`http_get_via`] with more request headers.
 pub async fn http_get_with_headers(
     via: SocketAddr,

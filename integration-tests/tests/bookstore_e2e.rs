@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use fsm_integration_tests::{AdsMode, DemoMesh, Plane, eventually, http_get_via};
+use fsm_integration_tests::{
+    AdsMode, DemoMesh, Plane, eventually, http_get_via, share_served_by, unavailable_count,
+};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const BOOKSTORE: &str = "bookstore.bookstore:14001";
@@ -19,36 +21,10 @@ async fn status(via: SocketAddr, host: &str, path: &str) -> Result<u16> {
     Ok(http_get_via(via, host, path).await?.status)
 }
 
-/// The share of `requests` purchases bookstore-v1 served.
-async fn v1_share(via: SocketAddr, requests: usize) -> Result<f64> {
-    let mut v1 = 0;
-    for _ in 0..requests {
-        let r = http_get_via(via, BOOKSTORE, BUY).await?;
-        ensure!(r.status == 200, "status {}", r.status);
-        if r.served_by() == Some("bookstore-v1") {
-            v1 += 1;
-        }
-    }
-    Ok(v1 as f64 / requests as f64)
-}
-
 fn split(v1: u32, v2: u32) -> String {
     format!(
         "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: bookstore-split, namespace: bookstore}}\nspec:\n  service: bookstore.bookstore\n  backends:\n  - {{service: bookstore-v1, weight: {v1}}}\n  - {{service: bookstore-v2, weight: {v2}}}\n"
     )
-}
-
-/// How many of `requests` restocking calls from bookstore failed.
-async fn restock_failures(via: SocketAddr, requests: usize) -> Result<usize> {
-    let mut failed = 0;
-    for _ in 0..requests {
-        match status(via, BOOKWAREHOUSE, "/flaky/3").await? {
-            200 => {}
-            503 => failed += 1,
-            other => anyhow::bail!("restock: {other}"),
-        }
-    }
-    Ok(failed)
 }
 
 async fn bookstore(plane: Plane, subnet: u8) -> Result<()> {
@@ -92,7 +68,7 @@ async fn bookstore(plane: Plane, subnet: u8) -> Result<()> {
     for (v1, v2, expected) in [(100, 0, 1.0), (50, 50, 0.5), (0, 100, 0.0)] {
         std::fs::write(mesh.manifests.join("50-split.yaml"), split(v1, v2))?;
         eventually(CONVERGE, || async {
-            let share = v1_share(buyer, 20).await?;
+            let share = share_served_by(buyer, BOOKSTORE, BUY, "bookstore-v1", 20).await?;
             let converged = match expected {
                 1.0 | 0.0 => share == expected,
                 _ => share > 0.0 && share < 1.0,
@@ -101,7 +77,7 @@ async fn bookstore(plane: Plane, subnet: u8) -> Result<()> {
             Ok(())
         })
         .await?;
-        let share = v1_share(buyer, 2000).await?;
+        let share = share_served_by(buyer, BOOKSTORE, BUY, "bookstore-v1", 2000).await?;
         eprintln!("[bookstore] {plane:?} {v1}/{v2}: bookstore-v1 served {share:.3} of 2,000");
         ensure!(
             (share - expected).abs() <= 0.05,
@@ -117,19 +93,19 @@ async fn bookstore(plane: Plane, subnet: u8) -> Result<()> {
         Ok(())
     })
     .await?;
-    let failed = restock_failures(store, 12).await?;
+    let failed = unavailable_count(store, BOOKWAREHOUSE, "/flaky/3", 12).await?;
     ensure!(failed >= 3, "without the Retry {failed} of 12 failed");
     std::fs::copy(
         fsm_integration_tests::repo_root().join("examples/bookstore/60-retry.yaml"),
         mesh.manifests.join("60-retry.yaml"),
     )?;
     eventually(CONVERGE, || async {
-        let failed = restock_failures(store, 6).await?;
+        let failed = unavailable_count(store, BOOKWAREHOUSE, "/flaky/3", 6).await?;
         ensure!(failed == 0, "{failed} of 6 failed");
         Ok(())
     })
     .await?;
-    let failed = restock_failures(store, 60).await?;
+    let failed = unavailable_count(store, BOOKWAREHOUSE, "/flaky/3", 60).await?;
     ensure!(
         failed == 0,
         "{plane:?}: {failed} of 60 restocks failed with the Retry"

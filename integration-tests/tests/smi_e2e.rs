@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, Plane, Sidecar, eventually, http_get_via, tcp_roundtrip,
+    AdsMode, DemoMesh, Plane, Sidecar, eventually, http_get_via, share_served_by, tcp_roundtrip,
+    unavailable_count,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -173,19 +174,6 @@ fn split_manifests(subnet: u8, v1: u32, v2: u32) -> String {
     )
 }
 
-/// The share of `requests` GETs that httpbin-v1 served.
-async fn v1_share(via: SocketAddr, requests: usize) -> Result<f64> {
-    let mut v1 = 0;
-    for _ in 0..requests {
-        let r = http_get_via(via, HTTPBIN, "/get").await?;
-        ensure!(r.status == 200, "status {}", r.status);
-        if r.served_by() == Some("httpbin-v1") {
-            v1 += 1;
-        }
-    }
-    Ok(v1 as f64 / requests as f64)
-}
-
 async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
     let _sidecars = start_sidecars(&mesh, client, servers).await?;
@@ -196,7 +184,7 @@ async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> 
         std::fs::write(&split, split_manifests(subnet, v1, v2))?;
         // Converged once a short run shows only the expected version (or, for 50/50, both).
         eventually(CONVERGE, || async {
-            let share = v1_share(via, 20).await?;
+            let share = share_served_by(via, HTTPBIN, "/get", "httpbin-v1", 20).await?;
             let converged = match expected {
                 1.0 | 0.0 => share == expected,
                 _ => share > 0.0 && share < 1.0,
@@ -205,7 +193,7 @@ async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> 
             Ok(())
         })
         .await?;
-        let share = v1_share(via, 1000).await?;
+        let share = share_served_by(via, HTTPBIN, "/get", "httpbin-v1", 1000).await?;
         ensure!(
             (share - expected).abs() <= 0.05,
             "{client:?} -> {servers:?} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
@@ -227,25 +215,12 @@ spec:
   retryPolicy: {retryOn: 5xx, numRetries: 3, perTryTimeout: 2s, retryBackoffBaseInterval: 10ms}
 "#;
 
-/// How many of `requests` GETs of `/flaky/3` failed.
-async fn flaky_failures(via: SocketAddr, requests: usize) -> Result<usize> {
-    let mut failed = 0;
-    for _ in 0..requests {
-        match status(via, "/flaky/3").await? {
-            200 => {}
-            503 => failed += 1,
-            other => anyhow::bail!("GET /flaky/3: {other}"),
-        }
-    }
-    Ok(failed)
-}
-
 async fn retry_hides_a_flaky_server(client: Plane, servers: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
     let _sidecars = start_sidecars(&mesh, client, servers).await?;
     let via = mesh.pod("curl")?.outbound_addr();
     until_status(via, "/get", 200).await?;
-    let failed = flaky_failures(via, 12).await?;
+    let failed = unavailable_count(via, HTTPBIN, "/flaky/3", 12).await?;
     ensure!(failed >= 3, "without retries {failed} of 12 failed");
 
     let mesh_config = mesh.manifests.join("00-mesh.yaml");
@@ -261,12 +236,12 @@ async fn retry_hides_a_flaky_server(client: Plane, servers: Plane, subnet: u8) -
     std::fs::write(mesh.manifests.join("40-retry.yaml"), RETRY)?;
     // Converged once a run of requests sees no failure; then none may fail.
     eventually(CONVERGE, || async {
-        let failed = flaky_failures(via, 6).await?;
+        let failed = unavailable_count(via, HTTPBIN, "/flaky/3", 6).await?;
         ensure!(failed == 0, "{failed} of 6 failed");
         Ok(())
     })
     .await?;
-    let failed = flaky_failures(via, 60).await?;
+    let failed = unavailable_count(via, HTTPBIN, "/flaky/3", 60).await?;
     ensure!(
         failed == 0,
         "{client:?} -> {servers:?}: {failed} of 60 failed with retries"
