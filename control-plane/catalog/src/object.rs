@@ -36,6 +36,8 @@ pub trait MeshKind:
 {
     const KIND: Kind;
     fn into_object(self) -> MeshObject;
+    /// The object as this kind's type, if it is one.
+    fn of_object(object: &MeshObject) -> Option<&Self>;
 }
 
 /// Something to do with the Rust type of a kind, chosen at run time by [`Kind::visit`].
@@ -100,6 +102,12 @@ macro_rules! mesh_kinds {
                 const KIND: Kind = Kind::$kind;
                 fn into_object(self) -> MeshObject {
                     MeshObject::$kind(self)
+                }
+                fn of_object(object: &MeshObject) -> Option<&Self> {
+                    match object {
+                        MeshObject::$kind(o) => Some(o),
+                        _ => None,
+                    }
                 }
             }
         )*

@@ -3,6 +3,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
+use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::ErrCode;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -12,8 +13,8 @@ use crate::record::{
     SliceRecord, Strings,
 };
 use crate::{
-    CatalogEvent, Kind, MESH_CONFIG_NAME, MeshConfig, MeshObject, ObjectKey, PROXY_UUID_LABEL,
-    Scope,
+    CatalogEvent, Kind, MESH_CONFIG_NAME, MeshConfig, MeshKind, MeshObject, ObjectKey,
+    PROXY_UUID_LABEL, Scope,
 };
 
 /// Settings of the control plane that decide which objects belong to the mesh.
@@ -333,6 +334,22 @@ impl Catalog {
             .map(|(_, object)| object)
     }
 
+    /// [`Catalog::policies_in`] as their type.
+    pub fn policies_of<'a, K: MeshKind>(&'a self, namespace: &str) -> impl Iterator<Item = &'a K> {
+        self.policies_in(K::KIND, namespace)
+            .filter_map(K::of_object)
+    }
+
+    /// The policy of type `K` named `name` in `namespace`.
+    pub fn policy_of<K: MeshKind>(&self, namespace: &str, name: &str) -> Option<&K> {
+        self.policy(&ObjectKey {
+            kind: K::KIND,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+        .and_then(K::of_object)
+    }
+
     pub fn policy(&self, key: &ObjectKey) -> Option<&MeshObject> {
         self.policies.get(key)
     }
@@ -597,11 +614,7 @@ impl Catalog {
             Some(_) => {}
             None => {
                 let roots: Vec<(String, String)> = self
-                    .policies_in(Kind::TrafficSplit, &key.namespace)
-                    .filter_map(|o| match o {
-                        MeshObject::TrafficSplit(ts) => Some(ts),
-                        _ => None,
-                    })
+                    .policies_of::<TrafficSplit>(&key.namespace)
                     .filter(|ts| ts.spec.backends.iter().any(|b| b.service == key.name))
                     .map(|ts| {
                         (
@@ -640,11 +653,7 @@ impl Catalog {
             _ => return,
         };
         let naming: Vec<(String, String)> = self
-            .policies_in(Kind::TrafficTarget, &key.namespace)
-            .filter_map(|o| match o {
-                MeshObject::TrafficTarget(tt) => Some(tt),
-                _ => None,
-            })
+            .policies_of::<TrafficTarget>(&key.namespace)
             .filter(|tt| {
                 tt.spec
                     .rules

@@ -8,10 +8,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use fsm_catalog::{
-    Catalog, Kind, MeshObject, ObjectKey, PodRecord, ServicePortRecord, ServiceRecord,
-};
+use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
+use fsm_crds::policy::v1alpha1::Retry;
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
 use fsm_crds::smi::split::v1alpha4::TrafficSplit;
@@ -505,15 +504,8 @@ impl<'a> Compiler<'a> {
     fn smi_access(&mut self, namespace: &str, service_account: &str) -> SmiAccess {
         let mut http: BTreeMap<RouteMatch, BTreeSet<ServiceIdentity>> = BTreeMap::new();
         let mut tcp: Vec<(Vec<u16>, BTreeSet<ServiceIdentity>)> = Vec::new();
-        let targets: Vec<&TrafficTarget> = self
-            .catalog
-            .policies_in(Kind::TrafficTarget, namespace)
-            .filter_map(|o| match o {
-                MeshObject::TrafficTarget(tt) => Some(tt),
-                _ => None,
-            })
-            .collect();
-        for tt in targets {
+        let catalog = self.catalog;
+        for tt in catalog.policies_of::<TrafficTarget>(namespace) {
             let tt_name = tt.metadata.name.as_deref().unwrap_or_default();
             let destination = &tt.spec.destination;
             if destination.kind != "ServiceAccount"
@@ -536,7 +528,9 @@ impl<'a> Compiler<'a> {
                 let field = format!("TrafficTarget {namespace}/{tt_name} spec.rules[{i}]");
                 match rule.kind {
                     TrafficTargetRuleKind::HttpRouteGroup => {
-                        let Some(group) = self.http_route_group(namespace, &rule.name) else {
+                        let Some(group) =
+                            catalog.policy_of::<HTTPRouteGroup>(namespace, &rule.name)
+                        else {
                             self.warn(ErrCode::E2005, format!("{field}: HTTPRouteGroup {namespace}/{} does not exist; the rule allows nothing", rule.name));
                             continue;
                         };
@@ -556,7 +550,8 @@ impl<'a> Compiler<'a> {
                         }
                     }
                     TrafficTargetRuleKind::TcpRoute => {
-                        let Some(route) = self.tcp_route(namespace, &rule.name) else {
+                        let Some(route) = catalog.policy_of::<TCPRoute>(namespace, &rule.name)
+                        else {
                             self.warn(ErrCode::E2009, format!("{field}: TCPRoute {namespace}/{} does not exist; the rule allows nothing", rule.name));
                             continue;
                         };
@@ -594,10 +589,7 @@ impl<'a> Compiler<'a> {
     ) -> Vec<OutboundRetry> {
         let catalog = self.catalog;
         let mut retries: BTreeMap<ServiceRef, RetryPolicy> = BTreeMap::new();
-        for object in catalog.policies_in(Kind::Retry, namespace) {
-            let MeshObject::Retry(retry) = object else {
-                continue;
-            };
+        for retry in catalog.policies_of::<Retry>(namespace) {
             let source = &retry.spec.source;
             if source.name != service_account || source.namespace != namespace {
                 continue;
@@ -652,15 +644,9 @@ impl<'a> Compiler<'a> {
     /// FSM, which processes the first it meets).
     fn traffic_split(&mut self, service: &ServiceRef) -> Option<&'a TrafficSplit> {
         let catalog = self.catalog;
-        let roots: Vec<&'a TrafficSplit> = catalog
-            .policies_in(Kind::TrafficSplit, &service.namespace)
-            .filter_map(|o| match o {
-                MeshObject::TrafficSplit(ts) => Some(ts),
-                _ => None,
-            })
-            .filter(|ts| ts.spec.root_service_name() == service.name)
-            .collect();
-        let mut splits = roots.into_iter();
+        let mut splits = catalog
+            .policies_of::<TrafficSplit>(&service.namespace)
+            .filter(|ts| ts.spec.root_service_name() == service.name);
         let first = splits.next()?;
         let ignored: Vec<String> = splits
             .map(|ts| ts.metadata.name.clone().unwrap_or_default())
@@ -733,28 +719,6 @@ impl<'a> Compiler<'a> {
             return None;
         }
         Some(backends)
-    }
-
-    fn http_route_group(&self, namespace: &str, name: &str) -> Option<&'a HTTPRouteGroup> {
-        match self.catalog.policy(&ObjectKey {
-            kind: Kind::HTTPRouteGroup,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }) {
-            Some(MeshObject::HTTPRouteGroup(group)) => Some(group),
-            _ => None,
-        }
-    }
-
-    fn tcp_route(&self, namespace: &str, name: &str) -> Option<&'a TCPRoute> {
-        match self.catalog.policy(&ObjectKey {
-            kind: Kind::TCPRoute,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        }) {
-            Some(MeshObject::TCPRoute(route)) => Some(route),
-            _ => None,
-        }
     }
 
     fn warn(&mut self, code: ErrCode, message: String) {
