@@ -272,16 +272,14 @@ impl MeshView {
 /// proxies reading TCP ports (all of them) when a TCP port differs, else those reading every
 /// port when an HTTP one does; `None` when the ports are the same.
 fn ports_read_by(before: &[OutboundService], after: &[OutboundService]) -> Option<OutboundDetail> {
-    let of = |ports: &[OutboundService], http: bool| -> Vec<OutboundService> {
-        ports
-            .iter()
-            .filter(|p| p.protocol.is_http() == http)
-            .cloned()
-            .collect()
+    // Compared in place: this runs for every entry a change rebuilds.
+    let same = |http: bool| {
+        let of = |p: &&OutboundService| p.protocol.is_http() == http;
+        before.iter().filter(of).eq(after.iter().filter(of))
     };
-    if of(before, false) != of(after, false) {
+    if !same(false) {
         Some(OutboundDetail::TcpOnly)
-    } else if of(before, true) != of(after, true) {
+    } else if !same(true) {
         Some(OutboundDetail::All)
     } else {
         None
