@@ -160,9 +160,12 @@ pub struct ChangeSet {
     /// TrafficTargets whose rules name a changed HTTPRouteGroup or TCPRoute (their inbound);
     /// the sources of changed Retry policies, old and new (their outbound routes).
     pub policy_service_accounts: BTreeSet<(String, String)>,
-    /// Services (namespace, name) that are the root of a changed TrafficSplit, old and new, or
-    /// of a TrafficSplit one of whose backends is a changed Service.
-    pub split_roots: BTreeSet<(String, String)>,
+    /// Services (namespace, name) whose shared outbound entry a policy change may have changed:
+    /// the root of a changed TrafficSplit, old and new, or of a TrafficSplit one of whose
+    /// backends is a changed Service; the host of a changed UpstreamTrafficSetting, old and new
+    /// (its circuit breakers; its rate limits are the service's pods' own part, in the
+    /// setting's namespace).
+    pub policy_services: BTreeSet<(String, String)>,
 }
 
 impl ChangeSet {
@@ -459,10 +462,10 @@ impl Catalog {
         self.changes.objects.insert(key.clone());
         if let Record::Policy(object) = &record {
             self.note_policy_service_accounts(&key, object);
-            self.note_split_roots(&key, Some(object));
+            self.note_policy_services(&key, Some(object));
         }
         if key.kind == Kind::Service {
-            self.note_split_roots(&key, None);
+            self.note_policy_services(&key, None);
         }
         match record {
             Record::Namespace(r) => {
@@ -577,10 +580,11 @@ impl Catalog {
             | Kind::HTTPRouteGroup
             | Kind::TCPRoute
             | Kind::TrafficSplit
-            | Kind::Retry => match self.policies.get(key).cloned() {
+            | Kind::Retry
+            | Kind::UpstreamTrafficSetting => match self.policies.get(key).cloned() {
                 Some(old) => {
                     self.note_policy_service_accounts(key, &old);
-                    self.note_split_roots(key, Some(&old));
+                    self.note_policy_services(key, Some(&old));
                     true
                 }
                 None => false,
@@ -588,7 +592,7 @@ impl Catalog {
             Kind::Service => {
                 let present = self.contains(key);
                 if present {
-                    self.note_split_roots(key, None);
+                    self.note_policy_services(key, None);
                 }
                 present
             }
@@ -600,13 +604,21 @@ impl Catalog {
         self.remove(key)
     }
 
-    /// Notes which split roots a change concerns: a TrafficSplit's root (`object`), or, for the
-    /// Service `key` (no `object`), the roots of the TrafficSplits of its namespace it is a
-    /// backend of.
-    fn note_split_roots(&mut self, key: &ObjectKey, object: Option<&MeshObject>) {
+    /// Notes which services' outbound entries a change concerns: a TrafficSplit's root or an
+    /// UpstreamTrafficSetting's host (`object`), or, for the Service `key` (no `object`), the
+    /// roots of the TrafficSplits of its namespace it is a backend of.
+    fn note_policy_services(&mut self, key: &ObjectKey, object: Option<&MeshObject>) {
         match object {
+            Some(MeshObject::UpstreamTrafficSetting(uts)) => {
+                // `<svc>.<ns>.svc.cluster.local` names a service of the setting's namespace;
+                // any other host selects nothing, and noting its first label costs one lookup.
+                let service = uts.spec.host.split('.').next().unwrap_or_default();
+                self.changes
+                    .policy_services
+                    .insert((key.namespace.clone(), service.to_owned()));
+            }
             Some(MeshObject::TrafficSplit(ts)) => {
-                self.changes.split_roots.insert((
+                self.changes.policy_services.insert((
                     key.namespace.clone(),
                     ts.spec.root_service_name().to_owned(),
                 ));
@@ -623,7 +635,7 @@ impl Catalog {
                         )
                     })
                     .collect();
-                self.changes.split_roots.extend(roots);
+                self.changes.policy_services.extend(roots);
             }
         }
     }

@@ -10,16 +10,18 @@ use std::net::IpAddr;
 
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
-use fsm_crds::policy::v1alpha1::Retry;
+use fsm_crds::policy::v1alpha1::{
+    HttpLocalRateLimitSpec, Retry, TcpLocalRateLimitSpec, UpstreamTrafficSetting,
+};
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
 use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
-    AllowedSources, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute, InboundPort,
-    InboundService, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
-    Protocol, ProxyInfo, ProxyIr, RetryPolicy, RouteMatch, ServiceIdentity, ServiceOutbound,
-    ServiceRef, WeightedCluster, WorkloadRef,
+    AllowedSources, CircuitBreaker, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute,
+    InboundPort, InboundService, LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry,
+    OutboundService, PathMatch, Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy,
+    RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -193,6 +195,7 @@ pub fn compile_with_view(
         LocalProxyMode::PodIp => pod_ip,
     };
     let inbound = compiler.inbound(pod, app_ip);
+    compiler.unknown_upstream_hosts(&pod_namespace);
     let retries = if mesh_config.spec.feature_flags.enable_retry_policy {
         compiler.outbound_retries(&pod_namespace, &service_account, view)
     } else {
@@ -299,6 +302,13 @@ impl<'a> Compiler<'a> {
         let service = service_ref(svc);
         let cluster_ips = svc.cluster_ips();
         let split = self.traffic_split(&service);
+        let setting = self.upstream_setting(&service);
+        let circuit_breaker = setting.and_then(circuit_breaker);
+        let connect_timeout_ms = setting
+            .and_then(|uts| uts.spec.connection_settings.as_ref()?.tcp.as_ref())
+            .and_then(|tcp| tcp.connect_timeout.as_deref())
+            .and_then(|t| fsm_crds::duration::parse_go_duration(t))
+            .map_or(CONNECT_TIMEOUT_MS, |d| d.as_millis() as u64);
         for port in svc.ports() {
             let Ok(number) = u16::try_from(port.port()) else {
                 continue;
@@ -320,7 +330,8 @@ impl<'a> Compiler<'a> {
                     service: service.clone(),
                     protocol,
                     endpoints,
-                    connect_timeout_ms: CONNECT_TIMEOUT_MS,
+                    connect_timeout_ms,
+                    circuit_breaker: circuit_breaker.clone(),
                 },
             );
             let backends = split
@@ -383,6 +394,7 @@ impl<'a> Compiler<'a> {
                             workload: None,
                         }],
                         connect_timeout_ms: CONNECT_TIMEOUT_MS,
+                        circuit_breaker: None,
                     },
                 );
                 let entry = ports.entry(target_port).or_insert_with(|| InboundPort {
@@ -422,6 +434,7 @@ impl<'a> Compiler<'a> {
                                 allowed: AllowedSources::Identities(sources.clone()),
                                 timeout_ms: None,
                                 retry: None,
+                                rate_limit: None,
                             })
                             .chain([wildcard_route(
                                 backends.clone(),
@@ -432,6 +445,8 @@ impl<'a> Compiler<'a> {
                     }
                     Some(access) => (vec![], access.tcp_sources(number, target_port)),
                 };
+                let (routes, rate_limit) =
+                    self.inbound_rate_limits(&service, number, entry.protocol, routes);
                 entry.services.push(InboundService {
                     service: service.clone(),
                     port: number,
@@ -439,6 +454,7 @@ impl<'a> Compiler<'a> {
                     routes,
                     allowed,
                     local_cluster,
+                    rate_limit,
                 });
             }
         }
@@ -640,6 +656,103 @@ impl<'a> Compiler<'a> {
             .collect()
     }
 
+    /// The UpstreamTrafficSetting of `service`: the one in its namespace whose `spec.host` is
+    /// its FQDN, the first by name when several are (the others are reported: FSM's webhook
+    /// refuses a second setting for a host).
+    fn upstream_setting(&mut self, service: &ServiceRef) -> Option<&'a UpstreamTrafficSetting> {
+        let catalog = self.catalog;
+        let fqdn = service.fqdn();
+        let mut settings = catalog
+            .policies_of::<UpstreamTrafficSetting>(&service.namespace)
+            .filter(|uts| uts.spec.host == fqdn);
+        let first = settings.next()?;
+        let first_name = first.metadata.name.as_deref().unwrap_or_default();
+        for ignored in settings {
+            self.warn(
+                ErrCode::E2008,
+                format!(
+                    "UpstreamTrafficSetting {}/{} is ignored: UpstreamTrafficSetting {}/{first_name} already sets host {fqdn}",
+                    service.namespace,
+                    ignored.metadata.name.as_deref().unwrap_or_default(),
+                    service.namespace,
+                ),
+            );
+        }
+        Some(first)
+    }
+
+    /// The rate limits `service`'s UpstreamTrafficSetting puts on its port `port` in this pod:
+    /// the port's own (requests for HTTP, connections for TCP) and each allowed route's whose
+    /// path an `httpRoutes` entry names. A route limit applies only to a path an access policy
+    /// already allows (FSM: `.*` in permissive mode, an HTTPRouteGroup's path in SMI mode);
+    /// others are reported and left out.
+    fn inbound_rate_limits(
+        &mut self,
+        service: &ServiceRef,
+        port: u16,
+        protocol: Protocol,
+        mut routes: Vec<HttpRoute>,
+    ) -> (Vec<HttpRoute>, Option<LocalRateLimit>) {
+        let Some(uts) = self.upstream_setting(service) else {
+            return (routes, None);
+        };
+        let name = uts.metadata.name.as_deref().unwrap_or_default();
+        let local = uts.spec.rate_limit.as_ref().and_then(|r| r.local.as_ref());
+        if !protocol.is_http() {
+            if !uts.spec.http_routes.is_empty() || local.is_some_and(|l| l.http.is_some()) {
+                self.warn(ErrCode::E2008, format!("UpstreamTrafficSetting {}/{name}: port {port} of {service} is TCP; its HTTP rate limits do not apply there", service.namespace));
+            }
+            return (
+                routes,
+                local.and_then(|l| l.tcp.as_ref()).map(connection_limit),
+            );
+        }
+        if local.is_some_and(|l| l.tcp.is_some()) {
+            self.warn(ErrCode::E2008, format!("UpstreamTrafficSetting {}/{name} spec.rateLimit.local.tcp: port {port} of {service} is HTTP, whose requests reach this pod over connections its clients' sidecars share; the connection limit applies to its TCP ports only", service.namespace));
+        }
+        for (i, route_spec) in uts.spec.http_routes.iter().enumerate() {
+            let Some(limit) = route_spec
+                .rate_limit
+                .as_ref()
+                .and_then(|r| r.local.as_ref())
+            else {
+                continue;
+            };
+            let mut matched = false;
+            for route in routes.iter_mut().filter(|r| !is_denied(&r.allowed)) {
+                if route.matches.path == PathMatch::Regex(route_spec.path.clone()) {
+                    route.rate_limit = Some(request_limit(limit));
+                    matched = true;
+                }
+            }
+            if !matched {
+                self.warn(ErrCode::E2008, format!("UpstreamTrafficSetting {}/{name} spec.httpRoutes[{i}].path: {:?} is not the path of a route an access policy allows to {service} port {port}; the limit is ignored", service.namespace, route_spec.path));
+            }
+        }
+        (
+            routes,
+            local.and_then(|l| l.http.as_ref()).map(request_limit),
+        )
+    }
+
+    /// UpstreamTrafficSettings in `namespace` whose host is no service there (nor, until Egress
+    /// policies are compiled, anything else): reported to the proxies of that namespace.
+    fn unknown_upstream_hosts(&mut self, namespace: &str) {
+        let catalog = self.catalog;
+        for uts in catalog.policies_of::<UpstreamTrafficSetting>(namespace) {
+            let host = uts.spec.host.as_str();
+            let known = host
+                .strip_suffix(".svc.cluster.local")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(name, ns)| {
+                    ns == namespace && catalog.mesh_service(namespace, name).is_some()
+                });
+            if !known {
+                self.warn(ErrCode::E2008, format!("UpstreamTrafficSetting {namespace}/{} spec.host: {host:?} is not the FQDN <service>.{namespace}.svc.cluster.local of a meshed service in {namespace}; the setting applies to nothing", uts.metadata.name.as_deref().unwrap_or_default()));
+            }
+        }
+    }
+
     /// The TrafficSplit whose root is `service`: the first by name, when several are (E2007, as
     /// FSM, which processes the first it meets).
     fn traffic_split(&mut self, service: &ServiceRef) -> Option<&'a TrafficSplit> {
@@ -781,6 +894,61 @@ fn route_match(m: &HttpMatch) -> RouteMatch {
     }
 }
 
+/// `connectionSettings` as circuit-breaker limits; `None` when it sets none.
+fn circuit_breaker(uts: &UpstreamTrafficSetting) -> Option<CircuitBreaker> {
+    let settings = uts.spec.connection_settings.as_ref()?;
+    let tcp = settings.tcp.as_ref();
+    let http = settings.http.as_ref();
+    let limits = CircuitBreaker {
+        max_connections: tcp.and_then(|t| t.max_connections),
+        max_pending_requests: http.and_then(|h| h.max_pending_requests),
+        max_requests: http.and_then(|h| h.max_requests),
+        max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection),
+        max_retries: http.and_then(|h| h.max_retries),
+    };
+    (limits != CircuitBreaker::default()).then_some(limits)
+}
+
+/// FSM's bucket arithmetic: `n + burst` tokens, `n` more every `unit`.
+fn token_bucket(n: u32, burst: u32, unit: std::time::Duration) -> (u32, u32, u64) {
+    (n.saturating_add(burst), n, unit.as_millis() as u64)
+}
+
+fn connection_limit(tcp: &TcpLocalRateLimitSpec) -> LocalRateLimit {
+    let (max_tokens, tokens_per_fill, fill_interval_ms) =
+        token_bucket(tcp.connections, tcp.burst, tcp.unit.as_duration());
+    LocalRateLimit {
+        max_tokens,
+        tokens_per_fill,
+        fill_interval_ms,
+        status: 429,
+        response_headers: vec![],
+    }
+}
+
+fn request_limit(http: &HttpLocalRateLimitSpec) -> LocalRateLimit {
+    let (max_tokens, tokens_per_fill, fill_interval_ms) =
+        token_bucket(http.requests, http.burst, http.unit.as_duration());
+    LocalRateLimit {
+        max_tokens,
+        tokens_per_fill,
+        fill_interval_ms,
+        status: http.status_code(),
+        response_headers: http
+            .response_headers_to_add
+            .iter()
+            .map(|h| ResponseHeader {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn is_denied(allowed: &AllowedSources) -> bool {
+    matches!(allowed, AllowedSources::Identities(ids) if ids.is_empty())
+}
+
 fn wildcard_route(backends: Vec<WeightedCluster>, allowed: AllowedSources) -> HttpRoute {
     HttpRoute {
         matches: RouteMatch::default(),
@@ -788,6 +956,7 @@ fn wildcard_route(backends: Vec<WeightedCluster>, allowed: AllowedSources) -> Ht
         allowed,
         timeout_ms: None,
         retry: None,
+        rate_limit: None,
     }
 }
 

@@ -53,6 +53,7 @@ fn touches_everything(kind: Kind) -> bool {
             | Kind::TCPRoute
             | Kind::TrafficSplit
             | Kind::Retry
+            | Kind::UpstreamTrafficSetting
     )
 }
 
@@ -130,18 +131,20 @@ impl MeshView {
                     .filter_map(|ip| self.by_ip.get(ip))
                     .flatten()
                     .cloned();
-                // A TrafficSplit changes where its root's traffic goes.
-                let split_roots = changes
-                    .split_roots
-                    .iter()
-                    .map(|(namespace, name)| ServiceRef {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                    });
+                // A TrafficSplit changes where its root's traffic goes, an
+                // UpstreamTrafficSetting its host's circuit breakers.
+                let policy_services =
+                    changes
+                        .policy_services
+                        .iter()
+                        .map(|(namespace, name)| ServiceRef {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                        });
                 services
                     .chain(with_endpoints)
                     .chain(behind_pods)
-                    .chain(split_roots)
+                    .chain(policy_services)
                     .collect()
             };
         let mut changed = BTreeSet::new();
@@ -312,7 +315,8 @@ pub enum ProxyScope {
         /// Proxies claiming these UUIDs (their pod, or a pod copying the label, changed).
         uuids: BTreeSet<String>,
         /// Proxies whose pods are in these namespaces (a Service there changed: which of
-        /// their ports it exposes may have changed).
+        /// their ports it exposes may have changed; or an UpstreamTrafficSetting: the rate
+        /// limits of the pods behind its host).
         namespaces: BTreeSet<String>,
         /// Proxies running as these service accounts (namespace, name): a policy about them
         /// changed (an SMI access policy whose destination they are, a Retry whose source).
@@ -330,10 +334,12 @@ impl ProxyScope {
         }
         ProxyScope::Some {
             uuids: changes.pod_uuids.clone(),
+            // An UpstreamTrafficSetting's rate limits are enforced by the pods of its host, a
+            // service of its own namespace.
             namespaces: changes
                 .objects
                 .iter()
-                .filter(|k| k.kind == Kind::Service)
+                .filter(|k| matches!(k.kind, Kind::Service | Kind::UpstreamTrafficSetting))
                 .map(|k| k.namespace.clone())
                 .collect(),
             // SMI access policies decide what enters their destinations' pods, Retry policies
@@ -514,9 +520,52 @@ mod tests {
         let changes = catalog.take_changes();
         assert!(
             changes
-                .split_roots
+                .policy_services
                 .contains(&("demo".to_string(), "httpbin".to_string()))
         );
+    }
+
+    /// An UpstreamTrafficSetting rebuilds its host's entry (circuit breakers) and recompiles the
+    /// proxies of its namespace (the host's pods enforce its rate limits), nothing else; its
+    /// deletion does the same.
+    #[test]
+    fn an_upstream_traffic_setting_rebuilds_its_host_and_its_namespace() {
+        let (mut catalog, _) = demo();
+        let mut view = MeshView::build(&catalog);
+        let (setting, errors) = fsm_catalog::decode_manifests(
+            "uts.yaml",
+            "apiVersion: policy.flomesh.io/v1alpha1\nkind: UpstreamTrafficSetting\nmetadata: {name: httpbin, namespace: demo}\nspec:\n  host: httpbin.demo.svc.cluster.local\n  connectionSettings: {http: {maxRequests: 5}}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let key = setting[0].key();
+        for object in setting {
+            assert!(catalog.apply(object));
+        }
+        for step in ["applied", "deleted"] {
+            let changes = catalog.take_changes();
+            let (changed, scope) = view.refresh_scoped(&catalog, &changes);
+            assert_eq!(changed, BTreeSet::from([service("httpbin")]), "{step}");
+            let limits = view
+                .get(&service("httpbin"))
+                .expect("entry")
+                .outbound
+                .clusters[0]
+                .circuit_breaker
+                .clone();
+            assert_eq!(
+                limits.and_then(|l| l.max_requests),
+                (step == "applied").then_some(5)
+            );
+            assert!(
+                scope.covers("x", "demo", "anyone", OutboundDetail::TcpOnly),
+                "{step}"
+            );
+            assert!(
+                !scope.covers("x", "elsewhere", "anyone", OutboundDetail::TcpOnly),
+                "{step}: {scope:?}"
+            );
+            assert!(catalog.delete(&key) || step == "deleted");
+        }
     }
 
     /// An SMI access policy recompiles the proxies of its destination and no shared entry.

@@ -89,6 +89,7 @@ pub fn with_retries<'a>(
             if let Some(r) = retries.iter().find(|r| r.service == port.service) {
                 for route in &mut port.routes {
                     route.retry = Some(r.retry.clone());
+                    route.timeout_ms = r.retry.route_timeout_ms();
                 }
             }
             port
@@ -225,6 +226,35 @@ pub struct InboundService {
     /// Who may open TCP connections (for TCP ports).
     pub allowed: AllowedSources,
     pub local_cluster: ClusterName,
+    /// This pod's limit on what the service's clients send it (FSM's UpstreamTrafficSetting
+    /// local rate limit): requests for an HTTP port (`rateLimit.local.http`, replaced by a
+    /// route's own [`HttpRoute::rate_limit`]), connections for a TCP port
+    /// (`rateLimit.local.tcp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<LocalRateLimit>,
+}
+
+/// A token bucket in each instance of a service (Envoy's and FSM's local rate limit): it starts
+/// full; a request or connection takes a token; every `fill_interval_ms`, `tokens_per_fill`
+/// tokens are added up to `max_tokens`. With none left, a request gets `status` and
+/// `response_headers`, a connection is closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalRateLimit {
+    /// The rate plus the burst allowed on top of it.
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval_ms: u64,
+    /// 400-599 (FSM's default 429).
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers: Vec<ResponseHeader>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHeader {
+    pub name: String,
+    pub value: String,
 }
 
 /// What every proxy that may reach one service gets for it, whichever proxy it is: the service's
@@ -279,6 +309,10 @@ pub struct HttpRoute {
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
+    /// Inbound only: the route's own rate limit, replacing the service's
+    /// ([`InboundService::rate_limit`]) for the requests it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<LocalRateLimit>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -354,6 +388,26 @@ pub const RETRY_ON_CONDITIONS: [&str; 11] = [
 ];
 
 impl RetryPolicy {
+    /// How long the whole request may take with every retry the policy allows: each attempt's
+    /// `per_try_timeout_ms` plus the longest back-off before each retry. Without a per-try
+    /// timeout nothing bounds an attempt, so the route gets no timeout either (FSM: the per-try
+    /// timeout defaults to "the global route timeout", which no setting defines).
+    pub fn route_timeout_ms(&self) -> Option<u64> {
+        let per_try = self.per_try_timeout_ms?;
+        let base = self.backoff_base_interval_ms.unwrap_or(25);
+        let backoffs: u64 = (1..=self.num_retries.min(64))
+            .map(|n| {
+                let factor = 1u64.checked_shl(n).unwrap_or(u64::MAX).saturating_sub(1);
+                base.saturating_mul(factor).min(base.saturating_mul(10))
+            })
+            .fold(0u64, u64::saturating_add);
+        Some(
+            per_try
+                .saturating_mul(u64::from(self.num_retries) + 1)
+                .saturating_add(backoffs),
+        )
+    }
+
     /// The `retryOn` conditions, each once, in order: an entry may be FSM's one
     /// comma-separated string, and several policies' lists are joined.
     pub fn conditions(&self) -> Vec<&str> {
@@ -382,6 +436,28 @@ pub struct Cluster {
     pub protocol: Protocol,
     pub endpoints: Vec<Endpoint>,
     pub connect_timeout_ms: u64,
+    /// Outbound only: the per-client limits of the service's UpstreamTrafficSetting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Per-client limits on traffic to one upstream service (FSM's UpstreamTrafficSetting
+/// `connectionSettings`): each client sidecar counts for itself and, over a limit, fails at once
+/// (503, or a closed connection) instead of queueing. Unset: no limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// `tcp.maxConnections`: TCP and HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 impl Cluster {
@@ -414,6 +490,7 @@ impl Cluster {
             service: &self.service,
             protocol: self.protocol,
             connect_timeout_ms: self.connect_timeout_ms,
+            circuit_breaker: self.circuit_breaker.as_ref(),
             meshed: self.has_meshed_endpoints(),
             server_identities: self.server_identities(),
         }
@@ -428,6 +505,7 @@ pub struct OutboundClusterShape<'a> {
     pub service: &'a ServiceRef,
     pub protocol: Protocol,
     pub connect_timeout_ms: u64,
+    pub circuit_breaker: Option<&'a CircuitBreaker>,
     pub meshed: bool,
     pub server_identities: Vec<&'a ServiceIdentity>,
 }
@@ -630,6 +708,7 @@ mod tests {
             protocol: Protocol::Tcp,
             endpoints: vec![],
             connect_timeout_ms: 1000,
+            circuit_breaker: None,
         }
     }
 
@@ -638,6 +717,38 @@ mod tests {
             cluster: ClusterName(name.into()),
             weight,
         }
+    }
+
+    #[test]
+    fn a_retried_route_may_take_every_attempt_and_back_off() {
+        let retry = RetryPolicy {
+            retry_on: vec!["5xx".into()],
+            num_retries: 5,
+            per_try_timeout_ms: Some(4000),
+            backoff_base_interval_ms: Some(2),
+        };
+        // FSM's second example: 6 attempts of 4 s, back-offs capped at 2, 6, 14, 20, 20 ms.
+        assert_eq!(
+            retry.route_timeout_ms(),
+            Some(6 * 4000 + 2 + 6 + 14 + 20 + 20)
+        );
+        let unbounded = RetryPolicy {
+            per_try_timeout_ms: None,
+            ..retry.clone()
+        };
+        assert_eq!(unbounded.route_timeout_ms(), None);
+        let defaults = RetryPolicy {
+            num_retries: 1,
+            backoff_base_interval_ms: None,
+            ..retry
+        };
+        assert_eq!(defaults.route_timeout_ms(), Some(2 * 4000 + 25));
+        let huge = RetryPolicy {
+            num_retries: u32::MAX,
+            per_try_timeout_ms: Some(u64::MAX),
+            ..defaults
+        };
+        assert_eq!(huge.route_timeout_ms(), Some(u64::MAX));
     }
 
     #[test]
