@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac, RbacPerRoute};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
@@ -29,6 +30,7 @@ fn decoded(any: &Any) -> String {
         .or_else(|| pretty::<HttpProtocolOptions>(any))
         .or_else(|| pretty::<Rbac>(any))
         .or_else(|| pretty::<RbacPerRoute>(any))
+        .or_else(|| pretty::<LocalRateLimit>(any))
         .or_else(|| pretty::<DownstreamTlsContext>(any))
         .or_else(|| pretty::<UpstreamTlsContext>(any))
         .unwrap_or_else(|| format!("<{} bytes>", any.value.len()));
@@ -96,17 +98,32 @@ pub fn render(resources: &EnvoyResources) -> std::collections::BTreeMap<String, 
     let mut routes = String::new();
     for r in &resources.routes {
         let mut r = r.clone();
-        let mut anys = Vec::new();
+        let anys: Vec<Any> = Vec::new();
+        // Per-filter configurations are maps, whose Debug order varies: each is listed after
+        // the resource, by owner and filter name, and the maps are shown empty.
+        let mut per_filter = Vec::new();
         for vh in &mut r.virtual_hosts {
-            for route in &mut vh.routes {
-                // One entry per route at most (the RBAC filter's), so map order cannot vary.
-                for any in route.typed_per_filter_config.values_mut() {
-                    anys.push(any.clone());
-                    any.value.clear();
+            let mut by_filter: Vec<_> = std::mem::take(&mut vh.typed_per_filter_config)
+                .into_iter()
+                .collect();
+            by_filter.sort_by(|a, b| a.0.cmp(&b.0));
+            for (filter, any) in by_filter {
+                per_filter.push((format!("{} {filter}", vh.name), any));
+            }
+            for (i, route) in vh.routes.iter_mut().enumerate() {
+                let mut by_filter: Vec<_> = std::mem::take(&mut route.typed_per_filter_config)
+                    .into_iter()
+                    .collect();
+                by_filter.sort_by(|a, b| a.0.cmp(&b.0));
+                for (filter, any) in by_filter {
+                    per_filter.push((format!("{}.routes[{i}] {filter}", vh.name), any));
                 }
             }
         }
         routes.push_str(&view(&r, &anys));
+        for (owner, any) in per_filter {
+            let _ = write!(routes, "--- {owner}: {}\n{}", any.type_url, decoded(&any));
+        }
     }
     let mut secrets = String::new();
     for s in &resources.secrets {

@@ -44,6 +44,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::rbac::v3 as rbac;
 use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
@@ -51,6 +52,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_p
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value};
 use fsm_ir::{
     AllowedSources, ClusterKind, HttpRoute, OutboundService, PathMatch, Protocol, ProxyCredentials,
@@ -71,6 +73,7 @@ pub const SECRET_TYPE: &str =
 /// The endpoint metadata key (under `envoy.transport_socket_match`) that selects TLS.
 const MESHED_MATCH_KEY: &str = "fsm.meshed";
 const RBAC_FILTER: &str = "envoy.filters.http.rbac";
+const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 
 pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 
@@ -98,10 +101,73 @@ impl EnvoyResources {
                 encode_sorted(&self.endpoints, |c| &c.cluster_name),
             ),
             (LISTENER_TYPE, encode_sorted(&self.listeners, |l| &l.name)),
-            (ROUTE_TYPE, encode_sorted(&self.routes, |r| &r.name)),
+            (ROUTE_TYPE, {
+                let mut routes: Vec<(String, Vec<u8>)> = self
+                    .routes
+                    .iter()
+                    .map(|r| (r.name.clone(), encode_route_configuration(r)))
+                    .collect();
+                routes.sort_by(|a, b| a.0.cmp(&b.0));
+                routes
+            }),
             (SECRET_TYPE, encode_sorted(&self.secrets, |s| &s.name)),
         ])
     }
+}
+
+/// A route configuration's wire form, the same for the same configuration: prost encodes a
+/// map (`typed_per_filter_config`) in its `HashMap`'s order, which differs between two maps with
+/// the same entries, so a route with RBAC and a rate limit would look changed on every encoding.
+/// Here each map is written after the message's other fields, its entries sorted by filter name
+/// (protobuf parsers accept fields in any order).
+pub fn encode_route_configuration(config: &route::RouteConfiguration) -> Vec<u8> {
+    /// A map entry of `map<string, google.protobuf.Any>`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct FilterEntry {
+        #[prost(string, tag = "1")]
+        key: String,
+        #[prost(message, optional, tag = "2")]
+        value: Option<Any>,
+    }
+    fn encode_map(tag: u32, map: &std::collections::HashMap<String, Any>, buf: &mut Vec<u8>) {
+        let mut entries: Vec<(&String, &Any)> = map.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, value) in entries {
+            let entry = FilterEntry {
+                key: key.clone(),
+                value: Some(value.clone()),
+            };
+            prost::encoding::message::encode(tag, &entry, buf);
+        }
+    }
+    /// `Route.typed_per_filter_config` and `VirtualHost.typed_per_filter_config`.
+    const ROUTE_FILTERS: u32 = 13;
+    const VIRTUAL_HOST_FILTERS: u32 = 15;
+    const VIRTUAL_HOST_ROUTES: u32 = 3;
+    const CONFIGURATION_VIRTUAL_HOSTS: u32 = 2;
+    let mut bare = config.clone();
+    let virtual_hosts = std::mem::take(&mut bare.virtual_hosts);
+    let mut buf = bare.encode_to_vec();
+    for vh in virtual_hosts {
+        let mut bare_vh = vh.clone();
+        bare_vh.routes.clear();
+        bare_vh.typed_per_filter_config.clear();
+        let mut vh_buf = bare_vh.encode_to_vec();
+        for r in &vh.routes {
+            let mut bare_route = r.clone();
+            bare_route.typed_per_filter_config.clear();
+            let mut route_buf = bare_route.encode_to_vec();
+            encode_map(ROUTE_FILTERS, &r.typed_per_filter_config, &mut route_buf);
+            prost::encoding::bytes::encode(VIRTUAL_HOST_ROUTES, &route_buf, &mut vh_buf);
+        }
+        encode_map(
+            VIRTUAL_HOST_FILTERS,
+            &vh.typed_per_filter_config,
+            &mut vh_buf,
+        );
+        prost::encoding::bytes::encode(CONFIGURATION_VIRTUAL_HOSTS, &vh_buf, &mut buf);
+    }
+    buf
 }
 
 /// Why a proxy's IR cannot be given to Envoy.
@@ -312,6 +378,7 @@ pub fn proxy_resources(
     }
 
     // Inbound: HTTP by Host, TCP by CONNECT authority, all through 15003.
+    let mut limited = false;
     let mut seen_domains = BTreeSet::new();
     let mut virtual_hosts = Vec::new();
     for port in &ir.inbound {
@@ -325,7 +392,26 @@ pub fn proxy_resources(
             let routes = if port.protocol.is_http() {
                 svc.routes
                     .iter()
-                    .map(|r| http_route(r, None, Some(trust_domain)))
+                    .map(|r| {
+                        let mut route = http_route(r, None, Some(trust_domain));
+                        if let Some(limit) = &r.rate_limit {
+                            route.typed_per_filter_config.insert(
+                                RATE_LIMIT_FILTER.into(),
+                                any(&rate_limit(limit, &svc.local_cluster)),
+                            );
+                        } else if svc.rate_limit.is_some() && is_denied(&r.allowed) {
+                            // A denied request is refused without taking the service's token,
+                            // as RBAC refuses the others before the rate limit filter.
+                            route.typed_per_filter_config.insert(
+                                RATE_LIMIT_FILTER.into(),
+                                any(&local_ratelimit::LocalRateLimit {
+                                    stat_prefix: RATE_LIMIT_STATS.into(),
+                                    ..Default::default()
+                                }),
+                            );
+                        }
+                        route
+                    })
                     .collect()
             } else {
                 vec![connect_route(
@@ -334,10 +420,22 @@ pub fn proxy_resources(
                     trust_domain,
                 )]
             };
+            limited |=
+                svc.rate_limit.is_some() || svc.routes.iter().any(|r| r.rate_limit.is_some());
             virtual_hosts.push(route::VirtualHost {
                 name: svc.local_cluster.to_string(),
                 domains,
                 routes,
+                typed_per_filter_config: svc
+                    .rate_limit
+                    .iter()
+                    .map(|limit| {
+                        (
+                            RATE_LIMIT_FILTER.to_string(),
+                            any(&rate_limit(limit, &svc.local_cluster)),
+                        )
+                    })
+                    .collect(),
                 ..Default::default()
             });
         }
@@ -352,7 +450,10 @@ pub fn proxy_resources(
         pod_ip,
         ports::INBOUND,
         INBOUND_ROUTES,
-        Some(own),
+        Some(Inbound {
+            identity: own,
+            rate_limited: limited,
+        }),
     ));
 
     Ok(out)
@@ -557,14 +658,22 @@ fn network_filter<M: Message + Name>(name: &str, config: &M) -> listener::Filter
     }
 }
 
-/// An HTTP listener; `inbound` (this proxy's identity) makes it the mTLS inbound listener that
-/// also accepts CONNECT tunnels and authorises clients per route.
+/// What makes an HTTP listener the inbound one.
+struct Inbound<'a> {
+    /// This proxy's identity, which it presents to its clients.
+    identity: &'a ServiceIdentity,
+    /// Some virtual host or route has a rate limit: the listener needs the filter enforcing it.
+    rate_limited: bool,
+}
+
+/// An HTTP listener; `inbound` makes it the mTLS inbound listener that also accepts CONNECT
+/// tunnels, authorises clients per route and, when some route has one, enforces rate limits.
 fn http_listener(
     name: &str,
     ip: IpAddr,
     port: u16,
     routes: &str,
-    inbound: Option<&ServiceIdentity>,
+    inbound: Option<Inbound<'_>>,
 ) -> listener::Listener {
     let accept_connect = inbound.is_some();
     let connect = || {
@@ -583,6 +692,7 @@ fn http_listener(
             },
         )),
         http_filters: inbound
+            .as_ref()
             .map(|_| hcm::HttpFilter {
                 // No rules here: routes carry their own (RBACPerRoute).
                 name: RBAC_FILTER.into(),
@@ -592,6 +702,23 @@ fn http_listener(
                 ..Default::default()
             })
             .into_iter()
+            // After RBAC, so a refused client takes no token. No bucket here: virtual hosts and
+            // routes carry their own.
+            .chain(
+                inbound
+                    .as_ref()
+                    .filter(|i| i.rate_limited)
+                    .map(|_| hcm::HttpFilter {
+                        name: RATE_LIMIT_FILTER.into(),
+                        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                            &local_ratelimit::LocalRateLimit {
+                                stat_prefix: RATE_LIMIT_STATS.into(),
+                                ..Default::default()
+                            },
+                        ))),
+                        ..Default::default()
+                    }),
+            )
             .chain([hcm::HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
@@ -615,9 +742,57 @@ fn http_listener(
                 "envoy.filters.network.http_connection_manager",
                 &manager,
             )],
-            transport_socket: inbound.map(downstream_tls),
+            transport_socket: inbound.map(|i| downstream_tls(i.identity)),
             ..Default::default()
         }],
+        ..Default::default()
+    }
+}
+
+/// The stat prefix of the inbound rate limits (`http_local_rate_limit.<prefix>.rate_limited`).
+const RATE_LIMIT_STATS: &str = "inbound_rate_limit";
+
+/// FSM's local rate limit as Envoy's: the bucket, enabled and enforced for every request, the
+/// status and headers of a refusal. `owner` (the virtual host) prefixes its statistics.
+fn rate_limit(
+    limit: &fsm_ir::LocalRateLimit,
+    owner: &fsm_ir::ClusterName,
+) -> local_ratelimit::LocalRateLimit {
+    let always = || core::RuntimeFractionalPercent {
+        default_value: Some(types::FractionalPercent {
+            numerator: 100,
+            denominator: types::fractional_percent::DenominatorType::Hundred as i32,
+        }),
+        runtime_key: String::new(),
+    };
+    local_ratelimit::LocalRateLimit {
+        stat_prefix: format!("{RATE_LIMIT_STATS}.{owner}"),
+        status: Some(types::HttpStatus {
+            code: i32::from(limit.status),
+        }),
+        token_bucket: Some(types::TokenBucket {
+            max_tokens: limit.max_tokens,
+            tokens_per_fill: Some(UInt32Value {
+                value: limit.tokens_per_fill,
+            }),
+            fill_interval: Some(duration_ms(limit.fill_interval_ms)),
+        }),
+        filter_enabled: Some(always()),
+        filter_enforced: Some(always()),
+        response_headers_to_add: limit
+            .response_headers
+            .iter()
+            .map(|h| core::HeaderValueOption {
+                header: Some(core::HeaderValue {
+                    key: h.name.clone(),
+                    value: h.value.clone(),
+                    ..Default::default()
+                }),
+                append_action: core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+                    as i32,
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -829,13 +1004,18 @@ fn connect_route(
 
 fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, trust_domain: &str) -> cluster::Cluster {
     let http2 = tunnel || c.protocol == Protocol::Grpc;
+    let limits = c.circuit_breaker.as_ref();
+    let per_connection = limits
+        .and_then(|l| l.max_requests_per_connection)
+        .filter(|_| c.protocol.is_http());
+    use upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig;
     let protocol_options = if http2 {
-        Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-            upstream_http::http_protocol_options::ExplicitHttpConfig {
-                protocol_config: Some(upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                    core::Http2ProtocolOptions::default(),
-                )),
-            },
+        Some(ProtocolConfig::Http2ProtocolOptions(
+            core::Http2ProtocolOptions::default(),
+        ))
+    } else if per_connection.is_some() {
+        Some(ProtocolConfig::HttpProtocolOptions(
+            core::Http1ProtocolOptions::default(),
         ))
     } else {
         // HTTP/1.1 is what Envoy speaks upstream when a cluster names no protocol: saying so
@@ -844,9 +1024,19 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, trust_domain: &str) -> clust
         None
     };
     let typed_extension_protocol_options = protocol_options
-        .map(|options| {
+        .map(|config| {
             let options = upstream_http::HttpProtocolOptions {
-                upstream_protocol_options: Some(options),
+                upstream_protocol_options: Some(
+                    upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        upstream_http::http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(config),
+                        },
+                    ),
+                ),
+                common_http_protocol_options: per_connection.map(|n| core::HttpProtocolOptions {
+                    max_requests_per_connection: Some(UInt32Value { value: n }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             BTreeMap::from([(
@@ -892,6 +1082,44 @@ fn build_cluster(c: &fsm_ir::Cluster, tunnel: bool, trust_domain: &str) -> clust
         connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
         lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
         typed_extension_protocol_options: typed_extension_protocol_options.into_iter().collect(),
+        circuit_breakers: limits.map(|l| circuit_breakers(l, c.protocol.is_http(), tunnel)),
+        ..Default::default()
+    }
+}
+
+/// FSM's `connectionSettings` as Envoy's default-priority thresholds; a limit FSM leaves unset
+/// is Envoy's "unlimited" (2^32 - 1, FSM's documented default), not Envoy's own default of 1024.
+/// A TCP cluster carries HTTP limits nowhere; when it is tunnelled, each client connection is a
+/// CONNECT stream, so `maxConnections` also bounds the streams.
+fn circuit_breakers(
+    limits: &fsm_ir::CircuitBreaker,
+    http: bool,
+    tunnel: bool,
+) -> cluster::CircuitBreakers {
+    let value = |v: Option<u32>| {
+        Some(UInt32Value {
+            value: v.unwrap_or(u32::MAX),
+        })
+    };
+    let (pending, requests, retries) = if http {
+        (
+            limits.max_pending_requests,
+            limits.max_requests,
+            limits.max_retries,
+        )
+    } else if tunnel {
+        (None, limits.max_connections, None)
+    } else {
+        (None, None, None)
+    };
+    cluster::CircuitBreakers {
+        thresholds: vec![cluster::circuit_breakers::Thresholds {
+            max_connections: value(limits.max_connections),
+            max_pending_requests: value(pending),
+            max_requests: value(requests),
+            max_retries: value(retries),
+            ..Default::default()
+        }],
         ..Default::default()
     }
 }
@@ -933,5 +1161,104 @@ fn load_assignment(c: &fsm_ir::Cluster, tunnel: bool) -> endpoint::ClusterLoadAs
             ..Default::default()
         }],
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit() -> fsm_ir::LocalRateLimit {
+        fsm_ir::LocalRateLimit {
+            max_tokens: 3,
+            tokens_per_fill: 3,
+            fill_interval_ms: 60_000,
+            status: 429,
+            response_headers: vec![],
+        }
+    }
+
+    /// A route with two per-filter configurations encodes to the same bytes whatever order its
+    /// maps hold them in, and decodes to the route configuration it came from.
+    #[test]
+    fn route_configurations_encode_the_same_whatever_their_maps_order() {
+        let owner = fsm_ir::ClusterName("app/httpbin|14001|local".into());
+        let config = || {
+            let allowed = AllowedSources::Identities(vec![ServiceIdentity {
+                service_account: "curl".into(),
+                namespace: "app".into(),
+            }]);
+            let mut route = http_route(
+                &HttpRoute {
+                    matches: Default::default(),
+                    backends: vec![fsm_ir::WeightedCluster {
+                        cluster: owner.clone(),
+                        weight: 100,
+                    }],
+                    allowed,
+                    timeout_ms: None,
+                    retry: None,
+                    rate_limit: None,
+                },
+                None,
+                Some("cluster.local"),
+            );
+            route
+                .typed_per_filter_config
+                .insert(RATE_LIMIT_FILTER.into(), any(&rate_limit(&limit(), &owner)));
+            route::RouteConfiguration {
+                name: INBOUND_ROUTES.into(),
+                virtual_hosts: vec![route::VirtualHost {
+                    name: owner.to_string(),
+                    domains: vec!["httpbin".into()],
+                    routes: vec![route.clone(), route],
+                    typed_per_filter_config: [(
+                        RATE_LIMIT_FILTER.to_string(),
+                        any(&rate_limit(&limit(), &owner)),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        };
+        let first = encode_route_configuration(&config());
+        // Each new HashMap has its own seed: some of these hold the two filters the other way.
+        for _ in 0..32 {
+            assert_eq!(encode_route_configuration(&config()), first);
+        }
+        let decoded =
+            route::RouteConfiguration::decode(first.as_slice()).expect("a valid encoding");
+        assert_eq!(decoded, config());
+        assert_eq!(
+            decoded.virtual_hosts[0].routes[0]
+                .typed_per_filter_config
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn unset_circuit_breaker_limits_are_unlimited_not_envoys_default() {
+        let limits = fsm_ir::CircuitBreaker {
+            max_requests: Some(5),
+            ..Default::default()
+        };
+        let http = circuit_breakers(&limits, true, false);
+        let t = &http.thresholds[0];
+        assert_eq!(t.max_requests.as_ref().map(|v| v.value), Some(5));
+        assert_eq!(t.max_connections.as_ref().map(|v| v.value), Some(u32::MAX));
+        assert_eq!(t.max_retries.as_ref().map(|v| v.value), Some(u32::MAX));
+        // A tunnelled TCP cluster: each connection is a stream.
+        let tcp = fsm_ir::CircuitBreaker {
+            max_connections: Some(2),
+            ..Default::default()
+        };
+        let tunnel = circuit_breakers(&tcp, false, true);
+        assert_eq!(
+            tunnel.thresholds[0].max_requests.as_ref().map(|v| v.value),
+            Some(2)
+        );
     }
 }

@@ -344,7 +344,13 @@ fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
         lb_policy: v1::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
         upstream_protocol: upstream_protocol as i32,
-        circuit_breakers: None,
+        circuit_breakers: c.circuit_breaker.as_ref().map(|l| v1::CircuitBreakers {
+            max_connections: l.max_connections,
+            max_pending_requests: l.max_pending_requests,
+            max_requests: l.max_requests,
+            max_requests_per_connection: l.max_requests_per_connection,
+            max_retries: l.max_retries,
+        }),
         // Only meshed endpoints terminate TLS; the sidecar connects to unmeshed ones in plaintext.
         tls: (c.kind == ClusterKind::Outbound && c.has_meshed_endpoints()).then(|| {
             v1::UpstreamTls {

@@ -28,6 +28,7 @@ pub fn outbound<'a>(
                 .enumerate()
                 .map(|(i, r)| route(r, &format!("{owner}.routes[{i}]"), false))
                 .collect::<Result<_, _>>()?,
+            rate_limit: None,
         });
     }
     Ok(v1::RouteConfiguration {
@@ -72,6 +73,7 @@ pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterErr
                         retry_policy: None,
                     }),
                     allowed_sources: Some(allowed_sources(&svc.allowed)),
+                    rate_limit: None,
                 };
                 (vec![connect_authority(&svc.service, svc.port)], vec![route])
             };
@@ -79,6 +81,7 @@ pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterErr
                 name: svc.local_cluster.to_string(),
                 domains: domains.claim(&hosts),
                 routes,
+                rate_limit: svc.rate_limit.as_ref().map(rate_limit),
             });
         }
     }
@@ -143,7 +146,25 @@ fn route(r: &HttpRoute, field: &str, inbound: bool) -> Result<v1::Route, Adapter
             retry_policy,
         }),
         allowed_sources: inbound.then(|| allowed_sources(&r.allowed)),
+        rate_limit: r.rate_limit.as_ref().filter(|_| inbound).map(rate_limit),
     })
+}
+
+fn rate_limit(limit: &fsm_ir::LocalRateLimit) -> v1::LocalRateLimit {
+    v1::LocalRateLimit {
+        max_tokens: limit.max_tokens,
+        tokens_per_fill: limit.tokens_per_fill,
+        fill_interval: Some(duration_ms(limit.fill_interval_ms)),
+        status: u32::from(limit.status),
+        response_headers_to_add: limit
+            .response_headers
+            .iter()
+            .map(|h| v1::ResponseHeader {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+    }
 }
 
 fn retry_policy(retry: &fsm_ir::RetryPolicy, field: &str) -> Result<v1::RetryPolicy, AdapterError> {

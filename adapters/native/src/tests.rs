@@ -48,6 +48,7 @@ fn http_route(backends: Vec<WeightedCluster>, allowed: AllowedSources) -> HttpRo
         allowed,
         timeout_ms: None,
         retry: None,
+        rate_limit: None,
     }
 }
 
@@ -92,6 +93,7 @@ fn inbound(
             },
             allowed,
             local_cluster: local,
+            rate_limit: None,
         }],
     }
 }
@@ -104,6 +106,7 @@ fn cluster(name: &str, kind: ClusterKind, protocol: Protocol, endpoints: Vec<End
         protocol,
         endpoints,
         connect_timeout_ms: 1000,
+        circuit_breaker: None,
     }
 }
 

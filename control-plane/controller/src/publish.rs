@@ -636,6 +636,7 @@ mod tests {
             protocol: fsm_ir::Protocol::Http,
             endpoints,
             connect_timeout_ms: 1000,
+            circuit_breaker: None,
         }
     }
 
@@ -735,11 +736,24 @@ mod tests {
                 Just(fsm_ir::Protocol::TcpServerFirst),
             ],
             prop_oneof![Just(1000u64), Just(2000)],
+            prop_oneof![
+                Just(None),
+                Just(Some(fsm_ir::CircuitBreaker {
+                    max_requests: Some(5),
+                    ..Default::default()
+                })),
+                Just(Some(fsm_ir::CircuitBreaker {
+                    max_connections: Some(2),
+                    max_requests_per_connection: Some(1),
+                    ..Default::default()
+                })),
+            ],
         )
             .prop_map(
-                |(endpoints, protocol, connect_timeout_ms)| fsm_ir::Cluster {
+                |(endpoints, protocol, connect_timeout_ms, circuit_breaker)| fsm_ir::Cluster {
                     protocol,
                     connect_timeout_ms,
+                    circuit_breaker,
                     ..outbound_cluster(endpoints)
                 },
             )

@@ -271,15 +271,23 @@ impl Validate for UpstreamTrafficSetting {
     }
 }
 
+/// The 4xx and 5xx statuses with a name, which FSM's webhook accepts (it refuses 418, say) and
+/// Envoy's local rate limit can send (its `HttpStatus` is an enum of named statuses).
+pub const NAMED_ERROR_STATUSES: [u16; 37] = [
+    400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 421,
+    422, 423, 424, 426, 428, 429, 431, 500, 501, 502, 503, 504, 505, 506, 507, 508, 510, 511,
+];
+
 fn http_limit(errs: &mut Errors, base: &str, http: &HttpLocalRateLimitSpec) {
     if http.requests == 0 {
         errs.push(format!("{base}.requests"), "requests must be at least 1");
     }
-    if http.response_status_code != 0 && !(400..=599).contains(&http.response_status_code) {
+    if http.response_status_code != 0 && !NAMED_ERROR_STATUSES.contains(&http.response_status_code)
+    {
         errs.push(
             format!("{base}.responseStatusCode"),
             format!(
-                "invalid responseStatusCode {}: must be in 400-599",
+                "invalid responseStatusCode {}: must be a named HTTP status in 400-599 (e.g. 429, 503)",
                 http.response_status_code
             ),
         );
@@ -428,6 +436,29 @@ spec:
                 "spec.httpRoutes[0].rateLimit.local.responseStatusCode",
             ]
         );
+    }
+
+    #[test]
+    fn the_status_must_be_a_named_one() {
+        for (status, valid) in [
+            (0, true),
+            (429, true),
+            (503, true),
+            (418, false),
+            (460, false),
+        ] {
+            let mut uts = example();
+            if let Some(http) = uts
+                .spec
+                .rate_limit
+                .as_mut()
+                .and_then(|r| r.local.as_mut())
+                .and_then(|l| l.http.as_mut())
+            {
+                http.response_status_code = status;
+            }
+            assert_eq!(uts.validate().is_empty(), valid, "{status}");
+        }
     }
 
     #[test]
