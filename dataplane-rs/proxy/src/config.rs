@@ -16,6 +16,7 @@ use prost::Message;
 use regex::Regex;
 
 use crate::metrics::Workload;
+use crate::ratelimit::{BucketKey, Scope, Settings};
 use crate::tls::{DownstreamTls, Identity, Secrets, UpstreamTls};
 
 /// A rejected resource set: the NACK's `error_detail`.
@@ -115,7 +116,22 @@ pub struct RouteTable {
 pub struct VirtualHost {
     pub name: Arc<str>,
     pub routes: Vec<Route>,
+    /// Inbound chains only: the bucket of routes without their own.
+    pub rate_limit: Option<LocalRateLimit>,
 }
+
+/// `LocalRateLimit`: a token bucket (kept in [`crate::ratelimit::RateLimits`] under `key`) and
+/// the reply a request gets when it finds the bucket empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalRateLimit {
+    pub key: BucketKey,
+    /// 400-599.
+    pub status: http::StatusCode,
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// Envoy refuses shorter fill intervals.
+pub const MIN_FILL_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 pub struct Route {
@@ -127,6 +143,8 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     /// `None`: no `allowed_sources` (admits no one on an inbound listener).
     pub allowed: Option<Allowed>,
+    /// Inbound chains only: replaces the virtual host's bucket for this route.
+    pub rate_limit: Option<LocalRateLimit>,
 }
 
 #[derive(Debug)]
@@ -182,11 +200,42 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
     pub endpoints: Vec<Endpoint>,
-    pub max_requests: Option<u32>,
+    pub breakers: CircuitBreakers,
     /// TLS to meshed endpoints; unset: plaintext.
     pub tls: Option<UpstreamTls>,
     /// Round-robin cursor. Resets when the cluster or its endpoints change, which is harmless.
     pub cursor: AtomicUsize,
+}
+
+/// `CircuitBreakers`, per cluster and per sidecar; `None`: no limit. Over a limit a request fails
+/// at once with 503 overflow and a TCP connection is closed (see `http::attempt`, `tcp::proxy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    /// HTTP/1.1: requests holding a connection at once (one each), the others wait. TCP: client
+    /// connections relayed at once. HTTP/2: no effect, as each endpoint gets one multiplexed
+    /// connection whatever the load, and Envoy's limit counts connections.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for an HTTP/1.1 connection (`max_connections` reached).
+    pub max_pending_requests: Option<u32>,
+    /// HTTP requests in flight.
+    pub max_requests: Option<u32>,
+    /// Requests one upstream connection carries before it is closed; 0 is read as unset, as
+    /// Envoy does.
+    pub max_requests_per_connection: Option<u32>,
+    /// Retries in flight (from the back-off before a retry until its answer).
+    pub max_retries: Option<u32>,
+}
+
+impl CircuitBreakers {
+    pub fn from_proto(b: &v1::CircuitBreakers) -> Self {
+        CircuitBreakers {
+            max_connections: b.max_connections,
+            max_pending_requests: b.max_pending_requests,
+            max_requests: b.max_requests,
+            max_requests_per_connection: b.max_requests_per_connection.filter(|n| *n > 0),
+            max_retries: b.max_retries,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -418,7 +467,11 @@ fn build_cluster(
         connect_timeout,
         protocol,
         endpoints,
-        max_requests: c.circuit_breakers.and_then(|b| b.max_requests),
+        breakers: c
+            .circuit_breakers
+            .as_ref()
+            .map(CircuitBreakers::from_proto)
+            .unwrap_or_default(),
         tls,
         cursor: AtomicUsize::new(0),
     })
@@ -512,6 +565,7 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
 }
 
 fn build_routes(rc: v1::RouteConfiguration) -> Result<RouteTable, FieldError> {
+    let table_name: Arc<str> = Arc::from(rc.name.as_str());
     let mut domains = HashMap::new();
     let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
     for (v, vh) in rc.virtual_hosts.into_iter().enumerate() {
@@ -523,20 +577,112 @@ fn build_routes(rc: v1::RouteConfiguration) -> Result<RouteTable, FieldError> {
                 ));
             }
         }
+        let name: Arc<str> = Arc::from(vh.name.as_str());
+        let bucket = |scope| BucketAt {
+            route_config: &table_name,
+            virtual_host: &name,
+            scope,
+        };
         let mut routes = Vec::with_capacity(vh.routes.len());
-        for (r, route) in vh.routes.into_iter().enumerate() {
+        for (r, mut route) in vh.routes.into_iter().enumerate() {
             let at = |f: &str| format!("virtual_hosts[{v}].routes[{r}].{f}");
-            routes.push(build_route(route, &at)?);
+            let rate_limit = match route.rate_limit.take() {
+                None => None,
+                Some(l) => Some(local_rate_limit(&l, bucket(Scope::Route(r)), &|f| {
+                    at(&format!("rate_limit.{f}"))
+                })?),
+            };
+            routes.push(Route {
+                rate_limit,
+                ..build_route(route, &at)?
+            });
         }
+        let rate_limit = match &vh.rate_limit {
+            None => None,
+            Some(l) => Some(local_rate_limit(l, bucket(Scope::VirtualHost), &|f| {
+                format!("virtual_hosts[{v}].rate_limit.{f}")
+            })?),
+        };
         virtual_hosts.push(VirtualHost {
-            name: Arc::from(vh.name.as_str()),
+            name,
             routes,
+            rate_limit,
         });
     }
     Ok(RouteTable {
-        name: Arc::from(rc.name.as_str()),
+        name: table_name,
         domains,
         virtual_hosts,
+    })
+}
+
+/// Where a `LocalRateLimit` is: its bucket's key without the settings.
+struct BucketAt<'a> {
+    route_config: &'a Arc<str>,
+    virtual_host: &'a Arc<str>,
+    scope: Scope,
+}
+
+/// Checks a `LocalRateLimit` against what route.proto allows.
+fn local_rate_limit(
+    l: &v1::LocalRateLimit,
+    bucket: BucketAt<'_>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<LocalRateLimit, FieldError> {
+    if l.max_tokens == 0 {
+        return Err(field_err(at("max_tokens"), "must be at least 1"));
+    }
+    if l.tokens_per_fill == 0 {
+        return Err(field_err(at("tokens_per_fill"), "must be at least 1"));
+    }
+    let fill_interval = duration(l.fill_interval.as_ref())
+        .map_err(|e| field_err(at("fill_interval"), e))?
+        .ok_or_else(|| field_err(at("fill_interval"), "is not set"))?;
+    if fill_interval < MIN_FILL_INTERVAL {
+        return Err(field_err(
+            at("fill_interval"),
+            format!("{fill_interval:?} is less than {MIN_FILL_INTERVAL:?}"),
+        ));
+    }
+    let status = match l.status {
+        0 => http::StatusCode::TOO_MANY_REQUESTS,
+        s @ 400..=599 => u16::try_from(s)
+            .ok()
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
+            .ok_or_else(|| field_err(at("status"), format!("{s} is not a status")))?,
+        s => {
+            return Err(field_err(
+                at("status"),
+                format!("{s} is not in 400-599 (0 means 429)"),
+            ));
+        }
+    };
+    let mut response_headers = Vec::with_capacity(l.response_headers_to_add.len());
+    for (i, h) in l.response_headers_to_add.iter().enumerate() {
+        let f = |x: &str| at(&format!("response_headers_to_add[{i}].{x}"));
+        let name = http::HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| field_err(f("name"), format!("{:?} is not a header name", h.name)))?;
+        let value = http::HeaderValue::from_str(&h.value).map_err(|_| {
+            field_err(
+                f("value"),
+                format!("{:?} is not a valid header value", h.value),
+            )
+        })?;
+        response_headers.push((name, value));
+    }
+    Ok(LocalRateLimit {
+        key: BucketKey {
+            route_config: bucket.route_config.clone(),
+            virtual_host: bucket.virtual_host.clone(),
+            scope: bucket.scope,
+            settings: Settings {
+                max_tokens: l.max_tokens,
+                tokens_per_fill: l.tokens_per_fill,
+                fill_interval,
+            },
+        },
+        status,
+        response_headers,
     })
 }
 
@@ -601,6 +747,7 @@ fn build_route(route: v1::Route, at: &dyn Fn(&str) -> String) -> Result<Route, F
         timeout,
         retry,
         allowed: route.allowed_sources.as_ref().map(Allowed::from_proto),
+        rate_limit: None,
     })
 }
 
@@ -725,7 +872,9 @@ mod tests {
                         ..Default::default()
                     }),
                     allowed_sources: None,
+                    rate_limit: None,
                 }],
+                rate_limit: None,
             }],
         }
         .encode_to_vec()
@@ -797,6 +946,184 @@ mod tests {
         let s = set(vec![(type_url::CLUSTER, "c", vec![0xff])]);
         let e = Config::build(&s, type_url::CLUSTER).expect_err("garbage");
         assert!(e.0.starts_with("Cluster \"c\": "), "{e}");
+    }
+
+    fn rate_limit(max_tokens: u32, tokens_per_fill: u32, millis: i32) -> v1::LocalRateLimit {
+        v1::LocalRateLimit {
+            max_tokens,
+            tokens_per_fill,
+            fill_interval: Some(prost_types::Duration {
+                seconds: i64::from(millis / 1000),
+                nanos: millis % 1000 * 1_000_000,
+            }),
+            status: 0,
+            response_headers_to_add: vec![],
+        }
+    }
+
+    /// An inbound route configuration with one virtual host and one route, each limited as
+    /// given.
+    fn limited(vh: Option<v1::LocalRateLimit>, route: Option<v1::LocalRateLimit>) -> Config {
+        try_limited(vh, route).expect("valid")
+    }
+
+    fn try_limited(
+        vh: Option<v1::LocalRateLimit>,
+        route: Option<v1::LocalRateLimit>,
+    ) -> Result<Config, ConfigError> {
+        let mut rc = v1::RouteConfiguration::decode(&*routes(
+            "c",
+            v1::route_match::Path::Prefix("/".into()),
+        ))
+        .expect("decode");
+        rc.name = "inbound".into();
+        rc.virtual_hosts[0].rate_limit = vh;
+        rc.virtual_hosts[0].routes[0].rate_limit = route;
+        let s = set(vec![
+            (type_url::CLUSTER, "c", cluster("c")),
+            (type_url::ROUTE_CONFIGURATION, "inbound", rc.encode_to_vec()),
+        ]);
+        Config::build(&s, type_url::ROUTE_CONFIGURATION)
+    }
+
+    #[test]
+    fn rate_limits_parse_with_their_bucket_keys() {
+        let mut vh = rate_limit(10, 5, 50);
+        vh.response_headers_to_add = vec![v1::ResponseHeader {
+            name: "X-RateLimit-Reason".into(),
+            value: "local".into(),
+        }];
+        let mut route = rate_limit(1, 1, 60_000 - 1);
+        route.status = 503;
+        let config = limited(Some(vh), Some(route));
+        let vh = &config.routes["inbound"].virtual_hosts[0];
+        let l = vh.rate_limit.as_ref().expect("virtual host limit");
+        assert_eq!(l.status, http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            l.response_headers,
+            vec![(
+                http::HeaderName::from_static("x-ratelimit-reason"),
+                http::HeaderValue::from_static("local"),
+            )]
+        );
+        assert_eq!(
+            l.key,
+            BucketKey {
+                route_config: Arc::from("inbound"),
+                virtual_host: Arc::from("demo/httpbin|14001"),
+                scope: Scope::VirtualHost,
+                settings: Settings {
+                    max_tokens: 10,
+                    tokens_per_fill: 5,
+                    fill_interval: MIN_FILL_INTERVAL,
+                },
+            }
+        );
+        let r = vh.routes[0].rate_limit.as_ref().expect("route limit");
+        assert_eq!(r.status, http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.key.scope, Scope::Route(0));
+        assert_eq!(r.key.settings.fill_interval, Duration::from_millis(59_999));
+        // Unset stays unset.
+        let config = limited(None, None);
+        let vh = &config.routes["inbound"].virtual_hosts[0];
+        assert!(vh.rate_limit.is_none() && vh.routes[0].rate_limit.is_none());
+    }
+
+    fn with<F: FnOnce(&mut v1::LocalRateLimit)>(f: F) -> Option<v1::LocalRateLimit> {
+        let mut l = rate_limit(3, 3, 1000);
+        f(&mut l);
+        Some(l)
+    }
+
+    fn header(name: &str, value: &str) -> Option<v1::LocalRateLimit> {
+        with(|l| {
+            l.response_headers_to_add = vec![
+                v1::ResponseHeader {
+                    name: "x-ok".into(),
+                    value: "fine".into(),
+                },
+                v1::ResponseHeader {
+                    name: name.into(),
+                    value: value.into(),
+                },
+            ]
+        })
+    }
+
+    #[test_case(with(|l| l.max_tokens = 0), None,
+        "virtual_hosts[0].rate_limit.max_tokens: must be at least 1" ; "no tokens")]
+    #[test_case(with(|l| l.tokens_per_fill = 0), None,
+        "virtual_hosts[0].rate_limit.tokens_per_fill: must be at least 1" ; "no fill")]
+    #[test_case(with(|l| l.fill_interval = None), None,
+        "virtual_hosts[0].rate_limit.fill_interval: is not set" ; "no interval")]
+    #[test_case(with(|l| l.fill_interval = Some(prost_types::Duration { seconds: 0, nanos: 49_999_999 })), None,
+        "virtual_hosts[0].rate_limit.fill_interval: 49.999999ms is less than 50ms" ; "short interval")]
+    #[test_case(with(|l| l.fill_interval = Some(prost_types::Duration { seconds: -1, nanos: 0 })), None,
+        "virtual_hosts[0].rate_limit.fill_interval: -1s 0ns is not a valid duration" ; "negative interval")]
+    #[test_case(with(|l| l.status = 399), None,
+        "virtual_hosts[0].rate_limit.status: 399 is not in 400-599 (0 means 429)" ; "status too low")]
+    #[test_case(with(|l| l.status = 600), None,
+        "virtual_hosts[0].rate_limit.status: 600 is not in 400-599 (0 means 429)" ; "status too high")]
+    #[test_case(header("bad name", "v"), None,
+        "virtual_hosts[0].rate_limit.response_headers_to_add[1].name: \"bad name\" is not a header name" ; "header name")]
+    #[test_case(header("", "v"), None,
+        "virtual_hosts[0].rate_limit.response_headers_to_add[1].name: \"\" is not a header name" ; "empty header name")]
+    #[test_case(None, header("x-why", "two\nlines"),
+        "virtual_hosts[0].routes[0].rate_limit.response_headers_to_add[1].value: \"two\\nlines\" is not a valid header value" ; "route header value")]
+    #[test_case(None, with(|l| l.max_tokens = 0),
+        "virtual_hosts[0].routes[0].rate_limit.max_tokens: must be at least 1" ; "route field")]
+    fn rate_limit_errors_name_their_field(
+        vh: Option<v1::LocalRateLimit>,
+        route: Option<v1::LocalRateLimit>,
+        want: &str,
+    ) {
+        let e = try_limited(vh, route).expect_err("invalid");
+        assert_eq!(e.0, format!("RouteConfiguration \"inbound\": {want}"));
+    }
+
+    #[test_case(400 ; "lowest")]
+    #[test_case(429 ; "too many")]
+    #[test_case(599 ; "highest")]
+    fn rate_limit_statuses_in_range_are_kept(status: u32) {
+        let config = limited(with(|l| l.status = status), None);
+        let l = config.routes["inbound"].virtual_hosts[0]
+            .rate_limit
+            .as_ref();
+        assert_eq!(l.map(|l| u32::from(l.status.as_u16())), Some(status));
+    }
+
+    #[test]
+    fn all_circuit_breakers_are_kept() {
+        let build = |b: Option<v1::CircuitBreakers>| {
+            let mut c = v1::Cluster::decode(&*cluster("c")).expect("decode");
+            c.circuit_breakers = b;
+            let s = set(vec![(type_url::CLUSTER, "c", c.encode_to_vec())]);
+            let config = Config::build(&s, type_url::CLUSTER).expect("valid");
+            config.clusters["c"].breakers
+        };
+        assert_eq!(build(None), CircuitBreakers::default());
+        assert_eq!(
+            build(Some(v1::CircuitBreakers {
+                max_connections: Some(1),
+                max_pending_requests: Some(0),
+                max_requests: Some(3),
+                max_requests_per_connection: Some(4),
+                max_retries: Some(5),
+            })),
+            CircuitBreakers {
+                max_connections: Some(1),
+                max_pending_requests: Some(0),
+                max_requests: Some(3),
+                max_requests_per_connection: Some(4),
+                max_retries: Some(5),
+            }
+        );
+        // Envoy reads a per-connection limit of 0 as none.
+        let b = build(Some(v1::CircuitBreakers {
+            max_requests_per_connection: Some(0),
+            ..Default::default()
+        }));
+        assert_eq!(b, CircuitBreakers::default());
     }
 
     #[test_case("10.96.0.10/32", "10.96.0.10", true)]

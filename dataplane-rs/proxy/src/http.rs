@@ -381,7 +381,7 @@ async fn attempt(
         return Err(UpstreamError::NoEndpoint);
     };
     tried.clone_from(&endpoint.workload);
-    if let Some(max) = cluster.max_requests
+    if let Some(max) = cluster.breakers.max_requests
         && proxy.upstreams.cluster_active(&cluster.name) >= max as usize
     {
         return Err(UpstreamError::Overflow);

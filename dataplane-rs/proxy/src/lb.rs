@@ -126,7 +126,7 @@ mod tests {
                     workload: None,
                 })
                 .collect(),
-            max_requests: None,
+            breakers: Default::default(),
             tls: None,
             cursor: AtomicUsize::new(0),
         }

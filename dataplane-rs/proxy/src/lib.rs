@@ -13,6 +13,7 @@ pub mod lb;
 pub mod listeners;
 pub mod metrics;
 pub mod original_dst;
+pub mod ratelimit;
 pub mod route;
 pub mod store;
 pub mod tcp;

@@ -119,6 +119,7 @@ mod tests {
                     namespace: "demo".into(),
                 }],
             }),
+            rate_limit: None,
         }
     }
 
@@ -176,6 +177,7 @@ mod tests {
                         any,
                     ),
                 ],
+                rate_limit: None,
             }],
         };
         let mut set = ResourceSet::default();

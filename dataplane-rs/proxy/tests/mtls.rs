@@ -174,6 +174,7 @@ fn route(
             ..Default::default()
         }),
         allowed_sources: allowed,
+        rate_limit: None,
     }
 }
 
@@ -186,6 +187,7 @@ fn vhost(name: &str, routes: Vec<v1::Route>) -> v1::VirtualHost {
         name: name.into(),
         domains: vec![name.into()],
         routes,
+        rate_limit: None,
     }
 }
 
@@ -397,6 +399,7 @@ fn server_resources(pki: &Pki) -> ResourceSet {
                     "echo|local",
                     identities(&curl),
                 )],
+                rate_limit: None,
             },
         ],
     };

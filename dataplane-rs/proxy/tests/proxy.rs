@@ -65,6 +65,7 @@ fn route(
             retry_policy: None,
         }),
         allowed_sources: allowed,
+        rate_limit: None,
     }
 }
 
@@ -77,6 +78,7 @@ fn vhost(name: &str, routes: Vec<v1::Route>) -> v1::VirtualHost {
         name: name.into(),
         domains: vec![name.into()],
         routes,
+        rate_limit: None,
     }
 }
 
@@ -260,6 +262,7 @@ fn server_resources() -> ResourceSet {
                     None,
                     any(),
                 )],
+                rate_limit: None,
             },
         ],
     };
