@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::Proxy;
-use crate::config::{Cluster, RetryPolicy, Route, UpstreamProtocol};
+use crate::config::{Cluster, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
@@ -78,6 +78,9 @@ pub async fn serve<S>(
     let _ = conn.await;
 }
 
+/// Envoy's body for a request its local rate limit refused.
+pub const RATE_LIMITED_BODY: &str = "local_rate_limited";
+
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
@@ -116,13 +119,26 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
         chain.inbound,
         chain.peer.as_ref(),
     );
-    let route = match decision {
+    let (vh, route) = match decision {
         Decision::NoVirtualHost | Decision::NoRoute => {
             return local_reply(StatusCode::NOT_FOUND, "");
         }
         Decision::Denied => return local_reply(StatusCode::FORBIDDEN, "RBAC: access denied"),
-        Decision::Matched(_, route) => route,
+        Decision::Matched(vh, route) => (vh, route),
     };
+    // After `allowed_sources`: a client refused there takes no token from those admitted.
+    // CONNECT tunnels too: the virtual host of a TCP port carries its connection limit.
+    if chain.inbound
+        && let Some(limit) = route.rate_limit.as_ref().or(vh.rate_limit.as_ref())
+    {
+        let admitted = proxy
+            .rate_limits
+            .admit(limit, || proxy.store.config(), Instant::now());
+        proxy.metrics.local_rate_limit(&vh.name, admitted);
+        if !admitted {
+            return rate_limited(limit);
+        }
+    }
     let cluster_name = choose_cluster(&route.clusters);
     let Some(cluster) = config.clusters.get(cluster_name).cloned() else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
@@ -140,6 +156,15 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
             status,
             started.elapsed().as_secs_f64() * 1000.0,
         );
+    }
+    response
+}
+
+/// The reply to a request the bucket had no token for, as Envoy's local rate limit sends it.
+fn rate_limited(limit: &LocalRateLimit) -> Response<Body> {
+    let mut response = local_reply(limit.status, RATE_LIMITED_BODY);
+    for (name, value) in &limit.response_headers {
+        response.headers_mut().append(name.clone(), value.clone());
     }
     response
 }

@@ -3,7 +3,8 @@
 //! Reading order: [`config`] (native protos -> validated domain types), [`store`] (the atomically
 //! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
 //! (sockets follow the config), [`http`] and [`tcp`] (the two kinds of filter chain),
-//! [`upstream`] (pooled connections), [`metrics`].
+//! [`upstream`] (pooled connections), [`ratelimit`] (local rate limits, whose buckets outlive
+//! config swaps), [`metrics`].
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ pub mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use metrics::{Metrics, Workload};
+pub use ratelimit::RateLimits;
 pub use store::{Store, StoreSink};
 pub use upstream::Upstreams;
 
@@ -30,6 +32,9 @@ pub use upstream::Upstreams;
 pub struct Proxy {
     pub store: Arc<Store>,
     pub upstreams: Upstreams,
+    /// Token buckets of the inbound local rate limits; here, not in the config, so that
+    /// rebuilding the config on every xDS update does not refill them.
+    pub rate_limits: RateLimits,
     pub metrics: Arc<Metrics>,
     /// Listeners bind the unspecified address and chains match the original destination.
     pub transparent: bool,

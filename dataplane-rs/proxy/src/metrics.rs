@@ -24,8 +24,17 @@ pub struct Metrics {
     upstream_rq_total: IntCounterVec,
     upstream_rq_xx: IntCounterVec,
     downstream_cx_total: IntCounterVec,
+    upstream_cx_overflow: IntCounterVec,
+    upstream_rq_pending_overflow: IntCounterVec,
+    upstream_rq_retry_overflow: IntCounterVec,
+    local_rate_limit_ok: IntCounterVec,
+    local_rate_limit_rate_limited: IntCounterVec,
     pub workload: Workload,
 }
+
+const CLUSTER: &str = "sidecar_cluster_name";
+/// Envoy's tag for the rate limit's stat prefix; ours is the virtual host name.
+const RATE_LIMIT_PREFIX: &str = "sidecar_http_local_rate_limit_prefix";
 
 const PEER_LABELS: [&str; 8] = [
     "source_kind",
@@ -82,11 +91,44 @@ impl Metrics {
             ),
             &["sidecar_listener_name"],
         )?;
+        let per_cluster =
+            |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &[CLUSTER]);
+        let upstream_cx_overflow = per_cluster(
+            "sidecar_cluster_upstream_cx_overflow",
+            "Connections max_connections did not let this sidecar open (TCP: client connections closed; HTTP/1.1: requests that found every connection in use)",
+        )?;
+        let upstream_rq_pending_overflow = per_cluster(
+            "sidecar_cluster_upstream_rq_pending_overflow",
+            "Requests refused with 503 by max_pending_requests or max_requests",
+        )?;
+        let upstream_rq_retry_overflow = per_cluster(
+            "sidecar_cluster_upstream_rq_retry_overflow",
+            "Retries not made because max_retries retries were in flight",
+        )?;
+        let local_rate_limit_ok = IntCounterVec::new(
+            Opts::new(
+                "sidecar_http_local_rate_limit_ok",
+                "Inbound requests and tunnels a local rate limit admitted, per virtual host",
+            ),
+            &[RATE_LIMIT_PREFIX],
+        )?;
+        let local_rate_limit_rate_limited = IntCounterVec::new(
+            Opts::new(
+                "sidecar_http_local_rate_limit_rate_limited",
+                "Inbound requests and tunnels a local rate limit refused, per virtual host",
+            ),
+            &[RATE_LIMIT_PREFIX],
+        )?;
         registry.register(Box::new(request_total.clone()))?;
         registry.register(Box::new(request_duration_ms.clone()))?;
         registry.register(Box::new(upstream_rq_total.clone()))?;
         registry.register(Box::new(upstream_rq_xx.clone()))?;
         registry.register(Box::new(downstream_cx_total.clone()))?;
+        registry.register(Box::new(upstream_cx_overflow.clone()))?;
+        registry.register(Box::new(upstream_rq_pending_overflow.clone()))?;
+        registry.register(Box::new(upstream_rq_retry_overflow.clone()))?;
+        registry.register(Box::new(local_rate_limit_ok.clone()))?;
+        registry.register(Box::new(local_rate_limit_rate_limited.clone()))?;
         Ok(Metrics {
             registry,
             request_total,
@@ -94,8 +136,44 @@ impl Metrics {
             upstream_rq_total,
             upstream_rq_xx,
             downstream_cx_total,
+            upstream_cx_overflow,
+            upstream_rq_pending_overflow,
+            upstream_rq_retry_overflow,
+            local_rate_limit_ok,
+            local_rate_limit_rate_limited,
             workload,
         })
+    }
+
+    /// `max_connections` refused a connection to `cluster`.
+    pub fn cx_overflow(&self, cluster: &str) {
+        self.upstream_cx_overflow
+            .with_label_values(&[cluster])
+            .inc();
+    }
+
+    /// `max_pending_requests` or `max_requests` refused a request to `cluster`.
+    pub fn pending_overflow(&self, cluster: &str) {
+        self.upstream_rq_pending_overflow
+            .with_label_values(&[cluster])
+            .inc();
+    }
+
+    /// `max_retries` stopped a retry to `cluster`.
+    pub fn retry_overflow(&self, cluster: &str) {
+        self.upstream_rq_retry_overflow
+            .with_label_values(&[cluster])
+            .inc();
+    }
+
+    /// The local rate limit of `virtual_host` admitted (`true`) or refused a request.
+    pub fn local_rate_limit(&self, virtual_host: &str, admitted: bool) {
+        let counter = if admitted {
+            &self.local_rate_limit_ok
+        } else {
+            &self.local_rate_limit_rate_limited
+        };
+        counter.with_label_values(&[virtual_host]).inc();
     }
 
     pub fn connection(&self, listener: &str) {
@@ -194,6 +272,25 @@ impl Metrics {
                         "listener.{}.downstream_cx_total: {value}",
                         label("sidecar_listener_name")
                     ),
+                    "sidecar_cluster_upstream_cx_overflow" => {
+                        format!("cluster.{}.upstream_cx_overflow: {value}", label(CLUSTER))
+                    }
+                    "sidecar_cluster_upstream_rq_pending_overflow" => format!(
+                        "cluster.{}.upstream_rq_pending_overflow: {value}",
+                        label(CLUSTER)
+                    ),
+                    "sidecar_cluster_upstream_rq_retry_overflow" => format!(
+                        "cluster.{}.upstream_rq_retry_overflow: {value}",
+                        label(CLUSTER)
+                    ),
+                    "sidecar_http_local_rate_limit_ok" => format!(
+                        "http_local_rate_limit.{}.ok: {value}",
+                        label(RATE_LIMIT_PREFIX)
+                    ),
+                    "sidecar_http_local_rate_limit_rate_limited" => format!(
+                        "http_local_rate_limit.{}.rate_limited: {value}",
+                        label(RATE_LIMIT_PREFIX)
+                    ),
                     _ => continue,
                 };
                 lines.push(line);
@@ -256,6 +353,41 @@ mod tests {
         );
         let stats = m.stats_text(Some("upstream_rq_total"));
         assert_eq!(stats, "cluster.demo/httpbin|14001.upstream_rq_total: 1\n");
+    }
+
+    #[test]
+    fn breaker_and_rate_limit_counters_in_envoy_stats_shape() {
+        let m = curl();
+        m.cx_overflow("demo/echo|9000");
+        m.pending_overflow("demo/httpbin|14001");
+        m.pending_overflow("demo/httpbin|14001");
+        m.retry_overflow("demo/httpbin|14001");
+        m.local_rate_limit("demo/httpbin|14001|local", true);
+        m.local_rate_limit("demo/httpbin|14001|local", false);
+        assert_eq!(
+            m.stats_text(Some("overflow")),
+            "cluster.demo/echo|9000.upstream_cx_overflow: 1\n\
+             cluster.demo/httpbin|14001.upstream_rq_pending_overflow: 2\n\
+             cluster.demo/httpbin|14001.upstream_rq_retry_overflow: 1\n"
+        );
+        assert_eq!(
+            m.stats_text(Some("http_local_rate_limit")),
+            "http_local_rate_limit.demo/httpbin|14001|local.ok: 1\n\
+             http_local_rate_limit.demo/httpbin|14001|local.rate_limited: 1\n"
+        );
+        let text = m.prometheus_text();
+        assert!(
+            text.contains(
+                "sidecar_http_local_rate_limit_rate_limited{sidecar_http_local_rate_limit_prefix=\"demo/httpbin|14001|local\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "sidecar_cluster_upstream_cx_overflow{sidecar_cluster_name=\"demo/echo|9000\"} 1"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use fsm_dataplane_proto::{type_url, v1};
 use fsm_sidecar_proxy::tls::{self, DownstreamTls, Secrets, UpstreamTls};
 use fsm_sidecar_proxy::upstream::{Alpn, Transport, connect};
-use fsm_sidecar_proxy::{Config, Metrics, Proxy, Store, Upstreams, Workload};
+use fsm_sidecar_proxy::{Config, Metrics, Proxy, RateLimits, Store, Upstreams, Workload};
 use fsm_sidecar_xds::{RawResource, ResourceSet};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -454,6 +454,7 @@ async fn start_sidecar(resources: ResourceSet) -> Arc<Proxy> {
     let proxy = Arc::new(Proxy {
         store,
         upstreams: Upstreams::default(),
+        rate_limits: RateLimits::default(),
         metrics: Arc::new(Metrics::new(Workload::default()).expect("metrics")),
         transparent: false,
     });

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fsm_dataplane_proto::{type_url, v1};
-use fsm_sidecar_proxy::{Config, Metrics, Proxy, Store, Upstreams, Workload};
+use fsm_sidecar_proxy::{Config, Metrics, Proxy, RateLimits, Store, Upstreams, Workload};
 use fsm_sidecar_xds::{RawResource, ResourceSet};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
@@ -300,6 +300,7 @@ async fn start_sidecar(resources: ResourceSet) -> Arc<Proxy> {
     let proxy = Arc::new(Proxy {
         store,
         upstreams: Upstreams::default(),
+        rate_limits: RateLimits::default(),
         metrics: Arc::new(Metrics::new(Workload::default()).expect("metrics")),
         transparent: false,
     });

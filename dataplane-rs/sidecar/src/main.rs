@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use fsm_sidecar_proxy::{Metrics, Proxy, Store, StoreSink, Upstreams, Workload};
+use fsm_sidecar_proxy::{Metrics, Proxy, RateLimits, Store, StoreSink, Upstreams, Workload};
 use fsm_sidecar_xds::{AdsState, AdsTls, ClientOptions, NodeInfo, build_node};
 
 use crate::cli::Cli;
@@ -97,6 +97,7 @@ async fn run(cli: Cli) -> Result<()> {
     let proxy = Arc::new(Proxy {
         store: store.clone(),
         upstreams: Upstreams::default(),
+        rate_limits: RateLimits::default(),
         metrics: metrics.clone(),
         transparent: cli.transparent,
     });
