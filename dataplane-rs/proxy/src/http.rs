@@ -2,14 +2,16 @@
 //! configuration, and forward it (or relay a CONNECT tunnel) to the picked cluster.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -17,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::Proxy;
+use crate::breakers::{Counter, Held, Slot};
 use crate::config::{Cluster, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
@@ -80,6 +83,9 @@ pub async fn serve<S>(
 
 /// Envoy's body for a request its local rate limit refused.
 pub const RATE_LIMITED_BODY: &str = "local_rate_limited";
+
+const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
@@ -172,11 +178,26 @@ fn rate_limited(limit: &LocalRateLimit) -> Response<Body> {
 /// A CONNECT from a peer sidecar: connect to the cluster (the local app) and relay bytes.
 async fn tunnel_in(
     proxy: &Proxy,
-    cluster: &Cluster,
+    cluster: &Arc<Cluster>,
     req: &mut Request<Incoming>,
 ) -> Response<Body> {
     let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    };
+    // A tunnel is one TCP connection to the cluster, counted as `tcp::proxy` counts them.
+    let connection = match cluster.breakers.max_connections {
+        None => None,
+        Some(max) => match proxy
+            .upstreams
+            .limits(&cluster.name)
+            .try_hold(Counter::Connections, max)
+        {
+            Some(held) => Some(held),
+            None => {
+                proxy.metrics.cx_overflow(&cluster.name);
+                return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
+            }
+        },
     };
     let upstream = match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
         Ok(s) => s,
@@ -193,6 +214,7 @@ async fn tunnel_in(
     let on_upgrade = hyper::upgrade::on(req);
     let name = cluster.name.clone();
     tokio::spawn(async move {
+        let _connection = connection;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let mut downstream = TokioIo::new(upgraded);
@@ -314,13 +336,29 @@ async fn forward(
             }
             Upstream::Retried(policy, body) => {
                 let mut tries = 0u32;
+                // Envoy counts a retry against `max_retries` from its back-off until its
+                // answer is in.
+                let mut retry: Option<Held> = None;
                 loop {
                     let req = Request::from_parts(parts.clone(), full(body.clone()));
                     let result =
                         attempt(proxy, cluster, host, req, policy.per_try_timeout, tried).await;
+                    drop(retry.take());
                     if tries >= policy.num_retries || !should_retry(policy, &result) {
                         break result;
                     }
+                    if let Some(max) = cluster.breakers.max_retries {
+                        retry = proxy
+                            .upstreams
+                            .limits(&cluster.name)
+                            .try_hold(Counter::Retries, max);
+                        if retry.is_none() {
+                            proxy.metrics.retry_overflow(&cluster.name);
+                            break result;
+                        }
+                    }
+                    // The failed answer gives its connection slot back before the back-off.
+                    drop(result);
                     tries += 1;
                     tokio::time::sleep(retry_backoff(policy, tries)).await;
                 }
@@ -337,7 +375,7 @@ async fn forward(
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.boxed())
+            Response::from_parts(parts, body)
         }
         Err(UpstreamError::Timeout) => {
             local_reply(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
@@ -345,10 +383,7 @@ async fn forward(
         Err(UpstreamError::NoEndpoint) => {
             local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
         }
-        Err(UpstreamError::Overflow) => local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-        ),
+        Err(UpstreamError::Overflow) => local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY),
         Err(UpstreamError::Connect(e)) => {
             tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");
             local_reply(
@@ -367,7 +402,7 @@ async fn forward(
     (response, served_by)
 }
 
-fn should_retry(policy: &RetryPolicy, result: &Result<Response<Incoming>, UpstreamError>) -> bool {
+fn should_retry(policy: &RetryPolicy, result: &Result<Response<Body>, UpstreamError>) -> bool {
     match result {
         Ok(r) => {
             let s = r.status().as_u16();
@@ -393,7 +428,62 @@ fn retry_backoff(policy: &RetryPolicy, n: u32) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// One try: pick an endpoint, note its workload in `tried`, and send.
+/// A response body that holds its HTTP/1.1 connection slot until it is read or dropped: the
+/// connection carries nothing else until then.
+struct SlotBody {
+    body: Incoming,
+    _slot: Slot,
+}
+
+impl HttpBody for SlotBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A connection slot for one HTTP/1.1 request to `cluster`, waiting as a pending request when
+/// all `max_connections` are taken; `Overflow` when `max_pending_requests` already wait.
+async fn connection_slot(
+    proxy: &Proxy,
+    cluster: &Cluster,
+    max_connections: u32,
+) -> Result<Slot, UpstreamError> {
+    let limits = proxy.upstreams.limits(&cluster.name);
+    match limits.try_slot(max_connections) {
+        Ok(slot) => Ok(slot),
+        Err(slots) => {
+            // Envoy's count of the connections its breaker did not let it open.
+            proxy.metrics.cx_overflow(&cluster.name);
+            match limits
+                .wait_slot(slots, cluster.breakers.max_pending_requests)
+                .await
+            {
+                Some(slot) => Ok(slot),
+                None => {
+                    proxy.metrics.pending_overflow(&cluster.name);
+                    Err(UpstreamError::Overflow)
+                }
+            }
+        }
+    }
+}
+
+/// One try: pick an endpoint, note its workload in `tried`, pass the circuit breakers, and
+/// send.
 async fn attempt(
     proxy: &Proxy,
     cluster: &Arc<Cluster>,
@@ -401,18 +491,35 @@ async fn attempt(
     req: Request<Body>,
     per_try: Option<Duration>,
     tried: &mut Option<Arc<Workload>>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<Body>, UpstreamError> {
     let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
         return Err(UpstreamError::NoEndpoint);
     };
     tried.clone_from(&endpoint.workload);
-    if let Some(max) = cluster.breakers.max_requests
-        && proxy.upstreams.cluster_active(&cluster.name) >= max as usize
+    let breakers = &cluster.breakers;
+    let limits = proxy.upstreams.limits(&cluster.name);
+    // Envoy checks `max_requests` before looking for a connection, and counts its refusals
+    // with the pending ones.
+    if let Some(max) = breakers.max_requests
+        && limits.count(Counter::Requests) >= max as usize
     {
+        proxy.metrics.pending_overflow(&cluster.name);
         return Err(UpstreamError::Overflow);
     }
+    // One HTTP/1.1 connection carries one request at a time, so limiting requests holding a
+    // slot limits the connections in use. HTTP/2 needs none: each endpoint has one multiplexed
+    // connection, which `max_connections` (a count of connections) never limits. Outside the
+    // per-try timeout, as Envoy starts it once a connection is there; the route timeout bounds
+    // the wait.
+    let slot = match breakers.max_connections {
+        Some(max) if cluster.protocol != UpstreamProtocol::Http2 => {
+            Some(connection_slot(proxy, cluster, max).await?)
+        }
+        _ => None,
+    };
     let _guard = proxy.upstreams.active.start(endpoint.addr);
-    let _cluster_guard = proxy.upstreams.cluster_start(&cluster.name);
+    let _cluster_guard = limits.hold(Counter::Requests);
+    let per_connection = breakers.max_requests_per_connection;
     let send = async {
         let transport = Transport::for_endpoint(cluster, &endpoint)?;
         match cluster.protocol {
@@ -424,6 +531,7 @@ async fn attempt(
                         cluster.connect_timeout,
                         &transport,
                         host,
+                        per_connection,
                         req,
                     )
                     .await
@@ -431,7 +539,13 @@ async fn attempt(
             UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
                 proxy
                     .upstreams
-                    .send_http1(endpoint.addr, cluster.connect_timeout, &transport, req)
+                    .send_http1(
+                        endpoint.addr,
+                        cluster.connect_timeout,
+                        &transport,
+                        per_connection,
+                        req,
+                    )
                     .await
             }
         }
@@ -450,7 +564,10 @@ async fn attempt(
             Err(_) => 503,
         },
     );
-    result
+    result.map(|response| match slot {
+        None => response.map(BodyExt::boxed),
+        Some(slot) => response.map(|body| SlotBody { body, _slot: slot }.boxed()),
+    })
 }
 
 #[cfg(test)]

@@ -3,11 +3,12 @@
 //! Reading order: [`config`] (native protos -> validated domain types), [`store`] (the atomically
 //! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
 //! (sockets follow the config), [`http`] and [`tcp`] (the two kinds of filter chain),
-//! [`upstream`] (pooled connections), [`ratelimit`] (local rate limits, whose buckets outlive
-//! config swaps), [`metrics`].
+//! [`upstream`] (pooled connections), [`ratelimit`] and [`breakers`] (local rate limits and
+//! circuit breakers, whose state outlives config swaps), [`metrics`].
 
 use std::sync::Arc;
 
+pub mod breakers;
 pub mod config;
 pub mod http;
 pub mod lb;

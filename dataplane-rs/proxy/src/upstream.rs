@@ -1,6 +1,7 @@
 //! Connections to upstreams: pooled HTTP/1.1 (hyper-util's client for plaintext, a small pool of
-//! hyper connections for TLS), multiplexed HTTP/2 (one connection per endpoint and transport,
-//! shared by requests and CONNECT tunnels), and plain TCP.
+//! hyper connections for TLS and for clusters with `max_requests_per_connection`, which
+//! hyper-util's pool cannot count), multiplexed HTTP/2 (one connection per endpoint and
+//! transport, shared by requests and CONNECT tunnels), and plain TCP.
 //!
 //! Meshed endpoints of a cluster with `tls` are reached over mTLS; every pool is keyed on the
 //! transport too ([`PoolKey`]), so plaintext connections, and connections made with different TLS
@@ -10,7 +11,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::breakers::ClusterLimits;
 use crate::config::{Cluster, Endpoint};
 use crate::lb::ActiveRequests;
 use crate::tls::{ClusterTls, Identity, UpstreamTls, identity_of_chain};
 
-/// An idle TLS HTTP/1.1 connection older than this is closed rather than reused.
+/// An idle pooled HTTP/1.1 connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Idle TLS HTTP/1.1 connections kept per endpoint and transport.
+/// Idle pooled HTTP/1.1 connections kept per [`PoolKey`].
 const MAX_IDLE: usize = 64;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -52,7 +53,7 @@ pub enum UpstreamError {
     TunnelRefused(StatusCode),
     #[error("no endpoint")]
     NoEndpoint,
-    #[error("circuit breaker open (max requests)")]
+    #[error("circuit breaker open")]
     Overflow,
 }
 
@@ -61,28 +62,28 @@ pub struct Upstreams {
     /// Plaintext HTTP/1.1 clients by connect timeout (the connector carries it); each pools per
     /// endpoint.
     http1: Mutex<HashMap<Duration, Client<HttpConnector, Body>>>,
-    /// Idle TLS HTTP/1.1 connections.
-    http1_tls: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
-    http2: Mutex<HashMap<PoolKey, http2::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections of our own pool (TLS, or counted per connection).
+    http1_pool: Arc<Mutex<HashMap<PoolKey, Vec<Idle>>>>,
+    http2: Mutex<HashMap<PoolKey, Http2Connection>>,
     pub active: ActiveRequests,
-    /// Requests in flight per cluster, for `CircuitBreakers.max_requests`.
-    per_cluster: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
-}
-
-/// Counts one request in flight on a cluster until dropped.
-#[derive(Debug)]
-pub struct ClusterGuard(Arc<AtomicUsize>);
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Circuit-breaker counters per cluster.
+    per_cluster: Mutex<HashMap<Arc<str>, Arc<ClusterLimits>>>,
 }
 
 #[derive(Debug)]
 struct Idle {
     sender: http1::SendRequest<Body>,
     since: Instant,
+    /// Requests this connection has carried.
+    carried: u32,
+}
+
+/// The shared HTTP/2 connection of a [`PoolKey`].
+#[derive(Debug)]
+struct Http2Connection {
+    sender: http2::SendRequest<Body>,
+    /// Streams opened on it, counted only when the key has a per-connection limit.
+    streams: u32,
 }
 
 /// Which connections a request may share: same endpoint, same transport.
@@ -92,6 +93,9 @@ pub struct PoolKey {
     /// `None`: plaintext. Otherwise the cluster TLS fingerprint, and the endpoint identity the
     /// server certificate was checked against when the cluster checks per endpoint.
     pub tls: Option<(u64, Option<Identity>)>,
+    /// `max_requests_per_connection`: connections counted against different limits are not
+    /// shared, so none carries more than the limit of any request it carried.
+    pub per_connection: Option<u32>,
 }
 
 /// How to reach one endpoint.
@@ -128,13 +132,14 @@ impl Transport {
         }
     }
 
-    fn key(&self, addr: SocketAddr) -> PoolKey {
+    fn key(&self, addr: SocketAddr, per_connection: Option<u32>) -> PoolKey {
         PoolKey {
             addr,
             tls: match self {
                 Transport::Plain => None,
                 Transport::Tls { tls, expect } => Some((tls.fingerprint, expect.clone())),
             },
+            per_connection,
         }
     }
 }
@@ -253,22 +258,17 @@ pub async fn connect(
 }
 
 impl Upstreams {
-    pub fn cluster_active(&self, cluster: &str) -> usize {
-        self.per_cluster
-            .lock()
-            .get(cluster)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    pub fn cluster_start(&self, cluster: &Arc<str>) -> ClusterGuard {
-        let counter = self
-            .per_cluster
-            .lock()
-            .entry(cluster.clone())
-            .or_default()
-            .clone();
-        counter.fetch_add(1, Ordering::Relaxed);
-        ClusterGuard(counter)
+    /// The circuit-breaker counters of `cluster`.
+    pub fn limits(&self, cluster: &Arc<str>) -> Arc<ClusterLimits> {
+        let mut map = self.per_cluster.lock();
+        if let Some(limits) = map.get(cluster) {
+            return limits.clone();
+        }
+        // A new cluster name is the moment to forget clusters nothing holds a count of (they
+        // are all zero and would be made again as they are), so that a control plane renaming
+        // clusters cannot grow the map without end.
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(cluster.clone()).or_default().clone()
     }
 
     fn http1_client(&self, connect_timeout: Duration) -> Client<HttpConnector, Body> {
@@ -290,16 +290,18 @@ impl Upstreams {
     }
 
     /// Sends an HTTP/1.1 request to `endpoint`; `req`'s URI must be origin-form or absolute.
+    /// A connection carries at most `per_connection` requests.
     pub async fn send_http1(
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
         transport: &Transport,
+        per_connection: Option<u32>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if let Transport::Tls { .. } = transport {
+        if matches!(transport, Transport::Tls { .. }) || per_connection.is_some() {
             return self
-                .send_http1_tls(endpoint, connect_timeout, transport, req)
+                .send_http1_pooled(endpoint, connect_timeout, transport, per_connection, req)
                 .await;
         }
         let pq = req
@@ -322,13 +324,15 @@ impl Upstreams {
             })
     }
 
-    /// HTTP/1.1 over TLS: reuses an idle connection of the same endpoint and transport, or opens
-    /// one, and puts it back once the response has been read.
-    async fn send_http1_tls(
+    /// HTTP/1.1 through our own pool: reuses an idle connection of the same endpoint, transport
+    /// and per-connection limit, or opens one, and puts it back once the response has been
+    /// read, unless it has carried `per_connection` requests.
+    async fn send_http1_pooled(
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
         transport: &Transport,
+        per_connection: Option<u32>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // hyper's connection API sends the URI as given: origin-form, Host is already set.
@@ -339,10 +343,15 @@ impl Upstreams {
             .to_string();
         *req.uri_mut() = Uri::try_from(pq).map_err(|e| UpstreamError::Connect(e.to_string()))?;
         *req.version_mut() = Version::HTTP_11;
-        let key = transport.key(endpoint);
+        let key = transport.key(endpoint, per_connection);
         loop {
-            let idle = self.http1_tls.lock().get_mut(&key).and_then(Vec::pop);
-            let Some(Idle { mut sender, since }) = idle else {
+            let idle = self.http1_pool.lock().get_mut(&key).and_then(Vec::pop);
+            let Some(Idle {
+                mut sender,
+                since,
+                carried,
+            }) = idle
+            else {
                 break;
             };
             if since.elapsed() >= IDLE_TIMEOUT || !sender.is_ready() {
@@ -350,7 +359,7 @@ impl Upstreams {
             }
             match sender.try_send_request(req).await {
                 Ok(response) => {
-                    self.recycle(key, sender);
+                    self.recycle(key, sender, carried.saturating_add(1));
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -368,11 +377,11 @@ impl Upstreams {
             })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                tracing::debug!(%endpoint, error = %e, "HTTP/1.1 TLS upstream connection ended");
+                tracing::debug!(%endpoint, error = %e, "HTTP/1.1 upstream connection ended");
             }
         });
         // A new connection is rare: the moment to drop idle ones nobody came back for.
-        self.http1_tls.lock().retain(|_, idle| {
+        self.http1_pool.lock().retain(|_, idle| {
             idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && !i.sender.is_closed());
             !idle.is_empty()
         });
@@ -380,16 +389,20 @@ impl Upstreams {
             .send_request(req)
             .await
             .map_err(|e| UpstreamError::Reset(e.to_string()))?;
-        self.recycle(key, sender);
+        self.recycle(key, sender, 1);
         Ok(response)
     }
 
     /// Returns the connection to the pool once it can take another request (the response body
-    /// has been read); a connection that closes instead is dropped.
-    fn recycle(&self, key: PoolKey, mut sender: http1::SendRequest<Body>) {
-        let pool = self.http1_tls.clone();
+    /// has been read); a connection that closes instead, or has carried its limit, is dropped,
+    /// which closes it.
+    fn recycle(&self, key: PoolKey, mut sender: http1::SendRequest<Body>, carried: u32) {
+        let pool = self.http1_pool.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_err() {
+            // Held until the response is read even when the connection is done, as dropping
+            // the last sender is what closes it.
+            if sender.ready().await.is_err() || key.per_connection.is_some_and(|max| carried >= max)
+            {
                 return;
             }
             let mut pool = pool.lock();
@@ -399,22 +412,37 @@ impl Upstreams {
                 idle.push(Idle {
                     sender,
                     since: Instant::now(),
+                    carried,
                 });
             }
         });
     }
 
+    /// The shared connection for one more stream. With `per_connection`, the stream that
+    /// reaches the limit takes the connection out of the map: the next stream opens a new one,
+    /// and the old one closes once its last stream ends and its last sender is dropped.
     async fn http2_sender(
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
         transport: &Transport,
+        per_connection: Option<u32>,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let key = transport.key(endpoint);
-        if let Some(sender) = self.http2.lock().get(&key)
-            && !sender.is_closed()
+        let key = transport.key(endpoint, per_connection);
         {
-            return Ok(sender.clone());
+            let mut map = self.http2.lock();
+            if let Some(conn) = map.get_mut(&key)
+                && !conn.sender.is_closed()
+            {
+                let sender = conn.sender.clone();
+                if let Some(max) = per_connection {
+                    conn.streams = conn.streams.saturating_add(1);
+                    if conn.streams >= max {
+                        map.remove(&key);
+                    }
+                }
+                return Ok(sender);
+            }
         }
         let stream = connect(endpoint, connect_timeout, transport, Alpn::Http2).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -431,19 +459,29 @@ impl Upstreams {
         });
         let mut map = self.http2.lock();
         // Closed connections (endpoints gone, TLS settings rotated) leave the map here.
-        map.retain(|_, s| !s.is_closed());
-        map.insert(key, sender.clone());
+        map.retain(|_, c| !c.sender.is_closed());
+        if per_connection.is_none_or(|max| max > 1) {
+            map.insert(
+                key,
+                Http2Connection {
+                    sender: sender.clone(),
+                    streams: 1,
+                },
+            );
+        }
         Ok(sender)
     }
 
     /// Sends a request over the shared HTTP/2 connection to `endpoint`, with `authority` as
-    /// `:authority` (the peer sidecar routes by it).
+    /// `:authority` (the peer sidecar routes by it). A connection carries at most
+    /// `per_connection` streams.
     pub async fn send_http2(
         &self,
         endpoint: SocketAddr,
         connect_timeout: Duration,
         transport: &Transport,
         authority: &str,
+        per_connection: Option<u32>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let pq = req
@@ -460,7 +498,7 @@ impl Upstreams {
         *req.version_mut() = Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
         let mut sender = self
-            .http2_sender(endpoint, connect_timeout, transport)
+            .http2_sender(endpoint, connect_timeout, transport, per_connection)
             .await?;
         sender
             .send_request(req)
@@ -486,8 +524,10 @@ impl Upstreams {
                     .boxed(),
             )
             .map_err(|e| UpstreamError::Connect(format!("bad authority {authority:?}: {e}")))?;
+        // `max_requests_per_connection` is an HTTP setting; tunnels of TCP clusters share the
+        // endpoint's connection without a count.
         let mut sender = self
-            .http2_sender(endpoint, connect_timeout, transport)
+            .http2_sender(endpoint, connect_timeout, transport, None)
             .await?;
         let response = sender
             .send_request(req)
