@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fsm_dataplane_proto::{type_url, v1};
+use fsm_sidecar_proxy::breakers::Counter;
 use fsm_sidecar_proxy::{Config, Metrics, Proxy, RateLimits, Store, Upstreams, Workload};
 use fsm_sidecar_xds::{RawResource, ResourceSet};
 use http::{Request, Response, StatusCode};
@@ -422,12 +423,18 @@ async fn wait_port(addr: SocketAddr) {
 
 struct Reply {
     status: StatusCode,
+    headers: http::HeaderMap,
     body: String,
     trailers: Option<http::HeaderMap>,
 }
 
 async fn h1(host: &str, path: &str) -> Reply {
-    let stream = TcpStream::connect((CLIENT, 15001)).await.expect("connect");
+    h1_to(&format!("{CLIENT}:15001"), host, path).await
+}
+
+/// A GET over a new HTTP/1.1 connection to `to`.
+async fn h1_to(to: &str, host: &str, path: &str) -> Reply {
+    let stream = TcpStream::connect(to).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
@@ -490,10 +497,12 @@ async fn h2(authority: &str, path: &str, grpc: bool) -> Reply {
 
 async fn collect(response: Response<Incoming>) -> Reply {
     let status = response.status();
+    let headers = response.headers().clone();
     let collected = response.into_body().collect().await.expect("body");
     let trailers = collected.trailers().cloned();
     Reply {
         status,
+        headers,
         body: String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
         trailers,
     }
@@ -671,4 +680,557 @@ async fn listeners_follow_the_config() {
         .store
         .install(Config::build(&set, type_url::LISTENER).expect("valid"), set);
     assert!(refused(moved).await, "removed listener still accepting");
+}
+
+// === Local rate limits and circuit breakers, each in one sidecar ===
+
+fn limit(
+    max_tokens: u32,
+    tokens_per_fill: u32,
+    status: u32,
+    headers: &[(&str, &str)],
+) -> Option<v1::LocalRateLimit> {
+    Some(v1::LocalRateLimit {
+        max_tokens,
+        tokens_per_fill,
+        // Long enough that no fill happens during a test.
+        fill_interval: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        status,
+        response_headers_to_add: headers
+            .iter()
+            .map(|(name, value)| v1::ResponseHeader {
+                name: (*name).into(),
+                value: (*value).into(),
+            })
+            .collect(),
+    })
+}
+
+fn breakers(b: v1::CircuitBreakers) -> Option<v1::CircuitBreakers> {
+    Some(b)
+}
+
+fn eds(name: &str, protocol: v1::UpstreamProtocol, b: Option<v1::CircuitBreakers>) -> v1::Cluster {
+    v1::Cluster {
+        circuit_breakers: b,
+        ..cluster(name, protocol, None)
+    }
+}
+
+const LIMITS: &str = "127.0.23.1";
+const LIMITS_APP: &str = "127.0.23.2";
+
+fn rate_limited_resources() -> ResourceSet {
+    use v1::UpstreamProtocol::{Http1, Tcp};
+    let mut own = route(prefix("/own"), "app", None, any());
+    own.rate_limit = limit(1, 1, 418, &[("X-Limited-By", "route")]);
+    let mut limited = vhost(
+        "demo/limited|80|local",
+        vec![
+            own,
+            // No allowed_sources: every request is denied.
+            route(prefix("/denied"), "app", None, None),
+            route(prefix("/"), "app", None, any()),
+        ],
+    );
+    limited.domains = vec!["limited".into()];
+    limited.rate_limit = limit(
+        3,
+        3,
+        0,
+        &[("x-rate-limited", "vh"), ("x-rate-limited", "again")],
+    );
+    let mut echo = vhost(
+        "demo/echo|9000|local",
+        vec![route(
+            v1::route_match::Path::Connect(v1::ConnectMatch {}),
+            "echo",
+            None,
+            any(),
+        )],
+    );
+    echo.domains = vec!["echo.demo.svc.cluster.local:9000".into()];
+    echo.rate_limit = limit(1, 1, 0, &[]);
+    let routes = v1::RouteConfiguration {
+        name: "inbound".into(),
+        virtual_hosts: vec![
+            limited,
+            echo,
+            vhost("free", vec![route(prefix("/"), "app", None, any())]),
+        ],
+    };
+    let inbound = v1::Listener {
+        name: "inbound-listener".into(),
+        address: addr(LIMITS, 15003),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: vec![http_chain("explicit-http", 15003, "inbound")],
+    };
+    Set::default()
+        .add(type_url::CLUSTER, "app", &eds("app", Http1, None))
+        .add(type_url::CLUSTER, "echo", &eds("echo", Tcp, None))
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "app",
+            &cla("app", &[(LIMITS_APP, APP_PORT, false)]),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "echo",
+            &cla("echo", &[(LIMITS_APP, ECHO_PORT, false)]),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "inbound", &routes)
+        .add(type_url::LISTENER, "inbound-listener", &inbound)
+        .0
+}
+
+/// An HTTP/2 CONNECT to `to` for `authority`: the refusal, or the tunnel.
+async fn connect_to(to: &str, authority: &str) -> Result<TokioIo<hyper::upgrade::Upgraded>, Reply> {
+    let stream = TcpStream::connect(to).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(req).await.expect("response");
+    if response.status() != StatusCode::OK {
+        return Err(collect(response).await);
+    }
+    let upgraded = hyper::upgrade::on(response).await.expect("upgrade");
+    Ok(TokioIo::new(upgraded))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_local_rate_limits() {
+    serve_http(&format!("{LIMITS_APP}:{APP_PORT}"), None).await;
+    serve_echo(&format!("{LIMITS_APP}:{ECHO_PORT}")).await;
+    let resources = rate_limited_resources();
+    let proxy = start_sidecar(resources.clone()).await;
+    let to = format!("{LIMITS}:15003");
+    wait_port(to.parse().expect("addr")).await;
+
+    // Refused by allowed_sources before the bucket: these take no token.
+    for _ in 0..2 {
+        let r = h1_to(&to, "limited", "/denied").await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    }
+    for i in 0..3 {
+        let r = h1_to(&to, "limited", "/").await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}: {}", r.body);
+    }
+    // A rebuilt config (as every xDS update makes) keeps the bucket as it is.
+    proxy.store.install(
+        Config::build(&resources, type_url::CLUSTER_LOAD_ASSIGNMENT).expect("valid"),
+        resources.clone(),
+    );
+    let r = h1_to(&to, "limited", "/").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.body, "local_rate_limited");
+    let added: Vec<&str> = r
+        .headers
+        .get_all("x-rate-limited")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert_eq!(added, ["vh", "again"]);
+    // The route's own bucket replaces the empty one of its virtual host.
+    let r = h1_to(&to, "limited", "/own").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = h1_to(&to, "limited", "/own").await;
+    assert_eq!(r.status.as_u16(), 418);
+    assert_eq!(r.body, "local_rate_limited");
+    assert_eq!(
+        r.headers.get("x-limited-by").map(|v| v.as_bytes()),
+        Some(&b"route"[..])
+    );
+    assert!(r.headers.get("x-rate-limited").is_none());
+    // Virtual hosts without a limit are not limited.
+    for _ in 0..5 {
+        assert_eq!(h1_to(&to, "free", "/").await.status, StatusCode::OK);
+    }
+
+    // The CONNECT virtual host of a TCP port: one tunnel, then the status.
+    let authority = "echo.demo.svc.cluster.local:9000";
+    let Ok(mut tunnel) = connect_to(&to, authority).await else {
+        panic!("first tunnel refused");
+    };
+    tunnel.write_all(b"ping\n").await.expect("write");
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(&mut tunnel).read_line(&mut line),
+    )
+    .await
+    .expect("echo in time")
+    .expect("read");
+    assert_eq!(line, "echo: ping\n");
+    let Err(refused) = connect_to(&to, authority).await else {
+        panic!("second tunnel admitted");
+    };
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+
+    let stats = proxy.metrics.stats_text(Some("http_local_rate_limit"));
+    assert_eq!(
+        stats,
+        "http_local_rate_limit.demo/echo|9000|local.ok: 1\n\
+         http_local_rate_limit.demo/echo|9000|local.rate_limited: 1\n\
+         http_local_rate_limit.demo/limited|80|local.ok: 4\n\
+         http_local_rate_limit.demo/limited|80|local.rate_limited: 2\n"
+    );
+}
+
+const BREAKERS: &str = "127.0.24.1";
+const BREAKERS_APP: &str = "127.0.24.2";
+
+fn breaker_resources() -> ResourceSet {
+    use v1::UpstreamProtocol::Http1;
+    let mut no_retry = route(prefix("/"), "no-retry", None, None);
+    if let Some(action) = no_retry.action.as_mut() {
+        action.retry_policy = Some(v1::RetryPolicy {
+            retry_on: vec![v1::RetryOn::RetryOn5xx as i32],
+            num_retries: 2,
+            per_try_timeout: None,
+            backoff_base_interval: None,
+        });
+    }
+    let routes = v1::RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vec![
+            vhost("refusing", vec![route(prefix("/"), "refusing", None, None)]),
+            vhost("queueing", vec![route(prefix("/"), "queueing", None, None)]),
+            vhost("no-retry", vec![no_retry]),
+        ],
+    };
+    let outbound = v1::Listener {
+        name: "outbound-listener".into(),
+        address: addr(BREAKERS, 15001),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+    };
+    let one_connection = |pending| v1::CircuitBreakers {
+        max_connections: Some(1),
+        max_pending_requests: Some(pending),
+        ..Default::default()
+    };
+    let app = [(BREAKERS_APP, APP_PORT, false)];
+    Set::default()
+        .add(
+            type_url::CLUSTER,
+            "refusing",
+            &eds("refusing", Http1, breakers(one_connection(0))),
+        )
+        .add(
+            type_url::CLUSTER,
+            "queueing",
+            &eds("queueing", Http1, breakers(one_connection(1))),
+        )
+        .add(
+            type_url::CLUSTER,
+            "no-retry",
+            &eds(
+                "no-retry",
+                Http1,
+                breakers(v1::CircuitBreakers {
+                    max_retries: Some(0),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "refusing",
+            &cla("refusing", &app),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "queueing",
+            &cla("queueing", &app),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "no-retry",
+            &cla("no-retry", &[(BREAKERS_APP, FLAKY_PORT, false)]),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "outbound", &routes)
+        .add(type_url::LISTENER, "outbound-listener", &outbound)
+        .0
+}
+
+/// Waits until `cluster` has `n` requests in flight upstream.
+async fn in_flight(proxy: &Proxy, cluster: &str, n: usize) {
+    let limits = proxy.upstreams.limits(&Arc::from(cluster));
+    for _ in 0..250 {
+        if limits.count(Counter::Requests) == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{cluster} never had {n} requests in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_refuse_or_queue_http_requests() {
+    let flaky = Arc::new(AtomicUsize::new(0));
+    serve_http(&format!("{BREAKERS_APP}:{APP_PORT}"), None).await;
+    serve_http(&format!("{BREAKERS_APP}:{FLAKY_PORT}"), Some(flaky.clone())).await;
+    let proxy = start_sidecar(breaker_resources()).await;
+    let to = format!("{BREAKERS}:15001");
+    wait_port(to.parse().expect("addr")).await;
+
+    // One connection each; the app takes 2 s over /slow.
+    let slow_refusing = tokio::spawn({
+        let to = to.clone();
+        async move { h1_to(&to, "refusing", "/slow").await }
+    });
+    let slow_queueing = tokio::spawn({
+        let to = to.clone();
+        async move { h1_to(&to, "queueing", "/slow").await }
+    });
+    in_flight(&proxy, "refusing", 1).await;
+    in_flight(&proxy, "queueing", 1).await;
+
+    // max_pending_requests 0: refused at once.
+    let started = Instant::now();
+    let r = h1_to(&to, "refusing", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.body,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // max_pending_requests 1: one waits for the connection, the next is refused.
+    let waiting = tokio::spawn({
+        let to = to.clone();
+        async move { h1_to(&to, "queueing", "/after").await }
+    });
+    let limits = proxy.upstreams.limits(&Arc::from("queueing"));
+    for _ in 0..250 {
+        if limits.count(Counter::Pending) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(limits.count(Counter::Pending), 1);
+    let r = h1_to(&to, "queueing", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+
+    for slow in [slow_refusing, slow_queueing] {
+        assert_eq!(slow.await.expect("join").status, StatusCode::OK);
+    }
+    let r = waiting.await.expect("join");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "HTTP/1.1 /after host=queueing")
+    );
+    // The connection is free again.
+    assert_eq!(h1_to(&to, "refusing", "/").await.status, StatusCode::OK);
+
+    // max_retries 0: the flaky app's first 503 is the answer, no retry is made.
+    let r = h1_to(&to, "no-retry", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(flaky.load(Ordering::SeqCst), 1);
+
+    let stats = proxy.metrics.stats_text(Some("overflow"));
+    assert_eq!(
+        stats,
+        "cluster.no-retry.upstream_rq_retry_overflow: 1\n\
+         cluster.queueing.upstream_cx_overflow: 2\n\
+         cluster.queueing.upstream_rq_pending_overflow: 1\n\
+         cluster.refusing.upstream_cx_overflow: 1\n\
+         cluster.refusing.upstream_rq_pending_overflow: 1\n"
+    );
+}
+
+const PER_CONNECTION: &str = "127.0.25.1";
+const PER_CONNECTION_APP: &str = "127.0.25.2";
+
+/// The app, counting the connections it accepts.
+async fn serve_counting(addr: &str) -> Arc<AtomicUsize> {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind(addr).await.expect("bind app");
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), hyper::service::service_fn(app))
+                    .await;
+            });
+        }
+    });
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_closes_connections() {
+    use v1::UpstreamProtocol::{Http1, Http2};
+    let ports = [18090, 18091, 18092];
+    let mut accepted = Vec::new();
+    for port in ports {
+        accepted.push(serve_counting(&format!("{PER_CONNECTION_APP}:{port}")).await);
+    }
+    let per_connection = |n| {
+        breakers(v1::CircuitBreakers {
+            max_requests_per_connection: Some(n),
+            ..Default::default()
+        })
+    };
+    let names = ["pooled", "one-each", "h2-two-each"];
+    let routes = v1::RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: names
+            .iter()
+            .map(|n| vhost(n, vec![route(prefix("/"), n, None, None)]))
+            .collect(),
+    };
+    let outbound = v1::Listener {
+        name: "outbound-listener".into(),
+        address: addr(PER_CONNECTION, 15001),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+    };
+    let mut set = Set::default()
+        .add(type_url::CLUSTER, "pooled", &eds("pooled", Http1, None))
+        .add(
+            type_url::CLUSTER,
+            "one-each",
+            &eds("one-each", Http1, per_connection(1)),
+        )
+        .add(
+            type_url::CLUSTER,
+            "h2-two-each",
+            &eds("h2-two-each", Http2, per_connection(2)),
+        );
+    for (name, port) in names.iter().zip(ports) {
+        set = set.add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            name,
+            &cla(name, &[(PER_CONNECTION_APP, port, false)]),
+        );
+    }
+    let set = set
+        .add(type_url::ROUTE_CONFIGURATION, "outbound", &routes)
+        .add(type_url::LISTENER, "outbound-listener", &outbound)
+        .0;
+    let _proxy = start_sidecar(set).await;
+    let to = format!("{PER_CONNECTION}:15001");
+    wait_port(to.parse().expect("addr")).await;
+
+    for name in names {
+        for i in 0..4 {
+            let r = h1_to(&to, name, "/").await;
+            assert_eq!(r.status, StatusCode::OK, "{name} request {i}: {}", r.body);
+        }
+    }
+    let seen: Vec<usize> = accepted.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    // Kept alive without a limit; a new connection per request with 1; per two streams with 2.
+    assert_eq!(seen, [1, 4, 2]);
+}
+
+const TCP_LIMIT: &str = "127.0.26.1";
+const TCP_LIMIT_APP: &str = "127.0.26.2";
+
+/// Sends a line and reads the answer: `None` when the connection is closed instead.
+async fn echo_line(stream: &mut TcpStream, text: &str) -> Option<String> {
+    let (r, mut w) = stream.split();
+    let _ = w.write_all(format!("{text}\n").as_bytes()).await;
+    let mut line = String::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(r).read_line(&mut line),
+    )
+    .await
+    .expect("an answer or a close in time")
+    .unwrap_or(0);
+    (n > 0).then_some(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_max_connections_closes_the_extra_client() {
+    serve_echo(&format!("{TCP_LIMIT_APP}:{ECHO_PORT}")).await;
+    let tcp = v1::Listener {
+        name: "outbound-tcp:demo/echo|9000".into(),
+        address: addr(TCP_LIMIT, 9000),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![v1::FilterChain {
+            name: "demo/echo|9000".into(),
+            protocol: v1::Protocol::Tcp as i32,
+            target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+                clusters: wc("echo"),
+                connect_authority: "echo.demo.svc.cluster.local:9000".into(),
+            })),
+            ..Default::default()
+        }],
+    };
+    let set = Set::default()
+        .add(
+            type_url::CLUSTER,
+            "echo",
+            &eds(
+                "echo",
+                v1::UpstreamProtocol::Tcp,
+                breakers(v1::CircuitBreakers {
+                    max_connections: Some(1),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "echo",
+            &cla("echo", &[(TCP_LIMIT_APP, ECHO_PORT, false)]),
+        )
+        .add(type_url::LISTENER, "outbound-tcp:demo/echo|9000", &tcp)
+        .0;
+    let proxy = start_sidecar(set).await;
+    let to = format!("{TCP_LIMIT}:9000");
+    wait_port(to.parse().expect("addr")).await;
+    // wait_port's own connection is relayed too; it must be gone before counting.
+    let limits = proxy.upstreams.limits(&Arc::from("echo"));
+    for _ in 0..250 {
+        if limits.count(Counter::Connections) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut first = TcpStream::connect(&to).await.expect("connect");
+    assert_eq!(
+        echo_line(&mut first, "one").await.as_deref(),
+        Some("echo: one\n")
+    );
+    let mut second = TcpStream::connect(&to).await.expect("connect");
+    assert_eq!(
+        echo_line(&mut second, "two").await,
+        None,
+        "second connection relayed"
+    );
+    let stats = proxy.metrics.stats_text(Some("upstream_cx_overflow"));
+    assert_eq!(stats, "cluster.echo.upstream_cx_overflow: 1\n");
+
+    // Once the first closes, a new client is relayed again.
+    drop(first);
+    for _ in 0..250 {
+        if limits.count(Counter::Connections) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = TcpStream::connect(&to).await.expect("connect");
+    assert_eq!(
+        echo_line(&mut third, "three").await.as_deref(),
+        Some("echo: three\n")
+    );
 }
