@@ -497,15 +497,6 @@ async fn attempt(
     };
     tried.clone_from(&endpoint.workload);
     let breakers = &cluster.breakers;
-    let limits = proxy.upstreams.limits(&cluster.name);
-    // Envoy checks `max_requests` before looking for a connection, and counts its refusals
-    // with the pending ones.
-    if let Some(max) = breakers.max_requests
-        && limits.count(Counter::Requests) >= max as usize
-    {
-        proxy.metrics.pending_overflow(&cluster.name);
-        return Err(UpstreamError::Overflow);
-    }
     // One HTTP/1.1 connection carries one request at a time, so limiting requests holding a
     // slot limits the connections in use. HTTP/2 needs none: each endpoint has one multiplexed
     // connection, which `max_connections` (a count of connections) never limits. Outside the
@@ -517,8 +508,20 @@ async fn attempt(
         }
         _ => None,
     };
+    // As Envoy, `max_requests` is checked when the request gets its connection (after any
+    // wait for one), and its refusals are counted with the pending ones.
+    let limits = proxy.upstreams.limits(&cluster.name);
+    let _cluster_guard = match breakers.max_requests {
+        None => limits.hold(Counter::Requests),
+        Some(max) => match limits.try_hold(Counter::Requests, max) {
+            Some(held) => held,
+            None => {
+                proxy.metrics.pending_overflow(&cluster.name);
+                return Err(UpstreamError::Overflow);
+            }
+        },
+    };
     let _guard = proxy.upstreams.active.start(endpoint.addr);
-    let _cluster_guard = limits.hold(Counter::Requests);
     let per_connection = breakers.max_requests_per_connection;
     let send = async {
         let transport = Transport::for_endpoint(cluster, &endpoint)?;

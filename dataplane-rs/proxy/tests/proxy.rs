@@ -905,6 +905,10 @@ fn breaker_resources() -> ResourceSet {
         virtual_hosts: vec![
             vhost("refusing", vec![route(prefix("/"), "refusing", None, None)]),
             vhost("queueing", vec![route(prefix("/"), "queueing", None, None)]),
+            vhost(
+                "one-request",
+                vec![route(prefix("/"), "one-request", None, None)],
+            ),
             vhost("no-retry", vec![no_retry]),
         ],
     };
@@ -930,6 +934,23 @@ fn breaker_resources() -> ResourceSet {
             type_url::CLUSTER,
             "queueing",
             &eds("queueing", Http1, breakers(one_connection(1))),
+        )
+        .add(
+            type_url::CLUSTER,
+            "one-request",
+            &eds(
+                "one-request",
+                Http1,
+                breakers(v1::CircuitBreakers {
+                    max_requests: Some(1),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "one-request",
+            &cla("one-request", &app),
         )
         .add(
             type_url::CLUSTER,
@@ -993,8 +1014,17 @@ async fn circuit_breakers_refuse_or_queue_http_requests() {
         let to = to.clone();
         async move { h1_to(&to, "queueing", "/slow").await }
     });
+    let slow_one_request = tokio::spawn({
+        let to = to.clone();
+        async move { h1_to(&to, "one-request", "/slow").await }
+    });
     in_flight(&proxy, "refusing", 1).await;
     in_flight(&proxy, "queueing", 1).await;
+    in_flight(&proxy, "one-request", 1).await;
+
+    // max_requests 1 (no connection limit): refused while one is in flight.
+    let r = h1_to(&to, "one-request", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
 
     // max_pending_requests 0: refused at once.
     let started = Instant::now();
@@ -1022,7 +1052,7 @@ async fn circuit_breakers_refuse_or_queue_http_requests() {
     let r = h1_to(&to, "queueing", "/").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
 
-    for slow in [slow_refusing, slow_queueing] {
+    for slow in [slow_refusing, slow_queueing, slow_one_request] {
         assert_eq!(slow.await.expect("join").status, StatusCode::OK);
     }
     let r = waiting.await.expect("join");
@@ -1042,6 +1072,7 @@ async fn circuit_breakers_refuse_or_queue_http_requests() {
     assert_eq!(
         stats,
         "cluster.no-retry.upstream_rq_retry_overflow: 1\n\
+         cluster.one-request.upstream_rq_pending_overflow: 1\n\
          cluster.queueing.upstream_cx_overflow: 2\n\
          cluster.queueing.upstream_rq_pending_overflow: 1\n\
          cluster.refusing.upstream_cx_overflow: 1\n\
