@@ -509,14 +509,14 @@ async fn attempt(
         _ => None,
     };
     // As Envoy, `max_requests` is checked when the request gets its connection (after any
-    // wait for one), and its refusals are counted with the pending ones.
+    // wait for one).
     let limits = proxy.upstreams.limits(&cluster.name);
     let _cluster_guard = match breakers.max_requests {
         None => limits.hold(Counter::Requests),
         Some(max) => match limits.try_hold(Counter::Requests, max) {
             Some(held) => held,
             None => {
-                proxy.metrics.pending_overflow(&cluster.name);
+                proxy.metrics.active_overflow(&cluster.name);
                 return Err(UpstreamError::Overflow);
             }
         },

@@ -26,6 +26,7 @@ pub struct Metrics {
     downstream_cx_total: IntCounterVec,
     upstream_cx_overflow: IntCounterVec,
     upstream_rq_pending_overflow: IntCounterVec,
+    upstream_rq_active_overflow: IntCounterVec,
     upstream_rq_retry_overflow: IntCounterVec,
     local_rate_limit_ok: IntCounterVec,
     local_rate_limit_rate_limited: IntCounterVec,
@@ -99,7 +100,11 @@ impl Metrics {
         )?;
         let upstream_rq_pending_overflow = per_cluster(
             "sidecar_cluster_upstream_rq_pending_overflow",
-            "Requests refused with 503 by max_pending_requests or max_requests",
+            "Requests refused with 503 by max_pending_requests",
+        )?;
+        let upstream_rq_active_overflow = per_cluster(
+            "sidecar_cluster_upstream_rq_active_overflow",
+            "Requests refused with 503 by max_requests",
         )?;
         let upstream_rq_retry_overflow = per_cluster(
             "sidecar_cluster_upstream_rq_retry_overflow",
@@ -126,6 +131,7 @@ impl Metrics {
         registry.register(Box::new(downstream_cx_total.clone()))?;
         registry.register(Box::new(upstream_cx_overflow.clone()))?;
         registry.register(Box::new(upstream_rq_pending_overflow.clone()))?;
+        registry.register(Box::new(upstream_rq_active_overflow.clone()))?;
         registry.register(Box::new(upstream_rq_retry_overflow.clone()))?;
         registry.register(Box::new(local_rate_limit_ok.clone()))?;
         registry.register(Box::new(local_rate_limit_rate_limited.clone()))?;
@@ -138,6 +144,7 @@ impl Metrics {
             downstream_cx_total,
             upstream_cx_overflow,
             upstream_rq_pending_overflow,
+            upstream_rq_active_overflow,
             upstream_rq_retry_overflow,
             local_rate_limit_ok,
             local_rate_limit_rate_limited,
@@ -152,9 +159,17 @@ impl Metrics {
             .inc();
     }
 
-    /// `max_pending_requests` or `max_requests` refused a request to `cluster`.
+    /// `max_pending_requests` refused a request to `cluster`.
     pub fn pending_overflow(&self, cluster: &str) {
         self.upstream_rq_pending_overflow
+            .with_label_values(&[cluster])
+            .inc();
+    }
+
+    /// `max_requests` refused a request to `cluster` (Envoy 1.40 counts these apart from the
+    /// pending ones, under this name).
+    pub fn active_overflow(&self, cluster: &str) {
+        self.upstream_rq_active_overflow
             .with_label_values(&[cluster])
             .inc();
     }
@@ -279,16 +294,20 @@ impl Metrics {
                         "cluster.{}.upstream_rq_pending_overflow: {value}",
                         label(CLUSTER)
                     ),
+                    "sidecar_cluster_upstream_rq_active_overflow" => format!(
+                        "cluster.{}.upstream_rq_active_overflow: {value}",
+                        label(CLUSTER)
+                    ),
                     "sidecar_cluster_upstream_rq_retry_overflow" => format!(
                         "cluster.{}.upstream_rq_retry_overflow: {value}",
                         label(CLUSTER)
                     ),
                     "sidecar_http_local_rate_limit_ok" => format!(
-                        "http_local_rate_limit.{}.ok: {value}",
+                        "inbound_rate_limit.{}.http_local_rate_limit.ok: {value}",
                         label(RATE_LIMIT_PREFIX)
                     ),
                     "sidecar_http_local_rate_limit_rate_limited" => format!(
-                        "http_local_rate_limit.{}.rate_limited: {value}",
+                        "inbound_rate_limit.{}.http_local_rate_limit.rate_limited: {value}",
                         label(RATE_LIMIT_PREFIX)
                     ),
                     _ => continue,
@@ -372,8 +391,8 @@ mod tests {
         );
         assert_eq!(
             m.stats_text(Some("http_local_rate_limit")),
-            "http_local_rate_limit.demo/httpbin|14001|local.ok: 1\n\
-             http_local_rate_limit.demo/httpbin|14001|local.rate_limited: 1\n"
+            "inbound_rate_limit.demo/httpbin|14001|local.http_local_rate_limit.ok: 1\n\
+             inbound_rate_limit.demo/httpbin|14001|local.http_local_rate_limit.rate_limited: 1\n"
         );
         let text = m.prometheus_text();
         assert!(

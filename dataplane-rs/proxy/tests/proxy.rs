@@ -879,10 +879,10 @@ async fn inbound_local_rate_limits() {
     let stats = proxy.metrics.stats_text(Some("http_local_rate_limit"));
     assert_eq!(
         stats,
-        "http_local_rate_limit.demo/echo|9000|local.ok: 1\n\
-         http_local_rate_limit.demo/echo|9000|local.rate_limited: 1\n\
-         http_local_rate_limit.demo/limited|80|local.ok: 4\n\
-         http_local_rate_limit.demo/limited|80|local.rate_limited: 2\n"
+        "inbound_rate_limit.demo/echo|9000|local.http_local_rate_limit.ok: 1\n\
+         inbound_rate_limit.demo/echo|9000|local.http_local_rate_limit.rate_limited: 1\n\
+         inbound_rate_limit.demo/limited|80|local.http_local_rate_limit.ok: 4\n\
+         inbound_rate_limit.demo/limited|80|local.http_local_rate_limit.rate_limited: 2\n"
     );
 }
 
@@ -1072,7 +1072,7 @@ async fn circuit_breakers_refuse_or_queue_http_requests() {
     assert_eq!(
         stats,
         "cluster.no-retry.upstream_rq_retry_overflow: 1\n\
-         cluster.one-request.upstream_rq_pending_overflow: 1\n\
+         cluster.one-request.upstream_rq_active_overflow: 1\n\
          cluster.queueing.upstream_cx_overflow: 2\n\
          cluster.queueing.upstream_rq_pending_overflow: 1\n\
          cluster.refusing.upstream_cx_overflow: 1\n\
