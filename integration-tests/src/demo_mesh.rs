@@ -165,3 +165,26 @@ pub enum Sidecar {
     Envoy(Envoy),
     Fsm(FsmSidecar),
 }
+
+impl Sidecar {
+    /// One counter from the admin `/stats` (both data planes use Envoy's names and format).
+    pub async fn counter(&self, name: &str) -> Result<u64> {
+        match self {
+            Sidecar::Envoy(e) => e.counter(name).await,
+            Sidecar::Fsm(s) => s.counter(name).await,
+        }
+    }
+
+    /// The admin `/stats` lines that contain `part`, for a failing test to show.
+    pub async fn stats_with(&self, part: &str) -> Result<String> {
+        let stats = match self {
+            Sidecar::Envoy(e) => e.admin_get("/stats").await?,
+            Sidecar::Fsm(s) => s.admin_get("/stats").await?,
+        };
+        Ok(stats
+            .lines()
+            .filter(|l| l.contains(part))
+            .map(|l| format!("{l}\n"))
+            .collect())
+    }
+}

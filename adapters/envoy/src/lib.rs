@@ -378,7 +378,6 @@ pub fn proxy_resources(
     }
 
     // Inbound: HTTP by Host, TCP by CONNECT authority, all through 15003.
-    let mut limited = false;
     let mut seen_domains = BTreeSet::new();
     let mut virtual_hosts = Vec::new();
     for port in &ir.inbound {
@@ -420,8 +419,6 @@ pub fn proxy_resources(
                     trust_domain,
                 )]
             };
-            limited |=
-                svc.rate_limit.is_some() || svc.routes.iter().any(|r| r.rate_limit.is_some());
             virtual_hosts.push(route::VirtualHost {
                 name: svc.local_cluster.to_string(),
                 domains,
@@ -450,10 +447,7 @@ pub fn proxy_resources(
         pod_ip,
         ports::INBOUND,
         INBOUND_ROUTES,
-        Some(Inbound {
-            identity: own,
-            rate_limited: limited,
-        }),
+        Some(own),
     ));
 
     Ok(out)
@@ -658,22 +652,15 @@ fn network_filter<M: Message + Name>(name: &str, config: &M) -> listener::Filter
     }
 }
 
-/// What makes an HTTP listener the inbound one.
-struct Inbound<'a> {
-    /// This proxy's identity, which it presents to its clients.
-    identity: &'a ServiceIdentity,
-    /// Some virtual host or route has a rate limit: the listener needs the filter enforcing it.
-    rate_limited: bool,
-}
-
-/// An HTTP listener; `inbound` makes it the mTLS inbound listener that also accepts CONNECT
-/// tunnels, authorises clients per route and, when some route has one, enforces rate limits.
+/// An HTTP listener; `inbound` (this proxy's identity) makes it the mTLS inbound listener that
+/// also accepts CONNECT tunnels, authorises clients per route and enforces the rate limits its
+/// virtual hosts and routes carry.
 fn http_listener(
     name: &str,
     ip: IpAddr,
     port: u16,
     routes: &str,
-    inbound: Option<Inbound<'_>>,
+    inbound: Option<&ServiceIdentity>,
 ) -> listener::Listener {
     let accept_connect = inbound.is_some();
     let connect = || {
@@ -703,22 +690,20 @@ fn http_listener(
             })
             .into_iter()
             // After RBAC, so a refused client takes no token. No bucket here: virtual hosts and
-            // routes carry their own.
-            .chain(
-                inbound
-                    .as_ref()
-                    .filter(|i| i.rate_limited)
-                    .map(|_| hcm::HttpFilter {
-                        name: RATE_LIMIT_FILTER.into(),
-                        config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                            &local_ratelimit::LocalRateLimit {
-                                stat_prefix: RATE_LIMIT_STATS.into(),
-                                ..Default::default()
-                            },
-                        ))),
+            // routes carry their own, and without one the filter lets everything by. Always
+            // there: a setting must change the routes only, which apply to every connection at
+            // once, not the listener, whose old filters serve the connections opened before it
+            // changed until they drain (up to Envoy's 10 minute drain time).
+            .chain(inbound.as_ref().map(|_| hcm::HttpFilter {
+                name: RATE_LIMIT_FILTER.into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &local_ratelimit::LocalRateLimit {
+                        stat_prefix: RATE_LIMIT_STATS.into(),
                         ..Default::default()
-                    }),
-            )
+                    },
+                ))),
+                ..Default::default()
+            }))
             .chain([hcm::HttpFilter {
                 name: "envoy.filters.http.router".into(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
@@ -742,7 +727,7 @@ fn http_listener(
                 "envoy.filters.network.http_connection_manager",
                 &manager,
             )],
-            transport_socket: inbound.map(|i| downstream_tls(i.identity)),
+            transport_socket: inbound.map(downstream_tls),
             ..Default::default()
         }],
         ..Default::default()

@@ -307,7 +307,7 @@ impl<'a> Compiler<'a> {
         let connect_timeout_ms = setting
             .and_then(|uts| uts.spec.connection_settings.as_ref()?.tcp.as_ref())
             .and_then(|tcp| tcp.connect_timeout.as_deref())
-            .and_then(|t| fsm_crds::duration::parse_go_duration(t))
+            .and_then(fsm_crds::duration::parse_go_duration)
             .map_or(CONNECT_TIMEOUT_MS, |d| d.as_millis() as u64);
         for port in svc.ports() {
             let Ok(number) = u16::try_from(port.port()) else {

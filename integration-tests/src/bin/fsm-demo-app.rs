@@ -21,7 +21,8 @@ use tokio::task::JoinSet;
 ///
 /// Every HTTP request gets `200` and a JSON echo of the request (`/status/<code>` answers with that
 /// code; `/flaky/<n>` answers 503 to one request in n, the first of every n it receives, to show
-/// retries); every line on a TCP connection is answered with `<NAME>: <line>`. Both carry NAME so
+/// retries; `/delay/<ms>` answers after that many milliseconds, at most a minute, to hold a request
+/// in flight); every line on a TCP connection is answered with `<NAME>: <line>`. Both carry NAME so
 /// the caller can tell which backend answered.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -103,6 +104,13 @@ async fn echo(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    if let Some(ms) = uri
+        .path()
+        .strip_prefix("/delay/")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+    }
     let flaky_failure = uri
         .path()
         .strip_prefix("/flaky/")

@@ -19,6 +19,8 @@ use crate::{CONVERGE, SidecarArgs};
 /// The mesh of [`bench_manifests`] with the controller running on it.
 pub(crate) struct BenchMesh {
     _dir: tempfile::TempDir,
+    /// The manifest directory the controller watches: benches edit it to apply policies.
+    pub(crate) manifests: PathBuf,
     pub(crate) logs: PathBuf,
     pub(crate) controller: Controller,
     pub(crate) pods: Vec<MeshPod>,
@@ -34,6 +36,7 @@ impl BenchMesh {
         let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
         Ok(BenchMesh {
             _dir: dir,
+            manifests,
             logs,
             controller,
             pods,

@@ -19,6 +19,7 @@ mod controller_memory;
 mod load;
 mod mesh_gen;
 mod procfs;
+mod sidecar_limits;
 mod sidecar_memory;
 mod sidecar_rps;
 mod smi_compile;
@@ -34,6 +35,7 @@ use clap::{Parser, Subcommand};
 use crate::cert_issuance::cert_issuance;
 use crate::controller_memory::controller_memory;
 use crate::load::LoadPlan;
+use crate::sidecar_limits::{LimitsPlan, sidecar_limits};
 use crate::sidecar_memory::sidecar_memory;
 use crate::sidecar_rps::{RpsPlan, sidecar_rps};
 use crate::watch_latency::watch_latency;
@@ -124,6 +126,24 @@ enum Bench {
         /// Full-load generator: `wrk` when installed, else the built-in one.
         #[arg(long, value_enum, default_value_t = Load::Auto)]
         load: Load,
+        #[command(flatten)]
+        sidecar: SidecarArgs,
+        #[command(flatten)]
+        smoke: Smoke,
+    },
+    /// What an UpstreamTrafficSetting costs fsm-sidecar: a pair of fsm-sidecars at a fixed rate,
+    /// alternately without a setting and with circuit breakers and rate limits none of the
+    /// requests reaches.
+    SidecarLimits {
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Measured seconds per round and case (after a 1 s warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         #[command(flatten)]
         sidecar: SidecarArgs,
         #[command(flatten)]
@@ -235,6 +255,23 @@ async fn main() -> Result<()> {
                 }
             };
             sidecar_rps(&plan, &sidecar).await
+        }
+        Bench::SidecarLimits {
+            rate,
+            connections,
+            seconds,
+            rounds,
+            sidecar,
+            smoke,
+        } => {
+            let plan = LimitsPlan {
+                rate: smoke.pick(rate, 200),
+                connections: smoke.pick(connections, 2),
+                warmup: smoke.pick(Duration::from_secs(1), Duration::from_millis(200)),
+                duration: smoke.pick(Duration::from_secs(seconds), Duration::from_secs(1)),
+                rounds: smoke.pick(rounds, 1),
+            };
+            sidecar_limits(&plan, &sidecar).await
         }
     }
 }
