@@ -64,6 +64,7 @@ bench: envoy build bench-deps
 	$(CARGO) build --release -p fsm-sidecar
 	./target/debug/fsm-bench sidecar-memory --sidecar-bin target/release/fsm-sidecar
 	./target/debug/fsm-bench sidecar-rps --sidecar-bin target/release/fsm-sidecar
+	./target/debug/fsm-bench sidecar-limits --sidecar-bin target/release/fsm-sidecar
 	$(CARGO) build --release -p fsm-controller -p fsm-integration-tests --bin fsm-controller --bin fsm-bench
 	./target/release/fsm-bench xds-scale --flavor both --services 1000 --proxies 1000,2000,5000,10000 --apiserver --out target/bench/xds-scale
 	./target/release/fsm-bench smi-compile --services 1000

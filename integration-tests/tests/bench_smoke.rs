@@ -97,6 +97,11 @@ fn sidecar_rps_smoke() {
     smoke("sidecar-rps");
 }
 
+#[test]
+fn sidecar_limits_smoke() {
+    smoke("sidecar-limits");
+}
+
 /// The other side of the tests above: a benchmark whose step fails exits non-zero (here the
 /// fsm-sidecar under test does not exist), so a passing smoke run means every step ran.
 #[test]
