@@ -374,52 +374,19 @@ async fn fsm_sidecar_mesh_over_delta_ads() {
 
 // === transparent mode ===
 
-/// FSM's `fsm-init` interception rules: the current script of spec/observability-security.md
-/// §7.6.1, verbatim (for `iptables-restore --noflush`). Outbound TCP goes to 15001 except the
-/// proxy's own UID 1500 and 127.0.0.1; inbound TCP goes to 15003 except the metrics and probe
-/// ports; the sidecar's connections to the pod's own non-localhost address come back in through
-/// 15003; `net1`/`net2` are FSM's per-interface exclusions.
-const FSM_INIT_IPTABLES: &str = "# FSM sidecar interception rules
-*nat
-:fsm_PROXY_INBOUND - [0:0]
-:fsm_PROXY_IN_REDIRECT - [0:0]
-:fsm_PROXY_OUTBOUND - [0:0]
-:fsm_PROXY_OUT_REDIRECT - [0:0]
--A fsm_PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port 15003
--A PREROUTING -p tcp -j fsm_PROXY_INBOUND
--A fsm_PROXY_INBOUND -p tcp --dport 15010 -j RETURN
--A fsm_PROXY_INBOUND -p tcp --dport 15901 -j RETURN
--A fsm_PROXY_INBOUND -p tcp --dport 15902 -j RETURN
--A fsm_PROXY_INBOUND -p tcp --dport 15903 -j RETURN
--A fsm_PROXY_INBOUND -p tcp --dport 15904 -j RETURN
--A fsm_PROXY_INBOUND -p tcp -j fsm_PROXY_IN_REDIRECT
--I fsm_PROXY_INBOUND -i net1 -j RETURN
--I fsm_PROXY_INBOUND -i net2 -j RETURN
--A fsm_PROXY_OUT_REDIRECT -p tcp -j REDIRECT --to-port 15001
--A fsm_PROXY_OUT_REDIRECT -p tcp --dport 15000 -j ACCEPT
--A OUTPUT -p tcp -j fsm_PROXY_OUTBOUND
--A fsm_PROXY_OUTBOUND -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1500 -j fsm_PROXY_IN_REDIRECT
--A fsm_PROXY_OUTBOUND -o lo -m owner ! --uid-owner 1500 -j RETURN
--A fsm_PROXY_OUTBOUND -m owner --uid-owner 1500 -j RETURN
--A fsm_PROXY_OUTBOUND -d 127.0.0.1/32 -j RETURN
--A fsm_PROXY_OUTBOUND -o net1 -j RETURN
--A fsm_PROXY_OUTBOUND -o net2 -j RETURN
--A fsm_PROXY_OUTBOUND -j fsm_PROXY_OUT_REDIRECT
-COMMIT
-";
-
 /// MeshConfig `outboundIPRangeExclusionList` of the test: httpbin-v1's pod address, which the
 /// client then reaches without its own sidecar.
-const OUTBOUND_IP_EXCLUSIONS: &[&str] = &["10.244.77.1/32"];
+const OUTBOUND_IP_EXCLUSION: &str = "10.244.77.1/32";
 
-/// The init container's rules with FSM's outbound IP exclusions inserted, as fsm-injector
-/// renders them (`-I fsm_PROXY_OUTBOUND -d <cidr> -j RETURN`, ahead of the redirect).
-fn init_rules(ip_exclusions: &[&str]) -> String {
-    let exclusions: String = ip_exclusions
-        .iter()
-        .map(|cidr| format!("-I fsm_PROXY_OUTBOUND -d {cidr} -j RETURN\n"))
-        .collect();
-    FSM_INIT_IPTABLES.replace("COMMIT\n", &format!("{exclusions}COMMIT\n"))
+/// The `fsm-init` rules of a pod of the test's mesh, from the generator the injector uses
+/// (FSM's program with the MeshConfig's exclusions; the demo's pods have no annotations).
+fn init_rules(catalog: &fsm_catalog::Catalog) -> Result<String> {
+    let interception = fsm_injector::Interception::for_pod(
+        &catalog.mesh_config().spec.traffic,
+        &std::collections::BTreeMap::new(),
+    )
+    .map_err(|errors| anyhow::anyhow!("{errors:?}"))?;
+    Ok(interception.iptables_restore())
 }
 
 /// A counter from a sidecar's admin `/stats` in `ns`, 0 when absent.
@@ -461,13 +428,13 @@ impl Netns {
 
     /// A "node" namespace holding a bridge, and one namespace per pod with a veth to it, the
     /// pod address on eth0 and FSM's iptables rules.
-    fn create(prefix: &str, pods: &[(&str, u8)]) -> Result<Netns> {
+    fn create(prefix: &str, pods: &[(&str, u8)], init_rules: &str) -> Result<Netns> {
         let mut netns = Netns {
             prefix: prefix.to_string(),
             names: Vec::new(),
         };
         let rules_file = tempfile::NamedTempFile::new()?;
-        std::fs::write(rules_file.path(), init_rules(OUTBOUND_IP_EXCLUSIONS))?;
+        std::fs::write(rules_file.path(), init_rules)?;
         let rules = rules_file.path();
         let node = netns.ns("node");
         sh(&format!("ip netns add {node}"))?;
@@ -562,7 +529,26 @@ async fn run_transparent() -> Result<()> {
                 .replace("localProxyMode: PodIP", "localProxyMode: Localhost"),
         )?;
     }
+    let mesh_config = manifests.join("00-mesh.yaml");
+    let text = std::fs::read_to_string(&mesh_config)?;
+    std::fs::write(
+        &mesh_config,
+        text.replacen(
+            "  traffic:\n",
+            &format!("  traffic:\n    outboundIPRangeExclusionList: [{OUTBOUND_IP_EXCLUSION}]\n"),
+            1,
+        ),
+    )?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
+    ensure!(
+        catalog
+            .mesh_config()
+            .spec
+            .traffic
+            .outbound_ip_range_exclusion_list
+            == [OUTBOUND_IP_EXCLUSION],
+        "the MeshConfig edit did not take"
+    );
     let pods: Vec<MeshPod> = mesh_pods(&catalog)
         .into_iter()
         .filter(|p| p.node_id().is_some() && p.name != "httpbin-v2")
@@ -579,6 +565,7 @@ async fn run_transparent() -> Result<()> {
     let netns = Netns::create(
         &format!("fsmt{}", std::process::id() % 100_000),
         &layout_refs,
+        &init_rules(&catalog)?,
     )?;
 
     let mut processes = Vec::new();
