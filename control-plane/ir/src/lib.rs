@@ -752,6 +752,37 @@ mod tests {
     }
 
     #[test]
+    fn with_retries_gives_the_retried_routes_their_timeout() {
+        let mut port = ir(vec![cluster("a")], vec![backend("a", 100)]).outbound[0].clone();
+        port.protocol = Protocol::Http;
+        port.routes = vec![HttpRoute {
+            matches: RouteMatch::default(),
+            backends: vec![backend("a", 100)],
+            allowed: AllowedSources::Any,
+            timeout_ms: None,
+            retry: None,
+            rate_limit: None,
+        }];
+        let retry = RetryPolicy {
+            retry_on: vec!["5xx".into()],
+            num_retries: 1,
+            per_try_timeout_ms: Some(1000),
+            backoff_base_interval_ms: None,
+        };
+        let retried = with_retries(
+            [&port],
+            &[OutboundRetry {
+                service: svc(),
+                retry: retry.clone(),
+            }],
+        );
+        assert_eq!(retried[0].routes[0].retry.as_ref(), Some(&retry));
+        assert_eq!(retried[0].routes[0].timeout_ms, Some(2025));
+        let untouched = with_retries([&port], &[]);
+        assert_eq!(untouched[0].routes[0].timeout_ms, None);
+    }
+
+    #[test]
     fn cluster_names_follow_fsm() {
         assert_eq!(
             ClusterName::outbound(&svc(), 14001).as_str(),
