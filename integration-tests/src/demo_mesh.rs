@@ -144,6 +144,22 @@ impl DemoMesh {
         Ok(sidecars)
     }
 
+    /// curl's sidecar of the `client` data plane and every other pod's of `servers`, over SotW
+    /// ADS, each ready within `ready`.
+    pub async fn start_client_and_servers(
+        &self,
+        client: Plane,
+        servers: Plane,
+        ready: Duration,
+    ) -> Result<Vec<Sidecar>> {
+        self.start_sidecars(
+            |pod| if pod.name == "curl" { client } else { servers },
+            AdsMode::Sotw,
+            ready,
+        )
+        .await
+    }
+
     /// The meshed pod named `name`.
     pub fn pod(&self, name: &str) -> Result<&MeshPod> {
         self.pods
@@ -159,6 +175,14 @@ pub enum Plane {
     Envoy,
     FsmSidecar,
 }
+
+/// Client (curl) and server data planes: every pairing, which must all behave the same.
+pub const PAIRINGS: [(Plane, Plane); 4] = [
+    (Plane::Envoy, Plane::Envoy),
+    (Plane::FsmSidecar, Plane::FsmSidecar),
+    (Plane::Envoy, Plane::FsmSidecar),
+    (Plane::FsmSidecar, Plane::Envoy),
+];
 
 /// A running sidecar of either data plane; stopped on drop.
 pub enum Sidecar {

@@ -36,7 +36,7 @@ pub use controller::{
     AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,
     start_controller_on_cluster, write_standalone_bootstrap,
 };
-pub use demo_mesh::{DemoMesh, Plane, Sidecar};
+pub use demo_mesh::{DemoMesh, PAIRINGS, Plane, Sidecar};
 pub use envoy::{
     AdsMode, Envoy, SidecarConfig, bootstrap_json, bootstrap_secrets, envoy_bootstrap, start_envoy,
     start_envoy_with, validate_bootstrap,

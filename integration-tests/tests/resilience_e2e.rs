@@ -17,26 +17,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, Plane, Sidecar, eventually, http_get_via, tcp_roundtrip,
+    DemoMesh, PAIRINGS, Plane, Sidecar, eventually, http_get_via, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 
-const PAIRINGS: [(Plane, Plane); 4] = [
-    (Plane::Envoy, Plane::Envoy),
-    (Plane::FsmSidecar, Plane::FsmSidecar),
-    (Plane::Envoy, Plane::FsmSidecar),
-    (Plane::FsmSidecar, Plane::Envoy),
-];
-
 async fn start_sidecars(mesh: &DemoMesh, client: Plane, servers: Plane) -> Result<Vec<Sidecar>> {
-    mesh.start_sidecars(
-        |pod| if pod.name == "curl" { client } else { servers },
-        AdsMode::Sotw,
-        CONVERGE,
-    )
-    .await
+    mesh.start_client_and_servers(client, servers, CONVERGE)
+        .await
 }
 
 fn setting(spec: &str) -> String {

@@ -24,29 +24,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, Plane, Sidecar, eventually, http_get_via, share_served_by, tcp_roundtrip,
+    DemoMesh, PAIRINGS, Plane, Sidecar, eventually, http_get_via, share_served_by, tcp_roundtrip,
     unavailable_count,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const HTTPBIN: &str = "httpbin.demo:14001";
 
-/// Client (curl) and server data planes.
-const PAIRINGS: [(Plane, Plane); 4] = [
-    (Plane::Envoy, Plane::Envoy),
-    (Plane::FsmSidecar, Plane::FsmSidecar),
-    (Plane::Envoy, Plane::FsmSidecar),
-    (Plane::FsmSidecar, Plane::Envoy),
-];
-
-/// Starts curl's sidecar as `client` and every other pod's as `servers`.
 async fn start_sidecars(mesh: &DemoMesh, client: Plane, servers: Plane) -> Result<Vec<Sidecar>> {
-    mesh.start_sidecars(
-        |pod| if pod.name == "curl" { client } else { servers },
-        AdsMode::Sotw,
-        CONVERGE,
-    )
-    .await
+    mesh.start_client_and_servers(client, servers, CONVERGE)
+        .await
 }
 
 /// curl may GET `/get` from httpbin and talk to tcp-echo's port 9000; nothing else.

@@ -185,19 +185,8 @@ async fn tunnel_in(
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
     // A tunnel is one TCP connection to the cluster, counted as `tcp::proxy` counts them.
-    let connection = match cluster.breakers.max_connections {
-        None => None,
-        Some(max) => match proxy
-            .upstreams
-            .limits(&cluster.name)
-            .try_hold(Counter::Connections, max)
-        {
-            Some(held) => Some(held),
-            None => {
-                proxy.metrics.cx_overflow(&cluster.name);
-                return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
-            }
-        },
+    let Ok(connection) = proxy.hold_connection(cluster) else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
     };
     let upstream = match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
         Ok(s) => s,

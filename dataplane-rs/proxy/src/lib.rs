@@ -40,3 +40,32 @@ pub struct Proxy {
     /// Listeners bind the unspecified address and chains match the original destination.
     pub transparent: bool,
 }
+
+/// `max_connections` of a cluster was reached: the connection is refused.
+#[derive(Debug)]
+pub struct ConnectionOverflow;
+
+impl Proxy {
+    /// Counts one client connection relayed to `cluster` (a TCP connection, or a CONNECT
+    /// tunnel), held until dropped; `Err` (counted as `upstream_cx_overflow`) when
+    /// `max_connections` of them are already open. `None` when the cluster sets no limit.
+    pub fn hold_connection(
+        &self,
+        cluster: &config::Cluster,
+    ) -> Result<Option<breakers::Held>, ConnectionOverflow> {
+        let Some(max) = cluster.breakers.max_connections else {
+            return Ok(None);
+        };
+        match self
+            .upstreams
+            .limits(&cluster.name)
+            .try_hold(breakers::Counter::Connections, max)
+        {
+            Some(held) => Ok(Some(held)),
+            None => {
+                self.metrics.cx_overflow(&cluster.name);
+                Err(ConnectionOverflow)
+            }
+        }
+    }
+}

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Proxy;
-use crate::breakers::Counter;
 use crate::config::{TcpTarget, UpstreamProtocol};
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::tls::Identity;
@@ -41,20 +40,9 @@ pub async fn proxy<S>(
     drop(config);
     // `max_connections` of a TCP cluster counts client connections relayed, tunnelled or not;
     // one over it is closed before anything is opened upstream.
-    let _connection = match cluster.breakers.max_connections {
-        None => None,
-        Some(max) => match proxy
-            .upstreams
-            .limits(&cluster.name)
-            .try_hold(Counter::Connections, max)
-        {
-            Some(held) => Some(held),
-            None => {
-                tracing::debug!(cluster = %cluster.name, max, "TCP cluster at max_connections; closing");
-                proxy.metrics.cx_overflow(&cluster.name);
-                return;
-            }
-        },
+    let Ok(_connection) = proxy.hold_connection(&cluster) else {
+        tracing::debug!(cluster = %cluster.name, "TCP cluster at max_connections; closing");
+        return;
     };
     let Some(endpoint) = pick_endpoint(&cluster, &proxy.upstreams.active).cloned() else {
         tracing::debug!(cluster = %cluster.name, "TCP cluster has no endpoint; closing");
