@@ -889,6 +889,12 @@ impl Catalog {
         self.services.get(namespace, name)
     }
 
+    /// The service `namespace/name`, monitored or not (an IngressBackend's source may be an
+    /// ingress controller outside the mesh).
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceRecord> {
+        self.services.get(namespace, name)
+    }
+
     /// Services in the pod's namespace whose selector matches the pod's labels.
     pub fn services_selecting(&self, pod: &PodRecord) -> Vec<&ServiceRecord> {
         self.services

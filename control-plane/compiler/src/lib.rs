@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_crds::policy::v1alpha1::{
-    HttpLocalRateLimitSpec, Retry, TcpLocalRateLimitSpec, UpstreamTrafficSetting,
+    HttpLocalRateLimitSpec, IngressBackend, IngressSourceKind, PortProtocol, Retry,
+    TcpLocalRateLimitSpec, UpstreamTrafficSetting,
 };
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
@@ -447,6 +448,7 @@ impl<'a> Compiler<'a> {
                 };
                 let (routes, rate_limit) =
                     self.inbound_rate_limits(&service, number, entry.protocol, routes);
+                let ingress_sources = self.ingress_sources(&service, target_port, entry.protocol);
                 entry.services.push(InboundService {
                     service: service.clone(),
                     port: number,
@@ -455,6 +457,7 @@ impl<'a> Compiler<'a> {
                     allowed,
                     local_cluster,
                     rate_limit,
+                    ingress_sources,
                 });
             }
         }
@@ -733,6 +736,78 @@ impl<'a> Compiler<'a> {
             routes,
             local.and_then(|l| l.http.as_ref()).map(request_limit),
         )
+    }
+
+    /// Who outside the mesh may send `service`'s pod port `target_port` requests: the sources
+    /// of the IngressBackends of its namespace naming it and that port (FSM: the backend's port
+    /// is the target port), as CIDRs. `IPRange` sources as they are, `Service` sources as the
+    /// addresses of their endpoints (monitored namespace or not: an ingress controller's may not
+    /// be). HTTPS backends (`AuthenticatedPrincipal`) are not supported yet: reported, left out.
+    fn ingress_sources(
+        &mut self,
+        service: &ServiceRef,
+        target_port: u16,
+        protocol: Protocol,
+    ) -> Vec<String> {
+        let catalog = self.catalog;
+        if !catalog
+            .mesh_config()
+            .spec
+            .feature_flags
+            .enable_ingress_backend_policy
+        {
+            return vec![];
+        }
+        let mut sources = BTreeSet::new();
+        for ib in catalog.policies_of::<IngressBackend>(&service.namespace) {
+            let name = ib.metadata.name.as_deref().unwrap_or_default();
+            let field = format!("IngressBackend {}/{name}", service.namespace);
+            let backends = ib
+                .spec
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.name == service.name && b.port.number == target_port);
+            for (i, backend) in backends {
+                if backend.port.protocol == PortProtocol::Https || backend.tls.is_some() {
+                    self.warn(ErrCode::E2008, format!("{field} spec.backends[{i}]: HTTPS ingress (client certificates, AuthenticatedPrincipal) is not supported yet; the backend admits no ingress"));
+                    continue;
+                }
+                if !protocol.is_http() {
+                    self.warn(ErrCode::E2008, format!("{field} spec.backends[{i}]: port {target_port} of {service} is TCP; ingress is HTTP only"));
+                    continue;
+                }
+                for (j, source) in ib.spec.sources.iter().enumerate() {
+                    match source.kind {
+                        IngressSourceKind::IpRange => {
+                            if fsm_crds::parse_cidr(&source.name).is_some() {
+                                sources.insert(source.name.clone());
+                            }
+                        }
+                        IngressSourceKind::Service => {
+                            let namespace = if source.namespace.is_empty() {
+                                service.namespace.as_str()
+                            } else {
+                                source.namespace.as_str()
+                            };
+                            let Some(svc) = catalog.service(namespace, &source.name) else {
+                                self.warn(ErrCode::E2008, format!("{field} spec.sources[{j}]: Service {namespace}/{} does not exist; it admits no one", source.name));
+                                continue;
+                            };
+                            for port in svc.ports() {
+                                for endpoint in catalog.endpoints_of(svc, port) {
+                                    sources.insert(host_range(endpoint.ip));
+                                }
+                            }
+                        }
+                        IngressSourceKind::AuthenticatedPrincipal => {
+                            self.warn(ErrCode::E2008, format!("{field} spec.sources[{j}]: AuthenticatedPrincipal sources (HTTPS ingress) are not supported yet; left out"));
+                        }
+                    }
+                }
+            }
+        }
+        sources.into_iter().collect()
     }
 
     /// UpstreamTrafficSettings in `namespace` whose host is no service there (nor, until Egress

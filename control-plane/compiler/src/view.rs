@@ -89,8 +89,14 @@ impl MeshView {
         let mut reach = None;
         let changed = self.refresh_entries(catalog, changes, &mut reach);
         let mut scope = ProxyScope::of(changes);
-        if let ProxyScope::Some { reach: r, .. } = &mut scope {
+        if let ProxyScope::Some {
+            reach: r,
+            namespaces,
+            ..
+        } = &mut scope
+        {
             *r = reach;
+            namespaces.extend(ingress_backends_of(catalog, &changes.endpoint_services));
         }
         (changed, scope)
     }
@@ -302,6 +308,41 @@ fn endpoint_ips(outbound: &ServiceOutbound) -> BTreeSet<IpAddr> {
         .clusters
         .iter()
         .flat_map(|c| c.endpoints.iter().map(|e| e.ip))
+        .collect()
+}
+
+/// The namespaces of the IngressBackends with a `Service` source among `services`: the
+/// addresses those admit moved, and with them the ingress sources of the backends' pods.
+fn ingress_backends_of(
+    catalog: &Catalog,
+    services: &BTreeSet<(String, String)>,
+) -> BTreeSet<String> {
+    if services.is_empty() {
+        return BTreeSet::new();
+    }
+    catalog
+        .policies(Kind::IngressBackend)
+        .filter_map(|object| {
+            let ib =
+                <fsm_crds::policy::v1alpha1::IngressBackend as fsm_catalog::MeshKind>::of_object(
+                    object,
+                )?;
+            let namespace = ib.metadata.namespace.as_deref().unwrap_or_default();
+            ib.spec
+                .sources
+                .iter()
+                .any(|s| {
+                    s.kind == fsm_crds::policy::v1alpha1::IngressSourceKind::Service && {
+                        let source_ns = if s.namespace.is_empty() {
+                            namespace
+                        } else {
+                            &s.namespace
+                        };
+                        services.contains(&(source_ns.to_owned(), s.name.clone()))
+                    }
+                })
+                .then(|| namespace.to_owned())
+        })
         .collect()
 }
 
@@ -566,6 +607,53 @@ mod tests {
             );
             assert!(catalog.delete(&key) || step == "deleted");
         }
+    }
+
+    /// The endpoints of an IngressBackend's `Service` source are the addresses its backends
+    /// admit: their change recompiles the proxies of the IngressBackend's namespace.
+    #[test]
+    fn a_source_services_endpoints_recompile_the_ingress_backends_namespace() {
+        let (mut catalog, objects) = demo();
+        let mut view = MeshView::build(&catalog);
+        let (ib, errors) = fsm_catalog::decode_manifests(
+            "ib.yaml",
+            "apiVersion: policy.flomesh.io/v1alpha1\nkind: IngressBackend\nmetadata: {name: echo, namespace: demo}\nspec:\n  backends: [{name: tcp-echo, port: {number: 9000, protocol: http}}]\n  sources: [{kind: Service, name: httpbin, namespace: demo}]\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let key = ib[0].key();
+        for object in ib {
+            assert!(catalog.apply(object));
+        }
+        let changes = catalog.take_changes();
+        view.refresh_scoped(&catalog, &changes);
+        let MeshObject::Endpoints(endpoints) = find(&objects, Kind::Endpoints, "httpbin").clone()
+        else {
+            unreachable!()
+        };
+        let mut fewer = endpoints.clone();
+        fewer.subsets.as_mut().expect("subsets")[0]
+            .addresses
+            .as_mut()
+            .expect("addresses")
+            .pop();
+        assert!(catalog.apply(MeshObject::Endpoints(fewer)));
+        let changes = catalog.take_changes();
+        let (_, scope) = view.refresh_scoped(&catalog, &changes);
+        assert!(
+            scope.covers("x", "demo", "tcp-echo", OutboundDetail::TcpOnly),
+            "{scope:?}"
+        );
+        // Without the IngressBackend, the same change recompiles no proxy's own part.
+        assert!(catalog.delete(&key));
+        let changes = catalog.take_changes();
+        view.refresh_scoped(&catalog, &changes);
+        assert!(catalog.apply(MeshObject::Endpoints(endpoints)));
+        let changes = catalog.take_changes();
+        let (_, scope) = view.refresh_scoped(&catalog, &changes);
+        assert!(
+            !scope.covers("x", "demo", "tcp-echo", OutboundDetail::TcpOnly),
+            "{scope:?}"
+        );
     }
 
     /// An SMI access policy recompiles the proxies of its destination and no shared entry.

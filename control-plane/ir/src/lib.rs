@@ -232,6 +232,11 @@ pub struct InboundService {
     /// (`rateLimit.local.tcp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<LocalRateLimit>,
+    /// Clients outside the mesh this port admits, by address (CIDRs): FSM's IngressBackend
+    /// `IPRange` sources and the endpoints of its `Service` sources. They send plaintext HTTP,
+    /// which the proxy otherwise refuses (its inbound port takes mTLS only). Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_sources: Vec<String>,
 }
 
 /// A token bucket in each instance of a service (Envoy's and FSM's local rate limit): it starts
