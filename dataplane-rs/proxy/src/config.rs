@@ -50,10 +50,32 @@ pub struct Chain {
     pub name: Arc<str>,
     /// 0: any port.
     pub port: u16,
+    /// Destination ranges; empty: any destination.
     pub ranges: Vec<Cidr>,
+    /// Client (source) ranges; empty: any client.
+    pub sources: Vec<Cidr>,
+    /// What the connection must carry, told from its first bytes.
+    pub transport: TransportProtocol,
     pub kind: ChainKind,
     /// Unset: plaintext.
     pub tls: Option<DownstreamTls>,
+}
+
+/// `FilterChainMatch.transport_protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TransportProtocol {
+    #[default]
+    Any,
+    Tls,
+    Plaintext,
+}
+
+impl TransportProtocol {
+    /// Whether a connection whose first bytes were told to be `seen` matches; `None` means the
+    /// bytes were not read, which only chains accepting any transport match.
+    pub fn accepts(self, seen: Option<TransportProtocol>) -> bool {
+        self == TransportProtocol::Any || seen == Some(self)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -70,24 +92,32 @@ pub struct TcpTarget {
     pub allowed: Allowed,
 }
 
-/// `AllowedSources`: `any`, or the verified identities of mTLS clients.
+/// `AllowedSources`: `any`, the verified identities of mTLS clients, or the client addresses
+/// of ingress from outside the mesh.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allowed {
     pub any: bool,
     pub identities: Vec<Identity>,
+    /// Clients whose (source) address is in one of these, certificate or not.
+    pub sources: Vec<Cidr>,
 }
 
 impl Allowed {
-    pub fn from_proto(a: &v1::AllowedSources) -> Self {
-        Allowed {
+    /// Errors name the field relative to the `AllowedSources` (`source_ip_ranges[1]`).
+    pub fn from_proto(a: &v1::AllowedSources) -> Result<Self, FieldError> {
+        Ok(Allowed {
             any: a.any,
             identities: a.identities.iter().map(Identity::from_proto).collect(),
-        }
+            sources: cidrs(&a.source_ip_ranges, "source_ip_ranges")?,
+        })
     }
 
-    /// `peer` is the identity of a verified client certificate, `None` for any other client.
-    pub fn admits(&self, peer: Option<&Identity>) -> bool {
-        self.any || peer.is_some_and(|p| self.identities.contains(p))
+    /// `peer` is the identity of a verified client certificate, `None` for any other client;
+    /// `client` is the address the connection comes from.
+    pub fn admits(&self, peer: Option<&Identity>, client: IpAddr) -> bool {
+        self.any
+            || peer.is_some_and(|p| self.identities.contains(p))
+            || self.sources.iter().any(|r| r.contains(client))
     }
 }
 
@@ -363,7 +393,7 @@ fn err(what: &str, field: &str, message: impl std::fmt::Display) -> ConfigError 
     }
 }
 
-type FieldError = (String, String);
+pub type FieldError = (String, String);
 
 fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     (field.into(), message.into())
@@ -495,13 +525,21 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
         let m = fc.r#match.clone().unwrap_or_default();
         let port = u16::try_from(m.destination_port)
             .map_err(|_| field_err(at("match.destination_port"), "is not in 0-65535"))?;
-        let mut ranges = Vec::with_capacity(m.destination_ip_ranges.len());
-        for (r, text) in m.destination_ip_ranges.iter().enumerate() {
-            ranges.push(
-                parse_cidr(text)
-                    .map_err(|e| field_err(at(&format!("match.destination_ip_ranges[{r}]")), e))?,
-            );
-        }
+        let ranges = cidrs(&m.destination_ip_ranges, "destination_ip_ranges")
+            .map_err(|(f, e)| field_err(at(&format!("match.{f}")), e))?;
+        let sources = cidrs(&m.source_ip_ranges, "source_ip_ranges")
+            .map_err(|(f, e)| field_err(at(&format!("match.{f}")), e))?;
+        let transport = match v1::TransportProtocol::try_from(m.transport_protocol) {
+            Ok(v1::TransportProtocol::Any) => TransportProtocol::Any,
+            Ok(v1::TransportProtocol::Tls) => TransportProtocol::Tls,
+            Ok(v1::TransportProtocol::Plaintext) => TransportProtocol::Plaintext,
+            Err(_) => {
+                return Err(field_err(
+                    at("match.transport_protocol"),
+                    format!("unknown value {}", m.transport_protocol),
+                ));
+            }
+        };
         let protocol = v1::Protocol::try_from(fc.protocol)
             .map_err(|_| field_err(at("protocol"), format!("unknown value {}", fc.protocol)))?;
         let kind = match (protocol, &fc.target) {
@@ -522,11 +560,11 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
             ) => ChainKind::Tcp(TcpTarget {
                 clusters: weighted(&t.clusters, &at("tcp.clusters"))?,
                 connect_authority: Arc::from(t.connect_authority.as_str()),
-                allowed: fc
-                    .allowed_sources
-                    .as_ref()
-                    .map(Allowed::from_proto)
-                    .unwrap_or_default(),
+                allowed: match &fc.allowed_sources {
+                    None => Allowed::default(),
+                    Some(a) => Allowed::from_proto(a)
+                        .map_err(|(f, e)| field_err(at(&format!("allowed_sources.{f}")), e))?,
+                },
             }),
             (p, _) => {
                 return Err(field_err(
@@ -552,6 +590,8 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
             name: Arc::from(fc.name.as_str()),
             port,
             ranges,
+            sources,
+            transport,
             kind,
             tls,
         });
@@ -739,6 +779,13 @@ fn build_route(route: v1::Route, at: &dyn Fn(&str) -> String) -> Result<Route, F
                 .map_err(|(f, e)| field_err(at(&format!("action.retry_policy.{f}")), e))?,
         ),
     };
+    let allowed = match &route.allowed_sources {
+        None => None,
+        Some(a) => Some(
+            Allowed::from_proto(a)
+                .map_err(|(f, e)| field_err(at(&format!("allowed_sources.{f}")), e))?,
+        ),
+    };
     Ok(Route {
         path,
         methods,
@@ -746,7 +793,7 @@ fn build_route(route: v1::Route, at: &dyn Fn(&str) -> String) -> Result<Route, F
         clusters,
         timeout,
         retry,
-        allowed: route.allowed_sources.as_ref().map(Allowed::from_proto),
+        allowed,
         rate_limit: None,
     })
 }
@@ -778,6 +825,14 @@ fn retry_policy(p: v1::RetryPolicy) -> Result<RetryPolicy, FieldError> {
         }
     }
     Ok(policy)
+}
+
+/// Parses a list of CIDR ranges; an error names `field[i]`.
+fn cidrs(list: &[String], field: &str) -> Result<Vec<Cidr>, FieldError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, text)| parse_cidr(text).map_err(|e| field_err(format!("{field}[{i}]"), e)))
+        .collect()
 }
 
 pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
@@ -1124,6 +1179,180 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(b, CircuitBreakers::default());
+    }
+
+    /// An inbound listener with one plaintext ingress TCP chain, edited by `f`.
+    fn ingress_listener(f: impl FnOnce(&mut v1::FilterChain)) -> Result<Config, ConfigError> {
+        let mut fc = v1::FilterChain {
+            name: "ingress".into(),
+            r#match: Some(v1::FilterChainMatch {
+                destination_port: 8080,
+                destination_ip_ranges: vec![],
+                source_ip_ranges: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
+                transport_protocol: v1::TransportProtocol::Plaintext as i32,
+            }),
+            protocol: v1::Protocol::Tcp as i32,
+            target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+                clusters: vec![v1::WeightedCluster {
+                    name: "c".into(),
+                    weight: 1,
+                }],
+                connect_authority: String::new(),
+            })),
+            allowed_sources: Some(v1::AllowedSources {
+                any: false,
+                identities: vec![],
+                source_ip_ranges: vec!["10.1.2.3/32".into()],
+            }),
+            tls: None,
+        };
+        f(&mut fc);
+        let l = v1::Listener {
+            name: "inbound-listener".into(),
+            address: Some(v1::SocketAddress {
+                ip: "127.0.0.1".into(),
+                port: 15003,
+            }),
+            direction: v1::TrafficDirection::Inbound as i32,
+            filter_chains: vec![fc],
+        };
+        let s = set(vec![
+            (type_url::CLUSTER, "c", cluster("c")),
+            (type_url::LISTENER, "inbound-listener", l.encode_to_vec()),
+        ]);
+        Config::build(&s, type_url::LISTENER)
+    }
+
+    #[test]
+    fn source_ranges_and_transport_are_parsed() {
+        let config = ingress_listener(|_| {}).expect("valid");
+        let chain = &config.listeners["inbound-listener"].chains[0];
+        assert_eq!(
+            chain.sources,
+            vec![
+                parse_cidr("10.0.0.0/8").expect("cidr"),
+                parse_cidr("fd00::/8").expect("cidr")
+            ]
+        );
+        assert_eq!(chain.transport, TransportProtocol::Plaintext);
+        let ChainKind::Tcp(t) = &chain.kind else {
+            panic!("tcp chain");
+        };
+        assert_eq!(
+            t.allowed.sources,
+            vec![parse_cidr("10.1.2.3/32").expect("cidr")]
+        );
+        for (value, want) in [
+            (v1::TransportProtocol::Any, TransportProtocol::Any),
+            (v1::TransportProtocol::Tls, TransportProtocol::Tls),
+        ] {
+            let config = ingress_listener(|fc| {
+                if let Some(m) = fc.r#match.as_mut() {
+                    m.transport_protocol = value as i32;
+                }
+            })
+            .expect("valid");
+            assert_eq!(
+                config.listeners["inbound-listener"].chains[0].transport,
+                want
+            );
+        }
+        // No match at all: any client, any transport.
+        let config = ingress_listener(|fc| fc.r#match = None).expect("valid");
+        let chain = &config.listeners["inbound-listener"].chains[0];
+        assert!(chain.sources.is_empty() && chain.transport == TransportProtocol::Any);
+    }
+
+    fn with_match(f: impl FnOnce(&mut v1::FilterChainMatch)) -> impl FnOnce(&mut v1::FilterChain) {
+        move |fc| f(fc.r#match.get_or_insert_with(Default::default))
+    }
+
+    #[test_case(with_match(|m| m.source_ip_ranges[1] = "fd00::/129".into()),
+        "match.source_ip_ranges[1]: \"fd00::/129\": prefix length is not in 0-128" ; "prefix too long")]
+    #[test_case(with_match(|m| m.source_ip_ranges[0] = "10.0.0.300/8".into()),
+        "match.source_ip_ranges[0]: \"10.0.0.300/8\": \"10.0.0.300\" is not an IP address" ; "bad address")]
+    #[test_case(with_match(|m| m.source_ip_ranges[0] = "10.0.0.1".into()),
+        "match.source_ip_ranges[0]: \"10.0.0.1\" is not a CIDR range (no /)" ; "no prefix")]
+    #[test_case(with_match(|m| m.destination_ip_ranges = vec!["x/1".into()]),
+        "match.destination_ip_ranges[0]: \"x/1\": \"x\" is not an IP address" ; "destination still checked")]
+    #[test_case(with_match(|m| m.transport_protocol = 3),
+        "match.transport_protocol: unknown value 3" ; "unknown transport")]
+    #[test_case(|fc: &mut v1::FilterChain| if let Some(a) = fc.allowed_sources.as_mut() {
+            a.source_ip_ranges.push("10.0.0.0/-1".into());
+        },
+        "allowed_sources.source_ip_ranges[1]: \"10.0.0.0/-1\": prefix length is not in 0-32" ; "chain allowed sources")]
+    fn ingress_chain_errors_name_their_field(f: impl FnOnce(&mut v1::FilterChain), want: &str) {
+        let e = ingress_listener(f).expect_err("invalid");
+        assert_eq!(
+            e.0,
+            format!("Listener \"inbound-listener\": filter_chains[0] \"ingress\".{want}")
+        );
+    }
+
+    #[test]
+    fn route_source_ranges_are_parsed_and_named_in_errors() {
+        let build = |ranges: &[&str]| {
+            let mut rc = v1::RouteConfiguration::decode(&*routes(
+                "c",
+                v1::route_match::Path::Prefix("/".into()),
+            ))
+            .expect("decode");
+            rc.name = "ingress".into();
+            rc.virtual_hosts[0].routes[0].allowed_sources = Some(v1::AllowedSources {
+                any: false,
+                identities: vec![],
+                source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+            });
+            let s = set(vec![
+                (type_url::CLUSTER, "c", cluster("c")),
+                (type_url::ROUTE_CONFIGURATION, "ingress", rc.encode_to_vec()),
+            ]);
+            Config::build(&s, type_url::ROUTE_CONFIGURATION)
+        };
+        let config = build(&["10.0.0.0/8"]).expect("valid");
+        let allowed = config.routes["ingress"].virtual_hosts[0].routes[0]
+            .allowed
+            .clone()
+            .expect("allowed");
+        assert_eq!(
+            allowed.sources,
+            vec![parse_cidr("10.0.0.0/8").expect("cidr")]
+        );
+        let e = build(&["10.0.0.0/8", "ingress"]).expect_err("invalid");
+        assert_eq!(
+            e.0,
+            "RouteConfiguration \"ingress\": virtual_hosts[0].routes[0].allowed_sources.source_ip_ranges[1]: \"ingress\" is not a CIDR range (no /)"
+        );
+    }
+
+    #[test]
+    fn allowed_admits_any_listed_identity_or_source_address() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let curl = Identity::new("curl", "demo");
+        let other = Identity::new("bookbuyer", "demo");
+        let ingress = Allowed {
+            any: false,
+            identities: vec![curl.clone()],
+            sources: vec![
+                parse_cidr("10.1.0.0/16").expect("cidr"),
+                parse_cidr("fd00::1/128").expect("cidr"),
+            ],
+        };
+        assert!(ingress.admits(None, ip("10.1.200.3")));
+        assert!(ingress.admits(Some(&other), ip("10.1.0.1")));
+        assert!(ingress.admits(None, ip("fd00::1")));
+        assert!(ingress.admits(Some(&curl), ip("192.168.0.1")));
+        assert!(!ingress.admits(None, ip("10.2.0.1")));
+        assert!(!ingress.admits(Some(&other), ip("fd00::2")));
+        // An IPv4 range never contains an IPv6 address and vice versa.
+        assert!(!ingress.admits(None, ip("::ffff:10.1.0.1")));
+        let nobody = Allowed::default();
+        assert!(!nobody.admits(Some(&curl), ip("10.1.0.1")));
+        let any = Allowed {
+            any: true,
+            ..Allowed::default()
+        };
+        assert!(any.admits(None, ip("203.0.113.9")));
     }
 
     #[test_case("10.96.0.10/32", "10.96.0.10", true)]

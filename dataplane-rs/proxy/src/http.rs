@@ -2,6 +2,7 @@
 //! configuration, and forward it (or relay a CONNECT tunnel) to the picked cluster.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -47,6 +48,8 @@ pub struct HttpChain {
     pub inbound: bool,
     /// The verified identity of the client's certificate (mTLS chains only).
     pub peer: Option<Identity>,
+    /// The address the connection comes from (`AllowedSources.source_ip_ranges` checks it).
+    pub client: SocketAddr,
 }
 
 /// Serves one downstream connection until it closes, or until `stop` fires (listener removed),
@@ -124,6 +127,7 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
         },
         chain.inbound,
         chain.peer.as_ref(),
+        chain.client.ip(),
     );
     let (vh, route) = match decision {
         Decision::NoVirtualHost | Decision::NoRoute => {

@@ -11,11 +11,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::Proxy;
-use crate::config::{Chain, ChainKind, Direction};
+use crate::config::{Chain, ChainKind, Direction, Listener, TransportProtocol};
 use crate::tls::{DownstreamTls, identity_of_chain};
 
 /// Time a client has to complete the TLS handshake on an mTLS chain.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a client has to send its first bytes on a listener whose chains match the transport.
+const TRANSPORT_PEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first byte of a TLS handshake record (a ClientHello's record type).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 struct Running {
     addr: SocketAddr,
@@ -92,9 +98,9 @@ async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, client)) => {
                     proxy.metrics.connection(&name);
-                    tokio::spawn(connection(proxy.clone(), name.clone(), stream, for_connections.clone()));
+                    tokio::spawn(connection(proxy.clone(), name.clone(), stream, client, for_connections.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(listener = %name, error = %e, "accept failed");
@@ -122,17 +128,51 @@ fn destination(proxy: &Proxy, stream: &TcpStream) -> Option<SocketAddr> {
     stream.local_addr().ok()
 }
 
-pub fn pick_chain(chains: &[Chain], dest: SocketAddr) -> Option<&Chain> {
+/// Whether any chain matches on the transport, so that the first bytes must be read first.
+pub fn needs_transport(chains: &[Chain]) -> bool {
+    chains.iter().any(|c| c.transport != TransportProtocol::Any)
+}
+
+/// What a connection whose first byte is `first` carries.
+pub fn transport_of(first: u8) -> TransportProtocol {
+    if first == TLS_HANDSHAKE_RECORD {
+        TransportProtocol::Tls
+    } else {
+        TransportProtocol::Plaintext
+    }
+}
+
+/// The first chain, in order, whose whole match accepts a connection to `dest` from `client`;
+/// `transport` is what its first bytes tell, `None` when they were not read.
+pub fn pick_chain(
+    chains: &[Chain],
+    dest: SocketAddr,
+    client: IpAddr,
+    transport: Option<TransportProtocol>,
+) -> Option<&Chain> {
     chains.iter().find(|c| {
         (c.port == 0 || c.port == dest.port())
             && (c.ranges.is_empty() || c.ranges.iter().any(|r| r.contains(dest.ip())))
+            && (c.sources.is_empty() || c.sources.iter().any(|r| r.contains(client)))
+            && c.transport.accepts(transport)
     })
+}
+
+/// Reads (without consuming) the first byte of the connection to tell TLS from plaintext;
+/// `None` when the client closes or sends nothing within [`TRANSPORT_PEEK_TIMEOUT`].
+async fn peek_transport(stream: &TcpStream) -> Option<TransportProtocol> {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(TRANSPORT_PEEK_TIMEOUT, stream.peek(&mut first)).await {
+        Ok(Ok(1..)) => Some(transport_of(first[0])),
+        _ => None,
+    }
 }
 
 async fn connection(
     proxy: Arc<Proxy>,
     name: Arc<str>,
     stream: TcpStream,
+    client: SocketAddr,
     stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -144,12 +184,23 @@ async fn connection(
     let Some(dest) = destination(&proxy, &stream) else {
         return;
     };
-    tracing::debug!(listener = %name, %dest, "connection accepted");
-    let Some(chain) = pick_chain(&listener.chains, dest) else {
-        tracing::debug!(listener = %name, %dest, "no filter chain matches; closing");
+    // Normalise an IPv4-mapped client (a dual-stack socket) so IPv4 ranges match it.
+    let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+    tracing::debug!(listener = %name, %dest, %client, "connection accepted");
+    // Server-first protocols must not wait: the bytes are read only when a chain needs them.
+    let transport = if needs_transport(&listener.chains) {
+        let Some(t) = peek_transport(&stream).await else {
+            tracing::debug!(listener = %name, %client, "no bytes to tell the transport from; closing");
+            return;
+        };
+        Some(t)
+    } else {
+        None
+    };
+    let Some(chain) = pick_chain(&listener.chains, dest, client.ip(), transport) else {
+        tracing::debug!(listener = %name, %dest, %client, ?transport, "no filter chain matches; closing");
         return;
     };
-    let inbound = listener.direction == Direction::Inbound;
     let tls = match &chain.tls {
         None => None,
         Some(DownstreamTls::Ready(config)) => Some(config.clone()),
@@ -160,7 +211,7 @@ async fn connection(
         }
     };
     let Some(config) = tls else {
-        serve_chain(proxy, &name, chain, inbound, None, stream, stop).await;
+        serve_chain(proxy, &listener, chain, None, client, stream, stop).await;
         return;
     };
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
@@ -177,32 +228,34 @@ async fn connection(
     };
     let peer = identity_of_chain(stream.get_ref().1.peer_certificates());
     tracing::debug!(listener = %name, chain = %chain.name, peer = ?peer, "TLS connection accepted");
-    serve_chain(proxy, &name, chain, inbound, peer, stream, stop).await;
+    serve_chain(proxy, &listener, chain, peer, client, stream, stop).await;
 }
 
 async fn serve_chain<S>(
     proxy: Arc<Proxy>,
-    listener: &Arc<str>,
+    listener: &Listener,
     chain: &Chain,
-    inbound: bool,
     peer: Option<crate::tls::Identity>,
+    client: SocketAddr,
     stream: S,
     stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let inbound = listener.direction == Direction::Inbound;
     match &chain.kind {
         ChainKind::Http { route_config } => {
             let chain = crate::http::HttpChain {
-                listener: listener.clone(),
+                listener: listener.name.clone(),
                 route_config: route_config.clone(),
                 inbound,
                 peer,
+                client,
             };
             crate::http::serve(proxy, chain, stream, stop).await;
         }
         ChainKind::Tcp(target) => {
-            crate::tcp::proxy(proxy, target.clone(), inbound, peer, stream).await;
+            crate::tcp::proxy(proxy, target.clone(), inbound, peer, client, stream).await;
         }
     }
 }
@@ -220,6 +273,8 @@ mod tests {
                 .iter()
                 .map(|r| parse_cidr(r).expect("cidr"))
                 .collect(),
+            sources: vec![],
+            transport: TransportProtocol::Any,
             kind: ChainKind::Http {
                 route_config: Arc::from("outbound"),
             },
@@ -234,8 +289,10 @@ mod tests {
             chain("demo/httpbin|14001", 14001, &["10.96.0.10/32"]),
             chain("explicit-http", 15001, &[]),
         ];
-        let pick =
-            |d: &str| pick_chain(&chains, d.parse().expect("addr")).map(|c| c.name.to_string());
+        let client: IpAddr = "10.0.0.1".parse().expect("ip");
+        let pick = |d: &str| {
+            pick_chain(&chains, d.parse().expect("addr"), client, None).map(|c| c.name.to_string())
+        };
         assert_eq!(pick("127.0.10.10:15001").as_deref(), Some("explicit-http"));
         assert_eq!(
             pick("10.96.0.10:14001").as_deref(),
@@ -246,6 +303,63 @@ mod tests {
             Some("demo/tcp-echo|9000")
         );
         assert_eq!(pick("10.96.0.99:9000"), None);
+    }
+
+    fn ingress_chain(name: &str, sources: &[&str], transport: TransportProtocol) -> Chain {
+        Chain {
+            sources: sources
+                .iter()
+                .map(|r| parse_cidr(r).expect("cidr"))
+                .collect(),
+            transport,
+            ..chain(name, 15003, &[])
+        }
+    }
+
+    #[test]
+    fn chains_match_client_range_and_transport_in_order() {
+        let chains = vec![
+            ingress_chain("mtls", &[], TransportProtocol::Tls),
+            ingress_chain(
+                "ingress",
+                &["10.1.0.0/16", "fd00::/8"],
+                TransportProtocol::Plaintext,
+            ),
+            ingress_chain("from-10.2", &["10.2.0.0/16"], TransportProtocol::Any),
+        ];
+        assert!(needs_transport(&chains));
+        assert!(!needs_transport(&[chain("plain", 0, &[])]));
+        let dest: SocketAddr = "10.0.0.9:15003".parse().expect("addr");
+        let pick = |client: &str, t: Option<TransportProtocol>| {
+            pick_chain(&chains, dest, client.parse().expect("ip"), t).map(|c| c.name.to_string())
+        };
+        use TransportProtocol::{Plaintext, Tls};
+        assert_eq!(pick("10.1.2.3", Some(Tls)).as_deref(), Some("mtls"));
+        assert_eq!(
+            pick("10.1.2.3", Some(Plaintext)).as_deref(),
+            Some("ingress")
+        );
+        assert_eq!(pick("fd00::7", Some(Plaintext)).as_deref(), Some("ingress"));
+        // Outside the ingress ranges a plaintext client falls through to the next chain, or none.
+        assert_eq!(
+            pick("10.2.0.1", Some(Plaintext)).as_deref(),
+            Some("from-10.2")
+        );
+        assert_eq!(pick("10.3.0.1", Some(Plaintext)), None);
+        // Bytes not read: only chains accepting any transport match.
+        assert_eq!(pick("10.1.2.3", None), None);
+        assert_eq!(pick("10.2.0.1", None).as_deref(), Some("from-10.2"));
+    }
+
+    #[test]
+    fn a_handshake_record_is_tls_anything_else_plaintext() {
+        assert_eq!(transport_of(0x16), TransportProtocol::Tls);
+        assert_eq!(transport_of(b'G'), TransportProtocol::Plaintext);
+        assert_eq!(transport_of(0x00), TransportProtocol::Plaintext);
+        assert!(TransportProtocol::Any.accepts(None));
+        assert!(TransportProtocol::Any.accepts(Some(TransportProtocol::Tls)));
+        assert!(!TransportProtocol::Tls.accepts(Some(TransportProtocol::Plaintext)));
+        assert!(!TransportProtocol::Plaintext.accepts(None));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Picking the route for a request: virtual host by Host/`:authority`, then the first route whose
 //! path, method and headers all match.
 
+use std::net::IpAddr;
+
 use http::{HeaderMap, Method};
 
 use crate::config::{HeaderMatchKind, PathMatch, Route, RouteTable, VirtualHost};
@@ -28,12 +30,14 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// `peer` is the verified identity of an mTLS client; `None` for a client without one.
+/// `peer` is the verified identity of an mTLS client, `None` for a client without one; `client`
+/// is the address the connection comes from.
 pub fn select<'a>(
     table: &'a RouteTable,
     req: RequestInfo<'_>,
     inbound: bool,
     peer: Option<&Identity>,
+    client: IpAddr,
 ) -> Decision<'a> {
     let Some(vh) = table
         .domains
@@ -46,7 +50,12 @@ pub fn select<'a>(
         return Decision::NoRoute;
     };
     // Outbound routes carry no allowed sources and admit everyone; inbound ones fail closed.
-    if inbound && !route.allowed.as_ref().is_some_and(|a| a.admits(peer)) {
+    if inbound
+        && !route
+            .allowed
+            .as_ref()
+            .is_some_and(|a| a.admits(peer, client))
+    {
         return Decision::Denied;
     }
     Decision::Matched(vh, route)
@@ -118,6 +127,7 @@ mod tests {
                     service_account: "curl".into(),
                     namespace: "demo".into(),
                 }],
+                source_ip_ranges: vec!["192.168.5.0/24".into()],
             }),
             rate_limit: None,
         }
@@ -197,6 +207,8 @@ mod tests {
         config.routes.get("rc").cloned().expect("rc")
     }
 
+    const OUTSIDE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
     fn first_cluster(w: &Weighted) -> &str {
         &w.entries[0].0
     }
@@ -231,7 +243,7 @@ mod tests {
             path,
             headers: &map,
         };
-        let got = match select(&t, req, false, None) {
+        let got = match select(&t, req, false, None, OUTSIDE) {
             Decision::NoVirtualHost => "404-host".to_string(),
             Decision::NoRoute => "404-route".to_string(),
             Decision::Denied => "403".to_string(),
@@ -240,14 +252,18 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    #[test_case(None, None, "403" ; "unset admits no one inbound")]
-    #[test_case(None, Some(("curl", "demo")), "403" ; "unset admits no one even with mTLS")]
-    #[test_case(Some(false), None, "403" ; "identities admit no one without mTLS")]
-    #[test_case(Some(false), Some(("curl", "demo")), "default" ; "listed identity admitted")]
-    #[test_case(Some(false), Some(("curl", "other")), "403" ; "same account other namespace refused")]
-    #[test_case(Some(false), Some(("bookbuyer", "demo")), "403" ; "unlisted identity refused")]
-    #[test_case(Some(true), None, "default" ; "any admits")]
-    fn inbound_rbac(any: Option<bool>, peer: Option<(&str, &str)>, want: &str) {
+    #[test_case(None, None, "10.0.0.1", "403" ; "unset admits no one inbound")]
+    #[test_case(None, Some(("curl", "demo")), "10.0.0.1", "403" ; "unset admits no one even with mTLS")]
+    #[test_case(None, None, "192.168.5.7", "403" ; "unset admits no one even from an ingress address")]
+    #[test_case(Some(false), None, "10.0.0.1", "403" ; "identities admit no one without mTLS")]
+    #[test_case(Some(false), Some(("curl", "demo")), "10.0.0.1", "default" ; "listed identity admitted")]
+    #[test_case(Some(false), Some(("curl", "other")), "10.0.0.1", "403" ; "same account other namespace refused")]
+    #[test_case(Some(false), Some(("bookbuyer", "demo")), "10.0.0.1", "403" ; "unlisted identity refused")]
+    #[test_case(Some(false), None, "192.168.5.7", "default" ; "source range admits without a certificate")]
+    #[test_case(Some(false), Some(("bookbuyer", "demo")), "192.168.5.7", "default" ; "source range admits whatever the identity")]
+    #[test_case(Some(false), None, "192.168.6.7", "403" ; "address outside the source ranges refused")]
+    #[test_case(Some(true), None, "10.0.0.1", "default" ; "any admits")]
+    fn inbound_rbac(any: Option<bool>, peer: Option<(&str, &str)>, client: &str, want: &str) {
         let peer = peer.map(|(sa, ns)| Identity::new(sa, ns));
         let t = table(any);
         let map = HeaderMap::new();
@@ -257,7 +273,7 @@ mod tests {
             path: "/",
             headers: &map,
         };
-        let got = match select(&t, req, true, peer.as_ref()) {
+        let got = match select(&t, req, true, peer.as_ref(), client.parse().expect("ip")) {
             Decision::Denied => "403".to_string(),
             Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
             other => format!("{other:?}"),

@@ -2,6 +2,7 @@
 //! Meshed endpoints of a TCP cluster are reached through an HTTP/2 CONNECT tunnel to their
 //! sidecar, exactly as Envoy's tcp_proxy tunnelling does, so both data planes interoperate.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -14,19 +15,22 @@ use crate::upstream::{Transport, connect_tcp};
 
 /// Relays one downstream connection. Server-first protocols are served by the same path: the
 /// upstream connection is opened at once and nothing is read from the client before that.
-/// `peer` is the verified identity of the client's certificate (mTLS chains only).
+/// `peer` is the verified identity of the client's certificate (mTLS chains only), `client` the
+/// address the connection comes from.
 pub async fn proxy<S>(
     proxy: Arc<Proxy>,
     target: TcpTarget,
     inbound: bool,
     peer: Option<Identity>,
+    client: SocketAddr,
     mut downstream: S,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if inbound && !target.allowed.admits(peer.as_ref()) {
+    if inbound && !target.allowed.admits(peer.as_ref(), client.ip()) {
         tracing::debug!(
             peer = %peer.as_ref().map_or_else(|| "none".to_string(), ToString::to_string),
+            %client,
             "inbound TCP connection refused by allowed_sources"
         );
         return;

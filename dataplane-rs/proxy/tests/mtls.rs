@@ -195,6 +195,7 @@ fn identities(ids: &[(&str, &str)]) -> Option<v1::AllowedSources> {
     Some(v1::AllowedSources {
         any: false,
         identities: ids.iter().map(|(sa, ns)| sid(sa, ns)).collect(),
+        source_ip_ranges: vec![],
     })
 }
 
@@ -255,6 +256,8 @@ fn http_chain(
         r#match: Some(v1::FilterChainMatch {
             destination_port: port,
             destination_ip_ranges: vec![],
+            source_ip_ranges: vec![],
+            transport_protocol: v1::TransportProtocol::Any as i32,
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {

@@ -46,6 +46,7 @@ fn any() -> Option<v1::AllowedSources> {
     Some(v1::AllowedSources {
         any: true,
         identities: vec![],
+        source_ip_ranges: vec![],
     })
 }
 
@@ -123,6 +124,8 @@ fn http_chain(name: &str, port: u32, rc: &str) -> v1::FilterChain {
         r#match: Some(v1::FilterChainMatch {
             destination_port: port,
             destination_ip_ranges: vec![],
+            source_ip_ranges: vec![],
+            transport_protocol: v1::TransportProtocol::Any as i32,
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {
