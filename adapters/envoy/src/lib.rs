@@ -47,6 +47,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
@@ -76,6 +77,10 @@ const RBAC_FILTER: &str = "envoy.filters.http.rbac";
 const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 
 pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
+
+/// Route configuration of the inbound listener's plaintext chain for clients outside the mesh
+/// (IngressBackend).
+pub const INGRESS_ROUTES: &str = "ingress";
 
 /// The Envoy resources of one proxy.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -442,15 +447,148 @@ pub fn proxy_resources(
         virtual_hosts,
         ..Default::default()
     });
-    out.listeners.push(http_listener(
+    let mut inbound = http_listener(
         INBOUND_LISTENER,
         pod_ip,
         ports::INBOUND,
         INBOUND_ROUTES,
         Some(own),
-    ));
+    );
+    if let Some((chain, routes)) = ingress(ir) {
+        // TLS (peers' mTLS) and plaintext (ingress) are told apart by the first bytes.
+        inbound.listener_filters = vec![listener::ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }];
+        for mesh in &mut inbound.filter_chains {
+            mesh.filter_chain_match = Some(listener::FilterChainMatch {
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            });
+        }
+        inbound.filter_chains.push(chain);
+        out.routes.push(routes);
+    }
+    out.listeners.push(inbound);
 
     Ok(out)
+}
+
+/// The inbound listener's chain for plaintext HTTP from outside the mesh, when some port admits
+/// ingress (IngressBackend): only from the admitted addresses (the chain matches no other
+/// client), each service's routes admitting its own (per-route RBAC on the client's address).
+/// Its route configuration, [`INGRESS_ROUTES`], has one virtual host per such service port.
+fn ingress(ir: &ProxyIr) -> Option<(listener::FilterChain, route::RouteConfiguration)> {
+    let mut sources: BTreeSet<&str> = BTreeSet::new();
+    let mut seen_domains = BTreeSet::new();
+    let mut virtual_hosts = Vec::new();
+    for port in ir.inbound.iter().filter(|p| p.protocol.is_http()) {
+        for svc in port
+            .services
+            .iter()
+            .filter(|s| !s.ingress_sources.is_empty())
+        {
+            sources.extend(svc.ingress_sources.iter().map(String::as_str));
+            let principals = svc
+                .ingress_sources
+                .iter()
+                .filter_map(|cidr| cidr_range(cidr))
+                .map(|range| rbac::Principal {
+                    identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
+                })
+                .collect();
+            let mut route = http_route(
+                &fsm_ir::HttpRoute {
+                    matches: Default::default(),
+                    backends: vec![fsm_ir::WeightedCluster {
+                        cluster: svc.local_cluster.clone(),
+                        weight: 100,
+                    }],
+                    allowed: fsm_ir::AllowedSources::Any,
+                    timeout_ms: None,
+                    retry: None,
+                    rate_limit: None,
+                },
+                None,
+                None,
+            );
+            route.typed_per_filter_config = rbac_per_route(principals);
+            virtual_hosts.push(route::VirtualHost {
+                name: svc.local_cluster.to_string(),
+                domains: svc
+                    .hosts
+                    .iter()
+                    .filter(|h| seen_domains.insert((*h).clone()))
+                    .cloned()
+                    .collect(),
+                routes: vec![route],
+                ..Default::default()
+            });
+        }
+    }
+    if virtual_hosts.is_empty() {
+        return None;
+    }
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: "inbound_ingress".into(),
+        codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                config_source: ads(),
+                route_config_name: INGRESS_ROUTES.into(),
+            },
+        )),
+        http_filters: vec![
+            hcm::HttpFilter {
+                name: RBAC_FILTER.into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &rbac_filter::Rbac::default(),
+                ))),
+                ..Default::default()
+            },
+            hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let chain = listener::FilterChain {
+        name: "ingress-http".into(),
+        filter_chain_match: Some(listener::FilterChainMatch {
+            transport_protocol: "raw_buffer".into(),
+            source_prefix_ranges: sources.iter().filter_map(|c| cidr_range(c)).collect(),
+            ..Default::default()
+        }),
+        filters: vec![network_filter(
+            "envoy.filters.network.http_connection_manager",
+            &manager,
+        )],
+        ..Default::default()
+    };
+    let routes = route::RouteConfiguration {
+        name: INGRESS_ROUTES.into(),
+        virtual_hosts,
+        ..Default::default()
+    };
+    Some((chain, routes))
+}
+
+/// `10.0.0.0/8` as Envoy's CidrRange; `None` for anything else (the compiler passes only CIDRs).
+fn cidr_range(cidr: &str) -> Option<core::CidrRange> {
+    let (address, prefix) = cidr.split_once('/')?;
+    Some(core::CidrRange {
+        address_prefix: address.to_owned(),
+        prefix_len: Some(UInt32Value {
+            value: prefix.parse().ok()?,
+        }),
+    })
 }
 
 /// The proxy's own SDS secrets: its certificate and the roots its clients must chain to.
@@ -821,6 +959,11 @@ fn route_rbac(
             )),
         })
         .collect();
+    rbac_per_route(principals)
+}
+
+/// A route's RBAC: any request of a client one of `principals` names.
+fn rbac_per_route(principals: Vec<rbac::Principal>) -> std::collections::HashMap<String, Any> {
     let policy = rbac::Policy {
         permissions: vec![rbac::Permission {
             rule: Some(rbac::permission::Rule::Any(true)),

@@ -44,6 +44,10 @@ pub use golden_view::render;
 pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 /// The filter chain of both listeners that serves connections made to the sidecar's own port.
 pub const EXPLICIT_HTTP_CHAIN: &str = "explicit-http";
+/// Route configuration of the inbound listener's plaintext chains for clients outside the mesh
+/// (IngressBackend), and the explicit-mode chain's name.
+pub const INGRESS_ROUTES: &str = "ingress";
+pub const INGRESS_CHAIN: &str = "ingress-http";
 
 /// The native resources of one proxy, each list sorted by resource name.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -192,6 +196,7 @@ pub fn proxy_resources(
         out.clusters.push(cluster(c)?);
     }
     out.routes = vec![routes::inbound(ir)?];
+    out.routes.extend(routes::ingress(ir));
     out.listeners = listeners::all(ir, &mut out.warnings);
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -293,6 +298,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
         fsm_ir::AllowedSources::Any => v1::AllowedSources {
             any: true,
             identities: vec![],
+            source_ip_ranges: vec![],
         },
         fsm_ir::AllowedSources::Identities(ids) => {
             let mut ids = ids.clone();
@@ -301,6 +307,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
             v1::AllowedSources {
                 any: false,
                 identities: ids.iter().map(identity).collect(),
+                source_ip_ranges: vec![],
             }
         }
     }

@@ -6,8 +6,9 @@ use fsm_dataplane_proto::v1;
 use fsm_ir::{AllowedSources, InboundPort, OutboundService, ProxyIr, ports};
 
 use crate::{
-    EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES,
-    allowed_sources, connect_authority, protocol, socket_address, weighted,
+    EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, INGRESS_CHAIN, INGRESS_ROUTES,
+    OUTBOUND_LISTENER, OUTBOUND_ROUTES, allowed_sources, connect_authority, protocol,
+    socket_address, weighted,
 };
 
 /// Every listener of the proxy; what had to be left out goes to `warnings`.
@@ -21,6 +22,7 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(svc.port),
             destination_ip_ranges: svc.destination_ip_ranges.clone(),
+            ..Default::default()
         }),
         ..outbound_target(svc)
     }));
@@ -66,10 +68,19 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
 
     let mut inbound = vec![explicit_http(ports::INBOUND, INBOUND_ROUTES)];
     inbound.extend(ir.inbound.iter().filter_map(redirected_inbound));
-    // Plaintext never reaches a meshed application: every inbound chain requires mTLS.
+    // Plaintext never reaches a meshed application from the mesh: every peer chain requires
+    // mTLS. Clients outside the mesh an IngressBackend admits send plaintext HTTP, to chains
+    // of their own that match their addresses only; the connection's first bytes tell them apart.
+    let ingress = ingress_chains(ir);
     for chain in &mut inbound {
         chain.tls = Some(crate::downstream_tls(&ir.proxy.identity));
+        if !ingress.is_empty()
+            && let Some(m) = chain.r#match.as_mut()
+        {
+            m.transport_protocol = v1::TransportProtocol::Tls as i32;
+        }
     }
+    inbound.extend(ingress);
     listeners.push(v1::Listener {
         name: INBOUND_LISTENER.into(),
         address: Some(socket_address(pod_ip, ports::INBOUND)),
@@ -79,13 +90,56 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     listeners
 }
 
+/// Plaintext HTTP chains for the clients an IngressBackend admits: one on the sidecar's own
+/// inbound port (explicit mode), one per application port that admits some (redirected), each
+/// matching the admitted addresses only; the `ingress` routes then admit each service's own.
+fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
+    let sources_of = |port: &InboundPort| -> BTreeSet<String> {
+        port.services
+            .iter()
+            .flat_map(|s| s.ingress_sources.iter().cloned())
+            .collect()
+    };
+    let chain = |name: String, port: u16, sources: BTreeSet<String>| v1::FilterChain {
+        name,
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(port),
+            destination_ip_ranges: vec![],
+            source_ip_ranges: sources.into_iter().collect(),
+            transport_protocol: v1::TransportProtocol::Plaintext as i32,
+        }),
+        protocol: v1::Protocol::Http as i32,
+        target: Some(http(INGRESS_ROUTES)),
+        allowed_sources: None,
+        tls: None,
+    };
+    let ports: Vec<&InboundPort> = ir
+        .inbound
+        .iter()
+        .filter(|p| p.protocol.is_http() && !sources_of(p).is_empty())
+        .collect();
+    if ports.is_empty() {
+        return vec![];
+    }
+    let all: BTreeSet<String> = ports.iter().flat_map(|p| sources_of(p)).collect();
+    let mut chains = vec![chain(INGRESS_CHAIN.into(), ports::INBOUND, all)];
+    chains.extend(ports.iter().map(|p| {
+        chain(
+            format!("ingress:target-port:{}", p.target_port),
+            p.target_port,
+            sources_of(p),
+        )
+    }));
+    chains
+}
+
 /// HTTP sent to the sidecar's own port, routed by Host.
 fn explicit_http(port: u16, routes: &str) -> v1::FilterChain {
     v1::FilterChain {
         name: EXPLICIT_HTTP_CHAIN.into(),
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(port),
-            destination_ip_ranges: vec![],
+            ..Default::default()
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(http(routes)),
@@ -144,7 +198,7 @@ fn redirected_inbound(port: &InboundPort) -> Option<v1::FilterChain> {
         name: format!("target-port:{}", port.target_port),
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(port.target_port),
-            destination_ip_ranges: vec![],
+            ..Default::default()
         }),
         protocol: protocol(port.protocol) as i32,
         target: Some(target),
@@ -172,20 +226,25 @@ fn most_specific_first(
     mut chains: Vec<v1::FilterChain>,
     warnings: &mut Vec<String>,
 ) -> Vec<v1::FilterChain> {
-    fn key(chain: &v1::FilterChain) -> (bool, bool, u32) {
+    fn key(chain: &v1::FilterChain) -> (bool, bool, u32, bool) {
         let m = chain.r#match.as_ref();
         let port = m.map_or(0, |m| m.destination_port);
         let ranges = m.is_some_and(|m| !m.destination_ip_ranges.is_empty());
-        (!ranges, port == 0, port)
+        let sources = m.is_some_and(|m| !m.source_ip_ranges.is_empty());
+        (!ranges, port == 0, port, !sources)
     }
     // Stable: equal keys stay in IR order, which is deterministic.
     chains.sort_by_key(key);
-    let mut seen: BTreeMap<(u32, Vec<String>), String> = BTreeMap::new();
+    type Match = (u32, Vec<String>, Vec<String>, i32);
+    let mut seen: BTreeMap<Match, String> = BTreeMap::new();
     chains.retain(|chain| {
         let m = chain.r#match.clone().unwrap_or_default();
         let mut ranges = m.destination_ip_ranges;
         ranges.sort();
-        match seen.get(&(m.destination_port, ranges.clone())) {
+        let mut sources = m.source_ip_ranges;
+        sources.sort();
+        let m = (m.destination_port, ranges, sources, m.transport_protocol);
+        match seen.get(&m) {
             Some(first) => {
                 warnings.push(format!(
                     "{listener}: chain {} matches the same destinations as {first} and is never used",
@@ -194,7 +253,7 @@ fn most_specific_first(
                 false
             }
             None => {
-                seen.insert((m.destination_port, ranges), chain.name.clone());
+                seen.insert(m, chain.name.clone());
                 true
             }
         }

@@ -6,8 +6,8 @@ use fsm_dataplane_proto::v1;
 use fsm_ir::{HttpRoute, OutboundService, PathMatch, ProxyIr};
 
 use crate::{
-    AdapterError, INBOUND_ROUTES, OUTBOUND_ROUTES, allowed_sources, connect_authority, duration_ms,
-    weighted,
+    AdapterError, INBOUND_ROUTES, INGRESS_ROUTES, OUTBOUND_ROUTES, allowed_sources,
+    connect_authority, duration_ms, weighted,
 };
 
 /// One virtual host per HTTP service port this proxy may call, routed by Host: the same for every
@@ -87,6 +87,51 @@ pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterErr
     }
     Ok(v1::RouteConfiguration {
         name: INBOUND_ROUTES.into(),
+        virtual_hosts,
+    })
+}
+
+/// Route configuration `ingress`, for plaintext HTTP from outside the mesh (IngressBackend): one
+/// virtual host per HTTP service port of this pod that admits some, its one route admitting the
+/// admitted addresses only. `None` when no port admits any.
+pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
+    let mut domains = Domains::default();
+    let mut virtual_hosts = Vec::new();
+    for port in ir.inbound.iter().filter(|p| p.protocol.is_http()) {
+        for svc in port
+            .services
+            .iter()
+            .filter(|s| !s.ingress_sources.is_empty())
+        {
+            virtual_hosts.push(v1::VirtualHost {
+                name: svc.local_cluster.to_string(),
+                domains: domains.claim(&svc.hosts),
+                routes: vec![v1::Route {
+                    r#match: Some(v1::RouteMatch {
+                        path: Some(v1::route_match::Path::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(v1::RouteAction {
+                        clusters: vec![v1::WeightedCluster {
+                            name: svc.local_cluster.to_string(),
+                            weight: 100,
+                        }],
+                        timeout: None,
+                        retry_policy: None,
+                    }),
+                    allowed_sources: Some(v1::AllowedSources {
+                        any: false,
+                        identities: vec![],
+                        source_ip_ranges: svc.ingress_sources.clone(),
+                    }),
+                    rate_limit: None,
+                }],
+                rate_limit: None,
+            });
+        }
+    }
+    (!virtual_hosts.is_empty()).then(|| v1::RouteConfiguration {
+        name: INGRESS_ROUTES.into(),
         virtual_hosts,
     })
 }

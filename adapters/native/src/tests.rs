@@ -94,6 +94,7 @@ fn inbound(
             allowed,
             local_cluster: local,
             rate_limit: None,
+            ingress_sources: vec![],
         }],
     }
 }
@@ -610,6 +611,7 @@ fn allowed_identities_travel_with_inbound_routes_only() {
                     namespace: "app".into()
                 },
             ],
+            source_ip_ranges: vec![],
         }),
         "sorted, without duplicates"
     );
