@@ -1268,3 +1268,257 @@ async fn tcp_max_connections_closes_the_extra_client() {
         Some("echo: three\n")
     );
 }
+
+// === Ingress from outside the mesh: chains by source range and transport ===
+
+/// The inbound listener (15003) and the server-first listener (3306) of the sidecar.
+const INGRESS_SIDECAR: &str = "127.0.27.1";
+const INGRESS_APP: &str = "127.0.27.2";
+/// The one client address the ingress route (and the server-first chain) admits.
+const INGRESS_CLIENT: &str = "127.0.27.10";
+/// In the ingress chain's /24, not in the route's /32.
+const NEIGHBOUR_CLIENT: &str = "127.0.27.11";
+/// Outside the ingress chain's /24.
+const OUTSIDE_CLIENT: &str = "127.0.26.10";
+const SERVER_FIRST_PORT: u32 = 3306;
+
+fn sources(ranges: &[&str]) -> Option<v1::AllowedSources> {
+    Some(v1::AllowedSources {
+        any: false,
+        identities: vec![],
+        source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+    })
+}
+
+fn local_cluster(name: &str, protocol: v1::UpstreamProtocol, port: u32) -> v1::Cluster {
+    v1::Cluster {
+        discovery: Some(v1::cluster::Discovery::StaticLocal(v1::StaticLocal {
+            address: addr(INGRESS_APP, port),
+        })),
+        ..cluster(name, protocol, None)
+    }
+}
+
+fn tcp_chain(
+    name: &str,
+    protocol: v1::Protocol,
+    m: v1::FilterChainMatch,
+    cluster: &str,
+    allowed: Option<v1::AllowedSources>,
+) -> v1::FilterChain {
+    v1::FilterChain {
+        name: name.into(),
+        r#match: Some(m),
+        protocol: protocol as i32,
+        target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+            clusters: wc(cluster),
+            connect_authority: String::new(),
+        })),
+        allowed_sources: allowed,
+        tls: None,
+    }
+}
+
+/// An inbound listener as the native adapter lays it out with an IngressBackend: a chain for
+/// TLS (here passed through to an echo app, standing in for the mTLS chain) first, then the
+/// plaintext ingress chain for the clients' /24 routed by `ingress`, which admits one /32; and
+/// a server-first TCP listener, whose only chain names no transport, admitting that /32.
+fn ingress_resources() -> ResourceSet {
+    use v1::UpstreamProtocol::{Http1, Tcp};
+    let tls = tcp_chain(
+        "target-port:9000",
+        v1::Protocol::Tcp,
+        v1::FilterChainMatch {
+            destination_port: 15003,
+            transport_protocol: v1::TransportProtocol::Tls as i32,
+            ..Default::default()
+        },
+        "echo|local",
+        any(),
+    );
+    let mut ingress = http_chain("ingress-http", 15003, "ingress");
+    if let Some(m) = ingress.r#match.as_mut() {
+        m.source_ip_ranges = vec!["127.0.27.0/24".into()];
+        m.transport_protocol = v1::TransportProtocol::Plaintext as i32;
+    }
+    let inbound = v1::Listener {
+        name: "inbound-listener".into(),
+        address: addr(INGRESS_SIDECAR, 15003),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: vec![tls, ingress],
+    };
+    let routes = v1::RouteConfiguration {
+        name: "ingress".into(),
+        virtual_hosts: vec![vhost(
+            "web",
+            vec![route(
+                prefix("/"),
+                "web|local",
+                None,
+                sources(&[&format!("{INGRESS_CLIENT}/32")]),
+            )],
+        )],
+    };
+    let server_first = v1::Listener {
+        name: "inbound-server-first".into(),
+        address: addr(INGRESS_SIDECAR, SERVER_FIRST_PORT),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: vec![tcp_chain(
+            "target-port:3306",
+            v1::Protocol::TcpServerFirst,
+            v1::FilterChainMatch::default(),
+            "db|local",
+            sources(&[&format!("{INGRESS_CLIENT}/32")]),
+        )],
+    };
+    Set::default()
+        .add(
+            type_url::CLUSTER,
+            "web|local",
+            &local_cluster("web|local", Http1, APP_PORT),
+        )
+        .add(
+            type_url::CLUSTER,
+            "echo|local",
+            &local_cluster("echo|local", Tcp, ECHO_PORT),
+        )
+        .add(
+            type_url::CLUSTER,
+            "db|local",
+            &local_cluster("db|local", Tcp, SERVER_FIRST_PORT),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "ingress", &routes)
+        .add(type_url::LISTENER, "inbound-listener", &inbound)
+        .add(type_url::LISTENER, "inbound-server-first", &server_first)
+        .0
+}
+
+/// A connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    let from: std::net::IpAddr = from.parse().expect("ip");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind client");
+    socket
+        .connect(to.parse().expect("addr"))
+        .await
+        .expect("connect")
+}
+
+/// A GET over a new HTTP/1.1 connection from `from`; `Err` when the connection is closed
+/// without an answer.
+async fn h1_from(from: &str, to: &str, host: &str, path: &str) -> Result<Reply, hyper::Error> {
+    let stream = connect_from(from, to).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(req).await?;
+    Ok(collect(response).await)
+}
+
+/// A server-first app: greets each client before reading anything, then holds the connection.
+async fn serve_greeter(addr: &str) {
+    let listener = TcpListener::bind(addr).await.expect("bind greeter");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"220 ready\n").await;
+                let mut sink = tokio::io::sink();
+                let _ = tokio::io::copy(&mut stream, &mut sink).await;
+            });
+        }
+    });
+}
+
+/// Reads one line without sending anything first: `None` when the connection is closed.
+async fn greeting(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    let mut line = String::new();
+    let n = tokio::time::timeout(within, BufReader::new(stream).read_line(&mut line))
+        .await
+        .expect("a greeting or a close in time")
+        .unwrap_or(0);
+    (n > 0).then_some(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_chains_match_source_ranges_and_transport() {
+    serve_http(&format!("{INGRESS_APP}:{APP_PORT}"), None).await;
+    serve_echo(&format!("{INGRESS_APP}:{ECHO_PORT}")).await;
+    serve_greeter(&format!("{INGRESS_APP}:{SERVER_FIRST_PORT}")).await;
+    let _proxy = start_sidecar(ingress_resources()).await;
+    let inbound = format!("{INGRESS_SIDECAR}:15003");
+    let server_first = format!("{INGRESS_SIDECAR}:{SERVER_FIRST_PORT}");
+    wait_port(inbound.parse().expect("addr")).await;
+    wait_port(server_first.parse().expect("addr")).await;
+
+    // A client that sends nothing cannot be told TLS from plaintext: closed after 5 s.
+    let silent = tokio::spawn({
+        let inbound = inbound.clone();
+        async move {
+            let mut stream = connect_from(INGRESS_CLIENT, &inbound).await;
+            let started = Instant::now();
+            let line = greeting(&mut stream, Duration::from_secs(10)).await;
+            (line, started.elapsed())
+        }
+    });
+
+    // (1) Plaintext HTTP from the admitted address: the ingress chain, the route admits it.
+    let r = h1_from(INGRESS_CLIENT, &inbound, "web", "/hello")
+        .await
+        .expect("answered");
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("/hello host=web"), "{}", r.body);
+
+    // (2) In the chain's /24 but not the route's /32: the chain matches, the route refuses.
+    let r = h1_from(NEIGHBOUR_CLIENT, &inbound, "web", "/hello")
+        .await
+        .expect("answered");
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.body, "RBAC: access denied");
+    // Outside the /24: no chain matches a plaintext connection, which is closed.
+    let closed = h1_from(OUTSIDE_CLIENT, &inbound, "web", "/hello").await;
+    assert!(
+        closed.is_err(),
+        "outside client answered {:?}",
+        closed.map(|r| r.status)
+    );
+
+    // (3) The first bytes of a TLS handshake from the admitted address go to the TLS chain (the
+    // echo app), not to the plaintext HTTP chain its address also matches.
+    let mut hello = connect_from(INGRESS_CLIENT, &inbound).await;
+    assert_eq!(
+        echo_line(&mut hello, "\u{16}\u{3}\u{1}client-hello")
+            .await
+            .as_deref(),
+        Some("echo: \u{16}\u{3}\u{1}client-hello\n")
+    );
+    // Whatever its address: the TLS chain names no source range.
+    let mut hello = connect_from(OUTSIDE_CLIENT, &inbound).await;
+    assert_eq!(
+        echo_line(&mut hello, "\u{16}from-outside").await.as_deref(),
+        Some("echo: \u{16}from-outside\n")
+    );
+
+    // (4) No chain names a transport: nothing is peeked, the server speaks first at once; the
+    // TCP chain admits the /32 by address and closes anyone else.
+    let mut db = connect_from(INGRESS_CLIENT, &server_first).await;
+    assert_eq!(
+        greeting(&mut db, Duration::from_secs(2)).await.as_deref(),
+        Some("220 ready\n")
+    );
+    let mut db = connect_from(NEIGHBOUR_CLIENT, &server_first).await;
+    assert_eq!(greeting(&mut db, Duration::from_secs(2)).await, None);
+
+    let (line, waited) = silent.await.expect("join");
+    assert_eq!(line, None, "a silent client got an answer");
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(8),
+        "closed after {waited:?}"
+    );
+}
