@@ -41,6 +41,12 @@ impl HttpReply {
 /// A client that ignores `HTTP_PROXY` and friends from the environment: tests address sidecars
 /// directly, and a developer's proxy settings must not reroute them.
 pub(crate) fn plain_client() -> Result<reqwest::Client> {
+    plain_client_builder()
+        .build()
+        .context("building HTTP client")
+}
+
+fn plain_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
         .timeout(REQUEST_TIMEOUT)
@@ -48,8 +54,6 @@ pub(crate) fn plain_client() -> Result<reqwest::Client> {
         // rustls for Vault over https) took longer than the request itself, and a load loop
         // builds a client per request.
         .tls_built_in_root_certs(false)
-        .build()
-        .context("building HTTP client")
 }
 
 /// GET `path` through the sidecar listener at `via`, as an app in explicit mode does: the TCP
@@ -101,6 +105,18 @@ pub async fn unavailable_count(
     Ok(unavailable)
 }
 
+/// [`http_get_with_headers`] from the source address `from`, as a client outside the mesh (an
+/// ingress controller on its own address) sends it.
+pub async fn http_get_from(
+    from: std::net::IpAddr,
+    via: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<HttpReply> {
+    let client = plain_client_builder().local_address(from).build()?;
+    get_with(client, via, host, path, &[]).await
+}
+
 /// [`http_get_via`] with more request headers.
 pub async fn http_get_with_headers(
     via: SocketAddr,
@@ -108,7 +124,16 @@ pub async fn http_get_with_headers(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<HttpReply> {
-    let client = plain_client()?;
+    get_with(plain_client()?, via, host, path, headers).await
+}
+
+async fn get_with(
+    client: reqwest::Client,
+    via: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpReply> {
     let url = format!("http://{via}{path}");
     let mut request = client.get(&url).header(reqwest::header::HOST, host);
     for (name, value) in headers {
