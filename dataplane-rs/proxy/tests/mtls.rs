@@ -1,6 +1,7 @@
 //! mTLS between two in-process sidecars on 127.0.23.x, with certificates from a test mesh CA:
 //! the client sidecar's outbound clusters speak TLS to the server sidecar's inbound listener,
-//! which checks client certificates and enforces `AllowedSources.identities`.
+//! which checks client certificates and enforces `AllowedSources.identities`; and, on 127.0.27.2x,
+//! an inbound listener whose mTLS chain and plaintext ingress chain are told apart by transport.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -560,7 +561,16 @@ fn transport(cert: &(String, String), trusted: &str, ids: &[(&str, &str)]) -> Tr
 
 /// An HTTP/1.1 request straight to the server sidecar's mTLS inbound listener.
 async fn tls_get(transport: &Transport, host: &str) -> Result<(StatusCode, String), String> {
-    let server: SocketAddr = format!("{SERVER}:15003").parse().expect("addr");
+    tls_get_to(SERVER, transport, host).await
+}
+
+/// An HTTP/1.1 request over TLS to the inbound listener on `server`.
+async fn tls_get_to(
+    server: &str,
+    transport: &Transport,
+    host: &str,
+) -> Result<(StatusCode, String), String> {
+    let server: SocketAddr = format!("{server}:15003").parse().expect("addr");
     let stream = connect(server, Duration::from_secs(2), transport, Alpn::Http1)
         .await
         .map_err(|e| e.to_string())?;
@@ -811,4 +821,161 @@ fn missing_secrets_fail_closed_and_unchanged_ones_are_reused() {
     // Unchanged inputs reuse the built rustls config (pools and session caches stay warm).
     let again = Config::build(&server_resources(&pki), type_url::SECRET).expect("valid");
     assert_eq!(again.listeners["inbound-listener"].chains[0].tls, ready);
+}
+
+// === An mTLS chain and a plaintext ingress chain on one inbound listener ===
+
+const INGRESS_SERVER: &str = "127.0.27.20";
+const INGRESS_APP: &str = "127.0.27.21";
+/// The ingress controller: the one address the ingress chain and route admit.
+const INGRESS_CLIENT: &str = "127.0.27.30";
+const OTHER_CLIENT: &str = "127.0.27.31";
+
+/// The inbound listener as the native adapter lays it out for an IngressBackend: the mTLS chain
+/// for TLS connections first, then the plaintext chain for the ingress controller's address,
+/// routed by `ingress`, whose route admits that address.
+fn ingress_server_resources(pki: &Pki) -> ResourceSet {
+    let only_ingress = format!("{INGRESS_CLIENT}/32");
+    let mut mtls = http_chain(
+        15003,
+        "inbound",
+        Some(v1::DownstreamTls {
+            certificate_secret: "service-cert:demo/httpbin".into(),
+            validation_secret: "root-cert-for-mtls-inbound:demo/httpbin".into(),
+            require_client_certificate: true,
+        }),
+        None,
+    );
+    mtls.name = "mtls".into();
+    if let Some(m) = mtls.r#match.as_mut() {
+        m.transport_protocol = v1::TransportProtocol::Tls as i32;
+    }
+    let mut ingress = http_chain(15003, "ingress", None, None);
+    ingress.name = "ingress-http".into();
+    if let Some(m) = ingress.r#match.as_mut() {
+        m.source_ip_ranges = vec![only_ingress.clone()];
+        m.transport_protocol = v1::TransportProtocol::Plaintext as i32;
+    }
+    let inbound = v1::Listener {
+        name: "inbound-listener".into(),
+        address: addr(INGRESS_SERVER, 15003),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: vec![mtls, ingress],
+    };
+    let meshed = v1::RouteConfiguration {
+        name: "inbound".into(),
+        virtual_hosts: vec![vhost(
+            "web",
+            vec![route(
+                prefix(),
+                "web|local",
+                identities(&[("curl", "demo")]),
+            )],
+        )],
+    };
+    let from_ingress = v1::RouteConfiguration {
+        name: "ingress".into(),
+        virtual_hosts: vec![vhost(
+            "web",
+            vec![route(
+                prefix(),
+                "web|local",
+                Some(v1::AllowedSources {
+                    any: false,
+                    identities: vec![],
+                    source_ip_ranges: vec![only_ingress],
+                }),
+            )],
+        )],
+    };
+    let app = v1::Cluster {
+        discovery: Some(v1::cluster::Discovery::StaticLocal(v1::StaticLocal {
+            address: addr(INGRESS_APP, APP_PORT),
+        })),
+        ..cluster("web|local", v1::UpstreamProtocol::Http1, None, None)
+    };
+    Set::default()
+        .add(type_url::CLUSTER, "web|local", &app)
+        .add(type_url::ROUTE_CONFIGURATION, "inbound", &meshed)
+        .add(type_url::ROUTE_CONFIGURATION, "ingress", &from_ingress)
+        .add(type_url::LISTENER, "inbound-listener", &inbound)
+        .secret(&cert_secret("service-cert:demo/httpbin", &pki.httpbin))
+        .secret(&ca_secret(
+            "root-cert-for-mtls-inbound:demo/httpbin",
+            &pki.mesh.pem,
+            &[],
+        ))
+        .0
+}
+
+/// A plaintext HTTP/1.1 GET from the loopback address `from` to the inbound listener on `to`;
+/// `Err` when the connection is closed without an answer.
+async fn plain_get_from(from: &str, to: &str, host: &str) -> Result<(StatusCode, String), String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    let from: std::net::IpAddr = from.parse().expect("ip");
+    socket
+        .bind(SocketAddr::new(from, 0))
+        .map_err(|e| e.to_string())?;
+    let stream = socket
+        .connect(format!("{to}:15003").parse().expect("addr"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/get")
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_and_plaintext_ingress_share_the_inbound_listener() {
+    let pki = pki();
+    serve_app(&format!("{INGRESS_APP}:{APP_PORT}")).await;
+    let _server = start_sidecar(ingress_server_resources(&pki)).await;
+    wait_port(format!("{INGRESS_SERVER}:15003").parse().expect("addr")).await;
+
+    // A real ClientHello is told apart by peeking, and the handshake then sees all of it: the
+    // mTLS chain serves it and its route checks the identity as before.
+    let curl = transport(&pki.curl, &pki.mesh.pem, &[("httpbin", "demo")]);
+    let (status, body) = tls_get_to(INGRESS_SERVER, &curl, "web")
+        .await
+        .expect("mTLS GET");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "HTTP/1.1 /get");
+    let bookbuyer = transport(
+        &leaf(&pki.mesh, "bookbuyer", "demo"),
+        &pki.mesh.pem,
+        &[("httpbin", "demo")],
+    );
+    assert_eq!(
+        tls_get_to(INGRESS_SERVER, &bookbuyer, "web")
+            .await
+            .expect("mTLS GET")
+            .0,
+        StatusCode::FORBIDDEN
+    );
+
+    // Plaintext from the ingress controller: the ingress chain, admitted by its address.
+    let (status, body) = plain_get_from(INGRESS_CLIENT, INGRESS_SERVER, "web")
+        .await
+        .expect("ingress GET");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "HTTP/1.1 /get");
+
+    // Plaintext from anyone else matches no chain: closed, never handed to the mTLS chain.
+    let refused = plain_get_from(OTHER_CLIENT, INGRESS_SERVER, "web").await;
+    assert!(refused.is_err(), "other client answered: {refused:?}");
 }
