@@ -29,8 +29,8 @@ pub use ads_client::{
 };
 pub use apps::{start_demo_app, start_demo_apps};
 pub use client::{
-    HttpReply, backends_via, http_get_from, http_get_ok_via, http_get_via, http_get_with_headers, share_served_by,
-    stats_counter, tcp_roundtrip, unavailable_count, wait_tcp_unreachable,
+    HttpReply, backends_via, http_get_from, http_get_ok_via, http_get_via, http_get_with_headers,
+    share_served_by, stats_counter, tcp_roundtrip, unavailable_count, wait_tcp_unreachable,
 };
 pub use controller::{
     AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,

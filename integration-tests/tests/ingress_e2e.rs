@@ -39,7 +39,10 @@ async fn admitted(from: IpAddr, via: SocketAddr) -> bool {
 
 async fn until(from: IpAddr, via: SocketAddr, want: bool) -> Result<()> {
     eventually(CONVERGE, || async {
-        ensure!(admitted(from, via).await == want, "{from} admitted: not {want} yet");
+        ensure!(
+            admitted(from, via).await == want,
+            "{from} admitted: not {want} yet"
+        );
         Ok(())
     })
     .await
@@ -65,18 +68,27 @@ async fn ingress(servers: Plane, subnet: u8) -> Result<()> {
     // No IngressBackend: plaintext from outside the mesh is refused.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for from in [range, service, other] {
-        ensure!(!admitted(from, via).await, "{from} admitted without an IngressBackend");
+        ensure!(
+            !admitted(from, via).await,
+            "{from} admitted without an IngressBackend"
+        );
     }
 
     let file = mesh.manifests.join("60-ingress-backend.yaml");
     std::fs::write(&file, ingress_backend(subnet))?;
     until(range, via, true).await?;
     until(service, via, true).await?;
-    ensure!(!admitted(other, via).await, "{other} is not a source, yet admitted");
+    ensure!(
+        !admitted(other, via).await,
+        "{other} is not a source, yet admitted"
+    );
 
     std::fs::remove_file(&file)?;
     until(range, via, false).await?;
-    ensure!(!admitted(service, via).await, "{service} admitted after the IngressBackend went");
+    ensure!(
+        !admitted(service, via).await,
+        "{service} admitted after the IngressBackend went"
+    );
     Ok(())
 }
 
