@@ -7,6 +7,8 @@
 //! only). An IngressBackend naming httpbin's pod port admits its `IPRange` source and the
 //! endpoints of its `Service` source (an ingress controller's Service in a namespace outside the
 //! mesh); any other address stays refused, and so does everyone once the IngressBackend is gone.
+//! An AccessControl without backends then admits its own source to every service of the
+//! namespace.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -89,11 +91,24 @@ async fn ingress(servers: Plane, subnet: u8) -> Result<()> {
         !admitted(service, via).await,
         "{service} admitted after the IngressBackend went"
     );
+
+    // An AccessControl without backends: every HTTP port of the namespace admits its source.
+    std::fs::write(
+        mesh.manifests.join("61-access-control.yaml"),
+        format!(
+            "apiVersion: policy.flomesh.io/v1alpha1\nkind: AccessControl\nmetadata: {{name: office, namespace: demo}}\nspec:\n  sources: [{{kind: IPRange, name: 127.0.{subnet}.201/32}}]\n"
+        ),
+    )?;
+    until(other, via, true).await?;
+    ensure!(
+        !admitted(range, via).await,
+        "{range} admitted by the AccessControl"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ingress_backend_admits_its_sources_only_on_each_data_plane() {
+async fn ingress_backends_and_access_controls_admit_their_sources_only_on_each_data_plane() {
     for (plane, subnet) in [Plane::Envoy, Plane::FsmSidecar].into_iter().zip(78..) {
         if let Err(err) = ingress(plane, subnet).await {
             panic!("{plane:?}: {err:#}");

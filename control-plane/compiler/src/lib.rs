@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::LocalProxyMode;
 use fsm_crds::policy::v1alpha1::{
-    HttpLocalRateLimitSpec, IngressBackend, IngressSourceKind, PortProtocol, Retry,
-    TcpLocalRateLimitSpec, UpstreamTrafficSetting,
+    AccessControl, BackendSpec, HttpLocalRateLimitSpec, IngressBackend, IngressSourceKind,
+    IngressSourceSpec, PortProtocol, Retry, TcpLocalRateLimitSpec, UpstreamTrafficSetting,
 };
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
@@ -738,11 +738,14 @@ impl<'a> Compiler<'a> {
         )
     }
 
-    /// Who outside the mesh may send `service`'s pod port `target_port` requests: the sources
-    /// of the IngressBackends of its namespace naming it and that port (FSM: the backend's port
-    /// is the target port), as CIDRs. `IPRange` sources as they are, `Service` sources as the
+    /// Who outside the mesh may send `service`'s pod port `target_port` requests, as CIDRs: the
+    /// sources of the IngressBackends (MeshConfig `enableIngressBackendPolicy`) and
+    /// AccessControls (`enableAccessControlPolicy`) of its namespace naming it and that port (FSM:
+    /// a backend's port is the target port; an AccessControl without backends names every
+    /// service of its namespace). `IPRange` sources as they are, `Service` sources as the
     /// addresses of their endpoints (monitored namespace or not: an ingress controller's may not
-    /// be). HTTPS backends (`AuthenticatedPrincipal`) are not supported yet: reported, left out.
+    /// be). TLS backends (client certificates, `AuthenticatedPrincipal`) are not supported yet:
+    /// reported, left out.
     fn ingress_sources(
         &mut self,
         service: &ServiceRef,
@@ -750,64 +753,131 @@ impl<'a> Compiler<'a> {
         protocol: Protocol,
     ) -> Vec<String> {
         let catalog = self.catalog;
-        if !catalog
-            .mesh_config()
-            .spec
-            .feature_flags
-            .enable_ingress_backend_policy
-        {
-            return vec![];
-        }
+        let flags = catalog.mesh_config().spec.feature_flags;
         let mut sources = BTreeSet::new();
-        for ib in catalog.policies_of::<IngressBackend>(&service.namespace) {
-            let name = ib.metadata.name.as_deref().unwrap_or_default();
-            let field = format!("IngressBackend {}/{name}", service.namespace);
-            let backends = ib
-                .spec
-                .backends
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.name == service.name && b.port.number == target_port);
-            for (i, backend) in backends {
-                if backend.port.protocol == PortProtocol::Https || backend.tls.is_some() {
-                    self.warn(ErrCode::E2008, format!("{field} spec.backends[{i}]: HTTPS ingress (client certificates, AuthenticatedPrincipal) is not supported yet; the backend admits no ingress"));
-                    continue;
+        if flags.enable_ingress_backend_policy {
+            for ib in catalog.policies_of::<IngressBackend>(&service.namespace) {
+                let policy = format!(
+                    "IngressBackend {}/{}",
+                    service.namespace,
+                    ib.metadata.name.as_deref().unwrap_or_default()
+                );
+                let tls =
+                    |b: &BackendSpec| b.port.protocol == PortProtocol::Https || b.tls.is_some();
+                let named = self.backends_naming(
+                    &policy,
+                    &ib.spec.backends,
+                    false,
+                    tls,
+                    service,
+                    target_port,
+                    protocol,
+                );
+                if named {
+                    self.admit(&policy, &ib.spec.sources, &service.namespace, &mut sources);
                 }
-                if !protocol.is_http() {
-                    self.warn(ErrCode::E2008, format!("{field} spec.backends[{i}]: port {target_port} of {service} is TCP; ingress is HTTP only"));
-                    continue;
-                }
-                for (j, source) in ib.spec.sources.iter().enumerate() {
-                    match source.kind {
-                        IngressSourceKind::IpRange => {
-                            if fsm_crds::parse_cidr(&source.name).is_some() {
-                                sources.insert(source.name.clone());
-                            }
-                        }
-                        IngressSourceKind::Service => {
-                            let namespace = if source.namespace.is_empty() {
-                                service.namespace.as_str()
-                            } else {
-                                source.namespace.as_str()
-                            };
-                            let Some(svc) = catalog.service(namespace, &source.name) else {
-                                self.warn(ErrCode::E2008, format!("{field} spec.sources[{j}]: Service {namespace}/{} does not exist; it admits no one", source.name));
-                                continue;
-                            };
-                            for port in svc.ports() {
-                                for endpoint in catalog.endpoints_of(svc, port) {
-                                    sources.insert(host_range(endpoint.ip));
-                                }
-                            }
-                        }
-                        IngressSourceKind::AuthenticatedPrincipal => {
-                            self.warn(ErrCode::E2008, format!("{field} spec.sources[{j}]: AuthenticatedPrincipal sources (HTTPS ingress) are not supported yet; left out"));
-                        }
-                    }
+            }
+        }
+        if flags.enable_access_control_policy {
+            for ac in catalog.policies_of::<AccessControl>(&service.namespace) {
+                let policy = format!(
+                    "AccessControl {}/{}",
+                    service.namespace,
+                    ac.metadata.name.as_deref().unwrap_or_default()
+                );
+                let tls = |b: &BackendSpec| {
+                    b.port.protocol == PortProtocol::Https
+                        || b.tls
+                            .as_ref()
+                            .is_some_and(|t| !t.skip_client_cert_validation)
+                };
+                let named = self.backends_naming(
+                    &policy,
+                    &ac.spec.backends,
+                    true,
+                    tls,
+                    service,
+                    target_port,
+                    protocol,
+                );
+                if named {
+                    self.admit(&policy, &ac.spec.sources, &service.namespace, &mut sources);
                 }
             }
         }
         sources.into_iter().collect()
+    }
+
+    /// Whether `backends` (of `policy`) let ingress into `service`'s pod port `target_port`
+    /// (`all_when_empty`: an empty list names every service of the namespace). A TLS backend
+    /// or a TCP port named is reported: not supported yet.
+    #[allow(clippy::too_many_arguments)]
+    fn backends_naming(
+        &mut self,
+        policy: &str,
+        backends: &[BackendSpec],
+        all_when_empty: bool,
+        tls: impl Fn(&BackendSpec) -> bool,
+        service: &ServiceRef,
+        target_port: u16,
+        protocol: Protocol,
+    ) -> bool {
+        if backends.is_empty() {
+            return all_when_empty && protocol.is_http();
+        }
+        let mut named = false;
+        for (i, backend) in backends.iter().enumerate() {
+            if backend.name != service.name || backend.port.number != target_port {
+                continue;
+            }
+            if tls(backend) {
+                self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}]: TLS ingress (client certificates, AuthenticatedPrincipal) is not supported yet; the backend admits no ingress"));
+            } else if !protocol.is_http() {
+                self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}]: port {target_port} of {service} is TCP; ingress is HTTP only so far"));
+            } else {
+                named = true;
+            }
+        }
+        named
+    }
+
+    /// Adds the addresses `sources` (of `policy`, in `namespace`) admit to `admitted`.
+    fn admit(
+        &mut self,
+        policy: &str,
+        sources: &[IngressSourceSpec],
+        namespace: &str,
+        admitted: &mut BTreeSet<String>,
+    ) {
+        let catalog = self.catalog;
+        for (j, source) in sources.iter().enumerate() {
+            match source.kind {
+                IngressSourceKind::IpRange => {
+                    if fsm_crds::parse_cidr(&source.name).is_some() {
+                        admitted.insert(source.name.clone());
+                    }
+                }
+                IngressSourceKind::Service => {
+                    let source_ns = if source.namespace.is_empty() {
+                        namespace
+                    } else {
+                        source.namespace.as_str()
+                    };
+                    let Some(svc) = catalog.service(source_ns, &source.name) else {
+                        self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: Service {source_ns}/{} does not exist; it admits no one", source.name));
+                        continue;
+                    };
+                    for port in svc.ports() {
+                        for endpoint in catalog.endpoints_of(svc, port) {
+                            admitted.insert(host_range(endpoint.ip));
+                        }
+                    }
+                }
+                IngressSourceKind::AuthenticatedPrincipal => {
+                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: AuthenticatedPrincipal sources (TLS ingress) are not supported yet; left out"));
+                }
+            }
+        }
     }
 
     /// UpstreamTrafficSettings in `namespace` whose host is no service there (nor, until Egress

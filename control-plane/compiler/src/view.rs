@@ -311,37 +311,44 @@ fn endpoint_ips(outbound: &ServiceOutbound) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// The namespaces of the IngressBackends with a `Service` source among `services`: the
-/// addresses those admit moved, and with them the ingress sources of the backends' pods.
+/// The namespaces of the IngressBackends and AccessControls with a `Service` source among
+/// `services`: the addresses those admit moved, and with them the ingress sources of the pods
+/// of their namespace.
 fn ingress_backends_of(
     catalog: &Catalog,
     services: &BTreeSet<(String, String)>,
 ) -> BTreeSet<String> {
+    use fsm_catalog::MeshKind;
+    use fsm_crds::policy::v1alpha1::{
+        AccessControl, IngressBackend, IngressSourceKind, IngressSourceSpec,
+    };
     if services.is_empty() {
         return BTreeSet::new();
     }
-    catalog
+    let names_one = |namespace: &str, sources: &[IngressSourceSpec]| {
+        sources.iter().any(|s| {
+            let source_ns = if s.namespace.is_empty() {
+                namespace
+            } else {
+                &s.namespace
+            };
+            s.kind == IngressSourceKind::Service
+                && services.contains(&(source_ns.to_owned(), s.name.clone()))
+        })
+    };
+    let backends = catalog
         .policies(Kind::IngressBackend)
-        .filter_map(|object| {
-            let ib =
-                <fsm_crds::policy::v1alpha1::IngressBackend as fsm_catalog::MeshKind>::of_object(
-                    object,
-                )?;
-            let namespace = ib.metadata.namespace.as_deref().unwrap_or_default();
-            ib.spec
-                .sources
-                .iter()
-                .any(|s| {
-                    s.kind == fsm_crds::policy::v1alpha1::IngressSourceKind::Service && {
-                        let source_ns = if s.namespace.is_empty() {
-                            namespace
-                        } else {
-                            &s.namespace
-                        };
-                        services.contains(&(source_ns.to_owned(), s.name.clone()))
-                    }
-                })
-                .then(|| namespace.to_owned())
+        .filter_map(IngressBackend::of_object)
+        .map(|ib| (&ib.metadata, &ib.spec.sources[..]));
+    let access = catalog
+        .policies(Kind::AccessControl)
+        .filter_map(AccessControl::of_object)
+        .map(|ac| (&ac.metadata, &ac.spec.sources[..]));
+    backends
+        .chain(access)
+        .filter_map(|(meta, sources)| {
+            let namespace = meta.namespace.as_deref().unwrap_or_default();
+            names_one(namespace, sources).then(|| namespace.to_owned())
         })
         .collect()
 }
