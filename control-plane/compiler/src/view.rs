@@ -54,6 +54,8 @@ fn touches_everything(kind: Kind) -> bool {
             | Kind::TrafficSplit
             | Kind::Retry
             | Kind::UpstreamTrafficSetting
+            | Kind::IngressBackend
+            | Kind::AccessControl
     )
 }
 
@@ -383,11 +385,20 @@ impl ProxyScope {
         ProxyScope::Some {
             uuids: changes.pod_uuids.clone(),
             // An UpstreamTrafficSetting's rate limits are enforced by the pods of its host, a
-            // service of its own namespace.
+            // service of its own namespace; an IngressBackend or AccessControl admits clients
+            // into pods of its namespace.
             namespaces: changes
                 .objects
                 .iter()
-                .filter(|k| matches!(k.kind, Kind::Service | Kind::UpstreamTrafficSetting))
+                .filter(|k| {
+                    matches!(
+                        k.kind,
+                        Kind::Service
+                            | Kind::UpstreamTrafficSetting
+                            | Kind::IngressBackend
+                            | Kind::AccessControl
+                    )
+                })
                 .map(|k| k.namespace.clone())
                 .collect(),
             // SMI access policies decide what enters their destinations' pods, Retry policies
@@ -632,7 +643,13 @@ mod tests {
             assert!(catalog.apply(object));
         }
         let changes = catalog.take_changes();
-        view.refresh_scoped(&catalog, &changes);
+        let (changed, scope) = view.refresh_scoped(&catalog, &changes);
+        assert!(changed.is_empty(), "no shared entry reads it: {changed:?}");
+        assert!(scope.covers("x", "demo", "tcp-echo", OutboundDetail::TcpOnly));
+        assert!(
+            !scope.covers("x", "elsewhere", "tcp-echo", OutboundDetail::All),
+            "{scope:?}"
+        );
         let MeshObject::Endpoints(endpoints) = find(&objects, Kind::Endpoints, "httpbin").clone()
         else {
             unreachable!()
