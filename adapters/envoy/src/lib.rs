@@ -198,7 +198,10 @@ pub fn translate(
     out.secrets
         .push(outbound_root(&credentials.trust_bundle_pem));
     out.secrets.sort_by(|a, b| a.name.cmp(&b.name));
-    out.routes.insert(0, outbound_routes(ir.outbound.iter()));
+    out.routes.insert(
+        0,
+        outbound_routes(ir.outbound.iter(), ir.mesh.enable_egress),
+    );
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
         .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
@@ -261,10 +264,12 @@ fn is_tunnelled(c: &fsm_ir::Cluster) -> bool {
     c.kind == ClusterKind::Outbound && !c.protocol.is_http() && c.endpoints.iter().any(|e| e.meshed)
 }
 
-/// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host. The
-/// same for every proxy that may reach the same services.
+/// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host, and
+/// with `egress` (MeshConfig `enableEgress`) a last one for every other Host, passed through to
+/// it. The same for every proxy that may reach the same services.
 pub fn outbound_routes<'a>(
     services: impl IntoIterator<Item = &'a OutboundService>,
+    egress: bool,
 ) -> route::RouteConfiguration {
     let mut seen_domains = BTreeSet::new();
     let mut virtual_hosts = Vec::new();
@@ -286,9 +291,111 @@ pub fn outbound_routes<'a>(
             ..Default::default()
         });
     }
+    if egress {
+        virtual_hosts.push(passthrough_virtual_host());
+    }
     route::RouteConfiguration {
         name: OUTBOUND_ROUTES.into(),
         virtual_hosts,
+        ..Default::default()
+    }
+}
+
+/// Marks a request the passthrough sent, so that one sent to this sidecar itself (its Host was
+/// the sidecar's own address) is refused instead of going round again.
+const EGRESS_HOP_HEADER: &str = "x-fsm-egress";
+
+/// Every Host no service has goes to the original-destination cluster, which connects to the
+/// address the Host names: only `<ip>:<port>` (a name would need resolving, which the mesh does
+/// not do for egress), only once (no loop through the sidecar itself); anything else gets 503.
+fn passthrough_virtual_host() -> route::VirtualHost {
+    let header = |key: &str, value: &str| core::HeaderValueOption {
+        header: Some(core::HeaderValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        }),
+        append_action: core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    };
+    let mut first_hop = route::HeaderMatcher {
+        name: EGRESS_HOP_HEADER.into(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::PresentMatch(
+            true,
+        )),
+        invert_match: true,
+        ..Default::default()
+    };
+    first_hop.treat_missing_header_as_empty = false;
+    let pass = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            headers: vec![
+                regex_header(
+                    ":authority",
+                    r"(\d{1,3}\.){3}\d{1,3}:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5}",
+                ),
+                first_hop,
+            ],
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                names::PASSTHROUGH_CLUSTER.into(),
+            )),
+            timeout: Some(duration_ms(0)),
+            ..Default::default()
+        })),
+        request_headers_to_add: vec![
+            header("x-envoy-original-dst-host", "%REQ(:authority)%"),
+            header(EGRESS_HOP_HEADER, "1"),
+        ],
+        ..Default::default()
+    };
+    let refuse = route::Route {
+        r#match: Some(route::RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::route::Action::DirectResponse(
+            route::DirectResponseAction {
+                status: 503,
+                body: Some(core::DataSource {
+                    specifier: Some(core::data_source::Specifier::InlineString(
+                        "no original destination: the Host is not <ip>:<port> (or the request came round again)".into(),
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    route::VirtualHost {
+        name: names::PASSTHROUGH_VIRTUAL_HOST.into(),
+        domains: vec!["*".into()],
+        routes: vec![pass, refuse],
+        ..Default::default()
+    }
+}
+
+/// The original-destination cluster of egress passthrough: the address the request's
+/// `x-envoy-original-dst-host` (its Host, set by the passthrough route) names, in plaintext.
+fn passthrough_cluster() -> cluster::Cluster {
+    cluster::Cluster {
+        name: names::PASSTHROUGH_CLUSTER.into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+        lb_config: Some(cluster::cluster::LbConfig::OriginalDstLbConfig(
+            cluster::cluster::OriginalDstLbConfig {
+                use_http_header: true,
+                http_header_name: "x-envoy-original-dst-host".into(),
+                ..Default::default()
+            },
+        )),
+        connect_timeout: Some(duration_ms(1000)),
         ..Default::default()
     }
 }
@@ -321,6 +428,9 @@ pub fn proxy_resources(
         .collect();
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
         out.clusters.push(build_cluster(c, false, trust_domain));
+    }
+    if ir.mesh.enable_egress {
+        out.clusters.push(passthrough_cluster());
     }
     out.listeners.push(http_listener(
         OUTBOUND_LISTENER,

@@ -116,7 +116,8 @@ pub fn translate(
     }
     out.secrets
         .push(outbound_root(&credentials.trust_bundle_pem));
-    out.routes.push(outbound_routes(ir.outbound.iter())?);
+    out.routes
+        .push(outbound_routes(ir.outbound.iter(), ir.mesh.enable_egress)?);
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
         .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
@@ -169,11 +170,54 @@ pub fn outbound_root(trust_bundle_pem: &str) -> v1::Secret {
     validation(names::OUTBOUND_ROOT.into(), vec![], trust_bundle_pem)
 }
 
-/// Route configuration `outbound` (see [`routes::outbound`]).
+/// Route configuration `outbound` (see [`routes::outbound`]); with `egress` (MeshConfig
+/// `enableEgress`) its last virtual host takes every other Host to the original-destination
+/// cluster.
 pub fn outbound_routes<'a>(
     services: impl IntoIterator<Item = &'a fsm_ir::OutboundService>,
+    egress: bool,
 ) -> Result<v1::RouteConfiguration, AdapterError> {
-    routes::outbound(services)
+    let mut routes = routes::outbound(services)?;
+    if egress {
+        routes.virtual_hosts.push(v1::VirtualHost {
+            name: names::PASSTHROUGH_VIRTUAL_HOST.into(),
+            domains: vec!["*".into()],
+            routes: vec![v1::Route {
+                r#match: Some(v1::RouteMatch {
+                    path: Some(v1::route_match::Path::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(v1::RouteAction {
+                    clusters: vec![v1::WeightedCluster {
+                        name: names::PASSTHROUGH_CLUSTER.into(),
+                        weight: 100,
+                    }],
+                    timeout: None,
+                    retry_policy: None,
+                }),
+                allowed_sources: None,
+                rate_limit: None,
+            }],
+            rate_limit: None,
+        });
+    }
+    Ok(routes)
+}
+
+/// The original-destination cluster of egress passthrough: where each connection or request
+/// meant to go, in plaintext.
+fn passthrough_cluster() -> v1::Cluster {
+    v1::Cluster {
+        name: names::PASSTHROUGH_CLUSTER.into(),
+        discovery: Some(v1::cluster::Discovery::OriginalDestination(
+            v1::OriginalDestination {},
+        )),
+        lb_policy: v1::LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(duration_ms(1000)),
+        upstream_protocol: v1::UpstreamProtocol::Tcp as i32,
+        circuit_breakers: None,
+        tls: None,
+    }
 }
 
 /// What [`proxy_resources`] reads of the services the proxy may reach: every service port, since
@@ -194,6 +238,9 @@ pub fn proxy_resources(
     };
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
         out.clusters.push(cluster(c)?);
+    }
+    if ir.mesh.enable_egress {
+        out.clusters.push(passthrough_cluster());
     }
     out.routes = vec![routes::inbound(ir)?];
     out.routes.extend(routes::ingress(ir));

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{AllowedSources, InboundPort, OutboundService, ProxyIr, ports};
+use fsm_ir::{AllowedSources, InboundPort, OutboundService, ProxyIr, names, ports};
 
 use crate::{
     EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, INGRESS_CHAIN, INGRESS_ROUTES,
@@ -26,6 +26,24 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         }),
         ..outbound_target(svc)
     }));
+    if ir.mesh.enable_egress {
+        // Egress passthrough: a redirected connection no service's chain takes goes to where
+        // it was going (the chain with no port and no ranges sorts last).
+        outbound.push(v1::FilterChain {
+            name: names::PASSTHROUGH_CLUSTER.into(),
+            r#match: Some(v1::FilterChainMatch::default()),
+            protocol: v1::Protocol::Tcp as i32,
+            target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+                clusters: vec![v1::WeightedCluster {
+                    name: names::PASSTHROUGH_CLUSTER.into(),
+                    weight: 100,
+                }],
+                connect_authority: String::new(),
+            })),
+            allowed_sources: None,
+            tls: None,
+        });
+    }
     listeners.push(v1::Listener {
         name: OUTBOUND_LISTENER.into(),
         address: Some(socket_address(pod_ip, ports::OUTBOUND)),

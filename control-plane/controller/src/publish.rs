@@ -35,6 +35,8 @@ use crate::metrics::Work;
 pub struct SharedKey {
     pub data_plane: DataPlane,
     pub trust_bundle: Arc<str>,
+    /// MeshConfig `enableEgress`: the shared `outbound` routes end with the passthrough.
+    pub egress: bool,
 }
 
 /// What a proxy's own part was built from, and its sets per type.
@@ -44,6 +46,8 @@ pub struct Own {
     /// It holds its own outbound routes (its Retry policies change some of them): it reads
     /// every service port, whatever its data planes' own parts read.
     pub reads_every_port: bool,
+    /// Compiled with egress passthrough on: which shared part it takes (see [`SharedKey`]).
+    pub egress: bool,
 }
 
 /// Per service and data plane: the resources every proxy that may reach it shares.
@@ -197,7 +201,8 @@ impl Publisher {
                     self.view.entries().flat_map(|e| e.outbound.ports.iter()),
                     retries,
                 );
-                let routes = outbound_routes(*data_plane, ports.iter())?;
+                let routes =
+                    outbound_routes(*data_plane, ports.iter(), compiled.ir.mesh.enable_egress)?;
                 encoded
                     .entry(routes_type_url(*data_plane))
                     .or_default()
@@ -214,6 +219,7 @@ impl Publisher {
             types,
             warnings,
             reads_every_port: !retries.is_empty(),
+            egress: compiled.ir.mesh.enable_egress,
         })
     }
 
@@ -229,6 +235,7 @@ impl Publisher {
             let key = SharedKey {
                 data_plane: *data_plane,
                 trust_bundle: bundle.clone(),
+                egress: own.egress,
             };
             let shared = self.shared_types(&key)?.clone();
             for type_url in type_urls(*data_plane) {
@@ -339,6 +346,7 @@ fn build_shared(
             outbound_routes(
                 key.data_plane,
                 view.entries().flat_map(|e| e.outbound.ports.iter()),
+                key.egress,
             )?
         }
     };
@@ -529,15 +537,19 @@ fn service_resources(
 fn outbound_routes<'a>(
     data_plane: DataPlane,
     ports: impl Iterator<Item = &'a fsm_ir::OutboundService>,
+    egress: bool,
 ) -> Result<Arc<Resource>, (ErrCode, String)> {
     let (name, body) = match data_plane {
         DataPlane::Envoy => {
-            let routes = fsm_adapter_envoy::outbound_routes(ports);
-            (routes.name.clone(), routes.encode_to_vec())
+            let routes = fsm_adapter_envoy::outbound_routes(ports, egress);
+            (
+                routes.name.clone(),
+                fsm_adapter_envoy::encode_route_configuration(&routes),
+            )
         }
         DataPlane::FsmSidecar => {
-            let routes =
-                fsm_adapter_native::outbound_routes(ports).map_err(|e| adapter_error(&e))?;
+            let routes = fsm_adapter_native::outbound_routes(ports, egress)
+                .map_err(|e| adapter_error(&e))?;
             (routes.name.clone(), routes.encode_to_vec())
         }
     };
@@ -657,6 +669,7 @@ mod tests {
         let key = SharedKey {
             data_plane: DataPlane::Envoy,
             trust_bundle: "bundle".into(),
+            egress: false,
         };
         let build = |clusters: Vec<fsm_ir::Cluster>, previous: Option<&SharedService>| {
             let outbound = Arc::new(ServiceOutbound {

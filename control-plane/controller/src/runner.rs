@@ -159,6 +159,7 @@ impl OwnPart {
         self.data_planes.iter().map(|data_plane| SharedKey {
             data_plane: *data_plane,
             trust_bundle: self.trust_bundle.clone(),
+            egress: self.own.egress,
         })
     }
 }

@@ -33,6 +33,12 @@ pub mod names {
     /// the same resource for every proxy that may reach a service, built and encoded once.
     pub const SERVICE_CERT: &str = "service-cert";
 
+    /// The cluster of egress passthrough (MeshConfig `enableEgress`): a connection's or a
+    /// request's original destination, outside the mesh, in plaintext.
+    pub const PASSTHROUGH_CLUSTER: &str = "passthrough-outbound";
+    /// The virtual host of `outbound` that takes every Host no service has, with egress on.
+    pub const PASSTHROUGH_VIRTUAL_HOST: &str = "passthrough";
+
     /// SDS name of what a proxy checks its clients' certificates against.
     pub fn inbound_validation(identity: &ServiceIdentity) -> String {
         format!(
