@@ -139,6 +139,8 @@ pub struct RouteTable {
     pub name: Arc<str>,
     /// Lower-cased domain -> index into `virtual_hosts`.
     pub domains: HashMap<String, usize>,
+    /// The virtual host whose domains hold `*`: every Host no other virtual host has.
+    pub fallback: Option<usize>,
     pub virtual_hosts: Vec<VirtualHost>,
 }
 
@@ -229,12 +231,26 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
+    /// Empty when `discovery` is [`Discovery::OriginalDestination`].
     pub endpoints: Vec<Endpoint>,
+    pub discovery: Discovery,
     pub breakers: CircuitBreakers,
     /// TLS to meshed endpoints; unset: plaintext.
     pub tls: Option<UpstreamTls>,
     /// Round-robin cursor. Resets when the cluster or its endpoints change, which is harmless.
     pub cursor: AtomicUsize,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Discovery {
+    /// `eds` or `static_local`: the endpoints listed in [`Cluster::endpoints`].
+    #[default]
+    Listed,
+    /// `original_destination` (egress passthrough): no endpoints; each TCP connection goes to
+    /// its original destination and each HTTP request to the `<ip>:<port>` of its Host, in
+    /// plaintext (HTTP requests as HTTP/1.1 whatever `upstream_protocol` says).
+    OriginalDestination,
 }
 
 /// `CircuitBreakers`, per cluster and per sidecar; `None`: no limit. Over a limit a request fails
@@ -278,6 +294,32 @@ pub struct Endpoint {
     /// Whose pod this is, for the `destination_*` metric labels; shared because every request
     /// to the endpoint carries it.
     pub workload: Option<Arc<Workload>>,
+}
+
+impl Cluster {
+    /// What HTTP requests to this cluster are sent as: `protocol`, except for an
+    /// original-destination cluster, which speaks HTTP/1.1 to whatever it reaches (its
+    /// `protocol`, TCP from the control plane, applies to the TCP chains that use it).
+    pub fn http_protocol(&self) -> UpstreamProtocol {
+        match self.discovery {
+            Discovery::Listed => self.protocol,
+            Discovery::OriginalDestination => UpstreamProtocol::Http1,
+        }
+    }
+}
+
+impl Endpoint {
+    /// The destination of one connection or request to an original-destination cluster:
+    /// unmeshed (plaintext, no tunnel), known to no workload.
+    pub fn original_destination(addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            addr,
+            weight: 1,
+            meshed: false,
+            identity: None,
+            workload: None,
+        }
+    }
 }
 
 // === Config ===
@@ -447,8 +489,17 @@ fn build_cluster(
         None => {
             return Err(field_err(
                 "discovery",
-                "neither eds nor static_local is set",
+                "none of eds, static_local, original_destination is set",
             ));
+        }
+        Some(v1::cluster::Discovery::OriginalDestination(_)) => {
+            if c.tls.is_some() {
+                return Err(field_err(
+                    "tls",
+                    "is set on an original_destination cluster (egress passthrough is plaintext)",
+                ));
+            }
+            vec![]
         }
         Some(v1::cluster::Discovery::Eds(_)) => endpoints.get(&c.name).cloned().unwrap_or_default(),
         Some(v1::cluster::Discovery::StaticLocal(s)) => vec![Endpoint {
@@ -491,12 +542,17 @@ fn build_cluster(
         None => None,
         Some(t) => Some(crate::tls::upstream(t, secrets).map_err(|(f, m)| field_err(f, m))?),
     };
+    let discovery = match c.discovery {
+        Some(v1::cluster::Discovery::OriginalDestination(_)) => Discovery::OriginalDestination,
+        _ => Discovery::Listed,
+    };
     Ok(Cluster {
         name: Arc::from(c.name.as_str()),
         lb,
         connect_timeout,
         protocol,
         endpoints,
+        discovery,
         breakers: c
             .circuit_breakers
             .as_ref()
@@ -607,12 +663,29 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
 fn build_routes(rc: v1::RouteConfiguration) -> Result<RouteTable, FieldError> {
     let table_name: Arc<str> = Arc::from(rc.name.as_str());
     let mut domains = HashMap::new();
+    let mut fallback = None;
     let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
     for (v, vh) in rc.virtual_hosts.into_iter().enumerate() {
         for (d, domain) in vh.domains.iter().enumerate() {
+            let at = || format!("virtual_hosts[{v}].domains[{d}]");
+            if domain == "*" {
+                if let Some(first) = fallback.replace(v) {
+                    return Err(field_err(
+                        at(),
+                        format!("\"*\" also appears in virtual_hosts[{first}]"),
+                    ));
+                }
+                continue;
+            }
+            if domain.contains('*') {
+                return Err(field_err(
+                    at(),
+                    format!("{domain:?}: the only wildcard is \"*\" alone"),
+                ));
+            }
             if domains.insert(domain.to_ascii_lowercase(), v).is_some() {
                 return Err(field_err(
-                    format!("virtual_hosts[{v}].domains[{d}]"),
+                    at(),
                     format!("{domain:?} appears in two virtual hosts"),
                 ));
             }
@@ -652,6 +725,7 @@ fn build_routes(rc: v1::RouteConfiguration) -> Result<RouteTable, FieldError> {
     Ok(RouteTable {
         name: table_name,
         domains,
+        fallback,
         virtual_hosts,
     })
 }

@@ -21,7 +21,9 @@ use tokio::sync::watch;
 
 use crate::Proxy;
 use crate::breakers::{Counter, Held, Slot};
-use crate::config::{Cluster, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol};
+use crate::config::{
+    Cluster, Discovery, Endpoint, Listener, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol,
+};
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
@@ -101,6 +103,38 @@ pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
     response
 }
 
+/// A local reply whose body is built per request.
+fn text_reply(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// Where an HTTP request to an original-destination cluster goes: its Host (or `:authority`)
+/// when that is `<ip>:<port>` (IPv6 in brackets), unless it is one of this proxy's own
+/// listeners. `Err` is the body of the 503 the request gets instead.
+pub fn original_destination<'a>(
+    host: &str,
+    listeners: impl IntoIterator<Item = &'a Arc<Listener>>,
+    transparent: bool,
+) -> Result<SocketAddr, String> {
+    let Some(dest) = host.parse::<SocketAddr>().ok().filter(|a| a.port() != 0) else {
+        return Err(format!(
+            "no original destination: Host {host:?} is not <ip>:<port>"
+        ));
+    };
+    if let Some(l) = crate::listeners::own_listener(listeners, dest, transparent) {
+        return Err(format!(
+            "no original destination: Host {host:?} is this sidecar's listener {:?} (a loop)",
+            l.name
+        ));
+    }
+    Ok(dest)
+}
+
 fn host_of(req: &Request<Incoming>) -> Option<String> {
     if let Some(authority) = req.uri().authority() {
         return Some(authority.as_str().to_string());
@@ -156,8 +190,25 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
     if req.method() == Method::CONNECT {
         return tunnel_in(proxy, &cluster, &mut req).await;
     }
+    let dest = match cluster.discovery {
+        Discovery::Listed => None,
+        Discovery::OriginalDestination => {
+            match original_destination(&host, config.listeners.values(), proxy.transparent) {
+                Ok(dest) => Some(dest),
+                Err(body) => {
+                    tracing::debug!(cluster = %cluster.name, %host, "{body}");
+                    return text_reply(StatusCode::SERVICE_UNAVAILABLE, body);
+                }
+            }
+        }
+    };
     let started = Instant::now();
-    let (response, served_by) = forward(proxy, route, &cluster, &host, req).await;
+    let to = Target {
+        cluster: &cluster,
+        dest,
+        host: &host,
+    };
+    let (response, served_by) = forward(proxy, route, to, req).await;
     let status = response.status().as_u16();
     if !chain.inbound {
         proxy.metrics.outbound_request(
@@ -270,15 +321,26 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Where a request goes.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    cluster: &'a Arc<Cluster>,
+    /// The request's original destination, when the cluster is an original-destination one:
+    /// each attempt goes there (plaintext HTTP/1.1) instead of to a picked endpoint.
+    dest: Option<SocketAddr>,
+    /// The request's Host or `:authority`.
+    host: &'a str,
+}
+
 /// Sends the request to the cluster, with the route's retries and timeout. Also returns the
 /// workload of the endpoint last tried, which the response (or the error) came from.
 async fn forward(
     proxy: &Proxy,
     route: &Route,
-    cluster: &Arc<Cluster>,
-    host: &str,
+    to: Target<'_>,
     req: Request<Incoming>,
 ) -> (Response<Body>, Option<Arc<Workload>>) {
+    let Target { cluster, host, .. } = to;
     let (mut parts, body) = req.into_parts();
     // `te: trailers` is the one hop-by-hop value HTTP/2 keeps, and gRPC servers expect it.
     let wants_trailers = parts.headers.get_all(header::TE).iter().any(|v| {
@@ -286,7 +348,7 @@ async fn forward(
             .is_ok_and(|v| v.to_ascii_lowercase().contains("trailers"))
     });
     strip_hop_by_hop(&mut parts.headers);
-    if wants_trailers && cluster.protocol == UpstreamProtocol::Http2 {
+    if wants_trailers && cluster.http_protocol() == UpstreamProtocol::Http2 {
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
@@ -325,7 +387,7 @@ async fn forward(
         match send {
             Upstream::Once(body) => {
                 let req = Request::from_parts(parts, body);
-                attempt(proxy, cluster, host, req, None, tried).await
+                attempt(proxy, to, req, None, tried).await
             }
             Upstream::Retried(policy, body) => {
                 let mut tries = 0u32;
@@ -334,8 +396,7 @@ async fn forward(
                 let mut retry: Option<Held> = None;
                 loop {
                     let req = Request::from_parts(parts.clone(), full(body.clone()));
-                    let result =
-                        attempt(proxy, cluster, host, req, policy.per_try_timeout, tried).await;
+                    let result = attempt(proxy, to, req, policy.per_try_timeout, tried).await;
                     drop(retry.take());
                     if tries >= policy.num_retries || !should_retry(policy, &result) {
                         break result;
@@ -479,14 +540,22 @@ async fn connection_slot(
 /// send.
 async fn attempt(
     proxy: &Proxy,
-    cluster: &Arc<Cluster>,
-    host: &str,
+    to: Target<'_>,
     req: Request<Body>,
     per_try: Option<Duration>,
     tried: &mut Option<Arc<Workload>>,
 ) -> Result<Response<Body>, UpstreamError> {
-    let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
-        return Err(UpstreamError::NoEndpoint);
+    let Target {
+        cluster,
+        dest,
+        host,
+    } = to;
+    let endpoint = match dest {
+        Some(addr) => Endpoint::original_destination(addr),
+        None => match pick_endpoint(cluster, &proxy.upstreams.active) {
+            Some(e) => e.clone(),
+            None => return Err(UpstreamError::NoEndpoint),
+        },
     };
     tried.clone_from(&endpoint.workload);
     let breakers = &cluster.breakers;
@@ -496,7 +565,7 @@ async fn attempt(
     // per-try timeout, as Envoy starts it once a connection is there; the route timeout bounds
     // the wait.
     let slot = match breakers.max_connections {
-        Some(max) if cluster.protocol != UpstreamProtocol::Http2 => {
+        Some(max) if cluster.http_protocol() != UpstreamProtocol::Http2 => {
             Some(connection_slot(proxy, cluster, max).await?)
         }
         _ => None,
@@ -518,7 +587,7 @@ async fn attempt(
     let per_connection = breakers.max_requests_per_connection;
     let send = async {
         let transport = Transport::for_endpoint(cluster, &endpoint)?;
-        match cluster.protocol {
+        match cluster.http_protocol() {
             UpstreamProtocol::Http2 => {
                 proxy
                     .upstreams

@@ -126,6 +126,7 @@ mod tests {
                     workload: None,
                 })
                 .collect(),
+            discovery: Default::default(),
             breakers: Default::default(),
             tls: None,
             cursor: AtomicUsize::new(0),

@@ -41,6 +41,24 @@ fn bind_addr(addr: SocketAddr, transparent: bool) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
+/// The listener a connection to `dest` would reach, when it is one of this proxy's own (sending
+/// traffic there would loop back into the sidecar). A listener bound to the unspecified address
+/// (transparent mode) is also reached on loopback and on its configured address.
+pub fn own_listener<'a>(
+    listeners: impl IntoIterator<Item = &'a Arc<Listener>>,
+    dest: SocketAddr,
+    transparent: bool,
+) -> Option<&'a Arc<Listener>> {
+    let ip = dest.ip().to_canonical();
+    listeners.into_iter().find(|l| {
+        let bound = bind_addr(l.addr, transparent);
+        bound.port() == dest.port()
+            && (ip == l.addr.ip()
+                || ip.is_unspecified()
+                || (bound.ip().is_unspecified() && ip.is_loopback()))
+    })
+}
+
 /// Keeps the bound sockets in line with the config, forever.
 pub async fn run(proxy: Arc<Proxy>) {
     let mut changes = proxy.store.subscribe();
@@ -118,7 +136,8 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// The destination a connection's filter chain is matched on.
+/// The destination a connection's filter chain is matched on: its original destination in
+/// transparent mode, else the address it reached.
 fn destination(proxy: &Proxy, stream: &TcpStream) -> Option<SocketAddr> {
     if proxy.transparent
         && let Some(dst) = crate::original_dst::original_dst(stream)
@@ -126,6 +145,23 @@ fn destination(proxy: &Proxy, stream: &TcpStream) -> Option<SocketAddr> {
         return Some(dst);
     }
     stream.local_addr().ok()
+}
+
+/// Where a connection was going before iptables redirected it to the sidecar: `None` in explicit
+/// mode, or when `dest` (see [`destination`]) is the address the connection reached or one of
+/// this proxy's own listeners (a connection made to the sidecar itself).
+pub fn original_destination<'a>(
+    listeners: impl IntoIterator<Item = &'a Arc<Listener>>,
+    transparent: bool,
+    dest: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    if !transparent || Some(dest) == local {
+        return None;
+    }
+    own_listener(listeners, dest, transparent)
+        .is_none()
+        .then_some(dest)
 }
 
 /// Whether any chain matches on the transport, so that the first bytes must be read first.
@@ -180,10 +216,16 @@ async fn connection(
     let Some(listener) = config.listeners.get(&name).cloned() else {
         return;
     };
-    drop(config);
     let Some(dest) = destination(&proxy, &stream) else {
         return;
     };
+    let original = original_destination(
+        config.listeners.values(),
+        proxy.transparent,
+        dest,
+        stream.local_addr().ok(),
+    );
+    drop(config);
     // Normalise an IPv4-mapped client (a dual-stack socket) so IPv4 ranges match it.
     let client = SocketAddr::new(client.ip().to_canonical(), client.port());
     tracing::debug!(listener = %name, %dest, %client, "connection accepted");
@@ -201,6 +243,7 @@ async fn connection(
         tracing::debug!(listener = %name, %dest, %client, ?transport, "no filter chain matches; closing");
         return;
     };
+    let addrs = Addresses { client, original };
     let tls = match &chain.tls {
         None => None,
         Some(DownstreamTls::Ready(config)) => Some(config.clone()),
@@ -211,7 +254,7 @@ async fn connection(
         }
     };
     let Some(config) = tls else {
-        serve_chain(proxy, &listener, chain, None, client, stream, stop).await;
+        serve_chain(proxy, &listener, chain, None, addrs, stream, stop).await;
         return;
     };
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
@@ -228,7 +271,15 @@ async fn connection(
     };
     let peer = identity_of_chain(stream.get_ref().1.peer_certificates());
     tracing::debug!(listener = %name, chain = %chain.name, peer = ?peer, "TLS connection accepted");
-    serve_chain(proxy, &listener, chain, peer, client, stream, stop).await;
+    serve_chain(proxy, &listener, chain, peer, addrs, stream, stop).await;
+}
+
+/// Where an accepted connection comes from, and where it was going (see
+/// [`original_destination`]).
+#[derive(Clone, Copy, Debug)]
+struct Addresses {
+    client: SocketAddr,
+    original: Option<SocketAddr>,
 }
 
 async fn serve_chain<S>(
@@ -236,13 +287,14 @@ async fn serve_chain<S>(
     listener: &Listener,
     chain: &Chain,
     peer: Option<crate::tls::Identity>,
-    client: SocketAddr,
+    addrs: Addresses,
     stream: S,
     stop: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let inbound = listener.direction == Direction::Inbound;
+    let Addresses { client, original } = addrs;
     match &chain.kind {
         ChainKind::Http { route_config } => {
             let chain = crate::http::HttpChain {
@@ -255,7 +307,13 @@ async fn serve_chain<S>(
             crate::http::serve(proxy, chain, stream, stop).await;
         }
         ChainKind::Tcp(target) => {
-            crate::tcp::proxy(proxy, target.clone(), inbound, peer, client, stream).await;
+            let to = crate::tcp::Downstream {
+                inbound,
+                peer,
+                client,
+                original,
+            };
+            crate::tcp::proxy(proxy, target.clone(), to, stream).await;
         }
     }
 }

@@ -39,10 +39,13 @@ pub fn select<'a>(
     peer: Option<&Identity>,
     client: IpAddr,
 ) -> Decision<'a> {
+    // An exact domain first; then the `*` virtual host, if the table has one.
     let Some(vh) = table
         .domains
         .get(&req.host.to_ascii_lowercase())
-        .and_then(|i| table.virtual_hosts.get(*i))
+        .copied()
+        .or(table.fallback)
+        .and_then(|i| table.virtual_hosts.get(i))
     else {
         return Decision::NoVirtualHost;
     };

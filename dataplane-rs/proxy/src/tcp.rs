@@ -8,25 +8,50 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Proxy;
-use crate::config::{TcpTarget, UpstreamProtocol};
-use crate::lb::{choose_cluster, pick_endpoint};
+use crate::config::{Cluster, Discovery, Endpoint, TcpTarget, UpstreamProtocol};
+use crate::lb::{ActiveRequests, choose_cluster, pick_endpoint};
 use crate::tls::Identity;
 use crate::upstream::{Transport, connect_tcp};
 
+/// Who a TCP connection comes from and where it was going.
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    /// Accepted by an inbound listener.
+    pub inbound: bool,
+    /// The verified identity of the client's certificate (mTLS chains only).
+    pub peer: Option<Identity>,
+    /// The address the connection comes from.
+    pub client: SocketAddr,
+    /// Where the client meant to go, when iptables redirected it (transparent mode) and it was
+    /// not going to the sidecar itself; see `listeners::original_destination`.
+    pub original: Option<SocketAddr>,
+}
+
+/// The endpoint a connection to `cluster` goes to: its original destination for an
+/// original-destination cluster (`None` without one), else the load balancer's pick.
+pub fn endpoint_for(
+    cluster: &Cluster,
+    original: Option<SocketAddr>,
+    active: &ActiveRequests,
+) -> Option<Endpoint> {
+    match cluster.discovery {
+        Discovery::OriginalDestination => original.map(Endpoint::original_destination),
+        Discovery::Listed => pick_endpoint(cluster, active).cloned(),
+    }
+}
+
 /// Relays one downstream connection. Server-first protocols are served by the same path: the
 /// upstream connection is opened at once and nothing is read from the client before that.
-/// `peer` is the verified identity of the client's certificate (mTLS chains only), `client` the
-/// address the connection comes from.
-pub async fn proxy<S>(
-    proxy: Arc<Proxy>,
-    target: TcpTarget,
-    inbound: bool,
-    peer: Option<Identity>,
-    client: SocketAddr,
-    mut downstream: S,
-) where
+pub async fn proxy<S>(proxy: Arc<Proxy>, target: TcpTarget, from: Downstream, mut downstream: S)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Downstream {
+        inbound,
+        peer,
+        client,
+        original,
+    } = from;
     if inbound && !target.allowed.admits(peer.as_ref(), client.ip()) {
         tracing::debug!(
             peer = %peer.as_ref().map_or_else(|| "none".to_string(), ToString::to_string),
@@ -48,8 +73,12 @@ pub async fn proxy<S>(
         tracing::debug!(cluster = %cluster.name, "TCP cluster at max_connections; closing");
         return;
     };
-    let Some(endpoint) = pick_endpoint(&cluster, &proxy.upstreams.active).cloned() else {
-        tracing::debug!(cluster = %cluster.name, "TCP cluster has no endpoint; closing");
+    let Some(endpoint) = endpoint_for(&cluster, original, &proxy.upstreams.active) else {
+        if cluster.discovery == Discovery::OriginalDestination {
+            tracing::debug!(cluster = %cluster.name, %client, "connection has no original destination (explicit mode, or made to the sidecar itself); closing");
+        } else {
+            tracing::debug!(cluster = %cluster.name, "TCP cluster has no endpoint; closing");
+        }
         proxy.metrics.upstream(&cluster.name, 0);
         return;
     };
