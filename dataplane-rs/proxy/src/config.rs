@@ -1429,6 +1429,115 @@ mod tests {
         assert!(any.admits(None, ip("203.0.113.9")));
     }
 
+    fn passthrough(tls: bool) -> Result<Config, ConfigError> {
+        let c = v1::Cluster {
+            name: "passthrough-outbound".into(),
+            discovery: Some(v1::cluster::Discovery::OriginalDestination(
+                v1::OriginalDestination {},
+            )),
+            upstream_protocol: v1::UpstreamProtocol::Tcp as i32,
+            tls: tls.then(Default::default),
+            ..Default::default()
+        };
+        // A ClusterLoadAssignment of the same name is ignored.
+        let cla = v1::ClusterLoadAssignment {
+            cluster_name: "passthrough-outbound".into(),
+            endpoints: vec![v1::Endpoint {
+                address: Some(v1::SocketAddress {
+                    ip: "10.0.0.1".into(),
+                    port: 80,
+                }),
+                ..Default::default()
+            }],
+        };
+        let s = set(vec![
+            (type_url::CLUSTER, "passthrough-outbound", c.encode_to_vec()),
+            (
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+                "passthrough-outbound",
+                cla.encode_to_vec(),
+            ),
+        ]);
+        Config::build(&s, type_url::CLUSTER)
+    }
+
+    #[test]
+    fn original_destination_cluster_has_no_endpoints() {
+        let config = passthrough(false).expect("valid");
+        let c = &config.clusters["passthrough-outbound"];
+        assert_eq!(c.discovery, Discovery::OriginalDestination);
+        assert!(c.endpoints.is_empty() && c.tls.is_none());
+        assert_eq!(c.protocol, UpstreamProtocol::Tcp);
+        // HTTP requests to it go as HTTP/1.1.
+        assert_eq!(c.http_protocol(), UpstreamProtocol::Http1);
+        let eds = set(vec![(type_url::CLUSTER, "c", cluster("c"))]);
+        let config = Config::build(&eds, type_url::CLUSTER).expect("valid");
+        assert_eq!(config.clusters["c"].discovery, Discovery::Listed);
+    }
+
+    #[test]
+    fn original_destination_cluster_with_tls_is_refused() {
+        let e = passthrough(true).expect_err("tls");
+        assert_eq!(
+            e.0,
+            "Cluster \"passthrough-outbound\": tls: is set on an original_destination cluster (egress passthrough is plaintext)"
+        );
+    }
+
+    /// An outbound route configuration whose virtual hosts have these domains.
+    fn with_domains(domains: &[&[&str]]) -> Result<Config, ConfigError> {
+        let mut rc = v1::RouteConfiguration::decode(&*routes(
+            "c",
+            v1::route_match::Path::Prefix("/".into()),
+        ))
+        .expect("decode");
+        let template = rc.virtual_hosts[0].clone();
+        rc.virtual_hosts = domains
+            .iter()
+            .enumerate()
+            .map(|(i, d)| v1::VirtualHost {
+                name: format!("vh{i}"),
+                domains: d.iter().map(|d| d.to_string()).collect(),
+                ..template.clone()
+            })
+            .collect();
+        let s = set(vec![
+            (type_url::CLUSTER, "c", cluster("c")),
+            (
+                type_url::ROUTE_CONFIGURATION,
+                "outbound",
+                rc.encode_to_vec(),
+            ),
+        ]);
+        Config::build(&s, type_url::ROUTE_CONFIGURATION)
+    }
+
+    #[test]
+    fn star_alone_is_the_fallback_virtual_host() {
+        let config = with_domains(&[&["httpbin"], &["*"]]).expect("valid");
+        let t = &config.routes["outbound"];
+        assert_eq!(t.fallback, Some(1));
+        assert!(!t.domains.contains_key("*"));
+        assert_eq!(t.domains.get("httpbin"), Some(&0));
+        let config = with_domains(&[&["httpbin"]]).expect("valid");
+        assert_eq!(config.routes["outbound"].fallback, None);
+    }
+
+    #[test_case(&[&["*"], &["httpbin"], &["x", "*"]],
+        "virtual_hosts[2].domains[1]: \"*\" also appears in virtual_hosts[0]" ; "star twice")]
+    #[test_case(&[&["*", "*"]],
+        "virtual_hosts[0].domains[1]: \"*\" also appears in virtual_hosts[0]" ; "star twice in one virtual host")]
+    #[test_case(&[&["httpbin"], &["*.example.com"]],
+        "virtual_hosts[1].domains[0]: \"*.example.com\": the only wildcard is \"*\" alone" ; "suffix wildcard")]
+    #[test_case(&[&["httpbin:*"]],
+        "virtual_hosts[0].domains[0]: \"httpbin:*\": the only wildcard is \"*\" alone" ; "port wildcard")]
+    #[test_case(&[&["httpbin"], &["HTTPBIN"]],
+        "virtual_hosts[1].domains[0]: \"HTTPBIN\" appears in two virtual hosts" ; "duplicate exact still refused")]
+    fn bad_wildcards_name_their_field(domains: &[&[&str]], want: &str) {
+        let e = with_domains(domains).expect_err("invalid");
+        assert_eq!(e.0, format!("RouteConfiguration \"outbound\": {want}"));
+    }
+
     #[test_case("10.96.0.10/32", "10.96.0.10", true)]
     #[test_case("10.96.0.10/32", "10.96.0.11", false)]
     #[test_case("10.0.0.0/8", "10.200.1.1", true)]

@@ -638,6 +638,34 @@ async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Direction;
+    use test_case::test_case;
+
+    #[test_case("10.0.0.7:8080", Ok("10.0.0.7:8080") ; "ipv4 and port")]
+    #[test_case("[fd00::7]:8080", Ok("[fd00::7]:8080") ; "ipv6 in brackets")]
+    #[test_case("10.0.0.5:8080", Ok("10.0.0.5:8080") ; "another port of the pod")]
+    #[test_case("httpbin.org", Err("no original destination: Host \"httpbin.org\" is not <ip>:<port>") ; "a name")]
+    #[test_case("httpbin.org:80", Err("no original destination: Host \"httpbin.org:80\" is not <ip>:<port>") ; "a name and port")]
+    #[test_case("10.0.0.7", Err("no original destination: Host \"10.0.0.7\" is not <ip>:<port>") ; "no port")]
+    #[test_case("10.0.0.7:0", Err("no original destination: Host \"10.0.0.7:0\" is not <ip>:<port>") ; "port 0")]
+    #[test_case("fd00::7:8080", Err("no original destination: Host \"fd00::7:8080\" is not <ip>:<port>") ; "ipv6 without brackets")]
+    #[test_case("", Err("no original destination: Host \"\" is not <ip>:<port>") ; "no host")]
+    #[test_case("10.0.0.5:15001", Err("no original destination: Host \"10.0.0.5:15001\" is this sidecar's listener \"outbound-listener\" (a loop)") ; "own listener")]
+    fn original_destination_is_the_host(host: &str, want: Result<&str, &str>) {
+        let listeners = [Arc::new(Listener {
+            name: Arc::from("outbound-listener"),
+            addr: "10.0.0.5:15001".parse().expect("addr"),
+            direction: Direction::Outbound,
+            chains: vec![],
+        })];
+        let got = original_destination(host, &listeners, false);
+        assert_eq!(
+            got.as_ref()
+                .map(ToString::to_string)
+                .map_err(String::as_str),
+            want.map(str::to_string)
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_dropped() {

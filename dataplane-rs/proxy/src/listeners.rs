@@ -420,6 +420,63 @@ mod tests {
         assert!(!TransportProtocol::Plaintext.accepts(None));
     }
 
+    fn listeners(addrs: &[&str]) -> Vec<Arc<Listener>> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Arc::new(Listener {
+                    name: Arc::from(format!("l{i}").as_str()),
+                    addr: a.parse().expect("addr"),
+                    direction: Direction::Outbound,
+                    chains: vec![],
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn own_listeners_are_recognised() {
+        let ls = listeners(&["10.0.0.5:15001", "10.0.0.5:15003"]);
+        let own = |d: &str, transparent: bool| {
+            own_listener(&ls, d.parse().expect("addr"), transparent).map(|l| l.name.to_string())
+        };
+        assert_eq!(own("10.0.0.5:15001", false).as_deref(), Some("l0"));
+        assert_eq!(own("10.0.0.5:15003", true).as_deref(), Some("l1"));
+        assert_eq!(own("0.0.0.0:15003", false).as_deref(), Some("l1"));
+        assert_eq!(own("[::ffff:10.0.0.5]:15001", false).as_deref(), Some("l0"));
+        // Bound to the unspecified address (transparent), loopback reaches it too.
+        assert_eq!(own("127.0.0.1:15001", true).as_deref(), Some("l0"));
+        assert_eq!(own("127.0.0.1:15001", false), None);
+        // Other ports of the pod, and the same port elsewhere, are not the sidecar.
+        assert_eq!(own("10.0.0.5:8080", true), None);
+        assert_eq!(own("10.0.0.6:15001", true), None);
+    }
+
+    #[test]
+    fn only_redirected_connections_have_an_original_destination() {
+        let ls = listeners(&["10.0.0.5:15001"]);
+        let a = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let local = Some(a("10.0.0.5:15001"));
+        let egress = a("203.0.113.7:443");
+        assert_eq!(original_destination(&ls, true, egress, local), Some(egress));
+        // Explicit mode: none.
+        assert_eq!(original_destination(&ls, false, egress, local), None);
+        // Not redirected (the kernel reports the address reached), or made to the sidecar.
+        assert_eq!(
+            original_destination(&ls, true, a("10.0.0.5:15001"), local),
+            None
+        );
+        assert_eq!(
+            original_destination(&ls, true, a("127.0.0.1:15001"), Some(a("127.0.0.1:15001"))),
+            None
+        );
+        assert_eq!(
+            original_destination(&ls, true, a("10.0.0.5:15001"), Some(a("127.0.0.1:15001"))),
+            None
+        );
+    }
+
     #[test]
     fn transparent_mode_binds_the_unspecified_address() {
         let a: SocketAddr = "127.0.10.10:15001".parse().expect("addr");

@@ -210,6 +210,69 @@ mod tests {
         config.routes.get("rc").cloned().expect("rc")
     }
 
+    /// `httpbin` to cluster `exact`, then (when `star`) `*` to cluster `passthrough`.
+    fn with_fallback(star: bool) -> Arc<RouteTable> {
+        let vh = |name: &str, domain: &str, cluster: &str| v1::VirtualHost {
+            name: name.into(),
+            domains: vec![domain.into()],
+            routes: vec![route(
+                v1::route_match::Path::Prefix("/".into()),
+                &[],
+                vec![],
+                cluster,
+                None,
+            )],
+            rate_limit: None,
+        };
+        let mut virtual_hosts = vec![vh("demo/httpbin|14001", "httpbin", "exact")];
+        if star {
+            virtual_hosts.push(vh("passthrough", "*", "passthrough"));
+        }
+        let rc = v1::RouteConfiguration {
+            name: "rc".into(),
+            virtual_hosts,
+        };
+        let mut set = ResourceSet::default();
+        set.types
+            .entry(type_url::ROUTE_CONFIGURATION)
+            .or_insert_with(TypeState::default)
+            .resources
+            .insert(
+                Arc::from("rc"),
+                RawResource {
+                    name: Arc::from("rc"),
+                    version: Arc::from("1"),
+                    body: Arc::from(rc.encode_to_vec()),
+                },
+            );
+        let config = Config::build(&set, type_url::CLUSTER).expect("valid");
+        config.routes.get("rc").cloned().expect("rc")
+    }
+
+    #[test_case(true, "httpbin", "exact" ; "exact host before the fallback")]
+    #[test_case(true, "HTTPBIN", "exact" ; "exact host case insensitive before the fallback")]
+    #[test_case(true, "10.0.0.7:8080", "passthrough" ; "unknown address to the fallback")]
+    #[test_case(true, "example.com", "passthrough" ; "unknown name to the fallback")]
+    #[test_case(true, "", "passthrough" ; "no host to the fallback")]
+    #[test_case(false, "10.0.0.7:8080", "404-host" ; "no fallback no virtual host")]
+    #[test_case(false, "httpbin", "exact" ; "exact host without a fallback")]
+    fn unknown_hosts_fall_back_to_star(star: bool, host: &str, want: &str) {
+        let t = with_fallback(star);
+        let map = HeaderMap::new();
+        let req = RequestInfo {
+            host,
+            method: &Method::GET,
+            path: "/x",
+            headers: &map,
+        };
+        let got = match select(&t, req, false, None, OUTSIDE) {
+            Decision::NoVirtualHost => "404-host".to_string(),
+            Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(got, want);
+    }
+
     const OUTSIDE: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
 
     fn first_cluster(w: &Weighted) -> &str {

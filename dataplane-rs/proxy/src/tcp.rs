@@ -129,3 +129,57 @@ where
         tracing::debug!(cluster = %cluster.name, error = %e, "TCP relay ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CircuitBreakers, LbPolicy};
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    fn cluster(discovery: Discovery, endpoints: &[&str]) -> Cluster {
+        Cluster {
+            name: Arc::from("c"),
+            lb: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            protocol: UpstreamProtocol::Tcp,
+            endpoints: endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    meshed: true,
+                    ..Endpoint::original_destination(a.parse().expect("addr"))
+                })
+                .collect(),
+            discovery,
+            breakers: CircuitBreakers::default(),
+            tls: None,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    #[test]
+    fn original_destination_cluster_goes_where_the_connection_was_going() {
+        let active = ActiveRequests::default();
+        let c = cluster(Discovery::OriginalDestination, &[]);
+        let dst: SocketAddr = "203.0.113.7:443".parse().expect("addr");
+        let e = endpoint_for(&c, Some(dst), &active).expect("endpoint");
+        // Plaintext relay: not meshed, so neither tunnelled nor TLS.
+        assert_eq!(e, Endpoint::original_destination(dst));
+        assert!(!e.meshed && e.identity.is_none());
+        // No original destination (explicit mode, or made to the sidecar): closed.
+        assert_eq!(endpoint_for(&c, None, &active), None);
+    }
+
+    #[test]
+    fn listed_cluster_ignores_the_original_destination() {
+        let active = ActiveRequests::default();
+        let c = cluster(Discovery::Listed, &["10.0.0.9:15003"]);
+        let dst: SocketAddr = "203.0.113.7:443".parse().expect("addr");
+        let e = endpoint_for(&c, Some(dst), &active).expect("endpoint");
+        assert_eq!(e.addr.to_string(), "10.0.0.9:15003");
+        assert_eq!(
+            endpoint_for(&cluster(Discovery::Listed, &[]), Some(dst), &active),
+            None
+        );
+    }
+}
