@@ -477,7 +477,12 @@ async fn h1_post(host: &str, path: &str, body: &'static str, chunked: bool) -> R
 }
 
 async fn h2(authority: &str, path: &str, grpc: bool) -> Reply {
-    let stream = TcpStream::connect((CLIENT, 15001)).await.expect("connect");
+    h2_to(&format!("{CLIENT}:15001"), authority, path, grpc).await
+}
+
+/// A request over a new HTTP/2 (prior knowledge) connection to `to`.
+async fn h2_to(to: &str, authority: &str, path: &str, grpc: bool) -> Reply {
+    let stream = TcpStream::connect(to).await.expect("connect");
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
@@ -1521,4 +1526,133 @@ async fn ingress_chains_match_source_ranges_and_transport() {
         waited >= Duration::from_millis(4500) && waited < Duration::from_secs(8),
         "closed after {waited:?}"
     );
+}
+
+const PASSTHROUGH: &str = "127.0.28.1";
+const PASSTHROUGH_APP: &str = "127.0.28.2";
+
+/// Egress passthrough (MeshConfig `enableEgress`) as the control plane lays it out: an
+/// original-destination cluster `passthrough-outbound` (protocol TCP), reached by the last
+/// virtual host of `outbound`, `*`, and by the outbound listener's catch-all TCP chain; next to
+/// it an ordinary virtual host.
+fn passthrough_resources() -> ResourceSet {
+    use v1::UpstreamProtocol::{Http1, Tcp};
+    let passthrough = v1::Cluster {
+        discovery: Some(v1::cluster::Discovery::OriginalDestination(
+            v1::OriginalDestination {},
+        )),
+        ..cluster("passthrough-outbound", Tcp, None)
+    };
+    let routes = v1::RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vec![
+            vhost("known", vec![route(prefix("/"), "known", None, None)]),
+            v1::VirtualHost {
+                domains: vec!["*".into()],
+                ..vhost(
+                    "passthrough",
+                    vec![route(prefix("/"), "passthrough-outbound", None, None)],
+                )
+            },
+        ],
+    };
+    let outbound = v1::Listener {
+        name: "outbound-listener".into(),
+        address: addr(PASSTHROUGH, 15001),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+    };
+    let tcp = v1::Listener {
+        name: "outbound-tcp".into(),
+        address: addr(PASSTHROUGH, 15002),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![tcp_chain(
+            "passthrough",
+            v1::Protocol::Tcp,
+            v1::FilterChainMatch::default(),
+            "passthrough-outbound",
+            None,
+        )],
+    };
+    Set::default()
+        .add(type_url::CLUSTER, "passthrough-outbound", &passthrough)
+        .add(type_url::CLUSTER, "known", &cluster("known", Http1, None))
+        .add(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            "known",
+            &cla("known", &[(PASSTHROUGH_APP, 18101, false)]),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "outbound", &routes)
+        .add(type_url::LISTENER, "outbound-listener", &outbound)
+        .add(type_url::LISTENER, "outbound-tcp", &tcp)
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_passthrough_goes_to_the_host_address() {
+    let outside = serve_counting(&format!("{PASSTHROUGH_APP}:18100")).await;
+    let known = serve_counting(&format!("{PASSTHROUGH_APP}:18101")).await;
+    let _proxy = start_sidecar(passthrough_resources()).await;
+    let to = format!("{PASSTHROUGH}:15001");
+    wait_port(to.parse().expect("addr")).await;
+
+    // A Host no virtual host has, `<ip>:<port>`: straight to that address, plaintext HTTP/1.1.
+    let host = format!("{PASSTHROUGH_APP}:18100");
+    let r = h1_to(&to, &host, "/out").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, format!("HTTP/1.1 /out host={host}"));
+    assert_eq!(outside.load(Ordering::SeqCst), 1);
+    // HTTP/2 from the client goes out as HTTP/1.1 all the same.
+    let r = h2_to(&to, &host, "/out2", false).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, format!("HTTP/1.1 /out2 host={host}"));
+    assert_eq!(known.load(Ordering::SeqCst), 0);
+
+    // An exact host still has its own virtual host.
+    let r = h1_to(&to, "known", "/in").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, "HTTP/1.1 /in host=known");
+    assert_eq!(known.load(Ordering::SeqCst), 1);
+
+    // The sidecar resolves no names.
+    let r = h1_to(&to, "httpbin.org", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.body,
+        "no original destination: Host \"httpbin.org\" is not <ip>:<port>"
+    );
+    let r = h1_to(&to, PASSTHROUGH_APP, "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.body,
+        format!("no original destination: Host \"{PASSTHROUGH_APP}\" is not <ip>:<port>")
+    );
+
+    // Its own listener would be a loop: refused without connecting.
+    for own in [to.clone(), format!("{PASSTHROUGH}:15002")] {
+        let r = h1_to(&to, &own, "/").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{own}");
+        assert!(
+            r.body.starts_with(&format!(
+                "no original destination: Host \"{own}\" is this sidecar's listener"
+            )),
+            "{own}: {}",
+            r.body
+        );
+    }
+
+    // Nothing listening there: the usual connection failure.
+    let r = h1_to(&to, &format!("{PASSTHROUGH_APP}:18199"), "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("connection failure"), "{}", r.body);
+}
+
+/// In explicit mode a connection has no original destination: the catch-all TCP chain closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_passthrough_without_original_destination_closes() {
+    let _proxy = start_sidecar(passthrough_resources()).await;
+    let to: SocketAddr = format!("{PASSTHROUGH}:15002").parse().expect("addr");
+    wait_port(to).await;
+    let mut stream = TcpStream::connect(to).await.expect("connect");
+    assert_eq!(echo_line(&mut stream, "hello").await, None);
 }
