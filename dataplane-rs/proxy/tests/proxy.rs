@@ -1530,12 +1530,14 @@ async fn ingress_chains_match_source_ranges_and_transport() {
 
 const PASSTHROUGH: &str = "127.0.28.1";
 const PASSTHROUGH_APP: &str = "127.0.28.2";
+/// The sidecar of the TCP test, which runs alongside.
+const PASSTHROUGH_TCP: &str = "127.0.28.3";
 
 /// Egress passthrough (MeshConfig `enableEgress`) as the control plane lays it out: an
 /// original-destination cluster `passthrough-outbound` (protocol TCP), reached by the last
 /// virtual host of `outbound`, `*`, and by the outbound listener's catch-all TCP chain; next to
 /// it an ordinary virtual host.
-fn passthrough_resources() -> ResourceSet {
+fn passthrough_resources(sidecar: &str) -> ResourceSet {
     use v1::UpstreamProtocol::{Http1, Tcp};
     let passthrough = v1::Cluster {
         discovery: Some(v1::cluster::Discovery::OriginalDestination(
@@ -1558,13 +1560,13 @@ fn passthrough_resources() -> ResourceSet {
     };
     let outbound = v1::Listener {
         name: "outbound-listener".into(),
-        address: addr(PASSTHROUGH, 15001),
+        address: addr(sidecar, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
     };
     let tcp = v1::Listener {
         name: "outbound-tcp".into(),
-        address: addr(PASSTHROUGH, 15002),
+        address: addr(sidecar, 15002),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![tcp_chain(
             "passthrough",
@@ -1592,7 +1594,7 @@ fn passthrough_resources() -> ResourceSet {
 async fn egress_passthrough_goes_to_the_host_address() {
     let outside = serve_counting(&format!("{PASSTHROUGH_APP}:18100")).await;
     let known = serve_counting(&format!("{PASSTHROUGH_APP}:18101")).await;
-    let _proxy = start_sidecar(passthrough_resources()).await;
+    let _proxy = start_sidecar(passthrough_resources(PASSTHROUGH)).await;
     let to = format!("{PASSTHROUGH}:15001");
     wait_port(to.parse().expect("addr")).await;
 
@@ -1650,8 +1652,8 @@ async fn egress_passthrough_goes_to_the_host_address() {
 /// In explicit mode a connection has no original destination: the catch-all TCP chain closes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_passthrough_without_original_destination_closes() {
-    let _proxy = start_sidecar(passthrough_resources()).await;
-    let to: SocketAddr = format!("{PASSTHROUGH}:15002").parse().expect("addr");
+    let _proxy = start_sidecar(passthrough_resources(PASSTHROUGH_TCP)).await;
+    let to: SocketAddr = format!("{PASSTHROUGH_TCP}:15002").parse().expect("addr");
     wait_port(to).await;
     let mut stream = TcpStream::connect(to).await.expect("connect");
     assert_eq!(echo_line(&mut stream, "hello").await, None);
