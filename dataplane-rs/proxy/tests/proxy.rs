@@ -1236,10 +1236,16 @@ async fn tcp_max_connections_closes_the_extra_client() {
     let proxy = start_sidecar(set).await;
     let to = format!("{TCP_LIMIT}:9000");
     wait_port(to.parse().expect("addr")).await;
-    // wait_port's own connection is relayed too; it must be gone before counting.
+    // wait_port's own connection is relayed too; it must be gone before counting. It is first
+    // seen taking the slot (counted as an upstream request), or, handled late, it could take the
+    // slot from the first client below, or overflow in place of the second.
     let limits = proxy.upstreams.limits(&Arc::from("echo"));
     for _ in 0..250 {
-        if limits.count(Counter::Connections) == 0 {
+        let relayed = proxy
+            .metrics
+            .stats_text(Some("cluster.echo.upstream_rq_total"))
+            .contains("upstream_rq_total: 1");
+        if relayed && limits.count(Counter::Connections) == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
