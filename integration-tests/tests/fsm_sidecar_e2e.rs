@@ -378,6 +378,12 @@ async fn fsm_sidecar_mesh_over_delta_ads() {
 /// client then reaches without its own sidecar.
 const OUTBOUND_IP_EXCLUSION: &str = "10.244.77.1/32";
 
+/// A server outside the mesh (its own namespace on the bridge, no rules, no sidecar), which
+/// the client reaches through its sidecar's egress passthrough (MeshConfig `enableEgress`).
+const OUTSIDE: &str = "outside";
+const OUTSIDE_LAST: u8 = 250;
+const OUTSIDE_PORT: u16 = 9999;
+
 /// The `fsm-init` rules of a pod of the test's mesh, from the generator the injector uses
 /// (FSM's program with the MeshConfig's exclusions; the demo's pods have no annotations).
 fn init_rules(catalog: &fsm_catalog::Catalog) -> Result<String> {
@@ -428,7 +434,13 @@ impl Netns {
 
     /// A "node" namespace holding a bridge, and one namespace per pod with a veth to it, the
     /// pod address on eth0 and FSM's iptables rules.
-    fn create(prefix: &str, pods: &[(&str, u8)], init_rules: &str) -> Result<Netns> {
+    /// `outside`: namespaces on the same bridge without the rules (servers outside the mesh).
+    fn create(
+        prefix: &str,
+        pods: &[(&str, u8)],
+        outside: &[(&str, u8)],
+        init_rules: &str,
+    ) -> Result<Netns> {
         let mut netns = Netns {
             prefix: prefix.to_string(),
             names: Vec::new(),
@@ -442,7 +454,8 @@ impl Netns {
         sh(&format!(
             "ip -n {node} link set lo up && ip -n {node} link add br0 type bridge && ip -n {node} link set br0 up"
         ))?;
-        for (pod, last) in pods {
+        let meshed = pods.iter().map(|p| (p, true));
+        for ((pod, last), intercepted) in meshed.chain(outside.iter().map(|p| (p, false))) {
             let ns = netns.ns(pod);
             sh(&format!("ip netns add {ns}"))?;
             netns.names.push(ns.clone());
@@ -456,8 +469,15 @@ impl Netns {
                  ip -n {ns} addr add 10.244.{POD_SUBNET}.{last}/24 dev eth0
                  ip -n {ns} link set eth0 up
                  ip -n {ns} route add default dev eth0
-                 ip netns exec {ns} iptables-restore --noflush {rules}",
-                rules = rules.display()
+                 {restore}",
+                restore = if intercepted {
+                    format!(
+                        "ip netns exec {ns} iptables-restore --noflush {}",
+                        rules.display()
+                    )
+                } else {
+                    String::new()
+                }
             ))?;
         }
         Ok(netns)
@@ -537,7 +557,8 @@ async fn run_transparent() -> Result<()> {
             "  traffic:\n",
             &format!("  traffic:\n    outboundIPRangeExclusionList: [{OUTBOUND_IP_EXCLUSION}]\n"),
             1,
-        ),
+        )
+        .replace("enableEgress: false", "enableEgress: true"),
     )?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
     ensure!(
@@ -565,10 +586,22 @@ async fn run_transparent() -> Result<()> {
     let netns = Netns::create(
         &format!("fsmt{}", std::process::id() % 100_000),
         &layout_refs,
+        &[(OUTSIDE, OUTSIDE_LAST)],
         &init_rules(&catalog)?,
     )?;
 
     let mut processes = Vec::new();
+    let mut outside = std::process::Command::new("ip");
+    outside
+        .args(["netns", "exec", &netns.ns(OUTSIDE)])
+        .arg(fsm_integration_tests::binary("fsm-demo-app")?)
+        .args(["--name", OUTSIDE, "--tcp"])
+        .arg(format!("0.0.0.0:{OUTSIDE_PORT}"));
+    processes.push(fsm_integration_tests::ManagedProcess::spawn(
+        "app-outside",
+        outside,
+        &logs,
+    )?);
     for pod in &pods {
         let ns = netns.ns(&pod.name);
         // Each pod namespace has its own controller on its loopback: the same manifests give
@@ -698,6 +731,22 @@ async fn run_transparent() -> Result<()> {
         })
         .await?;
         ensure!(echoed == "tcp-echo-1: transparent", "{echoed:?}");
+
+        // Egress passthrough: TCP to an address outside the mesh goes through the client's
+        // sidecar (redirected, its catch-all chain) to where it was going, its original
+        // destination.
+        const PASSTHROUGH: &str = "cluster.passthrough-outbound.upstream_rq_total";
+        let before = stat_in(&curl, PASSTHROUGH)?;
+        let outside_ip = format!("10.244.{POD_SUBNET}.{OUTSIDE_LAST}");
+        let echoed = eventually(CONVERGE, || async {
+            tcp_in(&curl, &outside_ip, OUTSIDE_PORT, "egress")
+        })
+        .await?;
+        ensure!(echoed == "outside: egress", "{echoed:?}");
+        ensure!(
+            stat_in(&curl, PASSTHROUGH)? > before,
+            "the connection to {outside_ip} did not go through the sidecar's passthrough"
+        );
 
         // The excluded address bypasses the client's sidecar (its outbound counter stays put)
         // but is still intercepted by the server's sidecar on the way in, which refuses it: a
