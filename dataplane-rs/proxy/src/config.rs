@@ -947,13 +947,15 @@ impl Cidr {
     }
 }
 
+/// Hand-built resource sets for the unit tests of this crate.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fsm_sidecar_xds::{RawResource, TypeState};
-    use test_case::test_case;
+pub(crate) mod test_support {
+    use std::sync::Arc;
 
-    fn set(resources: Vec<(&'static str, &str, Vec<u8>)>) -> ResourceSet {
+    use fsm_sidecar_xds::{RawResource, ResourceSet, TypeState};
+
+    /// A set holding `resources` as (type URL, name, encoded body).
+    pub(crate) fn set(resources: Vec<(&'static str, &str, Vec<u8>)>) -> ResourceSet {
         let mut set = ResourceSet::default();
         for (url, name, body) in resources {
             set.types
@@ -971,6 +973,13 @@ mod tests {
         }
         set
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::set;
+    use super::*;
+    use test_case::test_case;
 
     fn cluster(name: &str) -> Vec<u8> {
         v1::Cluster {

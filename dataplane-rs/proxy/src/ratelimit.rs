@@ -255,8 +255,8 @@ mod tests {
     /// A config with one inbound virtual host `vh` limited to `max_tokens` per minute, built
     /// anew on each call as every xDS update builds it.
     fn config(vh: &str, max_tokens: u32) -> Arc<Config> {
+        use crate::config::test_support::set;
         use fsm_dataplane_proto::{type_url, v1};
-        use fsm_sidecar_xds::{RawResource, ResourceSet, TypeState};
         use prost::Message;
         let rc = v1::RouteConfiguration {
             name: "inbound".into(),
@@ -290,19 +290,11 @@ mod tests {
                 }),
             }],
         };
-        let mut set = ResourceSet::default();
-        set.types
-            .entry(type_url::ROUTE_CONFIGURATION)
-            .or_insert_with(TypeState::default)
-            .resources
-            .insert(
-                Arc::from("inbound"),
-                RawResource {
-                    name: Arc::from("inbound"),
-                    version: Arc::from("1"),
-                    body: Arc::from(rc.encode_to_vec()),
-                },
-            );
+        let set = set(vec![(
+            type_url::ROUTE_CONFIGURATION,
+            "inbound",
+            rc.encode_to_vec(),
+        )]);
         Arc::new(Config::build(&set, type_url::CLUSTER_LOAD_ASSIGNMENT).expect("valid"))
     }
 

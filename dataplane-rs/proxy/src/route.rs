@@ -97,9 +97,9 @@ pub fn matches(route: &Route, req: RequestInfo<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_support::set;
     use crate::config::{Config, Weighted};
     use fsm_dataplane_proto::{type_url, v1};
-    use fsm_sidecar_xds::{RawResource, ResourceSet, TypeState};
     use prost::Message;
     use std::sync::Arc;
     use test_case::test_case;
@@ -193,19 +193,11 @@ mod tests {
                 rate_limit: None,
             }],
         };
-        let mut set = ResourceSet::default();
-        set.types
-            .entry(type_url::ROUTE_CONFIGURATION)
-            .or_insert_with(TypeState::default)
-            .resources
-            .insert(
-                Arc::from("rc"),
-                RawResource {
-                    name: Arc::from("rc"),
-                    version: Arc::from("1"),
-                    body: Arc::from(rc.encode_to_vec()),
-                },
-            );
+        let set = set(vec![(
+            type_url::ROUTE_CONFIGURATION,
+            "rc",
+            rc.encode_to_vec(),
+        )]);
         let config = Config::build(&set, type_url::CLUSTER).expect("valid");
         config.routes.get("rc").cloned().expect("rc")
     }
@@ -232,19 +224,11 @@ mod tests {
             name: "rc".into(),
             virtual_hosts,
         };
-        let mut set = ResourceSet::default();
-        set.types
-            .entry(type_url::ROUTE_CONFIGURATION)
-            .or_insert_with(TypeState::default)
-            .resources
-            .insert(
-                Arc::from("rc"),
-                RawResource {
-                    name: Arc::from("rc"),
-                    version: Arc::from("1"),
-                    body: Arc::from(rc.encode_to_vec()),
-                },
-            );
+        let set = set(vec![(
+            type_url::ROUTE_CONFIGURATION,
+            "rc",
+            rc.encode_to_vec(),
+        )]);
         let config = Config::build(&set, type_url::CLUSTER).expect("valid");
         config.routes.get("rc").cloned().expect("rc")
     }
