@@ -264,6 +264,21 @@ fn is_tunnelled(c: &fsm_ir::Cluster) -> bool {
     c.kind == ClusterKind::Outbound && !c.protocol.is_http() && c.endpoints.iter().any(|e| e.meshed)
 }
 
+/// Domains already given to a virtual host of one route configuration: a domain belongs to the
+/// first that claims it (Envoy refuses a configuration naming one twice).
+#[derive(Default)]
+struct Domains(BTreeSet<String>);
+
+impl Domains {
+    fn claim(&mut self, hosts: &[String]) -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|h| self.0.insert((*h).clone()))
+            .cloned()
+            .collect()
+    }
+}
+
 /// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host, and
 /// with `egress` (MeshConfig `enableEgress`) a last one for every other Host, passed through to
 /// it. The same for every proxy that may reach the same services.
@@ -271,18 +286,12 @@ pub fn outbound_routes<'a>(
     services: impl IntoIterator<Item = &'a OutboundService>,
     egress: bool,
 ) -> route::RouteConfiguration {
-    let mut seen_domains = BTreeSet::new();
+    let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
     for svc in services.into_iter().filter(|s| s.protocol.is_http()) {
-        let domains: Vec<String> = svc
-            .hosts
-            .iter()
-            .filter(|h| seen_domains.insert((*h).clone()))
-            .cloned()
-            .collect();
         virtual_hosts.push(route::VirtualHost {
             name: format!("{}|{}", svc.service, svc.port),
-            domains,
+            domains: domains.claim(&svc.hosts),
             routes: svc
                 .routes
                 .iter()
@@ -493,16 +502,10 @@ pub fn proxy_resources(
     }
 
     // Inbound: HTTP by Host, TCP by CONNECT authority, all through 15003.
-    let mut seen_domains = BTreeSet::new();
+    let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
     for port in &ir.inbound {
         for svc in &port.services {
-            let domains: Vec<String> = svc
-                .hosts
-                .iter()
-                .filter(|h| seen_domains.insert((*h).clone()))
-                .cloned()
-                .collect();
             let routes = if port.protocol.is_http() {
                 svc.routes
                     .iter()
@@ -536,7 +539,7 @@ pub fn proxy_resources(
             };
             virtual_hosts.push(route::VirtualHost {
                 name: svc.local_cluster.to_string(),
-                domains,
+                domains: domains.claim(&svc.hosts),
                 routes,
                 typed_per_filter_config: svc
                     .rate_limit
@@ -593,51 +596,40 @@ pub fn proxy_resources(
 /// Its route configuration, [`INGRESS_ROUTES`], has one virtual host per such service port.
 fn ingress(ir: &ProxyIr) -> Option<(listener::FilterChain, route::RouteConfiguration)> {
     let mut sources: BTreeSet<&str> = BTreeSet::new();
-    let mut seen_domains = BTreeSet::new();
+    let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
-    for port in ir.inbound.iter().filter(|p| p.protocol.is_http()) {
-        for svc in port
-            .services
+    for svc in ir.ingress_services() {
+        sources.extend(svc.ingress_sources.iter().map(String::as_str));
+        let principals = svc
+            .ingress_sources
             .iter()
-            .filter(|s| !s.ingress_sources.is_empty())
-        {
-            sources.extend(svc.ingress_sources.iter().map(String::as_str));
-            let principals = svc
-                .ingress_sources
-                .iter()
-                .filter_map(|cidr| cidr_range(cidr))
-                .map(|range| rbac::Principal {
-                    identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
-                })
-                .collect();
-            let mut route = http_route(
-                &fsm_ir::HttpRoute {
-                    matches: Default::default(),
-                    backends: vec![fsm_ir::WeightedCluster {
-                        cluster: svc.local_cluster.clone(),
-                        weight: 100,
-                    }],
-                    allowed: fsm_ir::AllowedSources::Any,
-                    timeout_ms: None,
-                    retry: None,
-                    rate_limit: None,
-                },
-                None,
-                None,
-            );
-            route.typed_per_filter_config = rbac_per_route(principals);
-            virtual_hosts.push(route::VirtualHost {
-                name: svc.local_cluster.to_string(),
-                domains: svc
-                    .hosts
-                    .iter()
-                    .filter(|h| seen_domains.insert((*h).clone()))
-                    .cloned()
-                    .collect(),
-                routes: vec![route],
-                ..Default::default()
-            });
-        }
+            .filter_map(|cidr| cidr_range(cidr))
+            .map(|range| rbac::Principal {
+                identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
+            })
+            .collect();
+        let mut route = http_route(
+            &fsm_ir::HttpRoute {
+                matches: Default::default(),
+                backends: vec![fsm_ir::WeightedCluster {
+                    cluster: svc.local_cluster.clone(),
+                    weight: 100,
+                }],
+                allowed: fsm_ir::AllowedSources::Any,
+                timeout_ms: None,
+                retry: None,
+                rate_limit: None,
+            },
+            None,
+            None,
+        );
+        route.typed_per_filter_config = rbac_per_route(principals);
+        virtual_hosts.push(route::VirtualHost {
+            name: svc.local_cluster.to_string(),
+            domains: domains.claim(&svc.hosts),
+            routes: vec![route],
+            ..Default::default()
+        });
     }
     if virtual_hosts.is_empty() {
         return None;

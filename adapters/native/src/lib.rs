@@ -182,22 +182,11 @@ pub fn outbound_routes<'a>(
         routes.virtual_hosts.push(v1::VirtualHost {
             name: names::PASSTHROUGH_VIRTUAL_HOST.into(),
             domains: vec!["*".into()],
-            routes: vec![v1::Route {
-                r#match: Some(v1::RouteMatch {
-                    path: Some(v1::route_match::Path::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(v1::RouteAction {
-                    clusters: vec![v1::WeightedCluster {
-                        name: names::PASSTHROUGH_CLUSTER.into(),
-                        weight: 100,
-                    }],
-                    timeout: None,
-                    retry_policy: None,
-                }),
-                allowed_sources: None,
-                rate_limit: None,
-            }],
+            routes: vec![routes::to_cluster(
+                v1::route_match::Path::Prefix("/".into()),
+                names::PASSTHROUGH_CLUSTER,
+                None,
+            )],
             rate_limit: None,
         });
     }

@@ -131,21 +131,24 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
         allowed_sources: None,
         tls: None,
     };
-    let ports: Vec<&InboundPort> = ir
+    // Each admitting port's sources, gathered once.
+    let ports: Vec<(u16, BTreeSet<String>)> = ir
         .inbound
         .iter()
-        .filter(|p| p.protocol.is_http() && !sources_of(p).is_empty())
+        .filter(|p| p.protocol.is_http())
+        .map(|p| (p.target_port, sources_of(p)))
+        .filter(|(_, sources)| !sources.is_empty())
         .collect();
     if ports.is_empty() {
         return vec![];
     }
-    let all: BTreeSet<String> = ports.iter().flat_map(|p| sources_of(p)).collect();
+    let all: BTreeSet<String> = ports.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
     let mut chains = vec![chain(INGRESS_CHAIN.into(), ports::INBOUND, all)];
-    chains.extend(ports.iter().map(|p| {
+    chains.extend(ports.into_iter().map(|(target_port, sources)| {
         chain(
-            format!("ingress:target-port:{}", p.target_port),
-            p.target_port,
-            sources_of(p),
+            format!("ingress:target-port:{target_port}"),
+            target_port,
+            sources,
         )
     }));
     chains

@@ -59,22 +59,11 @@ pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterErr
             } else {
                 // A tunnel's authority is always this exact form; leaving the bare names
                 // (`api`, `api.shop`) to HTTP virtual hosts of the same service.
-                let route = v1::Route {
-                    r#match: Some(v1::RouteMatch {
-                        path: Some(v1::route_match::Path::Connect(v1::ConnectMatch {})),
-                        ..Default::default()
-                    }),
-                    action: Some(v1::RouteAction {
-                        clusters: vec![v1::WeightedCluster {
-                            name: svc.local_cluster.to_string(),
-                            weight: 100,
-                        }],
-                        timeout: None,
-                        retry_policy: None,
-                    }),
-                    allowed_sources: Some(allowed_sources(&svc.allowed)),
-                    rate_limit: None,
-                };
+                let route = to_cluster(
+                    v1::route_match::Path::Connect(v1::ConnectMatch {}),
+                    svc.local_cluster.as_str(),
+                    Some(allowed_sources(&svc.allowed)),
+                );
                 (vec![connect_authority(&svc.service, svc.port)], vec![route])
             };
             virtual_hosts.push(v1::VirtualHost {
@@ -97,43 +86,51 @@ pub(crate) fn inbound(ir: &ProxyIr) -> Result<v1::RouteConfiguration, AdapterErr
 pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
     let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
-    for port in ir.inbound.iter().filter(|p| p.protocol.is_http()) {
-        for svc in port
-            .services
-            .iter()
-            .filter(|s| !s.ingress_sources.is_empty())
-        {
-            virtual_hosts.push(v1::VirtualHost {
-                name: svc.local_cluster.to_string(),
-                domains: domains.claim(&svc.hosts),
-                routes: vec![v1::Route {
-                    r#match: Some(v1::RouteMatch {
-                        path: Some(v1::route_match::Path::Prefix("/".into())),
-                        ..Default::default()
-                    }),
-                    action: Some(v1::RouteAction {
-                        clusters: vec![v1::WeightedCluster {
-                            name: svc.local_cluster.to_string(),
-                            weight: 100,
-                        }],
-                        timeout: None,
-                        retry_policy: None,
-                    }),
-                    allowed_sources: Some(v1::AllowedSources {
-                        any: false,
-                        identities: vec![],
-                        source_ip_ranges: svc.ingress_sources.clone(),
-                    }),
-                    rate_limit: None,
-                }],
-                rate_limit: None,
-            });
-        }
+    for svc in ir.ingress_services() {
+        virtual_hosts.push(v1::VirtualHost {
+            name: svc.local_cluster.to_string(),
+            domains: domains.claim(&svc.hosts),
+            routes: vec![to_cluster(
+                v1::route_match::Path::Prefix("/".into()),
+                svc.local_cluster.as_str(),
+                Some(v1::AllowedSources {
+                    any: false,
+                    identities: vec![],
+                    source_ip_ranges: svc.ingress_sources.clone(),
+                }),
+            )],
+            rate_limit: None,
+        });
     }
     (!virtual_hosts.is_empty()).then(|| v1::RouteConfiguration {
         name: INGRESS_ROUTES.into(),
         virtual_hosts,
     })
+}
+
+/// A route taking every request `path` matches to `cluster` alone, admitting `allowed` (unset
+/// on outbound routes).
+pub(crate) fn to_cluster(
+    path: v1::route_match::Path,
+    cluster: &str,
+    allowed: Option<v1::AllowedSources>,
+) -> v1::Route {
+    v1::Route {
+        r#match: Some(v1::RouteMatch {
+            path: Some(path),
+            ..Default::default()
+        }),
+        action: Some(v1::RouteAction {
+            clusters: vec![v1::WeightedCluster {
+                name: cluster.to_owned(),
+                weight: 100,
+            }],
+            timeout: None,
+            retry_policy: None,
+        }),
+        allowed_sources: allowed,
+        rate_limit: None,
+    }
 }
 
 /// Domains already given to a virtual host: a domain belongs to the first one that claims it.

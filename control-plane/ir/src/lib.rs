@@ -575,6 +575,16 @@ pub enum IrError {
 }
 
 impl ProxyIr {
+    /// The HTTP service ports of this pod that admit clients outside the mesh
+    /// ([`InboundService::ingress_sources`]), in inbound order.
+    pub fn ingress_services(&self) -> impl Iterator<Item = &InboundService> {
+        self.inbound
+            .iter()
+            .filter(|p| p.protocol.is_http())
+            .flat_map(|p| p.services.iter())
+            .filter(|s| !s.ingress_sources.is_empty())
+    }
+
     /// The proxy's outbound entries and clusters grouped by service, as the compiler's view
     /// shares them.
     pub fn service_outbounds(&self) -> Vec<ServiceOutbound> {
