@@ -559,21 +559,11 @@ fn transport(cert: &(String, String), trusted: &str, ids: &[(&str, &str)]) -> Tr
     }
 }
 
-/// An HTTP/1.1 request straight to the server sidecar's mTLS inbound listener.
-async fn tls_get(transport: &Transport, host: &str) -> Result<(StatusCode, String), String> {
-    tls_get_to(SERVER, transport, host).await
-}
-
-/// An HTTP/1.1 request over TLS to the inbound listener on `server`.
-async fn tls_get_to(
-    server: &str,
-    transport: &Transport,
-    host: &str,
-) -> Result<(StatusCode, String), String> {
-    let server: SocketAddr = format!("{server}:15003").parse().expect("addr");
-    let stream = connect(server, Duration::from_secs(2), transport, Alpn::Http1)
-        .await
-        .map_err(|e| e.to_string())?;
+/// GET `/get` for `host` over an open connection, as HTTP/1.1; the status and body.
+async fn get_over<S>(stream: S, host: &str) -> Result<(StatusCode, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
@@ -592,6 +582,24 @@ async fn tls_get_to(
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// An HTTP/1.1 request straight to the server sidecar's mTLS inbound listener.
+async fn tls_get(transport: &Transport, host: &str) -> Result<(StatusCode, String), String> {
+    tls_get_to(SERVER, transport, host).await
+}
+
+/// An HTTP/1.1 request over TLS to the inbound listener on `server`.
+async fn tls_get_to(
+    server: &str,
+    transport: &Transport,
+    host: &str,
+) -> Result<(StatusCode, String), String> {
+    let server: SocketAddr = format!("{server}:15003").parse().expect("addr");
+    let stream = connect(server, Duration::from_secs(2), transport, Alpn::Http1)
+        .await
+        .map_err(|e| e.to_string())?;
+    get_over(stream, host).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -920,24 +928,7 @@ async fn plain_get_from(from: &str, to: &str, host: &str) -> Result<(StatusCode,
         .connect(format!("{to}:15003").parse().expect("addr"))
         .await
         .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri("/get")
-        .header("host", host)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    get_over(stream, host).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
