@@ -160,6 +160,21 @@ impl DemoMesh {
         .await
     }
 
+    /// Turns the boolean MeshConfig field `key` (e.g. `enableEgress`) of the running mesh's
+    /// `00-mesh.yaml` to `on`; an error when it is already so (or absent).
+    pub fn set_mesh_flag(&self, key: &str, on: bool) -> Result<()> {
+        let path = self.manifests.join("00-mesh.yaml");
+        let text = std::fs::read_to_string(&path)?;
+        let edited = text.replace(&format!("{key}: {}", !on), &format!("{key}: {on}"));
+        anyhow::ensure!(
+            edited != text,
+            "MeshConfig {key} is not {} to turn {on}",
+            !on
+        );
+        std::fs::write(&path, edited)?;
+        Ok(())
+    }
+
     /// The meshed pod named `name`.
     pub fn pod(&self, name: &str) -> Result<&MeshPod> {
         self.pods

@@ -13,23 +13,6 @@ use fsm_integration_tests::{AdsMode, DemoMesh, Plane, eventually, http_get_via, 
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn set_egress(manifests: &std::path::Path, on: bool) -> Result<()> {
-    let path = manifests.join("00-mesh.yaml");
-    let text = std::fs::read_to_string(&path)?;
-    let (from, to) = if on {
-        ("false", "true")
-    } else {
-        ("true", "false")
-    };
-    let edited = text.replace(
-        &format!("enableEgress: {from}"),
-        &format!("enableEgress: {to}"),
-    );
-    ensure!(edited != text, "enableEgress already {on}");
-    std::fs::write(&path, edited)?;
-    Ok(())
-}
-
 async fn egress(client: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
     let _sidecars = mesh
@@ -64,7 +47,7 @@ async fn egress(client: Plane, subnet: u8) -> Result<()> {
     let off = http_get_via(via, &host, "/get").await?;
     ensure!(off.status == 404, "egress off, yet {host} answered {off:?}");
 
-    set_egress(&mesh.manifests, true)?;
+    mesh.set_mesh_flag("enableEgress", true)?;
     let passed = eventually(CONVERGE, || async {
         let reply = http_get_via(via, &host, "/get").await?;
         ensure!(reply.status == 200, "GET via passthrough: {}", reply.status);
@@ -88,7 +71,7 @@ async fn egress(client: Plane, subnet: u8) -> Result<()> {
     let looped = http_get_via(via, &via.to_string(), "/get").await?;
     ensure!(looped.status == 503, "the sidecar itself: {looped:?}");
 
-    set_egress(&mesh.manifests, false)?;
+    mesh.set_mesh_flag("enableEgress", false)?;
     eventually(CONVERGE, || async {
         let reply = http_get_via(via, &host, "/get").await?;
         ensure!(

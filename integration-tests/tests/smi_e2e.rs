@@ -19,7 +19,6 @@
 //! policies and a Retry names curl's account and httpbin, curl sees none of the failures.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -68,23 +67,6 @@ spec:
   rules: [{kind: TCPRoute, name: echo}]
 "#;
 
-fn set_permissive(manifests: &Path, permissive: bool) -> Result<()> {
-    let path = manifests.join("00-mesh.yaml");
-    let text = std::fs::read_to_string(&path)?;
-    let (from, to) = if permissive {
-        ("false", "true")
-    } else {
-        ("true", "false")
-    };
-    let edited = text.replace(
-        &format!("enablePermissiveTrafficPolicyMode: {from}"),
-        &format!("enablePermissiveTrafficPolicyMode: {to}"),
-    );
-    ensure!(edited != text, "MeshConfig already permissive={permissive}");
-    std::fs::write(&path, edited)?;
-    Ok(())
-}
-
 async fn status(via: SocketAddr, path: &str) -> Result<u16> {
     Ok(http_get_via(via, HTTPBIN, path).await?.status)
 }
@@ -113,7 +95,7 @@ async fn modes_switch_live(client: Plane, servers: Plane, subnet: u8) -> Result<
     eventually(CONVERGE, || tcp_roundtrip(echo, "open")).await?;
 
     // SMI mode without a TrafficTarget: denied, HTTP and TCP.
-    set_permissive(&mesh.manifests, false)?;
+    mesh.set_mesh_flag("enablePermissiveTrafficPolicyMode", false)?;
     until_status(via, "/get", 403).await?;
     ensure!(status(via, "/status/418").await? == 403);
     let denied = http_get_via(via, HTTPBIN, "/get").await?;
@@ -140,7 +122,7 @@ async fn modes_switch_live(client: Plane, servers: Plane, subnet: u8) -> Result<
     ensure!(reply == "tcp-echo-1: allowed", "{reply}");
 
     // Permissive again: the route group no longer limits anything.
-    set_permissive(&mesh.manifests, true)?;
+    mesh.set_mesh_flag("enablePermissiveTrafficPolicyMode", true)?;
     until_status(via, "/status/418", 418).await?;
     until_status(via, "/get", 200).await?;
     Ok(())
