@@ -327,7 +327,7 @@ fn passthrough_virtual_host() -> route::VirtualHost {
         append_action: core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
         ..Default::default()
     };
-    let mut first_hop = route::HeaderMatcher {
+    let first_hop = route::HeaderMatcher {
         name: EGRESS_HOP_HEADER.into(),
         header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::PresentMatch(
             true,
@@ -335,7 +335,6 @@ fn passthrough_virtual_host() -> route::VirtualHost {
         invert_match: true,
         ..Default::default()
     };
-    first_hop.treat_missing_header_as_empty = false;
     let pass = route::Route {
         r#match: Some(route::RouteMatch {
             path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
-use fsm_crds::config::v1alpha3::LocalProxyMode;
+use fsm_crds::config::v1alpha3::{FeatureFlags, LocalProxyMode, MeshConfig};
 use fsm_crds::policy::v1alpha1::{
     AccessControl, BackendSpec, HttpLocalRateLimitSpec, IngressBackend, IngressSourceKind,
     IngressSourceSpec, PortProtocol, Retry, TcpLocalRateLimitSpec, UpstreamTrafficSetting,
@@ -180,10 +180,11 @@ pub fn compile_with_view(
     })?;
 
     let mesh_config = catalog.mesh_config();
-    let mesh = mesh_settings(catalog);
+    let mesh = mesh_settings(&mesh_config);
     let mut compiler = Compiler {
         catalog,
         mesh: &mesh,
+        flags: &mesh_config.spec.feature_flags,
         clusters: BTreeMap::new(),
         warnings: Vec::new(),
     };
@@ -258,10 +259,12 @@ pub fn compile_with_view(
 
 /// Compiles one service's outbound entry: what every proxy that may reach it gets for it.
 pub fn service_outbound(catalog: &Catalog, svc: &ServiceRecord) -> (ServiceOutbound, Vec<Warning>) {
-    let mesh = mesh_settings(catalog);
+    let mesh_config = catalog.mesh_config();
+    let mesh = mesh_settings(&mesh_config);
     let mut compiler = Compiler {
         catalog,
         mesh: &mesh,
+        flags: &mesh_config.spec.feature_flags,
         clusters: BTreeMap::new(),
         warnings: Vec::new(),
     };
@@ -274,8 +277,7 @@ pub fn service_outbound(catalog: &Catalog, svc: &ServiceRecord) -> (ServiceOutbo
     (outbound, compiler.warnings)
 }
 
-fn mesh_settings(catalog: &Catalog) -> MeshSettings {
-    let mesh_config = catalog.mesh_config();
+fn mesh_settings(mesh_config: &MeshConfig) -> MeshSettings {
     MeshSettings {
         permissive_traffic_policy_mode: mesh_config
             .spec
@@ -289,6 +291,8 @@ fn mesh_settings(catalog: &Catalog) -> MeshSettings {
 struct Compiler<'a> {
     catalog: &'a Catalog,
     mesh: &'a MeshSettings,
+    /// MeshConfig `featureFlags`, read once per compile (the catalog hands out a copy).
+    flags: &'a FeatureFlags,
     clusters: BTreeMap<ClusterName, Cluster>,
     warnings: Vec<Warning>,
 }
@@ -753,7 +757,7 @@ impl<'a> Compiler<'a> {
         protocol: Protocol,
     ) -> Vec<String> {
         let catalog = self.catalog;
-        let flags = catalog.mesh_config().spec.feature_flags;
+        let flags = self.flags;
         let mut sources = BTreeSet::new();
         if flags.enable_ingress_backend_policy {
             for ib in catalog.policies_of::<IngressBackend>(&service.namespace) {
