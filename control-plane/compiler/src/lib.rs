@@ -1058,30 +1058,23 @@ fn circuit_breaker(uts: &UpstreamTrafficSetting) -> Option<CircuitBreaker> {
     (limits != CircuitBreaker::default()).then_some(limits)
 }
 
-/// FSM's bucket arithmetic: `n + burst` tokens, `n` more every `unit`.
-fn token_bucket(n: u32, burst: u32, unit: std::time::Duration) -> (u32, u32, u64) {
-    (n.saturating_add(burst), n, unit.as_millis() as u64)
-}
-
-fn connection_limit(tcp: &TcpLocalRateLimitSpec) -> LocalRateLimit {
-    let (max_tokens, tokens_per_fill, fill_interval_ms) =
-        token_bucket(tcp.connections, tcp.burst, tcp.unit.as_duration());
+/// FSM's bucket arithmetic: `n + burst` tokens, `n` more every `unit`; refused with 429.
+fn token_bucket(n: u32, burst: u32, unit: std::time::Duration) -> LocalRateLimit {
     LocalRateLimit {
-        max_tokens,
-        tokens_per_fill,
-        fill_interval_ms,
+        max_tokens: n.saturating_add(burst),
+        tokens_per_fill: n,
+        fill_interval_ms: unit.as_millis() as u64,
         status: 429,
         response_headers: vec![],
     }
 }
 
+fn connection_limit(tcp: &TcpLocalRateLimitSpec) -> LocalRateLimit {
+    token_bucket(tcp.connections, tcp.burst, tcp.unit.as_duration())
+}
+
 fn request_limit(http: &HttpLocalRateLimitSpec) -> LocalRateLimit {
-    let (max_tokens, tokens_per_fill, fill_interval_ms) =
-        token_bucket(http.requests, http.burst, http.unit.as_duration());
     LocalRateLimit {
-        max_tokens,
-        tokens_per_fill,
-        fill_interval_ms,
         status: http.status_code(),
         response_headers: http
             .response_headers_to_add
@@ -1091,6 +1084,7 @@ fn request_limit(http: &HttpLocalRateLimitSpec) -> LocalRateLimit {
                 value: h.value.clone(),
             })
             .collect(),
+        ..token_bucket(http.requests, http.burst, http.unit.as_duration())
     }
 }
 
