@@ -579,7 +579,17 @@ fn own_resources(
                     ),
                     (
                         fsm_adapter_envoy::ROUTE_TYPE,
-                        encode(&r.routes, |r| &r.name),
+                        // Its per-filter maps encoded in one order, so that the same routes
+                        // are the same resource (prost writes a map in its hasher's order).
+                        r.routes
+                            .iter()
+                            .map(|rc| {
+                                Arc::new(Resource::new(
+                                    rc.name.clone(),
+                                    fsm_adapter_envoy::encode_route_configuration(rc),
+                                ))
+                            })
+                            .collect(),
                     ),
                     (
                         fsm_adapter_envoy::SECRET_TYPE,
@@ -770,6 +780,38 @@ mod tests {
                     ..outbound_cluster(endpoints)
                 },
             )
+    }
+
+    /// A proxy's own routes with RBAC and a rate limit on one route (two per-filter entries)
+    /// are the same bytes however often they are built: else every recompile would look like a
+    /// change to its Envoy.
+    #[test]
+    fn own_envoy_routes_encode_the_same_each_time() {
+        #[derive(serde::Deserialize)]
+        struct Golden {
+            ir: ProxyIr,
+        }
+        let golden: Golden = serde_yaml_ng::from_str(include_str!(
+            "../../compiler/testdata/upstream-traffic-setting-smi/out.app.httpbin-0.yaml"
+        ))
+        .expect("compiler golden");
+        let credentials = ProxyCredentials {
+            cert_chain_pem: "chain".into(),
+            private_key_pem: "key".into(),
+            trust_bundle_pem: "roots".into(),
+        };
+        let routes = || {
+            let (types, _) =
+                own_resources(DataPlane::Envoy, &golden.ir, &credentials).expect("translates");
+            types[fsm_adapter_envoy::ROUTE_TYPE]
+                .iter()
+                .map(|r| r.body.to_vec())
+                .collect::<Vec<_>>()
+        };
+        let first = routes();
+        for _ in 0..16 {
+            assert_eq!(routes(), first);
+        }
     }
 
     proptest::proptest! {
