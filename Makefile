@@ -46,8 +46,12 @@ demo-bookstore: envoy build
 	./target/debug/fsm-demo --manifests examples/bookstore --client bookbuyer/bookbuyer \
 		--http-host bookstore.bookstore:14001 --http-path /buy-a-book/new --tcp-port 0
 
-# Integration tests spawn the binaries built by `build`, so build them first.
-test: envoy deps build
+# Integration tests spawn the workspace's binaries, so build them first, together with the tests:
+# one build with the tests' feature set, where `build` then `cargo test` compiled most crates twice.
+# Without incremental caches, which a one-off run never reuses, target/ stays well under half.
+test: export CARGO_INCREMENTAL ?= 0
+test: envoy deps
+	$(CARGO) build --workspace --bins --tests
 	$(CARGO) test --workspace
 
 # Figures recorded in BENCHMARKS.md: every fsm-bench benchmark end to end (`make test` runs each in
