@@ -56,8 +56,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value};
 use fsm_ir::{
-    AllowedSources, ClusterKind, HttpRoute, OutboundService, PathMatch, Protocol, ProxyCredentials,
-    ProxyIr, ServiceIdentity, ServiceOutbound, names, ports,
+    AllowedSources, ClusterKind, EgressHttpHost, HttpRoute, OutboundService, PathMatch, Protocol,
+    ProxyCredentials, ProxyIr, ServiceIdentity, ServiceOutbound, names, ports,
 };
 use prost::{Message, Name};
 
@@ -200,7 +200,7 @@ pub fn translate(
     out.secrets.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.insert(
         0,
-        outbound_routes(ir.outbound.iter(), ir.mesh.enable_egress),
+        outbound_routes(ir.outbound.iter(), &ir.egress.http, ir.mesh.enable_egress),
     );
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
@@ -279,12 +279,14 @@ impl Domains {
     }
 }
 
-/// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host, and
-/// with `egress` (MeshConfig `enableEgress`) a last one for every other Host, passed through to
-/// it. The same for every proxy that may reach the same services.
+/// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host, then
+/// one per host outside the mesh an Egress policy allows (`egress_hosts`), and with `passthrough`
+/// (MeshConfig `enableEgress`) a last one for every other Host, passed through to it. The same
+/// for every proxy that may reach the same services and hosts.
 pub fn outbound_routes<'a>(
     services: impl IntoIterator<Item = &'a OutboundService>,
-    egress: bool,
+    egress_hosts: &[EgressHttpHost],
+    passthrough: bool,
 ) -> route::RouteConfiguration {
     let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
@@ -300,7 +302,19 @@ pub fn outbound_routes<'a>(
             ..Default::default()
         });
     }
-    if egress {
+    for host in egress_hosts {
+        virtual_hosts.push(route::VirtualHost {
+            name: host.cluster_name().to_string(),
+            domains: domains.claim(&host.domains()),
+            routes: host
+                .routes()
+                .iter()
+                .map(|r| http_route(r, None, None))
+                .collect(),
+            ..Default::default()
+        });
+    }
+    if passthrough {
         virtual_hosts.push(passthrough_virtual_host());
     }
     route::RouteConfiguration {
@@ -403,10 +417,62 @@ fn passthrough_cluster() -> cluster::Cluster {
                 ..Default::default()
             },
         )),
-        connect_timeout: Some(duration_ms(1000)),
+        connect_timeout: Some(duration_ms(EGRESS_CONNECT_TIMEOUT_MS)),
         ..Default::default()
     }
 }
+
+/// The cluster of a host outside the mesh an Egress policy allows: the name resolved by DNS
+/// when connections are made (Envoy's LOGICAL_DNS, IPv4 first), plaintext (the application's
+/// TLS, if any, goes through untouched), with the policy's connection limits.
+fn egress_host_cluster(host: &EgressHttpHost) -> cluster::Cluster {
+    let name = host.cluster_name().to_string();
+    cluster::Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::LogicalDns as i32,
+        )),
+        dns_lookup_family: cluster::cluster::DnsLookupFamily::V4Preferred as i32,
+        load_assignment: Some(endpoint::ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: Some(core::Address {
+                                address: Some(core::address::Address::SocketAddress(
+                                    core::SocketAddress {
+                                        address: host.host.clone(),
+                                        port_specifier: Some(
+                                            core::socket_address::PortSpecifier::PortValue(
+                                                u32::from(host.port),
+                                            ),
+                                        ),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        connect_timeout: Some(duration_ms(EGRESS_CONNECT_TIMEOUT_MS)),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        circuit_breakers: host
+            .circuit_breaker
+            .as_ref()
+            .map(|l| circuit_breakers(l, true, false)),
+        ..Default::default()
+    }
+}
+
+/// How long a proxy waits for a connection to a destination outside the mesh.
+const EGRESS_CONNECT_TIMEOUT_MS: u64 = 1000;
 
 /// What [`proxy_resources`] reads of the services the proxy may reach: HTTP services are routed
 /// by the shared `outbound` route configuration; only TCP service ports get listeners of their
@@ -439,6 +505,26 @@ pub fn proxy_resources(
     }
     if ir.mesh.enable_egress {
         out.clusters.push(passthrough_cluster());
+    }
+    out.clusters
+        .extend(ir.egress.http.iter().map(egress_host_cluster));
+    if ir.egress.uses_original_destination() {
+        // Envoy here serves applications that name it as their proxy (explicit mode): nothing
+        // redirects their TLS or TCP connections to it, so it has no original destination to
+        // match on. fsm-sidecar takes them.
+        out.warnings.push(format!(
+            "Egress: the TLS and TCP destinations its policies allow on port(s) {} need connections redirected to the proxy (transparent mode), which Envoy is not configured for yet; they are not reachable through it",
+            ir.egress
+                .tls
+                .iter()
+                .map(|t| t.port)
+                .chain(ir.egress.tcp.iter().map(|t| t.port))
+                .collect::<BTreeSet<u16>>()
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     out.listeners.push(http_listener(
         OUTBOUND_LISTENER,

@@ -116,8 +116,11 @@ pub fn translate(
     }
     out.secrets
         .push(outbound_root(&credentials.trust_bundle_pem));
-    out.routes
-        .push(outbound_routes(ir.outbound.iter(), ir.mesh.enable_egress)?);
+    out.routes.push(outbound_routes(
+        ir.outbound.iter(),
+        &ir.egress.http,
+        ir.mesh.enable_egress,
+    )?);
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.endpoints
         .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
@@ -170,15 +173,17 @@ pub fn outbound_root(trust_bundle_pem: &str) -> v1::Secret {
     validation(names::OUTBOUND_ROOT.into(), vec![], trust_bundle_pem)
 }
 
-/// Route configuration `outbound` (see [`routes::outbound`]); with `egress` (MeshConfig
-/// `enableEgress`) its last virtual host takes every other Host to the original-destination
-/// cluster.
+/// Route configuration `outbound` (see [`routes::outbound`]): the services' virtual hosts, then
+/// those of the hosts outside the mesh Egress policies allow (`egress_hosts`); with
+/// `passthrough` (MeshConfig `enableEgress`) its last virtual host takes every other Host to the
+/// original-destination cluster.
 pub fn outbound_routes<'a>(
     services: impl IntoIterator<Item = &'a fsm_ir::OutboundService>,
-    egress: bool,
+    egress_hosts: &[fsm_ir::EgressHttpHost],
+    passthrough: bool,
 ) -> Result<v1::RouteConfiguration, AdapterError> {
-    let mut routes = routes::outbound(services)?;
-    if egress {
+    let mut routes = routes::outbound(services, egress_hosts)?;
+    if passthrough {
         routes.virtual_hosts.push(v1::VirtualHost {
             name: names::PASSTHROUGH_VIRTUAL_HOST.into(),
             domains: vec!["*".into()],
@@ -209,6 +214,23 @@ fn passthrough_cluster() -> v1::Cluster {
     }
 }
 
+/// The cluster of a host outside the mesh an Egress policy allows: resolved by name when
+/// connections are made, plaintext (the application's own TLS goes through untouched).
+fn egress_host_cluster(host: &fsm_ir::EgressHttpHost) -> v1::Cluster {
+    v1::Cluster {
+        name: host.cluster_name().to_string(),
+        discovery: Some(v1::cluster::Discovery::Dns(v1::DnsName {
+            host: host.host.clone(),
+            port: u32::from(host.port),
+        })),
+        lb_policy: v1::LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(duration_ms(1000)),
+        upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+        circuit_breakers: host.circuit_breaker.as_ref().map(circuit_breakers),
+        tls: None,
+    }
+}
+
 /// What [`proxy_resources`] reads of the services the proxy may reach: every service port, since
 /// the outbound listener has a filter chain per service port (matched on its ClusterIPs).
 pub const PROXY_RESOURCES_OUTBOUND: fsm_ir::OutboundDetail = fsm_ir::OutboundDetail::All;
@@ -228,9 +250,11 @@ pub fn proxy_resources(
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
         out.clusters.push(cluster(c)?);
     }
-    if ir.mesh.enable_egress {
+    if ir.mesh.enable_egress || ir.egress.uses_original_destination() {
         out.clusters.push(passthrough_cluster());
     }
+    out.clusters
+        .extend(ir.egress.http.iter().map(egress_host_cluster));
     out.routes = vec![routes::inbound(ir)?];
     out.routes.extend(routes::ingress(ir));
     out.listeners = listeners::all(ir, &mut out.warnings);
@@ -387,13 +411,7 @@ fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
         lb_policy: v1::LbPolicy::RoundRobin as i32,
         connect_timeout: Some(duration_ms(c.connect_timeout_ms)),
         upstream_protocol: upstream_protocol as i32,
-        circuit_breakers: c.circuit_breaker.as_ref().map(|l| v1::CircuitBreakers {
-            max_connections: l.max_connections,
-            max_pending_requests: l.max_pending_requests,
-            max_requests: l.max_requests,
-            max_requests_per_connection: l.max_requests_per_connection,
-            max_retries: l.max_retries,
-        }),
+        circuit_breakers: c.circuit_breaker.as_ref().map(circuit_breakers),
         // Only meshed endpoints terminate TLS; the sidecar connects to unmeshed ones in plaintext.
         tls: (c.kind == ClusterKind::Outbound && c.has_meshed_endpoints()).then(|| {
             v1::UpstreamTls {
@@ -405,6 +423,16 @@ fn cluster(c: &fsm_ir::Cluster) -> Result<v1::Cluster, AdapterError> {
             }
         }),
     })
+}
+
+fn circuit_breakers(l: &fsm_ir::CircuitBreaker) -> v1::CircuitBreakers {
+    v1::CircuitBreakers {
+        max_connections: l.max_connections,
+        max_pending_requests: l.max_pending_requests,
+        max_requests: l.max_requests,
+        max_requests_per_connection: l.max_requests_per_connection,
+        max_retries: l.max_retries,
+    }
 }
 
 fn load_assignment(c: &fsm_ir::Cluster) -> v1::ClusterLoadAssignment {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{AllowedSources, InboundPort, OutboundService, ProxyIr, names, ports};
+use fsm_ir::{AllowedSources, Egress, InboundPort, OutboundService, ProxyIr, names, ports};
 
 use crate::{
     EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, INGRESS_CHAIN, INGRESS_ROUTES,
@@ -26,23 +26,14 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         }),
         ..outbound_target(svc)
     }));
+    outbound.extend(egress_chains(&ir.egress));
     if ir.mesh.enable_egress {
         // Egress passthrough: a redirected connection no service's chain takes goes to where
         // it was going (the chain with no port and no ranges sorts last).
-        outbound.push(v1::FilterChain {
-            name: names::PASSTHROUGH_CLUSTER.into(),
-            r#match: Some(v1::FilterChainMatch::default()),
-            protocol: v1::Protocol::Tcp as i32,
-            target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
-                clusters: vec![v1::WeightedCluster {
-                    name: names::PASSTHROUGH_CLUSTER.into(),
-                    weight: 100,
-                }],
-                connect_authority: String::new(),
-            })),
-            allowed_sources: None,
-            tls: None,
-        });
+        outbound.push(to_original_destination(
+            names::PASSTHROUGH_CLUSTER.into(),
+            v1::FilterChainMatch::default(),
+        ));
     }
     listeners.push(v1::Listener {
         name: OUTBOUND_LISTENER.into(),
@@ -108,6 +99,64 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     listeners
 }
 
+/// A chain whose connections go to their original destination, as they are.
+fn to_original_destination(name: String, m: v1::FilterChainMatch) -> v1::FilterChain {
+    v1::FilterChain {
+        name,
+        r#match: Some(m),
+        protocol: v1::Protocol::Tcp as i32,
+        target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+            clusters: vec![v1::WeightedCluster {
+                name: names::PASSTHROUGH_CLUSTER.into(),
+                weight: 100,
+            }],
+            connect_authority: String::new(),
+        })),
+        allowed_sources: None,
+        tls: None,
+    }
+}
+
+/// The outbound chains of redirected connections an Egress policy lets out of the mesh: per
+/// port, HTTP to the `outbound` routes (whose egress hosts pick the requests allowed), TLS by
+/// server name and TCP by destination range to the original destination. A service's chains
+/// match its ClusterIPs, so they win over these on the same port.
+fn egress_chains(egress: &Egress) -> Vec<v1::FilterChain> {
+    let http_ports: BTreeSet<u16> = egress.http.iter().map(|h| h.port).collect();
+    let http = http_ports.into_iter().map(|port| v1::FilterChain {
+        name: format!("egress-http|{port}"),
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(port),
+            ..Default::default()
+        }),
+        protocol: v1::Protocol::Http as i32,
+        target: Some(http(OUTBOUND_ROUTES)),
+        allowed_sources: None,
+        tls: None,
+    });
+    let tls = egress.tls.iter().map(|t| {
+        to_original_destination(
+            format!("egress-tls|{}", t.port),
+            v1::FilterChainMatch {
+                destination_port: u32::from(t.port),
+                server_names: t.server_names.clone(),
+                ..Default::default()
+            },
+        )
+    });
+    let tcp = egress.tcp.iter().map(|t| {
+        to_original_destination(
+            format!("egress-tcp|{}", t.port),
+            v1::FilterChainMatch {
+                destination_port: u32::from(t.port),
+                destination_ip_ranges: t.ip_ranges.clone(),
+                ..Default::default()
+            },
+        )
+    });
+    http.chain(tls).chain(tcp).collect()
+}
+
 /// Plaintext HTTP chains for the clients an IngressBackend admits: one on the sidecar's own
 /// inbound port (explicit mode), one per application port that admits some (redirected), each
 /// matching the admitted addresses only; the `ingress` routes then admit each service's own.
@@ -122,9 +171,9 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
         name,
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(port),
-            destination_ip_ranges: vec![],
             source_ip_ranges: sources.into_iter().collect(),
             transport_protocol: v1::TransportProtocol::Plaintext as i32,
+            ..Default::default()
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(http(INGRESS_ROUTES)),
@@ -247,24 +296,33 @@ fn most_specific_first(
     mut chains: Vec<v1::FilterChain>,
     warnings: &mut Vec<String>,
 ) -> Vec<v1::FilterChain> {
-    fn key(chain: &v1::FilterChain) -> (bool, bool, u32, bool) {
+    fn key(chain: &v1::FilterChain) -> (bool, bool, u32, bool, bool) {
         let m = chain.r#match.as_ref();
         let port = m.map_or(0, |m| m.destination_port);
         let ranges = m.is_some_and(|m| !m.destination_ip_ranges.is_empty());
+        let names = m.is_some_and(|m| !m.server_names.is_empty());
         let sources = m.is_some_and(|m| !m.source_ip_ranges.is_empty());
-        (!ranges, port == 0, port, !sources)
+        (!ranges, port == 0, port, !names, !sources)
     }
     // Stable: equal keys stay in IR order, which is deterministic.
     chains.sort_by_key(key);
-    type Match = (u32, Vec<String>, Vec<String>, i32);
+    type Match = (u32, Vec<String>, Vec<String>, Vec<String>, i32);
     let mut seen: BTreeMap<Match, String> = BTreeMap::new();
     chains.retain(|chain| {
         let m = chain.r#match.clone().unwrap_or_default();
         let mut ranges = m.destination_ip_ranges;
         ranges.sort();
+        let mut names = m.server_names;
+        names.sort();
         let mut sources = m.source_ip_ranges;
         sources.sort();
-        let m = (m.destination_port, ranges, sources, m.transport_protocol);
+        let m = (
+            m.destination_port,
+            ranges,
+            names,
+            sources,
+            m.transport_protocol,
+        );
         match seen.get(&m) {
             Some(first) => {
                 warnings.push(format!(

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{HttpRoute, OutboundService, PathMatch, ProxyIr};
+use fsm_ir::{EgressHttpHost, HttpRoute, OutboundService, PathMatch, ProxyIr};
 
 use crate::{
     AdapterError, INBOUND_ROUTES, INGRESS_ROUTES, OUTBOUND_ROUTES, allowed_sources,
@@ -14,6 +14,7 @@ use crate::{
 /// proxy that may reach the same services.
 pub fn outbound<'a>(
     services: impl IntoIterator<Item = &'a OutboundService>,
+    egress_hosts: &[EgressHttpHost],
 ) -> Result<v1::RouteConfiguration, AdapterError> {
     let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
@@ -28,6 +29,21 @@ pub fn outbound<'a>(
                 .enumerate()
                 .map(|(i, r)| route(r, &format!("{owner}.routes[{i}]"), false))
                 .collect::<Result<_, _>>()?,
+            rate_limit: None,
+        });
+    }
+    for host in egress_hosts {
+        let name = host.cluster_name().to_string();
+        let owner = format!("egress[{name}]");
+        virtual_hosts.push(v1::VirtualHost {
+            domains: domains.claim(&host.domains()),
+            routes: host
+                .routes()
+                .iter()
+                .enumerate()
+                .map(|(i, r)| route(r, &format!("{owner}.routes[{i}]"), false))
+                .collect::<Result<_, _>>()?,
+            name,
             rate_limit: None,
         });
     }

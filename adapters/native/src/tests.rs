@@ -143,6 +143,7 @@ fn ir(
         outbound,
         clusters,
         outbound_retries: vec![],
+        egress: Default::default(),
     }
 }
 

@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use fsm_crds::policy::v1alpha1::Egress;
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::ErrCode;
@@ -581,6 +582,7 @@ impl Catalog {
             | Kind::TCPRoute
             | Kind::TrafficSplit
             | Kind::Retry
+            | Kind::Egress
             | Kind::UpstreamTrafficSetting => match self.policies.get(key).cloned() {
                 Some(old) => {
                     self.note_policy_service_accounts(key, &old);
@@ -660,7 +662,18 @@ impl Catalog {
                     .insert((source.namespace.clone(), source.name.clone()));
                 return;
             }
-            MeshObject::HTTPRouteGroup(_) => TrafficTargetRuleKind::HttpRouteGroup,
+            MeshObject::Egress(egress) => {
+                self.note_egress_sources(egress);
+                return;
+            }
+            MeshObject::HTTPRouteGroup(_) => {
+                self.note_egress_matching(key);
+                TrafficTargetRuleKind::HttpRouteGroup
+            }
+            MeshObject::UpstreamTrafficSetting(_) => {
+                self.note_egress_matching(key);
+                return;
+            }
             MeshObject::TCPRoute(_) => TrafficTargetRuleKind::TcpRoute,
             _ => return,
         };
@@ -675,6 +688,36 @@ impl Catalog {
             .map(destination)
             .collect();
         self.changes.policy_service_accounts.extend(naming);
+    }
+
+    /// Notes the service accounts an Egress policy lets out of the mesh.
+    fn note_egress_sources(&mut self, egress: &Egress) {
+        self.changes.policy_service_accounts.extend(
+            egress
+                .spec
+                .sources
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone())),
+        );
+    }
+
+    /// Notes the sources of the Egress policies of its namespace that name the match `key` (an
+    /// HTTPRouteGroup or an UpstreamTrafficSetting).
+    fn note_egress_matching(&mut self, key: &ObjectKey) {
+        let kind = key.kind.to_string();
+        let naming: Vec<Egress> = self
+            .policies_of::<Egress>(&key.namespace)
+            .filter(|e| {
+                e.spec
+                    .matches
+                    .iter()
+                    .any(|m| m.kind == kind && m.name == key.name)
+            })
+            .cloned()
+            .collect();
+        for egress in &naming {
+            self.note_egress_sources(egress);
+        }
     }
 
     /// What changed since the last call; the next call starts afresh.
@@ -1280,6 +1323,53 @@ spec:
 
         assert!(catalog.delete(&good.key()));
         assert_eq!(destinations(&mut catalog), [pair("bookstore")]);
+    }
+
+    /// Whose egress an Egress change may change: its sources, old and new, on apply and delete,
+    /// and the sources of the Egress policies naming a changed route group or setting.
+    #[test]
+    fn egress_policy_changes_name_their_sources() {
+        let mut catalog = catalog();
+        let sources = |catalog: &mut Catalog| -> Vec<(String, String)> {
+            catalog
+                .take_changes()
+                .policy_service_accounts
+                .into_iter()
+                .collect()
+        };
+        let one = |text: String| {
+            let (mut objects, errors) = decode_manifests("e.yaml", &text);
+            assert!(errors.is_empty(), "{errors:?}");
+            objects.remove(0)
+        };
+        let egress = |source: &str| {
+            one(format!(
+                "apiVersion: policy.flomesh.io/v1alpha1\nkind: Egress\nmetadata: {{name: out, namespace: policies}}\nspec:\n  sources: [{{kind: ServiceAccount, name: {source}, namespace: app}}]\n  hosts: [httpbin.org]\n  ports: [{{number: 80, protocol: http}}]\n  matches: [{{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: get}}]\n"
+            ))
+        };
+        let pair = |sa: &str| ("app".to_string(), sa.to_string());
+        assert!(catalog.apply(egress("curl")));
+        assert_eq!(sources(&mut catalog), [pair("curl")]);
+        assert!(catalog.apply(egress("bookbuyer")));
+        assert_eq!(
+            sources(&mut catalog),
+            [pair("bookbuyer"), pair("curl")],
+            "the old source loses the destination, the new one gains it"
+        );
+        let group = |namespace: &str| {
+            one(format!(
+                "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: get, namespace: {namespace}}}\nspec:\n  matches: [{{name: get, pathRegex: /get}}]\n"
+            ))
+        };
+        assert!(catalog.apply(group("policies")));
+        assert_eq!(sources(&mut catalog), [pair("bookbuyer")]);
+        assert!(catalog.apply(group("app")));
+        assert!(
+            sources(&mut catalog).is_empty(),
+            "a group of another namespace"
+        );
+        assert!(catalog.delete(&egress("bookbuyer").key()));
+        assert_eq!(sources(&mut catalog), [pair("bookbuyer")]);
     }
 
     /// An invalid TrafficSplit is refused with the field at fault, and the last valid one keeps

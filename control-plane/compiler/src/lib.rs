@@ -11,18 +11,20 @@ use std::net::IpAddr;
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
 use fsm_crds::config::v1alpha3::{FeatureFlags, LocalProxyMode, MeshConfig};
 use fsm_crds::policy::v1alpha1::{
-    AccessControl, BackendSpec, HttpLocalRateLimitSpec, IngressBackend, IngressSourceKind,
-    IngressSourceSpec, PortProtocol, Retry, TcpLocalRateLimitSpec, UpstreamTrafficSetting,
+    AccessControl, BackendSpec, Egress as EgressPolicy, EgressSourceKind, HttpLocalRateLimitSpec,
+    IngressBackend, IngressSourceKind, IngressSourceSpec, PortProtocol, Retry,
+    TcpLocalRateLimitSpec, UpstreamTrafficSetting,
 };
 use fsm_crds::smi::access::v1alpha3::{TrafficTarget, TrafficTargetRuleKind};
 use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
 use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
-    AllowedSources, CircuitBreaker, Cluster, ClusterKind, ClusterName, Endpoint, HttpRoute,
-    InboundPort, InboundService, LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry,
-    OutboundService, PathMatch, Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy,
-    RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
+    AllowedSources, CircuitBreaker, Cluster, ClusterKind, ClusterName, Egress, EgressHttpHost,
+    EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService, LocalRateLimit,
+    MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch, Protocol, ProxyInfo,
+    ProxyIr, ResponseHeader, RetryPolicy, RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef,
+    WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -203,6 +205,11 @@ pub fn compile_with_view(
     } else {
         vec![]
     };
+    let egress = if compiler.flags.enable_egress_policy {
+        compiler.egress(&pod_namespace, &service_account)
+    } else {
+        Egress::default()
+    };
     let mut warnings = compiler.warnings;
     let mut clusters = compiler.clusters;
     let mut outbound = Vec::new();
@@ -250,6 +257,7 @@ pub fn compile_with_view(
         outbound,
         clusters: clusters.into_values().collect(),
         outbound_retries: retries,
+        egress,
     };
     // Outbound and inbound look at the same ports: report each problem once.
     warnings.sort_by(|a, b| (a.code, &a.message).cmp(&(b.code, &b.message)));
@@ -663,6 +671,193 @@ impl<'a> Compiler<'a> {
             .collect()
     }
 
+    /// What the Egress policies (of any namespace) whose sources include the service account
+    /// `namespace/service_account` allow it to reach outside the mesh, merged per destination.
+    ///
+    /// - `http` ports: each host by name, with the requests the policy's HTTPRouteGroup matches
+    ///   allow (any without); a policy with addresses but no hosts allows connections to them
+    ///   as `tcp` does (the Host of a request to an address names no host to resolve).
+    /// - `https` ports: each host by the ClientHello's server name, each address range by the
+    ///   connection's destination.
+    /// - `tcp` ports: the address ranges; none: any address on the port.
+    ///
+    /// What a policy names that cannot be honoured is reported (FSM's E2003/E2004) and allows
+    /// nothing: a missing HTTPRouteGroup leaves its policy's HTTP hosts out rather than opening
+    /// every path.
+    fn egress(&mut self, namespace: &str, service_account: &str) -> Egress {
+        let catalog = self.catalog;
+        let mut http: BTreeMap<(String, u16), EgressHttpHost> = BTreeMap::new();
+        // Per host and port: whether some policy allows any request (its matches are then moot).
+        let mut http_any: BTreeSet<(String, u16)> = BTreeSet::new();
+        let mut tls: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+        let mut tcp: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+        // A port with a range-less grant is open to any address: its ranges are moot.
+        let mut tcp_any: BTreeSet<u16> = BTreeSet::new();
+        for object in catalog.policies(fsm_catalog::Kind::Egress) {
+            let fsm_catalog::MeshObject::Egress(policy) = object else {
+                continue;
+            };
+            let spec = &policy.spec;
+            let applies = spec.sources.iter().any(|s| {
+                s.kind == EgressSourceKind::ServiceAccount
+                    && s.namespace == namespace
+                    && s.name == service_account
+            });
+            if !applies {
+                continue;
+            }
+            let policy_ns = policy.metadata.namespace.as_deref().unwrap_or_default();
+            let policy_name = format!(
+                "Egress {policy_ns}/{}",
+                policy.metadata.name.as_deref().unwrap_or_default()
+            );
+            let Some((matches, circuit_breaker)) = self.egress_matches(&policy_name, policy) else {
+                // Its HTTP grants are void; its HTTPS and TCP ones do not read matches.
+                self.egress_l4(spec, &mut tls, &mut tcp, &mut tcp_any, true);
+                continue;
+            };
+            self.egress_l4(spec, &mut tls, &mut tcp, &mut tcp_any, false);
+            for (i, port) in spec.ports.iter().enumerate() {
+                if !matches!(port.protocol, PortProtocol::Http | PortProtocol::Grpc) {
+                    continue;
+                }
+                if spec.hosts.is_empty() && spec.ip_addresses.is_empty() {
+                    self.warn(ErrCode::E2003, format!("{policy_name} spec.ports[{i}]: an http port needs spec.hosts or spec.ipAddresses; it allows nothing"));
+                }
+                for (h, host) in spec.hosts.iter().enumerate() {
+                    if host.starts_with("*.") {
+                        self.warn(ErrCode::E2003, format!("{policy_name} spec.hosts[{h}]: {host:?} is a wildcard, which an http port cannot resolve to connect; it is allowed on https ports only"));
+                        continue;
+                    }
+                    let key = (host.to_ascii_lowercase(), port.number);
+                    let entry = http.entry(key.clone()).or_insert_with(|| EgressHttpHost {
+                        host: key.0.clone(),
+                        port: port.number,
+                        matches: vec![],
+                        circuit_breaker: None,
+                    });
+                    if matches.is_empty() {
+                        http_any.insert(key.clone());
+                    }
+                    for m in &matches {
+                        if !entry.matches.contains(m) {
+                            entry.matches.push(m.clone());
+                        }
+                    }
+                    match (&entry.circuit_breaker, &circuit_breaker) {
+                        (None, Some(cb)) => entry.circuit_breaker = Some(cb.clone()),
+                        (Some(held), Some(cb)) if held != cb => self.warn(ErrCode::E2001, format!("{policy_name}: {}:{} already has the connection settings of another Egress policy's UpstreamTrafficSetting; this one's are ignored", key.0, key.1)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for (key, host) in &mut http {
+            if http_any.contains(key) {
+                host.matches.clear();
+            } else {
+                host.matches.sort();
+            }
+        }
+        Egress {
+            http: http.into_values().collect(),
+            tls: tls
+                .into_iter()
+                .map(|(port, names)| EgressTlsPort {
+                    port,
+                    server_names: names.into_iter().collect(),
+                })
+                .collect(),
+            tcp: tcp
+                .into_iter()
+                .map(|(port, ranges)| EgressTcpPort {
+                    port,
+                    ip_ranges: if tcp_any.contains(&port) {
+                        vec![]
+                    } else {
+                        ranges.into_iter().collect()
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// The grants of an Egress policy's ports that are not HTTP routes: `https` hosts by server
+    /// name, address ranges of `https` and `tcp` ports, and of `http` ports without hosts (and,
+    /// when `http_void`, of none: the policy's matches could not be read).
+    fn egress_l4(
+        &mut self,
+        spec: &fsm_crds::policy::v1alpha1::EgressSpec,
+        tls: &mut BTreeMap<u16, BTreeSet<String>>,
+        tcp: &mut BTreeMap<u16, BTreeSet<String>>,
+        tcp_any: &mut BTreeSet<u16>,
+        http_void: bool,
+    ) {
+        for port in &spec.ports {
+            let ranges = match port.protocol {
+                PortProtocol::Https => {
+                    if !spec.hosts.is_empty() {
+                        tls.entry(port.number)
+                            .or_default()
+                            .extend(spec.hosts.iter().map(|h| h.to_ascii_lowercase()));
+                    }
+                    !spec.ip_addresses.is_empty()
+                }
+                PortProtocol::Http | PortProtocol::Grpc => {
+                    !http_void && spec.hosts.is_empty() && !spec.ip_addresses.is_empty()
+                }
+                PortProtocol::Tcp | PortProtocol::TcpServerFirst => {
+                    if spec.ip_addresses.is_empty() {
+                        tcp_any.insert(port.number);
+                        tcp.entry(port.number).or_default();
+                    }
+                    !spec.ip_addresses.is_empty()
+                }
+            };
+            if ranges {
+                tcp.entry(port.number)
+                    .or_default()
+                    .extend(spec.ip_addresses.iter().cloned());
+            }
+        }
+    }
+
+    /// The request matches of an Egress policy's HTTPRouteGroups (every match of each; none:
+    /// any request) and the connection settings of its UpstreamTrafficSetting, both in the
+    /// policy's namespace; `None` when a group it names does not exist.
+    fn egress_matches(
+        &mut self,
+        policy_name: &str,
+        policy: &EgressPolicy,
+    ) -> Option<(Vec<RouteMatch>, Option<CircuitBreaker>)> {
+        let catalog = self.catalog;
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or_default();
+        let mut matches = Vec::new();
+        let mut limits = None;
+        let mut found = true;
+        for (i, m) in policy.spec.matches.iter().enumerate() {
+            match m.kind.as_str() {
+                "HTTPRouteGroup" => match catalog.policy_of::<HTTPRouteGroup>(namespace, &m.name) {
+                    Some(group) => {
+                        matches.extend(group.spec.matches.iter().map(route_match));
+                    }
+                    None => {
+                        self.warn(ErrCode::E2004, format!("{policy_name} spec.matches[{i}]: HTTPRouteGroup {namespace}/{} does not exist; the policy's http hosts allow nothing", m.name));
+                        found = false;
+                    }
+                },
+                "UpstreamTrafficSetting" => {
+                    match catalog.policy_of::<UpstreamTrafficSetting>(namespace, &m.name) {
+                        Some(uts) => limits = circuit_breaker(uts),
+                        None => self.warn(ErrCode::E2003, format!("{policy_name} spec.matches[{i}]: UpstreamTrafficSetting {namespace}/{} does not exist; ignored", m.name)),
+                    }
+                }
+                other => self.warn(ErrCode::E2003, format!("{policy_name} spec.matches[{i}]: kind {other:?} is not a match an Egress policy takes; ignored")),
+            }
+        }
+        found.then_some((matches, limits))
+    }
+
     /// The UpstreamTrafficSetting of `service`: the one in its namespace whose `spec.host` is
     /// its FQDN, the first by name when several are (the others are reported: FSM's webhook
     /// refuses a second setting for a host).
@@ -896,7 +1091,15 @@ impl<'a> Compiler<'a> {
                 .is_some_and(|(name, ns)| {
                     ns == namespace && catalog.mesh_service(namespace, name).is_some()
                 });
-            if !known {
+            let name = uts.metadata.name.as_deref().unwrap_or_default();
+            // An Egress policy's setting is for a host outside the mesh.
+            let egress_match = catalog.policies_of::<EgressPolicy>(namespace).any(|e| {
+                e.spec
+                    .matches
+                    .iter()
+                    .any(|m| m.kind == "UpstreamTrafficSetting" && m.name == name)
+            });
+            if !known && !egress_match {
                 self.warn(ErrCode::E2008, format!("UpstreamTrafficSetting {namespace}/{} spec.host: {host:?} is not the FQDN <service>.{namespace}.svc.cluster.local of a meshed service in {namespace}; the setting applies to nothing", uts.metadata.name.as_deref().unwrap_or_default()));
             }
         }

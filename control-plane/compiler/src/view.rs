@@ -53,6 +53,7 @@ fn touches_everything(kind: Kind) -> bool {
             | Kind::TCPRoute
             | Kind::TrafficSplit
             | Kind::Retry
+            | Kind::Egress
             | Kind::UpstreamTrafficSetting
             | Kind::IngressBackend
             | Kind::AccessControl

@@ -189,20 +189,26 @@ impl Publisher {
         let mut types = BTreeMap::new();
         let mut warnings = Vec::new();
         let retries = &compiled.ir.outbound_retries;
+        let egress_hosts = &compiled.ir.egress.http;
+        let own_routes = !retries.is_empty() || !egress_hosts.is_empty();
         for data_plane in data_planes {
             let (mut encoded, plane_warnings) =
                 own_resources(*data_plane, &compiled.ir, credentials)?;
             warnings.extend(plane_warnings);
-            if !retries.is_empty() {
-                // The shared outbound routes with this proxy's retries: its own, of the same
-                // name, win over the shared ones. Proxies of one service account share it
-                // (interned by content).
+            if own_routes {
+                // The shared outbound routes with this proxy's retries and the hosts outside
+                // the mesh its Egress policies allow: its own, of the same name, win over the
+                // shared ones. Proxies of one service account share it (interned by content).
                 let ports = fsm_ir::with_retries(
                     self.view.entries().flat_map(|e| e.outbound.ports.iter()),
                     retries,
                 );
-                let routes =
-                    outbound_routes(*data_plane, ports.iter(), compiled.ir.mesh.enable_egress)?;
+                let routes = outbound_routes(
+                    *data_plane,
+                    ports.iter(),
+                    egress_hosts,
+                    compiled.ir.mesh.enable_egress,
+                )?;
                 encoded
                     .entry(routes_type_url(*data_plane))
                     .or_default()
@@ -218,7 +224,7 @@ impl Publisher {
         Ok(Own {
             types,
             warnings,
-            reads_every_port: !retries.is_empty(),
+            reads_every_port: own_routes,
             egress: compiled.ir.mesh.enable_egress,
         })
     }
@@ -346,6 +352,7 @@ fn build_shared(
             outbound_routes(
                 key.data_plane,
                 view.entries().flat_map(|e| e.outbound.ports.iter()),
+                &[],
                 key.egress,
             )?
         }
@@ -533,22 +540,24 @@ fn service_resources(
     }
 }
 
-/// Route configuration `outbound` of `ports` (every service's, for the shared one).
+/// Route configuration `outbound` of `ports` (every service's, for the shared one) and
+/// `egress_hosts` (a proxy's own, for its Egress policies).
 fn outbound_routes<'a>(
     data_plane: DataPlane,
     ports: impl Iterator<Item = &'a fsm_ir::OutboundService>,
-    egress: bool,
+    egress_hosts: &[fsm_ir::EgressHttpHost],
+    passthrough: bool,
 ) -> Result<Arc<Resource>, (ErrCode, String)> {
     let (name, body) = match data_plane {
         DataPlane::Envoy => {
-            let routes = fsm_adapter_envoy::outbound_routes(ports, egress);
+            let routes = fsm_adapter_envoy::outbound_routes(ports, egress_hosts, passthrough);
             (
                 routes.name.clone(),
                 fsm_adapter_envoy::encode_route_configuration(&routes),
             )
         }
         DataPlane::FsmSidecar => {
-            let routes = fsm_adapter_native::outbound_routes(ports, egress)
+            let routes = fsm_adapter_native::outbound_routes(ports, egress_hosts, passthrough)
                 .map_err(|e| adapter_error(&e))?;
             (routes.name.clone(), routes.encode_to_vec())
         }

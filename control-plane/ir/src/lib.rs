@@ -72,6 +72,112 @@ pub struct ProxyIr {
     /// ports wherever the proxy's outbound routes are built.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound_retries: Vec<OutboundRetry>,
+    /// Destinations outside the mesh this proxy may reach (FSM's Egress policies whose sources
+    /// include its service account, with `featureFlags.enableEgressPolicy`).
+    #[serde(default, skip_serializing_if = "Egress::is_empty")]
+    pub egress: Egress,
+}
+
+/// See [`ProxyIr::egress`]. Each policy's grants merged: one entry per host and port (HTTP) or
+/// per port (HTTPS, TCP), so that two policies allowing the same destination give one route or
+/// one filter chain. Anything no entry allows is refused (unless MeshConfig `enableEgress`
+/// passes everything through).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Egress {
+    /// HTTP by Host, to the host by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<EgressHttpHost>,
+    /// TLS by the server name (SNI) of the ClientHello, to the connection's original
+    /// destination, not terminated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<EgressTlsPort>,
+    /// Connections by destination address, to their original destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<EgressTcpPort>,
+}
+
+impl Egress {
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.tls.is_empty() && self.tcp.is_empty()
+    }
+
+    /// Whether some connection goes to its original destination (the passthrough cluster).
+    pub fn uses_original_destination(&self) -> bool {
+        !self.tls.is_empty() || !self.tcp.is_empty()
+    }
+}
+
+/// HTTP requests to `host` on `port` that an Egress policy allows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressHttpHost {
+    /// A DNS name (no wildcard: the proxy resolves it to connect).
+    pub host: String,
+    pub port: u16,
+    /// The requests allowed (the policies' HTTPRouteGroup matches); empty: any request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    /// The per-client limits of the policy's UpstreamTrafficSetting match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+impl EgressHttpHost {
+    /// FSM's name of the cluster of an egress host: `<host>:<port>`.
+    pub fn cluster_name(&self) -> ClusterName {
+        ClusterName(format!("{}:{}", self.host, self.port))
+    }
+
+    /// The Host values its requests carry: `host:port`, and the bare host on port 80 (where
+    /// clients leave the port out).
+    pub fn domains(&self) -> Vec<String> {
+        let mut domains = vec![format!("{}:{}", self.host, self.port)];
+        if self.port == 80 {
+            domains.push(self.host.clone());
+        }
+        domains
+    }
+
+    /// Its routes: one per allowed match (any request without matches), each to its cluster.
+    pub fn routes(&self) -> Vec<HttpRoute> {
+        let matches = if self.matches.is_empty() {
+            vec![RouteMatch::default()]
+        } else {
+            self.matches.clone()
+        };
+        matches
+            .into_iter()
+            .map(|matches| HttpRoute {
+                matches,
+                backends: vec![WeightedCluster {
+                    cluster: self.cluster_name(),
+                    weight: 100,
+                }],
+                allowed: AllowedSources::Any,
+                timeout_ms: None,
+                retry: None,
+                rate_limit: None,
+            })
+            .collect()
+    }
+}
+
+/// TLS connections to `port` whose server name is one of `server_names` (`*.` wildcards allowed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressTlsPort {
+    pub port: u16,
+    pub server_names: Vec<String>,
+}
+
+/// Connections to `port` on an address in `ip_ranges` (CIDRs); empty: any address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressTcpPort {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_ranges: Vec<String>,
 }
 
 /// See [`ProxyIr::outbound_retries`].
@@ -718,6 +824,7 @@ mod tests {
             }],
             clusters,
             outbound_retries: vec![],
+            egress: Default::default(),
         }
     }
 
