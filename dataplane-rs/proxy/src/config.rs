@@ -56,6 +56,8 @@ pub struct Chain {
     pub sources: Vec<Cidr>,
     /// What the connection must carry, told from its first bytes.
     pub transport: TransportProtocol,
+    /// Server names (SNI) one of which the TLS ClientHello must name; empty: any connection.
+    pub server_names: Vec<ServerName>,
     pub kind: ChainKind,
     /// Unset: plaintext.
     pub tls: Option<DownstreamTls>,
@@ -75,6 +77,51 @@ impl TransportProtocol {
     /// bytes were not read, which only chains accepting any transport match.
     pub fn accepts(self, seen: Option<TransportProtocol>) -> bool {
         self == TransportProtocol::Any || seen == Some(self)
+    }
+}
+
+/// One entry of `FilterChainMatch.server_names`, lower-cased.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerName {
+    /// `api.example.com`: that name only.
+    Exact(String),
+    /// `*.example.com`, kept as `.example.com`: any name ending in it, not `example.com`.
+    Suffix(String),
+}
+
+impl ServerName {
+    /// Checks an entry as the proto allows it: not empty, no `*` but one leading `*.` followed
+    /// by a name.
+    pub fn parse(text: &str) -> Result<ServerName, String> {
+        if text.is_empty() {
+            return Err("is empty".into());
+        }
+        let lower = text.to_ascii_lowercase();
+        match lower.strip_prefix('*') {
+            Some(suffix)
+                if suffix.starts_with('.') && suffix.len() > 1 && !suffix.contains('*') =>
+            {
+                Ok(ServerName::Suffix(suffix.to_string()))
+            }
+            None if !lower.contains('*') => Ok(ServerName::Exact(lower)),
+            _ => Err(format!(
+                "{text:?}: the only wildcard is a leading \"*.\" (\"*.example.com\")"
+            )),
+        }
+    }
+
+    /// How closely this entry matches the server name `sni` (any case): `None` when it does not;
+    /// an exact name beats every suffix, a longer suffix a shorter one (as Envoy ranks them).
+    pub fn rank(&self, sni: &str) -> Option<usize> {
+        match self {
+            ServerName::Exact(name) => sni.eq_ignore_ascii_case(name).then_some(usize::MAX),
+            ServerName::Suffix(suffix) => {
+                let at = sni.len().checked_sub(suffix.len()).filter(|at| *at > 0)?;
+                sni.get(at..)
+                    .is_some_and(|end| end.eq_ignore_ascii_case(suffix))
+                    .then_some(suffix.len())
+            }
+        }
     }
 }
 
@@ -231,7 +278,7 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub protocol: UpstreamProtocol,
-    /// Empty when `discovery` is [`Discovery::OriginalDestination`].
+    /// Empty unless `discovery` is [`Discovery::Listed`].
     pub endpoints: Vec<Endpoint>,
     pub discovery: Discovery,
     pub breakers: CircuitBreakers,
@@ -242,7 +289,7 @@ pub struct Cluster {
 }
 
 /// Where a cluster's endpoints come from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Discovery {
     /// `eds` or `static_local`: the endpoints listed in [`Cluster::endpoints`].
     #[default]
@@ -251,6 +298,48 @@ pub enum Discovery {
     /// its original destination and each HTTP request to the `<ip>:<port>` of its Host, in
     /// plaintext (HTTP requests as HTTP/1.1 whatever `upstream_protocol` says).
     OriginalDestination,
+    /// `dns` (a host outside the mesh, by name): no endpoints; the name is resolved each time a
+    /// connection is made and its addresses tried in order. Plaintext, HTTP requests as
+    /// HTTP/1.1 whatever `upstream_protocol` says.
+    Dns(DnsName),
+}
+
+/// A DNS cluster's host and port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DnsName {
+    /// Never empty, never a wildcard.
+    pub host: Arc<str>,
+    /// Not 0.
+    pub port: u16,
+}
+
+impl std::fmt::Display for DnsName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl DnsName {
+    /// Errors name the field relative to the cluster (`dns.host`).
+    fn from_proto(d: &v1::DnsName) -> Result<Self, FieldError> {
+        if d.host.is_empty() {
+            return Err(field_err("dns.host", "is empty"));
+        }
+        if d.host.contains('*') {
+            return Err(field_err(
+                "dns.host",
+                format!("{:?} is a wildcard, not a name", d.host),
+            ));
+        }
+        let port = u16::try_from(d.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| field_err("dns.port", format!("{} is not in 1-65535", d.port)))?;
+        Ok(DnsName {
+            host: Arc::from(d.host.as_str()),
+            port,
+        })
+    }
 }
 
 /// `CircuitBreakers`, per cluster and per sidecar; `None`: no limit. Over a limit a request fails
@@ -298,12 +387,12 @@ pub struct Endpoint {
 
 impl Cluster {
     /// What HTTP requests to this cluster are sent as: `protocol`, except for an
-    /// original-destination cluster, which speaks HTTP/1.1 to whatever it reaches (its
+    /// original-destination or DNS cluster, which speaks HTTP/1.1 to whatever it reaches (its
     /// `protocol`, TCP from the control plane, applies to the TCP chains that use it).
     pub fn http_protocol(&self) -> UpstreamProtocol {
         match self.discovery {
             Discovery::Listed => self.protocol,
-            Discovery::OriginalDestination => UpstreamProtocol::Http1,
+            Discovery::OriginalDestination | Discovery::Dns(_) => UpstreamProtocol::Http1,
         }
     }
 }
@@ -489,7 +578,7 @@ fn build_cluster(
         None => {
             return Err(field_err(
                 "discovery",
-                "none of eds, static_local, original_destination is set",
+                "none of eds, static_local, original_destination, dns is set",
             ));
         }
         Some(v1::cluster::Discovery::OriginalDestination(_)) => {
@@ -497,6 +586,15 @@ fn build_cluster(
                 return Err(field_err(
                     "tls",
                     "is set on an original_destination cluster (egress passthrough is plaintext)",
+                ));
+            }
+            vec![]
+        }
+        Some(v1::cluster::Discovery::Dns(_)) => {
+            if c.tls.is_some() {
+                return Err(field_err(
+                    "tls",
+                    "is set on a dns cluster (egress to a name is plaintext)",
                 ));
             }
             vec![]
@@ -542,8 +640,9 @@ fn build_cluster(
         None => None,
         Some(t) => Some(crate::tls::upstream(t, secrets).map_err(|(f, m)| field_err(f, m))?),
     };
-    let discovery = match c.discovery {
+    let discovery = match &c.discovery {
         Some(v1::cluster::Discovery::OriginalDestination(_)) => Discovery::OriginalDestination,
+        Some(v1::cluster::Discovery::Dns(d)) => Discovery::Dns(DnsName::from_proto(d)?),
         _ => Discovery::Listed,
     };
     Ok(Cluster {
@@ -596,6 +695,15 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
                 ));
             }
         };
+        let server_names = m
+            .server_names
+            .iter()
+            .enumerate()
+            .map(|(n, name)| {
+                ServerName::parse(name)
+                    .map_err(|e| field_err(at(&format!("match.server_names[{n}]")), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let protocol = v1::Protocol::try_from(fc.protocol)
             .map_err(|_| field_err(at("protocol"), format!("unknown value {}", fc.protocol)))?;
         let kind = match (protocol, &fc.target) {
@@ -648,6 +756,7 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
             ranges,
             sources,
             transport,
+            server_names,
             kind,
             tls,
         });
@@ -1273,6 +1382,7 @@ mod tests {
                 destination_ip_ranges: vec![],
                 source_ip_ranges: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
                 transport_protocol: v1::TransportProtocol::Plaintext as i32,
+                server_names: vec![],
             }),
             protocol: v1::Protocol::Tcp as i32,
             target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
@@ -1360,6 +1470,18 @@ mod tests {
         "match.destination_ip_ranges[0]: \"x/1\": \"x\" is not an IP address" ; "destination still checked")]
     #[test_case(with_match(|m| m.transport_protocol = 3),
         "match.transport_protocol: unknown value 3" ; "unknown transport")]
+    #[test_case(with_match(|m| m.server_names = vec!["api.example.com".into(), "".into()]),
+        "match.server_names[1]: is empty" ; "empty server name")]
+    #[test_case(with_match(|m| m.server_names = vec!["*".into()]),
+        "match.server_names[0]: \"*\": the only wildcard is a leading \"*.\" (\"*.example.com\")" ; "star alone")]
+    #[test_case(with_match(|m| m.server_names = vec!["*.*.example.com".into()]),
+        "match.server_names[0]: \"*.*.example.com\": the only wildcard is a leading \"*.\" (\"*.example.com\")" ; "two stars")]
+    #[test_case(with_match(|m| m.server_names = vec!["x".into(), "api.*.com".into()]),
+        "match.server_names[1]: \"api.*.com\": the only wildcard is a leading \"*.\" (\"*.example.com\")" ; "inner star")]
+    #[test_case(with_match(|m| m.server_names = vec!["*example.com".into()]),
+        "match.server_names[0]: \"*example.com\": the only wildcard is a leading \"*.\" (\"*.example.com\")" ; "star without dot")]
+    #[test_case(with_match(|m| m.server_names = vec!["*.".into()]),
+        "match.server_names[0]: \"*.\": the only wildcard is a leading \"*.\" (\"*.example.com\")" ; "star dot alone")]
     #[test_case(|fc: &mut v1::FilterChain| if let Some(a) = fc.allowed_sources.as_mut() {
             a.source_ip_ranges.push("10.0.0.0/-1".into());
         },
@@ -1370,6 +1492,40 @@ mod tests {
             e.0,
             format!("Listener \"inbound-listener\": filter_chains[0] \"ingress\".{want}")
         );
+    }
+
+    #[test]
+    fn server_names_are_parsed_lower_cased() {
+        let config = ingress_listener(with_match(|m| {
+            m.server_names = vec!["API.Example.com".into(), "*.Example.COM".into()]
+        }))
+        .expect("valid");
+        assert_eq!(
+            config.listeners["inbound-listener"].chains[0].server_names,
+            vec![
+                ServerName::Exact("api.example.com".into()),
+                ServerName::Suffix(".example.com".into()),
+            ]
+        );
+        let config = ingress_listener(|_| {}).expect("valid");
+        assert!(
+            config.listeners["inbound-listener"].chains[0]
+                .server_names
+                .is_empty()
+        );
+    }
+
+    #[test_case("api.example.com", "API.EXAMPLE.COM", Some(usize::MAX) ; "exact any case")]
+    #[test_case("api.example.com", "www.example.com", None ; "exact other")]
+    #[test_case("*.example.com", "www.Example.com", Some(12) ; "suffix")]
+    #[test_case("*.example.com", "a.b.example.com", Some(12) ; "suffix deeper")]
+    #[test_case("*.example.com", "example.com", None ; "not the bare domain")]
+    #[test_case("*.example.com", ".example.com", None ; "not an empty label")]
+    #[test_case("*.example.com", "badexample.com", None ; "not a lookalike")]
+    #[test_case("*.example.com", "ü.example.com", Some(12) ; "multibyte label")]
+    #[test_case("*.example.com", "éxample.com", None ; "multibyte lookalike")]
+    fn server_name_rank(entry: &str, sni: &str, want: Option<usize>) {
+        assert_eq!(ServerName::parse(entry).expect("valid").rank(sni), want);
     }
 
     #[test]
@@ -1490,6 +1646,92 @@ mod tests {
         assert_eq!(
             e.0,
             "Cluster \"passthrough-outbound\": tls: is set on an original_destination cluster (egress passthrough is plaintext)"
+        );
+    }
+
+    /// A DNS cluster `egress|<host>:<port>` with `tls` set or not, and a ClusterLoadAssignment of
+    /// the same name (ignored).
+    fn dns_cluster(host: &str, port: u32, tls: bool) -> Result<Config, ConfigError> {
+        let c = v1::Cluster {
+            name: "egress|httpbin.org:80".into(),
+            discovery: Some(v1::cluster::Discovery::Dns(v1::DnsName {
+                host: host.into(),
+                port,
+            })),
+            upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+            tls: tls.then(Default::default),
+            ..Default::default()
+        };
+        let cla = v1::ClusterLoadAssignment {
+            cluster_name: "egress|httpbin.org:80".into(),
+            endpoints: vec![v1::Endpoint {
+                address: Some(v1::SocketAddress {
+                    ip: "10.0.0.1".into(),
+                    port: 80,
+                }),
+                ..Default::default()
+            }],
+        };
+        let s = set(vec![
+            (
+                type_url::CLUSTER,
+                "egress|httpbin.org:80",
+                c.encode_to_vec(),
+            ),
+            (
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+                "egress|httpbin.org:80",
+                cla.encode_to_vec(),
+            ),
+        ]);
+        Config::build(&s, type_url::CLUSTER)
+    }
+
+    #[test]
+    fn dns_cluster_keeps_its_name_and_has_no_endpoints() {
+        let config = dns_cluster("httpbin.org", 80, false).expect("valid");
+        let c = &config.clusters["egress|httpbin.org:80"];
+        assert_eq!(
+            c.discovery,
+            Discovery::Dns(DnsName {
+                host: Arc::from("httpbin.org"),
+                port: 80,
+            })
+        );
+        assert!(c.endpoints.is_empty() && c.tls.is_none());
+        assert_eq!(c.http_protocol(), UpstreamProtocol::Http1);
+        let config = dns_cluster("localhost", 65535, false).expect("valid");
+        let Discovery::Dns(name) = &config.clusters["egress|httpbin.org:80"].discovery else {
+            panic!("dns");
+        };
+        assert_eq!(name.to_string(), "localhost:65535");
+    }
+
+    #[test_case("httpbin.org", 80, true,
+        "tls: is set on a dns cluster (egress to a name is plaintext)" ; "tls")]
+    #[test_case("", 80, false, "dns.host: is empty" ; "empty host")]
+    #[test_case("*.httpbin.org", 80, false,
+        "dns.host: \"*.httpbin.org\" is a wildcard, not a name" ; "wildcard host")]
+    #[test_case("*", 443, false, "dns.host: \"*\" is a wildcard, not a name" ; "star host")]
+    #[test_case("httpbin.org", 0, false, "dns.port: 0 is not in 1-65535" ; "port 0")]
+    #[test_case("httpbin.org", 65536, false, "dns.port: 65536 is not in 1-65535" ; "port too big")]
+    fn dns_cluster_errors_name_their_field(host: &str, port: u32, tls: bool, want: &str) {
+        let e = dns_cluster(host, port, tls).expect_err("invalid");
+        assert_eq!(e.0, format!("Cluster \"egress|httpbin.org:80\": {want}"));
+    }
+
+    #[test]
+    fn a_cluster_without_discovery_lists_every_kind() {
+        let c = v1::Cluster {
+            name: "c".into(),
+            upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+            ..Default::default()
+        };
+        let s = set(vec![(type_url::CLUSTER, "c", c.encode_to_vec())]);
+        let e = Config::build(&s, type_url::CLUSTER).expect_err("no discovery");
+        assert_eq!(
+            e.0,
+            "Cluster \"c\": discovery: none of eds, static_local, original_destination, dns is set"
         );
     }
 

@@ -22,13 +22,13 @@ use tokio::sync::watch;
 use crate::Proxy;
 use crate::breakers::{Counter, Held, Slot};
 use crate::config::{
-    Cluster, Discovery, Endpoint, Listener, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol,
+    Cluster, Discovery, Listener, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol,
 };
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
 use crate::tls::Identity;
-use crate::upstream::{Body, Transport, UpstreamError, connect_tcp};
+use crate::upstream::{Body, Dest, Transport, UpstreamError, connect_to};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
@@ -91,6 +91,15 @@ pub const RATE_LIMITED_BODY: &str = "local_rate_limited";
 
 const OVERFLOW_BODY: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+
+const CONNECT_FAILURE_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+
+/// The body of the 503 for a DNS cluster whose name did not resolve: Envoy's connection failure,
+/// with the reason.
+fn unresolved_body(reason: &str) -> String {
+    format!("{CONNECT_FAILURE_BODY}, transport failure reason: {reason}")
+}
 
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
@@ -190,11 +199,12 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
     if req.method() == Method::CONNECT {
         return tunnel_in(proxy, &cluster, &mut req).await;
     }
-    let dest = match cluster.discovery {
+    let dest = match &cluster.discovery {
         Discovery::Listed => None,
+        Discovery::Dns(name) => Some(Dest::Name(name.clone())),
         Discovery::OriginalDestination => {
             match original_destination(&host, config.listeners.values(), proxy.transparent) {
-                Ok(dest) => Some(dest),
+                Ok(dest) => Some(Dest::Addr(dest)),
                 Err(body) => {
                     tracing::debug!(cluster = %cluster.name, %host, "{body}");
                     return text_reply(StatusCode::SERVICE_UNAVAILABLE, body);
@@ -205,7 +215,7 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
     let started = Instant::now();
     let to = Target {
         cluster: &cluster,
-        dest,
+        dest: dest.as_ref(),
         host: &host,
     };
     let (response, served_by) = forward(proxy, route, to, req).await;
@@ -236,22 +246,31 @@ async fn tunnel_in(
     cluster: &Arc<Cluster>,
     req: &mut Request<Incoming>,
 ) -> Response<Body> {
-    let Some(endpoint) = pick_endpoint(cluster, &proxy.upstreams.active).cloned() else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    let dest = match &cluster.discovery {
+        Discovery::Dns(name) => Dest::Name(name.clone()),
+        Discovery::Listed | Discovery::OriginalDestination => {
+            match pick_endpoint(cluster, &proxy.upstreams.active) {
+                Some(endpoint) => Dest::Addr(endpoint.addr),
+                None => return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream"),
+            }
+        }
     };
     // A tunnel is one TCP connection to the cluster, counted as `tcp::proxy` counts them.
     let Ok(connection) = proxy.hold_connection(cluster) else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
     };
-    let upstream = match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
+    let upstream = match connect_to(&dest, cluster.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(cluster = %cluster.name, error = %e, "tunnel target unreachable");
+            proxy.metrics.connect_fail(&cluster.name);
             proxy.metrics.upstream(&cluster.name, 503);
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-            );
+            return match e {
+                UpstreamError::Resolve(reason) => {
+                    text_reply(StatusCode::SERVICE_UNAVAILABLE, unresolved_body(&reason))
+                }
+                _ => local_reply(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE_BODY),
+            };
         }
     };
     proxy.metrics.upstream(&cluster.name, 200);
@@ -325,9 +344,10 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 #[derive(Clone, Copy)]
 struct Target<'a> {
     cluster: &'a Arc<Cluster>,
-    /// The request's original destination, when the cluster is an original-destination one:
-    /// each attempt goes there (plaintext HTTP/1.1) instead of to a picked endpoint.
-    dest: Option<SocketAddr>,
+    /// The request's original destination, when the cluster is an original-destination one, or
+    /// the cluster's name, when it is a DNS one: each attempt goes there (plaintext HTTP/1.1)
+    /// instead of to a picked endpoint.
+    dest: Option<&'a Dest>,
     /// The request's Host or `:authority`.
     host: &'a str,
 }
@@ -440,10 +460,11 @@ async fn forward(
         Err(UpstreamError::Overflow) => local_reply(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY),
         Err(UpstreamError::Connect(e)) => {
             tracing::debug!(cluster = %cluster.name, error = %e, "upstream connect failed");
-            local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-            )
+            local_reply(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE_BODY)
+        }
+        Err(UpstreamError::Resolve(e)) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "upstream name not resolved");
+            text_reply(StatusCode::SERVICE_UNAVAILABLE, unresolved_body(&e))
         }
         Err(e) => {
             tracing::debug!(cluster = %cluster.name, error = %e, "upstream request failed");
@@ -464,7 +485,7 @@ fn should_retry(policy: &RetryPolicy, result: &Result<Response<Body>, UpstreamEr
                 || (policy.on_gateway_error && matches!(s, 502..=504))
                 || (policy.on_409 && s == 409)
         }
-        Err(UpstreamError::Connect(_) | UpstreamError::NoEndpoint) => {
+        Err(UpstreamError::Connect(_) | UpstreamError::Resolve(_) | UpstreamError::NoEndpoint) => {
             policy.on_5xx || policy.on_connect_failure || policy.on_gateway_error
         }
         Err(UpstreamError::Reset(_) | UpstreamError::Timeout) => policy.on_5xx || policy.on_reset,
@@ -550,14 +571,15 @@ async fn attempt(
         dest,
         host,
     } = to;
-    let endpoint = match dest {
-        Some(addr) => Endpoint::original_destination(addr),
+    // An original destination or a DNS name is unmeshed (plaintext) and no known workload.
+    let (dest, endpoint) = match dest {
+        Some(dest) => (dest.clone(), None),
         None => match pick_endpoint(cluster, &proxy.upstreams.active) {
-            Some(e) => e.clone(),
+            Some(e) => (Dest::Addr(e.addr), Some(e)),
             None => return Err(UpstreamError::NoEndpoint),
         },
     };
-    tried.clone_from(&endpoint.workload);
+    *tried = endpoint.and_then(|e| e.workload.clone());
     let breakers = &cluster.breakers;
     // One HTTP/1.1 connection carries one request at a time, so limiting requests holding a
     // slot limits the connections in use. HTTP/2 needs none: each endpoint has one multiplexed
@@ -583,16 +605,23 @@ async fn attempt(
             }
         },
     };
-    let _guard = proxy.upstreams.active.start(endpoint.addr);
+    // Least-request counts by address; a name has none until it is resolved.
+    let _guard = match &dest {
+        Dest::Addr(addr) => Some(proxy.upstreams.active.start(*addr)),
+        Dest::Name(_) => None,
+    };
     let per_connection = breakers.max_requests_per_connection;
     let send = async {
-        let transport = Transport::for_endpoint(cluster, &endpoint)?;
-        match cluster.http_protocol() {
-            UpstreamProtocol::Http2 => {
+        let transport = match endpoint {
+            Some(endpoint) => Transport::for_endpoint(cluster, endpoint)?,
+            None => Transport::Plain,
+        };
+        match (cluster.http_protocol(), &dest) {
+            (UpstreamProtocol::Http2, Dest::Addr(addr)) => {
                 proxy
                     .upstreams
                     .send_http2(
-                        endpoint.addr,
+                        *addr,
                         cluster.connect_timeout,
                         &transport,
                         host,
@@ -601,11 +630,12 @@ async fn attempt(
                     )
                     .await
             }
-            UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
+            // `http_protocol` is HTTP/1.1 for every cluster that has no endpoints.
+            _ => {
                 proxy
                     .upstreams
                     .send_http1(
-                        endpoint.addr,
+                        &dest,
                         cluster.connect_timeout,
                         &transport,
                         per_connection,
@@ -621,6 +651,9 @@ async fn attempt(
             .unwrap_or(Err(UpstreamError::Timeout)),
         None => send.await,
     };
+    if let Err(UpstreamError::Connect(_) | UpstreamError::Resolve(_)) = &result {
+        proxy.metrics.connect_fail(&cluster.name);
+    }
     proxy.metrics.upstream(
         &cluster.name,
         match &result {

@@ -2,7 +2,7 @@
 //!
 //! Reading order: [`config`] (native protos -> validated domain types), [`store`] (the atomically
 //! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
-//! (sockets follow the config), [`http`] and [`tcp`] (the two kinds of filter chain),
+//! (sockets follow the config; [`sni`] reads a ClientHello's server name), [`http`] and [`tcp`] (the two kinds of filter chain),
 //! [`upstream`] (pooled connections), [`ratelimit`] and [`breakers`] (local rate limits and
 //! circuit breakers, whose state outlives config swaps), [`metrics`].
 
@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod original_dst;
 pub mod ratelimit;
 pub mod route;
+pub mod sni;
 pub mod store;
 pub mod tcp;
 pub mod tls;

@@ -25,6 +25,7 @@ pub struct Metrics {
     upstream_rq_xx: IntCounterVec,
     downstream_cx_total: IntCounterVec,
     upstream_cx_overflow: IntCounterVec,
+    upstream_cx_connect_fail: IntCounterVec,
     upstream_rq_pending_overflow: IntCounterVec,
     upstream_rq_active_overflow: IntCounterVec,
     upstream_rq_retry_overflow: IntCounterVec,
@@ -98,6 +99,10 @@ impl Metrics {
             "sidecar_cluster_upstream_cx_overflow",
             "Connections max_connections did not let this sidecar open (TCP: client connections closed; HTTP/1.1: requests that found every connection in use)",
         )?;
+        let upstream_cx_connect_fail = per_cluster(
+            "sidecar_cluster_upstream_cx_connect_fail",
+            "Upstream connections that could not be made (refused, timed out, TLS failed, or a DNS cluster's name not resolved)",
+        )?;
         let upstream_rq_pending_overflow = per_cluster(
             "sidecar_cluster_upstream_rq_pending_overflow",
             "Requests refused with 503 by max_pending_requests",
@@ -130,6 +135,7 @@ impl Metrics {
         registry.register(Box::new(upstream_rq_xx.clone()))?;
         registry.register(Box::new(downstream_cx_total.clone()))?;
         registry.register(Box::new(upstream_cx_overflow.clone()))?;
+        registry.register(Box::new(upstream_cx_connect_fail.clone()))?;
         registry.register(Box::new(upstream_rq_pending_overflow.clone()))?;
         registry.register(Box::new(upstream_rq_active_overflow.clone()))?;
         registry.register(Box::new(upstream_rq_retry_overflow.clone()))?;
@@ -143,6 +149,7 @@ impl Metrics {
             upstream_rq_xx,
             downstream_cx_total,
             upstream_cx_overflow,
+            upstream_cx_connect_fail,
             upstream_rq_pending_overflow,
             upstream_rq_active_overflow,
             upstream_rq_retry_overflow,
@@ -155,6 +162,14 @@ impl Metrics {
     /// `max_connections` refused a connection to `cluster`.
     pub fn cx_overflow(&self, cluster: &str) {
         self.upstream_cx_overflow
+            .with_label_values(&[cluster])
+            .inc();
+    }
+
+    /// A connection to `cluster` could not be made: refused, timed out, its TLS handshake
+    /// failed, or (DNS cluster) its name did not resolve.
+    pub fn connect_fail(&self, cluster: &str) {
+        self.upstream_cx_connect_fail
             .with_label_values(&[cluster])
             .inc();
     }
@@ -290,6 +305,10 @@ impl Metrics {
                     "sidecar_cluster_upstream_cx_overflow" => {
                         format!("cluster.{}.upstream_cx_overflow: {value}", label(CLUSTER))
                     }
+                    "sidecar_cluster_upstream_cx_connect_fail" => format!(
+                        "cluster.{}.upstream_cx_connect_fail: {value}",
+                        label(CLUSTER)
+                    ),
                     "sidecar_cluster_upstream_rq_pending_overflow" => format!(
                         "cluster.{}.upstream_rq_pending_overflow: {value}",
                         label(CLUSTER)
@@ -378,6 +397,7 @@ mod tests {
     fn breaker_and_rate_limit_counters_in_envoy_stats_shape() {
         let m = curl();
         m.cx_overflow("demo/echo|9000");
+        m.connect_fail("egress/httpbin.org|80");
         m.pending_overflow("demo/httpbin|14001");
         m.pending_overflow("demo/httpbin|14001");
         m.retry_overflow("demo/httpbin|14001");
@@ -388,6 +408,10 @@ mod tests {
             "cluster.demo/echo|9000.upstream_cx_overflow: 1\n\
              cluster.demo/httpbin|14001.upstream_rq_pending_overflow: 2\n\
              cluster.demo/httpbin|14001.upstream_rq_retry_overflow: 1\n"
+        );
+        assert_eq!(
+            m.stats_text(Some("connect_fail")),
+            "cluster.egress/httpbin.org|80.upstream_cx_connect_fail: 1\n"
         );
         assert_eq!(
             m.stats_text(Some("http_local_rate_limit")),

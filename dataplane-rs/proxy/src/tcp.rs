@@ -11,7 +11,7 @@ use crate::Proxy;
 use crate::config::{Cluster, Discovery, Endpoint, TcpTarget, UpstreamProtocol};
 use crate::lb::{ActiveRequests, choose_cluster, pick_endpoint};
 use crate::tls::Identity;
-use crate::upstream::{Transport, connect_tcp};
+use crate::upstream::{Dest, Transport, UpstreamError, connect_to};
 
 /// Who a TCP connection comes from and where it was going.
 #[derive(Clone, Debug)]
@@ -28,7 +28,8 @@ pub struct Downstream {
 }
 
 /// The endpoint a connection to `cluster` goes to: its original destination for an
-/// original-destination cluster (`None` without one), else the load balancer's pick.
+/// original-destination cluster (`None` without one), else the load balancer's pick (`None`
+/// for a DNS cluster, which has no endpoints: its connections go to its name).
 pub fn endpoint_for(
     cluster: &Cluster,
     original: Option<SocketAddr>,
@@ -36,7 +37,7 @@ pub fn endpoint_for(
 ) -> Option<Endpoint> {
     match cluster.discovery {
         Discovery::OriginalDestination => original.map(Endpoint::original_destination),
-        Discovery::Listed => pick_endpoint(cluster, active).cloned(),
+        Discovery::Listed | Discovery::Dns(_) => pick_endpoint(cluster, active).cloned(),
     }
 }
 
@@ -73,6 +74,12 @@ where
         tracing::debug!(cluster = %cluster.name, "TCP cluster at max_connections; closing");
         return;
     };
+    if let Discovery::Dns(name) = &cluster.discovery {
+        // Plain bytes to the first address of the name that accepts: no tunnel, no TLS.
+        proxy.metrics.upstream(&cluster.name, 0);
+        relay(&proxy, &cluster, Dest::Name(name.clone()), downstream).await;
+        return;
+    }
     let Some(endpoint) = endpoint_for(&cluster, original, &proxy.upstreams.active) else {
         if cluster.discovery == Discovery::OriginalDestination {
             tracing::debug!(cluster = %cluster.name, %client, "connection has no original destination (explicit mode, or made to the sidecar itself); closing");
@@ -88,44 +95,57 @@ where
         && endpoint.meshed
         && cluster.protocol == UpstreamProtocol::Tcp
         && !target.connect_authority.is_empty();
-    let result = if tunnel {
-        let transport = match Transport::for_endpoint(&cluster, &endpoint) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
-                return;
-            }
-        };
-        match proxy
-            .upstreams
-            .connect_tunnel(
-                endpoint.addr,
-                cluster.connect_timeout,
-                &transport,
-                &target.connect_authority,
-            )
-            .await
-        {
-            Ok(mut upstream) => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
-                .await
-                .map(|_| ()),
-            Err(e) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
-                return;
-            }
-        }
-    } else {
-        match connect_tcp(endpoint.addr, cluster.connect_timeout).await {
-            Ok(mut upstream) => tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
-                .await
-                .map(|_| ()),
-            Err(e) => {
-                tracing::debug!(cluster = %cluster.name, error = %e, "TCP upstream unreachable");
-                return;
-            }
+    if !tunnel {
+        relay(&proxy, &cluster, Dest::Addr(endpoint.addr), downstream).await;
+        return;
+    }
+    let transport = match Transport::for_endpoint(&cluster, &endpoint) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
+            return;
         }
     };
-    if let Err(e) = result {
+    let mut upstream = match proxy
+        .upstreams
+        .connect_tunnel(
+            endpoint.addr,
+            cluster.connect_timeout,
+            &transport,
+            &target.connect_authority,
+        )
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, error = %e, "CONNECT tunnel failed");
+            if let UpstreamError::Connect(_) = e {
+                proxy.metrics.connect_fail(&cluster.name);
+            }
+            return;
+        }
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        tracing::debug!(cluster = %cluster.name, error = %e, "TCP relay ended with an error");
+    }
+}
+
+/// Connects to `dest` in plaintext and copies bytes both ways until either side closes. A
+/// connection that cannot be made (name unresolved, refused, timed out) counts as a connect
+/// failure of the cluster, and the client is closed.
+async fn relay<S>(proxy: &Proxy, cluster: &Cluster, dest: Dest, mut downstream: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream = match connect_to(&dest, cluster.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, %dest, error = %e, "TCP upstream unreachable; closing");
+            proxy.metrics.connect_fail(&cluster.name);
+            return;
+        }
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(cluster = %cluster.name, error = %e, "TCP relay ended with an error");
     }
 }

@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::breakers::ClusterLimits;
-use crate::config::{Cluster, Endpoint};
+use crate::config::{Cluster, DnsName, Endpoint};
 use crate::lb::ActiveRequests;
 use crate::tls::{ClusterTls, Identity, UpstreamTls, identity_of_chain};
 
@@ -45,6 +45,10 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 pub enum UpstreamError {
     #[error("connection failure: {0}")]
     Connect(String),
+    /// A DNS cluster's name has no address (or the resolver did not answer in time); the
+    /// message says so, naming the name.
+    #[error("{0}")]
+    Resolve(String),
     #[error("connection termination: {0}")]
     Reset(String),
     #[error("timeout")]
@@ -86,10 +90,27 @@ struct Http2Connection {
     streams: u32,
 }
 
-/// Which connections a request may share: same endpoint, same transport.
+/// Where an upstream connection goes: an endpoint's address, or a DNS cluster's name, resolved
+/// each time a connection is made.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Dest {
+    Addr(SocketAddr),
+    Name(DnsName),
+}
+
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::Addr(a) => a.fmt(f),
+            Dest::Name(n) => n.fmt(f),
+        }
+    }
+}
+
+/// Which connections a request may share: same destination, same transport.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub addr: SocketAddr,
+    pub dest: Dest,
     /// `None`: plaintext. Otherwise the cluster TLS fingerprint, and the endpoint identity the
     /// server certificate was checked against when the cluster checks per endpoint.
     pub tls: Option<(u64, Option<Identity>)>,
@@ -132,9 +153,9 @@ impl Transport {
         }
     }
 
-    fn key(&self, addr: SocketAddr, per_connection: Option<u32>) -> PoolKey {
+    fn key(&self, dest: &Dest, per_connection: Option<u32>) -> PoolKey {
         PoolKey {
-            addr,
+            dest: dest.clone(),
             tls: match self {
                 Transport::Plain => None,
                 Transport::Tls { tls, expect } => Some((tls.fingerprint, expect.clone())),
@@ -223,11 +244,21 @@ pub async fn connect(
     transport: &Transport,
     alpn: Alpn,
 ) -> Result<MeshStream, UpstreamError> {
+    connect_dest(&Dest::Addr(addr), timeout, transport, alpn).await
+}
+
+/// [`connect`] to an address or a name (see [`connect_to`]).
+pub async fn connect_dest(
+    addr: &Dest,
+    timeout: Duration,
+    transport: &Transport,
+    alpn: Alpn,
+) -> Result<MeshStream, UpstreamError> {
     let Transport::Tls { tls, expect } = transport else {
-        return connect_tcp(addr, timeout).await.map(MeshStream::Plain);
+        return connect_to(addr, timeout).await.map(MeshStream::Plain);
     };
     let handshake = async {
-        let tcp = connect_tcp(addr, timeout).await?;
+        let tcp = connect_to(addr, timeout).await?;
         let config = match alpn {
             Alpn::Http1 => tls.http1.clone(),
             Alpn::Http2 => tls.http2.clone(),
@@ -289,21 +320,28 @@ impl Upstreams {
             .clone()
     }
 
-    /// Sends an HTTP/1.1 request to `endpoint`; `req`'s URI must be origin-form or absolute.
+    /// Sends an HTTP/1.1 request to `dest`; `req`'s URI must be origin-form or absolute.
     /// A connection carries at most `per_connection` requests.
     pub async fn send_http1(
         &self,
-        endpoint: SocketAddr,
+        dest: &Dest,
         connect_timeout: Duration,
         transport: &Transport,
         per_connection: Option<u32>,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if matches!(transport, Transport::Tls { .. }) || per_connection.is_some() {
-            return self
-                .send_http1_pooled(endpoint, connect_timeout, transport, per_connection, req)
-                .await;
-        }
+        // Names go through our own pool too: it resolves them with `connect_to`, which tells a
+        // name without addresses from an address that refuses.
+        let endpoint = match dest {
+            Dest::Addr(a) if matches!(transport, Transport::Plain) && per_connection.is_none() => {
+                *a
+            }
+            _ => {
+                return self
+                    .send_http1_pooled(dest, connect_timeout, transport, per_connection, req)
+                    .await;
+            }
+        };
         let pq = req
             .uri()
             .path_and_query()
@@ -324,12 +362,12 @@ impl Upstreams {
             })
     }
 
-    /// HTTP/1.1 through our own pool: reuses an idle connection of the same endpoint, transport
-    /// and per-connection limit, or opens one, and puts it back once the response has been
-    /// read, unless it has carried `per_connection` requests.
+    /// HTTP/1.1 through our own pool: reuses an idle connection of the same destination,
+    /// transport and per-connection limit, or opens one, and puts it back once the response has
+    /// been read, unless it has carried `per_connection` requests.
     async fn send_http1_pooled(
         &self,
-        endpoint: SocketAddr,
+        endpoint: &Dest,
         connect_timeout: Duration,
         transport: &Transport,
         per_connection: Option<u32>,
@@ -370,11 +408,12 @@ impl Upstreams {
                 },
             }
         }
-        let stream = connect(endpoint, connect_timeout, transport, Alpn::Http1).await?;
+        let stream = connect_dest(endpoint, connect_timeout, transport, Alpn::Http1).await?;
         let (mut sender, connection) =
             http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
                 UpstreamError::Connect(format!("HTTP/1.1 handshake with {endpoint}: {e}"))
             })?;
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%endpoint, error = %e, "HTTP/1.1 upstream connection ended");
@@ -428,7 +467,8 @@ impl Upstreams {
         transport: &Transport,
         per_connection: Option<u32>,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let key = transport.key(endpoint, per_connection);
+        let dest = Dest::Addr(endpoint);
+        let key = transport.key(&dest, per_connection);
         {
             let mut map = self.http2.lock();
             if let Some(conn) = map.get_mut(&key)
@@ -444,7 +484,7 @@ impl Upstreams {
                 return Ok(sender);
             }
         }
-        let stream = connect(endpoint, connect_timeout, transport, Alpn::Http2).await?;
+        let stream = connect_dest(&dest, connect_timeout, transport, Alpn::Http2).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -543,6 +583,53 @@ impl Upstreams {
     }
 }
 
+/// A TCP connection to `dest` within `timeout`: to its address, or to the first address its
+/// name resolves to that accepts (resolution included in the time).
+pub async fn connect_to(dest: &Dest, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    match dest {
+        Dest::Addr(addr) => connect_tcp(*addr, timeout).await,
+        Dest::Name(name) => connect_name(name, timeout).await,
+    }
+}
+
+/// Resolves `name` with the system resolver (/etc/hosts, then DNS) and tries its addresses in
+/// the order given until one connects, all within `timeout`. A name without addresses is
+/// [`UpstreamError::Resolve`]; addresses that all refuse, or run out the time, are
+/// [`UpstreamError::Connect`].
+pub async fn connect_name(name: &DnsName, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let unresolved = |why: String| {
+        UpstreamError::Resolve(format!("name {:?} could not be resolved: {why}", name.host))
+    };
+    let addrs: Vec<SocketAddr> =
+        tokio::time::timeout_at(deadline, tokio::net::lookup_host((&*name.host, name.port)))
+            .await
+            .map_err(|_| unresolved(format!("no answer within {timeout:?}")))?
+            .map_err(|e| unresolved(e.to_string()))?
+            .collect();
+    if addrs.is_empty() {
+        return Err(unresolved("no address".into()));
+    }
+    let mut failures = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+            Err(_) => {
+                failures.push(format!("{addr}: timed out"));
+                break;
+            }
+        }
+    }
+    Err(UpstreamError::Connect(format!(
+        "connect to {name} ({}) within {timeout:?}",
+        failures.join(", ")
+    )))
+}
+
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
@@ -550,4 +637,55 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
         .map_err(|e| UpstreamError::Connect(format!("connect to {addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(host: &str, port: u16) -> DnsName {
+        DnsName {
+            host: Arc::from(host),
+            port,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_resolved_and_its_addresses_tried() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // /etc/hosts has localhost, perhaps as ::1 before 127.0.0.1: the one that accepts wins.
+        let stream = connect_to(&Dest::Name(name("localhost", port)), Duration::from_secs(2))
+            .await
+            .expect("connected");
+        assert_eq!(
+            stream.peer_addr().expect("peer").to_string(),
+            format!("127.0.0.1:{port}")
+        );
+        // Nothing listens once the socket is gone: a connect failure, naming what was tried.
+        drop(listener);
+        match connect_name(&name("localhost", port), Duration::from_secs(2)).await {
+            Err(UpstreamError::Connect(e)) => {
+                assert!(
+                    e.starts_with(&format!("connect to localhost:{port} (")),
+                    "{e}"
+                );
+                assert!(e.contains(&format!("127.0.0.1:{port}: ")), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_without_addresses_is_a_resolution_failure() {
+        match connect_name(&name("no-such-host.invalid", 80), Duration::from_secs(2)).await {
+            Err(UpstreamError::Resolve(e)) => assert!(
+                e.starts_with("name \"no-such-host.invalid\" could not be resolved: "),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -259,6 +259,7 @@ fn http_chain(
             destination_ip_ranges: vec![],
             source_ip_ranges: vec![],
             transport_protocol: v1::TransportProtocol::Any as i32,
+            server_names: vec![],
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {

@@ -126,6 +126,7 @@ fn http_chain(name: &str, port: u32, rc: &str) -> v1::FilterChain {
             destination_ip_ranges: vec![],
             source_ip_ranges: vec![],
             transport_protocol: v1::TransportProtocol::Any as i32,
+            server_names: vec![],
         }),
         protocol: v1::Protocol::Http as i32,
         target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {
@@ -1093,8 +1094,12 @@ const PER_CONNECTION_APP: &str = "127.0.25.2";
 
 /// The app, counting the connections it accepts.
 async fn serve_counting(addr: &str) -> Arc<AtomicUsize> {
+    serve_counting_on(TcpListener::bind(addr).await.expect("bind app"))
+}
+
+/// [`serve_counting`] on a socket already bound (to a port the system picked).
+fn serve_counting_on(listener: TcpListener) -> Arc<AtomicUsize> {
     let accepted = Arc::new(AtomicUsize::new(0));
-    let listener = TcpListener::bind(addr).await.expect("bind app");
     let count = accepted.clone();
     tokio::spawn(async move {
         loop {
@@ -1663,4 +1668,356 @@ async fn tcp_passthrough_without_original_destination_closes() {
     wait_port(to).await;
     let mut stream = TcpStream::connect(to).await.expect("connect");
     assert_eq!(echo_line(&mut stream, "hello").await, None);
+}
+
+// === DNS clusters (egress to a name) and server-name (SNI) chains ===
+
+/// The sidecar of the DNS-cluster HTTP test.
+const DNS_SIDECAR: &str = "127.0.29.1";
+/// The sidecar of the SNI test.
+const SNI_SIDECAR: &str = "127.0.29.2";
+/// A name that never resolves (RFC 2606).
+const NO_SUCH_HOST: &str = "no-such-host.invalid";
+
+/// A DNS cluster for `host:port`, as the control plane makes one for an Egress policy.
+fn dns_cluster(
+    name: &str,
+    protocol: v1::UpstreamProtocol,
+    host: &str,
+    port: u16,
+    b: Option<v1::CircuitBreakers>,
+) -> v1::Cluster {
+    v1::Cluster {
+        discovery: Some(v1::cluster::Discovery::Dns(v1::DnsName {
+            host: host.into(),
+            port: port.into(),
+        })),
+        circuit_breakers: b,
+        ..cluster(name, protocol, None)
+    }
+}
+
+/// A plain HTTP app on 127.0.0.1 (where `localhost` resolves), on a port the system picks.
+async fn serve_counting_on_localhost() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let port = listener.local_addr().expect("addr").port();
+    (port, serve_counting_on(listener))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_reach_a_dns_cluster_by_name() {
+    use v1::UpstreamProtocol::Http1;
+    let (port, accepted) = serve_counting_on_localhost().await;
+    let routes = v1::RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vec![
+            vhost(
+                "web",
+                vec![route(prefix("/"), "egress|localhost", None, None)],
+            ),
+            vhost(
+                "nowhere",
+                vec![route(prefix("/"), "egress|nowhere", None, None)],
+            ),
+            vhost(
+                "limited",
+                vec![route(prefix("/"), "egress|limited", None, None)],
+            ),
+        ],
+    };
+    let outbound = v1::Listener {
+        name: "outbound-listener".into(),
+        address: addr(DNS_SIDECAR, 15001),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+    };
+    let no_requests = breakers(v1::CircuitBreakers {
+        max_requests: Some(0),
+        ..Default::default()
+    });
+    let set = Set::default()
+        .add(
+            type_url::CLUSTER,
+            "egress|localhost",
+            &dns_cluster("egress|localhost", Http1, "localhost", port, None),
+        )
+        .add(
+            type_url::CLUSTER,
+            "egress|nowhere",
+            &dns_cluster("egress|nowhere", Http1, NO_SUCH_HOST, 80, None),
+        )
+        .add(
+            type_url::CLUSTER,
+            "egress|limited",
+            &dns_cluster("egress|limited", Http1, "localhost", port, no_requests),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "outbound", &routes)
+        .add(type_url::LISTENER, "outbound-listener", &outbound)
+        .0;
+    let proxy = start_sidecar(set).await;
+    let to = format!("{DNS_SIDECAR}:15001");
+    wait_port(to.parse().expect("addr")).await;
+
+    // The name resolves to the app: plaintext HTTP/1.1 there, the client's Host kept.
+    let r = h1_to(&to, "web", "/hello").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, "HTTP/1.1 /hello host=web");
+    assert!(accepted.load(Ordering::SeqCst) >= 1);
+    // HTTP/2 from the client goes out as HTTP/1.1, Host from :authority.
+    let r = h2_to(&to, "web", "/h2", false).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, "HTTP/1.1 /h2 host=web");
+    let reached = accepted.load(Ordering::SeqCst);
+
+    // A name without addresses: 503 saying so, counted as a connect failure.
+    let r = h1_to(&to, "nowhere", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        r.body
+            .contains(&format!("name \"{NO_SUCH_HOST}\" could not be resolved")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        proxy.metrics.stats_text(Some("upstream_cx_connect_fail")),
+        "cluster.egress|nowhere.upstream_cx_connect_fail: 1\n"
+    );
+    assert!(
+        proxy
+            .metrics
+            .stats_text(Some("cluster.egress|nowhere.upstream_rq_5xx"))
+            .contains("upstream_rq_5xx: 1"),
+        "{}",
+        proxy.metrics.stats_text(Some("egress|nowhere"))
+    );
+
+    // Circuit breakers hold for a DNS cluster as for any: no request may be in flight.
+    let r = h1_to(&to, "limited", "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.ends_with("reset reason: overflow"), "{}", r.body);
+    assert_eq!(
+        proxy
+            .metrics
+            .stats_text(Some("egress|limited.upstream_rq_active_overflow")),
+        "cluster.egress|limited.upstream_rq_active_overflow: 1\n"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        reached,
+        "the app was reached"
+    );
+}
+
+/// A TLS server on 127.0.0.1 with a self-signed certificate for `localhost`, echoing lines;
+/// returns its port, the certificate to trust, and a count of the connections it accepts.
+async fn serve_tls_echo_on_localhost() -> (
+    u16,
+    rustls::pki_types::CertificateDer<'static>,
+    Arc<AtomicUsize>,
+) {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind TLS app");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let (r, mut w) = tokio::io::split(stream);
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("echo: {line}\n").as_bytes())
+                        .await
+                        .is_err()
+                        || w.flush().await.is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, cert.der().clone(), accepted)
+}
+
+/// A rustls client trusting only `trusted`, connecting to `to` with SNI `server`: the line
+/// the server echoes to `ping`, or the handshake's error.
+async fn tls_ping(
+    to: &str,
+    server: &str,
+    trusted: &rustls::pki_types::CertificateDer<'static>,
+) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).expect("trust");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server.to_string()).expect("name");
+    let tcp = TcpStream::connect(to).await.expect("connect");
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp);
+    let stream = tokio::time::timeout(Duration::from_secs(5), handshake)
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let (r, mut w) = tokio::io::split(stream);
+    w.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
+    w.flush().await.map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(r).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| "no answer".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_chain_picked_by_server_name_relays_tls_to_a_dns_cluster() {
+    let (port, trusted, accepted) = serve_tls_echo_on_localhost().await;
+    let egress = v1::Listener {
+        name: "egress-tls".into(),
+        address: addr(SNI_SIDECAR, 8443),
+        direction: v1::TrafficDirection::Outbound as i32,
+        filter_chains: vec![tcp_chain(
+            "localhost",
+            v1::Protocol::Tcp,
+            v1::FilterChainMatch {
+                server_names: vec!["localhost".into()],
+                ..Default::default()
+            },
+            "egress|localhost:tls",
+            None,
+        )],
+    };
+    let set = Set::default()
+        .add(
+            type_url::CLUSTER,
+            "egress|localhost:tls",
+            &dns_cluster(
+                "egress|localhost:tls",
+                v1::UpstreamProtocol::Tcp,
+                "localhost",
+                port,
+                None,
+            ),
+        )
+        .add(type_url::LISTENER, "egress-tls", &egress)
+        .add(
+            type_url::CLUSTER,
+            "egress|nowhere:tls",
+            &dns_cluster(
+                "egress|nowhere:tls",
+                v1::UpstreamProtocol::Tcp,
+                NO_SUCH_HOST,
+                443,
+                None,
+            ),
+        )
+        .add(
+            type_url::LISTENER,
+            "egress-nowhere",
+            &v1::Listener {
+                name: "egress-nowhere".into(),
+                address: addr(SNI_SIDECAR, 8444),
+                direction: v1::TrafficDirection::Outbound as i32,
+                filter_chains: vec![tcp_chain(
+                    "nowhere",
+                    v1::Protocol::Tcp,
+                    v1::FilterChainMatch::default(),
+                    "egress|nowhere:tls",
+                    None,
+                )],
+            },
+        )
+        .0;
+    let proxy = start_sidecar(set).await;
+    let to = format!("{SNI_SIDECAR}:8443");
+    wait_port(to.parse().expect("addr")).await;
+    let nowhere: SocketAddr = format!("{SNI_SIDECAR}:8444").parse().expect("addr");
+    wait_port(nowhere).await;
+    // wait_port's connection sends nothing: it names no server and reaches nobody.
+
+    // SNI `localhost`: the chain matches and the bytes go through unchanged, so the client's
+    // handshake with the app (whose certificate it checks) completes through the sidecar.
+    assert_eq!(
+        tls_ping(&to, "localhost", &trusted).await.as_deref(),
+        Ok("echo: ping\n")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert!(
+        proxy
+            .metrics
+            .stats_text(Some("upstream_rq_total"))
+            .contains("cluster.egress|localhost:tls.upstream_rq_total: 1"),
+        "{}",
+        proxy.metrics.stats_text(None)
+    );
+
+    // Another server name: no chain matches, the connection is closed before the app.
+    let other = tls_ping(&to, "other.example", &trusted).await;
+    assert!(other.is_err(), "answered {other:?}");
+    // Plaintext names no server either.
+    let mut plain = TcpStream::connect(&to).await.expect("connect");
+    assert_eq!(echo_line(&mut plain, "hello").await, None);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the app was reached");
+
+    // The first again, case aside: still relayed.
+    assert_eq!(
+        tls_ping(&to, "LocalHost", &trusted).await.as_deref(),
+        Ok("echo: ping\n")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        proxy
+            .metrics
+            .stats_text(Some("egress|localhost:tls.upstream_cx_connect_fail")),
+        ""
+    );
+
+    // A TCP chain to a name that does not resolve: the client is closed, a connect failure
+    // counted. (wait_port's connection was one already: it is relayed at once, names or not.)
+    let mut stream = TcpStream::connect(nowhere).await.expect("connect");
+    assert_eq!(echo_line(&mut stream, "hello").await, None);
+    let counted = || {
+        proxy
+            .metrics
+            .stats_text(Some("egress|nowhere:tls.upstream_cx_connect_fail"))
+    };
+    for _ in 0..250 {
+        if counted().ends_with(": 2\n") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        counted(),
+        "cluster.egress|nowhere:tls.upstream_cx_connect_fail: 2\n"
+    );
 }
