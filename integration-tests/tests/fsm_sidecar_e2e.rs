@@ -383,6 +383,34 @@ const OUTBOUND_IP_EXCLUSION: &str = "10.244.77.1/32";
 const OUTSIDE: &str = "outside";
 const OUTSIDE_LAST: u8 = 250;
 const OUTSIDE_PORT: u16 = 9999;
+/// A second TCP port of the outside server, which no Egress policy allows.
+const OUTSIDE_OTHER_PORT: u16 = 9998;
+/// The outside server's TLS port (`openssl s_server`), and the name its certificate has.
+const OUTSIDE_TLS_PORT: u16 = 9443;
+const OUTSIDE_TLS_NAME: &str = "outside.example";
+
+/// Egress policies letting curl reach the outside server by address on one TCP port and by
+/// server name on its TLS port, once passthrough is off.
+fn egress_policies(outside_ip: &str) -> String {
+    format!(
+        r#"apiVersion: policy.flomesh.io/v1alpha1
+kind: Egress
+metadata: {{name: outside-tcp, namespace: demo}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
+  ipAddresses: [{outside_ip}/32]
+  ports: [{{number: {OUTSIDE_PORT}, protocol: tcp}}]
+---
+apiVersion: policy.flomesh.io/v1alpha1
+kind: Egress
+metadata: {{name: outside-tls, namespace: demo}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
+  hosts: [{OUTSIDE_TLS_NAME}]
+  ports: [{{number: {OUTSIDE_TLS_PORT}, protocol: https}}]
+"#
+    )
+}
 
 /// The `fsm-init` rules of a pod of the test's mesh, from the generator the injector uses
 /// (FSM's program with the MeshConfig's exclusions; the demo's pods have no annotations).
@@ -496,7 +524,7 @@ impl Drop for Netns {
 
 /// Why this machine cannot run the namespace test, if it cannot.
 fn transparent_unsupported() -> Option<String> {
-    for tool in ["ip", "iptables", "setpriv", "bash"] {
+    for tool in ["ip", "iptables", "setpriv", "bash", "openssl"] {
         let found = std::process::Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
@@ -523,6 +551,16 @@ fn http_in(ns: &str, addr: &str, host: &str, path: &str) -> Result<String> {
     sh(&format!(
         "ip netns exec {ns} timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port} && printf \"GET {path} HTTP/1.1\\r\\nHost: {host}\\r\\nConnection: close\\r\\n\\r\\n\" >&3 && cat <&3'"
     ))
+}
+
+/// The first line of the reply to `GET /` over TLS from inside `ns`, with `server_name` as the
+/// ClientHello's SNI (the server's certificate is not checked: the test asks whether the
+/// handshake goes through the client's sidecar untouched, not whom to trust).
+fn tls_in(ns: &str, ip: &str, port: u16, server_name: &str) -> Result<String> {
+    let out = sh(&format!(
+        "ip netns exec {ns} timeout 5 bash -c 'printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | openssl s_client -connect {ip}:{port} -servername {server_name} -quiet 2>/dev/null | head -1'"
+    ))?;
+    Ok(out.trim_end().to_string())
 }
 
 fn tcp_in(ns: &str, ip: &str, port: u16, line: &str) -> Result<String> {
@@ -596,10 +634,41 @@ async fn run_transparent() -> Result<()> {
         .args(["netns", "exec", &netns.ns(OUTSIDE)])
         .arg(fsm_integration_tests::binary("fsm-demo-app")?)
         .args(["--name", OUTSIDE, "--tcp"])
-        .arg(format!("0.0.0.0:{OUTSIDE_PORT}"));
+        .arg(format!("0.0.0.0:{OUTSIDE_PORT}"))
+        .arg("--tcp")
+        .arg(format!("0.0.0.0:{OUTSIDE_OTHER_PORT}"));
     processes.push(fsm_integration_tests::ManagedProcess::spawn(
         "app-outside",
         outside,
+        &logs,
+    )?);
+    let tls = work.path().join("outside-tls");
+    std::fs::create_dir_all(&tls)?;
+    let (cert, key) = (tls.join("tls.crt"), tls.join("tls.key"));
+    sh(&format!(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN={OUTSIDE_TLS_NAME} -keyout {} -out {} 2>&1",
+        key.display(),
+        cert.display()
+    ))?;
+    let mut tls_server = std::process::Command::new("ip");
+    tls_server
+        .args([
+            "netns",
+            "exec",
+            &netns.ns(OUTSIDE),
+            "openssl",
+            "s_server",
+            "-www",
+        ])
+        .arg("-accept")
+        .arg(OUTSIDE_TLS_PORT.to_string())
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key);
+    processes.push(fsm_integration_tests::ManagedProcess::spawn(
+        "tls-outside",
+        tls_server,
         &logs,
     )?);
     for pod in &pods {
@@ -775,6 +844,47 @@ async fn run_transparent() -> Result<()> {
         ensure!(
             stat_in(&server, SERVER_COUNTER)? == server_before,
             "the server sidecar forwarded a plaintext request to its app"
+        );
+
+        // Egress policies, passthrough off: the outside server is reachable only where a
+        // policy allows, by address for TCP and by server name for TLS (not terminated: the
+        // handshake is between the client and the outside server).
+        std::fs::write(
+            manifests.join("70-egress.yaml"),
+            egress_policies(&outside_ip),
+        )?;
+        let mesh_text = std::fs::read_to_string(&mesh_config)?;
+        std::fs::write(
+            &mesh_config,
+            mesh_text.replace("enableEgress: true", "enableEgress: false"),
+        )?;
+        eventually(CONVERGE, || async {
+            let refused = tcp_in(&curl, &outside_ip, OUTSIDE_OTHER_PORT, "no policy");
+            ensure!(
+                refused.is_err() || refused.as_ref().is_ok_and(String::is_empty),
+                "passthrough still on: {refused:?}"
+            );
+            Ok(())
+        })
+        .await?;
+        let echoed = eventually(CONVERGE, || async {
+            tcp_in(&curl, &outside_ip, OUTSIDE_PORT, "policy")
+        })
+        .await?;
+        ensure!(echoed == "outside: policy", "{echoed:?}");
+        let page = eventually(CONVERGE, || async {
+            let line = tls_in(&curl, &outside_ip, OUTSIDE_TLS_PORT, OUTSIDE_TLS_NAME)?;
+            ensure!(line.starts_with("HTTP/1.0 200"), "{line:?}");
+            Ok(line)
+        })
+        .await
+        .context("TLS by an allowed server name")?;
+        ensure!(page.starts_with("HTTP/1.0 200"), "{page:?}");
+        let other =
+            tls_in(&curl, &outside_ip, OUTSIDE_TLS_PORT, "other.example").unwrap_or_default();
+        ensure!(
+            other.is_empty(),
+            "TLS with a server name no policy allows got through: {other:?}"
         );
         anyhow::Ok(())
     }
