@@ -3,6 +3,9 @@
 //! identity and the ADS address. Mirrors `mesh_e2e.rs` (the same mesh with Envoy sidecars), once
 //! over state-of-the-world ADS and once over delta ADS, each on its own 127.0.<subnet>.x
 //! addresses so both can run at the same time.
+//!
+//! Transparent mode: the same mesh in network namespaces with FSM's iptables rules, once with
+//! fsm-sidecar and once with Envoy sidecars (same script, same assertions).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -12,9 +15,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use fsm_catalog::CatalogSettings;
 use fsm_integration_tests::{
-    AdsMode, Controller, ControllerOptions, DemoMesh, FsmSidecar, MeshPod, backends_via,
-    demo_manifests, edit_manifest, eventually, http_get_via, load_catalog, mesh_pods,
-    start_controller, tcp_roundtrip,
+    AdsMode, Controller, ControllerOptions, DemoMesh, FsmSidecar, MeshPod, Plane, SidecarConfig,
+    backends_via, bootstrap_secrets, demo_manifests, edit_manifest, envoy_bootstrap, eventually,
+    http_get_via, load_catalog, mesh_pods, start_controller, tcp_roundtrip,
 };
 
 const CDS: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
@@ -570,7 +573,67 @@ fn tcp_in(ns: &str, ip: &str, port: u16, line: &str) -> Result<String> {
     Ok(out.trim_end().to_string())
 }
 
-async fn run_transparent() -> Result<()> {
+/// The sidecar of `pod` in its namespace `ns`, running as the proxy UID (so its own connections
+/// are not redirected), with the pod's bootstrap credentials in `credentials` (readable by that
+/// UID, as an injector's Secret volume is).
+fn transparent_sidecar(
+    plane: Plane,
+    pod: &MeshPod,
+    ns: &str,
+    credentials: &Path,
+) -> Result<std::process::Command> {
+    let mut sidecar = std::process::Command::new("ip");
+    sidecar
+        .args(["netns", "exec", ns, "setpriv", "--reuid", PROXY_UID])
+        .args(["--regid", PROXY_UID, "--clear-groups"]);
+    match plane {
+        Plane::FsmSidecar => {
+            sidecar
+                .arg(fsm_integration_tests::binary("fsm-sidecar")?)
+                .arg("--transparent")
+                .arg("--node-id")
+                .arg(pod.node_id().context("node id")?)
+                .args(["--ads", "127.0.0.1:15128", "--bootstrap-dir"])
+                .arg(credentials)
+                .arg("--pod-ip")
+                .arg(pod.ip.to_string())
+                .args(["--pod-name", &pod.name]);
+        }
+        Plane::Envoy => {
+            // The bootstrap a sidecar of this pod gets, beside its credentials: the pod's own
+            // namespace gives it the same admin and ADS addresses as every other pod.
+            let config = SidecarConfig {
+                name: pod.name.clone(),
+                node_id: pod.node_id().context("node id")?,
+                node_cluster: pod.node_cluster(),
+                admin: "127.0.0.1:15000".parse()?,
+                ads: "127.0.0.1:15128".parse()?,
+                ads_replicas: Vec::new(),
+                ads_mode: AdsMode::Sotw,
+                bootstrap_dir: credentials.to_path_buf(),
+            };
+            let mut files: Vec<(String, String)> = bootstrap_secrets(&config).into();
+            files.push((
+                "bootstrap.yaml".into(),
+                envoy_bootstrap(&config, credentials),
+            ));
+            for (name, text) in files {
+                let path = credentials.join(name);
+                std::fs::write(&path, text)?;
+                std::os::unix::fs::chown(&path, Some(PROXY_UID_NUM), Some(PROXY_UID_NUM))?;
+            }
+            sidecar
+                .arg(fsm_integration_tests::envoy_binary()?)
+                .arg("--config-path")
+                .arg(credentials.join("bootstrap.yaml"))
+                .args(["--disable-hot-restart", "--concurrency", "1"])
+                .arg("--reject-unknown-dynamic-fields");
+        }
+    }
+    Ok(sidecar)
+}
+
+async fn run_transparent(plane: Plane) -> Result<()> {
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -581,10 +644,19 @@ async fn run_transparent() -> Result<()> {
     for file in std::fs::read_dir(&manifests)? {
         let path = file?.path();
         let text = std::fs::read_to_string(&path)?;
+        // Every pod runs fsm-init (the test installs its rules): the proxies take redirected
+        // connections.
         std::fs::write(
             &path,
             text.replace("127.0.10.", &format!("10.244.{POD_SUBNET}."))
-                .replace("localProxyMode: PodIP", "localProxyMode: Localhost"),
+                .replace("localProxyMode: PodIP", "localProxyMode: Localhost")
+                .replace(
+                    "  containers:\n",
+                    &format!(
+                        "  initContainers: [{{name: {}}}]\n  containers:\n",
+                        fsm_catalog::INIT_CONTAINER_NAME
+                    ),
+                ),
         )?;
     }
     let mesh_config = manifests.join("00-mesh.yaml");
@@ -733,22 +805,9 @@ async fn run_transparent() -> Result<()> {
                 Some(PROXY_UID_NUM),
             )?;
         }
-        let mut sidecar = std::process::Command::new("ip");
-        sidecar
-            .args(["netns", "exec", &ns, "setpriv", "--reuid", PROXY_UID])
-            .args(["--regid", PROXY_UID, "--clear-groups"])
-            .arg(fsm_integration_tests::binary("fsm-sidecar")?)
-            .arg("--transparent")
-            .arg("--node-id")
-            .arg(pod.node_id().context("node id")?)
-            .args(["--ads", "127.0.0.1:15128", "--bootstrap-dir"])
-            .arg(&credentials)
-            .arg("--pod-ip")
-            .arg(pod.ip.to_string())
-            .args(["--pod-name", &pod.name]);
         processes.push(fsm_integration_tests::ManagedProcess::spawn(
-            &format!("fsm-sidecar-{}", pod.name),
-            sidecar,
+            &format!("{plane:?}-{}", pod.name),
+            transparent_sidecar(plane, pod, &ns, &credentials)?,
             &logs,
         )?);
     }
@@ -804,8 +863,12 @@ async fn run_transparent() -> Result<()> {
         // Egress passthrough: TCP to an address outside the mesh goes through the client's
         // sidecar (redirected, its catch-all chain) to where it was going, its original
         // destination.
-        const PASSTHROUGH: &str = "cluster.passthrough-outbound.upstream_rq_total";
-        let before = stat_in(&curl, PASSTHROUGH)?;
+        // fsm-sidecar counts each TCP connection as a request, Envoy as a connection.
+        let passthrough = match plane {
+            Plane::Envoy => "cluster.passthrough-outbound.upstream_cx_total",
+            Plane::FsmSidecar => "cluster.passthrough-outbound.upstream_rq_total",
+        };
+        let before = stat_in(&curl, passthrough)?;
         let outside_ip = format!("10.244.{POD_SUBNET}.{OUTSIDE_LAST}");
         let echoed = eventually(CONVERGE, || async {
             tcp_in(&curl, &outside_ip, OUTSIDE_PORT, "egress")
@@ -813,7 +876,7 @@ async fn run_transparent() -> Result<()> {
         .await?;
         ensure!(echoed == "outside: egress", "{echoed:?}");
         ensure!(
-            stat_in(&curl, PASSTHROUGH)? > before,
+            stat_in(&curl, passthrough)? > before,
             "the connection to {outside_ip} did not go through the sidecar's passthrough"
         );
 
@@ -844,6 +907,25 @@ async fn run_transparent() -> Result<()> {
         ensure!(
             stat_in(&server, SERVER_COUNTER)? == server_before,
             "the server sidecar forwarded a plaintext request to its app"
+        );
+        // Nothing plaintext is reachable from outside the pod: the client's outbound port,
+        // asked by a host outside the mesh to send a request as the client, is redirected to
+        // the inbound port like every connection from outside, which takes mTLS only.
+        let curl_ip = pods
+            .iter()
+            .find(|p| p.name == "curl")
+            .context("curl pod")?
+            .ip;
+        let borrowed = http_in(
+            &netns.ns(OUTSIDE),
+            &format!("{curl_ip}:15001"),
+            "httpbin.demo:14001",
+            "/get",
+        )
+        .unwrap_or_default();
+        ensure!(
+            !borrowed.starts_with("HTTP/"),
+            "the client's outbound port served a request from outside the pod: {borrowed}"
         );
 
         // Egress policies, passthrough off: the outside server is reachable only where a
@@ -891,6 +973,16 @@ async fn run_transparent() -> Result<()> {
     .await;
     if result.is_err() {
         dump_logs(&mut processes);
+        if plane == Plane::Envoy {
+            // Where the client's connections went: its listeners and their chain misses.
+            let curl = netns.ns("curl");
+            for path in ["/listeners", "/stats?filter=no_filter_chain_match"] {
+                eprintln!(
+                    "--- curl's Envoy {path}:\n{}",
+                    http_in(&curl, "127.0.0.1:15000", "admin", path).unwrap_or_default()
+                );
+            }
+        }
     }
     drop(processes);
     drop(netns);
@@ -898,12 +990,14 @@ async fn run_transparent() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fsm_sidecar_transparent_mode_in_network_namespaces() {
+async fn transparent_mode_in_network_namespaces_on_each_data_plane() {
     if let Some(why) = transparent_unsupported() {
-        eprintln!("SKIPPED fsm_sidecar_transparent_mode_in_network_namespaces: {why}");
+        eprintln!("SKIPPED transparent_mode_in_network_namespaces_on_each_data_plane: {why}");
         return;
     }
-    if let Err(err) = run_transparent().await {
-        panic!("{err:#}");
+    for plane in [Plane::FsmSidecar, Plane::Envoy] {
+        if let Err(err) = run_transparent(plane).await {
+            panic!("{plane:?}: {err:#}");
+        }
     }
 }

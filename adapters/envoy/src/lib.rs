@@ -17,6 +17,12 @@
 //! Endpoints of pods that run a sidecar are therefore addressed at `<pod-ip>:15003`, never at the
 //! application port, so traffic always crosses both sidecars.
 //!
+//! A pod that runs FSM's `fsm-init` container ([`fsm_ir::ProxyInfo::transparent`]) has its
+//! connections redirected by iptables instead, and its `outbound-listener` listens on every
+//! address of 15001 and picks a chain per connection by its original destination (see
+//! `transparent_outbound`); it then has no `outbound-tcp` listeners, so nothing plaintext is
+//! bound to the pod address (FSM's rules send every connection from outside the pod to 15003).
+//!
 //! Every connection between sidecars is mutually authenticated, with FSM's SDS names:
 //!
 //! - the inbound listener presents `service-cert` (the proxy's own certificate, one name for
@@ -47,6 +53,7 @@ use envoy_types::pb::envoy::config::route::v3 as route;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
@@ -474,9 +481,10 @@ fn egress_host_cluster(host: &EgressHttpHost) -> cluster::Cluster {
 /// How long a proxy waits for a connection to a destination outside the mesh.
 const EGRESS_CONNECT_TIMEOUT_MS: u64 = 1000;
 
-/// What [`proxy_resources`] reads of the services the proxy may reach: HTTP services are routed
-/// by the shared `outbound` route configuration; only TCP service ports get listeners of their
-/// own.
+/// What [`proxy_resources`] reads of the services the proxy may reach in explicit mode: HTTP
+/// services are routed by the shared `outbound` route configuration; only TCP service ports get
+/// listeners of their own. A transparent proxy's outbound listener has a chain for every service
+/// port, so it reads all of them.
 pub const PROXY_RESOURCES_OUTBOUND: fsm_ir::OutboundDetail = fsm_ir::OutboundDetail::TcpOnly;
 
 /// What only this proxy has: its listeners (bound to its pod address), the inbound route
@@ -503,17 +511,17 @@ pub fn proxy_resources(
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
         out.clusters.push(build_cluster(c, false, trust_domain));
     }
-    if ir.mesh.enable_egress {
+    let original_destination = ir.proxy.transparent && ir.egress.uses_original_destination();
+    if ir.mesh.enable_egress || original_destination {
         out.clusters.push(passthrough_cluster());
     }
     out.clusters
         .extend(ir.egress.http.iter().map(egress_host_cluster));
-    if ir.egress.uses_original_destination() {
-        // Envoy here serves applications that name it as their proxy (explicit mode): nothing
-        // redirects their TLS or TCP connections to it, so it has no original destination to
-        // match on. fsm-sidecar takes them.
+    if ir.egress.uses_original_destination() && !ir.proxy.transparent {
+        // In explicit mode applications name the proxy: nothing redirects their TLS or TCP
+        // connections to it, so it has no original destination to match them on.
         out.warnings.push(format!(
-            "Egress: the TLS and TCP destinations its policies allow on port(s) {} need connections redirected to the proxy (transparent mode), which Envoy is not configured for yet; they are not reachable through it",
+            "Egress: the TLS and TCP destinations its policies allow on port(s) {} need the pod's connections redirected to the proxy (transparent mode: the pod runs fsm-init); in explicit mode they are not reachable through it",
             ir.egress
                 .tls
                 .iter()
@@ -526,17 +534,26 @@ pub fn proxy_resources(
                 .join(", ")
         ));
     }
-    out.listeners.push(http_listener(
-        OUTBOUND_LISTENER,
-        pod_ip,
-        ports::OUTBOUND,
-        OUTBOUND_ROUTES,
-        None,
-    ));
+    if ir.proxy.transparent {
+        out.listeners
+            .push(transparent_outbound(ir, &tunnelled, &mut out.warnings));
+    } else {
+        out.listeners.push(http_listener(
+            OUTBOUND_LISTENER,
+            pod_ip,
+            ports::OUTBOUND,
+            OUTBOUND_ROUTES,
+            None,
+        ));
+    }
 
-    // Outbound TCP: one listener per service port on the pod address.
+    // Explicit-mode outbound TCP: one listener per service port on the pod address.
     let inbound_ports: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
-    for svc in ir.outbound.iter().filter(|s| !s.protocol.is_http()) {
+    let explicit_tcp = ir
+        .outbound
+        .iter()
+        .filter(|s| !s.protocol.is_http() && !ir.proxy.transparent);
+    for svc in explicit_tcp {
         if inbound_ports.contains(&svc.port)
             || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port)
         {
@@ -546,34 +563,8 @@ pub fn proxy_resources(
             ));
             continue;
         }
-        let Some(backend) = svc.tcp_backends.first() else {
+        let Some(proxy) = outbound_tcp_proxy(svc, &tunnelled) else {
             continue;
-        };
-        let tunnel = tunnelled.contains(backend.cluster.as_str());
-        let proxy = tcp_proxy::TcpProxy {
-            stat_prefix: format!("outbound-tcp.{}|{}", svc.service, svc.port),
-            cluster_specifier: Some(if svc.tcp_backends.len() == 1 {
-                tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(backend.cluster.to_string())
-            } else {
-                tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
-                    tcp_proxy::tcp_proxy::WeightedCluster {
-                        clusters: svc
-                            .tcp_backends
-                            .iter()
-                            .map(|b| tcp_proxy::tcp_proxy::weighted_cluster::ClusterWeight {
-                                name: b.cluster.to_string(),
-                                weight: b.weight,
-                                ..Default::default()
-                            })
-                            .collect(),
-                    },
-                )
-            }),
-            tunneling_config: tunnel.then(|| tcp_proxy::tcp_proxy::TunnelingConfig {
-                hostname: format!("{}:{}", svc.service.fqdn(), svc.port),
-                ..Default::default()
-            }),
-            ..Default::default()
         };
         out.listeners.push(listener::Listener {
             name: format!("outbound-tcp:{}|{}", svc.service, svc.port),
@@ -673,6 +664,191 @@ pub fn proxy_resources(
     out.listeners.push(inbound);
 
     Ok(out)
+}
+
+/// The tcp_proxy that carries a TCP service port's connections to its backends (weighted when
+/// split), through an HTTP/2 CONNECT tunnel to the peer sidecar where the backend is meshed.
+fn outbound_tcp_proxy(
+    svc: &OutboundService,
+    tunnelled: &BTreeSet<&str>,
+) -> Option<tcp_proxy::TcpProxy> {
+    let backend = svc.tcp_backends.first()?;
+    let tunnel = tunnelled.contains(backend.cluster.as_str());
+    Some(tcp_proxy::TcpProxy {
+        stat_prefix: format!("outbound-tcp.{}|{}", svc.service, svc.port),
+        cluster_specifier: Some(if svc.tcp_backends.len() == 1 {
+            tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(backend.cluster.to_string())
+        } else {
+            tcp_proxy::tcp_proxy::ClusterSpecifier::WeightedClusters(
+                tcp_proxy::tcp_proxy::WeightedCluster {
+                    clusters: svc
+                        .tcp_backends
+                        .iter()
+                        .map(|b| tcp_proxy::tcp_proxy::weighted_cluster::ClusterWeight {
+                            name: b.cluster.to_string(),
+                            weight: b.weight,
+                            ..Default::default()
+                        })
+                        .collect(),
+                },
+            )
+        }),
+        tunneling_config: tunnel.then(|| tcp_proxy::tcp_proxy::TunnelingConfig {
+            hostname: format!("{}:{}", svc.service.fqdn(), svc.port),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A tcp_proxy to the connection's original destination (the passthrough cluster).
+fn to_original_destination(stat_prefix: String) -> tcp_proxy::TcpProxy {
+    tcp_proxy::TcpProxy {
+        stat_prefix,
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(
+            names::PASSTHROUGH_CLUSTER.into(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// Transparent mode's outbound listener: FSM's iptables rules redirect the pod's outbound
+/// connections to 127.0.0.1:15001, so it listens on every address, and the original_dst
+/// listener filter restores each connection's destination, which picks its chain:
+///
+/// - a service port's ClusterIPs and port: HTTP to the `outbound` routes, TCP to its backends;
+/// - an Egress policy's port: HTTP to the `outbound` routes (whose egress hosts decide), TLS by
+///   server name (read by the tls_inspector) and TCP by address range to where it was going;
+/// - 15001 itself: applications that name the proxy (explicit HTTP, as in explicit mode);
+/// - anything else: passed through when MeshConfig `enableEgress` is on, else closed.
+///
+/// Reachable from outside the pod only through the same rules, which send every inbound
+/// connection to 15003 (mTLS only).
+fn transparent_outbound(
+    ir: &ProxyIr,
+    tunnelled: &BTreeSet<&str>,
+    warnings: &mut Vec<String>,
+) -> listener::Listener {
+    let any_address = if ir.proxy.pod_ip.is_ipv6() {
+        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+    };
+    let http = |name: &str| {
+        network_filter(
+            "envoy.filters.network.http_connection_manager",
+            &http_manager(name, OUTBOUND_ROUTES, None),
+        )
+    };
+    let tcp =
+        |proxy: &tcp_proxy::TcpProxy| network_filter("envoy.filters.network.tcp_proxy", proxy);
+    let chain_match =
+        |port: u16, ranges: &[String], server_names: &[String]| listener::FilterChainMatch {
+            destination_port: Some(UInt32Value {
+                value: u32::from(port),
+            }),
+            prefix_ranges: ranges.iter().filter_map(|r| cidr_range(r)).collect(),
+            server_names: server_names.to_vec(),
+            ..Default::default()
+        };
+    let mut chains = vec![listener::FilterChain {
+        name: "explicit-http".into(),
+        filter_chain_match: Some(chain_match(ports::OUTBOUND, &[], &[])),
+        filters: vec![http(OUTBOUND_LISTENER)],
+        ..Default::default()
+    }];
+    for svc in &ir.outbound {
+        let name = format!("{}|{}", svc.service, svc.port);
+        let filter = if svc.protocol.is_http() {
+            http(OUTBOUND_LISTENER)
+        } else {
+            match outbound_tcp_proxy(svc, tunnelled) {
+                Some(proxy) => tcp(&proxy),
+                None => continue,
+            }
+        };
+        chains.push(listener::FilterChain {
+            filter_chain_match: Some(chain_match(svc.port, &svc.destination_ip_ranges, &[])),
+            filters: vec![filter],
+            name,
+            ..Default::default()
+        });
+    }
+    let http_ports: BTreeSet<u16> = ir.egress.http.iter().map(|h| h.port).collect();
+    for port in http_ports {
+        chains.push(listener::FilterChain {
+            name: format!("egress-http|{port}"),
+            filter_chain_match: Some(chain_match(port, &[], &[])),
+            filters: vec![http(OUTBOUND_LISTENER)],
+            ..Default::default()
+        });
+    }
+    for t in &ir.egress.tls {
+        let name = format!("egress-tls|{}", t.port);
+        chains.push(listener::FilterChain {
+            filter_chain_match: Some(chain_match(t.port, &[], &t.server_names)),
+            filters: vec![tcp(&to_original_destination(name.clone()))],
+            name,
+            ..Default::default()
+        });
+    }
+    for t in &ir.egress.tcp {
+        let name = format!("egress-tcp|{}", t.port);
+        chains.push(listener::FilterChain {
+            filter_chain_match: Some(chain_match(t.port, &t.ip_ranges, &[])),
+            filters: vec![tcp(&to_original_destination(name.clone()))],
+            name,
+            ..Default::default()
+        });
+    }
+    // Envoy refuses a listener two of whose chains match the same connections.
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    chains.retain(|chain| {
+        let key = format!("{:?}", chain.filter_chain_match);
+        match seen.get(&key) {
+            Some(first) => {
+                warnings.push(format!(
+                    "{OUTBOUND_LISTENER}: chain {} matches the same destinations as {first} and is never used",
+                    chain.name
+                ));
+                false
+            }
+            None => {
+                seen.insert(key, chain.name.clone());
+                true
+            }
+        }
+    });
+    let mut listener_filters = vec![listener::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+            &OriginalDst::default(),
+        ))),
+        ..Default::default()
+    }];
+    if !ir.egress.tls.is_empty() {
+        listener_filters.push(listener::ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        });
+    }
+    listener::Listener {
+        name: OUTBOUND_LISTENER.into(),
+        address: Some(socket_address(any_address, ports::OUTBOUND)),
+        listener_filters,
+        filter_chains: chains,
+        default_filter_chain: ir.mesh.enable_egress.then(|| listener::FilterChain {
+            name: names::PASSTHROUGH_CLUSTER.into(),
+            filters: vec![tcp(&to_original_destination(
+                names::PASSTHROUGH_CLUSTER.into(),
+            ))],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// The inbound listener's chain for plaintext HTTP from outside the mesh, when some port admits
@@ -987,6 +1163,29 @@ fn http_listener(
     routes: &str,
     inbound: Option<&ServiceIdentity>,
 ) -> listener::Listener {
+    listener::Listener {
+        name: name.into(),
+        address: Some(socket_address(ip, port)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![network_filter(
+                "envoy.filters.network.http_connection_manager",
+                &http_manager(name, routes, inbound),
+            )],
+            transport_socket: inbound.map(downstream_tls),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The HTTP connection manager of [`http_listener`]: stats under `stat_name`, routes from the
+/// route configuration `routes`.
+fn http_manager(
+    stat_name: &str,
+    routes: &str,
+    inbound: Option<&ServiceIdentity>,
+) -> hcm::HttpConnectionManager {
+    let name = stat_name;
     let accept_connect = inbound.is_some();
     let connect = || {
         vec![hcm::http_connection_manager::UpgradeConfig {
@@ -994,7 +1193,7 @@ fn http_listener(
             ..Default::default()
         }]
     };
-    let manager = hcm::HttpConnectionManager {
+    hcm::HttpConnectionManager {
         stat_prefix: name.replace('-', "_"),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
@@ -1042,19 +1241,6 @@ fn http_listener(
             ..Default::default()
         }),
         upgrade_configs: if accept_connect { connect() } else { vec![] },
-        ..Default::default()
-    };
-    listener::Listener {
-        name: name.into(),
-        address: Some(socket_address(ip, port)),
-        filter_chains: vec![listener::FilterChain {
-            filters: vec![network_filter(
-                "envoy.filters.network.http_connection_manager",
-                &manager,
-            )],
-            transport_socket: inbound.map(downstream_tls),
-            ..Default::default()
-        }],
         ..Default::default()
     }
 }

@@ -133,6 +133,7 @@ fn ir(
             pod: "me-0".into(),
             namespace: "app".into(),
             pod_ip: ip("127.0.0.9"),
+            transparent: false,
         },
         mesh: MeshSettings {
             permissive_traffic_policy_mode: true,

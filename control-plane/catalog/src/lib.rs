@@ -34,6 +34,10 @@ pub const MONITORED_BY_LABEL: &str = "flomesh.io/monitored-by";
 pub const SIDECAR_INJECTION_ANNOTATION: &str = "flomesh.io/sidecar-injection";
 /// Pod label carrying the proxy UUID that appears in the proxy's node id.
 pub const PROXY_UUID_LABEL: &str = "fsm-proxy-uuid";
+/// The init container FSM's injector adds to a meshed pod: it installs the iptables rules that
+/// redirect the pod's traffic to its sidecar (transparent mode). A pod without it is reached
+/// and sends through its sidecar explicitly.
+pub const INIT_CONTAINER_NAME: &str = "fsm-init";
 /// EndpointSlice label naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The one MeshConfig the control plane reads.

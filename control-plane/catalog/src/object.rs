@@ -250,12 +250,21 @@ impl MeshObject {
             MeshObject::Namespace(o) => o.status = None,
             MeshObject::Service(o) => o.status = None,
             MeshObject::Pod(o) => {
-                // Of a pod the mesh reads its identity, network mode, named container ports and
-                // addresses; the rest (images, probes, volumes, conditions) is most of a pod's
-                // size and churn.
+                // Of a pod the mesh reads its identity, network mode, named container ports,
+                // whether `fsm-init` intercepts its traffic, and addresses; the rest (images,
+                // probes, volumes, conditions) is most of a pod's size and churn.
                 o.spec = o.spec.take().map(|spec| PodSpec {
                     service_account_name: spec.service_account_name,
                     host_network: spec.host_network,
+                    init_containers: spec.init_containers.map(|init| {
+                        init.into_iter()
+                            .filter(|c| c.name == crate::INIT_CONTAINER_NAME)
+                            .map(|c| Container {
+                                name: c.name,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
                     containers: spec
                         .containers
                         .into_iter()
@@ -319,5 +328,42 @@ mod tests {
         }
         assert!(Kind::MeshConfig.is_required() && !Kind::TrafficTarget.is_required());
         assert!(!Kind::Namespace.is_namespaced() && Kind::Retry.is_namespaced());
+    }
+
+    /// A normalized pod keeps whether `fsm-init` intercepts its traffic, and nothing else of its
+    /// init containers.
+    #[test]
+    fn a_normalized_pod_keeps_its_fsm_init_container_only() {
+        use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+        let init = |names: &[&str]| {
+            MeshObject::Pod(Pod {
+                spec: Some(PodSpec {
+                    init_containers: Some(
+                        names
+                            .iter()
+                            .map(|n| Container {
+                                name: (*n).into(),
+                                image: Some("image".into()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .normalized()
+        };
+        let MeshObject::Pod(pod) = init(&["wait", crate::INIT_CONTAINER_NAME]) else {
+            panic!("not a pod");
+        };
+        let kept = pod.spec.and_then(|s| s.init_containers).unwrap_or_default();
+        assert_eq!(
+            kept,
+            [Container {
+                name: crate::INIT_CONTAINER_NAME.into(),
+                ..Default::default()
+            }]
+        );
     }
 }

@@ -297,6 +297,8 @@ pub struct PodRecord {
     sidecar_injection: Option<Arc<str>>,
     service_account: Arc<str>,
     host_network: bool,
+    /// It runs FSM's `fsm-init` container: its traffic is redirected to its sidecar.
+    intercepted: bool,
     ports: Box<[ContainerPortRecord]>,
     ip: Option<IpAddr>,
     /// Set once by the API server: what the pod's bootstrap Secret names as its owner.
@@ -339,6 +341,9 @@ impl PodRecord {
                     .unwrap_or("default"),
             ),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            intercepted: spec
+                .and_then(|s| s.init_containers.as_ref())
+                .is_some_and(|init| init.iter().any(|c| c.name == crate::INIT_CONTAINER_NAME)),
             ports: spec
                 .into_iter()
                 .flat_map(|s| s.containers.iter())
@@ -409,6 +414,11 @@ impl PodRecord {
 
     pub fn host_network(&self) -> bool {
         self.host_network
+    }
+
+    /// Whether FSM's `fsm-init` container redirects the pod's traffic to its sidecar.
+    pub fn intercepted(&self) -> bool {
+        self.intercepted
     }
 
     /// The ports of every container, in declaration order.

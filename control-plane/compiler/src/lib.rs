@@ -251,6 +251,7 @@ pub fn compile_with_view(
             pod: pod_name,
             namespace: pod_namespace,
             pod_ip,
+            transparent: pod.intercepted(),
         },
         mesh: mesh.clone(),
         inbound,

@@ -224,7 +224,9 @@ impl Publisher {
         Ok(Own {
             types,
             warnings,
-            reads_every_port: own_routes,
+            // A transparent proxy's listeners match every service port by its original
+            // destination, whatever the data plane.
+            reads_every_port: own_routes || compiled.ir.proxy.transparent,
             egress: compiled.ir.mesh.enable_egress,
         })
     }
@@ -389,8 +391,13 @@ fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
 }
 
 /// How much of the view a proxy's own part needs for the data planes its streams speak (see
-/// each adapter's `PROXY_RESOURCES_OUTBOUND`).
-pub fn outbound_detail(data_planes: &[DataPlane]) -> fsm_ir::OutboundDetail {
+/// each adapter's `PROXY_RESOURCES_OUTBOUND`, which is for explicit mode): every service port
+/// when the pod's traffic is redirected (`transparent`), as its listeners then match each port
+/// by its original destination.
+pub fn outbound_detail(data_planes: &[DataPlane], transparent: bool) -> fsm_ir::OutboundDetail {
+    if transparent {
+        return fsm_ir::OutboundDetail::All;
+    }
     data_planes
         .iter()
         .map(|plane| match plane {

@@ -217,6 +217,11 @@ pub struct ProxyInfo {
     pub pod: String,
     pub namespace: String,
     pub pod_ip: IpAddr,
+    /// The pod's traffic is redirected to the proxy (FSM's `fsm-init` iptables rules): its
+    /// listeners take redirected connections on every address by their original destination.
+    /// Otherwise applications name the proxy (explicit mode, the demo's loopback pods).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
 }
 
 /// Mesh-wide settings that shape every proxy's configuration.
@@ -806,6 +811,7 @@ mod tests {
                 pod: "p".into(),
                 namespace: "app".into(),
                 pod_ip: "127.0.0.1".parse().expect("ip"),
+                transparent: false,
             },
             mesh: MeshSettings {
                 permissive_traffic_policy_mode: true,
