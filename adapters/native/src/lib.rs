@@ -359,6 +359,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
             any: true,
             identities: vec![],
             source_ip_ranges: vec![],
+            principals: vec![],
         },
         fsm_ir::AllowedSources::Identities(ids) => {
             let mut ids = ids.clone();
@@ -368,6 +369,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
                 any: false,
                 identities: ids.iter().map(identity).collect(),
                 source_ip_ranges: vec![],
+                principals: vec![],
             }
         }
     }

@@ -113,6 +113,7 @@ pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
                     any: false,
                     identities: vec![],
                     source_ip_ranges: svc.ingress_sources.clone(),
+                    principals: vec![],
                 }),
             )],
             rate_limit: None,

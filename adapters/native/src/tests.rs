@@ -614,6 +614,7 @@ fn allowed_identities_travel_with_inbound_routes_only() {
                 },
             ],
             source_ip_ranges: vec![],
+            principals: vec![],
         }),
         "sorted, without duplicates"
     );
