@@ -643,22 +643,19 @@ pub fn proxy_resources(
         INBOUND_ROUTES,
         Some(own),
     );
-    if let Some((chain, routes)) = ingress(ir) {
+    if let Some((chains, routes)) = ingress(ir) {
         // TLS (peers' mTLS) and plaintext (ingress) are told apart by the first bytes.
-        inbound.listener_filters = vec![listener::ListenerFilter {
-            name: "envoy.filters.listener.tls_inspector".into(),
-            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
-                &TlsInspector::default(),
-            ))),
-            ..Default::default()
-        }];
+        if ir.proxy.transparent {
+            inbound.listener_filters.push(original_dst_filter());
+        }
+        inbound.listener_filters.push(tls_inspector_filter());
         for mesh in &mut inbound.filter_chains {
             mesh.filter_chain_match = Some(listener::FilterChainMatch {
                 transport_protocol: "tls".into(),
                 ..Default::default()
             });
         }
-        inbound.filter_chains.push(chain);
+        inbound.filter_chains.extend(chains);
         out.routes.push(routes);
     }
     out.listeners.push(inbound);
@@ -819,21 +816,9 @@ fn transparent_outbound(
             }
         }
     });
-    let mut listener_filters = vec![listener::ListenerFilter {
-        name: "envoy.filters.listener.original_dst".into(),
-        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
-            &OriginalDst::default(),
-        ))),
-        ..Default::default()
-    }];
+    let mut listener_filters = vec![original_dst_filter()];
     if !ir.egress.tls.is_empty() {
-        listener_filters.push(listener::ListenerFilter {
-            name: "envoy.filters.listener.tls_inspector".into(),
-            config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
-                &TlsInspector::default(),
-            ))),
-            ..Default::default()
-        });
+        listener_filters.push(tls_inspector_filter());
     }
     listener::Listener {
         name: OUTBOUND_LISTENER.into(),
@@ -851,24 +836,55 @@ fn transparent_outbound(
     }
 }
 
-/// The inbound listener's chain for plaintext HTTP from outside the mesh, when some port admits
-/// ingress (IngressBackend): only from the admitted addresses (the chain matches no other
-/// client), each service's routes admitting its own (per-route RBAC on the client's address).
-/// Its route configuration, [`INGRESS_ROUTES`], has one virtual host per such service port.
-fn ingress(ir: &ProxyIr) -> Option<(listener::FilterChain, route::RouteConfiguration)> {
+/// Restores a redirected connection's original destination, which chains then match on.
+fn original_dst_filter() -> listener::ListenerFilter {
+    listener::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+            &OriginalDst::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// Reads a connection's first bytes: TLS or not, and the ClientHello's server name.
+fn tls_inspector_filter() -> listener::ListenerFilter {
+    listener::ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener::listener_filter::ConfigType::TypedConfig(any(
+            &TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The inbound listener's chains for clients outside the mesh, when some port admits ingress
+/// (IngressBackend, AccessControl): plaintext HTTP only from the admitted addresses (the chain
+/// matches no other client), and, in transparent mode, TLS to each application port that admits
+/// certificate names (the chain requires one of them). Their route configuration,
+/// [`INGRESS_ROUTES`], has one virtual host per such service port, whose route admits its own
+/// clients only (per-route RBAC on the client's address or certificate name).
+fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConfiguration)> {
     let mut sources: BTreeSet<&str> = BTreeSet::new();
     let mut domains = Domains::default();
     let mut virtual_hosts = Vec::new();
     for svc in ir.ingress_services() {
         sources.extend(svc.ingress_sources.iter().map(String::as_str));
-        let principals = svc
+        let by_address = svc
             .ingress_sources
             .iter()
             .filter_map(|cidr| cidr_range(cidr))
             .map(|range| rbac::Principal {
                 identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
-            })
-            .collect();
+            });
+        // A certificate's URI SAN, else its DNS SAN, is the name RBAC compares.
+        let by_certificate = svc.ingress_principals.iter().map(|name| rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::Authenticated(
+                rbac::principal::Authenticated {
+                    principal_name: Some(exact(name)),
+                },
+            )),
+        });
         let mut route = http_route(
             &fsm_ir::HttpRoute {
                 matches: Default::default(),
@@ -884,7 +900,7 @@ fn ingress(ir: &ProxyIr) -> Option<(listener::FilterChain, route::RouteConfigura
             None,
             None,
         );
-        route.typed_per_filter_config = rbac_per_route(principals);
+        route.typed_per_filter_config = rbac_per_route(by_address.chain(by_certificate).collect());
         virtual_hosts.push(route::VirtualHost {
             name: svc.local_cluster.to_string(),
             domains: domains.claim(&svc.hosts),
@@ -922,25 +938,96 @@ fn ingress(ir: &ProxyIr) -> Option<(listener::FilterChain, route::RouteConfigura
         ],
         ..Default::default()
     };
-    let chain = listener::FilterChain {
-        name: "ingress-http".into(),
-        filter_chain_match: Some(listener::FilterChainMatch {
-            transport_protocol: "raw_buffer".into(),
-            source_prefix_ranges: sources.iter().filter_map(|c| cidr_range(c)).collect(),
-            ..Default::default()
-        }),
-        filters: vec![network_filter(
+    let http = || {
+        vec![network_filter(
             "envoy.filters.network.http_connection_manager",
             &manager,
-        )],
-        ..Default::default()
+        )]
     };
+    let mut chains = Vec::new();
+    if !sources.is_empty() {
+        chains.push(listener::FilterChain {
+            name: "ingress-http".into(),
+            filter_chain_match: Some(listener::FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                source_prefix_ranges: sources.iter().filter_map(|c| cidr_range(c)).collect(),
+                ..Default::default()
+            }),
+            filters: http(),
+            ..Default::default()
+        });
+    }
+    // TLS from outside the mesh arrives redirected from the application port it was sent to
+    // (the listener's original_dst filter restores it); peers' mTLS comes to 15003 itself.
+    for port in ir.inbound.iter().filter(|_| ir.proxy.transparent) {
+        let principals = port.ingress_principals();
+        if principals.is_empty() {
+            continue;
+        }
+        chains.push(listener::FilterChain {
+            name: format!("ingress-https|{}", port.target_port),
+            filter_chain_match: Some(listener::FilterChainMatch {
+                destination_port: Some(UInt32Value {
+                    value: u32::from(port.target_port),
+                }),
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            }),
+            filters: http(),
+            transport_socket: Some(ingress_tls(&principals)),
+            ..Default::default()
+        });
+    }
     let routes = route::RouteConfiguration {
         name: INGRESS_ROUTES.into(),
         virtual_hosts,
         ..Default::default()
     };
-    Some((chain, routes))
+    Some((chains, routes))
+}
+
+/// TLS for clients outside the mesh: the proxy's own certificate, and a client certificate that
+/// chains to the mesh's roots and names one of `principals` (as a URI or DNS SAN).
+fn ingress_tls(principals: &BTreeSet<&str>) -> core::TransportSocket {
+    let san = |san_type: tls::subject_alt_name_matcher::SanType, name: &str| {
+        tls::SubjectAltNameMatcher {
+            san_type: san_type as i32,
+            matcher: Some(exact(name)),
+            ..Default::default()
+        }
+    };
+    let sans = principals
+        .iter()
+        .flat_map(|name| {
+            [
+                san(tls::subject_alt_name_matcher::SanType::Dns, name),
+                san(tls::subject_alt_name_matcher::SanType::Uri, name),
+            ]
+        })
+        .collect();
+    transport_socket(&tls::DownstreamTlsContext {
+        common_tls_context: Some(tls::CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
+            validation_context_type: Some(
+                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                    tls::common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(tls::CertificateValidationContext {
+                            match_typed_subject_alt_names: sans,
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(
+                            names::OUTBOUND_ROOT.into(),
+                        )),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    })
 }
 
 /// `10.0.0.0/8` as Envoy's CidrRange; `None` for anything else (the compiler passes only CIDRs).

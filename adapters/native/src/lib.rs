@@ -274,7 +274,21 @@ fn validation(name: String, sans: Vec<String>, trust_bundle_pem: &str) -> v1::Se
 
 /// The proxy's own certificate and the roots its clients must chain to.
 fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> {
-    vec![
+    // The certificate names clients outside the mesh may present (see `listeners`).
+    let principals: std::collections::BTreeSet<&str> = ir
+        .inbound
+        .iter()
+        .filter(|_| ir.proxy.transparent)
+        .flat_map(|p| p.ingress_principals())
+        .collect();
+    let ingress = (!principals.is_empty()).then(|| {
+        validation(
+            names::ingress_validation(&ir.proxy.identity),
+            principals.iter().map(|p| (*p).to_owned()).collect(),
+            &credentials.trust_bundle_pem,
+        )
+    });
+    let mut secrets = vec![
         v1::Secret {
             name: names::SERVICE_CERT.into(),
             kind: Some(v1::secret::Kind::TlsCertificate(v1::TlsCertificate {
@@ -287,7 +301,9 @@ fn own_secrets(ir: &ProxyIr, credentials: &ProxyCredentials) -> Vec<v1::Secret> 
             vec![],
             &credentials.trust_bundle_pem,
         ),
-    ]
+    ];
+    secrets.extend(ingress);
+    secrets
 }
 
 /// This proxy's certificate, the roots its clients must chain to, and the roots its servers

@@ -76,7 +76,15 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     }
 
     let mut inbound = vec![explicit_http(ports::INBOUND, INBOUND_ROUTES)];
-    inbound.extend(ir.inbound.iter().filter_map(redirected_inbound));
+    // A port that admits TLS from outside the mesh takes that TLS when redirected (peers reach
+    // it through 15003, as always): the first bytes cannot tell the two apart.
+    let tls_ingress = |p: &InboundPort| ir.proxy.transparent && !p.ingress_principals().is_empty();
+    inbound.extend(
+        ir.inbound
+            .iter()
+            .filter(|p| !tls_ingress(p))
+            .filter_map(redirected_inbound),
+    );
     // Plaintext never reaches a meshed application from the mesh: every peer chain requires
     // mTLS. Clients outside the mesh an IngressBackend admits send plaintext HTTP, to chains
     // of their own that match their addresses only; the connection's first bytes tell them apart.
@@ -188,17 +196,40 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
         .map(|p| (p.target_port, sources_of(p)))
         .filter(|(_, sources)| !sources.is_empty())
         .collect();
-    if ports.is_empty() {
-        return vec![];
+    let mut chains = Vec::new();
+    if !ports.is_empty() {
+        let all: BTreeSet<String> = ports.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+        chains.push(chain(INGRESS_CHAIN.into(), ports::INBOUND, all));
     }
-    let all: BTreeSet<String> = ports.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
-    let mut chains = vec![chain(INGRESS_CHAIN.into(), ports::INBOUND, all)];
     chains.extend(ports.into_iter().map(|(target_port, sources)| {
         chain(
             format!("ingress:target-port:{target_port}"),
             target_port,
             sources,
         )
+    }));
+    // TLS from outside the mesh, to the application port it was sent to (redirected), with a
+    // client certificate that names one of the port's principals.
+    let tls_ports = ir
+        .inbound
+        .iter()
+        .filter(|p| ir.proxy.transparent && p.protocol.is_http())
+        .filter(|p| !p.ingress_principals().is_empty());
+    chains.extend(tls_ports.map(|port| v1::FilterChain {
+        name: format!("ingress-https:target-port:{}", port.target_port),
+        r#match: Some(v1::FilterChainMatch {
+            destination_port: u32::from(port.target_port),
+            transport_protocol: v1::TransportProtocol::Tls as i32,
+            ..Default::default()
+        }),
+        protocol: v1::Protocol::Http as i32,
+        target: Some(http(INGRESS_ROUTES)),
+        allowed_sources: None,
+        tls: Some(v1::DownstreamTls {
+            certificate_secret: names::SERVICE_CERT.into(),
+            validation_secret: names::ingress_validation(&ir.proxy.identity),
+            require_client_certificate: true,
+        }),
     }));
     chains
 }

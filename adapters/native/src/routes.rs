@@ -113,7 +113,7 @@ pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
                     any: false,
                     identities: vec![],
                     source_ip_ranges: svc.ingress_sources.clone(),
-                    principals: vec![],
+                    principals: svc.ingress_principals.clone(),
                 }),
             )],
             rate_limit: None,

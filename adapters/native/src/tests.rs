@@ -95,6 +95,7 @@ fn inbound(
             local_cluster: local,
             rate_limit: None,
             ingress_sources: vec![],
+            ingress_principals: vec![],
         }],
     }
 }

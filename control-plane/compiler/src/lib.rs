@@ -461,7 +461,10 @@ impl<'a> Compiler<'a> {
                 };
                 let (routes, rate_limit) =
                     self.inbound_rate_limits(&service, number, entry.protocol, routes);
-                let ingress_sources = self.ingress_sources(&service, target_port, entry.protocol);
+                let Ingress {
+                    sources: ingress_sources,
+                    principals: ingress_principals,
+                } = self.ingress(&service, target_port, entry.protocol);
                 entry.services.push(InboundService {
                     service: service.clone(),
                     port: number,
@@ -470,7 +473,8 @@ impl<'a> Compiler<'a> {
                     allowed,
                     local_cluster,
                     rate_limit,
-                    ingress_sources,
+                    ingress_sources: ingress_sources.into_iter().collect(),
+                    ingress_principals: ingress_principals.into_iter().collect(),
                 });
             }
         }
@@ -938,23 +942,19 @@ impl<'a> Compiler<'a> {
         )
     }
 
-    /// Who outside the mesh may send `service`'s pod port `target_port` requests, as CIDRs: the
-    /// sources of the IngressBackends (MeshConfig `enableIngressBackendPolicy`) and
-    /// AccessControls (`enableAccessControlPolicy`) of its namespace naming it and that port (FSM:
-    /// a backend's port is the target port; an AccessControl without backends names every
-    /// service of its namespace). `IPRange` sources as they are, `Service` sources as the
-    /// addresses of their endpoints (monitored namespace or not: an ingress controller's may not
-    /// be). TLS backends (client certificates, `AuthenticatedPrincipal`) are not supported yet:
-    /// reported, left out.
-    fn ingress_sources(
-        &mut self,
-        service: &ServiceRef,
-        target_port: u16,
-        protocol: Protocol,
-    ) -> Vec<String> {
+    /// Who outside the mesh may send `service`'s pod port `target_port` requests: the sources of
+    /// the IngressBackends (MeshConfig `enableIngressBackendPolicy`) and AccessControls
+    /// (`enableAccessControlPolicy`) of its namespace naming it and that port (FSM: a backend's
+    /// port is the target port; an AccessControl without backends names every service of its
+    /// namespace). Of a plaintext (`http`) backend, `IPRange` sources as they are and `Service`
+    /// sources as the addresses of their endpoints (monitored namespace or not: an ingress
+    /// controller's may not be); of a TLS (`https`) backend, the `AuthenticatedPrincipal`
+    /// sources, which the client certificate must name. What cannot be honoured is reported and
+    /// admits no one (fail closed).
+    fn ingress(&mut self, service: &ServiceRef, target_port: u16, protocol: Protocol) -> Ingress {
         let catalog = self.catalog;
         let flags = self.flags;
-        let mut sources = BTreeSet::new();
+        let mut admitted = Ingress::default();
         if flags.enable_ingress_backend_policy {
             for ib in catalog.policies_of::<IngressBackend>(&service.namespace) {
                 let policy = format!(
@@ -962,20 +962,15 @@ impl<'a> Compiler<'a> {
                     service.namespace,
                     ib.metadata.name.as_deref().unwrap_or_default()
                 );
-                let tls =
-                    |b: &BackendSpec| b.port.protocol == PortProtocol::Https || b.tls.is_some();
                 let named = self.backends_naming(
                     &policy,
                     &ib.spec.backends,
                     false,
-                    tls,
                     service,
                     target_port,
                     protocol,
                 );
-                if named {
-                    self.admit(&policy, &ib.spec.sources, &service.namespace, &mut sources);
-                }
+                self.admit(&policy, &ib.spec.sources, &service.namespace, named, &mut admitted);
             }
         }
         if flags.enable_access_control_policy {
@@ -985,76 +980,95 @@ impl<'a> Compiler<'a> {
                     service.namespace,
                     ac.metadata.name.as_deref().unwrap_or_default()
                 );
-                let tls = |b: &BackendSpec| {
-                    b.port.protocol == PortProtocol::Https
-                        || b.tls
-                            .as_ref()
-                            .is_some_and(|t| !t.skip_client_cert_validation)
-                };
                 let named = self.backends_naming(
                     &policy,
                     &ac.spec.backends,
                     true,
-                    tls,
                     service,
                     target_port,
                     protocol,
                 );
-                if named {
-                    self.admit(&policy, &ac.spec.sources, &service.namespace, &mut sources);
-                }
+                self.admit(&policy, &ac.spec.sources, &service.namespace, named, &mut admitted);
             }
         }
-        sources.into_iter().collect()
+        admitted
     }
 
-    /// Whether `backends` (of `policy`) let ingress into `service`'s pod port `target_port`
-    /// (`all_when_empty`: an empty list names every service of the namespace). A TLS backend
-    /// or a TCP port named is reported: not supported yet.
-    #[allow(clippy::too_many_arguments)]
+    /// How `backends` (of `policy`) let ingress into `service`'s pod port `target_port`
+    /// (`all_when_empty`: an empty list names every HTTP service of the namespace, in
+    /// plaintext). A TCP port, or a TLS backend that skips client certificate validation, is
+    /// reported: not supported yet.
     fn backends_naming(
         &mut self,
         policy: &str,
         backends: &[BackendSpec],
         all_when_empty: bool,
-        tls: impl Fn(&BackendSpec) -> bool,
         service: &ServiceRef,
         target_port: u16,
         protocol: Protocol,
-    ) -> bool {
+    ) -> Named {
+        let mut named = Named::default();
         if backends.is_empty() {
-            return all_when_empty && protocol.is_http();
+            named.plaintext = all_when_empty && protocol.is_http();
+            return named;
         }
-        let mut named = false;
         for (i, backend) in backends.iter().enumerate() {
             if backend.name != service.name || backend.port.number != target_port {
                 continue;
             }
-            if tls(backend) {
-                self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}]: TLS ingress (client certificates, AuthenticatedPrincipal) is not supported yet; the backend admits no ingress"));
-            } else if !protocol.is_http() {
+            let tls = backend.port.protocol == PortProtocol::Https || backend.tls.is_some();
+            if !protocol.is_http() {
                 self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}]: port {target_port} of {service} is TCP; ingress is HTTP only so far"));
+            } else if backend
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.skip_client_cert_validation)
+            {
+                self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}].tls.skipClientCertValidation: TLS ingress without client certificates is not supported yet; the backend admits no ingress"));
+            } else if tls {
+                named.tls = true;
             } else {
-                named = true;
+                named.plaintext = true;
             }
         }
         named
     }
 
-    /// Adds the addresses `sources` (of `policy`, in `namespace`) admit to `admitted`.
+    /// Adds to `admitted` whom `sources` (of `policy`, in `namespace`) admit to the backends
+    /// `named`: addresses in plaintext, certificate names over TLS. A TLS backend admits by
+    /// certificate only: FSM's `IPRange` and `Service` sources there also restrict the client's
+    /// address, which the data planes cannot check together yet, so such a policy admits no TLS
+    /// ingress (reported) rather than more than it says.
     fn admit(
         &mut self,
         policy: &str,
         sources: &[IngressSourceSpec],
         namespace: &str,
-        admitted: &mut BTreeSet<String>,
+        named: Named,
+        admitted: &mut Ingress,
     ) {
+        if named.tls {
+            let principals: Vec<&IngressSourceSpec> = sources
+                .iter()
+                .filter(|s| s.kind == IngressSourceKind::AuthenticatedPrincipal)
+                .collect();
+            if principals.len() < sources.len() {
+                self.warn(ErrCode::E2008, format!("{policy} spec.sources: a TLS backend admitting by address (IPRange, Service) as well as by certificate is not supported yet; it admits no TLS ingress"));
+            } else {
+                admitted
+                    .principals
+                    .extend(principals.iter().map(|s| s.name.clone()));
+            }
+        }
+        if !named.plaintext {
+            return;
+        }
         let catalog = self.catalog;
         for (j, source) in sources.iter().enumerate() {
             match source.kind {
                 IngressSourceKind::IpRange => {
                     if fsm_crds::parse_cidr(&source.name).is_some() {
-                        admitted.insert(source.name.clone());
+                        admitted.sources.insert(source.name.clone());
                     }
                 }
                 IngressSourceKind::Service => {
@@ -1069,12 +1083,12 @@ impl<'a> Compiler<'a> {
                     };
                     for port in svc.ports() {
                         for endpoint in catalog.endpoints_of(svc, port) {
-                            admitted.insert(host_range(endpoint.ip));
+                            admitted.sources.insert(host_range(endpoint.ip));
                         }
                     }
                 }
                 IngressSourceKind::AuthenticatedPrincipal => {
-                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: AuthenticatedPrincipal sources (TLS ingress) are not supported yet; left out"));
+                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: an AuthenticatedPrincipal admits TLS clients only (a backend with protocol https); a plaintext backend ignores it"));
                 }
             }
         }
@@ -1190,6 +1204,22 @@ impl<'a> Compiler<'a> {
     fn warn(&mut self, code: ErrCode, message: String) {
         self.warnings.push(Warning { code, message });
     }
+}
+
+/// Whom an inbound service port admits from outside the mesh (see `Compiler::ingress`).
+#[derive(Default)]
+struct Ingress {
+    /// Plaintext clients, by address (CIDRs).
+    sources: BTreeSet<String>,
+    /// TLS clients, by a subject alternative name of their certificate.
+    principals: BTreeSet<String>,
+}
+
+/// How a policy's backends name one service port (see `Compiler::backends_naming`).
+#[derive(Clone, Copy, Default)]
+struct Named {
+    plaintext: bool,
+    tls: bool,
 }
 
 pub(crate) fn service_ref(svc: &ServiceRecord) -> ServiceRef {

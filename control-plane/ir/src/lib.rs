@@ -47,6 +47,15 @@ pub mod names {
         )
     }
 
+    /// SDS name of what a proxy checks the certificates of clients outside the mesh against
+    /// (IngressBackend `AuthenticatedPrincipal` sources): the mesh's roots and their names.
+    pub fn ingress_validation(identity: &ServiceIdentity) -> String {
+        format!(
+            "root-cert-for-ingress:{}/{}",
+            identity.namespace, identity.service_account
+        )
+    }
+
     /// SDS name of the roots a proxy checks every upstream sidecar's certificate against. One
     /// secret for all upstream services: which identities each service's servers may have travels
     /// with its clusters. OSM names one secret per service (`root-cert-for-mtls-outbound:<ns>/<svc>`),
@@ -354,6 +363,12 @@ pub struct InboundService {
     /// which the proxy otherwise refuses (its inbound port takes mTLS only). Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_sources: Vec<String>,
+    /// Clients outside the mesh this port admits over TLS, by a subject alternative name (DNS
+    /// name or URI) of their certificate, which must chain to the mesh's roots: FSM's
+    /// IngressBackend `AuthenticatedPrincipal` sources of an `https` backend. They connect to
+    /// the port itself, which the pod's rules redirect to the proxy (transparent mode only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_principals: Vec<String>,
 }
 
 /// A token bucket in each instance of a service (Envoy's and FSM's local rate limit): it starts
@@ -685,15 +700,27 @@ pub enum IrError {
     },
 }
 
+impl InboundPort {
+    /// The certificate names its services admit over TLS from outside the mesh
+    /// ([`InboundService::ingress_principals`]), each once, sorted.
+    pub fn ingress_principals(&self) -> std::collections::BTreeSet<&str> {
+        self.services
+            .iter()
+            .flat_map(|s| s.ingress_principals.iter().map(String::as_str))
+            .collect()
+    }
+}
+
 impl ProxyIr {
-    /// The HTTP service ports of this pod that admit clients outside the mesh
-    /// ([`InboundService::ingress_sources`]), in inbound order.
+    /// The HTTP service ports of this pod that admit clients outside the mesh, by address
+    /// ([`InboundService::ingress_sources`]) or certificate ([`InboundService::ingress_principals`]),
+    /// in inbound order.
     pub fn ingress_services(&self) -> impl Iterator<Item = &InboundService> {
         self.inbound
             .iter()
             .filter(|p| p.protocol.is_http())
             .flat_map(|p| p.services.iter())
-            .filter(|s| !s.ingress_sources.is_empty())
+            .filter(|s| !s.ingress_sources.is_empty() || !s.ingress_principals.is_empty())
     }
 
     /// The proxy's outbound entries and clusters grouped by service, as the compiler's view
