@@ -17,7 +17,7 @@ use regex::Regex;
 
 use crate::metrics::Workload;
 use crate::ratelimit::{BucketKey, Scope, Settings};
-use crate::tls::{DownstreamTls, Identity, Secrets, UpstreamTls};
+use crate::tls::{DownstreamTls, Identity, Peer, Secrets, UpstreamTls};
 
 /// A rejected resource set: the NACK's `error_detail`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +61,9 @@ pub struct Chain {
     pub kind: ChainKind,
     /// Unset: plaintext.
     pub tls: Option<DownstreamTls>,
+    /// `tls.require_client_certificate`: every client presents a verified certificate, whose
+    /// subject alternative names `AllowedSources.principals` may then admit.
+    pub require_client_certificate: bool,
 }
 
 /// `FilterChainMatch.transport_protocol`.
@@ -139,14 +142,16 @@ pub struct TcpTarget {
     pub allowed: Allowed,
 }
 
-/// `AllowedSources`: `any`, the verified identities of mTLS clients, or the client addresses
-/// of ingress from outside the mesh.
+/// `AllowedSources`: `any`, the verified identities of mTLS clients, the names their verified
+/// certificates carry, or the client addresses of ingress from outside the mesh.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Allowed {
     pub any: bool,
     pub identities: Vec<Identity>,
     /// Clients whose (source) address is in one of these, certificate or not.
     pub sources: Vec<Cidr>,
+    /// Clients whose verified certificate carries one of these subject alternative names.
+    pub principals: Vec<Principal>,
 }
 
 impl Allowed {
@@ -156,15 +161,61 @@ impl Allowed {
             any: a.any,
             identities: a.identities.iter().map(Identity::from_proto).collect(),
             sources: cidrs(&a.source_ip_ranges, "source_ip_ranges")?,
+            principals: a
+                .principals
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    Principal::parse(p).map_err(|e| field_err(format!("principals[{i}]"), e))
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
-    /// `peer` is the identity of a verified client certificate, `None` for any other client;
+    /// `peer` is the client as its verified certificate names it, `None` for any other client;
     /// `client` is the address the connection comes from.
-    pub fn admits(&self, peer: Option<&Identity>, client: IpAddr) -> bool {
+    pub fn admits(&self, peer: Option<&Peer>, client: IpAddr) -> bool {
         self.any
-            || peer.is_some_and(|p| self.identities.contains(p))
+            || peer.is_some_and(|p| {
+                p.identity
+                    .as_ref()
+                    .is_some_and(|id| self.identities.contains(id))
+                    || self.principals.iter().any(|name| name.names(p))
+            })
             || self.sources.iter().any(|r| r.contains(client))
+    }
+}
+
+/// One entry of `AllowedSources.principals`: a subject alternative name a verified client
+/// certificate must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// A DNS name (`ingress.example.com`), lower-cased: compared without regard to case.
+    Dns(String),
+    /// A URI (it has a scheme, `spiffe://…`, `https://…`), compared exactly.
+    Uri(String),
+}
+
+impl Principal {
+    /// Any non-empty text; one with a `:` is a URI (a DNS name has none), the rest DNS names.
+    pub fn parse(text: &str) -> Result<Principal, String> {
+        if text.is_empty() {
+            return Err("is empty".into());
+        }
+        Ok(if text.contains(':') {
+            Principal::Uri(text.to_string())
+        } else {
+            Principal::Dns(text.to_ascii_lowercase())
+        })
+    }
+
+    /// Whether the certificate of `peer` carries this name (a DNS name among its DNS SANs, a URI
+    /// among its URI SANs).
+    pub fn names(&self, peer: &Peer) -> bool {
+        match self {
+            Principal::Dns(name) => peer.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name)),
+            Principal::Uri(uri) => peer.uris.iter().any(|u| u == uri),
+        }
     }
 }
 
@@ -750,6 +801,10 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
                 Some(crate::tls::downstream(t, secrets).map_err(|(f, m)| field_err(at(&f), m))?)
             }
         };
+        let require_client_certificate = fc
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.require_client_certificate);
         chains.push(Chain {
             name: Arc::from(fc.name.as_str()),
             port,
@@ -759,6 +814,7 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
             server_names,
             kind,
             tls,
+            require_client_certificate,
         });
     }
     Ok(Listener {
@@ -1396,6 +1452,7 @@ mod tests {
                 any: false,
                 identities: vec![],
                 source_ip_ranges: vec!["10.1.2.3/32".into()],
+                principals: vec![],
             }),
             tls: None,
         };
@@ -1541,6 +1598,7 @@ mod tests {
                 any: false,
                 identities: vec![],
                 source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+                principals: vec![],
             });
             let s = set(vec![
                 (type_url::CLUSTER, "c", cluster("c")),
@@ -1567,15 +1625,16 @@ mod tests {
     #[test]
     fn allowed_admits_any_listed_identity_or_source_address() {
         let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
-        let curl = Identity::new("curl", "demo");
-        let other = Identity::new("bookbuyer", "demo");
+        let curl = Peer::from(Identity::new("curl", "demo"));
+        let other = Peer::from(Identity::new("bookbuyer", "demo"));
         let ingress = Allowed {
             any: false,
-            identities: vec![curl.clone()],
+            identities: vec![Identity::new("curl", "demo")],
             sources: vec![
                 parse_cidr("10.1.0.0/16").expect("cidr"),
                 parse_cidr("fd00::1/128").expect("cidr"),
             ],
+            principals: vec![],
         };
         assert!(ingress.admits(None, ip("10.1.200.3")));
         assert!(ingress.admits(Some(&other), ip("10.1.0.1")));
@@ -1592,6 +1651,126 @@ mod tests {
             ..Allowed::default()
         };
         assert!(any.admits(None, ip("203.0.113.9")));
+    }
+
+    #[test]
+    fn allowed_admits_principals_named_by_the_client_certificate() {
+        let ip: IpAddr = "10.1.0.1".parse().expect("ip");
+        let principals = |names: &[&str]| Allowed {
+            principals: names
+                .iter()
+                .map(|n| Principal::parse(n).expect("principal"))
+                .collect(),
+            ..Allowed::default()
+        };
+        let allowed = principals(&["Ingress.Example.com", "https://edge.example.com/ingress"]);
+        let peer = |dns: &[&str], uris: &[&str]| Peer {
+            identity: None,
+            dns_names: dns.iter().map(|d| d.to_ascii_lowercase()).collect(),
+            uris: uris.iter().map(|u| u.to_string()).collect(),
+        };
+        // DNS names: any case, on either side.
+        assert!(allowed.admits(Some(&peer(&["ingress.example.com"], &[])), ip));
+        assert!(allowed.admits(Some(&peer(&["INGRESS.example.com"], &[])), ip));
+        assert!(allowed.admits(
+            Some(&peer(&["a.example.com", "ingress.example.com"], &[])),
+            ip
+        ));
+        // URIs: exactly.
+        assert!(allowed.admits(Some(&peer(&[], &["https://edge.example.com/ingress"])), ip));
+        assert!(!allowed.admits(Some(&peer(&[], &["https://EDGE.example.com/ingress"])), ip));
+        assert!(!allowed.admits(Some(&peer(&[], &["https://edge.example.com/ingress/"])), ip));
+        // No SAN matching: refused, whatever the workload identity.
+        assert!(!allowed.admits(Some(&peer(&["other.example.com"], &[])), ip));
+        let workload = Peer {
+            identity: Some(Identity::new("ingress", "demo")),
+            ..peer(
+                &["other.example.com"],
+                &["spiffe://cluster.local/ns/demo/sa/ingress"],
+            )
+        };
+        assert!(!allowed.admits(Some(&workload), ip));
+        // Without a verified certificate principals admit no one.
+        assert!(!allowed.admits(None, ip));
+        // Identities still need the workload identity, not a name.
+        let by_identity = Allowed {
+            identities: vec![Identity::new("ingress", "demo")],
+            ..Allowed::default()
+        };
+        assert!(by_identity.admits(Some(&workload), ip));
+        assert!(!by_identity.admits(Some(&peer(&["ingress.demo"], &[])), ip));
+    }
+
+    #[test]
+    fn principals_are_parsed_and_named_in_errors() {
+        assert_eq!(
+            Principal::parse("Ingress.Example.COM"),
+            Ok(Principal::Dns("ingress.example.com".into()))
+        );
+        assert_eq!(
+            Principal::parse("spiffe://Cluster.local/ns/a/sa/B"),
+            Ok(Principal::Uri("spiffe://Cluster.local/ns/a/sa/B".into()))
+        );
+        assert_eq!(Principal::parse(""), Err("is empty".to_string()));
+        // On a route and on a TCP filter chain.
+        let build = |principals: &[&str]| {
+            let mut rc = v1::RouteConfiguration::decode(&*routes(
+                "c",
+                v1::route_match::Path::Prefix("/".into()),
+            ))
+            .expect("decode");
+            rc.name = "inbound".into();
+            rc.virtual_hosts[0].routes[0].allowed_sources = Some(v1::AllowedSources {
+                principals: principals.iter().map(|p| p.to_string()).collect(),
+                ..Default::default()
+            });
+            let s = set(vec![
+                (type_url::CLUSTER, "c", cluster("c")),
+                (type_url::ROUTE_CONFIGURATION, "inbound", rc.encode_to_vec()),
+            ]);
+            Config::build(&s, type_url::ROUTE_CONFIGURATION)
+        };
+        let config = build(&["Ingress.Example.com", "urn:example:ingress"]).expect("valid");
+        let allowed = config.routes["inbound"].virtual_hosts[0].routes[0]
+            .allowed
+            .clone()
+            .expect("allowed");
+        assert_eq!(
+            allowed.principals,
+            vec![
+                Principal::Dns("ingress.example.com".into()),
+                Principal::Uri("urn:example:ingress".into())
+            ]
+        );
+        let e = build(&[""]).expect_err("empty");
+        assert_eq!(
+            e.0,
+            "RouteConfiguration \"inbound\": virtual_hosts[0].routes[0].allowed_sources.principals[0]: is empty"
+        );
+        let e = ingress_listener(|fc| {
+            if let Some(a) = fc.allowed_sources.as_mut() {
+                a.principals = vec!["ingress.example.com".into(), String::new()];
+            }
+        })
+        .expect_err("empty");
+        assert_eq!(
+            e.0,
+            "Listener \"inbound-listener\": filter_chains[0] \"ingress\".allowed_sources.principals[1]: is empty"
+        );
+        let config = ingress_listener(|fc| {
+            if let Some(a) = fc.allowed_sources.as_mut() {
+                a.principals = vec!["INGRESS.example.com".into()];
+            }
+        })
+        .expect("valid");
+        let ChainKind::Tcp(t) = &config.listeners["inbound-listener"].chains[0].kind else {
+            panic!("tcp chain");
+        };
+        assert_eq!(
+            t.allowed.principals,
+            vec![Principal::Dns("ingress.example.com".into())]
+        );
+        assert!(!config.listeners["inbound-listener"].chains[0].require_client_certificate);
     }
 
     fn passthrough(tls: bool) -> Result<Config, ConfigError> {

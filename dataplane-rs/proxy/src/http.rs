@@ -27,7 +27,7 @@ use crate::config::{
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
-use crate::tls::Identity;
+use crate::tls::Peer;
 use crate::upstream::{Body, Dest, Transport, UpstreamError, connect_to};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -48,8 +48,8 @@ pub struct HttpChain {
     pub listener: Arc<str>,
     pub route_config: Arc<str>,
     pub inbound: bool,
-    /// The verified identity of the client's certificate (mTLS chains only).
-    pub peer: Option<Identity>,
+    /// The client as its verified certificate names it (mTLS chains only).
+    pub peer: Option<Peer>,
     /// The address the connection comes from (`AllowedSources.source_ip_ranges` checks it).
     pub client: SocketAddr,
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::Proxy;
 use crate::config::{Chain, ChainKind, Direction, Listener, TransportProtocol};
 use crate::sni::ClientHello;
-use crate::tls::{DownstreamTls, identity_of_chain};
+use crate::tls::{DownstreamTls, Peer};
 
 /// Time a client has to complete the TLS handshake on an mTLS chain.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -369,7 +369,12 @@ async fn connection(
             return;
         }
     };
-    let peer = identity_of_chain(stream.get_ref().1.peer_certificates());
+    // The client's workload identity, and on chains requiring client certificates the names
+    // its certificate carries, for `AllowedSources`.
+    let peer = Peer::of_chain(
+        stream.get_ref().1.peer_certificates(),
+        chain.require_client_certificate,
+    );
     tracing::debug!(listener = %name, chain = %chain.name, peer = ?peer, "TLS connection accepted");
     serve_chain(proxy, &listener, chain, peer, addrs, stream, stop).await;
 }
@@ -386,7 +391,7 @@ async fn serve_chain<S>(
     proxy: Arc<Proxy>,
     listener: &Listener,
     chain: &Chain,
-    peer: Option<crate::tls::Identity>,
+    peer: Option<Peer>,
     addrs: Addresses,
     stream: S,
     stop: watch::Receiver<bool>,
@@ -438,6 +443,7 @@ mod tests {
                 route_config: Arc::from("outbound"),
             },
             tls: None,
+            require_client_certificate: false,
         }
     }
 

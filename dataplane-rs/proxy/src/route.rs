@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::{HeaderMap, Method};
 
 use crate::config::{HeaderMatchKind, PathMatch, Route, RouteTable, VirtualHost};
-use crate::tls::Identity;
+use crate::tls::Peer;
 
 /// Why a request got (or did not get) a route.
 #[derive(Debug)]
@@ -30,13 +30,13 @@ pub struct RequestInfo<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// `peer` is the verified identity of an mTLS client, `None` for a client without one; `client`
-/// is the address the connection comes from.
+/// `peer` is an mTLS client as its verified certificate names it, `None` for a client without
+/// one; `client` is the address the connection comes from.
 pub fn select<'a>(
     table: &'a RouteTable,
     req: RequestInfo<'_>,
     inbound: bool,
-    peer: Option<&Identity>,
+    peer: Option<&Peer>,
     client: IpAddr,
 ) -> Decision<'a> {
     // An exact domain first; then the `*` virtual host, if the table has one.
@@ -131,6 +131,10 @@ mod tests {
                     namespace: "demo".into(),
                 }],
                 source_ip_ranges: vec!["192.168.5.0/24".into()],
+                principals: vec![
+                    "Ingress.Example.com".into(),
+                    "spiffe://cluster.local/ns/ingress/sa/edge".into(),
+                ],
             }),
             rate_limit: None,
         }
@@ -314,7 +318,7 @@ mod tests {
     #[test_case(Some(false), None, "192.168.6.7", "403" ; "address outside the source ranges refused")]
     #[test_case(Some(true), None, "10.0.0.1", "default" ; "any admits")]
     fn inbound_rbac(any: Option<bool>, peer: Option<(&str, &str)>, client: &str, want: &str) {
-        let peer = peer.map(|(sa, ns)| Identity::new(sa, ns));
+        let peer = peer.map(|(sa, ns)| Peer::from(crate::tls::Identity::new(sa, ns)));
         let t = table(any);
         let map = HeaderMap::new();
         let req = RequestInfo {
@@ -324,6 +328,57 @@ mod tests {
             headers: &map,
         };
         let got = match select(&t, req, true, peer.as_ref(), client.parse().expect("ip")) {
+            Decision::Denied => "403".to_string(),
+            Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(got, want);
+    }
+
+    /// A client certificate's names (`dns:` or `uri:` entries), kept as the listener keeps them
+    /// on a chain requiring client certificates (DNS names lower-cased).
+    fn named(sans: &[&str]) -> Peer {
+        let mut peer = Peer::default();
+        for san in sans {
+            match san.split_once(':') {
+                Some(("dns", d)) => peer.dns_names.push(d.to_ascii_lowercase()),
+                Some(("uri", u)) => peer.uris.push(u.to_string()),
+                _ => panic!("{san}: dns:… or uri:…"),
+            }
+        }
+        peer
+    }
+
+    #[test_case(Some(&["dns:ingress.example.com"]), "default" ; "listed DNS name admitted")]
+    #[test_case(Some(&["dns:INGRESS.example.COM"]), "default" ; "DNS names compare without regard to case")]
+    #[test_case(Some(&["dns:other.example.com", "dns:ingress.example.com"]), "default" ; "any SAN of the certificate")]
+    #[test_case(Some(&["dns:other.example.com"]), "403" ; "unlisted DNS name refused")]
+    #[test_case(Some(&["dns:sub.ingress.example.com"]), "403" ; "no suffix match")]
+    #[test_case(Some(&["uri:spiffe://cluster.local/ns/ingress/sa/edge"]), "default" ; "listed URI admitted")]
+    #[test_case(Some(&["uri:SPIFFE://cluster.local/ns/ingress/sa/edge"]), "403" ; "URIs compare exactly")]
+    #[test_case(Some(&["uri:spiffe://cluster.local/ns/ingress/sa/edge/x"]), "403" ; "URI prefix refused")]
+    #[test_case(Some(&["uri:ingress.example.com"]), "403" ; "a DNS principal is no URI SAN")]
+    #[test_case(Some(&["dns:spiffe://cluster.local/ns/ingress/sa/edge"]), "403" ; "a URI principal is no DNS SAN")]
+    #[test_case(Some(&[]), "403" ; "certificate without SANs refused")]
+    #[test_case(None, "403" ; "no certificate never admitted by principals")]
+    fn inbound_rbac_by_principal(sans: Option<&[&str]>, want: &str) {
+        let peer = sans.map(named);
+        let t = table(Some(false));
+        let map = HeaderMap::new();
+        let req = RequestInfo {
+            host: "httpbin",
+            method: &Method::GET,
+            path: "/",
+            headers: &map,
+        };
+        // Not from an ingress address: only the certificate can admit.
+        let got = match select(
+            &t,
+            req,
+            true,
+            peer.as_ref(),
+            "10.0.0.1".parse().expect("ip"),
+        ) {
             Decision::Denied => "403".to_string(),
             Decision::Matched(_, r) => first_cluster(&r.clusters).to_string(),
             other => format!("{other:?}"),

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::Proxy;
 use crate::config::{Cluster, Discovery, Endpoint, TcpTarget, UpstreamProtocol};
 use crate::lb::{ActiveRequests, choose_cluster, pick_endpoint};
-use crate::tls::Identity;
+use crate::tls::Peer;
 use crate::upstream::{Dest, Transport, UpstreamError, connect_to};
 
 /// Who a TCP connection comes from and where it was going.
@@ -18,8 +18,8 @@ use crate::upstream::{Dest, Transport, UpstreamError, connect_to};
 pub struct Downstream {
     /// Accepted by an inbound listener.
     pub inbound: bool,
-    /// The verified identity of the client's certificate (mTLS chains only).
-    pub peer: Option<Identity>,
+    /// The client as its verified certificate names it (mTLS chains only).
+    pub peer: Option<Peer>,
     /// The address the connection comes from.
     pub client: SocketAddr,
     /// Where the client meant to go, when iptables redirected it (transparent mode) and it was

@@ -97,40 +97,56 @@ impl fmt::Display for Identity {
 /// What a certificate says about its subject, as the mesh reads it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerCert {
-    /// URI and DNS subject alternative names.
-    pub sans: Vec<String>,
+    /// URI subject alternative names, as the certificate spells them.
+    pub uris: Vec<String>,
+    /// DNS-name subject alternative names, as the certificate spells them.
+    pub dns_names: Vec<String>,
+    /// The first SPIFFE workload ID (`spiffe://<td>/ns/<ns>/sa/<sa>`) among `uris`.
+    pub workload: Option<Identity>,
+    /// `workload`, else the common name `<sa>.<ns>.…` (how a server certificate is judged).
     pub identity: Option<Identity>,
+}
+
+impl PeerCert {
+    /// Every URI and DNS subject alternative name.
+    pub fn sans(&self) -> impl Iterator<Item = &str> {
+        self.uris.iter().chain(&self.dns_names).map(String::as_str)
+    }
+
+    /// Whether one of the subject alternative names is one of `wanted`, compared exactly
+    /// (`ValidationContext.match_subject_alt_names`).
+    pub fn carries_any(&self, wanted: &[String]) -> bool {
+        self.sans().any(|s| wanted.iter().any(|w| w == s))
+    }
 }
 
 /// Reads a DER certificate's SANs and identity: the SPIFFE URI SAN, else the common name.
 pub fn peer_cert(der: &[u8]) -> Option<PeerCert> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let mut sans = Vec::new();
-    let mut identity = None;
+    let mut peer = PeerCert::default();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
             match name {
                 GeneralName::URI(uri) => {
-                    if identity.is_none() {
-                        identity = Identity::from_spiffe(uri);
+                    if peer.workload.is_none() {
+                        peer.workload = Identity::from_spiffe(uri);
                     }
-                    sans.push((*uri).to_string());
+                    peer.uris.push((*uri).to_string());
                 }
-                GeneralName::DNSName(dns) => sans.push((*dns).to_string()),
+                GeneralName::DNSName(dns) => peer.dns_names.push((*dns).to_string()),
                 _ => {}
             }
         }
     }
-    if identity.is_none() {
-        identity = cert
-            .subject()
+    peer.identity = peer.workload.clone().or_else(|| {
+        cert.subject()
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
-            .and_then(Identity::from_common_name);
-    }
-    Some(PeerCert { sans, identity })
+            .and_then(Identity::from_common_name)
+    });
+    Some(peer)
 }
 
 /// The identity of the leaf of a verified peer chain.
@@ -139,6 +155,69 @@ pub fn identity_of_chain(chain: Option<&[CertificateDer<'_>]>) -> Option<Identit
         .and_then(|c| c.first())
         .and_then(|leaf| peer_cert(leaf))
         .and_then(|p| p.identity)
+}
+
+/// A downstream client as its verified TLS client certificate names it, kept with the
+/// connection for `AllowedSources`: its workload identity (`identities`) and, on chains that
+/// require client certificates, its subject alternative names (`principals`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE workload ID; `None` for a certificate without one (an ingress controller's).
+    /// Never read from the common name: a client certificate without a SPIFFE URI SAN is not a
+    /// mesh workload's.
+    pub identity: Option<Identity>,
+    /// DNS-name SANs, lower-cased (DNS names compare without regard to case).
+    pub dns_names: Vec<String>,
+    /// URI SANs, as the certificate spells them.
+    pub uris: Vec<String>,
+}
+
+impl Peer {
+    /// The client behind a verified peer chain (leaf first, as rustls gives it); `None` when the
+    /// client sent no certificate. `names`: keep the subject alternative names too (chains that
+    /// require client certificates; elsewhere `principals` admit no one).
+    pub fn of_chain(chain: Option<&[CertificateDer<'_>]>, names: bool) -> Option<Peer> {
+        let cert = peer_cert(chain?.first()?)?;
+        let mut peer = Peer {
+            identity: cert.workload,
+            ..Peer::default()
+        };
+        if names {
+            peer.dns_names = cert
+                .dns_names
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect();
+            peer.uris = cert.uris;
+        }
+        Some(peer)
+    }
+}
+
+impl From<Identity> for Peer {
+    fn from(identity: Identity) -> Self {
+        Peer {
+            identity: Some(identity),
+            ..Peer::default()
+        }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.identity {
+            Some(id) => write!(f, "{id}")?,
+            None => f.write_str("no workload identity")?,
+        }
+        if !self.dns_names.is_empty() || !self.uris.is_empty() {
+            write!(
+                f,
+                " (SANs: {})",
+                [&self.uris[..], &self.dns_names[..]].concat().join(", ")
+            )?;
+        }
+        Ok(())
+    }
 }
 
 // === Secrets ===
@@ -358,7 +437,10 @@ pub fn downstream(
             let webpki = builder
                 .build()
                 .map_err(|e| ("tls.validation_secret".into(), e.to_string()))?;
-            Arc::new(MeshClientVerifier { webpki })
+            Arc::new(MeshClientVerifier {
+                webpki,
+                sans: ca.sans.clone(),
+            })
         }
     };
     let mut config = ServerConfig::builder_with_provider(PROVIDER.clone())
@@ -373,18 +455,24 @@ pub fn downstream(
     Ok(DownstreamTls::Ready(config))
 }
 
-/// Admits on a meshed inbound chain only client certificates issued for sidecar-to-sidecar mTLS.
+/// Admits on an inbound chain only client certificates issued to name their holder.
 ///
 /// One purpose per certificate: the mesh CA also signs each proxy's xDS bootstrap certificate
-/// (CN `<uuid>.<kind>.<sa>.<ns>`, for the ADS server only), which chains to the same roots. A
-/// service certificate carries the workload's SPIFFE ID as a URI SAN, a bootstrap certificate
-/// never does, so a client certificate without a SPIFFE workload ID
-/// (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`) is refused during the handshake, after the chain
-/// and its clientAuth usage were verified by webpki. (The trust domain is not compared: the
-/// roots are the mesh's own, and the sidecar is not told its trust domain.)
+/// (CN `<uuid>.<kind>.<sa>.<ns>`, clientAuth, for the ADS server only), which chains to the same
+/// roots. A service certificate carries the workload's SPIFFE ID as a URI SAN, and a certificate
+/// for a client outside the mesh (an ingress controller's, admitted by
+/// `AllowedSources.principals`) carries the DNS names or URIs it is known by; a bootstrap
+/// certificate carries no subject alternative name at all. So a client certificate without a
+/// DNS or URI SAN is refused during the handshake, after the chain and its clientAuth usage were
+/// verified by webpki (which also keeps out the ADS server's serverAuth-only certificate). When
+/// the validation secret lists `match_subject_alt_names`, the certificate must also carry one of
+/// them, compared exactly. (A SPIFFE ID's trust domain is not compared: the roots are the
+/// mesh's own, and the sidecar is not told its trust domain.)
 #[derive(Debug)]
 struct MeshClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
+    /// `ValidationContext.match_subject_alt_names`; empty: any.
+    sans: Vec<String>,
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
@@ -412,15 +500,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         let peer = peer_cert(end_entity).ok_or(rustls::Error::InvalidCertificate(
             CertificateError::BadEncoding,
         ))?;
-        if !peer.sans.iter().any(|s| Identity::from_spiffe(s).is_some()) {
-            tracing::debug!(
-                sans = ?peer.sans,
-                "client certificate carries no SPIFFE workload ID (an xDS bootstrap certificate?): refused"
-            );
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ));
-        }
+        check_client_names(&peer, &self.sans)?;
         Ok(verified)
     }
 
@@ -445,6 +525,28 @@ impl ClientCertVerifier for MeshClientVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
     }
+}
+
+/// The names a chain-verified client certificate must carry (see [`MeshClientVerifier`]).
+fn check_client_names(peer: &PeerCert, wanted: &[String]) -> Result<(), rustls::Error> {
+    if peer.sans().next().is_none() {
+        tracing::debug!(
+            "client certificate carries no DNS or URI subject alternative name (an xDS bootstrap certificate?): refused"
+        );
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ));
+    }
+    if !wanted.is_empty() && !peer.carries_any(wanted) {
+        tracing::debug!(
+            expected = ?wanted, got = ?peer.sans().collect::<Vec<_>>(),
+            "client certificate carries none of the validation context's match_subject_alt_names: refused"
+        );
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::ApplicationVerificationFailure,
+        ));
+    }
+    Ok(())
 }
 
 // === Client side (clusters) ===
@@ -601,14 +703,15 @@ impl ServerCertVerifier for MeshServerVerifier {
         let peer = peer_cert(end_entity).ok_or(rustls::Error::InvalidCertificate(
             CertificateError::BadEncoding,
         ))?;
-        if !self.sans.is_empty() && !peer.sans.iter().any(|s| self.sans.contains(s)) {
+        if !self.sans.is_empty() && !peer.carries_any(&self.sans) {
+            let got: Vec<&str> = peer.sans().collect();
             tracing::debug!(
-                expected = ?self.sans, got = ?peer.sans,
+                expected = ?self.sans, ?got,
                 "upstream certificate carries none of the expected SANs"
             );
             return Err(rustls::Error::General(format!(
-                "server certificate SANs {:?} include none of {:?}",
-                peer.sans, self.sans
+                "server certificate SANs {got:?} include none of {:?}",
+                self.sans
             )));
         }
         if !self.identities.is_empty()
@@ -681,5 +784,90 @@ mod tests {
             Some(Identity::new("httpbin", "demo"))
         );
         assert_eq!(Identity::from_common_name("httpbin.demo"), None);
+    }
+
+    /// A self-signed certificate with common name `cn` and these SANs (`dns:` or `uri:`).
+    fn cert(cn: &str, sans: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| match s.split_once(':') {
+                Some(("dns", d)) => rcgen::SanType::DnsName(d.try_into().expect("dns")),
+                Some(("uri", u)) => rcgen::SanType::URI(u.try_into().expect("uri")),
+                _ => panic!("{s}: dns:… or uri:…"),
+            })
+            .collect();
+        params.self_signed(&key).expect("cert").der().clone()
+    }
+
+    #[test]
+    fn a_client_keeps_its_workload_identity_and_certificate_names() {
+        let ingress = cert(
+            "ingress.example.com",
+            &[
+                "dns:Ingress.Example.com",
+                "uri:https://Edge.example.com/ingress",
+            ],
+        );
+        let peer = Peer::of_chain(Some(&[ingress.clone()][..]), true).expect("peer");
+        assert_eq!(
+            peer,
+            Peer {
+                // Not from the common name: only a SPIFFE URI names a workload.
+                identity: None,
+                dns_names: vec!["ingress.example.com".into()],
+                uris: vec!["https://Edge.example.com/ingress".into()],
+            }
+        );
+        // Names are kept only on chains requiring client certificates.
+        assert_eq!(
+            Peer::of_chain(Some(&[ingress][..]), false),
+            Some(Peer::default())
+        );
+        let curl = cert(
+            "curl.demo.cluster.local",
+            &["uri:spiffe://cluster.local/ns/demo/sa/curl"],
+        );
+        let peer = Peer::of_chain(Some(&[curl.clone()][..]), true).expect("peer");
+        assert_eq!(peer.identity, Some(Identity::new("curl", "demo")));
+        assert_eq!(peer.uris, vec!["spiffe://cluster.local/ns/demo/sa/curl"]);
+        assert_eq!(
+            Peer::of_chain(Some(&[curl][..]), false),
+            Some(Peer::from(Identity::new("curl", "demo")))
+        );
+        // No certificate, no peer.
+        assert_eq!(Peer::of_chain(None, true), None);
+        assert_eq!(Peer::of_chain(Some(&[]), true), None);
+    }
+
+    #[test]
+    fn client_certificates_must_name_their_holder() {
+        let read = |c: &CertificateDer<'_>| peer_cert(c).expect("parses");
+        let wanted = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let bootstrap = read(&cert("0f9e3a52.sidecar.curl.demo", &[]));
+        let ingress = read(&cert("ingress", &["dns:ingress.example.com"]));
+        let curl = read(&cert(
+            "curl",
+            &["uri:spiffe://cluster.local/ns/demo/sa/curl"],
+        ));
+        // A bootstrap certificate (no SAN at all) never passes, listed names or not.
+        assert!(check_client_names(&bootstrap, &[]).is_err());
+        assert!(check_client_names(&bootstrap, &wanted(&["ingress.example.com"])).is_err());
+        // Any DNS or URI SAN passes when the validation context lists none…
+        assert!(check_client_names(&ingress, &[]).is_ok());
+        assert!(check_client_names(&curl, &[]).is_ok());
+        // …else one of those listed, DNS name or URI, exactly.
+        let listed = wanted(&[
+            "ingress.example.com",
+            "spiffe://cluster.local/ns/demo/sa/curl",
+        ]);
+        assert!(check_client_names(&ingress, &listed).is_ok());
+        assert!(check_client_names(&curl, &listed).is_ok());
+        assert!(check_client_names(&ingress, &wanted(&["other.example.com"])).is_err());
+        assert!(check_client_names(&curl, &wanted(&["ingress.example.com"])).is_err());
     }
 }

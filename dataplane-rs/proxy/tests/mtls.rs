@@ -1,7 +1,8 @@
 //! mTLS between two in-process sidecars on 127.0.23.x, with certificates from a test mesh CA:
 //! the client sidecar's outbound clusters speak TLS to the server sidecar's inbound listener,
-//! which checks client certificates and enforces `AllowedSources.identities`; and, on 127.0.27.2x,
-//! an inbound listener whose mTLS chain and plaintext ingress chain are told apart by transport.
+//! which checks client certificates and enforces `AllowedSources.identities`; on 127.0.27.2x,
+//! an inbound listener whose mTLS chain and plaintext ingress chain are told apart by transport;
+//! and, on 127.0.29.x, clients outside the mesh admitted by `AllowedSources.principals`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -197,6 +198,7 @@ fn identities(ids: &[(&str, &str)]) -> Option<v1::AllowedSources> {
         any: false,
         identities: ids.iter().map(|(sa, ns)| sid(sa, ns)).collect(),
         source_ip_ranges: vec![],
+        principals: vec![],
     })
 }
 
@@ -893,6 +895,7 @@ fn ingress_server_resources(pki: &Pki) -> ResourceSet {
                     any: false,
                     identities: vec![],
                     source_ip_ranges: vec![only_ingress],
+                    principals: vec![],
                 }),
             )],
         )],
@@ -970,4 +973,259 @@ async fn mtls_and_plaintext_ingress_share_the_inbound_listener() {
     // Plaintext from anyone else matches no chain: closed, never handed to the mTLS chain.
     let refused = plain_get_from(OTHER_CLIENT, INGRESS_SERVER, "web").await;
     assert!(refused.is_err(), "other client answered: {refused:?}");
+}
+
+// === Clients outside the mesh admitted by a name of their certificate (`principals`) ===
+
+/// HTTP chain; its validation secret lists no SANs.
+const PRINCIPAL_SERVER: &str = "127.0.29.2";
+/// HTTP chain whose validation secret lists `match_subject_alt_names`.
+const PINNED_SERVER: &str = "127.0.29.3";
+/// TCP chain admitting by `principals`.
+const PRINCIPAL_TCP_SERVER: &str = "127.0.29.4";
+const PRINCIPAL_APP: &str = "127.0.29.21";
+const INGRESS_NAME: &str = "ingress.example.com";
+
+/// A client certificate for a client outside the mesh (an ingress controller's) from `ca`: CN
+/// and DNS SAN `dns`, no SPIFFE URI, the extended key usages `usages`.
+fn dns_leaf(ca: &Ca, dns: &str, usages: Vec<ExtendedKeyUsagePurpose>) -> (String, String) {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec![dns.to_string()]).expect("params");
+    params.distinguished_name.push(DnType::CommonName, dns);
+    params.extended_key_usages = usages;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn client_dns_leaf(ca: &Ca, dns: &str) -> (String, String) {
+    dns_leaf(ca, dns, vec![ExtendedKeyUsagePurpose::ClientAuth])
+}
+
+fn principals(names: &[&str]) -> Option<v1::AllowedSources> {
+    Some(v1::AllowedSources {
+        principals: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    })
+}
+
+fn mtls(validation: &str) -> Option<v1::DownstreamTls> {
+    Some(v1::DownstreamTls {
+        certificate_secret: "service-cert:demo/httpbin".into(),
+        validation_secret: validation.into(),
+        require_client_certificate: true,
+    })
+}
+
+/// Three inbound listeners requiring client certificates: HTTP routes admitting
+/// `ingress.example.com` (`web`) or the workload demo/curl (`mesh`), the same behind a
+/// validation secret that lists `match_subject_alt_names`, and a TCP chain to an echo server
+/// admitting `ingress.example.com`.
+fn principal_server_resources(pki: &Pki) -> ResourceSet {
+    const INBOUND_CA: &str = "root-cert-for-mtls-inbound:demo/httpbin";
+    const PINNED_CA: &str = "root-cert-pinned";
+    let listener = |ip: &str, chain: v1::FilterChain| v1::Listener {
+        name: format!("inbound-{ip}"),
+        address: addr(ip, 15003),
+        direction: v1::TrafficDirection::Inbound as i32,
+        filter_chains: vec![chain],
+    };
+    let http = listener(
+        PRINCIPAL_SERVER,
+        http_chain(15003, "inbound", mtls(INBOUND_CA), None),
+    );
+    let pinned = listener(
+        PINNED_SERVER,
+        http_chain(15003, "inbound", mtls(PINNED_CA), None),
+    );
+    let tcp = listener(
+        PRINCIPAL_TCP_SERVER,
+        v1::FilterChain {
+            name: "tcp-from-ingress".into(),
+            protocol: v1::Protocol::Tcp as i32,
+            target: Some(v1::filter_chain::Target::Tcp(v1::TcpTarget {
+                clusters: wc("echo|local"),
+                connect_authority: String::new(),
+            })),
+            // Any case: DNS names compare without regard to it.
+            allowed_sources: principals(&["Ingress.Example.COM"]),
+            tls: mtls(INBOUND_CA),
+            ..Default::default()
+        },
+    );
+    let routes = v1::RouteConfiguration {
+        name: "inbound".into(),
+        virtual_hosts: vec![
+            vhost(
+                "web",
+                vec![route(prefix(), "web|local", principals(&[INGRESS_NAME]))],
+            ),
+            vhost(
+                "mesh",
+                vec![route(
+                    prefix(),
+                    "web|local",
+                    identities(&[("curl", "demo")]),
+                )],
+            ),
+        ],
+    };
+    let local = |name: &str, protocol: v1::UpstreamProtocol, port: u32| v1::Cluster {
+        discovery: Some(v1::cluster::Discovery::StaticLocal(v1::StaticLocal {
+            address: addr(PRINCIPAL_APP, port),
+        })),
+        ..cluster(name, protocol, None, None)
+    };
+    let mut set = Set::default()
+        .add(
+            type_url::CLUSTER,
+            "web|local",
+            &local("web|local", v1::UpstreamProtocol::Http1, APP_PORT),
+        )
+        .add(
+            type_url::CLUSTER,
+            "echo|local",
+            &local("echo|local", v1::UpstreamProtocol::Tcp, ECHO_PORT),
+        )
+        .add(type_url::ROUTE_CONFIGURATION, "inbound", &routes);
+    for l in [http, pinned, tcp] {
+        let name = l.name.clone();
+        set = set.add(type_url::LISTENER, &name, &l);
+    }
+    set.secret(&cert_secret("service-cert:demo/httpbin", &pki.httpbin))
+        .secret(&ca_secret(INBOUND_CA, &pki.mesh.pem, &[]))
+        .secret(&ca_secret(PINNED_CA, &pki.mesh.pem, &[INGRESS_NAME]))
+        .0
+}
+
+/// A line through the TCP chain on `server` over TLS: the echo's answer, `Err` when the
+/// connection fails or is closed without one.
+async fn tls_echo(server: &str, transport: &Transport) -> Result<String, String> {
+    let server: SocketAddr = format!("{server}:15003").parse().expect("addr");
+    let stream = connect(server, Duration::from_secs(2), transport, Alpn::Http1)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (r, mut w) = tokio::io::split(stream);
+    w.write_all(b"ping\n").await.map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(r).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| "no answer in time".to_string())?
+    .map_err(|e| e.to_string())?;
+    if line.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    Ok(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_admit_clients_outside_the_mesh_by_certificate_name() {
+    let pki = pki();
+    serve_app(&format!("{PRINCIPAL_APP}:{APP_PORT}")).await;
+    serve_echo(&format!("{PRINCIPAL_APP}:{ECHO_PORT}")).await;
+    let _server = start_sidecar(principal_server_resources(&pki)).await;
+    for ip in [PRINCIPAL_SERVER, PINNED_SERVER, PRINCIPAL_TCP_SERVER] {
+        wait_port(format!("{ip}:15003").parse().expect("addr")).await;
+    }
+    let client = |cert: &(String, String)| transport(cert, &pki.mesh.pem, &[("httpbin", "demo")]);
+    let ingress = client(&client_dns_leaf(&pki.mesh, INGRESS_NAME));
+    let other = client(&client_dns_leaf(&pki.mesh, "other.example.com"));
+    let curl = client(&pki.curl);
+
+    // The ingress controller's certificate (same CA, DNS SAN only, no SPIFFE ID) completes the
+    // handshake and its name admits it on the route listing it…
+    let (status, body) = tls_get_to(PRINCIPAL_SERVER, &ingress, "web")
+        .await
+        .expect("ingress GET");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "HTTP/1.1 /get");
+    // …but gives it no workload identity.
+    let (status, body) = tls_get_to(PRINCIPAL_SERVER, &ingress, "mesh")
+        .await
+        .expect("ingress GET");
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+
+    // Another name from the same CA: the handshake completes, the route refuses it.
+    let (status, body) = tls_get_to(PRINCIPAL_SERVER, &other, "web")
+        .await
+        .expect("other GET");
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::FORBIDDEN, "RBAC: access denied")
+    );
+
+    // A mesh workload is admitted by identity, not by principals.
+    assert_eq!(
+        tls_get_to(PRINCIPAL_SERVER, &curl, "mesh")
+            .await
+            .expect("curl GET")
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        tls_get_to(PRINCIPAL_SERVER, &curl, "web")
+            .await
+            .expect("curl GET")
+            .0,
+        StatusCode::FORBIDDEN
+    );
+
+    // The right name from another CA: the handshake fails, no HTTP answer.
+    let foreign = ca("someone-else");
+    let stranger = client(&client_dns_leaf(&foreign, INGRESS_NAME));
+    let refused = tls_get_to(PRINCIPAL_SERVER, &stranger, "web").await;
+    assert!(refused.is_err(), "foreign client answered: {refused:?}");
+
+    // A serverAuth-only certificate (as the ADS server's) is no client certificate.
+    let server_only = client(&dns_leaf(
+        &pki.mesh,
+        INGRESS_NAME,
+        vec![ExtendedKeyUsagePurpose::ServerAuth],
+    ));
+    let refused = tls_get_to(PRINCIPAL_SERVER, &server_only, "web").await;
+    assert!(
+        refused.is_err(),
+        "server-only certificate answered: {refused:?}"
+    );
+
+    // A validation secret listing match_subject_alt_names admits to the handshake only the
+    // certificates carrying one of them.
+    assert_eq!(
+        tls_get_to(PINNED_SERVER, &ingress, "web")
+            .await
+            .expect("pinned GET")
+            .0,
+        StatusCode::OK
+    );
+    for (who, t) in [("other.example.com", &other), ("demo/curl", &curl)] {
+        let refused = tls_get_to(PINNED_SERVER, t, "web").await;
+        assert!(
+            refused.is_err(),
+            "{who} passed the pinned handshake: {refused:?}"
+        );
+    }
+
+    // A TCP chain admits by principal too, and closes the connection of anyone else.
+    assert_eq!(
+        tls_echo(PRINCIPAL_TCP_SERVER, &ingress)
+            .await
+            .expect("echo"),
+        "echo: ping\n"
+    );
+    for (who, t) in [("other.example.com", &other), ("demo/curl", &curl)] {
+        let refused = tls_echo(PRINCIPAL_TCP_SERVER, t).await;
+        assert!(
+            refused.is_err(),
+            "{who} got through the TCP chain: {refused:?}"
+        );
+    }
 }

@@ -47,6 +47,7 @@ fn any() -> Option<v1::AllowedSources> {
         any: true,
         identities: vec![],
         source_ip_ranges: vec![],
+        principals: vec![],
     })
 }
 
@@ -1303,6 +1304,7 @@ fn sources(ranges: &[&str]) -> Option<v1::AllowedSources> {
         any: false,
         identities: vec![],
         source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+        principals: vec![],
     })
 }
 
