@@ -462,12 +462,14 @@ pub fn downstream(
 /// roots. A service certificate carries the workload's SPIFFE ID as a URI SAN, and a certificate
 /// for a client outside the mesh (an ingress controller's, admitted by
 /// `AllowedSources.principals`) carries the DNS names or URIs it is known by; a bootstrap
-/// certificate carries no subject alternative name at all. So a client certificate without a
-/// DNS or URI SAN is refused during the handshake, after the chain and its clientAuth usage were
-/// verified by webpki (which also keeps out the ADS server's serverAuth-only certificate). When
-/// the validation secret lists `match_subject_alt_names`, the certificate must also carry one of
-/// them, compared exactly. (A SPIFFE ID's trust domain is not compared: the roots are the
-/// mesh's own, and the sidecar is not told its trust domain.)
+/// certificate carries no subject alternative name at all. So, after webpki verified the chain
+/// and its clientAuth usage (which also keeps out the ADS server's serverAuth-only certificate):
+/// when the validation secret lists `match_subject_alt_names` (a chain for clients outside the
+/// mesh), the certificate must carry one of them, compared exactly; when it lists none (a chain
+/// for mesh peers), it must carry a SPIFFE workload ID. A certificate from the mesh CA for a
+/// client outside the mesh therefore never reaches a peer's chain, where `AllowedSources.any`
+/// would admit it. (A SPIFFE ID's trust domain is not compared: the roots are the mesh's own,
+/// and the sidecar is not told its trust domain.)
 #[derive(Debug)]
 struct MeshClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
@@ -529,9 +531,10 @@ impl ClientCertVerifier for MeshClientVerifier {
 
 /// The names a chain-verified client certificate must carry (see [`MeshClientVerifier`]).
 fn check_client_names(peer: &PeerCert, wanted: &[String]) -> Result<(), rustls::Error> {
-    if peer.sans().next().is_none() {
+    if wanted.is_empty() && peer.workload.is_none() {
         tracing::debug!(
-            "client certificate carries no DNS or URI subject alternative name (an xDS bootstrap certificate?): refused"
+            got = ?peer.sans().collect::<Vec<_>>(),
+            "client certificate carries no SPIFFE workload ID (an xDS bootstrap certificate, or one for a client outside the mesh) on a chain for mesh peers: refused"
         );
         return Err(rustls::Error::InvalidCertificate(
             CertificateError::ApplicationVerificationFailure,
@@ -857,8 +860,9 @@ mod tests {
         // A bootstrap certificate (no SAN at all) never passes, listed names or not.
         assert!(check_client_names(&bootstrap, &[]).is_err());
         assert!(check_client_names(&bootstrap, &wanted(&["ingress.example.com"])).is_err());
-        // Any DNS or URI SAN passes when the validation context lists none…
-        assert!(check_client_names(&ingress, &[]).is_ok());
+        // Only a workload's SPIFFE ID passes when the validation context lists none (a chain
+        // for mesh peers): a certificate for a client outside the mesh does not…
+        assert!(check_client_names(&ingress, &[]).is_err());
         assert!(check_client_names(&curl, &[]).is_ok());
         // …else one of those listed, DNS name or URI, exactly.
         let listed = wanted(&[

@@ -1021,12 +1021,13 @@ fn mtls(validation: &str) -> Option<v1::DownstreamTls> {
 }
 
 /// Three inbound listeners requiring client certificates: HTTP routes admitting
-/// `ingress.example.com` (`web`) or the workload demo/curl (`mesh`), the same behind a
-/// validation secret that lists `match_subject_alt_names`, and a TCP chain to an echo server
-/// admitting `ingress.example.com`.
+/// `ingress.example.com` (`web`) or the workload demo/curl (`mesh`) behind a validation secret
+/// that lists the names of the clients it expects (as the control plane's ingress chains do),
+/// the same routes behind the mesh peers' validation secret (no names: a SPIFFE ID required),
+/// and a TCP chain to an echo server admitting `ingress.example.com`.
 fn principal_server_resources(pki: &Pki) -> ResourceSet {
     const INBOUND_CA: &str = "root-cert-for-mtls-inbound:demo/httpbin";
-    const PINNED_CA: &str = "root-cert-pinned";
+    const PINNED_CA: &str = "root-cert-for-ingress:demo/httpbin";
     let listener = |ip: &str, chain: v1::FilterChain| v1::Listener {
         name: format!("inbound-{ip}"),
         address: addr(ip, 15003),
@@ -1035,11 +1036,11 @@ fn principal_server_resources(pki: &Pki) -> ResourceSet {
     };
     let http = listener(
         PRINCIPAL_SERVER,
-        http_chain(15003, "inbound", mtls(INBOUND_CA), None),
+        http_chain(15003, "inbound", mtls(PINNED_CA), None),
     );
     let pinned = listener(
         PINNED_SERVER,
-        http_chain(15003, "inbound", mtls(PINNED_CA), None),
+        http_chain(15003, "inbound", mtls(INBOUND_CA), None),
     );
     let tcp = listener(
         PRINCIPAL_TCP_SERVER,
@@ -1052,7 +1053,7 @@ fn principal_server_resources(pki: &Pki) -> ResourceSet {
             })),
             // Any case: DNS names compare without regard to it.
             allowed_sources: principals(&["Ingress.Example.COM"]),
-            tls: mtls(INBOUND_CA),
+            tls: mtls(PINNED_CA),
             ..Default::default()
         },
     );
@@ -1097,7 +1098,15 @@ fn principal_server_resources(pki: &Pki) -> ResourceSet {
     }
     set.secret(&cert_secret("service-cert:demo/httpbin", &pki.httpbin))
         .secret(&ca_secret(INBOUND_CA, &pki.mesh.pem, &[]))
-        .secret(&ca_secret(PINNED_CA, &pki.mesh.pem, &[INGRESS_NAME]))
+        .secret(&ca_secret(
+            PINNED_CA,
+            &pki.mesh.pem,
+            &[
+                INGRESS_NAME,
+                "other.example.com",
+                "spiffe://cluster.local/ns/demo/sa/curl",
+            ],
+        ))
         .0
 }
 
@@ -1197,20 +1206,30 @@ async fn principals_admit_clients_outside_the_mesh_by_certificate_name() {
         "server-only certificate answered: {refused:?}"
     );
 
-    // A validation secret listing match_subject_alt_names admits to the handshake only the
-    // certificates carrying one of them.
+    // The validation secret lists the names it expects: another name from the mesh CA fails
+    // the handshake.
+    let unlisted = client(&client_dns_leaf(&pki.mesh, "unlisted.example.com"));
+    let refused = tls_get_to(PRINCIPAL_SERVER, &unlisted, "web").await;
+    assert!(refused.is_err(), "unlisted name answered: {refused:?}");
+
+    // Behind the mesh peers' validation secret (no names) only a workload's SPIFFE ID passes
+    // the handshake: a certificate for a client outside the mesh never reaches a chain whose
+    // `any` would admit it.
     assert_eq!(
-        tls_get_to(PINNED_SERVER, &ingress, "web")
+        tls_get_to(PINNED_SERVER, &curl, "mesh")
             .await
-            .expect("pinned GET")
+            .expect("curl GET on the peers' chain")
             .0,
         StatusCode::OK
     );
-    for (who, t) in [("other.example.com", &other), ("demo/curl", &curl)] {
+    for (who, t) in [
+        ("ingress.example.com", &ingress),
+        ("other.example.com", &other),
+    ] {
         let refused = tls_get_to(PINNED_SERVER, t, "web").await;
         assert!(
             refused.is_err(),
-            "{who} passed the pinned handshake: {refused:?}"
+            "{who} passed the mesh peers' handshake: {refused:?}"
         );
     }
 
