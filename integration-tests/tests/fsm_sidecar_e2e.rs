@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -413,6 +413,61 @@ spec:
   ports: [{{number: {OUTSIDE_TLS_PORT}, protocol: https}}]
 "#
     )
+}
+
+/// The name the ingress controller's certificate carries, which the IngressBackend admits.
+const INGRESS_PRINCIPAL: &str = "ingress.example";
+
+/// An IngressBackend admitting TLS to httpbin's port from clients whose certificate (from the
+/// mesh CA) names [`INGRESS_PRINCIPAL`].
+fn https_ingress_backend() -> String {
+    format!(
+        r#"apiVersion: policy.flomesh.io/v1alpha1
+kind: IngressBackend
+metadata: {{name: httpbin-tls, namespace: demo}}
+spec:
+  backends: [{{name: httpbin, port: {{number: 14001, protocol: https}}}}]
+  sources: [{{kind: AuthenticatedPrincipal, name: {INGRESS_PRINCIPAL}}}]
+"#
+    )
+}
+
+/// A client certificate and key signed by the mesh's root (`ca`, the manifest-mode root file
+/// holding certificate and key), with DNS SAN `name`, written to `dir` as `<name>.crt`/`.key`.
+fn client_certificate(ca: &Path, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let (crt, key, csr, ext) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.csr")),
+        dir.join(format!("{name}.ext")),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{name}\nextendedKeyUsage=clientAuth\n"),
+    )?;
+    sh(&format!(
+        "set -e
+         openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN={name} -keyout {key} -out {csr} 2>&1
+         openssl x509 -req -in {csr} -CA {ca} -CAkey {ca} -set_serial 7 -days 1 -extfile {ext} -out {crt} 2>&1",
+        key = key.display(),
+        csr = csr.display(),
+        ca = ca.display(),
+        ext = ext.display(),
+        crt = crt.display(),
+    ))?;
+    Ok((crt, key))
+}
+
+/// The first line of the reply to `GET /get` with Host `httpbin.demo:14001`, sent over TLS from
+/// inside `ns` with the client certificate `cert` (none: `None`).
+fn https_in(ns: &str, addr: &str, cert: Option<&(PathBuf, PathBuf)>) -> Result<String> {
+    let client_cert = cert.map_or(String::new(), |(crt, key)| {
+        format!("-cert {} -key {}", crt.display(), key.display())
+    });
+    let out = sh(&format!(
+        "ip netns exec {ns} timeout 5 bash -c 'printf \"GET /get HTTP/1.1\\r\\nHost: httpbin.demo:14001\\r\\nConnection: close\\r\\n\\r\\n\" | openssl s_client -connect {addr} {client_cert} -quiet 2>/dev/null | head -1'"
+    ))?;
+    Ok(out.trim_end().to_string())
 }
 
 /// The `fsm-init` rules of a pod of the test's mesh, from the generator the injector uses
@@ -968,6 +1023,42 @@ async fn run_transparent(plane: Plane) -> Result<()> {
             other.is_empty(),
             "TLS with a server name no policy allows got through: {other:?}"
         );
+
+        // HTTPS ingress: a client outside the mesh whose certificate (from the mesh CA) names
+        // the IngressBackend's AuthenticatedPrincipal reaches httpbin's port over TLS; before
+        // the policy, and with a certificate naming anything else, it does not.
+        let ca = logs.join("state").join("fsm-ca-bundle.pem");
+        let ingress_cert = client_certificate(&ca, work.path(), INGRESS_PRINCIPAL)?;
+        let stranger_cert = client_certificate(&ca, work.path(), "stranger.example")?;
+        let outside = netns.ns(OUTSIDE);
+        let httpbin_port = format!("10.244.{POD_SUBNET}.1:14001");
+        let before = https_in(&outside, &httpbin_port, Some(&ingress_cert)).unwrap_or_default();
+        ensure!(
+            !before.starts_with("HTTP/"),
+            "TLS ingress admitted without an IngressBackend: {before:?}"
+        );
+        std::fs::write(
+            manifests.join("71-https-ingress.yaml"),
+            https_ingress_backend(),
+        )?;
+        let admitted = eventually(CONVERGE, || async {
+            let line = https_in(&outside, &httpbin_port, Some(&ingress_cert))?;
+            ensure!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+            Ok(line)
+        })
+        .await
+        .context("HTTPS ingress with the admitted certificate name")?;
+        ensure!(admitted.starts_with("HTTP/1.1 200"), "{admitted:?}");
+        for (who, cert) in [
+            ("a certificate naming someone else", Some(&stranger_cert)),
+            ("no certificate", None),
+        ] {
+            let line = https_in(&outside, &httpbin_port, cert).unwrap_or_default();
+            ensure!(
+                !line.starts_with("HTTP/1.1 200"),
+                "TLS ingress with {who} was admitted: {line:?}"
+            );
+        }
         anyhow::Ok(())
     }
     .await;
@@ -995,7 +1086,7 @@ async fn transparent_mode_in_network_namespaces_on_each_data_plane() {
         eprintln!("SKIPPED transparent_mode_in_network_namespaces_on_each_data_plane: {why}");
         return;
     }
-    for plane in [Plane::FsmSidecar, Plane::Envoy] {
+    for plane in [Plane::Envoy, Plane::FsmSidecar] {
         if let Err(err) = run_transparent(plane).await {
             panic!("{plane:?}: {err:#}");
         }

@@ -1055,9 +1055,14 @@ impl<'a> Compiler<'a> {
             if principals.len() < sources.len() {
                 self.warn(ErrCode::E2008, format!("{policy} spec.sources: a TLS backend admitting by address (IPRange, Service) as well as by certificate is not supported yet; it admits no TLS ingress"));
             } else {
-                admitted
-                    .principals
-                    .extend(principals.iter().map(|s| s.name.clone()));
+                // DNS names compare without regard to case; URIs (with a scheme) exactly.
+                admitted.principals.extend(principals.iter().map(|s| {
+                    if s.name.contains(':') {
+                        s.name.clone()
+                    } else {
+                        s.name.to_ascii_lowercase()
+                    }
+                }));
             }
         }
         if !named.plaintext {
