@@ -989,13 +989,12 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
 /// TLS for clients outside the mesh: the proxy's own certificate, and a client certificate that
 /// chains to the mesh's roots and names one of `principals` (as a URI or DNS SAN).
 fn ingress_tls(principals: &BTreeSet<&str>) -> core::TransportSocket {
-    let san = |san_type: tls::subject_alt_name_matcher::SanType, name: &str| {
-        tls::SubjectAltNameMatcher {
+    let san =
+        |san_type: tls::subject_alt_name_matcher::SanType, name: &str| tls::SubjectAltNameMatcher {
             san_type: san_type as i32,
             matcher: Some(exact(name)),
             ..Default::default()
-        }
-    };
+        };
     let sans = principals
         .iter()
         .flat_map(|name| {
@@ -1015,9 +1014,9 @@ fn ingress_tls(principals: &BTreeSet<&str>) -> core::TransportSocket {
                             match_typed_subject_alt_names: sans,
                             ..Default::default()
                         }),
-                        validation_context_sds_secret_config: Some(sds(
-                            names::OUTBOUND_ROOT.into(),
-                        )),
+                        validation_context_sds_secret_config: Some(
+                            sds(names::OUTBOUND_ROOT.into()),
+                        ),
                         ..Default::default()
                     },
                 ),

@@ -970,7 +970,13 @@ impl<'a> Compiler<'a> {
                     target_port,
                     protocol,
                 );
-                self.admit(&policy, &ib.spec.sources, &service.namespace, named, &mut admitted);
+                self.admit(
+                    &policy,
+                    &ib.spec.sources,
+                    &service.namespace,
+                    named,
+                    &mut admitted,
+                );
             }
         }
         if flags.enable_access_control_policy {
@@ -988,7 +994,13 @@ impl<'a> Compiler<'a> {
                     target_port,
                     protocol,
                 );
-                self.admit(&policy, &ac.spec.sources, &service.namespace, named, &mut admitted);
+                self.admit(
+                    &policy,
+                    &ac.spec.sources,
+                    &service.namespace,
+                    named,
+                    &mut admitted,
+                );
             }
         }
         admitted
