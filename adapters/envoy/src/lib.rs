@@ -719,6 +719,9 @@ fn to_original_destination(stat_prefix: String) -> tcp_proxy::TcpProxy {
 /// - 15001 itself: applications that name the proxy (explicit HTTP, as in explicit mode);
 /// - anything else: passed through when MeshConfig `enableEgress` is on, else closed.
 ///
+/// Destinations the pod's rules leave alone ([`fsm_ir::Bypass`]) get no chain: their
+/// connections never arrive.
+///
 /// Reachable from outside the pod only through the same rules, which send every inbound
 /// connection to 15003 (mTLS only).
 fn transparent_outbound(
@@ -754,7 +757,11 @@ fn transparent_outbound(
         filters: vec![http(OUTBOUND_LISTENER)],
         ..Default::default()
     }];
+    let bypass = &ir.proxy.bypass;
     for svc in &ir.outbound {
+        if !bypass.redirects_outbound(svc.port, &svc.destination_ip_ranges) {
+            continue;
+        }
         let name = format!("{}|{}", svc.service, svc.port);
         let filter = if svc.protocol.is_http() {
             http(OUTBOUND_LISTENER)
@@ -772,7 +779,10 @@ fn transparent_outbound(
         });
     }
     let http_ports: BTreeSet<u16> = ir.egress.http.iter().map(|h| h.port).collect();
-    for port in http_ports {
+    for port in http_ports
+        .into_iter()
+        .filter(|p| bypass.redirects_outbound(*p, &[]))
+    {
         chains.push(listener::FilterChain {
             name: format!("egress-http|{port}"),
             filter_chain_match: Some(chain_match(port, &[], &[])),
@@ -780,7 +790,12 @@ fn transparent_outbound(
             ..Default::default()
         });
     }
-    for t in &ir.egress.tls {
+    for t in ir
+        .egress
+        .tls
+        .iter()
+        .filter(|t| bypass.redirects_outbound(t.port, &[]))
+    {
         let name = format!("egress-tls|{}", t.port);
         chains.push(listener::FilterChain {
             filter_chain_match: Some(chain_match(t.port, &[], &t.server_names)),
@@ -789,7 +804,12 @@ fn transparent_outbound(
             ..Default::default()
         });
     }
-    for t in &ir.egress.tcp {
+    for t in ir
+        .egress
+        .tcp
+        .iter()
+        .filter(|t| bypass.redirects_outbound(t.port, &t.ip_ranges))
+    {
         let name = format!("egress-tcp|{}", t.port);
         chains.push(listener::FilterChain {
             filter_chain_match: Some(chain_match(t.port, &t.ip_ranges, &[])),
@@ -959,7 +979,10 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
     }
     // TLS from outside the mesh arrives redirected from the application port it was sent to
     // (the listener's original_dst filter restores it); peers' mTLS comes to 15003 itself.
-    for port in ir.inbound.iter().filter(|_| ir.proxy.transparent) {
+    let redirected = |p: &&fsm_ir::InboundPort| {
+        ir.proxy.transparent && ir.proxy.bypass.redirects_inbound(p.target_port)
+    };
+    for port in ir.inbound.iter().filter(redirected) {
         let principals = port.ingress_principals();
         if principals.is_empty() {
             continue;

@@ -16,8 +16,14 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     let pod_ip = ir.proxy.pod_ip;
     let mut listeners = Vec::new();
 
+    // Destinations the pod's rules leave alone get no chain: their connections never arrive.
+    let bypass = &ir.proxy.bypass;
     let mut outbound = vec![explicit_http(ports::OUTBOUND, OUTBOUND_ROUTES)];
-    outbound.extend(ir.outbound.iter().map(|svc| v1::FilterChain {
+    let redirected = ir
+        .outbound
+        .iter()
+        .filter(|svc| bypass.redirects_outbound(svc.port, &svc.destination_ip_ranges));
+    outbound.extend(redirected.map(|svc| v1::FilterChain {
         name: format!("{}|{}", svc.service, svc.port),
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(svc.port),
@@ -26,7 +32,11 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         }),
         ..outbound_target(svc)
     }));
-    outbound.extend(egress_chains(&ir.egress));
+    outbound.extend(egress_chains(&ir.egress).into_iter().filter(|chain| {
+        chain.r#match.as_ref().is_none_or(|m| {
+            bypass.redirects_outbound(m.destination_port as u16, &m.destination_ip_ranges)
+        })
+    }));
     if ir.mesh.enable_egress {
         // Egress passthrough: a redirected connection no service's chain takes goes to where
         // it was going (the chain with no port and no ranges sorts last).
@@ -43,10 +53,16 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     });
 
     // Explicit-mode TCP: applications connect to `<pod-ip>:<service port>`, so each port can
-    // serve one service, and only if neither the application nor the sidecar listens there.
+    // serve one service, and only if neither the application nor the sidecar listens there. A
+    // transparent proxy has none: its outbound listener takes them, and nothing plaintext is
+    // bound to the pod address.
     let taken: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
     let mut bound: BTreeMap<u16, String> = BTreeMap::new();
-    for svc in ir.outbound.iter().filter(|s| !s.protocol.is_http()) {
+    let explicit_tcp = ir
+        .outbound
+        .iter()
+        .filter(|s| !s.protocol.is_http() && !ir.proxy.transparent);
+    for svc in explicit_tcp {
         let name = format!("{}|{}", svc.service, svc.port);
         if taken.contains(&svc.port) || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port) {
             warnings.push(format!(
@@ -82,7 +98,7 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     inbound.extend(
         ir.inbound
             .iter()
-            .filter(|p| !tls_ingress(p))
+            .filter(|p| !tls_ingress(p) && bypass.redirects_inbound(p.target_port))
             .filter_map(redirected_inbound),
     );
     // Plaintext never reaches a meshed application from the mesh: every peer chain requires
@@ -192,7 +208,7 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
     let ports: Vec<(u16, BTreeSet<String>)> = ir
         .inbound
         .iter()
-        .filter(|p| p.protocol.is_http())
+        .filter(|p| p.protocol.is_http() && ir.proxy.bypass.redirects_inbound(p.target_port))
         .map(|p| (p.target_port, sources_of(p)))
         .filter(|(_, sources)| !sources.is_empty())
         .collect();
@@ -214,6 +230,7 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
         .inbound
         .iter()
         .filter(|p| ir.proxy.transparent && p.protocol.is_http())
+        .filter(|p| ir.proxy.bypass.redirects_inbound(p.target_port))
         .filter(|p| !p.ingress_principals().is_empty());
     chains.extend(tls_ports.map(|port| v1::FilterChain {
         name: format!("ingress-https:target-port:{}", port.target_port),

@@ -135,6 +135,7 @@ fn ir(
             namespace: "app".into(),
             pod_ip: ip("127.0.0.9"),
             transparent: false,
+            bypass: Default::default(),
         },
         mesh: MeshSettings {
             permissive_traffic_policy_mode: true,

@@ -143,6 +143,13 @@ fn label<'a>(labels: &'a [(Arc<str>, Arc<str>)], key: &str) -> Option<&'a str> {
         .map(|at| &*labels[at].1)
 }
 
+/// FSM's pod annotations listing what `fsm-init` leaves out of (or alone puts into) the
+/// redirection: `flomesh.io/outbound-port-exclusion-list` and the like.
+fn is_interception_annotation(key: &str) -> bool {
+    key.strip_prefix("flomesh.io/")
+        .is_some_and(|k| k.ends_with("-exclusion-list") || k.ends_with("-inclusion-list"))
+}
+
 fn annotation(map: Option<&BTreeMap<String, String>>, key: &str) -> Option<String> {
     map.and_then(|a| a.get(key)).cloned()
 }
@@ -299,6 +306,9 @@ pub struct PodRecord {
     host_network: bool,
     /// It runs FSM's `fsm-init` container: its traffic is redirected to its sidecar.
     intercepted: bool,
+    /// Its annotations that shape that redirection (`flomesh.io/*-exclusion-list`,
+    /// `flomesh.io/*-inclusion-list`), sorted by key; the others the mesh does not read.
+    interception_annotations: Box<[(Arc<str>, Arc<str>)]>,
     ports: Box<[ContainerPortRecord]>,
     ip: Option<IpAddr>,
     /// Set once by the API server: what the pod's bootstrap Secret names as its owner.
@@ -344,6 +354,13 @@ impl PodRecord {
             intercepted: spec
                 .and_then(|s| s.init_containers.as_ref())
                 .is_some_and(|init| init.iter().any(|c| c.name == crate::INIT_CONTAINER_NAME)),
+            interception_annotations: meta
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| is_interception_annotation(k))
+                .map(|(k, v)| (strings.intern(k), Arc::from(v.as_str())))
+                .collect(),
             ports: spec
                 .into_iter()
                 .flat_map(|s| s.containers.iter())
@@ -419,6 +436,15 @@ impl PodRecord {
     /// Whether FSM's `fsm-init` container redirects the pod's traffic to its sidecar.
     pub fn intercepted(&self) -> bool {
         self.intercepted
+    }
+
+    /// The annotations that shape that redirection (FSM's per-pod exclusion and inclusion
+    /// lists), by key.
+    pub fn interception_annotations(&self) -> BTreeMap<String, String> {
+        self.interception_annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// The ports of every container, in declaration order.

@@ -20,11 +20,11 @@ use fsm_crds::smi::specs::v1alpha4::{HTTPRouteGroup, HttpMatch, TCPRoute};
 use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
-    AllowedSources, CircuitBreaker, Cluster, ClusterKind, ClusterName, Egress, EgressHttpHost,
-    EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService, LocalRateLimit,
-    MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch, Protocol, ProxyInfo,
-    ProxyIr, ResponseHeader, RetryPolicy, RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef,
-    WeightedCluster, WorkloadRef,
+    AllowedSources, Bypass, CircuitBreaker, Cluster, ClusterKind, ClusterName, Egress,
+    EgressHttpHost, EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService,
+    LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
+    Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy, RouteMatch, ServiceIdentity,
+    ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -198,6 +198,34 @@ pub fn compile_with_view(
         LocalProxyMode::Localhost => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         LocalProxyMode::PodIp => pod_ip,
     };
+    // What the pod's fsm-init rules leave alone: its proxy needs no chains for it.
+    let bypass = if pod.intercepted() {
+        match fsm_injector::Interception::for_pod(
+            &mesh_config.spec.traffic,
+            &pod.interception_annotations(),
+        ) {
+            Ok(i) => Bypass {
+                outbound_ports: i.outbound_port_exclusions,
+                outbound_ip_ranges: i.outbound_ip_exclusions,
+                outbound_ip_inclusions: i.outbound_ip_inclusions,
+                inbound_ports: i.inbound_port_exclusions,
+            },
+            Err(errors) => {
+                for e in errors {
+                    compiler.warn(
+                        ErrCode::E6110,
+                        format!(
+                            "pod {pod_namespace}/{pod_name} {}: {}; the proxy keeps every chain",
+                            e.field, e.message
+                        ),
+                    );
+                }
+                Bypass::default()
+            }
+        }
+    } else {
+        Bypass::default()
+    };
     let inbound = compiler.inbound(pod, app_ip);
     compiler.unknown_upstream_hosts(&pod_namespace);
     let retries = if mesh_config.spec.feature_flags.enable_retry_policy {
@@ -252,6 +280,7 @@ pub fn compile_with_view(
             namespace: pod_namespace,
             pod_ip,
             transparent: pod.intercepted(),
+            bypass,
         },
         mesh: mesh.clone(),
         inbound,

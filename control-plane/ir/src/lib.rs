@@ -231,6 +231,83 @@ pub struct ProxyInfo {
     /// Otherwise applications name the proxy (explicit mode, the demo's loopback pods).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transparent: bool,
+    /// What the pod's `fsm-init` rules leave alone (transparent mode): connections that never
+    /// reach the proxy, so that its listeners have no chains for them.
+    #[serde(default, skip_serializing_if = "Bypass::is_empty")]
+    pub bypass: Bypass,
+}
+
+/// MeshConfig's and the pod's interception lists, as `fsm-init` applies them (see
+/// `fsm_injector::Interception`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bypass {
+    /// Outbound connections to these ports are not redirected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_ports: Vec<u16>,
+    /// Nor those to these address ranges (CIDRs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_ip_ranges: Vec<String>,
+    /// When not empty, only outbound connections to these ranges are redirected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_ip_inclusions: Vec<String>,
+    /// Inbound connections to these ports reach the application directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_ports: Vec<u16>,
+}
+
+impl Bypass {
+    pub fn is_empty(&self) -> bool {
+        self.outbound_ports.is_empty()
+            && self.outbound_ip_ranges.is_empty()
+            && self.outbound_ip_inclusions.is_empty()
+            && self.inbound_ports.is_empty()
+    }
+
+    /// Whether outbound connections to `port` on any address of `ranges` reach the proxy: the
+    /// port is not excluded, no range lies within an excluded one, and, with inclusions, each
+    /// lies within one of them. Empty `ranges` (any address): only the port counts.
+    pub fn redirects_outbound(&self, port: u16, ranges: &[String]) -> bool {
+        if self.outbound_ports.contains(&port) {
+            return false;
+        }
+        let within = |range: &str, of: &[String]| of.iter().any(|o| cidr_within(range, o));
+        ranges.iter().all(|r| {
+            !within(r, &self.outbound_ip_ranges)
+                && (self.outbound_ip_inclusions.is_empty()
+                    || within(r, &self.outbound_ip_inclusions))
+        })
+    }
+
+    /// Whether inbound connections to the application port `port` reach the proxy.
+    pub fn redirects_inbound(&self, port: u16) -> bool {
+        !self.inbound_ports.contains(&port)
+    }
+}
+
+/// Whether the CIDR `inner` lies within the CIDR `outer` (false when either is malformed or
+/// they are of different families).
+fn cidr_within(inner: &str, outer: &str) -> bool {
+    fn parse(cidr: &str) -> Option<(u128, u32, bool)> {
+        let (ip, len) = cidr.split_once('/')?;
+        let len: u32 = len.parse().ok()?;
+        match ip.parse::<IpAddr>().ok()? {
+            IpAddr::V4(v4) if len <= 32 => Some((u128::from(u32::from(v4)) << 96, len, false)),
+            IpAddr::V6(v6) if len <= 128 => Some((u128::from(v6), len, true)),
+            _ => None,
+        }
+    }
+    let (Some((inner_ip, inner_len, inner_v6)), Some((outer_ip, outer_len, outer_v6))) =
+        (parse(inner), parse(outer))
+    else {
+        return false;
+    };
+    if inner_v6 != outer_v6 || inner_len < outer_len {
+        return false;
+    }
+    // IPv4 sits in the top 32 bits, so both families mask from the top.
+    let mask = u128::MAX.checked_shl(128 - outer_len).unwrap_or(0);
+    inner_ip & mask == outer_ip & mask
 }
 
 /// Mesh-wide settings that shape every proxy's configuration.
@@ -839,6 +916,7 @@ mod tests {
                 namespace: "app".into(),
                 pod_ip: "127.0.0.1".parse().expect("ip"),
                 transparent: false,
+                bypass: Default::default(),
             },
             mesh: MeshSettings {
                 permissive_traffic_policy_mode: true,
@@ -954,6 +1032,36 @@ mod tests {
             "app/httpbin|14001|local"
         );
         assert_eq!(svc().fqdn(), "httpbin.app.svc.cluster.local");
+    }
+
+    #[test]
+    fn bypass_follows_the_interception_lists() {
+        let ranges = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let bypass = Bypass {
+            outbound_ports: vec![9000],
+            outbound_ip_ranges: ranges(&["10.96.5.0/24", "fd00::/64"]),
+            outbound_ip_inclusions: vec![],
+            inbound_ports: vec![8080],
+        };
+        assert!(!bypass.redirects_outbound(9000, &ranges(&["10.96.0.1/32"])));
+        assert!(!bypass.redirects_outbound(80, &ranges(&["10.96.5.7/32"])));
+        assert!(!bypass.redirects_outbound(80, &ranges(&["fd00::7/128"])));
+        assert!(bypass.redirects_outbound(80, &ranges(&["10.96.6.7/32"])));
+        assert!(
+            bypass.redirects_outbound(80, &ranges(&["10.96.0.0/16"])),
+            "a wider range is only partly excluded"
+        );
+        assert!(bypass.redirects_outbound(80, &[]));
+        assert!(!bypass.redirects_inbound(8080) && bypass.redirects_inbound(14001));
+        let only = Bypass {
+            outbound_ip_inclusions: ranges(&["10.96.0.0/12"]),
+            ..Default::default()
+        };
+        assert!(only.redirects_outbound(80, &ranges(&["10.96.5.7/32"])));
+        assert!(!only.redirects_outbound(80, &ranges(&["192.0.2.1/32"])));
+        assert!(!only.redirects_outbound(80, &ranges(&["10.96.5.7/32", "192.0.2.1/32"])));
+        assert!(!cidr_within("10.0.0.1/32", "nonsense") && !cidr_within("::1/128", "0.0.0.0/0"));
+        assert!(cidr_within("10.0.0.1/32", "0.0.0.0/0") && cidr_within("::1/128", "::/0"));
     }
 
     #[test]
