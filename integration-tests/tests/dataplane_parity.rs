@@ -2,7 +2,8 @@
 //! client-side and server-side data plane (Envoy/Envoy, fsm-sidecar/fsm-sidecar and both mixes,
 //! which also proves they interoperate on the wire: plain HTTP between sidecars and HTTP/2
 //! CONNECT tunnels for TCP), and every run must observe the same status codes, backends, headers
-//! and echoed bytes.
+//! and echoed bytes, at the mesh's edges too: egress to a server outside the mesh by an Egress
+//! policy, and ingress from outside it by an IngressBackend.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
     AdsMode, AdsTarget, DemoMesh, FsmSidecarConfig, MeshPod, SidecarConfig, eventually,
-    http_get_via, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    http_get_from, http_get_via, start_demo_app, start_envoy, start_fsm_sidecar, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -35,6 +36,41 @@ struct Observed {
     unavailable: u16,
     unknown_host: u16,
     tcp: String,
+    /// A GET to a server outside the mesh by name, which an Egress policy allows (status and
+    /// who answered), and one to a path its route group leaves out.
+    egress: (u16, Option<String>),
+    egress_other_path: u16,
+    /// A plaintext GET from outside the mesh that an IngressBackend admits: status and server.
+    ingress: (u16, Option<String>),
+}
+
+/// An Egress policy letting curl GET `/get` from `localhost:<port>`, and an IngressBackend
+/// admitting plaintext HTTP to httpbin from `ingress_ip`.
+fn edge_policies(port: u16, ingress_ip: std::net::IpAddr) -> String {
+    format!(
+        r#"apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: external-get, namespace: demo}}
+spec:
+  matches: [{{name: get, pathRegex: /get, methods: [GET]}}]
+---
+apiVersion: policy.flomesh.io/v1alpha1
+kind: Egress
+metadata: {{name: external, namespace: demo}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
+  hosts: [localhost]
+  ports: [{{number: {port}, protocol: http}}]
+  matches: [{{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: external-get}}]
+---
+apiVersion: policy.flomesh.io/v1alpha1
+kind: IngressBackend
+metadata: {{name: httpbin, namespace: demo}}
+spec:
+  backends: [{{name: httpbin, port: {{number: 14001, protocol: http}}}}]
+  sources: [{{kind: IPRange, name: {ingress_ip}/32}}]
+"#
+    )
 }
 
 /// A sidecar of either kind, kept alive for the run.
@@ -66,11 +102,27 @@ async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> 
     let DemoMesh {
         work: _work,
         logs,
-        manifests: _,
+        manifests,
         controller,
         apps: _apps,
         pods,
     } = DemoMesh::start(subnet).await?;
+    // A server outside the mesh, where `localhost` leads, on a port of its own.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let _external = start_demo_app(
+        "external",
+        &[SocketAddr::from(([127, 0, 0, 1], port))],
+        &[],
+        &logs,
+    )
+    .await?;
+    let ingress_ip = std::net::IpAddr::from([127, 0, subnet, 200]);
+    std::fs::write(
+        manifests.join("70-edges.yaml"),
+        edge_policies(port, ingress_ip),
+    )?;
     let mut running = Vec::new();
     for pod in &pods {
         let plane = if pod.name == "curl" { client } else { servers };
@@ -113,6 +165,25 @@ async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> 
             tcp_roundtrip(SocketAddr::new(curl.ip, 9000), "parity")
         })
         .await?,
+        egress: eventually(CONVERGE, || async {
+            let r = http_get_via(via, &format!("localhost:{port}"), "/get").await?;
+            ensure!(r.status == 200, "egress: {}", r.status);
+            Ok((r.status, r.served_by().map(str::to_string)))
+        })
+        .await?,
+        egress_other_path: http_get_via(via, &format!("localhost:{port}"), "/status/200")
+            .await?
+            .status,
+        ingress: eventually(CONVERGE, || async {
+            let server = pods
+                .iter()
+                .find(|p| p.name == "httpbin-v1")
+                .context("httpbin-v1 pod")?;
+            let r = http_get_from(ingress_ip, server.inbound_addr(), HTTPBIN, "/get").await?;
+            ensure!(r.status == 200, "ingress: {}", r.status);
+            Ok((r.status, r.served_by().map(str::to_string)))
+        })
+        .await?,
     };
     drop(running);
     Ok(observed)
@@ -145,4 +216,7 @@ async fn envoy_and_fsm_sidecar_behave_the_same() {
     assert_eq!(reference.unavailable, 503);
     assert_eq!(reference.unknown_host, 404);
     assert_eq!(reference.tcp, "tcp-echo-1: parity");
+    assert_eq!(reference.egress, (200, Some("external".to_string())));
+    assert_eq!(reference.egress_other_path, 404);
+    assert_eq!(reference.ingress, (200, Some("httpbin-v1".to_string())));
 }
