@@ -1059,6 +1059,27 @@ async fn run_transparent(plane: Plane) -> Result<()> {
                 "TLS ingress with {who} was admitted: {line:?}"
             );
         }
+        // Plaintext ingress to the same port, from the outside host's address, beside TLS.
+        let plain = || http_in(&outside, &httpbin_port, "httpbin.demo:14001", "/get");
+        ensure!(
+            !plain().unwrap_or_default().starts_with("HTTP/"),
+            "plaintext ingress admitted without an IngressBackend"
+        );
+        std::fs::write(
+            manifests.join("72-plaintext-ingress.yaml"),
+            format!(
+                "apiVersion: policy.flomesh.io/v1alpha1\nkind: IngressBackend\nmetadata: {{name: httpbin-plain, namespace: demo}}\nspec:\n  backends: [{{name: httpbin, port: {{number: 14001, protocol: http}}}}]\n  sources: [{{kind: IPRange, name: 10.244.{POD_SUBNET}.{OUTSIDE_LAST}/32}}]\n"
+            ),
+        )?;
+        eventually(CONVERGE, || async {
+            let reply = plain()?;
+            ensure!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+            Ok(())
+        })
+        .await
+        .context("plaintext ingress beside TLS ingress on one port")?;
+        let tls_still = https_in(&outside, &httpbin_port, Some(&ingress_cert))?;
+        ensure!(tls_still.starts_with("HTTP/1.1 200"), "{tls_still:?}");
         anyhow::Ok(())
     }
     .await;

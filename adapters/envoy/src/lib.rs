@@ -987,6 +987,28 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
         if principals.is_empty() {
             continue;
         }
+        // Envoy picks among the chains naming a connection's destination port before it looks
+        // at the transport: plaintext ingress redirected to this port needs a chain here too.
+        let plaintext: BTreeSet<&str> = port
+            .services
+            .iter()
+            .flat_map(|s| s.ingress_sources.iter().map(String::as_str))
+            .collect();
+        if !plaintext.is_empty() {
+            chains.push(listener::FilterChain {
+                name: format!("ingress-http|{}", port.target_port),
+                filter_chain_match: Some(listener::FilterChainMatch {
+                    destination_port: Some(UInt32Value {
+                        value: u32::from(port.target_port),
+                    }),
+                    transport_protocol: "raw_buffer".into(),
+                    source_prefix_ranges: plaintext.iter().filter_map(|c| cidr_range(c)).collect(),
+                    ..Default::default()
+                }),
+                filters: http(),
+                ..Default::default()
+            });
+        }
         chains.push(listener::FilterChain {
             name: format!("ingress-https|{}", port.target_port),
             filter_chain_match: Some(listener::FilterChainMatch {
