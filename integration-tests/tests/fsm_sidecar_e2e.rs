@@ -1080,6 +1080,28 @@ async fn run_transparent(plane: Plane) -> Result<()> {
         .context("plaintext ingress beside TLS ingress on one port")?;
         let tls_still = https_in(&outside, &httpbin_port, Some(&ingress_cert))?;
         ensure!(tls_still.starts_with("HTTP/1.1 200"), "{tls_still:?}");
+
+        // TLS without client certificates (skipClientCertValidation) from the outside host's
+        // address only: curl's pod (its connection to httpbin's pod address is excluded from
+        // its own sidecar, so it arrives from its address, without a certificate) is refused.
+        std::fs::write(
+            manifests.join("73-https-unchecked.yaml"),
+            format!(
+                "apiVersion: policy.flomesh.io/v1alpha1\nkind: IngressBackend\nmetadata: {{name: httpbin-unchecked, namespace: demo}}\nspec:\n  backends: [{{name: httpbin, port: {{number: 14001, protocol: https}}, tls: {{skipClientCertValidation: true}}}}]\n  sources: [{{kind: IPRange, name: 10.244.{POD_SUBNET}.{OUTSIDE_LAST}/32}}]\n"
+            ),
+        )?;
+        eventually(CONVERGE, || async {
+            let line = https_in(&outside, &httpbin_port, None)?;
+            ensure!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+            Ok(())
+        })
+        .await
+        .context("TLS ingress without a client certificate from an admitted address")?;
+        let from_curl = https_in(&curl, &httpbin_port, None).unwrap_or_default();
+        ensure!(
+            !from_curl.starts_with("HTTP/1.1 200"),
+            "TLS without a certificate from an address no source names was admitted: {from_curl:?}"
+        );
         anyhow::Ok(())
     }
     .await;

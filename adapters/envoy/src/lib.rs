@@ -893,6 +893,7 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
         let by_address = svc
             .ingress_sources
             .iter()
+            .chain(&svc.ingress_tls_sources)
             .filter_map(|cidr| cidr_range(cidr))
             .map(|range| rbac::Principal {
                 identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
@@ -984,7 +985,8 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
     };
     for port in ir.inbound.iter().filter(redirected) {
         let principals = port.ingress_principals();
-        if principals.is_empty() {
+        let unchecked = port.ingress_tls_sources();
+        if principals.is_empty() && unchecked.is_empty() {
             continue;
         }
         // Envoy picks among the chains naming a connection's destination port before it looks
@@ -1009,19 +1011,46 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
                 ..Default::default()
             });
         }
-        chains.push(listener::FilterChain {
-            name: format!("ingress-https|{}", port.target_port),
-            filter_chain_match: Some(listener::FilterChainMatch {
-                destination_port: Some(UInt32Value {
-                    value: u32::from(port.target_port),
+        if !principals.is_empty() {
+            chains.push(listener::FilterChain {
+                name: format!("ingress-https|{}", port.target_port),
+                filter_chain_match: Some(listener::FilterChainMatch {
+                    destination_port: Some(UInt32Value {
+                        value: u32::from(port.target_port),
+                    }),
+                    transport_protocol: "tls".into(),
+                    ..Default::default()
                 }),
-                transport_protocol: "tls".into(),
+                filters: http(),
+                transport_socket: Some(ingress_tls(&principals)),
                 ..Default::default()
-            }),
-            filters: http(),
-            transport_socket: Some(ingress_tls(&principals)),
-            ..Default::default()
-        });
+            });
+        }
+        // TLS without client certificates (`skipClientCertValidation`), from the admitted
+        // addresses only: more specific than the chain above, which takes everyone else.
+        if !unchecked.is_empty() {
+            chains.push(listener::FilterChain {
+                name: format!("ingress-https-unchecked|{}", port.target_port),
+                filter_chain_match: Some(listener::FilterChainMatch {
+                    destination_port: Some(UInt32Value {
+                        value: u32::from(port.target_port),
+                    }),
+                    transport_protocol: "tls".into(),
+                    source_prefix_ranges: unchecked.iter().filter_map(|c| cidr_range(c)).collect(),
+                    ..Default::default()
+                }),
+                filters: http(),
+                transport_socket: Some(transport_socket(&tls::DownstreamTlsContext {
+                    common_tls_context: Some(tls::CommonTlsContext {
+                        tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
+                        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            });
+        }
     }
     let routes = route::RouteConfiguration {
         name: INGRESS_ROUTES.into(),

@@ -94,7 +94,10 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
     let mut inbound = vec![explicit_http(ports::INBOUND, INBOUND_ROUTES)];
     // A port that admits TLS from outside the mesh takes that TLS when redirected (peers reach
     // it through 15003, as always): the first bytes cannot tell the two apart.
-    let tls_ingress = |p: &InboundPort| ir.proxy.transparent && !p.ingress_principals().is_empty();
+    let tls_ingress = |p: &InboundPort| {
+        ir.proxy.transparent
+            && !(p.ingress_principals().is_empty() && p.ingress_tls_sources().is_empty())
+    };
     inbound.extend(
         ir.inbound
             .iter()
@@ -226,12 +229,36 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
     }));
     // TLS from outside the mesh, to the application port it was sent to (redirected), with a
     // client certificate that names one of the port's principals.
-    let tls_ports = ir
-        .inbound
-        .iter()
-        .filter(|p| ir.proxy.transparent && p.protocol.is_http())
-        .filter(|p| ir.proxy.bypass.redirects_inbound(p.target_port))
-        .filter(|p| !p.ingress_principals().is_empty());
+    let redirected_http = || {
+        ir.inbound
+            .iter()
+            .filter(|p| ir.proxy.transparent && p.protocol.is_http())
+            .filter(|p| ir.proxy.bypass.redirects_inbound(p.target_port))
+    };
+    // Without client certificates (`skipClientCertValidation`), from the admitted addresses.
+    chains.extend(
+        redirected_http()
+            .map(|p| (p.target_port, p.ingress_tls_sources()))
+            .filter(|(_, sources)| !sources.is_empty())
+            .map(|(target_port, sources)| v1::FilterChain {
+                name: format!("ingress-https-unchecked:target-port:{target_port}"),
+                r#match: Some(v1::FilterChainMatch {
+                    destination_port: u32::from(target_port),
+                    source_ip_ranges: sources.into_iter().map(str::to_owned).collect(),
+                    transport_protocol: v1::TransportProtocol::Tls as i32,
+                    ..Default::default()
+                }),
+                protocol: v1::Protocol::Http as i32,
+                target: Some(http(INGRESS_ROUTES)),
+                allowed_sources: None,
+                tls: Some(v1::DownstreamTls {
+                    certificate_secret: names::SERVICE_CERT.into(),
+                    validation_secret: String::new(),
+                    require_client_certificate: false,
+                }),
+            }),
+    );
+    let tls_ports = redirected_http().filter(|p| !p.ingress_principals().is_empty());
     chains.extend(tls_ports.map(|port| v1::FilterChain {
         name: format!("ingress-https:target-port:{}", port.target_port),
         r#match: Some(v1::FilterChainMatch {

@@ -112,7 +112,14 @@ pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
                 Some(v1::AllowedSources {
                     any: false,
                     identities: vec![],
-                    source_ip_ranges: svc.ingress_sources.clone(),
+                    source_ip_ranges: svc
+                        .ingress_sources
+                        .iter()
+                        .chain(&svc.ingress_tls_sources)
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect(),
                     principals: svc.ingress_principals.clone(),
                 }),
             )],

@@ -96,6 +96,7 @@ fn inbound(
             rate_limit: None,
             ingress_sources: vec![],
             ingress_principals: vec![],
+            ingress_tls_sources: vec![],
         }],
     }
 }

@@ -493,6 +493,7 @@ impl<'a> Compiler<'a> {
                 let Ingress {
                     sources: ingress_sources,
                     principals: ingress_principals,
+                    tls_sources: ingress_tls_sources,
                 } = self.ingress(&service, target_port, entry.protocol);
                 entry.services.push(InboundService {
                     service: service.clone(),
@@ -504,6 +505,7 @@ impl<'a> Compiler<'a> {
                     rate_limit,
                     ingress_sources: ingress_sources.into_iter().collect(),
                     ingress_principals: ingress_principals.into_iter().collect(),
+                    ingress_tls_sources: ingress_tls_sources.into_iter().collect(),
                 });
             }
         }
@@ -1060,12 +1062,13 @@ impl<'a> Compiler<'a> {
             let tls = backend.port.protocol == PortProtocol::Https || backend.tls.is_some();
             if !protocol.is_http() {
                 self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}]: port {target_port} of {service} is TCP; ingress is HTTP only so far"));
-            } else if backend
-                .tls
-                .as_ref()
-                .is_some_and(|t| t.skip_client_cert_validation)
+            } else if tls
+                && backend
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| t.skip_client_cert_validation)
             {
-                self.warn(ErrCode::E2008, format!("{policy} spec.backends[{i}].tls.skipClientCertValidation: TLS ingress without client certificates is not supported yet; the backend admits no ingress"));
+                named.tls_unchecked = true;
             } else if tls {
                 named.tls = true;
             } else {
@@ -1106,15 +1109,48 @@ impl<'a> Compiler<'a> {
                 }));
             }
         }
-        if !named.plaintext {
-            return;
+        if named.tls_unchecked {
+            // No client certificate is asked for, so no name can be checked: the addresses
+            // alone decide, and without any the backend would admit every TLS client.
+            let mut by_address = BTreeSet::new();
+            for (j, source) in sources.iter().enumerate() {
+                if source.kind == IngressSourceKind::AuthenticatedPrincipal {
+                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: an AuthenticatedPrincipal cannot be checked with tls.skipClientCertValidation (no client certificate is asked for); left out"));
+                }
+            }
+            self.addresses_of(policy, sources, namespace, &mut by_address);
+            if by_address.is_empty() {
+                self.warn(ErrCode::E2008, format!("{policy} spec.sources: a TLS backend with tls.skipClientCertValidation needs IPRange or Service sources (it would admit every TLS client); it admits no ingress"));
+            }
+            admitted.tls_sources.extend(by_address);
         }
+        if named.plaintext {
+            let mut by_address = BTreeSet::new();
+            self.addresses_of(policy, sources, namespace, &mut by_address);
+            for (j, source) in sources.iter().enumerate() {
+                if source.kind == IngressSourceKind::AuthenticatedPrincipal {
+                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: an AuthenticatedPrincipal admits TLS clients only (a backend with protocol https); a plaintext backend ignores it"));
+                }
+            }
+            admitted.sources.extend(by_address);
+        }
+    }
+
+    /// The addresses (CIDRs) the `IPRange` and `Service` sources of `policy` name: ranges as
+    /// they are, Services by their endpoints (monitored namespace or not).
+    fn addresses_of(
+        &mut self,
+        policy: &str,
+        sources: &[IngressSourceSpec],
+        namespace: &str,
+        admitted: &mut BTreeSet<String>,
+    ) {
         let catalog = self.catalog;
         for (j, source) in sources.iter().enumerate() {
             match source.kind {
                 IngressSourceKind::IpRange => {
                     if fsm_crds::parse_cidr(&source.name).is_some() {
-                        admitted.sources.insert(source.name.clone());
+                        admitted.insert(source.name.clone());
                     }
                 }
                 IngressSourceKind::Service => {
@@ -1129,13 +1165,11 @@ impl<'a> Compiler<'a> {
                     };
                     for port in svc.ports() {
                         for endpoint in catalog.endpoints_of(svc, port) {
-                            admitted.sources.insert(host_range(endpoint.ip));
+                            admitted.insert(host_range(endpoint.ip));
                         }
                     }
                 }
-                IngressSourceKind::AuthenticatedPrincipal => {
-                    self.warn(ErrCode::E2008, format!("{policy} spec.sources[{j}]: an AuthenticatedPrincipal admits TLS clients only (a backend with protocol https); a plaintext backend ignores it"));
-                }
+                IngressSourceKind::AuthenticatedPrincipal => {}
             }
         }
     }
@@ -1259,6 +1293,8 @@ struct Ingress {
     sources: BTreeSet<String>,
     /// TLS clients, by a subject alternative name of their certificate.
     principals: BTreeSet<String>,
+    /// TLS clients without client certificates, by address (CIDRs).
+    tls_sources: BTreeSet<String>,
 }
 
 /// How a policy's backends name one service port (see `Compiler::backends_naming`).
@@ -1266,6 +1302,8 @@ struct Ingress {
 struct Named {
     plaintext: bool,
     tls: bool,
+    /// TLS without client certificates (`tls.skipClientCertValidation`).
+    tls_unchecked: bool,
 }
 
 pub(crate) fn service_ref(svc: &ServiceRecord) -> ServiceRef {

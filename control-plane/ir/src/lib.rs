@@ -446,6 +446,11 @@ pub struct InboundService {
     /// the port itself, which the pod's rules redirect to the proxy (transparent mode only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_principals: Vec<String>,
+    /// Clients outside the mesh this port admits over TLS without a client certificate, by
+    /// address (CIDRs): FSM's `https` backends with `tls.skipClientCertValidation`, whose
+    /// `IPRange` and `Service` sources alone decide (transparent mode only, as above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_tls_sources: Vec<String>,
 }
 
 /// A token bucket in each instance of a service (Envoy's and FSM's local rate limit): it starts
@@ -778,6 +783,15 @@ pub enum IrError {
 }
 
 impl InboundPort {
+    /// The addresses its services admit over TLS without a client certificate
+    /// ([`InboundService::ingress_tls_sources`]), each once, sorted.
+    pub fn ingress_tls_sources(&self) -> std::collections::BTreeSet<&str> {
+        self.services
+            .iter()
+            .flat_map(|s| s.ingress_tls_sources.iter().map(String::as_str))
+            .collect()
+    }
+
     /// The certificate names its services admit over TLS from outside the mesh
     /// ([`InboundService::ingress_principals`]), each once, sorted.
     pub fn ingress_principals(&self) -> std::collections::BTreeSet<&str> {
@@ -797,7 +811,11 @@ impl ProxyIr {
             .iter()
             .filter(|p| p.protocol.is_http())
             .flat_map(|p| p.services.iter())
-            .filter(|s| !s.ingress_sources.is_empty() || !s.ingress_principals.is_empty())
+            .filter(|s| {
+                !s.ingress_sources.is_empty()
+                    || !s.ingress_principals.is_empty()
+                    || !s.ingress_tls_sources.is_empty()
+            })
     }
 
     /// The proxy's outbound entries and clusters grouped by service, as the compiler's view
