@@ -37,6 +37,36 @@ pub async fn start_demo_app(
     Ok(process)
 }
 
+/// Starts an HTTP server outside the mesh, named `name`, on a free port of 127.0.0.1: where the
+/// host name `localhost`, which every resolver knows, leads. Returns the port and the server.
+pub async fn start_localhost_server(name: &str, log_dir: &Path) -> Result<(u16, ManagedProcess)> {
+    let port = crate::free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    Ok((port, start_demo_app(name, &[addr], &[], log_dir).await?))
+}
+
+/// An Egress policy (with its HTTPRouteGroup) letting the demo's curl send GETs of `/get`, and
+/// nothing else, to `localhost:<port>`.
+pub fn localhost_get_egress_policy(port: u16) -> String {
+    format!(
+        r#"apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {{name: external-get, namespace: demo}}
+spec:
+  matches: [{{name: get, pathRegex: /get, methods: [GET]}}]
+---
+apiVersion: policy.flomesh.io/v1alpha1
+kind: Egress
+metadata: {{name: external, namespace: demo}}
+spec:
+  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
+  hosts: [localhost]
+  ports: [{{number: {port}, protocol: http}}]
+  matches: [{{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: external-get}}]
+"#
+    )
+}
+
 /// Starts one demo app per pod with container ports, named after the pod: TCP echo on ports a
 /// Service marks `appProtocol: tcp`, HTTP on the others. Pods without ports (clients) get none.
 pub async fn start_demo_apps(catalog: &Catalog, log_dir: &Path) -> Result<Vec<ManagedProcess>> {

@@ -27,7 +27,9 @@ pub use ads_client::{
     SDS, SecretsWait, connect_ads, decode_secrets, fetch_secrets, inline_text, private_key_owners,
     tls_certificate, xds_node,
 };
-pub use apps::{start_demo_app, start_demo_apps};
+pub use apps::{
+    localhost_get_egress_policy, start_demo_app, start_demo_apps, start_localhost_server,
+};
 pub use client::{
     HttpReply, backends_via, http_get_from, http_get_ok_via, http_get_via, http_get_with_headers,
     share_served_by, stats_counter, tcp_roundtrip, unavailable_count, wait_tcp_unreachable,

@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
     AdsMode, AdsTarget, DemoMesh, FsmSidecarConfig, MeshPod, SidecarConfig, eventually,
-    http_get_from, http_get_via, start_demo_app, start_envoy, start_fsm_sidecar, tcp_roundtrip,
+    http_get_from, http_get_via, localhost_get_egress_policy, start_envoy, start_fsm_sidecar,
+    start_localhost_server, tcp_roundtrip,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -47,22 +48,9 @@ struct Observed {
 /// An Egress policy letting curl GET `/get` from `localhost:<port>`, and an IngressBackend
 /// admitting plaintext HTTP to httpbin from `ingress_ip`.
 fn edge_policies(port: u16, ingress_ip: std::net::IpAddr) -> String {
+    let egress = localhost_get_egress_policy(port);
     format!(
-        r#"apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {{name: external-get, namespace: demo}}
-spec:
-  matches: [{{name: get, pathRegex: /get, methods: [GET]}}]
----
-apiVersion: policy.flomesh.io/v1alpha1
-kind: Egress
-metadata: {{name: external, namespace: demo}}
-spec:
-  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
-  hosts: [localhost]
-  ports: [{{number: {port}, protocol: http}}]
-  matches: [{{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: external-get}}]
----
+        r#"{egress}---
 apiVersion: policy.flomesh.io/v1alpha1
 kind: IngressBackend
 metadata: {{name: httpbin, namespace: demo}}
@@ -107,17 +95,7 @@ async fn observe(client: Plane, servers: Plane, subnet: u8) -> Result<Observed> 
         apps: _apps,
         pods,
     } = DemoMesh::start(subnet).await?;
-    // A server outside the mesh, where `localhost` leads, on a port of its own.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let _external = start_demo_app(
-        "external",
-        &[SocketAddr::from(([127, 0, 0, 1], port))],
-        &[],
-        &logs,
-    )
-    .await?;
+    let (port, _external) = start_localhost_server("external", &logs).await?;
     let ingress_ip = std::net::IpAddr::from([127, 0, subnet, 200]);
     std::fs::write(
         manifests.join("70-edges.yaml"),

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, HttpReply, Plane, eventually, http_get_via, start_demo_app,
+    AdsMode, DemoMesh, HttpReply, Plane, eventually, http_get_via, localhost_get_egress_policy,
+    start_demo_app, start_localhost_server,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -88,38 +89,13 @@ async fn egress(client: Plane, subnet: u8) -> Result<()> {
     Ok(())
 }
 
-/// An Egress policy letting curl (only) send GETs of `/get` to `localhost:<port>`.
-fn egress_policy(port: u16) -> String {
-    format!(
-        r#"apiVersion: specs.smi-spec.io/v1alpha4
-kind: HTTPRouteGroup
-metadata: {{name: external-get, namespace: demo}}
-spec:
-  matches: [{{name: get, pathRegex: /get, methods: [GET]}}]
----
-apiVersion: policy.flomesh.io/v1alpha1
-kind: Egress
-metadata: {{name: external, namespace: demo}}
-spec:
-  sources: [{{kind: ServiceAccount, name: curl, namespace: demo}}]
-  hosts: [localhost]
-  ports: [{{number: {port}, protocol: http}}]
-  matches: [{{apiGroup: specs.smi-spec.io/v1alpha4, kind: HTTPRouteGroup, name: external-get}}]
-"#
-    )
-}
-
 async fn egress_policy_on(client: Plane, subnet: u8) -> Result<()> {
     let mesh = DemoMesh::start(subnet).await?;
     let _sidecars = mesh
         .start_sidecars(|_| client, AdsMode::Sotw, CONVERGE)
         .await?;
-    // A port of its own on 127.0.0.1, where `localhost` leads.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let external: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _external = start_demo_app("external", &[external], &[], &mesh.logs).await?;
+    let (port, _external) = start_localhost_server("external", &mesh.logs).await?;
+    let external = SocketAddr::from(([127, 0, 0, 1], port));
     let curl = mesh.pod("curl")?.outbound_addr();
     let other = mesh.pod("httpbin-v1")?.outbound_addr();
     let host = format!("localhost:{port}");
@@ -131,7 +107,7 @@ async fn egress_policy_on(client: Plane, subnet: u8) -> Result<()> {
     );
 
     let file = mesh.manifests.join("70-egress.yaml");
-    std::fs::write(&file, egress_policy(port))?;
+    std::fs::write(&file, localhost_get_egress_policy(port))?;
     let allowed = until_status(curl, &host, "/get", 200)
         .await
         .context("the Egress policy never let curl out")?;
