@@ -150,17 +150,9 @@ fn to_original_destination(name: String, m: v1::FilterChainMatch) -> v1::FilterC
 /// match its ClusterIPs, so they win over these on the same port.
 fn egress_chains(egress: &Egress) -> Vec<v1::FilterChain> {
     let http_ports: BTreeSet<u16> = egress.http.iter().map(|h| h.port).collect();
-    let http = http_ports.into_iter().map(|port| v1::FilterChain {
-        name: format!("egress-http|{port}"),
-        r#match: Some(v1::FilterChainMatch {
-            destination_port: u32::from(port),
-            ..Default::default()
-        }),
-        protocol: v1::Protocol::Http as i32,
-        target: Some(http(OUTBOUND_ROUTES)),
-        allowed_sources: None,
-        tls: None,
-    });
+    let http = http_ports
+        .into_iter()
+        .map(|port| http_on_port(format!("egress-http|{port}"), port, OUTBOUND_ROUTES));
     let tls = egress.tls.iter().map(|t| {
         to_original_destination(
             format!("egress-tls|{}", t.port),
@@ -280,8 +272,13 @@ fn ingress_chains(ir: &ProxyIr) -> Vec<v1::FilterChain> {
 
 /// HTTP sent to the sidecar's own port, routed by Host.
 fn explicit_http(port: u16, routes: &str) -> v1::FilterChain {
+    http_on_port(EXPLICIT_HTTP_CHAIN.into(), port, routes)
+}
+
+/// Plaintext HTTP to `port` (any address), routed by Host with the route configuration `routes`.
+fn http_on_port(name: String, port: u16, routes: &str) -> v1::FilterChain {
     v1::FilterChain {
-        name: EXPLICIT_HTTP_CHAIN.into(),
+        name,
         r#match: Some(v1::FilterChainMatch {
             destination_port: u32::from(port),
             ..Default::default()
