@@ -63,8 +63,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, Struct, UInt32Value, Value};
 use fsm_ir::{
-    AllowedSources, ClusterKind, EgressHttpHost, HttpRoute, OutboundService, PathMatch, Protocol,
-    ProxyCredentials, ProxyIr, ServiceIdentity, ServiceOutbound, names, ports,
+    AllowedSources, ClusterKind, Domains, EgressHttpHost, HttpRoute, OutboundService, PathMatch,
+    Protocol, ProxyCredentials, ProxyIr, ServiceIdentity, ServiceOutbound, names, ports,
 };
 use prost::{Message, Name};
 
@@ -269,21 +269,6 @@ pub struct ServiceResources {
 /// to the peer sidecar's inbound port.
 fn is_tunnelled(c: &fsm_ir::Cluster) -> bool {
     c.kind == ClusterKind::Outbound && !c.protocol.is_http() && c.endpoints.iter().any(|e| e.meshed)
-}
-
-/// Domains already given to a virtual host of one route configuration: a domain belongs to the
-/// first that claims it (Envoy refuses a configuration naming one twice).
-#[derive(Default)]
-struct Domains(BTreeSet<String>);
-
-impl Domains {
-    fn claim(&mut self, hosts: &[String]) -> Vec<String> {
-        hosts
-            .iter()
-            .filter(|h| self.0.insert((*h).clone()))
-            .cloned()
-            .collect()
-    }
 }
 
 /// Route configuration `outbound`: one virtual host per HTTP service port, routed by Host, then
@@ -1040,14 +1025,7 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
                     ..Default::default()
                 }),
                 filters: http(),
-                transport_socket: Some(transport_socket(&tls::DownstreamTlsContext {
-                    common_tls_context: Some(tls::CommonTlsContext {
-                        tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
-                        alpn_protocols: vec!["h2".into(), "http/1.1".into()],
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })),
+                transport_socket: Some(server_tls(None)),
                 ..Default::default()
             });
         }
@@ -1078,29 +1056,18 @@ fn ingress_tls(principals: &BTreeSet<&str>) -> core::TransportSocket {
             ]
         })
         .collect();
-    transport_socket(&tls::DownstreamTlsContext {
-        common_tls_context: Some(tls::CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
-            validation_context_type: Some(
-                tls::common_tls_context::ValidationContextType::CombinedValidationContext(
-                    tls::common_tls_context::CombinedCertificateValidationContext {
-                        default_validation_context: Some(tls::CertificateValidationContext {
-                            match_typed_subject_alt_names: sans,
-                            ..Default::default()
-                        }),
-                        validation_context_sds_secret_config: Some(
-                            sds(names::OUTBOUND_ROOT.into()),
-                        ),
-                        ..Default::default()
-                    },
-                ),
-            ),
-            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
-            ..Default::default()
-        }),
-        require_client_certificate: Some(BoolValue { value: true }),
-        ..Default::default()
-    })
+    server_tls(Some(
+        tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+            tls::common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context: Some(tls::CertificateValidationContext {
+                    match_typed_subject_alt_names: sans,
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(sds(names::OUTBOUND_ROOT.into())),
+                ..Default::default()
+            },
+        ),
+    ))
 }
 
 /// `10.0.0.0/8` as Envoy's CidrRange; `None` for anything else (the compiler passes only CIDRs).
@@ -1198,18 +1165,27 @@ fn transport_socket<M: Message + Name>(context: &M) -> core::TransportSocket {
 /// Server side of the inbound mTLS: this proxy's certificate, clients must present one from the
 /// mesh CA. Both ALPNs are offered so the connection manager speaks what the client speaks.
 fn downstream_tls(own: &ServiceIdentity) -> core::TransportSocket {
+    server_tls(Some(
+        tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+            names::inbound_validation(own),
+        )),
+    ))
+}
+
+/// Server-side TLS with the proxy's own certificate ([`names::SERVICE_CERT`]): requiring a
+/// client certificate checked against `client_validation`, or asking for none without one.
+fn server_tls(
+    client_validation: Option<tls::common_tls_context::ValidationContextType>,
+) -> core::TransportSocket {
+    let require = client_validation.is_some();
     transport_socket(&tls::DownstreamTlsContext {
         common_tls_context: Some(tls::CommonTlsContext {
             tls_certificate_sds_secret_configs: vec![sds(names::SERVICE_CERT.into())],
-            validation_context_type: Some(
-                tls::common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                    sds(names::inbound_validation(own)),
-                ),
-            ),
+            validation_context_type: client_validation,
             alpn_protocols: vec!["h2".into(), "http/1.1".into()],
             ..Default::default()
         }),
-        require_client_certificate: Some(BoolValue { value: true }),
+        require_client_certificate: require.then_some(BoolValue { value: true }),
         ..Default::default()
     })
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{EgressHttpHost, HttpRoute, OutboundService, PathMatch, ProxyIr};
+use fsm_ir::{Domains, EgressHttpHost, HttpRoute, OutboundService, PathMatch, ProxyIr};
 
 use crate::{
     AdapterError, INBOUND_ROUTES, INGRESS_ROUTES, OUTBOUND_ROUTES, allowed_sources,
@@ -117,7 +117,7 @@ pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
                         .iter()
                         .chain(&svc.ingress_tls_sources)
                         .cloned()
-                        .collect::<std::collections::BTreeSet<_>>()
+                        .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect(),
                     principals: svc.ingress_principals.clone(),
@@ -154,20 +154,6 @@ pub(crate) fn to_cluster(
         }),
         allowed_sources: allowed,
         rate_limit: None,
-    }
-}
-
-/// Domains already given to a virtual host: a domain belongs to the first one that claims it.
-#[derive(Default)]
-struct Domains(BTreeSet<String>);
-
-impl Domains {
-    fn claim(&mut self, hosts: &[String]) -> Vec<String> {
-        hosts
-            .iter()
-            .filter(|h| self.0.insert((*h).clone()))
-            .cloned()
-            .collect()
     }
 }
 

@@ -765,6 +765,23 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
+/// Domains already given to a virtual host of one route configuration: a domain belongs to the
+/// first virtual host that claims it (Envoy refuses a configuration naming one twice, and a
+/// Host must pick one virtual host in every data plane).
+#[derive(Default)]
+pub struct Domains(std::collections::BTreeSet<String>);
+
+impl Domains {
+    /// Those of `hosts` no earlier virtual host claimed, now claimed.
+    pub fn claim(&mut self, hosts: &[String]) -> Vec<String> {
+        hosts
+            .iter()
+            .filter(|h| self.0.insert((*h).clone()))
+            .cloned()
+            .collect()
+    }
+}
+
 /// An IR that cannot be turned into data-plane resources.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IrError {
