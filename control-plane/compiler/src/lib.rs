@@ -131,7 +131,9 @@ pub fn compile(catalog: &Catalog, proxy: &ProxyRef) -> Result<Compiled, CompileE
 /// (its pod, inbound ports and local clusters) is computed here; what it may reach comes from
 /// the view, computed once for every proxy, and is copied into the IR as far as `detail` asks
 /// (an adapter's own part may need only the TCP services: copying all of them for every proxy
-/// would make each proxy cost as much as the whole mesh).
+/// would make each proxy cost as much as the whole mesh). A transparent proxy gets every service
+/// port whatever `detail` says: its listeners match each port by its original destination, in
+/// every data plane.
 pub fn compile_with_view(
     catalog: &Catalog,
     proxy: &ProxyRef,
@@ -241,6 +243,11 @@ pub fn compile_with_view(
     let mut warnings = compiler.warnings;
     let mut clusters = compiler.clusters;
     let mut outbound = Vec::new();
+    let detail = if pod.intercepted() {
+        OutboundDetail::All
+    } else {
+        detail
+    };
     let (entries, warned) = view.read_at(detail);
     for entry in entries {
         let ports = entry

@@ -391,13 +391,9 @@ fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
 }
 
 /// How much of the view a proxy's own part needs for the data planes its streams speak (see
-/// each adapter's `PROXY_RESOURCES_OUTBOUND`, which is for explicit mode): every service port
-/// when the pod's traffic is redirected (`transparent`), as its listeners then match each port
-/// by its original destination.
-pub fn outbound_detail(data_planes: &[DataPlane], transparent: bool) -> fsm_ir::OutboundDetail {
-    if transparent {
-        return fsm_ir::OutboundDetail::All;
-    }
+/// each adapter's `PROXY_RESOURCES_OUTBOUND`, which is for explicit mode; the compiler gives a
+/// transparent proxy every service port).
+pub fn outbound_detail(data_planes: &[DataPlane]) -> fsm_ir::OutboundDetail {
     data_planes
         .iter()
         .map(|plane| match plane {

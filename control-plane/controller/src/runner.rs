@@ -497,7 +497,7 @@ impl Runner {
                             if own.own.reads_every_port {
                                 fsm_ir::OutboundDetail::All
                             } else {
-                                crate::publish::outbound_detail(&own.data_planes, false)
+                                crate::publish::outbound_detail(&own.data_planes)
                             }
                         });
                     let recompile = refreshed.scope.covers(
@@ -683,11 +683,7 @@ impl Runner {
             service_account: key.service_account.to_string(),
             namespace: key.namespace.to_string(),
         };
-        let transparent = self
-            .catalog
-            .pod_by_proxy_uuid(&key.uuid)
-            .is_some_and(|pod| pod.intercepted());
-        let detail = crate::publish::outbound_detail(data_planes, transparent);
+        let detail = crate::publish::outbound_detail(data_planes);
         let compiled = compile_with_view(&self.catalog, &proxy, self.publisher.view(), detail)
             .map_err(|e| (e.err_code(), e.to_string(), e.is_identity_refusal()))?;
         proxy_state.pod = Some(format!(
