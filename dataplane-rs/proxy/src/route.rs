@@ -197,6 +197,11 @@ mod tests {
                 rate_limit: None,
             }],
         };
+        built(&rc)
+    }
+
+    /// The route table the sidecar builds from `rc` (named `rc`).
+    fn built(rc: &v1::RouteConfiguration) -> Arc<RouteTable> {
         let set = set(vec![(
             type_url::ROUTE_CONFIGURATION,
             "rc",
@@ -228,13 +233,7 @@ mod tests {
             name: "rc".into(),
             virtual_hosts,
         };
-        let set = set(vec![(
-            type_url::ROUTE_CONFIGURATION,
-            "rc",
-            rc.encode_to_vec(),
-        )]);
-        let config = Config::build(&set, type_url::CLUSTER).expect("valid");
-        config.routes.get("rc").cloned().expect("rc")
+        built(&rc)
     }
 
     #[test_case(true, "httpbin", "exact" ; "exact host before the fallback")]
