@@ -32,7 +32,8 @@ pub use apps::{
 };
 pub use client::{
     HttpReply, backends_via, http_get_from, http_get_ok_via, http_get_via, http_get_with_headers,
-    share_served_by, stats_counter, tcp_roundtrip, unavailable_count, wait_tcp_unreachable,
+    share_served_by, split_share_matches, stats_counter, tcp_roundtrip, unavailable_count,
+    wait_tcp_unreachable,
 };
 pub use controller::{
     AdsTarget, Controller, ControllerOptions, ProxyDebug, TypeDebug, start_controller,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use fsm_integration_tests::{
-    AdsMode, DemoMesh, Plane, eventually, http_get_via, share_served_by, unavailable_count,
+    AdsMode, DemoMesh, Plane, eventually, http_get_via, share_served_by, split_share_matches,
+    unavailable_count,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -80,7 +81,7 @@ async fn bookstore(plane: Plane, subnet: u8) -> Result<()> {
         let share = share_served_by(buyer, BOOKSTORE, BUY, "bookstore-v1", 2000).await?;
         eprintln!("[bookstore] {plane:?} {v1}/{v2}: bookstore-v1 served {share:.3} of 2,000");
         ensure!(
-            (share - expected).abs() <= 0.05,
+            split_share_matches(share, expected, 2000),
             "{plane:?} {v1}/{v2}: bookstore-v1 served {share:.3} of 2,000 purchases"
         );
     }

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use fsm_integration_tests::{
-    DemoMesh, PAIRINGS, Plane, Sidecar, eventually, http_get_via, share_served_by, tcp_roundtrip,
-    unavailable_count,
+    DemoMesh, PAIRINGS, Plane, Sidecar, eventually, http_get_via, share_served_by,
+    split_share_matches, tcp_roundtrip, unavailable_count,
 };
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -164,7 +164,7 @@ async fn split_moves_traffic_live(client: Plane, servers: Plane, subnet: u8) -> 
         .await?;
         let share = share_served_by(via, HTTPBIN, "/get", "httpbin-v1", 1000).await?;
         ensure!(
-            (share - expected).abs() <= 0.05,
+            split_share_matches(share, expected, 1000),
             "{client:?} -> {servers:?} {v1}/{v2}: httpbin-v1 served {share:.3} of 1,000 requests"
         );
         eprintln!(
