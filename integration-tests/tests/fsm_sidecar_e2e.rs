@@ -432,6 +432,25 @@ spec:
     )
 }
 
+/// The name of a certificate admitted from the outside host's address only.
+const GATEWAY_PRINCIPAL: &str = "gateway.example";
+
+/// An IngressBackend admitting TLS to httpbin's port from clients whose certificate names
+/// [`GATEWAY_PRINCIPAL`] and whose address is the outside host's: both must hold.
+fn https_ingress_by_name_and_address() -> String {
+    format!(
+        r#"apiVersion: policy.flomesh.io/v1alpha1
+kind: IngressBackend
+metadata: {{name: httpbin-gateway, namespace: demo}}
+spec:
+  backends: [{{name: httpbin, port: {{number: 14001, protocol: https}}}}]
+  sources:
+  - {{kind: AuthenticatedPrincipal, name: {GATEWAY_PRINCIPAL}}}
+  - {{kind: IPRange, name: 10.244.{POD_SUBNET}.{OUTSIDE_LAST}/32}}
+"#
+    )
+}
+
 /// A client certificate and key signed by the mesh's root (`ca`, the manifest-mode root file
 /// holding certificate and key), with DNS SAN `name`, written to `dir` as `<name>.crt`/`.key`.
 fn client_certificate(ca: &Path, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
@@ -1101,6 +1120,37 @@ async fn run_transparent(plane: Plane) -> Result<()> {
         ensure!(
             !from_curl.starts_with("HTTP/1.1 200"),
             "TLS without a certificate from an address no source names was admitted: {from_curl:?}"
+        );
+
+        // A certificate name admitted from some addresses only (FSM's set-up for an ingress
+        // controller: its Service and its certificate's name): the outside host is admitted
+        // with that certificate, curl's pod with the same certificate is not. The policy above,
+        // which admits the outside host without a certificate, goes first.
+        std::fs::remove_file(manifests.join("73-https-unchecked.yaml"))?;
+        let gateway_cert = client_certificate(&ca, work.path(), GATEWAY_PRINCIPAL)?;
+        let from_outside = || https_in(&outside, &httpbin_port, Some(&gateway_cert));
+        eventually(CONVERGE, || async {
+            let line = from_outside().unwrap_or_default();
+            ensure!(!line.starts_with("HTTP/1.1 200"), "{line:?}");
+            Ok(())
+        })
+        .await
+        .context("a certificate no policy names, once no policy admits its address either")?;
+        std::fs::write(
+            manifests.join("74-https-by-name-and-address.yaml"),
+            https_ingress_by_name_and_address(),
+        )?;
+        eventually(CONVERGE, || async {
+            let line = from_outside()?;
+            ensure!(line.starts_with("HTTP/1.1 200"), "{line:?}");
+            Ok(())
+        })
+        .await
+        .context("TLS ingress with an admitted name from an admitted address")?;
+        let from_curl = https_in(&curl, &httpbin_port, Some(&gateway_cert)).unwrap_or_default();
+        ensure!(
+            !from_curl.starts_with("HTTP/1.1 200"),
+            "an admitted certificate name from an address no source names was admitted: {from_curl:?}"
         );
         anyhow::Ok(())
     }

@@ -884,12 +884,36 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
                 identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
             });
         // A certificate's URI SAN, else its DNS SAN, is the name RBAC compares.
-        let by_certificate = svc.ingress_principals.iter().map(|name| rbac::Principal {
+        let certificate_named = |name: &String| rbac::Principal {
             identifier: Some(rbac::principal::Identifier::Authenticated(
                 rbac::principal::Authenticated {
                     principal_name: Some(exact(name)),
                 },
             )),
+        };
+        let any_of = |ids: Vec<rbac::Principal>| rbac::Principal {
+            identifier: Some(rbac::principal::Identifier::OrIds(rbac::principal::Set {
+                ids,
+            })),
+        };
+        let by_certificate = svc.ingress_principals.iter().map(certificate_named);
+        let by_certificate_and_address = svc.ingress_principals_from.iter().map(|from| {
+            let from_address = from
+                .sources
+                .iter()
+                .filter_map(|cidr| cidr_range(cidr))
+                .map(|range| rbac::Principal {
+                    identifier: Some(rbac::principal::Identifier::DirectRemoteIp(range)),
+                })
+                .collect();
+            rbac::Principal {
+                identifier: Some(rbac::principal::Identifier::AndIds(rbac::principal::Set {
+                    ids: vec![
+                        any_of(from.principals.iter().map(certificate_named).collect()),
+                        any_of(from_address),
+                    ],
+                })),
+            }
         });
         let mut route = http_route(
             &fsm_ir::HttpRoute {
@@ -906,7 +930,12 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
             None,
             None,
         );
-        route.typed_per_filter_config = rbac_per_route(by_address.chain(by_certificate).collect());
+        route.typed_per_filter_config = rbac_per_route(
+            by_address
+                .chain(by_certificate)
+                .chain(by_certificate_and_address)
+                .collect(),
+        );
         virtual_hosts.push(route::VirtualHost {
             name: svc.local_cluster.to_string(),
             domains: domains.claim(&svc.hosts),

@@ -376,6 +376,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
             identities: vec![],
             source_ip_ranges: vec![],
             principals: vec![],
+            principals_from: vec![],
         },
         fsm_ir::AllowedSources::Identities(ids) => {
             let mut ids = ids.clone();
@@ -386,6 +387,7 @@ fn allowed_sources(allowed: &fsm_ir::AllowedSources) -> v1::AllowedSources {
                 identities: ids.iter().map(identity).collect(),
                 source_ip_ranges: vec![],
                 principals: vec![],
+                principals_from: vec![],
             }
         }
     }

@@ -121,6 +121,14 @@ pub(crate) fn ingress(ir: &ProxyIr) -> Option<v1::RouteConfiguration> {
                         .into_iter()
                         .collect(),
                     principals: svc.ingress_principals.clone(),
+                    principals_from: svc
+                        .ingress_principals_from
+                        .iter()
+                        .map(|from| v1::PrincipalsFrom {
+                            principals: from.principals.clone(),
+                            source_ip_ranges: from.sources.clone(),
+                        })
+                        .collect(),
                 }),
             )],
             rate_limit: None,

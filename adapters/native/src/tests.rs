@@ -97,6 +97,7 @@ fn inbound(
             ingress_sources: vec![],
             ingress_principals: vec![],
             ingress_tls_sources: vec![],
+            ingress_principals_from: vec![],
         }],
     }
 }
@@ -618,6 +619,7 @@ fn allowed_identities_travel_with_inbound_routes_only() {
             ],
             source_ip_ranges: vec![],
             principals: vec![],
+            principals_from: vec![],
         }),
         "sorted, without duplicates"
     );

@@ -23,8 +23,8 @@ use fsm_ir::{
     AllowedSources, Bypass, CircuitBreaker, Cluster, ClusterKind, ClusterName, Egress,
     EgressHttpHost, EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService,
     LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
-    Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy, RouteMatch, ServiceIdentity,
-    ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
+    PrincipalsFrom, Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy, RouteMatch,
+    ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -501,6 +501,7 @@ impl<'a> Compiler<'a> {
                     sources: ingress_sources,
                     principals: ingress_principals,
                     tls_sources: ingress_tls_sources,
+                    principals_from: ingress_principals_from,
                 } = self.ingress(&service, target_port, entry.protocol);
                 entry.services.push(InboundService {
                     service: service.clone(),
@@ -513,6 +514,7 @@ impl<'a> Compiler<'a> {
                     ingress_sources: ingress_sources.into_iter().collect(),
                     ingress_principals: ingress_principals.into_iter().collect(),
                     ingress_tls_sources: ingress_tls_sources.into_iter().collect(),
+                    ingress_principals_from: ingress_principals_from.into_iter().collect(),
                 });
             }
         }
@@ -1086,10 +1088,9 @@ impl<'a> Compiler<'a> {
     }
 
     /// Adds to `admitted` whom `sources` (of `policy`, in `namespace`) admit to the backends
-    /// `named`: addresses in plaintext, certificate names over TLS. A TLS backend admits by
-    /// certificate only: FSM's `IPRange` and `Service` sources there also restrict the client's
-    /// address, which the data planes cannot check together yet, so such a policy admits no TLS
-    /// ingress (reported) rather than more than it says.
+    /// `named`: addresses in plaintext, certificate names over TLS. A TLS backend whose sources
+    /// also name `IPRange`s or `Service`s admits those names from those addresses only, as FSM
+    /// does (one [`PrincipalsFrom`] per policy).
     fn admit(
         &mut self,
         policy: &str,
@@ -1103,17 +1104,32 @@ impl<'a> Compiler<'a> {
                 .iter()
                 .filter(|s| s.kind == IngressSourceKind::AuthenticatedPrincipal)
                 .collect();
-            if principals.len() < sources.len() {
-                self.warn(ErrCode::E2008, format!("{policy} spec.sources: a TLS backend admitting by address (IPRange, Service) as well as by certificate is not supported yet; it admits no TLS ingress"));
-            } else {
-                // DNS names compare without regard to case; URIs (with a scheme) exactly.
-                admitted.principals.extend(principals.iter().map(|s| {
+            // DNS names compare without regard to case; URIs (with a scheme) exactly.
+            let names: BTreeSet<String> = principals
+                .iter()
+                .map(|s| {
                     if s.name.contains(':') {
                         s.name.clone()
                     } else {
                         s.name.to_ascii_lowercase()
                     }
-                }));
+                })
+                .collect();
+            if principals.len() == sources.len() {
+                admitted.principals.extend(names);
+            } else if names.is_empty() {
+                self.warn(ErrCode::E2008, format!("{policy} spec.sources: a TLS backend needs an AuthenticatedPrincipal source (the client certificate's name to require) or tls.skipClientCertValidation; it admits no TLS ingress"));
+            } else {
+                let mut from = BTreeSet::new();
+                self.addresses_of(policy, sources, namespace, &mut from);
+                if from.is_empty() {
+                    self.warn(ErrCode::E2008, format!("{policy} spec.sources: its IPRange and Service sources name no address, so its AuthenticatedPrincipal sources admit no one"));
+                } else {
+                    admitted.principals_from.insert(PrincipalsFrom {
+                        principals: names.into_iter().collect(),
+                        sources: from.into_iter().collect(),
+                    });
+                }
             }
         }
         if named.tls_unchecked {
@@ -1302,6 +1318,8 @@ struct Ingress {
     principals: BTreeSet<String>,
     /// TLS clients without client certificates, by address (CIDRs).
     tls_sources: BTreeSet<String>,
+    /// TLS clients by certificate name and address together.
+    principals_from: BTreeSet<PrincipalsFrom>,
 }
 
 /// How a policy's backends name one service port (see `Compiler::backends_naming`).

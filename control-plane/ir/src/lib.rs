@@ -451,6 +451,23 @@ pub struct InboundService {
     /// `IPRange` and `Service` sources alone decide (transparent mode only, as above).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress_tls_sources: Vec<String>,
+    /// Clients outside the mesh this port admits over TLS only when their certificate and their
+    /// address both match: FSM's `https` backends whose IngressBackend names
+    /// `AuthenticatedPrincipal` sources beside `IPRange` or `Service` ones (FSM's documented
+    /// ingress set-up: the ingress controller's Service and its certificate's name). One entry
+    /// per such policy, sorted (transparent mode only, as above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress_principals_from: Vec<PrincipalsFrom>,
+}
+
+/// Certificate names admitted from some addresses only (see
+/// [`InboundService::ingress_principals_from`]): a client must present one of `principals`
+/// (subject alternative names, as in [`InboundService::ingress_principals`]) and connect from
+/// one of `sources` (CIDRs). Empty `sources` admit no one.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PrincipalsFrom {
+    pub principals: Vec<String>,
+    pub sources: Vec<String>,
 }
 
 /// A token bucket in each instance of a service (Envoy's and FSM's local rate limit): it starts
@@ -809,12 +826,21 @@ impl InboundPort {
             .collect()
     }
 
-    /// The certificate names its services admit over TLS from outside the mesh
-    /// ([`InboundService::ingress_principals`]), each once, sorted.
+    /// The certificate names its services admit over TLS from outside the mesh, from any
+    /// address ([`InboundService::ingress_principals`]) or some
+    /// ([`InboundService::ingress_principals_from`]), each once, sorted: what the TLS handshake
+    /// requires before the routes check the rest.
     pub fn ingress_principals(&self) -> std::collections::BTreeSet<&str> {
         self.services
             .iter()
-            .flat_map(|s| s.ingress_principals.iter().map(String::as_str))
+            .flat_map(|s| {
+                s.ingress_principals.iter().chain(
+                    s.ingress_principals_from
+                        .iter()
+                        .flat_map(|from| &from.principals),
+                )
+            })
+            .map(String::as_str)
             .collect()
     }
 }
@@ -832,6 +858,7 @@ impl ProxyIr {
                 !s.ingress_sources.is_empty()
                     || !s.ingress_principals.is_empty()
                     || !s.ingress_tls_sources.is_empty()
+                    || !s.ingress_principals_from.is_empty()
             })
     }
 

@@ -152,6 +152,16 @@ pub struct Allowed {
     pub sources: Vec<Cidr>,
     /// Clients whose verified certificate carries one of these subject alternative names.
     pub principals: Vec<Principal>,
+    /// Clients whose verified certificate carries one of an entry's names and whose address is
+    /// in one of its ranges.
+    pub principals_from: Vec<PrincipalsFrom>,
+}
+
+/// `PrincipalsFrom`: certificate names admitted from some addresses only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrincipalsFrom {
+    pub principals: Vec<Principal>,
+    pub sources: Vec<Cidr>,
 }
 
 impl Allowed {
@@ -161,12 +171,20 @@ impl Allowed {
             any: a.any,
             identities: a.identities.iter().map(Identity::from_proto).collect(),
             sources: cidrs(&a.source_ip_ranges, "source_ip_ranges")?,
-            principals: a
-                .principals
+            principals: principals(&a.principals, "principals")?,
+            principals_from: a
+                .principals_from
                 .iter()
                 .enumerate()
-                .map(|(i, p)| {
-                    Principal::parse(p).map_err(|e| field_err(format!("principals[{i}]"), e))
+                .map(|(i, from)| {
+                    let field = format!("principals_from[{i}]");
+                    Ok::<_, FieldError>(PrincipalsFrom {
+                        principals: principals(&from.principals, &format!("{field}.principals"))?,
+                        sources: cidrs(
+                            &from.source_ip_ranges,
+                            &format!("{field}.source_ip_ranges"),
+                        )?,
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         })
@@ -181,9 +199,22 @@ impl Allowed {
                     .as_ref()
                     .is_some_and(|id| self.identities.contains(id))
                     || self.principals.iter().any(|name| name.names(p))
+                    || self.principals_from.iter().any(|from| {
+                        from.principals.iter().any(|name| name.names(p))
+                            && from.sources.iter().any(|r| r.contains(client))
+                    })
             })
             || self.sources.iter().any(|r| r.contains(client))
     }
+}
+
+/// `names` (a field named `field`) as [`Principal`]s; errors name the entry.
+fn principals(names: &[String], field: &str) -> Result<Vec<Principal>, FieldError> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Principal::parse(p).map_err(|e| field_err(format!("{field}[{i}]"), e)))
+        .collect()
 }
 
 /// One entry of `AllowedSources.principals`: a subject alternative name a verified client
@@ -1453,6 +1484,7 @@ mod tests {
                 identities: vec![],
                 source_ip_ranges: vec!["10.1.2.3/32".into()],
                 principals: vec![],
+                principals_from: vec![],
             }),
             tls: None,
         };
@@ -1599,6 +1631,7 @@ mod tests {
                 identities: vec![],
                 source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
                 principals: vec![],
+                principals_from: vec![],
             });
             let s = set(vec![
                 (type_url::CLUSTER, "c", cluster("c")),
@@ -1634,7 +1667,7 @@ mod tests {
                 parse_cidr("10.1.0.0/16").expect("cidr"),
                 parse_cidr("fd00::1/128").expect("cidr"),
             ],
-            principals: vec![],
+            ..Allowed::default()
         };
         assert!(ingress.admits(None, ip("10.1.200.3")));
         assert!(ingress.admits(Some(&other), ip("10.1.0.1")));
@@ -1699,6 +1732,40 @@ mod tests {
         };
         assert!(by_identity.admits(Some(&workload), ip));
         assert!(!by_identity.admits(Some(&peer(&["ingress.demo"], &[])), ip));
+    }
+
+    #[test]
+    fn principals_from_need_the_name_and_the_address_together() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let allowed = Allowed::from_proto(&v1::AllowedSources {
+            principals_from: vec![v1::PrincipalsFrom {
+                principals: vec!["Ingress-Nginx.ingress.cluster.local".into()],
+                source_ip_ranges: vec!["10.1.0.0/16".into()],
+            }],
+            ..Default::default()
+        })
+        .expect("valid");
+        let named = |dns: &str| Peer {
+            identity: None,
+            dns_names: vec![dns.into()],
+            uris: vec![],
+        };
+        let nginx = named("ingress-nginx.ingress.cluster.local");
+        assert!(allowed.admits(Some(&nginx), ip("10.1.2.3")));
+        // The right certificate from elsewhere, another from the right address, or none.
+        assert!(!allowed.admits(Some(&nginx), ip("10.2.0.1")));
+        assert!(!allowed.admits(Some(&named("other.example.com")), ip("10.1.2.3")));
+        assert!(!allowed.admits(None, ip("10.1.2.3")));
+        // A bad entry is named by its place.
+        let err = Allowed::from_proto(&v1::AllowedSources {
+            principals_from: vec![v1::PrincipalsFrom {
+                principals: vec!["a.example.com".into()],
+                source_ip_ranges: vec!["10.1.0.0".into()],
+            }],
+            ..Default::default()
+        })
+        .expect_err("no prefix length");
+        assert_eq!(err.0, "principals_from[0].source_ip_ranges[0]", "{err:?}");
     }
 
     #[test]

@@ -135,6 +135,7 @@ mod tests {
                     "Ingress.Example.com".into(),
                     "spiffe://cluster.local/ns/ingress/sa/edge".into(),
                 ],
+                principals_from: vec![],
             }),
             rate_limit: None,
         }

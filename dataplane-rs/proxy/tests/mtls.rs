@@ -199,6 +199,7 @@ fn identities(ids: &[(&str, &str)]) -> Option<v1::AllowedSources> {
         identities: ids.iter().map(|(sa, ns)| sid(sa, ns)).collect(),
         source_ip_ranges: vec![],
         principals: vec![],
+        principals_from: vec![],
     })
 }
 
@@ -896,6 +897,7 @@ fn ingress_server_resources(pki: &Pki) -> ResourceSet {
                     identities: vec![],
                     source_ip_ranges: vec![only_ingress],
                     principals: vec![],
+                    principals_from: vec![],
                 }),
             )],
         )],
@@ -1008,6 +1010,7 @@ fn client_dns_leaf(ca: &Ca, dns: &str) -> (String, String) {
 fn principals(names: &[&str]) -> Option<v1::AllowedSources> {
     Some(v1::AllowedSources {
         principals: names.iter().map(|n| n.to_string()).collect(),
+        principals_from: vec![],
         ..Default::default()
     })
 }

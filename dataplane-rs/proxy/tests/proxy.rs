@@ -48,6 +48,7 @@ fn any() -> Option<v1::AllowedSources> {
         identities: vec![],
         source_ip_ranges: vec![],
         principals: vec![],
+        principals_from: vec![],
     })
 }
 
@@ -1305,6 +1306,7 @@ fn sources(ranges: &[&str]) -> Option<v1::AllowedSources> {
         identities: vec![],
         source_ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
         principals: vec![],
+        principals_from: vec![],
     })
 }
 
