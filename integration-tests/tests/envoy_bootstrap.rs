@@ -58,3 +58,49 @@ async fn envoy_rejects_a_broken_bootstrap() {
         .await
         .expect_err("invalid cluster type must be rejected");
 }
+
+/// The bootstrap the injector gives an injected Envoy (ADS by DNS name, credentials and SDS files
+/// at the pod's paths, the rewritten probes and the metrics listener) is one Envoy accepts.
+#[tokio::test]
+async fn envoy_accepts_the_injected_bootstrap() {
+    use fsm_injector::envoy::{EnvoyBootstrap, envoy_bootstrap as injected_bootstrap};
+    use fsm_injector::probes::{ProbeForward, Probes};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_id = "6a1f3c2e-1b7d-4c1e-9a3f-0c5d2e8b7a10.sidecar.curl.demo";
+    let credentials = dir.path().join("credentials");
+    write_standalone_bootstrap(&credentials, node_id).expect("credentials");
+    let sds = dir.path().join("sds");
+    std::fs::create_dir_all(&sds).expect("sds dir");
+    let forward = |listen_port, scheme: &str, path: Option<&str>| ProbeForward {
+        listen_port,
+        path: path.map(Into::into),
+        scheme: scheme.into(),
+        target_port: 14001,
+        target_path: path.map(|_| "/healthz".into()),
+        timeout_seconds: 1,
+    };
+    let probes = Probes {
+        forwards: vec![
+            forward(15901, "HTTP", Some("/fsm-liveness-probe")),
+            forward(15901, "HTTP", Some("/fsm-liveness-probe/second")),
+            forward(15903, "HTTPS", None),
+        ],
+        tcp: true,
+    };
+    let (credentials_dir, sds_dir) = (credentials.display().to_string(), sds.display().to_string());
+    let files = injected_bootstrap(&EnvoyBootstrap {
+        node_id,
+        ads_address: "fsm-controller.fsm-system.svc.cluster.local:15128",
+        ads_server_name: "fsm-controller.fsm-system.svc.cluster.local",
+        credentials_dir: &credentials_dir,
+        sds_dir: &sds_dir,
+        admin_port: 15000,
+        metrics_port: 15010,
+        probes: &probes,
+    });
+    std::fs::write(sds.join("cert.yaml"), &files.sds_cert).expect("sds cert");
+    std::fs::write(sds.join("ca.yaml"), &files.sds_ca).expect("sds ca");
+    validate_bootstrap(&files.bootstrap)
+        .await
+        .unwrap_or_else(|err| panic!("{err:#}\n{}", files.bootstrap));
+}

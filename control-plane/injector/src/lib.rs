@@ -1,7 +1,14 @@
-//! What FSM's sidecar injector puts into a meshed pod. Today: the `fsm-init` container's traffic
-//! interception rules ([`Interception`]), one generator for the injector, the tests that run the
-//! rules in network namespaces and anyone who wants to see what a pod will get.
+//! FSM's sidecar injector: which pods get a sidecar ([`decision`]), what goes into them
+//! ([`pod`]: the `fsm-proxy-uuid` label, the `fsm-init` container running the interception rules
+//! of [`interception`], the Envoy or fsm-sidecar container with the bootstrap of [`envoy`], the
+//! probes rewritten by [`probes`]), and the mutating admission webhook serving it ([`webhook`]).
 
+pub mod decision;
+pub mod envoy;
 pub mod interception;
+pub mod pod;
+pub mod probes;
 
+pub use decision::{Decision, decide};
 pub use interception::{Interception, InterceptionError, PROXY_UID};
+pub use pod::{InjectError, Injection, InjectorSettings, SidecarClass, inject};
