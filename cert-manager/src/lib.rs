@@ -41,6 +41,7 @@ pub mod error;
 pub mod identity;
 pub mod manager;
 pub mod provider;
+pub mod setup;
 pub mod tresor;
 pub mod types;
 pub mod vault;
