@@ -297,7 +297,8 @@ async fn tunnel_in(
     )
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the headers that describe one hop (and `transfer-encoding`) before forwarding.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)

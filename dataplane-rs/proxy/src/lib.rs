@@ -4,17 +4,20 @@
 //! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
 //! (sockets follow the config; [`sni`] reads a ClientHello's server name), [`http`] and [`tcp`] (the two kinds of filter chain),
 //! [`upstream`] (pooled connections), [`ratelimit`] and [`breakers`] (local rate limits and
-//! circuit breakers, whose state outlives config swaps), [`metrics`].
+//! circuit breakers, whose state outlives config swaps), [`metrics`]. Apart from xDS:
+//! [`probes`] (application probes FSM's injector rewrote) and [`healthcheck`] (`fsm-healthcheck`).
 
 use std::sync::Arc;
 
 pub mod breakers;
 pub mod config;
+pub mod healthcheck;
 pub mod http;
 pub mod lb;
 pub mod listeners;
 pub mod metrics;
 pub mod original_dst;
+pub mod probes;
 pub mod ratelimit;
 pub mod route;
 pub mod sni;

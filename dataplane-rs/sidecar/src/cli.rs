@@ -89,6 +89,14 @@ pub struct Cli {
     #[arg(long)]
     pub transparent: bool,
 
+    /// Application probes FSM's injector rewrote, served from start-up with or without a control
+    /// plane: a JSON array of `{"listenPort": 15901, "path": "/fsm-liveness-probe", "scheme":
+    /// "HTTP", "targetPort": 14001, "targetPath": "/healthz", "timeoutSeconds": 1}`. HTTP probes
+    /// are answered by asking 127.0.0.1:<targetPort> for <targetPath>; an HTTPS probe's listen
+    /// port is relayed as TCP to 127.0.0.1:<targetPort>.
+    #[arg(long, env = "FSM_SIDECAR_PROBES", value_name = "JSON")]
+    pub probes: Option<String>,
+
     /// Tokio worker threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -181,5 +189,18 @@ mod tests {
         assert_eq!(cli.pod_namespace.as_deref(), Some("demo"));
         assert_eq!(cli.workload_kind.as_deref(), Some("Deployment"));
         assert_eq!(cli.workload_name.as_deref(), Some("curl"));
+    }
+
+    #[test]
+    fn probes_flag_takes_json() {
+        let json = r#"[{"listenPort": 15901, "path": "/fsm-liveness-probe", "targetPort": 14001}]"#;
+        let cli = Cli::parse_from([
+            "fsm-sidecar",
+            "--node-id",
+            "x.sidecar.a.b",
+            "--probes",
+            json,
+        ]);
+        assert_eq!(cli.probes.as_deref(), Some(json));
     }
 }

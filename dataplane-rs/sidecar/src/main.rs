@@ -1,10 +1,12 @@
 //! fsm-sidecar: the native Rust data plane of the mesh (binary).
 //!
 //! Wiring only: the CLI, the ADS client ([`fsm_sidecar_xds`]) feeding the config store, the
-//! listener manager and the proxy ([`fsm_sidecar_proxy`]), the admin server and the metrics port.
+//! listener manager and the proxy ([`fsm_sidecar_proxy`]), the admin server and the metrics port,
+//! and the application probes of `--probes`.
 
 mod admin;
 mod cli;
+mod probes;
 
 use std::sync::Arc;
 
@@ -54,7 +56,12 @@ fn client_options(cli: &Cli) -> Result<ClientOptions> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let probes = probes::parse(cli.probes.as_deref().unwrap_or_default(), "--probes")?;
     let options = client_options(&cli)?;
+    // Probes are served before anything else and whatever the control plane does: the kubelet
+    // asks them from the start.
+    let probe_listeners = fsm_sidecar_proxy::probes::ProbeListeners::bind(&probes).await?;
+    probe_listeners.spawn();
     let info = NodeInfo {
         id: cli.node_id.clone(),
         cluster: cli.node_cluster.clone().unwrap_or_else(|| {
