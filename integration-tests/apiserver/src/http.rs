@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, StatusCode, Uri, header};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::admission::Admission;
 use crate::counters::{Counters, Verb};
 use crate::discovery;
 use crate::meta;
@@ -23,6 +24,8 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, FieldError};
 use crate::store::{Filter, ListRequest, Preconditions, Propagation, Store, WriteOpts};
 use crate::watch::{self as watching, WatchRequest};
+
+mod writes;
 
 /// The real server's request body limit.
 const BODY_LIMIT: usize = 3 * 1024 * 1024;
@@ -35,6 +38,7 @@ const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 pub(crate) struct AppState {
     pub store: Store,
     pub counters: Arc<Counters>,
+    pub admission: Arc<Admission>,
     pub bookmark_interval: Duration,
     pub addr: SocketAddr,
     /// Changes when open watches must end (`close_watches`).
@@ -210,17 +214,16 @@ async fn resource(
                 return Err(ApiError::method_not_allowed());
             }
             let obj = parse_body(headers, body)?;
-            let created = app
-                .store
-                .http_create(&t.rt, ns, obj, &write_opts(query, false))?;
+            let options = writes::write_options("CreateOptions", query);
+            let created = writes::create(app, &t, obj, &write_opts(query, false), options).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (Method::PUT, Some(name)) => {
             app.counters.record(Verb::Update, &plural);
             let obj = parse_body(headers, body)?;
-            let updated =
-                app.store
-                    .http_update(&t.rt, ns, name, obj, &write_opts(query, t.status))?;
+            let options = writes::write_options("UpdateOptions", query);
+            let opts = write_opts(query, t.status);
+            let updated = writes::update(app, &t, name, obj, &opts, options).await?;
             Ok(json_response(StatusCode::OK, &updated))
         }
         (Method::PATCH, Some(name)) => {
@@ -239,9 +242,8 @@ async fn resource(
                     )],
                 ));
             }
-            let (obj, created) =
-                app.store
-                    .http_patch(&t.rt, ns, name, &kind, body, &write_opts(query, t.status))?;
+            let opts = write_opts(query, t.status);
+            let (obj, created) = writes::patch(app, &t, name, &kind, body, &opts, query).await?;
             let code = if created {
                 StatusCode::CREATED
             } else {
@@ -252,7 +254,8 @@ async fn resource(
         (Method::DELETE, Some(name)) if !t.status => {
             app.counters.record(Verb::Delete, &plural);
             let (pre, dry_run) = delete_options(query, body)?;
-            let deleted = app.store.http_delete(&t.rt, ns, name, &pre, dry_run)?;
+            let options = writes::delete_options(query, body);
+            let deleted = writes::delete(app, &t, name, &pre, dry_run, options).await?;
             if t.rt.return_deleted_object {
                 Ok(json_response(StatusCode::OK, &deleted))
             } else {
@@ -266,9 +269,10 @@ async fn resource(
             app.counters.record(Verb::DeleteCollection, &plural);
             let filter = filter(&t, query)?;
             let (pre, dry_run) = delete_options(query, body)?;
+            let options = writes::delete_options(query, body);
             let deleted =
-                app.store
-                    .http_delete_collection(&t.rt, &filter, pre.propagation, dry_run)?;
+                writes::delete_collection(app, &t, &filter, pre.propagation, dry_run, options)
+                    .await?;
             let list = json!({
                 "kind": t.rt.list_kind,
                 "apiVersion": t.rt.api_version(),
@@ -287,6 +291,7 @@ fn write_opts(query: &Query, status: bool) -> WriteOpts {
         fixture: false,
         dry_run: query.get("dryRun").is_some_and(|d| d == "All"),
         strict: query.get("fieldValidation").is_some_and(|v| v == "Strict"),
+        keep_identity: false,
     }
 }
 

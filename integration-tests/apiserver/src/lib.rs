@@ -4,8 +4,9 @@
 //! **This is a test tool, not an API server.** It serves the Kubernetes API's JSON list/watch
 //! protocol over plain HTTP on loopback, faithfully enough that unmodified kube-rs code
 //! (`kube::Api`, `kube::runtime::watcher`, `reflector`, discovery) runs against it in tests
-//! where no real cluster is available. It has no authentication, no authorization, no admission
-//! webhooks and no controllers; see `README.md` for everything it does not do.
+//! where no real cluster is available. It has no authentication, no authorization and no
+//! controllers; it calls admission webhooks (Mutating/ValidatingWebhookConfigurations) for HTTP
+//! writes. See `README.md` for exactly what it does and does not do.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -26,11 +27,13 @@
 //! write rules), `http` (routing, query parameters, list envelopes), `watch` (event streams),
 //! `registry` (built-in kinds and CRDs), [`schema`] (structural schemas: prune, default,
 //! validate), [`selector`] (label and field selectors), [`patch`], `services` (ClusterIP
-//! allocation), `discovery`, [`status`] (errors as `Status` objects), `server` (start, stop,
-//! restart).
+//! allocation), `admission` (webhook configurations, matching and calls; `http/writes.rs` runs
+//! writes through it), `discovery`, [`status`] (errors as `Status` objects), `server` (start,
+//! stop, restart).
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod counters;
 mod discovery;
 mod http;

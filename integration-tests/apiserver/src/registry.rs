@@ -4,6 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, Event, Namespace, Pod, Secret, Service, ServiceAccount,
@@ -73,6 +76,8 @@ pub enum Builtin {
     EndpointSlice,
     Lease,
     CustomResourceDefinition,
+    MutatingWebhookConfiguration,
+    ValidatingWebhookConfiguration,
 }
 
 /// All served types, keyed by (group, version, plural).
@@ -82,6 +87,7 @@ pub struct Registry {
 }
 
 pub const CRD_GROUP: &str = "apiextensions.k8s.io";
+pub const ADMISSION_GROUP: &str = "admissionregistration.k8s.io";
 
 /// (builtin, Kind, plural, namespaced, short names, extra field-selector fields).
 type BuiltinRow = (
@@ -174,6 +180,12 @@ impl ResourceType {
             Builtin::EndpointSlice => roundtrip::<EndpointSlice>(obj),
             Builtin::Lease => roundtrip::<Lease>(obj),
             Builtin::CustomResourceDefinition => roundtrip::<CustomResourceDefinition>(obj),
+            Builtin::MutatingWebhookConfiguration => roundtrip::<MutatingWebhookConfiguration>(obj)
+                .map(|o| crate::admission::config::default(o, true)),
+            Builtin::ValidatingWebhookConfiguration => {
+                roundtrip::<ValidatingWebhookConfiguration>(obj)
+                    .map(|o| crate::admission::config::default(o, false))
+            }
         };
         result.map_err(|e| {
             format!(
@@ -292,6 +304,26 @@ impl Registry {
             "customresourcedefinitions",
             false,
             &["crd", "crds"],
+            &[],
+        );
+        r.add_builtin(
+            ADMISSION_GROUP,
+            "v1",
+            MutatingWebhookConfiguration,
+            "MutatingWebhookConfiguration",
+            "mutatingwebhookconfigurations",
+            false,
+            &[],
+            &[],
+        );
+        r.add_builtin(
+            ADMISSION_GROUP,
+            "v1",
+            ValidatingWebhookConfiguration,
+            "ValidatingWebhookConfiguration",
+            "validatingwebhookconfigurations",
+            false,
+            &[],
             &[],
         );
         r
@@ -604,6 +636,15 @@ mod tests {
             r.get(CRD_GROUP, "v1", "customresourcedefinitions")
                 .is_some()
         );
+        for plural in [
+            "mutatingwebhookconfigurations",
+            "validatingwebhookconfigurations",
+        ] {
+            assert!(
+                r.get(ADMISSION_GROUP, "v1", plural)
+                    .is_some_and(|t| !t.namespaced && !t.status_subresource)
+            );
+        }
     }
 
     #[test]

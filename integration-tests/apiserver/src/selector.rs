@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use crate::names;
+use crate::status::FieldError;
 
 // === Types ===
 
@@ -97,6 +98,109 @@ impl LabelSelector {
             }
         }
         Ok(LabelSelector { requirements })
+    }
+
+    /// Converts a `metav1.LabelSelector` (`matchLabels`, `matchExpressions`), as found in API
+    /// objects, checking it like `ValidateLabelSelector` (errors under `path`). An absent
+    /// selector (`null`) matches everything.
+    pub fn from_k8s(selector: &Value, path: &str) -> Result<Self, Vec<FieldError>> {
+        let mut requirements = Vec::new();
+        let mut errors = Vec::new();
+        if let Some(labels) = selector.get("matchLabels").and_then(Value::as_object) {
+            for (key, value) in labels {
+                let value = value.as_str().unwrap_or_default();
+                for msg in names::qualified_name(key) {
+                    errors.push(FieldError::invalid(
+                        format!("{path}.matchLabels"),
+                        Value::from(key.as_str()),
+                        msg,
+                    ));
+                }
+                for msg in names::label_value(value) {
+                    errors.push(FieldError::invalid(
+                        format!("{path}.matchLabels"),
+                        Value::from(value),
+                        msg,
+                    ));
+                }
+                requirements.push(Requirement {
+                    key: key.clone(),
+                    op: Op::Equals,
+                    values: vec![value.to_string()],
+                });
+            }
+        }
+        let expressions = selector
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for (i, expr) in expressions.iter().enumerate() {
+            let at = format!("{path}.matchExpressions[{i}]");
+            let key = expr.get("key").and_then(Value::as_str).unwrap_or_default();
+            let operator = expr
+                .get("operator")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let values: Vec<String> = expr
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|vs| {
+                    vs.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for msg in names::qualified_name(key) {
+                errors.push(FieldError::invalid(
+                    format!("{at}.key"),
+                    Value::from(key),
+                    msg,
+                ));
+            }
+            let op = match operator {
+                "In" | "NotIn" => {
+                    if values.is_empty() {
+                        errors.push(FieldError::required(
+                            format!("{at}.values"),
+                            "must be specified when `operator` is 'In' or 'NotIn'",
+                        ));
+                    }
+                    if operator == "In" { Op::In } else { Op::NotIn }
+                }
+                "Exists" | "DoesNotExist" => {
+                    if !values.is_empty() {
+                        errors.push(FieldError::forbidden(
+                            format!("{at}.values"),
+                            "may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+                        ));
+                    }
+                    if operator == "Exists" {
+                        Op::Exists
+                    } else {
+                        Op::DoesNotExist
+                    }
+                }
+                other => {
+                    errors.push(FieldError::invalid(
+                        format!("{at}.operator"),
+                        Value::from(other),
+                        "not a valid selector operator",
+                    ));
+                    continue;
+                }
+            };
+            requirements.push(Requirement {
+                key: key.to_string(),
+                op,
+                values,
+            });
+        }
+        if errors.is_empty() {
+            Ok(LabelSelector { requirements })
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -585,5 +689,43 @@ mod tests {
         // Multi-byte input must not split inside a character.
         let s = FieldSelector::parse("metadata.name=é\\é=x", ok).unwrap_or_default();
         assert!(s.matches_object(&json!({"metadata": {"name": "éé=x"}})));
+    }
+
+    #[test]
+    fn k8s_label_selectors() {
+        let sel = LabelSelector::from_k8s(
+            &json!({"matchLabels": {"inject": "yes"},
+                    "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["db"]},
+                                         {"key": "skip", "operator": "DoesNotExist"}]}),
+            "namespaceSelector",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(sel.matches(&labels(&[("inject", "yes")])));
+        assert!(sel.matches(&labels(&[("inject", "yes"), ("tier", "web")])));
+        assert!(!sel.matches(&labels(&[("inject", "yes"), ("tier", "db")])));
+        assert!(!sel.matches(&labels(&[("inject", "yes"), ("skip", "")])));
+        assert!(!sel.matches(&labels(&[])));
+        assert!(
+            LabelSelector::from_k8s(&Value::Null, "x")
+                .is_ok_and(|s| s.is_empty() && s.matches(&labels(&[])))
+        );
+
+        let errs = LabelSelector::from_k8s(
+            &json!({"matchExpressions": [{"key": "a", "operator": "In"},
+                                         {"key": "b", "operator": "Exists", "values": ["x"]},
+                                         {"key": "c", "operator": "Near"}]}),
+            "objectSelector",
+        )
+        .err()
+        .unwrap_or_default();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "objectSelector.matchExpressions[0].values",
+                "objectSelector.matchExpressions[1].values",
+                "objectSelector.matchExpressions[2].operator"
+            ]
+        );
     }
 }

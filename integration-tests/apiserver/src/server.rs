@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::admission::Admission;
 use crate::counters::{Counters, Verb};
 use crate::http::{AppState, router};
 use crate::store::Store;
@@ -45,6 +46,7 @@ pub struct RunningApiServer {
     addr: SocketAddr,
     store: Store,
     counters: Arc<Counters>,
+    admission: Arc<Admission>,
     bookmark_interval: Duration,
     /// Bumped by [`RunningApiServer::close_watches`] to end every open watch.
     watch_epoch: watch::Sender<u64>,
@@ -102,6 +104,7 @@ impl ApiServer {
         let (watch_epoch, _) = watch::channel(0);
         let server = RunningApiServer {
             addr,
+            admission: Arc::new(Admission::new(store.clone())),
             store,
             counters: Arc::new(Counters::default()),
             bookmark_interval: self.bookmark_interval,
@@ -164,6 +167,7 @@ impl RunningApiServer {
         let state = AppState {
             store: self.store.clone(),
             counters: self.counters.clone(),
+            admission: self.admission.clone(),
             bookmark_interval: self.bookmark_interval,
             addr: self.addr,
             epoch: self.watch_epoch.subscribe(),
@@ -312,6 +316,12 @@ impl RunningApiServer {
 
     pub fn reset_request_counts(&self) {
         self.counters.reset();
+    }
+
+    /// How many times the admission webhook named `name` (`webhooks[].name` of a
+    /// Mutating/ValidatingWebhookConfiguration) has been called, failed calls included.
+    pub fn admission_calls(&self, name: &str) -> u64 {
+        self.admission.calls(name)
     }
 }
 

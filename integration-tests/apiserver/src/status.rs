@@ -3,6 +3,7 @@
 //! kube-rs turns any non-2xx body that parses as a `Status` into `kube::Error::Api`, and tests
 //! match on `code` and `reason`, so both must be exactly what a real API server sends.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde_json::{Value, json};
@@ -15,8 +16,9 @@ use serde_json::{Value, json};
 pub struct ApiError {
     /// HTTP status code, also the `code` field.
     pub code: u16,
-    /// Machine-readable reason (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, …).
-    pub reason: &'static str,
+    /// Machine-readable reason (`NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, …); empty
+    /// when none is known (an admission webhook's denial without a reason).
+    pub reason: Cow<'static, str>,
     /// Human-readable message, worded like the real API server's.
     pub message: String,
     /// `details`, when the real server sends them for this reason (boxed: errors travel in
@@ -66,7 +68,7 @@ impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             code,
-            reason,
+            reason: Cow::Borrowed(reason),
             message: message.into(),
             details: None,
         }
@@ -211,9 +213,11 @@ impl ApiError {
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         });
+        if !self.reason.is_empty() {
+            status["reason"] = json!(self.reason);
+        }
         if let Some(d) = &self.details {
             let mut details = serde_json::Map::new();
             if !d.name.is_empty() {

@@ -94,6 +94,17 @@ pub(crate) struct WriteOpts {
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are errors instead of being dropped.
     pub strict: bool,
+    /// The object is the result of a dry run of this same create (admission called validating
+    /// webhooks with it): keep its `uid` and `creationTimestamp`.
+    pub keep_identity: bool,
+}
+
+/// What a PATCH turns into, before admission sees it.
+pub(crate) enum PatchTarget {
+    /// Server-side apply of an object that does not exist: a create of this object.
+    Create(Value),
+    /// An update of `old` to `doc` (the patched object, carrying a resourceVersion).
+    Update { old: Arc<Value>, doc: Value },
 }
 
 /// `DeleteOptions.preconditions`, and its `propagationPolicy`.
@@ -473,6 +484,22 @@ impl Store {
             st.patch(rt, ns, name, kind, body, opts)
                 .map(|(o, created)| (st.output(rt, &o), created))
         })
+    }
+
+    /// What a PATCH would write, computed against the current state without writing.
+    pub(crate) fn http_patch_target(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        kind: &PatchKind,
+        body: &[u8],
+        status: bool,
+    ) -> Result<PatchTarget, ApiError> {
+        self.inner
+            .state
+            .read()
+            .patch_target(rt, ns, name, kind, body, status)
     }
 
     pub(crate) fn http_delete(

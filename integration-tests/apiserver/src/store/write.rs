@@ -6,7 +6,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{
-    Event, EventKind, ObjKey, Preconditions, Propagation, State, WriteOpts, fixture, key_of,
+    Event, EventKind, ObjKey, PatchTarget, Preconditions, Propagation, State, WriteOpts, fixture,
+    key_of,
 };
 use crate::meta;
 use crate::patch::{PatchKind, parse_apply_body};
@@ -54,6 +55,14 @@ impl State {
         ) && let Err(errs) = crate::registry::parse_crd(obj)
         {
             errors.extend(errs);
+        }
+        if matches!(
+            rt.source,
+            Source::Builtin(
+                Builtin::MutatingWebhookConfiguration | Builtin::ValidatingWebhookConfiguration
+            )
+        ) {
+            errors.extend(crate::admission::config::validate(obj));
         }
         if errors.is_empty() {
             Ok(())
@@ -115,8 +124,18 @@ impl State {
         let now = meta::now();
         {
             let m = meta::meta_mut(&mut obj);
-            m.insert("uid".into(), json!(meta::new_uid()));
-            m.insert("creationTimestamp".into(), json!(now));
+            let keep = |m: &serde_json::Map<String, Value>, k: &str| {
+                opts.keep_identity
+                    && m.get(k)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| !v.is_empty())
+            };
+            if !keep(m, "uid") {
+                m.insert("uid".into(), json!(meta::new_uid()));
+            }
+            if !keep(m, "creationTimestamp") {
+                m.insert("creationTimestamp".into(), json!(now));
+            }
             m.insert("generation".into(), json!(1));
             m.remove("resourceVersion");
             m.remove("deletionTimestamp");
@@ -307,13 +326,33 @@ impl State {
         body: &[u8],
         opts: &WriteOpts,
     ) -> Result<(Arc<Value>, bool), ApiError> {
+        match self.patch_target(rt, ns, name, kind, body, opts.status)? {
+            PatchTarget::Create(applied) => self.create(rt, ns, applied, opts).map(|o| (o, true)),
+            PatchTarget::Update { doc, .. } => {
+                self.update(rt, ns, name, doc, opts).map(|o| (o, false))
+            }
+        }
+    }
+
+    /// The object a patch produces (or, for server-side apply of a missing object, the object
+    /// to create). Patches are unconditional unless they carry a resourceVersion themselves:
+    /// the result carries the current one otherwise.
+    pub(super) fn patch_target(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+        kind: &PatchKind,
+        body: &[u8],
+        status: bool,
+    ) -> Result<PatchTarget, ApiError> {
         let old = match self.get(rt, ns, name) {
             Ok(o) => o,
             // Server-side apply creates what does not exist yet.
-            Err(_) if *kind == PatchKind::Apply && !opts.status => {
+            Err(_) if *kind == PatchKind::Apply && !status => {
                 let applied = parse_apply_body(body)?;
                 check_applied_identity(rt, name, &applied)?;
-                return self.create(rt, ns, applied, opts).map(|o| (o, true));
+                return Ok(PatchTarget::Create(applied));
             }
             Err(e) => return Err(e),
         };
@@ -323,14 +362,13 @@ impl State {
         let mut doc = self.output(rt, &old);
         kind.apply(&mut doc, body)?;
         if meta::resource_version(&doc).is_empty() {
-            // Patches are unconditional unless they carry a resourceVersion themselves.
             meta::set(
                 &mut doc,
                 "resourceVersion",
                 json!(meta::resource_version(&old)),
             );
         }
-        self.update(rt, ns, name, doc, opts).map(|o| (o, false))
+        Ok(PatchTarget::Update { old, doc })
     }
 
     pub(super) fn delete(

@@ -2,6 +2,7 @@
 //!
 //! One test binary (modules below) so the kube-rs stack is linked once.
 
+mod admission;
 mod crd;
 mod crud;
 mod lifecycle;
