@@ -350,14 +350,19 @@ pub async fn start_envoy_with(
 
 /// Runs `envoy --mode validate` on a bootstrap, returning Envoy's complaint when it rejects it.
 pub async fn validate_bootstrap(yaml: &str) -> Result<()> {
+    run_validate(&["--config-yaml", yaml]).await
+}
+
+/// [`validate_bootstrap`] on a bootstrap file (`.yaml`, `.json` or binary `.pb`).
+pub async fn validate_bootstrap_file(path: &Path) -> Result<()> {
+    let path = path.display().to_string();
+    run_validate(&["--config-path", &path]).await
+}
+
+async fn run_validate(config: &[&str]) -> Result<()> {
     let output = tokio::process::Command::new(envoy_binary()?)
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "--config-yaml",
-            yaml,
-        ])
+        .args(["--mode", "validate", "--disable-hot-restart"])
+        .args(config)
         .output()
         .await
         .context("running envoy --mode validate")?;

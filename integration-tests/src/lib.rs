@@ -42,7 +42,7 @@ pub use controller::{
 pub use demo_mesh::{DemoMesh, PAIRINGS, Plane, Sidecar};
 pub use envoy::{
     AdsMode, Envoy, SidecarConfig, bootstrap_json, bootstrap_secrets, envoy_bootstrap, start_envoy,
-    start_envoy_with, validate_bootstrap,
+    start_envoy_with, validate_bootstrap, validate_bootstrap_file,
 };
 pub use eventually::eventually;
 pub use mesh::{

@@ -532,22 +532,26 @@ pub fn proxy_resources(
         ));
     }
 
-    // Explicit-mode outbound TCP: one listener per service port on the pod address.
-    let inbound_ports: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
-    let explicit_tcp = ir
-        .outbound
-        .iter()
-        .filter(|s| !s.protocol.is_http() && !ir.proxy.transparent);
-    for svc in explicit_tcp {
-        if inbound_ports.contains(&svc.port)
-            || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port)
-        {
-            out.warnings.push(format!(
-                "outbound TCP {}|{}: port {} is taken on this pod (application or sidecar port); clients of this pod cannot reach it in explicit mode",
-                svc.service, svc.port, svc.port
-            ));
-            continue;
-        }
+    // Explicit-mode outbound TCP: one listener per service port on the pod address (see
+    // `ProxyIr::explicit_tcp`: Envoy refuses two listeners on one address).
+    for tcp in ir.explicit_tcp() {
+        let svc = match tcp {
+            fsm_ir::ExplicitTcp::Listener(svc) => svc,
+            fsm_ir::ExplicitTcp::PortTaken(svc) => {
+                out.warnings.push(format!(
+                    "outbound TCP {}|{}: port {} is taken on this pod (application or sidecar port); clients of this pod cannot reach it in explicit mode",
+                    svc.service, svc.port, svc.port
+                ));
+                continue;
+            }
+            fsm_ir::ExplicitTcp::PortServes { service, first } => {
+                out.warnings.push(format!(
+                    "outbound TCP {}|{}: port {} already serves {}|{} in explicit mode; clients of this pod cannot reach it there",
+                    service.service, service.port, service.port, first.service, first.port
+                ));
+                continue;
+            }
+        };
         let Some(proxy) = outbound_tcp_proxy(svc, &tunnelled) else {
             continue;
         };

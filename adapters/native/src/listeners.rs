@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fsm_dataplane_proto::v1;
-use fsm_ir::{AllowedSources, Egress, InboundPort, OutboundService, ProxyIr, names, ports};
+use fsm_ir::{
+    AllowedSources, Egress, ExplicitTcp, InboundPort, OutboundService, ProxyIr, names, ports,
+};
 
 use crate::{
     EXPLICIT_HTTP_CHAIN, INBOUND_LISTENER, INBOUND_ROUTES, INGRESS_CHAIN, INGRESS_ROUTES,
@@ -52,33 +54,26 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         filter_chains: most_specific_first(OUTBOUND_LISTENER, outbound, warnings),
     });
 
-    // Explicit-mode TCP: applications connect to `<pod-ip>:<service port>`, so each port can
-    // serve one service, and only if neither the application nor the sidecar listens there. A
-    // transparent proxy has none: its outbound listener takes them, and nothing plaintext is
-    // bound to the pod address.
-    let taken: BTreeSet<u16> = ir.inbound.iter().map(|p| p.target_port).collect();
-    let mut bound: BTreeMap<u16, String> = BTreeMap::new();
-    let explicit_tcp = ir
-        .outbound
-        .iter()
-        .filter(|s| !s.protocol.is_http() && !ir.proxy.transparent);
-    for svc in explicit_tcp {
+    // Explicit-mode TCP (see `ProxyIr::explicit_tcp`).
+    for tcp in ir.explicit_tcp() {
+        let svc = match tcp {
+            ExplicitTcp::Listener(svc) => svc,
+            ExplicitTcp::PortTaken(svc) => {
+                warnings.push(format!(
+                    "outbound TCP {}|{}: port {} is taken on this pod (application or sidecar port); clients of this pod reach it only when their connections are redirected to {OUTBOUND_LISTENER}",
+                    svc.service, svc.port, svc.port
+                ));
+                continue;
+            }
+            ExplicitTcp::PortServes { service, first } => {
+                warnings.push(format!(
+                    "outbound TCP {}|{}: port {} already serves {}|{} in explicit mode; clients of this pod reach it only when their connections are redirected to {OUTBOUND_LISTENER}",
+                    service.service, service.port, service.port, first.service, first.port
+                ));
+                continue;
+            }
+        };
         let name = format!("{}|{}", svc.service, svc.port);
-        if taken.contains(&svc.port) || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port) {
-            warnings.push(format!(
-                "outbound TCP {name}: port {} is taken on this pod (application or sidecar port); clients of this pod reach it only when their connections are redirected to {OUTBOUND_LISTENER}",
-                svc.port
-            ));
-            continue;
-        }
-        if let Some(first) = bound.get(&svc.port) {
-            warnings.push(format!(
-                "outbound TCP {name}: port {} already serves {first} in explicit mode; clients of this pod reach {name} only when their connections are redirected to {OUTBOUND_LISTENER}",
-                svc.port
-            ));
-            continue;
-        }
-        bound.insert(svc.port, name.clone());
         listeners.push(v1::Listener {
             name: format!("outbound-tcp:{name}"),
             address: Some(socket_address(pod_ip, svc.port)),

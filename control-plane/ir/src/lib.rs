@@ -5,7 +5,7 @@
 //! is serde data so it is both a golden output of the compiler and a golden input of the adapters.
 //! Every collection is sorted so that the same catalog gives byte-identical IR.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -845,7 +845,53 @@ impl InboundPort {
     }
 }
 
+/// How an explicit-mode proxy serves one outbound TCP service port (see
+/// [`ProxyIr::explicit_tcp`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExplicitTcp<'a> {
+    /// A listener on `<pod-ip>:<port>`.
+    Listener(&'a OutboundService),
+    /// The port is the application's or the sidecar's own: no listener.
+    PortTaken(&'a OutboundService),
+    /// An earlier service (in outbound order) has the port: no listener.
+    PortServes {
+        service: &'a OutboundService,
+        first: &'a OutboundService,
+    },
+}
+
 impl ProxyIr {
+    /// Explicit mode: applications reach a TCP service at `<pod-ip>:<service port>`, so a port
+    /// serves one service, the first in outbound order, and only if neither the application nor
+    /// the sidecar listens there. A transparent proxy binds none (its outbound listener takes
+    /// every redirected connection), so this is empty for it.
+    pub fn explicit_tcp(&self) -> Vec<ExplicitTcp<'_>> {
+        if self.proxy.transparent {
+            return Vec::new();
+        }
+        let taken: BTreeSet<u16> = self.inbound.iter().map(|p| p.target_port).collect();
+        let mut bound: BTreeMap<u16, &OutboundService> = BTreeMap::new();
+        self.outbound
+            .iter()
+            .filter(|s| !s.protocol.is_http())
+            .map(|svc| {
+                if taken.contains(&svc.port)
+                    || (ports::ADMIN..=ports::PROMETHEUS).contains(&svc.port)
+                {
+                    ExplicitTcp::PortTaken(svc)
+                } else if let Some(first) = bound.get(&svc.port) {
+                    ExplicitTcp::PortServes {
+                        service: svc,
+                        first,
+                    }
+                } else {
+                    bound.insert(svc.port, svc);
+                    ExplicitTcp::Listener(svc)
+                }
+            })
+            .collect()
+    }
+
     /// The HTTP service ports of this pod that admit clients outside the mesh, by address
     /// ([`InboundService::ingress_sources`]) or certificate ([`InboundService::ingress_principals`]),
     /// in inbound order.
