@@ -78,6 +78,16 @@ pub fn read_manifests(dir: &Path, rewrite: impl Fn(&str) -> String) -> Result<Ve
     Ok(documents)
 }
 
+/// Kinds without a namespace, which `apply` addresses cluster-wide.
+const CLUSTER_SCOPED: [&str; 6] = [
+    "Namespace",
+    "CustomResourceDefinition",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "ClusterRole",
+    "ClusterRoleBinding",
+];
+
 /// The API for `object`'s kind, in its namespace when it has one.
 fn api_for(client: &kube::Client, object: &Value) -> Result<(Api<DynamicObject>, String)> {
     let api_version = object["apiVersion"]
@@ -92,7 +102,7 @@ fn api_for(client: &kube::Client, object: &Value) -> Result<(Api<DynamicObject>,
         .to_string();
     let api = match object["metadata"]["namespace"].as_str() {
         Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
-        None if kind == "Namespace" => Api::all_with(client.clone(), &resource),
+        None if CLUSTER_SCOPED.contains(&kind) => Api::all_with(client.clone(), &resource),
         None => Api::namespaced_with(client.clone(), "default", &resource),
     };
     Ok((api, name))
