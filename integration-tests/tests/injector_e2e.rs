@@ -1,8 +1,14 @@
-//! The sidecar injector in a cluster: the test API server calls `fsm-injector` (a real process,
-//! HTTPS with a certificate from the mesh CA whose root it publishes into the webhook
-//! configuration's caBundle) for every pod created in a namespace of the mesh, as kube-apiserver
-//! does; the injected pod is what the controller then serves: it writes the pod's bootstrap
-//! Secret, and an fsm-sidecar run with the injected identity gets its configuration.
+//! `helm install` of charts/fsm, then a Deployment's pod: the chart is rendered by the real Helm
+//! engine (`charts/tests/render.py`), its objects are applied to the test API server, and
+//! fsm-controller and fsm-injector run with the arguments of the chart's Deployments (listen
+//! addresses moved to loopback, a kubeconfig instead of the in-cluster account). The API server
+//! calls the injector (HTTPS, its certificate from the mesh CA, whose root the injector publishes
+//! into the chart's webhook configuration) for every pod created in a namespace of the mesh, as
+//! kube-apiserver does; the injected pod is what the controller then serves: it writes the pod's
+//! bootstrap Secret, and an fsm-sidecar run with the injected identity gets its configuration.
+//!
+//! The test API server serves neither `apps/v1` nor RBAC: the chart's Deployments are run as
+//! processes here and its RBAC objects are checked by the chart's own tests.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -13,53 +19,78 @@ use fsm_integration_tests::cluster::{self, TestCluster};
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use fsm_integration_tests::{
     AdsMode, ControllerOptions, FsmSidecarConfig, ManagedProcess, binary, eventually, free_port,
-    start_controller_on_cluster, start_fsm_sidecar,
+    repo_root, start_controller_on_cluster, start_fsm_sidecar,
 };
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const WEBHOOK_CONFIG: &str = "fsm-webhook-fsm";
 
-/// The webhook configuration as the chart installs it (no caBundle: the injector writes it).
-fn webhook_configuration() -> Value {
-    json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": WEBHOOK_CONFIG, "labels": {"app": "fsm-injector"}},
-        "webhooks": [{
-            "name": "fsm-inject.flomesh.io",
-            "clientConfig": {"service": {"name": "fsm-injector", "namespace": "fsm-system", "path": "/mutate-pod-creation", "port": 9090}},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"flomesh.io/monitored-by": "fsm"}},
-            "failurePolicy": "Fail",
-            "sideEffects": "NoneOnDryRun",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 10,
-        }],
+/// The chart's objects, rendered with its default values, and its Deployments' arguments.
+struct Chart {
+    objects: Vec<Value>,
+    controller_args: Vec<String>,
+    injector_args: Vec<String>,
+}
+
+fn render_chart() -> Result<Chart> {
+    let script = repo_root().join("charts/tests/render.py");
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg("none")
+        .output()
+        .context("running charts/tests/render.py")?;
+    ensure!(
+        output.status.success(),
+        "render.py failed (make chart-deps installs helm-python-sdk): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout)?;
+    let mut objects = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = Value::deserialize(document)?;
+        if !value.is_null() {
+            objects.push(value);
+        }
+    }
+    let args_of = |name: &str| -> Result<Vec<String>> {
+        let deployment = objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == name)
+            .with_context(|| format!("the chart has no Deployment {name}"))?;
+        Ok(serde_json::from_value(
+            deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+        )?)
+    };
+    Ok(Chart {
+        controller_args: args_of("fsm-controller")?,
+        injector_args: args_of("fsm-injector")?,
+        objects,
     })
 }
 
-/// The injector's Service and, since nothing here runs an endpoints controller, its Endpoints:
-/// the injector process on 127.0.0.1.
-fn injector_service(port: u16) -> [Value; 2] {
-    [
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "fsm-injector", "namespace": "fsm-system"},
-            "spec": {"selector": {"app": "fsm-injector"},
-                     "ports": [{"name": "sidecar-inject", "port": 9090, "targetPort": port}]},
-        }),
-        json!({
-            "apiVersion": "v1", "kind": "Endpoints",
-            "metadata": {"name": "fsm-injector", "namespace": "fsm-system"},
-            "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
-                         "ports": [{"name": "sidecar-inject", "port": port}]}],
-        }),
-    ]
+/// `args` without the flags in `drop` (given as `--flag=value`).
+fn without(args: &[String], drop: &[&str]) -> Vec<String> {
+    args.iter()
+        .filter(|a| !drop.iter().any(|d| a.starts_with(&format!("{d}="))))
+        .cloned()
+        .collect()
+}
+
+/// The injector's Endpoints (nothing here runs an endpoints controller): the injector process on
+/// 127.0.0.1, under the chart Service's port name.
+fn injector_endpoints(port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "fsm-injector", "namespace": "fsm-system"},
+        "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
+                     "ports": [{"name": "sidecar-inject", "port": port}]}],
+    })
 }
 
 /// A pod as a ReplicaSet of Deployment `name` creates it.
@@ -87,25 +118,19 @@ fn deployment_pod(namespace: &str, name: &str, annotations: Value) -> Value {
 
 async fn start_injector(
     c: &TestCluster,
+    chart_args: &[String],
     port: u16,
     ads: SocketAddr,
-    default_class: &str,
 ) -> Result<ManagedProcess> {
     let mut command = Command::new(binary("fsm-injector")?);
     command
         .current_dir(c.work.path())
+        .args(without(chart_args, &["--listen", "--ads-address"]))
         .arg("--kubeconfig")
         .arg(&c.kubeconfig)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ads-address")
-        .arg(ads.to_string())
-        .arg("--ads-server-name")
-        .arg(ADS_SERVER_NAME)
-        .arg("--sidecar-class")
-        .arg(default_class)
-        .arg("--log-level")
-        .arg("info,fsm_injector=debug");
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--ads-address={ads}"))
+        .arg(format!("--ads-server-name={ADS_SERVER_NAME}"));
     let mut process = ManagedProcess::spawn("fsm-injector", command, &c.logs)?;
     process
         .wait_for_tcp(
@@ -122,23 +147,53 @@ fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_created_through_the_api_server_are_injected_and_served() {
+async fn a_chart_install_injects_deployment_pods_the_controller_serves() {
     if let Err(err) = injected_and_served(31).await {
         panic!("{err:#}");
     }
 }
 
 async fn injected_and_served(subnet: u8) -> Result<()> {
+    let chart = render_chart()?;
     let c = TestCluster::start_demo(subnet).await?;
-    cluster::apply_all(&c.client, &c.objects).await?;
-    let controller =
-        start_controller_on_cluster(&c.kubeconfig, &c.logs, &ControllerOptions::default()).await?;
-    cluster::apply(&c.client, &webhook_configuration()).await?;
+    // The demo's workloads, without its MeshConfig: the chart's preset one is the mesh's.
+    let demo: Vec<Value> = c
+        .objects
+        .iter()
+        .filter(|o| o["kind"] != "MeshConfig")
+        .cloned()
+        .collect();
+    cluster::apply_all(&c.client, &demo).await?;
+    let installed: Vec<Value> = chart
+        .objects
+        .iter()
+        .filter(|o| {
+            let kind = o["kind"].as_str().unwrap_or_default();
+            !(kind == "Deployment" || kind.starts_with("Cluster") || kind.starts_with("Role"))
+        })
+        .cloned()
+        .collect();
+    ensure!(
+        installed
+            .iter()
+            .any(|o| o["kind"] == "MutatingWebhookConfiguration"
+                && o["metadata"]["name"] == WEBHOOK_CONFIG)
+            && installed.iter().any(|o| o["kind"] == "MeshConfig"),
+        "the chart renders no webhook configuration or MeshConfig"
+    );
+    cluster::apply_all(&c.client, &installed).await?;
+    let controller = start_controller_on_cluster(
+        &c.kubeconfig,
+        &c.logs,
+        &ControllerOptions {
+            extra_args: without(&chart.controller_args, &["--ads-listen", "--http-listen"]),
+            ..Default::default()
+        },
+    )
+    .await?;
     let port = free_port()?;
-    for object in injector_service(port) {
-        cluster::apply(&c.client, &object).await?;
-    }
-    let _injector = start_injector(&c, port, controller.ads().addr, "fsm-sidecar").await?;
+    cluster::apply(&c.client, &injector_endpoints(port)).await?;
+    let _injector = start_injector(&c, &chart.injector_args, port, controller.ads().addr).await?;
 
     // The injector publishes the mesh's roots as the webhook's caBundle.
     let configs: Api<MutatingWebhookConfiguration> = Api::all(c.client.clone());
@@ -179,7 +234,12 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
             anyhow::Ok(pods.create(&PostParams::default(), &pod).await?)
         }
     };
-    let pod = create(deployment_pod("demo", "injected", json!({}))).await?;
+    let pod = create(deployment_pod(
+        "demo",
+        "injected",
+        json!({"flomesh.io/sidecar-class": "fsm-sidecar"}),
+    ))
+    .await?;
     let name = pod.metadata.name.clone().context("generated name")?;
     let uuid = pod
         .metadata
@@ -235,13 +295,9 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         "no bootstrap Secret volume"
     );
 
-    // Another pod chooses Envoy; a pod asking for an unknown sidecar is refused, by name.
-    let envoy = create(deployment_pod(
-        "demo",
-        "envoy-app",
-        json!({"flomesh.io/sidecar-class": "envoy"}),
-    ))
-    .await?;
+    // A pod that chooses nothing gets the chart's default, Envoy; a pod asking for an unknown
+    // sidecar is refused, by name.
+    let envoy = create(deployment_pod("demo", "envoy-app", json!({}))).await?;
     let envoy_sidecar = &envoy.spec.context("spec")?.containers[1];
     ensure!(
         envoy_sidecar
