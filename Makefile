@@ -13,7 +13,7 @@ ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 HELM_PY_VERSION := 0.2.*
 HELM_PY := $(VENV)/lib/python3.11/site-packages/helm_python/__init__.py
 
-.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps chart-deps chart-test
+.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps chart-deps chart-test images
 
 all: build
 
@@ -107,6 +107,15 @@ bench-deps:
 # charts/fsm/crds is generated from the Rust CRD types; a test fails when it is stale.
 crds:
 	$(CARGO) run -q -p fsm-crds --bin fsm-crdgen
+
+# Container images for a cluster (needs docker; see images/Dockerfile and the README's "Install in
+# a cluster"): make images REGISTRY=registry.example.com/mesh TAG=0.1.0
+REGISTRY ?= localhost:5000/fsm
+TAG ?= 0.1.0
+images:
+	for image in fsm-controller fsm-injector fsm-sidecar fsm-sidecar-init; do \
+		docker build -f images/Dockerfile --target $$image -t $(REGISTRY)/$$image:$(TAG) . || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check
