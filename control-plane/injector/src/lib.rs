@@ -8,6 +8,7 @@ pub mod envoy;
 pub mod interception;
 pub mod pod;
 pub mod probes;
+pub mod server;
 pub mod webhook;
 
 pub use decision::{Decision, decide};

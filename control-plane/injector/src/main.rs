@@ -6,38 +6,23 @@
 //! with it; at start-up and on every rotation the injector writes the mesh's roots into the
 //! `caBundle` of its MutatingWebhookConfiguration, which is how kube-apiserver learns to trust it.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use clap::Parser;
-use fsm_certs::setup::{CertArgs, coded, manager, provider};
-use fsm_certs::{CertKey, IssuedCertificate};
+use fsm_certs::setup::{CertArgs, manager, provider};
 use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 use fsm_errcode::ErrCode;
+use fsm_injector::server::{WebhookKind, read_json, reply, serve, webhook_tls};
 use fsm_injector::webhook::{ReviewContext, read_review, respond};
 use fsm_injector::{InjectorSettings, SidecarClass};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use kube::api::PostParams;
-use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::TlsAcceptor;
-
-/// Lifetime of the webhook's certificate; rotated at a third of it, like every certificate.
-const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
-/// The largest AdmissionReview read (a pod with its containers is a few KiB; kube-apiserver
-/// itself limits requests to 3 MiB).
-const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
 const MUTATE_PATH: &str = "/mutate-pod-creation";
 
 /// FSM's sidecar injector (mutating admission webhook).
@@ -143,178 +128,40 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let certs = manager(provider);
     let server_name = format!("{}.{}.svc", args.service_name, args.fsm_namespace);
-    let cert = certs
-        .issue_server_certificate(&server_name, CERT_VALIDITY)
-        .await
-        .map_err(coded)
-        .with_context(|| format!("{}: cannot issue the webhook certificate", ErrCode::E6101))?;
-    let tls = Arc::new(ArcSwap::from_pointee(server_config(&cert)?));
     let webhook_config = args
         .webhook_config_name
         .clone()
         .unwrap_or_else(|| format!("fsm-webhook-{}", args.mesh_name));
-    publish_ca_bundle(&client, &webhook_config, &cert.trust_bundle_pem).await;
-
-    // Rotation: a new certificate for new connections, the (possibly new) roots to the webhook
-    // configuration.
-    let mut rotations = certs.subscribe();
-    let (rotating_tls, rotating_client, key) = (
-        tls.clone(),
+    let tls = webhook_tls(
+        &certs,
+        &server_name,
         client.clone(),
-        CertKey::Server {
-            common_name: server_name.clone(),
-        },
-    );
-    tokio::spawn(async move {
-        loop {
-            match rotations.recv().await {
-                Ok(event) if event.key == key => match server_config(&event.cert) {
-                    Ok(config) => {
-                        rotating_tls.store(Arc::new(config));
-                        publish_ca_bundle(
-                            &rotating_client,
-                            &webhook_config,
-                            &event.cert.trust_bundle_pem,
-                        )
-                        .await;
-                        tracing::info!(serial = %event.cert.serial, "webhook certificate rotated");
-                    }
-                    Err(e) => {
-                        tracing::error!(code = %ErrCode::E6101, error = %e, "cannot use the rotated webhook certificate; keeping the previous one")
-                    }
-                },
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-
-    let state = Arc::new(State { settings, client });
+        WebhookKind::Mutating,
+        webhook_config,
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("{}: binding {}", ErrCode::E6102, args.listen))?;
     tracing::info!(listen = %args.listen, %server_name, "sidecar injector serving");
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let acceptor = TlsAcceptor::from(tls.load_full());
+    let state = Arc::new(State { settings, client });
+    serve(listener, tls, move |request| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request).await) }
-            });
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-        });
-    }
-}
-
-fn server_config(cert: &IssuedCertificate) -> anyhow::Result<ServerConfig> {
-    let chain = CertificateDer::pem_slice_iter(cert.cert_chain_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .context("webhook certificate chain")?;
-    let key = PrivateKeyDer::from_pem_slice(cert.private_key.expose_pem().as_bytes())
-        .context("webhook private key")?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// Writes `roots` into every webhook of the MutatingWebhookConfiguration `name` (read, change,
-/// replace: a conflicting write is retried). A missing configuration is logged: the webhook
-/// still serves whoever calls it.
-async fn publish_ca_bundle(client: &kube::Client, name: &str, roots: &str) {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let bundle = k8s_openapi::ByteString(roots.as_bytes().to_vec());
-    for _ in 0..5 {
-        let mut config = match api.get_opt(name).await {
-            Ok(Some(config)) => config,
-            Ok(None) => {
-                tracing::warn!(code = %ErrCode::E6114, name, "no MutatingWebhookConfiguration to publish the webhook's roots in");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(code = %ErrCode::E6114, name, error = %e, "cannot read the MutatingWebhookConfiguration");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut changed = false;
-        for webhook in config.webhooks.iter_mut().flatten() {
-            if webhook.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                webhook.client_config.ca_bundle = Some(bundle.clone());
-                changed = true;
-            }
-        }
-        if !changed {
-            return;
-        }
-        match api.replace(name, &PostParams::default(), &config).await {
-            Ok(_) => {
-                tracing::info!(name, "published the webhook's roots (caBundle)");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(code = %ErrCode::E6114, name, error = %e, "cannot update the MutatingWebhookConfiguration; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+        async move { handle(&state, request).await }
+    })
+    .await;
+    Ok(())
 }
 
 async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
     match (request.method().as_str(), request.uri().path()) {
         ("GET", "/healthz") => reply(StatusCode::OK, "\"ok\"".into()),
         ("POST", MUTATE_PATH) => {
-            let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
-                .collect()
-                .await
-            {
-                Ok(body) => body.to_bytes(),
-                Err(e) => {
-                    return reply(
-                        StatusCode::BAD_REQUEST,
-                        format!("\"{}: {e}\"", ErrCode::E6111),
-                    );
-                }
+            let review = match read_json(request).await {
+                Ok(json) => json,
+                Err(response) => return response,
             };
-            let review = match serde_json::from_slice(&body)
-                .map_err(|e| format!("{}: {e}", ErrCode::E6103))
-                .and_then(|v| read_review(&v))
-            {
+            let review = match read_review(&review) {
                 Ok(review) => review,
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable AdmissionReview");

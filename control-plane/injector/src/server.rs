@@ -1,0 +1,266 @@
+//! An admission webhook's HTTPS server, shared by the injector (mutating) and the controller
+//! (validating): a certificate for `<service>.<namespace>.svc` from the mesh's certificate
+//! manager, renewed as it rotates; the mesh's roots written into the `caBundle` of the webhook
+//! configuration, which is how kube-apiserver learns to trust the server; one connection per
+//! task, HTTP/1.1 or HTTP/2.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use fsm_certs::setup::coded;
+use fsm_certs::{CertKey, CertManager, IssuedCertificate};
+use fsm_errcode::ErrCode;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, Response, StatusCode};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use kube::Api;
+use kube::api::PostParams;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+use tokio_rustls::TlsAcceptor;
+
+/// Lifetime of a webhook's certificate; rotated at a third of it, like every certificate.
+const CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// The largest AdmissionReview read (kube-apiserver itself limits requests to 3 MiB).
+pub const MAX_REVIEW_BYTES: usize = 3 * 1024 * 1024;
+/// A client that does not finish its TLS handshake in this long is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which kind of webhook configuration holds the server's caBundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookKind {
+    Mutating,
+    Validating,
+}
+
+/// The TLS side of a webhook server, current across rotations.
+pub type Tls = Arc<ArcSwap<ServerConfig>>;
+
+/// Issues the server's certificate (DNS name `server_name`), publishes the mesh's roots into
+/// the webhook configuration `config_name`, and keeps both current as the certificate rotates.
+pub async fn webhook_tls(
+    certs: &CertManager,
+    server_name: &str,
+    client: kube::Client,
+    kind: WebhookKind,
+    config_name: String,
+) -> anyhow::Result<Tls> {
+    let cert = certs
+        .issue_server_certificate(server_name, CERT_VALIDITY)
+        .await
+        .map_err(coded)
+        .with_context(|| format!("{}: cannot issue the webhook certificate", ErrCode::E6101))?;
+    let tls = Arc::new(ArcSwap::from_pointee(server_config(&cert)?));
+    publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem).await;
+    let mut rotations = certs.subscribe();
+    let (rotating, key) = (
+        tls.clone(),
+        CertKey::Server {
+            common_name: server_name.to_owned(),
+        },
+    );
+    tokio::spawn(async move {
+        loop {
+            match rotations.recv().await {
+                Ok(event) if event.key == key => match server_config(&event.cert) {
+                    Ok(config) => {
+                        rotating.store(Arc::new(config));
+                        publish_ca_bundle(
+                            &client,
+                            kind,
+                            &config_name,
+                            &event.cert.trust_bundle_pem,
+                        )
+                        .await;
+                        tracing::info!(serial = %event.cert.serial, "webhook certificate rotated");
+                    }
+                    Err(e) => {
+                        tracing::error!(code = %ErrCode::E6101, error = %e, "cannot use the rotated webhook certificate; keeping the previous one")
+                    }
+                },
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(tls)
+}
+
+/// A rustls server configuration presenting `cert` (no client certificates: kube-apiserver
+/// does not present one).
+pub fn server_config(cert: &IssuedCertificate) -> anyhow::Result<ServerConfig> {
+    let chain = CertificateDer::pem_slice_iter(cert.cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("webhook certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(cert.private_key.expose_pem().as_bytes())
+        .context("webhook private key")?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Writes `roots` into every webhook of configuration `name` (read, change, replace; a
+/// conflicting write is retried). A missing configuration is logged: the server still answers
+/// whoever calls it.
+pub async fn publish_ca_bundle(client: &kube::Client, kind: WebhookKind, name: &str, roots: &str) {
+    let bundle = ByteString(roots.as_bytes().to_vec());
+    for _ in 0..5 {
+        let result = match kind {
+            WebhookKind::Mutating => {
+                let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+                update_bundle(&api, name, &bundle, |c| {
+                    c.webhooks
+                        .iter_mut()
+                        .flatten()
+                        .map(|w| &mut w.client_config.ca_bundle)
+                        .collect()
+                })
+                .await
+            }
+            WebhookKind::Validating => {
+                let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+                update_bundle(&api, name, &bundle, |c| {
+                    c.webhooks
+                        .iter_mut()
+                        .flatten()
+                        .map(|w| &mut w.client_config.ca_bundle)
+                        .collect()
+                })
+                .await
+            }
+        };
+        match result {
+            Ok(true) => {
+                tracing::info!(name, "published the webhook's roots (caBundle)");
+                return;
+            }
+            Ok(false) => return,
+            Err(e) if e.contains("not found") => {
+                tracing::warn!(code = %ErrCode::E6114, name, "no webhook configuration to publish the webhook's roots in");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(code = %ErrCode::E6114, name, error = %e, "cannot update the webhook configuration; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Sets every bundle `bundles` finds in configuration `name`; `Ok(false)` when they all held it.
+async fn update_bundle<K>(
+    api: &Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    bundles: impl Fn(&mut K) -> Vec<&mut Option<ByteString>>,
+) -> Result<bool, String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let mut config = match api.get_opt(name).await {
+        Ok(Some(config)) => config,
+        Ok(None) => return Err("not found".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut changed = false;
+    for slot in bundles(&mut config) {
+        if slot.as_ref() != Some(bundle) {
+            *slot = Some(bundle.clone());
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(false);
+    }
+    api.replace(name, &PostParams::default(), &config)
+        .await
+        .map(|_| true)
+        .map_err(|e| e.to_string())
+}
+
+/// Serves `handler` over TLS on `listener` until the process ends.
+pub async fn serve<H, F>(listener: tokio::net::TcpListener, tls: Tls, handler: H)
+where
+    H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = TlsAcceptor::from(tls.load_full());
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = hyper::service::service_fn(move |request| {
+                let response = handler(request);
+                async move { Ok::<_, Infallible>(response.await) }
+            });
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
+}
+
+/// A JSON reply.
+pub fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+/// The request's body as JSON, at most [`MAX_REVIEW_BYTES`]; the error is the 400 to answer
+/// (FSM E6111 unreadable, E6103 not JSON).
+pub async fn read_json(
+    request: Request<hyper::body::Incoming>,
+) -> Result<Value, Response<Full<Bytes>>> {
+    let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                Value::String(format!("{}: {e}", ErrCode::E6111)).to_string(),
+            ));
+        }
+    };
+    serde_json::from_slice(&body).map_err(|e| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            Value::String(format!("{}: {e}", ErrCode::E6103)).to_string(),
+        )
+    })
+}
