@@ -677,7 +677,7 @@ impl<'a> Compiler<'a> {
                 if fsm_ir::RETRY_ON_CONDITIONS.contains(&condition) {
                     retry_on.push(condition.to_owned());
                 } else {
-                    self.warn(ErrCode::E2008, format!("Retry {namespace}/{name} spec.retryPolicy.retryOn: {condition:?} (a status code or class) is not supported by the data planes yet; left out"));
+                    self.warn(ErrCode::E2008, format!("Retry {namespace}/{name} spec.retryPolicy.retryOn: {condition:?} is not supported by the data planes yet; left out"));
                 }
             }
             if retry_on.is_empty() {

@@ -1,5 +1,6 @@
 //! fsm-controller: wires sources, catalog, compiler, adapters, cache and the ADS server.
 
+mod admission;
 mod bootstrap;
 mod http;
 mod identity;
@@ -80,6 +81,17 @@ struct Args {
     /// new root before the old root stops being trusted.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     root_rotation_grace: std::time::Duration,
+    /// HTTPS address of the validating webhook for mesh objects (`POST /validate`; in a cluster
+    /// only). Off when not given.
+    #[arg(long)]
+    validating_webhook_listen: Option<SocketAddr>,
+    /// The ValidatingWebhookConfiguration whose caBundle the controller keeps current (default
+    /// `fsm-validator-mesh-<mesh-name>`).
+    #[arg(long)]
+    validating_webhook_config_name: Option<String>,
+    /// The controller's Service, named in the webhook's certificate (`<name>.<fsm-namespace>.svc`).
+    #[arg(long, default_value = "fsm-controller")]
+    webhook_service_name: String,
     #[command(flatten)]
     certificates: identity::CertArgs,
     #[command(flatten)]
@@ -196,6 +208,42 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, certificates = certs.provider_name(), ads_server_name = %server_name, "fsm-controller starting");
 
     let ads_server = fsm_xds_server::listen::serve(ads, ads_tls.incoming(ads_listener));
+    let (admission_tx, admission_rx) = mpsc::channel(16);
+    let validating_webhook = match (args.validating_webhook_listen, source.client()) {
+        (Some(listen), Some(client)) => {
+            let server_name = format!("{}.{}.svc", args.webhook_service_name, args.fsm_namespace);
+            let config_name = args
+                .validating_webhook_config_name
+                .clone()
+                .unwrap_or_else(|| format!("fsm-validator-mesh-{}", args.mesh_name));
+            let tls = fsm_injector::server::webhook_tls(
+                &certs,
+                &server_name,
+                client,
+                fsm_injector::server::WebhookKind::Validating,
+                config_name,
+            )
+            .await?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("{}: binding {listen}", ErrCode::E6701))?;
+            tracing::info!(%listen, %server_name, "validating webhook serving");
+            Some(fsm_injector::server::serve(listener, tls, move |request| {
+                admission::handle(admission_tx.clone(), request)
+            }))
+        }
+        (Some(_), None) => anyhow::bail!(
+            "{}: --validating-webhook-listen needs a cluster (--kubeconfig or in-cluster), not --manifest-dir",
+            ErrCode::E1000
+        ),
+        (None, _) => None,
+    };
+    let validating_webhook = async move {
+        match validating_webhook {
+            Some(server) => server.await,
+            None => std::future::pending().await,
+        }
+    };
     let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
     let election = &args.leader_election;
     let identity = election
@@ -257,7 +305,7 @@ async fn main() -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("fsm-control-loop".into())
         .spawn(move || {
-            handle.block_on(runner.run(catalog_rx, proxy_rx));
+            handle.block_on(runner.run(catalog_rx, proxy_rx, admission_rx));
             let _ = loop_done.send(());
         })
         .context("cannot start the control loop's thread")?;
@@ -266,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         () = ads_server => anyhow::bail!("{}: the ADS listener stopped", ErrCode::E5009),
         _ = loop_stopped => anyhow::bail!("the control loop stopped"),
         result = http => result.context("HTTP server failed")?,
+        () = validating_webhook => anyhow::bail!("{}: the validating webhook stopped", ErrCode::E6701),
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
         // What Kubernetes sends a pod it stops.
         () = terminated() => tracing::info!("terminated: shutting down"),

@@ -213,10 +213,23 @@ impl Runner {
         // Unbounded, and bounded all the same: each stream announces itself once and its end
         // once (from `Drop`, which cannot wait).
         mut proxy_rx: UnboundedReceiver<ProxyEvent>,
+        // The validating webhook's questions (none when it does not run).
+        mut admission_rx: Receiver<crate::admission::AdmissionCheck>,
     ) {
         let mut rotations = self.certs.subscribe();
         loop {
             tokio::select! {
+                Some(check) = admission_rx.recv() => {
+                    let verdict = if self.catalog_ready {
+                        crate::admission::check(&self.catalog, check.object)
+                    } else {
+                        crate::admission::Verdict {
+                            refusal: None,
+                            warnings: vec!["not compiled before admission: the controller has not loaded the mesh yet".into()],
+                        }
+                    };
+                    let _ = check.reply.send(verdict);
+                }
                 Some(event) = catalog_rx.recv() => {
                     let mut changed = self.apply(event);
                     let deadline = tokio::time::Instant::now() + MAX_DELAY;
@@ -778,7 +791,8 @@ mod tests {
             );
             let (catalog, catalog_rx) = channel(fsm_sources::EVENT_QUEUE);
             let (proxies, proxy_rx) = unbounded_channel();
-            tokio::spawn(runner.run(catalog_rx, proxy_rx));
+            let (_, admission_rx) = channel(1);
+            tokio::spawn(runner.run(catalog_rx, proxy_rx, admission_rx));
             for object in demo() {
                 catalog
                     .send(CatalogEvent::Apply(object))
