@@ -326,6 +326,32 @@ impl CertManager {
         self.inner.events.subscribe()
     }
 
+    /// Runs `on_new` with every new certificate of `key` (renewals and root rotation phases),
+    /// in a task of its own, until the manager's announcements end. After falling behind the
+    /// announcements it runs with the cached certificate, so no rotation is missed.
+    pub fn follow<F, Fut>(&self, key: CertKey, mut on_new: F)
+    where
+        F: FnMut(Arc<IssuedCertificate>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let mut rotations = self.subscribe();
+        let manager = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match rotations.recv().await {
+                    Ok(event) if event.key == key => on_new(event.cert).await,
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Some(Ok(cert)) = manager.cached(&key).await {
+                            on_new(cert).await;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
     /// The service certificate of `<sa>.<ns>`: CN `<sa>.<ns>.cluster.local`, URI SAN
     /// `spiffe://<trust_domain>/ns/<ns>/sa/<sa>`, lifetime `validity`. Served from the cache
     /// while not due for renewal (and while `validity` is unchanged).

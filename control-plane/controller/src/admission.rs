@@ -24,6 +24,7 @@ use fsm_catalog::{Catalog, MeshObject, decode_manifests};
 use fsm_compiler::{MeshView, ProxyRef, ProxyScope, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_injector::server::{read_json, reply};
+use fsm_injector::webhook::review_request;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -163,14 +164,7 @@ async fn review_response(
     review: &Value,
     checks: &mpsc::Sender<AdmissionCheck>,
 ) -> Result<Value, String> {
-    let request = review
-        .get("request")
-        .ok_or_else(|| format!("{}: the AdmissionReview has no request", ErrCode::E6107))?;
-    let uid = request
-        .get("uid")
-        .and_then(Value::as_str)
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| format!("{}: request.uid is missing", ErrCode::E6103))?;
+    let (request, uid) = review_request(review)?;
     let operation = request.get("operation").and_then(Value::as_str);
     let verdict = match (operation, request.get("object")) {
         (Some("CREATE" | "UPDATE"), Some(object)) if !object.is_null() => {

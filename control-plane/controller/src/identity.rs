@@ -34,31 +34,21 @@ pub async fn ads_tls(certs: &CertManager, server_name: &str) -> anyhow::Result<A
         })?;
     let tls = AdsTls::new(&server_credentials(&cert))
         .with_context(|| format!("{}: unusable ADS server certificate", ErrCode::E5009))?;
-    let mut rotations = certs.subscribe();
-    let (updater, server_key) = (
-        tls.clone(),
+    let updater = tls.clone();
+    certs.follow(
         CertKey::Server {
             common_name: server_name.to_owned(),
         },
-    );
-    tokio::spawn(async move {
-        loop {
-            match rotations.recv().await {
-                Ok(event) if event.key == server_key => {
-                    match updater.update(&server_credentials(&event.cert)) {
-                        Ok(()) => {
-                            tracing::info!(serial = %event.cert.serial, reason = ?event.reason, "ADS server certificate rotated")
-                        }
-                        Err(e) => {
-                            tracing::error!(code = %ErrCode::E5009, error = %e, "cannot use the rotated ADS server certificate; keeping the previous one")
-                        }
-                    }
+        move |cert| {
+            match updater.update(&server_credentials(&cert)) {
+                Ok(()) => tracing::info!(serial = %cert.serial, "ADS server certificate rotated"),
+                Err(e) => {
+                    tracing::error!(code = %ErrCode::E5009, error = %e, "cannot use the rotated ADS server certificate; keeping the previous one")
                 }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
-        }
-    });
+            std::future::ready(())
+        },
+    );
     Ok(tls)
 }
 

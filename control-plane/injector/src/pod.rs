@@ -413,11 +413,11 @@ fn healthcheck_container(settings: &InjectorSettings) -> Container {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fsm_crds::config::v1alpha3::MeshConfigSpec;
 
-    fn settings() -> InjectorSettings {
+    pub(crate) fn settings() -> InjectorSettings {
         InjectorSettings {
             mesh_name: "fsm".into(),
             fsm_namespace: "fsm-system".into(),

@@ -62,37 +62,29 @@ pub async fn webhook_tls(
         .with_context(|| format!("{}: cannot issue the webhook certificate", ErrCode::E6101))?;
     let tls = Arc::new(ArcSwap::from_pointee(server_config(&cert)?));
     publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem).await;
-    let mut rotations = certs.subscribe();
-    let (rotating, key) = (
-        tls.clone(),
+    let rotating = tls.clone();
+    certs.follow(
         CertKey::Server {
             common_name: server_name.to_owned(),
         },
-    );
-    tokio::spawn(async move {
-        loop {
-            match rotations.recv().await {
-                Ok(event) if event.key == key => match server_config(&event.cert) {
+        move |cert| {
+            let (rotating, client, config_name) =
+                (rotating.clone(), client.clone(), config_name.clone());
+            async move {
+                match server_config(&cert) {
                     Ok(config) => {
                         rotating.store(Arc::new(config));
-                        publish_ca_bundle(
-                            &client,
-                            kind,
-                            &config_name,
-                            &event.cert.trust_bundle_pem,
-                        )
-                        .await;
-                        tracing::info!(serial = %event.cert.serial, "webhook certificate rotated");
+                        publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem)
+                            .await;
+                        tracing::info!(serial = %cert.serial, "webhook certificate rotated");
                     }
                     Err(e) => {
                         tracing::error!(code = %ErrCode::E6101, error = %e, "cannot use the rotated webhook certificate; keeping the previous one")
                     }
-                },
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
             }
-        }
-    });
+        },
+    );
     Ok(tls)
 }
 

@@ -32,8 +32,9 @@ pub struct PodReview {
     pub dry_run: bool,
 }
 
-/// Reads the request of an AdmissionReview; the error says what is missing (E6103/E6107).
-pub fn read_review(review: &Value) -> Result<PodReview, String> {
+/// The `request` of an AdmissionReview and its `uid`, which the response must echo; the error
+/// says what is missing (E6107 no request, E6103 no uid).
+pub fn review_request(review: &Value) -> Result<(&Value, &str), String> {
     let request = review
         .get("request")
         .ok_or_else(|| format!("{}: the AdmissionReview has no request", ErrCode::E6107))?;
@@ -42,6 +43,12 @@ pub fn read_review(review: &Value) -> Result<PodReview, String> {
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty())
         .ok_or_else(|| format!("{}: request.uid is missing", ErrCode::E6103))?;
+    Ok((request, uid))
+}
+
+/// Reads the pod review of an AdmissionReview; the error says what is missing (E6103/E6107).
+pub fn read_review(review: &Value) -> Result<PodReview, String> {
+    let (request, uid) = review_request(review)?;
     let kind = request.pointer("/kind/kind").and_then(Value::as_str);
     if kind != Some("Pod") {
         return Err(format!(
@@ -133,21 +140,8 @@ fn pod_name(pod: &Pod) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pod::SidecarClass;
+    use crate::pod::tests::settings;
     use fsm_catalog::{MONITORED_BY_LABEL, SIDECAR_INJECTION_ANNOTATION};
-
-    fn settings() -> InjectorSettings {
-        InjectorSettings {
-            mesh_name: "fsm".into(),
-            fsm_namespace: "fsm-system".into(),
-            ads_address: "fsm-controller.fsm-system.svc.cluster.local:15128".into(),
-            ads_server_name: "fsm-controller.fsm-system.svc.cluster.local".into(),
-            init_image: "init".into(),
-            envoy_image: "envoy".into(),
-            fsm_sidecar_image: "fsm-sidecar".into(),
-            default_class: SidecarClass::FsmSidecar,
-        }
-    }
 
     fn review(annotations: Value) -> Value {
         json!({
