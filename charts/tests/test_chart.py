@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tests of charts/fsm with the real Helm engine (helm-python-sdk: Helm v4 as a library, no helm
 binary). Lints the chart, renders it with the defaults and with other values and checks the
-objects: names and kinds, the binaries' flags and probes, the webhook, the exact RBAC rules, the
+objects: names and kinds, the binaries' flags and probes, the webhooks, the exact RBAC rules, the
 MeshConfig against its CRD's schema, and that refused values fail with a message naming them.
 
 Run with `make chart-test` (or `.venv/bin/python charts/tests/test_chart.py`). Prints each check
@@ -138,7 +138,11 @@ def expected_rbac(kind, mesh="fsm"):
         controller_role.append(CERTIFICATE_REQUESTS)
         injector_role.append(CERTIFICATE_REQUESTS)
     return {
-        ("ClusterRole", f"fsm-controller-{mesh}"): expand(*WATCHED),
+        ("ClusterRole", f"fsm-controller-{mesh}"): expand(
+            *WATCHED,
+            ("admissionregistration.k8s.io", ["validatingwebhookconfigurations"], ["get", "update"],
+             [f"fsm-validator-mesh-{mesh}"]),
+        ),
         ("Role", "fsm-controller"): expand(*controller_role),
         ("ClusterRole", f"fsm-injector-{mesh}"): expand(
             ("", ["namespaces"], ["get"], None),
@@ -267,7 +271,8 @@ NON_DEFAULT_VALUES = {
         "sidecarClass": "fsm-sidecar",
         "certificateProvider": {"kind": "vault", "serviceCertValidityDuration": "1h30m", "certKeyBitSize": 4096},
         "vault": {"host": "vault.other.svc.cluster.local", "token": "s3cr3t-token", "protocol": "https", "port": 8201, "role": "mesh2"},
-        "fsmController": {"replicaCount": 2, "resource": {"requests": {"cpu": "100m", "memory": "64M"}}},
+        "fsmController": {"replicaCount": 2, "resource": {"requests": {"cpu": "100m", "memory": "64M"}},
+                          "webhookTimeoutSeconds": 25},
         "injector": {"replicaCount": 2, "webhookTimeoutSeconds": 10},
         "image": {"registry": "registry.example.com/fsm", "tag": "v9.9.9", "pullPolicy": "Always"},
         "enablePermissiveTrafficPolicy": True,
@@ -323,6 +328,7 @@ def default_render_has_exactly_the_control_plane_objects():
         ("Service", "fsm-system", "fsm-injector"),
         ("ServiceAccount", "fsm-system", "fsm-controller"),
         ("ServiceAccount", "fsm-system", "fsm-injector"),
+        ("ValidatingWebhookConfiguration", None, "fsm-validator-mesh-fsm"),
     ]
     assert default().names() == expected, default().names()
 
@@ -334,12 +340,6 @@ def every_object_carries_fsm_labels():
             labels = obj["metadata"].get("labels", {})
             assert labels.get("app.kubernetes.io/name") == "flomesh.io", obj["metadata"]
             assert labels.get("app.kubernetes.io/instance") == r.values.get("fsm", {}).get("meshName", "fsm"), obj["metadata"]
-
-
-@check
-def no_validating_webhook_until_the_validator_exists():
-    kinds = {o["kind"] for o in default().objects}
-    assert "ValidatingWebhookConfiguration" not in kinds
 
 
 @check
@@ -358,6 +358,8 @@ def controller_deployment_args_listen_off_loopback():
         "fsm-namespace": "fsm-system",
         "ads-listen": "0.0.0.0:15128",
         "http-listen": "0.0.0.0:9091",
+        "validating-webhook-listen": "0.0.0.0:9093",
+        "validating-webhook-config-name": "fsm-validator-mesh-fsm",
         "log-level": "info",
         "log-json": True,
         "leader-election-lease-name": "fsm-controller",
@@ -366,13 +368,15 @@ def controller_deployment_args_listen_off_loopback():
     assert "kubeconfig" not in args and "manifest-dir" not in args, "in a pod the controller uses its service account"
     assert_not_loopback(args["ads-listen"], "ADS")
     assert_not_loopback(args["http-listen"], "HTTP")
+    assert_not_loopback(args["validating-webhook-listen"], "validating webhook")
     assert deployment["spec"]["replicas"] == 1
     assert r.container("fsm-controller")["image"] == "flomesh/fsm-controller:0.1.0"
 
 
 @check
 def chart_passes_only_flags_the_binaries_have():
-    assert {"ads-listen", "http-listen", "mesh-name", "certificate-provider", "vault-token"} <= CONTROLLER_FLAGS, CONTROLLER_FLAGS
+    assert {"ads-listen", "http-listen", "mesh-name", "certificate-provider", "vault-token", "validating-webhook-listen",
+            "validating-webhook-config-name", "webhook-service-name"} <= CONTROLLER_FLAGS, CONTROLLER_FLAGS
     assert {"listen", "webhook-config-name", "init-image", "certificate-provider"} <= INJECTOR_FLAGS, INJECTOR_FLAGS
     for values in [None, NON_DEFAULT_VALUES, {"fsm": {"certificateProvider": {"kind": "cert-manager"}}}]:
         r = Rendered(values)
@@ -393,7 +397,7 @@ def controller_env_probes_ports_resources_security():
     assert container["livenessProbe"]["httpGet"] == {"path": "/health/alive", "port": 9091}
     assert container["startupProbe"]["httpGet"] == {"path": "/health/alive", "port": 9091}
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"ads": 15128, "http": 9091}, ports
+    assert ports == {"ads": 15128, "http": 9091, "webhook": 9093}, ports
     assert container["resources"] == {"limits": {"cpu": "2", "memory": "1G"}, "requests": {"cpu": "0.5", "memory": "128M"}}
     pod = r.get("Deployment", "fsm-controller")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -412,8 +416,8 @@ def controller_pods_carry_prometheus_annotations():
 def controller_service_ports():
     service = default().get("Service", "fsm-controller")
     assert service["spec"]["selector"] == {"app": "fsm-controller"}
-    ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
-    assert ports == {"ads": (15128, 15128), "http": (9091, 9091)}, ports
+    ports = [(p["name"], p["port"], p["targetPort"], p["protocol"]) for p in service["spec"]["ports"]]
+    assert ports == [("ads", 15128, 15128, "TCP"), ("http", 9091, 9091, "TCP"), ("webhook", 9093, 9093, "TCP")], ports
 
 
 @check
@@ -482,6 +486,90 @@ def mutating_webhook_calls_the_injector_for_monitored_namespaces():
     assert args["webhook-config-name"] == config["metadata"]["name"]
     assert args["service-name"] == webhook["clientConfig"]["service"]["name"]
     assert any(p["port"] == webhook["clientConfig"]["service"]["port"] for p in r.get("Service", "fsm-injector")["spec"]["ports"])
+
+
+# The rules of the validating webhook: CREATE and UPDATE of every version of every CRD of the mesh.
+VALIDATED = [
+    (["config.flomesh.io"], ["v1alpha3"], ["meshconfigs"], "Namespaced"),
+    (["specs.smi-spec.io"], ["v1alpha4"], ["httproutegroups", "tcproutes"], "Namespaced"),
+    (["access.smi-spec.io"], ["v1alpha3"], ["traffictargets"], "Namespaced"),
+    (["split.smi-spec.io"], ["v1alpha4", "v1alpha2"], ["trafficsplits"], "Namespaced"),
+    (["policy.flomesh.io"], ["v1alpha1"], ["accesscerts", "accesscontrols", "egresses", "egressgateways",
+                                           "ingressbackends", "retries", "upstreamtrafficsettings"], "Namespaced"),
+    (["policy.flomesh.io"], ["v1alpha1"], ["isolations"], "Cluster"),
+]
+
+
+def assert_validating_webhook(r, mesh, namespace, timeout):
+    name = f"fsm-validator-mesh-{mesh}"
+    config = r.get("ValidatingWebhookConfiguration", name)
+    assert "namespace" not in config["metadata"], "cluster-scoped"
+    labels = config["metadata"]["labels"]
+    assert labels["app"] == "fsm-controller" and labels["app.kubernetes.io/instance"] == mesh, labels
+    assert len(config["webhooks"]) == 1, config["webhooks"]
+    webhook = config["webhooks"][0]
+    assert webhook["name"] == "fsm-validate.flomesh.io" and len(webhook["name"].split(".")) == 3, webhook["name"]
+    assert webhook["clientConfig"] == {
+        "service": {"name": "fsm-controller", "namespace": namespace, "path": "/validate", "port": 9093}
+    }, "clientConfig, without caBundle (fsm-controller writes it)"
+    assert "caBundle" not in r.text("ValidatingWebhookConfiguration", name), "helm upgrade would erase the published caBundle"
+    expected = [{"operations": ["CREATE", "UPDATE"], "apiGroups": g, "apiVersions": v, "resources": res, "scope": scope}
+                for g, v, res, scope in VALIDATED]
+    assert webhook["rules"] == expected, webhook["rules"]
+    assert webhook["failurePolicy"] == "Ignore"
+    assert webhook["sideEffects"] == "None"
+    assert webhook["admissionReviewVersions"] == ["v1"]
+    assert webhook["matchPolicy"] == "Equivalent"
+    assert webhook["timeoutSeconds"] == timeout
+    assert set(webhook) == {"name", "clientConfig", "rules", "failurePolicy", "sideEffects", "admissionReviewVersions",
+                            "matchPolicy", "timeoutSeconds"}, sorted(webhook)
+    # fsm-controller serves it and publishes its caBundle: the flags, the Service port, the
+    # container port and the RBAC rule all name the same things.
+    args = r.args("fsm-controller")
+    assert args["validating-webhook-config-name"] == name
+    assert args["validating-webhook-listen"] == "0.0.0.0:9093"
+    assert args.get("webhook-service-name", "fsm-controller") == webhook["clientConfig"]["service"]["name"], (
+        "the webhook's certificate names <webhook-service-name>.<fsm namespace>.svc")
+    assert args["fsm-namespace"] == webhook["clientConfig"]["service"]["namespace"]
+    service = r.get("Service", "fsm-controller")
+    port = next(p for p in service["spec"]["ports"] if p["port"] == webhook["clientConfig"]["service"]["port"])
+    container_ports = {p["name"]: p["containerPort"] for p in r.container("fsm-controller")["ports"]}
+    assert port["targetPort"] == container_ports["webhook"] == int(args["validating-webhook-listen"].rpartition(":")[2])
+    role = r.get("ClusterRole", f"fsm-controller-{mesh}")
+    assert {(g, res, v, n) for g, res, v, n in rules_of(role) if res == "validatingwebhookconfigurations"} == {
+        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "get", name),
+        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "update", name),
+    }
+
+
+@check
+def validating_webhook_calls_the_controller_for_the_mesh_objects():
+    assert_validating_webhook(default(), "fsm", "fsm-system", 10)
+    assert_validating_webhook(non_default(), "mesh2", "other", 25)
+    r = Rendered({"fsm": {"meshName": "east", "fsmNamespace": "mesh-system", "fsmController": {"webhookTimeoutSeconds": 3},
+                          "certificateProvider": {"kind": "cert-manager"}}}, namespace="default")
+    assert_validating_webhook(r, "east", "mesh-system", 3)
+    # The path is the one the controller serves (control-plane/controller/src/admission.rs).
+    admission = (REPO / "control-plane/controller/src/admission.rs").read_text()
+    assert re.search(r'VALIDATE_PATH: &str = "/validate";', admission), "fsm-controller serves POST /validate"
+
+
+@check
+def validating_webhook_rules_cover_every_crd_of_the_mesh():
+    """Every CRD in charts/fsm/crds with every version it serves and its scope, nothing else."""
+    served = set()
+    for path in (CHART / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())["spec"]
+        for version in crd["versions"]:
+            if version.get("served"):
+                served.add((crd["group"], version["name"], crd["names"]["plural"], crd["scope"]))
+    rules = default().get("ValidatingWebhookConfiguration", "fsm-validator-mesh-fsm")["webhooks"][0]["rules"]
+    covered = set()
+    for rule in rules:
+        for field in ("apiGroups", "apiVersions", "resources"):
+            assert not any("*" in item or "/" in item for item in rule[field]), f"wildcard or subresource in {rule}"
+        covered |= {(g, v, res, rule["scope"]) for g in rule["apiGroups"] for v in rule["apiVersions"] for res in rule["resources"]}
+    assert covered == served, f"missing {sorted(served - covered)}, extra {sorted(covered - served)}"
 
 
 @check
@@ -562,10 +650,11 @@ def non_default_values_reach_every_object():
     r = non_default()
     names = {(kind, name) for kind, _, name in r.names()}
     for kind, name in [("MutatingWebhookConfiguration", "fsm-webhook-mesh2"), ("ClusterRole", "fsm-controller-mesh2"),
+                       ("ValidatingWebhookConfiguration", "fsm-validator-mesh-mesh2"),
                        ("ClusterRole", "fsm-injector-mesh2"), ("Secret", "fsm-vault-token")]:
         assert (kind, name) in names, (kind, name)
     for obj in r.objects:
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"):
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
             assert obj["metadata"]["namespace"] == "other", obj["metadata"]
         else:
             assert "namespace" not in obj["metadata"], obj["metadata"]
@@ -575,7 +664,9 @@ def non_default_values_reach_every_object():
     for flag, value in {"mesh-name": "mesh2", "fsm-namespace": "other", "log-level": "debug",
                         "certificate-provider": "vault", "vault-host": "vault.other.svc.cluster.local",
                         "vault-port": "8201", "vault-protocol": "https", "vault-role": "mesh2",
-                        "ads-listen": "0.0.0.0:15128", "http-listen": "0.0.0.0:9091"}.items():
+                        "ads-listen": "0.0.0.0:15128", "http-listen": "0.0.0.0:9091",
+                        "validating-webhook-listen": "0.0.0.0:9093",
+                        "validating-webhook-config-name": "fsm-validator-mesh-mesh2"}.items():
         assert args.get(flag) == value, (flag, args.get(flag))
     assert r.container("fsm-controller")["image"] == "registry.example.com/fsm/fsm-controller:v9.9.9"
     assert r.container("fsm-controller")["imagePullPolicy"] == "Always"
@@ -683,6 +774,9 @@ def refused_values_fail_with_a_message_naming_them():
         ({"controllerLogLevel": "verbose"}, ["fsm.controllerLogLevel", '"verbose"']),
         ({"fsmController": {"replicaCount": 0}}, ["fsm.fsmController.replicaCount"]),
         ({"injector": {"webhookTimeoutSeconds": 31}}, ["fsm.injector.webhookTimeoutSeconds"]),
+        ({"fsmController": {"webhookTimeoutSeconds": 0}}, ["fsm.fsmController.webhookTimeoutSeconds", "1 to 30", "got 0"]),
+        ({"fsmController": {"webhookTimeoutSeconds": 31}}, ["fsm.fsmController.webhookTimeoutSeconds", "got 31"]),
+        ({"fsmController": {"webhookTimeoutSeconds": "ten"}}, ["fsm.fsmController.webhookTimeoutSeconds", "got ten"]),
         ({"outboundPortExclusionList": [70000]}, ["fsm.outboundPortExclusionList", "70000"]),
         ({"inboundPortExclusionList": ["http"]}, ["fsm.inboundPortExclusionList", '"http"']),
         ({"outboundIPRangeExclusionList": ["10.0.0.0"]}, ["fsm.outboundIPRangeExclusionList", '"10.0.0.0"']),
@@ -722,7 +816,8 @@ def render_script_writes_the_default_manifests_in_install_order():
     assert out.returncode == 0, out.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout) if d]
     assert kinds == ["ServiceAccount"] * 2 + ["ClusterRole"] * 2 + ["ClusterRoleBinding"] * 2 + ["Role"] * 2 + \
-        ["RoleBinding"] * 2 + ["Service"] * 2 + ["Deployment"] * 2 + ["MutatingWebhookConfiguration", "MeshConfig"], kinds
+        ["RoleBinding"] * 2 + ["Service"] * 2 + ["Deployment"] * 2 + \
+        ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "MeshConfig"], kinds
     with_crds = subprocess.run([sys.executable, str(Path(render.__file__)), "none", "--include-crds"],
                                capture_output=True, text=True, timeout=60)
     kinds = [d["kind"] for d in yaml.safe_load_all(with_crds.stdout) if d]

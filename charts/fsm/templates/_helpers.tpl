@@ -33,6 +33,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{ printf "%s-%s" .Values.fsm.webhookConfigNamePrefix .Values.fsm.meshName }}
 {{- end -}}
 
+{{/*
+Name of the ValidatingWebhookConfiguration of fsm-controller's validating webhook
+(fsm-controller --validating-webhook-config-name): FSM's fsm-validator-mesh-<meshName>.
+*/}}
+{{- define "fsm.validatorWebhookConfigName" -}}
+{{ printf "fsm-validator-mesh-%s" .Values.fsm.meshName }}
+{{- end -}}
+
 {{/* Names of the cluster-scoped RBAC objects: one set per mesh. */}}
 {{- define "fsm.controllerClusterRole" -}}
 {{ printf "fsm-controller-%s" .Values.fsm.meshName }}
@@ -239,9 +247,11 @@ once per render.
 {{- fail (printf "fsm.%s.replicaCount must be a whole number of at least 1 (got %v)" $component $replicas) }}
 {{- end }}
 {{- end }}
-{{- $timeout := $fsm.injector.webhookTimeoutSeconds }}
+{{- range $component := list "fsmController" "injector" }}
+{{- $timeout := (index $fsm $component).webhookTimeoutSeconds }}
 {{- if or (not (regexMatch "^[0-9]+$" (toString $timeout))) (lt (int $timeout) 1) (gt (int $timeout) 30) }}
-{{- fail (printf "fsm.injector.webhookTimeoutSeconds must be 1 to 30 (got %v)" $timeout) }}
+{{- fail (printf "fsm.%s.webhookTimeoutSeconds must be 1 to 30 (got %v)" $component $timeout) }}
+{{- end }}
 {{- end }}
 {{- if lt (int $fsm.maxDataPlaneConnections) 0 }}
 {{- fail "fsm.maxDataPlaneConnections must not be negative" }}
