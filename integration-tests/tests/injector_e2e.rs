@@ -93,6 +93,16 @@ fn injector_endpoints(port: u16) -> Value {
     })
 }
 
+/// The controller's Endpoints for its webhook port (the chart Service's `webhook` port).
+fn controller_webhook_endpoints(port: u16) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Endpoints",
+        "metadata": {"name": "fsm-controller", "namespace": "fsm-system"},
+        "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
+                     "ports": [{"name": "webhook", "port": port}]}],
+    })
+}
+
 /// A pod as a ReplicaSet of Deployment `name` creates it.
 fn deployment_pod(namespace: &str, name: &str, annotations: Value) -> Value {
     json!({
@@ -182,11 +192,25 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         "the chart renders no webhook configuration or MeshConfig"
     );
     cluster::apply_all(&c.client, &installed).await?;
+    // The controller's validating webhook, on loopback like the rest.
+    let validator_port = free_port()?;
+    cluster::apply(&c.client, &controller_webhook_endpoints(validator_port)).await?;
+    let mut controller_args = without(
+        &chart.controller_args,
+        &[
+            "--ads-listen",
+            "--http-listen",
+            "--validating-webhook-listen",
+        ],
+    );
+    controller_args.push(format!(
+        "--validating-webhook-listen=127.0.0.1:{validator_port}"
+    ));
     let controller = start_controller_on_cluster(
         &c.kubeconfig,
         &c.logs,
         &ControllerOptions {
-            extra_args: without(&chart.controller_args, &["--ads-listen", "--http-listen"]),
+            extra_args: controller_args,
             ..Default::default()
         },
     )
@@ -325,6 +349,44 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
             );
         }
     }
+    // The controller's validating webhook: an invalid policy is refused with its field and FSM
+    // code; a valid one is stored.
+    let retry = |timeout: &str| {
+        json!({
+            "apiVersion": "policy.flomesh.io/v1alpha1", "kind": "Retry",
+            "metadata": {"name": "curl-retries", "namespace": "demo"},
+            "spec": {
+                "source": {"kind": "ServiceAccount", "name": "curl", "namespace": "demo"},
+                "destinations": [{"kind": "Service", "name": "httpbin", "namespace": "demo"}],
+                "retryPolicy": {"retryOn": "5xx", "numRetries": 3, "perTryTimeout": timeout},
+            },
+        })
+    };
+    let refused = eventually(CONVERGE, || async {
+        match cluster::apply(&c.client, &retry("forever")).await {
+            Ok(()) => bail!("an invalid Retry was admitted"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                ensure!(
+                    text.contains("denied the request"),
+                    "not refused by the webhook yet: {text}"
+                );
+                Ok(text)
+            }
+        }
+    })
+    .await?;
+    ensure!(
+        refused.contains("Retry demo/curl-retries: spec.retryPolicy.perTryTimeout:")
+            && refused.contains("\"forever\""),
+        "{refused}"
+    );
+    cluster::apply(&c.client, &retry("2s")).await?;
+    ensure!(
+        c.server.admission_calls("fsm-validate.flomesh.io") >= 2,
+        "the validating webhook was not called"
+    );
+
     // A pod that opts out is admitted unchanged.
     let plain = create(deployment_pod(
         "demo",
