@@ -636,7 +636,8 @@ def meshconfig_defaults_are_valid_against_the_crd():
                 "outboundIPRangeInclusionList", "networkInterfaceExclusionList"):
         assert spec["traffic"][key] == [], key
     assert spec["sidecar"] == {"enablePrivilegedInitContainer": False, "logLevel": "error", "sidecarImage": "",
-                               "maxDataPlaneConnections": 0, "configResyncInterval": "0s"}
+                               "sidecarClass": "envoy", "maxDataPlaneConnections": 0,
+                               "configResyncInterval": "0s"}
     assert spec["certificate"] == {"serviceCertValidityDuration": "24h", "certKeyBitSize": 2048}
     assert spec["observability"]["fsmLogLevel"] == "info"
     assert spec["observability"]["tracing"]["address"] == "jaeger.fsm-system.svc.cluster.local"
@@ -731,6 +732,7 @@ def meshconfig_follows_non_default_values():
     assert spec["sidecar"]["enablePrivilegedInitContainer"] is True
     assert spec["sidecar"]["logLevel"] == "debug"
     assert spec["sidecar"]["sidecarImage"] == "example.com/envoy:v1"
+    assert spec["sidecar"]["sidecarClass"] == "fsm-sidecar", "the mesh's sidecar class follows the value"
     assert spec["certificate"] == {"serviceCertValidityDuration": "1h30m", "certKeyBitSize": 4096}
     assert spec["observability"]["fsmLogLevel"] == "debug"
     assert spec["observability"]["tracing"]["enable"] is True

@@ -331,6 +331,21 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
             .any(|e| e.name == "FSM_ENVOY_BOOTSTRAP"),
         "the Envoy sidecar has no bootstrap"
     );
+    // The mesh's choice is MeshConfig's, read when a pod is created.
+    cluster::merge_patch(
+        &c.client,
+        &json!({"apiVersion": "config.flomesh.io/v1alpha3", "kind": "MeshConfig",
+                "metadata": {"name": "fsm-mesh-config", "namespace": "fsm-system"}}),
+        &json!({"spec": {"sidecar": {"sidecarClass": "fsm-sidecar"}}}),
+    )
+    .await?;
+    let native = create(deployment_pod("demo", "native-app", json!({}))).await?;
+    let native_sidecar = &native.spec.context("spec")?.containers[1];
+    ensure!(
+        native_sidecar.command.as_deref() == Some(&["fsm-sidecar".to_string()][..]),
+        "MeshConfig's sidecarClass was not followed: {:?}",
+        native_sidecar.command
+    );
     match create(deployment_pod(
         "demo",
         "bad",

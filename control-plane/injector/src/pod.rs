@@ -122,10 +122,13 @@ pub fn inject(
 ) -> Result<Injection, InjectError> {
     let empty = BTreeMap::new();
     let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    // The pod's choice, else the mesh's (MeshConfig), else the injector's.
+    let mesh_class =
+        SidecarClass::parse(mesh.sidecar.sidecar_class.trim()).unwrap_or(settings.default_class);
     let class = match annotations.get(SIDECAR_CLASS_ANNOTATION) {
         Some(text) => SidecarClass::parse(text.trim())
             .ok_or_else(|| InjectError::SidecarClass(text.clone()))?,
-        None => settings.default_class,
+        None => mesh_class,
     };
     let interception =
         Interception::for_pod(&mesh.traffic, annotations).map_err(InjectError::Interception)?;
@@ -166,8 +169,9 @@ pub fn inject(
     spec.init_containers
         .get_or_insert_with(Vec::new)
         .insert(0, init_container(settings, mesh, &interception));
-    spec.containers
-        .push(sidecar_container(settings, mesh, class, &node_id, &probes));
+    spec.containers.push(sidecar_container(
+        settings, mesh, mesh_class, class, &node_id, &probes,
+    ));
     if probes.needs_healthcheck() {
         spec.containers.push(healthcheck_container(settings));
     }
@@ -289,6 +293,7 @@ fn downward(name: &str, path: &str) -> EnvVar {
 fn sidecar_container(
     settings: &InjectorSettings,
     mesh: &MeshConfigSpec,
+    mesh_class: SidecarClass,
     class: SidecarClass,
     node_id: &str,
     probes: &Probes,
@@ -351,8 +356,8 @@ fn sidecar_container(
         ),
     };
     let image = match (class, mesh_image) {
-        // MeshConfig's sidecarImage names the image of the mesh's default sidecar.
-        (c, img) if !img.is_empty() && c == settings.default_class => img.to_string(),
+        // MeshConfig's sidecarImage names the image of the mesh's sidecar class.
+        (c, img) if !img.is_empty() && c == mesh_class => img.to_string(),
         _ => image,
     };
     let mut ports = vec![ContainerPort {
@@ -547,6 +552,38 @@ pub(crate) mod tests {
         assert_eq!(
             probe.http_get.as_ref().map(|g| g.port.clone()),
             Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15904))
+        );
+    }
+
+    #[test]
+    fn meshconfig_chooses_the_sidecar_and_its_image_unless_the_pod_does() {
+        let mut mesh = MeshConfigSpec::default();
+        mesh.sidecar.sidecar_class = "fsm-sidecar".into();
+        mesh.sidecar.sidecar_image = "registry.example/fsm-sidecar:1".into();
+        let inject_with = |annotations: serde_json::Value| {
+            inject(
+                &settings(),
+                &mesh,
+                &namespace(false),
+                &pod(annotations),
+                "u",
+            )
+            .expect("injects")
+        };
+        let by_mesh = inject_with(json!({}));
+        assert_eq!(by_mesh.class, SidecarClass::FsmSidecar);
+        let sidecar = &by_mesh.pod.spec.as_ref().expect("spec").containers[1];
+        assert_eq!(
+            sidecar.image.as_deref(),
+            Some("registry.example/fsm-sidecar:1")
+        );
+        let by_pod = inject_with(json!({SIDECAR_CLASS_ANNOTATION: "envoy"}));
+        assert_eq!(by_pod.class, SidecarClass::Envoy);
+        let sidecar = &by_pod.pod.spec.as_ref().expect("spec").containers[1];
+        assert_eq!(
+            sidecar.image.as_deref(),
+            Some("envoyproxy/envoy:v1.40-latest"),
+            "the mesh's image is for its own class"
         );
     }
 

@@ -113,6 +113,9 @@ pub struct SidecarSpec {
     pub log_level: String,
     /// Sidecar container image; empty means the image the control plane was installed with.
     pub sidecar_image: String,
+    /// Which sidecar injected pods run: `envoy` or `fsm-sidecar` (a pod's
+    /// `flomesh.io/sidecar-class` annotation wins); empty means the injector's own default.
+    pub sidecar_class: String,
     /// Maximum number of proxy connections to the controller; 0 means unlimited.
     pub max_data_plane_connections: u32,
     /// Interval for re-sending every proxy its configuration; `0s` disables it.
@@ -141,6 +144,7 @@ impl Default for SidecarSpec {
             enable_privileged_init_container: false,
             log_level: "error".into(),
             sidecar_image: String::new(),
+            sidecar_class: String::new(),
             max_data_plane_connections: 0,
             config_resync_interval: "0s".into(),
             // CRD defaults.
@@ -635,6 +639,9 @@ impl Default for ProxyTagSpec {
 
 // === Validation ===
 
+/// `spec.sidecar.sidecarClass` values: empty (the injector's default) or a data plane.
+const SIDECAR_CLASSES: [&str; 3] = ["", "envoy", "fsm-sidecar"];
+
 impl Validate for MeshConfig {
     fn validate(&self) -> Vec<FieldError> {
         self.spec.validate()
@@ -651,6 +658,15 @@ impl Validate for MeshConfigSpec {
             &sidecar.config_resync_interval,
             true,
         );
+        if !SIDECAR_CLASSES.contains(&sidecar.sidecar_class.as_str()) {
+            errs.push(
+                "spec.sidecar.sidecarClass",
+                format!(
+                    "{:?} is not a sidecar this mesh runs (envoy or fsm-sidecar)",
+                    sidecar.sidecar_class
+                ),
+            );
+        }
 
         let traffic = &self.traffic;
         for (i, cidr) in traffic.outbound_ip_range_exclusion_list.iter().enumerate() {
@@ -913,6 +929,17 @@ mod tests {
         );
         spec.sidecar.config_resync_interval = "30s".into();
         assert!(spec.validate().is_empty());
+    }
+
+    #[test]
+    fn sidecar_class_names_a_data_plane() {
+        let mut spec = MeshConfigSpec::default();
+        for good in ["", "envoy", "fsm-sidecar"] {
+            spec.sidecar.sidecar_class = good.into();
+            assert!(spec.validate().is_empty(), "{good:?}");
+        }
+        spec.sidecar.sidecar_class = "pipy".into();
+        assert_eq!(fields(&spec.validate()), ["spec.sidecar.sidecarClass"]);
     }
 
     #[test]
