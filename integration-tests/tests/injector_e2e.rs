@@ -18,8 +18,8 @@ use anyhow::{Context, Result, bail, ensure};
 use fsm_integration_tests::cluster::{self, TestCluster};
 use fsm_integration_tests::controller::ADS_SERVER_NAME;
 use fsm_integration_tests::{
-    AdsMode, ControllerOptions, FsmSidecarConfig, ManagedProcess, binary, eventually, free_port,
-    repo_root, start_controller_on_cluster, start_fsm_sidecar,
+    AdsMode, ControllerOptions, FsmSidecarConfig, ManagedProcess, binary, envoy_binary, eventually,
+    free_port, repo_root, start_controller_on_cluster, start_fsm_sidecar, start_localhost_server,
 };
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -456,6 +456,10 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         .await
         .context("the injected pod's sidecar never got its configuration")?;
 
+    // An Envoy pod, run from what the injector put into it: its bootstrap, SDS files and start-up
+    // command, with only the pod's paths and addresses moved onto this machine.
+    envoy_from_its_injection(&c, &pods, &controller.ads(), subnet).await?;
+
     // The injector's cost per pod creation, through the API server: pods in a namespace of the
     // mesh (the webhook is called) against pods in one outside it (not called).
     namespaces
@@ -496,6 +500,102 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     ensure!(
         c.server.admission_calls("fsm-inject.flomesh.io") >= 104,
         "the webhook was not called for every pod of the mesh"
+    );
+    Ok(())
+}
+
+/// Creates an Envoy pod whose readiness probe asks the app for `/status/202`, runs real Envoy with
+/// the bootstrap the injector wrote into the pod (credentials from the controller, ADS to the
+/// controller), and checks that Envoy gets its configuration over mTLS with the injected identity
+/// and answers the rewritten probe from the app.
+async fn envoy_from_its_injection(
+    c: &TestCluster,
+    pods: &Api<Pod>,
+    ads: &fsm_integration_tests::controller::AdsTarget,
+    subnet: u8,
+) -> Result<()> {
+    let (app_port, _app) = start_localhost_server("envoy-app", &c.logs).await?;
+    let mut pod = deployment_pod(
+        "demo",
+        "envoy-served",
+        json!({"flomesh.io/sidecar-class": "envoy"}),
+    );
+    pod["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(app_port);
+    pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] = json!("/status/202");
+    let pod: Pod = serde_json::from_value(pod)?;
+    let pod = pods.create(&PostParams::default(), &pod).await?;
+    let name = pod.metadata.name.clone().context("name")?;
+    let sidecar = pod.spec.as_ref().context("spec")?.containers[1].clone();
+    let env = |key: &str| {
+        sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == key)
+            .and_then(|e| e.value.clone())
+            .with_context(|| format!("the Envoy sidecar has no {key}"))
+    };
+    let script = sidecar.args.clone().unwrap_or_default().join(" ");
+    ensure!(
+        script.contains("exec envoy --config-yaml \"$FSM_ENVOY_BOOTSTRAP\""),
+        "{script}"
+    );
+    let ip = Ipv4Addr::new(127, 0, subnet, 78);
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": ip.to_string()}})),
+    )
+    .await?;
+    let credentials = ads.pod_dir("demo", &name);
+    fsm_integration_tests::controller::wait_for_bootstrap(&credentials, CONVERGE).await?;
+
+    // The pod's paths and wildcard addresses, here.
+    let sds = c.work.path().join(format!("sds-{name}"));
+    std::fs::create_dir_all(&sds)?;
+    let here = |text: String| {
+        text.replace("/etc/fsm/bootstrap", &credentials.display().to_string())
+            .replace("/tmp/fsm-sds", &sds.display().to_string())
+            .replace("\"0.0.0.0\"", &format!("\"{ip}\""))
+            .replace(
+                "\"127.0.0.1\",\"port_value\":15000",
+                &format!("\"{ip}\",\"port_value\":15000"),
+            )
+    };
+    std::fs::write(sds.join("cert.yaml"), here(env("FSM_SDS_CERT")?))?;
+    std::fs::write(sds.join("ca.yaml"), here(env("FSM_SDS_CA")?))?;
+    let bootstrap = here(env("FSM_ENVOY_BOOTSTRAP")?);
+    ensure!(
+        bootstrap.contains(&format!("\"{ip}\",\"port_value\":15000")),
+        "the admin address was not moved: {bootstrap}"
+    );
+    let mut command = Command::new(envoy_binary()?);
+    command.arg("--config-yaml").arg(&bootstrap).args([
+        "--disable-hot-restart",
+        "--use-dynamic-base-id",
+        "--concurrency",
+        "1",
+    ]);
+    let mut envoy = ManagedProcess::spawn(&format!("envoy-{name}"), command, &c.logs)?;
+    envoy
+        .wait_for_http_ok(&format!("http://{ip}:15000/ready"), CONVERGE)
+        .await
+        .context("the injected Envoy never got its configuration from the controller")?;
+    let probe = eventually(CONVERGE, || async {
+        let reply = fsm_integration_tests::http_get_from(
+            std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::from((ip, 15902)),
+            "kubelet",
+            "/fsm-readiness-probe",
+        )
+        .await?;
+        ensure!(reply.status == 202, "{} {:?}", reply.status, reply.body);
+        Ok(reply.status)
+    })
+    .await?;
+    ensure!(
+        probe == 202,
+        "the rewritten readiness probe got {probe}, not the app's 202"
     );
     Ok(())
 }
