@@ -1,0 +1,205 @@
+//! fsm: the command line of the mesh, with FSM's commands, flags and messages.
+
+mod errinfo;
+mod namespace;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+
+/// The FSM-compatible service mesh's command line.
+#[derive(Debug, Parser)]
+#[command(name = "fsm", version, propagate_version = true)]
+struct Cli {
+    /// kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// kubeconfig context to use (default: the current context).
+    #[arg(long, global = true)]
+    context: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the fsm CLI's version.
+    #[command(after_help = "Example:\n  fsm version")]
+    Version,
+    /// Add, remove, list or ignore namespaces of a mesh.
+    #[command(subcommand, visible_alias = "ns")]
+    Namespace(NamespaceCommand),
+    /// Turn Prometheus scraping of a namespace's pods on or off.
+    #[command(subcommand)]
+    Metrics(MetricsCommand),
+    /// Help for operators.
+    #[command(subcommand)]
+    Support(SupportCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Example:\n  source <(fsm completion bash)")]
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Flags that name a mesh.
+#[derive(Debug, clap::Args)]
+struct MeshArgs {
+    /// Name of the mesh.
+    #[arg(long, default_value = "fsm")]
+    mesh_name: String,
+    /// Namespace of the mesh's control plane.
+    #[arg(long, default_value = "fsm-system")]
+    fsm_namespace: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum NamespaceCommand {
+    /// Put namespaces in the mesh: label flomesh.io/monitored-by and enable sidecar injection.
+    #[command(
+        after_help = "Examples:\n  fsm namespace add demo\n  fsm namespace add demo --mesh-name=fsm --disable-sidecar-injection"
+    )]
+    Add {
+        #[arg(required = true)]
+        namespaces: Vec<String>,
+        #[command(flatten)]
+        mesh: MeshArgs,
+        /// Add the namespaces without injecting sidecars into their new pods.
+        #[arg(long)]
+        disable_sidecar_injection: bool,
+    },
+    /// Take namespaces out of the mesh (their existing sidecars stay until pods are re-created).
+    #[command(after_help = "Example:\n  fsm namespace remove demo --mesh-name=fsm")]
+    Remove {
+        #[arg(required = true)]
+        namespaces: Vec<String>,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
+    /// List the namespaces of a mesh (every mesh without --mesh-name).
+    #[command(after_help = "Example:\n  fsm namespace list --mesh-name=fsm")]
+    List {
+        /// Only this mesh's namespaces.
+        #[arg(long)]
+        mesh_name: Option<String>,
+    },
+    /// Keep namespaces out of every mesh: no sidecar is ever injected there.
+    #[command(after_help = "Example:\n  fsm namespace ignore kube-system")]
+    Ignore {
+        #[arg(required = true)]
+        namespaces: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MetricsCommand {
+    /// Let Prometheus scrape the sidecars of the namespaces' pods created from now on.
+    #[command(after_help = "Example:\n  fsm metrics enable --namespace \"bookstore, bookbuyer\"")]
+    Enable {
+        /// Namespaces, comma-separated.
+        #[arg(long)]
+        namespace: String,
+    },
+    /// Stop scraping the namespaces' pods created from now on.
+    #[command(after_help = "Example:\n  fsm metrics disable --namespace bookstore")]
+    Disable {
+        /// Namespaces, comma-separated.
+        #[arg(long)]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SupportCommand {
+    /// Describe FSM's error codes (all of them, or one).
+    #[command(after_help = "Examples:\n  fsm support error-info\n  fsm support error-info E5001")]
+    ErrorInfo {
+        /// An error code such as E5001.
+        code: Option<String>,
+    },
+}
+
+async fn client(cli: &Cli) -> Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions {
+        context: cli.context.clone(),
+        ..Default::default()
+    };
+    let config = match &cli.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options).await?
+        }
+        None => match kube::Config::from_kubeconfig(&options).await {
+            Ok(config) => config,
+            Err(_) => kube::Config::incluster().context(
+                "no kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) and not in a cluster",
+            )?,
+        },
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn run(cli: Cli) -> Result<String> {
+    let namespaces = || async { anyhow::Ok(Api::<Namespace>::all(client(&cli).await?)) };
+    Ok(match &cli.command {
+        Command::Version => format!("fsm CLI version {}\n", env!("CARGO_PKG_VERSION")),
+        Command::Support(SupportCommand::ErrorInfo { code }) => {
+            errinfo::error_info(code.as_deref()).map_err(anyhow::Error::msg)?
+        }
+        Command::Completion { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "fsm", &mut out);
+            String::from_utf8(out)?
+        }
+        Command::Namespace(NamespaceCommand::Add {
+            namespaces: names,
+            mesh,
+            disable_sidecar_injection,
+        }) => {
+            namespace::add(
+                &namespaces().await?,
+                names,
+                &mesh.mesh_name,
+                &mesh.fsm_namespace,
+                *disable_sidecar_injection,
+            )
+            .await?
+        }
+        Command::Namespace(NamespaceCommand::Remove {
+            namespaces: names,
+            mesh,
+        }) => namespace::remove(&namespaces().await?, names, &mesh.mesh_name).await?,
+        Command::Namespace(NamespaceCommand::List { mesh_name }) => {
+            namespace::list(&namespaces().await?, mesh_name.as_deref()).await?
+        }
+        Command::Namespace(NamespaceCommand::Ignore { namespaces: names }) => {
+            namespace::ignore(&namespaces().await?, names).await?
+        }
+        Command::Metrics(MetricsCommand::Enable { namespace }) => {
+            namespace::metrics(&namespaces().await?, namespace, true).await?
+        }
+        Command::Metrics(MetricsCommand::Disable { namespace }) => {
+            namespace::metrics(&namespaces().await?, namespace, false).await?
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(out) => {
+            let _ = std::io::stdout().write_all(out.as_bytes());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
