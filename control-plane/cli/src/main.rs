@@ -2,6 +2,8 @@
 
 mod errinfo;
 mod namespace;
+mod proxy;
+mod table;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +38,9 @@ enum Command {
     /// Turn Prometheus scraping of a namespace's pods on or off.
     #[command(subcommand)]
     Metrics(MetricsCommand),
+    /// Look at the mesh's sidecars: what the controller sent them, what they hold.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
     /// Help for operators.
     #[command(subcommand)]
     Support(SupportCommand),
@@ -115,6 +120,37 @@ enum MetricsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// Every proxy connected to the controller and, per resource type, whether it holds what
+    /// the controller computed for it (SYNCED, STALE, NACK); with a pod, its versions and the
+    /// last error it reported.
+    #[command(
+        after_help = "Examples:\n  fsm proxy status\n  fsm proxy status curl-7c9f5f9cdf-x2x8z -n demo"
+    )]
+    Status {
+        /// A pod, for its proxy's details.
+        pod: Option<String>,
+        /// The pod's namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Namespace of the mesh's control plane.
+        #[arg(long, default_value = "fsm-system")]
+        fsm_namespace: String,
+    },
+    /// GET one of a sidecar's admin endpoints (Envoy or fsm-sidecar) through a port-forward.
+    #[command(after_help = "Example:\n  fsm proxy get config_dump curl-7c9f5f9cdf-x2x8z -n demo")]
+    Get {
+        /// config_dump, stats, clusters, listeners or ready.
+        #[arg(value_parser = ["config_dump", "stats", "clusters", "listeners", "ready"])]
+        query: String,
+        pod: String,
+        /// The pod's namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum SupportCommand {
     /// Describe FSM's error codes (all of them, or one).
     #[command(after_help = "Examples:\n  fsm support error-info\n  fsm support error-info E5001")]
@@ -181,6 +217,23 @@ async fn run(cli: Cli) -> Result<String> {
         Command::Namespace(NamespaceCommand::Ignore { namespaces: names }) => {
             namespace::ignore(&namespaces().await?, names).await?
         }
+        Command::Proxy(ProxyCommand::Status {
+            pod,
+            namespace,
+            fsm_namespace,
+        }) => {
+            proxy::status(
+                &client(&cli).await?,
+                fsm_namespace,
+                pod.as_deref().map(|p| (namespace.as_str(), p)),
+            )
+            .await?
+        }
+        Command::Proxy(ProxyCommand::Get {
+            query,
+            pod,
+            namespace,
+        }) => proxy::get(&client(&cli).await?, namespace, pod, query).await?,
         Command::Metrics(MetricsCommand::Enable { namespace }) => {
             namespace::metrics(&namespaces().await?, namespace, true).await?
         }

@@ -142,7 +142,7 @@ pub async fn list(api: &Api<Namespace>, mesh: Option<&str>) -> Result<String> {
             None => "No namespaces in any mesh\n".to_string(),
         });
     }
-    let mut rows = vec![[
+    let mut rows = vec![vec![
         "NAMESPACE".to_string(),
         "MESH".to_string(),
         "SIDECAR-INJECTION".to_string(),
@@ -152,7 +152,7 @@ pub async fn list(api: &Api<Namespace>, mesh: Option<&str>) -> Result<String> {
             .get(SIDECAR_INJECTION_ANNOTATION)
             .filter(|v| v.eq_ignore_ascii_case("enabled"))
             .map_or("disabled", |_| "enabled");
-        rows.push([
+        rows.push(vec![
             ns.metadata.name.clone().unwrap_or_default(),
             labels(ns)
                 .get(MONITORED_BY_LABEL)
@@ -161,7 +161,7 @@ pub async fn list(api: &Api<Namespace>, mesh: Option<&str>) -> Result<String> {
             injection.to_string(),
         ]);
     }
-    Ok(columns(&rows))
+    Ok(crate::table::columns(&rows))
 }
 
 /// `fsm metrics enable|disable --namespace "a, b"`: Prometheus scraping of the namespace's pods.
@@ -189,25 +189,4 @@ pub async fn metrics(api: &Api<Namespace>, names: &str, enable: bool) -> Result<
         bail!("--namespace names no namespace");
     }
     Ok(out)
-}
-
-/// Left-aligned columns separated by at least two spaces, as kubectl prints tables.
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 < N {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
-            } else {
-                line.push_str(cell);
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }

@@ -1,0 +1,274 @@
+//! `fsm proxy status` (beyond FSM, like `istioctl proxy-status`): every proxy connected to the
+//! controller, per resource type whether it holds what the controller last computed for it; and
+//! `fsm proxy get <query> <pod>`: a sidecar's admin endpoint (Envoy's or fsm-sidecar's, the same
+//! paths), through a port-forward as `kubectl port-forward` does.
+//!
+//! The controller is reached through the API server's service proxy
+//! (`services/fsm-controller:9091/proxy/...`), so nothing but a kubeconfig is needed.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The controller's HTTP port (health, metrics, debug), as the chart's Service names it.
+const CONTROLLER_HTTP_PORT: u16 = 9091;
+/// The sidecars' admin port (Envoy's and fsm-sidecar's), on the pod's loopback.
+pub const ADMIN_PORT: u16 = 15000;
+
+/// `/debug/proxies`: per node id, per type URL, the versions the controller tracks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ProxyStatus {
+    connected_streams: u64,
+    types: BTreeMap<String, TypeStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct TypeStatus {
+    snapshot_version: Option<String>,
+    sent_version: Option<String>,
+    acked_version: Option<String>,
+    nacked_version: Option<String>,
+    last_nack_error: Option<String>,
+}
+
+/// `/debug/config`: per node id, the pod and what the controller could not give it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ProxyConfig {
+    pod: Option<String>,
+    data_planes: Vec<String>,
+    error: Option<String>,
+    warnings: Vec<String>,
+}
+
+/// The resource families in xDS order, with how their type URLs end (Envoy's and native).
+const TYPES: [(&str, &str); 5] = [
+    ("CDS", ".Cluster"),
+    ("LDS", ".Listener"),
+    ("EDS", ".ClusterLoadAssignment"),
+    ("RDS", ".RouteConfiguration"),
+    ("SDS", ".Secret"),
+];
+
+impl TypeStatus {
+    /// SYNCED: the proxy acknowledged what the controller computed; NACK: it refused a version;
+    /// STALE: it has not acknowledged the latest yet; NOT SENT: nothing computed for it.
+    fn state(&self) -> &'static str {
+        match (
+            &self.snapshot_version,
+            &self.acked_version,
+            &self.nacked_version,
+        ) {
+            (_, _, Some(_)) => "NACK",
+            (None, _, _) => "NOT SENT",
+            (Some(s), Some(a), None) if s == a => "SYNCED",
+            _ => "STALE",
+        }
+    }
+}
+
+async fn controller_get<T: serde::de::DeserializeOwned>(
+    client: &kube::Client,
+    fsm_namespace: &str,
+    path: &str,
+) -> Result<T> {
+    let url = format!(
+        "/api/v1/namespaces/{fsm_namespace}/services/fsm-controller:{CONTROLLER_HTTP_PORT}/proxy{path}"
+    );
+    let request = http::Request::get(&url).body(Vec::new())?;
+    let text = client.request_text(request).await.with_context(|| {
+        format!("asking fsm-controller in namespace [{fsm_namespace}] for {path} (is the mesh installed there? see --fsm-namespace)")
+    })?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("fsm-controller's {path} is not what this CLI reads"))
+}
+
+/// `fsm proxy status [pod]`.
+pub async fn status(
+    client: &kube::Client,
+    fsm_namespace: &str,
+    pod: Option<(&str, &str)>,
+) -> Result<String> {
+    let statuses: BTreeMap<String, ProxyStatus> =
+        controller_get(client, fsm_namespace, "/debug/proxies").await?;
+    let configs: BTreeMap<String, ProxyConfig> =
+        controller_get(client, fsm_namespace, "/debug/config").await?;
+    let pod_of = |node: &str| {
+        configs
+            .get(node)
+            .and_then(|c| c.pod.clone())
+            .unwrap_or_else(|| "-".into())
+    };
+    if let Some((namespace, name)) = pod {
+        let wanted = format!("{namespace}/{name}");
+        let Some(node) = statuses.keys().find(|n| pod_of(n) == wanted) else {
+            bail!("No proxy of pod [{wanted}] is connected to the controller");
+        };
+        return Ok(detail(node, &statuses[node], configs.get(node), &wanted));
+    }
+    let mut rows = vec![
+        ["NAME", "NODE ID", "DATA PLANE", "STREAMS"]
+            .iter()
+            .map(ToString::to_string)
+            .chain(TYPES.iter().map(|(t, _)| t.to_string()))
+            .collect::<Vec<_>>(),
+    ];
+    let mut nodes: Vec<(&String, &ProxyStatus)> = statuses.iter().collect();
+    nodes.sort_by_key(|(node, _)| pod_of(node));
+    for (node, status) in nodes {
+        let planes = configs
+            .get(node)
+            .map(|c| c.data_planes.join(","))
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "-".into());
+        let mut row = vec![
+            pod_of(node),
+            node.clone(),
+            planes,
+            status.connected_streams.to_string(),
+        ];
+        for (_, suffix) in TYPES {
+            row.push(
+                type_of(status, suffix)
+                    .map_or("-", TypeStatus::state)
+                    .to_string(),
+            );
+        }
+        rows.push(row);
+    }
+    Ok(crate::table::columns(&rows))
+}
+
+fn type_of<'a>(status: &'a ProxyStatus, suffix: &str) -> Option<&'a TypeStatus> {
+    status
+        .types
+        .iter()
+        .find(|(url, _)| url.ends_with(suffix))
+        .map(|(_, t)| t)
+}
+
+fn detail(node: &str, status: &ProxyStatus, config: Option<&ProxyConfig>, pod: &str) -> String {
+    let mut out = format!("Proxy {node} (pod {pod})\n");
+    if let Some(config) = config {
+        if let Some(error) = &config.error {
+            out.push_str(&format!("Error: {error}\n"));
+        }
+        for warning in &config.warnings {
+            out.push_str(&format!("Warning: {warning}\n"));
+        }
+    }
+    let mut rows = vec![
+        ["TYPE", "STATE", "COMPUTED", "SENT", "ACKED", "LAST NACK"]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+    ];
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    for (url, t) in &status.types {
+        rows.push(vec![
+            url.rsplit('/').next().unwrap_or(url).to_string(),
+            t.state().to_string(),
+            dash(&t.snapshot_version),
+            dash(&t.sent_version),
+            dash(&t.acked_version),
+            dash(&t.last_nack_error),
+        ]);
+    }
+    out.push_str(&crate::table::columns(&rows));
+    out
+}
+
+/// `fsm proxy get <query> <pod>`: GET `/<query>` of the pod's sidecar admin port through a
+/// port-forward.
+pub async fn get(client: &kube::Client, namespace: &str, pod: &str, query: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.get(pod)
+        .await
+        .with_context(|| format!("Pod [{namespace}/{pod}] not found"))?;
+    let mut forwarder = pods
+        .portforward(pod, &[ADMIN_PORT])
+        .await
+        .with_context(|| format!("port-forwarding to pod [{namespace}/{pod}] port {ADMIN_PORT}"))?;
+    let mut stream = forwarder
+        .take_stream(ADMIN_PORT)
+        .context("the port-forward opened no stream")?;
+    let path = format!("/{}", query.trim_start_matches('/'));
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    drop(stream);
+    let _ = forwarder.join().await;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").with_context(|| {
+        format!("the sidecar of pod [{namespace}/{pod}] did not answer HTTP on port {ADMIN_PORT}")
+    })?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200") {
+        bail!("the sidecar of pod [{namespace}/{pod}] answered {status} for {path}");
+    }
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    Ok(if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    })
+}
+
+/// The body of a chunked HTTP/1.1 response.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_is_synced_only_when_the_latest_is_acknowledged() {
+        let t = |s: Option<&str>, a: Option<&str>, n: Option<&str>| TypeStatus {
+            snapshot_version: s.map(Into::into),
+            acked_version: a.map(Into::into),
+            nacked_version: n.map(Into::into),
+            ..Default::default()
+        };
+        assert_eq!(t(Some("v2"), Some("v2"), None).state(), "SYNCED");
+        assert_eq!(t(Some("v2"), Some("v1"), None).state(), "STALE");
+        assert_eq!(t(Some("v2"), None, None).state(), "STALE");
+        assert_eq!(t(Some("v2"), Some("v1"), Some("v2")).state(), "NACK");
+        assert_eq!(t(None, None, None).state(), "NOT SENT");
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+}
