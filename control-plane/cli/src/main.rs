@@ -29,9 +29,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print the fsm CLI's version.
-    #[command(after_help = "Example:\n  fsm version")]
-    Version,
+    /// Print the CLI's version and, when a mesh is reachable, its control plane's.
+    #[command(after_help = "Example:\n  fsm version --fsm-namespace fsm-system")]
+    Version {
+        /// Namespace of the mesh's control plane.
+        #[arg(long, default_value = "fsm-system")]
+        fsm_namespace: String,
+        /// Only the CLI's version (no cluster needed).
+        #[arg(long)]
+        client_only: bool,
+    },
     /// Add, remove, list or ignore namespaces of a mesh.
     #[command(subcommand, visible_alias = "ns")]
     Namespace(NamespaceCommand),
@@ -184,7 +191,34 @@ async fn client(cli: &Cli) -> Result<kube::Client> {
 async fn run(cli: Cli) -> Result<String> {
     let namespaces = || async { anyhow::Ok(Api::<Namespace>::all(client(&cli).await?)) };
     Ok(match &cli.command {
-        Command::Version => format!("fsm CLI version {}\n", env!("CARGO_PKG_VERSION")),
+        Command::Version {
+            fsm_namespace,
+            client_only,
+        } => {
+            let mut out = format!("CLI Version: {}\n", env!("CARGO_PKG_VERSION"));
+            if !client_only {
+                let control_plane = match client(&cli).await {
+                    Ok(client) => proxy::controller_get::<serde_json::Value>(
+                        &client,
+                        fsm_namespace,
+                        "/version",
+                    )
+                    .await
+                    .map(|v| v["version"].as_str().unwrap_or("unknown").to_string())
+                    .map_err(|e| format!("{e:#}")),
+                    Err(e) => Err(format!("{e:#}")),
+                };
+                match control_plane {
+                    Ok(version) => out.push_str(&format!(
+                        "Control plane [{fsm_namespace}] version: {version}\n"
+                    )),
+                    Err(e) => out.push_str(&format!(
+                        "Control plane [{fsm_namespace}]: unreachable ({e})\n"
+                    )),
+                }
+            }
+            out
+        }
         Command::Support(SupportCommand::ErrorInfo { code }) => {
             errinfo::error_info(code.as_deref()).map_err(anyhow::Error::msg)?
         }

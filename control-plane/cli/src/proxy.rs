@@ -73,7 +73,7 @@ impl TypeStatus {
     }
 }
 
-async fn controller_get<T: serde::de::DeserializeOwned>(
+pub async fn controller_get<T: serde::de::DeserializeOwned>(
     client: &kube::Client,
     fsm_namespace: &str,
     path: &str,

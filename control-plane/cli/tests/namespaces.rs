@@ -159,4 +159,6 @@ fn error_info_and_completions_need_no_cluster() {
     );
     let (ok, _) = run(&["support", "error-info", "E0000"]);
     assert!(!ok);
+    let (ok, out) = run(&["version", "--client-only"]);
+    assert!(ok && out.starts_with("CLI Version: "), "{out}");
 }

@@ -28,8 +28,14 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/debug/problems", get(problems))
         .route("/debug/recompute", get(recompute))
         .route("/debug/source", get(source))
+        .route("/version", get(version))
         .with_state(state);
     axum::serve(listener, app).await
+}
+
+/// The controller's version (what `fsm version` shows for the control plane).
+async fn version() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
