@@ -143,6 +143,10 @@ enum ProxyCommand {
         /// Namespace of the mesh's control plane.
         #[arg(long, default_value = "fsm-system")]
         fsm_namespace: String,
+        /// Ask the controller at this URL instead of through the cluster (a controller without
+        /// a cluster, such as `make demo`'s: http://127.0.0.1:9091).
+        #[arg(long)]
+        controller_url: Option<String>,
     },
     /// GET one of a sidecar's admin endpoints (Envoy or fsm-sidecar) through a port-forward.
     #[command(after_help = "Example:\n  fsm proxy get config_dump curl-7c9f5f9cdf-x2x8z -n demo")]
@@ -199,8 +203,10 @@ async fn run(cli: Cli) -> Result<String> {
             if !client_only {
                 let control_plane = match client(&cli).await {
                     Ok(client) => proxy::controller_get::<serde_json::Value>(
-                        &client,
-                        fsm_namespace,
+                        &proxy::Controller::Cluster {
+                            client,
+                            namespace: fsm_namespace.clone(),
+                        },
                         "/version",
                     )
                     .await
@@ -255,13 +261,16 @@ async fn run(cli: Cli) -> Result<String> {
             pod,
             namespace,
             fsm_namespace,
+            controller_url,
         }) => {
-            proxy::status(
-                &client(&cli).await?,
-                fsm_namespace,
-                pod.as_deref().map(|p| (namespace.as_str(), p)),
-            )
-            .await?
+            let controller = match controller_url {
+                Some(url) => proxy::Controller::Url(url.clone()),
+                None => proxy::Controller::Cluster {
+                    client: client(&cli).await?,
+                    namespace: fsm_namespace.clone(),
+                },
+            };
+            proxy::status(&controller, pod.as_deref().map(|p| (namespace.as_str(), p))).await?
         }
         Command::Proxy(ProxyCommand::Get {
             query,

@@ -73,32 +73,64 @@ impl TypeStatus {
     }
 }
 
+/// How the CLI reaches fsm-controller's HTTP endpoints.
+pub enum Controller {
+    /// Through the API server's service proxy to `fsm-controller` in this namespace.
+    Cluster {
+        client: kube::Client,
+        namespace: String,
+    },
+    /// Directly, at this base URL (a controller without a cluster, e.g. `make demo`'s).
+    Url(String),
+}
+
+impl Controller {
+    fn describe(&self) -> String {
+        match self {
+            Controller::Cluster { namespace, .. } => format!(
+                "fsm-controller in namespace [{namespace}] (is the mesh installed there? see --fsm-namespace)"
+            ),
+            Controller::Url(url) => format!("fsm-controller at {url}"),
+        }
+    }
+}
+
 pub async fn controller_get<T: serde::de::DeserializeOwned>(
-    client: &kube::Client,
-    fsm_namespace: &str,
+    controller: &Controller,
     path: &str,
 ) -> Result<T> {
-    let url = format!(
-        "/api/v1/namespaces/{fsm_namespace}/services/fsm-controller:{CONTROLLER_HTTP_PORT}/proxy{path}"
-    );
-    let request = http::Request::get(&url).body(Vec::new())?;
-    let text = client.request_text(request).await.with_context(|| {
-        format!("asking fsm-controller in namespace [{fsm_namespace}] for {path} (is the mesh installed there? see --fsm-namespace)")
-    })?;
+    let text = match controller {
+        Controller::Cluster { client, namespace } => {
+            let url = format!(
+                "/api/v1/namespaces/{namespace}/services/fsm-controller:{CONTROLLER_HTTP_PORT}/proxy{path}"
+            );
+            let request = http::Request::get(&url).body(Vec::new())?;
+            client
+                .request_text(request)
+                .await
+                .map_err(anyhow::Error::from)
+        }
+        Controller::Url(base) => {
+            async {
+                let response = reqwest::get(format!("{}{path}", base.trim_end_matches('/')))
+                    .await?
+                    .error_for_status()?;
+                anyhow::Ok(response.text().await?)
+            }
+            .await
+        }
+    }
+    .with_context(|| format!("asking {} for {path}", controller.describe()))?;
     serde_json::from_str(&text)
         .with_context(|| format!("fsm-controller's {path} is not what this CLI reads"))
 }
 
 /// `fsm proxy status [pod]`.
-pub async fn status(
-    client: &kube::Client,
-    fsm_namespace: &str,
-    pod: Option<(&str, &str)>,
-) -> Result<String> {
+pub async fn status(controller: &Controller, pod: Option<(&str, &str)>) -> Result<String> {
     let statuses: BTreeMap<String, ProxyStatus> =
-        controller_get(client, fsm_namespace, "/debug/proxies").await?;
+        controller_get(controller, "/debug/proxies").await?;
     let configs: BTreeMap<String, ProxyConfig> =
-        controller_get(client, fsm_namespace, "/debug/config").await?;
+        controller_get(controller, "/debug/config").await?;
     let pod_of = |node: &str| {
         configs
             .get(node)
