@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::Response;
 use http::{HeaderMap, Method, StatusCode, Uri, header};
@@ -25,6 +25,8 @@ use crate::status::{ApiError, FieldError};
 use crate::store::{Filter, ListRequest, Preconditions, Propagation, Store, WriteOpts};
 use crate::watch::{self as watching, WatchRequest};
 
+mod portforward;
+mod proxy;
 mod writes;
 
 /// The real server's request body limit.
@@ -66,18 +68,33 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn handle(
-    State(app): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(State(app): State<AppState>, request: axum::extract::Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    // Taken before the body is read: `pods/portforward` answers 101 and keeps the connection.
+    let upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error_response(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("Request entity too large: limit is {BODY_LIMIT}"),
+            ));
+        }
+    };
     let query: Query = uri
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let response = match dispatch(&app, &method, &uri, &headers, &query, &body).await {
+    let request = Incoming {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        query: &query,
+        body: &body,
+    };
+    let response = match dispatch(&app, &request, upgrade).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -85,14 +102,27 @@ async fn handle(
     response
 }
 
+/// One request, parsed.
+struct Incoming<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    query: &'a Query,
+    body: &'a [u8],
+}
+
 async fn dispatch(
     app: &AppState,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    query: &Query,
-    body: &[u8],
+    request: &Incoming<'_>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response, ApiError> {
+    let Incoming {
+        method,
+        uri,
+        headers,
+        query,
+        body,
+    } = *request;
     let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
     let accept = header_str(headers, header::ACCEPT);
     let discovery_get = |doc: Option<Value>| -> Result<Response, ApiError> {
@@ -121,6 +151,27 @@ async fn dispatch(
             group,
             version,
         )),
+        [
+            "api",
+            "v1",
+            "namespaces",
+            ns,
+            kind @ ("services" | "pods"),
+            id,
+            "proxy",
+            ..,
+        ] => {
+            let kind = if *kind == "services" {
+                proxy::Kind::Service
+            } else {
+                proxy::Kind::Pod
+            };
+            let rest = proxy_rest(uri.path(), &segments[..7]);
+            proxy::serve(app, kind, method, uri, headers, body, ns, id, &rest).await
+        }
+        ["api", "v1", "namespaces", ns, "pods", name, "portforward"] => {
+            portforward::serve(app, method, headers, uri.query(), upgrade, ns, name)
+        }
         ["api", "v1", rest @ ..] => {
             let target = route(&app.store, "", "v1", rest)?;
             resource(app, method, headers, query, body, target).await
@@ -130,6 +181,26 @@ async fn dispatch(
             resource(app, method, headers, query, body, target).await
         }
         _ => Err(ApiError::no_route()),
+    }
+}
+
+/// The path after `…/proxy`, as sent (empty, or starting with `/`; trailing slashes kept).
+fn proxy_rest(path: &str, head: &[&str]) -> String {
+    let prefix = format!("/{}", head.join("/"));
+    match path.strip_prefix(&prefix) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.to_string(),
+        // An unusual spelling of the prefix (doubled slashes): rebuild from the segments.
+        _ => {
+            let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            let mut rest: String = segments[head.len().min(segments.len())..]
+                .iter()
+                .map(|s| format!("/{s}"))
+                .collect();
+            if path.ends_with('/') {
+                rest.push('/');
+            }
+            rest
+        }
     }
 }
 

@@ -27,9 +27,11 @@
 //! write rules), `http` (routing, query parameters, list envelopes), `watch` (event streams),
 //! `registry` (built-in kinds and CRDs), [`schema`] (structural schemas: prune, default,
 //! validate), [`selector`] (label and field selectors), [`patch`], `services` (ClusterIP
-//! allocation), `admission` (webhook configurations, matching and calls; `http/writes.rs` runs
-//! writes through it), `discovery`, [`status`] (errors as `Status` objects), `server` (start,
-//! stop, restart).
+//! allocation, Service → endpoint resolution), `admission` (webhook configurations, matching
+//! and calls; `http/writes.rs` runs writes through it), `http/proxy.rs` and
+//! `http/portforward.rs` (the `services/proxy`, `pods/proxy` and `pods/portforward`
+//! subresources), `discovery`, [`status`] (errors as `Status` objects), `server` (start, stop,
+//! restart).
 
 #![forbid(unsafe_code)]
 

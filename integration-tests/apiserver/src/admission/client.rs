@@ -7,7 +7,6 @@
 //! EndpointSlices), while the certificate is verified for `<name>.<namespace>.svc`, as
 //! kube-apiserver does.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
+use crate::services::ServicePort;
 use crate::store::Store;
 
 /// Where one call goes.
@@ -109,7 +109,10 @@ async fn exchange(
     body: Vec<u8>,
 ) -> Result<(http::StatusCode, Bytes), String> {
     let addr = match &target.service {
-        Some((ns, name)) => service_endpoint(store, ns, name, target.port)?,
+        Some((ns, name)) => {
+            crate::services::endpoint(store, ns, name, &ServicePort::Number(target.port))
+                .map_err(|e| e.to_string())?
+        }
         None => tokio::net::lookup_host((target.host.as_str(), target.port))
             .await
             .map_err(|e| format!("dial tcp: lookup {}: {e}", target.host))?
@@ -213,149 +216,10 @@ fn unsuccessful(status: http::StatusCode, body: &[u8]) -> String {
     }
 }
 
-/// The address a call to `service`'s `port` reaches: a ready endpoint address, with the
-/// endpoint port that serves that Service port. The Service must exist and be of a routable
-/// type, as kube-apiserver's endpoint resolver requires.
-fn service_endpoint(store: &Store, ns: &str, name: &str, port: u16) -> Result<SocketAddr, String> {
-    let svc = store
-        .get("v1", "Service", Some(ns), name)
-        .ok_or_else(|| format!("service {name:?} not found"))?;
-    let svc_type = svc
-        .pointer("/spec/type")
-        .and_then(Value::as_str)
-        .unwrap_or("ClusterIP");
-    if !matches!(svc_type, "ClusterIP" | "LoadBalancer" | "NodePort") {
-        return Err(format!("unsupported service type {svc_type:?}"));
-    }
-    let svc_port = svc
-        .pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .and_then(|ports| {
-            ports
-                .iter()
-                .find(|p| p.get("port").and_then(Value::as_u64) == Some(u64::from(port)))
-        })
-        .ok_or_else(|| format!("no service port {port} found for service {name:?}"))?;
-
-    let endpoints = store.get("v1", "Endpoints", Some(ns), name);
-    for subset in array(endpoints.as_ref(), "/subsets") {
-        let addresses: Vec<&str> = array(Some(subset), "/addresses")
-            .iter()
-            .filter_map(|a| a.get("ip").and_then(Value::as_str))
-            .collect();
-        if let Some(addr) = pick(&addresses, array(Some(subset), "/ports"), svc_port) {
-            return Ok(addr);
-        }
-    }
-    let slices = store.list("discovery.k8s.io/v1", "EndpointSlice", Some(ns));
-    for slice in &slices {
-        if slice
-            .pointer("/metadata/labels/kubernetes.io~1service-name")
-            .and_then(Value::as_str)
-            != Some(name)
-        {
-            continue;
-        }
-        let addresses: Vec<&str> = array(Some(slice), "/endpoints")
-            .iter()
-            .filter(|e| e.pointer("/conditions/ready").and_then(Value::as_bool) != Some(false))
-            .filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str))
-            .collect();
-        if let Some(addr) = pick(&addresses, array(Some(slice), "/ports"), svc_port) {
-            return Ok(addr);
-        }
-    }
-    Err(format!("no endpoints available for service {name:?}"))
-}
-
-/// The first usable address with the endpoint port serving `svc_port`: the one whose number
-/// is the Service port's numeric `targetPort`, else the one named like the Service port (the
-/// real resolver's rule).
-fn pick(addresses: &[&str], ports: &[Value], svc_port: &Value) -> Option<SocketAddr> {
-    let ip = addresses.iter().find_map(|a| a.parse::<IpAddr>().ok())?;
-    let number = |p: &Value| {
-        p.get("port")
-            .and_then(Value::as_u64)
-            .and_then(|n| u16::try_from(n).ok())
-    };
-    let name = |p: &Value| {
-        p.get("name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let target = svc_port.get("targetPort").and_then(Value::as_u64);
-    let by_number = ports
-        .iter()
-        .find(|p| target.is_some() && number(p).map(u64::from) == target);
-    let by_name = || ports.iter().find(|p| name(p) == name(svc_port));
-    let port = by_number.or_else(by_name).and_then(number)?;
-    Some(SocketAddr::new(ip, port))
-}
-
-fn array<'a>(v: Option<&'a Value>, pointer: &str) -> &'a [Value] {
-    v.and_then(|v| v.pointer(pointer))
-        .and_then(Value::as_array)
-        .map_or(&[], Vec::as_slice)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn store() -> Store {
-        let s = Store::new(100);
-        s.apply_yaml(
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: sys}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: hook, namespace: sys}\n\
-             spec: {ports: [{name: https, port: 443, targetPort: 9443}]}\n",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        s
-    }
-
-    #[test]
-    fn services_resolve_through_endpoints_then_slices() {
-        let s = store();
-        assert_eq!(
-            service_endpoint(&s, "sys", "hook", 443),
-            Err("no endpoints available for service \"hook\"".into())
-        );
-        assert_eq!(
-            service_endpoint(&s, "sys", "hook", 8443),
-            Err("no service port 8443 found for service \"hook\"".into())
-        );
-        assert_eq!(
-            service_endpoint(&s, "sys", "nope", 443),
-            Err("service \"nope\" not found".into())
-        );
-        s.apply(&json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": "hook-abc", "namespace": "sys", "labels": {"kubernetes.io/service-name": "hook"}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": ["127.0.0.9"], "conditions": {"ready": false}},
-                          {"addresses": ["127.0.0.8"], "conditions": {"ready": true}}],
-            "ports": [{"name": "https", "port": 9443}],
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            service_endpoint(&s, "sys", "hook", 443),
-            Ok("127.0.0.8:9443".parse().unwrap_or_else(|e| panic!("{e}")))
-        );
-        // Endpoints win; an unnamed port matches the numeric targetPort.
-        s.apply(&json!({
-            "apiVersion": "v1", "kind": "Endpoints",
-            "metadata": {"name": "hook", "namespace": "sys"},
-            "subsets": [{"addresses": [{"ip": "127.0.0.7"}], "notReadyAddresses": [{"ip": "127.0.0.6"}],
-                         "ports": [{"port": 9443}]}],
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            service_endpoint(&s, "sys", "hook", 443),
-            Ok("127.0.0.7:9443".parse().unwrap_or_else(|e| panic!("{e}")))
-        );
-    }
 
     #[test]
     fn targets() {

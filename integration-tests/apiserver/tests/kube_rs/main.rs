@@ -7,6 +7,7 @@ mod crd;
 mod crud;
 mod lifecycle;
 mod ownership;
+mod proxy;
 mod watch;
 
 use std::future::Future;
