@@ -93,14 +93,49 @@ fn injector_endpoints(port: u16) -> Value {
     })
 }
 
-/// The controller's Endpoints for its webhook port (the chart Service's `webhook` port).
-fn controller_webhook_endpoints(port: u16) -> Value {
+/// The controller's Endpoints (the chart Service's `webhook` and `http` ports).
+fn controller_endpoints(webhook: u16, http: u16) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Endpoints",
         "metadata": {"name": "fsm-controller", "namespace": "fsm-system"},
         "subsets": [{"addresses": [{"ip": "127.0.0.1"}],
-                     "ports": [{"name": "webhook", "port": port}]}],
+                     "ports": [{"name": "webhook", "port": webhook}, {"name": "http", "port": http}]}],
     })
+}
+
+/// `fsm proxy status` once it shows the proxy of `pod` (in demo) SYNCED for every type; with the
+/// proxy's details (its last NACK) when it does not.
+async fn proxy_synced(c: &TestCluster, pod: &str) -> Result<String> {
+    eventually(CONVERGE, || async {
+        let status = fsm_cli(c, &["proxy", "status"])?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(&format!("demo/{pod} ")))
+            .with_context(|| format!("no line for demo/{pod}:\n{status}"))?;
+        if line.matches("SYNCED").count() != 5 {
+            let detail = fsm_cli(c, &["proxy", "status", pod, "-n", "demo"])?;
+            bail!("demo/{pod} not synced:\n{status}\n{detail}");
+        }
+        Ok(status)
+    })
+    .await
+}
+
+/// Runs the `fsm` CLI with the test cluster's kubeconfig; its stdout, or its stderr as the error.
+fn fsm_cli(c: &TestCluster, args: &[&str]) -> Result<String> {
+    let out = Command::new(binary("fsm")?)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(args)
+        .output()
+        .context("running fsm")?;
+    ensure!(
+        out.status.success(),
+        "fsm {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A pod as a ReplicaSet of Deployment `name` creates it.
@@ -194,7 +229,12 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     cluster::apply_all(&c.client, &installed).await?;
     // The controller's validating webhook, on loopback like the rest.
     let validator_port = free_port()?;
-    cluster::apply(&c.client, &controller_webhook_endpoints(validator_port)).await?;
+    let http_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    cluster::apply(
+        &c.client,
+        &controller_endpoints(validator_port, http_addr.port()),
+    )
+    .await?;
     let mut controller_args = without(
         &chart.controller_args,
         &[
@@ -211,6 +251,7 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         &c.logs,
         &ControllerOptions {
             extra_args: controller_args,
+            http_addr: Some(http_addr),
             ..Default::default()
         },
     )
@@ -455,10 +496,45 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         .wait_ready(CONVERGE)
         .await
         .context("the injected pod's sidecar never got its configuration")?;
+    // The fsm CLI, through the API server: the proxy is synced, its own dump is fsm-sidecar's.
+    let native_status = proxy_synced(&c, &name).await?;
+    ensure!(native_status.contains(" fsm-sidecar "), "{native_status}");
+    let native_dump = fsm_cli(&c, &["proxy", "get", "config_dump", &name, "-n", "demo"])?;
+    ensure!(
+        native_dump.contains("fsm.dataplane.v1"),
+        "not fsm-sidecar's config dump: {}",
+        &native_dump[..native_dump.len().min(300)]
+    );
+    // Both pods are transparent (their listeners take every address of 15001, as in their own
+    // network namespaces); on one host only one can run at a time.
+    drop(sidecar);
 
     // An Envoy pod, run from what the injector put into it: its bootstrap, SDS files and start-up
     // command, with only the pod's paths and addresses moved onto this machine.
-    envoy_from_its_injection(&c, &pods, &controller.ads(), subnet).await?;
+    let (_envoy, _app, envoy_pod) =
+        envoy_from_its_injection(&c, &pods, &controller.ads(), subnet).await?;
+    let status = proxy_synced(&c, &envoy_pod).await?;
+    eprintln!("[fsm proxy status]\n{status}");
+    ensure!(status.contains(" envoy "), "{status}");
+    let detail = fsm_cli(&c, &["proxy", "status", &envoy_pod, "-n", "demo"])?;
+    ensure!(
+        detail.contains("envoy.config.cluster.v3.Cluster") && detail.contains("SYNCED"),
+        "{detail}"
+    );
+    let dump = fsm_cli(
+        &c,
+        &["proxy", "get", "config_dump", &envoy_pod, "-n", "demo"],
+    )?;
+    ensure!(
+        dump.contains("type.googleapis.com/envoy.admin.v3.BootstrapConfigDump"),
+        "not Envoy's config dump: {}",
+        &dump[..dump.len().min(300)]
+    );
+    let version = fsm_cli(&c, &["version"])?;
+    ensure!(
+        version.contains("Control plane [fsm-system] version: "),
+        "{version}"
+    );
 
     // The injector's cost per pod creation, through the API server: pods in a namespace of the
     // mesh (the webhook is called) against pods in one outside it (not called).
@@ -507,14 +583,14 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
 /// Creates an Envoy pod whose readiness probe asks the app for `/status/202`, runs real Envoy with
 /// the bootstrap the injector wrote into the pod (credentials from the controller, ADS to the
 /// controller), and checks that Envoy gets its configuration over mTLS with the injected identity
-/// and answers the rewritten probe from the app.
+/// and answers the rewritten probe from the app. Returns Envoy, the app and the pod's name.
 async fn envoy_from_its_injection(
     c: &TestCluster,
     pods: &Api<Pod>,
     ads: &fsm_integration_tests::controller::AdsTarget,
     subnet: u8,
-) -> Result<()> {
-    let (app_port, _app) = start_localhost_server("envoy-app", &c.logs).await?;
+) -> Result<(ManagedProcess, ManagedProcess, String)> {
+    let (app_port, app) = start_localhost_server("envoy-app", &c.logs).await?;
     let mut pod = deployment_pod(
         "demo",
         "envoy-served",
@@ -597,5 +673,5 @@ async fn envoy_from_its_injection(
         probe == 202,
         "the rewritten readiness probe got {probe}, not the app's 202"
     );
-    Ok(())
+    Ok((envoy, app, name))
 }
