@@ -39,6 +39,7 @@
 //!
 //! [`secrets`] builds those three Secrets from the proxy's [`ProxyCredentials`].
 
+pub mod bootstrap;
 mod golden_view;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -15,4 +15,4 @@ pub use self::kube::{KubeSource, WatchStatus};
 /// (a Kubernetes watch then buffers in the API server, as client-go's informers do) instead of
 /// queueing without limit.
 pub const EVENT_QUEUE: usize = 1024;
-pub use manifest::{ManifestSource, SourceError};
+pub use manifest::{ManifestSource, SourceError, read_manifest_dir};

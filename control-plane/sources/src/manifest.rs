@@ -64,6 +64,27 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Used only when the event-driven watcher cannot be set up (e.g. inotify limits exhausted).
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Reads `dir` once, by the rules the watching source applies (recursive, path order, hidden and
+/// backup files skipped, later files win), for tools that need a directory's mesh without
+/// watching it (`fsm translate`). Returns the objects the catalog would be given and every
+/// problem found (file, document, object, field, message).
+pub fn read_manifest_dir(dir: &Path) -> Result<(Vec<MeshObject>, Vec<DecodeError>), SourceError> {
+    if !dir.is_dir() {
+        return Err(SourceError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let (state, events) = State::load(dir.to_path_buf())?;
+    let objects = events
+        .into_iter()
+        .filter_map(|event| match event {
+            CatalogEvent::InitApply(object) => Some(object),
+            _ => None,
+        })
+        .collect();
+    Ok((objects, state.problems))
+}
+
 /// Why the manifest source could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
