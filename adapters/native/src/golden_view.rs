@@ -50,14 +50,47 @@ pub fn render(resources: &NativeResources) -> BTreeMap<String, String> {
     out
 }
 
+/// The resources as one JSON document in the proto3 JSON mapping (`fsm translate -o json`):
+/// `{"clusters": [...], "endpoints": [...], "listeners": [...], "routes": [...], "secrets":
+/// [...]}`, private keys left out.
+pub fn to_json(resources: &NativeResources) -> Result<serde_json::Value, String> {
+    let encoded = resources.encode();
+    let pool = DescriptorPool::decode(FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())?;
+    let mut out = serde_json::Map::new();
+    for (key, url) in [
+        ("clusters", type_url::CLUSTER),
+        ("endpoints", type_url::CLUSTER_LOAD_ASSIGNMENT),
+        ("listeners", type_url::LISTENER),
+        ("routes", type_url::ROUTE_CONFIGURATION),
+        ("secrets", type_url::SECRET),
+    ] {
+        let items = encoded.get(url).map(Vec::as_slice).unwrap_or_default();
+        let messages = messages(&pool, url, items)?;
+        out.insert(
+            key.to_string(),
+            serde_json::to_value(&messages).map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 /// The YAML list of the resources of type `url`, given encoded.
 fn yaml(
     pool: Result<&DescriptorPool, String>,
     url: &str,
     items: &[(String, Vec<u8>)],
 ) -> Result<String, String> {
+    serde_yaml_ng::to_string(&messages(pool?, url, items)?).map_err(|e| e.to_string())
+}
+
+/// The resources of type `url`, given encoded, decoded by reflection (private keys left out).
+fn messages(
+    pool: &DescriptorPool,
+    url: &str,
+    items: &[(String, Vec<u8>)],
+) -> Result<Vec<Json>, String> {
     let name = url.trim_start_matches("type.googleapis.com/");
-    let descriptor = pool?
+    let descriptor = pool
         .get_message_by_name(name)
         .ok_or_else(|| format!("no descriptor for {name}"))?;
     let mut messages = Vec::with_capacity(items.len());
@@ -71,7 +104,7 @@ fn yaml(
             .map_err(|e| e.to_string())?;
         messages.push(Json(message));
     }
-    serde_yaml_ng::to_string(&messages).map_err(|e| e.to_string())
+    Ok(messages)
 }
 
 /// A secret with its private key left out.

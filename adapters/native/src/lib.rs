@@ -39,7 +39,7 @@ use std::net::IpAddr;
 use fsm_dataplane_proto::{type_url, v1};
 use fsm_ir::{ClusterKind, Protocol, ProxyCredentials, ProxyIr, ServiceIdentity, names, ports};
 
-pub use golden_view::render;
+pub use golden_view::{render, to_json};
 
 pub use fsm_ir::names::{INBOUND_LISTENER, INBOUND_ROUTES, OUTBOUND_LISTENER, OUTBOUND_ROUTES};
 /// The filter chain of both listeners that serves connections made to the sidecar's own port.

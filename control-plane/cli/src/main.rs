@@ -4,6 +4,7 @@ mod errinfo;
 mod namespace;
 mod proxy;
 mod table;
+mod translate;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,6 +49,27 @@ enum Command {
     /// Look at the mesh's sidecars: what the controller sent them, what they hold.
     #[command(subcommand)]
     Proxy(ProxyCommand),
+    /// Compute one proxy's configuration from a directory of manifests, with no cluster and no
+    /// controller, through the code the controller runs; or list every problem (file, document,
+    /// object, field, FSM code) and exit 1.
+    #[command(
+        after_help = "Examples:\n  fsm translate -f examples/demo --proxy demo/curl --data-plane fsm-sidecar -o yaml\n  fsm translate -f examples/demo --proxy demo/curl -o bootstrap > curl.pb && envoy --mode validate -c curl.pb"
+    )]
+    Translate {
+        /// The manifest directory (read recursively, as `fsm-controller --manifest-dir` does).
+        #[arg(short = 'f', long = "file")]
+        dir: PathBuf,
+        /// The proxy's pod, <namespace>/<pod> (optional when one pod has a sidecar).
+        #[arg(long)]
+        proxy: Option<String>,
+        #[arg(long, value_enum, default_value = "envoy")]
+        data_plane: translate::DataPlane,
+        /// json or yaml (fsm-sidecar), bootstrap (Envoy: a static bootstrap, binary protobuf).
+        #[arg(short, long, value_enum, default_value = "bootstrap")]
+        output: translate::Output,
+        #[command(flatten)]
+        mesh: MeshArgs,
+    },
     /// Help for operators.
     #[command(subcommand)]
     Support(SupportCommand),
@@ -192,7 +214,34 @@ async fn client(cli: &Cli) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-async fn run(cli: Cli) -> Result<String> {
+async fn run(cli: Cli) -> Result<Vec<u8>> {
+    if let Command::Translate {
+        dir,
+        proxy,
+        data_plane,
+        output,
+        mesh,
+    } = &cli.command
+    {
+        let translated = translate::translate(
+            dir,
+            proxy.as_deref(),
+            *data_plane,
+            *output,
+            fsm_catalog::CatalogSettings {
+                mesh_name: mesh.mesh_name.clone(),
+                fsm_namespace: mesh.fsm_namespace.clone(),
+            },
+        )?;
+        for warning in &translated.warnings {
+            eprintln!("Warning: {warning}");
+        }
+        return Ok(translated.output);
+    }
+    run_text(cli).await.map(String::into_bytes)
+}
+
+async fn run_text(cli: Cli) -> Result<String> {
     let namespaces = || async { anyhow::Ok(Api::<Namespace>::all(client(&cli).await?)) };
     Ok(match &cli.command {
         Command::Version {
@@ -283,6 +332,7 @@ async fn run(cli: Cli) -> Result<String> {
         Command::Metrics(MetricsCommand::Disable { namespace }) => {
             namespace::metrics(&namespaces().await?, namespace, false).await?
         }
+        Command::Translate { .. } => unreachable!("handled by run"),
     })
 }
 
@@ -290,7 +340,7 @@ async fn run(cli: Cli) -> Result<String> {
 async fn main() -> std::process::ExitCode {
     match run(Cli::parse()).await {
         Ok(out) => {
-            let _ = std::io::stdout().write_all(out.as_bytes());
+            let _ = std::io::stdout().write_all(&out);
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
