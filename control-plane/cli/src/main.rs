@@ -5,6 +5,7 @@ mod namespace;
 mod proxy;
 mod table;
 mod translate;
+mod uninstall;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ enum Command {
         #[command(flatten)]
         mesh: MeshArgs,
     },
+    /// Remove a mesh's control plane.
+    #[command(subcommand)]
+    Uninstall(UninstallCommand),
     /// Help for operators.
     #[command(subcommand)]
     Support(SupportCommand),
@@ -180,6 +184,29 @@ enum ProxyCommand {
         /// The pod's namespace.
         #[arg(short, long, default_value = "default")]
         namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UninstallCommand {
+    /// Remove the mesh's controller, injector, webhooks, RBAC and MeshConfig. The CRDs, the
+    /// namespace and the mesh's Secrets stay unless asked.
+    #[command(
+        after_help = "Examples:\n  fsm uninstall mesh --mesh-name fsm\n  fsm uninstall mesh -f --delete-namespace --delete-cluster-wide-resources"
+    )]
+    Mesh {
+        #[command(flatten)]
+        mesh: MeshArgs,
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        force: bool,
+        /// Also delete the control plane's namespace.
+        #[arg(long)]
+        delete_namespace: bool,
+        /// Also delete FSM's CRDs (and every object of those kinds), the mesh's root Secret and
+        /// the sidecars' bootstrap Secrets.
+        #[arg(long)]
+        delete_cluster_wide_resources: bool,
     },
 }
 
@@ -331,6 +358,26 @@ async fn run_text(cli: Cli) -> Result<String> {
         }
         Command::Metrics(MetricsCommand::Disable { namespace }) => {
             namespace::metrics(&namespaces().await?, namespace, false).await?
+        }
+        Command::Uninstall(UninstallCommand::Mesh {
+            mesh,
+            force,
+            delete_namespace,
+            delete_cluster_wide_resources,
+        }) => {
+            if !force && !uninstall::confirm(&mesh.mesh_name, &mut std::io::stdin().lock())? {
+                anyhow::bail!("Uninstall of mesh [{}] aborted", mesh.mesh_name);
+            }
+            uninstall::uninstall(
+                &client(&cli).await?,
+                &uninstall::Uninstall {
+                    mesh_name: &mesh.mesh_name,
+                    fsm_namespace: &mesh.fsm_namespace,
+                    delete_namespace: *delete_namespace,
+                    delete_cluster_wide_resources: *delete_cluster_wide_resources,
+                },
+            )
+            .await?
         }
         Command::Translate { .. } => unreachable!("handled by run"),
     })

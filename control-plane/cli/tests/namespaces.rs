@@ -162,3 +162,151 @@ fn error_info_and_completions_need_no_cluster() {
     let (ok, out) = run(&["version", "--client-only"]);
     assert!(ok && out.starts_with("CLI Version: "), "{out}");
 }
+
+/// Applies `object` (a JSON manifest) through the dynamic API.
+async fn create(client: &kube::Client, object: serde_json::Value) {
+    use kube::api::{DynamicObject, Patch, PatchParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    let api_version = object["apiVersion"].as_str().expect("apiVersion");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = object["kind"].as_str().expect("kind");
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let api: Api<DynamicObject> = match object["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{kind} {name}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_removes_the_mesh_and_keeps_the_crds_unless_asked() {
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/fsm/crds");
+    let server = fsm_test_apiserver::ApiServer::builder()
+        .crd_dir(crds)
+        .start()
+        .await
+        .expect("api server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let client = server.client();
+    let install = || async {
+        for object in [
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "fsm-system"}}),
+            serde_json::json!({"apiVersion": "config.flomesh.io/v1alpha3", "kind": "MeshConfig",
+                               "metadata": {"name": "fsm-mesh-config", "namespace": "fsm-system"}, "spec": {}}),
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                               "metadata": {"name": "fsm-controller", "namespace": "fsm-system"},
+                               "spec": {"ports": [{"name": "http", "port": 9091}]}}),
+            serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                               "metadata": {"name": "fsm-ca-bundle", "namespace": "fsm-system"}}),
+            serde_json::json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                               "metadata": {"name": "fsm-webhook-fsm"},
+                               "webhooks": [{"name": "fsm-inject.flomesh.io", "sideEffects": "NoneOnDryRun",
+                                             "admissionReviewVersions": ["v1"],
+                                             "clientConfig": {"service": {"name": "fsm-injector", "namespace": "fsm-system"}}}]}),
+        ] {
+            create(&client, object).await;
+        }
+    };
+    install().await;
+    let fsm = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fsm"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run fsm");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("answer");
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let exists = |kind: &'static str, name: &'static str| {
+        let client = client.clone();
+        async move {
+            let path = match kind {
+                "MeshConfig" => format!(
+                    "/apis/config.flomesh.io/v1alpha3/namespaces/fsm-system/meshconfigs/{name}"
+                ),
+                "Service" => format!("/api/v1/namespaces/fsm-system/services/{name}"),
+                "Secret" => format!("/api/v1/namespaces/fsm-system/secrets/{name}"),
+                "Namespace" => format!("/api/v1/namespaces/{name}"),
+                "Webhook" => format!(
+                    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"
+                ),
+                _ => format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"),
+            };
+            client
+                .request_text(http::Request::get(path).body(Vec::new()).expect("request"))
+                .await
+                .is_ok()
+        }
+    };
+
+    // Declined: nothing goes.
+    let (ok, _, err) = fsm(&["uninstall", "mesh"], "n\n");
+    assert!(
+        !ok && err.contains("Uninstall FSM [mesh name: fsm] ? [y/n]: ") && err.contains("aborted"),
+        "{err}"
+    );
+    assert!(exists("MeshConfig", "fsm-mesh-config").await);
+
+    // Confirmed: the control plane goes; CRDs, the namespace and the root stay.
+    let (ok, out, err) = fsm(&["uninstall", "mesh"], "y\n");
+    assert!(ok, "{err}");
+    assert_eq!(out, "FSM [mesh name: fsm] uninstalled\n");
+    assert!(!exists("MeshConfig", "fsm-mesh-config").await);
+    assert!(!exists("Service", "fsm-controller").await);
+    assert!(!exists("Webhook", "fsm-webhook-fsm").await);
+    assert!(exists("Secret", "fsm-ca-bundle").await);
+    assert!(exists("Namespace", "fsm-system").await);
+    assert!(exists("CRD", "retries.policy.flomesh.io").await);
+
+    // Nothing left: said so.
+    let (ok, _, err) = fsm(&["uninstall", "mesh", "-f"], "");
+    assert!(
+        !ok && err.contains("No mesh [fsm] found in namespace [fsm-system]"),
+        "{err}"
+    );
+
+    // Everything, without asking.
+    install().await;
+    let (ok, _, err) = fsm(
+        &[
+            "uninstall",
+            "mesh",
+            "-f",
+            "--delete-namespace",
+            "--delete-cluster-wide-resources",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert!(!exists("Secret", "fsm-ca-bundle").await);
+    assert!(!exists("CRD", "retries.policy.flomesh.io").await);
+    assert!(!exists("CRD", "traffictargets.access.smi-spec.io").await);
+    assert!(!exists("Namespace", "fsm-system").await);
+}
