@@ -63,10 +63,10 @@ fn placeholder_credentials() -> fsm_ir::ProxyCredentials {
     }
 }
 
-/// Check 2 (and check 1 again, as the catalog applies it) of `object` against `catalog`.
-pub fn check(catalog: &Catalog, object: MeshObject) -> Verdict {
+/// Check 2 (and check 1 again, as the catalog applies it) of `object` against `what_if`, a copy
+/// of the current catalog (CPU work: run it off the control loop).
+pub fn check(mut what_if: Catalog, object: MeshObject) -> Verdict {
     let key = object.key();
-    let mut what_if = catalog.clone();
     let _ = what_if.take_changes();
     what_if.apply(object);
     if let Some(rejection) = what_if.rejected().get(&key) {
@@ -318,7 +318,7 @@ spec: {featureFlags: {enableRetryPolicy: true}}
         );
         let catalog = catalog(&mesh);
         let verdict = check(
-            &catalog,
+            catalog,
             object(
                 r#"
 apiVersion: policy.flomesh.io/v1alpha1
@@ -356,7 +356,7 @@ spec:
             },
         }))
         .expect("retry");
-        let verdict = check(&catalog(MESH), MeshObject::Retry(retry));
+        let verdict = check(catalog(MESH), MeshObject::Retry(retry));
         let refusal = verdict.refusal.expect("refused");
         assert!(
             refusal.starts_with('E') && refusal.contains("perTryTimeout"),
@@ -368,7 +368,7 @@ spec:
     fn a_policy_naming_what_does_not_exist_is_admitted_with_a_warning() {
         let catalog = catalog(MESH);
         let verdict = check(
-            &catalog,
+            catalog,
             object(
                 r#"
 apiVersion: access.smi-spec.io/v1alpha3
@@ -400,6 +400,6 @@ spec:
   retryPolicy: {retryOn: 5xx, numRetries: 3, perTryTimeout: 1s}
 "#;
         let catalog = catalog(&format!("{MESH}---{retry}"));
-        assert_eq!(check(&catalog, object(retry)), Verdict::default());
+        assert_eq!(check(catalog.clone(), object(retry)), Verdict::default());
     }
 }

@@ -220,15 +220,19 @@ impl Runner {
         loop {
             tokio::select! {
                 Some(check) = admission_rx.recv() => {
-                    let verdict = if self.catalog_ready {
-                        crate::admission::check(&self.catalog, check.object)
+                    if self.catalog_ready {
+                        // Only the copy is made here: compiling the proxies the object touches
+                        // would hold up every configuration push behind `kubectl apply`.
+                        let what_if = self.catalog.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = check.reply.send(crate::admission::check(what_if, check.object));
+                        });
                     } else {
-                        crate::admission::Verdict {
+                        let _ = check.reply.send(crate::admission::Verdict {
                             refusal: None,
                             warnings: vec!["not compiled before admission: the controller has not loaded the mesh yet".into()],
-                        }
-                    };
-                    let _ = check.reply.send(verdict);
+                        });
+                    }
                 }
                 Some(event) = catalog_rx.recv() => {
                     let mut changed = self.apply(event);
