@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The controller's HTTP port (health, metrics, debug), as the chart's Service names it.
 const CONTROLLER_HTTP_PORT: u16 = 9091;
@@ -227,54 +226,33 @@ pub async fn get(client: &kube::Client, namespace: &str, pod: &str, query: &str)
         .portforward(pod, &[ADMIN_PORT])
         .await
         .with_context(|| format!("port-forwarding to pod [{namespace}/{pod}] port {ADMIN_PORT}"))?;
-    let mut stream = forwarder
+    let stream = forwarder
         .take_stream(ADMIN_PORT)
         .context("the port-forward opened no stream")?;
     let path = format!("/{}", query.trim_start_matches('/'));
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    drop(stream);
-    let _ = forwarder.join().await;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").with_context(|| {
+    let no_http = || {
         format!("the sidecar of pod [{namespace}/{pod}] did not answer HTTP on port {ADMIN_PORT}")
-    })?;
-    let status = head.lines().next().unwrap_or_default();
-    if !status.contains(" 200") {
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .with_context(no_http)?;
+    tokio::spawn(connection);
+    let request = http::Request::get(&path)
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await.with_context(no_http)?;
+    let status = response.status();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .with_context(no_http)?
+        .to_bytes();
+    drop(sender);
+    let _ = forwarder.join().await;
+    if !status.is_success() {
         bail!("the sidecar of pod [{namespace}/{pod}] answered {status} for {path}");
     }
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    Ok(if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    })
-}
-
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    out
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 #[cfg(test)]
@@ -294,13 +272,5 @@ mod tests {
         assert_eq!(t(Some("v2"), None, None).state(), "STALE");
         assert_eq!(t(Some("v2"), Some("v1"), Some("v2")).state(), "NACK");
         assert_eq!(t(None, None, None).state(), "NOT SENT");
-    }
-
-    #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
     }
 }
