@@ -6,6 +6,11 @@ MeshConfig against its CRD's schema, and that refused values fail with a message
 
 Run with `make chart-test` (or `.venv/bin/python charts/tests/test_chart.py`). Prints each check
 and `chart: N passed, M failed`; exits 1 when one failed.
+
+With `--fsm PATH/TO/fsm`, every render is also done by `fsm install --dry-run` (the CLI's own
+renderer of the chart it embeds), which must give the same objects in the same order, and every
+refused value must be refused by it too with the same message (the integration test
+`fsm_install` runs it so).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import yaml  # noqa: E402
 
 CHECKS = []
 
+# `fsm` binary whose `install --dry-run` must render like Helm (--fsm PATH); None: Helm only.
+FSM_BIN = None
+
 
 def check(function):
     CHECKS.append(function)
@@ -46,6 +54,14 @@ class Rendered:
         self.namespace = namespace
         self.items = render.render(values, namespace=namespace, name=name)
         self.objects = [obj for obj, _ in self.items]
+        if FSM_BIN:
+            out = fsm_dry_run(values, namespace, name)
+            assert out.returncode == 0, f"fsm install --dry-run refused {values}: {out.stderr}"
+            theirs = [o for o in yaml.safe_load_all(out.stdout) if o and o["kind"] != "CustomResourceDefinition"]
+            assert len(theirs) == len(self.objects), \
+                f"fsm renders {[(o['kind'], o['metadata']['name']) for o in theirs]}, Helm {self.names()}"
+            for helm, fsm in zip(self.objects, theirs):
+                assert helm == fsm, f"fsm install renders differently from Helm:\nHelm: {helm}\nfsm:  {fsm}"
 
     def get(self, kind, name):
         found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
@@ -74,12 +90,34 @@ class Rendered:
         return parsed
 
 
+def fsm_dry_run(values, namespace, name):
+    """`fsm install --dry-run` with these values; the mesh name is the values' (the flag wins)."""
+    import tempfile
+    mesh = ((values or {}).get("fsm") or {}).get("meshName", name)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(values or {}, f)
+        f.flush()
+        return subprocess.run([FSM_BIN, "install", "--dry-run", "-f", f.name, "--mesh-name", str(mesh),
+                               "--fsm-namespace", namespace], capture_output=True, text=True, timeout=60)
+
+
 def render_error(values, namespace="fsm-system"):
     try:
         render.render(values, namespace=namespace)
     except helm_python.HelmRenderError as e:
-        return str(e)
-    raise AssertionError(f"rendering {values} should have failed")
+        message = str(e)
+    else:
+        raise AssertionError(f"rendering {values} should have failed")
+    if FSM_BIN:
+        out = fsm_dry_run(values, namespace, "fsm")
+        assert out.returncode != 0, f"fsm install --dry-run accepted {values}"
+        # Helm: `execution error at (fsm/templates/validate.yaml:1:4): <the chart's message>`.
+        reason = message.split("): ", 1)[-1].strip()
+        if "fsm.meshName" not in reason:  # the CLI checks --mesh-name itself, first
+            assert reason in out.stderr, f"fsm install's refusal {out.stderr!r} lacks Helm's {reason!r}"
+        else:
+            assert "fsm.meshName" in out.stderr, out.stderr
+    return message
 
 
 def rules_of(role):
@@ -860,10 +898,28 @@ def packaged_chart_holds_only_chart_files():
     assert not [f for f in files + templates if f.endswith(".py") or "__pycache__" in f], files
 
 
+@check
+def fsm_install_dry_run_puts_the_same_crds_first():
+    if not FSM_BIN:
+        return
+    out = fsm_dry_run({}, "fsm-system", "fsm")
+    assert out.returncode == 0, out.stderr
+    theirs = [o for o in yaml.safe_load_all(out.stdout) if o]
+    helm = [o for o, _ in render.render({}, include_crds=True)]
+    crds = [o for o in helm if o["kind"] == "CustomResourceDefinition"]
+    assert theirs[:len(crds)] == crds or sorted(map(str, theirs[:len(crds)])) == sorted(map(str, crds)), \
+        "fsm install --dry-run starts with charts/fsm/crds"
+    assert all(o["kind"] != "CustomResourceDefinition" for o in theirs[len(crds):])
+
+
 def main():
+    global FSM_BIN
+    if "--fsm" in sys.argv:
+        FSM_BIN = sys.argv[sys.argv.index("--fsm") + 1]
     started = time.monotonic()
     passed = failed = 0
-    print(f"charts/fsm with Helm {helm_python.helm_sdk_version()} (helm-python-sdk {helm_python.__version__})")
+    print(f"charts/fsm with Helm {helm_python.helm_sdk_version()} (helm-python-sdk {helm_python.__version__})"
+          + (f", and {FSM_BIN} install --dry-run compared with it" if FSM_BIN else ""))
     for function in CHECKS:
         name = function.__name__.replace("_", " ")
         try:

@@ -1,6 +1,8 @@
 //! fsm: the command line of the mesh, with FSM's commands, flags and messages.
 
+mod chart;
 mod errinfo;
+mod install;
 mod namespace;
 mod proxy;
 mod table;
@@ -40,6 +42,28 @@ enum Command {
         /// Only the CLI's version (no cluster needed).
         #[arg(long)]
         client_only: bool,
+    },
+    /// Install the mesh's control plane: the embedded chart (charts/fsm) rendered as Helm
+    /// renders it, CRDs first, then the controller, injector, webhooks, RBAC and MeshConfig;
+    /// waits until the control plane is ready. One mesh per cluster.
+    #[command(
+        after_help = "Examples:\n  fsm install\n  fsm install --mesh-name fsm --fsm-namespace fsm-system --set fsm.sidecarClass=fsm-sidecar,fsm.enablePermissiveTrafficPolicy=true --timeout 900s\n  fsm install --dry-run > fsm.yaml"
+    )]
+    Install {
+        #[command(flatten)]
+        mesh: MeshArgs,
+        /// Chart values, key=value[,key=value] (Helm's --set syntax; repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// A values YAML file (repeatable; --set wins over files).
+        #[arg(short = 'f', long = "values", value_name = "FILE")]
+        values: Vec<PathBuf>,
+        /// How long to wait for the control plane to be ready (Go durations: 900s, 5m, 1h).
+        #[arg(long, default_value = "5m", value_parser = install::parse_timeout)]
+        timeout: std::time::Duration,
+        /// Print the objects (CRDs included) instead of installing them; needs no cluster.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Add, remove, list or ignore namespaces of a mesh.
     #[command(subcommand, visible_alias = "ns")]
@@ -300,6 +324,34 @@ async fn run_text(cli: Cli) -> Result<String> {
                 }
             }
             out
+        }
+        Command::Install {
+            mesh,
+            sets,
+            values,
+            timeout,
+            dry_run,
+        } => {
+            let values_files = values
+                .iter()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .map(|text| (path.display().to_string(), text))
+                        .with_context(|| format!("reading values file {}", path.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let install = install::Install {
+                mesh_name: mesh.mesh_name.clone(),
+                fsm_namespace: mesh.fsm_namespace.clone(),
+                values_files,
+                sets: sets.clone(),
+                timeout: *timeout,
+            };
+            if *dry_run {
+                install.dry_run()?
+            } else {
+                install.run(&client(&cli).await?).await?
+            }
         }
         Command::Support(SupportCommand::ErrorInfo { code }) => {
             errinfo::error_info(code.as_deref()).map_err(anyhow::Error::msg)?

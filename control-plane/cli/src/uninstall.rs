@@ -114,6 +114,20 @@ pub async fn uninstall(client: &kube::Client, u: &Uninstall<'_>) -> Result<Strin
             }
         }
     }
+    // What `fsm install` (or `helm install`) recorded: the release Secrets, and the chart's
+    // Vault token Secret.
+    let secret = resource("", "v1", "Secret");
+    let secrets_here: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &secret);
+    let releases = secrets_here
+        .list(&ListParams::default().labels(&format!("owner=helm,name={mesh}")))
+        .await
+        .context("listing the Helm release records")?;
+    let release_names = releases.items.into_iter().filter_map(|s| s.metadata.name);
+    for name in release_names.chain(["fsm-vault-token".to_string()]) {
+        if delete_one(client, &secret, Some(ns), &name).await? {
+            gone.push(format!("Secret {ns}/{name}"));
+        }
+    }
     let cluster_wide = [
         (mutating, format!("fsm-webhook-{mesh}")),
         (
@@ -148,7 +162,6 @@ pub async fn uninstall(client: &kube::Client, u: &Uninstall<'_>) -> Result<Strin
     }
     if u.delete_cluster_wide_resources {
         // The mesh's root, the sidecars' bootstrap Secrets, and FSM's CRDs.
-        let secret = resource("", "v1", "Secret");
         if delete_one(client, &secret, Some(ns), "fsm-ca-bundle").await? {
             gone.push(format!("Secret {ns}/fsm-ca-bundle"));
         }
