@@ -264,6 +264,34 @@ mod tests {
                 && names.contains(&"namespaces")
         );
         assert!(group(&r, "discovery.k8s.io").is_some());
+        let apps = resource_list(&r, "apps", "v1").unwrap_or_default();
+        let deployments = apps["resources"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == "deployments"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(deployments["shortNames"], json!(["deploy"]));
+        assert_eq!(deployments["singularName"], "deployment");
+        for (g, plural) in [
+            ("apps", "deployments/status"),
+            ("batch", "jobs/status"),
+            ("rbac.authorization.k8s.io", "clusterrolebindings"),
+        ] {
+            let list = resource_list(&r, g, "v1").unwrap_or_default();
+            assert!(
+                list["resources"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["name"] == plural)),
+                "{g} {plural}"
+            );
+        }
+        let rbac = resource_list(&r, "rbac.authorization.k8s.io", "v1").unwrap_or_default();
+        assert!(
+            rbac["resources"].as_array().is_some_and(|a| a
+                .iter()
+                .all(|x| !x["name"].as_str().is_some_and(|n| n.ends_with("/status")))),
+            "RBAC has no status subresource"
+        );
         assert!(resource_list(&r, "nope", "v1").is_none());
         assert!(wants_aggregated(
             kube::core::discovery::v2::ACCEPT_AGGREGATED_DISCOVERY_V2

@@ -583,7 +583,7 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<(Preconditions, bool), A
     let mut pre = Preconditions::default();
     let mut dry_run = query.get("dryRun").is_some_and(|d| d == "All");
     if let Some(policy) = query.get("propagationPolicy") {
-        pre.propagation = propagation(policy)?;
+        pre.propagation = Some(propagation(policy)?);
     }
     if !body.iter().all(u8::is_ascii_whitespace) {
         let opts: Value = serde_json::from_slice(body)
@@ -592,7 +592,7 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<(Preconditions, bool), A
         pre.uid = s("/preconditions/uid");
         pre.resource_version = s("/preconditions/resourceVersion");
         if let Some(policy) = s("/propagationPolicy") {
-            pre.propagation = propagation(&policy)?;
+            pre.propagation = Some(propagation(&policy)?);
         }
         if let Some(list) = opts.get("dryRun").and_then(Value::as_array) {
             dry_run |= list.iter().any(|v| v == "All");

@@ -25,7 +25,8 @@
 //!
 //! Modules, in reading order: [`store`] (state, the global resourceVersion, event history,
 //! write rules), `http` (routing, query parameters, list envelopes), `watch` (event streams),
-//! `registry` (built-in kinds and CRDs), [`schema`] (structural schemas: prune, default,
+//! `registry` (built-in kinds and CRDs), `workloads` and `rbac` (the Deployment and RBAC
+//! defaults and validation), [`schema`] (structural schemas: prune, default,
 //! validate), [`selector`] (label and field selectors), [`patch`], `services` (ClusterIP
 //! allocation, Service → endpoint resolution), `admission` (webhook configurations, matching
 //! and calls; `http/writes.rs` runs writes through it), `http/proxy.rs` and
@@ -42,6 +43,7 @@ mod http;
 mod meta;
 mod names;
 pub mod patch;
+mod rbac;
 mod registry;
 pub mod schema;
 pub mod selector;
@@ -50,6 +52,7 @@ mod services;
 pub mod status;
 pub mod store;
 mod watch;
+mod workloads;
 
 pub use counters::Verb;
 pub use server::{ApiServer, ApiServerBuilder, RunningApiServer};

@@ -16,6 +16,9 @@ pub enum NameRule {
     Dns1035Label,
     /// Everything else.
     Dns1123Subdomain,
+    /// RBAC roles and bindings (`system:controller:x` is a valid name): anything that is a
+    /// safe URL path segment.
+    PathSegment,
 }
 
 /// Error texts (possibly several) for a name that breaks `rule`; empty when valid.
@@ -24,7 +27,20 @@ pub fn check_name(rule: NameRule, name: &str) -> Vec<String> {
         NameRule::Dns1123Label => dns1123_label(name),
         NameRule::Dns1035Label => dns1035_label(name),
         NameRule::Dns1123Subdomain => dns1123_subdomain(name),
+        NameRule::PathSegment => path_segment_name(name),
     }
+}
+
+/// `IsValidPathSegmentName`: not `.` or `..`, no `/` and no `%`.
+pub fn path_segment_name(s: &str) -> Vec<String> {
+    if s == "." || s == ".." {
+        return vec![format!("may not be '{s}'")];
+    }
+    ["/", "%"]
+        .into_iter()
+        .filter(|bad| s.contains(bad))
+        .map(|bad| format!("may not contain '{bad}'"))
+        .collect()
 }
 
 fn is_lower_alnum(c: char) -> bool {
@@ -147,5 +163,11 @@ mod tests {
         assert!(qualified_name("app").is_empty());
         assert!(!qualified_name("/app").is_empty());
         assert!(!qualified_name("Bad_Prefix/app").is_empty());
+        assert!(path_segment_name("system:controller:Fsm_1").is_empty());
+        assert_eq!(path_segment_name(".."), vec!["may not be '..'"]);
+        assert_eq!(
+            path_segment_name("a/b%c"),
+            vec!["may not contain '/'", "may not contain '%'"]
+        );
     }
 }

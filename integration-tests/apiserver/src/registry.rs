@@ -7,19 +7,24 @@ use std::sync::Arc;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, Event, Namespace, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::names::NameRule;
+use crate::rbac;
 use crate::schema::Schema;
 use crate::status::{FieldError, FieldErrorKind};
+use crate::store::Propagation;
 
 // === Types ===
 
@@ -78,6 +83,15 @@ pub enum Builtin {
     CustomResourceDefinition,
     MutatingWebhookConfiguration,
     ValidatingWebhookConfiguration,
+    Deployment,
+    ReplicaSet,
+    DaemonSet,
+    StatefulSet,
+    Job,
+    Role,
+    ClusterRole,
+    RoleBinding,
+    ClusterRoleBinding,
 }
 
 /// All served types, keyed by (group, version, plural).
@@ -88,6 +102,8 @@ pub struct Registry {
 
 pub const CRD_GROUP: &str = "apiextensions.k8s.io";
 pub const ADMISSION_GROUP: &str = "admissionregistration.k8s.io";
+pub const APPS_GROUP: &str = "apps";
+pub const BATCH_GROUP: &str = "batch";
 
 /// (builtin, Kind, plural, namespaced, short names, extra field-selector fields).
 type BuiltinRow = (
@@ -156,6 +172,30 @@ impl ResourceType {
         out
     }
 
+    /// The RBAC kind, for the RBAC types.
+    pub(crate) fn rbac_kind(&self) -> Option<rbac::Kind> {
+        match self.source {
+            Source::Builtin(b) => b.rbac_kind(),
+            Source::Custom { .. } => None,
+        }
+    }
+
+    /// See [`Builtin::is_workload`].
+    pub(crate) fn is_workload(&self) -> bool {
+        matches!(self.source, Source::Builtin(b) if b.is_workload())
+    }
+
+    /// What a DELETE that names no `propagationPolicy` does with dependents: `batch/v1` Jobs
+    /// orphan them (kept for compatibility by the real server), everything else deletes them
+    /// in the background.
+    pub(crate) fn default_propagation(&self) -> Propagation {
+        if matches!(self.source, Source::Builtin(Builtin::Job)) {
+            Propagation::Orphan
+        } else {
+            Propagation::Background
+        }
+    }
+
     pub fn supports_field(&self, field: &str) -> bool {
         field == "metadata.name"
             || (field == "metadata.namespace" && self.namespaced)
@@ -186,6 +226,21 @@ impl ResourceType {
                 roundtrip::<ValidatingWebhookConfiguration>(obj)
                     .map(|o| crate::admission::config::default(o, false))
             }
+            Builtin::Deployment => {
+                roundtrip_workload::<Deployment>(obj).map(crate::workloads::default_deployment)
+            }
+            Builtin::ReplicaSet => roundtrip_workload::<ReplicaSet>(obj),
+            Builtin::DaemonSet => roundtrip_workload::<DaemonSet>(obj),
+            Builtin::StatefulSet => roundtrip_workload::<StatefulSet>(obj),
+            Builtin::Job => roundtrip::<Job>(obj),
+            Builtin::Role => roundtrip::<Role>(obj),
+            Builtin::ClusterRole => roundtrip::<ClusterRole>(obj),
+            Builtin::RoleBinding => roundtrip::<RoleBinding>(obj),
+            Builtin::ClusterRoleBinding => roundtrip::<ClusterRoleBinding>(obj),
+        };
+        let result = match self.rbac_kind() {
+            Some(kind) => result.map(|o| rbac::default(kind, o)),
+            None => result,
         };
         result.map_err(|e| {
             format!(
@@ -196,9 +251,50 @@ impl ResourceType {
     }
 }
 
+impl Builtin {
+    /// The kinds whose objects a controller this server does not run makes as the owners of
+    /// other objects (Deployments own ReplicaSets, which own pods; DaemonSets, StatefulSets
+    /// and Jobs own pods): the garbage collector assumes a missing one exists (`store::gc`).
+    /// All have a `/status` subresource.
+    pub fn is_workload(self) -> bool {
+        matches!(
+            self,
+            Builtin::Deployment
+                | Builtin::ReplicaSet
+                | Builtin::DaemonSet
+                | Builtin::StatefulSet
+                | Builtin::Job
+        )
+    }
+
+    pub(crate) fn rbac_kind(self) -> Option<rbac::Kind> {
+        match self {
+            Builtin::Role => Some(rbac::Kind::Role),
+            Builtin::ClusterRole => Some(rbac::Kind::ClusterRole),
+            Builtin::RoleBinding => Some(rbac::Kind::RoleBinding),
+            Builtin::ClusterRoleBinding => Some(rbac::Kind::ClusterRoleBinding),
+            _ => None,
+        }
+    }
+}
+
 fn roundtrip<T: Serialize + DeserializeOwned>(obj: Value) -> Result<Value, serde_json::Error> {
     let typed: T = serde_json::from_value(obj)?;
     serde_json::to_value(typed)
+}
+
+/// [`roundtrip`] for the apps/v1 workloads, whose `spec.selector` k8s-openapi makes required
+/// and decodes from nothing as `{}`: the Go type is a pointer, so an absent selector stays
+/// absent (validation tells "required" from "empty").
+fn roundtrip_workload<T: Serialize + DeserializeOwned>(
+    obj: Value,
+) -> Result<Value, serde_json::Error> {
+    let absent = obj.pointer("/spec/selector").is_none_or(Value::is_null);
+    let mut out = roundtrip::<T>(obj)?;
+    if absent && let Some(spec) = out.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.remove("selector");
+    }
+    Ok(out)
 }
 
 // === Registry ===
@@ -296,6 +392,55 @@ impl Registry {
             &[],
             &[],
         );
+        let apps: [BuiltinRow; 4] = [
+            (
+                Deployment,
+                "Deployment",
+                "deployments",
+                true,
+                &["deploy"],
+                &[],
+            ),
+            (ReplicaSet, "ReplicaSet", "replicasets", true, &["rs"], &[]),
+            (DaemonSet, "DaemonSet", "daemonsets", true, &["ds"], &[]),
+            (
+                StatefulSet,
+                "StatefulSet",
+                "statefulsets",
+                true,
+                &["sts"],
+                &[],
+            ),
+        ];
+        for (b, kind, plural, namespaced, short, fields) in apps {
+            r.add_builtin(APPS_GROUP, "v1", b, kind, plural, namespaced, short, fields);
+        }
+        r.add_builtin(BATCH_GROUP, "v1", Job, "Job", "jobs", true, &[], &[]);
+        let rbac: [BuiltinRow; 4] = [
+            (Role, "Role", "roles", true, &[], &[]),
+            (ClusterRole, "ClusterRole", "clusterroles", false, &[], &[]),
+            (RoleBinding, "RoleBinding", "rolebindings", true, &[], &[]),
+            (
+                ClusterRoleBinding,
+                "ClusterRoleBinding",
+                "clusterrolebindings",
+                false,
+                &[],
+                &[],
+            ),
+        ];
+        for (b, kind, plural, namespaced, short, fields) in rbac {
+            r.add_builtin(
+                rbac::GROUP,
+                "v1",
+                b,
+                kind,
+                plural,
+                namespaced,
+                short,
+                fields,
+            );
+        }
         r.add_builtin(
             CRD_GROUP,
             "v1",
@@ -341,16 +486,18 @@ impl Registry {
         short_names: &[&str],
         extra_fields: &'static [&'static str],
     ) {
-        let status_subresource = matches!(
+        let return_deleted_object = matches!(
             b,
             Builtin::Namespace
                 | Builtin::Service
                 | Builtin::Pod
                 | Builtin::CustomResourceDefinition
         );
+        let status_subresource = return_deleted_object || b.is_workload();
         let name_rule = match b {
             Builtin::Namespace => NameRule::Dns1123Label,
             Builtin::Service => NameRule::Dns1035Label,
+            _ if b.rbac_kind().is_some() => NameRule::PathSegment,
             _ => NameRule::Dns1123Subdomain,
         };
         let rt = ResourceType {
@@ -365,7 +512,7 @@ impl Registry {
             categories: Vec::new(),
             status_subresource,
             name_rule,
-            return_deleted_object: status_subresource,
+            return_deleted_object,
             extra_fields,
             source: Source::Builtin(b),
         };
@@ -645,6 +792,64 @@ mod tests {
                     .is_some_and(|t| !t.namespaced && !t.status_subresource)
             );
         }
+        // (group, plural, namespaced, status, short names): as kube-apiserver 1.33 serves them.
+        let workloads_and_rbac: [(&str, &str, bool, bool, &[&str]); 9] = [
+            (APPS_GROUP, "deployments", true, true, &["deploy"]),
+            (APPS_GROUP, "replicasets", true, true, &["rs"]),
+            (APPS_GROUP, "daemonsets", true, true, &["ds"]),
+            (APPS_GROUP, "statefulsets", true, true, &["sts"]),
+            (BATCH_GROUP, "jobs", true, true, &[]),
+            (rbac::GROUP, "roles", true, false, &[]),
+            (rbac::GROUP, "rolebindings", true, false, &[]),
+            (rbac::GROUP, "clusterroles", false, false, &[]),
+            (rbac::GROUP, "clusterrolebindings", false, false, &[]),
+        ];
+        for (group, plural, namespaced, status, short) in workloads_and_rbac {
+            let t = r.get(group, "v1", plural);
+            let t = t.unwrap_or_else(|| panic!("{group}/{plural} served"));
+            assert_eq!(
+                (t.namespaced, t.status_subresource, t.short_names.clone()),
+                (
+                    namespaced,
+                    status,
+                    short.iter().map(|s| s.to_string()).collect()
+                ),
+                "{plural}"
+            );
+            assert!(
+                !t.return_deleted_object,
+                "{plural}: DELETE answers a Status"
+            );
+        }
+        let job = r.by_kind("batch/v1", "Job");
+        assert!(job.is_some_and(|j| j.default_propagation() == Propagation::Orphan));
+        let deploy = r.by_kind("apps/v1", "Deployment");
+        assert!(deploy.is_some_and(|d| d.default_propagation() == Propagation::Background));
+    }
+
+    #[test]
+    fn workloads_keep_an_absent_selector_absent() {
+        let r = Registry::with_builtins();
+        let deploy = r
+            .get(APPS_GROUP, "v1", "deployments")
+            .unwrap_or_else(|| panic!("deployments"));
+        let out = deploy
+            .normalize_builtin(json!({"metadata": {"name": "d"}, "spec": {"template": {}}}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.pointer("/spec/selector").is_none());
+        assert_eq!(out["spec"]["replicas"], 1);
+        let out = deploy
+            .normalize_builtin(json!({"metadata": {"name": "d"}, "spec": {"selector": {}}}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out["spec"]["selector"], json!({}));
+        let binding = r
+            .get(rbac::GROUP, "v1", "rolebindings")
+            .unwrap_or_else(|| panic!("rolebindings"));
+        let out = binding
+            .normalize_builtin(json!({"metadata": {"name": "b"},
+                "roleRef": {"kind": "Role", "name": "r"}}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out["roleRef"]["apiGroup"], rbac::GROUP);
     }
 
     #[test]

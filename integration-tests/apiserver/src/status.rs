@@ -55,11 +55,31 @@ pub struct FieldError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FieldErrorKind {
     Required(String),
-    Invalid { value: Value, detail: String },
-    TypeInvalid { value: Value, detail: String },
-    NotSupported { value: Value, supported: Vec<Value> },
-    TooLong { max: usize },
-    TooMany { actual: usize, max: usize },
+    Invalid {
+        value: Value,
+        detail: String,
+    },
+    /// `Invalid` with the value as the Go server prints it where it is a map or a struct
+    /// (`map[string]string{"app":"web"}`), which the JSON value alone cannot say.
+    InvalidPrinted {
+        shown: String,
+        detail: String,
+    },
+    TypeInvalid {
+        value: Value,
+        detail: String,
+    },
+    NotSupported {
+        value: Value,
+        supported: Vec<Value>,
+    },
+    TooLong {
+        max: usize,
+    },
+    TooMany {
+        actual: usize,
+        max: usize,
+    },
     Duplicate(Value),
     Forbidden(String),
 }
@@ -276,6 +296,21 @@ impl FieldError {
         )
     }
 
+    /// [`FieldErrorKind::InvalidPrinted`].
+    pub fn invalid_printed(
+        field: impl Into<String>,
+        shown: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self::new(
+            field,
+            FieldErrorKind::InvalidPrinted {
+                shown: shown.into(),
+                detail: detail.into(),
+            },
+        )
+    }
+
     pub fn forbidden(field: impl Into<String>, detail: impl Into<String>) -> Self {
         Self::new(field, FieldErrorKind::Forbidden(detail.into()))
     }
@@ -292,7 +327,9 @@ impl FieldErrorKind {
     pub fn reason(&self) -> &'static str {
         match self {
             FieldErrorKind::Required(_) => "FieldValueRequired",
-            FieldErrorKind::Invalid { .. } => "FieldValueInvalid",
+            FieldErrorKind::Invalid { .. } | FieldErrorKind::InvalidPrinted { .. } => {
+                "FieldValueInvalid"
+            }
             FieldErrorKind::TypeInvalid { .. } => "FieldValueTypeInvalid",
             FieldErrorKind::NotSupported { .. } => "FieldValueNotSupported",
             FieldErrorKind::TooLong { .. } => "FieldValueTooLong",
@@ -309,6 +346,9 @@ impl FieldErrorKind {
             FieldErrorKind::Invalid { value, detail }
             | FieldErrorKind::TypeInvalid { value, detail } => {
                 with_detail(&format!("Invalid value: {}", go_value(value)), detail)
+            }
+            FieldErrorKind::InvalidPrinted { shown, detail } => {
+                with_detail(&format!("Invalid value: {shown}"), detail)
             }
             FieldErrorKind::NotSupported { value, supported } => {
                 let list: Vec<String> = supported.iter().map(go_value).collect();
@@ -346,6 +386,35 @@ pub(crate) fn go_value(value: &Value) -> String {
         Value::Null => "null".to_string(),
         other => other.to_string(),
     }
+}
+
+/// A JSON string map as Go's `%#v` prints a `map[string]string` (keys sorted; absent is nil).
+pub(crate) fn go_string_map(map: Option<&Value>) -> String {
+    let Some(map) = map.and_then(Value::as_object) else {
+        return "map[string]string(nil)".to_string();
+    };
+    let mut entries: Vec<(&String, &str)> = map
+        .iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default()))
+        .collect();
+    entries.sort();
+    let body: Vec<String> = entries
+        .iter()
+        .map(|(k, v)| format!("{k:?}:{v:?}"))
+        .collect();
+    format!("map[string]string{{{}}}", body.join(", "))
+}
+
+/// A JSON string list as Go's `%#v` prints a `[]string` (absent is nil).
+pub(crate) fn go_string_slice(list: Option<&Value>) -> String {
+    let Some(list) = list.and_then(Value::as_array) else {
+        return "[]string(nil)".to_string();
+    };
+    let body: Vec<String> = list
+        .iter()
+        .map(|v| format!("{:?}", v.as_str().unwrap_or_default()))
+        .collect();
+    format!("[]string{{{}}}", body.join(", "))
 }
 
 #[cfg(test)]
@@ -396,6 +465,27 @@ mod tests {
             two.message,
             "Pod \"p\" is invalid: [metadata.name: Required value, spec.x: Required value]"
         );
+    }
+
+    #[test]
+    fn go_syntax() {
+        assert_eq!(
+            go_string_map(Some(&json!({"b": "2", "a": "1"}))),
+            r#"map[string]string{"a":"1", "b":"2"}"#
+        );
+        assert_eq!(go_string_map(None), "map[string]string(nil)");
+        assert_eq!(go_string_map(Some(&json!({}))), "map[string]string{}");
+        assert_eq!(
+            go_string_slice(Some(&json!(["/healthz", "/x"]))),
+            r#"[]string{"/healthz", "/x"}"#
+        );
+        assert_eq!(go_string_slice(None), "[]string(nil)");
+        let e = FieldError::invalid_printed("f", "map[string]string(nil)", "bad");
+        assert_eq!(
+            e.to_string(),
+            "f: Invalid value: map[string]string(nil): bad"
+        );
+        assert_eq!(e.kind.reason(), "FieldValueInvalid");
     }
 
     #[test]

@@ -112,14 +112,14 @@ pub(crate) enum PatchTarget {
 pub(crate) struct Preconditions {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
-    pub propagation: Propagation,
+    /// `None`: the resource's default ([`ResourceType::default_propagation`]).
+    pub propagation: Option<Propagation>,
 }
 
 /// `DeleteOptions.propagationPolicy`: what happens to the objects the deleted one owns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Propagation {
     /// Dependents are deleted after their owner (the default of most kinds).
-    #[default]
     Background,
     /// Dependents are deleted before their owner.
     Foreground,
@@ -520,7 +520,7 @@ impl Store {
         &self,
         rt: &ResourceType,
         filter: &Filter,
-        propagation: Propagation,
+        propagation: Option<Propagation>,
         dry_run: bool,
     ) -> Result<Vec<Value>, ApiError> {
         self.write(|st| {
@@ -869,8 +869,54 @@ mod tests {
         ok(s.create(&ns("b")));
         ok(s.create(&cm("a", "x", json!({}))));
         ok(s.create(&cm("b", "y", json!({}))));
+        let rbac = "rbac.authorization.k8s.io/v1";
+        let role_ref = json!({"kind": "ClusterRole", "name": "view"});
+        ok(
+            s.create(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "a"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i"}]}}}})),
+        );
+        ok(s.create(&json!({"apiVersion": rbac, "kind": "RoleBinding",
+            "metadata": {"name": "view", "namespace": "a"}, "roleRef": role_ref})));
+        ok(s.create(&json!({"apiVersion": rbac, "kind": "ClusterRole",
+            "metadata": {"name": "view"}})));
         ok(s.delete("v1", "Namespace", None, "a"));
         assert!(s.list("v1", "ConfigMap", None).len() == 1);
         assert!(s.get("v1", "ConfigMap", Some("b"), "y").is_some());
+        assert!(s.list("apps/v1", "Deployment", None).is_empty());
+        assert!(s.list(rbac, "RoleBinding", None).is_empty());
+        assert!(s.get(rbac, "ClusterRole", None, "view").is_some());
+    }
+
+    #[test]
+    fn deployment_generation_and_status() {
+        let s = Store::new(100);
+        ok(s.create(&ns("default")));
+        let created = s.create(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "c", "image": "i"}]}}}}));
+        let created = created.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(created["metadata"]["generation"], 1);
+        assert_eq!(created["spec"]["replicas"], 1, "defaulted");
+        let mut status = created.clone();
+        status["status"] = json!({"replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+        let written = s.update_status(&status).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(written["metadata"]["generation"], 1);
+        assert_eq!(written["status"]["readyReplicas"], 1);
+        let mut scaled = written.clone();
+        scaled["spec"]["replicas"] = json!(2);
+        let scaled = s.update(&scaled).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(scaled["metadata"]["generation"], 2);
+        let mut bad = scaled.clone();
+        bad["status"]["readyReplicas"] = json!(3);
+        let err = s.update_status(&bad).err();
+        assert!(err.is_some_and(|e| e.code == 422
+            && e.message.contains(
+                "status.readyReplicas: Invalid value: 3: cannot be greater than status.replicas"
+            )));
     }
 }

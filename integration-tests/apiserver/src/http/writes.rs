@@ -232,7 +232,7 @@ pub(super) async fn delete_collection(
     app: &AppState,
     t: &Target,
     filter: &Filter,
-    propagation: Propagation,
+    propagation: Option<Propagation>,
     dry_run: bool,
     options: Value,
 ) -> Result<Vec<Value>, ApiError> {

@@ -9,8 +9,12 @@
 //!
 //! An owner is looked up by the reference's `apiVersion`, `kind`, `name` (in the dependent's
 //! namespace unless the owner's kind is cluster-scoped) and must have the referenced `uid`. An
-//! owner of a kind this server does not serve (the demo pods' ReplicaSets) counts as present,
-//! as the real collector leaves dependents alone when it cannot resolve an owner's kind.
+//! owner of a kind this server does not serve counts as present, as the real collector leaves
+//! dependents alone when it cannot resolve an owner's kind. So does a *missing* owner of a
+//! workload kind (Deployment, ReplicaSet, DaemonSet, StatefulSet, Job): their controllers,
+//! which made them and their pods on a real cluster, do not run here, so fixtures carry pods
+//! owned by ReplicaSets that were never created (the demo pods). A workload owner that exists
+//! with another uid is gone, and deleting one that exists collects its dependents.
 //! Unlike the real collector this runs synchronously, inside the deleting write: no delay, no
 //! `deletionTimestamp`/`foregroundDeletion` finalizer phase, `blockOwnerDeletion` not enforced.
 
@@ -64,7 +68,7 @@ impl State {
                 self.commit(gr, key, EventKind::Modified, orphan, Some(dependent));
                 continue;
             }
-            if self.has_live_owner(&dependent) {
+            if self.has_live_owner(&dependent, Some(&uid)) {
                 continue;
             }
             self.delete_collected(gr, key, dependent);
@@ -76,7 +80,7 @@ impl State {
         let Some(obj) = self.current(gr).get(key).cloned() else {
             return;
         };
-        if owner_refs(&obj).next().is_some() && !self.has_live_owner(&obj) {
+        if owner_refs(&obj).next().is_some() && !self.has_live_owner(&obj, None) {
             self.delete_collected(gr.clone(), key.clone(), obj);
         }
     }
@@ -87,10 +91,14 @@ impl State {
         self.collect_dependents(&deleted, Propagation::Background);
     }
 
-    /// Whether any owner named by `obj` exists (with the referenced uid).
-    fn has_live_owner(&self, obj: &Value) -> bool {
+    /// Whether any owner named by `obj` exists (with the referenced uid), the one with uid
+    /// `deleted` (being deleted) aside.
+    fn has_live_owner(&self, obj: &Value, deleted: Option<&str>) -> bool {
         owner_refs(obj).any(|r| {
             let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default();
+            if deleted == Some(s("uid")) {
+                return false;
+            }
             let Some(rt) = self.registry.by_kind(s("apiVersion"), s("kind")) else {
                 return true;
             };
@@ -99,9 +107,13 @@ impl State {
             } else {
                 String::new()
             };
-            self.current(&rt.group_resource())
+            match self
+                .current(&rt.group_resource())
                 .get(&(ns, s("name").to_string()))
-                .is_some_and(|owner| meta::uid(owner) == s("uid"))
+            {
+                Some(owner) => meta::uid(owner) == s("uid"),
+                None => rt.is_workload(),
+            }
         })
     }
 }
@@ -194,12 +206,82 @@ mod tests {
             .expect("created");
         assert!(!exists(&store, "Secret", "stale"));
         // Owners of kinds this server does not serve count as present.
-        let replica_set = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
-            "metadata": {"name": "rs", "namespace": "default", "uid": "u"}});
         let mut kept = owned_secret("kept", &[]);
-        kept["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1",
-            "kind": "ReplicaSet", "name": "rs", "uid": replica_set["metadata"]["uid"]}]);
+        kept["metadata"]["ownerReferences"] = json!([{"apiVersion": "example.io/v1",
+            "kind": "Widget", "name": "w", "uid": "u"}]);
         store.create(&kept).expect("created");
         assert!(exists(&store, "Secret", "kept"));
+    }
+
+    fn replica_set(name: &str) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+               "metadata": {"name": name, "namespace": "default"},
+               "spec": {"selector": {"matchLabels": {"app": "web"}},
+                        "template": {"metadata": {"labels": {"app": "web"}},
+                                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
+    }
+
+    fn owned_pod(name: &str, owner: &Value) -> Value {
+        let mut p = pod(name);
+        p["metadata"]["ownerReferences"] = json!([{"apiVersion": owner["apiVersion"],
+            "kind": owner["kind"], "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": true}]);
+        p
+    }
+
+    #[test]
+    fn missing_workload_owners_count_as_present() {
+        let store = store();
+        // A demo pod: its ReplicaSet was never created (no Deployment controller here).
+        let mut never_created = replica_set("web-7c9f5f9cdf");
+        never_created["metadata"]["uid"] = json!("3e8e1f7a-0000-4000-8000-00000000abcd");
+        store
+            .create(&owned_pod("demo", &never_created))
+            .expect("pod");
+        assert!(exists(&store, "Pod", "demo"));
+
+        // A ReplicaSet that exists owns its pods: deleting it collects them, and a pod naming
+        // an older ReplicaSet of the same name (another uid) is collected after its write.
+        let rs = store.create(&replica_set("web-1")).expect("replica set");
+        store.create(&owned_pod("web-1-a", &rs)).expect("pod");
+        let mut stale = rs.clone();
+        stale["metadata"]["uid"] = json!("not-the-current-one");
+        store.create(&owned_pod("stale", &stale)).expect("pod");
+        assert!(!exists(&store, "Pod", "stale"));
+        store
+            .delete("apps/v1", "ReplicaSet", Some("default"), "web-1")
+            .expect("delete");
+        assert!(!exists(&store, "Pod", "web-1-a"));
+        assert!(exists(&store, "Pod", "demo"));
+    }
+
+    #[test]
+    fn foreground_and_default_policies() {
+        let store = store();
+        let rs = store.create(&replica_set("fg")).expect("replica set");
+        store.create(&owned_pod("fg-a", &rs)).expect("pod");
+        let rt = store.resolve("apps", "v1", "replicasets").expect("served");
+        let pre = super::super::Preconditions {
+            propagation: Some(super::Propagation::Foreground),
+            ..Default::default()
+        };
+        store
+            .http_delete(&rt, Some("default"), "fg", &pre, false)
+            .expect("foreground delete");
+        assert!(!exists(&store, "Pod", "fg-a"), "dependents go first");
+
+        // batch/v1 Jobs orphan their pods unless told otherwise, as on a real server.
+        let job = store
+            .create(&json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": "once", "namespace": "default"},
+                "spec": {"template": {"spec": {"restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": "i"}]}}}}))
+            .expect("job");
+        store.create(&owned_pod("once-a", &job)).expect("pod");
+        store
+            .delete("batch/v1", "Job", Some("default"), "once")
+            .expect("delete job");
+        let orphan = store.get("v1", "Pod", Some("default"), "once-a");
+        assert!(orphan.is_some_and(|p| p.pointer("/metadata/ownerReferences").is_none()));
     }
 }

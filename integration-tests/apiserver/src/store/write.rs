@@ -37,11 +37,13 @@ impl State {
     }
 
     /// Prepares and validates a decoded object: schema processing for custom resources,
-    /// metadata rules, CRD rules. Errors are one 422 with every cause.
+    /// metadata rules, per-kind rules (CRDs, webhook configurations, Deployments, RBAC; `old`
+    /// is the stored object on an update). Errors are one 422 with every cause.
     fn validate(
         &self,
         rt: &ResourceType,
         obj: &mut Value,
+        old: Option<&Value>,
         opts: &WriteOpts,
     ) -> Result<(), ApiError> {
         let mut errors: Vec<FieldError> = meta::validate(rt, obj);
@@ -63,6 +65,19 @@ impl State {
             )
         ) {
             errors.extend(crate::admission::config::validate(obj));
+        }
+        if matches!(rt.source, Source::Builtin(Builtin::Deployment)) {
+            // As the real registry: the status strategy checks only status, the main one
+            // only the spec (status is the stored one there).
+            if opts.status || opts.fixture {
+                errors.extend(crate::workloads::validate_deployment_status(obj));
+            }
+            if !opts.status {
+                errors.extend(crate::workloads::validate_deployment(obj, old));
+            }
+        }
+        if let Some(kind) = rt.rbac_kind() {
+            errors.extend(crate::rbac::validate(kind, obj, old));
         }
         if errors.is_empty() {
             Ok(())
@@ -143,7 +158,7 @@ impl State {
         self.set_server_status(rt, &mut obj, &now);
         let key = key_of(&obj);
         self.prepare_service(rt, &mut obj, None, &key)?;
-        self.validate(rt, &mut obj, opts)?;
+        self.validate(rt, &mut obj, None, opts)?;
         let gr = rt.group_resource();
         if self.current(&gr).contains_key(&key) {
             return Err(ApiError::already_exists(&rt.group, &rt.plural, &key.1));
@@ -294,7 +309,7 @@ impl State {
             .to_string();
         self.set_server_status(rt, &mut new, &created);
         self.prepare_service(rt, &mut new, Some(&old), &key_of(&old))?;
-        self.validate(rt, &mut new, opts)?;
+        self.validate(rt, &mut new, Some(&old), opts)?;
         new["apiVersion"] = json!(rt.storage_api_version());
 
         if meta::spec_changed(rt, &old, &new) {
@@ -414,8 +429,9 @@ impl State {
             Source::Builtin(Builtin::CustomResourceDefinition) => self.delete_crd_contents(&old),
             _ => {}
         }
-        if pre.propagation == Propagation::Foreground {
-            self.collect_dependents(&old, pre.propagation);
+        let propagation = pre.propagation.unwrap_or_else(|| rt.default_propagation());
+        if propagation == Propagation::Foreground {
+            self.collect_dependents(&old, propagation);
         }
         let key = key_of(&old);
         let deleted = self.commit(
@@ -425,8 +441,8 @@ impl State {
             (*old).clone(),
             Some(old),
         );
-        if pre.propagation != Propagation::Foreground {
-            self.collect_dependents(&deleted, pre.propagation);
+        if propagation != Propagation::Foreground {
+            self.collect_dependents(&deleted, propagation);
         }
         Ok(deleted)
     }

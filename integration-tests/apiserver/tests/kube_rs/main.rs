@@ -8,7 +8,9 @@ mod crud;
 mod lifecycle;
 mod ownership;
 mod proxy;
+mod rbac;
 mod watch;
+mod workloads;
 
 use std::future::Future;
 use std::path::PathBuf;
