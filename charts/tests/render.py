@@ -32,7 +32,8 @@ try:
 except ImportError:
     # (.venv/bin/python may be a symlink to this very interpreter: compare the prefixes.)
     if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve():
-        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
+        # The script that was run (render.py, or test_chart.py importing it), again.
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(sys.argv[0]).resolve()), *sys.argv[1:]])
     sys.exit("render.py needs helm-python-sdk and PyYAML: run `make chart-deps` (installs them into .venv)")
 
 # Helm's install order (pkg/release/util/kind_sorter.go InstallOrder); other kinds come after.

@@ -1,14 +1,15 @@
-//! `helm install` of charts/fsm, then a Deployment's pod: the chart is rendered by the real Helm
-//! engine (`charts/tests/render.py`), its objects are applied to the test API server, and
-//! fsm-controller and fsm-injector run with the arguments of the chart's Deployments (listen
-//! addresses moved to loopback, a kubeconfig instead of the in-cluster account). The API server
-//! calls the injector (HTTPS, its certificate from the mesh CA, whose root the injector publishes
-//! into the chart's webhook configuration) for every pod created in a namespace of the mesh, as
-//! kube-apiserver does; the injected pod is what the controller then serves: it writes the pod's
-//! bootstrap Secret, and an fsm-sidecar run with the injected identity gets its configuration.
-//!
-//! The test API server serves neither `apps/v1` nor RBAC: the chart's Deployments are run as
-//! processes here and its RBAC objects are checked by the chart's own tests.
+//! The mesh's life through its CLI, against the test API server: `fsm install` (the chart the CLI
+//! embeds, rendered as Helm renders it — `fsm_install_renders_like_helm` checks that against the
+//! real Helm engine) creates the control plane; this test plays kube-controller-manager and the
+//! kubelet: it runs fsm-controller and fsm-injector as processes with the arguments of the
+//! installed Deployments (listen addresses moved to loopback, a kubeconfig instead of the
+//! in-cluster account), creates their pods and writes the Deployments' status, which `fsm
+//! install` waits for. Then `fsm namespace add demo`; the API server calls the injector (HTTPS,
+//! its certificate from the mesh CA, whose root the injector publishes into the installed webhook
+//! configuration) for every pod created in the namespace, as kube-apiserver does; the injected
+//! pods are what the controller then serves (fsm-sidecar and real Envoy, run with the injected
+//! identity and bootstrap); `fsm proxy status` shows them synced, `fsm proxy get config_dump`
+//! returns their dumps; `fsm uninstall mesh` removes the control plane and keeps the CRDs.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -22,56 +23,73 @@ use fsm_integration_tests::{
     free_port, repo_root, start_controller_on_cluster, start_fsm_sidecar, start_localhost_server,
 };
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use serde::Deserialize;
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 const WEBHOOK_CONFIG: &str = "fsm-webhook-fsm";
+const FSM_NAMESPACE: &str = "fsm-system";
 
-/// The chart's objects, rendered with its default values, and its Deployments' arguments.
-struct Chart {
-    objects: Vec<Value>,
-    controller_args: Vec<String>,
-    injector_args: Vec<String>,
+/// The arguments of an installed Deployment's container.
+fn container_args(deployment: &Deployment) -> Result<Vec<String>> {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.args.clone())
+        .with_context(|| {
+            format!(
+                "Deployment {:?} has no container arguments",
+                deployment.metadata.name
+            )
+        })
 }
 
-fn render_chart() -> Result<Chart> {
-    let script = repo_root().join("charts/tests/render.py");
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg("none")
-        .output()
-        .context("running charts/tests/render.py")?;
-    ensure!(
-        output.status.success(),
-        "render.py failed (make chart-deps installs helm-python-sdk): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let mut objects = Vec::new();
-    for document in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = Value::deserialize(document)?;
-        if !value.is_null() {
-            objects.push(value);
-        }
-    }
-    let args_of = |name: &str| -> Result<Vec<String>> {
-        let deployment = objects
-            .iter()
-            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == name)
-            .with_context(|| format!("the chart has no Deployment {name}"))?;
-        Ok(serde_json::from_value(
-            deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
-        )?)
-    };
-    Ok(Chart {
-        controller_args: args_of("fsm-controller")?,
-        injector_args: args_of("fsm-injector")?,
-        objects,
-    })
+/// What kube-controller-manager and the kubelet would do for an installed Deployment whose
+/// process this test runs: one Ready pod from its template, and the Deployment's status saying
+/// its replicas are updated and available. Returns the pod's name.
+async fn run_deployment(c: &TestCluster, deployment: &Deployment) -> Result<String> {
+    let name = deployment.metadata.name.clone().context("name")?;
+    let spec = deployment.spec.clone().context("spec")?;
+    let replicas = spec.replicas.unwrap_or(1);
+    let pod_name = format!("{name}-6d5984fb9f-2nj7s");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), FSM_NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": pod_name,
+            "labels": spec.template.metadata.as_ref().and_then(|m| m.labels.clone()),
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": format!("{name}-6d5984fb9f"),
+                                 "uid": "3e8e1f7a-0000-4000-8000-00000000beef", "controller": true}],
+        },
+        "spec": spec.template.spec,
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    pods.patch_status(
+        &pod_name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True"}]}})),
+    )
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), FSM_NAMESPACE);
+    deployments
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "observedGeneration": deployment.metadata.generation,
+                "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": replicas, "availableReplicas": replicas,
+                "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}],
+            }})),
+        )
+        .await?;
+    Ok(pod_name)
 }
 
 /// `args` without the flags in `drop` (given as `--flag=value`).
@@ -192,16 +210,15 @@ fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_chart_install_injects_deployment_pods_the_controller_serves() {
+async fn fsm_install_then_namespace_add_injects_pods_the_controller_serves_then_uninstall() {
     if let Err(err) = injected_and_served(31).await {
         panic!("{err:#}");
     }
 }
 
 async fn injected_and_served(subnet: u8) -> Result<()> {
-    let chart = render_chart()?;
     let c = TestCluster::start_demo(subnet).await?;
-    // The demo's workloads, without its MeshConfig: the chart's preset one is the mesh's.
+    // The demo's workloads, without its MeshConfig: the installed one is the mesh's.
     let demo: Vec<Value> = c
         .objects
         .iter()
@@ -209,24 +226,42 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         .cloned()
         .collect();
     cluster::apply_all(&c.client, &demo).await?;
-    let installed: Vec<Value> = chart
-        .objects
-        .iter()
-        .filter(|o| {
-            let kind = o["kind"].as_str().unwrap_or_default();
-            !(kind == "Deployment" || kind.starts_with("Cluster") || kind.starts_with("Role"))
-        })
-        .cloned()
-        .collect();
-    ensure!(
-        installed
-            .iter()
-            .any(|o| o["kind"] == "MutatingWebhookConfiguration"
-                && o["metadata"]["name"] == WEBHOOK_CONFIG)
-            && installed.iter().any(|o| o["kind"] == "MeshConfig"),
-        "the chart renders no webhook configuration or MeshConfig"
-    );
-    cluster::apply_all(&c.client, &installed).await?;
+
+    // `fsm install`, waiting for the control plane this test is about to run.
+    let mut install = tokio::process::Command::new(binary("fsm")?)
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["install", "--timeout", "120s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running fsm install")?;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), FSM_NAMESPACE);
+    let installed = eventually(CONVERGE, || async {
+        let controller = deployments.get_opt("fsm-controller").await?;
+        let injector = deployments.get_opt("fsm-injector").await?;
+        let webhook = Api::<MutatingWebhookConfiguration>::all(c.client.clone())
+            .get_opt(WEBHOOK_CONFIG)
+            .await?;
+        match (controller, injector, webhook) {
+            (Some(controller), Some(injector), Some(_)) => Ok((controller, injector)),
+            _ => bail!("fsm install has not created the control plane yet"),
+        }
+    })
+    .await;
+    let (controller_deployment, injector_deployment) = match installed {
+        Ok(deployments) => deployments,
+        Err(e) => {
+            let _ = install.start_kill();
+            let out = install.wait_with_output().await?;
+            bail!(
+                "{e:#}\nfsm install: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
     // The controller's validating webhook, on loopback like the rest.
     let validator_port = free_port()?;
     let http_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -236,7 +271,7 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     )
     .await?;
     let mut controller_args = without(
-        &chart.controller_args,
+        &container_args(&controller_deployment)?,
         &[
             "--ads-listen",
             "--http-listen",
@@ -258,7 +293,52 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     .await?;
     let port = free_port()?;
     cluster::apply(&c.client, &injector_endpoints(port)).await?;
-    let _injector = start_injector(&c, &chart.injector_args, port, controller.ads().addr).await?;
+    let _injector = start_injector(
+        &c,
+        &container_args(&injector_deployment)?,
+        port,
+        controller.ads().addr,
+    )
+    .await?;
+    let mut control_plane_pods = Vec::new();
+    for deployment in [&injector_deployment, &controller_deployment] {
+        control_plane_pods.push(run_deployment(&c, deployment).await?);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), install.wait_with_output())
+        .await
+        .context("fsm install did not return")??;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    ensure!(out.status.success(), "fsm install failed: {stdout}{stderr}");
+    eprintln!("[fsm install]\n{stdout}");
+    ensure!(
+        stdout
+            == format!(
+                "fsm-injector[{}] Done\nfsm-controller[{}] Done\nFSM installed successfully in namespace [fsm-system] with mesh name [fsm]\n",
+                control_plane_pods[0], control_plane_pods[1]
+            ),
+        "fsm install printed {stdout:?}"
+    );
+    // One mesh per cluster.
+    let second = fsm_cli(
+        &c,
+        &[
+            "install",
+            "--mesh-name",
+            "other",
+            "--fsm-namespace",
+            "other-system",
+        ],
+    );
+    ensure!(
+        second
+            .as_ref()
+            .is_err_and(|e| format!("{e:#}")
+                .contains("Mesh [fsm] in namespace [fsm-system] already exists")),
+        "a second mesh was not refused: {second:?}"
+    );
 
     // The injector publishes the mesh's roots as the webhook's caBundle.
     let configs: Api<MutatingWebhookConfiguration> = Api::all(c.client.clone());
@@ -279,17 +359,13 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     .await
     .context("the injector's roots in the webhook configuration")?;
 
-    // demo is monitored; turn injection on for it, as `fsm namespace add` does.
+    // demo joins the mesh, with injection.
+    let added = fsm_cli(&c, &["namespace", "add", "demo"])?;
+    ensure!(
+        added.contains("Namespace [demo] successfully added to mesh [fsm]"),
+        "{added}"
+    );
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client.clone());
-    namespaces
-        .patch(
-            "demo",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"flomesh.io/sidecar-injection": "enabled"}}}),
-            ),
-        )
-        .await?;
 
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "demo");
     let create = |pod: Value| {
@@ -576,6 +652,81 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     ensure!(
         c.server.admission_calls("fsm-inject.flomesh.io") >= 104,
         "the webhook was not called for every pod of the mesh"
+    );
+
+    // `fsm uninstall mesh`: the control plane goes, the CRDs and the mesh's objects stay.
+    let uninstalled = fsm_cli(&c, &["uninstall", "mesh", "-f"])?;
+    ensure!(
+        uninstalled.contains("FSM [mesh name: fsm] uninstalled"),
+        "{uninstalled}"
+    );
+    for name in ["fsm-controller", "fsm-injector"] {
+        ensure!(
+            deployments.get_opt(name).await?.is_none(),
+            "Deployment {name} is still there"
+        );
+    }
+    ensure!(
+        Api::<MutatingWebhookConfiguration>::all(c.client.clone())
+            .get_opt(WEBHOOK_CONFIG)
+            .await?
+            .is_none(),
+        "the webhook configuration is still there"
+    );
+    let release_records = Api::<Secret>::namespaced(c.client.clone(), FSM_NAMESPACE)
+        .list(&kube::api::ListParams::default().labels("owner=helm,name=fsm"))
+        .await?;
+    ensure!(
+        release_records.items.is_empty(),
+        "the Helm release record is still there"
+    );
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(c.client.clone());
+    ensure!(
+        crds.get_opt("meshconfigs.config.flomesh.io")
+            .await?
+            .is_some(),
+        "uninstall deleted the CRDs"
+    );
+    ensure!(
+        Api::<DynamicObject>::namespaced_with(
+            c.client.clone(),
+            "demo",
+            &kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+                "policy.flomesh.io",
+                "v1alpha1",
+                "Retry"
+            ))
+        )
+        .get_opt("curl-retries")
+        .await?
+        .is_some(),
+        "uninstall deleted the mesh's policies"
+    );
+    Ok(())
+}
+
+/// `fsm install --dry-run` renders the chart it embeds exactly as the real Helm engine renders
+/// charts/fsm: the chart's own tests run with `--fsm`, which renders every value set of theirs
+/// through both and compares the objects, and every refused value's message.
+#[test]
+fn fsm_install_renders_like_helm() -> Result<()> {
+    let out = Command::new("python3")
+        .arg(repo_root().join("charts/tests/test_chart.py"))
+        .arg("--fsm")
+        .arg(binary("fsm")?)
+        .output()
+        .context("running charts/tests/test_chart.py (make chart-deps installs its Helm)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.contains("install --dry-run compared with it") && stdout.contains(" 0 failed"),
+        "{stdout}"
     );
     Ok(())
 }
