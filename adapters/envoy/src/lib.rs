@@ -38,9 +38,13 @@
 //!   TLS) stay plaintext.
 //!
 //! [`secrets`] builds those three Secrets from the proxy's [`ProxyCredentials`].
+//!
+//! [`json`] shows the resources in Envoy's own JSON form, as its `/config_dump` does (the golden
+//! files, `fsm translate -o json|yaml`), and [`bootstrap`] as one static bootstrap.
 
 pub mod bootstrap;
 mod golden_view;
+pub mod json;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -70,6 +74,7 @@ use fsm_ir::{
 use prost::{Message, Name};
 
 pub use golden_view::render;
+pub use json::to_json;
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
