@@ -43,7 +43,6 @@
 //! files, `fsm translate -o json|yaml`), and [`bootstrap`] as one static bootstrap.
 
 pub mod bootstrap;
-mod golden_view;
 pub mod json;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,8 +72,7 @@ use fsm_ir::{
 };
 use prost::{Message, Name};
 
-pub use golden_view::render;
-pub use json::to_json;
+pub use json::{render, to_json};
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =

@@ -1,5 +1,5 @@
 //! Golden tests: testdata/<case>/in.yaml (a proxy's IR, as the compiler writes it) → one
-//! out.<type>.txt per Envoy resource type.
+//! out.<type>.yaml per Envoy resource type, in Envoy's own JSON form (`json.rs`).
 
 use std::path::Path;
 
@@ -20,7 +20,8 @@ fn golden_cases() {
                 again.encode(),
                 "translate must be deterministic"
             );
-            Ok(fsm_adapter_envoy::render(&resources))
+            // A translation error is a case's expected output; a rendering error is a bug.
+            Ok(fsm_adapter_envoy::render(&resources).expect("resources render as JSON"))
         },
     );
 }
