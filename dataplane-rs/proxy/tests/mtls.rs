@@ -568,6 +568,16 @@ async fn get_over<S>(stream: S, host: &str) -> Result<(StatusCode, String), Stri
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // A peer that neither answers nor closes must fail the test, not hang the suite.
+    tokio::time::timeout(Duration::from_secs(10), get_over_unbounded(stream, host))
+        .await
+        .map_err(|_| format!("no answer for host {host} within 10 s"))?
+}
+
+async fn get_over_unbounded<S>(stream: S, host: &str) -> Result<(StatusCode, String), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
