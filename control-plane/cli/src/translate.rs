@@ -3,6 +3,13 @@
 //! reading rules, the catalog, the compiler, the adapters). Envoy Gateway's `egctl x translate`
 //! is the model.
 //!
+//! `-o json` (or `yaml`) prints the resources the controller would send the proxy, as one
+//! document `{"clusters": [...], "endpoints": [...], "listeners": [...], "routes": [...],
+//! "secrets": [...]}` in the proto3 JSON mapping, private keys left out. For Envoy each resource
+//! is as Envoy's admin `/config_dump` prints it (`fsm_adapter_envoy::json`: `@type`, the .proto
+//! field names, the private key `[redacted]`), so it can be diffed with what a proxy holds;
+//! `-o bootstrap` prints the same resources as a static Envoy bootstrap for `envoy -c`.
+//!
 //! The certificates in the output are issued by a throwaway root made for the run: real PEM (so
 //! Envoy accepts the bootstrap) that no mesh trusts.
 
@@ -26,11 +33,11 @@ pub enum DataPlane {
 /// The output form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
-    /// The native resources (fsm-sidecar), in the proto3 JSON mapping.
+    /// The proxy's resources in the proto3 JSON mapping; Envoy's as its /config_dump prints them.
     Json,
     /// The same as YAML.
     Yaml,
-    /// A static Envoy bootstrap, binary protobuf (`envoy -c proxy.pb`).
+    /// Envoy only: a static bootstrap, binary protobuf (`envoy -c proxy.pb`).
     Bootstrap,
 }
 
@@ -47,15 +54,8 @@ pub fn translate(
     output: Output,
     settings: CatalogSettings,
 ) -> Result<Translated> {
-    match (data_plane, output) {
-        (DataPlane::Envoy, Output::Bootstrap)
-        | (DataPlane::FsmSidecar, Output::Json | Output::Yaml) => {}
-        (DataPlane::Envoy, _) => bail!(
-            "Envoy's resources are printed as a static bootstrap: use -o bootstrap (yaml and json are for --data-plane fsm-sidecar)"
-        ),
-        (DataPlane::FsmSidecar, Output::Bootstrap) => {
-            bail!("-o bootstrap is Envoy's; fsm-sidecar's resources print as -o json or -o yaml")
-        }
+    if data_plane == DataPlane::FsmSidecar && output == Output::Bootstrap {
+        bail!("-o bootstrap is Envoy's; fsm-sidecar's resources print as -o json or -o yaml");
     }
     let (objects, problems) = fsm_sources::read_manifest_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?;
@@ -130,28 +130,35 @@ pub fn translate(
         "{}.{}.cluster.local",
         chosen.service_account, chosen.namespace
     ))?;
-    let output = match data_plane {
+    let json = match data_plane {
         DataPlane::Envoy => {
             let resources = fsm_adapter_envoy::translate(&compiled.ir, &credentials)?;
-            let node_id = format!(
-                "{}.sidecar.{}.{}",
-                chosen.uuid, chosen.service_account, chosen.namespace
-            );
-            let cluster = format!("{}.{}", chosen.service_account, chosen.namespace);
-            fsm_adapter_envoy::bootstrap::static_bootstrap(&node_id, &cluster, &resources)?
-                .encode_to_vec()
+            if output == Output::Bootstrap {
+                let node_id = format!(
+                    "{}.sidecar.{}.{}",
+                    chosen.uuid, chosen.service_account, chosen.namespace
+                );
+                let cluster = format!("{}.{}", chosen.service_account, chosen.namespace);
+                let bootstrap =
+                    fsm_adapter_envoy::bootstrap::static_bootstrap(&node_id, &cluster, &resources)?;
+                return Ok(Translated {
+                    output: bootstrap.encode_to_vec(),
+                    warnings,
+                });
+            }
+            fsm_adapter_envoy::to_json(&resources)?
         }
         DataPlane::FsmSidecar => {
             let resources = fsm_adapter_native::translate(&compiled.ir, &credentials)?;
-            let json = fsm_adapter_native::to_json(&resources).map_err(anyhow::Error::msg)?;
-            match output {
-                Output::Yaml => serde_yaml_ng::to_string(&json)?.into_bytes(),
-                _ => {
-                    let mut text = serde_json::to_string_pretty(&json)?;
-                    text.push('\n');
-                    text.into_bytes()
-                }
-            }
+            fsm_adapter_native::to_json(&resources).map_err(anyhow::Error::msg)?
+        }
+    };
+    let output = match output {
+        Output::Yaml => serde_yaml_ng::to_string(&json)?.into_bytes(),
+        _ => {
+            let mut text = serde_json::to_string_pretty(&json)?;
+            text.push('\n');
+            text.into_bytes()
         }
     };
     Ok(Translated { output, warnings })
