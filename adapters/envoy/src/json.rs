@@ -9,8 +9,9 @@
 //! value left out, and every field Envoy marks `(udpa.annotations.sensitive)` (private keys)
 //! replaced by `"[redacted]"` as Envoy's `redact` does (strings and bytes; other sensitive
 //! scalars are cleared). Object keys are sorted ([`serde_json::Map`] without `preserve_order`),
-//! which also makes maps such as `typed_per_filter_config` deterministic; resources keep the
-//! adapter's order.
+//! which also makes maps such as `typed_per_filter_config` deterministic (prost-reflect writes
+//! them in hash order: with `preserve_order` on, goldens would change from run to run);
+//! resources keep the adapter's order.
 //!
 //! The conversion is by reflection over Envoy's descriptors (`build.rs`), from each resource's
 //! encoded bytes, so it shows exactly what goes on the wire. It refuses rather than drop data: a
@@ -78,6 +79,15 @@ pub enum JsonError {
     },
 }
 
+/// Whether sensitive fields (private keys) are shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sensitive {
+    /// As Envoy's `/config_dump` shows them: `"[redacted]"`.
+    Redact,
+    /// As they are.
+    Keep,
+}
+
 /// The descriptors of the Envoy types the adapter emits, decoded once.
 pub fn descriptor_pool() -> &'static DescriptorPool {
     &POOL
@@ -91,15 +101,6 @@ pub fn message_to_json<M: Message + Name>(
     sensitive: Sensitive,
 ) -> Result<serde_json::Value, JsonError> {
     encoded_to_json(&M::full_name(), &message.encode_to_vec(), sensitive)
-}
-
-/// Whether sensitive fields (private keys) are shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sensitive {
-    /// As Envoy's `/config_dump` shows them: `"[redacted]"`.
-    Redact,
-    /// As they are.
-    Keep,
 }
 
 /// The message of type `type_name` (a full name or a type URL), given encoded, in Envoy's JSON

@@ -151,6 +151,7 @@ fn every_golden_case_and_its_bootstrap_round_trip_through_json() {
         round_trip(&case, &bootstrap);
 
         let all = to_json(&resources).expect("to_json");
+        let golden = fsm_adapter_envoy::render(&resources).expect("render");
         for (key, count) in [
             ("clusters", resources.clusters.len()),
             ("endpoints", resources.endpoints.len()),
@@ -163,6 +164,10 @@ fn every_golden_case_and_its_bootstrap_round_trip_through_json() {
                 Some(count),
                 "{case} {key}"
             );
+            // The golden YAML reads back as the same JSON.
+            let yaml = &golden[&format!("out.{key}.yaml")];
+            let back: serde_json::Value = serde_yaml_ng::from_str(yaml).expect("YAML");
+            assert_eq!(back, all[key], "{case} {key}");
         }
     }
 }
