@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -587,6 +588,7 @@ struct Entry {
     published: watch::Sender<Published>,
     /// Its own lock: streams record sends and ACKs of one proxy without stopping the others.
     status: Mutex<ProxyStatus>,
+    observed: Observed,
 }
 
 impl Entry {
@@ -594,7 +596,42 @@ impl Entry {
         Entry {
             published: watch::Sender::new(Published::Pending),
             status: Mutex::new(ProxyStatus::default()),
+            observed: Observed::default(),
         }
+    }
+}
+
+/// When the changes a proxy's streams have not taken yet were observed, per type: the earliest
+/// of each type, a few words per proxy. Written by [`SnapshotCache::set_observed`] inside the
+/// proxy's watch (so a stream reading the snapshot it wakes for takes the stamps with it) and
+/// taken by the stream, which holds this handle rather than looking the proxy up again.
+#[derive(Clone, Debug, Default)]
+pub struct Observed(Arc<Mutex<Vec<(TypeUrl, Instant)>>>);
+
+impl Observed {
+    fn stamp(&self, type_url: TypeUrl, at: Instant) {
+        let mut stamps = self.0.lock();
+        match stamps.iter_mut().find(|(t, _)| *t == type_url) {
+            Some((_, earliest)) => *earliest = (*earliest).min(at),
+            None => stamps.push((type_url, at)),
+        }
+    }
+
+    /// Takes the stamps of `types` (those of other types stay for the streams serving them).
+    pub fn take(&self, types: &[TypeUrl]) -> Vec<(TypeUrl, Instant)> {
+        let mut stamps = self.0.lock();
+        if stamps.is_empty() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        stamps.retain(|(t, at)| {
+            let ours = types.contains(t);
+            if ours {
+                taken.push((*t, *at));
+            }
+            !ours
+        });
+        taken
     }
 }
 
@@ -615,6 +652,19 @@ impl SnapshotCache {
     /// content is unchanged or the proxy has no stream: a proxy is known to the cache only while
     /// one of its streams is open, so a publish racing a disconnect leaves nothing behind.
     pub fn set(&self, key: &ProxyKey, snapshot: Snapshot) -> bool {
+        self.set_observed(key, snapshot, None)
+    }
+
+    /// [`set`](Self::set), and when the snapshot carries a change the controller observed at
+    /// `observed`, stamps every type whose version it changes with that time (the earliest
+    /// stamp not yet taken wins), for the streams to measure how long the change takes to be
+    /// acknowledged ([`SnapshotCache::observed`]).
+    pub fn set_observed(
+        &self,
+        key: &ProxyKey,
+        snapshot: Snapshot,
+        observed: Option<Instant>,
+    ) -> bool {
         let entries = self.entries.read();
         let Some(entry) = entries.get(key) else {
             return false;
@@ -622,8 +672,19 @@ impl SnapshotCache {
         let versions = snapshot.versions();
         let snapshot = Arc::new(snapshot);
         let changed = entry.published.send_if_modified(|current| {
-            if current.snapshot().map(|s| &**s) == Some(&*snapshot) {
+            let previous = current.snapshot();
+            if previous.map(|s| &**s) == Some(&*snapshot) {
                 return false;
+            }
+            if let Some(at) = observed {
+                for (type_url, set) in snapshot.types() {
+                    let before = previous
+                        .and_then(|p| p.get(type_url))
+                        .map(TypeSnapshot::version);
+                    if before != Some(set.version()) {
+                        entry.observed.stamp(type_url, at);
+                    }
+                }
             }
             *current = Published::Snapshot(snapshot.clone());
             true
@@ -668,6 +729,13 @@ impl SnapshotCache {
         let entry = entries.entry(key.clone()).or_insert_with(Entry::new);
         entry.status.get_mut().connected_streams += 1;
         entry.published.subscribe()
+    }
+
+    /// Where the streams of the proxy subscribed with [`subscribe`](Self::subscribe) take the
+    /// change stamps of [`set_observed`](Self::set_observed): read while holding the snapshot the
+    /// watch woke them for, so a stamp is never taken with an older snapshot.
+    pub fn observed(&self, key: &ProxyKey) -> Option<Observed> {
+        self.entries.read().get(key).map(|e| e.observed.clone())
     }
 
     /// Called when a stream of the proxy ends; forgets the proxy once no stream is left.
@@ -939,6 +1007,37 @@ mod tests {
             cache.get(&key).is_none(),
             "a disconnected proxy is forgotten"
         );
+    }
+
+    #[tokio::test]
+    async fn changed_types_are_stamped_with_the_earliest_observation_until_taken() {
+        const U: TypeUrl = "type.example/U";
+        let cache = SnapshotCache::new();
+        let key = ProxyKey::new("p", fsm_identity::ProxyKind::Sidecar, "sa", "ns");
+        let _rx = cache.subscribe(&key);
+        let observed = cache.observed(&key).expect("subscribed");
+        let both = |t: &'static [u8], u: &'static [u8]| {
+            Snapshot::new([
+                (T, vec![Resource::new("a", t)]),
+                (U, vec![Resource::new("b", u)]),
+            ])
+        };
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(5);
+        assert!(
+            cache.set(&key, both(b"1", b"1")),
+            "no observation: no stamp"
+        );
+        assert!(observed.take(&[T, U]).is_empty());
+        assert!(cache.set_observed(&key, both(b"2", b"1"), Some(t1)));
+        assert!(cache.set_observed(&key, both(b"3", b"1"), Some(t0)));
+        assert!(
+            !cache.set_observed(&key, both(b"3", b"1"), Some(t1)),
+            "unchanged"
+        );
+        assert_eq!(observed.take(&[U]), vec![], "U never changed");
+        assert_eq!(observed.take(&[T, U]), vec![(T, t0)], "the earliest of T");
+        assert!(observed.take(&[T]).is_empty(), "taken once");
     }
 
     #[tokio::test]

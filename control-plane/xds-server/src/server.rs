@@ -4,16 +4,19 @@
 //! Both flavours (state of the world and delta) run the same loop; [`Wire`] is the only part that
 //! knows their message types.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::rpc;
-use fsm_cache::{ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeSnapshot, TypeUrl};
+use fsm_cache::{
+    Observed, ProxyKey, Published, Snapshot, SnapshotCache, SyncEvent, TypeSnapshot, TypeUrl,
+};
 use fsm_errcode::{ErrCode, HasErrCode};
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
@@ -22,9 +25,10 @@ use tonic::server::NamedService;
 use tonic::{Request, Status};
 use tracing::Instrument;
 
+use crate::convergence::Convergence;
 use crate::frame::Frames;
 use crate::grpc::{self, Outgoing, Requests, ResponseBody};
-use crate::metrics::metrics;
+use crate::metrics::{ProxySeries, metrics};
 use crate::node::{DataPlane, NodeError, ProxyNode, XdsCertIdentity, stream_data_plane};
 use crate::peer;
 use crate::protocol::{
@@ -40,6 +44,10 @@ const MAX_MESSAGE_SIZE: usize = 64 << 20;
 /// proxy from holding many snapshots' worth of responses in memory. A queued response holds only
 /// its small head and references to shared resource bytes.
 const RESPONSE_QUEUE: usize = 8;
+
+/// Proxy UUIDs remembered for `fsm_proxy_reconnect_count`: the most recent this many, so pods
+/// replaced by the thousand do not grow the set (a few dozen bytes each).
+const SEEN_CAPACITY: usize = 65_536;
 
 /// Identifies one stream for the lifetime of the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -73,10 +81,71 @@ pub struct AdsServer {
 struct Inner {
     cache: Arc<SnapshotCache>,
     events: mpsc::UnboundedSender<ProxyEvent>,
-    /// Proxy UUIDs that have connected before, for `fsm_proxy_reconnect_count`. It grows with the
-    /// number of distinct proxies ever seen, a few dozen bytes each.
-    seen: Mutex<HashSet<Arc<str>>>,
+    /// Proxy UUIDs that have connected before, for `fsm_proxy_reconnect_count`.
+    seen: Mutex<Seen>,
     next_stream: AtomicU64,
+    /// The per-proxy metric series and the streams using them.
+    series: ProxySeries,
+    /// MeshConfig `spec.sidecar.maxDataPlaneConnections`.
+    limit: ConnectionLimit,
+    /// Streams admitted and not ended, counted against `limit`.
+    open: AtomicUsize,
+}
+
+/// The most recent [`SEEN_CAPACITY`] proxy UUIDs seen connecting.
+#[derive(Default)]
+struct Seen {
+    uuids: HashSet<Arc<str>>,
+    order: VecDeque<Arc<str>>,
+}
+
+impl Seen {
+    /// Remembers `uuid`; false when it was already known (a reconnect).
+    fn insert(&mut self, uuid: &Arc<str>) -> bool {
+        if self.uuids.contains(uuid) {
+            return false;
+        }
+        self.uuids.insert(uuid.clone());
+        self.order.push_back(uuid.clone());
+        if self.order.len() > SEEN_CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.uuids.remove(&oldest);
+        }
+        true
+    }
+}
+
+/// The most ADS streams the server keeps open at once, 0 for no limit: MeshConfig
+/// `spec.sidecar.maxDataPlaneConnections`, which the controller sets here as MeshConfig changes.
+/// A stream beyond it is refused with `RESOURCE_EXHAUSTED` (and counted in
+/// `fsm_proxy_max_connections_rejected`); streams already open are kept when it is lowered.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionLimit(Arc<AtomicUsize>);
+
+impl ConnectionLimit {
+    pub fn set(&self, max: usize) {
+        let before = self.0.swap(max, Ordering::Relaxed);
+        if before != max {
+            tracing::info!(
+                max,
+                "ADS connection limit (maxDataPlaneConnections; 0: none)"
+            );
+        }
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An admitted stream's place under the connection limit, given back when the stream ends.
+struct Slot(Arc<Inner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 // === AdsServer ===
@@ -86,8 +155,11 @@ impl AdsServer {
         let inner = Inner {
             cache,
             events,
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(Seen::default()),
             next_stream: AtomicU64::new(1),
+            series: ProxySeries::default(),
+            limit: ConnectionLimit::default(),
+            open: AtomicUsize::new(0),
         };
         AdsServer {
             inner: Arc::new(inner),
@@ -118,6 +190,23 @@ impl AdsServer {
         self
     }
 
+    /// Limits the streams open at once to what `limit` says when each one opens.
+    pub fn with_connection_limit(mut self, limit: ConnectionLimit) -> Self {
+        let inner = Arc::get_mut(&mut self.inner).expect("configured before it serves");
+        inner.limit = limit;
+        self
+    }
+
+    /// Streams open now (admitted under the connection limit).
+    pub fn open_streams(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// Proxies whose per-proxy metric series exist (those with a stream open).
+    pub fn proxies_with_series(&self) -> usize {
+        self.inner.series.len()
+    }
+
     /// The service, ready for [`crate::listen::serve`] (or `tonic::transport::Server::add_service`).
     pub fn into_service(self) -> AdsService {
         AdsService(self)
@@ -141,17 +230,50 @@ impl AdsServer {
         }
     }
 
-    /// Starts serving one ADS call: authenticates it, then spawns its stream's task.
+    /// Starts serving one ADS call: authenticates it, admits it under the connection limit,
+    /// then spawns its stream's task.
     fn call<W: Wire>(&self, request: http::Request<Body>) -> Result<ResponseBody, Status> {
         let call = grpc::accept::<W::Req>(request, MAX_MESSAGE_SIZE)?;
         let peer = self.authenticate(&call.request)?;
-        Ok(self.spawn::<W>(peer, call.incoming))
+        let slot = self.admit(&call.request)?;
+        Ok(self.spawn::<W>(peer, call.incoming, slot))
+    }
+
+    /// A place for one more stream, or `RESOURCE_EXHAUSTED` when the limit's streams are open.
+    fn admit(&self, request: &Request<()>) -> Result<Slot, Status> {
+        let inner = &self.inner;
+        let mut open = inner.open.load(Ordering::Acquire);
+        loop {
+            let max = inner.limit.get();
+            if max != 0 && open >= max {
+                metrics().proxy_max_connections_rejected.inc();
+                let remote = request.remote_addr();
+                tracing::warn!(
+                    ?remote,
+                    max,
+                    "refusing ADS stream: too many proxy connections"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "too many proxy connections: this control plane serves at most {max} at once (MeshConfig spec.sidecar.maxDataPlaneConnections)"
+                )));
+            }
+            match inner.open.compare_exchange_weak(
+                open,
+                open + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(Slot(inner.clone())),
+                Err(now) => open = now,
+            }
+        }
     }
 
     fn spawn<W: Wire>(
         &self,
         peer: Option<XdsCertIdentity>,
         incoming: Requests<W::Req>,
+        slot: Slot,
     ) -> ResponseBody {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let machine = W::machine(self.extra_types);
@@ -162,6 +284,7 @@ impl AdsServer {
             peer,
             incoming,
             tx,
+            slot,
         ));
         ResponseBody::new(rx)
     }
@@ -343,6 +466,7 @@ async fn serve_stream<W: Wire>(
     peer: Option<XdsCertIdentity>,
     mut incoming: Requests<W::Req>,
     tx: mpsc::Sender<Outgoing>,
+    slot: Slot,
 ) {
     // Boxed: a request is large, and the task keeps room for what it holds across an await.
     let first = match incoming.message().await {
@@ -390,7 +514,7 @@ async fn serve_stream<W: Wire>(
         DataPlane::FsmSidecar => native_types,
     };
     let span = tracing::info_span!("ads", proxy = %node.identity, flavor = W::NAME, %data_plane);
-    let session = Session::<W>::open(inner, machine, node, data_plane, types, tx);
+    let session = Session::<W>::open(inner, machine, node, data_plane, types, tx, slot);
     session.run(first, incoming).instrument(span).await;
 }
 
@@ -402,7 +526,7 @@ struct Session<W: Wire> {
     key: ProxyKey,
     /// Metric labels: the proxy UUID and its service identity `<sa>.<ns>`.
     uuid: Arc<str>,
-    identity: String,
+    identity: Arc<str>,
     /// The types of this stream's data plane; requests for others are refused (E5013).
     types: &'static [TypeUrl],
     tx: mpsc::Sender<Outgoing>,
@@ -413,6 +537,11 @@ struct Session<W: Wire> {
     /// response, and removed when the stream ends: the labels carry the proxy UUID, so series
     /// of proxies long gone would otherwise pile up with every pod ever replaced.
     counters: Vec<TypeCounters>,
+    /// Where the controller leaves the times it observed the changes of the proxy's snapshots.
+    observed: Option<Observed>,
+    convergence: Convergence,
+    /// Its place under the connection limit.
+    _slot: Slot,
 }
 
 struct TypeCounters {
@@ -432,10 +561,11 @@ impl<W: Wire> Session<W> {
         data_plane: DataPlane,
         types: &'static [TypeUrl],
         tx: mpsc::Sender<Outgoing>,
+        slot: Slot,
     ) -> Self {
         let m = metrics();
         m.proxy_connect_count.inc();
-        if !inner.seen.lock().insert(node.identity.uuid.clone()) {
+        if !inner.seen.lock().insert(&node.identity.uuid) {
             m.proxy_reconnect_count.inc();
         }
         let stream = StreamId(inner.next_stream.fetch_add(1, Ordering::Relaxed));
@@ -443,6 +573,7 @@ impl<W: Wire> Session<W> {
         // Subscribed before the controller hears of the stream, so its first publish (or
         // refusal) for this proxy cannot be missed.
         let watch = inner.cache.subscribe(&key);
+        let observed = inner.cache.observed(&key);
         tracing::info!(
             proxy = %node.identity,
             user_agent = %node.user_agent,
@@ -451,7 +582,9 @@ impl<W: Wire> Session<W> {
             stream = stream.0,
             "proxy connected"
         );
-        let (uuid, identity) = (key.uuid.clone(), key.service_identity());
+        let (uuid, identity): (Arc<str>, Arc<str>) =
+            (key.uuid.clone(), key.service_identity().into());
+        inner.series.opened(&uuid, &identity);
         // The controller may have shut down; the stream still serves what the cache holds.
         let _ = inner.events.send(ProxyEvent::Connected {
             stream,
@@ -470,13 +603,28 @@ impl<W: Wire> Session<W> {
             watch,
             snapshot: None,
             counters: Vec::new(),
+            observed,
+            convergence: Convergence::default(),
+            _slot: slot,
         }
     }
 
     /// Takes in what the cache now says for the proxy. Fails when the proxy was refused: the
     /// stream is closed with the reason (its FSM code first) and nothing more is sent.
     async fn refresh(&mut self) -> Result<(), Closed> {
-        let published = self.watch.borrow_and_update().clone();
+        let (published, stamps) = {
+            let current = self.watch.borrow_and_update();
+            // Taken with the snapshot they were stamped on (see `SnapshotCache::observed`).
+            let stamps = self
+                .observed
+                .as_ref()
+                .map(|o| o.take(self.types))
+                .unwrap_or_default();
+            (current.clone(), stamps)
+        };
+        for (type_url, at) in stamps {
+            self.convergence.observed(type_url, at);
+        }
         match published {
             Published::Pending => {
                 self.snapshot = None;
@@ -542,6 +690,14 @@ impl<W: Wire> Session<W> {
                     }
                     if let Some(snapshot) = self.snapshot.clone() {
                         let output = self.machine.on_snapshot(&snapshot);
+                        let unchanged: Vec<TypeUrl> = self
+                            .convergence
+                            .pending()
+                            .filter(|t| !output.responses.iter().any(|r| r.type_url == *t))
+                            .collect();
+                        for type_url in unchanged {
+                            self.convergence.unchanged(type_url);
+                        }
                         if Box::pin(self.apply(output)).await.is_err() {
                             return;
                         }
@@ -571,6 +727,7 @@ impl<W: Wire> Session<W> {
                 // Labelled only once resolved: an unknown type is an arbitrary client string.
                 if let Some(type_url) = output.type_url {
                     self.counters(type_url).requests.inc();
+                    self.convergence.requested(type_url);
                 }
                 self.apply(output).await
             }
@@ -590,9 +747,16 @@ impl<W: Wire> Session<W> {
             match event {
                 Event::Ack { version, .. } => {
                     tracing::debug!(proxy = %self.uuid, r#type = short, %version, "ACK");
+                    if let Some(elapsed) = self.convergence.acked(type_url, version, Instant::now())
+                    {
+                        metrics()
+                            .convergence(type_url)
+                            .observe(elapsed.as_secs_f64());
+                    }
                 }
                 Event::Nack { version, error, .. } => {
                     tracing::warn!(proxy = %self.uuid, r#type = short, %version, %error, "NACK; version parked");
+                    self.convergence.nacked(type_url, version);
                 }
                 Event::Stale { nonce, .. } => {
                     tracing::debug!(proxy = %self.uuid, r#type = short, %nonce, "ignoring request for an old nonce");
@@ -614,7 +778,10 @@ impl<W: Wire> Session<W> {
             Some(at) => at,
             None => {
                 let m = metrics();
-                let labels = [&*self.uuid, self.identity.as_str(), short_name(type_url)];
+                self.inner
+                    .series
+                    .labelled(&self.uuid, &self.identity, type_url);
+                let labels = [&*self.uuid, &*self.identity, short_name(type_url)];
                 self.counters.push(TypeCounters {
                     type_url,
                     requests: m.proxy_xds_request_count.with_label_values(&labels),
@@ -632,7 +799,7 @@ impl<W: Wire> Session<W> {
     async fn send(&mut self, response: Response) -> Result<(), Closed> {
         let sent = self.counters(response.type_url).sent.clone();
         let short = short_name(response.type_url);
-        let labels = [&*self.uuid, self.identity.as_str(), short];
+        let labels = [&*self.uuid, &*self.identity, short];
         let types = self
             .snapshot
             .as_deref()
@@ -660,6 +827,7 @@ impl<W: Wire> Session<W> {
             return Err(Closed);
         }
         sent.inc();
+        self.convergence.sent(response.type_url, &response.version);
         tracing::debug!(
             proxy = %self.uuid,
             r#type = short,
@@ -684,23 +852,9 @@ impl<W: Wire> Session<W> {
 
 impl<W: Wire> Drop for Session<W> {
     fn drop(&mut self) {
-        let m = metrics();
-        m.proxy_connect_count.dec();
-        for counters in &self.counters {
-            let labels = [
-                &*self.uuid,
-                self.identity.as_str(),
-                short_name(counters.type_url),
-            ];
-            // Absent series (no error was ever counted) are fine.
-            let _ = m.proxy_xds_request_count.remove_label_values(&labels);
-            let _ = m
-                .proxy_response_send_success_count
-                .remove_label_values(&labels);
-            let _ = m
-                .proxy_response_send_error_count
-                .remove_label_values(&labels);
-        }
+        metrics().proxy_connect_count.dec();
+        // The proxy's series go with its last stream.
+        self.inner.series.closed(&self.uuid, &self.identity);
         self.inner.cache.unsubscribe(&self.key);
         tracing::info!(proxy = %self.uuid, "proxy disconnected");
         let _ = self.inner.events.send(ProxyEvent::Disconnected {
