@@ -166,9 +166,10 @@ fn defines(file: &FileDescriptorProto, message: &str) -> bool {
     file.message_type.iter().any(|m| m.name() == rest)
 }
 
-/// The package directory of the `envoy-types` this build uses. `--filter-platform` keeps
-/// `cargo metadata` to the packages of this target, which the build has already downloaded, so
-/// the offline attempt succeeds; the online one is for a build of one crate on a clean machine.
+/// The package directory of the `envoy-types` this build uses. `cargo metadata` reads every
+/// package of the workspace's resolve (`--filter-platform`: for this target only): offline first,
+/// which succeeds wherever the workspace was built or fetched (CI, a developer's tree); online
+/// when one crate is built on a clean machine and the other members' packages are not there yet.
 fn envoy_types_dir() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
@@ -207,11 +208,13 @@ fn envoy_types_dir() -> PathBuf {
     let ours = std::env::var("CARGO_PKG_NAME").expect("cargo sets it");
     let packages = metadata["packages"].as_array().expect("packages");
     let resolve = metadata["resolve"]["nodes"].as_array().expect("resolve");
+    // By name among the workspace's members (a path could be spelled differently, a symlink).
+    let members = metadata["workspace_members"]
+        .as_array()
+        .expect("workspace_members");
     let our_id = packages
         .iter()
-        .find(|p| {
-            p["name"] == ours.as_str() && p["manifest_path"] == manifest.to_str().unwrap_or("")
-        })
+        .find(|p| p["name"] == ours.as_str() && members.contains(&p["id"]))
         .and_then(|p| p["id"].as_str())
         .expect("this package in cargo metadata");
     let node = resolve
