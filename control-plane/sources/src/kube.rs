@@ -18,6 +18,8 @@
 //! * **Unserved kinds are not fatal.** If a CRD is not installed the watch for its kind fails with
 //!   404 and keeps retrying in the background; the source still becomes `Synced` without it, after
 //!   [`OPTIONAL_SYNC_GRACE`], so a cluster without, say, the SMI CRDs still gets a mesh.
+//! * **Every event is counted** as FSM's informers count them (`fsm_k8s_api_event_count`, see
+//!   [`crate::metrics`]), and queued for the control loop (`fsm_events_queued`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -128,7 +130,7 @@ async fn announce_synced(
         }
     }
     tracing::info!("initial lists complete");
-    let _ = events.send(CatalogEvent::Synced).await;
+    let _ = crate::metrics::send(&events, CatalogEvent::Synced).await;
 }
 
 #[derive(Clone)]
@@ -149,6 +151,7 @@ pub(crate) fn spawn_watch<K: MeshKind>(client: Client, ctx: WatchContext) -> Joi
             .default_backoff()
             .boxed();
         let mut first_list = true;
+        let mut event_types = crate::metrics::EventTypes::default();
         while let Some(item) = stream.next().await {
             let event = match item {
                 Ok(Event::Init) => CatalogEvent::Init(scope),
@@ -176,8 +179,11 @@ pub(crate) fn spawn_watch<K: MeshKind>(client: Client, ctx: WatchContext) -> Joi
                     continue;
                 }
             };
+            for (event_type, key) in event_types.classify(&event) {
+                crate::metrics::count_k8s_event(event_type, &key);
+            }
             // Waits while the control loop is behind: back-pressure instead of a growing queue.
-            if ctx.events.send(event).await.is_err() {
+            if crate::metrics::send(&ctx.events, event).await.is_err() {
                 return;
             }
         }

@@ -7,6 +7,7 @@
 mod kinds;
 pub mod kube;
 pub mod manifest;
+pub mod metrics;
 
 pub use self::kube::{KubeSource, WatchStatus};
 

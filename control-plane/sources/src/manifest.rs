@@ -170,7 +170,7 @@ impl ManifestSource {
         let problems_for_task = Arc::clone(&problems);
         let task = tokio::spawn(async move {
             for event in initial {
-                if events.send(event).await.is_err() {
+                if crate::metrics::send(&events, event).await.is_err() {
                     return;
                 }
             }
@@ -227,7 +227,7 @@ async fn watch(
             }
         };
         for event in batch {
-            if events.send(event).await.is_err() {
+            if crate::metrics::send(&events, event).await.is_err() {
                 return;
             }
         }
