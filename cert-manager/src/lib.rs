@@ -40,6 +40,7 @@ pub mod clock;
 pub mod error;
 pub mod identity;
 pub mod manager;
+pub mod metrics;
 pub mod provider;
 pub mod setup;
 pub mod tresor;

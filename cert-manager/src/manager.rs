@@ -856,6 +856,7 @@ impl CertManager {
     }
 
     async fn issue_entry(&self, request: &CertificateRequest) -> Result<Entry, CertError> {
+        let started = std::time::Instant::now();
         request.validate()?;
         let (provider, epoch, generation, extra_roots) = {
             let issuer = self.inner.issuer.lock();
@@ -889,6 +890,7 @@ impl CertManager {
                 .rotation
                 .renew_at(&cert, self.inner.clock.now(), fastrand::f64());
         tracing::debug!(cn = %cert.common_name, serial = %cert.serial, provider = provider.name(), "issued certificate");
+        crate::metrics::issued(started.elapsed());
         self.note_due(renew_at);
         Ok(Entry {
             request: request.clone(),
@@ -974,6 +976,27 @@ mod tests {
             not_after: nb + lifetime,
             serial: "01".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn every_certificate_issued_is_counted_and_timed_and_a_cached_one_is_not() {
+        let tresor = crate::tresor::TresorProvider::generate().expect("a root");
+        let manager = CertManager::new(Arc::new(tresor), CertManagerConfig::default());
+        let m = crate::metrics::metrics();
+        let (count, timed) = (
+            m.cert_issued_count.get(),
+            m.cert_issued_time.get_sample_count(),
+        );
+        let validity = Duration::from_secs(3600);
+        let issue = || manager.issue_service_certificate("sa", "ns", "cluster.local", validity);
+        issue().await.expect("issued");
+        issue().await.expect("from the cache");
+        manager
+            .issue_xds_certificate(uuid::Uuid::new_v4(), crate::ProxyKind::Sidecar, "sa", "ns")
+            .await
+            .expect("issued");
+        assert_eq!(m.cert_issued_count.get(), count + 2);
+        assert_eq!(m.cert_issued_time.get_sample_count(), timed + 2);
     }
 
     #[test]
