@@ -1,11 +1,13 @@
 //! FSM's sidecar injector: which pods get a sidecar ([`decision`]), what goes into them
 //! ([`pod`]: the `fsm-proxy-uuid` label, the `fsm-init` container running the interception rules
 //! of [`interception`], the Envoy or fsm-sidecar container with the bootstrap of [`envoy`], the
-//! probes rewritten by [`probes`]), and the mutating admission webhook serving it ([`webhook`]).
+//! probes rewritten by [`probes`]), and the mutating admission webhook serving it ([`webhook`]),
+//! with its metric and `/metrics` endpoint ([`metrics`]).
 
 pub mod decision;
 pub mod envoy;
 pub mod interception;
+pub mod metrics;
 pub mod pod;
 pub mod probes;
 pub mod server;

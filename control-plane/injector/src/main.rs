@@ -5,6 +5,10 @@
 //! `<service-name>.<fsm-namespace>.svc`) comes from the mesh's certificate provider and rotates
 //! with it; at start-up and on every rotation the injector writes the mesh's roots into the
 //! `caBundle` of its MutatingWebhookConfiguration, which is how kube-apiserver learns to trust it.
+//!
+//! Serves plain HTTP on `--metrics-listen` (FSM: 9091, where the pod's `prometheus.io/port`
+//! annotation points): `GET /metrics` (`fsm_admission_webhook_response_total`, the certificate
+//! metrics, `fsm_error_err_code_count`) and `GET /healthz`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +20,7 @@ use clap::Parser;
 use fsm_certs::setup::{CertArgs, manager, provider};
 use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
 use fsm_errcode::ErrCode;
+use fsm_injector::metrics::{count_admission, count_answer, review_kind};
 use fsm_injector::server::{WebhookKind, read_json, reply, serve, webhook_tls};
 use fsm_injector::webhook::{ReviewContext, read_review, respond};
 use fsm_injector::{InjectorSettings, SidecarClass};
@@ -35,6 +40,9 @@ struct Args {
     /// HTTPS address of the webhook and /healthz.
     #[arg(long, default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
+    /// Plain HTTP address of GET /metrics (Prometheus) and GET /healthz.
+    #[arg(long, default_value = "0.0.0.0:9091")]
+    metrics_listen: SocketAddr,
     #[arg(long, default_value = "fsm")]
     mesh_name: String,
     #[arg(long, default_value = "fsm-system")]
@@ -140,10 +148,17 @@ async fn main() -> anyhow::Result<()> {
         webhook_config,
     )
     .await?;
+    fsm_injector::metrics::metrics();
+    fsm_certs::metrics::metrics();
+    fsm_errcode::register();
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding {} for /metrics", args.metrics_listen))?;
+    tokio::spawn(fsm_injector::metrics::serve(metrics_listener));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("{}: binding {}", ErrCode::E6102, args.listen))?;
-    tracing::info!(listen = %args.listen, %server_name, "sidecar injector serving");
+    tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, %server_name, "sidecar injector serving");
     let state = Arc::new(State { settings, client });
     serve(listener, tls, move |request| {
         let state = state.clone();
@@ -159,12 +174,17 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
         ("POST", MUTATE_PATH) => {
             let review = match read_json(request).await {
                 Ok(json) => json,
-                Err(response) => return response,
+                Err(response) => {
+                    count_admission("", false);
+                    return response;
+                }
             };
+            let kind = review_kind(&review).to_owned();
             let review = match read_review(&review) {
                 Ok(review) => review,
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable AdmissionReview");
+                    count_admission(&kind, false);
                     return reply(
                         StatusCode::BAD_REQUEST,
                         serde_json::Value::String(e).to_string(),
@@ -181,6 +201,7 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
                         review.namespace
                     );
                     tracing::warn!("{message}");
+                    count_admission(&kind, false);
                     return reply(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         serde_json::Value::String(message).to_string(),
@@ -194,6 +215,7 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
                 namespace: &namespace,
             };
             let answer = respond(&ctx, &review, || uuid::Uuid::new_v4().to_string());
+            count_answer(&kind, &answer);
             reply(StatusCode::OK, answer.to_string())
         }
         _ => reply(StatusCode::NOT_FOUND, "\"not found\"".into()),
