@@ -23,6 +23,7 @@ use bytes::Bytes;
 use fsm_catalog::{Catalog, MeshObject, decode_manifests};
 use fsm_compiler::{MeshView, ProxyRef, ProxyScope, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_injector::metrics::{count_admission, count_answer, review_kind};
 use fsm_injector::server::{read_json, reply};
 use fsm_injector::webhook::review_request;
 use http_body_util::Full;
@@ -145,12 +146,20 @@ pub async fn handle(
         ("POST", VALIDATE_PATH) => {
             let review = match read_json(request).await {
                 Ok(review) => review,
-                Err(response) => return response,
+                Err(response) => {
+                    count_admission("", false);
+                    return response;
+                }
             };
+            let kind = review_kind(&review);
             match review_response(&review, &checks).await {
-                Ok(answer) => reply(StatusCode::OK, answer.to_string()),
+                Ok(answer) => {
+                    count_answer(kind, &answer);
+                    reply(StatusCode::OK, answer.to_string())
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable AdmissionReview");
+                    count_admission(kind, false);
                     reply(StatusCode::BAD_REQUEST, Value::String(e).to_string())
                 }
             }

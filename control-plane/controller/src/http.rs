@@ -29,7 +29,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/debug/recompute", get(recompute))
         .route("/debug/source", get(source))
         .route("/version", get(version))
-        .with_state(state);
+        .with_state(state)
+        // fsm_http_response_total / fsm_http_response_duration, by route template.
+        .layer(axum::middleware::from_fn(crate::metrics::track_http));
     axum::serve(listener, app).await
 }
 

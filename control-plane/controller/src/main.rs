@@ -146,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    metrics::register_all();
     let settings = CatalogSettings {
         mesh_name: args.mesh_name.clone(),
         fsm_namespace: args.fsm_namespace.clone(),
@@ -189,9 +190,12 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
+    // MeshConfig spec.sidecar.maxDataPlaneConnections, kept current by the control loop.
+    let connection_limit = fsm_xds_server::ConnectionLimit::default();
     let ads = fsm_xds_server::AdsServer::new(cache.clone(), proxy_tx)
         .with_type_urls(&fsm_dataplane_proto::ALL_TYPE_URLS)
         .require_client_certificates()
+        .with_connection_limit(connection_limit.clone())
         .into_service();
     let ads_listener = tokio::net::TcpListener::bind(args.ads_listen)
         .await
@@ -244,7 +248,8 @@ async fn main() -> anyhow::Result<()> {
             None => std::future::pending().await,
         }
     };
-    let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone());
+    let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone())
+        .with_connection_limit(connection_limit);
     let election = &args.leader_election;
     let identity = election
         .leader_election_identity

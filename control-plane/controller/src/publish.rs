@@ -383,7 +383,8 @@ fn build_shared(
 
 // === The data planes (the one place that names each adapter) ===
 
-fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
+/// The types a data plane is served.
+pub fn type_urls(data_plane: DataPlane) -> &'static [TypeUrl] {
     match data_plane {
         DataPlane::Envoy => &fsm_xds_server::protocol::ENVOY_TYPES,
         DataPlane::FsmSidecar => &fsm_dataplane_proto::ALL_TYPE_URLS,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fsm_cache::{ProxyKey, SnapshotCache};
 use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, ChangeSet, Kind, SidecarProxy};
@@ -12,7 +12,7 @@ use fsm_certs::{CertKey, CertManager, IssuedCertificate};
 use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{ProxyCredentials, ServiceIdentity};
-use fsm_xds_server::{DataPlane, ProxyEvent, StreamId};
+use fsm_xds_server::{ConnectionLimit, DataPlane, ProxyEvent, StreamId};
 use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -133,6 +133,8 @@ pub struct Runner {
     cert_rx: UnboundedReceiver<CertUpdate>,
     /// Pods that need bootstrap credentials, for the bootstrap writer.
     sidecars: watch::Sender<Vec<SidecarProxy>>,
+    /// The ADS server's limit, MeshConfig `spec.sidecar.maxDataPlaneConnections`.
+    connection_limit: ConnectionLimit,
 }
 
 /// One proxy with at least one open stream.
@@ -199,7 +201,14 @@ impl Runner {
             cert_tx,
             cert_rx,
             sidecars: watch::Sender::new(Vec::new()),
+            connection_limit: ConnectionLimit::default(),
         }
+    }
+
+    /// Keeps `limit` (the ADS server's) at MeshConfig `spec.sidecar.maxDataPlaneConnections`.
+    pub fn with_connection_limit(mut self, limit: ConnectionLimit) -> Self {
+        self.connection_limit = limit;
+        self
     }
 
     /// The sidecar pods of the mesh, updated as the catalog changes.
@@ -235,11 +244,16 @@ impl Runner {
                     }
                 }
                 Some(event) = catalog_rx.recv() => {
+                    // When the batch's first change was observed: how long it takes to reach
+                    // each proxy is measured from here (fsm_proxy_convergence_seconds).
+                    let observed = Instant::now();
+                    let mut received = 1;
                     let mut changed = self.apply(event);
                     let deadline = tokio::time::Instant::now() + MAX_DELAY;
                     while let Ok(Some(event)) =
                         tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + QUIET), catalog_rx.recv()).await
                     {
+                        received += 1;
                         changed |= self.apply(event);
                     }
                     *self.state.rejected.write() = self
@@ -257,6 +271,11 @@ impl Runner {
                     if changed && self.catalog_ready {
                         let changes = self.catalog.take_changes();
                         self.apply_certificate_settings();
+                        if !self.view_loaded
+                            || changes.objects.iter().any(|o| o.kind == Kind::MeshConfig)
+                        {
+                            self.apply_mesh_settings();
+                        }
                         // Which pods run sidecars depends on pods and namespaces only: an
                         // endpoint change does not walk every pod of the mesh.
                         if changes
@@ -271,8 +290,11 @@ impl Runner {
                                 modified
                             });
                         }
-                        self.on_catalog_changed(changes);
+                        self.on_catalog_changed(changes, observed);
                     }
+                    // The batch's events are applied, and the proxies they concern have their
+                    // new snapshots.
+                    fsm_sources::metrics::processed(received);
                 }
                 Some(event) = proxy_rx.recv() => self.on_proxy(event),
                 Some(update) = self.cert_rx.recv() => self.on_certificate(update),
@@ -336,7 +358,7 @@ impl Runner {
                     .or_default()
                     .insert(key.clone());
                 if self.catalog_ready {
-                    self.publish(&key, false);
+                    self.publish(&key, false, None);
                     self.record_work();
                 }
             }
@@ -361,11 +383,20 @@ impl Runner {
                     }
                 } else if proxy.data_planes() != before && self.catalog_ready {
                     // A data plane no stream speaks any more: stop computing its resources.
-                    self.publish(&key, false);
+                    self.publish(&key, false, None);
                     self.record_work();
                 }
             }
         }
+    }
+
+    /// What MeshConfig sets outside the proxies' configurations: the ADS connection limit and
+    /// the feature flags' gauges.
+    fn apply_mesh_settings(&mut self) {
+        let spec = &self.catalog.mesh_config().spec;
+        self.connection_limit
+            .set(spec.sidecar.max_data_plane_connections as usize);
+        crate::metrics::set_feature_flags(&spec.feature_flags);
     }
 
     /// Re-issues every held certificate when MeshConfig changes its validity.
@@ -456,6 +487,7 @@ impl Runner {
         }
         match result {
             Ok(cert) => {
+                let observed = Instant::now();
                 self.credentials.insert(
                     identity,
                     Arc::new(ProxyCredentials {
@@ -466,7 +498,7 @@ impl Runner {
                 );
                 if self.catalog_ready {
                     for key in &affected {
-                        self.publish(key, false);
+                        self.publish(key, false, Some(observed));
                     }
                     self.retain_shared();
                     self.record_work();
@@ -494,14 +526,19 @@ impl Runner {
     /// Applies the catalog's pending changes: the view and the shared parts are refreshed for
     /// what changed, the proxies whose own part a change touches are recompiled, and every proxy
     /// whose shared or own sets changed gets its new snapshot. Nothing else is looked at.
-    fn on_catalog_changed(&mut self, changes: ChangeSet) {
+    fn on_catalog_changed(&mut self, changes: ChangeSet, observed: Instant) {
         let started = std::time::Instant::now();
+        // Mesh-wide: the first load, a change every proxy's own part reads (MeshConfig, a
+        // namespace, a policy), or one in the shared part every proxy of a data plane holds.
+        let mut broadcast = !self.view_loaded;
         let targets: Vec<(ProxyKey, bool)> = if !self.view_loaded {
             self.publisher.load(&self.catalog);
             self.view_loaded = true;
             self.nodes.keys().map(|key| (key.clone(), true)).collect()
         } else {
             let refreshed = self.publisher.refresh(&self.catalog, &changes);
+            broadcast = matches!(refreshed.scope, fsm_compiler::ProxyScope::All)
+                || !refreshed.changed.is_empty();
             self.nodes
                 .iter()
                 .filter_map(|(key, proxy)| {
@@ -531,7 +568,12 @@ impl Runner {
                 .collect()
         };
         for (key, recompile) in &targets {
-            self.publish(key, *recompile);
+            self.publish(key, *recompile, Some(observed));
+        }
+        if broadcast {
+            fsm_xds_server::metrics::metrics()
+                .proxy_broadcast_event_count
+                .inc();
         }
         self.retain_shared();
         let work = self.record_work();
@@ -591,7 +633,13 @@ impl Runner {
     /// the shared parts. Nothing goes out before the proxy is matched to the pod that owns its
     /// UUID with the identity its certificate proves; a proxy that matches no pod (any more) has
     /// its streams closed with the code.
-    fn publish(&mut self, key: &ProxyKey, recompile: bool) {
+    ///
+    /// `observed` is when the change that calls for the new snapshot was seen, stamped on the
+    /// types it changes for the streams to measure until the proxy ACKs. The time spent goes
+    /// into `fsm_proxy_config_update_time`, per type the new snapshot changed (or, on failure,
+    /// per type the proxy is served).
+    fn publish(&mut self, key: &ProxyKey, recompile: bool, observed: Option<Instant>) {
+        let started = Instant::now();
         let Some(proxy) = self.nodes.get(key) else {
             return;
         };
@@ -618,6 +666,7 @@ impl Runner {
                 Err((code, message, refuse)) => {
                     tracing::warn!(code = %code, proxy = %key, "{message}");
                     fsm_errcode::count(code);
+                    config_update_failed(&data_planes, started);
                     let reason = format!("{code}: {message}");
                     if refuse {
                         self.cache.refuse(key, reason.clone());
@@ -658,6 +707,7 @@ impl Runner {
                     // Keep whatever the proxy had: the last good configuration keeps serving.
                     tracing::warn!(code = %code, proxy = %key, "{message}");
                     fsm_errcode::count(code);
+                    config_update_failed(&data_planes, started);
                     proxy_state.error = Some(format!("{code}: {message}"));
                     self.state.proxies.write().insert(key.clone(), proxy_state);
                     return;
@@ -672,14 +722,35 @@ impl Runner {
             .assemble(&own.own, &own.trust_bundle, &own.data_planes)
         {
             Ok(snapshot) => {
-                if self.cache.set(key, snapshot) {
+                let before = self.cache.get(key);
+                let changed: Vec<fsm_cache::TypeUrl> = snapshot
+                    .types()
+                    .filter(|(type_url, set)| {
+                        before
+                            .as_ref()
+                            .and_then(|b| b.get(type_url))
+                            .map(|b| b.version())
+                            != Some(set.version())
+                    })
+                    .map(|(type_url, _)| type_url)
+                    .collect();
+                if self.cache.set_observed(key, snapshot, observed) {
                     self.publisher.published();
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let histogram = &fsm_xds_server::metrics::metrics().proxy_config_update_time;
+                    for type_url in changed {
+                        histogram
+                            .with_label_values(&[type_url, "true"])
+                            .observe(elapsed);
+                    }
                     tracing::debug!(proxy = %key, "published snapshot");
                 }
             }
             Err((code, message)) => {
                 tracing::warn!(code = %code, proxy = %key, "{message}");
                 fsm_errcode::count(code);
+                let data_planes = own.data_planes.clone();
+                config_update_failed(&data_planes, started);
                 if let Some(p) = self.state.proxies.write().get_mut(key) {
                     p.error = Some(format!("{code}: {message}"));
                 }
@@ -713,6 +784,20 @@ impl Runner {
                 .push(format!("{}: {}", warning.code, warning.message));
         }
         Ok(compiled)
+    }
+}
+
+/// A proxy's configuration could not be updated: `fsm_proxy_config_update_time` with
+/// `success="false"` for every type its data planes are served.
+fn config_update_failed(data_planes: &[DataPlane], started: Instant) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let histogram = &fsm_xds_server::metrics::metrics().proxy_config_update_time;
+    for data_plane in data_planes {
+        for type_url in crate::publish::type_urls(*data_plane) {
+            histogram
+                .with_label_values(&[type_url, "false"])
+                .observe(elapsed);
+        }
     }
 }
 
