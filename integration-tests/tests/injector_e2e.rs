@@ -139,6 +139,20 @@ async fn proxy_synced(c: &TestCluster, pod: &str) -> Result<String> {
     .await
 }
 
+/// `fsm proxy status <pod>` once it says the proxy holds exactly what the controller computed
+/// (its table compares each type's resources, the proxy's from its own `/config_dump`).
+async fn holds_what_was_computed(c: &TestCluster, pod: &str) -> Result<String> {
+    eventually(CONVERGE, || async {
+        let detail = fsm_cli(c, &["proxy", "status", pod, "-n", "demo"])?;
+        ensure!(
+            detail.contains("The proxy holds exactly what the controller computed."),
+            "{detail}"
+        );
+        Ok(detail)
+    })
+    .await
+}
+
 /// Runs the `fsm` CLI with the test cluster's kubeconfig; its stdout, or its stderr as the error.
 fn fsm_cli(c: &TestCluster, args: &[&str]) -> Result<String> {
     let out = Command::new(binary("fsm")?)
@@ -575,6 +589,9 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     // The fsm CLI, through the API server: the proxy is synced, its own dump is fsm-sidecar's.
     let native_status = proxy_synced(&c, &name).await?;
     ensure!(native_status.contains(" fsm-sidecar "), "{native_status}");
+    // …and holds exactly what the controller computes for it now, resource by resource.
+    let native_diff = holds_what_was_computed(&c, &name).await?;
+    eprintln!("[fsm proxy status {name}]\n{native_diff}");
     let native_dump = fsm_cli(&c, &["proxy", "get", "config_dump", &name, "-n", "demo"])?;
     ensure!(
         native_dump.contains("fsm.dataplane.v1"),
@@ -592,7 +609,8 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
     let status = proxy_synced(&c, &envoy_pod).await?;
     eprintln!("[fsm proxy status]\n{status}");
     ensure!(status.contains(" envoy "), "{status}");
-    let detail = fsm_cli(&c, &["proxy", "status", &envoy_pod, "-n", "demo"])?;
+    let detail = holds_what_was_computed(&c, &envoy_pod).await?;
+    eprintln!("[fsm proxy status {envoy_pod}]\n{detail}");
     ensure!(
         detail.contains("envoy.config.cluster.v3.Cluster") && detail.contains("SYNCED"),
         "{detail}"

@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+pub mod json;
+
 /// The generated `fsm.dataplane.v1` messages.
 // Generated code: clippy judges the .proto comments turned into doc comments, not our code.
 #[allow(clippy::all)]

@@ -1,6 +1,7 @@
 //! fsm: the command line of the mesh, with FSM's commands, flags and messages.
 
 mod chart;
+mod config_diff;
 mod errinfo;
 mod install;
 mod namespace;
@@ -78,7 +79,7 @@ enum Command {
     /// controller, through the code the controller runs; or list every problem (file, document,
     /// object, field, FSM code) and exit 1.
     #[command(
-        after_help = "Examples:\n  fsm translate -f examples/demo --proxy demo/curl --data-plane fsm-sidecar -o yaml\n  fsm translate -f examples/demo --proxy demo/curl -o bootstrap > curl.pb && envoy --mode validate -c curl.pb"
+        after_help = "Examples:\n  fsm translate -f examples/demo --proxy demo/curl --data-plane fsm-sidecar -o yaml\n  fsm translate -f examples/demo --proxy demo/curl -o bootstrap > curl.pb && envoy --mode validate -c curl.pb\n  fsm translate -f examples/demo --proxy demo/curl -o json   # Envoy's resources as /config_dump prints them"
     )]
     Translate {
         /// The manifest directory (read recursively, as `fsm-controller --manifest-dir` does).
@@ -89,7 +90,8 @@ enum Command {
         proxy: Option<String>,
         #[arg(long, value_enum, default_value = "envoy")]
         data_plane: translate::DataPlane,
-        /// json or yaml (fsm-sidecar), bootstrap (Envoy: a static bootstrap, binary protobuf).
+        /// json or yaml (the proxy's resources; Envoy's as its /config_dump prints them),
+        /// bootstrap (Envoy only: a static bootstrap, binary protobuf).
         #[arg(short, long, value_enum, default_value = "bootstrap")]
         output: translate::Output,
         #[command(flatten)]
@@ -179,8 +181,9 @@ enum MetricsCommand {
 #[derive(Debug, Subcommand)]
 enum ProxyCommand {
     /// Every proxy connected to the controller and, per resource type, whether it holds what
-    /// the controller computed for it (SYNCED, STALE, NACK); with a pod, its versions and the
-    /// last error it reported.
+    /// the controller computed for it (SYNCED, STALE, NACK); with a pod, its versions, the last
+    /// error it reported, and resource by resource what it holds (its own /config_dump) against
+    /// what the controller computes for it now, with a diff of each difference.
     #[command(
         after_help = "Examples:\n  fsm proxy status\n  fsm proxy status curl-7c9f5f9cdf-x2x8z -n demo"
     )]

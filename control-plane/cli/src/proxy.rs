@@ -141,7 +141,12 @@ pub async fn status(controller: &Controller, pod: Option<(&str, &str)>) -> Resul
         let Some(node) = statuses.keys().find(|n| pod_of(n) == wanted) else {
             bail!("No proxy of pod [{wanted}] is connected to the controller");
         };
-        return Ok(detail(node, &statuses[node], configs.get(node), &wanted));
+        let mut out = detail(node, &statuses[node], configs.get(node), &wanted);
+        out.push_str(&format!(
+            "\nConfiguration computed by the controller now, against what the proxy holds:\n{}",
+            config_diff(controller, node, namespace, name).await?
+        ));
+        return Ok(out);
     }
     let mut rows = vec![
         ["NAME", "NODE ID", "DATA PLANE", "STREAMS"]
@@ -174,6 +179,33 @@ pub async fn status(controller: &Controller, pod: Option<(&str, &str)>) -> Resul
         rows.push(row);
     }
     Ok(crate::table::columns(&rows))
+}
+
+/// The controller's resources for `node` against the proxy's own dump (through a port-forward,
+/// so only with a cluster).
+async fn config_diff(
+    controller: &Controller,
+    node: &str,
+    namespace: &str,
+    pod: &str,
+) -> Result<String> {
+    let Controller::Cluster { client, .. } = controller else {
+        return Ok(
+            "(the proxy's own dump is read through the cluster: not with --controller-url)\n"
+                .into(),
+        );
+    };
+    let query: String = url::form_urlencoded::byte_serialize(node.as_bytes()).collect();
+    let computed: crate::config_diff::Computed = controller_get(
+        controller,
+        &format!("/debug/proxies/resources?proxy={query}"),
+    )
+    .await?;
+    let dump = get(client, namespace, pod, crate::config_diff::DUMP_QUERY).await?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)
+        .with_context(|| format!("the config dump of pod [{namespace}/{pod}] is not JSON"))?;
+    let held = crate::config_diff::held(&dump)?;
+    Ok(crate::config_diff::compare(&computed, &held))
 }
 
 fn type_of<'a>(status: &'a ProxyStatus, suffix: &str) -> Option<&'a TypeStatus> {

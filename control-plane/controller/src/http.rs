@@ -24,6 +24,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::i
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/proxies", get(proxies))
+        .route("/debug/proxies/resources", get(proxy_resources))
         .route("/debug/config", get(config))
         .route("/debug/problems", get(problems))
         .route("/debug/recompute", get(recompute))
@@ -58,6 +59,68 @@ async fn metrics() -> impl IntoResponse {
 /// Per proxy and type: the snapshot version, and what was sent, ACKed and NACKed.
 async fn proxies(State(state): State<AppState>) -> impl IntoResponse {
     Json(state.cache.status())
+}
+
+#[derive(serde::Deserialize)]
+struct ProxyQuery {
+    /// The proxy's node id, as `/debug/proxies` lists it.
+    proxy: String,
+}
+
+/// What the controller would send one proxy now: per type, each resource in its data plane's
+/// own JSON form (Envoy's `/config_dump` form, or fsm-sidecar's), private keys redacted. `fsm
+/// proxy status <pod>` compares it with the proxy's own dump.
+async fn proxy_resources(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<ProxyQuery>,
+) -> axum::response::Response {
+    let Ok(key) = fsm_cache::ProxyKey::parse(&query.proxy) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("{:?} is not a proxy's node id", query.proxy),
+        )
+            .into_response();
+    };
+    let Some(snapshot) = state.cache.get(&key) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no configuration computed for proxy {key}"),
+        )
+            .into_response();
+    };
+    let mut types = serde_json::Map::new();
+    for (type_url, set) in snapshot.types() {
+        let resources: Vec<serde_json::Value> = set
+            .resources()
+            .map(|r| {
+                serde_json::json!({
+                    "name": &*r.name,
+                    "version": &*r.version,
+                    "resource": resource_json(type_url, &r.body)
+                        .unwrap_or_else(|e| serde_json::json!({"undecodable": e})),
+                })
+            })
+            .collect();
+        types.insert(
+            type_url.to_string(),
+            serde_json::json!({"version": &**set.version(), "resources": resources}),
+        );
+    }
+    Json(serde_json::json!({"proxy": key.to_string(), "types": types})).into_response()
+}
+
+/// One encoded resource in its data plane's JSON form, private keys redacted.
+fn resource_json(type_url: &str, body: &[u8]) -> Result<serde_json::Value, String> {
+    if type_url.starts_with("type.googleapis.com/fsm.dataplane.") {
+        fsm_dataplane_proto::json::resource_json(type_url, body)
+    } else {
+        fsm_adapter_envoy::json::encoded_to_json(
+            type_url,
+            body,
+            fsm_adapter_envoy::json::Sensitive::Redact,
+        )
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// Per proxy: node id, pod, and why its configuration is missing or partial.

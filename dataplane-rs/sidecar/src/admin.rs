@@ -1,22 +1,18 @@
 //! The admin server (`/config_dump`, `/ready`, `/stats`, `/stats/prometheus`) and the metrics port.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use fsm_dataplane_proto::{FILE_DESCRIPTOR_SET, type_url as urls, v1};
+use fsm_dataplane_proto::{type_url as urls, v1};
 use fsm_sidecar_proxy::{Metrics, Store};
 use fsm_sidecar_xds::NodeInfo;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
-
-static POOL: LazyLock<Option<DescriptorPool>> =
-    LazyLock::new(|| DescriptorPool::decode(FILE_DESCRIPTOR_SET).ok());
 
 #[derive(Clone, Debug)]
 pub struct Admin {
@@ -73,21 +69,11 @@ async fn prometheus(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     )
 }
 
-/// Decodes a resource into JSON with the descriptor set; private keys are replaced.
+/// A resource in the JSON form the controller serves it in (private key redacted), with what an
+/// operator checks of a secret added.
 fn resource_json(type_url: &str, body: &[u8]) -> Value {
-    let name = type_url.rsplit('/').next().unwrap_or(type_url);
-    let Some(desc) = POOL.as_ref().and_then(|p| p.get_message_by_name(name)) else {
-        return json!({"undecodable": "no descriptor"});
-    };
-    match DynamicMessage::decode(desc, body) {
-        Ok(message) => {
-            let mut value = serde_json::to_value(&message).unwrap_or(Value::Null);
-            if let Some(cert) = value.get_mut("tlsCertificate")
-                && let Some(obj) = cert.as_object_mut()
-                && obj.contains_key("privateKey")
-            {
-                obj.insert("privateKey".into(), json!("[redacted]"));
-            }
+    match fsm_dataplane_proto::json::resource_json(type_url, body) {
+        Ok(mut value) => {
             if type_url == urls::SECRET
                 && let Ok(secret) = v1::Secret::decode(body)
             {
@@ -95,7 +81,7 @@ fn resource_json(type_url: &str, body: &[u8]) -> Value {
             }
             value
         }
-        Err(e) => json!({"undecodable": e.to_string()}),
+        Err(e) => json!({"undecodable": e}),
     }
 }
 
