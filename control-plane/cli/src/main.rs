@@ -451,3 +451,36 @@ async fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command an operator can run has `--help` with at least one example.
+    #[test]
+    fn every_command_has_an_example() {
+        fn leaves(command: &clap::Command, path: String, out: &mut Vec<(String, String)>) {
+            let subcommands: Vec<&clap::Command> = command.get_subcommands().collect();
+            if subcommands.is_empty() {
+                let help = command
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                out.push((path, help));
+                return;
+            }
+            for sub in subcommands {
+                leaves(sub, format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut commands = Vec::new();
+        leaves(&Cli::command(), "fsm".into(), &mut commands);
+        assert!(commands.len() >= 14, "{commands:?}");
+        for (path, help) in commands {
+            assert!(
+                help.contains("Example") && help.contains("fsm "),
+                "`{path} --help` has no example"
+            );
+        }
+    }
+}
