@@ -7,6 +7,7 @@ mod identity;
 mod leader;
 mod metrics;
 mod publish;
+mod reconciler;
 mod runner;
 mod source;
 
@@ -92,6 +93,10 @@ struct Args {
     /// The controller's Service, named in the webhook's certificate (`<name>.<fsm-namespace>.svc`).
     #[arg(long, default_value = "fsm-controller")]
     webhook_service_name: String,
+    /// Restore the mesh's webhook configurations and CRDs (those labelled
+    /// `flomesh.io/reconcile: "true"`) when someone edits or deletes them (in a cluster only).
+    #[arg(long)]
+    enable_reconciler: bool,
     #[command(flatten)]
     certificates: identity::CertArgs,
     #[command(flatten)]
@@ -275,6 +280,20 @@ async fn main() -> anyhow::Result<()> {
         }
         None => leader::Leadership::always(),
     };
+    match (args.enable_reconciler, source.client()) {
+        (true, Some(client)) => {
+            tokio::spawn(reconciler::run(
+                client,
+                args.mesh_name.clone(),
+                leadership.subscribe(),
+            ));
+        }
+        (true, None) => anyhow::bail!(
+            "{}: --enable-reconciler needs a cluster (--kubeconfig or in-cluster), not --manifest-dir",
+            ErrCode::E1000
+        ),
+        (false, _) => {}
+    }
     let targets = bootstrap::Targets {
         dir: args.bootstrap_dir.clone().or_else(|| {
             source
