@@ -95,6 +95,12 @@ mod tests {
                 })),
                 ..Default::default()
             }],
+            tracing: Some(v1::Tracing {
+                collector_cluster: "pipy-tracing-cluster".into(),
+                collector_endpoint: "/api/v2/spans".into(),
+                sampled_per_million: 1_000_000,
+                service_name: "httpbin.app".into(),
+            }),
         };
         let bytes = listener.encode_to_vec();
         assert_eq!(v1::Listener::decode(bytes.as_slice()), Ok(listener));

@@ -54,6 +54,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 use envoy_types::pb::envoy::config::listener::v3 as listener;
 use envoy_types::pb::envoy::config::rbac::v3 as rbac;
 use envoy_types::pb::envoy::config::route::v3 as route;
+use envoy_types::pb::envoy::config::trace::v3 as trace;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as local_ratelimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as rbac_filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -429,34 +430,7 @@ fn egress_host_cluster(host: &EgressHttpHost) -> cluster::Cluster {
             cluster::cluster::DiscoveryType::LogicalDns as i32,
         )),
         dns_lookup_family: cluster::cluster::DnsLookupFamily::V4Preferred as i32,
-        load_assignment: Some(endpoint::ClusterLoadAssignment {
-            cluster_name: name,
-            endpoints: vec![endpoint::LocalityLbEndpoints {
-                lb_endpoints: vec![endpoint::LbEndpoint {
-                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
-                        endpoint::Endpoint {
-                            address: Some(core::Address {
-                                address: Some(core::address::Address::SocketAddress(
-                                    core::SocketAddress {
-                                        address: host.host.clone(),
-                                        port_specifier: Some(
-                                            core::socket_address::PortSpecifier::PortValue(
-                                                u32::from(host.port),
-                                            ),
-                                        ),
-                                        ..Default::default()
-                                    },
-                                )),
-                            }),
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
+        load_assignment: Some(dns_load_assignment(name, &host.host, host.port)),
         connect_timeout: Some(duration_ms(EGRESS_CONNECT_TIMEOUT_MS)),
         lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
         circuit_breakers: host
@@ -469,6 +443,106 @@ fn egress_host_cluster(host: &EgressHttpHost) -> cluster::Cluster {
 
 /// How long a proxy waits for a connection to a destination outside the mesh.
 const EGRESS_CONNECT_TIMEOUT_MS: u64 = 1000;
+
+/// The one endpoint of a LOGICAL_DNS cluster: `host` (a name Envoy resolves, or an address) and
+/// `port`.
+fn dns_load_assignment(
+    cluster_name: String,
+    host: &str,
+    port: u16,
+) -> endpoint::ClusterLoadAssignment {
+    endpoint::ClusterLoadAssignment {
+        cluster_name,
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            lb_endpoints: vec![endpoint::LbEndpoint {
+                host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                    endpoint::Endpoint {
+                        address: Some(core::Address {
+                            address: Some(core::address::Address::SocketAddress(
+                                core::SocketAddress {
+                                    address: host.to_owned(),
+                                    port_specifier: Some(
+                                        core::socket_address::PortSpecifier::PortValue(u32::from(
+                                            port,
+                                        )),
+                                    ),
+                                    ..Default::default()
+                                },
+                            )),
+                        }),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+// === Tracing ===
+
+/// How long a proxy waits for a connection to the tracing collector (FSM's 1s).
+const TRACING_CONNECT_TIMEOUT_MS: u64 = 1000;
+
+/// FSM's tracing cluster, as its troubleshooting guide shows it in a config dump:
+/// `pipy-tracing-cluster`, LOGICAL_DNS, connect timeout 1s, the collector's address and port.
+fn tracing_cluster(tracing: &fsm_ir::Tracing) -> cluster::Cluster {
+    cluster::Cluster {
+        name: names::TRACING_CLUSTER.into(),
+        alt_stat_name: names::TRACING_CLUSTER.into(),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::LogicalDns as i32,
+        )),
+        dns_lookup_family: cluster::cluster::DnsLookupFamily::V4Preferred as i32,
+        connect_timeout: Some(duration_ms(TRACING_CONNECT_TIMEOUT_MS)),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        load_assignment: Some(dns_load_assignment(
+            names::TRACING_CLUSTER.into(),
+            &tracing.address,
+            tracing.port,
+        )),
+        ..Default::default()
+    }
+}
+
+/// An HTTP connection manager's tracing: Envoy's Zipkin tracer (B3 headers, spans as Zipkin v2
+/// JSON POSTed to the collector's endpoint through [`tracing_cluster`]), new traces sampled at
+/// the mesh's rate. Client and server spans are distinct (`shared_span_context` off): the
+/// outbound listener's span is the CLIENT span and the peer's inbound span, its child, the
+/// SERVER span (the kind comes from the listener's `traffic_direction`).
+fn hcm_tracing(tracing: &fsm_ir::Tracing) -> hcm::http_connection_manager::Tracing {
+    let zipkin = trace::ZipkinConfig {
+        collector_cluster: names::TRACING_CLUSTER.into(),
+        collector_endpoint: tracing.endpoint.clone(),
+        trace_id_128bit: true,
+        shared_span_context: Some(BoolValue { value: false }),
+        collector_endpoint_version: trace::zipkin_config::CollectorEndpointVersion::HttpJson as i32,
+        // The Host of the report: the collector's, not the cluster's name.
+        collector_hostname: tracing.address.clone(),
+        ..Default::default()
+    };
+    hcm::http_connection_manager::Tracing {
+        random_sampling: Some(types::Percent {
+            value: f64::from(tracing.sampled_per_million) / 10_000.0,
+        }),
+        provider: Some(trace::tracing::Http {
+            name: "envoy.tracers.zipkin".into(),
+            config_type: Some(trace::tracing::http::ConfigType::TypedConfig(any(&zipkin))),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A listener's `traffic_direction`: what kind of span its HTTP connection manager starts.
+fn direction(inbound: bool) -> i32 {
+    if inbound {
+        core::TrafficDirection::Inbound as i32
+    } else {
+        core::TrafficDirection::Outbound as i32
+    }
+}
 
 /// What [`proxy_resources`] reads of the services the proxy may reach in explicit mode: HTTP
 /// services are routed by the shared `outbound` route configuration; only TCP service ports get
@@ -506,6 +580,9 @@ pub fn proxy_resources(
     }
     out.clusters
         .extend(ir.egress.http.iter().map(egress_host_cluster));
+    out.clusters
+        .extend(ir.mesh.tracing.as_ref().map(tracing_cluster));
+    let tracing = ir.mesh.tracing.as_ref();
     if ir.egress.uses_original_destination() && !ir.proxy.transparent {
         // In explicit mode applications name the proxy: nothing redirects their TLS or TCP
         // connections to it, so it has no original destination to match them on.
@@ -533,6 +610,7 @@ pub fn proxy_resources(
             ports::OUTBOUND,
             OUTBOUND_ROUTES,
             None,
+            tracing,
         ));
     }
 
@@ -562,6 +640,7 @@ pub fn proxy_resources(
         out.listeners.push(listener::Listener {
             name: format!("outbound-tcp:{}|{}", svc.service, svc.port),
             address: Some(socket_address(pod_ip, svc.port)),
+            traffic_direction: direction(false),
             filter_chains: vec![listener::FilterChain {
                 filters: vec![network_filter("envoy.filters.network.tcp_proxy", &proxy)],
                 ..Default::default()
@@ -635,6 +714,7 @@ pub fn proxy_resources(
         ports::INBOUND,
         INBOUND_ROUTES,
         Some(own),
+        tracing,
     );
     if let Some((chains, routes)) = ingress(ir) {
         // TLS (peers' mTLS) and plaintext (ingress) are told apart by the first bytes.
@@ -730,7 +810,7 @@ fn transparent_outbound(
     let http = |name: &str| {
         network_filter(
             "envoy.filters.network.http_connection_manager",
-            &http_manager(name, OUTBOUND_ROUTES, None),
+            &http_manager(name, OUTBOUND_ROUTES, None, ir.mesh.tracing.as_ref()),
         )
     };
     let tcp =
@@ -836,6 +916,7 @@ fn transparent_outbound(
     listener::Listener {
         name: OUTBOUND_LISTENER.into(),
         address: Some(socket_address(any_address, ports::OUTBOUND)),
+        traffic_direction: direction(false),
         listener_filters,
         filter_chains: chains,
         default_filter_chain: ir.mesh.enable_egress.then(|| listener::FilterChain {
@@ -956,6 +1037,7 @@ fn ingress(ir: &ProxyIr) -> Option<(Vec<listener::FilterChain>, route::RouteConf
     }
     let manager = hcm::HttpConnectionManager {
         stat_prefix: "inbound_ingress".into(),
+        tracing: ir.mesh.tracing.as_ref().map(hcm_tracing),
         codec_type: hcm::http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
@@ -1335,14 +1417,16 @@ fn http_listener(
     port: u16,
     routes: &str,
     inbound: Option<&ServiceIdentity>,
+    tracing: Option<&fsm_ir::Tracing>,
 ) -> listener::Listener {
     listener::Listener {
         name: name.into(),
         address: Some(socket_address(ip, port)),
+        traffic_direction: direction(inbound.is_some()),
         filter_chains: vec![listener::FilterChain {
             filters: vec![network_filter(
                 "envoy.filters.network.http_connection_manager",
-                &http_manager(name, routes, inbound),
+                &http_manager(name, routes, inbound, tracing),
             )],
             transport_socket: inbound.map(downstream_tls),
             ..Default::default()
@@ -1352,11 +1436,12 @@ fn http_listener(
 }
 
 /// The HTTP connection manager of [`http_listener`]: stats under `stat_name`, routes from the
-/// route configuration `routes`.
+/// route configuration `routes`, spans reported as `tracing` says.
 fn http_manager(
     stat_name: &str,
     routes: &str,
     inbound: Option<&ServiceIdentity>,
+    tracing: Option<&fsm_ir::Tracing>,
 ) -> hcm::HttpConnectionManager {
     let name = stat_name;
     let accept_connect = inbound.is_some();
@@ -1414,6 +1499,7 @@ fn http_manager(
             ..Default::default()
         }),
         upgrade_configs: if accept_connect { connect() } else { vec![] },
+        tracing: tracing.map(hcm_tracing),
         ..Default::default()
     }
 }

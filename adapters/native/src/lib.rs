@@ -258,8 +258,45 @@ pub fn proxy_resources(
     out.routes = vec![routes::inbound(ir)?];
     out.routes.extend(routes::ingress(ir));
     out.listeners = listeners::all(ir, &mut out.warnings);
+    if let Some(tracing) = &ir.mesh.tracing {
+        out.clusters.push(tracing_cluster(tracing));
+        let config = v1::Tracing {
+            collector_cluster: names::TRACING_CLUSTER.into(),
+            collector_endpoint: tracing.endpoint.clone(),
+            sampled_per_million: tracing.sampled_per_million,
+            // Envoy's spans are named after its node cluster, `<sa>.<ns>`: the same name
+            // whichever data plane a workload runs.
+            service_name: ir.proxy.identity.to_string(),
+        };
+        for listener in &mut out.listeners {
+            let http = listener
+                .filter_chains
+                .iter()
+                .any(|c| matches!(c.target, Some(v1::filter_chain::Target::Http(_))));
+            if http {
+                listener.tracing = Some(config.clone());
+            }
+        }
+    }
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// FSM's tracing cluster, `pipy-tracing-cluster`: the collector by name (or address) and port,
+/// resolved when reports are sent, plaintext HTTP/1.1, connect timeout 1s.
+fn tracing_cluster(tracing: &fsm_ir::Tracing) -> v1::Cluster {
+    v1::Cluster {
+        name: names::TRACING_CLUSTER.into(),
+        discovery: Some(v1::cluster::Discovery::Dns(v1::DnsName {
+            host: tracing.address.clone(),
+            port: u32::from(tracing.port),
+        })),
+        lb_policy: v1::LbPolicy::RoundRobin as i32,
+        connect_timeout: Some(duration_ms(1000)),
+        upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+        circuit_breakers: None,
+        tls: None,
+    }
 }
 
 fn validation(name: String, sans: Vec<String>, trust_bundle_pem: &str) -> v1::Secret {

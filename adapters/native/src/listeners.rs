@@ -52,6 +52,7 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         address: Some(socket_address(pod_ip, ports::OUTBOUND)),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: most_specific_first(OUTBOUND_LISTENER, outbound, warnings),
+        tracing: None,
     });
 
     // Explicit-mode TCP (see `ProxyIr::explicit_tcp`).
@@ -83,6 +84,7 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
                 r#match: Some(v1::FilterChainMatch::default()),
                 ..outbound_target(svc)
             }],
+            tracing: None,
         });
     }
 
@@ -117,6 +119,7 @@ pub(crate) fn all(ir: &ProxyIr, warnings: &mut Vec<String>) -> Vec<v1::Listener>
         address: Some(socket_address(pod_ip, ports::INBOUND)),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: most_specific_first(INBOUND_LISTENER, inbound, warnings),
+        tracing: None,
     });
     listeners
 }

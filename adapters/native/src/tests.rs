@@ -143,6 +143,7 @@ fn ir(
             permissive_traffic_policy_mode: true,
             enable_egress: false,
             trust_domain: "cluster.local".into(),
+            tracing: None,
         },
         inbound,
         outbound,

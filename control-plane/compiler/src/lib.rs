@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use fsm_catalog::{Catalog, PodRecord, ServicePortRecord, ServiceRecord};
-use fsm_crds::config::v1alpha3::{FeatureFlags, LocalProxyMode, MeshConfig};
+use fsm_crds::config::v1alpha3::{FeatureFlags, LocalProxyMode, MeshConfig, TracingSpec};
 use fsm_crds::policy::v1alpha1::{
     AccessControl, BackendSpec, Egress as EgressPolicy, EgressSourceKind, HttpLocalRateLimitSpec,
     IngressBackend, IngressSourceKind, IngressSourceSpec, PortProtocol, Retry,
@@ -24,7 +24,7 @@ use fsm_ir::{
     EgressHttpHost, EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService,
     LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
     PrincipalsFrom, Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy, RouteMatch,
-    ServiceIdentity, ServiceOutbound, ServiceRef, WeightedCluster, WorkloadRef,
+    ServiceIdentity, ServiceOutbound, ServiceRef, Tracing, WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -184,7 +184,7 @@ pub fn compile_with_view(
     })?;
 
     let mesh_config = catalog.mesh_config();
-    let mesh = mesh_settings(&mesh_config);
+    let mesh = mesh_settings(&mesh_config, &catalog.settings().fsm_namespace);
     let mut compiler = Compiler {
         catalog,
         mesh: &mesh,
@@ -305,7 +305,7 @@ pub fn compile_with_view(
 /// Compiles one service's outbound entry: what every proxy that may reach it gets for it.
 pub fn service_outbound(catalog: &Catalog, svc: &ServiceRecord) -> (ServiceOutbound, Vec<Warning>) {
     let mesh_config = catalog.mesh_config();
-    let mesh = mesh_settings(&mesh_config);
+    let mesh = mesh_settings(&mesh_config, &catalog.settings().fsm_namespace);
     let mut compiler = Compiler {
         catalog,
         mesh: &mesh,
@@ -322,7 +322,7 @@ pub fn service_outbound(catalog: &Catalog, svc: &ServiceRecord) -> (ServiceOutbo
     (outbound, compiler.warnings)
 }
 
-fn mesh_settings(mesh_config: &MeshConfig) -> MeshSettings {
+fn mesh_settings(mesh_config: &MeshConfig, fsm_namespace: &str) -> MeshSettings {
     MeshSettings {
         permissive_traffic_policy_mode: mesh_config
             .spec
@@ -330,7 +330,37 @@ fn mesh_settings(mesh_config: &MeshConfig) -> MeshSettings {
             .enable_permissive_traffic_policy_mode,
         enable_egress: mesh_config.spec.traffic.enable_egress,
         trust_domain: TRUST_DOMAIN.to_string(),
+        tracing: tracing(&mesh_config.spec.observability.tracing, fsm_namespace),
     }
+}
+
+/// MeshConfig `observability.tracing` as the IR carries it: `None` when disabled. The catalog
+/// has refused a MeshConfig whose port, endpoint or `sampledFraction` is invalid (the previous
+/// one stays), so what is here is FSM's defaults filled in: the address
+/// `jaeger.<fsm-namespace>.svc.cluster.local` when empty, the endpoint `/api/v2/spans` when
+/// empty, every request when `sampledFraction` is unset.
+fn tracing(spec: &TracingSpec, fsm_namespace: &str) -> Option<Tracing> {
+    if !spec.enable {
+        return None;
+    }
+    let sampled_per_million = match spec.sampled_fraction.as_deref() {
+        None => Tracing::ALL,
+        Some(fraction) => match fraction.trim().parse::<f64>() {
+            // In 0..=1, so the product fits.
+            Ok(f) if (0.0..=1.0).contains(&f) => (f * f64::from(Tracing::ALL)).round() as u32,
+            _ => Tracing::ALL,
+        },
+    };
+    Some(Tracing {
+        address: spec.address_or_default(fsm_namespace),
+        port: spec.port,
+        endpoint: if spec.endpoint.is_empty() {
+            TracingSpec::default().endpoint
+        } else {
+            spec.endpoint.clone()
+        },
+        sampled_per_million,
+    })
 }
 
 struct Compiler<'a> {

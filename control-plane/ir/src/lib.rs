@@ -62,6 +62,10 @@ pub mod names {
     /// each repeating the trust bundle: at 1,000 services that was 40 % of every proxy's
     /// configuration, and a root rotation rewrote a thousand secrets per proxy instead of one.
     pub const OUTBOUND_ROOT: &str = "root-cert-for-mtls-outbound";
+
+    /// The cluster spans are reported to (MeshConfig `observability.tracing`): FSM's name, which
+    /// its troubleshooting guide has users look for in a proxy's config dump.
+    pub const TRACING_CLUSTER: &str = "pipy-tracing-cluster";
 }
 
 /// Everything one proxy needs.
@@ -317,6 +321,70 @@ pub struct MeshSettings {
     pub permissive_traffic_policy_mode: bool,
     pub enable_egress: bool,
     pub trust_domain: String,
+    /// MeshConfig `observability.tracing`, when enabled: every sidecar reports spans of the HTTP
+    /// requests it proxies (Zipkin v2, B3 propagation) to one collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
+}
+
+/// Where and how often sidecars report spans. One for the whole mesh; every proxy carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tracing {
+    /// The collector's host: a DNS name (`jaeger.fsm-system.svc.cluster.local`) or an IP address.
+    pub address: String,
+    pub port: u16,
+    /// The HTTP path spans are POSTed to, as a JSON array (Zipkin v2): `/api/v2/spans`.
+    pub endpoint: String,
+    /// Requests that start a trace, per million (MeshConfig `sampledFraction` × 10⁶; 1,000,000
+    /// when unset). A request that arrives with a sampling decision (B3) keeps it.
+    pub sampled_per_million: u32,
+}
+
+impl Tracing {
+    /// Every request is sampled.
+    pub const ALL: u32 = 1_000_000;
+
+    /// The first problem found, as (field of this struct in the IR's YAML, reason).
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        let host_ok = !self.address.is_empty()
+            && !self.address.contains("://")
+            && !self
+                .address
+                .chars()
+                .any(|c| c.is_whitespace() || c == '/' || c == '@');
+        if !host_ok {
+            return Some((
+                "address",
+                format!(
+                    "{:?} is not a host name or IP address (no scheme, path or port)",
+                    self.address
+                ),
+            ));
+        }
+        if self.port == 0 {
+            return Some(("port", "must be between 1 and 65535".into()));
+        }
+        if !self.endpoint.starts_with('/') || self.endpoint.chars().any(char::is_whitespace) {
+            return Some((
+                "endpoint",
+                format!(
+                    "{:?} is not an absolute path such as \"/api/v2/spans\"",
+                    self.endpoint
+                ),
+            ));
+        }
+        if self.sampled_per_million > Self::ALL {
+            return Some((
+                "sampledPerMillion",
+                format!(
+                    "{} is more than 1000000 (all requests)",
+                    self.sampled_per_million
+                ),
+            ));
+        }
+        None
+    }
 }
 
 /// `<sa>.<ns>`; its certificate CN is `<sa>.<ns>.<trust-domain>`. The mesh-wide type, shared
@@ -814,6 +882,8 @@ pub enum IrError {
         port: u16,
         reason: &'static str,
     },
+    #[error("mesh.tracing.{field}: {reason}")]
+    InvalidTracing { field: &'static str, reason: String },
 }
 
 impl InboundPort {
@@ -941,6 +1011,9 @@ impl ProxyIr {
     /// Checks the invariants adapters rely on: every referenced cluster exists exactly once and
     /// every set of weighted backends can carry traffic.
     pub fn validate(&self) -> Result<(), IrError> {
+        if let Some((field, reason)) = self.mesh.tracing.as_ref().and_then(Tracing::problem) {
+            return Err(IrError::InvalidTracing { field, reason });
+        }
         let mut names = std::collections::BTreeSet::new();
         for cluster in &self.clusters {
             if !names.insert(&cluster.name) {
@@ -1030,6 +1103,7 @@ mod tests {
                 permissive_traffic_policy_mode: true,
                 enable_egress: false,
                 trust_domain: "cluster.local".into(),
+                tracing: None,
             },
             inbound: vec![],
             outbound: vec![OutboundService {
@@ -1207,6 +1281,71 @@ mod tests {
         ];
         for (name, ir, expected) in cases {
             assert_eq!(ir.validate(), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn tracing_table() {
+        let good = Tracing {
+            address: "jaeger.fsm-system.svc.cluster.local".into(),
+            port: 9411,
+            endpoint: "/api/v2/spans".into(),
+            sampled_per_million: Tracing::ALL,
+        };
+        let with = |f: &dyn Fn(&mut Tracing)| {
+            let mut t = good.clone();
+            f(&mut t);
+            let mut ir = ir(vec![cluster("a")], vec![backend("a", 100)]);
+            ir.mesh.tracing = Some(t);
+            ir.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(with(&|_| {}), Ok(()));
+        assert_eq!(with(&|t| t.address = "127.0.0.1".into()), Ok(()));
+        assert_eq!(with(&|t| t.address = "::1".into()), Ok(()));
+        assert_eq!(with(&|t| t.sampled_per_million = 0), Ok(()));
+        for (name, change, field) in [
+            (
+                "empty address",
+                &(|t: &mut Tracing| t.address.clear()) as &dyn Fn(&mut Tracing),
+                "address",
+            ),
+            (
+                "a URL",
+                &|t: &mut Tracing| t.address = "http://jaeger".into(),
+                "address",
+            ),
+            (
+                "a path",
+                &|t: &mut Tracing| t.address = "jaeger/api".into(),
+                "address",
+            ),
+            (
+                "a space",
+                &|t: &mut Tracing| t.address = "jae ger".into(),
+                "address",
+            ),
+            ("port 0", &|t: &mut Tracing| t.port = 0, "port"),
+            (
+                "relative endpoint",
+                &|t: &mut Tracing| t.endpoint = "api/v2/spans".into(),
+                "endpoint",
+            ),
+            (
+                "empty endpoint",
+                &|t: &mut Tracing| t.endpoint.clear(),
+                "endpoint",
+            ),
+            (
+                "over all",
+                &|t: &mut Tracing| t.sampled_per_million = Tracing::ALL + 1,
+                "sampledPerMillion",
+            ),
+        ] {
+            let got = with(change).expect_err(name);
+            assert!(
+                got.starts_with(&format!("mesh.tracing.{field}: ")),
+                "{name}: {got}"
+            );
         }
     }
 }

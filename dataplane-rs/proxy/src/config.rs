@@ -1262,6 +1262,7 @@ mod tests {
                 })),
                 ..Default::default()
             }],
+            tracing: None,
         };
         let s = set(vec![(
             type_url::LISTENER,
@@ -1497,6 +1498,7 @@ mod tests {
             }),
             direction: v1::TrafficDirection::Inbound as i32,
             filter_chains: vec![fc],
+            tracing: None,
         };
         let s = set(vec![
             (type_url::CLUSTER, "c", cluster("c")),

@@ -313,6 +313,7 @@ fn client_resources(pki: &Pki) -> ResourceSet {
         address: addr(CLIENT, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain(15001, "outbound", None, None)],
+        tracing: None,
     };
     let tcp = v1::Listener {
         name: "outbound-tcp:demo/echo|9000".into(),
@@ -327,6 +328,7 @@ fn client_resources(pki: &Pki) -> ResourceSet {
             })),
             ..Default::default()
         }],
+        tracing: None,
     };
     let mut set = Set::default()
         .add(
@@ -425,6 +427,7 @@ fn server_resources(pki: &Pki) -> ResourceSet {
             }),
             None,
         )],
+        tracing: None,
     };
     Set::default()
         .add(
@@ -883,6 +886,7 @@ fn ingress_server_resources(pki: &Pki) -> ResourceSet {
         address: addr(INGRESS_SERVER, 15003),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: vec![mtls, ingress],
+        tracing: None,
     };
     let meshed = v1::RouteConfiguration {
         name: "inbound".into(),
@@ -1046,6 +1050,7 @@ fn principal_server_resources(pki: &Pki) -> ResourceSet {
         address: addr(ip, 15003),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: vec![chain],
+        tracing: None,
     };
     let http = listener(
         PRINCIPAL_SERVER,

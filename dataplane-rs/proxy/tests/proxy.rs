@@ -198,6 +198,7 @@ fn client_resources() -> ResourceSet {
         address: addr(CLIENT, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+        tracing: None,
     };
     let tcp = v1::Listener {
         name: "outbound-tcp:demo/echo|9000".into(),
@@ -212,6 +213,7 @@ fn client_resources() -> ResourceSet {
             })),
             ..Default::default()
         }],
+        tracing: None,
     };
     let meshed = [(SERVER, 15003, true)];
     Set::default()
@@ -278,6 +280,7 @@ fn server_resources() -> ResourceSet {
         address: addr(SERVER, 15003),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15003, "inbound")],
+        tracing: None,
     };
     Set::default()
         .add(
@@ -623,6 +626,7 @@ fn listener_only(name: &str, ip: &str, port: u32) -> ResourceSet {
         address: addr(ip, port),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 0, "outbound")],
+        tracing: None,
     };
     Set::default()
         .add(type_url::ROUTE_CONFIGURATION, "outbound", &routes)
@@ -778,6 +782,7 @@ fn rate_limited_resources() -> ResourceSet {
         address: addr(LIMITS, 15003),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15003, "inbound")],
+        tracing: None,
     };
     Set::default()
         .add(type_url::CLUSTER, "app", &eds("app", Http1, None))
@@ -928,6 +933,7 @@ fn breaker_resources() -> ResourceSet {
         address: addr(BREAKERS, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+        tracing: None,
     };
     let one_connection = |pending| v1::CircuitBreakers {
         max_connections: Some(1),
@@ -1146,6 +1152,7 @@ async fn max_requests_per_connection_closes_connections() {
         address: addr(PER_CONNECTION, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+        tracing: None,
     };
     let mut set = Set::default()
         .add(type_url::CLUSTER, "pooled", &eds("pooled", Http1, None))
@@ -1219,6 +1226,7 @@ async fn tcp_max_connections_closes_the_extra_client() {
             })),
             ..Default::default()
         }],
+        tracing: None,
     };
     let set = Set::default()
         .add(
@@ -1366,6 +1374,7 @@ fn ingress_resources() -> ResourceSet {
         address: addr(INGRESS_SIDECAR, 15003),
         direction: v1::TrafficDirection::Inbound as i32,
         filter_chains: vec![tls, ingress],
+        tracing: None,
     };
     let routes = v1::RouteConfiguration {
         name: "ingress".into(),
@@ -1390,6 +1399,7 @@ fn ingress_resources() -> ResourceSet {
             "db|local",
             sources(&[&format!("{INGRESS_CLIENT}/32")]),
         )],
+        tracing: None,
     };
     Set::default()
         .add(
@@ -1578,6 +1588,7 @@ fn passthrough_resources(sidecar: &str) -> ResourceSet {
         address: addr(sidecar, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+        tracing: None,
     };
     let tcp = v1::Listener {
         name: "outbound-tcp".into(),
@@ -1590,6 +1601,7 @@ fn passthrough_resources(sidecar: &str) -> ResourceSet {
             "passthrough-outbound",
             None,
         )],
+        tracing: None,
     };
     Set::default()
         .add(type_url::CLUSTER, "passthrough-outbound", &passthrough)
@@ -1734,6 +1746,7 @@ async fn http_routes_reach_a_dns_cluster_by_name() {
         address: addr(DNS_SIDECAR, 15001),
         direction: v1::TrafficDirection::Outbound as i32,
         filter_chains: vec![http_chain("explicit-http", 15001, "outbound")],
+        tracing: None,
     };
     let no_requests = breakers(v1::CircuitBreakers {
         max_requests: Some(0),
@@ -1919,6 +1932,7 @@ async fn tcp_chain_picked_by_server_name_relays_tls_to_a_dns_cluster() {
             "egress|localhost:tls",
             None,
         )],
+        tracing: None,
     };
     let set = Set::default()
         .add(
@@ -1958,6 +1972,7 @@ async fn tcp_chain_picked_by_server_name_relays_tls_to_a_dns_cluster() {
                     "egress|nowhere:tls",
                     None,
                 )],
+                tracing: None,
             },
         )
         .0;
