@@ -5,9 +5,11 @@
 //! operator or the cluster does — changes endpoints, loads a burst of objects, flips a MeshConfig
 //! feature flag, caps `maxDataPlaneConnections` and connects one proxy too many, applies a valid
 //! and an invalid policy (the API server calls the validating webhook) and creates a pod (it calls
-//! the injector), edits and deletes the webhook configurations, disconnects a sidecar — and after
-//! each, scrapes `/metrics` (the controller's 9091 and the injector's `--metrics-listen`) and
-//! checks that the metric moved. Every wait is a bounded poll.
+//! the injector), asks for a CRD conversion as kube-apiserver would (the test API server does not
+//! call conversion webhooks), edits and deletes the webhook configurations, disconnects a sidecar
+//! — and after each, scrapes `/metrics` (the controller's 9091 and the injector's
+//! `--metrics-listen`) and checks that the metric moved. Every wait is a bounded poll; the run
+//! takes about two seconds.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -294,7 +296,7 @@ async fn metrics_move(subnet: u8) -> Result<()> {
     let _injector =
         start_injector(&c, injector_port, injector_metrics, controller.ads().addr).await?;
     let injector_metrics = format!("http://{injector_metrics}/metrics");
-    let result = scenario(&c, &controller, &metrics, &injector_metrics).await;
+    let result = scenario(&c, &controller, validator_port, &metrics, &injector_metrics).await;
     result.with_context(|| {
         format!(
             "controller log:\n{}\n(logs in {})",
@@ -307,6 +309,7 @@ async fn metrics_move(subnet: u8) -> Result<()> {
 async fn scenario(
     c: &TestCluster,
     controller: &Controller,
+    validator_port: u16,
     metrics: &str,
     injector_metrics: &str,
 ) -> Result<()> {
@@ -513,6 +516,62 @@ async fn scenario(
                 "fsm_k8s_api_event_count",
                 &[("type", "retry-deleted"), ("namespace", "demo")],
             ) == 1.0
+    })
+    .await?;
+
+    // The conversion webhook, called as kube-apiserver calls it for a CRD whose conversion
+    // strategy is Webhook (the test API server converts multi-version CRDs itself): a v1alpha2
+    // TrafficSplit read as v1alpha4.
+    let bundle = Api::<ValidatingWebhookConfiguration>::all(c.client.clone())
+        .get(VALIDATING)
+        .await?
+        .webhooks
+        .unwrap_or_default()
+        .first()
+        .and_then(|w| w.client_config.ca_bundle.clone())
+        .context("no caBundle published")?;
+    let host = format!("fsm-controller.{FSM_NAMESPACE}.svc");
+    let https = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&bundle.0)?)
+        .resolve(
+            &host,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, validator_port)),
+        )
+        .build()?;
+    let review = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "ConversionReview",
+        "request": {"uid": "c0nv", "desiredAPIVersion": "split.smi-spec.io/v1alpha4", "objects": [{
+            "apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
+            "metadata": {"name": "split", "namespace": "demo"},
+            "spec": {"service": "httpbin", "backends": [{"service": "httpbin-v1", "weight": 1}]},
+        }]},
+    });
+    let answer: Value = https
+        .post(format!("https://{host}/convert?timeout=10s"))
+        .json(&review)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    ensure!(
+        answer["response"]["result"]["status"] == "Success"
+            && answer["response"]["convertedObjects"][0]["apiVersion"]
+                == "split.smi-spec.io/v1alpha4",
+        "{answer}"
+    );
+    until(metrics, "the conversion counted", |m| {
+        m.sum(
+            "fsm_conversion_webhook_resource_total",
+            &[
+                ("kind", "TrafficSplit"),
+                ("success", "true"),
+                ("from_version", "split.smi-spec.io/v1alpha2"),
+                ("to_version", "split.smi-spec.io/v1alpha4"),
+            ],
+        ) == 1.0
     })
     .await?;
 

@@ -14,6 +14,8 @@
 //!    often applied before what they name), but comes back as admission warnings, which kubectl
 //!    prints.
 //!
+//! The same server answers CRD ConversionReviews on `POST /convert` ([`crate::conversion`]).
+//!
 //! Deletions are always allowed. The check runs on the control loop's catalog through
 //! [`AdmissionCheck`] messages; a catalog not loaded yet admits with a warning.
 
@@ -160,6 +162,19 @@ pub async fn handle(
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable AdmissionReview");
                     count_admission(kind, false);
+                    reply(StatusCode::BAD_REQUEST, Value::String(e).to_string())
+                }
+            }
+        }
+        ("POST", crate::conversion::CONVERT_PATH) => {
+            let review = match read_json(request).await {
+                Ok(review) => review,
+                Err(response) => return response,
+            };
+            match crate::conversion::respond(&review) {
+                Ok(answer) => reply(StatusCode::OK, answer.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable ConversionReview");
                     reply(StatusCode::BAD_REQUEST, Value::String(e).to_string())
                 }
             }

@@ -2,6 +2,7 @@
 
 mod admission;
 mod bootstrap;
+mod conversion;
 mod http;
 mod identity;
 mod leader;
@@ -82,8 +83,8 @@ struct Args {
     /// new root before the old root stops being trusted.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     root_rotation_grace: std::time::Duration,
-    /// HTTPS address of the validating webhook for mesh objects (`POST /validate`; in a cluster
-    /// only). Off when not given.
+    /// HTTPS address of the validating webhook for mesh objects (`POST /validate`) and of the
+    /// CRD conversion webhook (`POST /convert`), in a cluster only. Off when not given.
     #[arg(long)]
     validating_webhook_listen: Option<SocketAddr>,
     /// The ValidatingWebhookConfiguration whose caBundle the controller keeps current (default
