@@ -151,10 +151,15 @@ async fn main() -> anyhow::Result<()> {
     fsm_injector::metrics::metrics();
     fsm_certs::metrics::metrics();
     fsm_errcode::register();
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .with_context(|| format!("binding {} for /metrics", args.metrics_listen))?;
-    tokio::spawn(fsm_injector::metrics::serve(metrics_listener));
+    // Without its metrics the injector still injects: pods must not wait for Prometheus.
+    match tokio::net::TcpListener::bind(args.metrics_listen).await {
+        Ok(listener) => {
+            tokio::spawn(fsm_injector::metrics::serve(listener));
+        }
+        Err(e) => {
+            tracing::error!(listen = %args.metrics_listen, error = %e, "cannot serve /metrics; injecting without it");
+        }
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("{}: binding {}", ErrCode::E6102, args.listen))?;
