@@ -43,6 +43,50 @@ pub struct Listener {
     pub addr: SocketAddr,
     pub direction: Direction,
     pub chains: Vec<Chain>,
+    /// Set: its HTTP requests are traced (see [`crate::trace`]).
+    pub tracing: Option<Arc<TracingConfig>>,
+}
+
+/// `Listener.tracing`: how the requests of one listener are traced.
+#[derive(Debug, PartialEq)]
+pub struct TracingConfig {
+    pub collector_cluster: Arc<str>,
+    /// New traces per million requests, at most 1,000,000.
+    pub sampled_per_million: u32,
+    pub service_name: Arc<str>,
+    /// Where reports go, from `collector_cluster` and `collector_endpoint`; `None` while the
+    /// cluster has not arrived (spans are then dropped, and counted).
+    pub collector: Option<Arc<Collector>>,
+    /// `collector_endpoint`, kept to resolve `collector` once the cluster is known.
+    pub endpoint: Arc<str>,
+}
+
+/// A tracing collector: where reports are POSTed.
+#[derive(Debug, PartialEq)]
+pub struct Collector {
+    pub dest: crate::upstream::Dest,
+    pub connect_timeout: Duration,
+    /// The path: `/api/v2/spans`.
+    pub endpoint: Arc<str>,
+    /// The Host of the report: the collector's name and port.
+    pub host: String,
+}
+
+impl Collector {
+    /// The collector `cluster` names: a DNS cluster's name, or a listed cluster's first endpoint.
+    fn of(cluster: &Cluster, endpoint: &Arc<str>) -> Option<Collector> {
+        let dest = match &cluster.discovery {
+            Discovery::Dns(name) => crate::upstream::Dest::Name(name.clone()),
+            Discovery::Listed => crate::upstream::Dest::Addr(cluster.endpoints.first()?.addr),
+            Discovery::OriginalDestination => return None,
+        };
+        Some(Collector {
+            host: dest.to_string(),
+            dest,
+            connect_timeout: cluster.connect_timeout,
+            endpoint: endpoint.clone(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -553,7 +597,36 @@ impl Config {
         for raw in set.resources(type_url::LISTENER) {
             let what = format!("Listener {:?}", raw.name);
             let l = v1::Listener::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
-            let listener = build_listener(l, &secrets).map_err(|(f, m)| err(&what, &f, m))?;
+            let mut listener = build_listener(l, &secrets).map_err(|(f, m)| err(&what, &f, m))?;
+            if let Some(tracing) = &mut listener.tracing {
+                let cluster = clusters.get(&tracing.collector_cluster);
+                if cluster.is_none() && strict(type_url::LISTENER) {
+                    return Err(err(
+                        &what,
+                        "tracing.collector_cluster",
+                        format!("refers to unknown cluster {:?}", tracing.collector_cluster),
+                    ));
+                }
+                if let Some(c) = cluster
+                    && c.discovery == Discovery::OriginalDestination
+                {
+                    return Err(err(
+                        &what,
+                        "tracing.collector_cluster",
+                        format!(
+                            "cluster {:?} is an original-destination cluster: it names no collector",
+                            tracing.collector_cluster
+                        ),
+                    ));
+                }
+                let collector = cluster
+                    .and_then(|c| Collector::of(c, &tracing.endpoint))
+                    .map(Arc::new);
+                // Built just above: not shared yet.
+                if let Some(t) = Arc::get_mut(tracing) {
+                    t.collector = collector;
+                }
+            }
             for (i, chain) in listener.chains.iter().enumerate() {
                 if let ChainKind::Tcp(t) = &chain.kind {
                     check(&t.clusters, strict(type_url::LISTENER))
@@ -848,11 +921,46 @@ fn build_listener(l: v1::Listener, secrets: &Secrets) -> Result<Listener, FieldE
             require_client_certificate,
         });
     }
+    let tracing = l.tracing.as_ref().map(tracing_config).transpose()?;
     Ok(Listener {
         name: Arc::from(l.name.as_str()),
         addr,
         direction,
         chains,
+        tracing: tracing.map(Arc::new),
+    })
+}
+
+/// `Listener.tracing`, its collector not resolved yet.
+fn tracing_config(t: &v1::Tracing) -> Result<TracingConfig, FieldError> {
+    if t.collector_cluster.is_empty() {
+        return Err(field_err("tracing.collector_cluster", "is empty"));
+    }
+    if !t.collector_endpoint.starts_with('/')
+        || t.collector_endpoint
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(field_err(
+            "tracing.collector_endpoint",
+            format!(
+                "{:?} is not an absolute path such as \"/api/v2/spans\"",
+                t.collector_endpoint
+            ),
+        ));
+    }
+    if t.sampled_per_million > crate::trace::ALL {
+        return Err(field_err(
+            "tracing.sampled_per_million",
+            format!("{} is more than 1000000", t.sampled_per_million),
+        ));
+    }
+    Ok(TracingConfig {
+        collector_cluster: Arc::from(t.collector_cluster.as_str()),
+        sampled_per_million: t.sampled_per_million,
+        service_name: Arc::from(t.service_name.as_str()),
+        collector: None,
+        endpoint: Arc::from(t.collector_endpoint.as_str()),
     })
 }
 
@@ -1274,6 +1382,97 @@ mod tests {
             e.0,
             "Listener \"outbound-listener\": filter_chains[0] \"explicit-http\".target: protocol PROTOCOL_TCP needs a tcp target"
         );
+    }
+
+    #[test]
+    fn tracing_names_its_collector_cluster() {
+        let listener = |tracing: v1::Tracing| v1::Listener {
+            name: "outbound-listener".into(),
+            address: Some(v1::SocketAddress {
+                ip: "127.0.0.1".into(),
+                port: 15001,
+            }),
+            direction: v1::TrafficDirection::Outbound as i32,
+            filter_chains: vec![v1::FilterChain {
+                name: "explicit-http".into(),
+                protocol: v1::Protocol::Http as i32,
+                target: Some(v1::filter_chain::Target::Http(v1::HttpTarget {
+                    route_config_name: "outbound".into(),
+                })),
+                ..Default::default()
+            }],
+            tracing: Some(tracing),
+        };
+        let good = v1::Tracing {
+            collector_cluster: "pipy-tracing-cluster".into(),
+            collector_endpoint: "/api/v2/spans".into(),
+            sampled_per_million: 1_000_000,
+            service_name: "curl.demo".into(),
+        };
+        let collector = v1::Cluster {
+            name: "pipy-tracing-cluster".into(),
+            discovery: Some(v1::cluster::Discovery::Dns(v1::DnsName {
+                host: "jaeger.fsm-system.svc.cluster.local".into(),
+                port: 9411,
+            })),
+            connect_timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            upstream_protocol: v1::UpstreamProtocol::Http1 as i32,
+            ..Default::default()
+        };
+        let with = |t: v1::Tracing, cluster: bool| {
+            let mut resources = vec![(
+                type_url::LISTENER,
+                "outbound-listener",
+                listener(t).encode_to_vec(),
+            )];
+            if cluster {
+                resources.push((
+                    type_url::CLUSTER,
+                    "pipy-tracing-cluster",
+                    collector.encode_to_vec(),
+                ));
+            }
+            Config::build(&set(resources), type_url::LISTENER)
+        };
+        let config = with(good.clone(), true).expect("valid");
+        let tracing = config.listeners["outbound-listener"]
+            .tracing
+            .clone()
+            .expect("traced");
+        let resolved = tracing.collector.as_ref().expect("collector resolved");
+        assert_eq!(resolved.host, "jaeger.fsm-system.svc.cluster.local:9411");
+        assert_eq!(&*resolved.endpoint, "/api/v2/spans");
+        assert_eq!(resolved.connect_timeout, Duration::from_secs(1));
+
+        let e = with(good.clone(), false).expect_err("no cluster");
+        assert_eq!(
+            e.0,
+            "Listener \"outbound-listener\": tracing.collector_cluster: refers to unknown cluster \"pipy-tracing-cluster\""
+        );
+        let e = with(
+            v1::Tracing {
+                collector_endpoint: "api/v2/spans".into(),
+                ..good.clone()
+            },
+            true,
+        )
+        .expect_err("relative endpoint");
+        assert!(
+            e.0.contains("tracing.collector_endpoint: \"api/v2/spans\" is not an absolute path"),
+            "{e}"
+        );
+        let e = with(
+            v1::Tracing {
+                sampled_per_million: 1_000_001,
+                ..good
+            },
+            true,
+        )
+        .expect_err("over a million");
+        assert!(e.0.contains("tracing.sampled_per_million"), "{e}");
     }
 
     #[test]

@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use crate::Proxy;
 use crate::breakers::{Counter, Held, Slot};
 use crate::config::{
-    Cluster, Discovery, Listener, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol,
+    Cluster, Direction, Discovery, Listener, LocalRateLimit, RetryPolicy, Route, UpstreamProtocol,
 };
 use crate::lb::{choose_cluster, pick_endpoint};
 use crate::metrics::Workload;
 use crate::route::{Decision, RequestInfo, select};
 use crate::tls::Peer;
+use crate::trace::{ActiveSpan, RequestFacts};
 use crate::upstream::{Body, Dest, Transport, UpstreamError, connect_to};
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
@@ -154,8 +155,47 @@ fn host_of(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Handles one request; on a traced listener, within its span (see [`crate::trace`]): the span's
+/// B3 context goes upstream with the request, and the span is reported once the response
+/// headers are back (or the request was answered here).
 async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) -> Response<Body> {
     let config = proxy.store.config();
+    let tracing = config
+        .listeners
+        .get(&chain.listener)
+        .and_then(|l| l.tracing.clone())
+        .filter(|_| req.method() != Method::CONNECT);
+    let Some(tracing) = tracing else {
+        return route(proxy, chain, config, req, &mut None).await;
+    };
+    let direction = if chain.inbound {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    };
+    let span = ActiveSpan::start(&tracing, req.headers(), direction);
+    span.inject(req.headers_mut());
+    let facts = RequestFacts::of(&req, &host_of(&req).unwrap_or_default(), chain.client.ip());
+    let mut cluster = None;
+    let response = route(proxy, chain, config, req, &mut cluster).await;
+    proxy.tracer.finish(
+        &span,
+        &tracing,
+        &facts,
+        response.status().as_u16(),
+        cluster.as_deref(),
+    );
+    response
+}
+
+/// Routes and forwards one request; `upstream` is set to the cluster it was sent to.
+async fn route(
+    proxy: &Proxy,
+    chain: &HttpChain,
+    config: Arc<crate::config::Config>,
+    mut req: Request<Incoming>,
+    upstream: &mut Option<Arc<str>>,
+) -> Response<Body> {
     let Some(table) = config.routes.get(&chain.route_config) else {
         return local_reply(StatusCode::NOT_FOUND, "");
     };
@@ -196,6 +236,7 @@ async fn handle(proxy: &Proxy, chain: &HttpChain, mut req: Request<Incoming>) ->
     let Some(cluster) = config.clusters.get(cluster_name).cloned() else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     };
+    *upstream = Some(cluster.name.clone());
     if req.method() == Method::CONNECT {
         return tunnel_in(proxy, &cluster, &mut req).await;
     }
@@ -672,7 +713,6 @@ async fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Direction;
     use test_case::test_case;
 
     #[test_case("10.0.0.7:8080", Ok("10.0.0.7:8080") ; "ipv4 and port")]
@@ -691,6 +731,7 @@ mod tests {
             addr: "10.0.0.5:15001".parse().expect("addr"),
             direction: Direction::Outbound,
             chains: vec![],
+            tracing: None,
         })];
         let got = original_destination(host, &listeners, false);
         assert_eq!(

@@ -4,7 +4,8 @@
 //! swapped snapshot the xDS client feeds), [`route`] and [`lb`] (pure decisions), [`listeners`]
 //! (sockets follow the config; [`sni`] reads a ClientHello's server name), [`http`] and [`tcp`] (the two kinds of filter chain),
 //! [`upstream`] (pooled connections), [`ratelimit`] and [`breakers`] (local rate limits and
-//! circuit breakers, whose state outlives config swaps), [`metrics`]. Apart from xDS:
+//! circuit breakers, whose state outlives config swaps), [`trace`] (Zipkin spans, B3 headers),
+//! [`metrics`]. Apart from xDS:
 //! [`probes`] (application probes FSM's injector rewrote) and [`healthcheck`] (`fsm-healthcheck`).
 
 use std::sync::Arc;
@@ -24,12 +25,14 @@ pub mod sni;
 pub mod store;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use metrics::{Metrics, Workload};
 pub use ratelimit::RateLimits;
 pub use store::{Store, StoreSink};
+pub use trace::Tracer;
 pub use upstream::Upstreams;
 
 /// Everything a connection handler needs, shared by all listeners.
@@ -41,6 +44,8 @@ pub struct Proxy {
     /// rebuilding the config on every xDS update does not refill them.
     pub rate_limits: RateLimits,
     pub metrics: Arc<Metrics>,
+    /// Spans of traced listeners' requests, reported off the request path.
+    pub tracer: Tracer,
     /// Listeners bind the unspecified address and chains match the original destination.
     pub transparent: bool,
 }

@@ -783,6 +783,7 @@ mod tests {
                     addr: a.parse().expect("addr"),
                     direction: Direction::Outbound,
                     chains: vec![],
+                    tracing: None,
                 })
             })
             .collect()

@@ -307,11 +307,13 @@ async fn start_sidecar(resources: ResourceSet) -> Arc<Proxy> {
     let config = Config::build(&resources, type_url::ROUTE_CONFIGURATION).expect("valid config");
     let store = Arc::new(Store::default());
     store.install(config, resources);
+    let metrics = Arc::new(Metrics::new(Workload::default()).expect("metrics"));
     let proxy = Arc::new(Proxy {
         store,
         upstreams: Upstreams::default(),
         rate_limits: RateLimits::default(),
-        metrics: Arc::new(Metrics::new(Workload::default()).expect("metrics")),
+        metrics: metrics.clone(),
+        tracer: fsm_sidecar_proxy::Tracer::spawn(&metrics.registry).expect("tracing metrics"),
         transparent: false,
     });
     tokio::spawn(fsm_sidecar_proxy::listeners::run(proxy.clone()));

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use fsm_sidecar_proxy::{Metrics, Proxy, RateLimits, Store, StoreSink, Upstreams, Workload};
+use fsm_sidecar_proxy::{
+    Metrics, Proxy, RateLimits, Store, StoreSink, Tracer, Upstreams, Workload,
+};
 use fsm_sidecar_xds::{AdsState, AdsTls, ClientOptions, NodeInfo, build_node};
 
 use crate::cli::Cli;
@@ -106,6 +108,7 @@ async fn run(cli: Cli) -> Result<()> {
         upstreams: Upstreams::default(),
         rate_limits: RateLimits::default(),
         metrics: metrics.clone(),
+        tracer: Tracer::spawn(&metrics.registry).context("registering the tracing metrics")?,
         transparent: cli.transparent,
     });
     let admin = admin::Admin {
