@@ -1011,6 +1011,20 @@ mod tests {
         let (h, mut curl, mut httpbin) = curl_and_httpbin().await;
         let curl_before = versions(&curl.borrow_and_update());
         let httpbin_before = versions(&httpbin.borrow_and_update());
+        let curl_key = ProxyNode::parse(&format!("{CURL_UUID}.sidecar.curl.demo"), "")
+            .expect("node id")
+            .key();
+        let stamps = h.cache.observed(&curl_key).expect("connected");
+        let every_type = fsm_xds_server::protocol::ENVOY_TYPES;
+        stamps.take(&every_type);
+        let m = fsm_xds_server::metrics::metrics();
+        let eds_updates = || {
+            m.proxy_config_update_time
+                .with_label_values(&[ENVOY_EDS, "true"])
+                .get_sample_count()
+        };
+        let (updates_before, broadcasts_before) =
+            (eds_updates(), m.proxy_broadcast_event_count.get());
 
         // httpbin-v2 leaves the Endpoints.
         let report = change(
@@ -1055,6 +1069,12 @@ mod tests {
             &curl_eds.expect("EDS"),
             &httpbin_eds.expect("EDS")
         ));
+        // Each proxy's EDS update timed, the shared change counted as a broadcast, and the time
+        // it was observed stamped on EDS alone, for the stream to measure until the ACK.
+        assert!(eds_updates() >= updates_before + 2);
+        assert!(m.proxy_broadcast_event_count.get() > broadcasts_before);
+        let stamped: Vec<&str> = stamps.take(&every_type).iter().map(|(t, _)| *t).collect();
+        assert_eq!(stamped, [ENVOY_EDS]);
     }
 
     #[tokio::test]
@@ -1235,6 +1255,13 @@ mod tests {
         })
         .await
         .expect("the impostor pod reported with E5004");
+        let failed = || {
+            fsm_xds_server::metrics::metrics()
+                .proxy_config_update_time
+                .with_label_values(&[ENVOY_CDS, "false"])
+                .get_sample_count()
+        };
+        let failed_before = failed();
         let (evil, mut evil_rx) = h.connect(2, "evil", DataPlane::Envoy);
         assert_ne!(
             evil, curl,
@@ -1248,6 +1275,10 @@ mod tests {
             unreachable!()
         };
         assert!(reason.starts_with("E5004"), "{reason}");
+        assert!(
+            failed() > failed_before,
+            "a refused update is timed as failed"
+        );
         assert!(
             reason.contains("demo/evil") && reason.contains("demo/curl"),
             "{reason}"
