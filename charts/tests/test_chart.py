@@ -164,8 +164,15 @@ LEASES = [
 CERTIFICATE_REQUESTS = ("cert-manager.io", ["certificaterequests"], ["create", "list", "watch", "delete"], None)
 
 
-def expected_rbac(kind, mesh="fsm"):
-    """The exact rules of each role for a certificate provider."""
+RECONCILER = [
+    ("admissionregistration.k8s.io", ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+     ["list", "watch", "create", "update"], None),
+    ("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch", "create", "update"], None),
+]
+
+
+def expected_rbac(kind, mesh="fsm", reconciler=False):
+    """The exact rules of each role for a certificate provider (and the reconciler when on)."""
     controller_role = list(LEASES)
     injector_role = [("config.flomesh.io", ["meshconfigs"], ["get"], ["fsm-mesh-config"])]
     if kind == "tresor":
@@ -180,6 +187,7 @@ def expected_rbac(kind, mesh="fsm"):
             *WATCHED,
             ("admissionregistration.k8s.io", ["validatingwebhookconfigurations"], ["get", "update"],
              [f"fsm-validator-mesh-{mesh}"]),
+            *(RECONCILER if reconciler else []),
         ),
         ("Role", "fsm-controller"): expand(*controller_role),
         ("ClusterRole", f"fsm-injector-{mesh}"): expand(
@@ -191,8 +199,8 @@ def expected_rbac(kind, mesh="fsm"):
     }
 
 
-def assert_rbac(r, kind, mesh="fsm"):
-    for (role_kind, name), expected in expected_rbac(kind, mesh).items():
+def assert_rbac(r, kind, mesh="fsm", reconciler=False):
+    for (role_kind, name), expected in expected_rbac(kind, mesh, reconciler).items():
         actual = rules_of(r.get(role_kind, name))
         missing, extra = expected - actual, actual - expected
         assert not missing and not extra, (
@@ -468,6 +476,7 @@ def injector_deployment_follows_its_contract():
     args = r.args("fsm-injector")
     assert args == {
         "listen": "0.0.0.0:9090",
+        "metrics-listen": "0.0.0.0:9091",
         "mesh-name": "fsm",
         "fsm-namespace": "fsm-system",
         "webhook-config-name": "fsm-webhook-fsm",
@@ -487,7 +496,7 @@ def injector_deployment_follows_its_contract():
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": 9090, "scheme": "HTTPS"}, container[probe]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert {p["containerPort"] for p in container["ports"]} == {9090}
+    assert {p["containerPort"] for p in container["ports"]} == {9090, 9091}
     assert container["securityContext"]["runAsNonRoot"] is True
     service = r.get("Service", "fsm-injector")
     assert service["spec"]["selector"] == {"app": "fsm-injector"}
@@ -896,6 +905,32 @@ def packaged_chart_holds_only_chart_files():
         files = [f["name"] for f in chart.files]
         templates = [t["name"] for t in chart.templates]
     assert not [f for f in files + templates if f.endswith(".py") or "__pycache__" in f], files
+
+
+@check
+def reconciler_is_off_by_default_and_on_with_its_rights_and_labels():
+    default_render = default()
+    assert "enable-reconciler" not in default_render.args("fsm-controller")
+    r = Rendered({"fsm": {"enableReconciler": True}})
+    assert r.args("fsm-controller")["enable-reconciler"] is True
+    assert_rbac(r, "tresor", reconciler=True)
+    for kind, name in [("MutatingWebhookConfiguration", "fsm-webhook-fsm"),
+                       ("ValidatingWebhookConfiguration", "fsm-validator-mesh-fsm")]:
+        assert r.get(kind, name)["metadata"]["labels"]["flomesh.io/reconcile"] == "true", kind
+    for path in (CHART / "crds").glob("*.yaml"):
+        labels = yaml.safe_load(path.read_text())["metadata"]["labels"]
+        assert labels.get("flomesh.io/reconcile") == "true", path.name
+
+
+@check
+def injector_serves_metrics_where_prometheus_looks():
+    r = default()
+    deployment = r.get("Deployment", "fsm-injector")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9091"
+    assert r.args("fsm-injector")["metrics-listen"] == "0.0.0.0:9091"
+    ports = {p["name"]: p["containerPort"] for p in r.container("fsm-injector")["ports"]}
+    assert ports["metrics"] == 9091, ports
 
 
 @check

@@ -36,6 +36,7 @@ use crate::validate::{Errors, FieldError, Validate};
     derive = "PartialEq",
     derive = "Default",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "MeshConfig is the mesh-wide configuration of an FSM-compatible control plane."
 )]
 // `remote = "Self"` turns the derives into inherent functions so the trait impls below can

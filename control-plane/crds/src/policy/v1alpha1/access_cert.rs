@@ -19,6 +19,7 @@ use crate::validate::{Errors, FieldError, Validate};
     status = "PolicyStatus",
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "AccessCert asks the mesh CA for a certificate for a client outside the mesh."
 )]
 #[serde(rename_all = "camelCase")]

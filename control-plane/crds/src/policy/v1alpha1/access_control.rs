@@ -28,6 +28,7 @@ pub type AccessControlSourceSpec = IngressSourceSpec;
     status = "PolicyStatus",
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "AccessControl authorizes clients outside the mesh to reach mesh backends."
 )]
 #[serde(rename_all = "camelCase")]

@@ -19,6 +19,7 @@ use crate::validate::{Errors, FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "Egress allows service accounts in the mesh to reach destinations outside it."
 )]
 #[serde(rename_all = "camelCase")]

@@ -17,6 +17,7 @@ use crate::validate::{Errors, FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "EgressGateway sends the mesh's egress traffic through gateway Services."
 )]
 #[serde(rename_all = "camelCase")]

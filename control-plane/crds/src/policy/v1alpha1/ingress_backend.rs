@@ -22,6 +22,7 @@ use crate::validate::{Errors, FieldError, Validate};
     status = "PolicyStatus",
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "IngressBackend authorizes sources outside the mesh to send traffic to mesh backends."
 )]
 #[serde(rename_all = "camelCase")]

@@ -18,6 +18,7 @@ use crate::validate::{Errors, FieldError, Validate};
     status = "PolicyStatus",
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "Isolation cuts the listed IP ranges off from the mesh."
 )]
 pub struct IsolationSpec {

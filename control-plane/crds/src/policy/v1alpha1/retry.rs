@@ -21,6 +21,7 @@ use crate::validate::{Errors, FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "Retry retries failed HTTP requests from a service account to destination Services."
 )]
 #[serde(rename_all = "camelCase")]

@@ -20,6 +20,7 @@ use crate::validate::{Errors, FieldError, Validate};
     status = "PolicyStatus",
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "UpstreamTrafficSetting sets connection limits and rate limits for one upstream host."
 )]
 #[serde(rename_all = "camelCase")]

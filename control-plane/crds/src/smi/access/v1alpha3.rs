@@ -21,6 +21,7 @@ pub const KIND_SERVICE_ACCOUNT: &str = "ServiceAccount";
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "TrafficTarget grants source service accounts access to a destination service account."
 )]
 #[serde(rename_all = "camelCase")]

@@ -22,6 +22,7 @@ use crate::validate::{Errors, FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "HTTPRouteGroup is a set of named HTTP matches that TrafficTargets grant access to."
 )]
 #[serde(rename_all = "camelCase")]
@@ -159,6 +160,7 @@ impl Validate for HTTPRouteGroup {
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     doc = "TCPRoute describes TCP traffic to a set of ports that TrafficTargets grant access to."
 )]
 #[serde(rename_all = "camelCase")]

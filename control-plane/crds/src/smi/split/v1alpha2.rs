@@ -20,6 +20,7 @@ use crate::validate::{FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     printcolumn(
         name = "Service",
         type_ = "string",

@@ -18,6 +18,7 @@ use crate::validate::{Errors, FieldError, Validate};
     namespaced,
     derive = "PartialEq",
     label("app.kubernetes.io/name", "flomesh.io"),
+    label("flomesh.io/reconcile", "true"),
     printcolumn(
         name = "Service",
         type_ = "string",
