@@ -38,6 +38,24 @@ const CLUSTER: &str = "sidecar_cluster_name";
 /// Envoy's tag for the rate limit's stat prefix; ours is the virtual host name.
 const RATE_LIMIT_PREFIX: &str = "sidecar_http_local_rate_limit_prefix";
 
+/// The labels FSM's Pipy sidecar puts on its per-cluster request counters: this sidecar's pod and
+/// workload. FSM's relabelling adds target labels named like the first three, so Prometheus keeps
+/// these as `exported_source_*` (FSM's documented query filters on `exported_source_workload_name`).
+const SELF_LABELS: [&str; 4] = [
+    "source_namespace",
+    "source_workload_kind",
+    "source_workload_name",
+    "source_workload_pod",
+];
+
+/// Envoy's default histogram buckets (ms), so that `fsm_request_duration_ms` from fsm-sidecar and
+/// the one the chart's recording rules make from Envoy's `cluster.upstream_rq_time` add up bucket
+/// by bucket; FSM's Pipy buckets (5 ms to 1 h) are a subset.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
 const PEER_LABELS: [&str; 8] = [
     "source_kind",
     "destination_kind",
@@ -66,25 +84,25 @@ impl Metrics {
                 "fsm_request_duration_ms",
                 "Duration of proxied requests in milliseconds",
             )
-            .buckets(vec![
-                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-                10000.0,
-            ]),
+            .buckets(DURATION_BUCKETS_MS.to_vec()),
             &PEER_LABELS,
         )?;
+        let mut per_cluster_labels = SELF_LABELS.to_vec();
+        per_cluster_labels.push(CLUSTER);
         let upstream_rq_total = IntCounterVec::new(
             Opts::new(
                 "sidecar_cluster_upstream_rq_total",
                 "Upstream requests per cluster",
             ),
-            &["sidecar_cluster_name"],
+            &per_cluster_labels,
         )?;
+        per_cluster_labels.push("sidecar_response_code_class");
         let upstream_rq_xx = IntCounterVec::new(
             Opts::new(
                 "sidecar_cluster_upstream_rq_xx",
                 "Upstream responses per cluster and status class",
             ),
-            &["sidecar_cluster_name", "sidecar_response_code_class"],
+            &per_cluster_labels,
         )?;
         let downstream_cx_total = IntCounterVec::new(
             Opts::new(
@@ -214,11 +232,15 @@ impl Metrics {
 
     /// One request (or TCP connection) sent to `cluster`; `status` 0 when no HTTP status exists.
     pub fn upstream(&self, cluster: &str, status: u16) {
-        self.upstream_rq_total.with_label_values(&[cluster]).inc();
+        let w = &self.workload;
+        let (ns, kind, name, pod) = (&*w.namespace, &*w.kind, &*w.name, &*w.pod);
+        self.upstream_rq_total
+            .with_label_values(&[ns, kind, name, pod, cluster])
+            .inc();
         if status >= 100 {
             let class = (status / 100).to_string();
             self.upstream_rq_xx
-                .with_label_values(&[cluster, class.as_str()])
+                .with_label_values(&[ns, kind, name, pod, cluster, class.as_str()])
                 .inc();
         }
     }
@@ -386,6 +408,29 @@ mod tests {
         assert!(
             text.contains(&format!(
                 "fsm_request_duration_ms_bucket{{{destination},{source},le=\"5\"}} 1"
+            )),
+            "{text}"
+        );
+        // FSM's Pipy labels its per-cluster counters with its own pod and workload.
+        let me = "source_namespace=\"demo\",source_workload_kind=\"Deployment\",\
+            source_workload_name=\"curl\",source_workload_pod=\"curl-7b9f6d8c4f-q5z2m\"";
+        assert!(
+            text.contains(&format!(
+                "sidecar_cluster_upstream_rq_xx{{sidecar_cluster_name=\"demo/httpbin|14001\",\
+                 sidecar_response_code_class=\"2\",{me}}} 1"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "sidecar_cluster_upstream_rq_total{{sidecar_cluster_name=\"demo/httpbin|14001\",{me}}} 1"
+            )),
+            "{text}"
+        );
+        // Envoy's buckets, so both data planes' histograms add up.
+        assert!(
+            text.contains(&format!(
+                "fsm_request_duration_ms_bucket{{{destination},{source},le=\"0.5\"}} 0"
             )),
             "{text}"
         );
