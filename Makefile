@@ -13,7 +13,7 @@ ENVOY_BIN := $(VENV)/lib/python3.11/site-packages/envoy/_bin/envoy
 HELM_PY_VERSION := 0.2.*
 HELM_PY := $(VENV)/lib/python3.11/site-packages/helm_python/__init__.py
 
-.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps chart-deps chart-test images
+.PHONY: all envoy deps build demo demo-bookstore test lint clean crds bench bench-deps chart-deps chart-test images prometheus
 
 all: build
 
@@ -34,9 +34,24 @@ $(HELM_PY):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "helm-python-sdk==$(HELM_PY_VERSION)" "pyyaml==6.*"
 	@test -f $(HELM_PY) || { echo "helm-python-sdk installed but $(HELM_PY) is missing (Python is not 3.11?)"; exit 1; }
 
-# The Helm chart's tests (charts/tests/test_chart.py, a few seconds): lint, render, check objects.
-chart-test: chart-deps
+# The Helm chart's tests (charts/tests/test_chart.py, a few seconds): lint, render, check objects;
+# promtool checks the Prometheus configuration and recording rules the chart ships.
+chart-test: chart-deps prometheus
 	$(VENV)/bin/python charts/tests/test_chart.py
+
+# The real Prometheus server and promtool (Debian's prometheus package) for the chart's rule tests
+# and integration-tests/tests/dashboards_e2e.rs, which also draws a panel as a PNG with DejaVu Sans
+# (fonts-dejavu-core).
+prometheus:
+	@missing=""; command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing=" prometheus"; \
+	test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || missing="$$missing fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+		else echo "missing$$missing: install it (Debian: apt-get install$$missing)"; exit 1; fi; \
+	fi
 
 # The transparent-mode test builds network namespaces with FSM's iptables rules and talks TLS to
 # a server outside the mesh with openssl; a fresh Debian image has neither iptables nor always

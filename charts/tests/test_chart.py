@@ -28,6 +28,7 @@ sys.dont_write_bytecode = True  # no __pycache__ beside the chart's tests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import render  # noqa: E402  (re-runs this script with .venv/bin/python when the imports are missing)
 from render import CHART, REPO  # noqa: E402
+import observability  # noqa: E402
 
 import helm_python  # noqa: E402
 import yaml  # noqa: E402
@@ -330,6 +331,9 @@ NON_DEFAULT_VALUES = {
         "inboundPortExclusionList": [8081],
         "networkInterfaceExclusionList": ["eth1"],
         "tracing": {"enable": True},
+        "grafanaDashboards": {"enabled": True, "label": "example.com/dashboard", "labelValue": "fsm",
+                              "folderAnnotation": "example.com/folder"},
+        "prometheusConfig": {"enabled": True},
         "featureFlags": {"enableRetryPolicy": True, "enableEgressPolicy": False},
     }
 }
@@ -833,6 +837,9 @@ def refused_values_fail_with_a_message_naming_them():
         ({"featureFlags": {"enableRetryPolicy": "yes"}}, ["fsm.featureFlags.enableRetryPolicy", "true or false"]),
         ({"deployPrometheus": True}, ["fsm.deployPrometheus"]),
         ({"sidecarClass": "pipy"}, ["fsm.sidecarClass", '"pipy"']),
+        ({"grafanaDashboards": {"enabled": True, "label": "grafana dashboard"}}, ["fsm.grafanaDashboards.label", '"grafana dashboard"']),
+        ({"grafanaDashboards": {"enabled": True, "labelValue": "a/b"}}, ["fsm.grafanaDashboards.labelValue", '"a/b"']),
+        ({"grafanaDashboards": {"enabled": True, "folderAnnotation": "-x"}}, ["fsm.grafanaDashboards.folderAnnotation"]),
     ]
     for values, needles in cases:
         message = render_error({"fsm": values})
@@ -854,6 +861,140 @@ def rendering_is_deterministic():
     first = render.render(NON_DEFAULT_VALUES, namespace="other")
     second = render.render(NON_DEFAULT_VALUES, namespace="other")
     assert [t for _, t in first] == [t for _, t in second]
+
+
+# === checks: dashboards and Prometheus configuration ===
+
+
+def promtool():
+    """Debian's promtool (package prometheus; `make prometheus` installs it)."""
+    import shutil
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: run `make prometheus` (Debian's prometheus package)"
+    return path
+
+
+def source_dashboards():
+    import json
+    return {p.name: json.loads(p.read_text()) for p in sorted(observability.DASHBOARDS.glob("*.json"))}
+
+
+@check
+def observability_templates_are_generated_from_the_files():
+    stale = observability.stale()
+    assert not stale, f"{[str(p) for p in stale]} stale: run `.venv/bin/python charts/tests/observability.py --write`"
+
+
+@check
+def dashboards_and_prometheus_config_are_off_by_default():
+    names = {(kind, name) for kind, _, name in default().names()}
+    assert not [n for n in names if n[0] == "ConfigMap"], names
+
+
+@check
+def dashboards_ship_in_configmaps_for_grafanas_sidecar():
+    import json
+    dashboards = source_dashboards()
+    for r, label, value, folder_key in [
+        (Rendered({"fsm": {"grafanaDashboards": {"enabled": True}}}), "grafana_dashboard", "1", "grafana_folder"),
+        (non_default(), "example.com/dashboard", "fsm", "example.com/folder"),
+    ]:
+        shipped = {}
+        for tag, (folder, name) in observability.FOLDERS.items():
+            cm = r.get("ConfigMap", name)
+            assert cm["metadata"]["namespace"] == r.namespace, cm["metadata"]
+            assert cm["metadata"]["labels"][label] == value, cm["metadata"]
+            assert cm["metadata"]["annotations"] == {folder_key: folder}, cm["metadata"]
+            for key, text in cm["data"].items():
+                assert tag in json.loads(text)["tags"], (name, key)
+                shipped[key] = json.loads(text)
+        assert shipped == dashboards, "the ConfigMaps carry exactly charts/fsm/dashboards/*.json, unchanged"
+
+
+@check
+def dashboards_are_well_formed():
+    dashboards = source_dashboards()
+    titles = {d["title"] for d in dashboards.values()}
+    # FSM's dashboard names (and the service-to-service dashboard's URL, /d/FSMs2sMetrics/...).
+    assert {"FSM Control Plane Metrics", "FSM Service to Service Metrics", "FSM Workload to Workload Metrics"} <= titles, titles
+    assert dashboards["fsm-service-to-service.json"]["uid"] == "FSMs2sMetrics"
+    uids = [d["uid"] for d in dashboards.values()]
+    assert len(set(uids)) == len(uids) and all(len(u) <= 40 for u in uids), uids
+    for name, d in dashboards.items():
+        variables = {v["name"]: v for v in d["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus", name
+        ids = [p["id"] for p in d["panels"]]
+        assert len(set(ids)) == len(ids), f"{name}: panel ids repeat"
+        for panel in d["panels"]:
+            where = f"{name}: {panel['title']!r}"
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+            assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24, where
+            assert panel["targets"] and len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), where
+            for target in panel["targets"]:
+                expr = target["expr"]
+                used = set(re.findall(r"\$(\w+)", expr)) - {"__rate_interval", "__range", "__interval"}
+                assert used <= set(variables), f"{where}: undefined variables {used - set(variables)}"
+                # A variable with "All" (.*) or several values only works in a regex matcher.
+                assert not re.search(r'[^~!]="\$', expr), f"{where}: use =~ with a variable: {expr}"
+                assert expr.count("(") == expr.count(")"), f"{where}: unbalanced parentheses: {expr}"
+
+
+def rendered_prometheus_config(r):
+    cm = r.get("ConfigMap", observability.PROMETHEUS_CONFIGMAP)
+    assert set(cm["data"]) == set(observability.PROMETHEUS_FILES), cm["data"].keys()
+    return cm["data"]
+
+
+@check
+def prometheus_config_ships_fsm_scrape_job_and_the_rules():
+    for r in (Rendered({"fsm": {"prometheusConfig": {"enabled": True}}}), non_default()):
+        data = rendered_prometheus_config(r)
+        for name in observability.PROMETHEUS_FILES:
+            # (Shipped as `|-`: without the file's final newline.)
+            assert data[name].rstrip("\n") == (observability.PROMETHEUS / name).read_text().rstrip("\n"), \
+                f"{name} shipped unchanged"
+    config = yaml.safe_load(data["prometheus.yml"])
+    assert config["rule_files"] == ["fsm-rules.yml"], "the rules are read from beside prometheus.yml"
+    job = config["scrape_configs"][0]
+    assert job["kubernetes_sd_configs"] == [{"role": "pod"}]
+    targets = [c.get("target_label") for c in job["relabel_configs"]]
+    for label in ["__metrics_path__", "__address__", "source_namespace", "source_pod_name",
+                  "source_workload_kind", "source_workload_name"]:
+        assert label in targets, f"FSM's relabelling sets {label}"
+    assert {"regex": "(__meta_kubernetes_pod_label_app)", "action": "labelmap", "replacement": "source_service"} \
+        in job["relabel_configs"]
+    rules = yaml.safe_load(data["fsm-rules.yml"])
+    recorded = {rule["record"] for group in rules["groups"] for rule in group["rules"]}
+    assert recorded == {"sidecar_cluster_upstream_rq_xx", "sidecar_cluster_upstream_rq_total", "fsm_request_total",
+                        "fsm_request_duration_ms_bucket", "fsm_request_duration_ms_sum",
+                        "fsm_request_duration_ms_count"}, recorded
+    # Everything a rule reads passes the scrape job's metric filter.
+    keep = next(c for c in job["metric_relabel_configs"] if c["action"] == "keep")
+    exprs = " ".join(rule["expr"] for group in rules["groups"] for rule in group["rules"])
+    for source in set(re.findall(r"\b(envoy_[a-z_]+)\{", exprs)):
+        assert re.fullmatch(keep["regex"], source), f"{source} is dropped before the rules read it"
+
+
+@check
+def promtool_accepts_the_config_and_the_rules_pass_their_tests():
+    import tempfile
+    data = rendered_prometheus_config(Rendered({"fsm": {"prometheusConfig": {"enabled": True}}}))
+    config = yaml.safe_load(data["prometheus.yml"])
+    # Debian's Prometheus is built without Kubernetes discovery: check the job with a static target
+    # in its place (the relabelling, the filters and the rules are checked as shipped).
+    for job in config["scrape_configs"]:
+        job.pop("kubernetes_sd_configs")
+        job["static_configs"] = [{"targets": ["10.0.0.7:15010"]}]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "prometheus.yml").write_text(yaml.safe_dump(config))
+        (Path(tmp) / "fsm-rules.yml").write_text(data["fsm-rules.yml"])
+        out = subprocess.run([promtool(), "check", "config", str(Path(tmp) / "prometheus.yml")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "SUCCESS: 6 rules found" in out.stdout + out.stderr, out.stdout + out.stderr
+    tests = Path(__file__).resolve().parent / "fsm-rules.test.yml"
+    out = subprocess.run([promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 # === checks: the render script and the docs ===

@@ -269,7 +269,18 @@ once per render.
 {{- fail (printf "fsm.featureFlags.%s must be true or false (got %v)" $flag $value) }}
 {{- end }}
 {{- end }}
+{{- if $fsm.grafanaDashboards.enabled }}
+{{- range $key := list "label" "folderAnnotation" }}
+{{- $name := toString (index $fsm.grafanaDashboards $key) }}
+{{- if not (regexMatch "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$" $name) }}
+{{- fail (printf "fsm.grafanaDashboards.%s %q is not a Kubernetes label or annotation key" $key $name) }}
+{{- end }}
+{{- end }}
+{{- if not (regexMatch "^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$" (toString $fsm.grafanaDashboards.labelValue)) }}
+{{- fail (printf "fsm.grafanaDashboards.labelValue %q is not a Kubernetes label value" (toString $fsm.grafanaDashboards.labelValue)) }}
+{{- end }}
+{{- end }}
 {{- if $fsm.deployPrometheus }}
-{{- fail "fsm.deployPrometheus is not supported by this chart yet: bring your own Prometheus (the fsm-controller pods carry prometheus.io scrape annotations)" }}
+{{- fail "fsm.deployPrometheus is not supported by this chart yet: bring your own Prometheus (the fsm-controller pods carry prometheus.io scrape annotations; fsm.prometheusConfig.enabled ships the mesh's Prometheus configuration)" }}
 {{- end }}
 {{- end -}}
