@@ -5,9 +5,9 @@
 //! as [`ManagedProcess`]es that die with the test, read the mesh from a manifest directory
 //! ([`mesh`]) or drive a test API server ([`cluster`]), start the workloads ([`apps`]), the control plane ([`controller`]) and real Envoy
 //! sidecars ([`envoy`]), then talk to them with small clients ([`client`]) and assert eventual
-//! state with [`eventually`]. Tests that play a proxy or a peer use [`ads_client`] (a raw ADS
-//! stream with a pod's bootstrap credentials) and [`tls_probe`] (a TLS client at a meshed inbound
-//! port).
+//! state with [`eventually`]; [`prometheus`] runs the real Prometheus over them. Tests that play
+//! a proxy or a peer use [`ads_client`] (a raw ADS stream with a pod's bootstrap credentials) and
+//! [`tls_probe`] (a TLS client at a meshed inbound port).
 
 pub mod ads_client;
 pub mod apps;
@@ -20,6 +20,7 @@ pub mod eventually;
 pub mod mesh;
 pub mod paths;
 pub mod process;
+pub mod prometheus;
 pub mod sidecar;
 pub mod tls_probe;
 
@@ -51,5 +52,6 @@ pub use mesh::{
 };
 pub use paths::{binary, envoy_binary, repo_root};
 pub use process::{ManagedProcess, free_port, wait_for_http_ok, wait_for_tcp};
+pub use prometheus::{Prometheus, start_prometheus};
 pub use sidecar::{FsmSidecar, FsmSidecarConfig, start_fsm_sidecar};
 pub use tls_probe::{ProbeClient, probe};
