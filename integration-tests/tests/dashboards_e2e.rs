@@ -80,7 +80,7 @@ const NOT_IN_THIS_RUN: &[(&str, &str)] = &[
     ),
     (
         "fsm_conversion_webhook_resource_total",
-        "no conversion webhook runs here",
+        "counted when an API server asks fsm-controller to convert a resource: none here",
     ),
     (
         "fsm_proxy_response_send_error_count",
