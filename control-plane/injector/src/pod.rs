@@ -170,7 +170,13 @@ pub fn inject(
         .get_or_insert_with(Vec::new)
         .insert(0, init_container(settings, mesh, &interception));
     spec.containers.push(sidecar_container(
-        settings, mesh, mesh_class, class, &node_id, &probes,
+        settings,
+        mesh,
+        mesh_class,
+        class,
+        &node_id,
+        &probes,
+        workload_of(pod).as_ref(),
     ));
     if probes.needs_healthcheck() {
         spec.containers.push(healthcheck_container(settings));
@@ -290,6 +296,32 @@ fn downward(name: &str, path: &str) -> EnvVar {
     }
 }
 
+/// The workload a pod belongs to, as FSM's metrics name it (`source_workload_kind`,
+/// `source_workload_name`): its controller, with a Deployment's ReplicaSet (`<name>-<pod template
+/// hash>`) named as the Deployment. None for a pod nothing owns.
+pub fn workload_of(pod: &Pod) -> Option<(String, String)> {
+    let owners = pod.metadata.owner_references.as_ref()?;
+    let owner = owners
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.first())?;
+    let hash = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    if owner.kind == "ReplicaSet" {
+        let deployment = match hash {
+            Some(hash) => owner.name.strip_suffix(&format!("-{hash}")),
+            None => owner.name.rsplit_once('-').map(|(name, _)| name),
+        };
+        if let Some(deployment) = deployment.filter(|d| !d.is_empty()) {
+            return Some(("Deployment".into(), deployment.into()));
+        }
+    }
+    Some((owner.kind.clone(), owner.name.clone()))
+}
+
 fn sidecar_container(
     settings: &InjectorSettings,
     mesh: &MeshConfigSpec,
@@ -297,6 +329,7 @@ fn sidecar_container(
     class: SidecarClass,
     node_id: &str,
     probes: &Probes,
+    workload: Option<&(String, String)>,
 ) -> Container {
     let mesh_image = mesh.sidecar.sidecar_image.trim();
     let log_level = match mesh.sidecar.log_level.trim() {
@@ -342,17 +375,26 @@ fn sidecar_container(
         SidecarClass::FsmSidecar => (
             settings.fsm_sidecar_image.clone(),
             vec!["fsm-sidecar".to_string()],
-            vec![
-                format!("--node-id={node_id}"),
-                format!("--ads={}", settings.ads_address),
-                format!("--ads-server-name={}", settings.ads_server_name),
-                format!("--bootstrap-dir={BOOTSTRAP_MOUNT_PATH}"),
-                "--transparent".into(),
-                format!("--admin=127.0.0.1:{ADMIN_PORT}"),
-                format!("--metrics=0.0.0.0:{METRICS_PORT}"),
-                format!("--log-level={log_level}"),
-                format!("--probes={}", probes.to_json()),
-            ],
+            workload
+                .iter()
+                .flat_map(|(kind, name)| {
+                    [
+                        format!("--workload-kind={kind}"),
+                        format!("--workload-name={name}"),
+                    ]
+                })
+                .chain([
+                    format!("--node-id={node_id}"),
+                    format!("--ads={}", settings.ads_address),
+                    format!("--ads-server-name={}", settings.ads_server_name),
+                    format!("--bootstrap-dir={BOOTSTRAP_MOUNT_PATH}"),
+                    "--transparent".into(),
+                    format!("--admin=127.0.0.1:{ADMIN_PORT}"),
+                    format!("--metrics=0.0.0.0:{METRICS_PORT}"),
+                    format!("--log-level={log_level}"),
+                    format!("--probes={}", probes.to_json()),
+                ])
+                .collect(),
         ),
     };
     let image = match (class, mesh_image) {
@@ -484,6 +526,70 @@ pub(crate) mod tests {
             }
         }
         serde_json::from_value(v).expect("pod")
+    }
+
+    #[test]
+    fn an_fsm_sidecar_is_told_its_workload_as_fsm_metrics_name_it() {
+        let owned = |kind: &str, name: &str, hash: Option<&str>| -> Pod {
+            let mut p = pod(json!({SIDECAR_CLASS_ANNOTATION: "fsm-sidecar"}));
+            p.metadata.owner_references = Some(vec![
+                serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": kind, "name": name,
+                    "uid": "u", "controller": true}))
+                .expect("owner"),
+            ]);
+            if let Some(hash) = hash {
+                p.metadata
+                    .labels
+                    .get_or_insert_default()
+                    .insert("pod-template-hash".into(), hash.into());
+            }
+            p
+        };
+        let workload = |p: &Pod| workload_of(p).map(|(k, n)| format!("{k}/{n}"));
+        assert_eq!(
+            workload(&owned(
+                "ReplicaSet",
+                "book-buyer-7c9f5f9cdf",
+                Some("7c9f5f9cdf")
+            )),
+            Some("Deployment/book-buyer".into())
+        );
+        assert_eq!(
+            workload(&owned("ReplicaSet", "web-abc12", None)),
+            Some("Deployment/web".into())
+        );
+        assert_eq!(
+            workload(&owned("StatefulSet", "db", None)),
+            Some("StatefulSet/db".into())
+        );
+        assert_eq!(workload(&pod(json!({}))), None);
+        let injection = inject(
+            &settings(),
+            &MeshConfigSpec::default(),
+            &namespace(false),
+            &owned("ReplicaSet", "curl-7c9f5f9cdf", Some("7c9f5f9cdf")),
+            "u-1",
+        )
+        .expect("injects");
+        let sidecar = injection
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| {
+                s.containers
+                    .iter()
+                    .find(|c| c.name == SIDECAR_CONTAINER_NAME)
+            })
+            .expect("sidecar");
+        let args = sidecar.args.clone().unwrap_or_default();
+        assert!(
+            args.contains(&"--workload-kind=Deployment".to_string()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--workload-name=curl".to_string()),
+            "{args:?}"
+        );
     }
 
     #[test]

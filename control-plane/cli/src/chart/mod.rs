@@ -368,9 +368,55 @@ pub fn to_yaml_stream(manifests: &[Manifest]) -> Result<String> {
         out.push_str("---\n# Source: ");
         out.push_str(&manifest.source);
         out.push('\n');
-        out.push_str(&serde_yaml_ng::to_string(&manifest.object)?);
+        out.push_str(&yaml_1_1_safe(&serde_yaml_ng::to_string(&manifest.object)?));
     }
     Ok(out)
+}
+
+/// The words YAML 1.1 reads as booleans, which YAML 1.2 (and so serde_yaml_ng) leaves plain.
+/// serde_yaml_ng's YAML with every plain scalar YAML 1.1 would read as a boolean double-quoted:
+/// kubectl and Helm (go-yaml) and PyYAML read `label: yes` as `true`, so `fsm install --dry-run |
+/// kubectl apply -f -` would turn the string into a boolean. Lines inside block scalars (`|`,
+/// `>`) are content and stay as they are.
+fn yaml_1_1_safe(text: &str) -> String {
+    let scalar = regex::Regex::new(
+        r#"^(?P<lead>\s*(?:- )*(?:(?:[^\s'"\-][^:]*|'[^']*'|"[^"]*"): )?)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$"#,
+    )
+    .expect("a valid pattern");
+    let key = regex::Regex::new(
+        r"^(?P<lead>\s*(?:- )*)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF):(?P<rest> .*|)$",
+    )
+    .expect("a valid pattern");
+    let block_start = regex::Regex::new(r"(?:^|: |- )[|>][0-9]*[-+]?$").expect("a valid pattern");
+    let indent = |line: &str| line.len() - line.trim_start().len();
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut block: Option<usize> = None;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        if let Some(parent) = block {
+            if body.trim().is_empty() || indent(body) > parent {
+                out.push_str(line);
+                continue;
+            }
+            block = None;
+        }
+        let keyed = match key.captures(body) {
+            Some(c) => format!("{}\"{}\":{}", &c["lead"], &c["word"], &c["rest"]),
+            None => body.to_string(),
+        };
+        let fixed = match scalar.captures(&keyed) {
+            Some(c) => format!("{}\"{}\"", &c["lead"], &c["word"]),
+            None => keyed.clone(),
+        };
+        if block_start.is_match(body) {
+            block = Some(indent(body));
+        }
+        out.push_str(&fixed);
+        if line.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The user's values: each `-f` file, then each `--set`, later ones winning. Nulls are kept:
@@ -477,6 +523,28 @@ mod tests {
             text.contains("fsm/templates/"),
             "names the template: {text}"
         );
+    }
+
+    #[test]
+    fn yaml_output_quotes_what_yaml_1_1_reads_as_booleans() {
+        let object = serde_json::json!({
+            "metadata": {"labels": {"grafana_dashboard": "yes", "on": "off", "plain": "text"}},
+            "list": ["y", "no", "x"],
+            "data": {"config.yml": "rules:\n- on\n  yes: no\n", "n": "N"},
+        });
+        let text = yaml_1_1_safe(&serde_yaml_ng::to_string(&object).expect("yaml"));
+        for quoted in [
+            "grafana_dashboard: \"yes\"",
+            "\"on\": \"off\"",
+            "- \"y\"",
+            "- \"no\"",
+            "\"n\": \"N\"",
+        ] {
+            assert!(text.contains(quoted), "{quoted} in\n{text}");
+        }
+        assert!(text.contains("    - on\n      yes: no\n"), "a block scalar's content is kept:\n{text}");
+        let back: serde_json::Value = serde_yaml_ng::from_str(&text).expect("reads back");
+        assert_eq!(back, object);
     }
 
     #[test]
