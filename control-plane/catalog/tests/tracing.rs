@@ -1,5 +1,5 @@
 //! MeshConfig `observability.tracing` as the catalog takes it: a valid change is in force at
-//! once; an invalid port, endpoint or `sampledFraction` (as the API server would hand it over,
+//! once; an invalid address, port, endpoint or `sampledFraction` (as the API server would hand it over,
 //! past the manifest decoder that refuses it already) is refused with the field named and FSM's
 //! code, and the last valid MeshConfig stays in force.
 
@@ -37,6 +37,9 @@ fn an_invalid_tracing_setting_leaves_the_last_valid_one() {
             t.sampled_fraction = Some("10%".into())
         }),
         ("spec.observability.tracing.port", &|t| t.port = 0),
+        ("spec.observability.tracing.address", &|t| {
+            t.address = "http://jaeger.tracing:9411".into()
+        }),
         ("spec.observability.tracing.endpoint", &|t| {
             t.endpoint = "api/v2/spans".into()
         }),

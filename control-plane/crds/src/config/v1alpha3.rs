@@ -709,6 +709,20 @@ impl Validate for MeshConfigSpec {
 
         let tracing = &self.observability.tracing;
         if tracing.enable {
+            // Empty stands for FSM's default (`jaeger.<fsm-namespace>.svc.cluster.local`).
+            let address = &tracing.address;
+            if address.contains("://")
+                || address
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '/' || c == '@')
+            {
+                errs.push(
+                    "spec.observability.tracing.address",
+                    format!(
+                        "address {address:?} must be a host name or IP address (no scheme, path or port), such as \"jaeger.fsm-system.svc.cluster.local\""
+                    ),
+                );
+            }
             errs.port("spec.observability.tracing.port", tracing.port);
             if !tracing.endpoint.is_empty() && !tracing.endpoint.starts_with('/') {
                 errs.push(
@@ -974,13 +988,27 @@ mod tests {
             "disabled tracing is not checked"
         );
         spec.observability.tracing.enable = true;
+        spec.observability.tracing.address = "http://jaeger:9411/".into();
         assert_eq!(
             fields(&spec.validate()),
             [
+                "spec.observability.tracing.address",
                 "spec.observability.tracing.port",
                 "spec.observability.tracing.endpoint"
             ]
         );
+        for good in [
+            "",
+            "jaeger.fsm-system.svc.cluster.local",
+            "10.0.0.7",
+            "fd00::7",
+        ] {
+            spec.observability.tracing.address = good.into();
+            assert!(
+                !fields(&spec.validate()).contains(&"spec.observability.tracing.address"),
+                "{good:?}"
+            );
+        }
     }
 
     #[test]
