@@ -837,6 +837,8 @@ def refused_values_fail_with_a_message_naming_them():
         ({"featureFlags": {"enableRetryPolicy": "yes"}}, ["fsm.featureFlags.enableRetryPolicy", "true or false"]),
         ({"deployPrometheus": True}, ["fsm.deployPrometheus"]),
         ({"sidecarClass": "pipy"}, ["fsm.sidecarClass", '"pipy"']),
+        ({"tracing": {"sampledFraction": "1.5"}}, ["fsm.tracing.sampledFraction", '"1.5"']),
+        ({"tracing": {"sampledFraction": "ten percent"}}, ["fsm.tracing.sampledFraction"]),
         ({"grafanaDashboards": {"enabled": True, "label": "grafana dashboard"}}, ["fsm.grafanaDashboards.label", '"grafana dashboard"']),
         ({"grafanaDashboards": {"enabled": True, "labelValue": "a/b"}}, ["fsm.grafanaDashboards.labelValue", '"a/b"']),
         ({"grafanaDashboards": {"enabled": True, "folderAnnotation": "-x"}}, ["fsm.grafanaDashboards.folderAnnotation"]),
@@ -1046,6 +1048,16 @@ def packaged_chart_holds_only_chart_files():
         files = [f["name"] for f in chart.files]
         templates = [t["name"] for t in chart.templates]
     assert not [f for f in files + templates if f.endswith(".py") or "__pycache__" in f], files
+
+
+@check
+def tracing_sampled_fraction_reaches_the_mesh_config():
+    tracing = default().get("MeshConfig", "fsm-mesh-config")["spec"]["observability"]["tracing"]
+    assert "sampledFraction" not in tracing, tracing
+    for given in ["0.25", 0.25, "1", ".5"]:
+        r = Rendered({"fsm": {"tracing": {"enable": True, "sampledFraction": given}}})
+        tracing = r.get("MeshConfig", "fsm-mesh-config")["spec"]["observability"]["tracing"]
+        assert tracing["sampledFraction"] == str(given) and tracing["enable"] is True, tracing
 
 
 @check

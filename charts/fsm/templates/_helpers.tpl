@@ -235,6 +235,11 @@ once per render.
 {{- if not (regexMatch "^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$" (toString $fsm.configResyncInterval)) }}
 {{- fail (printf "fsm.configResyncInterval %q is not a duration like 0s or 30s" (toString $fsm.configResyncInterval)) }}
 {{- end }}
+{{- with $fsm.tracing.sampledFraction }}
+{{- if not (regexMatch "^(0(\\.[0-9]+)?|1(\\.0+)?|\\.[0-9]+)$" (toString .)) }}
+{{- fail (printf "fsm.tracing.sampledFraction %q must be a decimal from 0 to 1, such as \"0.1\"" (toString .)) }}
+{{- end }}
+{{- end }}
 {{- if not (has (toString $fsm.sidecarClass) (list "envoy" "fsm-sidecar")) }}
 {{- fail (printf "fsm.sidecarClass must be envoy or fsm-sidecar (got %q)" (toString $fsm.sidecarClass)) }}
 {{- end }}
