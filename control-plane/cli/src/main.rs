@@ -185,7 +185,7 @@ enum ProxyCommand {
     /// error it reported, and resource by resource what it holds (its own /config_dump) against
     /// what the controller computes for it now, with a diff of each difference.
     #[command(
-        after_help = "Examples:\n  fsm proxy status\n  fsm proxy status curl-7c9f5f9cdf-x2x8z -n demo"
+        after_help = "Examples:\n  fsm proxy status\n  fsm proxy status curl-7c9f5f9cdf-x2x8z -n demo\n  fsm proxy status curl -n demo --controller-url http://127.0.0.1:9091 --proxy-admin-url http://127.0.10.10:15000"
     )]
     Status {
         /// A pod, for its proxy's details.
@@ -200,6 +200,11 @@ enum ProxyCommand {
         /// a cluster, such as `make demo`'s: http://127.0.0.1:9091).
         #[arg(long)]
         controller_url: Option<String>,
+        /// Read the pod's sidecar admin (its /config_dump) at this URL instead of through a
+        /// port-forward (a sidecar without a cluster, such as `make demo`'s curl:
+        /// http://127.0.10.10:15000).
+        #[arg(long, requires = "pod")]
+        proxy_admin_url: Option<String>,
     },
     /// GET one of a sidecar's admin endpoints (Envoy or fsm-sidecar) through a port-forward.
     #[command(after_help = "Example:\n  fsm proxy get config_dump curl-7c9f5f9cdf-x2x8z -n demo")]
@@ -393,6 +398,7 @@ async fn run_text(cli: Cli) -> Result<String> {
             namespace,
             fsm_namespace,
             controller_url,
+            proxy_admin_url,
         }) => {
             let controller = match controller_url {
                 Some(url) => proxy::Controller::Url(url.clone()),
@@ -401,7 +407,12 @@ async fn run_text(cli: Cli) -> Result<String> {
                     namespace: fsm_namespace.clone(),
                 },
             };
-            proxy::status(&controller, pod.as_deref().map(|p| (namespace.as_str(), p))).await?
+            proxy::status(
+                &controller,
+                pod.as_deref().map(|p| (namespace.as_str(), p)),
+                proxy_admin_url.as_deref(),
+            )
+            .await?
         }
         Command::Proxy(ProxyCommand::Get {
             query,

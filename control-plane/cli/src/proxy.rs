@@ -125,7 +125,11 @@ pub async fn controller_get<T: serde::de::DeserializeOwned>(
 }
 
 /// `fsm proxy status [pod]`.
-pub async fn status(controller: &Controller, pod: Option<(&str, &str)>) -> Result<String> {
+pub async fn status(
+    controller: &Controller,
+    pod: Option<(&str, &str)>,
+    proxy_admin_url: Option<&str>,
+) -> Result<String> {
     let statuses: BTreeMap<String, ProxyStatus> =
         controller_get(controller, "/debug/proxies").await?;
     let configs: BTreeMap<String, ProxyConfig> =
@@ -144,7 +148,7 @@ pub async fn status(controller: &Controller, pod: Option<(&str, &str)>) -> Resul
         let mut out = detail(node, &statuses[node], configs.get(node), &wanted);
         out.push_str(&format!(
             "\nConfiguration computed by the controller now, against what the proxy holds:\n{}",
-            config_diff(controller, node, namespace, name).await?
+            config_diff(controller, node, namespace, name, proxy_admin_url).await?
         ));
         return Ok(out);
     }
@@ -188,12 +192,27 @@ async fn config_diff(
     node: &str,
     namespace: &str,
     pod: &str,
+    proxy_admin_url: Option<&str>,
 ) -> Result<String> {
-    let Controller::Cluster { client, .. } = controller else {
-        return Ok(
-            "(the proxy's own dump is read through the cluster: not with --controller-url)\n"
-                .into(),
-        );
+    let dump = match (proxy_admin_url, controller) {
+        (Some(url), _) => {
+            let url = format!(
+                "{}/{}",
+                url.trim_end_matches('/'),
+                crate::config_diff::DUMP_QUERY
+            );
+            async { anyhow::Ok(reqwest::get(&url).await?.error_for_status()?.text().await?) }
+                .await
+                .with_context(|| format!("reading the proxy's dump at {url}"))?
+        }
+        (None, Controller::Cluster { client, .. }) => {
+            get(client, namespace, pod, crate::config_diff::DUMP_QUERY).await?
+        }
+        (None, Controller::Url(_)) => {
+            return Ok(
+                "(without a cluster, give the sidecar's admin address: --proxy-admin-url)\n".into(),
+            );
+        }
     };
     let query: String = url::form_urlencoded::byte_serialize(node.as_bytes()).collect();
     let computed: crate::config_diff::Computed = controller_get(
@@ -201,7 +220,6 @@ async fn config_diff(
         &format!("/debug/proxies/resources?proxy={query}"),
     )
     .await?;
-    let dump = get(client, namespace, pod, crate::config_diff::DUMP_QUERY).await?;
     let dump: serde_json::Value = serde_json::from_str(&dump)
         .with_context(|| format!("the config dump of pod [{namespace}/{pod}] is not JSON"))?;
     let held = crate::config_diff::held(&dump)?;
