@@ -2,6 +2,46 @@
 //!
 //! Every code FSM documents is listed with FSM's verbatim description, so that
 //! `fsm support error-info` can print them unchanged.
+//!
+//! # Rules
+//!
+//! * **One way to log an error: [`error!`], [`warn!`] (and [`info!`] for a coded failure that
+//!   needs no action).** Each takes the code first, then what `tracing`'s macros take; it puts the
+//!   code in the field [`FIELD`] (`err_code = "E5010"`, the name of the metric's label, so a log
+//!   line and the metric join on it) and counts it once in `fsm_error_err_code_count{err_code}`.
+//!   A test (`tests/log_sites.rs`) fails on any `tracing::warn!`/`error!` in the control plane's
+//!   crates, which would carry no code or not count it.
+//! * **An error returned to a client without being logged** (an HTTP or gRPC answer the caller
+//!   acts on) names its code in the answer (`E6103: …`) and is counted with [`count`].
+//! * **A code means what FSM's table says.** Where the table has no code for a situation, the
+//!   nearest one by description is used and the choice is listed under
+//!   [Codes for situations FSM's table does not name](#codes-for-situations-fsms-table-does-not-name).
+//!
+//! # Codes for situations FSM's table does not name
+//!
+//! | situation | code | why |
+//! |---|---|---|
+//! | a source's list or watch failed (any kind; the manifest directory) | E4150 | FSM's informer cache-sync failure; FSM's other informers have no code |
+//! | one object or document could not be taken in (defined twice, a field that does not parse, an unreadable ConversionReview) | E3002 | it could not be unmarshalled into what the mesh reads |
+//! | a MeshConfig duration that does not parse (`serviceCertValidityDuration`) | E3002 | the same; not E4013, which is a failed certificate issuance |
+//! | a log level that is none of FSM's (`fsmLogLevel`, `sidecar.logLevel`) | E1001 | the level could not be set |
+//! | a CRD conversion that fails | E3001 | the object could not be marshalled into the version asked for |
+//! | the node id names another proxy UUID or kind than the xDS certificate | E5004 | the proxy cannot be set up for the pod's `fsm-proxy-uuid`; E5010 is only a service account (name or namespace) that differs |
+//! | a node id that does not parse (ADS, `/debug/proxies/resources`) | E5001 | the node id has the certificate CN's form |
+//! | a proxy over MeshConfig `maxDataPlaneConnections` | E5004 | the proxy is not set up |
+//! | a proxy NACKs a response | E5007 | the resources generated for it are not usable |
+//! | a response over the gRPC message limit, a status that cannot be written | E5006 | the DiscoveryResponse could not be sent |
+//! | the ADS listener cannot accept or hand over connections | E5005 | gRPC connections fail |
+//! | a stream's snapshot cache entry vanished | E5008 | the cache lost the proxy's snapshot |
+//! | the leader-election Lease cannot be read or written | E4000 | the Lease guards the writing of the bootstrap certificate Secrets |
+//! | bootstrap credentials that cannot be written (file or Secret) / listed, read or removed | E4005 / E4000 | the certificate's secret could not be created / retrieved |
+//! | a root CA file readable by others | E4015 | the CA given is not as it must be (mode 0600) |
+//! | an accept error on a webhook's listener, the injector's metrics listener | E6102 / E6701 | the webhook's HTTP server cannot serve (mutating / validating) |
+//! | a flag that cannot be used (`--http-listen`, `--manifest-dir`, the kubeconfig, a Vault CA file over http) | E1000 | an invalid command-line argument |
+//! | a fatal error whose messages name no code | E1000 | FSM's start-up group |
+//!
+//! A metric that cannot be registered (a name clash) is a defect of the build, caught by the
+//! metrics tests, not an operational error: it is logged at debug, with no code.
 
 use std::fmt;
 
@@ -10,8 +50,8 @@ use std::fmt;
 macro_rules! error_codes {
     ($($code:ident => $description:expr,)*) => {
         /// An FSM error code. `Display` prints the code itself (`E5001`), which is what logs carry
-        /// in their `code` field and what the `fsm_error_err_code_count{err_code}` metric is
-        /// labelled with.
+        /// in their `err_code` field ([`FIELD`]) and what the `fsm_error_err_code_count{err_code}`
+        /// metric is labelled with.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum ErrCode {
             $($code,)*
@@ -24,6 +64,13 @@ macro_rules! error_codes {
                 match self {
                     $(ErrCode::$code => stringify!($code),)*
                 }
+            }
+
+            /// The code a message starts with (`"E5010: …"`), for messages whose format puts
+            /// the code first.
+            pub fn prefix_of(text: &str) -> Option<ErrCode> {
+                let code = text.get(..5)?;
+                ErrCode::ALL.iter().copied().find(|c| c.as_str() == code)
             }
 
             /// FSM's description, verbatim (typos included) so CLI output matches FSM's.
@@ -144,11 +191,66 @@ impl fmt::Display for ErrCode {
     }
 }
 
+/// The `tracing` field that carries the code of every coded log line.
+pub const FIELD: &str = "err_code";
+
+/// Logs an error with its FSM code and counts it: `fsm_errcode::error!(code, fields…, "message")`
+/// takes the code first, then what `tracing::error!` takes. See the [crate rules](crate).
+#[macro_export]
+macro_rules! error {
+    ($code:expr, $($rest:tt)+) => {
+        $crate::__coded_event!(ERROR, $code, $($rest)+)
+    };
+}
+
+/// Logs a warning (a recovered error) with its FSM code and counts it, like [`error!`].
+#[macro_export]
+macro_rules! warn {
+    ($code:expr, $($rest:tt)+) => {
+        $crate::__coded_event!(WARN, $code, $($rest)+)
+    };
+}
+
+/// Logs, at info, a coded failure nobody needs to act on (a proxy going away mid-stream), and
+/// counts it, like [`error!`].
+#[macro_export]
+macro_rules! info {
+    ($code:expr, $($rest:tt)+) => {
+        $crate::__coded_event!(INFO, $code, $($rest)+)
+    };
+}
+
+/// The one expansion of [`error!`], [`warn!`] and [`info!`]. Counted before the level filter is
+/// consulted: the metric moves whatever the log level.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __coded_event {
+    ($level:ident, $code:expr, $($rest:tt)+) => {{
+        let code: $crate::ErrCode = $code;
+        $crate::count(code);
+        $crate::__private::tracing::event!(
+            $crate::__private::tracing::Level::$level,
+            err_code = code.as_str(),
+            $($rest)+
+        )
+    }};
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use tracing;
+}
+
 /// Counts one occurrence of `code` in `fsm_error_err_code_count{err_code}` (default registry).
 pub fn count(code: ErrCode) {
     if let Some(counter) = counter() {
         counter.with_label_values(&[code.as_str()]).inc();
     }
+}
+
+/// How many times `code` has been counted in this process: what `/metrics` shows, for tests.
+pub fn counted(code: ErrCode) -> u64 {
+    counter().map_or(0, |c| c.with_label_values(&[code.as_str()]).get())
 }
 
 /// Registers `fsm_error_err_code_count` in the default registry (done by the first [`count`]
@@ -191,7 +293,53 @@ mod tests {
         for code in ErrCode::ALL {
             assert_eq!(code.to_string(), format!("{code:?}"));
             assert!(!code.description().is_empty());
+            assert_eq!(ErrCode::prefix_of(&format!("{code}: why")), Some(*code));
         }
+        assert_eq!(ErrCode::prefix_of("E9999: no"), None);
+        assert_eq!(ErrCode::prefix_of("E50"), None);
+        assert_eq!(ErrCode::prefix_of("é5010"), None);
+    }
+
+    /// A shared buffer the test subscriber writes its lines into.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_macros_log_the_code_as_a_field_and_count_it_once() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let before = (counted(ErrCode::E5010), counted(ErrCode::E5011));
+        tracing::subscriber::with_default(subscriber, || {
+            let proxy = "p1";
+            crate::warn!(ErrCode::E5010, %proxy, "refusing ADS stream");
+            // Below the level: not written, counted all the same.
+            crate::info!(ErrCode::E5011, "stream closed");
+        });
+        assert_eq!(
+            (counted(ErrCode::E5010), counted(ErrCode::E5011)),
+            (before.0 + 1, before.1 + 1)
+        );
+        let text = String::from_utf8(lines.0.lock().clone()).expect("utf-8");
+        let line: serde_json::Value =
+            serde_json::from_str(text.lines().next().unwrap_or_default()).expect("a JSON line");
+        assert_eq!(line["fields"][FIELD], "E5010", "{text}");
+        assert_eq!(line["fields"]["proxy"], "p1", "{text}");
+        assert!(!text.contains("E5011"), "{text}");
     }
 
     #[test]
