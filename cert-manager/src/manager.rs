@@ -578,8 +578,12 @@ impl CertManager {
         } else {
             // Going on regardless: a proxy that never acknowledges must not keep the old root
             // trusted forever. Its peers may refuse it until it catches up.
-            tracing::warn!(code = %fsm_errcode::ErrCode::E4016, phase, elapsed_ms = elapsed.as_millis() as u64, "root rotation: not every proxy acknowledged within the grace period; going on");
-            fsm_errcode::count(fsm_errcode::ErrCode::E4016);
+            fsm_errcode::warn!(
+                fsm_errcode::ErrCode::E4016,
+                phase,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "root rotation: not every proxy acknowledged within the grace period; going on"
+            );
         }
         PhaseOutcome {
             announced,
@@ -629,8 +633,7 @@ impl CertManager {
             return Ok(RotationReport::default());
         };
         let probe = new_provider.issue(&request).await.inspect_err(|e| {
-            tracing::error!(code = %e.err_code(), error = %e, provider = new_provider.name(), "the new root cannot issue; root rotation not started");
-            fsm_errcode::count(e.err_code());
+            fsm_errcode::error!(e.err_code(), error = %e, provider = new_provider.name(), "the new root cannot issue; root rotation not started");
         })?;
         self.check(&probe)?;
         // A root whose own leaves do not verify against its bundle would break every peer.
@@ -804,8 +807,7 @@ impl CertManager {
                         common_name: entry.request.common_name.clone(),
                         source: Box::new(source),
                     };
-                    tracing::error!(code = %err.err_code(), error = %err, cn = %entry.request.common_name, ?reason, "certificate re-issue failed; keeping the previous one");
-                    fsm_errcode::count(err.err_code());
+                    fsm_errcode::error!(err.err_code(), error = %err, cn = %entry.request.common_name, ?reason, "certificate re-issue failed; keeping the previous one");
                     entry.renew_at = entry.renew_at.min(self.inner.clock.now());
                     self.note_due(entry.renew_at);
                     report.failed.push((key, err));
@@ -869,8 +871,7 @@ impl CertManager {
             )
         };
         let mut cert = provider.issue(request).await.inspect_err(|e| {
-            tracing::error!(code = %e.err_code(), error = %e, provider = provider.name(), cn = %request.common_name, "certificate issuance failed");
-            fsm_errcode::count(e.err_code());
+            fsm_errcode::error!(e.err_code(), error = %e, provider = provider.name(), cn = %request.common_name, "certificate issuance failed");
         })?;
         self.check(&cert)?;
         if !extra_roots.is_empty() {

@@ -512,7 +512,7 @@ fn from_file_text(path: &Path, text: &str) -> Result<TresorProvider, CertError> 
         if let Ok(meta) = std::fs::metadata(path)
             && meta.permissions().mode() & 0o077 != 0
         {
-            tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "root CA file is readable by others; expected 0600");
+            fsm_errcode::warn!(fsm_errcode::ErrCode::E4015, path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "root CA file is readable by others; expected 0600");
         }
     }
     let blocks = pem::parse_many(text).map_err(|e| CertError::CertificateDecode(e.to_string()))?;

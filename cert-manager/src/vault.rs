@@ -310,7 +310,7 @@ impl VaultProvider {
             }
             "http" => {
                 if let Some(path) = &config.ca_file {
-                    tracing::warn!(host = %config.host, ca_file = %path.display(), "vault: a CA file is set but the protocol is http; it is not used");
+                    fsm_errcode::warn!(ErrCode::E1000, host = %config.host, ca_file = %path.display(), "vault: a CA file is set but the protocol is http; it is not used");
                 }
             }
             other => {
@@ -509,8 +509,8 @@ impl VaultProvider {
             delay = delay.min((left / 3).max(Duration::from_secs(1)));
         }
         st.next_check = now + delay;
-        tracing::error!(
-            code = %err.err_code(),
+        fsm_errcode::error!(
+            err.err_code(),
             host = %self.config.host,
             error = %err,
             failures = st.failures,
@@ -628,7 +628,8 @@ impl CertificateProvider for VaultProvider {
                 .unwrap_or_default()
                 .errors
                 .join("; ");
-            tracing::warn!(url = %self.url, status = status.as_u16(), errors = %errors, "vault refused to issue");
+            // Returned, and logged with its code by the certificate manager.
+            tracing::debug!(url = %self.url, status = status.as_u16(), errors = %errors, "vault refused to issue");
             if status.as_u16() == 401 || status.as_u16() == 403 {
                 return Err(CertError::Unauthorized {
                     provider: NAME,

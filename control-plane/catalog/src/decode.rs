@@ -47,8 +47,13 @@ impl fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 impl HasErrCode for DecodeError {
+    /// E3002 (the object could not be unmarshalled), but E1001 for a MeshConfig log level that is
+    /// none of FSM's: FSM's code for a level that cannot be set.
     fn err_code(&self) -> ErrCode {
-        ErrCode::E3002
+        match self.field.as_deref() {
+            Some("spec.observability.fsmLogLevel") => ErrCode::E1001,
+            _ => ErrCode::E3002,
+        }
     }
 }
 
@@ -338,6 +343,18 @@ mod tests {
             "{}",
             errors[0].message
         );
+        assert_eq!(errors[0].err_code(), ErrCode::E3002);
+    }
+
+    #[test]
+    fn an_unknown_log_level_is_e1001() {
+        let text = "apiVersion: config.flomesh.io/v1alpha3\nkind: MeshConfig\nmetadata:\n  name: fsm-mesh-config\n  namespace: fsm-system\nspec:\n  observability:\n    fsmLogLevel: verbose\n";
+        let (_, errors) = decode_manifests("mc.yaml", text);
+        assert_eq!(
+            errors[0].field.as_deref(),
+            Some("spec.observability.fsmLogLevel")
+        );
+        assert_eq!(errors[0].err_code(), ErrCode::E1001);
     }
 
     #[test]

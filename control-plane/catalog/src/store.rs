@@ -381,8 +381,7 @@ impl Catalog {
         );
         let rejection = Rejection { code, message };
         if self.rejected.get(key) != Some(&rejection) {
-            tracing::warn!(code = %code, object = %key, "{}; the previous version stays in force", rejection.message);
-            fsm_errcode::count(code);
+            fsm_errcode::warn!(code, object = %key, "{}; the previous version stays in force", rejection.message);
         }
         self.rejected.insert(key.clone(), rejection);
         true
@@ -543,8 +542,7 @@ impl Catalog {
                     owner: ns_name(&claims[0].1),
                     claimant: ns_name(&claims[if at == 0 { 1 } else { at }].1),
                 };
-                tracing::warn!(code = %ErrCode::E5004, "{conflict}");
-                fsm_errcode::count(ErrCode::E5004);
+                fsm_errcode::warn!(ErrCode::E5004, "{conflict}");
             }
         }
         if let Some(ip) = record.ip() {

@@ -172,7 +172,7 @@ async fn remove_orphaned_secrets(client: &kube::Client, leading: &watch::Receive
     let secrets = match all.list(&ListParams::default().labels(&selector)).await {
         Ok(list) => list.items,
         Err(e) => {
-            tracing::warn!(code = %ErrCode::E4000, selector = %selector, error = %e, "cannot list bootstrap Secrets to remove those of deleted pods");
+            fsm_errcode::warn!(ErrCode::E4000, selector = %selector, error = %e, "cannot list bootstrap Secrets to remove those of deleted pods");
             return;
         }
     };
@@ -197,7 +197,7 @@ async fn remove_orphaned_secrets(client: &kube::Client, leading: &watch::Receive
             Some(owner) => match pods.get_opt(&owner.name).await {
                 Ok(pod) => pod.is_none_or(|p| p.metadata.uid.as_deref() != Some(&owner.uid)),
                 Err(e) => {
-                    tracing::warn!(code = %ErrCode::E4000, pod = %format!("{namespace}/{}", owner.name), error = %e, "cannot look up the owner of a bootstrap Secret");
+                    fsm_errcode::warn!(ErrCode::E4000, pod = %format!("{namespace}/{}", owner.name), error = %e, "cannot look up the owner of a bootstrap Secret");
                     continue;
                 }
             },
@@ -214,7 +214,7 @@ async fn remove_orphaned_secrets(client: &kube::Client, leading: &watch::Receive
                 match pods.list(&ListParams::default().labels(&selector)).await {
                     Ok(list) => list.items.is_empty(),
                     Err(e) => {
-                        tracing::warn!(code = %ErrCode::E4000, namespace = %namespace, selector = %selector, error = %e, "cannot look up the pod of a bootstrap Secret");
+                        fsm_errcode::warn!(ErrCode::E4000, namespace = %namespace, selector = %selector, error = %e, "cannot look up the pod of a bootstrap Secret");
                         continue;
                     }
                 }
@@ -238,7 +238,7 @@ async fn remove_orphaned_secrets(client: &kube::Client, leading: &watch::Receive
             }
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
             Err(e) => {
-                tracing::warn!(code = %ErrCode::E4000, secret = %format!("{namespace}/{name}"), error = %e, "cannot delete the bootstrap Secret of a deleted pod")
+                fsm_errcode::warn!(ErrCode::E4000, secret = %format!("{namespace}/{name}"), error = %e, "cannot delete the bootstrap Secret of a deleted pod")
             }
         }
     }
@@ -278,7 +278,7 @@ async fn sync(
             if let Some(dir) = &targets.dir {
                 let path = dir.join(&key.0).join(&key.1);
                 if let Err(e) = remove_pod_dir(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove bootstrap credentials");
+                    fsm_errcode::warn!(ErrCode::E4000, path = %path.display(), error = %e, "cannot remove bootstrap credentials");
                 }
             }
             if let Some(client) = &targets.secrets {
@@ -290,7 +290,7 @@ async fn sync(
                     Ok(_) => {}
                     Err(kube::Error::Api(status)) if status.code == 404 => {}
                     Err(e) => {
-                        tracing::warn!(code = %ErrCode::E4000, secret = %secret_name(&old.proxy), error = %e, "cannot delete bootstrap Secret")
+                        fsm_errcode::warn!(ErrCode::E4000, secret = %secret_name(&old.proxy), error = %e, "cannot delete bootstrap Secret")
                     }
                 }
             }
@@ -301,7 +301,7 @@ async fn sync(
             return false;
         }
         let Ok(uuid) = proxy.uuid.parse::<uuid::Uuid>() else {
-            tracing::warn!(code = %ErrCode::E5001, pod = %format!("{}/{}", proxy.namespace, proxy.pod), uuid = %proxy.uuid, "fsm-proxy-uuid label is not a UUID; no bootstrap credentials");
+            fsm_errcode::warn!(ErrCode::E5001, pod = %format!("{}/{}", proxy.namespace, proxy.pod), uuid = %proxy.uuid, "fsm-proxy-uuid label is not a UUID; no bootstrap credentials");
             continue;
         };
         let cert = match certs
@@ -315,7 +315,7 @@ async fn sync(
         {
             Ok(cert) => cert,
             Err(e) => {
-                tracing::warn!(code = %e.err_code(), pod = %format!("{}/{}", proxy.namespace, proxy.pod), error = %e, "cannot issue bootstrap certificate");
+                fsm_errcode::warn!(e.err_code(), pod = %format!("{}/{}", proxy.namespace, proxy.pod), error = %e, "cannot issue bootstrap certificate");
                 complete = false;
                 continue;
             }
@@ -346,11 +346,11 @@ async fn sync(
                 }
                 Ok(Err(e)) => {
                     ok = false;
-                    tracing::warn!(path = %path.display(), error = %e, "cannot write bootstrap credentials")
+                    fsm_errcode::warn!(ErrCode::E4005, path = %path.display(), error = %e, "cannot write bootstrap credentials")
                 }
                 Err(e) => {
                     ok = false;
-                    tracing::warn!(error = %e, "bootstrap writer task failed")
+                    fsm_errcode::warn!(ErrCode::E4005, error = %e, "bootstrap writer task failed")
                 }
             }
         }
@@ -365,7 +365,7 @@ async fn sync(
                 }
                 Err(e) => {
                     ok = false;
-                    tracing::warn!(code = %ErrCode::E4005, secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), error = %e, "cannot write bootstrap Secret");
+                    fsm_errcode::warn!(ErrCode::E4005, secret = %format!("{}/{}", proxy.namespace, secret_name(proxy)), error = %e, "cannot write bootstrap Secret");
                 }
             }
         }

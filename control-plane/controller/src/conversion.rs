@@ -60,7 +60,8 @@ pub fn respond(review: &Value) -> Result<Value, String> {
         match result {
             Ok(object) => converted.push(object),
             Err(message) => {
-                tracing::warn!(kind, from, to = desired, %message, "conversion refused");
+                // The object could not be marshalled into the version asked for.
+                fsm_errcode::warn!(fsm_errcode::ErrCode::E3001, kind, from, to = desired, %message, "conversion refused");
                 failure.get_or_insert(message);
             }
         }

@@ -43,7 +43,7 @@ pub async fn ads_tls(certs: &CertManager, server_name: &str) -> anyhow::Result<A
             match updater.update(&server_credentials(&cert)) {
                 Ok(()) => tracing::info!(serial = %cert.serial, "ADS server certificate rotated"),
                 Err(e) => {
-                    tracing::error!(code = %ErrCode::E5009, error = %e, "cannot use the rotated ADS server certificate; keeping the previous one")
+                    fsm_errcode::error!(ErrCode::E5009, error = %e, "cannot use the rotated ADS server certificate; keeping the previous one")
                 }
             }
             std::future::ready(())
@@ -86,8 +86,7 @@ pub async fn watch_root_file(
             Ok(p) => p,
             Err(e) => {
                 // Keep the root in use; the operator sees why the new one was refused.
-                tracing::error!(code = %e.err_code(), path = %path.display(), error = %e, "new root CA file refused; keeping the current root");
-                fsm_errcode::count(e.err_code());
+                fsm_errcode::error!(e.err_code(), path = %path.display(), error = %e, "new root CA file refused; keeping the current root");
                 continue;
             }
         };
@@ -110,8 +109,7 @@ pub async fn watch_root_file(
                 "root rotation finished: the old root is no longer trusted"
             ),
             Err(e) => {
-                tracing::error!(code = %e.err_code(), path = %path.display(), error = %e, "root rotation refused; keeping the current root");
-                fsm_errcode::count(e.err_code());
+                fsm_errcode::error!(e.err_code(), path = %path.display(), error = %e, "root rotation refused; keeping the current root");
             }
         }
     }

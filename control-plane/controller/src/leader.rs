@@ -327,10 +327,10 @@ async fn run(
                 tracing::debug!(lease = %config.name, "another replica wrote the lease first");
             }
             Ok(Err(e)) => {
-                tracing::warn!(code = %ErrCode::E4000, lease = %format!("{}/{}", config.namespace, config.name), error = %e, "cannot read or write the leader election Lease");
+                fsm_errcode::warn!(ErrCode::E4000, lease = %format!("{}/{}", config.namespace, config.name), error = %e, "cannot read or write the leader election Lease");
             }
             Err(_) => {
-                tracing::warn!(code = %ErrCode::E4000, lease = %format!("{}/{}", config.namespace, config.name), "the API server did not answer in time for leader election");
+                fsm_errcode::warn!(ErrCode::E4000, lease = %format!("{}/{}", config.namespace, config.name), "the API server did not answer in time for leader election");
             }
         }
         if *leading.borrow() && last_renew.is_none_or(|at| at.elapsed() >= config.renew_deadline) {
@@ -356,7 +356,8 @@ async fn run(
 }
 
 fn step_down(leading: &watch::Sender<bool>, config: &Config, why: &str) {
-    tracing::warn!(lease = %format!("{}/{}", config.namespace, config.name), identity = %config.identity, reason = why, "stopped leading: this replica no longer writes to the cluster");
+    // The failures that led here were logged, with their code, as they happened.
+    tracing::info!(lease = %format!("{}/{}", config.namespace, config.name), identity = %config.identity, reason = why, "stopped leading: this replica no longer writes to the cluster");
     leader_gauge().set(0);
     leading.send_replace(false);
 }
@@ -384,7 +385,7 @@ async fn release(api: &Api<Lease>, config: &Config) {
             tracing::info!(lease = %format!("{}/{}", config.namespace, config.name), "released the lease")
         }
         Err(e) => {
-            tracing::warn!(code = %ErrCode::E4000, lease = %config.name, error = %e, "cannot release the lease")
+            fsm_errcode::warn!(ErrCode::E4000, lease = %config.name, error = %e, "cannot release the lease")
         }
     }
 }

@@ -158,8 +158,7 @@ impl Publisher {
             Ok(encoded) => self.work.resources_encoded += encoded,
             Err((code, message)) => {
                 // The previous shared sets keep serving.
-                tracing::warn!(code = %code, data_plane = %key.data_plane, "{message}");
-                fsm_errcode::count(code);
+                fsm_errcode::warn!(code, data_plane = %key.data_plane, "{message}");
                 return false;
             }
         }

@@ -111,14 +111,14 @@ async fn reconcile<K>(
         let event = match event {
             Ok(event) => event,
             Err(error) => {
-                tracing::warn!(kind = what.kind, %error, "reconciler watch failed; retrying");
+                fsm_errcode::warn!(ErrCode::E1005, kind = what.kind, %error, "reconciler watch failed; retrying");
                 continue;
             }
         };
         let event = match to_values(event) {
             Ok(event) => event,
             Err(error) => {
-                tracing::warn!(kind = what.kind, %error, "cannot read a watched object");
+                fsm_errcode::warn!(ErrCode::E3002, kind = what.kind, %error, "cannot read a watched object");
                 continue;
             }
         };
@@ -158,9 +158,7 @@ where
                 }
                 Err(error) => {
                     // A conflict means it changed again: the next event brings it back here.
-                    let code = what.update_failed;
-                    tracing::warn!(%code, kind, %name, %error, "cannot restore an edited object");
-                    fsm_errcode::count(code);
+                    fsm_errcode::warn!(what.update_failed, kind, %name, %error, "cannot restore an edited object");
                 }
             }
         }
@@ -168,8 +166,7 @@ where
             let result = match serde_json::from_value::<K>(object) {
                 Ok(object) => api.create(&PostParams::default(), &object).await,
                 Err(e) => {
-                    tracing::warn!(code = %what.delete_failed, kind, %name, error = %e, "cannot recreate a deleted object");
-                    fsm_errcode::count(what.delete_failed);
+                    fsm_errcode::warn!(what.delete_failed, kind, %name, error = %e, "cannot recreate a deleted object");
                     return;
                 }
             };
@@ -184,9 +181,7 @@ where
                     adopted.forget(&name);
                 }
                 Err(error) => {
-                    let code = what.delete_failed;
-                    tracing::warn!(%code, kind, %name, %error, "cannot recreate a deleted object");
-                    fsm_errcode::count(code);
+                    fsm_errcode::warn!(what.delete_failed, kind, %name, %error, "cannot recreate a deleted object");
                 }
             }
         }

@@ -124,7 +124,9 @@ async fn announce_synced(
                 grace_over = true;
                 let missing: Vec<String> = all.iter().filter(|k| !done.contains(k)).map(ToString::to_string).collect();
                 if !missing.is_empty() {
-                    tracing::warn!(kinds = ?missing, "kinds not listed yet (CRD not installed?); serving without them until they are");
+                    // Their informers failed their initial sync (a CRD not installed, or not
+                    // readable): FSM's E4150, here for any kind.
+                    fsm_errcode::warn!(ErrCode::E4150, kinds = ?missing, "kinds not listed yet (CRD not installed?); serving without them until they are");
                 }
             }
         }
@@ -190,6 +192,21 @@ pub(crate) fn spawn_watch<K: MeshKind>(client: Client, ctx: WatchContext) -> Joi
     })
 }
 
+/// E3002 when the objects listed or watched could not be decoded, E4150 (the informer's sync
+/// failed: FSM's code for its config.flomesh.io informer, used here for every kind) otherwise.
+fn watch_error_code(err: &watcher::Error) -> ErrCode {
+    let kube_error = match err {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => Some(e),
+        _ => None,
+    };
+    match kube_error {
+        Some(kube::Error::SerdeError(_)) => ErrCode::E3002,
+        _ => ErrCode::E4150,
+    }
+}
+
 fn report_error(kind: Kind, err: &watcher::Error, statuses: &Statuses) {
     let message = err.to_string();
     let mut statuses = statuses.lock();
@@ -198,12 +215,7 @@ fn report_error(kind: Kind, err: &watcher::Error, statuses: &Statuses) {
     // The backoff retries every few seconds while the API server is away; log each distinct
     // failure once rather than flooding the log with the same line.
     if status.last_error.as_deref() != Some(message.as_str()) {
-        if kind == Kind::MeshConfig {
-            fsm_errcode::count(ErrCode::E4150);
-            tracing::warn!(code = %ErrCode::E4150, %kind, error = %message, "watch failed; retrying with backoff, the last configuration keeps serving");
-        } else {
-            tracing::warn!(%kind, error = %message, "watch failed; retrying with backoff, the last configuration keeps serving");
-        }
+        fsm_errcode::warn!(watch_error_code(err), %kind, error = %message, "watch failed; retrying with backoff, the last configuration keeps serving");
     }
     status.last_error = Some(message);
 }

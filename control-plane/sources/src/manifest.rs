@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fsm_catalog::{CatalogEvent, DecodeError, MeshObject, ObjectKey, Scope, decode_manifests};
-use fsm_errcode::ErrCode;
+use fsm_errcode::{ErrCode, HasErrCode};
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use parking_lot::Mutex;
@@ -222,7 +222,7 @@ async fn watch(
                 batch
             }
             Err(err) => {
-                tracing::error!(error = %err, "manifest rescan failed; no longer watching the directory");
+                fsm_errcode::error!(ErrCode::E4150, error = %err, "manifest rescan failed; no longer watching the directory");
                 return;
             }
         };
@@ -281,7 +281,7 @@ fn start_watcher(
         }
         Err(err) => {
             // Typically an overflowed event queue: events were lost, so look at everything again.
-            tracing::warn!(error = %err, "manifest watcher error; rescanning");
+            fsm_errcode::warn!(ErrCode::E4150, error = %err, "manifest watcher error; rescanning");
             pending.lock().full = true;
             wake.notify_one();
         }
@@ -295,7 +295,8 @@ fn start_watcher(
             });
         match recommended {
             Ok(watcher) => return Ok(Box::new(watcher)),
-            Err(err) => tracing::warn!(
+            Err(err) => fsm_errcode::warn!(
+                ErrCode::E4150,
                 dir = %dir.display(),
                 error = %err,
                 interval_ms = POLL_INTERVAL.as_millis(),
@@ -352,7 +353,8 @@ fn note_duplicates(
                     .last()
                     .map(|path| path.display().to_string())
                     .unwrap_or_default();
-                tracing::warn!(
+                fsm_errcode::warn!(
+                    ErrCode::E3002,
                     object = %key,
                     files = ?paths,
                     winner,
@@ -412,7 +414,7 @@ impl FileState {
         for object in decoded {
             let key = object.key();
             if objects.insert(key.clone(), Arc::new(object)).is_some() {
-                tracing::warn!(file, object = %key, "object defined twice in the same file; the later document wins");
+                fsm_errcode::warn!(ErrCode::E3002, file, object = %key, "object defined twice in the same file; the later document wins");
             }
         }
         if !problems.is_empty()
@@ -534,7 +536,8 @@ impl State {
         let unreadable = match self.scan() {
             Ok(unreadable) => unreadable,
             Err(err) => {
-                tracing::warn!(
+                fsm_errcode::warn!(
+                    ErrCode::E4150,
                     dir = %self.root.display(),
                     error = %err,
                     "cannot read manifest directory; keeping the last configuration"
@@ -813,8 +816,8 @@ impl State {
 }
 
 fn report(problem: &DecodeError) {
-    tracing::warn!(
-        code = ErrCode::E3002.as_str(),
+    fsm_errcode::warn!(
+        problem.err_code(),
         file = problem.file.as_str(),
         document = problem.document,
         line = problem.line,
@@ -822,7 +825,6 @@ fn report(problem: &DecodeError) {
         field = problem.field.as_deref().unwrap_or(""),
         "ignoring invalid manifest; objects it defined before keep serving: {problem}"
     );
-    fsm_errcode::count(ErrCode::E3002);
 }
 
 fn read_dir_sorted(dir: &Path) -> io::Result<Vec<std::fs::DirEntry>> {

@@ -76,7 +76,11 @@ fn trailers(status: &Status) -> Frame<Bytes> {
     let mut headers = http::HeaderMap::new();
     if let Err(error) = status.add_header(&mut headers) {
         // Only a status whose details cannot be written as a header; its code still goes.
-        tracing::warn!(%error, "cannot write a gRPC status trailer in full");
+        fsm_errcode::warn!(
+            fsm_errcode::ErrCode::E5006,
+            %error,
+            "cannot write a gRPC status trailer in full"
+        );
         headers.clear();
         let _ = Status::new(status.code(), "").add_header(&mut headers);
     }

@@ -24,7 +24,8 @@
 //!
 //! The xDS client certificate's common name ([`XdsCertIdentity`]) follows the same rules with
 //! exactly the four first parts; when the server authenticates peers, the node id must name the
-//! proxy of the certificate (FSM's E5010 otherwise).
+//! proxy of the certificate: FSM's E5010 when its service account (`<sa>.<ns>`) differs, E5004
+//! when its proxy UUID or kind does (the proxy cannot be set up for the pod's `fsm-proxy-uuid`).
 
 use std::fmt;
 
@@ -202,7 +203,8 @@ impl std::ops::Deref for XdsCertIdentity {
     }
 }
 
-/// A node id naming another proxy than the stream's client certificate: FSM's E5010.
+/// A node id naming another proxy than the stream's client certificate: FSM's E5010 when the
+/// service account differs (its name or namespace), E5004 when the proxy UUID or kind does.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the node id {node_id:?} does not match the client certificate CN {common_name:?}: the {differs} differs"
@@ -210,13 +212,17 @@ impl std::ops::Deref for XdsCertIdentity {
 pub struct IdentityMismatch {
     pub common_name: String,
     pub node_id: String,
-    /// The first part that differs: `proxy UUID`, `proxy kind`, `service account`, `namespace`.
+    /// The first part that differs, in this order: `service account`, `namespace`, `proxy UUID`,
+    /// `proxy kind`.
     pub differs: &'static str,
 }
 
 impl HasErrCode for IdentityMismatch {
     fn err_code(&self) -> ErrCode {
-        ErrCode::E5010
+        match self.differs {
+            "service account" | "namespace" => ErrCode::E5010,
+            _ => ErrCode::E5004,
+        }
     }
 }
 
@@ -235,14 +241,16 @@ impl XdsCertIdentity {
     pub fn check_node(&self, node: &ProxyNode) -> Result<(), IdentityMismatch> {
         let node_id = &node.node_id;
         let node = &node.identity;
-        let differs = if self.uuid != node.uuid {
-            "proxy UUID"
-        } else if self.kind != node.kind {
-            "proxy kind"
-        } else if self.service_account != node.service_account {
+        // The service account first: when it differs, whatever else does, the node id names
+        // another identity than the certificate (FSM's E5010).
+        let differs = if self.service_account != node.service_account {
             "service account"
         } else if self.namespace != node.namespace {
             "namespace"
+        } else if self.uuid != node.uuid {
+            "proxy UUID"
+        } else if self.kind != node.kind {
+            "proxy kind"
         } else {
             return Ok(());
         };
@@ -530,24 +538,39 @@ mod tests {
             Ok(()),
             "the trust domain is ignored"
         );
+        // E5010 is FSM's service-account mismatch only; another proxy is E5004.
         let cases = [
             (
                 format!("{other_uuid}.sidecar.bookbuyer.bookstore"),
                 "proxy UUID",
+                ErrCode::E5004,
             ),
-            (id("gateway.bookbuyer.bookstore"), "proxy kind"),
-            (id("sidecar.bookstore.bookstore"), "service account"),
-            (id("sidecar.bookbuyer.bookthief"), "namespace"),
+            (
+                id("gateway.bookbuyer.bookstore"),
+                "proxy kind",
+                ErrCode::E5004,
+            ),
+            (
+                id("sidecar.bookstore.bookstore"),
+                "service account",
+                ErrCode::E5010,
+            ),
+            (
+                id("sidecar.bookbuyer.bookthief"),
+                "namespace",
+                ErrCode::E5010,
+            ),
             (
                 UUID.to_uppercase() + ".sidecar.bookbuyer.bookstore",
                 "proxy UUID",
+                ErrCode::E5004,
             ),
         ];
-        for (node_id, differs) in cases {
+        for (node_id, differs, code) in cases {
             let node = ProxyNode::parse(&node_id, "envoy").expect("valid");
             let err = cert.check_node(&node).expect_err(&node_id);
             assert_eq!(err.differs, differs, "{node_id}");
-            assert_eq!(err.err_code(), ErrCode::E5010);
+            assert_eq!(err.err_code(), code, "{node_id}");
             let message = err.to_string();
             assert!(message.contains(&node_id), "{message}");
             assert!(message.contains(&cert.to_string()), "{message}");

@@ -177,8 +177,8 @@ impl AdsServer {
 
     /// Authenticates every stream by its client certificate, as FSM does: the certificate's CN
     /// (`<proxy-UUID>.<kind>.<sa>.<ns>`) must parse (E5001, `Unauthenticated`, also when there is
-    /// no certificate) and the node id of the first request must name the same proxy (E5010,
-    /// `PermissionDenied`), so a proxy can neither fetch another proxy's configuration and keys
+    /// no certificate) and the node id of the first request must name the same proxy (E5010 when
+    /// it names another service account, E5004 another proxy UUID or kind; `PermissionDenied`), so a proxy can neither fetch another proxy's configuration and keys
     /// nor announce itself under another identity. A refused stream gets nothing from the cache
     /// and the controller never hears of it.
     ///
@@ -223,8 +223,7 @@ impl AdsServer {
             Err(error) => {
                 let code = error.err_code();
                 let remote = request.remote_addr();
-                tracing::warn!(code = %code, ?remote, %error, "refusing ADS stream");
-                fsm_errcode::count(code);
+                fsm_errcode::warn!(code, ?remote, %error, "refusing ADS stream");
                 Err(Status::unauthenticated(format!("{code}: {error}")))
             }
         }
@@ -248,13 +247,16 @@ impl AdsServer {
             if max != 0 && open >= max {
                 metrics().proxy_max_connections_rejected.inc();
                 let remote = request.remote_addr();
-                tracing::warn!(
+                // The proxy is not set up: FSM's E5004 (FSM's table names no code for the limit).
+                let code = ErrCode::E5004;
+                fsm_errcode::warn!(
+                    code,
                     ?remote,
                     max,
                     "refusing ADS stream: too many proxy connections"
                 );
                 return Err(Status::resource_exhausted(format!(
-                    "too many proxy connections: this control plane serves at most {max} at once (MeshConfig spec.sidecar.maxDataPlaneConnections)"
+                    "{code}: too many proxy connections: this control plane serves at most {max} at once (MeshConfig spec.sidecar.maxDataPlaneConnections)"
                 )));
             }
             match inner.open.compare_exchange_weak(
@@ -484,8 +486,7 @@ async fn serve_stream<W: Wire>(
         Ok(node) => node,
         Err(error) => {
             let code = error.err_code();
-            tracing::warn!(code = %code, flavor = W::NAME, %error, "refusing ADS stream");
-            fsm_errcode::count(code);
+            fsm_errcode::warn!(code, flavor = W::NAME, %error, "refusing ADS stream");
             // The proxy may already be gone; there is nobody else to tell.
             let _ = tx
                 .send(Outgoing::Error(Status::invalid_argument(format!(
@@ -499,8 +500,7 @@ async fn serve_stream<W: Wire>(
     // another proxy's may go out) nor announce a proxy to the controller.
     if let Some(mismatch) = peer.and_then(|cert| cert.check_node(&node).err()) {
         let code = mismatch.err_code();
-        tracing::warn!(code = %code, flavor = W::NAME, error = %mismatch, "refusing ADS stream");
-        fsm_errcode::count(code);
+        fsm_errcode::warn!(code, flavor = W::NAME, error = %mismatch, "refusing ADS stream");
         let _ = tx
             .send(Outgoing::Error(Status::permission_denied(format!(
                 "{code}: {mismatch}"
@@ -640,7 +640,8 @@ impl<W: Wire> Session<W> {
                 Ok(())
             }
             Published::Refused(reason) => {
-                tracing::warn!(proxy = %self.key, %reason, "closing the stream: its identity matches no pod");
+                // The refusal was logged and counted, with its code, where it was decided.
+                tracing::info!(proxy = %self.key, %reason, "closing the stream: its identity matches no pod");
                 self.snapshot = None;
                 let _ = self
                     .tx
@@ -672,9 +673,7 @@ impl<W: Wire> Session<W> {
                         return;
                     }
                     Err(status) => {
-                        let code = ErrCode::E5011;
-                        tracing::info!(code = %code, proxy = %self.uuid, %status, "ADS stream ended with an error");
-                        fsm_errcode::count(code);
+                        fsm_errcode::info!(ErrCode::E5011, proxy = %self.uuid, %status, "ADS stream ended with an error");
                         return;
                     }
                 },
@@ -682,7 +681,7 @@ impl<W: Wire> Session<W> {
                     if changed.is_err() {
                         // Only happens if the cache dropped the proxy's entry under us; ending the
                         // stream makes the proxy reconnect and subscribe afresh.
-                        tracing::warn!(proxy = %self.uuid, "snapshot cache entry vanished; closing the stream");
+                        fsm_errcode::warn!(ErrCode::E5008, proxy = %self.uuid, "snapshot cache entry vanished; closing the stream");
                         return;
                     }
                     if self.refresh().await.is_err() {
@@ -714,9 +713,7 @@ impl<W: Wire> Session<W> {
     async fn on_request(&mut self, request: W::Req) -> Result<(), Closed> {
         if !self.types.iter().any(|t| *t == W::type_url(&request)) {
             // Each stream is served one data plane's resources, decided by its first request.
-            let code = ErrCode::E5013;
-            tracing::warn!(code = %code, proxy = %self.key, type_url = %W::type_url(&request), "ignoring a request for a type outside this stream's data plane");
-            fsm_errcode::count(code);
+            fsm_errcode::warn!(ErrCode::E5013, proxy = %self.key, type_url = %W::type_url(&request), "ignoring a request for a type outside this stream's data plane");
             return Ok(());
         }
         let output = self
@@ -732,9 +729,7 @@ impl<W: Wire> Session<W> {
                 self.apply(output).await
             }
             Err(error) => {
-                let code = error.err_code();
-                tracing::warn!(code = %code, proxy = %self.uuid, %error, "ignoring request");
-                fsm_errcode::count(code);
+                fsm_errcode::warn!(error.err_code(), proxy = %self.uuid, %error, "ignoring request");
                 Ok(())
             }
         }
@@ -755,7 +750,8 @@ impl<W: Wire> Session<W> {
                     }
                 }
                 Event::Nack { version, error, .. } => {
-                    tracing::warn!(proxy = %self.uuid, r#type = short, %version, %error, "NACK; version parked");
+                    // What was generated for the proxy is not usable by it.
+                    fsm_errcode::warn!(ErrCode::E5007, proxy = %self.uuid, r#type = short, %version, %error, "NACK; version parked");
                     self.convergence.nacked(type_url, version);
                 }
                 Event::Stale { nonce, .. } => {
@@ -812,7 +808,7 @@ impl<W: Wire> Session<W> {
                 "Error, encoded message length too large: found {} bytes, the limit is: {MAX_MESSAGE_SIZE} bytes",
                 frames.message_len()
             ));
-            tracing::warn!(proxy = %self.uuid, r#type = short, %status, "response too large");
+            fsm_errcode::warn!(ErrCode::E5006, proxy = %self.uuid, r#type = short, %status, "response too large");
             let _ = self.tx.send(Outgoing::Error(status)).await;
             return Err(Closed);
         }
@@ -821,9 +817,7 @@ impl<W: Wire> Session<W> {
             m.proxy_response_send_error_count
                 .with_label_values(&labels)
                 .inc();
-            let code = ErrCode::E5006;
-            tracing::info!(code = %code, proxy = %self.uuid, r#type = short, version = %response.version, "proxy gone before a response could be sent");
-            fsm_errcode::count(code);
+            fsm_errcode::info!(ErrCode::E5006, proxy = %self.uuid, r#type = short, version = %response.version, "proxy gone before a response could be sent");
             return Err(Closed);
         }
         sent.inc();

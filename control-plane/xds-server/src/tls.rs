@@ -340,7 +340,7 @@ impl TlsIncoming {
                     self.backoff_for =
                         (self.backoff_for * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
                     if first || self.backoff_for == ACCEPT_BACKOFF_MAX {
-                        tracing::warn!(%error, retry_in = ?self.backoff_for, "ADS listener cannot accept connections");
+                        fsm_errcode::warn!(ErrCode::E5005, %error, retry_in = ?self.backoff_for, "ADS listener cannot accept connections");
                     }
                     metrics()
                         .ads_tls_handshake_failure_count
@@ -402,7 +402,7 @@ impl Stream for TlsIncoming {
                 Poll::Ready(Some(Err(error))) => {
                     // Only a panic in rustls could get here; one connection is lost, not the
                     // listener.
-                    tracing::warn!(%error, "ADS TLS handshake task failed");
+                    fsm_errcode::warn!(ErrCode::E5005, %error, "ADS TLS handshake task failed");
                 }
                 // Nothing in flight: `accept_ready` registered the wakeup.
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,

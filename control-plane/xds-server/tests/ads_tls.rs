@@ -405,7 +405,7 @@ async fn proxy_whose_certificate_matches_its_node_id_gets_its_snapshot() {
 }
 
 #[tokio::test]
-async fn node_id_of_another_proxy_is_refused_with_e5010() {
+async fn node_id_of_another_proxy_is_refused_with_e5010_or_e5004() {
     let pki = pki();
     let cache = Arc::new(SnapshotCache::new());
     publish(&cache, key(UUID_A), snapshot("a"));
@@ -418,13 +418,20 @@ async fn node_id_of_another_proxy_is_refused_with_e5010() {
         .await
         .expect("mTLS connection");
 
-    for (claimed, differs) in [
-        (node_id(UUID_B, "bookstore"), "proxy UUID"),
-        (node_id(UUID_B, "bookbuyer"), "proxy UUID"),
-        (node_id(UUID_A, "bookstore"), "service account"),
+    // E5010 when the service account differs (FSM's service-account mismatch), E5004 when only
+    // the proxy UUID or kind does; each refusal counted.
+    let before = (
+        fsm_errcode::counted(fsm_errcode::ErrCode::E5010),
+        fsm_errcode::counted(fsm_errcode::ErrCode::E5004),
+    );
+    for (claimed, differs, code) in [
+        (node_id(UUID_B, "bookstore"), "service account", "E5010"),
+        (node_id(UUID_B, "bookbuyer"), "proxy UUID", "E5004"),
+        (node_id(UUID_A, "bookstore"), "service account", "E5010"),
         (
             format!("{UUID_A}.gateway.bookbuyer.bookstore.cluster.local"),
             "proxy kind",
+            "E5004",
         ),
     ] {
         let status = match sotw(&mut client, &claimed).await {
@@ -433,7 +440,7 @@ async fn node_id_of_another_proxy_is_refused_with_e5010() {
         };
         assert_eq!(status.code(), Code::PermissionDenied, "{claimed}: {status}");
         let message = status.message();
-        assert!(message.starts_with("E5010"), "{claimed}: {message}");
+        assert!(message.starts_with(code), "{claimed}: {message}");
         assert!(message.contains(&cn), "names the certificate CN: {message}");
         assert!(message.contains(&claimed), "names the node id: {message}");
         assert!(message.contains(differs), "names what differs: {message}");
@@ -443,11 +450,13 @@ async fn node_id_of_another_proxy_is_refused_with_e5010() {
         .expect_err("refused over delta too");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(
-        status.message().starts_with("E5010"),
+        status.message().starts_with("E5004"),
         "{}",
         status.message()
     );
     assert_no_connection(&cache, &mut events).await;
+    assert!(fsm_errcode::counted(fsm_errcode::ErrCode::E5010) >= before.0 + 2);
+    assert!(fsm_errcode::counted(fsm_errcode::ErrCode::E5004) >= before.1 + 3);
 
     // The same connection still serves the proxy's own identity.
     let (_stream, first) = sotw(&mut client, &node_id(UUID_A, "bookbuyer"))
