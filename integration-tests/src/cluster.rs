@@ -34,6 +34,8 @@ impl TestCluster {
         let logs = work.path().join("logs");
         std::fs::create_dir_all(&logs)?;
         let manifests = crate::demo_manifests(&work.path().join("manifests"), subnet)?;
+        // The cluster tests read the controller's /debug endpoints.
+        crate::mesh::enable_debug_server(&manifests)?;
         let server = ApiServer::builder()
             .crd_dir(crate::repo_root().join("charts/fsm/crds"))
             .bookmark_interval(Duration::from_secs(1))

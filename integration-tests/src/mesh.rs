@@ -123,6 +123,41 @@ pub fn example_manifests(example: &str, out: &Path, subnet: u8) -> Result<std::p
     Ok(out.to_path_buf())
 }
 
+/// Turns MeshConfig `spec.observability.enableDebugServer` on in `dir`'s `00-mesh.yaml`: what a
+/// test (or the demo) that reads the controller's `/debug/*` endpoints asks of its mesh, since
+/// FSM keeps them off by default.
+pub fn enable_debug_server(dir: &Path) -> Result<()> {
+    let path = dir.join("00-mesh.yaml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if text.contains("enableDebugServer: true") {
+        return Ok(());
+    }
+    let at = text
+        .find("kind: MeshConfig")
+        .with_context(|| format!("no MeshConfig in {}", path.display()))?;
+    let (before, config) = text.split_at(at);
+    let edited = if config.contains("enableDebugServer: false") {
+        config.replacen("enableDebugServer: false", "enableDebugServer: true", 1)
+    } else if config.contains("\n  observability:\n") {
+        config.replacen(
+            "\n  observability:\n",
+            "\n  observability:\n    enableDebugServer: true\n",
+            1,
+        )
+    } else if config.contains("\nspec:\n") {
+        config.replacen(
+            "\nspec:\n",
+            "\nspec:\n  observability:\n    enableDebugServer: true\n",
+            1,
+        )
+    } else {
+        anyhow::bail!("no spec in the MeshConfig of {}", path.display());
+    };
+    std::fs::write(&path, format!("{before}{edited}"))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted, like the manifest source) into a catalog.
 /// Any undecodable document is an error: a harness that silently skipped one would test a
 /// different mesh than the control plane sees.

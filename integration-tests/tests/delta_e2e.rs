@@ -252,6 +252,8 @@ async fn new_services_under_churn() -> Result<()> {
     let work = tempfile::tempdir()?;
     let logs = work.path().join("logs");
     let manifests = demo_manifests(&work.path().join("manifests"), SUBNET)?;
+    // The test reads the controller's /debug endpoints.
+    fsm_integration_tests::mesh::enable_debug_server(&manifests)?;
     let catalog = load_catalog(&manifests, CatalogSettings::default())?;
     let controller = start_controller(&manifests, &logs, &ControllerOptions::default()).await?;
     // Only the client's sidecar: the assertion is about what it is sent, and a lighter mesh

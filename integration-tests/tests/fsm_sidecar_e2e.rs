@@ -117,7 +117,9 @@ fn check_request_metrics(prom: &str, client: &MeshPod, server: &MeshPod) -> Resu
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    let mesh = DemoMesh::start(subnet).await?;
+    // The test reads the controller's /debug endpoints.
+    let mesh =
+        DemoMesh::start_edited(subnet, fsm_integration_tests::mesh::enable_debug_server).await?;
     let sidecars = mesh.start_fsm_sidecars(mode, CONVERGE).await?;
     let mut result = check_mesh(
         mode,

@@ -40,7 +40,12 @@ struct Mesh {
 
 impl Mesh {
     async fn start(subnet: u8, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Mesh> {
-        let demo = DemoMesh::start_edited(subnet, edit).await?;
+        // The tests read the controller's /debug endpoints.
+        let demo = DemoMesh::start_edited(subnet, |dir| {
+            fsm_integration_tests::mesh::enable_debug_server(dir)?;
+            edit(dir)
+        })
+        .await?;
         let envoys = demo.start_envoys(AdsMode::Sotw, CONVERGE).await?;
         Ok(Mesh { envoys, demo })
     }

@@ -241,11 +241,18 @@ async fn injected_and_served(subnet: u8) -> Result<()> {
         .collect();
     cluster::apply_all(&c.client, &demo).await?;
 
-    // `fsm install`, waiting for the control plane this test is about to run.
+    // `fsm install`, waiting for the control plane this test is about to run; with the
+    // controller's debug server on, which `fsm proxy status` reads (FSM's default is off).
     let mut install = tokio::process::Command::new(binary("fsm")?)
         .arg("--kubeconfig")
         .arg(&c.kubeconfig)
-        .args(["install", "--timeout", "120s"])
+        .args([
+            "install",
+            "--set",
+            "fsm.enableDebugServer=true",
+            "--timeout",
+            "120s",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -36,7 +36,9 @@ async fn eds_acked(controller: &Controller, uuid: &str) -> Result<Option<String>
 }
 
 async fn run_mesh(mode: AdsMode, subnet: u8) -> Result<()> {
-    let mesh = DemoMesh::start(subnet).await?;
+    // The test reads the controller's /debug endpoints.
+    let mesh =
+        DemoMesh::start_edited(subnet, fsm_integration_tests::mesh::enable_debug_server).await?;
     let envoys = mesh.start_envoys(mode, CONVERGE).await?;
     let DemoMesh {
         controller,

@@ -94,6 +94,16 @@ impl Controller {
     }
 }
 
+/// The MeshConfig field a 404 from a switched-off debug endpoint names: the controller's body
+/// then says how to turn it on, and is what the user needs to read.
+const DEBUG_SERVER_FIELD: &str = "enableDebugServer";
+
+/// Why a request failed: the controller's debug server is off (its hint), or anything else.
+enum Failure {
+    DebugServerOff(String),
+    Other(anyhow::Error),
+}
+
 pub async fn controller_get<T: serde::de::DeserializeOwned>(
     controller: &Controller,
     path: &str,
@@ -104,22 +114,38 @@ pub async fn controller_get<T: serde::de::DeserializeOwned>(
                 "/api/v1/namespaces/{namespace}/services/fsm-controller:{CONTROLLER_HTTP_PORT}/proxy{path}"
             );
             let request = http::Request::get(&url).body(Vec::new())?;
-            client
-                .request_text(request)
-                .await
-                .map_err(anyhow::Error::from)
+            client.request_text(request).await.map_err(|e| match e {
+                kube::Error::Api(status)
+                    if status.code == 404 && status.message.contains(DEBUG_SERVER_FIELD) =>
+                {
+                    Failure::DebugServerOff(status.message.clone())
+                }
+                e => Failure::Other(e.into()),
+            })
         }
-        Controller::Url(base) => {
-            async {
-                let response = reqwest::get(format!("{}{path}", base.trim_end_matches('/')))
-                    .await?
-                    .error_for_status()?;
-                anyhow::Ok(response.text().await?)
+        Controller::Url(base) => async {
+            let response = reqwest::get(format!("{}{path}", base.trim_end_matches('/'))).await?;
+            let status = response.status();
+            let text = response.text().await?;
+            if status == reqwest::StatusCode::NOT_FOUND && text.contains(DEBUG_SERVER_FIELD) {
+                return Ok(Err(text));
             }
-            .await
+            if !status.is_success() {
+                bail!("HTTP {status}: {}", text.trim());
+            }
+            anyhow::Ok(Ok(text))
         }
-    }
-    .with_context(|| format!("asking {} for {path}", controller.describe()))?;
+        .await
+        .map_err(Failure::Other)
+        .and_then(|answer| answer.map_err(Failure::DebugServerOff)),
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(Failure::DebugServerOff(hint)) => bail!("{}", hint.trim()),
+        Err(Failure::Other(e)) => {
+            return Err(e.context(format!("asking {} for {path}", controller.describe())));
+        }
+    };
     serde_json::from_str(&text)
         .with_context(|| format!("fsm-controller's {path} is not what this CLI reads"))
 }
@@ -322,5 +348,49 @@ mod tests {
         assert_eq!(t(Some("v2"), None, None).state(), "STALE");
         assert_eq!(t(Some("v2"), Some("v1"), Some("v2")).state(), "NACK");
         assert_eq!(t(None, None, None).state(), "NOT SENT");
+    }
+
+    /// A controller answering every request with `status` and `body`.
+    async fn answering(status: &'static str, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let reply = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_switched_off_debug_server_is_told_with_the_controllers_hint() {
+        let hint = "the debug server is off: MeshConfig fsm-system/fsm-mesh-config has spec.observability.enableDebugServer false (FSM's default). Turn it on with:\n  kubectl patch meshconfig fsm-mesh-config -n fsm-system --type=merge -p '{\"spec\":{\"observability\":{\"enableDebugServer\":true}}}'\n";
+        let url = answering("404 Not Found", hint).await;
+        let error = status(&Controller::Url(url), None, None)
+            .await
+            .expect_err("the debug server is off");
+        assert_eq!(format!("{error:#}"), hint.trim());
+
+        // Any other failure names the controller and the path.
+        let url = answering("500 Internal Server Error", "boom").await;
+        let error = status(&Controller::Url(url.clone()), None, None)
+            .await
+            .expect_err("a failing controller");
+        let text = format!("{error:#}");
+        assert!(
+            text.contains(&format!("fsm-controller at {url}"))
+                && text.contains("/debug/proxies")
+                && text.contains("boom"),
+            "{text}"
+        );
     }
 }

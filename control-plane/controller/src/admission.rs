@@ -27,7 +27,7 @@ use fsm_compiler::{MeshView, ProxyRef, ProxyScope, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_injector::metrics::{count_admission, count_answer, review_kind};
 use fsm_injector::server::{read_json, reply};
-use fsm_injector::webhook::review_request;
+use fsm_injector::webhook::{ReviewError, review_request};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -160,9 +160,12 @@ pub async fn handle(
                     reply(StatusCode::OK, answer.to_string())
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "unreadable AdmissionReview");
+                    fsm_errcode::warn!(e.err_code(), error = %e, "unreadable AdmissionReview");
                     count_admission(kind, false);
-                    reply(StatusCode::BAD_REQUEST, Value::String(e).to_string())
+                    reply(
+                        StatusCode::BAD_REQUEST,
+                        Value::String(e.to_string()).to_string(),
+                    )
                 }
             }
         }
@@ -174,8 +177,12 @@ pub async fn handle(
             match crate::conversion::respond(&review) {
                 Ok(answer) => reply(StatusCode::OK, answer.to_string()),
                 Err(e) => {
-                    tracing::warn!(error = %e, "unreadable ConversionReview");
-                    reply(StatusCode::BAD_REQUEST, Value::String(e).to_string())
+                    let code = ErrCode::E3002;
+                    fsm_errcode::warn!(code, error = %e, "unreadable ConversionReview");
+                    reply(
+                        StatusCode::BAD_REQUEST,
+                        Value::String(format!("{code}: {e}")).to_string(),
+                    )
                 }
             }
         }
@@ -183,11 +190,12 @@ pub async fn handle(
     }
 }
 
-/// The AdmissionReview answering `review`.
+/// The AdmissionReview answering `review`. A refusal is an error returned to the client: it
+/// carries its FSM code first and is counted (logged at info: the client is told).
 async fn review_response(
     review: &Value,
     checks: &mpsc::Sender<AdmissionCheck>,
-) -> Result<Value, String> {
+) -> Result<Value, ReviewError> {
     let (request, uid) = review_request(review)?;
     let operation = request.get("operation").and_then(Value::as_str);
     let verdict = match (operation, request.get("object")) {
@@ -198,7 +206,9 @@ async fn review_response(
     };
     let mut response = json!({"uid": uid, "allowed": verdict.refusal.is_none()});
     if let Some(message) = &verdict.refusal {
-        tracing::info!(%message, "refused a mesh object");
+        // Every refusal is written code first ([`Verdict::refusal`]).
+        let code = ErrCode::prefix_of(message).unwrap_or(ErrCode::E3002);
+        fsm_errcode::info!(code, %message, "refused a mesh object");
         response["status"] = json!({"code": 422, "reason": "Invalid", "message": message});
     }
     if !verdict.warnings.is_empty() {

@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::Parser;
 use fsm_catalog::CatalogSettings;
 use fsm_errcode::ErrCode;
+use fsm_injector::logging::LogControl;
 use tokio::sync::mpsc;
 
 /// The FSM-compatible control plane: watches mesh objects, computes each sidecar's configuration
@@ -60,7 +61,9 @@ struct Args {
     /// Namespace of the control plane, where the fsm-mesh-config MeshConfig lives.
     #[arg(long, default_value = "fsm-system")]
     fsm_namespace: String,
-    /// Log filter (tracing-subscriber syntax), e.g. `info` or `fsm_xds_server=debug,info`.
+    /// Log filter (tracing-subscriber syntax), e.g. `info` or `fsm_xds_server=debug,info`, until
+    /// the MeshConfig is loaded; from then on its `spec.observability.fsmLogLevel` sets the level,
+    /// live (per-target directives given here stay).
     #[arg(long, env = "FSM_LOG", default_value = "info")]
     log_level: String,
     /// Log as JSON lines instead of human-readable text.
@@ -135,23 +138,28 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).with_context(|| {
-        format!(
-            "{}: invalid --log-level {:?}",
-            ErrCode::E1000,
-            args.log_level
-        )
-    })?;
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .json()
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // FSM's `fatal`: logged with its code (the first one its messages name; E1000, the
+            // start-up group's, for the few that name none), then the process ends.
+            let code = error
+                .chain()
+                .find_map(|e| ErrCode::prefix_of(&e.to_string()))
+                .unwrap_or(ErrCode::E1000);
+            fsm_errcode::error!(code, error = format!("{error:#}"), "fsm-controller stopped");
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let logs = Arc::new(
+        LogControl::install(&args.log_level, args.log_json)
+            .map_err(|e| anyhow::anyhow!("{}: invalid --log-level {e}", ErrCode::E1000))?,
+    );
     metrics::register_all();
     let settings = CatalogSettings {
         mesh_name: args.mesh_name.clone(),
@@ -214,10 +222,26 @@ async fn main() -> anyhow::Result<()> {
         })?;
     let http_listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
-        .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
+        .with_context(|| {
+            format!(
+                "{}: cannot listen for HTTP on --http-listen {}",
+                ErrCode::E1000,
+                args.http_listen
+            )
+        })?;
     tracing::info!(ads = %args.ads_listen, http = %args.http_listen, source = %source.describe(), mesh = %args.mesh_name, certificates = certs.provider_name(), ads_server_name = %server_name, "fsm-controller starting");
 
-    let ads_server = fsm_xds_server::listen::serve(ads, ads_tls.incoming(ads_listener));
+    // Ready for `/health/ready` from its first poll: bound, and accepting from then on.
+    let readiness = Arc::new(http::Readiness::default());
+    let ads_server = {
+        let readiness = readiness.clone();
+        let serve = fsm_xds_server::listen::serve(ads, ads_tls.incoming(ads_listener));
+        async move {
+            readiness.set_ads_serving(true);
+            serve.await;
+            readiness.set_ads_serving(false);
+        }
+    };
     let (admission_tx, admission_rx) = mpsc::channel(16);
     let validating_webhook = match (args.validating_webhook_listen, source.client()) {
         (Some(listen), Some(client)) => {
@@ -238,9 +262,12 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("{}: binding {listen}", ErrCode::E6701))?;
             tracing::info!(%listen, %server_name, "validating webhook serving");
-            Some(fsm_injector::server::serve(listener, tls, move |request| {
-                admission::handle(admission_tx.clone(), request)
-            }))
+            Some(fsm_injector::server::serve(
+                listener,
+                tls,
+                fsm_injector::server::WebhookKind::Validating,
+                move |request| admission::handle(admission_tx.clone(), request),
+            ))
         }
         (Some(_), None) => anyhow::bail!(
             "{}: --validating-webhook-listen needs a cluster (--kubeconfig or in-cluster), not --manifest-dir",
@@ -255,7 +282,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let runner = runner::Runner::new(settings, cache.clone(), state.clone(), certs.clone())
-        .with_connection_limit(connection_limit);
+        .with_connection_limit(connection_limit)
+        .with_log_control(logs);
     let election = &args.leader_election;
     let identity = election
         .leader_election_identity
@@ -319,6 +347,8 @@ async fn main() -> anyhow::Result<()> {
             cache,
             runner: state,
             source: Arc::new(source),
+            readiness,
+            fsm_namespace: args.fsm_namespace.clone(),
         },
     );
 
@@ -333,11 +363,11 @@ async fn main() -> anyhow::Result<()> {
             handle.block_on(runner.run(catalog_rx, proxy_rx, admission_rx));
             let _ = loop_done.send(());
         })
-        .context("cannot start the control loop's thread")?;
+        .with_context(|| format!("{}: cannot start the control loop's thread", ErrCode::E5009))?;
 
     tokio::select! {
         () = ads_server => anyhow::bail!("{}: the ADS listener stopped", ErrCode::E5009),
-        _ = loop_stopped => anyhow::bail!("the control loop stopped"),
+        _ = loop_stopped => anyhow::bail!("{}: the control loop stopped", ErrCode::E5009),
         result = http => result.context("HTTP server failed")?,
         () = validating_webhook => anyhow::bail!("{}: the validating webhook stopped", ErrCode::E6701),
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
@@ -349,17 +379,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM (never, when its handler cannot be installed).
+/// Resolves on SIGTERM.
 async fn terminated() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut signal) => {
-            signal.recv().await;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot handle SIGTERM");
-            std::future::pending::<()>().await;
-        }
-    }
+    // `tokio::main` enables the signal driver, and SIGTERM may be handled: this cannot fail.
+    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("the runtime's signal driver handles SIGTERM");
+    signal.recv().await;
 }
 
 /// The types that carry a proxy's certificate and trust bundle (Envoy's SDS, fsm-sidecar's).
@@ -389,7 +414,13 @@ async fn start_source(
     if let Some(dir) = &args.manifest_dir {
         let manifests = fsm_sources::ManifestSource::spawn(dir.clone(), events)
             .await
-            .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: cannot read --manifest-dir {}",
+                    ErrCode::E1000,
+                    dir.display()
+                )
+            })?;
         return Ok(source::Source::Manifests {
             dir: dir.clone(),
             source: manifests,
@@ -425,8 +456,12 @@ async fn start_source(
         }
     };
     let cluster = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config)
-        .with_context(|| format!("cannot create a Kubernetes client for {cluster}"))?;
+    let client = kube::Client::try_from(config).with_context(|| {
+        format!(
+            "{}: cannot create a Kubernetes client for {cluster}",
+            ErrCode::E1000
+        )
+    })?;
     Ok(source::Source::Kube {
         origin: format!("{cluster} ({origin})"),
         source: fsm_sources::KubeSource::spawn(client.clone(), events),

@@ -11,6 +11,7 @@ use fsm_catalog::{Catalog, CatalogEvent, CatalogSettings, ChangeSet, Kind, Sidec
 use fsm_certs::{CertKey, CertManager, IssuedCertificate};
 use fsm_compiler::{ProxyRef, TRUST_DOMAIN, compile_with_view};
 use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_injector::logging::LogControl;
 use fsm_ir::{ProxyCredentials, ServiceIdentity};
 use fsm_xds_server::{ConnectionLimit, DataPlane, ProxyEvent, StreamId};
 use parking_lot::RwLock;
@@ -51,6 +52,8 @@ pub enum CertUpdate {
 #[derive(Default)]
 pub struct State {
     ready: AtomicBool,
+    /// MeshConfig `spec.observability.enableDebugServer` (FSM's default: off).
+    debug_server: AtomicBool,
     proxies: RwLock<BTreeMap<ProxyKey, ProxyState>>,
     /// Objects the catalog refused, and pods refused a proxy UUID another pod holds, as
     /// `<code>: <object and field>: <why>`.
@@ -85,8 +88,23 @@ pub struct ProxyState {
 }
 
 impl State {
+    /// The first full sync of the source is applied to the catalog.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Whether MeshConfig turns the debug endpoints on.
+    pub fn debug_server(&self) -> bool {
+        self.debug_server.load(Ordering::Acquire)
+    }
+
+    /// Turns the debug endpoints on or off; whether that changed anything.
+    pub(crate) fn set_debug_server(&self, on: bool) -> bool {
+        self.debug_server.swap(on, Ordering::AcqRel) != on
     }
 
     pub fn proxies(&self) -> BTreeMap<ProxyKey, ProxyState> {
@@ -135,6 +153,11 @@ pub struct Runner {
     sidecars: watch::Sender<Vec<SidecarProxy>>,
     /// The ADS server's limit, MeshConfig `spec.sidecar.maxDataPlaneConnections`.
     connection_limit: ConnectionLimit,
+    /// The process's log level, MeshConfig `spec.observability.fsmLogLevel` (none in tests).
+    logs: Option<Arc<LogControl>>,
+    /// A `serviceCertValidityDuration` already reported as unusable (reported once, not at
+    /// every catalog change).
+    bad_validity: Option<String>,
 }
 
 /// One proxy with at least one open stream.
@@ -202,7 +225,16 @@ impl Runner {
             cert_rx,
             sidecars: watch::Sender::new(Vec::new()),
             connection_limit: ConnectionLimit::default(),
+            logs: None,
+            bad_validity: None,
         }
+    }
+
+    /// Keeps the process's log level at MeshConfig `spec.observability.fsmLogLevel` (the
+    /// `--log-level` filter while there is no MeshConfig).
+    pub fn with_log_control(mut self, logs: Arc<LogControl>) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Keeps `limit` (the ADS server's) at MeshConfig `spec.sidecar.maxDataPlaneConnections`.
@@ -309,8 +341,9 @@ impl Runner {
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
-                        // Some rotations were missed: fetch every identity's current certificate.
-                        tracing::warn!(missed, "certificate rotations lagged; re-reading every certificate");
+                        // Some rotations were missed: fetch every identity's current certificate
+                        // (nothing is lost, so not an error).
+                        tracing::info!(missed, "certificate rotations lagged; re-reading every certificate");
                         let identities: Vec<ServiceIdentity> = self.credentials.keys().cloned().collect();
                         for identity in identities {
                             self.request_certificate(identity);
@@ -328,7 +361,7 @@ impl Runner {
         let changed = self.catalog.handle(event);
         if synced && !self.catalog_ready {
             self.catalog_ready = true;
-            self.state.ready.store(true, Ordering::Release);
+            self.state.set_ready();
             tracing::info!(objects = ?self.catalog.counts(), "catalog loaded");
             return true;
         }
@@ -390,13 +423,26 @@ impl Runner {
         }
     }
 
-    /// What MeshConfig sets outside the proxies' configurations: the ADS connection limit and
-    /// the feature flags' gauges.
+    /// What MeshConfig sets outside the proxies' configurations: the ADS connection limit, the
+    /// feature flags' gauges, the debug endpoints and the process's log level.
     fn apply_mesh_settings(&mut self) {
-        let spec = &self.catalog.mesh_config().spec;
+        let mesh_config = self.catalog.mesh_config();
+        let spec = &mesh_config.spec;
         self.connection_limit
             .set(spec.sidecar.max_data_plane_connections as usize);
         crate::metrics::set_feature_flags(&spec.feature_flags);
+        let debug_server = spec.observability.enable_debug_server;
+        if self.state.set_debug_server(debug_server) {
+            tracing::info!(
+                enabled = debug_server,
+                "debug endpoints (/debug/*) switched by MeshConfig spec.observability.enableDebugServer"
+            );
+        }
+        if let Some(logs) = &self.logs {
+            // FSM's defaults stand in for an absent MeshConfig, whose level is `--log-level`'s.
+            let present = mesh_config.metadata.name.is_some();
+            logs.set(present.then(|| spec.observability.fsm_log_level.into()));
+        }
     }
 
     /// Re-issues every held certificate when MeshConfig changes its validity.
@@ -407,12 +453,22 @@ impl Runner {
             .spec
             .certificate
             .service_cert_validity_duration;
-        let validity = fsm_catalog::parse_duration(&configured)
-            .filter(|d| !d.is_zero())
-            .unwrap_or_else(|| {
-                tracing::warn!(code = %ErrCode::E4013, value = %configured, "MeshConfig spec.certificate.serviceCertValidityDuration is not a positive duration; using 24h");
+        let validity = match fsm_catalog::parse_duration(&configured).filter(|d| !d.is_zero()) {
+            Some(validity) => {
+                self.bad_validity = None;
+                validity
+            }
+            None => {
+                // A value that does not read as a duration could not be unmarshalled (FSM's
+                // E3002; E4013 is a failed issuance). Reported when it appears, not at every
+                // change.
+                if self.bad_validity.as_deref() != Some(configured.as_str()) {
+                    fsm_errcode::warn!(ErrCode::E3002, value = %configured, "MeshConfig spec.certificate.serviceCertValidityDuration is not a positive duration; using 24h");
+                    self.bad_validity = Some(configured.clone());
+                }
                 fsm_certs::DEFAULT_SERVICE_CERT_VALIDITY
-            });
+            }
+        };
         if validity != self.validity {
             tracing::info!(
                 ?validity,
@@ -664,8 +720,7 @@ impl Runner {
             let compiled = match self.compile_for(key, &data_planes, &mut proxy_state) {
                 Ok(compiled) => compiled,
                 Err((code, message, refuse)) => {
-                    tracing::warn!(code = %code, proxy = %key, "{message}");
-                    fsm_errcode::count(code);
+                    fsm_errcode::warn!(code, proxy = %key, "{message}");
                     config_update_failed(&data_planes, started);
                     let reason = format!("{code}: {message}");
                     if refuse {
@@ -705,8 +760,7 @@ impl Runner {
                 }
                 Err((code, message)) => {
                     // Keep whatever the proxy had: the last good configuration keeps serving.
-                    tracing::warn!(code = %code, proxy = %key, "{message}");
-                    fsm_errcode::count(code);
+                    fsm_errcode::warn!(code, proxy = %key, "{message}");
                     config_update_failed(&data_planes, started);
                     proxy_state.error = Some(format!("{code}: {message}"));
                     self.state.proxies.write().insert(key.clone(), proxy_state);
@@ -747,8 +801,7 @@ impl Runner {
                 }
             }
             Err((code, message)) => {
-                tracing::warn!(code = %code, proxy = %key, "{message}");
-                fsm_errcode::count(code);
+                fsm_errcode::warn!(code, proxy = %key, "{message}");
                 let data_planes = own.data_planes.clone();
                 config_update_failed(&data_planes, started);
                 if let Some(p) = self.state.proxies.write().get_mut(key) {

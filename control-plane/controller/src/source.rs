@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use fsm_errcode::HasErrCode;
 use fsm_sources::{KubeSource, ManifestSource};
 use serde_json::{Value, json};
 
@@ -37,12 +38,30 @@ impl Source {
     /// Objects the source skipped, each naming the object and field with its FSM error code.
     pub fn problems(&self) -> Vec<String> {
         match self {
-            Source::Manifests { source, .. } => {
-                source.problems().iter().map(ToString::to_string).collect()
-            }
+            Source::Manifests { source, .. } => source
+                .problems()
+                .iter()
+                .map(|problem| format!("{}: {problem}", problem.err_code()))
+                .collect(),
             // The API server validates objects against their schemas before the watch sees
             // them; what FSM checks beyond the schema is refused by the catalog.
             Source::Kube { .. } => Vec::new(),
+        }
+    }
+
+    /// How far the first sync has got, for `/health/ready` while it is not applied.
+    pub fn sync_progress(&self) -> String {
+        match self {
+            Source::Manifests { .. } => "manifests read, not applied yet".to_owned(),
+            Source::Kube { source, .. } => {
+                let total = fsm_catalog::Kind::ALL.len();
+                let listed = source.status().values().filter(|s| s.synced).count();
+                if listed == total {
+                    format!("{listed} of {total} kinds, applying")
+                } else {
+                    format!("{listed} of {total} kinds")
+                }
+            }
         }
     }
 

@@ -9,6 +9,10 @@
 //! Serves plain HTTP on `--metrics-listen` (FSM: 9091, where the pod's `prometheus.io/port`
 //! annotation points): `GET /metrics` (`fsm_admission_webhook_response_total`, the certificate
 //! metrics, `fsm_error_err_code_count`) and `GET /healthz`.
+//!
+//! Logs at `--log-level` until it first reads the MeshConfig (for a pod to inject), then at its
+//! `spec.observability.fsmLogLevel`, followed each time it reads it again
+//! ([`fsm_injector::logging`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +23,8 @@ use bytes::Bytes;
 use clap::Parser;
 use fsm_certs::setup::{CertArgs, manager, provider};
 use fsm_crds::config::v1alpha3::{MeshConfig, MeshConfigSpec};
-use fsm_errcode::ErrCode;
+use fsm_errcode::{ErrCode, HasErrCode};
+use fsm_injector::logging::LogControl;
 use fsm_injector::metrics::{count_admission, count_answer, review_kind};
 use fsm_injector::server::{WebhookKind, read_json, reply, serve, webhook_tls};
 use fsm_injector::webhook::{ReviewContext, read_review, respond};
@@ -70,6 +75,8 @@ struct Args {
     /// The sidecar of pods without a `flomesh.io/sidecar-class` annotation: envoy or fsm-sidecar.
     #[arg(long, default_value = "envoy", value_parser = ["envoy", "fsm-sidecar"])]
     sidecar_class: String,
+    /// Log filter (tracing-subscriber syntax) until the MeshConfig is read; then its
+    /// `spec.observability.fsmLogLevel` sets the level (per-target directives here stay).
     #[arg(long, env = "FSM_LOG", default_value = "info")]
     log_level: String,
     #[command(flatten)]
@@ -79,17 +86,14 @@ struct Args {
 struct State {
     settings: InjectorSettings,
     client: kube::Client,
+    logs: LogControl,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_level)
-                .with_context(|| format!("{}: invalid --log-level", ErrCode::E1000))?,
-        )
-        .init();
+    let logs = LogControl::install(&args.log_level, false)
+        .map_err(|e| anyhow::anyhow!("{}: invalid --log-level {e}", ErrCode::E1000))?;
     let client = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -157,15 +161,19 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(fsm_injector::metrics::serve(listener));
         }
         Err(e) => {
-            tracing::error!(listen = %args.metrics_listen, error = %e, "cannot serve /metrics; injecting without it");
+            fsm_errcode::error!(WebhookKind::Mutating.server_failed(), listen = %args.metrics_listen, error = %e, "cannot serve /metrics; injecting without it");
         }
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("{}: binding {}", ErrCode::E6102, args.listen))?;
     tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, %server_name, "sidecar injector serving");
-    let state = Arc::new(State { settings, client });
-    serve(listener, tls, move |request| {
+    let state = Arc::new(State {
+        settings,
+        client,
+        logs,
+    });
+    serve(listener, tls, WebhookKind::Mutating, move |request| {
         let state = state.clone();
         async move { handle(&state, request).await }
     })
@@ -188,11 +196,11 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
             let review = match read_review(&review) {
                 Ok(review) => review,
                 Err(e) => {
-                    tracing::warn!(error = %e, "unreadable AdmissionReview");
+                    fsm_errcode::warn!(e.err_code(), error = %e, "unreadable AdmissionReview");
                     count_admission(&kind, false);
                     return reply(
                         StatusCode::BAD_REQUEST,
-                        serde_json::Value::String(e).to_string(),
+                        serde_json::Value::String(e.to_string()).to_string(),
                     );
                 }
             };
@@ -200,12 +208,10 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
             let namespace = match namespaces.get(&review.namespace).await {
                 Ok(ns) => ns.metadata,
                 Err(e) => {
-                    let message = format!(
-                        "{}: cannot read namespace {}: {e}",
-                        ErrCode::E6109,
-                        review.namespace
-                    );
-                    tracing::warn!("{message}");
+                    let code = ErrCode::E6109;
+                    let message =
+                        format!("{code}: cannot read namespace {}: {e}", review.namespace);
+                    fsm_errcode::warn!(code, "{message}");
                     count_admission(&kind, false);
                     return reply(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -227,14 +233,23 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Respo
     }
 }
 
-/// The mesh's MeshConfig spec; its defaults when it cannot be read (logged).
+/// The mesh's MeshConfig spec; its defaults when it cannot be read (logged). Its
+/// `fsmLogLevel` becomes the injector's log level (none: `--log-level`'s).
 async fn mesh_config(state: &State) -> MeshConfigSpec {
     let api: Api<MeshConfig> = Api::namespaced(state.client.clone(), &state.settings.fsm_namespace);
     match api.get_opt(fsm_catalog::MESH_CONFIG_NAME).await {
-        Ok(Some(mc)) => mc.spec,
-        Ok(None) => MeshConfigSpec::default(),
+        Ok(Some(mc)) => {
+            state
+                .logs
+                .set(Some(mc.spec.observability.fsm_log_level.into()));
+            mc.spec
+        }
+        Ok(None) => {
+            state.logs.set(None);
+            MeshConfigSpec::default()
+        }
         Err(e) => {
-            tracing::warn!(code = %ErrCode::E4152, error = %e, "cannot read the MeshConfig; injecting with its defaults");
+            fsm_errcode::warn!(ErrCode::E4152, error = %e, "cannot read the MeshConfig; injecting with its defaults");
             MeshConfigSpec::default()
         }
     }

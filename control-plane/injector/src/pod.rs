@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use fsm_catalog::{INIT_CONTAINER_NAME, PROXY_UUID_LABEL};
 use fsm_crds::config::v1alpha3::MeshConfigSpec;
+use fsm_errcode::ErrCode;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
     SecretVolumeSource, SecurityContext, Volume, VolumeMount,
@@ -322,6 +323,21 @@ pub fn workload_of(pod: &Pod) -> Option<(String, String)> {
     Some((owner.kind.clone(), owner.name.clone()))
 }
 
+/// MeshConfig `spec.sidecar.logLevel` as one of FSM's levels: FSM's default `error` when empty,
+/// and when unknown (E1001: it cannot be set).
+fn sidecar_level(configured: &str) -> crate::logging::FsmLevel {
+    if configured.trim().is_empty() {
+        return crate::logging::FsmLevel::Error;
+    }
+    configured.parse().unwrap_or_else(|why: String| {
+        fsm_errcode::warn!(
+            ErrCode::E1001,
+            "MeshConfig spec.sidecar.logLevel: {why}; sidecars start at error"
+        );
+        crate::logging::FsmLevel::Error
+    })
+}
+
 fn sidecar_container(
     settings: &InjectorSettings,
     mesh: &MeshConfigSpec,
@@ -332,10 +348,7 @@ fn sidecar_container(
     workload: Option<&(String, String)>,
 ) -> Container {
     let mesh_image = mesh.sidecar.sidecar_image.trim();
-    let log_level = match mesh.sidecar.log_level.trim() {
-        "" => "error".to_string(),
-        level => level.to_ascii_lowercase(),
-    };
+    let level = sidecar_level(&mesh.sidecar.log_level);
     let mut env = vec![
         downward("POD_NAME", "metadata.name"),
         downward("POD_NAMESPACE", "metadata.namespace"),
@@ -364,7 +377,8 @@ fn sidecar_container(
             // Envoy reloads certificates from files through file-based SDS only; the two SDS
             // files (which just name the mounted credentials) are written before it starts.
             let script = format!(
-                "mkdir -p {ENVOY_SDS_DIR} && printf '%s' \"$FSM_SDS_CERT\" > {ENVOY_SDS_DIR}/cert.yaml && printf '%s' \"$FSM_SDS_CA\" > {ENVOY_SDS_DIR}/ca.yaml && exec envoy --config-yaml \"$FSM_ENVOY_BOOTSTRAP\" --log-level {log_level}"
+                "mkdir -p {ENVOY_SDS_DIR} && printf '%s' \"$FSM_SDS_CERT\" > {ENVOY_SDS_DIR}/cert.yaml && printf '%s' \"$FSM_SDS_CA\" > {ENVOY_SDS_DIR}/ca.yaml && exec envoy --config-yaml \"$FSM_ENVOY_BOOTSTRAP\" --log-level {}",
+                level.envoy_level()
             );
             (
                 settings.envoy_image.clone(),
@@ -391,7 +405,7 @@ fn sidecar_container(
                     "--transparent".into(),
                     format!("--admin=127.0.0.1:{ADMIN_PORT}"),
                     format!("--metrics=0.0.0.0:{METRICS_PORT}"),
-                    format!("--log-level={log_level}"),
+                    format!("--log-level={}", level.sidecar_filter()),
                     format!("--probes={}", probes.to_json()),
                 ])
                 .collect(),
@@ -590,6 +604,54 @@ pub(crate) mod tests {
             args.contains(&"--workload-name=curl".to_string()),
             "{args:?}"
         );
+    }
+
+    #[test]
+    fn each_sidecar_starts_at_meshconfigs_sidecar_log_level_in_its_own_terms() {
+        let command = |class: &str, level: &str| -> String {
+            let mut mesh = MeshConfigSpec::default();
+            mesh.sidecar.log_level = level.into();
+            let injection = inject(
+                &settings(),
+                &mesh,
+                &namespace(false),
+                &pod(json!({SIDECAR_CLASS_ANNOTATION: class})),
+                "u-1",
+            )
+            .expect("injects");
+            let sidecar = injection
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| {
+                    s.containers
+                        .iter()
+                        .find(|c| c.name == SIDECAR_CONTAINER_NAME)
+                })
+                .expect("sidecar")
+                .clone();
+            sidecar.args.unwrap_or_default().join(" ")
+        };
+        let unknown_before = fsm_errcode::counted(ErrCode::E1001);
+        for (level, envoy, fsm_sidecar) in [
+            ("debug", "--log-level debug", "--log-level=debug"),
+            ("Warn", "--log-level warning", "--log-level=warn"),
+            ("fatal", "--log-level critical", "--log-level=error"),
+            ("disabled", "--log-level off", "--log-level=off"),
+            // FSM's default, and what an unknown level falls back to (logged, E1001).
+            ("", "--log-level error", "--log-level=error"),
+            ("verbose", "--log-level error", "--log-level=error"),
+        ] {
+            let envoy_command = command("envoy", level);
+            assert!(envoy_command.contains(envoy), "{level}: {envoy_command}");
+            let sidecar_command = command("fsm-sidecar", level);
+            assert!(
+                sidecar_command.contains(fsm_sidecar),
+                "{level}: {sidecar_command}"
+            );
+        }
+        // "verbose", once per sidecar class.
+        assert!(fsm_errcode::counted(ErrCode::E1001) >= unknown_before + 2);
     }
 
     #[test]

@@ -43,6 +43,33 @@ pub enum WebhookKind {
     Validating,
 }
 
+impl WebhookKind {
+    /// The server's certificate cannot be issued or used (FSM's E6101 / E6702).
+    pub fn certificate_failed(self) -> ErrCode {
+        match self {
+            WebhookKind::Mutating => ErrCode::E6101,
+            WebhookKind::Validating => ErrCode::E6702,
+        }
+    }
+
+    /// The server cannot serve (FSM's E6102 / E6701).
+    pub fn server_failed(self) -> ErrCode {
+        match self {
+            WebhookKind::Mutating => ErrCode::E6102,
+            WebhookKind::Validating => ErrCode::E6701,
+        }
+    }
+
+    /// The webhook configuration cannot be written (FSM's E6114; E6703 for the validating one,
+    /// whose table names its creation only).
+    pub fn configuration_failed(self) -> ErrCode {
+        match self {
+            WebhookKind::Mutating => ErrCode::E6114,
+            WebhookKind::Validating => ErrCode::E6703,
+        }
+    }
+}
+
 /// The TLS side of a webhook server, current across rotations.
 pub type Tls = Arc<ArcSwap<ServerConfig>>;
 
@@ -59,7 +86,12 @@ pub async fn webhook_tls(
         .issue_server_certificate(server_name, CERT_VALIDITY)
         .await
         .map_err(coded)
-        .with_context(|| format!("{}: cannot issue the webhook certificate", ErrCode::E6101))?;
+        .with_context(|| {
+            format!(
+                "{}: cannot issue the webhook certificate",
+                kind.certificate_failed()
+            )
+        })?;
     let tls = Arc::new(ArcSwap::from_pointee(server_config(&cert)?));
     publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem).await;
     let rotating = tls.clone();
@@ -79,7 +111,7 @@ pub async fn webhook_tls(
                         tracing::info!(serial = %cert.serial, "webhook certificate rotated");
                     }
                     Err(e) => {
-                        tracing::error!(code = %ErrCode::E6101, error = %e, "cannot use the rotated webhook certificate; keeping the previous one")
+                        fsm_errcode::error!(kind.certificate_failed(), error = %e, "cannot use the rotated webhook certificate; keeping the previous one")
                     }
                 }
             }
@@ -142,11 +174,15 @@ pub async fn publish_ca_bundle(client: &kube::Client, kind: WebhookKind, name: &
             }
             Ok(false) => return,
             Err(e) if e.contains("not found") => {
-                tracing::warn!(code = %ErrCode::E6114, name, "no webhook configuration to publish the webhook's roots in");
+                fsm_errcode::warn!(
+                    kind.configuration_failed(),
+                    name,
+                    "no webhook configuration to publish the webhook's roots in"
+                );
                 return;
             }
             Err(e) => {
-                tracing::warn!(code = %ErrCode::E6114, name, error = %e, "cannot update the webhook configuration; retrying");
+                fsm_errcode::warn!(kind.configuration_failed(), name, error = %e, "cannot update the webhook configuration; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -184,8 +220,9 @@ where
         .map_err(|e| e.to_string())
 }
 
-/// Serves `handler` over TLS on `listener` until the process ends.
-pub async fn serve<H, F>(listener: tokio::net::TcpListener, tls: Tls, handler: H)
+/// Serves `handler` over TLS on `listener` until the process ends (`kind` names the webhook in
+/// the codes of its errors).
+pub async fn serve<H, F>(listener: tokio::net::TcpListener, tls: Tls, kind: WebhookKind, handler: H)
 where
     H: Fn(Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -194,7 +231,7 @@ where
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                fsm_errcode::warn!(kind.server_failed(), error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -233,7 +270,7 @@ pub fn reply(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// The request's body as JSON, at most [`MAX_REVIEW_BYTES`]; the error is the 400 to answer
-/// (FSM E6111 unreadable, E6103 not JSON).
+/// (FSM E6111 unreadable, E6103 not JSON), logged and counted.
 pub async fn read_json(
     request: Request<hyper::body::Incoming>,
 ) -> Result<Value, Response<Full<Bytes>>> {
@@ -243,6 +280,7 @@ pub async fn read_json(
     {
         Ok(body) => body.to_bytes(),
         Err(e) => {
+            fsm_errcode::warn!(ErrCode::E6111, error = %e, "unreadable request body");
             return Err(reply(
                 StatusCode::BAD_REQUEST,
                 Value::String(format!("{}: {e}", ErrCode::E6111)).to_string(),
@@ -250,6 +288,7 @@ pub async fn read_json(
         }
     };
     serde_json::from_slice(&body).map_err(|e| {
+        fsm_errcode::warn!(ErrCode::E6103, error = %e, "request body is not JSON");
         reply(
             StatusCode::BAD_REQUEST,
             Value::String(format!("{}: {e}", ErrCode::E6103)).to_string(),

@@ -7,7 +7,7 @@
 
 use base64::Engine as _;
 use fsm_crds::config::v1alpha3::MeshConfigSpec;
-use fsm_errcode::ErrCode;
+use fsm_errcode::{ErrCode, HasErrCode};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{Value, json};
@@ -32,32 +32,51 @@ pub struct PodReview {
     pub dry_run: bool,
 }
 
+/// Why an AdmissionReview cannot be answered (answered 400): FSM's E6107 when it has no
+/// request, E6103 otherwise. Displayed code first.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ReviewError {
+    pub code: ErrCode,
+    pub message: String,
+}
+
+impl HasErrCode for ReviewError {
+    fn err_code(&self) -> ErrCode {
+        self.code
+    }
+}
+
+fn unreadable(code: ErrCode, message: String) -> ReviewError {
+    ReviewError { code, message }
+}
+
 /// The `request` of an AdmissionReview and its `uid`, which the response must echo; the error
 /// says what is missing (E6107 no request, E6103 no uid).
-pub fn review_request(review: &Value) -> Result<(&Value, &str), String> {
+pub fn review_request(review: &Value) -> Result<(&Value, &str), ReviewError> {
     let request = review
         .get("request")
-        .ok_or_else(|| format!("{}: the AdmissionReview has no request", ErrCode::E6107))?;
+        .ok_or_else(|| unreadable(ErrCode::E6107, "the AdmissionReview has no request".into()))?;
     let uid = request
         .get("uid")
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| format!("{}: request.uid is missing", ErrCode::E6103))?;
+        .ok_or_else(|| unreadable(ErrCode::E6103, "request.uid is missing".into()))?;
     Ok((request, uid))
 }
 
 /// Reads the pod review of an AdmissionReview; the error says what is missing (E6103/E6107).
-pub fn read_review(review: &Value) -> Result<PodReview, String> {
+pub fn read_review(review: &Value) -> Result<PodReview, ReviewError> {
     let (request, uid) = review_request(review)?;
     let kind = request.pointer("/kind/kind").and_then(Value::as_str);
     if kind != Some("Pod") {
-        return Err(format!(
-            "{}: request.kind.kind is {kind:?}, not Pod",
-            ErrCode::E6103
+        return Err(unreadable(
+            ErrCode::E6103,
+            format!("request.kind.kind is {kind:?}, not Pod"),
         ));
     }
     let pod: Pod = serde_json::from_value(request.get("object").cloned().unwrap_or(Value::Null))
-        .map_err(|e| format!("{}: request.object is not a Pod: {e}", ErrCode::E6103))?;
+        .map_err(|e| unreadable(ErrCode::E6103, format!("request.object is not a Pod: {e}")))?;
     let namespace = request
         .get("namespace")
         .and_then(Value::as_str)
@@ -106,13 +125,13 @@ pub fn respond(
                     })
                 }
                 Err(e) => {
+                    let code = ErrCode::E6108;
                     let message = format!(
-                        "{}: pod {}/{} cannot get a sidecar: {e}",
-                        ErrCode::E6108,
+                        "{code}: pod {}/{} cannot get a sidecar: {e}",
                         review.namespace,
                         pod_name(&review.pod)
                     );
-                    tracing::warn!("{message}");
+                    fsm_errcode::warn!(code, "{message}");
                     json!({
                         "uid": review.uid,
                         "allowed": false,
@@ -218,23 +237,23 @@ mod tests {
 
     #[test]
     fn unreadable_reviews_are_named() {
+        let no_request = read_review(&json!({})).expect_err("no request");
+        assert_eq!(no_request.err_code(), ErrCode::E6107);
         assert!(
-            read_review(&json!({}))
-                .expect_err("no request")
-                .starts_with("E6107")
+            no_request.to_string().starts_with("E6107: "),
+            "{no_request}"
         );
         let mut not_a_pod = review(json!({}));
         not_a_pod["request"]["kind"]["kind"] = json!("Service");
-        assert!(
-            read_review(&not_a_pod)
-                .expect_err("not a pod")
-                .contains("request.kind.kind")
-        );
+        let not_a_pod = read_review(&not_a_pod).expect_err("not a pod");
+        assert_eq!(not_a_pod.err_code(), ErrCode::E6103);
+        assert!(not_a_pod.to_string().contains("request.kind.kind"));
         let mut no_uid = review(json!({}));
         no_uid["request"]["uid"] = json!("");
         assert!(
             read_review(&no_uid)
                 .expect_err("no uid")
+                .to_string()
                 .contains("request.uid")
         );
     }

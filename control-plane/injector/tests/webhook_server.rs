@@ -110,9 +110,12 @@ async fn the_certificate_is_published_and_rotates_without_a_restart() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(listener, tls, |_request| async {
-        reply(StatusCode::OK, "\"ok\"".into()) as Response<Full<Bytes>>
-    }));
+    tokio::spawn(serve(
+        listener,
+        tls,
+        WebhookKind::Validating,
+        |_request| async { reply(StatusCode::OK, "\"ok\"".into()) as Response<Full<Bytes>> },
+    ));
     let first = served_serial(addr, &root).await;
 
     // The certificate manager renews the certificate at a third of its life left.

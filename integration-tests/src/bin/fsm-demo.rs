@@ -178,10 +178,16 @@ async fn start_mesh(
         }
     }
     copy_manifests(source, &manifest_dir)?;
+    // The demo is for looking inside: its MeshConfig opens the controller's /debug endpoints
+    // (FSM keeps them off by default), which the xDS table below reads.
+    let debug = match fsm_integration_tests::mesh::enable_debug_server(&manifest_dir) {
+        Ok(()) => "; MeshConfig spec.observability.enableDebugServer on",
+        Err(_) => "",
+    };
     step(
         1,
         &format!(
-            "manifests copied from {} to {}",
+            "manifests copied from {} to {}{debug}",
             source.display(),
             manifest_dir.display()
         ),

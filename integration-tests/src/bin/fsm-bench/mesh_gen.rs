@@ -88,6 +88,8 @@ pub(crate) fn to_yaml_docs(objects: &[Value]) -> String {
 /// pod each on 127.0.`subnet + 1 + i / 250`.x, where nothing listens.
 pub(crate) fn bench_manifests(dir: &Path, subnet: u8, services: usize) -> Result<()> {
     demo_manifests(dir, subnet)?;
+    // The benches read the controller's /debug endpoints.
+    fsm_integration_tests::mesh::enable_debug_server(dir)?;
     let ip = |third: usize, fourth: usize| format!("127.0.{third}.{fourth}");
     let mut objects = vec![
         json!({"apiVersion": "v1", "kind": "Pod",
