@@ -80,10 +80,14 @@ pub enum CompileError {
 impl HasErrCode for CompileError {
     fn err_code(&self) -> ErrCode {
         match self {
-            CompileError::PodNotFound { .. } => ErrCode::E5002,
+            // The pod holding the proxy's UUID is in another namespace than its identity names:
+            // no pod of that namespace holds it (FSM's E5010 is only a service account that
+            // differs).
+            CompileError::PodNotFound { .. } | CompileError::NamespaceMismatch { .. } => {
+                ErrCode::E5002
+            }
             CompileError::UuidHeldByAnotherPod(_) => ErrCode::E5004,
-            CompileError::ServiceAccountMismatch { .. }
-            | CompileError::NamespaceMismatch { .. } => ErrCode::E5010,
+            CompileError::ServiceAccountMismatch { .. } => ErrCode::E5010,
             CompileError::NoPodIp { .. } | CompileError::NotMeshed { .. } => ErrCode::E5007,
         }
     }
@@ -1501,5 +1505,30 @@ fn socket_host(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(_) => format!("{ip}:{port}"),
         IpAddr::V6(_) => format!("[{ip}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FSM's codes: E5010 is only a service account that differs from the proxy's identity; a pod
+    /// in another namespace than the identity's is no pod of that namespace (E5002).
+    #[test]
+    fn identity_errors_carry_fsm_codes() {
+        let (namespace, pod) = ("demo".to_string(), "curl".to_string());
+        let sa = CompileError::ServiceAccountMismatch {
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            claimed: "other".into(),
+            actual: "curl".into(),
+        };
+        let ns = CompileError::NamespaceMismatch {
+            namespace,
+            pod,
+            claimed: "elsewhere".into(),
+        };
+        assert_eq!(sa.err_code(), ErrCode::E5010);
+        assert_eq!(ns.err_code(), ErrCode::E5002);
     }
 }

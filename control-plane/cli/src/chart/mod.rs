@@ -542,7 +542,10 @@ mod tests {
         ] {
             assert!(text.contains(quoted), "{quoted} in\n{text}");
         }
-        assert!(text.contains("    - on\n      yes: no\n"), "a block scalar's content is kept:\n{text}");
+        assert!(
+            text.contains("    - on\n      yes: no\n"),
+            "a block scalar's content is kept:\n{text}"
+        );
         let back: serde_json::Value = serde_yaml_ng::from_str(&text).expect("reads back");
         assert_eq!(back, object);
     }
