@@ -298,7 +298,53 @@ async fn check_mesh(
     .await?;
     ensure!(!backends(curl.outbound_addr(), 2).await?.is_empty());
 
-    // 7. Idle memory, for the record.
+    // 7. MeshConfig spec.sidecar.logLevel is followed live (the Runtime resource): `debug`
+    //    brings the sidecar's per-connection debug lines, `error` (the demo's) leaves none below
+    //    error once the change is said.
+    let mesh_file = manifests.join("00-mesh.yaml");
+    let curl_log = || std::fs::read_to_string(curl_sidecar.process.log_path()).unwrap_or_default();
+    edit_manifest(&mesh_file, "    logLevel: error\n", "    logLevel: debug\n")?;
+    eventually(CONVERGE, || async {
+        backends(curl.outbound_addr(), 1).await?;
+        let log = curl_log();
+        ensure!(
+            log.lines()
+                .any(|l| l.contains(" DEBUG ") && l.contains("connection accepted")),
+            "no debug line after logLevel debug"
+        );
+        Ok(())
+    })
+    .await
+    .with_context(|| format!("[{mode:?}] sidecar.logLevel debug was not followed"))?;
+    edit_manifest(&mesh_file, "    logLevel: debug\n", "    logLevel: error\n")?;
+    let said = eventually(CONVERGE, || async {
+        let log = curl_log();
+        log.rfind("log level set from MeshConfig spec.sidecar.logLevel")
+            .filter(|at| {
+                log[*at..]
+                    .lines()
+                    .next()
+                    .is_some_and(|l| l.contains("to=error"))
+            })
+            .map(|at| at + 1)
+            .context("no change to error said")
+    })
+    .await
+    .with_context(|| format!("[{mode:?}] sidecar.logLevel error was not followed"))?;
+    for _ in 0..3 {
+        ensure!(!backends(curl.outbound_addr(), 2).await?.is_empty());
+    }
+    let after: String = curl_log()[said..]
+        .lines()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\n");
+    ensure!(
+        !after.contains(" INFO ") && !after.contains(" DEBUG "),
+        "[{mode:?}] logged below error at sidecar.logLevel error:\n{after}"
+    );
+
+    // 8. Idle memory, for the record.
     for (pod, sc) in sidecars {
         if let Some(rss) = sc.rss_kib() {
             eprintln!("[{mode:?}] fsm-sidecar of {} VmRSS {rss} kB", pod.id());

@@ -15,7 +15,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/fsm.dataplane.v1.rs"));
 }
 
-/// Type URLs of the five resource types, as they appear in `Any.type_url` and in
+/// Type URLs of the six resource types, as they appear in `Any.type_url` and in
 /// `DiscoveryRequest.type_url`.
 pub mod type_url {
     pub const CLUSTER: &str = "type.googleapis.com/fsm.dataplane.v1.Cluster";
@@ -24,16 +24,22 @@ pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/fsm.dataplane.v1.Listener";
     pub const ROUTE_CONFIGURATION: &str = "type.googleapis.com/fsm.dataplane.v1.RouteConfiguration";
     pub const SECRET: &str = "type.googleapis.com/fsm.dataplane.v1.Secret";
+    pub const RUNTIME: &str = "type.googleapis.com/fsm.dataplane.v1.Runtime";
 }
 
-/// Every resource type, in the order ADS responses go out: CDS-like, EDS, LDS, RDS, SDS.
-pub const ALL_TYPE_URLS: [&str; 5] = [
+/// Every resource type, in the order ADS responses go out: CDS-like, EDS, LDS, RDS, SDS, then the
+/// proxy-wide `Runtime` (nothing refers to it, and a sidecar is ready without it).
+pub const ALL_TYPE_URLS: [&str; 6] = [
     type_url::CLUSTER,
     type_url::CLUSTER_LOAD_ASSIGNMENT,
     type_url::LISTENER,
     type_url::ROUTE_CONFIGURATION,
     type_url::SECRET,
+    type_url::RUNTIME,
 ];
+
+/// The name of the one `Runtime` resource each proxy is sent.
+pub const RUNTIME_NAME: &str = "runtime";
 
 /// The encoded `google.protobuf.FileDescriptorSet` of `fsm.dataplane.v1` and its imports, without
 /// comments: for reflection, e.g. a JSON view of resources in golden files or `/config_dump`.
@@ -76,6 +82,7 @@ mod tests {
             v1::RouteConfiguration::type_url()
         );
         assert_eq!(type_url::SECRET, v1::Secret::type_url());
+        assert_eq!(type_url::RUNTIME, v1::Runtime::type_url());
     }
 
     #[test]

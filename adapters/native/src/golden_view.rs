@@ -15,7 +15,7 @@ use serde::{Serialize, Serializer};
 use crate::NativeResources;
 
 /// One golden file per resource type: `out.clusters.yaml`, `out.endpoints.yaml`,
-/// `out.listeners.yaml`, `out.routes.yaml`, plus `out.secrets.yaml` and `out.warnings.yaml` when
+/// `out.listeners.yaml`, `out.routes.yaml`, `out.runtime.yaml`, plus `out.secrets.yaml` and `out.warnings.yaml` when
 /// there are any. A type whose resources cannot be shown (never expected) is shown as the error.
 pub fn render(resources: &NativeResources) -> BTreeMap<String, String> {
     let encoded = resources.encode();
@@ -38,6 +38,7 @@ pub fn render(resources: &NativeResources) -> BTreeMap<String, String> {
             "out.routes.yaml".to_string(),
             view(type_url::ROUTE_CONFIGURATION),
         ),
+        ("out.runtime.yaml".to_string(), view(type_url::RUNTIME)),
     ]);
     if !resources.secrets.is_empty() {
         out.insert("out.secrets.yaml".to_string(), view(type_url::SECRET));
@@ -52,7 +53,7 @@ pub fn render(resources: &NativeResources) -> BTreeMap<String, String> {
 
 /// The resources as one JSON document in the proto3 JSON mapping (`fsm translate -o json`):
 /// `{"clusters": [...], "endpoints": [...], "listeners": [...], "routes": [...], "secrets":
-/// [...]}`, private keys left out.
+/// [...], "runtime": [...]}`, private keys left out.
 pub fn to_json(resources: &NativeResources) -> Result<serde_json::Value, String> {
     let encoded = resources.encode();
     let pool = DescriptorPool::decode(FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())?;
@@ -63,6 +64,7 @@ pub fn to_json(resources: &NativeResources) -> Result<serde_json::Value, String>
         ("listeners", type_url::LISTENER),
         ("routes", type_url::ROUTE_CONFIGURATION),
         ("secrets", type_url::SECRET),
+        ("runtime", type_url::RUNTIME),
     ] {
         let items = encoded.get(url).map(Vec::as_slice).unwrap_or_default();
         let messages = messages(&pool, url, items)?;

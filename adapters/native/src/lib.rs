@@ -57,6 +57,9 @@ pub struct NativeResources {
     pub listeners: Vec<v1::Listener>,
     pub routes: Vec<v1::RouteConfiguration>,
     pub secrets: Vec<v1::Secret>,
+    /// The proxy-wide settings: one resource, [`fsm_dataplane_proto::RUNTIME_NAME`], in a
+    /// translated proxy.
+    pub runtime: Vec<v1::Runtime>,
     /// Parts of the IR left out of the resources, with the reason.
     pub warnings: Vec<String>,
 }
@@ -86,6 +89,7 @@ impl NativeResources {
                 encode_sorted(&self.routes, |r| &r.name),
             ),
             (type_url::SECRET, encode_sorted(&self.secrets, |s| &s.name)),
+            (type_url::RUNTIME, encode_sorted(&self.runtime, |r| &r.name)),
         ])
     }
 }
@@ -245,6 +249,7 @@ pub fn proxy_resources(
     ir.validate()?;
     let mut out = NativeResources {
         secrets: own_secrets(ir, credentials),
+        runtime: vec![runtime(&ir.mesh)],
         ..Default::default()
     };
     for c in ir.clusters.iter().filter(|c| c.kind == ClusterKind::Local) {
@@ -280,6 +285,25 @@ pub fn proxy_resources(
     }
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// The proxy-wide settings: MeshConfig `spec.sidecar.logLevel`, unspecified when empty (the
+/// sidecar keeps its `--log-level`).
+pub fn runtime(mesh: &fsm_ir::MeshSettings) -> v1::Runtime {
+    use fsm_ir::LogLevel;
+    let log_level = match mesh.sidecar_log_level {
+        None => v1::LogLevel::Unspecified,
+        Some(LogLevel::Trace) => v1::LogLevel::Trace,
+        Some(LogLevel::Debug) => v1::LogLevel::Debug,
+        Some(LogLevel::Info) => v1::LogLevel::Info,
+        Some(LogLevel::Warn) => v1::LogLevel::Warn,
+        Some(LogLevel::Error) => v1::LogLevel::Error,
+        Some(LogLevel::Off) => v1::LogLevel::Off,
+    };
+    v1::Runtime {
+        name: fsm_dataplane_proto::RUNTIME_NAME.into(),
+        log_level: log_level as i32,
+    }
 }
 
 /// FSM's tracing cluster, `pipy-tracing-cluster`: the collector by name (or address) and port,

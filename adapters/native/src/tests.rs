@@ -144,6 +144,7 @@ fn ir(
             enable_egress: false,
             trust_domain: "cluster.local".into(),
             tracing: None,
+            sidecar_log_level: None,
         },
         inbound,
         outbound,
@@ -820,6 +821,10 @@ fn encode_lists_every_type_sorted_by_name() {
             "service-cert"
         ]
     );
+    assert_eq!(
+        names(type_url::RUNTIME),
+        [fsm_dataplane_proto::RUNTIME_NAME]
+    );
     let (_, bytes) = &encoded[type_url::CLUSTER][1];
     assert_eq!(
         v1::Cluster::decode(bytes.as_slice()).as_ref(),
@@ -851,4 +856,29 @@ fn render_never_shows_private_keys() {
     assert!(secrets.contains("service-cert"), "{secrets}");
     assert!(secrets.contains("certificate_chain"), "{secrets}");
     assert!(!secrets.contains("private_key"), "{secrets}");
+}
+
+/// MeshConfig `spec.sidecar.logLevel` in the IR becomes `Runtime.log_level`; none leaves the
+/// sidecar its `--log-level`.
+#[test]
+fn runtime_carries_the_sidecar_log_level() {
+    let mut ir = one_outbound(Protocol::Http);
+    let level = |ir: &ProxyIr| {
+        let out = proxy_resources(ir, &fsm_golden::placeholder_credentials()).expect("translates");
+        assert_eq!(out.runtime.len(), 1);
+        assert_eq!(out.runtime[0].name, fsm_dataplane_proto::RUNTIME_NAME);
+        out.runtime[0].log_level()
+    };
+    assert_eq!(level(&ir), v1::LogLevel::Unspecified);
+    for (ir_level, wire) in [
+        (fsm_ir::LogLevel::Trace, v1::LogLevel::Trace),
+        (fsm_ir::LogLevel::Debug, v1::LogLevel::Debug),
+        (fsm_ir::LogLevel::Info, v1::LogLevel::Info),
+        (fsm_ir::LogLevel::Warn, v1::LogLevel::Warn),
+        (fsm_ir::LogLevel::Error, v1::LogLevel::Error),
+        (fsm_ir::LogLevel::Off, v1::LogLevel::Off),
+    ] {
+        ir.mesh.sidecar_log_level = Some(ir_level);
+        assert_eq!(level(&ir), wire);
+    }
 }

@@ -21,10 +21,11 @@ use fsm_crds::smi::split::v1alpha4::TrafficSplit;
 use fsm_errcode::{ErrCode, HasErrCode};
 use fsm_ir::{
     AllowedSources, Bypass, CircuitBreaker, Cluster, ClusterKind, ClusterName, Egress,
-    EgressHttpHost, EgressTcpPort, EgressTlsPort, Endpoint, HttpRoute, InboundPort, InboundService,
-    LocalRateLimit, MeshSettings, OutboundDetail, OutboundRetry, OutboundService, PathMatch,
-    PrincipalsFrom, Protocol, ProxyInfo, ProxyIr, ResponseHeader, RetryPolicy, RouteMatch,
-    ServiceIdentity, ServiceOutbound, ServiceRef, Tracing, WeightedCluster, WorkloadRef,
+    EgressHttpHost, EgressTcpPort, EgressTlsPort, Endpoint, FsmLevel, HttpRoute, InboundPort,
+    InboundService, LocalRateLimit, LogLevel, MeshSettings, OutboundDetail, OutboundRetry,
+    OutboundService, PathMatch, PrincipalsFrom, Protocol, ProxyInfo, ProxyIr, ResponseHeader,
+    RetryPolicy, RouteMatch, ServiceIdentity, ServiceOutbound, ServiceRef, Tracing,
+    WeightedCluster, WorkloadRef,
 };
 
 mod view;
@@ -194,7 +195,9 @@ pub fn compile_with_view(
         mesh: &mesh,
         flags: &mesh_config.spec.feature_flags,
         clusters: BTreeMap::new(),
-        warnings: Vec::new(),
+        warnings: unknown_sidecar_log_level(&mesh_config)
+            .into_iter()
+            .collect(),
     };
     // MeshConfig `sidecar.localProxyMode`: FSM's default reaches the application on localhost
     // (it listens on all addresses, and FSM's iptables rules leave the sidecar's localhost
@@ -335,7 +338,29 @@ fn mesh_settings(mesh_config: &MeshConfig, fsm_namespace: &str) -> MeshSettings 
         enable_egress: mesh_config.spec.traffic.enable_egress,
         trust_domain: TRUST_DOMAIN.to_string(),
         tracing: tracing(&mesh_config.spec.observability.tracing, fsm_namespace),
+        sidecar_log_level: sidecar_log_level(&mesh_config.spec.sidecar.log_level)
+            .unwrap_or(Some(LogLevel::Error)),
     }
+}
+
+/// MeshConfig `spec.sidecar.logLevel` as fsm-sidecar's level: `None` when empty (the sidecar's
+/// `--log-level`, which the injector set from the same field). An unknown level is E1001 (see
+/// [`unknown_sidecar_log_level`]) and sidecars log at `error`, as the injector starts them.
+fn sidecar_log_level(configured: &str) -> Result<Option<LogLevel>, String> {
+    if configured.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(configured.parse::<FsmLevel>()?.log_level()))
+}
+
+/// The warning of an unknown `spec.sidecar.logLevel`, on every proxy's compile.
+fn unknown_sidecar_log_level(mesh_config: &MeshConfig) -> Option<Warning> {
+    sidecar_log_level(&mesh_config.spec.sidecar.log_level)
+        .err()
+        .map(|why| Warning {
+            code: ErrCode::E1001,
+            message: format!("MeshConfig spec.sidecar.logLevel: {why}; fsm-sidecar logs at error"),
+        })
 }
 
 /// MeshConfig `observability.tracing` as the IR carries it: `None` when disabled. The catalog
@@ -1530,5 +1555,33 @@ mod tests {
         };
         assert_eq!(sa.err_code(), ErrCode::E5010);
         assert_eq!(ns.err_code(), ErrCode::E5002);
+    }
+
+    /// MeshConfig `spec.sidecar.logLevel` as fsm-sidecar's live level: FSM's mapping (fatal and
+    /// panic log errors, disabled nothing), empty leaves the sidecar's flag, unknown is E1001 and
+    /// `error`, as the injector starts a sidecar.
+    #[test]
+    fn sidecar_log_level_follows_fsms_levels() {
+        let mut mesh_config = MeshConfig::default();
+        for (configured, expected) in [
+            ("", None),
+            ("  ", None),
+            ("debug", Some(LogLevel::Debug)),
+            ("Trace", Some(LogLevel::Trace)),
+            ("panic", Some(LogLevel::Error)),
+            ("fatal", Some(LogLevel::Error)),
+            ("disabled", Some(LogLevel::Off)),
+            ("verbose", Some(LogLevel::Error)),
+        ] {
+            mesh_config.spec.sidecar.log_level = configured.into();
+            let mesh = mesh_settings(&mesh_config, "fsm-system");
+            assert_eq!(mesh.sidecar_log_level, expected, "{configured:?}");
+            let warning = unknown_sidecar_log_level(&mesh_config);
+            assert_eq!(
+                warning.map(|w| w.code),
+                (configured == "verbose").then_some(ErrCode::E1001),
+                "{configured:?}"
+            );
+        }
     }
 }

@@ -624,6 +624,7 @@ fn own_resources(
                         encode(&r.routes, |r| &r.name),
                     ),
                     (type_url::SECRET, encode(&r.secrets, |s| &s.name)),
+                    (type_url::RUNTIME, encode(&r.runtime, |r| &r.name)),
                 ]),
                 r.warnings,
             )

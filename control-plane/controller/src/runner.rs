@@ -441,7 +441,9 @@ impl Runner {
         if let Some(logs) = &self.logs {
             // FSM's defaults stand in for an absent MeshConfig, whose level is `--log-level`'s.
             let present = mesh_config.metadata.name.is_some();
-            logs.set(present.then(|| spec.observability.fsm_log_level.into()));
+            logs.set(
+                present.then(|| fsm_injector::logging::from_crd(spec.observability.fsm_log_level)),
+            );
         }
     }
 

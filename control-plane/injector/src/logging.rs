@@ -17,8 +17,9 @@
 
 use std::str::FromStr;
 
-use fsm_crds::config::v1alpha3::LogLevel;
+use fsm_crds::config::v1alpha3::LogLevel as CrdLogLevel;
 use fsm_errcode::ErrCode;
+use fsm_ir::LogLevel;
 use parking_lot::Mutex;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -27,111 +28,33 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 
 // === FsmLevel ===
 
-/// One of FSM's log levels, as MeshConfig and the chart spell them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum FsmLevel {
-    Trace,
-    Debug,
-    Info,
-    Warn,
-    Error,
-    Fatal,
-    Panic,
-    Disabled,
-}
+/// FSM's levels and their mapping live in fsm-ir, shared with the compiler (which sends
+/// `spec.sidecar.logLevel` to fsm-sidecar live).
+pub use fsm_ir::FsmLevel;
 
-impl FsmLevel {
-    pub const ALL: [FsmLevel; 8] = [
-        FsmLevel::Trace,
-        FsmLevel::Debug,
-        FsmLevel::Info,
-        FsmLevel::Warn,
-        FsmLevel::Error,
-        FsmLevel::Fatal,
-        FsmLevel::Panic,
-        FsmLevel::Disabled,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsmLevel::Trace => "trace",
-            FsmLevel::Debug => "debug",
-            FsmLevel::Info => "info",
-            FsmLevel::Warn => "warn",
-            FsmLevel::Error => "error",
-            FsmLevel::Fatal => "fatal",
-            FsmLevel::Panic => "panic",
-            FsmLevel::Disabled => "disabled",
-        }
-    }
-
-    /// The most verbose events logged at this level (`fsm.logFilter`'s mapping).
-    pub fn filter(self) -> LevelFilter {
-        match self {
-            FsmLevel::Trace => LevelFilter::TRACE,
-            FsmLevel::Debug => LevelFilter::DEBUG,
-            FsmLevel::Info => LevelFilter::INFO,
-            FsmLevel::Warn => LevelFilter::WARN,
-            FsmLevel::Error | FsmLevel::Fatal | FsmLevel::Panic => LevelFilter::ERROR,
-            FsmLevel::Disabled => LevelFilter::OFF,
-        }
-    }
-
-    /// fsm-sidecar's `--log-level` (a tracing-subscriber filter).
-    pub fn sidecar_filter(self) -> &'static str {
-        match self.filter() {
-            LevelFilter::TRACE => "trace",
-            LevelFilter::DEBUG => "debug",
-            LevelFilter::INFO => "info",
-            LevelFilter::WARN => "warn",
-            LevelFilter::ERROR => "error",
-            _ => "off",
-        }
-    }
-
-    /// Envoy's `--log-level` (spdlog's levels: `fatal` and `panic` are its `critical`).
-    pub fn envoy_level(self) -> &'static str {
-        match self {
-            FsmLevel::Trace => "trace",
-            FsmLevel::Debug => "debug",
-            FsmLevel::Info => "info",
-            FsmLevel::Warn => "warning",
-            FsmLevel::Error => "error",
-            FsmLevel::Fatal | FsmLevel::Panic => "critical",
-            FsmLevel::Disabled => "off",
-        }
+/// The most verbose events logged at `level` (`fsm.logFilter`'s mapping).
+pub fn level_filter(level: FsmLevel) -> LevelFilter {
+    match level.log_level() {
+        LogLevel::Trace => LevelFilter::TRACE,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Off => LevelFilter::OFF,
     }
 }
 
-impl FromStr for FsmLevel {
-    type Err = String;
-
-    /// FSM's level names, in any case, blanks around them ignored.
-    fn from_str(text: &str) -> Result<Self, String> {
-        let wanted = text.trim().to_ascii_lowercase();
-        FsmLevel::ALL
-            .into_iter()
-            .find(|level| level.as_str() == wanted)
-            .ok_or_else(|| {
-                format!(
-                    "{text:?} is not a log level: trace, debug, info, warn, error, fatal, panic or disabled"
-                )
-            })
-    }
-}
-
-impl From<LogLevel> for FsmLevel {
-    fn from(level: LogLevel) -> Self {
-        match level {
-            LogLevel::Trace => FsmLevel::Trace,
-            LogLevel::Debug => FsmLevel::Debug,
-            LogLevel::Info => FsmLevel::Info,
-            LogLevel::Warn => FsmLevel::Warn,
-            LogLevel::Error => FsmLevel::Error,
-            LogLevel::Fatal => FsmLevel::Fatal,
-            LogLevel::Panic => FsmLevel::Panic,
-            LogLevel::Disabled => FsmLevel::Disabled,
-        }
+/// A MeshConfig CRD level as FSM's.
+pub fn from_crd(level: CrdLogLevel) -> FsmLevel {
+    match level {
+        CrdLogLevel::Trace => FsmLevel::Trace,
+        CrdLogLevel::Debug => FsmLevel::Debug,
+        CrdLogLevel::Info => FsmLevel::Info,
+        CrdLogLevel::Warn => FsmLevel::Warn,
+        CrdLogLevel::Error => FsmLevel::Error,
+        CrdLogLevel::Fatal => FsmLevel::Fatal,
+        CrdLogLevel::Panic => FsmLevel::Panic,
+        CrdLogLevel::Disabled => FsmLevel::Disabled,
     }
 }
 
@@ -198,7 +121,7 @@ impl LogControl {
                 .targets
                 .iter()
                 .cloned()
-                .chain([level.filter().to_string().to_ascii_lowercase()])
+                .chain([level_filter(level).to_string().to_ascii_lowercase()])
                 .collect::<Vec<_>>()
                 .join(","),
         }
@@ -227,8 +150,8 @@ impl LogControl {
             }
         };
         // Said under the more verbose of the two filters, so that it is seen either way.
-        let louder = level.map_or(LevelFilter::TRACE, FsmLevel::filter)
-            >= current.map_or(LevelFilter::TRACE, FsmLevel::filter);
+        let louder = level.map_or(LevelFilter::TRACE, level_filter)
+            >= current.map_or(LevelFilter::TRACE, level_filter);
         let say = || {
             tracing::info!(%from, to = %directives, level = level.map_or("--log-level", FsmLevel::as_str), "log level set from MeshConfig spec.observability.fsmLogLevel");
         };
@@ -261,31 +184,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fsm_levels_map_as_the_charts_log_filter() {
-        let mapped: Vec<(&str, &str, &str)> = FsmLevel::ALL
-            .iter()
-            .map(|l| (l.as_str(), l.sidecar_filter(), l.envoy_level()))
-            .collect();
-        assert_eq!(
-            mapped,
-            [
-                ("trace", "trace", "trace"),
-                ("debug", "debug", "debug"),
-                ("info", "info", "info"),
-                ("warn", "warn", "warning"),
-                ("error", "error", "error"),
-                ("fatal", "error", "critical"),
-                ("panic", "error", "critical"),
-                ("disabled", "off", "off"),
-            ]
-        );
-        assert_eq!(" Debug ".parse::<FsmLevel>(), Ok(FsmLevel::Debug));
-        assert!("verbose".parse::<FsmLevel>().is_err());
+    fn crd_levels_are_fsms() {
         for level in FsmLevel::ALL {
-            let crd: LogLevel =
+            let crd: CrdLogLevel =
                 serde_json::from_value(serde_json::json!(level.as_str())).expect("a CRD level");
-            assert_eq!(FsmLevel::from(crd), level);
+            assert_eq!(from_crd(crd), level);
         }
+        assert_eq!(level_filter(FsmLevel::Panic), LevelFilter::ERROR);
+        assert_eq!(level_filter(FsmLevel::Disabled), LevelFilter::OFF);
     }
 
     #[test]

@@ -239,9 +239,9 @@ async fn mesh_config(state: &State) -> MeshConfigSpec {
     let api: Api<MeshConfig> = Api::namespaced(state.client.clone(), &state.settings.fsm_namespace);
     match api.get_opt(fsm_catalog::MESH_CONFIG_NAME).await {
         Ok(Some(mc)) => {
-            state
-                .logs
-                .set(Some(mc.spec.observability.fsm_log_level.into()));
+            state.logs.set(Some(fsm_injector::logging::from_crd(
+                mc.spec.observability.fsm_log_level,
+            )));
             mc.spec
         }
         Ok(None) => {

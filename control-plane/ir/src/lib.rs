@@ -11,6 +11,10 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+mod log_level;
+
+pub use log_level::{FsmLevel, LogLevel};
+
 /// Ports the sidecar owns inside a pod (FSM's reserved ports).
 pub mod ports {
     pub const ADMIN: u16 = 15000;
@@ -325,6 +329,10 @@ pub struct MeshSettings {
     /// requests it proxies (Zipkin v2, B3 propagation) to one collector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// MeshConfig `spec.sidecar.logLevel`: what fsm-sidecar logs, set live. `None` (MeshConfig's
+    /// is empty): the sidecar's own `--log-level`. Envoy's level cannot be set over xDS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_log_level: Option<LogLevel>,
 }
 
 /// Where and how often sidecars report spans. One for the whole mesh; every proxy carries it.
@@ -1104,6 +1112,7 @@ mod tests {
                 enable_egress: false,
                 trust_domain: "cluster.local".into(),
                 tracing: None,
+                sidecar_log_level: None,
             },
             inbound: vec![],
             outbound: vec![OutboundService {

@@ -14,6 +14,7 @@ use fsm_dataplane_proto::{type_url, v1};
 use fsm_sidecar_xds::ResourceSet;
 use prost::Message;
 use regex::Regex;
+use tracing::level_filters::LevelFilter;
 
 use crate::metrics::Workload;
 use crate::ratelimit::{BucketKey, Scope, Settings};
@@ -29,6 +30,9 @@ pub struct Config {
     pub listeners: BTreeMap<Arc<str>, Arc<Listener>>,
     pub routes: HashMap<Arc<str>, Arc<RouteTable>>,
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// `Runtime.log_level` of the resource named `runtime`: the sidecar's default log level.
+    /// `None` (unspecified, or no such resource): its `--log-level` flag's filter.
+    pub log_level: Option<LevelFilter>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -663,12 +667,38 @@ impl Config {
             }
             routes.insert(table.name.clone(), Arc::new(table));
         }
+        let mut log_level = None;
+        for raw in set.resources(type_url::RUNTIME) {
+            let what = format!("Runtime {:?}", raw.name);
+            let runtime = v1::Runtime::decode(&*raw.body).map_err(|e| err(&what, "", e))?;
+            let level =
+                runtime_log_level(runtime.log_level).map_err(|m| err(&what, "log_level", m))?;
+            if *raw.name == *fsm_dataplane_proto::RUNTIME_NAME {
+                log_level = level;
+            }
+        }
         Ok(Config {
             listeners,
             routes,
             clusters,
+            log_level,
         })
     }
+}
+
+/// `Runtime.log_level` as a default level; `None` for unspecified. An unknown value (a newer
+/// control plane's level) is refused, so the level in force stays.
+fn runtime_log_level(value: i32) -> Result<Option<LevelFilter>, String> {
+    Ok(Some(match v1::LogLevel::try_from(value) {
+        Ok(v1::LogLevel::Unspecified) => return Ok(None),
+        Ok(v1::LogLevel::Trace) => LevelFilter::TRACE,
+        Ok(v1::LogLevel::Debug) => LevelFilter::DEBUG,
+        Ok(v1::LogLevel::Info) => LevelFilter::INFO,
+        Ok(v1::LogLevel::Warn) => LevelFilter::WARN,
+        Ok(v1::LogLevel::Error) => LevelFilter::ERROR,
+        Ok(v1::LogLevel::Off) => LevelFilter::OFF,
+        Err(_) => return Err(format!("unknown log level {value}")),
+    }))
 }
 
 fn err(what: &str, field: &str, message: impl std::fmt::Display) -> ConfigError {
@@ -1320,6 +1350,46 @@ mod tests {
             }],
         }
         .encode_to_vec()
+    }
+
+    fn runtime(name: &str, log_level: i32) -> Vec<u8> {
+        v1::Runtime {
+            name: name.into(),
+            log_level,
+        }
+        .encode_to_vec()
+    }
+
+    #[test_case(v1::LogLevel::Unspecified as i32, Ok(None) ; "unspecified")]
+    #[test_case(v1::LogLevel::Debug as i32, Ok(Some(LevelFilter::DEBUG)) ; "debug")]
+    #[test_case(v1::LogLevel::Off as i32, Ok(Some(LevelFilter::OFF)) ; "off")]
+    #[test_case(42, Err("Runtime \"runtime\": log_level: unknown log level 42".to_string()) ; "unknown")]
+    fn runtime_log_level(value: i32, expected: Result<Option<LevelFilter>, String>) {
+        let s = set(vec![(
+            type_url::RUNTIME,
+            "runtime",
+            runtime("runtime", value),
+        )]);
+        assert_eq!(
+            Config::build(&s, type_url::RUNTIME)
+                .map(|c| c.log_level)
+                .map_err(|e| e.0),
+            expected
+        );
+    }
+
+    /// No Runtime (an older control plane) or one of another name: the flag's level.
+    #[test]
+    fn runtime_absent_or_otherwise_named_keeps_the_flag() {
+        let config = Config::build(&set(vec![]), type_url::CLUSTER).expect("valid");
+        assert_eq!(config.log_level, None);
+        let s = set(vec![(
+            type_url::RUNTIME,
+            "other",
+            runtime("other", v1::LogLevel::Trace as i32),
+        )]);
+        let config = Config::build(&s, type_url::RUNTIME).expect("valid");
+        assert_eq!(config.log_level, None);
     }
 
     #[test_case("c", v1::route_match::Path::Prefix("/".into()), None ; "valid")]

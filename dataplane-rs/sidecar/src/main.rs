@@ -6,6 +6,7 @@
 
 mod admin;
 mod cli;
+mod logging;
 mod probes;
 
 use std::sync::Arc;
@@ -21,22 +22,17 @@ use crate::cli::Cli;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-                .with_context(|| format!("--log-level {:?}", cli.log_level))?,
-        )
-        .with_target(false)
-        // Colour codes only help a terminal; in a container log they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    // The Runtime resource's level (MeshConfig spec.sidecar.logLevel) replaces it live.
+    let log = logging::LogControl::install(&cli.log_level)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--log-level {:?}", cli.log_level))?;
     // A sidecar shares the pod's CPU with the app: two workers are plenty and keep idle memory low.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.workers)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(run(cli))
+    runtime.block_on(run(cli, Arc::new(log)))
 }
 
 /// The ADS client's options from the CLI: mTLS with the bootstrap certificate, or plaintext only
@@ -57,7 +53,7 @@ fn client_options(cli: &Cli) -> Result<ClientOptions> {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, log: Arc<logging::LogControl>) -> Result<()> {
     let probes = probes::parse(cli.probes.as_deref().unwrap_or_default(), "--probes")?;
     let options = client_options(&cli)?;
     // Probes are served before anything else and whatever the control plane does: the kubelet
@@ -127,7 +123,10 @@ async fn run(cli: Cli) -> Result<()> {
     tokio::spawn(fsm_sidecar_proxy::listeners::run(proxy));
 
     let state = AdsState::new(cli.ads_mode.into(), build_node(&info));
-    let mut sink = StoreSink(store);
+    let mut sink = logging::Sink {
+        store: StoreSink(store),
+        log,
+    };
     tracing::info!(
         node = %info.id, ads = %cli.ads, mode = ?cli.ads_mode, admin = %cli.admin,
         ads_tls = options.tls.is_some(),

@@ -413,6 +413,7 @@ fn decode_one(url: &str, any: &Any, index: usize, version: &str) -> Result<RawRe
         type_url::LISTENER => v1::Listener::decode(bytes).map_err(err)?.name,
         type_url::ROUTE_CONFIGURATION => v1::RouteConfiguration::decode(bytes).map_err(err)?.name,
         type_url::SECRET => v1::Secret::decode(bytes).map_err(err)?.name,
+        type_url::RUNTIME => v1::Runtime::decode(bytes).map_err(err)?.name,
         other => return Err(format!("unknown type URL {other:?}")),
     };
     if name.is_empty() {
@@ -532,7 +533,7 @@ mod tests {
         let mut state = AdsState::new(AdsMode::Sotw, node());
         let mut sink = Sink::default();
         let first = state.on_connect();
-        assert_eq!(first.len(), 5);
+        assert_eq!(first.len(), ALL_TYPE_URLS.len());
         for (i, (version, resources, acked, nack, held)) in steps.into_iter().enumerate() {
             let nonce = format!("n{i}");
             let (req, outcome) = state.on_sotw(sotw(version, &nonce, resources), &mut sink);

@@ -104,7 +104,7 @@ async fn next(requests: &mut Streaming<DiscoveryRequest>) -> DiscoveryRequest {
 /// Reads the five initial subscriptions and returns them by type.
 async fn initial(stream: &mut FakeStream) -> Vec<DiscoveryRequest> {
     let mut out = Vec::new();
-    for _ in 0..5 {
+    for _ in fsm_dataplane_proto::ALL_TYPE_URLS {
         out.push(next(&mut stream.requests).await);
     }
     out
