@@ -172,6 +172,22 @@ RECONCILER = [
 ]
 
 
+def multi_version_crds():
+    """Names of the chart's CRDs serving more than one version: fsm-controller points their
+    spec.conversion at its conversion webhook (control-plane/controller/src/conversion.rs)."""
+    names = []
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        if sum(1 for v in crd["spec"]["versions"] if v.get("served")) > 1:
+            assert "conversion" not in crd["spec"], f"{path.name}: fsm-controller writes spec.conversion at run time"
+            names.append(crd["metadata"]["name"])
+    return names
+
+
+CONVERTED_CRDS = multi_version_crds()
+assert CONVERTED_CRDS, "the TrafficSplit CRD serves v1alpha4 and v1alpha2"
+
+
 def expected_rbac(kind, mesh="fsm", reconciler=False):
     """The exact rules of each role for a certificate provider (and the reconciler when on)."""
     controller_role = list(LEASES)
@@ -188,6 +204,7 @@ def expected_rbac(kind, mesh="fsm", reconciler=False):
             *WATCHED,
             ("admissionregistration.k8s.io", ["validatingwebhookconfigurations"], ["get", "update"],
              [f"fsm-validator-mesh-{mesh}"]),
+            ("apiextensions.k8s.io", ["customresourcedefinitions"], ["get", "update"], CONVERTED_CRDS),
             *(RECONCILER if reconciler else []),
         ),
         ("Role", "fsm-controller"): expand(*controller_role),
@@ -426,7 +443,7 @@ def controller_deployment_args_listen_off_loopback():
 @check
 def chart_passes_only_flags_the_binaries_have():
     assert {"ads-listen", "http-listen", "mesh-name", "certificate-provider", "vault-token", "validating-webhook-listen",
-            "validating-webhook-config-name", "webhook-service-name"} <= CONTROLLER_FLAGS, CONTROLLER_FLAGS
+            "validating-webhook-config-name", "webhook-service-name", "webhook-service-port"} <= CONTROLLER_FLAGS, CONTROLLER_FLAGS
     assert {"listen", "webhook-config-name", "init-image", "certificate-provider"} <= INJECTOR_FLAGS, INJECTOR_FLAGS
     for values in [None, NON_DEFAULT_VALUES, {"fsm": {"certificateProvider": {"kind": "cert-manager"}}}]:
         r = Rendered(values)
@@ -586,6 +603,8 @@ def assert_validating_webhook(r, mesh, namespace, timeout):
     port = next(p for p in service["spec"]["ports"] if p["port"] == webhook["clientConfig"]["service"]["port"])
     container_ports = {p["name"]: p["containerPort"] for p in r.container("fsm-controller")["ports"]}
     assert port["targetPort"] == container_ports["webhook"] == int(args["validating-webhook-listen"].rpartition(":")[2])
+    assert int(args.get("webhook-service-port", 9093)) == port["port"], (
+        "the CRDs' conversion webhook names --webhook-service-port of the Service")
     role = r.get("ClusterRole", f"fsm-controller-{mesh}")
     assert {(g, res, v, n) for g, res, v, n in rules_of(role) if res == "validatingwebhookconfigurations"} == {
         ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "get", name),

@@ -5,8 +5,10 @@
 //! operator or the cluster does — changes endpoints, loads a burst of objects, flips a MeshConfig
 //! feature flag, caps `maxDataPlaneConnections` and connects one proxy too many, applies a valid
 //! and an invalid policy (the API server calls the validating webhook) and creates a pod (it calls
-//! the injector), asks for a CRD conversion as kube-apiserver would (the test API server does not
-//! call conversion webhooks), edits and deletes the webhook configurations, disconnects a sidecar
+//! the injector), asks for a CRD conversion as kube-apiserver would through the conversion webhook
+//! the controller wrote into the TrafficSplit CRD (the test API server does not call conversion
+//! webhooks), edits and deletes the webhook configurations and edits the CRD (the reconciler
+//! restores them, leaving the conversion webhook), disconnects a sidecar
 //! — and after each, scrapes `/metrics` (the controller's 9091 and the injector's
 //! `--metrics-listen`) and checks that the metric moved. Every wait is a bounded poll; the run
 //! takes about two seconds.
@@ -30,6 +32,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use serde_json::{Value, json};
@@ -39,6 +42,8 @@ const CONVERGE: Duration = Duration::from_secs(20);
 const FSM_NAMESPACE: &str = "fsm-system";
 const MUTATING: &str = "fsm-webhook-fsm";
 const VALIDATING: &str = "fsm-validator-mesh-fsm";
+/// The one mesh CRD serving two versions, whose conversion the controller's webhook does.
+const TRAFFIC_SPLITS: &str = "trafficsplits.split.smi-spec.io";
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 // === Reading /metrics ===
@@ -286,6 +291,8 @@ async fn metrics_move(subnet: u8) -> Result<()> {
         &ControllerOptions {
             extra_args: vec![
                 format!("--validating-webhook-listen=127.0.0.1:{validator_port}"),
+                // The port of the Service of `service_and_endpoints`.
+                "--webhook-service-port=443".into(),
                 "--enable-reconciler".into(),
             ],
             ..Default::default()
@@ -519,24 +526,67 @@ async fn scenario(
     })
     .await?;
 
-    // The conversion webhook, called as kube-apiserver calls it for a CRD whose conversion
-    // strategy is Webhook (the test API server converts multi-version CRDs itself): a v1alpha2
-    // TrafficSplit read as v1alpha4.
-    let bundle = Api::<ValidatingWebhookConfiguration>::all(c.client.clone())
-        .get(VALIDATING)
-        .await?
-        .webhooks
-        .unwrap_or_default()
-        .first()
-        .and_then(|w| w.client_config.ca_bundle.clone())
-        .context("no caBundle published")?;
-    let host = format!("fsm-controller.{FSM_NAMESPACE}.svc");
+    // The conversion webhook: the controller points the TrafficSplit CRD (the one serving two
+    // versions) at it, with the mesh's roots, the caBundle it publishes for the validating
+    // webhook. It is called here as kube-apiserver calls it, through the CRD's clientConfig
+    // (the test API server converts multi-version CRDs itself): a v1alpha2 TrafficSplit read
+    // as v1alpha4.
+    let roots = eventually(CONVERGE, || async {
+        Api::<ValidatingWebhookConfiguration>::all(c.client.clone())
+            .get(VALIDATING)
+            .await?
+            .webhooks
+            .unwrap_or_default()
+            .first()
+            .and_then(|w| w.client_config.ca_bundle.clone())
+            .context("no caBundle published")
+    })
+    .await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    let conversion = eventually(CONVERGE, || async {
+        crds.get(TRAFFIC_SPLITS)
+            .await?
+            .spec
+            .conversion
+            .filter(|c| c.strategy == "Webhook")
+            .context("the TrafficSplit CRD has no conversion webhook")
+    })
+    .await?;
+    let client_config = conversion
+        .webhook
+        .as_ref()
+        .and_then(|w| w.client_config.clone())
+        .context("no clientConfig")?;
+    ensure!(
+        conversion
+            .webhook
+            .as_ref()
+            .map(|w| &w.conversion_review_versions[..])
+            == Some(&["v1".to_owned()][..]),
+        "{conversion:?}"
+    );
+    ensure!(
+        client_config.ca_bundle.as_ref() == Some(&roots),
+        "the conversion webhook's caBundle is not the mesh's roots: {client_config:?}"
+    );
+    let service = client_config.service.context("no service")?;
+    ensure!(
+        (
+            service.namespace.as_str(),
+            service.name.as_str(),
+            service.path.as_deref(),
+            service.port
+        ) == (FSM_NAMESPACE, "fsm-controller", Some("/convert"), Some(443)),
+        "{service:?}"
+    );
+    let host = format!("{}.{}.svc", service.name, service.namespace);
     let https = reqwest::Client::builder()
         .no_proxy()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&bundle.0)?)
+        .add_root_certificate(reqwest::Certificate::from_pem(&roots.0)?)
         .resolve(
             &host,
+            // The Service's port 443 goes to its Endpoints' port.
             SocketAddr::from((Ipv4Addr::LOCALHOST, validator_port)),
         )
         .build()?;
@@ -679,7 +729,12 @@ async fn scenario(
     })
     .await?;
 
-    // The reconciler: an edited webhook configuration is put back, a deleted one recreated.
+    // The reconciler: an edited webhook configuration is put back, a deleted one recreated, an
+    // edited CRD is put back with the conversion webhook the controller wrote.
+    let mut edited_crd = crds.get(TRAFFIC_SPLITS).await?;
+    edited_crd.spec.names.short_names = Some(vec!["edited".into()]);
+    crds.replace(TRAFFIC_SPLITS, &PostParams::default(), &edited_crd)
+        .await?;
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(c.client.clone());
     let mut edited = mutating.get(MUTATING).await?;
     for webhook in edited.webhooks.iter_mut().flatten() {
@@ -708,6 +763,17 @@ async fn scenario(
             .get_opt(VALIDATING)
             .await?
             .context("the validating webhook configuration is not back")?;
+        let crd = crds.get(TRAFFIC_SPLITS).await?;
+        ensure!(
+            crd.spec.names.short_names == Some(vec!["ts".to_owned()]),
+            "shortNames {:?}",
+            crd.spec.names.short_names
+        );
+        ensure!(
+            crd.spec.conversion.as_ref() == Some(&conversion),
+            "the reconciler changed the conversion: {:?}",
+            crd.spec.conversion
+        );
         Ok(())
     })
     .await?;
@@ -719,6 +785,10 @@ async fn scenario(
             && m.sum(
                 "fsm_reconciliation_total",
                 &[("kind", "ValidatingWebhookConfiguration")],
+            ) >= 1.0
+            && m.sum(
+                "fsm_reconciliation_total",
+                &[("kind", "CustomResourceDefinition")],
             ) >= 1.0
     })
     .await?;

@@ -8,7 +8,9 @@
 //! silently drop the routes it cannot see, which the `None` strategy would.
 //!
 //! The API server calls it once the CRD's `spec.conversion` says `strategy: Webhook` with this
-//! service and path; every object converted counts in
+//! service and path, which the controller writes, with the mesh's roots, into every CRD of
+//! [`converted_crds`] at start-up and on every certificate rotation (`fsm_injector::server::
+//! publish_ca_bundle`); every object converted counts in
 //! `fsm_conversion_webhook_resource_total{kind,success,from_version,to_version}` (versions as
 //! `apiVersion`s).
 
@@ -21,6 +23,16 @@ pub const MATCHES_ANNOTATION: &str = "split.smi-spec.io/v1alpha4-matches";
 
 const GROUP: &str = "split.smi-spec.io";
 const KIND: &str = "TrafficSplit";
+
+/// The mesh CRDs serving more than one version (of the chart's, `fsm_crds::crdgen::all_crds`):
+/// those whose conversion is this webhook.
+pub fn converted_crds() -> Vec<String> {
+    fsm_crds::crdgen::all_crds()
+        .into_iter()
+        .filter(|crd| crd.spec.versions.iter().filter(|v| v.served).count() > 1)
+        .filter_map(|crd| crd.metadata.name)
+        .collect()
+}
 
 /// The ConversionReview answering `review`, or why it cannot be read (answered 400).
 pub fn respond(review: &Value) -> Result<Value, String> {
@@ -158,6 +170,15 @@ fn up(object: &mut Value) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_converted_crds_are_the_multi_version_ones_this_webhook_converts() {
+        assert_eq!(
+            converted_crds(),
+            [format!("trafficsplits.{GROUP}")],
+            "a new multi-version CRD needs its conversion here first"
+        );
+    }
 
     fn split(api_version: &str, matches: Option<Value>) -> Value {
         let mut object = json!({

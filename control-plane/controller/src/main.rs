@@ -21,6 +21,8 @@ use clap::Parser;
 use fsm_catalog::CatalogSettings;
 use fsm_errcode::ErrCode;
 use fsm_injector::logging::LogControl;
+use fsm_injector::server::CaBundleTarget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ServiceReference;
 use tokio::sync::mpsc;
 
 /// The FSM-compatible control plane: watches mesh objects, computes each sidecar's configuration
@@ -97,6 +99,10 @@ struct Args {
     /// The controller's Service, named in the webhook's certificate (`<name>.<fsm-namespace>.svc`).
     #[arg(long, default_value = "fsm-controller")]
     webhook_service_name: String,
+    /// The port of that Service the API server calls the webhooks on (the chart's `webhook`
+    /// port): written, with the service, into the conversion of every multi-version mesh CRD.
+    #[arg(long, default_value_t = 9093)]
+    webhook_service_port: u16,
     /// Restore the mesh's webhook configurations and CRDs (those labelled
     /// `flomesh.io/reconcile: "true"`) when someone edits or deletes them (in a cluster only).
     #[arg(long)]
@@ -250,12 +256,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .validating_webhook_config_name
                 .clone()
                 .unwrap_or_else(|| format!("fsm-validator-mesh-{}", args.mesh_name));
-            let tls = fsm_injector::server::webhook_tls(
+            // The roots go into the webhook configuration and, as the conversion webhook, into
+            // every mesh CRD serving several versions (only while this server runs: a CRD must
+            // not be pointed at nothing).
+            let service = ServiceReference {
+                namespace: args.fsm_namespace.clone(),
+                name: args.webhook_service_name.clone(),
+                path: Some(conversion::CONVERT_PATH.into()),
+                port: Some(i32::from(args.webhook_service_port)),
+            };
+            let targets = std::iter::once(CaBundleTarget::WebhookConfiguration(config_name))
+                .chain(conversion::converted_crds().into_iter().map(|crd| {
+                    CaBundleTarget::CrdConversion {
+                        crd,
+                        service: service.clone(),
+                    }
+                }))
+                .collect();
+            let tls = fsm_injector::server::webhook_tls_publishing(
                 &certs,
                 &server_name,
                 client,
                 fsm_injector::server::WebhookKind::Validating,
-                config_name,
+                targets,
             )
             .await?;
             let listener = tokio::net::TcpListener::bind(listen)

@@ -10,8 +10,10 @@
 //! The state it restores is the one it finds when it first sees each object (after an install
 //! or upgrade, restart the controller to adopt the new one). What the control plane itself
 //! changes is not an edit: a webhook's `caBundle`, which the injector and the controller rewrite
-//! as their certificates rotate. An edited object gets its adopted content back (its current
-//! `caBundle` kept); a deleted one is created again from it. Each restoration counts in
+//! as their certificates rotate, and a CRD's `spec.conversion`, which the controller points at
+//! its conversion webhook with the same roots. An edited object gets its adopted content back
+//! (its current `caBundle`s and `spec.conversion` kept); a deleted one is created again from it
+//! (with those last seen). Each restoration counts in
 //! `fsm_reconciliation_total{kind}`; a failed one is logged with FSM's code (E7000-E7005). Of
 //! several replicas only the leader writes. Removing the `flomesh.io/reconcile` label takes an
 //! object out of the reconciler's hands.
@@ -295,12 +297,16 @@ fn name_of(object: &Value) -> Option<&str> {
     object.pointer("/metadata/name").and_then(Value::as_str)
 }
 
-/// What is compared: everything but metadata, status and the webhooks' `caBundle`s.
+/// What is compared: everything but metadata, status, the webhooks' `caBundle`s and a CRD's
+/// `spec.conversion` (control-plane-owned).
 fn content(object: &Value) -> Value {
     let mut content = object.clone();
     if let Some(fields) = content.as_object_mut() {
         fields.remove("metadata");
         fields.remove("status");
+    }
+    if let Some(spec) = content.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.remove("conversion");
     }
     for webhook in webhooks_mut(&mut content) {
         if let Some(config) = webhook
@@ -321,13 +327,19 @@ fn webhooks_mut(object: &mut Value) -> impl Iterator<Item = &mut Value> {
         .flatten()
 }
 
-/// `current` with the adopted content back, keeping its metadata (resourceVersion included) and
-/// the `caBundle` each webhook of that name has now.
+/// `current` with the adopted content back, keeping its metadata (resourceVersion included),
+/// the `caBundle` each webhook of that name has now and a CRD's current `spec.conversion`.
 fn restored(current: &Value, adopted: &Value) -> Value {
     let mut object = adopted.clone();
     if let (Some(fields), Some(metadata)) = (object.as_object_mut(), current.get("metadata")) {
         fields.insert("metadata".into(), metadata.clone());
         fields.remove("status");
+    }
+    if let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) {
+        match current.pointer("/spec/conversion") {
+            Some(conversion) => spec.insert("conversion".into(), conversion.clone()),
+            None => spec.remove("conversion"),
+        };
     }
     let bundles: BTreeMap<String, Value> = current
         .get("webhooks")
@@ -424,6 +436,83 @@ mod tests {
             adopted
                 .step(Event::Apply(webhook_config("4", "Fail", "Uk9PVA==")))
                 .is_empty()
+        );
+    }
+
+    fn crd(rv: &str, scope: &str, conversion: Option<Value>) -> Value {
+        let mut crd = json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "trafficsplits.split.smi-spec.io", "resourceVersion": rv,
+                         "labels": {RECONCILE_LABEL: "true"}},
+            "spec": {"group": "split.smi-spec.io", "scope": scope},
+        });
+        if let Some(conversion) = conversion {
+            crd["spec"]["conversion"] = conversion;
+        }
+        crd
+    }
+
+    fn conversion_webhook(bundle: &str) -> Value {
+        json!({"strategy": "Webhook", "webhook": {"conversionReviewVersions": ["v1"], "clientConfig": {
+            "service": {"namespace": "fsm-system", "name": "fsm-controller", "path": "/convert", "port": 9093},
+            "caBundle": bundle}}})
+    }
+
+    #[test]
+    fn a_crd_conversion_written_by_the_controller_is_not_an_edit_and_survives_a_restore() {
+        let mut adopted = Adopted::default();
+        assert!(
+            adopted
+                .step(Event::Apply(crd("1", "Namespaced", None)))
+                .is_empty(),
+            "adopted as installed: no conversion"
+        );
+        assert!(
+            adopted
+                .step(Event::Apply(crd(
+                    "2",
+                    "Namespaced",
+                    Some(conversion_webhook("Uk9PVA=="))
+                )))
+                .is_empty(),
+            "the controller pointing it at its webhook"
+        );
+        assert!(
+            adopted
+                .step(Event::Apply(crd(
+                    "3",
+                    "Namespaced",
+                    Some(conversion_webhook("TkVX"))
+                )))
+                .is_empty(),
+            "a rotation"
+        );
+        let actions = adopted.step(Event::Apply(crd(
+            "4",
+            "Cluster",
+            Some(conversion_webhook("TkVX")),
+        )));
+        assert_eq!(
+            actions,
+            [Action::Restore {
+                name: "trafficsplits.split.smi-spec.io".into(),
+                object: crd("4", "Namespaced", Some(conversion_webhook("TkVX"))),
+            }],
+            "the adopted scope, the current conversion"
+        );
+        let actions = adopted.step(Event::Delete(crd(
+            "5",
+            "Namespaced",
+            Some(conversion_webhook("TkVX")),
+        )));
+        let [Action::Recreate { object, .. }] = &actions[..] else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(
+            object["spec"]["conversion"],
+            conversion_webhook("TkVX"),
+            "recreated with the conversion last seen"
         );
     }
 

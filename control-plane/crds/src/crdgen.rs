@@ -57,7 +57,9 @@ pub fn all_crds() -> Vec<CustomResourceDefinition> {
 }
 
 /// v1alpha4 is stored; v1alpha2 is served alongside it. Their schemas differ only by the
-/// optional `matches`, so the API server needs no conversion webhook (`strategy: None`).
+/// optional `matches`, which the conversion webhook keeps in an annotation; the file leaves
+/// `spec.conversion` out, as FSM's: fsm-controller points it at its webhook at run time (the
+/// namespace is not known to a static CRD).
 fn traffic_split_crd() -> CustomResourceDefinition {
     let mut crd = smi::split::v1alpha4::TrafficSplit::crd();
     for mut version in smi::split::v1alpha2::TrafficSplit::crd().spec.versions {

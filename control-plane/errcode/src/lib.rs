@@ -26,6 +26,7 @@
 //! | a MeshConfig duration that does not parse (`serviceCertValidityDuration`) | E3002 | the same; not E4013, which is a failed certificate issuance |
 //! | a log level that is none of FSM's (`fsmLogLevel`, `sidecar.logLevel`) | E1001 | the level could not be set |
 //! | a CRD conversion that fails | E3001 | the object could not be marshalled into the version asked for |
+//! | a CRD's conversion webhook (`spec.conversion`, with the roots) that cannot be written | E6703 | it is the validating webhook server's, whose configuration is written the same way |
 //! | the node id names another proxy UUID or kind than the xDS certificate | E5004 | the proxy cannot be set up for the pod's `fsm-proxy-uuid`; E5010 is only a service account (name or namespace) that differs |
 //! | a node id that does not parse (ADS, `/debug/proxies/resources`) | E5001 | the node id has the certificate CN's form |
 //! | a proxy over MeshConfig `maxDataPlaneConnections` | E5004 | the proxy is not set up |

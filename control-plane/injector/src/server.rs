@@ -1,8 +1,9 @@
 //! An admission webhook's HTTPS server, shared by the injector (mutating) and the controller
 //! (validating): a certificate for `<service>.<namespace>.svc` from the mesh's certificate
-//! manager, renewed as it rotates; the mesh's roots written into the `caBundle` of the webhook
-//! configuration, which is how kube-apiserver learns to trust the server; one connection per
-//! task, HTTP/1.1 or HTTP/2.
+//! manager, renewed as it rotates; the mesh's roots written into every `caBundle` that points
+//! kube-apiserver at the server (the webhook configuration's; the controller's also the
+//! conversion webhook of each multi-version mesh CRD), which is how it learns to trust the
+//! server; one connection per task, HTTP/1.1 or HTTP/2.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,10 @@ use hyper::{Request, Response, StatusCode};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceConversion, CustomResourceDefinition, ServiceReference, WebhookClientConfig,
+    WebhookConversion,
 };
 use kube::Api;
 use kube::api::PostParams;
@@ -70,6 +75,28 @@ impl WebhookKind {
     }
 }
 
+/// Where a webhook server's roots are written for kube-apiserver to trust it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CaBundleTarget {
+    /// Every webhook's `clientConfig.caBundle` of this webhook configuration (of the server's
+    /// [`WebhookKind`]).
+    WebhookConfiguration(String),
+    /// This CRD's `spec.conversion`: a conversion webhook at `service`, trusted with the roots.
+    CrdConversion {
+        crd: String,
+        service: ServiceReference,
+    },
+}
+
+impl CaBundleTarget {
+    fn name(&self) -> &str {
+        match self {
+            CaBundleTarget::WebhookConfiguration(name)
+            | CaBundleTarget::CrdConversion { crd: name, .. } => name,
+        }
+    }
+}
+
 /// The TLS side of a webhook server, current across rotations.
 pub type Tls = Arc<ArcSwap<ServerConfig>>;
 
@@ -82,6 +109,26 @@ pub async fn webhook_tls(
     kind: WebhookKind,
     config_name: String,
 ) -> anyhow::Result<Tls> {
+    webhook_tls_publishing(
+        certs,
+        server_name,
+        client,
+        kind,
+        vec![CaBundleTarget::WebhookConfiguration(config_name)],
+    )
+    .await
+}
+
+/// [`webhook_tls`] publishing the roots into each of `targets` (in order), at start-up and on
+/// every rotation.
+pub async fn webhook_tls_publishing(
+    certs: &CertManager,
+    server_name: &str,
+    client: kube::Client,
+    kind: WebhookKind,
+    targets: Vec<CaBundleTarget>,
+) -> anyhow::Result<Tls> {
+    let targets = Arc::new(targets);
     let cert = certs
         .issue_server_certificate(server_name, CERT_VALIDITY)
         .await
@@ -93,21 +140,23 @@ pub async fn webhook_tls(
             )
         })?;
     let tls = Arc::new(ArcSwap::from_pointee(server_config(&cert)?));
-    publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem).await;
+    for target in targets.iter() {
+        publish_ca_bundle(&client, kind, target, &cert.trust_bundle_pem).await;
+    }
     let rotating = tls.clone();
     certs.follow(
         CertKey::Server {
             common_name: server_name.to_owned(),
         },
         move |cert| {
-            let (rotating, client, config_name) =
-                (rotating.clone(), client.clone(), config_name.clone());
+            let (rotating, client, targets) = (rotating.clone(), client.clone(), targets.clone());
             async move {
                 match server_config(&cert) {
                     Ok(config) => {
                         rotating.store(Arc::new(config));
-                        publish_ca_bundle(&client, kind, &config_name, &cert.trust_bundle_pem)
-                            .await;
+                        for target in targets.iter() {
+                            publish_ca_bundle(&client, kind, target, &cert.trust_bundle_pem).await;
+                        }
                         tracing::info!(serial = %cert.serial, "webhook certificate rotated");
                     }
                     Err(e) => {
@@ -137,32 +186,49 @@ pub fn server_config(cert: &IssuedCertificate) -> anyhow::Result<ServerConfig> {
     Ok(config)
 }
 
-/// Writes `roots` into every webhook of configuration `name` (read, change, replace; a
-/// conflicting write is retried). A missing configuration is logged: the server still answers
-/// whoever calls it.
-pub async fn publish_ca_bundle(client: &kube::Client, kind: WebhookKind, name: &str, roots: &str) {
+/// Writes `roots` into `target` (read, change, replace; a conflicting write is retried): every
+/// webhook of a webhook configuration, or a CRD's conversion webhook. A missing object is
+/// logged: the server still answers whoever calls it.
+pub async fn publish_ca_bundle(
+    client: &kube::Client,
+    kind: WebhookKind,
+    target: &CaBundleTarget,
+    roots: &str,
+) {
     let bundle = ByteString(roots.as_bytes().to_vec());
+    let name = target.name();
     for _ in 0..5 {
-        let result = match kind {
-            WebhookKind::Mutating => {
+        let result = match (target, kind) {
+            (CaBundleTarget::WebhookConfiguration(_), WebhookKind::Mutating) => {
                 let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-                update_bundle(&api, name, &bundle, |c| {
-                    c.webhooks
-                        .iter_mut()
-                        .flatten()
-                        .map(|w| &mut w.client_config.ca_bundle)
-                        .collect()
+                update(&api, name, |c| {
+                    set_bundles(
+                        c.webhooks
+                            .iter_mut()
+                            .flatten()
+                            .map(|w| &mut w.client_config.ca_bundle),
+                        &bundle,
+                    )
                 })
                 .await
             }
-            WebhookKind::Validating => {
+            (CaBundleTarget::WebhookConfiguration(_), WebhookKind::Validating) => {
                 let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-                update_bundle(&api, name, &bundle, |c| {
-                    c.webhooks
-                        .iter_mut()
-                        .flatten()
-                        .map(|w| &mut w.client_config.ca_bundle)
-                        .collect()
+                update(&api, name, |c| {
+                    set_bundles(
+                        c.webhooks
+                            .iter_mut()
+                            .flatten()
+                            .map(|w| &mut w.client_config.ca_bundle),
+                        &bundle,
+                    )
+                })
+                .await
+            }
+            (CaBundleTarget::CrdConversion { service, .. }, _) => {
+                let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+                update(&api, name, |crd| {
+                    set_conversion(crd, conversion_webhook(service, &bundle))
                 })
                 .await
             }
@@ -177,44 +243,83 @@ pub async fn publish_ca_bundle(client: &kube::Client, kind: WebhookKind, name: &
                 fsm_errcode::warn!(
                     kind.configuration_failed(),
                     name,
-                    "no webhook configuration to publish the webhook's roots in"
+                    "nothing of that name to publish the webhook's roots in"
                 );
                 return;
             }
             Err(e) => {
-                fsm_errcode::warn!(kind.configuration_failed(), name, error = %e, "cannot update the webhook configuration; retrying");
+                fsm_errcode::warn!(kind.configuration_failed(), name, error = %e, "cannot publish the webhook's roots; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 }
 
-/// Sets every bundle `bundles` finds in configuration `name`; `Ok(false)` when they all held it.
-async fn update_bundle<K>(
-    api: &Api<K>,
-    name: &str,
+/// A CRD's `spec.conversion` sending every conversion to the webhook at `service`
+/// (ConversionReview `v1`), trusted with `bundle`.
+pub fn conversion_webhook(
+    service: &ServiceReference,
     bundle: &ByteString,
-    bundles: impl Fn(&mut K) -> Vec<&mut Option<ByteString>>,
-) -> Result<bool, String>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let mut config = match api.get_opt(name).await {
-        Ok(Some(config)) => config,
-        Ok(None) => return Err("not found".into()),
-        Err(e) => return Err(e.to_string()),
-    };
+) -> CustomResourceConversion {
+    CustomResourceConversion {
+        strategy: "Webhook".into(),
+        webhook: Some(WebhookConversion {
+            conversion_review_versions: vec!["v1".into()],
+            client_config: Some(WebhookClientConfig {
+                service: Some(service.clone()),
+                ca_bundle: Some(bundle.clone()),
+                url: None,
+            }),
+        }),
+    }
+}
+
+/// Sets `crd`'s `spec.conversion`; `false` when it already held it.
+fn set_conversion(
+    crd: &mut CustomResourceDefinition,
+    conversion: CustomResourceConversion,
+) -> bool {
+    if crd.spec.conversion.as_ref() == Some(&conversion) {
+        return false;
+    }
+    crd.spec.conversion = Some(conversion);
+    true
+}
+
+/// Sets every bundle of `slots`; `false` when they all held it.
+fn set_bundles<'a>(
+    slots: impl Iterator<Item = &'a mut Option<ByteString>>,
+    bundle: &ByteString,
+) -> bool {
     let mut changed = false;
-    for slot in bundles(&mut config) {
+    for slot in slots {
         if slot.as_ref() != Some(bundle) {
             *slot = Some(bundle.clone());
             changed = true;
         }
     }
-    if !changed {
+    changed
+}
+
+/// Reads object `name`, lets `edit` change it and replaces it when it did; `Ok(false)` when
+/// there was nothing to change.
+async fn update<K>(
+    api: &Api<K>,
+    name: &str,
+    edit: impl FnOnce(&mut K) -> bool,
+) -> Result<bool, String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let mut object = match api.get_opt(name).await {
+        Ok(Some(object)) => object,
+        Ok(None) => return Err("not found".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !edit(&mut object) {
         return Ok(false);
     }
-    api.replace(name, &PostParams::default(), &config)
+    api.replace(name, &PostParams::default(), &object)
         .await
         .map(|_| true)
         .map_err(|e| e.to_string())
@@ -294,4 +399,66 @@ pub async fn read_json(
             Value::String(format!("{}: {e}", ErrCode::E6103)).to_string(),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> ServiceReference {
+        ServiceReference {
+            namespace: "fsm-system".into(),
+            name: "fsm-controller".into(),
+            path: Some("/convert".into()),
+            port: Some(9093),
+        }
+    }
+
+    #[test]
+    fn a_crd_is_pointed_at_the_conversion_webhook_with_the_roots() {
+        let mut crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "trafficsplits.split.smi-spec.io"},
+            "spec": {"group": "split.smi-spec.io", "scope": "Namespaced",
+                     "names": {"plural": "trafficsplits", "kind": "TrafficSplit"},
+                     "versions": []},
+        }))
+        .expect("a CRD");
+        let roots = ByteString(b"-----BEGIN CERTIFICATE-----\nROOT\n".to_vec());
+        assert!(set_conversion(
+            &mut crd,
+            conversion_webhook(&service(), &roots)
+        ));
+        assert_eq!(
+            serde_json::to_value(&crd.spec.conversion).expect("serialisable"),
+            serde_json::json!({
+                "strategy": "Webhook",
+                "webhook": {
+                    "conversionReviewVersions": ["v1"],
+                    "clientConfig": {
+                        "service": {"namespace": "fsm-system", "name": "fsm-controller",
+                                    "path": "/convert", "port": 9093},
+                        "caBundle": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tClJPT1QK",
+                    },
+                },
+            })
+        );
+        assert!(
+            !set_conversion(&mut crd, conversion_webhook(&service(), &roots)),
+            "already published: no write"
+        );
+        let rotated = ByteString(b"NEW".to_vec());
+        assert!(set_conversion(
+            &mut crd,
+            conversion_webhook(&service(), &rotated)
+        ));
+    }
+
+    #[test]
+    fn bundles_are_set_only_where_they_differ() {
+        let bundle = ByteString(b"ROOT".to_vec());
+        let mut slots = [None, Some(ByteString(b"OLD".to_vec()))];
+        assert!(set_bundles(slots.iter_mut(), &bundle));
+        assert!(slots.iter().all(|s| s.as_ref() == Some(&bundle)));
+        assert!(!set_bundles(slots.iter_mut(), &bundle));
+    }
 }
