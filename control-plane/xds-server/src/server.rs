@@ -809,6 +809,10 @@ impl<W: Wire> Session<W> {
                 frames.message_len()
             ));
             fsm_errcode::warn!(ErrCode::E5006, proxy = %self.uuid, r#type = short, %status, "response too large");
+            metrics()
+                .proxy_response_send_error_count
+                .with_label_values(&labels)
+                .inc();
             let _ = self.tx.send(Outgoing::Error(status)).await;
             return Err(Closed);
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use fsm_cache::{ProxyKey, Resource, Snapshot, SnapshotCache};
 use fsm_xds_server::metrics::metrics;
-use fsm_xds_server::protocol::CLUSTER;
+use fsm_xds_server::protocol::{CLUSTER, LISTENER};
 use fsm_xds_server::{AdsServer, ConnectionLimit, ProxyEvent, ProxyKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -168,4 +168,41 @@ async fn a_proxys_series_vanish_with_its_last_stream_and_a_change_is_measured_un
         series_of(uuid) == 0 && server.proxies_with_series() == 0
     })
     .await;
+}
+
+/// A response that cannot be sent (over the 64 MiB gRPC limit, as Envoy would refuse it; or to a
+/// proxy already gone) counts in `fsm_proxy_response_send_error_count` under the proxy's labels.
+/// The proxy keeps a second stream open so its series outlive the failed one, as they do while
+/// any stream of the proxy is open.
+#[tokio::test]
+async fn a_response_that_cannot_be_sent_is_counted_as_a_send_error() {
+    let cache = Arc::new(SnapshotCache::new());
+    let (address, _server, mut events) = serve(cache.clone(), ConnectionLimit::default()).await;
+    let uuid = "5b7e1c1e-0000-4000-8000-0000000000e1";
+    let errors = || {
+        metrics()
+            .proxy_response_send_error_count
+            .with_label_values(&[uuid, "bookbuyer.bookstore", "CDS"])
+            .get()
+    };
+    let mut client = support::client(address).await;
+    let (_keep, _listeners) =
+        support::open_sotw(&mut client, support::sidecar_node(uuid, "envoy"), LISTENER).await;
+    connected(&mut events).await;
+    let huge = Resource::new("huge", vec![b'x'; (64 << 20) + 1]);
+    assert!(cache.set(&key(uuid), Snapshot::new([(CLUSTER, vec![huge])])));
+    let before = errors();
+    let mut other = support::client(address).await;
+    let (_requests, mut clusters) =
+        support::open_sotw(&mut other, support::sidecar_node(uuid, "envoy"), CLUSTER).await;
+    let refused = next(&mut clusters)
+        .await
+        .expect_err("a response over the limit");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().contains("too large"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(errors(), before + 1);
 }
