@@ -8,7 +8,7 @@ pub mod strvals;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 
 use anyhow::{Context, Result, anyhow, bail};
 use gotmpl::{Template, TemplateError, Value};
@@ -379,15 +379,23 @@ pub fn to_yaml_stream(manifests: &[Manifest]) -> Result<String> {
 /// kubectl apply -f -` would turn the string into a boolean. Lines inside block scalars (`|`,
 /// `>`) are content and stay as they are.
 fn yaml_1_1_safe(text: &str) -> String {
-    let scalar = regex::Regex::new(
-        r#"^(?P<lead>\s*(?:- )*(?:(?:[^\s'"\-][^:]*|'[^']*'|"[^"]*"): )?)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$"#,
-    )
-    .expect("a valid pattern");
-    let key = regex::Regex::new(
-        r"^(?P<lead>\s*(?:- )*)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF):(?P<rest> .*|)$",
-    )
-    .expect("a valid pattern");
-    let block_start = regex::Regex::new(r"(?:^|: |- )[|>][0-9]*[-+]?$").expect("a valid pattern");
+    // Compiled once: the stream is made of one call per manifest.
+    static SCALAR: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(
+            r#"^(?P<lead>\s*(?:- )*(?:(?:[^\s'"\-][^:]*|'[^']*'|"[^"]*"): )?)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF)$"#,
+        )
+        .expect("a valid pattern")
+    });
+    static KEY: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(
+            r"^(?P<lead>\s*(?:- )*)(?P<word>y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF):(?P<rest> .*|)$",
+        )
+        .expect("a valid pattern")
+    });
+    static BLOCK_START: LazyLock<regex::Regex> = LazyLock::new(|| {
+        regex::Regex::new(r"(?:^|: |- )[|>][0-9]*[-+]?$").expect("a valid pattern")
+    });
+    let (scalar, key, block_start) = (&*SCALAR, &*KEY, &*BLOCK_START);
     let indent = |line: &str| line.len() - line.trim_start().len();
     let mut out = String::with_capacity(text.len() + 16);
     let mut block: Option<usize> = None;
